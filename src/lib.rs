@@ -1,0 +1,9 @@
+//! flotilla: the control plane of Docker swarm mode, rebuilt in Rust for constrained hosts.
+//!
+//! Managers form a Raft group that replicates the cluster state; agents connect to any
+//! manager over mutual TLS, receive task assignments and run them. See `ARCHITECTURE.md` for
+//! the modules, threads, channels and shutdown order.
+
+pub mod proto;
+pub mod raft;
+pub mod util;

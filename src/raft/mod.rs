@@ -1,0 +1,10 @@
+//! Raft consensus for the manager group.
+//!
+//! - [`types`]: the values every part agrees on (entries, hard state, membership, snapshot
+//!   metadata).
+//!
+//! Later submodules: `core` (the pure state machine: no clock, no IO, no threads), `sim`
+//! (the deterministic simulator), `storage` (fjall log and snapshot files) and `node` (the
+//! threads that drive the core).
+
+pub mod types;

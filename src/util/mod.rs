@@ -1,0 +1,6 @@
+//! Small helpers shared by several components.
+//!
+//! Owns nothing stateful. Must never grow component logic: a helper lands here only when
+//! two or more modules need exactly the same thing.
+
+pub mod fsutil;
