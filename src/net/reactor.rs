@@ -1,0 +1,901 @@
+//! The reactor thread: owns every listener, socket and rustls session.
+//!
+//! One loop: poll for readiness (at most [`SWEEP_PERIOD`] at a time), accept, read TLS
+//! records, decode frames and route them (to a waiting caller's channel or, for new
+//! requests, through the [`Router`](super::Router) to a service pool), then move queued
+//! outbound frames into TLS and onto sockets. Other threads reach it only through the
+//! command channel, the per-connection send queues and the waker.
+//!
+//! It must never block: deliveries use `try_send` on channels sized by the flow-control
+//! window, pools refuse work when full, and a connection whose peer does not read our
+//! replies stops being read until it drains.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, TrySendError};
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+use rustls::pki_types::ServerName;
+
+use super::client::ChannelInner;
+use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
+use super::stream::Inbound;
+use super::{Command, Router, TransportConfig};
+use crate::ca::PeerIdentity;
+use crate::proto::wire::{Envelope, FrameKind};
+use crate::wire::{Code, FrameDecoder, Status};
+
+/// The waker's token; listeners and connections take tokens from 1 up, never reused.
+pub(crate) const WAKER_TOKEN: Token = Token(0);
+
+/// Longest the reactor sleeps before checking timeouts.
+const SWEEP_PERIOD: Duration = Duration::from_millis(100);
+
+/// Bytes read from one connection per turn before others get a go; fairness bound.
+const READ_TURN_BYTES_MAX: usize = 256 * 1024;
+
+/// Encrypted bytes rustls may buffer for one connection before it refuses more plaintext.
+const TLS_SEND_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Reactor-generated replies (errors for refused calls, PONGs) a connection may have
+/// queued before we stop reading from it: a peer that floods requests but never reads
+/// cannot grow our memory.
+const LOCAL_OUT_BYTES_MAX: usize = 1024 * 1024;
+
+/// Poll events handled per wakeup.
+const EVENTS_CAPACITY: usize = 1024;
+
+struct Listener {
+    socket: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    router: Arc<Router>,
+}
+
+enum Side {
+    Dialed {
+        channel: Arc<ChannelInner>,
+        attempt: u64,
+        /// False until the TCP connect completes.
+        connected: bool,
+    },
+    Accepted {
+        router: Arc<Router>,
+    },
+}
+
+struct Conn {
+    socket: TcpStream,
+    tls: rustls::Connection,
+    shared: Arc<ConnShared>,
+    side: Side,
+    decoder: FrameDecoder,
+    routes: HashMap<u64, Route>,
+    /// The frame being handed to TLS and how much of it went already.
+    writing: Option<(Bytes, usize)>,
+    /// Frames the reactor itself produced (refusals, PONG), sent before queued ones.
+    local_out: VecDeque<Bytes>,
+    local_out_bytes: usize,
+    /// Set while the TLS handshake runs.
+    handshake_deadline: Option<Instant>,
+    last_inbound: Instant,
+    /// When the current unfinished frame (if any) started arriving.
+    frame_started: Option<Instant>,
+    ping_sent_at: Option<Instant>,
+    read_paused: bool,
+}
+
+impl Conn {
+    fn peer(&self) -> SocketAddr {
+        self.shared.peer_addr
+    }
+
+    fn queue_local(&mut self, env: &Envelope) {
+        match self.shared.encode(env) {
+            Ok(frame) => {
+                self.local_out_bytes += frame.len();
+                self.local_out.push_back(frame);
+            }
+            Err(e) => log::error!("cannot encode a reply to {}: {e}", self.peer()),
+        }
+    }
+
+    fn queue_error(&mut self, stream_id: u64, status: &Status) {
+        let mut env = envelope(stream_id, FrameKind::Error);
+        env.status = Some(status.to_proto());
+        self.queue_local(&env);
+    }
+}
+
+pub(crate) struct Reactor {
+    poll: Poll,
+    commands: Receiver<Command>,
+    dirty: Receiver<u64>,
+    waker: Arc<ReactorWaker>,
+    config: Arc<TransportConfig>,
+    listeners: HashMap<Token, Listener>,
+    conns: HashMap<Token, Conn>,
+    next_token: usize,
+    /// Connections that still had input when their read turn ended.
+    more_input: Vec<Token>,
+    last_sweep: Instant,
+    stopping: bool,
+}
+
+impl Reactor {
+    pub(crate) fn new(
+        poll: Poll,
+        commands: Receiver<Command>,
+        dirty: Receiver<u64>,
+        waker: Arc<ReactorWaker>,
+        config: Arc<TransportConfig>,
+    ) -> Self {
+        Self {
+            poll,
+            commands,
+            dirty,
+            waker,
+            config,
+            listeners: HashMap::new(),
+            conns: HashMap::new(),
+            next_token: 1,
+            more_input: Vec::new(),
+            last_sweep: Instant::now(),
+            stopping: false,
+        }
+    }
+
+    fn allocate_token(&mut self) -> Token {
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        token
+    }
+
+    /// Runs until a `Shutdown` command (or every handle dropped), then closes everything.
+    pub(crate) fn run(mut self) {
+        let mut events = Events::with_capacity(EVENTS_CAPACITY);
+        while !self.stopping {
+            let timeout = if self.more_input.is_empty() {
+                SWEEP_PERIOD
+            } else {
+                Duration::ZERO
+            };
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout))
+                && e.kind() != io::ErrorKind::Interrupted
+            {
+                log::error!("network reactor cannot poll, stopping: {e}");
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    WAKER_TOKEN => {}
+                    token if self.listeners.contains_key(&token) => self.accept(token),
+                    token => self.service(token),
+                }
+            }
+            self.drain_commands();
+            self.drain_dirty();
+            for token in std::mem::take(&mut self.more_input) {
+                self.service(token);
+            }
+            if self.last_sweep.elapsed() >= SWEEP_PERIOD {
+                self.sweep();
+            }
+        }
+        self.close_everything();
+    }
+
+    fn drain_commands(&mut self) {
+        loop {
+            match self.commands.try_recv() {
+                Ok(Command::Listen {
+                    addr,
+                    tls,
+                    router,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.listen(addr, tls, router));
+                }
+                Ok(Command::Dial {
+                    channel,
+                    attempt,
+                    addr,
+                }) => self.dial(channel, attempt, addr),
+                Ok(Command::Shutdown) => self.stopping = true,
+                Err(crossbeam_channel::TryRecvError::Empty) => return,
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    self.stopping = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    fn drain_dirty(&mut self) {
+        while let Ok(conn_id) = self.dirty.try_recv() {
+            let token = Token(usize::try_from(conn_id).expect("connection ids are tokens"));
+            if self.conns.contains_key(&token) {
+                self.service(token);
+            }
+        }
+    }
+
+    fn listen(
+        &mut self,
+        addr: SocketAddr,
+        tls: Arc<rustls::ServerConfig>,
+        router: Arc<Router>,
+    ) -> io::Result<SocketAddr> {
+        let mut socket = TcpListener::bind(addr)?;
+        let token = self.allocate_token();
+        self.poll
+            .registry()
+            .register(&mut socket, token, Interest::READABLE)?;
+        let local = socket.local_addr()?;
+        log::info!("listening on {local}");
+        self.listeners.insert(
+            token,
+            Listener {
+                socket,
+                tls,
+                router,
+            },
+        );
+        Ok(local)
+    }
+
+    fn accept(&mut self, listener_token: Token) {
+        loop {
+            let listener = &self.listeners[&listener_token];
+            let (socket, peer) = match listener.socket.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("accept failed: {e}");
+                    return;
+                }
+            };
+            if self.conns.len() >= self.config.connections_max {
+                log::warn!(
+                    "refusing connection from {peer}: already {} connections (the limit)",
+                    self.conns.len()
+                );
+                continue;
+            }
+            let tls = match rustls::ServerConnection::new(listener.tls.clone()) {
+                Ok(tls) => rustls::Connection::Server(tls),
+                Err(e) => {
+                    log::error!("cannot start TLS for {peer}: {e}");
+                    continue;
+                }
+            };
+            let side = Side::Accepted {
+                router: listener.router.clone(),
+            };
+            if let Err(e) = self.register(socket, peer, tls, side) {
+                log::warn!("cannot register connection from {peer}: {e}");
+            }
+        }
+    }
+
+    fn dial(&mut self, channel: Arc<ChannelInner>, attempt: u64, addr: SocketAddr) {
+        let outcome = (|| {
+            let server_name = ServerName::IpAddress(addr.ip().into());
+            let tls = rustls::ClientConnection::new(channel.tls.clone(), server_name)
+                .map_err(|e| io::Error::other(format!("TLS setup: {e}")))?;
+            let socket = TcpStream::connect(addr)?;
+            let side = Side::Dialed {
+                channel: channel.clone(),
+                attempt,
+                connected: false,
+            };
+            self.register(socket, addr, rustls::Connection::Client(tls), side)
+        })();
+        if let Err(e) = outcome {
+            channel.dial_finished(
+                attempt,
+                Err(Status::unavailable(format!(
+                    "cannot connect to {addr}: {e}"
+                ))),
+            );
+        }
+    }
+
+    fn register(
+        &mut self,
+        mut socket: TcpStream,
+        peer: SocketAddr,
+        mut tls: rustls::Connection,
+        side: Side,
+    ) -> io::Result<()> {
+        let token = self.allocate_token();
+        self.poll.registry().register(
+            &mut socket,
+            token,
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        // Latency over packet count: frames are already batched by the send queue.
+        if let Err(e) = socket.set_nodelay(true) {
+            log::debug!("cannot set TCP_NODELAY for {peer}: {e}");
+        }
+        tls.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
+        let dialed = matches!(side, Side::Dialed { .. });
+        let id = u64::try_from(token.0).expect("usize fits in u64");
+        let shared = Arc::new(ConnShared::new(
+            id,
+            peer,
+            dialed,
+            self.config.frame_bytes_max,
+            self.config.send_buffer_bytes_max,
+            self.waker.clone(),
+        ));
+        let now = Instant::now();
+        self.conns.insert(
+            token,
+            Conn {
+                socket,
+                tls,
+                shared,
+                side,
+                decoder: FrameDecoder::new(self.config.frame_bytes_max),
+                routes: HashMap::new(),
+                writing: None,
+                local_out: VecDeque::new(),
+                local_out_bytes: 0,
+                handshake_deadline: Some(now + ms(self.config.handshake_timeout_ms)),
+                last_inbound: now,
+                frame_started: None,
+                ping_sent_at: None,
+                read_paused: false,
+            },
+        );
+        Ok(())
+    }
+
+    /// Reads, routes and writes for one connection; closes it on any fatal error.
+    fn service(&mut self, token: Token) {
+        let Some(mut conn) = self.conns.remove(&token) else {
+            return;
+        };
+        match self.service_conn(&mut conn, token) {
+            Ok(()) => {
+                self.conns.insert(token, conn);
+            }
+            Err(reason) => self.close(conn, reason),
+        }
+    }
+
+    fn service_conn(&mut self, conn: &mut Conn, token: Token) -> Result<(), Status> {
+        if !connect_finished(conn)? {
+            return Ok(());
+        }
+        self.read(conn, token)?;
+        flush(conn)?;
+        if conn.read_paused && conn.local_out_bytes < LOCAL_OUT_BYTES_MAX / 2 {
+            conn.read_paused = false;
+            self.more_input.push(token);
+        }
+        Ok(())
+    }
+
+    fn read(&mut self, conn: &mut Conn, token: Token) -> Result<(), Status> {
+        let mut read_bytes = 0;
+        let now = Instant::now();
+        loop {
+            if conn.read_paused {
+                return Ok(());
+            }
+            if read_bytes >= READ_TURN_BYTES_MAX {
+                self.more_input.push(token);
+                return Ok(());
+            }
+            match conn.tls.read_tls(&mut conn.socket) {
+                Ok(0) => {
+                    return Err(Status::unavailable(format!(
+                        "{} closed the connection",
+                        conn.peer()
+                    )));
+                }
+                Ok(n) => {
+                    read_bytes += n;
+                    conn.last_inbound = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "reading from {}: {e}",
+                        conn.peer()
+                    )));
+                }
+            }
+            let io_state = match conn.tls.process_new_packets() {
+                Ok(io_state) => io_state,
+                Err(e) => {
+                    // Best effort: tell the peer why (the alert), then give up.
+                    let _ = conn.tls.write_tls(&mut conn.socket);
+                    return Err(Status::unavailable(format!(
+                        "TLS with {} failed: {e}",
+                        conn.peer()
+                    )));
+                }
+            };
+            // Record the peer's identity before reading any frame: a TLS 1.3 client may send
+            // its first request in the same flight as its Finished message.
+            if conn.handshake_deadline.is_some() && !conn.tls.is_handshaking() {
+                handshake_done(conn)?;
+            }
+            if io_state.plaintext_bytes_to_read() > 0 {
+                self.take_plaintext(conn, now)?;
+            }
+            if io_state.peer_has_closed() {
+                return Err(Status::unavailable(format!(
+                    "{} closed the connection",
+                    conn.peer()
+                )));
+            }
+        }
+    }
+
+    fn take_plaintext(&mut self, conn: &mut Conn, now: Instant) -> Result<(), Status> {
+        loop {
+            match conn.decoder.read_from(&mut conn.tls.reader()) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "reading from {}: {e}",
+                        conn.peer()
+                    )));
+                }
+            }
+        }
+        let mut completed = false;
+        loop {
+            match conn.decoder.next_frame() {
+                Ok(Some(env)) => {
+                    completed = true;
+                    self.handle_frame(conn, env, now)?;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    log::warn!("closing connection with {}: {e}", conn.peer());
+                    return Err(Status::unavailable(format!(
+                        "protocol error from {}: {e}",
+                        conn.peer()
+                    )));
+                }
+            }
+        }
+        if completed || !conn.decoder.is_mid_frame() {
+            conn.frame_started = None;
+        }
+        if conn.decoder.is_mid_frame() && conn.frame_started.is_none() {
+            conn.frame_started = Some(now);
+        }
+        if conn.local_out_bytes >= LOCAL_OUT_BYTES_MAX {
+            conn.read_paused = true;
+        }
+        Ok(())
+    }
+
+    fn handle_frame(&mut self, conn: &mut Conn, env: Envelope, now: Instant) -> Result<(), Status> {
+        let kind = FrameKind::try_from(env.kind).expect("the decoder validated the kind");
+        match kind {
+            FrameKind::Ping => {
+                let mut pong = envelope(0, FrameKind::Pong);
+                pong.payload = env.payload;
+                conn.queue_local(&pong);
+                Ok(())
+            }
+            FrameKind::Pong => Ok(()),
+            FrameKind::Request => self.handle_request(conn, env, now),
+            _ if conn.shared.is_local_stream(env.stream_id) => {
+                deliver_to_caller(conn, env, kind);
+                Ok(())
+            }
+            _ => {
+                deliver_to_callee(conn, env, kind);
+                Ok(())
+            }
+        }
+    }
+
+    fn handle_request(
+        &mut self,
+        conn: &mut Conn,
+        env: Envelope,
+        now: Instant,
+    ) -> Result<(), Status> {
+        let stream_id = env.stream_id;
+        if conn.shared.is_local_stream(stream_id) || conn.routes.contains_key(&stream_id) {
+            return Err(Status::unavailable(format!(
+                "protocol error from {}: REQUEST reuses stream id {stream_id}",
+                conn.peer()
+            )));
+        }
+        let Side::Accepted { router } = &conn.side else {
+            conn.queue_error(
+                stream_id,
+                &Status::new(
+                    Code::Unimplemented,
+                    "this end of the connection serves no methods",
+                ),
+            );
+            return Ok(());
+        };
+        let method = env.method.clone();
+        match router.dispatch(&conn.shared, env, now) {
+            Ok(route) => {
+                conn.routes.insert(stream_id, route);
+            }
+            Err(status) => {
+                log::debug!("refused {method} from {}: {status}", conn.peer());
+                conn.queue_error(stream_id, &status);
+            }
+        }
+        Ok(())
+    }
+
+    /// Closes connections whose handshake, half-sent frame or silence ran too long, and
+    /// pings dialed connections that have open calls.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        self.last_sweep = now;
+        let mut expired = Vec::new();
+        for (token, conn) in &mut self.conns {
+            if let Some(reason) = timeout_reason(conn, &self.config, now) {
+                expired.push((*token, reason));
+            } else if needs_ping(conn, &self.config, now) {
+                conn.ping_sent_at = Some(now);
+                conn.queue_local(&envelope(0, FrameKind::Ping));
+                self.more_input.push(*token);
+            }
+        }
+        for (token, reason) in expired {
+            if let Some(conn) = self.conns.remove(&token) {
+                self.close(conn, reason);
+            }
+        }
+    }
+
+    fn close(&mut self, mut conn: Conn, reason: Status) {
+        log::info!("connection with {} closed: {}", conn.peer(), reason.message);
+        for item in conn.shared.close(reason.clone()) {
+            if let Outbound::Open { route, .. } = item {
+                route.ctl.end(reason.clone());
+            }
+        }
+        for (_, route) in conn.routes.drain() {
+            route.ctl.end(reason.clone());
+        }
+        conn.tls.send_close_notify();
+        let _ = conn.tls.write_tls(&mut conn.socket);
+        let _ = self.poll.registry().deregister(&mut conn.socket);
+        if let Side::Dialed {
+            channel, attempt, ..
+        } = &conn.side
+        {
+            if conn.handshake_deadline.is_some() {
+                channel.dial_finished(*attempt, Err(reason));
+            } else {
+                channel.connection_closed(conn.shared.id);
+            }
+        }
+    }
+
+    fn close_everything(&mut self) {
+        for (_, mut listener) in self.listeners.drain() {
+            let _ = self.poll.registry().deregister(&mut listener.socket);
+        }
+        let tokens: Vec<Token> = self.conns.keys().copied().collect();
+        for token in tokens {
+            if let Some(conn) = self.conns.remove(&token) {
+                self.close(conn, Status::unavailable("the transport is shutting down"));
+            }
+        }
+    }
+}
+
+fn ms(value: u64) -> Duration {
+    Duration::from_millis(value)
+}
+
+/// For a dialed connection, whether TCP connect has completed (errors are fatal).
+fn connect_finished(conn: &mut Conn) -> Result<bool, Status> {
+    let Side::Dialed { connected, .. } = &mut conn.side else {
+        return Ok(true);
+    };
+    if *connected {
+        return Ok(true);
+    }
+    if let Ok(Some(e)) | Err(e) = conn.socket.take_error() {
+        return Err(Status::unavailable(format!(
+            "cannot connect to {}: {e}",
+            conn.shared.peer_addr
+        )));
+    }
+    match conn.socket.peer_addr() {
+        Ok(_) => {
+            *connected = true;
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
+        Err(e) => Err(Status::unavailable(format!(
+            "cannot connect to {}: {e}",
+            conn.shared.peer_addr
+        ))),
+    }
+}
+
+/// Records the peer's identity once TLS is up and, for a dial, hands the connection to its
+/// channel.
+fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
+    conn.handshake_deadline = None;
+    let identity = match conn.tls.peer_certificates().and_then(|certs| certs.first()) {
+        Some(cert) => Some(PeerIdentity::from_cert_der(cert.as_ref()).map_err(|e| {
+            Status::unavailable(format!(
+                "{} presented a certificate without a flotilla identity: {e}",
+                conn.peer()
+            ))
+        })?),
+        None => None,
+    };
+    match &conn.side {
+        Side::Dialed {
+            channel, attempt, ..
+        } => {
+            if identity.is_none() {
+                return Err(Status::unavailable(format!(
+                    "{} presented no server certificate",
+                    conn.peer()
+                )));
+            }
+            let _ = conn.shared.identity.set(identity);
+            channel.dial_finished(*attempt, Ok(conn.shared.clone()));
+        }
+        Side::Accepted { .. } => {
+            let _ = conn.shared.identity.set(identity);
+        }
+    }
+    log::debug!(
+        "TLS up with {} ({:?})",
+        conn.peer(),
+        conn.shared.peer_identity().map(|id| id.node_id)
+    );
+    Ok(())
+}
+
+/// Moves queued frames into TLS and TLS records onto the socket until one of them is full
+/// or nothing is left.
+fn flush(conn: &mut Conn) -> Result<(), Status> {
+    loop {
+        let moved = conn.handshake_deadline.is_none() && fill_tls(conn)?;
+        while conn.tls.wants_write() {
+            match conn.tls.write_tls(&mut conn.socket) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(Status::unavailable(format!(
+                        "writing to {}: {e}",
+                        conn.peer()
+                    )));
+                }
+            }
+        }
+        if !moved {
+            return Ok(());
+        }
+    }
+}
+
+/// Hands frames to TLS until it refuses more plaintext. Returns whether anything moved.
+fn fill_tls(conn: &mut Conn) -> Result<bool, Status> {
+    let mut moved = false;
+    loop {
+        if let Some((frame, written)) = &mut conn.writing {
+            let n = conn.tls.writer().write(&frame[*written..]).map_err(|e| {
+                Status::unavailable(format!("TLS write to {}: {e}", conn.shared.peer_addr))
+            })?;
+            if n == 0 {
+                return Ok(moved);
+            }
+            moved = true;
+            *written += n;
+            if *written == frame.len() {
+                conn.writing = None;
+            }
+            continue;
+        }
+        if let Some(frame) = conn.local_out.pop_front() {
+            conn.local_out_bytes -= frame.len();
+            conn.writing = Some((frame, 0));
+            continue;
+        }
+        match conn.shared.pop() {
+            Some(Outbound::Open {
+                stream_id,
+                route,
+                frame,
+            }) => {
+                conn.routes.insert(stream_id, route);
+                conn.writing = Some((frame, 0));
+            }
+            Some(Outbound::Frame(frame)) => conn.writing = Some((frame, 0)),
+            Some(Outbound::Finish { stream_id, frame }) => {
+                conn.routes.remove(&stream_id);
+                conn.writing = Some((frame, 0));
+            }
+            None => return Ok(moved),
+        }
+    }
+}
+
+/// Routes a frame on a stream we opened (we are the caller).
+fn deliver_to_caller(conn: &mut Conn, env: Envelope, kind: FrameKind) {
+    let stream_id = env.stream_id;
+    let Some(route) = conn.routes.get(&stream_id) else {
+        // A late frame for a call we already finished or abandoned.
+        return;
+    };
+    let (inbound, terminal) = match kind {
+        FrameKind::StreamMessage => (Inbound::Message(env.payload), false),
+        FrameKind::WindowUpdate => {
+            route.ctl.add_credit(env.credit);
+            return;
+        }
+        FrameKind::Response => {
+            route.ctl.end(Status::new(
+                Code::FailedPrecondition,
+                "the server already replied; read its reply instead of sending more",
+            ));
+            (Inbound::Response(env.payload), true)
+        }
+        FrameKind::EndOfStream => (Inbound::End, true),
+        FrameKind::Error => {
+            let status = Status::from_proto(env.status.as_ref());
+            route.ctl.end(status.clone());
+            (Inbound::Failed(status), true)
+        }
+        FrameKind::Cancel => {
+            let status = Status::cancelled(format!("{} cancelled the call", conn.peer()));
+            route.ctl.end(status.clone());
+            (Inbound::Failed(status), true)
+        }
+        FrameKind::Request | FrameKind::Ping | FrameKind::Pong | FrameKind::Unspecified => {
+            unreachable!("handled before routing")
+        }
+    };
+    let overflowed = deliver(route, inbound);
+    if overflowed {
+        let status = Status::resource_exhausted(format!(
+            "{} sent more stream messages than its flow-control window allows",
+            conn.peer()
+        ));
+        route.ctl.end(status);
+        conn.queue_local(&envelope(stream_id, FrameKind::Cancel));
+    }
+    if terminal || overflowed {
+        conn.routes.remove(&stream_id);
+    }
+}
+
+/// Routes a frame on a stream the peer opened (we are the callee).
+fn deliver_to_callee(conn: &mut Conn, env: Envelope, kind: FrameKind) {
+    let stream_id = env.stream_id;
+    let Some(route) = conn.routes.get(&stream_id) else {
+        return;
+    };
+    match kind {
+        FrameKind::WindowUpdate => route.ctl.add_credit(env.credit),
+        FrameKind::Cancel => {
+            route.ctl.end(Status::cancelled(format!(
+                "{} cancelled the call",
+                conn.peer()
+            )));
+            conn.routes.remove(&stream_id);
+        }
+        FrameKind::StreamMessage | FrameKind::EndOfStream => {
+            let inbound = if kind == FrameKind::EndOfStream {
+                Inbound::End
+            } else {
+                Inbound::Message(env.payload)
+            };
+            if route.inbound.is_none() || deliver(route, inbound) {
+                let status = Status::resource_exhausted(format!(
+                    "{} sent stream messages this call does not accept or beyond its window",
+                    conn.peer()
+                ));
+                route.ctl.end(status.clone());
+                conn.routes.remove(&stream_id);
+                conn.queue_error(stream_id, &status);
+            }
+        }
+        FrameKind::Response | FrameKind::Error => {
+            log::debug!(
+                "ignoring a reply frame from caller {} on stream {stream_id}",
+                conn.peer()
+            );
+        }
+        FrameKind::Request | FrameKind::Ping | FrameKind::Pong | FrameKind::Unspecified => {
+            unreachable!("handled before routing")
+        }
+    }
+}
+
+/// Hands `inbound` to the stream's reader. Returns true if the reader's queue was full,
+/// which only a peer that ignores flow control can cause.
+fn deliver(route: &Route, inbound: Inbound) -> bool {
+    let Some(tx) = &route.inbound else {
+        return false;
+    };
+    match tx.try_send(inbound) {
+        Ok(()) => false,
+        Err(TrySendError::Full(_)) => true,
+        // The reader went away (the handler returned early): nothing to deliver to.
+        Err(TrySendError::Disconnected(_)) => false,
+    }
+}
+
+fn timeout_reason(conn: &Conn, config: &TransportConfig, now: Instant) -> Option<Status> {
+    if conn.handshake_deadline.is_some_and(|d| now >= d) {
+        return Some(Status::unavailable(format!(
+            "TLS handshake with {} did not finish within {} ms",
+            conn.peer(),
+            config.handshake_timeout_ms
+        )));
+    }
+    if conn
+        .frame_started
+        .is_some_and(|t| now.duration_since(t) >= ms(config.frame_read_timeout_ms))
+    {
+        return Some(Status::unavailable(format!(
+            "{} started a frame and did not finish it within {} ms",
+            conn.peer(),
+            config.frame_read_timeout_ms
+        )));
+    }
+    let silent = now.duration_since(conn.last_inbound);
+    match conn.side {
+        Side::Accepted { .. } if silent >= ms(config.idle_timeout_ms) => {
+            Some(Status::unavailable(format!(
+                "{} sent nothing for {} ms",
+                conn.peer(),
+                config.idle_timeout_ms
+            )))
+        }
+        Side::Dialed { .. }
+            if conn.ping_sent_at.is_some_and(|sent| {
+                conn.last_inbound < sent
+                    && now.duration_since(sent) >= ms(config.keepalive_timeout_ms)
+            }) =>
+        {
+            Some(Status::unavailable(format!(
+                "{} did not answer a keepalive ping within {} ms",
+                conn.peer(),
+                config.keepalive_timeout_ms
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn needs_ping(conn: &Conn, config: &TransportConfig, now: Instant) -> bool {
+    let Side::Dialed { .. } = conn.side else {
+        return false;
+    };
+    // Periodic rather than on inbound silence: the callee judges idleness by what it
+    // receives, and a caller that only listens to a stream would otherwise send nothing.
+    let interval = ms(config.keepalive_interval_ms);
+    conn.handshake_deadline.is_none()
+        && !conn.routes.is_empty()
+        && conn
+            .ping_sent_at
+            .is_none_or(|sent| now.duration_since(sent) >= interval)
+}

@@ -1,0 +1,539 @@
+//! Serving calls: the method table ([`Router`]) with its role allow-lists, the thread pools
+//! that run handlers ([`ServicePool`]), and what a handler sees ([`CallContext`],
+//! [`ServerStream`], [`ClientStream`]).
+//!
+//! The reactor looks a REQUEST's method up in the router, checks the caller's role, and
+//! hands the call to the method's pool over a bounded channel; if the pool's queue is full
+//! the call fails at once with `ResourceExhausted` (the reactor never blocks). Handlers run
+//! on pool threads and must never touch sockets.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use prost::Message;
+
+use super::conn::{ConnShared, Route, envelope};
+use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
+use crate::ca::{PeerIdentity, Role};
+use crate::proto::wire::{Envelope, FrameKind};
+use crate::wire::Status;
+
+/// Which callers may use a method. Checked by the transport before the handler runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allow {
+    managers: bool,
+    workers: bool,
+    anonymous: bool,
+}
+
+impl Allow {
+    /// Managers only (Raft, control API, forwarding).
+    pub const MANAGERS: Self = Self {
+        managers: true,
+        workers: false,
+        anonymous: false,
+    };
+    /// Any node with a cluster certificate (dispatcher sessions, certificate renewal).
+    pub const NODES: Self = Self {
+        managers: true,
+        workers: true,
+        anonymous: false,
+    };
+    /// Anyone, even without a certificate: only the CA bootstrap methods (fetch the root
+    /// certificate, exchange a join token for a node certificate).
+    pub const ANYONE: Self = Self {
+        managers: true,
+        workers: true,
+        anonymous: true,
+    };
+
+    /// Decides whether a caller with `identity` may call `method`.
+    ///
+    /// # Errors
+    /// `Unauthenticated` without a certificate where one is needed, `PermissionDenied` for a
+    /// role not on the list.
+    pub fn check(&self, method: &str, identity: Option<&PeerIdentity>) -> Result<(), Status> {
+        let allowed = match identity.map(|id| id.role) {
+            None => self.anonymous,
+            Some(Role::Manager) => self.managers,
+            Some(Role::Worker) => self.workers,
+        };
+        match (allowed, identity) {
+            (true, _) => Ok(()),
+            (false, None) => Err(Status::new(
+                crate::wire::Code::Unauthenticated,
+                format!(
+                    "{method} needs a cluster certificate; join the cluster first \
+                     (flotilla join --token ...)"
+                ),
+            )),
+            (false, Some(id)) => Err(Status::permission_denied(format!(
+                "{method} may not be called by node {} with role {:?}",
+                id.node_id, id.role
+            ))),
+        }
+    }
+}
+
+/// What a handler knows about the call it serves.
+pub struct CallContext {
+    peer: Option<PeerIdentity>,
+    peer_addr: SocketAddr,
+    method: String,
+    deadline: Option<Instant>,
+    ctl: Arc<StreamCtl>,
+}
+
+impl CallContext {
+    /// The caller's verified identity; `None` only for anonymous (bootstrap) calls.
+    pub fn peer(&self) -> Option<&PeerIdentity> {
+        self.peer.as_ref()
+    }
+
+    /// The caller's network address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// The method called.
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// When the caller stops waiting, if it said.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// True once the caller cancelled, the deadline passed or the connection closed: stop
+    /// working, nobody will read the answer.
+    pub fn is_cancelled(&self) -> bool {
+        self.ctl.ended().is_some() || self.deadline.is_some_and(|d| Instant::now() >= d)
+    }
+}
+
+/// The handler's side of a server-streaming call: send messages, then finish or fail.
+///
+/// It may outlive the handler function: move it to another thread to keep pushing (the
+/// dispatcher does this for sessions). The stream ends with END_OF_STREAM when the last
+/// handle is dropped without [`ServerStream::fail`].
+pub struct ServerStream<T> {
+    sink: Arc<StreamSink>,
+    _message: PhantomData<fn(T)>,
+}
+
+struct StreamSink {
+    writer: StreamWriter,
+    finished: AtomicBool,
+}
+
+impl StreamSink {
+    fn fail(&self, status: &Status) {
+        if !self.finished.swap(true, Ordering::AcqRel) {
+            self.writer.fail(status);
+        }
+    }
+}
+
+impl Drop for StreamSink {
+    fn drop(&mut self) {
+        if !self.finished.swap(true, Ordering::AcqRel) {
+            let env = envelope(self.writer.stream_id, FrameKind::EndOfStream);
+            let _ = self.writer.finish(env);
+        }
+    }
+}
+
+impl<T: Message> ServerStream<T> {
+    /// Sends one message, blocking while the caller has no flow-control credit or the
+    /// connection's send buffer is full.
+    ///
+    /// # Errors
+    /// `Cancelled` if the caller gave up, `DeadlineExceeded`, or the connection's close
+    /// reason.
+    pub fn send(&self, message: &T) -> Result<(), Status> {
+        self.sink
+            .writer
+            .send_message(Bytes::from(message.encode_to_vec()))
+    }
+
+    /// Ends the stream normally.
+    pub fn finish(self) {
+        drop(self);
+    }
+
+    /// Ends the stream with an error the caller will see.
+    pub fn fail(self, status: Status) {
+        self.sink.fail(&status);
+    }
+
+    /// True once the caller cancelled or the connection closed.
+    pub fn is_cancelled(&self) -> bool {
+        self.sink.writer.ctl.ended().is_some()
+    }
+}
+
+/// The handler's side of a client-streaming call: the messages the caller uploads.
+pub struct ClientStream<T> {
+    reader: StreamReader,
+    writer: StreamWriter,
+    ended: bool,
+    _message: PhantomData<fn() -> T>,
+}
+
+impl<T: Message + Default> ClientStream<T> {
+    /// The next uploaded message, or `None` once the caller finished its upload.
+    ///
+    /// # Errors
+    /// `Cancelled` if the caller gave up, `DeadlineExceeded`, `InvalidArgument` for a message
+    /// that does not decode, or the connection's close reason.
+    pub fn recv(&mut self) -> Result<Option<T>, Status> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.reader.recv(&self.writer)? {
+            Inbound::Message(payload) => T::decode(payload)
+                .map(Some)
+                .map_err(|e| Status::invalid_argument(format!("undecodable message: {e}"))),
+            Inbound::End => {
+                self.ended = true;
+                Ok(None)
+            }
+            Inbound::Failed(status) => Err(status),
+            Inbound::Response(_) => Err(Status::internal(
+                "caller sent a RESPONSE frame on a client-streaming call",
+            )),
+        }
+    }
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+type UnaryFn = dyn Fn(&CallContext, Bytes) -> Result<Bytes, Status> + Send + Sync;
+type ServerStreamFn =
+    dyn Fn(&CallContext, Bytes, Arc<StreamSink>) -> Result<(), Status> + Send + Sync;
+type ClientStreamFn =
+    dyn Fn(&CallContext, StreamReader, &StreamWriter) -> Result<Bytes, Status> + Send + Sync;
+
+enum Handler {
+    Unary(Arc<UnaryFn>),
+    ServerStream(Arc<ServerStreamFn>),
+    ClientStream(Arc<ClientStreamFn>),
+}
+
+struct MethodEntry {
+    allow: Allow,
+    handler: Handler,
+    jobs: Sender<Job>,
+}
+
+/// The methods a listener serves, each with its allow-list and the pool that runs it.
+#[derive(Default)]
+pub struct Router {
+    methods: HashMap<String, MethodEntry>,
+}
+
+fn decode_request<Req: Message + Default>(payload: Bytes) -> Result<Req, Status> {
+    Req::decode(payload).map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))
+}
+
+impl Router {
+    /// An empty router: every method is `Unimplemented`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn insert(&mut self, method: &str, allow: Allow, pool: &ServicePool, handler: Handler) {
+        let previous = self.methods.insert(
+            method.to_string(),
+            MethodEntry {
+                allow,
+                handler,
+                jobs: pool.jobs.clone(),
+            },
+        );
+        assert!(previous.is_none(), "method {method} registered twice");
+    }
+
+    /// Serves `method` as a unary call on `pool`.
+    pub fn unary<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let raw = move |ctx: &CallContext, payload: Bytes| {
+            let request = decode_request::<Req>(payload)?;
+            handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
+        };
+        self.insert(method, allow, pool, Handler::Unary(Arc::new(raw)));
+    }
+
+    /// Serves `method` as a server-streaming call on `pool`. The handler may return while
+    /// keeping the stream (moved elsewhere); returning an error fails the stream.
+    pub fn server_stream<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req, ServerStream<Resp>) -> Result<(), Status>
+        + Send
+        + Sync
+        + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let raw = move |ctx: &CallContext, payload: Bytes, sink: Arc<StreamSink>| {
+            let request = decode_request::<Req>(payload)?;
+            let stream = ServerStream {
+                sink,
+                _message: PhantomData,
+            };
+            handler(ctx, request, stream)
+        };
+        self.insert(method, allow, pool, Handler::ServerStream(Arc::new(raw)));
+    }
+
+    /// Serves `method` as a client-streaming call on `pool`.
+    pub fn client_stream<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, &mut ClientStream<Req>) -> Result<Resp, Status>
+        + Send
+        + Sync
+        + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let raw = move |ctx: &CallContext, reader: StreamReader, writer: &StreamWriter| {
+            let mut stream = ClientStream {
+                reader,
+                writer: StreamWriter {
+                    conn: writer.conn.clone(),
+                    stream_id: writer.stream_id,
+                    ctl: writer.ctl.clone(),
+                    deadline: writer.deadline,
+                },
+                ended: false,
+                _message: PhantomData,
+            };
+            handler(ctx, &mut stream).map(|resp| Bytes::from(resp.encode_to_vec()))
+        };
+        self.insert(method, allow, pool, Handler::ClientStream(Arc::new(raw)));
+    }
+
+    /// Reactor only: admits a REQUEST. On success returns the route to register for the
+    /// new stream; the call is queued on its pool. On failure returns the status to send
+    /// back as ERROR.
+    pub(crate) fn dispatch(
+        &self,
+        conn: &Arc<ConnShared>,
+        request: Envelope,
+        now: Instant,
+    ) -> Result<Route, Status> {
+        let Some(entry) = self.methods.get(&request.method) else {
+            return Err(Status::new(
+                crate::wire::Code::Unimplemented,
+                format!("method {:?} is not served here", request.method),
+            ));
+        };
+        let identity = conn.peer_identity();
+        entry.allow.check(&request.method, identity.as_ref())?;
+        let ctl = Arc::new(StreamCtl::new());
+        let deadline =
+            (request.timeout_us > 0).then(|| now + Duration::from_micros(request.timeout_us));
+        let ctx = CallContext {
+            peer: identity,
+            peer_addr: conn.peer_addr,
+            method: request.method.clone(),
+            deadline,
+            ctl: ctl.clone(),
+        };
+        let writer = StreamWriter {
+            conn: conn.clone(),
+            stream_id: request.stream_id,
+            ctl: ctl.clone(),
+            deadline,
+        };
+        let (inbound, job) = build_job(&entry.handler, ctx, writer, request.payload);
+        match entry.jobs.try_send(job) {
+            Ok(()) => Ok(Route { inbound, ctl }),
+            Err(TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
+                "{} is busy: its queue is full; retry with backoff",
+                request.method
+            ))),
+            Err(TrySendError::Disconnected(_)) => Err(Status::unavailable(format!(
+                "{} is shutting down",
+                request.method
+            ))),
+        }
+    }
+}
+
+/// Builds the pool job for one admitted call, and the inbound channel the reactor feeds
+/// (client-streaming calls only).
+fn build_job(
+    handler: &Handler,
+    ctx: CallContext,
+    writer: StreamWriter,
+    payload: Bytes,
+) -> (Option<Sender<Inbound>>, Job) {
+    match handler {
+        Handler::Unary(f) => {
+            let f = f.clone();
+            let job = Box::new(move || {
+                let result = run_unless_expired(&ctx, || f(&ctx, payload));
+                reply(&writer, result);
+            });
+            (None, job)
+        }
+        Handler::ServerStream(f) => {
+            let f = f.clone();
+            let job = Box::new(move || {
+                let sink = Arc::new(StreamSink {
+                    writer,
+                    finished: AtomicBool::new(false),
+                });
+                let result = run_unless_expired(&ctx, || f(&ctx, payload, sink.clone()));
+                if let Err(status) = result {
+                    sink.fail(&status);
+                }
+                // If the handler kept no handle, dropping ours sends END_OF_STREAM.
+            });
+            (None, job)
+        }
+        Handler::ClientStream(f) => {
+            let f = f.clone();
+            let (tx, rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
+            let job = Box::new(move || {
+                let reader = StreamReader {
+                    rx,
+                    consumed_unreturned: 0,
+                };
+                let result = run_unless_expired(&ctx, || f(&ctx, reader, &writer));
+                reply(&writer, result);
+            });
+            (Some(tx), job)
+        }
+    }
+}
+
+/// Runs `work` unless the caller already gave up while the call sat in the queue.
+fn run_unless_expired<T>(
+    ctx: &CallContext,
+    work: impl FnOnce() -> Result<T, Status>,
+) -> Result<T, Status> {
+    if ctx.is_cancelled() {
+        return Err(ctx.ctl.ended().unwrap_or_else(|| {
+            Status::deadline_exceeded("the deadline passed before the call was served")
+        }));
+    }
+    work()
+}
+
+fn reply(writer: &StreamWriter, result: Result<Bytes, Status>) {
+    match result {
+        Ok(payload) => {
+            let mut env = envelope(writer.stream_id, FrameKind::Response);
+            env.payload = payload;
+            if let Err(status) = writer.finish(env) {
+                // Too large or no longer deliverable: tell the caller if the stream is open.
+                writer.fail(&status);
+            }
+        }
+        Err(status) => writer.fail(&status),
+    }
+}
+
+/// Threads that run one service's handlers, fed by a bounded queue.
+pub struct ServicePool {
+    name: String,
+    jobs: Sender<Job>,
+    stop: Option<Sender<()>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ServicePool {
+    /// Starts `threads` threads named `rpc-<name>-<i>` serving a queue of at most
+    /// `queue_len_max` waiting calls; calls beyond it are refused with `ResourceExhausted`.
+    ///
+    /// # Errors
+    /// The OS error if a thread cannot be spawned.
+    pub fn new(name: &str, threads: usize, queue_len_max: usize) -> std::io::Result<Self> {
+        assert!(
+            threads > 0,
+            "a pool without threads would never serve a call"
+        );
+        let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(queue_len_max);
+        let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let job_rx = job_rx.clone();
+            let stop_rx = stop_rx.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("rpc-{name}-{i}"))
+                    .spawn(move || serve_jobs(&job_rx, &stop_rx))?,
+            );
+        }
+        Ok(Self {
+            name: name.to_string(),
+            jobs,
+            stop: Some(stop),
+            threads: handles,
+        })
+    }
+
+    /// Stops the pool: every thread finishes its current call and the queued ones, then
+    /// exits; this joins them. Stop the transport first so no new calls arrive.
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        self.stop.take();
+        for handle in self.threads.drain(..) {
+            if handle.join().is_err() {
+                log::error!("a thread of service pool {} panicked", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for ServicePool {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+fn serve_jobs(jobs: &Receiver<Job>, stop: &Receiver<()>) {
+    loop {
+        crossbeam_channel::select! {
+            recv(jobs) -> job => match job {
+                Ok(job) => job(),
+                Err(_) => return,
+            },
+            recv(stop) -> _ => {
+                while let Ok(job) = jobs.try_recv() {
+                    job();
+                }
+                return;
+            }
+        }
+    }
+}

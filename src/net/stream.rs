@@ -1,0 +1,261 @@
+//! Per-stream state shared between the reactor and the thread that uses the stream.
+//!
+//! [`StreamCtl`] holds the sending side's flow-control credit and the stream's end state.
+//! A user thread waits on it for credit; the reactor adds credit (WINDOW_UPDATE) and ends
+//! the stream (CANCEL, ERROR, connection loss). It must never hold the lock across IO.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::{Condvar, Mutex};
+
+use crate::wire::{STREAM_WINDOW_MESSAGES, Status};
+
+/// What the reactor hands to the thread reading a stream.
+#[derive(Debug)]
+pub(crate) enum Inbound {
+    /// One STREAM_MESSAGE payload.
+    Message(Bytes),
+    /// The RESPONSE payload (unary and client-streaming calls).
+    Response(Bytes),
+    /// END_OF_STREAM: the peer sends nothing more.
+    End,
+    /// ERROR or CANCEL from the peer, or a local protocol failure.
+    Failed(Status),
+}
+
+/// Capacity of a stream's inbound channel: the whole window plus one terminal frame, so a
+/// peer that respects flow control can never find it full.
+pub(crate) const INBOUND_CAPACITY: usize = STREAM_WINDOW_MESSAGES as usize + 2;
+
+/// Credit returned to the peer once the application has consumed this many messages:
+/// half the window, so the peer rarely stalls and updates stay rare.
+pub(crate) const CREDIT_RETURN_BATCH: u32 = STREAM_WINDOW_MESSAGES / 2;
+
+#[derive(Debug)]
+struct CtlState {
+    send_credit: u32,
+    ended: Option<Status>,
+}
+
+/// Flow-control credit and end state of one stream.
+#[derive(Debug)]
+pub(crate) struct StreamCtl {
+    state: Mutex<CtlState>,
+    changed: Condvar,
+}
+
+impl StreamCtl {
+    /// A stream with the protocol's initial window.
+    pub(crate) fn new() -> Self {
+        Self {
+            state: Mutex::new(CtlState {
+                send_credit: STREAM_WINDOW_MESSAGES,
+                ended: None,
+            }),
+            changed: Condvar::new(),
+        }
+    }
+
+    /// Takes one message of credit, waiting until the peer grants some, the stream ends,
+    /// or `deadline` passes.
+    pub(crate) fn acquire_credit(&self, deadline: Option<Instant>) -> Result<(), Status> {
+        let mut state = self.state.lock();
+        loop {
+            if let Some(status) = &state.ended {
+                return Err(status.clone());
+            }
+            if state.send_credit > 0 {
+                state.send_credit -= 1;
+                return Ok(());
+            }
+            match deadline {
+                Some(deadline) => {
+                    if self.changed.wait_until(&mut state, deadline).timed_out() {
+                        return Err(Status::deadline_exceeded(
+                            "deadline passed while waiting for the peer to accept more stream \
+                             messages (it is reading slowly)",
+                        ));
+                    }
+                }
+                None => self.changed.wait(&mut state),
+            }
+        }
+    }
+
+    /// Adds credit granted by the peer.
+    pub(crate) fn add_credit(&self, credit: u32) {
+        let mut state = self.state.lock();
+        state.send_credit = state.send_credit.saturating_add(credit);
+        self.changed.notify_all();
+    }
+
+    /// Ends the stream with `status` (the first end wins) and wakes any waiting sender.
+    pub(crate) fn end(&self, status: Status) {
+        let mut state = self.state.lock();
+        if state.ended.is_none() {
+            state.ended = Some(status);
+        }
+        self.changed.notify_all();
+    }
+
+    /// How the stream ended, if it has.
+    pub(crate) fn ended(&self) -> Option<Status> {
+        self.state.lock().ended.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wire::Code;
+
+    #[test]
+    fn credit_runs_out_and_is_refilled_by_the_peer() {
+        let ctl = Arc::new(StreamCtl::new());
+        for _ in 0..STREAM_WINDOW_MESSAGES {
+            ctl.acquire_credit(None).unwrap();
+        }
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert_eq!(
+            ctl.acquire_credit(Some(soon)).unwrap_err().code,
+            Code::DeadlineExceeded
+        );
+        let granter = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || ctl.add_credit(1))
+        };
+        ctl.acquire_credit(None).unwrap();
+        granter.join().unwrap();
+    }
+
+    #[test]
+    fn end_wakes_a_blocked_sender_with_the_first_reason() {
+        let ctl = Arc::new(StreamCtl::new());
+        for _ in 0..STREAM_WINDOW_MESSAGES {
+            ctl.acquire_credit(None).unwrap();
+        }
+        let ender = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || {
+                ctl.end(Status::cancelled("peer cancelled"));
+                ctl.end(Status::unavailable("later reason is ignored"));
+            })
+        };
+        assert_eq!(ctl.acquire_credit(None).unwrap_err().code, Code::Cancelled);
+        ender.join().unwrap();
+        assert_eq!(ctl.ended().unwrap().code, Code::Cancelled);
+    }
+}
+
+/// The sending half of one stream, used by callers and handlers alike.
+pub(crate) struct StreamWriter {
+    pub(crate) conn: std::sync::Arc<super::conn::ConnShared>,
+    pub(crate) stream_id: u64,
+    pub(crate) ctl: std::sync::Arc<StreamCtl>,
+    pub(crate) deadline: Option<Instant>,
+}
+
+impl StreamWriter {
+    /// Sends one STREAM_MESSAGE, waiting for credit and send-buffer space.
+    pub(crate) fn send_message(&self, payload: Bytes) -> Result<(), Status> {
+        self.ctl.acquire_credit(self.deadline)?;
+        let mut env = super::conn::envelope(self.stream_id, FrameKind::StreamMessage);
+        env.payload = payload;
+        let frame = self.conn.encode(&env)?;
+        self.conn
+            .push(super::conn::Outbound::Frame(frame), self.deadline)
+    }
+
+    /// Sends a frame that ends our side of the stream (RESPONSE, END_OF_STREAM, ERROR or
+    /// CANCEL). Large frames (a RESPONSE) wait for buffer space; the others never block.
+    pub(crate) fn finish(&self, env: Envelope) -> Result<(), Status> {
+        debug_assert_eq!(env.stream_id, self.stream_id);
+        let frame = self.conn.encode(&env)?;
+        let item = super::conn::Outbound::Finish {
+            stream_id: self.stream_id,
+            frame,
+        };
+        if env.kind == FrameKind::Response as i32 {
+            self.conn.push(item, self.deadline)
+        } else {
+            self.conn.push_control(item);
+            Ok(())
+        }
+    }
+
+    /// Ends our side with an ERROR frame carrying `status`.
+    pub(crate) fn fail(&self, status: &Status) {
+        let mut env = super::conn::envelope(self.stream_id, FrameKind::Error);
+        env.status = Some(status.to_proto());
+        // An ERROR is small and control-class: it cannot fail for lack of space.
+        let _ = self.finish(env);
+    }
+
+    /// Abandons the stream: CANCEL to the peer, and local senders stop.
+    pub(crate) fn cancel(&self, why: &str) {
+        self.ctl.end(Status::cancelled(why.to_string()));
+        let _ = self.finish(super::conn::envelope(self.stream_id, FrameKind::Cancel));
+    }
+
+    /// The status to report when the inbound side vanished: the stream's own end reason if
+    /// it has one, else the connection's.
+    pub(crate) fn vanished_status(&self) -> Status {
+        self.ctl
+            .ended()
+            .or_else(|| self.conn.close_reason())
+            .unwrap_or_else(|| Status::cancelled("the stream was abandoned"))
+    }
+}
+
+/// The receiving half of one stream: reads what the reactor delivered and returns credit.
+pub(crate) struct StreamReader {
+    pub(crate) rx: crossbeam_channel::Receiver<Inbound>,
+    /// Messages consumed since credit was last returned.
+    pub(crate) consumed_unreturned: u32,
+}
+
+impl StreamReader {
+    /// Waits for the next inbound item until `writer.deadline`. Returns credit for consumed
+    /// messages in batches.
+    pub(crate) fn recv(&mut self, writer: &StreamWriter) -> Result<Inbound, Status> {
+        let received = match writer.deadline {
+            Some(deadline) => self.rx.recv_deadline(deadline).map_err(|e| match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => None,
+                crossbeam_channel::RecvTimeoutError::Disconnected => Some(()),
+            }),
+            None => self.rx.recv().map_err(|_| Some(())),
+        };
+        match received {
+            Ok(Inbound::Message(payload)) => {
+                self.return_credit(writer);
+                Ok(Inbound::Message(payload))
+            }
+            Ok(other) => Ok(other),
+            Err(None) => Err(Status::deadline_exceeded(format!(
+                "no reply from {} before the deadline",
+                writer.conn.peer_addr
+            ))),
+            Err(Some(())) => Err(writer.vanished_status()),
+        }
+    }
+
+    fn return_credit(&mut self, writer: &StreamWriter) {
+        self.consumed_unreturned += 1;
+        if self.consumed_unreturned >= CREDIT_RETURN_BATCH {
+            let mut env = super::conn::envelope(writer.stream_id, FrameKind::WindowUpdate);
+            env.credit = self.consumed_unreturned;
+            self.consumed_unreturned = 0;
+            if let Ok(frame) = writer.conn.encode(&env) {
+                writer
+                    .conn
+                    .push_control(super::conn::Outbound::Frame(frame));
+            }
+        }
+    }
+}
+
+use crate::proto::wire::{Envelope, FrameKind};
