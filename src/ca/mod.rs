@@ -1,28 +1,55 @@
-//! TEMPORARY stub: the identity types the transport needs, until the `ca` branch lands.
+//! The cluster certificate authority: root CA, node certificates, join tokens, renewal, and
+//! the rustls configurations the transport uses.
+//!
+//! Owns: the root CA key and certificate ([`ClusterCa`]), issuing node certificates from CSRs
+//! (CN = node id, OU = role, O = cluster id), join tokens ([`JoinTokens`], `FLT-1-…`), the
+//! per-address limiter of failed joins, a node's identity files ([`NodeIdentity`]), the
+//! client side of joining ([`verify_root_for_token`], [`PendingIdentity`]) and the TLS
+//! verifiers ([`tls`]).
+//!
+//! Sans-IO: no sockets, no threads, no clock reads in the core paths (callers pass `now`).
+//! File IO is limited to explicit `save`/`load` calls.
+//!
+//! Must never: copy anything but the public key from a CSR; let a renewal change a node's id
+//! or role; compare a secret in variable time; log or `Debug`-print a secret or a private key;
+//! write a key file readable by anyone but its owner; read one that is.
+//!
+//! # Lifecycle
+//! - `init`: [`ClusterCa::create`] → [`ClusterCa::save`]; [`JoinTokens::generate`];
+//!   [`ClusterCa::issue_local_identity`] → [`save_node_files`].
+//! - manager serving: [`CaService`] (join, renew), [`tls::server_config`].
+//! - `join`: see [`join`] for the four steps.
+//! - every node: [`load_node_files`], [`tls::client_config`], renew at
+//!   [`NodeIdentity::renewal_at`] with [`PendingIdentity`] + [`PendingIdentity::complete_renewal`].
 
-/// A node's role in the cluster (the certificate's OU).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// A manager.
-    Manager,
-    /// A worker.
-    Worker,
-}
+mod authority;
+mod csr;
+mod files;
+mod identity;
+pub mod join;
+mod node;
+mod ratelimit;
+mod root;
+mod service;
+pub mod tls;
+mod token;
 
-/// The verified identity of a peer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerIdentity {
-    /// CN.
-    pub node_id: String,
-    /// OU.
-    pub role: Role,
-    /// O.
-    pub cluster_id: String,
-}
-
-impl PeerIdentity {
-    /// Stub.
-    pub fn from_cert_der(_der: &[u8]) -> Result<Self, String> {
-        Err("stub".into())
-    }
-}
+pub use authority::{
+    CA_FILE_NAME, CERT_BACKDATE, CaError, CaPolicy, ClusterCa, IssueError, IssuedCertificate,
+    NODE_CERT_VALIDITY_DEFAULT, NODE_CERT_VALIDITY_MIN, ROOT_CA_COMMON_NAME, ROOT_CA_VALIDITY,
+};
+pub use csr::{CSR_BYTES_MAX, CsrError, CsrPublicKey, verified_csr_public_key};
+pub use files::{PEM_FILE_BYTES_MAX, StorageError};
+pub use identity::{CertError, ID_CHARS, ID_CHARS_MAX, PeerIdentity, Role, is_valid_id, random_id};
+pub use join::{JoinError, verify_root_for_token};
+pub use node::{
+    NODE_IDENTITY_FILE, NodeIdentity, PendingIdentity, RENEWAL_WINDOW_PERCENT, ROOT_CERT_FILE,
+    load_node_files, renewal_instant, save_node_files,
+};
+pub use ratelimit::{FailureLimits, FailureRateLimiter, RateLimited};
+pub use root::{ROOT_CERT_BYTES_MAX, RootCert};
+pub use service::CaService;
+pub use token::{
+    JoinToken, JoinTokens, TOKEN_CHARS_MAX, TOKEN_DIGEST_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES,
+    TOKEN_VERSION, TokenError, TokenParseError,
+};
