@@ -7,3 +7,8 @@
 pub mod wire {
     include!(concat!(env!("OUT_DIR"), "/flotilla.wire.rs"));
 }
+
+/// The cluster CA's methods (`proto/flotilla/ca.proto`).
+pub mod ca {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.ca.rs"));
+}

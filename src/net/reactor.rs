@@ -20,13 +20,11 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, TrySendError};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
-use rustls::pki_types::ServerName;
 
 use super::client::ChannelInner;
 use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
 use super::stream::Inbound;
 use super::{Command, Router, TransportConfig};
-use crate::ca::PeerIdentity;
 use crate::proto::wire::{Envelope, FrameKind};
 use crate::wire::{Code, FrameDecoder, Status};
 
@@ -284,7 +282,7 @@ impl Reactor {
 
     fn dial(&mut self, channel: Arc<ChannelInner>, attempt: u64, addr: SocketAddr) {
         let outcome = (|| {
-            let server_name = ServerName::IpAddress(addr.ip().into());
+            let server_name = crate::ca::tls::server_name();
             let tls = rustls::ClientConnection::new(channel.tls.clone(), server_name)
                 .map_err(|e| io::Error::other(format!("TLS setup: {e}")))?;
             let socket = TcpStream::connect(addr)?;
@@ -637,15 +635,12 @@ fn connect_finished(conn: &mut Conn) -> Result<bool, Status> {
 /// channel.
 fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
     conn.handshake_deadline = None;
-    let identity = match conn.tls.peer_certificates().and_then(|certs| certs.first()) {
-        Some(cert) => Some(PeerIdentity::from_cert_der(cert.as_ref()).map_err(|e| {
-            Status::unavailable(format!(
-                "{} presented a certificate without a flotilla identity: {e}",
-                conn.peer()
-            ))
-        })?),
-        None => None,
-    };
+    let identity = crate::ca::tls::peer_identity(conn.tls.peer_certificates()).map_err(|e| {
+        Status::unavailable(format!(
+            "{} presented a certificate without a flotilla identity: {e}",
+            conn.peer()
+        ))
+    })?;
     match &conn.side {
         Side::Dialed {
             channel, attempt, ..

@@ -115,7 +115,18 @@ impl CallContext {
     /// True once the caller cancelled, the deadline passed or the connection closed: stop
     /// working, nobody will read the answer.
     pub fn is_cancelled(&self) -> bool {
-        self.ctl.ended().is_some() || self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.cancellation().is_some()
+    }
+
+    /// Why the call should stop, if it should: the caller's cancellation or the closed
+    /// connection, else `DeadlineExceeded` once the deadline passed. Return it as the
+    /// handler's error so the caller learns the real reason.
+    pub fn cancellation(&self) -> Option<Status> {
+        self.ctl.ended().or_else(|| {
+            self.deadline
+                .is_some_and(|d| Instant::now() >= d)
+                .then(|| Status::deadline_exceeded("the call's deadline passed"))
+        })
     }
 }
 
@@ -438,12 +449,10 @@ fn run_unless_expired<T>(
     ctx: &CallContext,
     work: impl FnOnce() -> Result<T, Status>,
 ) -> Result<T, Status> {
-    if ctx.is_cancelled() {
-        return Err(ctx.ctl.ended().unwrap_or_else(|| {
-            Status::deadline_exceeded("the deadline passed before the call was served")
-        }));
+    match ctx.cancellation() {
+        Some(status) => Err(status),
+        None => work(),
     }
-    work()
 }
 
 fn reply(writer: &StreamWriter, result: Result<Bytes, Status>) {

@@ -4,11 +4,15 @@
 //! A user thread waits on it for credit; the reactor adds credit (WINDOW_UPDATE) and ends
 //! the stream (CANCEL, ERROR, connection loss). It must never hold the lock across IO.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::{Condvar, Mutex};
 
+use super::conn::{ConnShared, Outbound, envelope};
+
+use crate::proto::wire::{Envelope, FrameKind};
 use crate::wire::{STREAM_WINDOW_MESSAGES, Status};
 
 /// What the reactor hands to the thread reading a stream.
@@ -105,57 +109,11 @@ impl StreamCtl {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::Arc;
-    use std::time::Duration;
-
-    use super::*;
-    use crate::wire::Code;
-
-    #[test]
-    fn credit_runs_out_and_is_refilled_by_the_peer() {
-        let ctl = Arc::new(StreamCtl::new());
-        for _ in 0..STREAM_WINDOW_MESSAGES {
-            ctl.acquire_credit(None).unwrap();
-        }
-        let soon = Instant::now() + Duration::from_millis(20);
-        assert_eq!(
-            ctl.acquire_credit(Some(soon)).unwrap_err().code,
-            Code::DeadlineExceeded
-        );
-        let granter = {
-            let ctl = ctl.clone();
-            std::thread::spawn(move || ctl.add_credit(1))
-        };
-        ctl.acquire_credit(None).unwrap();
-        granter.join().unwrap();
-    }
-
-    #[test]
-    fn end_wakes_a_blocked_sender_with_the_first_reason() {
-        let ctl = Arc::new(StreamCtl::new());
-        for _ in 0..STREAM_WINDOW_MESSAGES {
-            ctl.acquire_credit(None).unwrap();
-        }
-        let ender = {
-            let ctl = ctl.clone();
-            std::thread::spawn(move || {
-                ctl.end(Status::cancelled("peer cancelled"));
-                ctl.end(Status::unavailable("later reason is ignored"));
-            })
-        };
-        assert_eq!(ctl.acquire_credit(None).unwrap_err().code, Code::Cancelled);
-        ender.join().unwrap();
-        assert_eq!(ctl.ended().unwrap().code, Code::Cancelled);
-    }
-}
-
 /// The sending half of one stream, used by callers and handlers alike.
 pub(crate) struct StreamWriter {
-    pub(crate) conn: std::sync::Arc<super::conn::ConnShared>,
+    pub(crate) conn: Arc<ConnShared>,
     pub(crate) stream_id: u64,
-    pub(crate) ctl: std::sync::Arc<StreamCtl>,
+    pub(crate) ctl: Arc<StreamCtl>,
     pub(crate) deadline: Option<Instant>,
 }
 
@@ -163,11 +121,10 @@ impl StreamWriter {
     /// Sends one STREAM_MESSAGE, waiting for credit and send-buffer space.
     pub(crate) fn send_message(&self, payload: Bytes) -> Result<(), Status> {
         self.ctl.acquire_credit(self.deadline)?;
-        let mut env = super::conn::envelope(self.stream_id, FrameKind::StreamMessage);
+        let mut env = envelope(self.stream_id, FrameKind::StreamMessage);
         env.payload = payload;
         let frame = self.conn.encode(&env)?;
-        self.conn
-            .push(super::conn::Outbound::Frame(frame), self.deadline)
+        self.conn.push(Outbound::Frame(frame), self.deadline)
     }
 
     /// Sends a frame that ends our side of the stream (RESPONSE, END_OF_STREAM, ERROR or
@@ -175,7 +132,7 @@ impl StreamWriter {
     pub(crate) fn finish(&self, env: Envelope) -> Result<(), Status> {
         debug_assert_eq!(env.stream_id, self.stream_id);
         let frame = self.conn.encode(&env)?;
-        let item = super::conn::Outbound::Finish {
+        let item = Outbound::Finish {
             stream_id: self.stream_id,
             frame,
         };
@@ -189,7 +146,7 @@ impl StreamWriter {
 
     /// Ends our side with an ERROR frame carrying `status`.
     pub(crate) fn fail(&self, status: &Status) {
-        let mut env = super::conn::envelope(self.stream_id, FrameKind::Error);
+        let mut env = envelope(self.stream_id, FrameKind::Error);
         env.status = Some(status.to_proto());
         // An ERROR is small and control-class: it cannot fail for lack of space.
         let _ = self.finish(env);
@@ -198,7 +155,7 @@ impl StreamWriter {
     /// Abandons the stream: CANCEL to the peer, and local senders stop.
     pub(crate) fn cancel(&self, why: &str) {
         self.ctl.end(Status::cancelled(why.to_string()));
-        let _ = self.finish(super::conn::envelope(self.stream_id, FrameKind::Cancel));
+        let _ = self.finish(envelope(self.stream_id, FrameKind::Cancel));
     }
 
     /// The status to report when the inbound side vanished: the stream's own end reason if
@@ -246,16 +203,57 @@ impl StreamReader {
     fn return_credit(&mut self, writer: &StreamWriter) {
         self.consumed_unreturned += 1;
         if self.consumed_unreturned >= CREDIT_RETURN_BATCH {
-            let mut env = super::conn::envelope(writer.stream_id, FrameKind::WindowUpdate);
+            let mut env = envelope(writer.stream_id, FrameKind::WindowUpdate);
             env.credit = self.consumed_unreturned;
             self.consumed_unreturned = 0;
             if let Ok(frame) = writer.conn.encode(&env) {
-                writer
-                    .conn
-                    .push_control(super::conn::Outbound::Frame(frame));
+                writer.conn.push_control(Outbound::Frame(frame));
             }
         }
     }
 }
 
-use crate::proto::wire::{Envelope, FrameKind};
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::wire::Code;
+
+    #[test]
+    fn credit_runs_out_and_is_refilled_by_the_peer() {
+        let ctl = Arc::new(StreamCtl::new());
+        for _ in 0..STREAM_WINDOW_MESSAGES {
+            ctl.acquire_credit(None).unwrap();
+        }
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert_eq!(
+            ctl.acquire_credit(Some(soon)).unwrap_err().code,
+            Code::DeadlineExceeded
+        );
+        let granter = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || ctl.add_credit(1))
+        };
+        ctl.acquire_credit(None).unwrap();
+        granter.join().unwrap();
+    }
+
+    #[test]
+    fn end_wakes_a_blocked_sender_with_the_first_reason() {
+        let ctl = Arc::new(StreamCtl::new());
+        for _ in 0..STREAM_WINDOW_MESSAGES {
+            ctl.acquire_credit(None).unwrap();
+        }
+        let ender = {
+            let ctl = ctl.clone();
+            std::thread::spawn(move || {
+                ctl.end(Status::cancelled("peer cancelled"));
+                ctl.end(Status::unavailable("later reason is ignored"));
+            })
+        };
+        assert_eq!(ctl.acquire_credit(None).unwrap_err().code, Code::Cancelled);
+        ender.join().unwrap();
+        assert_eq!(ctl.ended().unwrap().code, Code::Cancelled);
+    }
+}
