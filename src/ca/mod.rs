@@ -8,7 +8,8 @@
 //! verifiers ([`tls`]).
 //!
 //! Sans-IO: no sockets, no threads, no clock reads in the core paths (callers pass `now`).
-//! File IO is limited to explicit `save`/`load` calls.
+//! File IO is limited to explicit `save`/`load` calls; network IO only in [`rpc`], which
+//! serves the CA's methods and runs the joining node's side through `net`.
 //!
 //! Must never: copy anything but the public key from a CSR; let a renewal change a node's id
 //! or role; compare a secret in variable time; log or `Debug`-print a secret or a private key;
@@ -30,6 +31,7 @@ pub mod join;
 mod node;
 mod ratelimit;
 mod root;
+pub mod rpc;
 mod service;
 pub mod tls;
 mod token;

@@ -1,0 +1,206 @@
+//! The CA over the network: serves `ca.GetRootCa` and `ca.IssueNodeCertificate` (the
+//! bootstrap methods, callable without a client certificate) and `ca.RenewNodeCertificate`
+//! (mutual TLS), and runs a node's side of joining and renewing.
+//!
+//! This is the only part of `ca` that does IO, and only through [`net`](crate::net). It must
+//! never send a join token's secret before the served root CA was pinned against the token.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use super::{
+    CaService, CertError, IssueError, JoinError, JoinToken, NodeIdentity, PendingIdentity,
+    RootCert, TokenError, TokenParseError, tls, verify_root_for_token,
+};
+use crate::net::{Allow, CallOptions, Channel, Router, ServicePool, Transport};
+use crate::proto::ca::{
+    GetRootCaRequest, GetRootCaResponse, IssueNodeCertificateRequest, IssueNodeCertificateResponse,
+    RenewNodeCertificateRequest, RenewNodeCertificateResponse,
+};
+use crate::wire::{Code, Status};
+
+/// Hands out the root CA certificate (anyone; it is public).
+pub const GET_ROOT_CA: &str = "ca.GetRootCa";
+/// Exchanges a join token and a CSR for a node certificate (anyone; the token authorizes).
+pub const ISSUE_NODE_CERTIFICATE: &str = "ca.IssueNodeCertificate";
+/// Renews the caller's certificate (any node, authenticated by its current certificate).
+pub const RENEW_NODE_CERTIFICATE: &str = "ca.RenewNodeCertificate";
+
+/// Serves the CA's methods from `service` on `pool`.
+pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService>) {
+    let ca = service.clone();
+    router.unary(
+        GET_ROOT_CA,
+        Allow::ANYONE,
+        pool,
+        move |_, _: GetRootCaRequest| {
+            Ok(GetRootCaResponse {
+                root_cert_der: ca.root().der().to_vec().into(),
+            })
+        },
+    );
+    let ca = service.clone();
+    router.unary(
+        ISSUE_NODE_CERTIFICATE,
+        Allow::ANYONE,
+        pool,
+        move |ctx, request: IssueNodeCertificateRequest| {
+            let issued = ca
+                .join(
+                    ctx.peer_addr().ip(),
+                    &request.token,
+                    &request.csr_der,
+                    Instant::now(),
+                    SystemTime::now(),
+                )
+                .map_err(issue_status)?;
+            Ok(IssueNodeCertificateResponse {
+                cert_der: issued.cert_der.to_vec().into(),
+            })
+        },
+    );
+    let ca = service.clone();
+    router.unary(
+        RENEW_NODE_CERTIFICATE,
+        Allow::NODES,
+        pool,
+        move |ctx, request: RenewNodeCertificateRequest| {
+            let caller = ctx
+                .peer()
+                .expect("Allow::NODES admits only callers with a verified certificate");
+            let issued = ca
+                .renew(caller, &request.csr_der, SystemTime::now())
+                .map_err(issue_status)?;
+            Ok(RenewNodeCertificateResponse {
+                cert_der: issued.cert_der.to_vec().into(),
+            })
+        },
+    );
+}
+
+fn issue_status(error: IssueError) -> Status {
+    let code = match &error {
+        IssueError::RateLimited { .. } => Code::ResourceExhausted,
+        IssueError::Token(TokenError::Malformed(_)) | IssueError::Csr(_) => Code::InvalidArgument,
+        IssueError::Token(_) | IssueError::WrongCluster { .. } => Code::PermissionDenied,
+        IssueError::Clock(_) | IssueError::Signing(_) | IssueError::Issued(_) => Code::Internal,
+    };
+    Status::new(code, error.to_string())
+}
+
+/// Why joining a cluster failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinClusterError {
+    /// The token given by the operator does not parse.
+    #[error("the join token is malformed: {0}")]
+    Token(#[from] TokenParseError),
+    /// The manager could not be asked for the root CA.
+    #[error("cannot fetch the root CA certificate from {manager}: {status}")]
+    FetchRoot {
+        /// The manager's address.
+        manager: String,
+        /// What the call returned.
+        status: Status,
+    },
+    /// The served root CA is not the one the token pins.
+    #[error(transparent)]
+    Root(#[from] JoinError),
+    /// A key pair or CSR could not be made.
+    #[error("cannot create a key pair: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The manager refused the certificate request.
+    #[error("{manager} refused to issue a certificate: {status}")]
+    Refused {
+        /// The manager's address.
+        manager: String,
+        /// Its answer (PermissionDenied for a wrong or rotated token, ResourceExhausted
+        /// after repeated failures).
+        status: Status,
+    },
+    /// The manager answered with a certificate we cannot use.
+    #[error("the certificate the manager issued is unusable: {0}")]
+    BadCertificate(#[from] CertError),
+    /// A TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// Joins the cluster of `token` through the manager at `manager` (`host:port`): pins the
+/// served root CA by the token's digest, then exchanges the token and a fresh CSR for a node
+/// certificate. Returns the new identity and the root; save them with
+/// [`save_node_files`](super::save_node_files).
+///
+/// # Errors
+/// [`JoinClusterError`]: each variant says which step failed and what to check.
+pub fn join_cluster(
+    transport: &Transport,
+    manager: &str,
+    token: &str,
+    timeout: Duration,
+) -> Result<(NodeIdentity, RootCert), JoinClusterError> {
+    let token = JoinToken::parse(token)?;
+    let options = CallOptions::timeout(timeout);
+    // Step 1: the root, over TLS that verifies nothing; the token's digest makes it safe.
+    let unverified = Arc::new(tls::bootstrap_client_config()?);
+    let served: GetRootCaResponse = transport
+        .channel(manager, &unverified)
+        .unary(GET_ROOT_CA, &GetRootCaRequest {}, options)
+        .map_err(|status| JoinClusterError::FetchRoot {
+            manager: manager.to_string(),
+            status,
+        })?;
+    let root = verify_root_for_token(&token, &served.root_cert_der)?;
+    // Step 2: the secret goes only to a server that proves it belongs to the pinned root.
+    let pinned = Arc::new(tls::pinned_root_client_config(&root)?);
+    let pending = PendingIdentity::generate()?;
+    let request = IssueNodeCertificateRequest {
+        token: token.to_string(),
+        csr_der: pending.csr_der().to_vec().into(),
+    };
+    let issued: IssueNodeCertificateResponse = transport
+        .channel(manager, &pinned)
+        .unary(ISSUE_NODE_CERTIFICATE, &request, options)
+        .map_err(|status| JoinClusterError::Refused {
+            manager: manager.to_string(),
+            status,
+        })?;
+    let identity = pending.complete(&issued.cert_der, &root, SystemTime::now())?;
+    Ok((identity, root))
+}
+
+/// Why renewing a certificate failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RenewError {
+    /// A key pair or CSR could not be made.
+    #[error("cannot create a key pair: {0}")]
+    Key(#[from] rcgen::Error),
+    /// The call failed; retry later (the current certificate stays valid until it expires).
+    #[error("renewal call failed: {0}")]
+    Call(#[from] Status),
+    /// The manager answered with a certificate we cannot use.
+    #[error("the renewed certificate is unusable: {0}")]
+    BadCertificate(#[from] CertError),
+}
+
+/// Renews `current` over `channel` (a mutual-TLS channel presenting `current`): a new key,
+/// the same node id and role.
+///
+/// # Errors
+/// [`RenewError`]; the current identity remains usable on any error.
+pub fn renew_certificate(
+    channel: &Channel,
+    current: &NodeIdentity,
+    root: &RootCert,
+    timeout: Duration,
+) -> Result<NodeIdentity, RenewError> {
+    let pending = PendingIdentity::generate()?;
+    let request = RenewNodeCertificateRequest {
+        csr_der: pending.csr_der().to_vec().into(),
+    };
+    let renewed: RenewNodeCertificateResponse = channel.unary(
+        RENEW_NODE_CERTIFICATE,
+        &request,
+        CallOptions::timeout(timeout),
+    )?;
+    Ok(pending.complete_renewal(&renewed.cert_der, root, current.peer(), SystemTime::now())?)
+}
