@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{Bytes, fast_config};
+use flotilla::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use flotilla::ca::rpc::{JoinClusterError, join_cluster, renew_certificate};
 use flotilla::ca::{
-    CaPolicy, CaService, ClusterCa, FailureLimits, JoinError, JoinToken, JoinTokens, Role, tls,
+    CaPolicy, CaService, ClusterCa, FailureLimits, JoinError, JoinToken, JoinTokens, Role,
+    load_node_files, tls,
 };
 use flotilla::net::{Allow, CallOptions, Router, ServicePool, Transport};
 use flotilla::wire::Code;
@@ -165,4 +167,42 @@ fn renewal_keeps_node_id_and_role_with_a_new_key() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("Unauthenticated"), "{err}");
+}
+
+#[test]
+fn renewer_renews_a_certificate_past_its_renewal_point_and_saves_it() {
+    let manager = Manager::start();
+    let days = |n: u64| Duration::from_secs(n * 24 * 3600);
+    // 85 of 90 days gone: past the 50–80 % window, so renewal is due at once.
+    let aged = manager
+        .service
+        .ca()
+        .issue_local_identity(Role::Worker, SystemTime::now() - days(85))
+        .unwrap();
+    assert!(aged.renewal_at(&mut rand::rng()) < SystemTime::now());
+    let dir = tempfile::tempdir().unwrap();
+    let (renewed_tx, renewed_rx) = crossbeam_channel::unbounded();
+    let renewer = Renewer::start(
+        RenewerSetup {
+            transport: Arc::new(Transport::start(fast_config()).unwrap()),
+            managers: vec![manager.target()],
+            state_dir: dir.path().to_path_buf(),
+            identity: aged.clone(),
+            root: manager.service.root().clone(),
+        },
+        RenewerConfig::default(),
+        move |identity| renewed_tx.send(identity.clone()).unwrap(),
+    )
+    .unwrap();
+    let renewed = renewed_rx
+        .recv_timeout(TIMEOUT)
+        .expect("no renewal happened");
+    assert_eq!(renewed.peer(), aged.peer());
+    assert!(renewed.not_after() > aged.not_after() + days(80));
+    // The fresh certificate is not due for weeks: the renewer now waits, and stops on request.
+    assert!(renewed.renewal_at(&mut rand::rng()) > SystemTime::now() + days(40));
+    renewer.stop();
+    assert!(renewed_rx.try_recv().is_err(), "renewed twice");
+    let (on_disk, _) = load_node_files(dir.path()).unwrap();
+    assert_eq!(on_disk.cert_der(), renewed.cert_der());
 }

@@ -435,3 +435,33 @@ fn shutdown_fails_in_flight_calls_with_unavailable() {
     let err = echo(&channel, b"after").unwrap_err();
     assert_eq!(err.code, Code::Unavailable, "{err}");
 }
+
+#[test]
+fn silent_server_is_detected_by_keepalive_and_the_call_fails() {
+    let cluster = Cluster::new();
+    let server_tls = cluster.server_tls();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    // A peer that completes TLS, then never reads or answers again (a half-open link).
+    let silent = std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        let conn = rustls::ServerConnection::new(server_tls).unwrap();
+        let mut stream = rustls::StreamOwned::new(conn, sock);
+        while stream.conn.is_handshaking() {
+            stream.conn.complete_io(&mut stream.sock).unwrap();
+        }
+        std::thread::sleep(Duration::from_secs(6));
+    });
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&addr.to_string(), &cluster.client_tls(Role::Worker));
+    let err = channel
+        .unary::<Number, Number>(
+            "test.Sleep",
+            &Number { value: 1 },
+            CallOptions::timeout(Duration::from_secs(60)),
+        )
+        .unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "{err}");
+    assert!(err.message.contains("keepalive"), "{err}");
+    silent.join().unwrap();
+}

@@ -30,6 +30,7 @@ mod identity;
 pub mod join;
 mod node;
 mod ratelimit;
+pub mod renewal;
 mod root;
 pub mod rpc;
 mod service;
