@@ -465,3 +465,34 @@ fn silent_server_is_detected_by_keepalive_and_the_call_fails() {
     assert!(err.message.contains("keepalive"), "{err}");
     silent.join().unwrap();
 }
+
+#[test]
+fn large_streamed_upload_never_strands_queued_frames() {
+    // Keepalive pings would rescue a stranded send queue within a second in fast_config;
+    // here they come only every minute, so a stranded frame fails the call's deadline.
+    let config = flotilla::net::TransportConfig {
+        keepalive_interval_ms: 60_000,
+        idle_timeout_ms: 180_000,
+        ..fast_config()
+    };
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, config.clone());
+    let client = Transport::start(config).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    for _ in 0..5 {
+        let chunk = Bytes {
+            data: vec![3; 1024 * 1024],
+            caller: String::new(),
+        };
+        let mut upload = channel
+            .client_stream::<Bytes, Number>(
+                "test.Sink",
+                CallOptions::timeout(Duration::from_secs(30)),
+            )
+            .unwrap();
+        for _ in 0..64 {
+            upload.send(&chunk).unwrap();
+        }
+        assert_eq!(upload.finish().unwrap().value, 64 * 1024 * 1024);
+    }
+}

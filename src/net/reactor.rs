@@ -666,11 +666,13 @@ fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
     Ok(())
 }
 
-/// Moves queued frames into TLS and TLS records onto the socket until one of them is full
-/// or nothing is left.
+/// Moves TLS records onto the socket and queued frames into TLS, until the socket would
+/// block (a WRITABLE event resumes us) or the queue is empty (which re-arms its wakeup).
+///
+/// The order matters: stopping while frames are queued and the socket is writable would
+/// strand them, since no event would come and senders do not wake a notified reactor.
 fn flush(conn: &mut Conn) -> Result<(), Status> {
     loop {
-        let moved = conn.handshake_deadline.is_none() && fill_tls(conn)?;
         while conn.tls.wants_write() {
             match conn.tls.write_tls(&mut conn.socket) {
                 Ok(_) => {}
@@ -684,6 +686,8 @@ fn flush(conn: &mut Conn) -> Result<(), Status> {
                 }
             }
         }
+        // TLS is empty here, so filling stops only when TLS is full again or nothing is left.
+        let moved = conn.handshake_deadline.is_none() && fill_tls(conn)?;
         if !moved {
             return Ok(());
         }
@@ -722,7 +726,10 @@ fn fill_tls(conn: &mut Conn) -> Result<bool, Status> {
                 conn.routes.insert(stream_id, route);
                 conn.writing = Some((frame, 0));
             }
-            Some(Outbound::Frame(frame)) => conn.writing = Some((frame, 0)),
+            Some(Outbound::Frame(frame)) => {
+                log::trace!("sending {} bytes to {}", frame.len(), conn.shared.peer_addr);
+                conn.writing = Some((frame, 0));
+            }
             Some(Outbound::Finish { stream_id, frame }) => {
                 conn.routes.remove(&stream_id);
                 conn.writing = Some((frame, 0));
@@ -742,6 +749,11 @@ fn deliver_to_caller(conn: &mut Conn, env: Envelope, kind: FrameKind) {
     let (inbound, terminal) = match kind {
         FrameKind::StreamMessage => (Inbound::Message(env.payload), false),
         FrameKind::WindowUpdate => {
+            log::trace!(
+                "credit {} for stream {stream_id} from {}",
+                env.credit,
+                conn.peer()
+            );
             route.ctl.add_credit(env.credit);
             return;
         }
