@@ -459,3 +459,41 @@ impl<Req: Message, Resp: Message + Default> RequestStream<Req, Resp> {
         self.call.writer.cancel("the caller cancelled the upload");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stops_at_the_cap() {
+        let backoff = Backoff {
+            initial_ms: 100,
+            max_ms: 8_000,
+        };
+        for (failures, base_ms) in [
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (7, 6_400),
+            (8, 8_000),
+            (60, 8_000),
+        ] {
+            let mut seen = Vec::new();
+            for _ in 0..200 {
+                let delay_ms = backoff.delay(failures).as_millis() as u64;
+                assert!(
+                    (base_ms / 2..base_ms).contains(&delay_ms),
+                    "failure {failures}: {delay_ms} ms outside [{}, {base_ms})",
+                    base_ms / 2
+                );
+                seen.push(delay_ms);
+            }
+            seen.sort_unstable();
+            seen.dedup();
+            assert!(
+                seen.len() > 10,
+                "no jitter after {failures} failures: {seen:?}"
+            );
+        }
+    }
+}
