@@ -496,3 +496,81 @@ fn large_streamed_upload_never_strands_queued_frames() {
         assert_eq!(upload.finish().unwrap().value, 64 * 1024 * 1024);
     }
 }
+
+#[test]
+fn deferred_unary_is_answered_from_another_thread_or_fails_when_dropped() {
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                channel.unary::<Number, Number>("test.Later", &Number { value: 50 + i }, opts())
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        assert_eq!(call.join().unwrap().unwrap().value, 50 + i as i64);
+    }
+    let err = channel
+        .unary::<Number, Number>("test.Later", &Number { value: -1 }, opts())
+        .unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "{err}");
+    assert!(err.message.contains("without answering"), "{err}");
+}
+
+#[test]
+fn per_message_timeouts_bound_each_chunk_not_the_whole_upload() {
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+
+    // A steady upload longer than the per-message bound in total succeeds.
+    let mut upload = channel
+        .client_stream::<Number, Number>("test.Paced", opts())
+        .unwrap();
+    for value in 0..10 {
+        upload
+            .send_timeout(&Number { value }, Duration::from_secs(1))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reply = upload.finish_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(reply.value, 10);
+
+    // A gap longer than the server's per-message bound fails the upload.
+    let mut upload = channel
+        .client_stream::<Number, Number>("test.Paced", opts())
+        .unwrap();
+    upload.send(&Number { value: 1 }).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let err = upload.finish().unwrap_err();
+    assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+
+    // A receiver that stops reading makes the sender's per-message bound fire long before
+    // the call's own deadline.
+    let mut upload = channel
+        .client_stream::<Number, Number>("test.Stall", opts())
+        .unwrap();
+    upload.send(&Number { value: 3_000 }).unwrap();
+    let started = Instant::now();
+    let mut sent = 0;
+    let err = loop {
+        match upload.send_timeout(&Number { value: sent }, Duration::from_millis(100)) {
+            Ok(()) => sent += 1,
+            Err(err) => break err,
+        }
+        assert!(
+            sent <= 2 * STREAM_WINDOW_MESSAGES as i64,
+            "credit never ran out"
+        );
+    };
+    assert_eq!(err.code, Code::DeadlineExceeded, "{err}");
+    assert!(
+        started.elapsed() < TIMEOUT,
+        "the call deadline fired, not the per-message one"
+    );
+}

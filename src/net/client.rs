@@ -363,7 +363,11 @@ struct Call {
 
 impl Call {
     fn await_response(&mut self) -> Result<Bytes, Status> {
-        let inbound = self.reader.recv(&self.writer)?;
+        self.await_response_until(self.writer.deadline)
+    }
+
+    fn await_response_until(&mut self, deadline: Option<Instant>) -> Result<Bytes, Status> {
+        let inbound = self.reader.recv_until(&self.writer, deadline)?;
         self.done = true;
         match inbound {
             Inbound::Response(payload) => Ok(payload),
@@ -441,16 +445,45 @@ impl<Req: Message, Resp: Message + Default> RequestStream<Req, Resp> {
             .send_message(Bytes::from(message.encode_to_vec()))
     }
 
+    /// Sends one message, waiting at most `timeout` (and never past the call's deadline)
+    /// for credit and buffer space. Snapshot streaming uses it: a per-chunk bound instead
+    /// of one deadline over a transfer of unknown length.
+    ///
+    /// # Errors
+    /// As [`RequestStream::send`]; `DeadlineExceeded` once `timeout` passes.
+    pub fn send_timeout(&mut self, message: &Req, timeout: Duration) -> Result<(), Status> {
+        let deadline = self.call.writer.deadline_within(timeout);
+        self.call
+            .writer
+            .send_message_until(Bytes::from(message.encode_to_vec()), Some(deadline))
+    }
+
     /// Ends the upload and waits for the server's reply.
     ///
     /// # Errors
     /// As [`Channel::unary`].
     pub fn finish(mut self) -> Result<Resp, Status> {
+        self.send_end()?;
+        let payload = self.call.await_response()?;
+        decode_reply(payload)
+    }
+
+    /// [`RequestStream::finish`] waiting at most `timeout` for the reply.
+    ///
+    /// # Errors
+    /// As [`Channel::unary`]; `DeadlineExceeded` once `timeout` passes.
+    pub fn finish_timeout(mut self, timeout: Duration) -> Result<Resp, Status> {
+        self.send_end()?;
+        let deadline = self.call.writer.deadline_within(timeout);
+        let payload = self.call.await_response_until(Some(deadline))?;
+        decode_reply(payload)
+    }
+
+    fn send_end(&mut self) -> Result<(), Status> {
         let end = envelope(self.call.writer.stream_id, FrameKind::EndOfStream);
         let frame = self.call.writer.conn.encode(&end)?;
         self.call.writer.conn.push_control(Outbound::Frame(frame));
-        let payload = self.call.await_response()?;
-        decode_reply(payload)
+        Ok(())
     }
 
     /// Abandons the upload: the server sees the cancellation.

@@ -206,10 +206,24 @@ impl<T: Message + Default> ClientStream<T> {
     /// `Cancelled` if the caller gave up, `DeadlineExceeded`, `InvalidArgument` for a message
     /// that does not decode, or the connection's close reason.
     pub fn recv(&mut self) -> Result<Option<T>, Status> {
+        self.recv_until(self.writer.deadline)
+    }
+
+    /// [`ClientStream::recv`] waiting at most `timeout` (never past the call's deadline):
+    /// a per-message bound for uploads of unknown length, such as snapshots.
+    ///
+    /// # Errors
+    /// As [`ClientStream::recv`]; `DeadlineExceeded` once `timeout` passes.
+    pub fn recv_timeout(&mut self, timeout: Duration) -> Result<Option<T>, Status> {
+        let deadline = self.writer.deadline_within(timeout);
+        self.recv_until(Some(deadline))
+    }
+
+    fn recv_until(&mut self, deadline: Option<Instant>) -> Result<Option<T>, Status> {
         if self.ended {
             return Ok(None);
         }
-        match self.reader.recv(&self.writer)? {
+        match self.reader.recv_until(&self.writer, deadline)? {
             Inbound::Message(payload) => T::decode(payload)
                 .map(Some)
                 .map_err(|e| Status::invalid_argument(format!("undecodable message: {e}"))),
@@ -225,9 +239,50 @@ impl<T: Message + Default> ClientStream<T> {
     }
 }
 
+/// The handler's side of a unary call answered later, from any thread: the Raft layer
+/// answers a proposal once it commits, without holding a pool thread meanwhile.
+///
+/// Dropping it unanswered fails the call with `Unavailable`, so a caller never waits for
+/// an answer nobody will send.
+pub struct Responder<T> {
+    writer: Option<StreamWriter>,
+    _message: PhantomData<fn(T)>,
+}
+
+impl<T: Message> Responder<T> {
+    /// Sends the reply (or the error) to the caller.
+    pub fn respond(mut self, result: Result<T, Status>) {
+        if let Some(writer) = self.writer.take() {
+            reply(
+                &writer,
+                result.map(|resp| Bytes::from(resp.encode_to_vec())),
+            );
+        }
+    }
+
+    /// True once the caller cancelled, its deadline passed or the connection closed.
+    pub fn is_cancelled(&self) -> bool {
+        self.writer.as_ref().is_none_or(|w| {
+            w.ctl.ended().is_some() || w.deadline.is_some_and(|d| Instant::now() >= d)
+        })
+    }
+}
+
+impl<T> Drop for Responder<T> {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            writer.fail(&Status::unavailable(
+                "the server dropped the call without answering (it is shutting down?); retry",
+            ));
+        }
+    }
+}
+
 type Job = Box<dyn FnOnce() + Send>;
 
 type UnaryFn = dyn Fn(&CallContext, Bytes) -> Result<Bytes, Status> + Send + Sync;
+type DeferredFn =
+    dyn Fn(&CallContext, Bytes, StreamWriter) -> Result<(), (Status, StreamWriter)> + Send + Sync;
 type ServerStreamFn =
     dyn Fn(&CallContext, Bytes, Arc<StreamSink>) -> Result<(), Status> + Send + Sync;
 type ClientStreamFn =
@@ -235,6 +290,7 @@ type ClientStreamFn =
 
 enum Handler {
     Unary(Arc<UnaryFn>),
+    Deferred(Arc<DeferredFn>),
     ServerStream(Arc<ServerStreamFn>),
     ClientStream(Arc<ClientStreamFn>),
 }
@@ -289,6 +345,34 @@ impl Router {
             handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
         };
         self.insert(method, allow, pool, Handler::Unary(Arc::new(raw)));
+    }
+
+    /// Serves `method` as a unary call whose handler answers through a [`Responder`],
+    /// possibly later and from another thread. The handler runs on `pool`; it should only
+    /// hand the request and responder on (to the Raft thread, say) and return.
+    pub fn unary_deferred<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let raw = move |ctx: &CallContext, payload: Bytes, writer: StreamWriter| {
+            let request = match decode_request::<Req>(payload) {
+                Ok(request) => request,
+                Err(status) => return Err((status, writer)),
+            };
+            let responder = Responder {
+                writer: Some(writer),
+                _message: PhantomData,
+            };
+            handler(ctx, request, responder);
+            Ok(())
+        };
+        self.insert(method, allow, pool, Handler::Deferred(Arc::new(raw)));
     }
 
     /// Serves `method` as a server-streaming call on `pool`. The handler may return while
@@ -410,6 +494,17 @@ fn build_job(
             let job = Box::new(move || {
                 let result = run_unless_expired(&ctx, || f(&ctx, payload));
                 reply(&writer, result);
+            });
+            (None, job)
+        }
+        Handler::Deferred(f) => {
+            let f = f.clone();
+            let job = Box::new(move || {
+                if let Some(status) = ctx.cancellation() {
+                    writer.fail(&status);
+                } else if let Err((status, writer)) = f(&ctx, payload, writer) {
+                    writer.fail(&status);
+                }
             });
             (None, job)
         }

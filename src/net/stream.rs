@@ -118,13 +118,30 @@ pub(crate) struct StreamWriter {
 }
 
 impl StreamWriter {
-    /// Sends one STREAM_MESSAGE, waiting for credit and send-buffer space.
+    /// Sends one STREAM_MESSAGE, waiting for credit and send-buffer space until the
+    /// stream's deadline.
     pub(crate) fn send_message(&self, payload: Bytes) -> Result<(), Status> {
-        self.ctl.acquire_credit(self.deadline)?;
+        self.send_message_until(payload, self.deadline)
+    }
+
+    /// Sends one STREAM_MESSAGE, waiting for credit and send-buffer space until `deadline`
+    /// (which callers clamp to the stream's own deadline).
+    pub(crate) fn send_message_until(
+        &self,
+        payload: Bytes,
+        deadline: Option<Instant>,
+    ) -> Result<(), Status> {
+        self.ctl.acquire_credit(deadline)?;
         let mut env = envelope(self.stream_id, FrameKind::StreamMessage);
         env.payload = payload;
         let frame = self.conn.encode(&env)?;
-        self.conn.push(Outbound::Frame(frame), self.deadline)
+        self.conn.push(Outbound::Frame(frame), deadline)
+    }
+
+    /// The earlier of the stream's deadline and `now + timeout`.
+    pub(crate) fn deadline_within(&self, timeout: std::time::Duration) -> Instant {
+        let local = Instant::now() + timeout;
+        self.deadline.map_or(local, |d| d.min(local))
     }
 
     /// Sends a frame that ends our side of the stream (RESPONSE, END_OF_STREAM, ERROR or
@@ -179,7 +196,17 @@ impl StreamReader {
     /// Waits for the next inbound item until `writer.deadline`. Returns credit for consumed
     /// messages in batches.
     pub(crate) fn recv(&mut self, writer: &StreamWriter) -> Result<Inbound, Status> {
-        let received = match writer.deadline {
+        self.recv_until(writer, writer.deadline)
+    }
+
+    /// [`StreamReader::recv`] waiting at most until `deadline` (callers clamp it to the
+    /// stream's own deadline).
+    pub(crate) fn recv_until(
+        &mut self,
+        writer: &StreamWriter,
+        deadline: Option<Instant>,
+    ) -> Result<Inbound, Status> {
+        let received = match deadline {
             Some(deadline) => self.rx.recv_deadline(deadline).map_err(|e| match e {
                 crossbeam_channel::RecvTimeoutError::Timeout => None,
                 crossbeam_channel::RecvTimeoutError::Disconnected => Some(()),

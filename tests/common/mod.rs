@@ -190,6 +190,39 @@ fn test_router(pool: &ServicePool, events: Sender<Event>) -> Router {
         }
         Ok(Number { value: total })
     });
+    // Answers after `value` ms from another thread; a negative value drops the responder.
+    router.unary_deferred(
+        "test.Later",
+        Allow::NODES,
+        pool,
+        |_, req: Number, responder| {
+            std::thread::spawn(move || {
+                if req.value < 0 {
+                    drop(responder);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(req.value as u64));
+                responder.respond(Ok(Number { value: req.value }));
+            });
+        },
+    );
+    // Counts messages, allowing at most 200 ms between two of them.
+    router.client_stream("test.Paced", Allow::NODES, pool, |_, stream| {
+        let mut count = 0;
+        while let Some(Number { .. }) = stream.recv_timeout(Duration::from_millis(200))? {
+            count += 1;
+        }
+        Ok(Number { value: count })
+    });
+    // Reads nothing for `value` ms, so the uploader runs out of credit.
+    router.client_stream("test.Stall", Allow::NODES, pool, |_, stream| {
+        let Some(Number { value }) = stream.recv()? else {
+            return Ok(Number { value: 0 });
+        };
+        std::thread::sleep(Duration::from_millis(value as u64));
+        while let Some(Number { .. }) = stream.recv()? {}
+        Ok(Number { value })
+    });
     router.client_stream("test.Sum", Allow::NODES, pool, |_, stream| {
         let mut sum = 0;
         while let Some(Number { value }) = stream.recv()? {
