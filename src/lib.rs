@@ -5,6 +5,8 @@
 //! the modules, threads, channels and shutdown order.
 
 pub mod ca;
+pub mod cli;
+pub mod manager;
 pub mod net;
 pub mod proto;
 pub mod raft;

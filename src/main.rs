@@ -1,14 +1,8 @@
-//! The `flotilla` command.
+//! The `flotilla` command: see [`flotilla::cli`].
 
 use clap::Parser;
 
-/// flotilla: a small, fast, secure cluster orchestrator (the control plane of Docker swarm
-/// mode, rebuilt for constrained hosts).
-#[derive(Parser, Debug)]
-#[command(name = "flotilla", version, about, long_about = None)]
-struct Cli {}
-
-fn main() {
+fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let _cli = Cli::parse();
+    flotilla::cli::run(flotilla::cli::Cli::parse())
 }

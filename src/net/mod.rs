@@ -147,7 +147,8 @@ pub struct Transport {
     commands: Sender<Command>,
     waker: Arc<ReactorWaker>,
     channels: Mutex<HashMap<(String, usize), Channel>>,
-    reactor: Option<JoinHandle<()>>,
+    /// Taken by the first shutdown, so shutting down twice (or dropping after) is harmless.
+    reactor: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Transport {
@@ -175,7 +176,7 @@ impl Transport {
             commands,
             waker,
             channels: Mutex::new(HashMap::new()),
-            reactor: Some(handle),
+            reactor: Mutex::new(Some(handle)),
         })
     }
 
@@ -231,13 +232,10 @@ impl Transport {
     }
 
     /// Stops accepting, fails every in-flight call with `Unavailable`, closes every
-    /// connection and joins the reactor thread.
-    pub fn shutdown(mut self) {
-        self.stop();
-    }
-
-    fn stop(&mut self) {
-        let Some(reactor) = self.reactor.take() else {
+    /// connection and joins the reactor thread. Idempotent; callable through an `Arc` shared
+    /// with other components (they see `Unavailable` from then on).
+    pub fn shutdown(&self) {
+        let Some(reactor) = self.reactor.lock().take() else {
             return;
         };
         for channel in self.channels.lock().values() {
@@ -254,6 +252,6 @@ impl Transport {
 
 impl Drop for Transport {
     fn drop(&mut self) {
-        self.stop();
+        self.shutdown();
     }
 }

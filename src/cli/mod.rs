@@ -1,0 +1,169 @@
+//! The `flotilla` command line: argument parsing and the commands that start or set up a
+//! node. Each command prints what the operator needs next (join tokens, addresses) on
+//! stdout, and errors on stderr with a hint of what to do.
+//!
+//! Must never hold component logic: commands call into `manager`, `ca` and `raft`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::ca::{JoinTokens, Role};
+use crate::manager::{self, Manager, Settings, StateDir};
+use crate::net::{Transport, TransportConfig};
+
+/// Address managers listen on unless told otherwise.
+pub const LISTEN_ADDR_DEFAULT: &str = "127.0.0.1:4242";
+/// State directory of `flotilla up`.
+pub const UP_STATE_DIR_DEFAULT: &str = "./flotilla-state";
+
+/// flotilla: a small, fast, secure cluster orchestrator (the control plane of Docker swarm
+/// mode, rebuilt for constrained hosts).
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a single-node cluster in ./flotilla-state: created on first use, resumed after.
+    Up {
+        /// Where the cluster's state lives.
+        #[arg(long, default_value = UP_STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+        /// Address to listen on (host:port).
+        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
+        listen: String,
+    },
+    /// Create a new cluster with this node as its first manager, print the join tokens and
+    /// run it.
+    Init {
+        /// Where this manager's state lives (must not hold a node yet).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Address to listen on (host:port).
+        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
+        listen: String,
+        /// Address other nodes use to reach this one (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+    },
+    /// Join an existing cluster as a manager, using a manager join token, and run.
+    Join {
+        /// Where this manager's state lives (must not hold a node yet).
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// Address to listen on (host:port).
+        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
+        listen: String,
+        /// Address other nodes use to reach this one (default: the listen address).
+        #[arg(long)]
+        advertise: Option<String>,
+        /// The join token (`flotilla join-token manager` on a manager prints it).
+        #[arg(long)]
+        token: String,
+        /// Address of any manager of the cluster (host:port).
+        manager: String,
+    },
+    /// Resume the node whose state is in the state directory.
+    Run {
+        /// The node's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> ExitCode {
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(command: Command) -> Result<(), String> {
+    match command {
+        Command::Up { state_dir, listen } => {
+            let dir = StateDir::new(state_dir);
+            if !dir.is_initialized() {
+                let tokens =
+                    manager::init(&dir, &settings(&listen, None)).map_err(|e| e.to_string())?;
+                print_tokens(&tokens);
+            }
+            serve(&dir)
+        }
+        Command::Init {
+            state_dir,
+            listen,
+            advertise,
+        } => {
+            let dir = StateDir::new(state_dir);
+            let tokens =
+                manager::init(&dir, &settings(&listen, advertise)).map_err(|e| e.to_string())?;
+            print_tokens(&tokens);
+            serve(&dir)
+        }
+        Command::Join {
+            state_dir,
+            listen,
+            advertise,
+            token,
+            manager,
+        } => {
+            let dir = StateDir::new(state_dir);
+            let transport = Transport::start(TransportConfig::default())
+                .map_err(|e| format!("cannot start the transport: {e}"))?;
+            let joined = manager::join(
+                &dir,
+                &settings(&listen, advertise),
+                &transport,
+                &token,
+                &manager,
+            );
+            transport.shutdown();
+            joined.map_err(|e| e.to_string())?;
+            serve(&dir)
+        }
+        Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
+    }
+}
+
+fn settings(listen: &str, advertise: Option<String>) -> Settings {
+    Settings {
+        raft_id: manager::random_raft_id(),
+        listen_addr: listen.to_string(),
+        advertise_addr: advertise.unwrap_or_else(|| listen.to_string()),
+    }
+}
+
+fn print_tokens(tokens: &JoinTokens) {
+    println!("To add a manager to this cluster, run on the new node:");
+    println!(
+        "    flotilla join --state-dir DIR --listen ADDR --token {} MANAGER_ADDR",
+        tokens.token(Role::Manager)
+    );
+    println!("Worker token: {}", tokens.token(Role::Worker));
+}
+
+/// Runs the node in `dir` until SIGINT or SIGTERM, then stops it through its barrier.
+fn serve(dir: &StateDir) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Registered before anything starts, so an early signal is not lost.
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let manager = Manager::start(dir).map_err(|e| e.to_string())?;
+    println!("flotilla manager listening on {}", manager.listen_addr());
+    if let Some(signal) = signals.forever().next() {
+        log::info!("signal {signal} received; shutting down");
+    }
+    manager.shutdown();
+    Ok(())
+}

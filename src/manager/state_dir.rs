@@ -1,0 +1,296 @@
+//! The manager's state directory: where each piece of a node's durable state lives, and the
+//! small settings file that says who this manager is.
+//!
+//! Layout (all files 0600, written atomically):
+//! - `node/`: the node identity and the cluster root ([`crate::ca::save_node_files`]);
+//! - `ca/`: the root CA key bundle (managers that can sign certificates only);
+//! - `join-tokens`: the current manager and worker tokens, one per line;
+//! - `manager.conf`: [`Settings`] (`key = value` lines);
+//! - `raft/`: the Raft log, hard state and snapshots.
+//!
+//! Must never hold open handles or start threads: it only names paths and reads or writes
+//! the small files above.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::ca::{JoinToken, JoinTokens, Role};
+use crate::raft::types::NodeId;
+use crate::util::fsutil::{MODE_PRIVATE, write_atomic};
+
+/// Longest settings or token file accepted: they are a few hundred bytes; anything larger is
+/// not ours.
+pub const SMALL_FILE_BYTES_MAX: u64 = 16 * 1024;
+
+/// Why the state directory could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateDirError {
+    /// An IO error on `path`.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A file exists but does not parse.
+    #[error("{path} is corrupt: {reason}; restore it from a backup or start a new state dir")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Paths of one state directory.
+#[derive(Clone, Debug)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Names the state directory at `root` (nothing is created yet).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory itself.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Node identity and root certificate.
+    pub fn node_dir(&self) -> PathBuf {
+        self.root.join("node")
+    }
+
+    /// The root CA key bundle.
+    pub fn ca_file(&self) -> PathBuf {
+        self.root.join("ca").join(crate::ca::CA_FILE_NAME)
+    }
+
+    /// The current join tokens.
+    pub fn tokens_file(&self) -> PathBuf {
+        self.root.join("join-tokens")
+    }
+
+    /// The manager's [`Settings`].
+    pub fn settings_file(&self) -> PathBuf {
+        self.root.join("manager.conf")
+    }
+
+    /// Raft storage (log, hard state, snapshots).
+    pub fn raft_dir(&self) -> PathBuf {
+        self.root.join("raft")
+    }
+
+    /// True once a manager was initialized or joined here (its settings are written last).
+    pub fn is_initialized(&self) -> bool {
+        self.settings_file().exists()
+    }
+
+    /// Creates the directory tree (owner-only) if missing.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn create(&self) -> Result<(), StateDirError> {
+        use std::os::unix::fs::DirBuilderExt;
+        for dir in [
+            self.root.clone(),
+            self.node_dir(),
+            self.root.join("ca"),
+            self.raft_dir(),
+        ] {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|source| StateDirError::Io { path: dir, source })?;
+        }
+        Ok(())
+    }
+
+    /// Saves both join tokens.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn save_tokens(&self, tokens: &JoinTokens) -> Result<(), StateDirError> {
+        let text = format!(
+            "manager {}\nworker {}\n",
+            tokens.token(Role::Manager),
+            tokens.token(Role::Worker)
+        );
+        let path = self.tokens_file();
+        write_atomic(&path, text.as_bytes(), MODE_PRIVATE)
+            .map_err(|source| StateDirError::Io { path, source })
+    }
+
+    /// Loads the join tokens saved by [`StateDir::save_tokens`].
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`] or [`StateDirError::Corrupt`].
+    pub fn load_tokens(&self) -> Result<JoinTokens, StateDirError> {
+        let path = self.tokens_file();
+        let text = read_small(&path)?;
+        let corrupt = |reason: String| StateDirError::Corrupt {
+            path: path.clone(),
+            reason,
+        };
+        let mut manager = None;
+        let mut worker = None;
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let (role, token) = line
+                .split_once(' ')
+                .ok_or_else(|| corrupt(format!("line {line:?} is not `<role> <token>`")))?;
+            let token = JoinToken::parse(token.trim()).map_err(|e| corrupt(e.to_string()))?;
+            match role {
+                "manager" => manager = Some(token),
+                "worker" => worker = Some(token),
+                other => return Err(corrupt(format!("unknown role {other:?}"))),
+            }
+        }
+        let (Some(manager), Some(worker)) = (manager, worker) else {
+            return Err(corrupt(
+                "both a manager and a worker token are needed".into(),
+            ));
+        };
+        JoinTokens::from_tokens(&manager, &worker).map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Saves the manager's settings; written last by `init` and `join`, so its presence
+    /// means the directory is complete.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn save_settings(&self, settings: &Settings) -> Result<(), StateDirError> {
+        let path = self.settings_file();
+        write_atomic(&path, settings.to_text().as_bytes(), MODE_PRIVATE)
+            .map_err(|source| StateDirError::Io { path, source })
+    }
+
+    /// Loads the manager's settings.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`] (including "not found" for an uninitialized directory) or
+    /// [`StateDirError::Corrupt`].
+    pub fn load_settings(&self) -> Result<Settings, StateDirError> {
+        let path = self.settings_file();
+        let text = read_small(&path)?;
+        Settings::from_text(&text).map_err(|reason| StateDirError::Corrupt { path, reason })
+    }
+}
+
+fn read_small(path: &Path) -> Result<String, StateDirError> {
+    let io_error = |source| StateDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let len = fs::metadata(path).map_err(io_error)?.len();
+    if len > SMALL_FILE_BYTES_MAX {
+        return Err(StateDirError::Corrupt {
+            path: path.to_path_buf(),
+            reason: format!("{len} bytes, more than the {SMALL_FILE_BYTES_MAX} expected"),
+        });
+    }
+    fs::read_to_string(path).map_err(io_error)
+}
+
+/// Who this manager is: fixed at `init` or `join`, read at every start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// This manager's Raft member id (random, non-zero, never reused).
+    pub raft_id: NodeId,
+    /// The address the transport listens on (`host:port`).
+    pub listen_addr: String,
+    /// The address other managers dial to reach this one.
+    pub advertise_addr: String,
+}
+
+impl Settings {
+    fn to_text(&self) -> String {
+        format!(
+            "raft_id = {}\nlisten_addr = {}\nadvertise_addr = {}\n",
+            self.raft_id, self.listen_addr, self.advertise_addr
+        )
+    }
+
+    fn from_text(text: &str) -> Result<Self, String> {
+        let mut raft_id = None;
+        let mut listen_addr = None;
+        let mut advertise_addr = None;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
+            let (key, value) = line
+                .split_once('=')
+                .ok_or_else(|| format!("line {line:?} is not `key = value`"))?;
+            let value = value.trim().to_string();
+            match key.trim() {
+                "raft_id" => {
+                    let id: NodeId = value
+                        .parse()
+                        .map_err(|_| format!("raft_id {value:?} is not a number"))?;
+                    if id == crate::raft::types::NO_NODE {
+                        return Err("raft_id must not be 0".into());
+                    }
+                    raft_id = Some(id);
+                }
+                "listen_addr" => listen_addr = Some(value),
+                "advertise_addr" => advertise_addr = Some(value),
+                // Unknown keys come from newer versions; keep going.
+                other => log::warn!("manager.conf: ignoring unknown key {other:?}"),
+            }
+        }
+        Ok(Self {
+            raft_id: raft_id.ok_or("raft_id is missing")?,
+            listen_addr: listen_addr.ok_or("listen_addr is missing")?,
+            advertise_addr: advertise_addr.ok_or("advertise_addr is missing")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_round_trip_and_reject_garbage() {
+        let settings = Settings {
+            raft_id: 42,
+            listen_addr: "127.0.0.1:4242".into(),
+            advertise_addr: "10.0.0.1:4242".into(),
+        };
+        assert_eq!(Settings::from_text(&settings.to_text()).unwrap(), settings);
+        assert!(Settings::from_text("raft_id = 0\n").is_err());
+        assert!(Settings::from_text("raft_id = x\n").is_err());
+        assert!(Settings::from_text("listen_addr\n").is_err());
+        let err = Settings::from_text("raft_id = 3\nlisten_addr = a\n").unwrap_err();
+        assert!(err.contains("advertise_addr"), "{err}");
+    }
+
+    #[test]
+    fn tokens_round_trip_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("state"));
+        dir.create().unwrap();
+        let ca = crate::ca::ClusterCa::create(
+            std::time::SystemTime::now(),
+            crate::ca::CaPolicy::default(),
+        )
+        .unwrap();
+        let tokens = JoinTokens::generate(ca.root());
+        dir.save_tokens(&tokens).unwrap();
+        assert_eq!(dir.load_tokens().unwrap(), tokens);
+        let mode = fs::metadata(dir.tokens_file())
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(dir.tokens_file(), "manager nonsense\n").unwrap();
+        assert!(matches!(
+            dir.load_tokens(),
+            Err(StateDirError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,169 @@
+//! Real `flotilla` processes for multi-process tests: start one with arguments, read its
+//! stdout and stderr line by line, wait for a line, signal it, collect its exit status.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+/// The binary under test.
+pub fn flotilla_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flotilla")
+}
+
+/// A loopback address with a port that was free a moment ago.
+pub fn free_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// One running `flotilla` process and everything it printed so far.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+fn pump(name: String, stream: impl Read + Send + 'static, tx: Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if std::env::var_os("FLOTILLA_TEST_ECHO").is_some() {
+                eprintln!("[{name}] {line}");
+            }
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `flotilla ARGS` with `RUST_LOG` at info unless the caller set it.
+    pub fn start(name: &str, args: &[&str]) -> Proc {
+        let mut command = Command::new(flotilla_bin());
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info");
+        }
+        let mut child = command.spawn().expect("spawn flotilla");
+        let (tx, rx) = crossbeam_channel::unbounded();
+        pump(name.into(), child.stdout.take().unwrap(), tx.clone());
+        pump(name.into(), child.stderr.take().unwrap(), tx);
+        Proc {
+            name: name.into(),
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits until a line containing `needle` appears (returns it), or panics with
+    /// everything the process printed.
+    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "{}: no line containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Everything printed so far.
+    pub fn output(&mut self) -> String {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.join("\n")
+    }
+
+    /// The OS process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. `libc::SIGTERM`).
+    pub fn signal(&self, signal: i32) {
+        let pid = i32::try_from(self.child.id()).unwrap();
+        // SAFETY-free: `kill` through the command line keeps the tests free of unsafe code.
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Waits for the process to exit, or panics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let output = self.output();
+                panic!(
+                    "{} did not exit within {timeout:?}; output:\n{output}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `flotilla ARGS` to completion: its exit status and everything it printed (stdout
+/// and stderr interleaved).
+pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+    let mut proc = Proc::start("cmd", args);
+    let status = proc.wait_exit(timeout);
+    // The pump threads end at EOF; collect until both have.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(line) = proc.lines.recv_deadline(deadline) {
+        proc.seen.push(line);
+    }
+    (status, proc.seen.join("\n"))
+}
+
+/// File mode bits of `path`.
+pub fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
