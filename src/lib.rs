@@ -5,6 +5,7 @@
 //! the modules, threads, channels and shutdown order.
 
 pub mod ca;
+pub mod lincheck;
 pub mod net;
 pub mod proto;
 pub mod raft;
