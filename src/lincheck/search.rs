@@ -5,7 +5,8 @@
 //! at a call, try to linearize that operation now (apply it to the register), remove it from
 //! the list and restart from the head; at a return whose operation is not linearized yet,
 //! undo the last choice and try the next candidate. Every (set of linearized operations,
-//! register value) configuration is explored at most once: a configuration already in the
+//! register value) configuration is explored at most once (sets are cached as 128-bit
+//! fingerprints, see [`SetFingerprint`]): a configuration already in the
 //! cache leads where it led before, so the search skips it. The search stops after a bounded
 //! number of configurations and says "unknown" rather than running without end.
 //!
@@ -68,26 +69,38 @@ fn step(state: State, operation: &Operation) -> Option<State> {
     }
 }
 
-/// A fixed-size set of operation indices.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct Bitset {
-    words: Box<[u64]>,
+/// A 128-bit fingerprint of a set of operations (Zobrist hashing: the XOR of a fixed
+/// pseudo-random 128-bit code per operation), updated in O(1) when an operation joins or
+/// leaves the set.
+///
+/// WHY a fingerprint and not the set itself: storing the set makes every cached configuration
+/// cost O(ops) bytes and O(ops) time to copy, so one key with tens of thousands of operations
+/// needs gigabytes. Two distinct sets share a fingerprint with probability 2^-128 per pair;
+/// over the at most [`STATES_EXPLORED_MAX_PER_KEY_DEFAULT`](super::STATES_EXPLORED_MAX_PER_KEY_DEFAULT)
+/// (about 2^21) configurations of a search that is below 2^-86, and a collision could only
+/// prune a configuration (a false "not linearizable"), never accept an illegal history. The
+/// codes are a fixed function of the operation's index, so every run is reproducible.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+struct SetFingerprint {
+    low: u64,
+    high: u64,
 }
 
-impl Bitset {
-    fn new(bits: usize) -> Self {
-        Self {
-            words: vec![0; bits.div_ceil(64)].into_boxed_slice(),
-        }
+impl SetFingerprint {
+    /// Adds `op` if absent, removes it if present.
+    fn toggle(&mut self, op: usize) {
+        let index = op as u64;
+        self.low ^= split_mix(index.wrapping_mul(2));
+        self.high ^= split_mix(index.wrapping_mul(2).wrapping_add(1));
     }
+}
 
-    fn set(&mut self, bit: usize) {
-        self.words[bit / 64] |= 1 << (bit % 64);
-    }
-
-    fn clear(&mut self, bit: usize) {
-        self.words[bit / 64] &= !(1 << (bit % 64));
-    }
+/// The SplitMix64 output function: a bijective mix of `seed`'s bits.
+fn split_mix(seed: u64) -> u64 {
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 /// A fast, non-cryptographic hasher for cache keys (the cache never sees untrusted input
@@ -129,7 +142,7 @@ impl Hasher for WordHasher {
     }
 }
 
-type Cache = HashSet<(Bitset, State), BuildHasherDefault<WordHasher>>;
+type Cache = HashSet<(SetFingerprint, State), BuildHasherDefault<WordHasher>>;
 
 /// What a node of the event list stands for.
 #[derive(Clone, Copy, Debug)]
@@ -259,7 +272,7 @@ pub(crate) fn search_key(operations: &[(OpId, Operation)], states_explored_max: 
         .count();
     let mut list = EventList::new(operations);
     let mut cache = Cache::default();
-    let mut linearized = Bitset::new(operations.len());
+    let mut linearized = SetFingerprint::default();
     let mut returned_linearized = 0_usize;
     let mut state: State = None;
     let mut stack: Vec<Choice> = Vec::new();
@@ -284,8 +297,8 @@ pub(crate) fn search_key(operations: &[(OpId, Operation)], states_explored_max: 
                 let next_state = step(state, operation);
                 let mut advanced = false;
                 if let Some(next_state) = next_state {
-                    linearized.set(op);
-                    if cache.insert((linearized.clone(), next_state)) {
+                    linearized.toggle(op);
+                    if cache.insert((linearized, next_state)) {
                         states_explored += 1;
                         if states_explored > states_explored_max {
                             return KeySearch {
@@ -308,7 +321,7 @@ pub(crate) fn search_key(operations: &[(OpId, Operation)], states_explored_max: 
                             stuck = None;
                         }
                     } else {
-                        linearized.clear(op);
+                        linearized.toggle(op);
                     }
                 }
                 if !advanced {
@@ -333,7 +346,7 @@ pub(crate) fn search_key(operations: &[(OpId, Operation)], states_explored_max: 
                     };
                 };
                 list.unlift(choice.call_node);
-                linearized.clear(choice.op);
+                linearized.toggle(choice.op);
                 state = choice.state_before;
                 let Event::Call { return_node, .. } = list.events[choice.call_node] else {
                     unreachable!("choices are calls");
