@@ -8,3 +8,4 @@
 //! threads that drive the core).
 
 pub mod types;
+pub mod storage;
