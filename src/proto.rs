@@ -12,3 +12,8 @@ pub mod wire {
 pub mod ca {
     include!(concat!(env!("OUT_DIR"), "/flotilla.ca.rs"));
 }
+
+/// Messages between Raft members (`proto/flotilla/raft.proto`).
+pub mod raft {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.raft.rs"));
+}
