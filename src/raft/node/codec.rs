@@ -139,12 +139,10 @@ pub fn message_to_pb(message: &Message) -> pb::Message {
             last_index: *last_index,
             last_term: *last_term,
         }),
-        MessageBody::VoteResponse { pre_vote, granted } => {
-            Body::VoteResponse(pb::VoteResponse {
-                pre_vote: *pre_vote,
-                granted: *granted,
-            })
-        }
+        MessageBody::VoteResponse { pre_vote, granted } => Body::VoteResponse(pb::VoteResponse {
+            pre_vote: *pre_vote,
+            granted: *granted,
+        }),
         MessageBody::TimeoutNow => Body::TimeoutNow(pb::TimeoutNow {}),
         MessageBody::Snapshot { meta } => Body::Snapshot(pb::SnapshotNotice {
             meta: Some(meta_to_pb(meta)),
@@ -165,7 +163,10 @@ pub fn message_to_pb(message: &Message) -> pb::Message {
 /// notice without metadata.
 pub fn message_from_pb(message: pb::Message) -> Result<Message, DecodeError> {
     use pb::message::Body;
-    let body = match message.body.ok_or(DecodeError::NoBody { from: message.from })? {
+    let body = match message
+        .body
+        .ok_or(DecodeError::NoBody { from: message.from })?
+    {
         Body::Append(append) => MessageBody::Append {
             prev_index: append.prev_index,
             prev_term: append.prev_term,

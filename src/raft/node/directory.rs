@@ -161,6 +161,9 @@ mod tests {
         dir.learn(2, "ignored:3");
         let section = dir.encode();
         assert_eq!(Directory::decode_section(&section), Some(dir.all()));
-        assert_eq!(Directory::decode_section(&section[..section.len() - 1]), None);
+        assert_eq!(
+            Directory::decode_section(&section[..section.len() - 1]),
+            None
+        );
     }
 }

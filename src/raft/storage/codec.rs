@@ -51,7 +51,8 @@ pub(crate) fn encode_entry_value(entry: &Entry) -> Slice {
     header[8] = entry.kind as u8;
     let len = ENTRY_HEADER_BYTES + entry.data.len();
     let mut reader = std::io::Read::chain(&header[..], &entry.data[..]);
-    Slice::from_reader(&mut reader, len).expect("reading from two in-memory slices of known total length cannot fail")
+    Slice::from_reader(&mut reader, len)
+        .expect("reading from two in-memory slices of known total length cannot fail")
 }
 
 /// Decodes the entry at `index` from its fjall value without copying the payload (the
@@ -186,6 +187,9 @@ mod tests {
             commit: 41,
         };
         assert_eq!(decode_hard_state(&encode_hard_state(&hs)).unwrap(), hs);
-        assert_eq!(decode_log_start(&encode_log_start(501, 4)).unwrap(), (501, 4));
+        assert_eq!(
+            decode_log_start(&encode_log_start(501, 4)).unwrap(),
+            (501, 4)
+        );
     }
 }

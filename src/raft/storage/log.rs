@@ -11,15 +11,13 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fjall::{
-    CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable,
-};
+use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use parking_lot::RwLock;
 
 use super::codec::{
-    META_KEY_HARD_STATE, META_KEY_LOG_START, decode_entry, decode_entry_header,
-    decode_hard_state, decode_log_start, encode_entry_value, encode_hard_state,
-    encode_log_start, index_of_key, log_key,
+    META_KEY_HARD_STATE, META_KEY_LOG_START, decode_entry, decode_entry_header, decode_hard_state,
+    decode_log_start, encode_entry_value, encode_hard_state, encode_log_start, index_of_key,
+    log_key,
 };
 use super::snapshot::{SnapshotInfo, SnapshotStore};
 use super::{StorageConfig, StorageError};
@@ -105,7 +103,8 @@ impl LogStore {
     /// reported in [`Recovered::corrupt_snapshots`] and skipped.
     pub fn open(dir: &Path, config: &StorageConfig) -> Result<(Self, Recovered), StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create", dir, e))?;
-        let (snapshots, snapshot, corrupt_snapshots) = SnapshotStore::open(&dir.join(SNAPSHOT_DIR))?;
+        let (snapshots, snapshot, corrupt_snapshots) =
+            SnapshotStore::open(&dir.join(SNAPSHOT_DIR))?;
         let db = Database::builder(dir.join(LOG_DB_DIR))
             .manual_journal_persist(true)
             // Compressing large entries in the journal would put CPU work on the commit path.
@@ -204,7 +203,11 @@ impl LogStore {
         }
         check_readable(range.start, range.end, &self.bounds())?;
         let view = self.inner.db.snapshot();
-        let mut out = Vec::with_capacity(usize::try_from(range.end - range.start).unwrap_or(0).min(4096));
+        let mut out = Vec::with_capacity(
+            usize::try_from(range.end - range.start)
+                .unwrap_or(0)
+                .min(4096),
+        );
         let mut bytes = 0u64;
         let mut expected = range.start;
         for guard in view.range(&self.inner.log, log_key(range.start)..log_key(range.end)) {
@@ -363,14 +366,14 @@ impl LogStore {
             "a write never truncates below the log boundary"
         );
         let removed = (new_last_index + 1)..(old.last_index + 1);
-        let mut batch = self
-            .inner
-            .db
-            .batch()
-            .durability(None);
+        let mut batch = self.inner.db.batch().durability(None);
         let count = entries.len();
         for entry in entries {
-            batch.insert(&self.inner.log, log_key(entry.index), encode_entry_value(entry));
+            batch.insert(
+                &self.inner.log,
+                log_key(entry.index),
+                encode_entry_value(entry),
+            );
         }
         for index in removed.clone() {
             // A strong tombstone: this index may be written again later.
@@ -413,7 +416,11 @@ impl LogStore {
         for stale in (index + 1).max(old.first_index)..=old.last_index {
             batch.remove(&self.inner.log, log_key(stale));
         }
-        batch.insert(&self.inner.meta, META_KEY_LOG_START, encode_log_start(index + 1, term));
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(index + 1, term),
+        );
         batch.commit()?;
         *self.inner.bounds.write() = LogBounds {
             first_index: index + 1,
@@ -446,7 +453,11 @@ impl LogStore {
         for index in old.first_index..new_first {
             batch.remove(&self.inner.log, log_key(index));
         }
-        batch.insert(&self.inner.meta, META_KEY_LOG_START, encode_log_start(new_first, prev_term));
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(new_first, prev_term),
+        );
         // Move the boundary before the keys vanish, so that a reader never finds a key
         // missing inside the bounds.
         {
