@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod cli;
+pub mod kv;
 pub mod manager;
 pub mod net;
 pub mod proto;

@@ -17,3 +17,8 @@ pub mod ca {
 pub mod raft {
     include!(concat!(env!("OUT_DIR"), "/flotilla.raft.rs"));
 }
+
+/// The replicated key-value map used by tests and benchmarks (`proto/flotilla/kv.proto`).
+pub mod kv {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
+}

@@ -56,9 +56,9 @@ pub fn encode_member_addr(id: NodeId, addr: &str) -> Bytes {
 /// Decodes a Normal entry payload; `None` for anything not written by this module
 /// (corruption: the caller stops rather than guess).
 pub fn decode(data: &Bytes) -> Option<Payload> {
-    match data.first()? {
-        &TAG_APP => Some(Payload::App(data.slice(1..))),
-        &TAG_MEMBER_ADDR if data.len() >= 9 => {
+    match *data.first()? {
+        TAG_APP => Some(Payload::App(data.slice(1..))),
+        TAG_MEMBER_ADDR if data.len() >= 9 => {
             let id = u64::from_be_bytes(data[1..9].try_into().ok()?);
             let addr = std::str::from_utf8(&data[9..]).ok()?.to_string();
             (addr.len() <= ADDR_BYTES_MAX).then_some(Payload::MemberAddr { id, addr })

@@ -315,6 +315,11 @@ impl NodeHandle {
         &self.shared.directory
     }
 
+    /// The address this member advertises.
+    pub fn directory_own_addr(&self) -> String {
+        self.shared.config.addr.clone()
+    }
+
     /// The leader this member knows of.
     pub fn leader(&self) -> Option<NodeId> {
         match self.shared.leader.load(Ordering::Acquire) {
@@ -525,6 +530,7 @@ pub enum NodeStartError {
 /// A running Raft member: its threads and the handle to reach them.
 pub struct RaftNode {
     handle: NodeHandle,
+    store: LogStore,
     raft_thread: Option<JoinHandle<()>>,
     stop: Option<Sender<()>>,
 }
@@ -571,7 +577,7 @@ impl RaftNode {
         };
         let setup = raft_loop::Setup {
             shared,
-            store,
+            store: store.clone(),
             recovered,
             log,
             writer_events,
@@ -590,6 +596,7 @@ impl RaftNode {
             .map_err(|source| NodeStartError::Thread { name, source })?;
         Ok(RaftNode {
             handle,
+            store,
             raft_thread: Some(raft_thread),
             stop: Some(stop_tx),
         })
@@ -598,6 +605,11 @@ impl RaftNode {
     /// The handle to this node.
     pub fn handle(&self) -> &NodeHandle {
         &self.handle
+    }
+
+    /// The node's log store (snapshot files for `raft.InstallSnapshot`).
+    pub fn store(&self) -> LogStore {
+        self.store.clone()
     }
 
     /// Receives nothing; exists so callers can wait for a node that stops by itself.

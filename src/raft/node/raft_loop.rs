@@ -267,7 +267,7 @@ impl RaftLoop {
         }
     }
 
-    fn to_apply(&mut self, input: ApplyInput) {
+    fn send_to_apply(&mut self, input: ApplyInput) {
         if let Some(apply) = &self.apply_tx
             && apply.send(input).is_err()
         {
@@ -283,7 +283,7 @@ impl RaftLoop {
                 }
             }
             Input::Propose { data, done } => match self.core.propose(data) {
-                Ok(proposed) => self.to_apply(ApplyInput::Waiter {
+                Ok(proposed) => self.send_to_apply(ApplyInput::Waiter {
                     index: proposed.index,
                     term: proposed.term,
                     done,
@@ -292,7 +292,7 @@ impl RaftLoop {
             },
             Input::ProposeMembership { change, done } => {
                 match self.core.propose_membership(change) {
-                    Ok(proposed) => self.to_apply(ApplyInput::Waiter {
+                    Ok(proposed) => self.send_to_apply(ApplyInput::Waiter {
                         index: proposed.index,
                         term: proposed.term,
                         done,
@@ -363,12 +363,12 @@ impl RaftLoop {
         }
         if let Some(last) = ready.committed_entries.last() {
             self.handed_out = last.index;
-            self.to_apply(ApplyInput::Entries(ready.committed_entries));
+            self.send_to_apply(ApplyInput::Entries(ready.committed_entries));
         }
         for read in ready.read_states {
             if let Some((apply, done)) = self.pending_reads.remove(&read.ctx) {
                 if apply {
-                    self.to_apply(ApplyInput::Read {
+                    self.send_to_apply(ApplyInput::Read {
                         index: read.index,
                         done,
                     });
@@ -425,7 +425,7 @@ impl RaftLoop {
             self.core.id(),
             meta.index
         );
-        self.to_apply(ApplyInput::Restore(info));
+        self.send_to_apply(ApplyInput::Restore(info));
     }
 
     fn route(&mut self, message: Message) {
@@ -526,7 +526,7 @@ impl RaftLoop {
         self.addr_proposed_term = term;
         let data = directory::encode_member_addr(id, &addr);
         if let Ok(proposed) = self.core.propose(data) {
-            self.to_apply(ApplyInput::Waiter {
+            self.send_to_apply(ApplyInput::Waiter {
                 index: proposed.index,
                 term: proposed.term,
                 done: Box::new(|_| {}),
