@@ -367,6 +367,18 @@ impl RaftCore {
             .is_some_and(|start| self.tick_count < start + lease_ticks)
     }
 
+    /// Timers and persistence gates, for diagnosis.
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "elapsed={}/{} durable_hs={:?} gated={} promotable={}",
+            self.election_elapsed_ticks,
+            self.randomized_election_ticks,
+            self.durable_hard_state,
+            self.gated.len(),
+            self.promotable()
+        )
+    }
+
     fn is_voter(&self) -> bool {
         self.membership().voters.contains(&self.config.id)
     }
@@ -711,11 +723,16 @@ impl RaftCore {
     }
 
     fn tick_election(&mut self) {
-        self.election_elapsed_ticks += 1;
+        self.election_elapsed_ticks = self.election_elapsed_ticks.saturating_add(1);
         if self.election_elapsed_ticks >= self.randomized_election_ticks {
-            self.election_elapsed_ticks = 0;
             if self.promotable() {
+                self.election_elapsed_ticks = 0;
                 self.campaign(self.config.pre_vote, false);
+            } else {
+                // Silent for an election timeout: the leader is gone. Forget it (so votes are
+                // no longer refused for its sake) but keep the timer expired: restarting it
+                // would make a member that cannot campaign refuse votes forever.
+                self.leader = NO_NODE;
             }
         }
     }

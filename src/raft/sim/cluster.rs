@@ -775,6 +775,8 @@ impl Sim {
         let newly_leader = core.role() == Role::Leader && node.leader_term_seen != core.term();
         if newly_leader {
             node.leader_term_seen = core.term();
+            // Commits known before winning were made by earlier leaders.
+            node.commit_checked = core.commit_index();
             self.stats.elections += 1;
         }
         if self.config.check {
@@ -1057,7 +1059,7 @@ impl Sim {
                 None => out.push_str(&format!("node {} DOWN\n", node.id)),
                 Some(core) => out.push_str(&format!(
                     "node {} {:?} term={} vote={} leader={:?} commit={} applied={} durable={} last={} \
-                     first={} snap={} voters={:?} learners={:?} transfer={:?} writes={}\n",
+                     first={} snap={} voters={:?} learners={:?} transfer={:?} writes={} {}\n",
                     node.id,
                     core.role(),
                     core.term(),
@@ -1073,6 +1075,7 @@ impl Sim {
                     core.membership().learners,
                     core.transfer_target(),
                     node.writes.len(),
+                    core.debug_summary(),
                 )),
             }
             if let Some(core) = &node.core {

@@ -31,6 +31,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod harness;
 pub mod hook;
 pub mod rng;
 
