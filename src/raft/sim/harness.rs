@@ -244,7 +244,12 @@ impl Harness {
     /// Makes `id` campaign at once (as if told by a transferring leader) and delivers.
     pub fn campaign(&mut self, id: NodeId) {
         let term = self.core(id).term();
-        let from = *self.nodes.keys().find(|other| **other != id).unwrap_or(&id);
+        // Any sender but `id` itself (a core ignores messages from itself).
+        let from = *self
+            .nodes
+            .keys()
+            .find(|other| **other != id)
+            .unwrap_or(&NodeId::MAX);
         self.step(Message {
             from,
             to: id,
