@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let mut start = 0u64;
     let mut config = SimConfig::default();
     let mut verbose = false;
+    let mut dump = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
             "--start" => start = value(),
             "--steps" => config.steps = value(),
             "--verbose" => verbose = true,
+            "--dump" => dump = true,
             other => {
                 eprintln!("unknown argument {other}");
                 return ExitCode::from(2);
@@ -40,6 +42,14 @@ fn main() -> ExitCode {
         steps += outcome.stats.steps;
         if verbose {
             println!("seed={seed} {:?}", outcome.stats);
+        }
+        if dump {
+            let mut sim = flotilla::raft::sim::Sim::new(seed, config.clone());
+            sim.trace_after = std::env::var("SIM_TRACE_AFTER")
+                .ok()
+                .and_then(|v| v.parse().ok());
+            let verdict = sim.run();
+            println!("{verdict:?} {:?}\n{}", sim.stats, sim.describe());
         }
         if let Some(violation) = outcome.violation {
             violations += 1;

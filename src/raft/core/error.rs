@@ -19,6 +19,13 @@ pub enum RaftError {
         /// The configured limit.
         bytes_max: u64,
     },
+    /// The leader holds too many uncommitted bytes (followers or its disk are behind); back
+    /// off and retry.
+    #[error("too many uncommitted proposals (limit {bytes_max} bytes)")]
+    UncommittedLimit {
+        /// The configured limit.
+        bytes_max: u64,
+    },
     /// Leadership is being handed to `target`; retry on the new leader.
     #[error("leadership transfer to {target} in progress")]
     TransferInProgress {

@@ -168,6 +168,8 @@ pub struct RaftCore {
     disk_stall_ticks: u32,
     shutting_down: bool,
     scratch: Vec<LogIndex>,
+    /// Leader only: payload bytes of uncommitted normal entries it appended (backpressure).
+    uncommitted_bytes: u64,
 }
 
 impl RaftCore {
@@ -235,6 +237,7 @@ impl RaftCore {
             disk_stall_ticks: 0,
             shutting_down: false,
             scratch: Vec::new(),
+            uncommitted_bytes: 0,
         };
         core.reset_election_timer();
         core
@@ -364,6 +367,18 @@ impl RaftCore {
             .is_some_and(|start| self.tick_count < start + lease_ticks)
     }
 
+    /// Timers and persistence gates, for diagnosis.
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "elapsed={}/{} durable_hs={:?} gated={} promotable={}",
+            self.election_elapsed_ticks,
+            self.randomized_election_ticks,
+            self.durable_hard_state,
+            self.gated.len(),
+            self.promotable()
+        )
+    }
+
     fn is_voter(&self) -> bool {
         self.membership().voters.contains(&self.config.id)
     }
@@ -395,6 +410,12 @@ impl RaftCore {
                 bytes_max: self.config.proposal_bytes_max,
             });
         }
+        if self.uncommitted_bytes + bytes > self.config.uncommitted_bytes_max {
+            return Err(RaftError::UncommittedLimit {
+                bytes_max: self.config.uncommitted_bytes_max,
+            });
+        }
+        self.uncommitted_bytes += entry_bytes_of(bytes);
         Ok(self.append_entry(EntryKind::Normal, data))
     }
 
@@ -558,7 +579,18 @@ impl RaftCore {
         {
             *durable = hard_state;
             self.release_gated();
+            if self.role == Role::Candidate
+                && self.own_vote_durable()
+                && !self.votes.contains_key(&self.config.id)
+                && self.record_vote(self.config.id, true)
+            {
+                self.win_election();
+            }
         }
+    }
+
+    fn own_vote_durable(&self) -> bool {
+        self.durable_hard_state.term == self.term && self.durable_hard_state.vote == self.config.id
     }
 
     /// Storage and state machine installed the received snapshot (`index`, `term`).
@@ -691,17 +723,27 @@ impl RaftCore {
     }
 
     fn tick_election(&mut self) {
-        self.election_elapsed_ticks += 1;
+        self.election_elapsed_ticks = self.election_elapsed_ticks.saturating_add(1);
         if self.election_elapsed_ticks >= self.randomized_election_ticks {
-            self.election_elapsed_ticks = 0;
             if self.promotable() {
+                self.election_elapsed_ticks = 0;
                 self.campaign(self.config.pre_vote, false);
+            } else {
+                // Silent for an election timeout: the leader is gone. Forget it (so votes are
+                // no longer refused for its sake) but keep the timer expired: restarting it
+                // would make a member that cannot campaign refuse votes forever.
+                self.leader = NO_NODE;
             }
         }
     }
 
+    /// May campaign: a voter of the latest membership, or of the committed one while a change
+    /// removing us is uncommitted (we may be the only member holding that change, so the group
+    /// may need us to lead until it commits; votes are still counted in the latest membership).
     fn promotable(&self) -> bool {
-        self.is_voter() && !self.log.has_pending_install()
+        let id = self.config.id;
+        let member = self.is_voter() || self.membership_at(self.log.commit()).voters.contains(&id);
+        member && !self.log.has_pending_install()
     }
 
     fn tick_leader(&mut self) {
@@ -834,7 +876,10 @@ impl RaftCore {
             self.term
         };
         self.reset_election_timer();
-        if self.record_vote(self.config.id, true) {
+        // Our own real vote counts only once durable: a member that led a term it had not
+        // persisted could crash, lead the same term again and reuse (index, term) pairs.
+        let own_vote_durable = pre_vote || self.own_vote_durable();
+        if own_vote_durable && self.record_vote(self.config.id, true) {
             self.win_election();
             return;
         }
@@ -882,6 +927,10 @@ impl RaftCore {
         self.leader = self.config.id;
         self.reset_election_timer();
         self.clear_leader_state();
+        self.uncommitted_bytes = ((self.log.commit() + 1)..=self.log.last_index())
+            .filter_map(|i| self.log.entry(i))
+            .map(super::message::entry_bytes)
+            .sum();
         let proposed = self.append_entry(EntryKind::Blank, Bytes::new());
         self.term_start_index = proposed.index;
         self.sync_progress_with_membership();
@@ -1424,6 +1473,11 @@ impl RaftCore {
             return;
         }
         let was_term_committed = self.term_committed();
+        let newly_committed: u64 = ((self.log.commit() + 1)..=candidate)
+            .filter_map(|i| self.log.entry(i))
+            .map(super::message::entry_bytes)
+            .sum();
+        self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(newly_committed);
         self.log.commit_to(candidate);
         self.commit_broadcast_needed = true;
         if !was_term_committed {
@@ -1508,6 +1562,10 @@ impl RaftCore {
             }
         }
     }
+}
+
+fn entry_bytes_of(payload_bytes: u64) -> u64 {
+    payload_bytes + super::message::ENTRY_OVERHEAD_BYTES
 }
 
 fn decode_membership(entry: &Entry) -> Membership {

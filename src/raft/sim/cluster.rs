@@ -200,6 +200,7 @@ struct Shape {
     inflight_msgs_max: usize,
     append_bytes_max: u64,
     snapshot_keep_entries: u64,
+    uncommitted_bytes_max: u64,
     loss_per_million: u32,
     duplicate_per_million: u32,
     long_delay_per_million: u32,
@@ -225,10 +226,13 @@ pub struct Sim {
     sequence: u64,
     events: BTreeMap<(u64, u64), Event>,
     blocked: HashSet<(NodeId, NodeId)>,
+    link_clock: HashMap<(NodeId, NodeId), u64>,
     shape: Shape,
     next_id: NodeId,
     workload: Option<Box<dyn Workload>>,
     faults_enabled: bool,
+    /// Print every delivered message after this time (diagnosis only).
+    pub trace_after: Option<u64>,
 }
 
 impl Sim {
@@ -249,11 +253,12 @@ impl Sim {
                 inflight_msgs_max: rng.range(1, 8) as usize,
                 append_bytes_max: rng.range(64, 512),
                 snapshot_keep_entries: rng.range(0, 40),
+                uncommitted_bytes_max: rng.range(1_000, 20_000),
                 loss_per_million: rng.range(0, 100_000) as u32,
                 duplicate_per_million: rng.range(0, 50_000) as u32,
                 long_delay_per_million: rng.range(0, 50_000) as u32,
                 delay_max: rng.range(2, 40),
-                fault_per_million: rng.range(1_000, 8_000) as u32,
+                fault_per_million: rng.range(3_000, 20_000) as u32,
             }
         } else {
             Shape {
@@ -263,6 +268,7 @@ impl Sim {
                 inflight_msgs_max: 256,
                 append_bytes_max: 1024 * 1024,
                 snapshot_keep_entries: 1000,
+                uncommitted_bytes_max: u64::MAX,
                 loss_per_million: 0,
                 duplicate_per_million: 0,
                 long_delay_per_million: 0,
@@ -283,9 +289,11 @@ impl Sim {
             sequence: 0,
             events: BTreeMap::new(),
             blocked: HashSet::new(),
+            link_clock: HashMap::new(),
             shape,
             next_id: 1,
             workload: None,
+            trace_after: None,
         };
         let voters: Vec<NodeId> = (0..size).map(|_| sim.allocate_id()).collect();
         let membership = Membership {
@@ -325,6 +333,7 @@ impl Sim {
         config.inflight_msgs_max = self.shape.inflight_msgs_max;
         config.append_bytes_max = self.shape.append_bytes_max;
         config.snapshot_keep_entries = self.shape.snapshot_keep_entries;
+        config.uncommitted_bytes_max = self.shape.uncommitted_bytes_max;
         config
     }
 
@@ -515,6 +524,24 @@ impl Sim {
         let Some(core) = node.core.as_mut() else {
             return;
         };
+        if self.trace_after.is_some_and(|t| self.now >= t) {
+            let brief = match &message.body {
+                MessageBody::Append {
+                    prev_index,
+                    prev_term,
+                    entries,
+                    commit,
+                } => format!(
+                    "Append prev=({prev_index},{prev_term}) n={} commit={commit}",
+                    entries.len()
+                ),
+                other => format!("{other:?}"),
+            };
+            println!(
+                "t={} {}->{} term={} {brief}",
+                self.now, message.from, message.to, message.term
+            );
+        }
         if let (MessageBody::Snapshot { meta }, Some(data)) = (&message.body, snapshot) {
             node.received_snapshots.insert(meta.index, data);
         }
@@ -677,13 +704,22 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = if self.rng.chance(self.shape.long_delay_per_million) {
-                self.rng
-                    .range(self.shape.delay_max, 10 * TICK_PERIOD_NOMINAL)
+            // Links are FIFO like a TCP stream, except for occasional long delays that
+            // others overtake (reordering, as across a reconnection).
+            let at = if self.rng.chance(self.shape.long_delay_per_million) {
+                self.now
+                    + self
+                        .rng
+                        .range(self.shape.delay_max, 10 * TICK_PERIOD_NOMINAL)
             } else {
-                self.rng.range(1, self.shape.delay_max)
+                let link = self
+                    .link_clock
+                    .entry((message.from, message.to))
+                    .or_insert(0);
+                let at = (self.now + self.rng.range(1, self.shape.delay_max)).max(*link);
+                *link = at;
+                at
             };
-            let at = self.now + delay;
             self.schedule(
                 at,
                 Event::Deliver {
@@ -739,6 +775,8 @@ impl Sim {
         let newly_leader = core.role() == Role::Leader && node.leader_term_seen != core.term();
         if newly_leader {
             node.leader_term_seen = core.term();
+            // Commits known before winning were made by earlier leaders.
+            node.commit_checked = core.commit_index();
             self.stats.elections += 1;
         }
         if self.config.check {
@@ -1010,6 +1048,52 @@ impl Sim {
         remember_snapshot(node, applied, data);
         node.dirty = true;
         self.stats.snapshots += 1;
+    }
+
+    /// One line per node: role, term, vote, leader, log cursors and membership (for
+    /// diagnosing a failing seed).
+    pub fn describe(&self) -> String {
+        let mut out = format!("now={} blocked={:?}\n", self.now, self.blocked);
+        for node in &self.nodes {
+            match &node.core {
+                None => out.push_str(&format!("node {} DOWN\n", node.id)),
+                Some(core) => out.push_str(&format!(
+                    "node {} {:?} term={} vote={} leader={:?} commit={} applied={} durable={} last={} \
+                     first={} snap={} voters={:?} learners={:?} transfer={:?} writes={} {}\n",
+                    node.id,
+                    core.role(),
+                    core.term(),
+                    core.vote(),
+                    core.leader(),
+                    core.commit_index(),
+                    core.applied_index(),
+                    core.durable_index(),
+                    core.last_index(),
+                    core.first_index(),
+                    core.snapshot_meta().index,
+                    core.membership().voters,
+                    core.membership().learners,
+                    core.transfer_target(),
+                    node.writes.len(),
+                    core.debug_summary(),
+                )),
+            }
+            if let Some(core) = &node.core {
+                for peer in self.nodes.iter().map(|n| n.id) {
+                    if let Some(p) = core.progress(peer) {
+                        out.push_str(&format!(
+                            "    peer {peer}: match={} next={} {:?} probe_sent={} inflight={}\n",
+                            p.match_index,
+                            p.next_index,
+                            p.state,
+                            p.probe_sent,
+                            p.inflight.len()
+                        ));
+                    }
+                }
+            }
+        }
+        out
     }
 
     // ----- liveness --------------------------------------------------------------------

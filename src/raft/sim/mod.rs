@@ -31,6 +31,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod harness;
 pub mod hook;
 pub mod rng;
 
@@ -93,7 +94,7 @@ mod tests {
     use super::*;
 
     /// Seeds run by `cargo test` (more through `examples/raft_sim.rs`).
-    const TEST_SEEDS: u64 = 300;
+    const TEST_SEEDS: u64 = 500;
 
     #[test]
     fn seeds_hold_every_invariant() {
