@@ -642,7 +642,7 @@ impl Writer {
     /// term stay: they are the log's shape now).
     fn commit(&mut self, group: &mut Group) -> Result<(), StorageError> {
         self.store.write_group(
-            group.entries.iter(),
+            &group.entries,
             (group.last_index, group.last_term),
             group.hard_state.as_ref(),
         )?;
