@@ -361,6 +361,8 @@ impl LogStore {
                 scanned.first_index, meta.index
             )));
         }
+        // Reads below go through the bounds: publish the scanned ones first.
+        *self.inner.bounds.write() = scanned;
         if self.log_matches(&scanned, meta.index, meta.term)? {
             return Ok(scanned);
         }
@@ -371,7 +373,6 @@ impl LogStore {
             meta.index,
             meta.term
         );
-        *self.inner.bounds.write() = scanned;
         self.reset_to_snapshot(meta.index, meta.term)?;
         self.persist()?;
         Ok(self.bounds())
