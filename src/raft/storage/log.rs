@@ -124,8 +124,11 @@ impl LogStore {
             // compressing them on flush would spend CPU the writer needs on small hosts.
             KeyspaceCreateOptions::default()
                 .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+                .max_memtable_size(config.memtable_bytes_max)
         })?;
-        let meta = db.keyspace(KEYSPACE_META, KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace(KEYSPACE_META, || {
+            KeyspaceCreateOptions::default().max_memtable_size(config.memtable_bytes_max)
+        })?;
         let store = Self {
             inner: Arc::new(Inner {
                 db,

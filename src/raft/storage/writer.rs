@@ -687,3 +687,54 @@ impl Writer {
         let _ = events.send(WriterEvent::Fatal(error));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::EntryKind;
+    use bytes::Bytes;
+
+    fn append(index: LogIndex) -> AppendRequest {
+        AppendRequest {
+            truncate_from: None,
+            entries: vec![Entry {
+                term: 1,
+                index,
+                kind: EntryKind::Normal,
+                data: Bytes::from_static(b"x"),
+            }],
+            hard_state: Some(HardState {
+                term: 1,
+                vote: 1,
+                commit: index - 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn failed_fsync_is_fatal_and_nothing_after_it_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            fail_sync_at_group: Some(2),
+            ..StorageConfig::default()
+        };
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        let (mut handle, events) = LogHandle::start(store, &recovered, &config).unwrap();
+        let first = handle.submit(append(1)).unwrap();
+        match events.recv().unwrap() {
+            WriterEvent::Durable(d) => {
+                assert_eq!((d.seq, d.last_index), (first, 1));
+                handle.on_durable(&d);
+            }
+            WriterEvent::Fatal(e) => panic!("first group failed: {e}"),
+        }
+        handle.submit(append(2)).unwrap();
+        match events.recv().unwrap() {
+            WriterEvent::Fatal(e) => assert!(e.is_fatal() && matches!(e, StorageError::Poisoned)),
+            WriterEvent::Durable(d) => panic!("acknowledged after a failed fsync: {d:?}"),
+        }
+        assert!(events.recv().is_err(), "the writer has stopped: no further events");
+        assert!(matches!(handle.submit(append(3)), Err(StorageError::WriterStopped)));
+        handle.shutdown().unwrap();
+    }
+}
