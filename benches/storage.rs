@@ -45,7 +45,10 @@ fn parse_args() -> Args {
         let mut value = || it.next().unwrap_or_else(|| panic!("{arg} needs a value"));
         match arg.as_str() {
             "--sizes" => {
-                args.sizes = value().split(',').map(|s| s.parse().expect("--sizes 1,10")).collect()
+                args.sizes = value()
+                    .split(',')
+                    .map(|s| s.parse().expect("--sizes 1,10"))
+                    .collect()
             }
             "--entry-bytes" => args.entry_bytes = value().parse().expect("--entry-bytes N"),
             "--seconds" => args.seconds = value().parse().expect("--seconds S"),
@@ -108,7 +111,12 @@ impl AppendBench {
 }
 
 /// One raw batch: copy the payloads into one buffer, append it, fdatasync.
-fn raw_batch(file: &mut std::fs::File, buffer: &mut Vec<u8>, batch: usize, payloads: &[Bytes]) -> Duration {
+fn raw_batch(
+    file: &mut std::fs::File,
+    buffer: &mut Vec<u8>,
+    batch: usize,
+    payloads: &[Bytes],
+) -> Duration {
     let start = Instant::now();
     buffer.clear();
     for i in 0..batch {
@@ -138,7 +146,10 @@ fn measure(
         batches += 1;
     }
     let entries = (batches * batch as u64) as f64;
-    (entries / append_time.as_secs_f64(), entries / raw_time.as_secs_f64())
+    (
+        entries / append_time.as_secs_f64(),
+        entries / raw_time.as_secs_f64(),
+    )
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -152,7 +163,13 @@ fn main() {
     std::fs::create_dir_all(&base).unwrap();
     let dir = tempfile::tempdir_in(&base).unwrap();
     let payloads: Vec<Bytes> = (0..64u8)
-        .map(|seed| Bytes::from((0..args.entry_bytes).map(|i| seed ^ (i as u8).wrapping_mul(31)).collect::<Vec<u8>>()))
+        .map(|seed| {
+            Bytes::from(
+                (0..args.entry_bytes)
+                    .map(|i| seed ^ (i as u8).wrapping_mul(31))
+                    .collect::<Vec<u8>>(),
+            )
+        })
         .collect();
     let config = StorageConfig::default();
     let (store, recovered) = LogStore::open(&dir.path().join("store"), &config).unwrap();
@@ -169,7 +186,13 @@ fn main() {
         .unwrap();
     let duration = Duration::from_secs_f64(args.seconds);
     // Warm up both paths (file creation, journal preallocation, page cache).
-    measure(&mut append, &mut raw_file, 10, &payloads, Duration::from_millis(300));
+    measure(
+        &mut append,
+        &mut raw_file,
+        10,
+        &payloads,
+        Duration::from_millis(300),
+    );
     for &batch in &args.sizes {
         let mut appends = Vec::new();
         let mut raws = Vec::new();
@@ -178,7 +201,11 @@ fn main() {
             appends.push(a);
             raws.push(r);
         }
-        let ratios: Vec<String> = appends.iter().zip(&raws).map(|(a, r)| format!("{:.2}", a / r)).collect();
+        let ratios: Vec<String> = appends
+            .iter()
+            .zip(&raws)
+            .map(|(a, r)| format!("{:.2}", a / r))
+            .collect();
         eprintln!(
             "b={batch}: append {:?} raw {:?} per-repeat ratios {:?}",
             appends.iter().map(|v| *v as u64).collect::<Vec<_>>(),
@@ -189,7 +216,10 @@ fn main() {
         let raw_per_s = median(raws);
         println!("BENCH append_per_s_b{batch} {append_per_s:.0} entries/s");
         println!("BENCH raw_per_s_b{batch} {raw_per_s:.0} entries/s");
-        println!("BENCH append_vs_raw_b{batch} {:.2} x", append_per_s / raw_per_s);
+        println!(
+            "BENCH append_vs_raw_b{batch} {:.2} x",
+            append_per_s / raw_per_s
+        );
     }
     append.handle.shutdown().unwrap();
 }

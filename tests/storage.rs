@@ -12,7 +12,9 @@ use flotilla::raft::storage::snapshot::{SNAPSHOT_CHUNK_BYTES_DEFAULT, SnapshotRe
 use flotilla::raft::storage::{
     AppendRequest, LogHandle, LogStore, Recovered, StorageConfig, StorageError, WriterEvent,
 };
-use flotilla::raft::types::{Entry, EntryKind, HardState, LogIndex, Membership, SnapshotMeta, Term};
+use flotilla::raft::types::{
+    Entry, EntryKind, HardState, LogIndex, Membership, SnapshotMeta, Term,
+};
 
 fn entry(index: LogIndex, term: Term) -> Entry {
     Entry {
@@ -97,7 +99,10 @@ fn recovers_entries_and_hard_state_after_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = open(dir.path());
     assert_eq!(node.recovered.hard_state, HardState::default());
-    assert_eq!((node.handle.first_index(), node.handle.last_index()), (1, 0));
+    assert_eq!(
+        (node.handle.first_index(), node.handle.last_index()),
+        (1, 0)
+    );
     node.append(entries(1..=5, 1), hs(1, 0));
     node.append(entries(6..=3000, 2), hs(2, 5));
     drop(node);
@@ -113,7 +118,10 @@ fn recovers_entries_and_hard_state_after_reopen() {
     }
     assert_eq!(node.handle.term(5).unwrap(), 1);
     assert_eq!(node.handle.term(0).unwrap(), 0);
-    assert!(matches!(node.handle.term(3001), Err(StorageError::Unavailable { .. })));
+    assert!(matches!(
+        node.handle.term(3001),
+        Err(StorageError::Unavailable { .. })
+    ));
     // Byte-bounded reads return at least one entry and stop at the bound.
     let some = node.handle.entries(10..3000, 100).unwrap();
     assert!(!some.is_empty() && some.len() < 10, "{}", some.len());
@@ -194,10 +202,7 @@ fn reads_see_submitted_entries_before_they_are_durable() {
     assert_eq!(all[..4], entries(1..=4, 1)[..]);
     assert_eq!(all[4], entry(5, 2));
     assert_eq!(node.handle.hard_state(), hs(2, 0).unwrap());
-    let seq = node
-        .handle
-        .submit(AppendRequest::default())
-        .unwrap();
+    let seq = node.handle.submit(AppendRequest::default()).unwrap();
     node.wait(seq);
     assert_eq!(node.all(), all, "the durable log equals the view");
     assert_eq!(node.handle.store().last_index(), 5);
@@ -237,7 +242,10 @@ fn invalid_requests_are_refused_and_nothing_is_queued() {
     ];
     for request in refused {
         let result = node.handle.submit(request.clone());
-        assert!(matches!(result, Err(StorageError::InvalidRequest(_))), "{request:?}: {result:?}");
+        assert!(
+            matches!(result, Err(StorageError::InvalidRequest(_))),
+            "{request:?}: {result:?}"
+        );
     }
     assert_eq!(node.handle.last_index(), 3);
 }
@@ -264,13 +272,27 @@ fn compaction_keeps_trailing_entries_in_bounded_rounds() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    assert_eq!(node.handle.first_index(), 2001, "snapshot 2500 minus 500 kept");
-    assert_eq!(node.handle.term(2000).unwrap(), 1, "the boundary keeps the term before it");
+    assert_eq!(
+        node.handle.first_index(),
+        2001,
+        "snapshot 2500 minus 500 kept"
+    );
+    assert_eq!(
+        node.handle.term(2000).unwrap(),
+        1,
+        "the boundary keeps the term before it"
+    );
     assert!(matches!(
         node.handle.entries(1999..2002, u64::MAX),
-        Err(StorageError::Compacted { first_index: 2001, .. })
+        Err(StorageError::Compacted {
+            first_index: 2001,
+            ..
+        })
     ));
-    assert_eq!(node.handle.entries(2001..2002, u64::MAX).unwrap(), vec![entry(2001, 1)]);
+    assert_eq!(
+        node.handle.entries(2001..2002, u64::MAX).unwrap(),
+        vec![entry(2001, 1)]
+    );
     // Appends keep working, and a restart sees the same boundary.
     node.append(entries(3001..=3001, 1), None);
     drop(node);
@@ -292,10 +314,16 @@ fn meta(index: LogIndex, term: Term) -> SnapshotMeta {
 }
 
 fn content(bytes: usize, seed: u8) -> Vec<u8> {
-    (0..bytes).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+    (0..bytes)
+        .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+        .collect()
 }
 
-fn write_snapshot(node: &Node, meta: SnapshotMeta, data: &[u8]) -> flotilla::raft::storage::snapshot::SnapshotInfo {
+fn write_snapshot(
+    node: &Node,
+    meta: SnapshotMeta,
+    data: &[u8],
+) -> flotilla::raft::storage::snapshot::SnapshotInfo {
     let mut builder = node.handle.store().snapshots().create(meta).unwrap();
     for chunk in data.chunks(100_000) {
         std::io::Write::write_all(&mut builder, chunk).unwrap();
@@ -348,27 +376,40 @@ fn corrupted_snapshot_is_reported_and_skipped(how: fn(&Path)) {
     let newest = write_snapshot(&node, meta(200, 1), &content(300_000, 2));
     drop(node);
     how(&newest.path);
-    assert!(SnapshotReader::open(&newest.path).is_err() || {
-        let mut reader = SnapshotReader::open(&newest.path).unwrap();
-        let mut failed = false;
-        while let Some(result) = reader.next_chunk(SNAPSHOT_CHUNK_BYTES_DEFAULT).transpose() {
-            match result {
-                Ok(chunk) if chunk.last => break,
-                Ok(_) => {}
-                Err(_) => {
-                    failed = true;
-                    break;
+    assert!(
+        SnapshotReader::open(&newest.path).is_err() || {
+            let mut reader = SnapshotReader::open(&newest.path).unwrap();
+            let mut failed = false;
+            while let Some(result) = reader.next_chunk(SNAPSHOT_CHUNK_BYTES_DEFAULT).transpose() {
+                match result {
+                    Ok(chunk) if chunk.last => break,
+                    Ok(_) => {}
+                    Err(_) => {
+                        failed = true;
+                        break;
+                    }
                 }
             }
+            failed
         }
-        failed
-    });
+    );
     let node = open(dir.path());
-    assert_eq!(node.recovered.corrupt_snapshots.len(), 1, "{:?}", node.recovered.corrupt_snapshots);
-    assert!(matches!(node.recovered.corrupt_snapshots[0], StorageError::CorruptSnapshot { .. }));
+    assert_eq!(
+        node.recovered.corrupt_snapshots.len(),
+        1,
+        "{:?}",
+        node.recovered.corrupt_snapshots
+    );
+    assert!(matches!(
+        node.recovered.corrupt_snapshots[0],
+        StorageError::CorruptSnapshot { .. }
+    ));
     assert_eq!(node.recovered.snapshot.as_ref().unwrap().meta.index, 100);
     assert!(!newest.path.exists(), "the damaged file is moved aside");
-    assert_eq!(node.recovered.bounds.last_index, 200, "the log is untouched");
+    assert_eq!(
+        node.recovered.bounds.last_index, 200,
+        "the log is untouched"
+    );
 }
 
 fn flip_byte_at(path: &Path, offset_from_end: u64) {
@@ -396,7 +437,12 @@ fn snapshot_with_a_flipped_header_byte_is_rejected() {
 fn truncated_snapshot_is_rejected() {
     corrupted_snapshot_is_reported_and_skipped(|p| {
         let len = fs::metadata(p).unwrap().len();
-        fs::OpenOptions::new().write(true).open(p).unwrap().set_len(len - 1).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
     });
 }
 
@@ -414,7 +460,9 @@ fn received_snapshot_is_verified_before_install() {
     // Wrong digest: refused, nothing installed, no temp file left.
     let mut bad_sha = sent.content_sha256;
     bad_sha[0] ^= 1;
-    let mut builder = store.receive(sent.meta.clone(), sent.content_bytes, bad_sha).unwrap();
+    let mut builder = store
+        .receive(sent.meta.clone(), sent.content_bytes, bad_sha)
+        .unwrap();
     let mut reader = SnapshotReader::open(&sent.path).unwrap();
     while let Some(chunk) = reader.next_chunk(SNAPSHOT_CHUNK_BYTES_DEFAULT).unwrap() {
         builder.write_chunk(chunk.offset, &chunk.data).unwrap();
@@ -422,20 +470,33 @@ fn received_snapshot_is_verified_before_install() {
             break;
         }
     }
-    assert!(matches!(builder.finish(), Err(StorageError::SnapshotTransfer(_))));
+    assert!(matches!(
+        builder.finish(),
+        Err(StorageError::SnapshotTransfer(_))
+    ));
     // Out-of-order and overlong chunks are refused.
-    let mut builder = store.receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256).unwrap();
+    let mut builder = store
+        .receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256)
+        .unwrap();
     assert!(builder.write_chunk(10, b"x").is_err());
     assert!(builder.write_chunk(0, &vec![0; data.len() + 1]).is_err());
     drop(builder);
     // Short: refused.
-    let mut builder = store.receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256).unwrap();
+    let mut builder = store
+        .receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256)
+        .unwrap();
     builder.write_chunk(0, &data[..100]).unwrap();
     assert!(builder.finish().is_err());
-    assert_eq!(fs::read_dir(store.dir()).unwrap().count(), 0, "nothing installed, no temp left");
+    assert_eq!(
+        fs::read_dir(store.dir()).unwrap().count(),
+        0,
+        "nothing installed, no temp left"
+    );
 
     // The real transfer, chunk by chunk.
-    let mut builder = store.receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256).unwrap();
+    let mut builder = store
+        .receive(sent.meta.clone(), sent.content_bytes, sent.content_sha256)
+        .unwrap();
     let mut reader = SnapshotReader::open(&sent.path).unwrap();
     while let Some(chunk) = reader.next_chunk(SNAPSHOT_CHUNK_BYTES_DEFAULT).unwrap() {
         builder.write_chunk(chunk.offset, &chunk.data).unwrap();
@@ -453,7 +514,10 @@ fn received_snapshot_is_verified_before_install() {
     follower.append(entries(501..=502, 3), hs(3, 500));
     drop(follower);
     let follower = open(dir.path());
-    assert_eq!(follower.recovered.snapshot.as_ref().unwrap().meta, meta(500, 3));
+    assert_eq!(
+        follower.recovered.snapshot.as_ref().unwrap().meta,
+        meta(500, 3)
+    );
     assert_eq!(follower.recovered.bounds.first_index, 501);
     assert_eq!(follower.all(), entries(501..=502, 3));
 }
@@ -489,7 +553,10 @@ fn torn_journal_tail_recovers_a_prefix_of_whole_writes() {
     let dir = tempfile::tempdir().unwrap();
     let mut node = open(dir.path());
     for batch in 0..20u64 {
-        node.append(entries(batch * 10 + 1..=batch * 10 + 10, 1), hs(1, batch * 10));
+        node.append(
+            entries(batch * 10 + 1..=batch * 10 + 10, 1),
+            hs(1, batch * 10),
+        );
     }
     drop(node);
     // Cut the newest journal inside its last record (the file is preallocated with zeros:
@@ -508,8 +575,15 @@ fn torn_journal_tail_recovers_a_prefix_of_whole_writes() {
 
     let node = open(dir.path());
     let last = node.recovered.bounds.last_index;
-    assert!(last < 200 && last % 10 == 0, "a whole write was lost, nothing else: {last}");
-    assert_eq!(node.recovered.hard_state.commit, last - 10, "hard state of the same write");
+    assert!(
+        last < 200 && last.is_multiple_of(10),
+        "a whole write was lost, nothing else: {last}"
+    );
+    assert_eq!(
+        node.recovered.hard_state.commit,
+        last - 10,
+        "hard state of the same write"
+    );
     let all = node.all();
     assert_eq!(all, entries(1..=last, 1));
 }

@@ -120,7 +120,10 @@ fn run_child(dir: &Path, seed: u64) -> ! {
             }
         }
         let roll = rng.random_range(0..100u32);
-        if roll < 3 && acked == submitted && durable_last >= handle.first_index() + SNAPSHOT_LOG_ENTRIES_MIN {
+        if roll < 3
+            && acked == submitted
+            && durable_last >= handle.first_index() + SNAPSHOT_LOG_ENTRIES_MIN
+        {
             // Snapshot everything durable but the last few entries, then compact behind it.
             let index = durable_last - SNAPSHOT_LAG_ENTRIES;
             if index > last_snapshot {
@@ -133,7 +136,9 @@ fn run_child(dir: &Path, seed: u64) -> ! {
                 // Announced before the file exists: the kill may land anywhere after.
                 say(format_args!("SNAP {} {}", meta.index, meta.term));
                 let mut builder = handle.store().snapshots().create(meta.clone()).unwrap();
-                builder.write_chunk(0, format!("state {index}").as_bytes()).unwrap();
+                builder
+                    .write_chunk(0, format!("state {index}").as_bytes())
+                    .unwrap();
                 builder.finish().unwrap();
                 last_snapshot = index;
                 handle.compact(index).unwrap();
@@ -148,8 +153,15 @@ fn run_child(dir: &Path, seed: u64) -> ! {
         } else {
             (None, last + 1)
         };
-        let count = rng.random_range(if truncate_from.is_some() { 0..=20 } else { 1..=40 });
-        commit = commit.max(last.saturating_sub(rng.random_range(10..200)).min(start - 1));
+        let count = rng.random_range(if truncate_from.is_some() {
+            0..=20
+        } else {
+            1..=40
+        });
+        commit = commit.max(
+            last.saturating_sub(rng.random_range(10..200))
+                .min(start - 1),
+        );
         let hard_state = HardState {
             term,
             vote: 1,
@@ -193,8 +205,13 @@ impl Model {
         if let Some(from) = sub.truncate_from {
             self.terms.truncate(from as usize - 1);
         }
-        assert_eq!(self.terms.len() as u64 + 1, sub.start, "the child submits contiguous entries");
-        self.terms.extend(std::iter::repeat_n(sub.term, sub.count as usize));
+        assert_eq!(
+            self.terms.len() as u64 + 1,
+            sub.start,
+            "the child submits contiguous entries"
+        );
+        self.terms
+            .extend(std::iter::repeat_n(sub.term, sub.count as usize));
         self.hard_state = HardState {
             term: sub.term,
             vote: 1,
@@ -227,7 +244,12 @@ fn parse(lines: &[String]) -> (Vec<Sub>, u64, Vec<(LogIndex, Term)>) {
 /// Runs one child until a random kill; returns its complete output lines.
 fn run_round(dir: &Path, seed: u64, kill_after: Duration) -> Vec<String> {
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "crash_child_entry_point", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "crash_child_entry_point",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_DIR_ENV, dir)
         .env(CHILD_SEED_ENV, seed.to_string())
         .stdin(Stdio::null())
@@ -271,11 +293,20 @@ fn run_round(dir: &Path, seed: u64, kill_after: Duration) -> Vec<String> {
 
 /// Checks the recovered state against every state the submitted requests could have left,
 /// from the last acknowledged one on; returns the matching model.
-fn verify(dir: &Path, model: &Model, lines: &[String], snapshots: &mut Vec<(LogIndex, Term)>) -> Model {
+fn verify(
+    dir: &Path,
+    model: &Model,
+    lines: &[String],
+    snapshots: &mut Vec<(LogIndex, Term)>,
+) -> Model {
     let (subs, acked, snaps) = parse(lines);
     snapshots.extend(snaps);
     let (store, recovered) = LogStore::open(dir, &config()).unwrap();
-    assert!(recovered.corrupt_snapshots.is_empty(), "{:?}", recovered.corrupt_snapshots);
+    assert!(
+        recovered.corrupt_snapshots.is_empty(),
+        "{:?}",
+        recovered.corrupt_snapshots
+    );
     let bounds = recovered.bounds;
     if let Some(snapshot) = &recovered.snapshot {
         let at = (snapshot.meta.index, snapshot.meta.term);
@@ -283,18 +314,26 @@ fn verify(dir: &Path, model: &Model, lines: &[String], snapshots: &mut Vec<(LogI
         assert!(bounds.first_index <= at.0 + 1);
     }
     let log = if bounds.first_index <= bounds.last_index {
-        store.entries(bounds.first_index..bounds.last_index + 1, u64::MAX).unwrap()
+        store
+            .entries(bounds.first_index..bounds.last_index + 1, u64::MAX)
+            .unwrap()
     } else {
         Vec::new()
     };
     drop(store);
     for e in &log {
-        assert_eq!(e.data, payload(e.index, e.term), "entry {} content", e.index);
+        assert_eq!(
+            e.data,
+            payload(e.index, e.term),
+            "entry {} content",
+            e.index
+        );
     }
     let matches = |candidate: &Model| {
         candidate.terms.len() as u64 == bounds.last_index
             && candidate.hard_state == recovered.hard_state
-            && (bounds.first_index == 1 || candidate.terms[bounds.first_index as usize - 2] == bounds.prev_term)
+            && (bounds.first_index == 1
+                || candidate.terms[bounds.first_index as usize - 2] == bounds.prev_term)
             && log
                 .iter()
                 .all(|e| candidate.terms[e.index as usize - 1] == e.term)
@@ -325,7 +364,10 @@ fn acknowledged_writes_survive_sigkill() {
     if std::env::var(CHILD_DIR_ENV).is_ok() {
         return;
     }
-    let rounds: u64 = std::env::var(ROUNDS_ENV).ok().and_then(|v| v.parse().ok()).unwrap_or(ROUNDS_DEFAULT);
+    let rounds: u64 = std::env::var(ROUNDS_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ROUNDS_DEFAULT);
     let seed: u64 = std::env::var(SEED_ENV)
         .ok()
         .and_then(|v| v.parse().ok())
@@ -342,8 +384,9 @@ fn acknowledged_writes_survive_sigkill() {
         let (subs, acked, _) = parse(&lines);
         acked_total += acked;
         truncations += subs.iter().filter(|s| s.truncate_from.is_some()).count();
-        model = std::panic::catch_unwind(|| verify(dir.path(), &model, &lines, &mut snapshots.clone()))
-            .unwrap_or_else(|_| panic!("round {round} failed; rerun with {SEED_ENV}={seed}"));
+        model =
+            std::panic::catch_unwind(|| verify(dir.path(), &model, &lines, &mut snapshots.clone()))
+                .unwrap_or_else(|_| panic!("round {round} failed; rerun with {SEED_ENV}={seed}"));
         let (_, _, snaps) = parse(&lines);
         snapshots.extend(snaps);
     }
@@ -353,6 +396,9 @@ fn acknowledged_writes_survive_sigkill() {
         snapshots.len(),
         model.terms.len()
     );
-    assert!(acked_total > 0, "the children acknowledged nothing: the harness tested nothing");
+    assert!(
+        acked_total > 0,
+        "the children acknowledged nothing: the harness tested nothing"
+    );
     assert!(truncations > 0, "no truncation was exercised");
 }

@@ -7,5 +7,5 @@
 //! (the deterministic simulator), `storage` (fjall log and snapshot files) and `node` (the
 //! threads that drive the core).
 
-pub mod types;
 pub mod storage;
+pub mod types;

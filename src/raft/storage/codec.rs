@@ -194,14 +194,23 @@ impl Segment {
     }
 
     fn offset_of(&self, index: LogIndex) -> usize {
-        assert!(self.contains(index), "index {index} outside segment {}..={}", self.first, self.last());
+        assert!(
+            self.contains(index),
+            "index {index} outside segment {}..={}",
+            self.first,
+            self.last()
+        );
         (index - self.first) as usize
     }
 
     fn meta(&self, k: usize) -> (Term, u8, usize) {
         let at = SEGMENT_HEADER_BYTES + SEGMENT_META_BYTES * k;
         let m = &self.bytes[at..at + SEGMENT_META_BYTES];
-        (read_u64(&m[..8]), m[8], u32::from_be_bytes(m[9..13].try_into().expect("four bytes")) as usize)
+        (
+            read_u64(&m[..8]),
+            m[8],
+            u32::from_be_bytes(m[9..13].try_into().expect("four bytes")) as usize,
+        )
     }
 }
 
@@ -270,14 +279,22 @@ mod tests {
         Entry {
             term,
             index,
-            kind: if data.is_empty() { EntryKind::Blank } else { EntryKind::Normal },
+            kind: if data.is_empty() {
+                EntryKind::Blank
+            } else {
+                EntryKind::Normal
+            },
             data: Bytes::from_static(data),
         }
     }
 
     #[test]
     fn segment_round_trips_and_keys_sort_by_index() {
-        let entries = vec![entry(300, 7, b"payload"), entry(301, 7, b""), entry(302, 8, b"x")];
+        let entries = vec![
+            entry(300, 7, b"payload"),
+            entry(301, 7, b""),
+            entry(302, 8, b"x"),
+        ];
         let segment = Segment::decode(300, encode_segment(&entries)).unwrap();
         assert_eq!(segment.last(), 302);
         for e in &entries {
@@ -313,7 +330,11 @@ mod tests {
         let many: Vec<Entry> = (1..=2000).map(|i| entry(i, 1, b"")).collect();
         assert_eq!(segment_len(&many), SEGMENT_ENTRIES_MAX);
         let big = vec![entry(1, 1, &BIG), entry(2, 1, &BIG), entry(3, 1, b"")];
-        assert_eq!(segment_len(&big), 1, "a large entry gets a segment of its own");
+        assert_eq!(
+            segment_len(&big),
+            1,
+            "a large entry gets a segment of its own"
+        );
         assert_eq!(segment_len(&big[2..]), 1);
     }
 
@@ -325,6 +346,9 @@ mod tests {
             commit: 41,
         };
         assert_eq!(decode_hard_state(&encode_hard_state(&hs)).unwrap(), hs);
-        assert_eq!(decode_log_start(&encode_log_start(501, 4)).unwrap(), (501, 4));
+        assert_eq!(
+            decode_log_start(&encode_log_start(501, 4)).unwrap(),
+            (501, 4)
+        );
     }
 }

@@ -18,9 +18,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fjall::{
-    CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable,
-};
+use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use parking_lot::RwLock;
 
 use super::codec::{
@@ -111,7 +109,8 @@ impl LogStore {
     /// reported in [`Recovered::corrupt_snapshots`] and skipped.
     pub fn open(dir: &Path, config: &StorageConfig) -> Result<(Self, Recovered), StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create", dir, e))?;
-        let (snapshots, snapshot, corrupt_snapshots) = SnapshotStore::open(&dir.join(SNAPSHOT_DIR))?;
+        let (snapshots, snapshot, corrupt_snapshots) =
+            SnapshotStore::open(&dir.join(SNAPSHOT_DIR))?;
         let db = Database::builder(dir.join(LOG_DB_DIR))
             .manual_journal_persist(true)
             // Compressing large entries in the journal would put CPU work on the commit path.
@@ -222,7 +221,10 @@ impl LogStore {
         let Some(mut segment) = self.segment_containing(&view, range.start)? else {
             return Err(self.missing(range.start));
         };
-        let mut later = view.range(&self.inner.log, log_key(segment.last() + 1)..log_key(range.end));
+        let mut later = view.range(
+            &self.inner.log,
+            log_key(segment.last() + 1)..log_key(range.end),
+        );
         let mut out = Vec::new();
         let mut bytes = 0u64;
         let mut index = range.start;
@@ -319,7 +321,11 @@ impl LogStore {
         for guard in self.inner.log.range(log_key(start)..) {
             let (key, value) = guard.into_inner()?;
             let segment = Segment::decode(index_of_key(&key)?, value)?;
-            let expected = if bounds.last_index < first_index { start } else { bounds.last_index + 1 };
+            let expected = if bounds.last_index < first_index {
+                start
+            } else {
+                bounds.last_index + 1
+            };
             if segment.first != expected {
                 return Err(StorageError::CorruptLog(format!(
                     "gap in the log: a segment starts at {} where {expected} was expected \
@@ -412,7 +418,10 @@ impl LogStore {
         let old = self.bounds();
         let (new_last_index, new_last_term) = new_last;
         let changed_from = entries.first().map_or(new_last_index + 1, |e| e.index);
-        assert!(changed_from >= old.first_index, "a write never changes entries below the log boundary");
+        assert!(
+            changed_from >= old.first_index,
+            "a write never changes entries below the log boundary"
+        );
         if entries.is_empty() && changed_from > old.last_index && hard_state.is_none() {
             return Ok(());
         }
@@ -421,7 +430,11 @@ impl LogStore {
         let mut rest = entries;
         while !rest.is_empty() {
             let (segment, tail) = rest.split_at(segment_len(rest));
-            batch.insert(&self.inner.log, log_key(segment[0].index), encode_segment(segment));
+            batch.insert(
+                &self.inner.log,
+                log_key(segment[0].index),
+                encode_segment(segment),
+            );
             written.push(segment[0].index);
             rest = tail;
         }
@@ -430,9 +443,11 @@ impl LogStore {
             // remove every later segment that this batch does not overwrite. Strong
             // removes: these keys may be written again.
             let view = self.inner.db.snapshot();
-            let cut = self.segment_containing(&view, changed_from)?.ok_or_else(|| {
-                StorageError::CorruptLog(format!("no segment holds entry {changed_from}"))
-            })?;
+            let cut = self
+                .segment_containing(&view, changed_from)?
+                .ok_or_else(|| {
+                    StorageError::CorruptLog(format!("no segment holds entry {changed_from}"))
+                })?;
             if cut.first < changed_from {
                 let prefix: Vec<Entry> = (cut.first..changed_from).map(|i| cut.entry(i)).collect();
                 batch.insert(&self.inner.log, log_key(cut.first), encode_segment(&prefix));
@@ -470,7 +485,10 @@ impl LogStore {
         term: Term,
     ) -> Result<Option<LogIndex>, StorageError> {
         let old = self.bounds();
-        assert!(index + 1 >= old.first_index, "a snapshot never moves the boundary back");
+        assert!(
+            index + 1 >= old.first_index,
+            "a snapshot never moves the boundary back"
+        );
         if self.log_matches(&old, index, term)? {
             return Ok(None);
         }
@@ -483,7 +501,11 @@ impl LogStore {
         for key in self.keys_from(past_start)? {
             batch.remove(&self.inner.log, log_key(key));
         }
-        batch.insert(&self.inner.meta, META_KEY_LOG_START, encode_log_start(index + 1, term));
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(index + 1, term),
+        );
         batch.commit()?;
         *self.inner.bounds.write() = LogBounds {
             first_index: index + 1,
@@ -496,7 +518,11 @@ impl LogStore {
 
     /// The key of the first live segment (the one holding the first index), or the first
     /// index when the log is empty.
-    fn live_start(&self, view: &fjall::Snapshot, bounds: &LogBounds) -> Result<LogIndex, StorageError> {
+    fn live_start(
+        &self,
+        view: &fjall::Snapshot,
+        bounds: &LogBounds,
+    ) -> Result<LogIndex, StorageError> {
         if bounds.first_index > bounds.last_index {
             return Ok(bounds.first_index);
         }
@@ -532,7 +558,11 @@ impl LogStore {
                 batch.remove(&self.inner.log, key);
             }
         }
-        batch.insert(&self.inner.meta, META_KEY_LOG_START, encode_log_start(new_first, prev_term));
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(new_first, prev_term),
+        );
         // Move the boundary before the keys vanish, so that a reader never finds a key
         // missing inside the bounds.
         {

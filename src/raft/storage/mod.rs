@@ -185,7 +185,11 @@ impl StorageError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            Self::Poisoned | Self::Fjall(_) | Self::Io { .. } | Self::CorruptLog(_) | Self::WriterStopped
+            Self::Poisoned
+                | Self::Fjall(_)
+                | Self::Io { .. }
+                | Self::CorruptLog(_)
+                | Self::WriterStopped
         )
     }
 }

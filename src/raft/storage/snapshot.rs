@@ -185,7 +185,10 @@ impl SnapshotStore {
         let mut target = path.as_os_str().to_owned();
         target.push(SUFFIX_CORRUPT);
         if let Err(e) = fs::rename(path, &target).and_then(|()| fsync_dir(&self.dir)) {
-            log::error!("could not move corrupt snapshot {} aside: {e}", path.display());
+            log::error!(
+                "could not move corrupt snapshot {} aside: {e}",
+                path.display()
+            );
         }
         error
     }
@@ -331,7 +334,11 @@ impl SnapshotBuilder {
             }
         } else {
             let header = encode_header(&self.meta, self.written_bytes, &sha)?;
-            assert_eq!(header.len() as u64, self.header_bytes, "header length depends only on the membership");
+            assert_eq!(
+                header.len() as u64,
+                self.header_bytes,
+                "header length depends only on the membership"
+            );
             self.file
                 .write_all_at(&header, 0)
                 .map_err(|e| StorageError::io("write", &self.temp_path, e))?;
@@ -340,7 +347,8 @@ impl SnapshotBuilder {
             .sync_all()
             .map_err(|e| StorageError::io("fsync", &self.temp_path, e))?;
         let path = self.store.dir.join(file_name(&self.meta));
-        fs::rename(&self.temp_path, &path).map_err(|e| StorageError::io("rename", &self.temp_path, e))?;
+        fs::rename(&self.temp_path, &path)
+            .map_err(|e| StorageError::io("rename", &self.temp_path, e))?;
         self.finished = true;
         fsync_dir(&self.store.dir).map_err(|e| StorageError::io("fsync", &self.store.dir, e))?;
         self.store.prune(&path)?;
@@ -420,7 +428,9 @@ impl SnapshotReader {
         if file_bytes != expected {
             return Err(corrupt(
                 path,
-                format!("file is {file_bytes} bytes, header says {expected} (truncated or extended)"),
+                format!(
+                    "file is {file_bytes} bytes, header says {expected} (truncated or extended)"
+                ),
             ));
         }
         Ok(Self {
@@ -452,7 +462,9 @@ impl SnapshotReader {
             return Ok(None);
         }
         let remaining = content_bytes - self.offset;
-        let len = usize::try_from(remaining).unwrap_or(usize::MAX).min(chunk_bytes_max);
+        let len = usize::try_from(remaining)
+            .unwrap_or(usize::MAX)
+            .min(chunk_bytes_max);
         let mut data = BytesMut::zeroed(len);
         self.file
             .read_exact(&mut data)
@@ -511,11 +523,19 @@ fn encode_header(
     let header_bytes = HEADER_FIXED_BYTES + 8 * members;
     let mut out = Vec::with_capacity(header_bytes);
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&u32::try_from(header_bytes).expect("bounded by HEADER_BYTES_MAX").to_be_bytes());
+    out.extend_from_slice(
+        &u32::try_from(header_bytes)
+            .expect("bounded by HEADER_BYTES_MAX")
+            .to_be_bytes(),
+    );
     out.extend_from_slice(&meta.index.to_be_bytes());
     out.extend_from_slice(&meta.term.to_be_bytes());
     for set in [&meta.membership.voters, &meta.membership.learners] {
-        out.extend_from_slice(&u32::try_from(set.len()).expect("bounded above").to_be_bytes());
+        out.extend_from_slice(
+            &u32::try_from(set.len())
+                .expect("bounded above")
+                .to_be_bytes(),
+        );
         for id in set {
             out.extend_from_slice(&id.to_be_bytes());
         }
@@ -537,7 +557,10 @@ fn read_header(file: &mut File, path: &Path) -> Result<SnapshotInfo, StorageErro
     }
     let header_bytes = u32::from_be_bytes(prefix[8..].try_into().expect("four bytes")) as usize;
     if !(HEADER_FIXED_BYTES..=HEADER_BYTES_MAX).contains(&header_bytes) {
-        return Err(corrupt(path, format!("header length {header_bytes} out of range")));
+        return Err(corrupt(
+            path,
+            format!("header length {header_bytes} out of range"),
+        ));
     }
     let mut header = vec![0u8; header_bytes];
     header[..HEADER_PREFIX_BYTES].copy_from_slice(&prefix);
@@ -547,7 +570,9 @@ fn read_header(file: &mut File, path: &Path) -> Result<SnapshotInfo, StorageErro
     if ring::digest::digest(&SHA256, body).as_ref() != stored_sha {
         return Err(corrupt(path, "header digest mismatch".into()));
     }
-    let mut cursor = Cursor { bytes: &body[HEADER_PREFIX_BYTES..] };
+    let mut cursor = Cursor {
+        bytes: &body[HEADER_PREFIX_BYTES..],
+    };
     let index = cursor.u64();
     let term = cursor.u64();
     let mut membership = Membership::default();
@@ -556,11 +581,15 @@ fn read_header(file: &mut File, path: &Path) -> Result<SnapshotInfo, StorageErro
             .try_u32()
             .ok_or_else(|| corrupt(path, "header too short".into()))?;
         for _ in 0..count {
-            let id: NodeId = cursor.try_u64().ok_or_else(|| corrupt(path, "member list overruns the header".into()))?;
+            let id: NodeId = cursor
+                .try_u64()
+                .ok_or_else(|| corrupt(path, "member list overruns the header".into()))?;
             set.insert(id);
         }
     }
-    let content_bytes = cursor.try_u64().ok_or_else(|| corrupt(path, "header too short".into()))?;
+    let content_bytes = cursor
+        .try_u64()
+        .ok_or_else(|| corrupt(path, "header too short".into()))?;
     let content_sha256: [u8; DIGEST_BYTES] = cursor
         .take(DIGEST_BYTES)
         .and_then(|b| b.try_into().ok())
@@ -597,11 +626,13 @@ impl<'a> Cursor<'a> {
     }
 
     fn try_u64(&mut self) -> Option<u64> {
-        self.take(8).map(|b| u64::from_be_bytes(b.try_into().expect("eight bytes")))
+        self.take(8)
+            .map(|b| u64::from_be_bytes(b.try_into().expect("eight bytes")))
     }
 
     fn u64(&mut self) -> u64 {
-        self.try_u64().expect("the fixed header part was length-checked")
+        self.try_u64()
+            .expect("the fixed header part was length-checked")
     }
 
     fn try_u32(&mut self) -> Option<u32> {

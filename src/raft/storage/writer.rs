@@ -75,9 +75,18 @@ pub enum WriterEvent {
 }
 
 enum Request {
-    Append { seq: u64, request: AppendRequest },
-    SnapshotInstalled { seq: u64, index: LogIndex, term: Term },
-    Compact { up_to: LogIndex },
+    Append {
+        seq: u64,
+        request: AppendRequest,
+    },
+    SnapshotInstalled {
+        seq: u64,
+        index: LogIndex,
+        term: Term,
+    },
+    Compact {
+        up_to: LogIndex,
+    },
 }
 
 /// The raft thread's side of storage: the writer's input, the unstable tail, and reads
@@ -343,7 +352,9 @@ impl LogHandle {
         let mut out = Vec::new();
         let mut bytes = 0u64;
         if range.start < tail_first {
-            out = self.store.entries(range.start..range.end.min(tail_first), bytes_max)?;
+            out = self
+                .store
+                .entries(range.start..range.end.min(tail_first), bytes_max)?;
             bytes = out.iter().map(|e| e.data.len() as u64).sum();
             if range.start + out.len() as u64 != range.end.min(tail_first) || bytes >= bytes_max {
                 return Ok(out);
@@ -682,7 +693,9 @@ impl Writer {
     /// `submit` (it gets `WriterStopped`), so the blocking send below cannot deadlock.
     fn fail(self, error: StorageError) {
         log::error!("FATAL: {WRITER_THREAD_NAME} stops: {error}");
-        let Self { requests, events, .. } = self;
+        let Self {
+            requests, events, ..
+        } = self;
         drop(requests);
         let _ = events.send(WriterEvent::Fatal(error));
     }
@@ -733,8 +746,14 @@ mod tests {
             WriterEvent::Fatal(e) => assert!(e.is_fatal() && matches!(e, StorageError::Poisoned)),
             WriterEvent::Durable(d) => panic!("acknowledged after a failed fsync: {d:?}"),
         }
-        assert!(events.recv().is_err(), "the writer has stopped: no further events");
-        assert!(matches!(handle.submit(append(3)), Err(StorageError::WriterStopped)));
+        assert!(
+            events.recv().is_err(),
+            "the writer has stopped: no further events"
+        );
+        assert!(matches!(
+            handle.submit(append(3)),
+            Err(StorageError::WriterStopped)
+        ));
         handle.shutdown().unwrap();
     }
 }
