@@ -223,11 +223,19 @@ impl LogHandle {
     /// it (Raft §7). Returns the sequence number a later [`Durable`] covers.
     ///
     /// # Errors
-    /// [`StorageError::WriterStopped`] if the writer is gone.
+    /// [`StorageError::InvalidRequest`] if the snapshot ends before the log's boundary (it
+    /// would move the boundary back); [`StorageError::WriterStopped`] if the writer is gone.
     pub fn snapshot_installed(&mut self, meta: &SnapshotMeta) -> Result<u64, StorageError> {
         let seq = self.next_seq;
         if self.requests.is_none() {
             return Err(StorageError::WriterStopped);
+        }
+        let first_index = self.boundary().0;
+        if meta.index + 1 < first_index {
+            return Err(StorageError::InvalidRequest(format!(
+                "snapshot at {} is older than the log boundary {first_index}",
+                meta.index
+            )));
         }
         if self.term(meta.index).ok() != Some(meta.term) {
             self.view.tail.clear();
@@ -250,6 +258,8 @@ impl LogHandle {
 
     /// After a durable snapshot at `snapshot_index`, asks the writer to drop entries up to
     /// `snapshot_index - trailing_entries_kept`, in bounded rounds between write groups.
+    /// Only call it once the snapshot file is installed: recovery refuses a log whose
+    /// boundary has no valid snapshot behind it. The target is clamped to the log's end.
     ///
     /// # Errors
     /// [`StorageError::WriterStopped`] if the writer is gone.
