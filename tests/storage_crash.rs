@@ -145,6 +145,34 @@ fn run_child(dir: &Path, seed: u64) -> ! {
             }
             continue;
         }
+        // Installs wait for earlier writes to be acknowledged, so that every crash state is
+        // a prefix of the request sequence (see `LogHandle::snapshot_installed` for the
+        // other case).
+        if roll == 99 && acked == submitted {
+            // A snapshot received from a leader far ahead: install it, then restart the
+            // log after it.
+            term += 1;
+            let index = handle.last_index() + rng.random_range(1..100);
+            let meta = SnapshotMeta {
+                index,
+                term,
+                membership: Default::default(),
+            };
+            submitted += 1;
+            say(format_args!("INSTALL {submitted} {index} {term}"));
+            let mut builder = handle.store().snapshots().create(meta.clone()).unwrap();
+            for piece in 0..4u8 {
+                builder
+                    .write_chunk(u64::from(piece) * 1000, &[piece; 1000])
+                    .unwrap();
+            }
+            builder.finish().unwrap();
+            let seq = handle.snapshot_installed(&meta).unwrap();
+            assert_eq!(seq, submitted);
+            commit = index;
+            last_snapshot = index;
+            continue;
+        }
         let last = handle.last_index();
         let (truncate_from, start) = if roll < 12 && last > commit {
             term += 1;
@@ -191,6 +219,8 @@ struct Sub {
     count: u64,
     term: Term,
     commit: LogIndex,
+    /// An installed snapshot `(index, term)` instead of an append.
+    install: Option<(LogIndex, Term)>,
 }
 
 /// What the test believes is on disk: the term of every index (1-based) and the hard state.
@@ -202,6 +232,13 @@ struct Model {
 
 impl Model {
     fn apply(&mut self, sub: &Sub) {
+        if let Some((index, term)) = sub.install {
+            // The log restarts after the snapshot; the slots up to it only carry the
+            // snapshot's term for the boundary check.
+            self.terms.truncate(index as usize);
+            self.terms.resize(index as usize, term);
+            return;
+        }
         if let Some(from) = sub.truncate_from {
             self.terms.truncate(from as usize - 1);
         }
@@ -232,7 +269,21 @@ fn parse(lines: &[String]) -> (Vec<Sub>, u64, Vec<(LogIndex, Term)>) {
                 count: count.parse().unwrap(),
                 term: term.parse().unwrap(),
                 commit: commit.parse().unwrap(),
+                install: None,
             }),
+            ["INSTALL", seq, index, term] => {
+                let at = (index.parse().unwrap(), term.parse().unwrap());
+                snaps.push(at);
+                subs.push(Sub {
+                    seq: seq.parse().unwrap(),
+                    truncate_from: None,
+                    start: 0,
+                    count: 0,
+                    term: at.1,
+                    commit: at.0,
+                    install: Some(at),
+                });
+            }
             ["ACK", seq] => acked = acked.max(seq.parse().unwrap()),
             ["SNAP", index, term] => snaps.push((index.parse().unwrap(), term.parse().unwrap())),
             _ => {}
@@ -377,13 +428,14 @@ fn acknowledged_writes_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
     let mut model = Model::default();
     let mut snapshots = Vec::new();
-    let (mut acked_total, mut truncations) = (0u64, 0usize);
+    let (mut acked_total, mut truncations, mut installs) = (0u64, 0usize, 0usize);
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.random_range(0..=KILL_DELAY_MS_MAX));
         let lines = run_round(dir.path(), rng.random(), kill_after);
         let (subs, acked, _) = parse(&lines);
         acked_total += acked;
         truncations += subs.iter().filter(|s| s.truncate_from.is_some()).count();
+        installs += subs.iter().filter(|s| s.install.is_some()).count();
         model =
             std::panic::catch_unwind(|| verify(dir.path(), &model, &lines, &mut snapshots.clone()))
                 .unwrap_or_else(|_| panic!("round {round} failed; rerun with {SEED_ENV}={seed}"));
@@ -392,7 +444,7 @@ fn acknowledged_writes_survive_sigkill() {
     }
     eprintln!(
         "crash harness: {rounds} rounds, {acked_total} acknowledged requests, {truncations} \
-         truncations, {} snapshots, final log length {}",
+         truncations, {installs} installed snapshots, {} snapshots, final log length {}",
         snapshots.len(),
         model.terms.len()
     );

@@ -222,6 +222,11 @@ impl LogHandle {
     /// log is kept if it holds the snapshot's last entry, otherwise it restarts right after
     /// it (Raft §7). Returns the sequence number a later [`Durable`] covers.
     ///
+    /// Crash note: the snapshot file is durable before this request is. If earlier writes
+    /// are still queued, a crash may recover the snapshot with the hard state of an
+    /// earlier durable write (the log restarts after the snapshot either way). That is
+    /// safe, since nothing in those writes was acknowledged.
+    ///
     /// # Errors
     /// [`StorageError::InvalidRequest`] if the snapshot ends before the log's boundary (it
     /// would move the boundary back); [`StorageError::WriterStopped`] if the writer is gone.
