@@ -12,7 +12,10 @@
 //!   and `fdatasync` it (the least a hand-written log could do).
 //!
 //! Prints the median over the repeats: `BENCH append_per_s_b<B> <v> entries/s`,
-//! `BENCH raw_per_s_b<B> <v> entries/s`, `BENCH append_vs_raw_b<B> <ratio> x`.
+//! `BENCH raw_per_s_b<B> <v> entries/s`, `BENCH append_vs_raw_b<B> <ratio> x` (ratio of
+//! those medians), and `BENCH append_vs_raw_pair_median_b<B> <ratio> x`: the median, over
+//! back-to-back pairs, of raw time / append time, which a burst of other IO on a shared
+//! disk cannot skew. The per-repeat figures go to stderr.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 use std::fs::OpenOptions;
@@ -128,27 +131,31 @@ fn raw_batch(
 }
 
 /// Alternates one raw batch and one append batch for `duration`, so that both see the
-/// same disk (other tenants' IO hits both equally); returns entries/s of (append, raw).
+/// same disk (other tenants' IO hits both equally); returns entries/s of (append, raw) and
+/// the median over pairs of raw time / append time (robust to bursts of foreign IO).
 fn measure(
     append: &mut AppendBench,
     raw: &mut std::fs::File,
     batch: usize,
     payloads: &[Bytes],
     duration: Duration,
-) -> (f64, f64) {
+) -> (f64, f64, f64) {
     let mut buffer = Vec::with_capacity(batch * payloads[0].len());
     let (mut append_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
-    let mut batches = 0u64;
+    let mut pair_ratios = Vec::new();
     let start = Instant::now();
     while start.elapsed() < duration {
-        raw_time += raw_batch(raw, &mut buffer, batch, payloads);
-        append_time += append.batch(batch, payloads);
-        batches += 1;
+        let raw_one = raw_batch(raw, &mut buffer, batch, payloads);
+        let append_one = append.batch(batch, payloads);
+        raw_time += raw_one;
+        append_time += append_one;
+        pair_ratios.push(raw_one.as_secs_f64() / append_one.as_secs_f64());
     }
-    let entries = (batches * batch as u64) as f64;
+    let entries = (pair_ratios.len() * batch) as f64;
     (
         entries / append_time.as_secs_f64(),
         entries / raw_time.as_secs_f64(),
+        median(pair_ratios),
     )
 }
 
@@ -196,10 +203,12 @@ fn main() {
     for &batch in &args.sizes {
         let mut appends = Vec::new();
         let mut raws = Vec::new();
+        let mut pair_medians = Vec::new();
         for _ in 0..args.repeats {
-            let (a, r) = measure(&mut append, &mut raw_file, batch, &payloads, duration);
+            let (a, r, p) = measure(&mut append, &mut raw_file, batch, &payloads, duration);
             appends.push(a);
             raws.push(r);
+            pair_medians.push(p);
         }
         let ratios: Vec<String> = appends
             .iter()
@@ -207,10 +216,11 @@ fn main() {
             .map(|(a, r)| format!("{:.2}", a / r))
             .collect();
         eprintln!(
-            "b={batch}: append {:?} raw {:?} per-repeat ratios {:?}",
+            "b={batch}: append {:?} raw {:?} per-repeat ratios {:?} pair medians {:.2?}",
             appends.iter().map(|v| *v as u64).collect::<Vec<_>>(),
             raws.iter().map(|v| *v as u64).collect::<Vec<_>>(),
-            ratios
+            ratios,
+            pair_medians
         );
         let append_per_s = median(appends);
         let raw_per_s = median(raws);
@@ -219,6 +229,10 @@ fn main() {
         println!(
             "BENCH append_vs_raw_b{batch} {:.2} x",
             append_per_s / raw_per_s
+        );
+        println!(
+            "BENCH append_vs_raw_pair_median_b{batch} {:.2} x",
+            median(pair_medians)
         );
     }
     append.handle.shutdown().unwrap();

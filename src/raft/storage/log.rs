@@ -1,5 +1,12 @@
 //! The Raft log and hard state in one fjall database.
 //!
+//! The log keyspace holds segments: each value is a run of contiguous entries (one write
+//! group's, split at [`super::codec::SEGMENT_ENTRIES_MAX`]) under the big-endian index of
+//! its first entry. One key per group instead of one per entry is what keeps the
+//! group-commit path close to the raw disk: fjall's per-key work (memtable insert, journal
+//! record) would otherwise dominate at large batches. An entry is found by the greatest key
+//! at or below its index.
+//!
 //! Owns the database handle, the log's bounds (first live index, the term before it, last
 //! index and term) and recovery. Readers on any thread use [`LogStore`]; only the
 //! `raft-log-writer` thread calls the `pub(crate)` write methods, so writes never race each
@@ -15,9 +22,8 @@ use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistM
 use parking_lot::RwLock;
 
 use super::codec::{
-    META_KEY_HARD_STATE, META_KEY_LOG_START, decode_entry, decode_entry_header, decode_hard_state,
-    decode_log_start, encode_entry_value, encode_hard_state, encode_log_start, index_of_key,
-    log_key,
+    META_KEY_HARD_STATE, META_KEY_LOG_START, Segment, decode_hard_state, decode_log_start,
+    encode_hard_state, encode_log_start, encode_segment, index_of_key, log_key, segment_len,
 };
 use super::snapshot::{SnapshotInfo, SnapshotStore};
 use super::{StorageConfig, StorageError};
@@ -110,9 +116,18 @@ impl LogStore {
             // Compressing large entries in the journal would put CPU work on the commit path.
             .journal_compression(CompressionType::None)
             .cache_size(config.cache_bytes)
+            .worker_threads(config.fjall_worker_threads)
             .open()?;
-        let log = db.keyspace(KEYSPACE_LOG, KeyspaceCreateOptions::default)?;
-        let meta = db.keyspace(KEYSPACE_META, KeyspaceCreateOptions::default)?;
+        let log = db.keyspace(KEYSPACE_LOG, || {
+            // Entries are mostly read back once (by a slow follower) and then compacted:
+            // compressing them on flush would spend CPU the writer needs on small hosts.
+            KeyspaceCreateOptions::default()
+                .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+                .max_memtable_size(config.memtable_bytes_max)
+        })?;
+        let meta = db.keyspace(KEYSPACE_META, || {
+            KeyspaceCreateOptions::default().max_memtable_size(config.memtable_bytes_max)
+        })?;
         let store = Self {
             inner: Arc::new(Inner {
                 db,
@@ -181,8 +196,8 @@ impl LogStore {
             return Ok(bounds.prev_term);
         }
         check_readable(index, index + 1, &bounds)?;
-        match self.inner.log.get(log_key(index))? {
-            Some(value) => Ok(decode_entry_header(index, &value)?.0),
+        match self.segment_containing(&self.inner.db.snapshot(), index)? {
+            Some(segment) => Ok(segment.term(index)),
             None => Err(self.missing(index)),
         }
     }
@@ -203,34 +218,65 @@ impl LogStore {
         }
         check_readable(range.start, range.end, &self.bounds())?;
         let view = self.inner.db.snapshot();
-        let mut out = Vec::with_capacity(
-            usize::try_from(range.end - range.start)
-                .unwrap_or(0)
-                .min(4096),
+        let Some(mut segment) = self.segment_containing(&view, range.start)? else {
+            return Err(self.missing(range.start));
+        };
+        let mut later = view.range(
+            &self.inner.log,
+            log_key(segment.last() + 1)..log_key(range.end),
         );
+        let mut out = Vec::new();
         let mut bytes = 0u64;
-        let mut expected = range.start;
-        for guard in view.range(&self.inner.log, log_key(range.start)..log_key(range.end)) {
-            let (key, value) = guard.into_inner()?;
-            let index = index_of_key(&key)?;
-            if index != expected {
-                return Err(self.missing(expected));
+        let mut index = range.start;
+        while index < range.end {
+            if !segment.contains(index) {
+                segment = match later.next() {
+                    Some(guard) => {
+                        let (key, value) = guard.into_inner()?;
+                        Segment::decode(index_of_key(&key)?, value)?
+                    }
+                    None => return Err(self.missing(index)),
+                };
+                if segment.first != index {
+                    return Err(self.missing(index));
+                }
             }
-            let entry = decode_entry(index, value)?;
+            let entry = segment.entry(index);
             bytes += entry.data.len() as u64;
             if !out.is_empty() && bytes > bytes_max {
                 break;
             }
             out.push(entry);
-            expected += 1;
+            index += 1;
             if bytes >= bytes_max {
                 break;
             }
         }
-        if out.is_empty() {
-            return Err(self.missing(range.start));
-        }
         Ok(out)
+    }
+
+    /// The segment holding `index`: the one under the greatest key at or below it.
+    fn segment_containing(
+        &self,
+        view: &fjall::Snapshot,
+        index: LogIndex,
+    ) -> Result<Option<Segment>, StorageError> {
+        let Some(guard) = view.range(&self.inner.log, ..=log_key(index)).next_back() else {
+            return Ok(None);
+        };
+        let (key, value) = guard.into_inner()?;
+        let segment = Segment::decode(index_of_key(&key)?, value)?;
+        Ok(segment.contains(index).then_some(segment))
+    }
+
+    /// Keys of every segment starting at or after `from`, in order (a suffix about to be
+    /// replaced; recent, so short).
+    fn keys_from(&self, from: LogIndex) -> Result<Vec<LogIndex>, StorageError> {
+        let mut keys = Vec::new();
+        for guard in self.inner.log.range(log_key(from)..) {
+            keys.push(index_of_key(&guard.key()?)?);
+        }
+        Ok(keys)
     }
 
     /// Why `index`, inside the bounds a moment ago, was not found: compacted since, or lost.
@@ -267,24 +313,35 @@ impl LogStore {
             last_index: first_index - 1,
             last_term: prev_term,
         };
-        for guard in self.inner.log.range(log_key(first_index)..) {
+        // Start at the segment holding the first live index (it may begin below it).
+        let view = self.inner.db.snapshot();
+        let start = self
+            .segment_containing(&view, first_index)?
+            .map_or(first_index, |segment| segment.first);
+        for guard in self.inner.log.range(log_key(start)..) {
             let (key, value) = guard.into_inner()?;
-            let index = index_of_key(&key)?;
-            if index != bounds.last_index + 1 {
+            let segment = Segment::decode(index_of_key(&key)?, value)?;
+            let expected = if bounds.last_index < first_index {
+                start
+            } else {
+                bounds.last_index + 1
+            };
+            if segment.first != expected {
                 return Err(StorageError::CorruptLog(format!(
-                    "gap in the log: entry {} follows {} (log starts at {first_index})",
-                    index, bounds.last_index
+                    "gap in the log: a segment starts at {} where {expected} was expected \
+                     (log starts at {first_index})",
+                    segment.first
                 )));
             }
-            let (term, _) = decode_entry_header(index, &value)?;
+            let term = segment.term(segment.first.max(first_index));
             if term < bounds.last_term {
                 return Err(StorageError::CorruptLog(format!(
-                    "entry {index} has term {term}, below the previous entry's {}",
-                    bounds.last_term
+                    "segment at {} has term {term}, below the previous entry's {}",
+                    segment.first, bounds.last_term
                 )));
             }
-            bounds.last_index = index;
-            bounds.last_term = term;
+            bounds.last_index = segment.last();
+            bounds.last_term = segment.term(segment.last());
         }
         Ok(bounds)
     }
@@ -313,6 +370,8 @@ impl LogStore {
                 scanned.first_index, meta.index
             )));
         }
+        // Reads below go through the bounds: publish the scanned ones first.
+        *self.inner.bounds.write() = scanned;
         if self.log_matches(&scanned, meta.index, meta.term)? {
             return Ok(scanned);
         }
@@ -323,7 +382,6 @@ impl LogStore {
             meta.index,
             meta.term
         );
-        *self.inner.bounds.write() = scanned;
         self.reset_to_snapshot(meta.index, meta.term)?;
         self.persist()?;
         Ok(self.bounds())
@@ -342,48 +400,66 @@ impl LogStore {
         if index < bounds.first_index || index > bounds.last_index {
             return Ok(false);
         }
-        match self.inner.log.get(log_key(index))? {
-            Some(value) => Ok(decode_entry_header(index, &value)?.0 == term),
-            None => Ok(false),
-        }
+        Ok(self.term(index)? == term)
     }
 
     // ---- writer-thread operations: only `raft-log-writer` (and `open`) call these ----
 
-    /// Writes one group in ONE fjall batch: `entries` (contiguous), removals of every index
-    /// past the group's new last index up to the old one (a truncated suffix that was not
-    /// rewritten), and the hard state. Not synced: call [`LogStore::persist`].
-    pub(crate) fn write_group<'a>(
+    /// Writes one group in ONE fjall batch: `entries` (contiguous, as segments), the
+    /// rewritten prefix of a segment cut by a truncation, removals of every other segment
+    /// at or past the first changed index, and the hard state. Not synced: call
+    /// [`LogStore::persist`].
+    pub(crate) fn write_group(
         &self,
-        entries: impl ExactSizeIterator<Item = &'a Entry>,
+        entries: &[Entry],
         new_last: (LogIndex, Term),
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
         let old = self.bounds();
         let (new_last_index, new_last_term) = new_last;
+        let changed_from = entries.first().map_or(new_last_index + 1, |e| e.index);
         assert!(
-            new_last_index + 1 >= old.first_index,
-            "a write never truncates below the log boundary"
+            changed_from >= old.first_index,
+            "a write never changes entries below the log boundary"
         );
-        let removed = (new_last_index + 1)..(old.last_index + 1);
+        if entries.is_empty() && changed_from > old.last_index && hard_state.is_none() {
+            return Ok(());
+        }
         let mut batch = self.inner.db.batch().durability(None);
-        let count = entries.len();
-        for entry in entries {
+        let mut written = Vec::new();
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let (segment, tail) = rest.split_at(segment_len(rest));
             batch.insert(
                 &self.inner.log,
-                log_key(entry.index),
-                encode_entry_value(entry),
+                log_key(segment[0].index),
+                encode_segment(segment),
             );
+            written.push(segment[0].index);
+            rest = tail;
         }
-        for index in removed.clone() {
-            // A strong tombstone: this index may be written again later.
-            batch.remove(&self.inner.log, log_key(index));
+        if changed_from <= old.last_index {
+            // A truncation reaches into what fjall holds: keep the cut segment's prefix,
+            // remove every later segment that this batch does not overwrite. Strong
+            // removes: these keys may be written again.
+            let view = self.inner.db.snapshot();
+            let cut = self
+                .segment_containing(&view, changed_from)?
+                .ok_or_else(|| {
+                    StorageError::CorruptLog(format!("no segment holds entry {changed_from}"))
+                })?;
+            if cut.first < changed_from {
+                let prefix: Vec<Entry> = (cut.first..changed_from).map(|i| cut.entry(i)).collect();
+                batch.insert(&self.inner.log, log_key(cut.first), encode_segment(&prefix));
+            }
+            for key in self.keys_from(changed_from)? {
+                if !written.contains(&key) {
+                    batch.remove(&self.inner.log, log_key(key));
+                }
+            }
         }
         if let Some(hs) = hard_state {
             batch.insert(&self.inner.meta, META_KEY_HARD_STATE, encode_hard_state(hs));
-        }
-        if count == 0 && removed.is_empty() && hard_state.is_none() {
-            return Ok(());
         }
         batch.commit()?;
         let mut bounds = self.inner.bounds.write();
@@ -400,21 +476,30 @@ impl LogStore {
 
     /// After a snapshot `(index, term)` was installed: keeps the log if it holds that entry
     /// (Raft §7: the entries after it are still valid); otherwise empties the log and
-    /// restarts it at `index + 1`. The entries after the snapshot are removed in the same
-    /// batch that moves the boundary; the ones below it become garbage that compaction
-    /// removes in bounded rounds. Returns the lowest index that may hold garbage.
+    /// restarts it at `index + 1`. Every segment reaching past the snapshot is removed in
+    /// the same batch that moves the boundary; the segments wholly below it become garbage
+    /// that bounded rounds remove. Returns the lowest key that may hold garbage.
     pub(crate) fn reset_to_snapshot(
         &self,
         index: LogIndex,
         term: Term,
     ) -> Result<Option<LogIndex>, StorageError> {
         let old = self.bounds();
+        assert!(
+            index + 1 >= old.first_index,
+            "a snapshot never moves the boundary back"
+        );
         if self.log_matches(&old, index, term)? {
             return Ok(None);
         }
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &old)?;
+        let past_start = self
+            .segment_containing(&view, index + 1)?
+            .map_or(index + 1, |segment| segment.first);
         let mut batch = self.inner.db.batch().durability(None);
-        for stale in (index + 1).max(old.first_index)..=old.last_index {
-            batch.remove(&self.inner.log, log_key(stale));
+        for key in self.keys_from(past_start)? {
+            batch.remove(&self.inner.log, log_key(key));
         }
         batch.insert(
             &self.inner.meta,
@@ -428,14 +513,28 @@ impl LogStore {
             last_index: index,
             last_term: term,
         };
-        let garbage_end = (index + 1).min(old.last_index + 1);
-        Ok((old.first_index < garbage_end).then_some(old.first_index))
+        Ok((live_start < past_start).then_some(live_start))
     }
 
-    /// One bounded compaction round towards "the first live index is `up_to + 1`": removes
-    /// at most `round_max` entries and moves the boundary in the same batch. Returns true if
-    /// more rounds are needed. Never removes the last entry's successor boundary past the
-    /// end of the log.
+    /// The key of the first live segment (the one holding the first index), or the first
+    /// index when the log is empty.
+    fn live_start(
+        &self,
+        view: &fjall::Snapshot,
+        bounds: &LogBounds,
+    ) -> Result<LogIndex, StorageError> {
+        if bounds.first_index > bounds.last_index {
+            return Ok(bounds.first_index);
+        }
+        Ok(self
+            .segment_containing(view, bounds.first_index)?
+            .map_or(bounds.first_index, |segment| segment.first))
+    }
+
+    /// One bounded compaction round towards "the first live index is `up_to + 1`" (never
+    /// past the end of the log): moves the boundary by at most `round_max` entries and
+    /// removes the segments wholly below it, in one batch. Returns true if more rounds
+    /// are needed.
     pub(crate) fn compact_round(
         &self,
         up_to: LogIndex,
@@ -449,9 +548,15 @@ impl LogStore {
         }
         let new_first = target_first.min(old.first_index + round_max);
         let prev_term = self.term(new_first - 1)?;
+        let view = self.inner.db.snapshot();
+        let from = self.live_start(&view, &old)?;
         let mut batch = self.inner.db.batch().durability(None);
-        for index in old.first_index..new_first {
-            batch.remove(&self.inner.log, log_key(index));
+        for guard in view.range(&self.inner.log, log_key(from)..log_key(new_first)) {
+            let (key, value) = guard.into_inner()?;
+            let segment = Segment::decode(index_of_key(&key)?, value)?;
+            if segment.last() < new_first {
+                batch.remove(&self.inner.log, key);
+            }
         }
         batch.insert(
             &self.inner.meta,
@@ -469,31 +574,38 @@ impl LogStore {
         Ok(new_first < target_first)
     }
 
-    /// One bounded round removing garbage keys below the boundary (left by a snapshot
-    /// reset). Returns where the next round starts, or `None` when no garbage is left.
+    /// One bounded round removing garbage segments below the live log (left by a snapshot
+    /// reset or a crash). Returns where the next round starts, or `None` when done.
     pub(crate) fn remove_garbage_round(
         &self,
         from: LogIndex,
         round_max: u64,
     ) -> Result<Option<LogIndex>, StorageError> {
-        let first = self.first_index();
-        if from >= first {
-            return Ok(None);
-        }
-        let end = first.min(from + round_max);
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &self.bounds())?;
         let mut batch = self.inner.db.batch().durability(None);
-        for index in from..end {
-            batch.remove(&self.inner.log, log_key(index));
+        let mut next = None;
+        for guard in view
+            .range(&self.inner.log, log_key(from)..log_key(live_start))
+            .take(usize::try_from(round_max).unwrap_or(usize::MAX) + 1)
+        {
+            let key = index_of_key(&guard.key()?)?;
+            if batch.len() as u64 == round_max {
+                next = Some(key);
+                break;
+            }
+            batch.remove(&self.inner.log, log_key(key));
         }
         batch.commit()?;
-        Ok((end < first).then_some(end))
+        Ok(next)
     }
 
-    /// The lowest key below the boundary, if any (garbage a crash left behind). This may
+    /// The lowest key below the live log, if any (garbage a crash left behind). This may
     /// walk tombstones, so it runs once, when the writer starts.
     pub(crate) fn find_garbage(&self) -> Result<Option<LogIndex>, StorageError> {
-        let first = self.first_index();
-        match self.inner.log.range(..log_key(first)).next() {
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &self.bounds())?;
+        match view.range(&self.inner.log, ..log_key(live_start)).next() {
             Some(guard) => Ok(Some(index_of_key(&guard.key()?)?)),
             None => Ok(None),
         }

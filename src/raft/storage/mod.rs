@@ -51,6 +51,12 @@ pub struct StorageConfig {
     pub group_bytes_max: usize,
     /// fjall block cache bytes (reads of old entries for slow followers).
     pub cache_bytes: u64,
+    /// fjall memtable bytes per keyspace: what fjall keeps in memory (and replays from its
+    /// journal on restart) before flushing to a table file.
+    pub memtable_bytes_max: u64,
+    /// fjall background threads (memtable flushes, compactions). One is enough for a log
+    /// and leaves the other cores to the writer and the raft thread.
+    pub fjall_worker_threads: usize,
     /// Test-only fault: the writer reports this group's fsync as failed.
     #[cfg(test)]
     pub(crate) fail_sync_at_group: Option<u64>,
@@ -66,6 +72,10 @@ pub const REQUEST_QUEUE_LEN_MAX_DEFAULT: usize = 1024;
 pub const GROUP_ENTRIES_MAX_DEFAULT: usize = 8192;
 /// Default for [`StorageConfig::group_bytes_max`] (32 MiB).
 pub const GROUP_BYTES_MAX_DEFAULT: usize = 32 << 20;
+/// Default for [`StorageConfig::memtable_bytes_max`] (16 MiB: small hosts, quick restarts).
+pub const MEMTABLE_BYTES_MAX_DEFAULT: u64 = 16 << 20;
+/// Default for [`StorageConfig::fjall_worker_threads`].
+pub const FJALL_WORKER_THREADS_DEFAULT: usize = 1;
 /// Default for [`StorageConfig::cache_bytes`] (32 MiB).
 pub const CACHE_BYTES_DEFAULT: u64 = 32 << 20;
 
@@ -78,6 +88,8 @@ impl Default for StorageConfig {
             group_entries_max: GROUP_ENTRIES_MAX_DEFAULT,
             group_bytes_max: GROUP_BYTES_MAX_DEFAULT,
             cache_bytes: CACHE_BYTES_DEFAULT,
+            fjall_worker_threads: FJALL_WORKER_THREADS_DEFAULT,
+            memtable_bytes_max: MEMTABLE_BYTES_MAX_DEFAULT,
             #[cfg(test)]
             fail_sync_at_group: None,
         }

@@ -222,12 +222,25 @@ impl LogHandle {
     /// log is kept if it holds the snapshot's last entry, otherwise it restarts right after
     /// it (Raft §7). Returns the sequence number a later [`Durable`] covers.
     ///
+    /// Crash note: the snapshot file is durable before this request is. If earlier writes
+    /// are still queued, a crash may recover the snapshot with the hard state of an
+    /// earlier durable write (the log restarts after the snapshot either way). That is
+    /// safe, since nothing in those writes was acknowledged.
+    ///
     /// # Errors
-    /// [`StorageError::WriterStopped`] if the writer is gone.
+    /// [`StorageError::InvalidRequest`] if the snapshot ends before the log's boundary (it
+    /// would move the boundary back); [`StorageError::WriterStopped`] if the writer is gone.
     pub fn snapshot_installed(&mut self, meta: &SnapshotMeta) -> Result<u64, StorageError> {
         let seq = self.next_seq;
         if self.requests.is_none() {
             return Err(StorageError::WriterStopped);
+        }
+        let first_index = self.boundary().0;
+        if meta.index + 1 < first_index {
+            return Err(StorageError::InvalidRequest(format!(
+                "snapshot at {} is older than the log boundary {first_index}",
+                meta.index
+            )));
         }
         if self.term(meta.index).ok() != Some(meta.term) {
             self.view.tail.clear();
@@ -250,6 +263,8 @@ impl LogHandle {
 
     /// After a durable snapshot at `snapshot_index`, asks the writer to drop entries up to
     /// `snapshot_index - trailing_entries_kept`, in bounded rounds between write groups.
+    /// Only call it once the snapshot file is installed: recovery refuses a log whose
+    /// boundary has no valid snapshot behind it. The target is clamped to the log's end.
     ///
     /// # Errors
     /// [`StorageError::WriterStopped`] if the writer is gone.
@@ -653,7 +668,7 @@ impl Writer {
     /// term stay: they are the log's shape now).
     fn commit(&mut self, group: &mut Group) -> Result<(), StorageError> {
         self.store.write_group(
-            group.entries.iter(),
+            &group.entries,
             (group.last_index, group.last_term),
             group.hard_state.as_ref(),
         )?;
@@ -698,5 +713,62 @@ impl Writer {
         } = self;
         drop(requests);
         let _ = events.send(WriterEvent::Fatal(error));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::EntryKind;
+    use bytes::Bytes;
+
+    fn append(index: LogIndex) -> AppendRequest {
+        AppendRequest {
+            truncate_from: None,
+            entries: vec![Entry {
+                term: 1,
+                index,
+                kind: EntryKind::Normal,
+                data: Bytes::from_static(b"x"),
+            }],
+            hard_state: Some(HardState {
+                term: 1,
+                vote: 1,
+                commit: index - 1,
+            }),
+        }
+    }
+
+    #[test]
+    fn failed_fsync_is_fatal_and_nothing_after_it_is_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            fail_sync_at_group: Some(2),
+            ..StorageConfig::default()
+        };
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        let (mut handle, events) = LogHandle::start(store, &recovered, &config).unwrap();
+        let first = handle.submit(append(1)).unwrap();
+        match events.recv().unwrap() {
+            WriterEvent::Durable(d) => {
+                assert_eq!((d.seq, d.last_index), (first, 1));
+                handle.on_durable(&d);
+            }
+            WriterEvent::Fatal(e) => panic!("first group failed: {e}"),
+        }
+        handle.submit(append(2)).unwrap();
+        match events.recv().unwrap() {
+            WriterEvent::Fatal(e) => assert!(e.is_fatal() && matches!(e, StorageError::Poisoned)),
+            WriterEvent::Durable(d) => panic!("acknowledged after a failed fsync: {d:?}"),
+        }
+        assert!(
+            events.recv().is_err(),
+            "the writer has stopped: no further events"
+        );
+        assert!(matches!(
+            handle.submit(append(3)),
+            Err(StorageError::WriterStopped)
+        ));
+        handle.shutdown().unwrap();
     }
 }
