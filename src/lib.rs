@@ -8,5 +8,6 @@ pub mod ca;
 pub mod net;
 pub mod proto;
 pub mod raft;
+pub mod store;
 pub mod util;
 pub mod wire;

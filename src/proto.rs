@@ -12,3 +12,8 @@ pub mod wire {
 pub mod ca {
     include!(concat!(env!("OUT_DIR"), "/flotilla.ca.rs"));
 }
+
+/// The replicated cluster objects and store transactions (`proto/flotilla/objects.proto`).
+pub mod objects {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));
+}
