@@ -598,3 +598,349 @@ pub fn matches_all(constraints: &[Constraint], node: &Node) -> bool {
         .iter()
         .all(|constraint| constraint.matches(node))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{Placement, Resources};
+
+    fn valid() -> ServiceSpec {
+        ServiceSpec {
+            name: "web-1_a".into(),
+            mode: ServiceMode::Replicated as i32,
+            replicas: 3,
+            task: Some(TaskSpec {
+                command: "/usr/bin/env".into(),
+                args: vec!["sleep".into(), "1".into()],
+                env: vec!["A=1".into(), "EMPTY=".into(), "EQ=a=b".into()],
+                working_dir: "/tmp".into(),
+                restart: Some(RestartPolicy {
+                    condition: RestartCondition::OnFailure as i32,
+                    delay_ms: 5000,
+                    max_attempts: 3,
+                    window_ms: 60_000,
+                }),
+                resources: Some(ResourceRequirements {
+                    reservations: Some(Resources {
+                        nano_cpus: 500_000_000,
+                        memory_bytes: 64 << 20,
+                    }),
+                    limits: Some(Resources {
+                        nano_cpus: 1_000_000_000,
+                        memory_bytes: 128 << 20,
+                    }),
+                }),
+                placement: Some(Placement {
+                    constraints: vec![
+                        "node.role==worker".into(),
+                        " node.labels.zone != eu-west ".into(),
+                    ],
+                }),
+            }),
+            update: Some(UpdateConfig {
+                parallelism: 2,
+                delay_ms: 1000,
+                failure_action: UpdateFailureAction::Rollback as i32,
+                order: UpdateOrder::StartFirst as i32,
+                monitor_ms: 5000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Applies `change` to a valid spec and returns the error's field and reason.
+    fn refused(change: impl FnOnce(&mut ServiceSpec)) -> SpecError {
+        let mut spec = valid();
+        change(&mut spec);
+        validate_service_spec(&spec).expect_err("the spec should be refused")
+    }
+
+    fn task(spec: &mut ServiceSpec) -> &mut TaskSpec {
+        spec.task.as_mut().unwrap()
+    }
+
+    #[test]
+    fn a_complete_spec_is_accepted() {
+        validate_service_spec(&valid()).unwrap();
+        let mut global = valid();
+        global.mode = ServiceMode::Global as i32;
+        global.replicas = 0;
+        validate_service_spec(&global).unwrap();
+        let mut minimal = valid();
+        minimal.update = None;
+        let t = task(&mut minimal);
+        t.restart = None;
+        t.resources = None;
+        t.placement = None;
+        t.working_dir.clear();
+        validate_service_spec(&minimal).unwrap();
+    }
+
+    #[test]
+    fn each_invalid_field_is_named_with_a_reason() {
+        let cases: Vec<(SpecError, &str, &str)> = vec![
+            (refused(|s| s.name.clear()), "name", "empty"),
+            (refused(|s| s.name = "web app".into()), "name", "' '"),
+            (refused(|s| s.name = "-web".into()), "name", "start and end"),
+            (refused(|s| s.name = "a".repeat(64)), "name", "more than 63"),
+            (refused(|s| s.mode = 0), "mode", "replicated or global"),
+            (refused(|s| s.mode = 9), "mode", "unknown value 9"),
+            (
+                refused(|s| s.replicas = REPLICAS_MAX + 1),
+                "replicas",
+                "limit",
+            ),
+            (
+                refused(|s| {
+                    s.mode = ServiceMode::Global as i32;
+                    s.replicas = 2;
+                }),
+                "replicas",
+                "global",
+            ),
+            (refused(|s| s.task = None), "task", "required"),
+            (
+                refused(|s| task(s).command.clear()),
+                "task.command",
+                "empty",
+            ),
+            (
+                refused(|s| task(s).env.push("NOVALUE".into())),
+                "task.env[3]",
+                "KEY=VALUE",
+            ),
+            (
+                refused(|s| task(s).env[0] = "=1".into()),
+                "task.env[0]",
+                "empty variable",
+            ),
+            (
+                refused(|s| task(s).args[1] = "a\0b".into()),
+                "task.args[1]",
+                "NUL",
+            ),
+            (
+                refused(|s| task(s).working_dir = "rel".into()),
+                "task.working_dir",
+                "absolute",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().condition = 42),
+                "task.restart.condition",
+                "unknown value 42",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = -1),
+                "task.restart.delay_ms",
+                "negative",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().window_ms = -5),
+                "task.restart.window_ms",
+                "negative",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.reservations.as_mut().unwrap().nano_cpus = -1;
+                }),
+                "task.resources.reservations.nano_cpus",
+                "negative",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().memory_bytes = 32 << 20;
+                }),
+                "task.resources.limits.memory_bytes",
+                "below the reservation",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().memory_bytes = 1024;
+                }),
+                "task.resources.limits.memory_bytes",
+                "minimum",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().nano_cpus = 1;
+                }),
+                "task.resources.limits.nano_cpus",
+                "below the reservation",
+            ),
+            (
+                refused(|s| {
+                    task(s).placement.as_mut().unwrap().constraints[1] = "node.zone==x".into()
+                }),
+                "task.placement.constraints[1]",
+                "unknown key",
+            ),
+            (
+                refused(|s| {
+                    task(s).placement.as_mut().unwrap().constraints =
+                        vec!["node.id==x".into(); CONSTRAINTS_MAX + 1]
+                }),
+                "task.placement.constraints",
+                "limit",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().failure_action = 7),
+                "update.failure_action",
+                "pause, continue or rollback",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().order = 7),
+                "update.order",
+                "stop-first or start-first",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().delay_ms = -1),
+                "update.delay_ms",
+                "negative",
+            ),
+            (
+                refused(|s| s.networks.push(String::new())),
+                "networks[0]",
+                "empty",
+            ),
+            (
+                refused(|s| {
+                    s.labels.insert(String::new(), "v".into());
+                }),
+                "labels",
+                "empty",
+            ),
+        ];
+        for (error, field, reason) in cases {
+            assert_eq!(error.field, field, "{error}");
+            assert!(
+                error.reason.contains(reason),
+                "{error} should say {reason:?}"
+            );
+            assert_eq!(error.code(), Code::InvalidArgument);
+            assert!(error.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn constraints_parse_with_either_operator_and_reject_bad_syntax() {
+        let parsed: Constraint = "node.labels.Zone == EU".parse().unwrap();
+        assert_eq!(parsed.key, ConstraintKey::NodeLabel("Zone".into()));
+        assert_eq!(parsed.op, ConstraintOp::Eq);
+        assert_eq!(parsed.value, "EU");
+        assert_eq!(parsed.to_string(), "node.labels.Zone==EU");
+        let parsed: Constraint = "NODE.Hostname!=db1".parse().unwrap();
+        assert_eq!(
+            (parsed.key, parsed.op),
+            (ConstraintKey::NodeHostname, ConstraintOp::Ne)
+        );
+
+        for (text, reason) in [
+            ("node.id", "expected"),
+            ("node.id = x", "expected"),
+            ("node.id==", "empty"),
+            ("==x", "key is empty"),
+            ("engine.labels.a==b", "unknown key"),
+            ("node.labels.==b", "label name"),
+            ("node.id==a==b", "only one operator"),
+            ("node.id!==b", "only one operator"),
+            ("node.role==boss", "manager"),
+        ] {
+            let error = text.parse::<Constraint>().unwrap_err();
+            assert!(error.reason.contains(reason), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn constraints_match_nodes() {
+        let mut node = Node {
+            id: "abc123".into(),
+            role: NodeRole::Manager as i32,
+            spec: Some(NodeSpec {
+                hostname: "db1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        node.spec
+            .as_mut()
+            .unwrap()
+            .labels
+            .insert("zone".into(), "eu".into());
+        let matches = |text: &str| text.parse::<Constraint>().unwrap().matches(&node);
+        assert!(matches("node.id==abc123"));
+        assert!(!matches("node.id!=abc123"));
+        assert!(
+            matches("node.hostname==DB1"),
+            "values compare case-insensitively"
+        );
+        assert!(matches("node.role==manager"));
+        assert!(!matches("node.role==worker"));
+        assert!(matches("node.labels.zone==eu"));
+        assert!(!matches("node.labels.zone!=eu"));
+        assert!(
+            !matches("node.labels.rack==r1"),
+            "a missing label never equals"
+        );
+        assert!(
+            matches("node.labels.rack!=r1"),
+            "a missing label always differs"
+        );
+        assert!(
+            !matches("node.labels.ZONE==eu"),
+            "label names are case-sensitive"
+        );
+
+        let all = parse_constraints(
+            "c",
+            &["node.role==manager".into(), "node.labels.zone==eu".into()],
+        )
+        .unwrap();
+        assert!(matches_all(&all, &node));
+        node.role = NodeRole::Worker as i32;
+        assert!(!matches_all(&all, &node));
+        assert!(matches_all(&[], &node));
+    }
+
+    #[test]
+    fn node_and_cluster_specs_are_checked() {
+        validate_node_spec(&NodeSpec::default()).unwrap();
+        let error = validate_node_spec(&NodeSpec {
+            availability: 5,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(error.field, "availability");
+        let error = validate_node_spec(&NodeSpec {
+            desired_role: 3,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(error.field, "desired_role");
+
+        validate_cluster_spec(&default_cluster_spec("default")).unwrap();
+        let with = |change: fn(&mut ClusterSpec)| {
+            let mut spec = default_cluster_spec("default");
+            change(&mut spec);
+            validate_cluster_spec(&spec).unwrap_err().field
+        };
+        assert_eq!(with(|s| s.heartbeat_period_ms = 0), "heartbeat_period_ms");
+        assert_eq!(with(|s| s.heartbeat_period_ms = -5), "heartbeat_period_ms");
+        assert_eq!(
+            with(|s| s.snapshot_interval_entries = 0),
+            "snapshot_interval_entries"
+        );
+        assert_eq!(
+            with(|s| s.task_history_retention = -1),
+            "task_history_retention"
+        );
+        assert_eq!(
+            with(|s| s.node_cert_expiry_ms = 1000),
+            "node_cert_expiry_ms"
+        );
+        assert_eq!(with(|s| s.name.clear()), "name");
+    }
+}
