@@ -20,7 +20,8 @@
 //! Locks: `state` (a read-write lock) then `hub` (a mutex), always in that order. `apply`
 //! takes `state` for writing, changes the tables, takes `hub`, releases `state`, then
 //! publishes: readers proceed while events go out, and a watcher registered under the read
-//! lock lands exactly between two transactions.
+//! lock lands exactly between two transactions. As a second guard, a watcher skips every
+//! transaction at or below the version it starts from, so it can never get one twice.
 //!
 //! This module must never propose anything, talk to the network, read a clock or block on a
 //! watcher; and `apply` must stay a pure function of (store, index, transaction).
