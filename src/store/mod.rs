@@ -52,8 +52,8 @@ pub use txn::{
 };
 pub use view::ReadView;
 pub use watch::{
-    DropReason, WATCH_HISTORY_EVENTS_MAX_DEFAULT, WATCH_QUEUE_EVENTS_MAX_DEFAULT, WatchError,
-    WatchEvent, WatchFilter, WatchOptions, Watcher,
+    DropReason, WATCH_HISTORY_BYTES_MAX_DEFAULT, WATCH_HISTORY_EVENTS_MAX_DEFAULT,
+    WATCH_QUEUE_EVENTS_MAX_DEFAULT, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher,
 };
 
 use watch::Hub;
@@ -65,6 +65,8 @@ pub struct StoreConfig {
     pub watch_queue_events_max: usize,
     /// Recent events kept for [`Store::watch_since`].
     pub watch_history_events_max: usize,
+    /// The estimated object bytes the history may keep alive.
+    pub watch_history_bytes_max: usize,
 }
 
 impl Default for StoreConfig {
@@ -72,6 +74,7 @@ impl Default for StoreConfig {
         Self {
             watch_queue_events_max: WATCH_QUEUE_EVENTS_MAX_DEFAULT,
             watch_history_events_max: WATCH_HISTORY_EVENTS_MAX_DEFAULT,
+            watch_history_bytes_max: WATCH_HISTORY_BYTES_MAX_DEFAULT,
         }
     }
 }
@@ -121,6 +124,7 @@ impl Store {
             })),
             hub: Arc::new(Mutex::new(Hub::new(
                 config.watch_history_events_max,
+                config.watch_history_bytes_max,
                 config.watch_queue_events_max,
             ))),
         }
@@ -137,7 +141,7 @@ impl Store {
     /// [`TxnError::OutOfOrder`] if `index` is not after the last applied index.
     pub fn apply(&self, index: u64, txn: &Transaction) -> Result<ApplyOutcome, TxnError> {
         // Encoding size is the costly check; it needs no lock.
-        let limits = check_limits(txn);
+        let txn_bytes = txn::checked_size(txn);
         let mut state = self.state.write();
         if index <= state.applied_index {
             return Err(TxnError::OutOfOrder {
@@ -146,14 +150,14 @@ impl Store {
             });
         }
         state.applied_index = index;
-        limits?;
+        let txn_bytes = txn_bytes?;
         let events = txn::apply_changes(&mut state.tables, index, txn)?;
         state.version = index;
         // Take the hub before letting readers in, so that a watcher registered by a reader
         // who saw this transaction cannot also be sent it.
         let mut hub = self.hub.lock();
         drop(state);
-        hub.publish(index, &events);
+        hub.publish(index, &events, txn_bytes);
         drop(hub);
         Ok(ApplyOutcome {
             version: index,
@@ -166,6 +170,17 @@ impl Store {
     pub fn view<R>(&self, read: impl FnOnce(&ReadView<'_>) -> R) -> R {
         let state = self.state.read();
         read(&state.view())
+    }
+
+    /// The `T` with `id`, shared (the store never changes an object in place).
+    pub fn get<T: Record>(&self, id: &str) -> Option<Arc<T>> {
+        self.view(|view| view.get::<T>(id).cloned())
+    }
+
+    /// Every `T` in id order, shared. Copies one pointer per object under the read lock, so
+    /// long listings can be streamed without holding it.
+    pub fn list<T: Record>(&self) -> Vec<Arc<T>> {
+        self.view(|view| view.list::<T>().cloned().collect())
     }
 
     /// The version of the last successful transaction.

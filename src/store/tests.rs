@@ -874,6 +874,7 @@ fn view_and_watch_sees_every_later_change_exactly_once_under_concurrent_applies(
     let store = Store::new(StoreConfig {
         watch_queue_events_max: 2 * TXNS as usize,
         watch_history_events_max: 100,
+        ..StoreConfig::default()
     });
     let done = Arc::new(AtomicBool::new(false));
     let writer = {
@@ -951,6 +952,7 @@ fn a_slow_watcher_is_dropped_with_a_reason_and_never_blocks_apply() {
     let store = Store::new(StoreConfig {
         watch_queue_events_max: 4,
         watch_history_events_max: 1000,
+        ..StoreConfig::default()
     });
     let slow = store.watch(WatchOptions::default());
     let fast = store.watch(WatchOptions::default());
@@ -997,6 +999,7 @@ fn a_transaction_is_queued_whole_or_not_at_all() {
     let store = Store::new(StoreConfig {
         watch_queue_events_max: 5,
         watch_history_events_max: 1000,
+        ..StoreConfig::default()
     });
     let watcher = store.watch(WatchOptions::default());
     store
@@ -1038,6 +1041,7 @@ fn watch_since_resumes_from_history_and_refuses_compacted_versions() {
     let store = Store::new(StoreConfig {
         watch_queue_events_max: 100,
         watch_history_events_max: 10,
+        ..StoreConfig::default()
     });
     for i in 1..=30u64 {
         store
@@ -1333,4 +1337,104 @@ fn restore_drops_watchers_and_resets_history() {
         .apply(40, &txn(vec![create(service("new", "new"))]))
         .unwrap();
     assert_eq!(change_event(fresh.recv().unwrap()).version, 40);
+}
+
+#[test]
+fn history_is_also_bounded_by_bytes() {
+    let store = Store::new(StoreConfig {
+        watch_history_bytes_max: 64 * 1024,
+        ..StoreConfig::default()
+    });
+    // Each transaction carries ~10 KiB, charged twice (new and old object): about three
+    // transactions fit.
+    for i in 1..=10u64 {
+        let mut t = task(&format!("t{i}"), "s", "n", i);
+        t.status.as_mut().unwrap().message = "m".repeat(10 * 1024);
+        store.apply(i, &txn(vec![create(t)])).unwrap();
+    }
+    let error = store.watch_since(5, WatchOptions::default()).unwrap_err();
+    let WatchError::Compacted {
+        oldest_resumable, ..
+    } = error
+    else {
+        panic!("expected Compacted, got {error}");
+    };
+    assert!((6..10).contains(&oldest_resumable), "{oldest_resumable}");
+    let resumed = store
+        .watch_since(oldest_resumable, WatchOptions::default())
+        .unwrap();
+    let versions: Vec<u64> = drain(&resumed)
+        .into_iter()
+        .map(|e| change_event(e).version)
+        .collect();
+    assert_eq!(versions, (oldest_resumable + 1..=10).collect::<Vec<_>>());
+}
+
+/// Readers never see half of a transaction, even across tables.
+#[test]
+fn views_are_consistent_across_tables_under_concurrent_applies() {
+    const TXNS: u64 = 2_000;
+    let store = Store::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let done = Arc::clone(&done);
+            thread::spawn(move || {
+                let mut views = 0u64;
+                while !done.load(Ordering::SeqCst) {
+                    store.view(|v| {
+                        // Every transaction creates one service and one of its tasks.
+                        assert_eq!(v.count::<Service>() as u64, v.version());
+                        assert_eq!(v.count::<Task>() as u64, v.version());
+                        if v.version() > 0 {
+                            let last = format!("s{}", v.version());
+                            assert_eq!(v.tasks_by_service(&last).count(), 1);
+                        }
+                    });
+                    views += 1;
+                }
+                views
+            })
+        })
+        .collect();
+    for i in 1..=TXNS {
+        store
+            .apply(
+                i,
+                &txn(vec![
+                    create(service(&format!("s{i}"), &format!("svc{i}"))),
+                    create(task(&format!("t{i}"), &format!("s{i}"), "n", 1)),
+                ]),
+            )
+            .unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let views: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(views > 0);
+}
+
+#[test]
+fn get_and_list_hand_out_shared_objects() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &txn(vec![create(service("s1", "a")), create(service("s2", "b"))]),
+        )
+        .unwrap();
+    let s1 = store.get::<Service>("s1").unwrap();
+    assert_eq!(s1.spec.as_ref().unwrap().name, "a");
+    assert!(store.get::<Task>("s1").is_none());
+    let all = store.list::<Service>();
+    assert_eq!(
+        all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["s1", "s2"]
+    );
+    // Later writes do not change what was handed out.
+    store
+        .apply(2, &txn(vec![delete(Kind::Service, "s1", 0)]))
+        .unwrap();
+    assert_eq!(s1.id, "s1");
+    assert_eq!(store.list::<Service>().len(), 1);
 }

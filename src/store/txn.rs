@@ -233,6 +233,11 @@ pub fn delete(kind: Kind, id: impl Into<String>, expected_version: u64) -> Chang
 /// # Errors
 /// [`TxnError::Empty`], [`TxnError::TooManyChanges`] or [`TxnError::TooLarge`].
 pub fn check_limits(txn: &Transaction) -> Result<(), TxnError> {
+    checked_size(txn).map(|_| ())
+}
+
+/// [`check_limits`], returning the encoded size when it passes.
+pub(crate) fn checked_size(txn: &Transaction) -> Result<usize, TxnError> {
     if txn.changes.is_empty() {
         return Err(TxnError::Empty);
     }
@@ -249,7 +254,7 @@ pub fn check_limits(txn: &Transaction) -> Result<(), TxnError> {
             max: TXN_BYTES_MAX,
         });
     }
-    Ok(())
+    Ok(bytes)
 }
 
 /// The bytes a change adds to an encoded transaction (field tag, length, message).

@@ -25,6 +25,11 @@ pub const WATCH_QUEUE_EVENTS_MAX_DEFAULT: usize = 4096;
 /// window). Older versions need a fresh `view_and_watch`.
 pub const WATCH_HISTORY_EVENTS_MAX_DEFAULT: usize = 10_000;
 
+/// The estimated bytes of objects the history may keep alive (events share objects with the
+/// tables, but an update's old object lives on only through the history). Large objects make
+/// the history shorter rather than memory unbounded.
+pub const WATCH_HISTORY_BYTES_MAX_DEFAULT: usize = 64 * 1024 * 1024;
+
 /// Selects events. Every field that is set must match; an unset field matches anything.
 /// An event matches if its new object or (for updates) its old object matches, so a watcher
 /// on a node also sees a task move away from that node.
@@ -356,8 +361,11 @@ impl Slot {
 pub(crate) struct Hub {
     slots: Vec<Slot>,
     next_id: u64,
-    history: VecDeque<Arc<Event>>,
+    /// Recent events with the bytes each is charged.
+    history: VecDeque<(Arc<Event>, usize)>,
     history_events_max: usize,
+    history_bytes: usize,
+    history_bytes_max: usize,
     /// The oldest version a watch can resume from: every event after it is in `history`.
     resumable_from_version: u64,
     /// The version of the last published transaction (or of the restored snapshot).
@@ -366,7 +374,11 @@ pub(crate) struct Hub {
 }
 
 impl Hub {
-    pub(crate) fn new(history_events_max: usize, queue_events_max_default: usize) -> Self {
+    pub(crate) fn new(
+        history_events_max: usize,
+        history_bytes_max: usize,
+        queue_events_max_default: usize,
+    ) -> Self {
         assert!(
             queue_events_max_default > 0,
             "a watcher queue holds at least one event"
@@ -376,27 +388,36 @@ impl Hub {
             next_id: 1,
             history: VecDeque::new(),
             history_events_max,
+            history_bytes: 0,
+            history_bytes_max,
             resumable_from_version: 0,
             version: 0,
             queue_events_max_default,
         }
     }
 
-    /// Records the transaction at `version` in the history and queues it to every watcher.
-    pub(crate) fn publish(&mut self, version: u64, events: &[Arc<Event>]) {
+    /// Records the transaction at `version` (`txn_bytes` encoded) in the history and queues
+    /// it to every watcher.
+    pub(crate) fn publish(&mut self, version: u64, events: &[Arc<Event>], txn_bytes: usize) {
         assert!(
             version > self.version,
             "transactions are published in log order"
         );
         self.version = version;
+        // Each event keeps its new object and (for updates) its old one alive: about twice
+        // its share of the transaction.
+        let bytes_per_event = 2 * txn_bytes / events.len().max(1);
         for event in events {
-            self.history.push_back(Arc::clone(event));
+            self.history.push_back((Arc::clone(event), bytes_per_event));
+            self.history_bytes += bytes_per_event;
         }
-        while self.history.len() > self.history_events_max {
-            let evicted = self
-                .history
-                .pop_front()
-                .expect("the history is longer than its bound, so not empty");
+        while self.history.len() > self.history_events_max
+            || self.history_bytes > self.history_bytes_max
+        {
+            let Some((evicted, bytes)) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes -= bytes;
             // Resuming from evicted.version stays possible: whoever saw that version saw all
             // of its events.
             self.resumable_from_version = self.resumable_from_version.max(evicted.version);
@@ -412,6 +433,7 @@ impl Hub {
             slot.close(reason.clone());
         }
         self.history.clear();
+        self.history_bytes = 0;
         self.version = version;
         self.resumable_from_version = version;
     }
@@ -477,8 +499,8 @@ impl Hub {
         let mut pending_commit: Option<u64> = None;
         let first = self
             .history
-            .partition_point(|event| event.version <= from_version);
-        for event in self.history.range(first..) {
+            .partition_point(|(event, _)| event.version <= from_version);
+        for (event, _) in self.history.range(first..) {
             if let Some(version) = pending_commit
                 && version != event.version
             {
