@@ -165,6 +165,32 @@ impl Store {
         })
     }
 
+    /// Decodes the committed log entry payload `data` as a [`Transaction`] and applies it at
+    /// `index`, as [`Self::apply`] does. A payload that does not decode is refused the same
+    /// way on every manager, and its index still counts as applied.
+    ///
+    /// # Errors
+    /// [`TxnError::Undecodable`], or any error of [`Self::apply`].
+    pub fn apply_encoded(&self, index: u64, data: &[u8]) -> Result<ApplyOutcome, TxnError> {
+        use prost::Message;
+        match Transaction::decode(data) {
+            Ok(txn) => self.apply(index, &txn),
+            Err(error) => {
+                let mut state = self.state.write();
+                if index <= state.applied_index {
+                    return Err(TxnError::OutOfOrder {
+                        index,
+                        applied: state.applied_index,
+                    });
+                }
+                state.applied_index = index;
+                Err(TxnError::Undecodable {
+                    reason: error.to_string(),
+                })
+            }
+        }
+    }
+
     /// Runs `read` on a view consistent across every table. Keep it short: `apply` waits
     /// for it. `read` must not call back into the store.
     pub fn view<R>(&self, read: impl FnOnce(&ReadView<'_>) -> R) -> R {
@@ -209,7 +235,7 @@ impl Store {
         debug_assert_eq!(
             hub.version(),
             version,
-            "the hub publishes under the state lock"
+            "the applier takes the hub before it releases the state lock"
         );
         let watcher = hub
             .register(&self.hub, version, options)

@@ -1438,3 +1438,17 @@ fn get_and_list_hand_out_shared_objects() {
     assert_eq!(s1.id, "s1");
     assert_eq!(store.list::<Service>().len(), 1);
 }
+
+#[test]
+fn encoded_entries_apply_and_garbage_is_refused_in_order() {
+    use prost::Message;
+    let store = Store::default();
+    let data = txn(vec![create(service("s1", "a"))]).encode_to_vec();
+    assert_eq!(store.apply_encoded(1, &data).unwrap().version, 1);
+    let error = store.apply_encoded(2, &[0xff, 0xff, 0xff]).unwrap_err();
+    assert!(matches!(error, TxnError::Undecodable { .. }), "{error}");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!((store.version(), store.applied_index()), (1, 2));
+    let error = store.apply_encoded(2, &data).unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+}

@@ -4,7 +4,8 @@
 //! Owns the rules every manager applies identically (existence, unique names, optimistic
 //! versions, limits) and the rollback that makes a failed transaction change nothing. Must
 //! never read a clock, a random source or anything outside the transaction and the tables:
-//! the same log must give the same store on every manager.
+//! the same log must give the same store on every manager. The limits below are part of
+//! those rules: changing one needs every manager upgraded before a leader relies on it.
 
 use std::sync::Arc;
 
@@ -163,6 +164,12 @@ pub enum TxnError {
         /// The version stored now.
         current: u64,
     },
+    /// The log entry's payload is not an encoded transaction.
+    #[error("log entry is not a transaction: {reason}; the proposer sent a malformed entry")]
+    Undecodable {
+        /// The decoder's complaint.
+        reason: String,
+    },
     /// The log index does not come after the last one applied: the caller replayed or
     /// reordered the log.
     #[error(
@@ -181,7 +188,9 @@ impl TxnError {
     /// The status code a caller should see for this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::Empty | Self::InvalidChange { .. } => Code::InvalidArgument,
+            Self::Empty | Self::InvalidChange { .. } | Self::Undecodable { .. } => {
+                Code::InvalidArgument
+            }
             Self::TooManyChanges { .. } | Self::TooLarge { .. } | Self::ChangeTooLarge { .. } => {
                 Code::ResourceExhausted
             }
