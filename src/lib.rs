@@ -11,5 +11,6 @@ pub mod manager;
 pub mod net;
 pub mod proto;
 pub mod raft;
+pub mod store;
 pub mod util;
 pub mod wire;

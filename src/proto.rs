@@ -22,3 +22,8 @@ pub mod raft {
 pub mod kv {
     include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
 }
+
+/// The replicated cluster objects and store transactions (`proto/flotilla/objects.proto`).
+pub mod objects {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));
+}
