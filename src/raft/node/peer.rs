@@ -19,7 +19,7 @@ use crate::net::{CallOptions, Transport};
 use crate::proto::raft as pb;
 use crate::raft::core::{Message, MessageBody};
 use crate::raft::storage::snapshot::SnapshotReader;
-use crate::raft::types::NodeId;
+use crate::raft::types::{LogIndex, NodeId};
 
 /// Messages queued for one peer before the raft thread drops new ones.
 pub const PEER_QUEUE_LEN_MAX: usize = 1024;
@@ -65,6 +65,9 @@ struct Peer {
     stop: Arc<AtomicBool>,
     pending: Option<Message>,
     last_error_log: Option<Instant>,
+    /// The last snapshot this peer received from us, and when: requests for it (or an
+    /// older one) that the core repeats while the follower installs it are skipped.
+    last_snapshot_sent: Option<(LogIndex, Instant)>,
 }
 
 /// Starts the replication thread for `peer`.
@@ -87,6 +90,7 @@ pub(crate) fn spawn(
         stop: stop.clone(),
         pending: None,
         last_error_log: None,
+        last_snapshot_sent: None,
     };
     let thread = std::thread::Builder::new()
         .name(format!("raft-peer-{peer:x}"))
@@ -178,10 +182,22 @@ impl Peer {
     }
 
     fn send_snapshot(&mut self, notice: &Message) {
+        if let (MessageBody::Snapshot { meta }, Some((sent_index, at))) =
+            (&notice.body, self.last_snapshot_sent)
+            && meta.index <= sent_index
+            && at.elapsed() < 2 * self.shared.config.election_timeout()
+        {
+            log::debug!(
+                "raft peer {:x}: snapshot {sent_index} was just sent",
+                self.id
+            );
+            return;
+        }
         let Some(addr) = self.addr() else { return };
         let started = Instant::now();
         match self.stream_snapshot(&addr, notice) {
-            Ok(bytes) => {
+            Ok((index, bytes)) => {
+                self.last_snapshot_sent = Some((index, Instant::now()));
                 self.shared.peer_problems.lock().remove(&self.id);
                 let secs = started.elapsed().as_secs_f64().max(1e-6);
                 log::info!(
@@ -203,8 +219,8 @@ impl Peer {
         }
     }
 
-    /// Streams the newest snapshot file; returns the bytes sent.
-    fn stream_snapshot(&self, addr: &str, notice: &Message) -> Result<u64, String> {
+    /// Streams the newest snapshot file; returns its index and the bytes sent.
+    fn stream_snapshot(&self, addr: &str, notice: &Message) -> Result<(LogIndex, u64), String> {
         let info = self
             .shared
             .latest_snapshot
@@ -255,6 +271,6 @@ impl Peer {
         let response = upload
             .finish_timeout(SNAPSHOT_INSTALL_TIMEOUT)
             .map_err(|e| e.to_string())?;
-        Ok(response.received_bytes)
+        Ok((info.meta.index, response.received_bytes))
     }
 }
