@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use procs::cluster::{Client, Cluster, ClusterOptions};
+use procs::cluster::{Cluster, ClusterOptions};
 
 struct Args {
     seconds: f64,
