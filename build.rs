@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     // Payloads are shared between a frame and its retransmissions without copying.
     config.bytes(["."]);
+    // Store objects are snapshotted on every manager: ordered maps make their encoding
+    // identical everywhere.
+    config.btree_map([".flotilla.objects"]);
     config.compile_fds(descriptors)?;
     Ok(())
 }

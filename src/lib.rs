@@ -6,10 +6,12 @@
 
 pub mod ca;
 pub mod cli;
+pub mod kv;
 pub mod lincheck;
 pub mod manager;
 pub mod net;
 pub mod proto;
 pub mod raft;
+pub mod store;
 pub mod util;
 pub mod wire;

@@ -12,3 +12,18 @@ pub mod wire {
 pub mod ca {
     include!(concat!(env!("OUT_DIR"), "/flotilla.ca.rs"));
 }
+
+/// Messages between Raft members (`proto/flotilla/raft.proto`).
+pub mod raft {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.raft.rs"));
+}
+
+/// The replicated key-value map used by tests and benchmarks (`proto/flotilla/kv.proto`).
+pub mod kv {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
+}
+
+/// The replicated cluster objects and store transactions (`proto/flotilla/objects.proto`).
+pub mod objects {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));
+}

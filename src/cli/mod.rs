@@ -9,9 +9,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod managers;
+
 use crate::ca::{JoinTokens, Role};
 use crate::manager::{self, Manager, Settings, StateDir};
 use crate::net::{Transport, TransportConfig};
+use crate::raft::node::Bootstrap;
 
 /// Address managers listen on unless told otherwise.
 pub const LISTEN_ADDR_DEFAULT: &str = "127.0.0.1:4242";
@@ -52,6 +55,9 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
+        /// Applied Raft entries between snapshots (default 10,000).
+        #[arg(long)]
+        snapshot_interval_entries: Option<u64>,
     },
     /// Join an existing cluster as a manager, using a manager join token, and run.
     Join {
@@ -64,6 +70,9 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
+        /// Applied Raft entries between snapshots (default 10,000).
+        #[arg(long)]
+        snapshot_interval_entries: Option<u64>,
         /// The join token (`flotilla join-token manager` on a manager prints it).
         #[arg(long)]
         token: String,
@@ -75,6 +84,35 @@ pub enum Command {
         /// The node's state directory.
         #[arg(long)]
         state_dir: PathBuf,
+    },
+    /// Inspect and change the managers (the Raft group), through the local manager.
+    Manager {
+        /// The local manager's state directory.
+        #[arg(long, default_value = UP_STATE_DIR_DEFAULT, global = true)]
+        state_dir: PathBuf,
+        /// What to do.
+        #[command(subcommand)]
+        command: ManagerCommand,
+    },
+}
+
+/// `flotilla manager …`
+#[derive(Subcommand, Debug)]
+pub enum ManagerCommand {
+    /// List the managers: id, address, role, reachability, replication progress.
+    Ls,
+    /// Remove a manager from the group (refused if the rest would lack a quorum).
+    Rm {
+        /// The manager's Raft id (hex, as `manager ls` prints it).
+        id: String,
+        /// Remove it even if the remaining managers cannot form a quorum.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Hand leadership to another manager.
+    Transfer {
+        /// The manager's Raft id (hex, as `manager ls` prints it).
+        id: String,
     },
 }
 
@@ -94,8 +132,8 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Up { state_dir, listen } => {
             let dir = StateDir::new(state_dir);
             if !dir.is_initialized() {
-                let tokens =
-                    manager::init(&dir, &settings(&listen, None)).map_err(|e| e.to_string())?;
+                let tokens = manager::init(&dir, &settings(&listen, None, None))
+                    .map_err(|e| e.to_string())?;
                 print_tokens(&tokens);
             }
             serve(&dir)
@@ -104,10 +142,12 @@ fn execute(command: Command) -> Result<(), String> {
             state_dir,
             listen,
             advertise,
+            snapshot_interval_entries,
         } => {
             let dir = StateDir::new(state_dir);
-            let tokens =
-                manager::init(&dir, &settings(&listen, advertise)).map_err(|e| e.to_string())?;
+            let mut settings = settings(&listen, advertise, None);
+            settings.snapshot_interval_entries = snapshot_interval_entries;
+            let tokens = manager::init(&dir, &settings).map_err(|e| e.to_string())?;
             print_tokens(&tokens);
             serve(&dir)
         }
@@ -115,32 +155,39 @@ fn execute(command: Command) -> Result<(), String> {
             state_dir,
             listen,
             advertise,
+            snapshot_interval_entries,
             token,
             manager,
         } => {
             let dir = StateDir::new(state_dir);
+            let mut settings = settings(&listen, advertise, Some(&manager));
+            settings.snapshot_interval_entries = snapshot_interval_entries;
             let transport = Transport::start(TransportConfig::default())
                 .map_err(|e| format!("cannot start the transport: {e}"))?;
-            let joined = manager::join(
-                &dir,
-                &settings(&listen, advertise),
-                &transport,
-                &token,
-                &manager,
-            );
+            let joined = manager::join(&dir, &settings, &transport, &token, &manager);
             transport.shutdown();
             joined.map_err(|e| e.to_string())?;
             serve(&dir)
         }
         Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
+        Command::Manager { state_dir, command } => {
+            managers::run(&StateDir::new(state_dir), command)
+        }
     }
 }
 
-fn settings(listen: &str, advertise: Option<String>) -> Settings {
+fn settings(listen: &str, advertise: Option<String>, join_addr: Option<&str>) -> Settings {
     Settings {
         raft_id: manager::random_raft_id(),
         listen_addr: listen.to_string(),
         advertise_addr: advertise.unwrap_or_else(|| listen.to_string()),
+        bootstrap: if join_addr.is_some() {
+            Bootstrap::Join
+        } else {
+            Bootstrap::NewCluster
+        },
+        join_addr: join_addr.map(str::to_string),
+        snapshot_interval_entries: None,
     }
 }
 
@@ -161,9 +208,18 @@ fn serve(dir: &StateDir) -> Result<(), String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let manager = Manager::start(dir).map_err(|e| e.to_string())?;
     println!("flotilla manager listening on {}", manager.listen_addr());
-    if let Some(signal) = signals.forever().next() {
-        log::info!("signal {signal} received; shutting down");
-    }
+    let handle = signals.handle();
+    let fatal = loop {
+        if let Some(signal) = signals.pending().next() {
+            log::info!("signal {signal} received; shutting down");
+            break None;
+        }
+        if let Some(reason) = manager.fatal() {
+            break Some(reason);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    handle.close();
     manager.shutdown();
-    Ok(())
+    fatal.map_or(Ok(()), Err)
 }

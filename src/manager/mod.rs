@@ -5,6 +5,7 @@
 //! (consensus lives in `raft`, certificates in `ca`, sockets in `net`).
 
 pub mod bootstrap;
+pub mod register;
 pub mod runtime;
 pub mod state_dir;
 

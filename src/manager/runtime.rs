@@ -13,12 +13,19 @@ use crate::ca::{
     CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, StorageError,
     load_node_files, tls,
 };
+use crate::kv::KvStateMachine;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
+use crate::raft::node::service::RaftPools;
+use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
 pub const CA_POOL_THREADS: usize = 2;
 /// Queued CA calls before new ones are refused with `ResourceExhausted`.
 pub const CA_POOL_QUEUE_LEN_MAX: usize = 256;
+/// Threads serving `kv.*` (writes only queue a proposal; reads may wait for the leader).
+pub const KV_POOL_THREADS: usize = 4;
+/// Queued `kv.*` calls before new ones are refused with `ResourceExhausted`.
+pub const KV_POOL_QUEUE_LEN_MAX: usize = 4096;
 
 /// Why a manager could not start.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +48,9 @@ pub enum StartError {
     /// The TLS configuration could not be built.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The Raft node could not start.
+    #[error(transparent)]
+    Raft(#[from] NodeStartError),
     /// A socket or thread could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -63,6 +73,9 @@ pub struct Manager {
     listen_addr: SocketAddr,
     transport: Arc<Transport>,
     renewer: Option<Renewer>,
+    register: Option<super::register::Registrar>,
+    raft: Option<RaftNode>,
+    raft_pools: Option<RaftPools>,
     pools: Vec<ServicePool>,
 }
 
@@ -83,7 +96,41 @@ impl Manager {
         );
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
+        let client_tls = Arc::new(tls::client_config(&identity, &root)?);
+        let machine = KvStateMachine::new();
+        let mut node_config = NodeConfig::new(
+            settings.raft_id,
+            settings.advertise_addr.clone(),
+            settings.bootstrap,
+        );
+        if let Some(entries) = settings.snapshot_interval_entries {
+            node_config.snapshot_interval_entries = entries;
+        }
+        let raft = RaftNode::start(
+            node_config,
+            &dir.raft_dir(),
+            Box::new(machine.clone()),
+            transport.clone(),
+            client_tls.clone(),
+        )?;
+        let raft_pools = RaftPools::start().map_err(io_error("cannot start the raft threads"))?;
+        let kv_pool = ServicePool::new("kv", KV_POOL_THREADS, KV_POOL_QUEUE_LEN_MAX)
+            .map_err(io_error("cannot start the kv service threads"))?;
         let mut router = Router::new();
+        crate::raft::node::service::register(
+            &mut router,
+            &raft_pools,
+            raft.handle(),
+            &raft.store(),
+        );
+        crate::kv::register(
+            &mut router,
+            &kv_pool,
+            raft.handle(),
+            &machine,
+            &transport,
+            &client_tls,
+        );
         if dir.ca_file().exists() {
             let ca = ClusterCa::load(&dir.ca_file(), CaPolicy::default())?;
             let tokens = dir.load_tokens()?;
@@ -104,13 +151,28 @@ impl Manager {
             settings.raft_id
         );
         let renewer = start_renewer(dir, &settings, &transport, &identity, &root)?;
+        let register = match (&settings.bootstrap, &settings.join_addr) {
+            (Bootstrap::Join, Some(join_addr)) => Some(
+                super::register::Registrar::start(
+                    raft.handle().clone(),
+                    transport.clone(),
+                    client_tls.clone(),
+                    join_addr.clone(),
+                )
+                .map_err(io_error("cannot start the registration thread"))?,
+            ),
+            _ => None,
+        };
         Ok(Manager {
             settings,
             identity,
             listen_addr,
             transport,
             renewer: Some(renewer),
-            pools: vec![ca_pool],
+            register,
+            raft: Some(raft),
+            raft_pools: Some(raft_pools),
+            pools: vec![ca_pool, kv_pool],
         })
     }
 
@@ -129,14 +191,37 @@ impl Manager {
         &self.identity
     }
 
-    /// The shutdown barrier, in order: the renewer (it calls through the transport), the
+    /// The Raft node's handle.
+    pub fn raft(&self) -> &NodeHandle {
+        self.raft
+            .as_ref()
+            .expect("the raft node lives until shutdown")
+            .handle()
+    }
+
+    /// Why the manager stopped by itself (removed from the cluster, storage failure).
+    pub fn fatal(&self) -> Option<String> {
+        self.raft.as_ref().and_then(|r| r.handle().fatal())
+    }
+
+    /// The shutdown barrier, in order: the registrar and the renewer (they call through
+    /// the transport), the Raft node (its own barrier: peers, apply, log writer), the
     /// transport (in-flight calls fail `Unavailable`, connections close, the reactor is
     /// joined), then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
+        if let Some(register) = self.register.take() {
+            register.stop();
+        }
         if let Some(renewer) = self.renewer.take() {
             renewer.stop();
         }
+        if let Some(raft) = self.raft.take() {
+            raft.shutdown();
+        }
         self.transport.shutdown();
+        if let Some(pools) = self.raft_pools.take() {
+            pools.shutdown();
+        }
         for pool in self.pools.drain(..) {
             pool.shutdown();
         }

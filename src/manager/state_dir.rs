@@ -16,6 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::ca::{JoinToken, JoinTokens, Role};
+use crate::raft::node::Bootstrap;
 use crate::raft::types::NodeId;
 use crate::util::fsutil::{MODE_PRIVATE, write_atomic};
 
@@ -206,20 +207,42 @@ pub struct Settings {
     pub listen_addr: String,
     /// The address other managers dial to reach this one.
     pub advertise_addr: String,
+    /// How this manager entered the cluster: founded it, or joined through `join_addr`.
+    pub bootstrap: Bootstrap,
+    /// The manager it joined through (asked to add it until it is a member).
+    pub join_addr: Option<String>,
+    /// Applied entries between Raft snapshots (`None`: the node's default, 10,000).
+    pub snapshot_interval_entries: Option<u64>,
 }
 
 impl Settings {
     fn to_text(&self) -> String {
-        format!(
-            "raft_id = {}\nlisten_addr = {}\nadvertise_addr = {}\n",
-            self.raft_id, self.listen_addr, self.advertise_addr
-        )
+        let mut text = format!(
+            "raft_id = {}\nlisten_addr = {}\nadvertise_addr = {}\nbootstrap = {}\n",
+            self.raft_id,
+            self.listen_addr,
+            self.advertise_addr,
+            match self.bootstrap {
+                Bootstrap::NewCluster => "new-cluster",
+                Bootstrap::Join => "join",
+            }
+        );
+        if let Some(addr) = &self.join_addr {
+            text.push_str(&format!("join_addr = {addr}\n"));
+        }
+        if let Some(entries) = self.snapshot_interval_entries {
+            text.push_str(&format!("snapshot_interval_entries = {entries}\n"));
+        }
+        text
     }
 
     fn from_text(text: &str) -> Result<Self, String> {
         let mut raft_id = None;
         let mut listen_addr = None;
         let mut advertise_addr = None;
+        let mut bootstrap = None;
+        let mut join_addr = None;
+        let mut snapshot_interval_entries = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let (key, value) = line
                 .split_once('=')
@@ -237,6 +260,22 @@ impl Settings {
                 }
                 "listen_addr" => listen_addr = Some(value),
                 "advertise_addr" => advertise_addr = Some(value),
+                "bootstrap" => {
+                    bootstrap = Some(match value.as_str() {
+                        "new-cluster" => Bootstrap::NewCluster,
+                        "join" => Bootstrap::Join,
+                        other => {
+                            return Err(format!("bootstrap {other:?} is not new-cluster|join"));
+                        }
+                    });
+                }
+                "join_addr" => join_addr = Some(value),
+                "snapshot_interval_entries" => {
+                    let entries: u64 = value.parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                        format!("snapshot_interval_entries {value:?} is not a positive number")
+                    })?;
+                    snapshot_interval_entries = Some(entries);
+                }
                 // Unknown keys come from newer versions; keep going.
                 other => log::warn!("manager.conf: ignoring unknown key {other:?}"),
             }
@@ -245,6 +284,9 @@ impl Settings {
             raft_id: raft_id.ok_or("raft_id is missing")?,
             listen_addr: listen_addr.ok_or("listen_addr is missing")?,
             advertise_addr: advertise_addr.ok_or("advertise_addr is missing")?,
+            bootstrap: bootstrap.ok_or("bootstrap is missing")?,
+            join_addr,
+            snapshot_interval_entries,
         })
     }
 }
@@ -259,12 +301,16 @@ mod tests {
             raft_id: 42,
             listen_addr: "127.0.0.1:4242".into(),
             advertise_addr: "10.0.0.1:4242".into(),
+            bootstrap: Bootstrap::Join,
+            join_addr: Some("10.0.0.2:4242".into()),
+            snapshot_interval_entries: Some(500),
         };
         assert_eq!(Settings::from_text(&settings.to_text()).unwrap(), settings);
         assert!(Settings::from_text("raft_id = 0\n").is_err());
         assert!(Settings::from_text("raft_id = x\n").is_err());
         assert!(Settings::from_text("listen_addr\n").is_err());
-        let err = Settings::from_text("raft_id = 3\nlisten_addr = a\n").unwrap_err();
+        let err =
+            Settings::from_text("raft_id = 3\nlisten_addr = a\nbootstrap = join\n").unwrap_err();
         assert!(err.contains("advertise_addr"), "{err}");
     }
 

@@ -563,7 +563,7 @@ impl Reactor {
     }
 
     fn close(&mut self, mut conn: Conn, reason: Status) {
-        log::info!("connection with {} closed: {}", conn.peer(), reason.message);
+        log::debug!("connection with {} closed: {}", conn.peer(), reason.message);
         for item in conn.shared.close(reason.clone()) {
             if let Outbound::Open { route, .. } = item {
                 route.ctl.end(reason.clone());

@@ -2,9 +2,13 @@
 //!
 //! - [`types`]: the values every part agrees on (entries, hard state, membership, snapshot
 //!   metadata).
-//!
-//! Later submodules: `core` (the pure state machine: no clock, no IO, no threads), `sim`
-//! (the deterministic simulator), `storage` (fjall log and snapshot files) and `node` (the
-//! threads that drive the core).
+//! - [`core`]: the pure state machine (no clock, no IO, no threads).
+//! - [`sim`]: the deterministic simulator that checks the core under faults.
+//! - [`storage`]: the fjall log and hard state, the group-commit writer, snapshot files.
+//! - [`node`]: the threads that drive the core over the transport.
 
+pub mod core;
+pub mod node;
+pub mod sim;
+pub mod storage;
 pub mod types;

@@ -2,6 +2,8 @@
 //! stdout and stderr line by line, wait for a line, signal it, collect its exit status.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
 use std::path::Path;
@@ -46,7 +48,12 @@ fn pump(name: String, stream: impl Read + Send + 'static, tx: Sender<String>) {
 impl Proc {
     /// Starts `flotilla ARGS` with `RUST_LOG` at info unless the caller set it.
     pub fn start(name: &str, args: &[&str]) -> Proc {
-        let mut command = Command::new(flotilla_bin());
+        Self::start_program(name, flotilla_bin(), args)
+    }
+
+    /// Starts `PROGRAM ARGS` (a wrapper such as `ip netns exec` around flotilla).
+    pub fn start_program(name: &str, program: &str, args: &[&str]) -> Proc {
+        let mut command = Command::new(program);
         command
             .args(args)
             .stdin(Stdio::null())

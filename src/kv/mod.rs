@@ -1,0 +1,337 @@
+//! A replicated key-value map on the Raft node: the state machine the node runtime is
+//! tested and benchmarked with, and its methods `kv.Apply` (a command through Raft) and
+//! `kv.Get` (a linearizable read, from any member).
+//!
+//! Owns the map. Must never change it except from the apply thread, in log order.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+use prost::Message;
+
+use crate::net::{Allow, CallOptions, Router, ServicePool, Transport};
+use crate::proto::kv as pb;
+use crate::proto::raft::{ReadIndexRequest, ReadIndexResponse};
+use crate::raft::node::service::READ_INDEX;
+use crate::raft::node::{NodeError, NodeHandle, StateMachine};
+use crate::raft::types::LogIndex;
+use crate::wire::Status;
+
+/// Proposes one command.
+pub const APPLY: &str = "kv.Apply";
+/// Reads one key, linearizably.
+pub const GET: &str = "kv.Get";
+/// Longest key accepted.
+pub const KEY_BYTES_MAX: usize = 1024;
+/// Longest record accepted while restoring a snapshot (a value is at most one proposal).
+pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 4 << 20;
+/// Deadline of a read's wait for the leader's read index and local application.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+type Map = Arc<RwLock<BTreeMap<String, Bytes>>>;
+
+/// The state machine: applies [`pb::Command`]s to the map.
+#[derive(Clone, Default)]
+pub struct KvStateMachine {
+    map: Map,
+}
+
+impl KvStateMachine {
+    /// An empty map.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The value of `key` as applied locally (not linearizable by itself).
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        self.map.read().get(key).cloned()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.map.read().len()
+    }
+
+    /// True if the map is empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.read().is_empty()
+    }
+
+    fn execute(&self, index: LogIndex, command: pb::Command) -> pb::ApplyResult {
+        let mut map = self.map.write();
+        let mut result = pb::ApplyResult {
+            ok: true,
+            index,
+            ..Default::default()
+        };
+        let mut record_previous = |previous: Option<&Bytes>| {
+            result.existed = previous.is_some();
+            result.previous = previous.cloned().unwrap_or_default();
+        };
+        match command.op {
+            Some(pb::command::Op::Put(put)) => {
+                record_previous(map.insert(put.key, put.value).as_ref());
+            }
+            Some(pb::command::Op::Delete(delete)) => {
+                record_previous(map.remove(&delete.key).as_ref());
+            }
+            Some(pb::command::Op::Cas(cas)) => {
+                let current = map.get(&cas.key).cloned();
+                record_previous(current.as_ref());
+                let holds = match &current {
+                    None => cas.expect_absent,
+                    Some(value) => !cas.expect_absent && *value == cas.expected,
+                };
+                if holds {
+                    map.insert(cas.key, cas.value);
+                }
+                result.ok = holds;
+            }
+            None => result.ok = false,
+        }
+        result
+    }
+}
+
+impl StateMachine for KvStateMachine {
+    fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
+        // Commands were validated before they were proposed; one that does not decode
+        // (a newer version's) is applied as a no-op on every member alike.
+        let result = match pb::Command::decode(data) {
+            Ok(command) => self.execute(index, command),
+            Err(_) => pb::ApplyResult {
+                ok: false,
+                index,
+                ..Default::default()
+            },
+        };
+        Bytes::from(result.encode_to_vec())
+    }
+
+    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()> {
+        let map = self.map.read();
+        let mut buffer = Vec::new();
+        for (key, value) in map.iter() {
+            buffer.clear();
+            pb::Pair {
+                key: key.clone(),
+                value: value.clone(),
+            }
+            .encode_length_delimited(&mut buffer)
+            .map_err(std::io::Error::other)?;
+            out.write_all(&buffer)?;
+        }
+        Ok(())
+    }
+
+    fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
+        let mut fresh = BTreeMap::new();
+        let mut record = Vec::new();
+        while let Some(len) = read_varint(input)? {
+            if len > SNAPSHOT_RECORD_BYTES_MAX {
+                return Err(invalid(format!("record of {len} bytes is too large")));
+            }
+            record.resize(len, 0);
+            input.read_exact(&mut record)?;
+            let pair = pb::Pair::decode(record.as_slice()).map_err(|e| invalid(e.to_string()))?;
+            fresh.insert(pair.key, pair.value);
+        }
+        *self.map.write() = fresh;
+        Ok(())
+    }
+}
+
+fn invalid(reason: String) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, reason)
+}
+
+/// Reads a protobuf varint; `None` at a clean end of input.
+fn read_varint(input: &mut dyn Read) -> std::io::Result<Option<usize>> {
+    let mut value: u64 = 0;
+    for shift in (0..64).step_by(7) {
+        let mut byte = [0u8; 1];
+        if input.read(&mut byte)? == 0 {
+            return if shift == 0 {
+                Ok(None)
+            } else {
+                Err(invalid("snapshot ends inside a length".into()))
+            };
+        }
+        value |= u64::from(byte[0] & 0x7f) << shift;
+        if byte[0] & 0x80 == 0 {
+            return usize::try_from(value)
+                .map(Some)
+                .map_err(|_| invalid("length overflows".into()));
+        }
+    }
+    Err(invalid("length varint is too long".into()))
+}
+
+fn validate(command: &pb::Command) -> Result<(), Status> {
+    let key = match &command.op {
+        Some(pb::command::Op::Put(put)) => &put.key,
+        Some(pb::command::Op::Cas(cas)) => &cas.key,
+        Some(pb::command::Op::Delete(delete)) => &delete.key,
+        None => return Err(Status::invalid_argument("the command has no operation")),
+    };
+    if key.is_empty() || key.len() > KEY_BYTES_MAX {
+        return Err(Status::invalid_argument(format!(
+            "keys must be 1 to {KEY_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+/// Serves `kv.Apply` and `kv.Get` for `machine` on `node`.
+pub fn register(
+    router: &mut Router,
+    pool: &ServicePool,
+    node: &NodeHandle,
+    machine: &KvStateMachine,
+    transport: &Arc<Transport>,
+    client_tls: &Arc<rustls::ClientConfig>,
+) {
+    let n = node.clone();
+    router.unary_deferred(
+        APPLY,
+        Allow::MANAGERS,
+        pool,
+        move |_, command: pb::Command, responder| {
+            if let Err(status) = validate(&command) {
+                responder.respond(Err(status));
+                return;
+            }
+            n.propose_with(
+                &command.encode_to_vec(),
+                Box::new(move |result| {
+                    responder.respond(result.map_err(|e| e.to_status()).and_then(|reply| {
+                        pb::ApplyResult::decode(reply).map_err(|e| Status::internal(e.to_string()))
+                    }));
+                }),
+            );
+        },
+    );
+    let (n, m, t, tls) = (
+        node.clone(),
+        machine.clone(),
+        transport.clone(),
+        client_tls.clone(),
+    );
+    router.unary(
+        GET,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::GetRequest| {
+            let index = linearizable_read_index(&n, &t, &tls).map_err(|e| e.to_status())?;
+            let value = m.get(&request.key);
+            Ok(pb::GetResponse {
+                found: value.is_some(),
+                value: value.unwrap_or_default(),
+                index,
+            })
+        },
+    );
+}
+
+/// Waits until this member may serve a linearizable read and returns the read index: the
+/// leader confirms its leadership; a follower asks the leader for its commit index and
+/// waits to apply it.
+///
+/// # Errors
+/// [`NodeError`]: no leader, timeout, shutting down.
+pub fn linearizable_read_index(
+    node: &NodeHandle,
+    transport: &Transport,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<LogIndex, NodeError> {
+    let deadline = Instant::now() + READ_TIMEOUT;
+    let leader = node.leader();
+    if leader == Some(node.id()) {
+        return node.read_barrier_local(READ_TIMEOUT);
+    }
+    let leader_addr =
+        leader
+            .and_then(|id| node.directory().addr(id))
+            .ok_or(NodeError::NotLeader {
+                leader,
+                leader_addr: None,
+            })?;
+    let response: ReadIndexResponse = transport
+        .channel(&leader_addr, tls)
+        .unary(
+            READ_INDEX,
+            &ReadIndexRequest {},
+            CallOptions::timeout(READ_TIMEOUT),
+        )
+        .map_err(|status| NodeError::Refused(format!("leader {leader_addr}: {status}")))?;
+    node.wait_applied(response.index, deadline)?;
+    Ok(response.index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(key: &str, value: &[u8]) -> pb::Command {
+        pb::Command {
+            op: Some(pb::command::Op::Put(pb::Put {
+                key: key.into(),
+                value: Bytes::copy_from_slice(value),
+            })),
+        }
+    }
+
+    fn apply(machine: &mut KvStateMachine, index: u64, command: &pb::Command) -> pb::ApplyResult {
+        pb::ApplyResult::decode(machine.apply(index, &command.encode_to_vec())).unwrap()
+    }
+
+    #[test]
+    fn commands_apply_and_cas_checks_its_expectation() {
+        let mut machine = KvStateMachine::new();
+        assert!(!apply(&mut machine, 1, &put("a", b"1")).existed);
+        let cas = |expected: &[u8], value: &[u8]| pb::Command {
+            op: Some(pb::command::Op::Cas(pb::Cas {
+                key: "a".into(),
+                expected: Bytes::copy_from_slice(expected),
+                expect_absent: false,
+                value: Bytes::copy_from_slice(value),
+            })),
+        };
+        assert!(!apply(&mut machine, 2, &cas(b"0", b"2")).ok);
+        assert_eq!(machine.get("a").unwrap(), Bytes::from_static(b"1"));
+        let result = apply(&mut machine, 3, &cas(b"1", b"2"));
+        assert!(result.ok && result.existed && result.index == 3);
+        assert_eq!(machine.get("a").unwrap(), Bytes::from_static(b"2"));
+    }
+
+    #[test]
+    fn snapshot_round_trips_and_a_damaged_one_changes_nothing() {
+        let mut machine = KvStateMachine::new();
+        for i in 0..100 {
+            apply(
+                &mut machine,
+                i + 1,
+                &put(&format!("k{i}"), &vec![i as u8; 300]),
+            );
+        }
+        let mut image = Vec::new();
+        machine.snapshot(&mut image).unwrap();
+        let mut copy = KvStateMachine::new();
+        copy.restore(&mut image.as_slice()).unwrap();
+        assert_eq!(*copy.map.read(), *machine.map.read());
+
+        let mut damaged = KvStateMachine::new();
+        apply(&mut damaged, 1, &put("keep", b"me"));
+        let cut = &image[..image.len() - 10];
+        assert!(damaged.restore(&mut &cut[..]).is_err());
+        assert_eq!(
+            damaged.len(),
+            1,
+            "a failed restore must leave the old state"
+        );
+    }
+}

@@ -1,0 +1,650 @@
+//! The threads that drive the Raft core over the transport.
+//!
+//! ```text
+//!             inputs (Step, Propose, Read, …)           committed entries, waiters
+//!  rpc-raft-* ─────────────────────────────► raft-<id> ─────────────────────────► raft-apply-<id>
+//!  NodeHandle ─────────────────────────────►   │  ▲  ◄──── snapshot created / restored ────┘
+//!                                  AppendRequest│  │Durable
+//!                                               ▼  │
+//!                                        raft-log-writer
+//!            raft-<id> ── messages ──► raft-peer-<peer> ── raft.Step / raft.InstallSnapshot ──► peer
+//! ```
+//!
+//! - `raft-<id>` ([`raft_loop`]) owns the [`RaftCore`](crate::raft::core::RaftCore) and the
+//!   storage handle: it ticks, steps inbound messages, proposes, submits each Ready's
+//!   entries to the log writer, routes messages to peer threads and committed entries to
+//!   the apply thread.
+//! - `raft-log-writer` (`raft::storage`) batches appends into one fsync each.
+//! - `raft-peer-<peer>` ([`peer`]) sends one peer its messages in batches and streams it
+//!   snapshots chunk by chunk.
+//! - `raft-apply-<id>` ([`apply`]) applies committed entries to the [`StateMachine`],
+//!   answers proposals and reads, takes snapshots every N entries and restores received
+//!   ones.
+//!
+//! Nothing is acknowledged before it is durable: the core holds back messages that depend
+//! on persistence, and the apply thread only sees entries the core reports committed and
+//! locally durable. Shutdown order: see [`RaftNode::shutdown`].
+
+pub mod apply;
+pub mod codec;
+pub mod directory;
+pub mod peer;
+pub mod raft_loop;
+pub mod service;
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use crossbeam_channel::Sender;
+use parking_lot::Mutex;
+
+use crate::net::Transport;
+use crate::raft::core::{MembershipChange, RaftError, Role};
+use crate::raft::storage::snapshot::SnapshotInfo;
+use crate::raft::storage::{LogHandle, LogStore, StorageConfig, StorageError};
+use crate::raft::types::{LogIndex, NodeId, Term};
+
+pub use directory::Directory;
+
+/// Inputs queued for the raft thread before senders are refused (RPC handlers) or block
+/// (local callers).
+pub const RAFT_INPUT_QUEUE_LEN_MAX: usize = 4096;
+/// Batches of work queued for the apply thread; the raft thread blocks beyond it, which
+/// stops heartbeats and so hands leadership to a healthier member.
+pub const APPLY_QUEUE_LEN_MAX: usize = 1024;
+
+/// How a member starts when its storage is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bootstrap {
+    /// The founder of a new cluster: the only voter at index 0.
+    NewCluster,
+    /// A member joining an existing cluster: no membership until the leader adds it.
+    Join,
+}
+
+/// Tunables of one Raft member's runtime. Every timeout is a bound the node enforces.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This member's Raft id.
+    pub id: NodeId,
+    /// The address other members dial to reach this one.
+    pub addr: String,
+    /// What an empty storage means.
+    pub bootstrap: Bootstrap,
+    /// Length of one tick (default 100 ms).
+    pub tick_ms: u64,
+    /// Base election timeout in ticks (default 10: one second with the default tick).
+    pub election_timeout_ticks: u32,
+    /// Heartbeat interval in ticks (default 1).
+    pub heartbeat_ticks: u32,
+    /// Applied entries between automatic snapshots (default 10,000, like swarmkit).
+    pub snapshot_interval_entries: u64,
+    /// Bytes per snapshot chunk on the wire (default 1 MiB).
+    pub snapshot_chunk_bytes: usize,
+    /// Longest wait for one snapshot chunk to be sent or received (default 10 s); the
+    /// transfer as a whole has no deadline.
+    pub snapshot_chunk_timeout_ms: u64,
+    /// Deadline of one `raft.Step` call (default 2 s).
+    pub step_timeout_ms: u64,
+    /// A leader whose state machine has not applied a committed entry for this long hands
+    /// leadership over (default 10 s): swarmkit's wedged-leader problem.
+    pub apply_stall_ms_max: u64,
+    /// Storage tunables.
+    pub storage: StorageConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for member `id` reachable at `addr`.
+    pub fn new(id: NodeId, addr: String, bootstrap: Bootstrap) -> Self {
+        Self {
+            id,
+            addr,
+            bootstrap,
+            tick_ms: 100,
+            election_timeout_ticks: 10,
+            heartbeat_ticks: 1,
+            snapshot_interval_entries: 10_000,
+            snapshot_chunk_bytes: 1 << 20,
+            snapshot_chunk_timeout_ms: 10_000,
+            step_timeout_ms: 2_000,
+            apply_stall_ms_max: 10_000,
+            storage: StorageConfig::default(),
+        }
+    }
+
+    /// One election timeout, in wall-clock time.
+    pub fn election_timeout(&self) -> Duration {
+        Duration::from_millis(self.tick_ms * u64::from(self.election_timeout_ticks))
+    }
+}
+
+/// The application's replicated state machine, driven by the apply thread.
+pub trait StateMachine: Send + 'static {
+    /// Applies the committed command `data` at `index` and returns the reply for whoever
+    /// proposed it. Must be deterministic: every member applies the same commands in the
+    /// same order and must reach the same state.
+    fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes;
+
+    /// Writes the whole state to `out` (a snapshot file, chunk by chunk).
+    ///
+    /// # Errors
+    /// IO errors from `out`.
+    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()>;
+
+    /// Replaces the whole state with what `input` holds. On error the state must be left
+    /// as it was (build aside, then swap).
+    ///
+    /// # Errors
+    /// IO errors, or `InvalidData` for content that does not parse.
+    fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()>;
+}
+
+/// Why a proposal, read or membership call failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NodeError {
+    /// This member is not the leader; retry on `leader_addr` if known.
+    #[error("not the leader; leader_addr={}", leader_addr.as_deref().unwrap_or("unknown"))]
+    NotLeader {
+        /// The leader's id, if known.
+        leader: Option<NodeId>,
+        /// The leader's address, if known.
+        leader_addr: Option<String>,
+    },
+    /// The core refused the call for another reason (too large, transfer or membership
+    /// change in progress, invalid change).
+    #[error("{0}")]
+    Refused(String),
+    /// The entry was overwritten by a new leader before it committed: it did not happen.
+    /// Retrying is safe.
+    #[error("the proposal was lost in a leader change; retry")]
+    Lost,
+    /// No answer within the caller's deadline: the proposal may or may not commit.
+    #[error("no answer within the deadline; the outcome is unknown")]
+    Timeout,
+    /// The node is stopping or stopped.
+    #[error("the raft node is shutting down")]
+    ShuttingDown,
+    /// Storage failed; the node is stopping.
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+impl NodeError {
+    fn from_core(error: RaftError, directory: &Directory) -> Self {
+        match error {
+            RaftError::NotLeader { leader } => NodeError::NotLeader {
+                leader,
+                leader_addr: leader.and_then(|id| directory.addr(id)),
+            },
+            RaftError::ShuttingDown => NodeError::ShuttingDown,
+            other => NodeError::Refused(other.to_string()),
+        }
+    }
+
+    /// The transport status for this error: `leader_addr=` in the message lets clients
+    /// follow a redirect.
+    pub fn to_status(&self) -> crate::wire::Status {
+        use crate::wire::{Code, Status};
+        match self {
+            NodeError::NotLeader { .. } => Status::new(Code::FailedPrecondition, self.to_string()),
+            NodeError::Refused(_) => Status::new(Code::FailedPrecondition, self.to_string()),
+            NodeError::Lost => Status::new(Code::Aborted, self.to_string()),
+            NodeError::Timeout => Status::deadline_exceeded(self.to_string()),
+            NodeError::ShuttingDown => Status::unavailable(self.to_string()),
+            NodeError::Storage(_) => Status::new(Code::Internal, self.to_string()),
+        }
+    }
+}
+
+/// Called once with the outcome of a proposal: the state machine's reply once applied.
+pub type ProposalCallback = Box<dyn FnOnce(Result<Bytes, NodeError>) + Send>;
+/// Called once when a linearizable read may be served (the index is applied locally).
+pub type ReadCallback = Box<dyn FnOnce(Result<LogIndex, NodeError>) + Send>;
+
+/// What the raft thread is asked to do.
+pub(crate) enum Input {
+    Step(Vec<crate::raft::core::Message>),
+    Propose {
+        data: Bytes,
+        done: ProposalCallback,
+    },
+    ProposeMembership {
+        change: MembershipChange,
+        done: ProposalCallback,
+    },
+    /// `apply`: wait until the read index is applied locally before calling `done`.
+    ReadIndex {
+        apply: bool,
+        done: ReadCallback,
+    },
+    Transfer {
+        target: NodeId,
+        done: Box<dyn FnOnce(Result<(), NodeError>) + Send>,
+    },
+    Status {
+        done: Box<dyn FnOnce(NodeStatus) + Send>,
+    },
+    /// A peer told us we were removed from the group.
+    Removed,
+}
+
+/// One member as seen by this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemberStatus {
+    /// Its Raft id.
+    pub id: NodeId,
+    /// Its address, if known.
+    pub addr: Option<String>,
+    /// `leader`, `follower` or `learner`.
+    pub role: &'static str,
+    /// Leader only: it answered recently.
+    pub reachable: bool,
+    /// Leader only: time since it last made progress, in ms.
+    pub last_contact_ms: u64,
+    /// Leader only: highest index known replicated to it.
+    pub match_index: LogIndex,
+    /// A problem the operator should know (e.g. snapshot transfers failing).
+    pub problem: Option<String>,
+}
+
+/// A snapshot of the node's state for operators.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// This member.
+    pub id: NodeId,
+    /// The known leader.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: Term,
+    /// Commit index.
+    pub commit: LogIndex,
+    /// Applied index.
+    pub applied: LogIndex,
+    /// Every voter and learner.
+    pub members: Vec<MemberStatus>,
+    /// True once this member is the leader.
+    pub is_leader: bool,
+}
+
+/// State shared by the node's threads and handles.
+pub(crate) struct Shared {
+    pub(crate) config: NodeConfig,
+    pub(crate) directory: Directory,
+    pub(crate) applied: AtomicU64,
+    pub(crate) leader: AtomicU64,
+    pub(crate) stopped: AtomicBool,
+    pub(crate) latest_snapshot: Mutex<Option<SnapshotInfo>>,
+    /// Problems per peer (failed snapshot transfers), shown by `manager ls`.
+    pub(crate) peer_problems: Mutex<std::collections::BTreeMap<NodeId, String>>,
+    /// Set when a fatal error or removal stopped the node; the reason.
+    pub(crate) fatal: Mutex<Option<String>>,
+    /// A snapshot file received and verified by `raft.InstallSnapshot`, waiting for the
+    /// core to install it.
+    pub(crate) received_snapshot: Mutex<Option<SnapshotInfo>>,
+    /// Ids removed from the group, as the raft thread last saw them: their messages are
+    /// answered with "you were removed".
+    pub(crate) removed_ids: Mutex<std::collections::BTreeSet<NodeId>>,
+}
+
+/// A clonable handle to a running node: propose, read, change membership, inspect.
+#[derive(Clone)]
+pub struct NodeHandle {
+    inputs: Sender<Input>,
+    shared: Arc<Shared>,
+}
+
+impl NodeHandle {
+    fn send(&self, input: Input) -> Result<(), NodeError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(NodeError::ShuttingDown);
+        }
+        self.inputs.send(input).map_err(|_| NodeError::ShuttingDown)
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.shared.config.id
+    }
+
+    /// The member directory.
+    pub fn directory(&self) -> &Directory {
+        &self.shared.directory
+    }
+
+    /// The address this member advertises.
+    pub fn directory_own_addr(&self) -> String {
+        self.shared.config.addr.clone()
+    }
+
+    /// The leader this member knows of.
+    pub fn leader(&self) -> Option<NodeId> {
+        match self.shared.leader.load(Ordering::Acquire) {
+            0 => None,
+            id => Some(id),
+        }
+    }
+
+    /// The highest index applied locally.
+    pub fn applied(&self) -> LogIndex {
+        self.shared.applied.load(Ordering::Acquire)
+    }
+
+    /// Why the node stopped by itself (storage failure, removal), if it did.
+    pub fn fatal(&self) -> Option<String> {
+        self.shared.fatal.lock().clone()
+    }
+
+    /// Proposes application `data`; `done` runs (on the apply or raft thread) with the state
+    /// machine's reply once the entry is applied here, or with an error.
+    pub fn propose_with(&self, data: &[u8], done: ProposalCallback) {
+        let input = Input::Propose {
+            data: directory::encode_app(data),
+            done,
+        };
+        if let Err(Input::Propose { done, .. }) =
+            self.inputs.try_send(input).map_err(|e| e.into_inner())
+        {
+            done(Err(NodeError::ShuttingDown));
+        }
+    }
+
+    /// Proposes `data` and blocks until it is applied locally (the state machine's reply),
+    /// or fails.
+    ///
+    /// # Errors
+    /// [`NodeError`]; [`NodeError::Timeout`] leaves the outcome unknown.
+    pub fn propose(&self, data: &[u8], timeout: Duration) -> Result<Bytes, NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::Propose {
+            data: directory::encode_app(data),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })?;
+        rx.recv_timeout(timeout).unwrap_or(Err(NodeError::Timeout))
+    }
+
+    /// Records in the replicated directory that `id` is reachable at `addr`.
+    ///
+    /// # Errors
+    /// As [`NodeHandle::propose`].
+    pub fn propose_member_addr(
+        &self,
+        id: NodeId,
+        addr: &str,
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::Propose {
+            data: directory::encode_member_addr(id, addr),
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })?;
+        rx.recv_timeout(timeout)
+            .unwrap_or(Err(NodeError::Timeout))?;
+        Ok(())
+    }
+
+    /// Proposes a membership change and waits until it is applied locally.
+    ///
+    /// # Errors
+    /// As [`NodeHandle::propose`].
+    pub fn change_membership(
+        &self,
+        change: MembershipChange,
+        timeout: Duration,
+    ) -> Result<(), NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::ProposeMembership {
+            change,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })?;
+        rx.recv_timeout(timeout)
+            .unwrap_or(Err(NodeError::Timeout))?;
+        Ok(())
+    }
+
+    /// Leader only: confirms leadership and returns the read index (without waiting for
+    /// local application). Followers use it through `raft.ReadIndex`.
+    ///
+    /// # Errors
+    /// [`NodeError::NotLeader`], [`NodeError::Timeout`], [`NodeError::ShuttingDown`].
+    pub fn read_index(&self, timeout: Duration) -> Result<LogIndex, NodeError> {
+        self.read(false, timeout)
+    }
+
+    /// Leader only: blocks until a linearizable read may be served from local state.
+    ///
+    /// # Errors
+    /// As [`NodeHandle::read_index`].
+    pub fn read_barrier_local(&self, timeout: Duration) -> Result<LogIndex, NodeError> {
+        self.read(true, timeout)
+    }
+
+    fn read(&self, apply: bool, timeout: Duration) -> Result<LogIndex, NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::ReadIndex {
+            apply,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })?;
+        rx.recv_timeout(timeout).unwrap_or(Err(NodeError::Timeout))
+    }
+
+    /// Blocks until this member has applied `index`, or `deadline`.
+    ///
+    /// # Errors
+    /// [`NodeError::Timeout`].
+    pub fn wait_applied(&self, index: LogIndex, deadline: Instant) -> Result<(), NodeError> {
+        while self.applied() < index {
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout);
+            }
+            if self.shared.stopped.load(Ordering::Acquire) {
+                return Err(NodeError::ShuttingDown);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
+    /// Hands leadership to `target` and waits until it holds it.
+    ///
+    /// # Errors
+    /// [`NodeError`] from the core, or [`NodeError::Timeout`].
+    pub fn transfer_leadership(&self, target: NodeId, timeout: Duration) -> Result<(), NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::Transfer {
+            target,
+            done: Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        })?;
+        rx.recv_timeout(timeout)
+            .unwrap_or(Err(NodeError::Timeout))?;
+        let deadline = Instant::now() + timeout;
+        while self.leader() != Some(target) {
+            if Instant::now() >= deadline {
+                return Err(NodeError::Timeout);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// The node's view of the group.
+    ///
+    /// # Errors
+    /// [`NodeError::ShuttingDown`] or [`NodeError::Timeout`].
+    pub fn status(&self, timeout: Duration) -> Result<NodeStatus, NodeError> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.send(Input::Status {
+            done: Box::new(move |s| {
+                let _ = tx.send(s);
+            }),
+        })?;
+        rx.recv_timeout(timeout).map_err(|_| NodeError::Timeout)
+    }
+
+    pub(crate) fn inputs(&self) -> &Sender<Input> {
+        &self.inputs
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeStartError {
+    /// Storage could not be opened or recovered.
+    #[error("raft storage: {0}")]
+    Storage(#[from] StorageError),
+    /// The snapshot could not be restored into the state machine.
+    #[error("cannot restore snapshot {path}: {source}")]
+    Restore {
+        /// The snapshot file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A thread could not be spawned.
+    #[error("cannot start thread {name}: {source}")]
+    Thread {
+        /// The thread.
+        name: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A running Raft member: its threads and the handle to reach them.
+pub struct RaftNode {
+    handle: NodeHandle,
+    store: LogStore,
+    raft_thread: Option<JoinHandle<()>>,
+    stop: Option<Sender<()>>,
+}
+
+impl RaftNode {
+    /// Opens storage under `dir`, restores the newest snapshot into `state_machine`, and
+    /// starts the raft, apply and log-writer threads. Peer threads start as members
+    /// appear. Messages go out through `transport` with `client_tls`.
+    ///
+    /// # Errors
+    /// [`NodeStartError`].
+    pub fn start(
+        config: NodeConfig,
+        dir: &std::path::Path,
+        state_machine: Box<dyn StateMachine>,
+        transport: Arc<Transport>,
+        client_tls: Arc<rustls::ClientConfig>,
+    ) -> Result<RaftNode, NodeStartError> {
+        let (store, recovered) = LogStore::open(dir, &config.storage)?;
+        for problem in &recovered.corrupt_snapshots {
+            log::error!(
+                "raft {:x}: ignored a corrupt snapshot: {problem}",
+                config.id
+            );
+        }
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            directory: Directory::default(),
+            applied: AtomicU64::new(0),
+            leader: AtomicU64::new(0),
+            stopped: AtomicBool::new(false),
+            latest_snapshot: Mutex::new(recovered.snapshot.clone()),
+            peer_problems: Mutex::new(Default::default()),
+            fatal: Mutex::new(None),
+            received_snapshot: Mutex::new(None),
+            removed_ids: Mutex::new(Default::default()),
+        });
+        let (log, writer_events) = LogHandle::start(store.clone(), &recovered, &config.storage)?;
+        let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(RAFT_INPUT_QUEUE_LEN_MAX);
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
+        let handle = NodeHandle {
+            inputs: inputs_tx,
+            shared: shared.clone(),
+        };
+        let setup = raft_loop::Setup {
+            shared,
+            store: store.clone(),
+            recovered,
+            log,
+            writer_events,
+            inputs: inputs_rx,
+            stop: stop_rx,
+            handle: handle.clone(),
+            state_machine,
+            transport,
+            client_tls,
+        };
+        let name = format!("raft-{:x}", config.id);
+        let ready = raft_loop::prepare(setup)?;
+        let raft_thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || ready.run())
+            .map_err(|source| NodeStartError::Thread { name, source })?;
+        Ok(RaftNode {
+            handle,
+            store,
+            raft_thread: Some(raft_thread),
+            stop: Some(stop_tx),
+        })
+    }
+
+    /// The handle to this node.
+    pub fn handle(&self) -> &NodeHandle {
+        &self.handle
+    }
+
+    /// The node's log store (snapshot files for `raft.InstallSnapshot`).
+    pub fn store(&self) -> LogStore {
+        self.store.clone()
+    }
+
+    /// Receives nothing; exists so callers can wait for a node that stops by itself.
+    pub fn stopped(&self) -> bool {
+        self.handle.shared.stopped.load(Ordering::Acquire)
+    }
+
+    /// The shutdown barrier: the raft thread refuses new work, stops its peer threads
+    /// (joined), stops the apply thread after it applied what it was given (joined), then
+    /// lets the log writer finish what was submitted and joins it; then it exits and is
+    /// joined here. Waiting callers get [`NodeError::ShuttingDown`].
+    pub fn shutdown(mut self) {
+        self.stop_and_join();
+    }
+
+    fn stop_and_join(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.raft_thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the raft thread panicked");
+        }
+    }
+}
+
+impl Drop for RaftNode {
+    fn drop(&mut self) {
+        self.stop_and_join();
+    }
+}
+
+pub(crate) fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Leader => "leader",
+        Role::Follower => "follower",
+        Role::PreCandidate | Role::Candidate => "candidate",
+    }
+}

@@ -1,0 +1,630 @@
+//! The Raft log and hard state in one fjall database.
+//!
+//! The log keyspace holds segments: each value is a run of contiguous entries (one write
+//! group's, split at [`super::codec::SEGMENT_ENTRIES_MAX`]) under the big-endian index of
+//! its first entry. One key per group instead of one per entry is what keeps the
+//! group-commit path close to the raw disk: fjall's per-key work (memtable insert, journal
+//! record) would otherwise dominate at large batches. An entry is found by the greatest key
+//! at or below its index.
+//!
+//! Owns the database handle, the log's bounds (first live index, the term before it, last
+//! index and term) and recovery. Readers on any thread use [`LogStore`]; only the
+//! `raft-log-writer` thread calls the `pub(crate)` write methods, so writes never race each
+//! other. Must never sync on a read path, never use weak removes (a removed index can be
+//! written again after a truncation, and a weak tombstone could resurrect the old entry),
+//! and never expose an entry below the boundary recorded in the metadata keyspace.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+use parking_lot::RwLock;
+
+use super::codec::{
+    META_KEY_HARD_STATE, META_KEY_LOG_START, Segment, decode_hard_state, decode_log_start,
+    encode_hard_state, encode_log_start, encode_segment, index_of_key, log_key, segment_len,
+};
+use super::snapshot::{SnapshotInfo, SnapshotStore};
+use super::{StorageConfig, StorageError};
+use crate::raft::types::{Entry, HardState, LogIndex, SnapshotMeta, Term};
+
+/// Name of the fjall database directory under the storage directory.
+const LOG_DB_DIR: &str = "log";
+/// Name of the snapshot directory under the storage directory.
+const SNAPSHOT_DIR: &str = "snapshots";
+const KEYSPACE_LOG: &str = "log";
+const KEYSPACE_META: &str = "meta";
+
+/// The shape of the log as it is in fjall (not counting writes still queued).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogBounds {
+    /// The first index still readable. The log is empty when `first_index > last_index`.
+    pub first_index: LogIndex,
+    /// The term of the entry at `first_index - 1` (compacted or covered by a snapshot), or
+    /// 0 when the log starts at 1.
+    pub prev_term: Term,
+    /// The last index in the log (`first_index - 1` when empty).
+    pub last_index: LogIndex,
+    /// The term of the last entry (`prev_term` when empty).
+    pub last_term: Term,
+}
+
+impl LogBounds {
+    const EMPTY: Self = Self {
+        first_index: 1,
+        prev_term: 0,
+        last_index: 0,
+        last_term: 0,
+    };
+}
+
+/// What a restarted node resumes from.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The last durable hard state (default if none was ever written). Its `commit` may be
+    /// below `snapshot.meta.index`: everything a snapshot covers is committed by definition.
+    pub hard_state: HardState,
+    /// The newest snapshot that passed every check, if any.
+    pub snapshot: Option<SnapshotInfo>,
+    /// Snapshots that failed their checks: reported, renamed to `*.corrupt`, never applied.
+    pub corrupt_snapshots: Vec<StorageError>,
+    /// The log after recovery. It always joins the snapshot: `first_index <= snapshot
+    /// index + 1 <= last_index + 1`.
+    pub bounds: LogBounds,
+}
+
+/// The Raft log and hard state: cheap to clone, safe to read from any thread.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    log: Keyspace,
+    meta: Keyspace,
+    snapshots: SnapshotStore,
+    dir: PathBuf,
+    bounds: RwLock<LogBounds>,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .field("bounds", &*self.inner.bounds.read())
+            .finish()
+    }
+}
+
+impl LogStore {
+    /// Opens (or creates) the storage under `dir` and recovers: the hard state, the newest
+    /// valid snapshot and the log after it. A log left behind a snapshot by a crash in the
+    /// middle of installing it is cut back to the snapshot here.
+    ///
+    /// # Errors
+    /// [`StorageError::CorruptLog`] if the log has a gap or does not join the newest valid
+    /// snapshot; IO and fjall errors otherwise. A corrupt snapshot is not an error: it is
+    /// reported in [`Recovered::corrupt_snapshots`] and skipped.
+    pub fn open(dir: &Path, config: &StorageConfig) -> Result<(Self, Recovered), StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create", dir, e))?;
+        let (snapshots, snapshot, corrupt_snapshots) =
+            SnapshotStore::open(&dir.join(SNAPSHOT_DIR))?;
+        let db = Database::builder(dir.join(LOG_DB_DIR))
+            .manual_journal_persist(true)
+            // Compressing large entries in the journal would put CPU work on the commit path.
+            .journal_compression(CompressionType::None)
+            .cache_size(config.cache_bytes)
+            .worker_threads(config.fjall_worker_threads)
+            .open()?;
+        let log = db.keyspace(KEYSPACE_LOG, || {
+            // Entries are mostly read back once (by a slow follower) and then compacted:
+            // compressing them on flush would spend CPU the writer needs on small hosts.
+            KeyspaceCreateOptions::default()
+                .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+                .max_memtable_size(config.memtable_bytes_max)
+        })?;
+        let meta = db.keyspace(KEYSPACE_META, || {
+            KeyspaceCreateOptions::default().max_memtable_size(config.memtable_bytes_max)
+        })?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                db,
+                log,
+                meta,
+                snapshots,
+                dir: dir.to_path_buf(),
+                bounds: RwLock::new(LogBounds::EMPTY),
+            }),
+        };
+        let hard_state = match store.inner.meta.get(META_KEY_HARD_STATE)? {
+            Some(v) => decode_hard_state(&v)?,
+            None => HardState::default(),
+        };
+        let scanned = store.scan_log()?;
+        let bounds = store.join_snapshot(scanned, snapshot.as_ref().map(|s| &s.meta))?;
+        *store.inner.bounds.write() = bounds;
+        log::info!(
+            "raft storage {}: log {}..={} (prev term {}), snapshot {:?}, hard state {:?}",
+            dir.display(),
+            bounds.first_index,
+            bounds.last_index,
+            bounds.prev_term,
+            snapshot.as_ref().map(|s| (s.meta.index, s.meta.term)),
+            hard_state,
+        );
+        Ok((
+            store,
+            Recovered {
+                hard_state,
+                snapshot,
+                corrupt_snapshots,
+                bounds,
+            },
+        ))
+    }
+
+    /// The snapshot files of this node.
+    pub fn snapshots(&self) -> &SnapshotStore {
+        &self.inner.snapshots
+    }
+
+    /// The log's bounds as written to fjall (writes still queued are not included).
+    pub fn bounds(&self) -> LogBounds {
+        *self.inner.bounds.read()
+    }
+
+    /// The first readable index.
+    pub fn first_index(&self) -> LogIndex {
+        self.bounds().first_index
+    }
+
+    /// The last index written.
+    pub fn last_index(&self) -> LogIndex {
+        self.bounds().last_index
+    }
+
+    /// The term of the entry at `index`; `first_index - 1` answers from the boundary.
+    ///
+    /// # Errors
+    /// [`StorageError::Compacted`] below the boundary, [`StorageError::Unavailable`] past
+    /// the last index, [`StorageError::CorruptLog`] for a missing or undecodable entry.
+    pub fn term(&self, index: LogIndex) -> Result<Term, StorageError> {
+        let bounds = self.bounds();
+        if index + 1 == bounds.first_index {
+            return Ok(bounds.prev_term);
+        }
+        check_readable(index, index + 1, &bounds)?;
+        match self.segment_containing(&self.inner.db.snapshot(), index)? {
+            Some(segment) => Ok(segment.term(index)),
+            None => Err(self.missing(index)),
+        }
+    }
+
+    /// The entries in `range`, stopping early (but always returning at least one entry)
+    /// once their payloads exceed `bytes_max`. Read from one fjall snapshot, so a
+    /// concurrent truncation never yields a mix of old and new entries.
+    ///
+    /// # Errors
+    /// As for [`LogStore::term`], for the first index outside the log.
+    pub fn entries(
+        &self,
+        range: Range<LogIndex>,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        if range.is_empty() {
+            return Ok(Vec::new());
+        }
+        check_readable(range.start, range.end, &self.bounds())?;
+        let view = self.inner.db.snapshot();
+        let Some(mut segment) = self.segment_containing(&view, range.start)? else {
+            return Err(self.missing(range.start));
+        };
+        let mut later = view.range(
+            &self.inner.log,
+            log_key(segment.last() + 1)..log_key(range.end),
+        );
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        let mut index = range.start;
+        while index < range.end {
+            if !segment.contains(index) {
+                segment = match later.next() {
+                    Some(guard) => {
+                        let (key, value) = guard.into_inner()?;
+                        Segment::decode(index_of_key(&key)?, value)?
+                    }
+                    None => return Err(self.missing(index)),
+                };
+                if segment.first != index {
+                    return Err(self.missing(index));
+                }
+            }
+            let entry = segment.entry(index);
+            bytes += entry.data.len() as u64;
+            if !out.is_empty() && bytes > bytes_max {
+                break;
+            }
+            out.push(entry);
+            index += 1;
+            if bytes >= bytes_max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The segment holding `index`: the one under the greatest key at or below it.
+    fn segment_containing(
+        &self,
+        view: &fjall::Snapshot,
+        index: LogIndex,
+    ) -> Result<Option<Segment>, StorageError> {
+        let Some(guard) = view.range(&self.inner.log, ..=log_key(index)).next_back() else {
+            return Ok(None);
+        };
+        let (key, value) = guard.into_inner()?;
+        let segment = Segment::decode(index_of_key(&key)?, value)?;
+        Ok(segment.contains(index).then_some(segment))
+    }
+
+    /// Keys of every segment starting at or after `from`, in order (a suffix about to be
+    /// replaced; recent, so short).
+    fn keys_from(&self, from: LogIndex) -> Result<Vec<LogIndex>, StorageError> {
+        let mut keys = Vec::new();
+        for guard in self.inner.log.range(log_key(from)..) {
+            keys.push(index_of_key(&guard.key()?)?);
+        }
+        Ok(keys)
+    }
+
+    /// Why `index`, inside the bounds a moment ago, was not found: compacted since, or lost.
+    fn missing(&self, index: LogIndex) -> StorageError {
+        let bounds = self.bounds();
+        if index < bounds.first_index {
+            StorageError::Compacted {
+                index,
+                first_index: bounds.first_index,
+            }
+        } else if index > bounds.last_index {
+            StorageError::Unavailable {
+                index,
+                last_index: bounds.last_index,
+            }
+        } else {
+            StorageError::CorruptLog(format!(
+                "entry {index} is missing inside the log {}..={}",
+                bounds.first_index, bounds.last_index
+            ))
+        }
+    }
+
+    /// Reads the boundary and walks every live key once: checks there is no gap and every
+    /// value decodes, and finds the last index and term.
+    fn scan_log(&self) -> Result<LogBounds, StorageError> {
+        let (first_index, prev_term) = match self.inner.meta.get(META_KEY_LOG_START)? {
+            Some(v) => decode_log_start(&v)?,
+            None => (1, 0),
+        };
+        let mut bounds = LogBounds {
+            first_index,
+            prev_term,
+            last_index: first_index - 1,
+            last_term: prev_term,
+        };
+        // Start at the segment holding the first live index (it may begin below it).
+        let view = self.inner.db.snapshot();
+        let start = self
+            .segment_containing(&view, first_index)?
+            .map_or(first_index, |segment| segment.first);
+        for guard in self.inner.log.range(log_key(start)..) {
+            let (key, value) = guard.into_inner()?;
+            let segment = Segment::decode(index_of_key(&key)?, value)?;
+            let expected = if bounds.last_index < first_index {
+                start
+            } else {
+                bounds.last_index + 1
+            };
+            if segment.first != expected {
+                return Err(StorageError::CorruptLog(format!(
+                    "gap in the log: a segment starts at {} where {expected} was expected \
+                     (log starts at {first_index})",
+                    segment.first
+                )));
+            }
+            let term = segment.term(segment.first.max(first_index));
+            if term < bounds.last_term {
+                return Err(StorageError::CorruptLog(format!(
+                    "segment at {} has term {term}, below the previous entry's {}",
+                    segment.first, bounds.last_term
+                )));
+            }
+            bounds.last_index = segment.last();
+            bounds.last_term = segment.term(segment.last());
+        }
+        Ok(bounds)
+    }
+
+    /// Makes the scanned log join the newest valid snapshot. If the log does not contain
+    /// the snapshot's last entry with the snapshot's term (a crash while installing a
+    /// received snapshot, or a log that fell behind it), the log restarts right after the
+    /// snapshot, exactly as [`LogStore::reset_to_snapshot`] would have done.
+    fn join_snapshot(
+        &self,
+        scanned: LogBounds,
+        snapshot: Option<&SnapshotMeta>,
+    ) -> Result<LogBounds, StorageError> {
+        let Some(meta) = snapshot else {
+            if scanned.first_index != 1 {
+                return Err(StorageError::CorruptLog(format!(
+                    "the log starts at {} but there is no valid snapshot before it",
+                    scanned.first_index
+                )));
+            }
+            return Ok(scanned);
+        };
+        if meta.index + 1 < scanned.first_index {
+            return Err(StorageError::CorruptLog(format!(
+                "the log starts at {} but the newest valid snapshot ends at {}",
+                scanned.first_index, meta.index
+            )));
+        }
+        // Reads below go through the bounds: publish the scanned ones first.
+        *self.inner.bounds.write() = scanned;
+        if self.log_matches(&scanned, meta.index, meta.term)? {
+            return Ok(scanned);
+        }
+        log::warn!(
+            "log {}..={} does not contain snapshot ({}, {}): restarting the log after it",
+            scanned.first_index,
+            scanned.last_index,
+            meta.index,
+            meta.term
+        );
+        self.reset_to_snapshot(meta.index, meta.term)?;
+        self.persist()?;
+        Ok(self.bounds())
+    }
+
+    /// True if the log holds `(index, term)`, counting the boundary.
+    fn log_matches(
+        &self,
+        bounds: &LogBounds,
+        index: LogIndex,
+        term: Term,
+    ) -> Result<bool, StorageError> {
+        if index + 1 == bounds.first_index {
+            return Ok(bounds.prev_term == term);
+        }
+        if index < bounds.first_index || index > bounds.last_index {
+            return Ok(false);
+        }
+        Ok(self.term(index)? == term)
+    }
+
+    // ---- writer-thread operations: only `raft-log-writer` (and `open`) call these ----
+
+    /// Writes one group in ONE fjall batch: `entries` (contiguous, as segments), the
+    /// rewritten prefix of a segment cut by a truncation, removals of every other segment
+    /// at or past the first changed index, and the hard state. Not synced: call
+    /// [`LogStore::persist`].
+    pub(crate) fn write_group(
+        &self,
+        entries: &[Entry],
+        new_last: (LogIndex, Term),
+        hard_state: Option<&HardState>,
+    ) -> Result<(), StorageError> {
+        let old = self.bounds();
+        let (new_last_index, new_last_term) = new_last;
+        let changed_from = entries.first().map_or(new_last_index + 1, |e| e.index);
+        assert!(
+            changed_from >= old.first_index,
+            "a write never changes entries below the log boundary"
+        );
+        if entries.is_empty() && changed_from > old.last_index && hard_state.is_none() {
+            return Ok(());
+        }
+        let mut batch = self.inner.db.batch().durability(None);
+        let mut written = Vec::new();
+        let mut rest = entries;
+        while !rest.is_empty() {
+            let (segment, tail) = rest.split_at(segment_len(rest));
+            batch.insert(
+                &self.inner.log,
+                log_key(segment[0].index),
+                encode_segment(segment),
+            );
+            written.push(segment[0].index);
+            rest = tail;
+        }
+        if changed_from <= old.last_index {
+            // A truncation reaches into what fjall holds: keep the cut segment's prefix,
+            // remove every later segment that this batch does not overwrite. Strong
+            // removes: these keys may be written again.
+            let view = self.inner.db.snapshot();
+            let cut = self
+                .segment_containing(&view, changed_from)?
+                .ok_or_else(|| {
+                    StorageError::CorruptLog(format!("no segment holds entry {changed_from}"))
+                })?;
+            if cut.first < changed_from {
+                let prefix: Vec<Entry> = (cut.first..changed_from).map(|i| cut.entry(i)).collect();
+                batch.insert(&self.inner.log, log_key(cut.first), encode_segment(&prefix));
+            }
+            for key in self.keys_from(changed_from)? {
+                if !written.contains(&key) {
+                    batch.remove(&self.inner.log, log_key(key));
+                }
+            }
+        }
+        if let Some(hs) = hard_state {
+            batch.insert(&self.inner.meta, META_KEY_HARD_STATE, encode_hard_state(hs));
+        }
+        batch.commit()?;
+        let mut bounds = self.inner.bounds.write();
+        bounds.last_index = new_last_index;
+        bounds.last_term = new_last_term;
+        Ok(())
+    }
+
+    /// Makes everything written so far durable (`fdatasync` of fjall's journal).
+    pub(crate) fn persist(&self) -> Result<(), StorageError> {
+        self.inner.db.persist(PersistMode::SyncData)?;
+        Ok(())
+    }
+
+    /// After a snapshot `(index, term)` was installed: keeps the log if it holds that entry
+    /// (Raft §7: the entries after it are still valid); otherwise empties the log and
+    /// restarts it at `index + 1`. Every segment reaching past the snapshot is removed in
+    /// the same batch that moves the boundary; the segments wholly below it become garbage
+    /// that bounded rounds remove. Returns the lowest key that may hold garbage.
+    pub(crate) fn reset_to_snapshot(
+        &self,
+        index: LogIndex,
+        term: Term,
+    ) -> Result<Option<LogIndex>, StorageError> {
+        let old = self.bounds();
+        assert!(
+            index + 1 >= old.first_index,
+            "a snapshot never moves the boundary back"
+        );
+        if self.log_matches(&old, index, term)? {
+            return Ok(None);
+        }
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &old)?;
+        let past_start = self
+            .segment_containing(&view, index + 1)?
+            .map_or(index + 1, |segment| segment.first);
+        let mut batch = self.inner.db.batch().durability(None);
+        for key in self.keys_from(past_start)? {
+            batch.remove(&self.inner.log, log_key(key));
+        }
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(index + 1, term),
+        );
+        batch.commit()?;
+        *self.inner.bounds.write() = LogBounds {
+            first_index: index + 1,
+            prev_term: term,
+            last_index: index,
+            last_term: term,
+        };
+        Ok((live_start < past_start).then_some(live_start))
+    }
+
+    /// The key of the first live segment (the one holding the first index), or the first
+    /// index when the log is empty.
+    fn live_start(
+        &self,
+        view: &fjall::Snapshot,
+        bounds: &LogBounds,
+    ) -> Result<LogIndex, StorageError> {
+        if bounds.first_index > bounds.last_index {
+            return Ok(bounds.first_index);
+        }
+        Ok(self
+            .segment_containing(view, bounds.first_index)?
+            .map_or(bounds.first_index, |segment| segment.first))
+    }
+
+    /// One bounded compaction round towards "the first live index is `up_to + 1`" (never
+    /// past the end of the log): moves the boundary by at most `round_max` entries and
+    /// removes the segments wholly below it, in one batch. Returns true if more rounds
+    /// are needed.
+    pub(crate) fn compact_round(
+        &self,
+        up_to: LogIndex,
+        round_max: u64,
+    ) -> Result<bool, StorageError> {
+        assert!(round_max > 0, "a compaction round must make progress");
+        let old = self.bounds();
+        let target_first = (up_to + 1).min(old.last_index + 1);
+        if target_first <= old.first_index {
+            return Ok(false);
+        }
+        let new_first = target_first.min(old.first_index + round_max);
+        let prev_term = self.term(new_first - 1)?;
+        let view = self.inner.db.snapshot();
+        let from = self.live_start(&view, &old)?;
+        let mut batch = self.inner.db.batch().durability(None);
+        for guard in view.range(&self.inner.log, log_key(from)..log_key(new_first)) {
+            let (key, value) = guard.into_inner()?;
+            let segment = Segment::decode(index_of_key(&key)?, value)?;
+            if segment.last() < new_first {
+                batch.remove(&self.inner.log, key);
+            }
+        }
+        batch.insert(
+            &self.inner.meta,
+            META_KEY_LOG_START,
+            encode_log_start(new_first, prev_term),
+        );
+        // Move the boundary before the keys vanish, so that a reader never finds a key
+        // missing inside the bounds.
+        {
+            let mut bounds = self.inner.bounds.write();
+            bounds.first_index = new_first;
+            bounds.prev_term = prev_term;
+        }
+        batch.commit()?;
+        Ok(new_first < target_first)
+    }
+
+    /// One bounded round removing garbage segments below the live log (left by a snapshot
+    /// reset or a crash). Returns where the next round starts, or `None` when done.
+    pub(crate) fn remove_garbage_round(
+        &self,
+        from: LogIndex,
+        round_max: u64,
+    ) -> Result<Option<LogIndex>, StorageError> {
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &self.bounds())?;
+        let mut batch = self.inner.db.batch().durability(None);
+        let mut next = None;
+        for guard in view
+            .range(&self.inner.log, log_key(from)..log_key(live_start))
+            .take(usize::try_from(round_max).unwrap_or(usize::MAX) + 1)
+        {
+            let key = index_of_key(&guard.key()?)?;
+            if batch.len() as u64 == round_max {
+                next = Some(key);
+                break;
+            }
+            batch.remove(&self.inner.log, log_key(key));
+        }
+        batch.commit()?;
+        Ok(next)
+    }
+
+    /// The lowest key below the live log, if any (garbage a crash left behind). This may
+    /// walk tombstones, so it runs once, when the writer starts.
+    pub(crate) fn find_garbage(&self) -> Result<Option<LogIndex>, StorageError> {
+        let view = self.inner.db.snapshot();
+        let live_start = self.live_start(&view, &self.bounds())?;
+        match view.range(&self.inner.log, ..log_key(live_start)).next() {
+            Some(guard) => Ok(Some(index_of_key(&guard.key()?)?)),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Checks that `start..end` lies inside the log.
+fn check_readable(start: LogIndex, end: LogIndex, bounds: &LogBounds) -> Result<(), StorageError> {
+    if start < bounds.first_index {
+        return Err(StorageError::Compacted {
+            index: start,
+            first_index: bounds.first_index,
+        });
+    }
+    if end > bounds.last_index + 1 {
+        return Err(StorageError::Unavailable {
+            index: end - 1,
+            last_index: bounds.last_index,
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,332 @@
+//! Snapshot encoding and decoding: the whole store as a stream of length-delimited protobuf
+//! records, so it can be sent in chunks without a second full copy in memory.
+//!
+//! Stream layout: `SnapshotHeader`, `object_count` × `StoreObject` (kinds in
+//! [`Kind::ALL`](super::Kind::ALL) order, ids ascending, so every manager writes the same bytes
+//! for the same state), `SnapshotTrailer` (SHA-256 of everything before it). Each record is a
+//! varint length followed by the message.
+//!
+//! Owns the format. Must never touch the live store: decoding builds new tables, which the
+//! store swaps in only when the whole stream checked out.
+
+use std::io::{self, BufReader, Read};
+
+use prost::Message;
+use ring::digest;
+
+use crate::proto::objects::{SnapshotHeader, SnapshotTrailer, StoreObject};
+use crate::wire::Code;
+
+use super::object::{Object, Record};
+use super::table::Tables;
+use super::txn::TXN_BYTES_MAX;
+
+/// The format this build writes and reads.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+
+/// The largest record accepted when reading. An object entered the store inside a transaction
+/// of at most [`TXN_BYTES_MAX`], so no honest record is larger; a corrupt length cannot make
+/// the reader allocate more.
+pub const SNAPSHOT_RECORD_BYTES_MAX: usize = TXN_BYTES_MAX;
+
+/// Why a snapshot could not be restored. The store is unchanged.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// Reading the stream failed.
+    #[error("reading the snapshot failed: {0}; retry the transfer")]
+    Io(#[from] io::Error),
+    /// The stream is not a valid snapshot.
+    #[error("snapshot is corrupt: {0}; fetch a fresh snapshot from the leader")]
+    Corrupt(String),
+    /// Written by a newer build.
+    #[error(
+        "snapshot format {found} is not supported (this build reads {SNAPSHOT_FORMAT_VERSION}); \
+         upgrade this manager"
+    )]
+    UnsupportedFormat {
+        /// The format version in the stream.
+        found: u32,
+    },
+}
+
+impl SnapshotError {
+    /// The status code a caller should see.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Io(_) => Code::Unavailable,
+            Self::Corrupt(_) => Code::DataLoss,
+            Self::UnsupportedFormat { .. } => Code::FailedPrecondition,
+        }
+    }
+}
+
+/// What a snapshot covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The last log index applied when it was taken.
+    pub applied_index: u64,
+    /// The version of the last successful transaction it includes.
+    pub version: u64,
+    /// Objects in it.
+    pub object_count: u64,
+}
+
+enum Stage {
+    Header,
+    Objects,
+    Trailer,
+    Done,
+}
+
+/// The store at one version, encoded lazily as it is read. Holds shared pointers to the
+/// objects (not copies); the store keeps applying meanwhile.
+pub struct SnapshotStream {
+    info: SnapshotInfo,
+    objects: std::vec::IntoIter<Object>,
+    stage: Stage,
+    /// The encoded record being read out, and how much of it was read.
+    record: Vec<u8>,
+    record_offset: usize,
+    hasher: digest::Context,
+}
+
+impl SnapshotStream {
+    pub(crate) fn new(tables: &Tables, applied_index: u64, version: u64) -> Self {
+        let mut objects = Vec::with_capacity(tables.object_count());
+        collect::<crate::proto::objects::Node>(tables, &mut objects);
+        collect::<crate::proto::objects::Service>(tables, &mut objects);
+        collect::<crate::proto::objects::Task>(tables, &mut objects);
+        collect::<crate::proto::objects::Network>(tables, &mut objects);
+        collect::<crate::proto::objects::Cluster>(tables, &mut objects);
+        Self {
+            info: SnapshotInfo {
+                applied_index,
+                version,
+                object_count: objects.len() as u64,
+            },
+            objects: objects.into_iter(),
+            stage: Stage::Header,
+            record: Vec::new(),
+            record_offset: 0,
+            hasher: digest::Context::new(&digest::SHA256),
+        }
+    }
+
+    /// What the stream covers.
+    pub fn info(&self) -> SnapshotInfo {
+        self.info
+    }
+
+    /// Encodes the next record into `self.record`; false at the end of the stream.
+    fn next_record(&mut self) -> bool {
+        self.record.clear();
+        self.record_offset = 0;
+        match self.stage {
+            Stage::Header => {
+                let header = SnapshotHeader {
+                    format_version: SNAPSHOT_FORMAT_VERSION,
+                    applied_index: self.info.applied_index,
+                    version: self.info.version,
+                    object_count: self.info.object_count,
+                };
+                header
+                    .encode_length_delimited(&mut self.record)
+                    .expect("a Vec grows as needed");
+                self.hasher.update(&self.record);
+                self.stage = Stage::Objects;
+            }
+            Stage::Objects => match self.objects.next() {
+                Some(object) => {
+                    prost::encoding::encode_varint(object.encoded_len() as u64, &mut self.record);
+                    object.encode_store_object(&mut self.record);
+                    self.hasher.update(&self.record);
+                }
+                None => {
+                    self.stage = Stage::Trailer;
+                    return self.next_record();
+                }
+            },
+            Stage::Trailer => {
+                let sha256 = self.hasher.clone().finish();
+                let trailer = SnapshotTrailer {
+                    sha256: bytes::Bytes::copy_from_slice(sha256.as_ref()),
+                };
+                trailer
+                    .encode_length_delimited(&mut self.record)
+                    .expect("a Vec grows as needed");
+                self.stage = Stage::Done;
+            }
+            Stage::Done => return false,
+        }
+        true
+    }
+}
+
+impl Read for SnapshotStream {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        while self.record_offset == self.record.len() {
+            if !self.next_record() {
+                return Ok(0);
+            }
+        }
+        let available = &self.record[self.record_offset..];
+        let n = available.len().min(out.len());
+        out[..n].copy_from_slice(&available[..n]);
+        self.record_offset += n;
+        Ok(n)
+    }
+}
+
+fn collect<T: Record>(tables: &Tables, out: &mut Vec<Object>) {
+    out.extend(
+        T::table(tables)
+            .iter()
+            .map(|object| T::into_object(object.clone())),
+    );
+}
+
+/// A decoded snapshot, not yet installed.
+pub(crate) struct Loaded {
+    pub(crate) tables: Tables,
+    pub(crate) info: SnapshotInfo,
+}
+
+/// Hashes exactly the bytes its consumer reads.
+struct HashingReader<R> {
+    inner: BufReader<R>,
+    hasher: digest::Context,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.hasher.update(&out[..n]);
+        Ok(n)
+    }
+}
+
+fn corrupt(reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::Corrupt(reason.into())
+}
+
+/// Reads one length-delimited record, or `None` at a clean end of stream.
+fn read_record(reader: &mut impl Read, what: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
+    let mut length: u64 = 0;
+    for byte_index in 0..10 {
+        let mut byte = [0u8; 1];
+        match reader.read(&mut byte) {
+            Ok(0) if byte_index == 0 => return Ok(None),
+            Ok(0) => return Err(corrupt(format!("stream ends inside the length of {what}"))),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error.into()),
+        }
+        length |= u64::from(byte[0] & 0x7f) << (7 * byte_index);
+        if byte[0] & 0x80 == 0 {
+            let length = usize::try_from(length)
+                .ok()
+                .filter(|length| *length <= SNAPSHOT_RECORD_BYTES_MAX)
+                .ok_or_else(|| {
+                    corrupt(format!(
+                        "{what} claims {length} bytes, more than {SNAPSHOT_RECORD_BYTES_MAX}"
+                    ))
+                })?;
+            let mut body = vec![0u8; length];
+            reader.read_exact(&mut body).map_err(|error| {
+                if error.kind() == io::ErrorKind::UnexpectedEof {
+                    corrupt(format!("stream ends inside {what}"))
+                } else {
+                    error.into()
+                }
+            })?;
+            return Ok(Some(body));
+        }
+    }
+    Err(corrupt(format!(
+        "the length of {what} is not a valid varint"
+    )))
+}
+
+fn decode<M: Message + Default>(body: &[u8], what: &str) -> Result<M, SnapshotError> {
+    M::decode(body).map_err(|error| corrupt(format!("{what} does not decode: {error}")))
+}
+
+/// Decodes and checks a whole snapshot stream into new tables.
+pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
+    let mut reader = HashingReader {
+        inner: BufReader::new(reader),
+        hasher: digest::Context::new(&digest::SHA256),
+    };
+    let header: SnapshotHeader = match read_record(&mut reader, "the header")? {
+        Some(body) => decode(&body, "the header")?,
+        None => return Err(corrupt("the stream is empty")),
+    };
+    if header.format_version != SNAPSHOT_FORMAT_VERSION {
+        return Err(SnapshotError::UnsupportedFormat {
+            found: header.format_version,
+        });
+    }
+    let mut tables = Tables::default();
+    for index in 0..header.object_count {
+        let what = format!("object {index} of {}", header.object_count);
+        let body = read_record(&mut reader, &what)?
+            .ok_or_else(|| corrupt(format!("the stream ends before {what}")))?;
+        let object = Object::from_store_object(decode::<StoreObject>(&body, &what)?)
+            .ok_or_else(|| corrupt(format!("{what} has no kind")))?;
+        insert(&mut tables, object, header.version)
+            .map_err(|reason| corrupt(format!("{what}: {reason}")))?;
+    }
+    let digest = reader.hasher.clone().finish();
+    let trailer: SnapshotTrailer = match read_record(&mut reader, "the trailer")? {
+        Some(body) => decode(&body, "the trailer")?,
+        None => return Err(corrupt("the stream ends before the trailer")),
+    };
+    if trailer.sha256.as_ref() != digest.as_ref() {
+        return Err(corrupt("the checksum does not match the contents"));
+    }
+    let mut extra = [0u8; 1];
+    if reader.read(&mut extra)? != 0 {
+        return Err(corrupt("bytes follow the trailer"));
+    }
+    Ok(Loaded {
+        tables,
+        info: SnapshotInfo {
+            applied_index: header.applied_index,
+            version: header.version,
+            object_count: header.object_count,
+        },
+    })
+}
+
+fn insert(tables: &mut Tables, object: Object, version_max: u64) -> Result<(), String> {
+    if object.id().is_empty() {
+        return Err("empty id".into());
+    }
+    if object.version() > version_max {
+        return Err(format!(
+            "version {} is after the snapshot's version {version_max}",
+            object.version()
+        ));
+    }
+    match object {
+        Object::Node(o) => insert_one(tables, o),
+        Object::Service(o) => insert_one(tables, o),
+        Object::Task(o) => insert_one(tables, o),
+        Object::Network(o) => insert_one(tables, o),
+        Object::Cluster(o) => insert_one(tables, o),
+    }
+}
+
+fn insert_one<T: Record>(tables: &mut Tables, object: std::sync::Arc<T>) -> Result<(), String> {
+    let table = T::table_mut(tables);
+    if table.get(object.id()).is_some() {
+        return Err(format!("{} {} appears twice", T::KIND, object.id()));
+    }
+    table
+        .put(object)
+        .map(|_| ())
+        .map_err(|taken| format!("its name is already held by {}", taken.holder_id))
+}

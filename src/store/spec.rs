@@ -1,0 +1,946 @@
+//! Spec validation and placement constraints.
+//!
+//! Owns the rules a spec must satisfy before a proposer turns it into a transaction: each
+//! failure names the field and says why. Must never be called from `Store::apply`: apply runs
+//! on every manager, and a rule that changes between builds would make managers disagree
+//! about a committed entry. Validation belongs where requests enter (the control API).
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::proto::objects::{
+    ClusterSpec, Node, NodeAvailability, NodeRole, NodeSpec, ResourceRequirements, Resources,
+    RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig,
+    UpdateFailureAction, UpdateOrder,
+};
+use crate::wire::Code;
+
+/// The longest service, network or cluster name (a DNS label).
+pub const NAME_BYTES_MAX: usize = 63;
+
+/// The most replicas one replicated service may ask for.
+pub const REPLICAS_MAX: u64 = 100_000;
+
+/// The most placement constraints one task template may carry.
+pub const CONSTRAINTS_MAX: usize = 64;
+
+/// The smallest non-zero memory limit: below it a process cannot even start.
+pub const MEMORY_LIMIT_BYTES_MIN: i64 = 4 * 1024 * 1024;
+
+/// The longest label key.
+pub const LABEL_KEY_BYTES_MAX: usize = 128;
+
+/// The shortest non-zero node certificate lifetime (one hour).
+pub const NODE_CERT_EXPIRY_MS_MIN: i64 = 60 * 60 * 1000;
+
+/// A spec field that is not acceptable, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid spec: {field}: {reason}")]
+pub struct SpecError {
+    /// The field's path, e.g. `task.placement.constraints[1]`.
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl SpecError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Always [`Code::InvalidArgument`]: the same request will never pass.
+    pub fn code(&self) -> Code {
+        Code::InvalidArgument
+    }
+}
+
+type Checked = Result<(), SpecError>;
+
+// ---------------------------------------------------------------------------------------------
+// Services
+
+/// Checks a service spec.
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_service_spec(spec: &ServiceSpec) -> Checked {
+    validate_name("name", &spec.name)?;
+    validate_labels("labels", spec.labels.keys())?;
+    validate_mode(spec)?;
+    let task = spec
+        .task
+        .as_ref()
+        .ok_or_else(|| SpecError::new("task", "required: the task template to run"))?;
+    validate_task_spec("task", task)?;
+    if let Some(update) = &spec.update {
+        validate_update_config("update", update)?;
+    }
+    for (index, network) in spec.networks.iter().enumerate() {
+        if network.is_empty() {
+            return Err(SpecError::new(
+                format!("networks[{index}]"),
+                "network id must not be empty",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a name for services, networks and the cluster: 1 to 63 ASCII letters, digits, `-`
+/// and `_`, starting and ending with a letter or digit.
+///
+/// # Errors
+/// Why the name is not acceptable, under `field`.
+pub fn validate_name(field: &str, name: &str) -> Checked {
+    if name.is_empty() {
+        return Err(SpecError::new(field, "must not be empty"));
+    }
+    if name.len() > NAME_BYTES_MAX {
+        return Err(SpecError::new(
+            field,
+            format!("is {} bytes, more than {NAME_BYTES_MAX}", name.len()),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+    {
+        return Err(SpecError::new(
+            field,
+            format!("{name:?} contains {bad:?}; use letters, digits, '-' and '_'"),
+        ));
+    }
+    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !edges_ok(name.chars().next()) || !edges_ok(name.chars().last()) {
+        return Err(SpecError::new(
+            field,
+            format!("{name:?} must start and end with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_labels<'a>(field: &str, keys: impl Iterator<Item = &'a String>) -> Checked {
+    for key in keys {
+        if key.is_empty() {
+            return Err(SpecError::new(field, "label keys must not be empty"));
+        }
+        if key.len() > LABEL_KEY_BYTES_MAX {
+            return Err(SpecError::new(
+                format!("{field}.{key}"),
+                format!("label key is more than {LABEL_KEY_BYTES_MAX} bytes"),
+            ));
+        }
+        if key
+            .chars()
+            .any(|c| c.is_whitespace() || c == '=' || c == '!')
+        {
+            return Err(SpecError::new(
+                format!("{field}.{key}"),
+                "label keys must not contain whitespace, '=' or '!'",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn validate_mode(spec: &ServiceSpec) -> Checked {
+    match ServiceMode::try_from(spec.mode) {
+        Ok(ServiceMode::Replicated) => {
+            if spec.replicas > REPLICAS_MAX {
+                return Err(SpecError::new(
+                    "replicas",
+                    format!("{} is more than the limit of {REPLICAS_MAX}", spec.replicas),
+                ));
+            }
+            Ok(())
+        }
+        Ok(ServiceMode::Global) => {
+            if spec.replicas != 0 {
+                return Err(SpecError::new(
+                    "replicas",
+                    format!(
+                        "is {} but a global service runs one task per eligible node; leave \
+                         replicas at 0 or use replicated mode",
+                        spec.replicas
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        Ok(ServiceMode::Unspecified) => {
+            Err(SpecError::new("mode", "required: replicated or global"))
+        }
+        Err(_) => Err(SpecError::new(
+            "mode",
+            format!("unknown value {}; use replicated or global", spec.mode),
+        )),
+    }
+}
+
+fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
+    if task.command.is_empty() {
+        return Err(SpecError::new(
+            format!("{field}.command"),
+            "must not be empty: name the program to run",
+        ));
+    }
+    no_nul(&format!("{field}.command"), &task.command)?;
+    for (index, arg) in task.args.iter().enumerate() {
+        no_nul(&format!("{field}.args[{index}]"), arg)?;
+    }
+    for (index, entry) in task.env.iter().enumerate() {
+        validate_env(&format!("{field}.env[{index}]"), entry)?;
+    }
+    if !task.working_dir.is_empty() {
+        no_nul(&format!("{field}.working_dir"), &task.working_dir)?;
+        if !task.working_dir.starts_with('/') {
+            return Err(SpecError::new(
+                format!("{field}.working_dir"),
+                format!("{:?} must be an absolute path", task.working_dir),
+            ));
+        }
+    }
+    if let Some(restart) = &task.restart {
+        validate_restart(&format!("{field}.restart"), restart)?;
+    }
+    if let Some(resources) = &task.resources {
+        validate_resources(&format!("{field}.resources"), resources)?;
+    }
+    if let Some(placement) = &task.placement {
+        parse_constraints(
+            &format!("{field}.placement.constraints"),
+            &placement.constraints,
+        )?;
+    }
+    Ok(())
+}
+
+fn no_nul(field: &str, value: &str) -> Checked {
+    if value.contains('\0') {
+        return Err(SpecError::new(field, "must not contain a NUL byte"));
+    }
+    Ok(())
+}
+
+fn validate_env(field: &str, entry: &str) -> Checked {
+    no_nul(field, entry)?;
+    match entry.split_once('=') {
+        None => Err(SpecError::new(
+            field,
+            format!("{entry:?} must have the form KEY=VALUE"),
+        )),
+        Some(("", _)) => Err(SpecError::new(
+            field,
+            format!("{entry:?} has an empty variable name"),
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+fn not_negative(field: String, value: i64) -> Checked {
+    if value < 0 {
+        return Err(SpecError::new(
+            field,
+            format!("{value} is negative; use 0 or more"),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_restart(field: &str, restart: &RestartPolicy) -> Checked {
+    if RestartCondition::try_from(restart.condition).is_err() {
+        return Err(SpecError::new(
+            format!("{field}.condition"),
+            format!(
+                "unknown value {}; use none, on-failure or any",
+                restart.condition
+            ),
+        ));
+    }
+    not_negative(format!("{field}.delay_ms"), restart.delay_ms)?;
+    not_negative(format!("{field}.window_ms"), restart.window_ms)
+}
+
+fn validate_resources(field: &str, resources: &ResourceRequirements) -> Checked {
+    let zero = Resources::default();
+    let reservations = resources.reservations.as_ref().unwrap_or(&zero);
+    let limits = resources.limits.as_ref().unwrap_or(&zero);
+    for (name, values) in [("reservations", reservations), ("limits", limits)] {
+        not_negative(format!("{field}.{name}.nano_cpus"), values.nano_cpus)?;
+        not_negative(format!("{field}.{name}.memory_bytes"), values.memory_bytes)?;
+    }
+    if limits.memory_bytes > 0 && limits.memory_bytes < MEMORY_LIMIT_BYTES_MIN {
+        return Err(SpecError::new(
+            format!("{field}.limits.memory_bytes"),
+            format!(
+                "{} is below the minimum of {MEMORY_LIMIT_BYTES_MIN} bytes (0 means no limit)",
+                limits.memory_bytes
+            ),
+        ));
+    }
+    if limits.memory_bytes > 0 && limits.memory_bytes < reservations.memory_bytes {
+        return Err(SpecError::new(
+            format!("{field}.limits.memory_bytes"),
+            format!(
+                "{} is below the reservation of {}; a task could never use what it reserved",
+                limits.memory_bytes, reservations.memory_bytes
+            ),
+        ));
+    }
+    if limits.nano_cpus > 0 && limits.nano_cpus < reservations.nano_cpus {
+        return Err(SpecError::new(
+            format!("{field}.limits.nano_cpus"),
+            format!(
+                "{} is below the reservation of {}",
+                limits.nano_cpus, reservations.nano_cpus
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_update_config(field: &str, update: &UpdateConfig) -> Checked {
+    if UpdateFailureAction::try_from(update.failure_action).is_err() {
+        return Err(SpecError::new(
+            format!("{field}.failure_action"),
+            format!(
+                "unknown value {}; use pause, continue or rollback",
+                update.failure_action
+            ),
+        ));
+    }
+    if UpdateOrder::try_from(update.order).is_err() {
+        return Err(SpecError::new(
+            format!("{field}.order"),
+            format!(
+                "unknown value {}; use stop-first or start-first",
+                update.order
+            ),
+        ));
+    }
+    not_negative(format!("{field}.delay_ms"), update.delay_ms)?;
+    not_negative(format!("{field}.monitor_ms"), update.monitor_ms)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Nodes and the cluster
+
+/// Checks a node spec.
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_node_spec(spec: &NodeSpec) -> Checked {
+    if NodeAvailability::try_from(spec.availability).is_err() {
+        return Err(SpecError::new(
+            "availability",
+            format!(
+                "unknown value {}; use active, pause or drain",
+                spec.availability
+            ),
+        ));
+    }
+    if NodeRole::try_from(spec.desired_role).is_err() {
+        return Err(SpecError::new(
+            "desired_role",
+            format!("unknown value {}; use worker or manager", spec.desired_role),
+        ));
+    }
+    validate_labels("labels", spec.labels.keys())
+}
+
+/// The cluster settings a new cluster starts with (swarmkit's defaults).
+pub fn default_cluster_spec(name: &str) -> ClusterSpec {
+    ClusterSpec {
+        name: name.to_owned(),
+        labels: Default::default(),
+        heartbeat_period_ms: 5_000,
+        snapshot_interval_entries: 10_000,
+        log_entries_for_slow_followers: 500,
+        keep_old_snapshots: 0,
+        task_history_retention: 5,
+        node_cert_expiry_ms: 90 * 24 * 60 * 60 * 1000,
+    }
+}
+
+/// Checks a cluster spec.
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_cluster_spec(spec: &ClusterSpec) -> Checked {
+    validate_name("name", &spec.name)?;
+    validate_labels("labels", spec.labels.keys())?;
+    if spec.heartbeat_period_ms <= 0 {
+        return Err(SpecError::new(
+            "heartbeat_period_ms",
+            format!("{} must be positive", spec.heartbeat_period_ms),
+        ));
+    }
+    if spec.snapshot_interval_entries == 0 {
+        return Err(SpecError::new(
+            "snapshot_interval_entries",
+            "must be positive: the Raft log would grow forever",
+        ));
+    }
+    not_negative(
+        "task_history_retention".to_owned(),
+        spec.task_history_retention,
+    )?;
+    if spec.node_cert_expiry_ms != 0 && spec.node_cert_expiry_ms < NODE_CERT_EXPIRY_MS_MIN {
+        return Err(SpecError::new(
+            "node_cert_expiry_ms",
+            format!(
+                "{} is below the minimum of {NODE_CERT_EXPIRY_MS_MIN} (one hour); 0 keeps the \
+                 default",
+                spec.node_cert_expiry_ms
+            ),
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Placement constraints
+
+/// What a constraint looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConstraintKey {
+    /// `node.id`
+    NodeId,
+    /// `node.hostname` (the node spec's hostname)
+    NodeHostname,
+    /// `node.role` (`manager` or `worker`, the node's current role)
+    NodeRole,
+    /// `node.labels.<key>` (the node spec's labels)
+    NodeLabel(String),
+}
+
+impl fmt::Display for ConstraintKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NodeId => f.write_str("node.id"),
+            Self::NodeHostname => f.write_str("node.hostname"),
+            Self::NodeRole => f.write_str("node.role"),
+            Self::NodeLabel(key) => write!(f, "node.labels.{key}"),
+        }
+    }
+}
+
+/// How a constraint compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConstraintOp {
+    /// `==`
+    Eq,
+    /// `!=`
+    Ne,
+}
+
+/// A parsed placement constraint: `key == value` or `key != value`. Values compare
+/// case-insensitively, as in swarmkit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Constraint {
+    /// What is compared.
+    pub key: ConstraintKey,
+    /// How.
+    pub op: ConstraintOp,
+    /// With what.
+    pub value: String,
+}
+
+/// Why a constraint does not parse.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("constraint {text:?}: {reason}")]
+pub struct ConstraintError {
+    /// The constraint as written.
+    pub text: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+impl FromStr for Constraint {
+    type Err = ConstraintError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let error = |reason: &str| ConstraintError {
+            text: text.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let (key, op, value) = match (text.find("=="), text.find("!=")) {
+            (Some(eq), Some(ne)) if eq < ne => (&text[..eq], ConstraintOp::Eq, &text[eq + 2..]),
+            (Some(_), Some(ne)) => (&text[..ne], ConstraintOp::Ne, &text[ne + 2..]),
+            (Some(eq), None) => (&text[..eq], ConstraintOp::Eq, &text[eq + 2..]),
+            (None, Some(ne)) => (&text[..ne], ConstraintOp::Ne, &text[ne + 2..]),
+            (None, None) => return Err(error("expected `key==value` or `key!=value`")),
+        };
+        let (key, value) = (key.trim(), value.trim());
+        if value.is_empty() {
+            return Err(error("the value is empty"));
+        }
+        if value.contains("==") || value.contains("!=") || value.contains('=') {
+            return Err(error(
+                "only one operator is allowed, and values cannot contain `=`",
+            ));
+        }
+        let key = parse_constraint_key(key).map_err(|reason| error(&reason))?;
+        if key == ConstraintKey::NodeRole
+            && !value.eq_ignore_ascii_case("manager")
+            && !value.eq_ignore_ascii_case("worker")
+        {
+            return Err(error("node.role is `manager` or `worker`"));
+        }
+        Ok(Self {
+            key,
+            op,
+            value: value.to_owned(),
+        })
+    }
+}
+
+const LABEL_PREFIX: &str = "node.labels.";
+
+fn parse_constraint_key(key: &str) -> Result<ConstraintKey, String> {
+    let lower = key.to_ascii_lowercase();
+    match lower.as_str() {
+        "node.id" => return Ok(ConstraintKey::NodeId),
+        "node.hostname" => return Ok(ConstraintKey::NodeHostname),
+        "node.role" => return Ok(ConstraintKey::NodeRole),
+        _ => {}
+    }
+    if lower.starts_with(LABEL_PREFIX) {
+        // Label keys keep their case: they are map keys.
+        let label = &key[LABEL_PREFIX.len()..];
+        if label.is_empty() {
+            return Err("the label name after `node.labels.` is empty".into());
+        }
+        if label.chars().any(char::is_whitespace) {
+            return Err("label names cannot contain whitespace".into());
+        }
+        return Ok(ConstraintKey::NodeLabel(label.to_owned()));
+    }
+    if key.is_empty() {
+        return Err("the key is empty".into());
+    }
+    Err(format!(
+        "unknown key {key:?}; use node.id, node.hostname, node.role or node.labels.<name>"
+    ))
+}
+
+impl Constraint {
+    /// True if `node` satisfies the constraint. A `!=` on a label the node lacks matches;
+    /// an `==` does not.
+    pub fn matches(&self, node: &Node) -> bool {
+        let actual: Option<&str> = match &self.key {
+            ConstraintKey::NodeId => Some(&node.id),
+            ConstraintKey::NodeHostname => {
+                Some(node.spec.as_ref().map_or("", |spec| spec.hostname.as_str()))
+            }
+            ConstraintKey::NodeRole => Some(match NodeRole::try_from(node.role) {
+                Ok(NodeRole::Manager) => "manager",
+                _ => "worker",
+            }),
+            ConstraintKey::NodeLabel(label) => node
+                .spec
+                .as_ref()
+                .and_then(|spec| spec.labels.get(label))
+                .map(String::as_str),
+        };
+        let equal = actual.is_some_and(|actual| actual.eq_ignore_ascii_case(&self.value));
+        match self.op {
+            ConstraintOp::Eq => equal,
+            ConstraintOp::Ne => !equal,
+        }
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let op = match self.op {
+            ConstraintOp::Eq => "==",
+            ConstraintOp::Ne => "!=",
+        };
+        write!(f, "{}{op}{}", self.key, self.value)
+    }
+}
+
+/// Parses every constraint of a task template; errors name `field[index]`.
+///
+/// # Errors
+/// The first constraint that does not parse, or too many constraints.
+pub fn parse_constraints(
+    field: &str,
+    constraints: &[String],
+) -> Result<Vec<Constraint>, SpecError> {
+    if constraints.len() > CONSTRAINTS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{} constraints, more than the limit of {CONSTRAINTS_MAX}",
+                constraints.len()
+            ),
+        ));
+    }
+    constraints
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            text.parse::<Constraint>()
+                .map_err(|error| SpecError::new(format!("{field}[{index}]"), error.to_string()))
+        })
+        .collect()
+}
+
+/// True if `node` satisfies every constraint.
+pub fn matches_all(constraints: &[Constraint], node: &Node) -> bool {
+    constraints
+        .iter()
+        .all(|constraint| constraint.matches(node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{Placement, Resources};
+
+    fn valid() -> ServiceSpec {
+        ServiceSpec {
+            name: "web-1_a".into(),
+            mode: ServiceMode::Replicated as i32,
+            replicas: 3,
+            task: Some(TaskSpec {
+                command: "/usr/bin/env".into(),
+                args: vec!["sleep".into(), "1".into()],
+                env: vec!["A=1".into(), "EMPTY=".into(), "EQ=a=b".into()],
+                working_dir: "/tmp".into(),
+                restart: Some(RestartPolicy {
+                    condition: RestartCondition::OnFailure as i32,
+                    delay_ms: 5000,
+                    max_attempts: 3,
+                    window_ms: 60_000,
+                }),
+                resources: Some(ResourceRequirements {
+                    reservations: Some(Resources {
+                        nano_cpus: 500_000_000,
+                        memory_bytes: 64 << 20,
+                    }),
+                    limits: Some(Resources {
+                        nano_cpus: 1_000_000_000,
+                        memory_bytes: 128 << 20,
+                    }),
+                }),
+                placement: Some(Placement {
+                    constraints: vec![
+                        "node.role==worker".into(),
+                        " node.labels.zone != eu-west ".into(),
+                    ],
+                }),
+            }),
+            update: Some(UpdateConfig {
+                parallelism: 2,
+                delay_ms: 1000,
+                failure_action: UpdateFailureAction::Rollback as i32,
+                order: UpdateOrder::StartFirst as i32,
+                monitor_ms: 5000,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Applies `change` to a valid spec and returns the error's field and reason.
+    fn refused(change: impl FnOnce(&mut ServiceSpec)) -> SpecError {
+        let mut spec = valid();
+        change(&mut spec);
+        validate_service_spec(&spec).expect_err("the spec should be refused")
+    }
+
+    fn task(spec: &mut ServiceSpec) -> &mut TaskSpec {
+        spec.task.as_mut().unwrap()
+    }
+
+    #[test]
+    fn a_complete_spec_is_accepted() {
+        validate_service_spec(&valid()).unwrap();
+        let mut global = valid();
+        global.mode = ServiceMode::Global as i32;
+        global.replicas = 0;
+        validate_service_spec(&global).unwrap();
+        let mut minimal = valid();
+        minimal.update = None;
+        let t = task(&mut minimal);
+        t.restart = None;
+        t.resources = None;
+        t.placement = None;
+        t.working_dir.clear();
+        validate_service_spec(&minimal).unwrap();
+    }
+
+    #[test]
+    fn each_invalid_field_is_named_with_a_reason() {
+        let cases: Vec<(SpecError, &str, &str)> = vec![
+            (refused(|s| s.name.clear()), "name", "empty"),
+            (refused(|s| s.name = "web app".into()), "name", "' '"),
+            (refused(|s| s.name = "-web".into()), "name", "start and end"),
+            (refused(|s| s.name = "a".repeat(64)), "name", "more than 63"),
+            (refused(|s| s.mode = 0), "mode", "replicated or global"),
+            (refused(|s| s.mode = 9), "mode", "unknown value 9"),
+            (
+                refused(|s| s.replicas = REPLICAS_MAX + 1),
+                "replicas",
+                "limit",
+            ),
+            (
+                refused(|s| {
+                    s.mode = ServiceMode::Global as i32;
+                    s.replicas = 2;
+                }),
+                "replicas",
+                "global",
+            ),
+            (refused(|s| s.task = None), "task", "required"),
+            (
+                refused(|s| task(s).command.clear()),
+                "task.command",
+                "empty",
+            ),
+            (
+                refused(|s| task(s).env.push("NOVALUE".into())),
+                "task.env[3]",
+                "KEY=VALUE",
+            ),
+            (
+                refused(|s| task(s).env[0] = "=1".into()),
+                "task.env[0]",
+                "empty variable",
+            ),
+            (
+                refused(|s| task(s).args[1] = "a\0b".into()),
+                "task.args[1]",
+                "NUL",
+            ),
+            (
+                refused(|s| task(s).working_dir = "rel".into()),
+                "task.working_dir",
+                "absolute",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().condition = 42),
+                "task.restart.condition",
+                "unknown value 42",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = -1),
+                "task.restart.delay_ms",
+                "negative",
+            ),
+            (
+                refused(|s| task(s).restart.as_mut().unwrap().window_ms = -5),
+                "task.restart.window_ms",
+                "negative",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.reservations.as_mut().unwrap().nano_cpus = -1;
+                }),
+                "task.resources.reservations.nano_cpus",
+                "negative",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().memory_bytes = 32 << 20;
+                }),
+                "task.resources.limits.memory_bytes",
+                "below the reservation",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().memory_bytes = 1024;
+                }),
+                "task.resources.limits.memory_bytes",
+                "minimum",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().nano_cpus = 1;
+                }),
+                "task.resources.limits.nano_cpus",
+                "below the reservation",
+            ),
+            (
+                refused(|s| {
+                    task(s).placement.as_mut().unwrap().constraints[1] = "node.zone==x".into()
+                }),
+                "task.placement.constraints[1]",
+                "unknown key",
+            ),
+            (
+                refused(|s| {
+                    task(s).placement.as_mut().unwrap().constraints =
+                        vec!["node.id==x".into(); CONSTRAINTS_MAX + 1]
+                }),
+                "task.placement.constraints",
+                "limit",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().failure_action = 7),
+                "update.failure_action",
+                "pause, continue or rollback",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().order = 7),
+                "update.order",
+                "stop-first or start-first",
+            ),
+            (
+                refused(|s| s.update.as_mut().unwrap().delay_ms = -1),
+                "update.delay_ms",
+                "negative",
+            ),
+            (
+                refused(|s| s.networks.push(String::new())),
+                "networks[0]",
+                "empty",
+            ),
+            (
+                refused(|s| {
+                    s.labels.insert(String::new(), "v".into());
+                }),
+                "labels",
+                "empty",
+            ),
+        ];
+        for (error, field, reason) in cases {
+            assert_eq!(error.field, field, "{error}");
+            assert!(
+                error.reason.contains(reason),
+                "{error} should say {reason:?}"
+            );
+            assert_eq!(error.code(), Code::InvalidArgument);
+            assert!(error.to_string().contains(field));
+        }
+    }
+
+    #[test]
+    fn constraints_parse_with_either_operator_and_reject_bad_syntax() {
+        let parsed: Constraint = "node.labels.Zone == EU".parse().unwrap();
+        assert_eq!(parsed.key, ConstraintKey::NodeLabel("Zone".into()));
+        assert_eq!(parsed.op, ConstraintOp::Eq);
+        assert_eq!(parsed.value, "EU");
+        assert_eq!(parsed.to_string(), "node.labels.Zone==EU");
+        let parsed: Constraint = "NODE.Hostname!=db1".parse().unwrap();
+        assert_eq!(
+            (parsed.key, parsed.op),
+            (ConstraintKey::NodeHostname, ConstraintOp::Ne)
+        );
+
+        for (text, reason) in [
+            ("node.id", "expected"),
+            ("node.id = x", "expected"),
+            ("node.id==", "empty"),
+            ("==x", "key is empty"),
+            ("engine.labels.a==b", "unknown key"),
+            ("node.labels.==b", "label name"),
+            ("node.id==a==b", "only one operator"),
+            ("node.id!==b", "only one operator"),
+            ("node.role==boss", "manager"),
+        ] {
+            let error = text.parse::<Constraint>().unwrap_err();
+            assert!(error.reason.contains(reason), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn constraints_match_nodes() {
+        let mut node = Node {
+            id: "abc123".into(),
+            role: NodeRole::Manager as i32,
+            spec: Some(NodeSpec {
+                hostname: "db1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        node.spec
+            .as_mut()
+            .unwrap()
+            .labels
+            .insert("zone".into(), "eu".into());
+        let matches = |text: &str| text.parse::<Constraint>().unwrap().matches(&node);
+        assert!(matches("node.id==abc123"));
+        assert!(!matches("node.id!=abc123"));
+        assert!(
+            matches("node.hostname==DB1"),
+            "values compare case-insensitively"
+        );
+        assert!(matches("node.role==manager"));
+        assert!(!matches("node.role==worker"));
+        assert!(matches("node.labels.zone==eu"));
+        assert!(!matches("node.labels.zone!=eu"));
+        assert!(
+            !matches("node.labels.rack==r1"),
+            "a missing label never equals"
+        );
+        assert!(
+            matches("node.labels.rack!=r1"),
+            "a missing label always differs"
+        );
+        assert!(
+            !matches("node.labels.ZONE==eu"),
+            "label names are case-sensitive"
+        );
+
+        let all = parse_constraints(
+            "c",
+            &["node.role==manager".into(), "node.labels.zone==eu".into()],
+        )
+        .unwrap();
+        assert!(matches_all(&all, &node));
+        node.role = NodeRole::Worker as i32;
+        assert!(!matches_all(&all, &node));
+        assert!(matches_all(&[], &node));
+    }
+
+    #[test]
+    fn node_and_cluster_specs_are_checked() {
+        validate_node_spec(&NodeSpec::default()).unwrap();
+        let error = validate_node_spec(&NodeSpec {
+            availability: 5,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(error.field, "availability");
+        let error = validate_node_spec(&NodeSpec {
+            desired_role: 3,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert_eq!(error.field, "desired_role");
+
+        validate_cluster_spec(&default_cluster_spec("default")).unwrap();
+        let with = |change: fn(&mut ClusterSpec)| {
+            let mut spec = default_cluster_spec("default");
+            change(&mut spec);
+            validate_cluster_spec(&spec).unwrap_err().field
+        };
+        assert_eq!(with(|s| s.heartbeat_period_ms = 0), "heartbeat_period_ms");
+        assert_eq!(with(|s| s.heartbeat_period_ms = -5), "heartbeat_period_ms");
+        assert_eq!(
+            with(|s| s.snapshot_interval_entries = 0),
+            "snapshot_interval_entries"
+        );
+        assert_eq!(
+            with(|s| s.task_history_retention = -1),
+            "task_history_retention"
+        );
+        assert_eq!(
+            with(|s| s.node_cert_expiry_ms = 1000),
+            "node_cert_expiry_ms"
+        );
+        assert_eq!(with(|s| s.name.clear()), "name");
+    }
+}

@@ -1,0 +1,1454 @@
+//! Store tests: transactions, indexes, watches, snapshots.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::Duration;
+
+use crate::proto::objects::{
+    Change, Delete, Network, NetworkSpec, Node, NodeRole, NodeSpec, ObjectKind, Service,
+    ServiceMode, ServiceSpec, StoreObject, Task, TaskSpec, TaskState, TaskStatus, Transaction,
+    Update, change,
+};
+use crate::wire::Code;
+
+use super::*;
+
+const TS: i64 = 1_700_000_000_000;
+
+fn service(id: &str, name: &str) -> Service {
+    Service {
+        id: id.into(),
+        spec: Some(ServiceSpec {
+            name: name.into(),
+            mode: ServiceMode::Replicated as i32,
+            replicas: 1,
+            task: Some(TaskSpec {
+                command: "/bin/sleep".into(),
+                args: vec!["60".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn task(id: &str, service_id: &str, node_id: &str, slot: u64) -> Task {
+    Task {
+        id: id.into(),
+        service_id: service_id.into(),
+        node_id: node_id.into(),
+        slot,
+        desired_state: TaskState::Running as i32,
+        status: Some(TaskStatus {
+            state: TaskState::Pending as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(id: &str, hostname: &str, role: NodeRole) -> Node {
+    Node {
+        id: id.into(),
+        spec: Some(NodeSpec {
+            hostname: hostname.into(),
+            ..Default::default()
+        }),
+        role: role as i32,
+        ..Default::default()
+    }
+}
+
+fn network(id: &str, name: &str) -> Network {
+    Network {
+        id: id.into(),
+        spec: Some(NetworkSpec {
+            name: name.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn txn(changes: Vec<Change>) -> Transaction {
+    Transaction {
+        changes,
+        timestamp_ms: TS,
+    }
+}
+
+fn txn_at(changes: Vec<Change>, timestamp_ms: i64) -> Transaction {
+    Transaction {
+        changes,
+        timestamp_ms,
+    }
+}
+
+fn get_service(store: &Store, id: &str) -> Option<Service> {
+    store.view(|view| view.get::<Service>(id).map(|s| s.as_ref().clone()))
+}
+
+/// Every object in the store, keyed by (kind, id), as protobuf copies.
+fn contents(store: &Store) -> BTreeMap<(Kind, String), StoreObject> {
+    store.view(|view| {
+        let mut all = BTreeMap::new();
+        fn add<T: Record>(view: &ReadView<'_>, all: &mut BTreeMap<(Kind, String), StoreObject>) {
+            for object in view.list::<T>() {
+                all.insert(
+                    (T::KIND, object.id().to_owned()),
+                    object.as_ref().clone().into_store_object(),
+                );
+            }
+        }
+        add::<Node>(view, &mut all);
+        add::<Service>(view, &mut all);
+        add::<Task>(view, &mut all);
+        add::<Network>(view, &mut all);
+        add::<crate::proto::objects::Cluster>(view, &mut all);
+        all
+    })
+}
+
+fn snapshot_bytes(store: &Store) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    store.snapshot().read_to_end(&mut bytes).unwrap();
+    bytes
+}
+
+fn change_event(event: WatchEvent) -> Arc<Event> {
+    match event {
+        WatchEvent::Change(event) => event,
+        other => panic!("expected a change, got {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transactions
+
+#[test]
+fn versions_and_times_come_from_the_log_and_the_transaction() {
+    let store = Store::default();
+    let outcome = store
+        .apply(5, &txn(vec![create(service("s1", "web"))]))
+        .unwrap();
+    assert_eq!(outcome.version, 5);
+    assert_eq!(outcome.events.len(), 1);
+    assert_eq!(outcome.events[0].action, Action::Create);
+    let stored = get_service(&store, "s1").unwrap();
+    let meta = stored.meta.unwrap();
+    assert_eq!(
+        (meta.version, meta.created_at_ms, meta.updated_at_ms),
+        (5, TS, TS)
+    );
+
+    let mut changed = stored.clone();
+    changed.spec.as_mut().unwrap().replicas = 3;
+    store
+        .apply(9, &txn_at(vec![update(changed)], TS + 10))
+        .unwrap();
+    let meta = get_service(&store, "s1").unwrap().meta.unwrap();
+    assert_eq!(
+        (meta.version, meta.created_at_ms, meta.updated_at_ms),
+        (9, TS, TS + 10)
+    );
+    assert_eq!((store.version(), store.applied_index()), (9, 9));
+}
+
+#[test]
+fn client_supplied_meta_is_ignored() {
+    let store = Store::default();
+    let mut s = service("s1", "web");
+    s.meta = Some(crate::proto::objects::Meta {
+        version: 999,
+        created_at_ms: 1,
+        updated_at_ms: 2,
+    });
+    store.apply(3, &txn(vec![create(s)])).unwrap();
+    let meta = get_service(&store, "s1").unwrap().meta.unwrap();
+    assert_eq!((meta.version, meta.created_at_ms), (3, TS));
+}
+
+#[test]
+fn stale_update_is_a_conflict_that_says_to_reread() {
+    let store = Store::default();
+    store
+        .apply(1, &txn(vec![create(service("s1", "web"))]))
+        .unwrap();
+    let read_by_a = get_service(&store, "s1").unwrap();
+    let read_by_b = read_by_a.clone();
+
+    let mut a = read_by_a;
+    a.spec.as_mut().unwrap().replicas = 2;
+    store.apply(2, &txn(vec![update(a)])).unwrap();
+
+    let mut b = read_by_b;
+    b.spec.as_mut().unwrap().replicas = 7;
+    let error = store.apply(3, &txn(vec![update(b)])).unwrap_err();
+    assert_eq!(
+        error,
+        TxnError::VersionConflict {
+            position: 0,
+            kind: Kind::Service,
+            id: "s1".into(),
+            expected: 1,
+            current: 2,
+        }
+    );
+    assert_eq!(error.code(), Code::Aborted);
+    assert!(error.to_string().contains("re-read"), "{error}");
+    assert_eq!(get_service(&store, "s1").unwrap().spec.unwrap().replicas, 2);
+
+    // Re-reading and retrying succeeds.
+    let mut retry = get_service(&store, "s1").unwrap();
+    retry.spec.as_mut().unwrap().replicas = 7;
+    store.apply(4, &txn(vec![update(retry)])).unwrap();
+    assert_eq!(get_service(&store, "s1").unwrap().spec.unwrap().replicas, 7);
+}
+
+#[test]
+fn a_failed_transaction_changes_nothing_and_emits_nothing() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &txn(vec![
+                create(service("s1", "alpha")),
+                create(service("s2", "beta")),
+                create(task("t1", "s1", "n1", 1)),
+                create(network("net1", "overlay")),
+            ]),
+        )
+        .unwrap();
+    let before = contents(&store);
+    let watcher = store.watch(WatchOptions::default());
+
+    let s1 = get_service(&store, "s1").unwrap();
+    let mut renamed = s1.clone();
+    renamed.spec.as_mut().unwrap().name = "gamma".into();
+    let t1 = store.view(|v| v.get::<Task>("t1").unwrap().as_ref().clone());
+    let mut moved = t1.clone();
+    moved.node_id = "n2".into();
+    let error = store
+        .apply(
+            2,
+            &txn(vec![
+                update(renamed),                   // frees "alpha", takes "gamma"
+                create(service("s3", "alpha")),    // takes the freed name
+                update(moved),                     // moves t1 to n2
+                delete(Kind::Service, "s2", 0),    // removes beta
+                delete(Kind::Network, "net1", 1),  // ok
+                create(task("t2", "s3", "n1", 1)), // ok
+                delete(Kind::Task, "missing", 0),  // fails: NotFound
+            ]),
+        )
+        .unwrap_err();
+    assert_eq!(
+        error,
+        TxnError::NotFound {
+            position: 6,
+            kind: Kind::Task,
+            id: "missing".into()
+        }
+    );
+    assert_eq!(error.code(), Code::NotFound);
+    assert_eq!(contents(&store), before);
+    assert_eq!(store.version(), 1);
+    assert_eq!(store.applied_index(), 2, "the entry was consumed");
+    // Indexes were restored too.
+    store.view(|v| {
+        assert_eq!(v.get_by_name::<Service>("alpha").unwrap().id, "s1");
+        assert!(v.get_by_name::<Service>("gamma").is_none());
+        assert_eq!(v.get_by_name::<Service>("beta").unwrap().id, "s2");
+        let on_n1: Vec<_> = v.tasks_by_node("n1").map(|t| t.id.clone()).collect();
+        assert_eq!(on_n1, ["t1"]);
+        assert_eq!(v.tasks_by_node("n2").count(), 0);
+        assert_eq!(v.tasks_by_service("s3").count(), 0);
+    });
+    assert!(
+        watcher.try_recv().unwrap().is_none(),
+        "no event for a failed txn"
+    );
+
+    // The next transaction applies normally and the watcher sees only it.
+    store
+        .apply(3, &txn(vec![create(service("s4", "delta"))]))
+        .unwrap();
+    let event = change_event(watcher.try_recv().unwrap().unwrap());
+    assert_eq!((event.version, event.object.id()), (3, "s4"));
+}
+
+#[test]
+fn duplicate_ids_and_names_are_refused_as_already_exists() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &txn(vec![
+                create(service("s1", "Web")),
+                create(network("n1", "net")),
+            ]),
+        )
+        .unwrap();
+    let error = store
+        .apply(2, &txn(vec![create(service("s1", "other"))]))
+        .unwrap_err();
+    assert!(matches!(error, TxnError::AlreadyExists { ref id, .. } if id == "s1"));
+    assert_eq!(error.code(), Code::AlreadyExists);
+
+    let error = store
+        .apply(3, &txn(vec![create(service("s2", "wEB"))]))
+        .unwrap_err();
+    assert_eq!(
+        error,
+        TxnError::NameConflict {
+            position: 0,
+            kind: Kind::Service,
+            name: "wEB".into(),
+            holder_id: "s1".into()
+        }
+    );
+    assert_eq!(error.code(), Code::AlreadyExists);
+
+    // Renaming into a taken name is refused too.
+    store
+        .apply(4, &txn(vec![create(service("s2", "api"))]))
+        .unwrap();
+    let mut s2 = get_service(&store, "s2").unwrap();
+    s2.spec.as_mut().unwrap().name = "web".into();
+    let error = store.apply(5, &txn(vec![update(s2)])).unwrap_err();
+    assert!(matches!(error, TxnError::NameConflict { .. }), "{error:?}");
+
+    // Names are per kind: a network may share a service's name.
+    store
+        .apply(6, &txn(vec![create(network("n2", "web"))]))
+        .unwrap();
+    // Tasks and nodes have no unique name.
+    store
+        .apply(
+            7,
+            &txn(vec![
+                create(node("a", "host", NodeRole::Worker)),
+                create(node("b", "host", NodeRole::Worker)),
+            ]),
+        )
+        .unwrap();
+}
+
+#[test]
+fn updates_and_deletes_of_missing_objects_are_not_found() {
+    let store = Store::default();
+    let mut ghost = service("ghost", "ghost");
+    ghost.meta = Some(crate::proto::objects::Meta {
+        version: 1,
+        ..Default::default()
+    });
+    let error = store.apply(1, &txn(vec![update(ghost)])).unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+    let error = store
+        .apply(2, &txn(vec![delete(Kind::Node, "ghost", 0)]))
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound);
+}
+
+#[test]
+fn deletes_check_the_version_when_given_one() {
+    let store = Store::default();
+    store
+        .apply(4, &txn(vec![create(service("s1", "web"))]))
+        .unwrap();
+    let error = store
+        .apply(5, &txn(vec![delete(Kind::Service, "s1", 3)]))
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Aborted);
+    let outcome = store
+        .apply(6, &txn(vec![delete(Kind::Service, "s1", 4)]))
+        .unwrap();
+    assert_eq!(outcome.events[0].action, Action::Delete);
+    assert_eq!(outcome.events[0].object.id(), "s1");
+    store
+        .apply(7, &txn(vec![create(service("s1", "web"))]))
+        .unwrap();
+    store
+        .apply(8, &txn(vec![delete(Kind::Service, "s1", 0)]))
+        .unwrap();
+    assert!(get_service(&store, "s1").is_none());
+}
+
+#[test]
+fn malformed_changes_are_invalid_arguments() {
+    let store = Store::default();
+    let cases: Vec<(Change, &str)> = vec![
+        (Change { op: None }, "no operation"),
+        (
+            Change {
+                op: Some(change::Op::Create(StoreObject { object: None })),
+            },
+            "no kind",
+        ),
+        (create(service("", "web")), "id is empty"),
+        (
+            create(service(&"x".repeat(OBJECT_ID_BYTES_MAX + 1), "web")),
+            "bytes",
+        ),
+        (
+            update_expecting(service("s1", "web"), 0),
+            "expected_version",
+        ),
+        (
+            Change {
+                op: Some(change::Op::Update(Update {
+                    object: None,
+                    expected_version: 1,
+                })),
+            },
+            "no object",
+        ),
+        (
+            // 6 is reserved for secrets.
+            Change {
+                op: Some(change::Op::Delete(Delete {
+                    kind: 6,
+                    id: "x".into(),
+                    expected_version: 0,
+                })),
+            },
+            "unknown kind",
+        ),
+        (
+            Change {
+                op: Some(change::Op::Delete(Delete {
+                    kind: ObjectKind::Unspecified as i32,
+                    id: "x".into(),
+                    expected_version: 0,
+                })),
+            },
+            "unknown kind",
+        ),
+    ];
+    for (index, (change, needle)) in cases.into_iter().enumerate() {
+        let error = store
+            .apply(index as u64 + 1, &txn(vec![change]))
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+        assert!(
+            error.to_string().contains(needle),
+            "{error} should mention {needle}"
+        );
+    }
+    let error = store.apply(100, &txn(vec![])).unwrap_err();
+    assert_eq!(error, TxnError::Empty);
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!(contents(&store).len(), 0);
+}
+
+#[test]
+fn log_indexes_must_increase() {
+    let store = Store::default();
+    store
+        .apply(10, &txn(vec![create(service("s1", "a"))]))
+        .unwrap();
+    for index in [10, 3] {
+        let error = store
+            .apply(index, &txn(vec![create(service("s2", "b"))]))
+            .unwrap_err();
+        assert_eq!(error, TxnError::OutOfOrder { index, applied: 10 });
+        assert_eq!(error.code(), Code::FailedPrecondition);
+    }
+    assert!(get_service(&store, "s2").is_none());
+    // Gaps are fine: other entries (membership, blank) use indexes too.
+    store
+        .apply(15, &txn(vec![create(service("s2", "b"))]))
+        .unwrap();
+}
+
+#[test]
+fn transaction_limits_are_enforced_with_a_hint_to_split() {
+    let store = Store::default();
+    let many: Vec<Change> = (0..=TXN_CHANGES_MAX)
+        .map(|i| create(task(&format!("t{i}"), "s", "n", i as u64)))
+        .collect();
+    let error = store.apply(1, &txn(many.clone())).unwrap_err();
+    assert_eq!(
+        error,
+        TxnError::TooManyChanges {
+            changes: TXN_CHANGES_MAX + 1,
+            max: TXN_CHANGES_MAX
+        }
+    );
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    assert!(error.to_string().contains("split_into_transactions"));
+    // Exactly the limit is fine.
+    store
+        .apply(2, &txn(many[..TXN_CHANGES_MAX].to_vec()))
+        .unwrap();
+
+    let big_env = |id: &str, name: &str| {
+        let mut s = service(id, name);
+        s.spec.as_mut().unwrap().task.as_mut().unwrap().env =
+            vec![format!("BLOB={}", "x".repeat(300 * 1024))];
+        s
+    };
+    let large: Vec<Change> = (0..6)
+        .map(|i| create(big_env(&format!("big{i}"), &format!("big{i}"))))
+        .collect();
+    let error = store.apply(3, &txn(large.clone())).unwrap_err();
+    assert!(
+        matches!(error, TxnError::TooLarge { bytes, max } if bytes > max && max == TXN_BYTES_MAX)
+    );
+    assert_eq!(error.code(), Code::ResourceExhausted);
+    assert_eq!(store.view(|v| v.count::<Service>()), 0);
+
+    // Split, they all apply.
+    let batches = split_into_transactions(large, TS).unwrap();
+    assert!(batches.len() >= 2);
+    for (i, batch) in batches.iter().enumerate() {
+        store.apply(10 + i as u64, batch).unwrap();
+    }
+    assert_eq!(store.view(|v| v.count::<Service>()), 6);
+}
+
+#[test]
+fn split_keeps_order_and_respects_both_limits() {
+    let small: Vec<Change> = (0..1001)
+        .map(|i| create(task(&format!("t{i:04}"), "s", "n", i)))
+        .collect();
+    let batches = split_into_transactions(small.clone(), TS).unwrap();
+    assert_eq!(
+        batches.iter().map(|b| b.changes.len()).collect::<Vec<_>>(),
+        [200, 200, 200, 200, 200, 1]
+    );
+    let flattened: Vec<Change> = batches.iter().flat_map(|b| b.changes.clone()).collect();
+    assert_eq!(flattened, small);
+    for batch in &batches {
+        check_limits(batch).unwrap();
+        assert_eq!(batch.timestamp_ms, TS);
+    }
+
+    // Byte-bound: 100 KiB changes, 15 per transaction at most.
+    let fat: Vec<Change> = (0..40)
+        .map(|i| {
+            let mut t = task(&format!("f{i}"), "s", "n", i);
+            t.status.as_mut().unwrap().message = "m".repeat(100 * 1024);
+            create(t)
+        })
+        .collect();
+    let batches = split_into_transactions(fat, TS).unwrap();
+    assert!(batches.len() >= 3);
+    for batch in &batches {
+        check_limits(batch).unwrap();
+    }
+    // A transaction is split only when the next change would not fit.
+    for pair in batches.windows(2) {
+        let mut grown = pair[0].clone();
+        grown.changes.push(pair[1].changes[0].clone());
+        assert!(check_limits(&grown).is_err());
+    }
+
+    assert!(split_into_transactions(Vec::new(), TS).unwrap().is_empty());
+    let mut huge = task("h", "s", "n", 1);
+    huge.status.as_mut().unwrap().message = "m".repeat(TXN_BYTES_MAX);
+    let error = split_into_transactions(vec![create(task("ok", "s", "n", 1)), create(huge)], TS)
+        .unwrap_err();
+    assert!(matches!(
+        error,
+        TxnError::ChangeTooLarge { position: 1, .. }
+    ));
+}
+
+#[test]
+fn identical_logs_give_identical_stores() {
+    let log: Vec<Transaction> = (1..=50u64)
+        .map(|i| {
+            let mut s = service(&format!("s{i}"), &format!("svc{i}"));
+            for l in 0..5 {
+                s.spec
+                    .as_mut()
+                    .unwrap()
+                    .labels
+                    .insert(format!("label{}", (i * 7 + l) % 11), format!("{l}"));
+            }
+            txn_at(
+                vec![
+                    create(s),
+                    create(task(&format!("t{i}"), &format!("s{i}"), "n1", 1)),
+                ],
+                TS + i as i64,
+            )
+        })
+        .collect();
+    let a = Store::default();
+    let b = Store::default();
+    for (i, t) in log.iter().enumerate() {
+        a.apply(i as u64 * 2 + 1, t).unwrap();
+        b.apply(i as u64 * 2 + 1, t).unwrap();
+    }
+    assert_eq!(snapshot_bytes(&a), snapshot_bytes(&b));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Indexes
+
+#[test]
+fn views_answer_every_index() {
+    let store = Store::default();
+    let mut stopped = task("t4", "s2", "n2", 1);
+    stopped.desired_state = TaskState::Shutdown as i32;
+    stopped.status.as_mut().unwrap().state = TaskState::Complete as i32;
+    store
+        .apply(
+            1,
+            &txn(vec![
+                create(node("n1", "alpha", NodeRole::Manager)),
+                create(node("n2", "beta", NodeRole::Worker)),
+                create(node("n3", "beta", NodeRole::Worker)),
+                create(service("s1", "Web")),
+                create(service("s2", "api")),
+                create(task("t1", "s1", "n1", 1)),
+                create(task("t2", "s1", "n2", 2)),
+                create(task("t3", "s1", "", 3)),
+                create(stopped),
+                create(network("net1", "ingress")),
+            ]),
+        )
+        .unwrap();
+    let ids = |it: &mut dyn Iterator<Item = String>| it.collect::<Vec<_>>();
+    store.view(|v| {
+        assert_eq!(v.version(), 1);
+        assert_eq!(v.get_by_name::<Service>("WEB").unwrap().id, "s1");
+        assert_eq!(v.get_by_name::<Network>("ingress").unwrap().id, "net1");
+        assert!(
+            v.get_by_name::<Node>("alpha").is_none(),
+            "nodes have no unique name"
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_service("s1").map(|t| t.id.clone())),
+            ["t1", "t2", "t3"]
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_node("n2").map(|t| t.id.clone())),
+            ["t2", "t4"]
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_slot("s1", 2).map(|t| t.id.clone())),
+            ["t2"]
+        );
+        assert_eq!(
+            ids(&mut v
+                .tasks_by_desired_state(TaskState::Running)
+                .map(|t| t.id.clone())),
+            ["t1", "t2", "t3"]
+        );
+        assert_eq!(
+            ids(&mut v
+                .tasks_by_desired_state(TaskState::Shutdown)
+                .map(|t| t.id.clone())),
+            ["t4"]
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_state(TaskState::Complete).map(|t| t.id.clone())),
+            ["t4"]
+        );
+        assert_eq!(
+            ids(&mut v.nodes_by_role(NodeRole::Worker).map(|n| n.id.clone())),
+            ["n2", "n3"]
+        );
+        assert_eq!(
+            ids(&mut v.nodes_by_hostname("beta").map(|n| n.id.clone())),
+            ["n2", "n3"]
+        );
+        assert_eq!(
+            ids(&mut v.find_by_id_prefix::<Task>("t").map(|t| t.id.clone())).len(),
+            4
+        );
+        assert_eq!(v.count::<Node>(), 3);
+    });
+
+    // Moving and deleting keeps every index in step.
+    let mut t1 = store.view(|v| v.get::<Task>("t1").unwrap().as_ref().clone());
+    t1.node_id = "n3".into();
+    t1.desired_state = TaskState::Shutdown as i32;
+    let mut n2 = store.view(|v| v.get::<Node>("n2").unwrap().as_ref().clone());
+    n2.role = NodeRole::Manager as i32;
+    store
+        .apply(
+            2,
+            &txn(vec![update(t1), update(n2), delete(Kind::Task, "t2", 0)]),
+        )
+        .unwrap();
+    store.view(|v| {
+        assert_eq!(
+            ids(&mut v.tasks_by_node("n1").map(|t| t.id.clone())).len(),
+            0
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_node("n3").map(|t| t.id.clone())),
+            ["t1"]
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_node("n2").map(|t| t.id.clone())),
+            ["t4"]
+        );
+        assert_eq!(
+            ids(&mut v
+                .tasks_by_desired_state(TaskState::Shutdown)
+                .map(|t| t.id.clone())),
+            ["t1", "t4"]
+        );
+        assert_eq!(
+            ids(&mut v.tasks_by_service("s1").map(|t| t.id.clone())),
+            ["t1", "t3"]
+        );
+        assert_eq!(
+            ids(&mut v.nodes_by_role(NodeRole::Manager).map(|n| n.id.clone())),
+            ["n1", "n2"]
+        );
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watches
+
+fn drain(watcher: &Watcher) -> Vec<WatchEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = watcher.try_recv().unwrap() {
+        events.push(event);
+    }
+    events
+}
+
+fn change_ids(events: &[WatchEvent]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            WatchEvent::Change(c) => Some((c.version, c.object.id().to_owned())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn filters_select_by_kind_id_node_and_service() {
+    let store = Store::default();
+    let by_kind = store.watch(WatchOptions::filtered(vec![WatchFilter::kind(
+        Kind::Service,
+    )]));
+    let by_id = store.watch(WatchOptions::filtered(vec![WatchFilter {
+        id: Some("t1".into()),
+        ..Default::default()
+    }]));
+    let by_node = store.watch(WatchOptions::filtered(vec![WatchFilter {
+        node_id: Some("n1".into()),
+        ..Default::default()
+    }]));
+    let by_service = store.watch(WatchOptions::filtered(vec![WatchFilter {
+        service_id: Some("s1".into()),
+        ..Default::default()
+    }]));
+    let tasks_on_n1 = store.watch(WatchOptions::filtered(vec![WatchFilter {
+        kind: Some(Kind::Task),
+        node_id: Some("n1".into()),
+        ..Default::default()
+    }]));
+    let any_of = store.watch(WatchOptions::filtered(vec![
+        WatchFilter::kind(Kind::Network),
+        WatchFilter {
+            id: Some("s2".into()),
+            ..Default::default()
+        },
+    ]));
+
+    store
+        .apply(
+            1,
+            &txn(vec![
+                create(node("n1", "h1", NodeRole::Worker)),
+                create(service("s1", "a")),
+                create(service("s2", "b")),
+                create(task("t1", "s1", "n1", 1)),
+                create(task("t2", "s2", "n2", 1)),
+                create(network("w", "net")),
+            ]),
+        )
+        .unwrap();
+    // Moving t1 off n1: the node watcher must still see it leave.
+    let mut t1 = store.view(|v| v.get::<Task>("t1").unwrap().as_ref().clone());
+    t1.node_id = "n2".into();
+    store.apply(2, &txn(vec![update(t1)])).unwrap();
+
+    let got = |w: &Watcher| change_ids(&drain(w));
+    let v = |version: u64, id: &str| (version, id.to_owned());
+    assert_eq!(got(&by_kind), [v(1, "s1"), v(1, "s2")]);
+    assert_eq!(got(&by_id), [v(1, "t1"), v(2, "t1")]);
+    assert_eq!(got(&by_node), [v(1, "n1"), v(1, "t1"), v(2, "t1")]);
+    assert_eq!(got(&by_service), [v(1, "s1"), v(1, "t1"), v(2, "t1")]);
+    assert_eq!(got(&tasks_on_n1), [v(1, "t1"), v(2, "t1")]);
+    assert_eq!(got(&any_of), [v(1, "s2"), v(1, "w")]);
+}
+
+#[test]
+fn commit_markers_close_each_transaction() {
+    let store = Store::default();
+    let watcher = store.watch(WatchOptions {
+        filters: vec![WatchFilter::kind(Kind::Task)],
+        include_commits: true,
+        queue_events_max: None,
+    });
+    store
+        .apply(
+            1,
+            &txn(vec![
+                create(service("s1", "a")),
+                create(task("t1", "s1", "", 1)),
+                create(task("t2", "s1", "", 2)),
+            ]),
+        )
+        .unwrap();
+    store
+        .apply(2, &txn(vec![create(service("s2", "b"))]))
+        .unwrap();
+    store
+        .apply(3, &txn(vec![create(task("t3", "s2", "", 1))]))
+        .unwrap();
+    let events = drain(&watcher);
+    let shape: Vec<String> = events
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Change(c) => format!("{}:{}", c.version, c.object.id()),
+            WatchEvent::Commit { version } => format!("commit {version}"),
+            WatchEvent::Dropped(r) => format!("dropped {r}"),
+        })
+        .collect();
+    assert_eq!(shape, ["1:t1", "1:t2", "commit 1", "3:t3", "commit 3"]);
+
+    // Replay from history keeps the same shape.
+    let resumed = store
+        .watch_since(
+            0,
+            WatchOptions {
+                filters: vec![WatchFilter::kind(Kind::Task)],
+                include_commits: true,
+                queue_events_max: None,
+            },
+        )
+        .unwrap();
+    let replay: Vec<String> = drain(&resumed)
+        .iter()
+        .map(|e| match e {
+            WatchEvent::Change(c) => format!("{}:{}", c.version, c.object.id()),
+            WatchEvent::Commit { version } => format!("commit {version}"),
+            WatchEvent::Dropped(r) => format!("dropped {r}"),
+        })
+        .collect();
+    assert_eq!(replay, shape);
+}
+
+#[test]
+fn update_events_carry_the_old_object() {
+    let store = Store::default();
+    let watcher = store.watch(WatchOptions::default());
+    store
+        .apply(1, &txn(vec![create(service("s1", "a"))]))
+        .unwrap();
+    let mut s1 = get_service(&store, "s1").unwrap();
+    s1.spec.as_mut().unwrap().replicas = 4;
+    store.apply(2, &txn(vec![update(s1)])).unwrap();
+    let events = drain(&watcher);
+    let update = change_event(events[1].clone());
+    assert_eq!(update.action, Action::Update);
+    let old = Service::from_object(update.old.as_ref().unwrap()).unwrap();
+    let new = Service::from_object(&update.object).unwrap();
+    assert_eq!(old.spec.as_ref().unwrap().replicas, 1);
+    assert_eq!(new.spec.as_ref().unwrap().replicas, 4);
+    assert_eq!((old.version(), new.version()), (1, 2));
+}
+
+/// Writers apply numbered transactions while readers subscribe at arbitrary moments; every
+/// watcher must see exactly the transactions after its view, in order, once each.
+#[test]
+fn view_and_watch_sees_every_later_change_exactly_once_under_concurrent_applies() {
+    const TXNS: u64 = 3_000;
+    let store = Store::new(StoreConfig {
+        watch_queue_events_max: 2 * TXNS as usize,
+        watch_history_events_max: 100,
+        ..StoreConfig::default()
+    });
+    let done = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let store = store.clone();
+        let done = Arc::clone(&done);
+        thread::spawn(move || {
+            for i in 1..=TXNS {
+                // Each transaction creates one task and bumps a counter service, so a view
+                // at version v holds exactly tasks 1..=v.
+                let mut changes = vec![create(task(&format!("t{i:05}"), "s", "n", i))];
+                if i == 1 {
+                    changes.push(create(service("s", "counter")));
+                } else {
+                    let mut s = get_service(&store, "s").unwrap();
+                    s.spec.as_mut().unwrap().replicas = i;
+                    changes.push(update(s));
+                }
+                store.apply(i, &txn(changes)).unwrap();
+            }
+            done.store(true, Ordering::SeqCst);
+        })
+    };
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let done = Arc::clone(&done);
+            thread::spawn(move || {
+                let mut subscriptions = Vec::new();
+                while !done.load(Ordering::SeqCst) && subscriptions.len() < 50 {
+                    let (tasks_in_view, watcher) =
+                        store.view_and_watch(WatchOptions::default(), |view| {
+                            let tasks: Vec<String> =
+                                view.list::<Task>().map(|t| t.id.clone()).collect();
+                            (view.version(), tasks)
+                        });
+                    subscriptions.push((tasks_in_view, watcher));
+                    thread::yield_now();
+                }
+                subscriptions
+            })
+        })
+        .collect();
+    writer.join().unwrap();
+    let mut checked = 0;
+    for reader in readers {
+        for ((version, tasks), watcher) in reader.join().unwrap() {
+            let expected: Vec<String> = (1..=version).map(|i| format!("t{i:05}")).collect();
+            assert_eq!(tasks, expected, "the view is consistent with its version");
+            let mut next = version + 1;
+            while next <= TXNS {
+                let task_event =
+                    change_event(watcher.recv_timeout(Duration::from_secs(30)).unwrap());
+                let service_event =
+                    change_event(watcher.recv_timeout(Duration::from_secs(30)).unwrap());
+                assert_eq!(task_event.version, next, "no gap, no duplicate");
+                assert_eq!(task_event.object.id(), format!("t{next:05}"));
+                assert_eq!(
+                    (service_event.version, service_event.object.id()),
+                    (next, "s")
+                );
+                next += 1;
+            }
+            assert!(
+                watcher.try_recv().unwrap().is_none(),
+                "nothing after the last txn"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+#[test]
+fn a_slow_watcher_is_dropped_with_a_reason_and_never_blocks_apply() {
+    let store = Store::new(StoreConfig {
+        watch_queue_events_max: 4,
+        watch_history_events_max: 1000,
+        ..StoreConfig::default()
+    });
+    let slow = store.watch(WatchOptions::default());
+    let fast = store.watch(WatchOptions::default());
+    assert_eq!(store.watcher_count(), 2);
+    for i in 1..=10u64 {
+        // Never blocks, although `slow` reads nothing.
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+        assert_eq!(change_event(fast.try_recv().unwrap().unwrap()).version, i);
+    }
+    assert_eq!(store.watcher_count(), 1, "the slow watcher was removed");
+    let mut versions = Vec::new();
+    let reason = loop {
+        match slow.recv() {
+            Ok(event) => versions.push(change_event(event).version),
+            Err(WatchError::Dropped(reason)) => break reason,
+            Err(other) => panic!("expected Dropped, got {other}"),
+        }
+    };
+    assert_eq!(versions, [1, 2, 3, 4]);
+    assert_eq!(
+        reason,
+        DropReason::SlowConsumer {
+            queue_events_max: 4,
+            last_delivered_version: 4
+        }
+    );
+    assert_eq!(reason.code(), Code::ResourceExhausted);
+    assert!(reason.to_string().contains("watch_since(4)"), "{reason}");
+    assert_eq!(slow.recv().unwrap_err(), WatchError::Closed);
+
+    // Resuming where it stopped loses nothing.
+    let resumed = store.watch_since(4, WatchOptions::default()).unwrap();
+    let versions: Vec<u64> = drain(&resumed)
+        .into_iter()
+        .map(|e| change_event(e).version)
+        .collect();
+    assert_eq!(versions, (5..=10).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_transaction_is_queued_whole_or_not_at_all() {
+    let store = Store::new(StoreConfig {
+        watch_queue_events_max: 5,
+        watch_history_events_max: 1000,
+        ..StoreConfig::default()
+    });
+    let watcher = store.watch(WatchOptions::default());
+    store
+        .apply(
+            1,
+            &txn((0..3)
+                .map(|i| create(task(&format!("a{i}"), "s", "n", i)))
+                .collect()),
+        )
+        .unwrap();
+    // 3 queued, 3 more do not fit in 5: none of them is queued.
+    store
+        .apply(
+            2,
+            &txn((0..3)
+                .map(|i| create(task(&format!("b{i}"), "s", "n", i)))
+                .collect()),
+        )
+        .unwrap();
+    let mut versions = Vec::new();
+    let error = loop {
+        match watcher.recv() {
+            Ok(event) => versions.push(change_event(event).version),
+            Err(error) => break error,
+        }
+    };
+    assert_eq!(versions, [1, 1, 1]);
+    assert_eq!(
+        error,
+        WatchError::Dropped(DropReason::SlowConsumer {
+            queue_events_max: 5,
+            last_delivered_version: 1
+        })
+    );
+}
+
+#[test]
+fn watch_since_resumes_from_history_and_refuses_compacted_versions() {
+    let store = Store::new(StoreConfig {
+        watch_queue_events_max: 100,
+        watch_history_events_max: 10,
+        ..StoreConfig::default()
+    });
+    for i in 1..=30u64 {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    let resumed = store.watch_since(25, WatchOptions::default()).unwrap();
+    let versions = |w: &Watcher| -> Vec<u64> {
+        drain(w)
+            .into_iter()
+            .map(|e| change_event(e).version)
+            .collect()
+    };
+    assert_eq!(versions(&resumed), [26, 27, 28, 29, 30]);
+    // The oldest kept event is version 21, so resuming from 20 still works; 19 does not.
+    let from_20 = store.watch_since(20, WatchOptions::default()).unwrap();
+    assert_eq!(versions(&from_20), (21..=30).collect::<Vec<_>>());
+    let error = store.watch_since(19, WatchOptions::default()).unwrap_err();
+    assert_eq!(
+        error,
+        WatchError::Compacted {
+            requested: 19,
+            oldest_resumable: 20
+        }
+    );
+    assert_eq!(error.code(), Code::OutOfRange);
+    assert!(error.to_string().contains("view_and_watch"));
+
+    // From the current version: nothing replayed, live events follow.
+    let current = store.watch_since(30, WatchOptions::default()).unwrap();
+    // From a future version (a manager that is behind): skip up to it.
+    let future = store.watch_since(33, WatchOptions::default()).unwrap();
+    for i in 31..=35u64 {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    assert_eq!(versions(&resumed), [31, 32, 33, 34, 35]);
+    assert_eq!(versions(&current), [31, 32, 33, 34, 35]);
+    assert_eq!(versions(&future), [34, 35]);
+}
+
+#[test]
+fn dropping_a_watcher_unsubscribes_it() {
+    let store = Store::default();
+    let a = store.watch(WatchOptions::default());
+    let b = store.watch(WatchOptions::filtered(vec![WatchFilter::kind(
+        Kind::Cluster,
+    )]));
+    assert_eq!(store.watcher_count(), 2);
+    drop(a);
+    drop(b);
+    assert_eq!(store.watcher_count(), 0);
+    // A watcher that outlives its store sees the channel close.
+    let store = Store::default();
+    let orphan = store.watch(WatchOptions::default());
+    drop(store);
+    assert_eq!(orphan.recv().unwrap_err(), WatchError::Closed);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+fn populated_store() -> Store {
+    let store = Store::default();
+    let mut labelled = node("n1", "alpha", NodeRole::Manager);
+    labelled
+        .spec
+        .as_mut()
+        .unwrap()
+        .labels
+        .insert("zone".into(), "eu".into());
+    store
+        .apply(
+            3,
+            &txn(vec![
+                create(labelled),
+                create(node("n2", "beta", NodeRole::Worker)),
+                create(service("s1", "web")),
+                create(service("s2", "api")),
+                create(network("net1", "ingress")),
+                create(crate::proto::objects::Cluster {
+                    id: "c1".into(),
+                    spec: Some(spec::default_cluster_spec("default")),
+                    ..Default::default()
+                }),
+            ]),
+        )
+        .unwrap();
+    let tasks: Vec<Change> = (0..500)
+        .map(|i| {
+            create(task(
+                &format!("t{i:03}"),
+                if i % 2 == 0 { "s1" } else { "s2" },
+                "n2",
+                i,
+            ))
+        })
+        .collect();
+    for (i, batch) in split_into_transactions(tasks, TS + 5)
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        store.apply(10 + i as u64, batch).unwrap();
+    }
+    store
+        .apply(20, &txn(vec![delete(Kind::Task, "t007", 0)]))
+        .unwrap();
+    // A refused entry still advances the applied index.
+    store
+        .apply(21, &txn(vec![delete(Kind::Task, "t007", 0)]))
+        .unwrap_err();
+    store
+}
+
+/// Reads `stream` a few bytes at a time, as a chunked transfer would.
+fn read_in_chunks(mut stream: impl Read, chunk_bytes: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; chunk_bytes];
+    loop {
+        let n = stream.read(&mut chunk).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[test]
+fn snapshot_round_trips_contents_indexes_and_versions() {
+    let store = populated_store();
+    let stream = store.snapshot();
+    let info = stream.info();
+    assert_eq!(info.applied_index, 21);
+    assert_eq!(info.version, 20);
+    assert_eq!(info.object_count, 6 + 499);
+    let bytes = read_in_chunks(stream, 7);
+
+    let restored = Store::default();
+    let outcome = restored.restore(bytes.as_slice()).unwrap();
+    assert_eq!(outcome, info);
+    assert_eq!(contents(&restored), contents(&store));
+    assert_eq!((restored.version(), restored.applied_index()), (20, 21));
+    restored.view(|v| {
+        assert_eq!(v.get_by_name::<Service>("WEB").unwrap().id, "s1");
+        assert_eq!(v.tasks_by_service("s1").count(), 250);
+        assert_eq!(v.tasks_by_service("s2").count(), 249);
+        assert_eq!(v.tasks_by_node("n2").count(), 499);
+        assert_eq!(v.nodes_by_role(NodeRole::Manager).count(), 1);
+    });
+    // Byte-identical when taken again: snapshots are deterministic.
+    assert_eq!(snapshot_bytes(&restored), bytes);
+    // The restored store goes on applying from there; stale updates still conflict.
+    let stale = service("s1", "web");
+    let error = restored
+        .apply(22, &txn(vec![update_expecting(stale, 2)]))
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Aborted);
+    let error = restored
+        .apply(21, &txn(vec![create(service("x", "x"))]))
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+}
+
+#[test]
+fn a_snapshot_stream_is_frozen_at_its_version() {
+    let store = populated_store();
+    let stream = store.snapshot();
+    store
+        .apply(30, &txn(vec![create(service("late", "late"))]))
+        .unwrap();
+    store
+        .apply(31, &txn(vec![delete(Kind::Service, "s1", 0)]))
+        .unwrap();
+    let bytes = read_in_chunks(stream, 4096);
+    let restored = Store::default();
+    restored.restore(bytes.as_slice()).unwrap();
+    assert!(get_service(&restored, "late").is_none());
+    assert!(get_service(&restored, "s1").is_some());
+    assert_eq!(restored.version(), 20);
+}
+
+#[test]
+fn an_empty_store_snapshots_and_restores() {
+    let bytes = snapshot_bytes(&Store::default());
+    let target = populated_store();
+    target.restore(bytes.as_slice()).unwrap();
+    assert!(contents(&target).is_empty());
+    assert_eq!((target.version(), target.applied_index()), (0, 0));
+}
+
+#[test]
+fn a_corrupt_snapshot_leaves_the_store_intact() {
+    let source = populated_store();
+    let bytes = snapshot_bytes(&source);
+    let target = Store::default();
+    target
+        .apply(1, &txn(vec![create(service("keep", "keep"))]))
+        .unwrap();
+    let before = contents(&target);
+    let watcher = target.watch(WatchOptions::default());
+
+    let mut rejected = 0;
+    let mut check = |corrupt: &[u8], what: &str| {
+        let error = target.restore(corrupt).unwrap_err();
+        assert!(
+            matches!(error.code(), Code::DataLoss | Code::FailedPrecondition),
+            "{what}: {error}"
+        );
+        assert_eq!(contents(&target), before, "{what}");
+        assert_eq!(target.version(), 1, "{what}");
+        rejected += 1;
+    };
+    check(&[], "empty");
+    // Truncated anywhere, including between records.
+    let step = (bytes.len() / 97).max(1);
+    for cut in (1..bytes.len()).step_by(step).chain([bytes.len() - 1]) {
+        check(&bytes[..cut], &format!("cut at {cut}"));
+    }
+    // A flipped bit anywhere (in lengths, tags, payloads or the checksum).
+    for position in (0..bytes.len()).step_by(step) {
+        let mut flipped = bytes.clone();
+        flipped[position] ^= 0x10;
+        check(&flipped, &format!("bit flip at {position}"));
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    check(&trailing, "trailing byte");
+    // A length prefix claiming far more than any record may hold.
+    check(&[0xff, 0xff, 0xff, 0xff, 0x0f], "huge length");
+
+    // A newer format is refused as such.
+    let header = crate::proto::objects::SnapshotHeader {
+        format_version: SNAPSHOT_FORMAT_VERSION + 1,
+        ..Default::default()
+    };
+    let mut newer = Vec::new();
+    prost::Message::encode_length_delimited(&header, &mut newer).unwrap();
+    let error = target.restore(newer.as_slice()).unwrap_err();
+    assert!(
+        matches!(error, SnapshotError::UnsupportedFormat { found } if found == SNAPSHOT_FORMAT_VERSION + 1)
+    );
+    assert!(rejected > 100);
+
+    // The watcher never noticed anything, and the good stream still restores.
+    assert!(watcher.try_recv().unwrap().is_none());
+    target.restore(bytes.as_slice()).unwrap();
+    assert_eq!(contents(&target), contents(&source));
+}
+
+#[test]
+fn a_reader_error_is_reported_and_changes_nothing() {
+    struct Failing;
+    impl Read for Failing {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::other("link down"))
+        }
+    }
+    let store = populated_store();
+    let before = contents(&store);
+    let error = store.restore(Failing).unwrap_err();
+    assert_eq!(error.code(), Code::Unavailable);
+    assert_eq!(contents(&store), before);
+}
+
+#[test]
+fn restore_drops_watchers_and_resets_history() {
+    let store = Store::default();
+    for i in 1..=5u64 {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    let watcher = store.watch(WatchOptions::default());
+    let bytes = snapshot_bytes(&populated_store());
+    store.restore(bytes.as_slice()).unwrap();
+    assert_eq!(
+        watcher.recv().unwrap_err(),
+        WatchError::Dropped(DropReason::Restored { version: 20 })
+    );
+    assert_eq!(store.watcher_count(), 0);
+    assert!(matches!(
+        store.watch_since(3, WatchOptions::default()),
+        Err(WatchError::Compacted {
+            requested: 3,
+            oldest_resumable: 20
+        })
+    ));
+    let (count, fresh) = store.view_and_watch(WatchOptions::default(), |v| v.count::<Task>());
+    assert_eq!(count, 499);
+    store
+        .apply(40, &txn(vec![create(service("new", "new"))]))
+        .unwrap();
+    assert_eq!(change_event(fresh.recv().unwrap()).version, 40);
+}
+
+#[test]
+fn history_is_also_bounded_by_bytes() {
+    let store = Store::new(StoreConfig {
+        watch_history_bytes_max: 64 * 1024,
+        ..StoreConfig::default()
+    });
+    // Each transaction carries ~10 KiB, charged twice (new and old object): about three
+    // transactions fit.
+    for i in 1..=10u64 {
+        let mut t = task(&format!("t{i}"), "s", "n", i);
+        t.status.as_mut().unwrap().message = "m".repeat(10 * 1024);
+        store.apply(i, &txn(vec![create(t)])).unwrap();
+    }
+    let error = store.watch_since(5, WatchOptions::default()).unwrap_err();
+    let WatchError::Compacted {
+        oldest_resumable, ..
+    } = error
+    else {
+        panic!("expected Compacted, got {error}");
+    };
+    assert!((6..10).contains(&oldest_resumable), "{oldest_resumable}");
+    let resumed = store
+        .watch_since(oldest_resumable, WatchOptions::default())
+        .unwrap();
+    let versions: Vec<u64> = drain(&resumed)
+        .into_iter()
+        .map(|e| change_event(e).version)
+        .collect();
+    assert_eq!(versions, (oldest_resumable + 1..=10).collect::<Vec<_>>());
+}
+
+/// Readers never see half of a transaction, even across tables.
+#[test]
+fn views_are_consistent_across_tables_under_concurrent_applies() {
+    const TXNS: u64 = 2_000;
+    let store = Store::default();
+    let done = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let store = store.clone();
+            let done = Arc::clone(&done);
+            thread::spawn(move || {
+                let mut views = 0u64;
+                while !done.load(Ordering::SeqCst) {
+                    store.view(|v| {
+                        // Every transaction creates one service and one of its tasks.
+                        assert_eq!(v.count::<Service>() as u64, v.version());
+                        assert_eq!(v.count::<Task>() as u64, v.version());
+                        if v.version() > 0 {
+                            let last = format!("s{}", v.version());
+                            assert_eq!(v.tasks_by_service(&last).count(), 1);
+                        }
+                    });
+                    views += 1;
+                }
+                views
+            })
+        })
+        .collect();
+    for i in 1..=TXNS {
+        store
+            .apply(
+                i,
+                &txn(vec![
+                    create(service(&format!("s{i}"), &format!("svc{i}"))),
+                    create(task(&format!("t{i}"), &format!("s{i}"), "n", 1)),
+                ]),
+            )
+            .unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    let views: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+    assert!(views > 0);
+}
+
+#[test]
+fn get_and_list_hand_out_shared_objects() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &txn(vec![create(service("s1", "a")), create(service("s2", "b"))]),
+        )
+        .unwrap();
+    let s1 = store.get::<Service>("s1").unwrap();
+    assert_eq!(s1.spec.as_ref().unwrap().name, "a");
+    assert!(store.get::<Task>("s1").is_none());
+    let all = store.list::<Service>();
+    assert_eq!(
+        all.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+        ["s1", "s2"]
+    );
+    // Later writes do not change what was handed out.
+    store
+        .apply(2, &txn(vec![delete(Kind::Service, "s1", 0)]))
+        .unwrap();
+    assert_eq!(s1.id, "s1");
+    assert_eq!(store.list::<Service>().len(), 1);
+}
+
+#[test]
+fn encoded_entries_apply_and_garbage_is_refused_in_order() {
+    use prost::Message;
+    let store = Store::default();
+    let data = txn(vec![create(service("s1", "a"))]).encode_to_vec();
+    assert_eq!(store.apply_encoded(1, &data).unwrap().version, 1);
+    let error = store.apply_encoded(2, &[0xff, 0xff, 0xff]).unwrap_err();
+    assert!(matches!(error, TxnError::Undecodable { .. }), "{error}");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert_eq!((store.version(), store.applied_index()), (1, 2));
+    let error = store.apply_encoded(2, &data).unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+}

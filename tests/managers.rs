@@ -1,0 +1,272 @@
+//! The manager group as real processes: failover under write load (3 and 5 managers), a
+//! restarted manager catching up, a joiner receiving a large snapshot with bounded memory,
+//! and `flotilla manager ls|rm|transfer`.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+mod procs;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use procs::cluster::{Cluster, ClusterOptions, START};
+use procs::run_to_end;
+
+/// Writers that put unique keys through any manager and record what was acknowledged.
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeMap<String, Bytes>>>,
+    /// When each acknowledgement arrived.
+    ack_times: Arc<Mutex<Vec<Instant>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(cluster: &Cluster, writers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let ack_times = Arc::new(Mutex::new(Vec::new()));
+        let addrs = cluster.addrs();
+        let node_dir = cluster.managers[0].dir.join("node");
+        let threads = (0..writers)
+            .map(|w| {
+                let (stop, acked, ack_times) = (stop.clone(), acked.clone(), ack_times.clone());
+                let addrs = addrs.clone();
+                let client = procs::cluster::Client::new(&node_dir);
+                std::thread::spawn(move || {
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Acquire) {
+                        let key = format!("w{w}-{seq}");
+                        let value = Bytes::from(format!("value of {key}"));
+                        let addr = &addrs[(seq as usize + w) % addrs.len()];
+                        if client.put_at(addr, &key, value.clone()).is_ok() {
+                            acked.lock().insert(key, value);
+                            ack_times.lock().push(Instant::now());
+                        } else {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        seq += 1;
+                    }
+                    client.transport.shutdown();
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            acked,
+            ack_times,
+            threads,
+        }
+    }
+
+    fn stop(self) -> (BTreeMap<String, Bytes>, Vec<Instant>) {
+        self.stop.store(true, Ordering::Release);
+        for thread in self.threads {
+            thread.join().unwrap();
+        }
+        let acked = std::mem::take(&mut *self.acked.lock());
+        let times = std::mem::take(&mut *self.ack_times.lock());
+        (acked, times)
+    }
+}
+
+fn failover(n: usize) {
+    let mut cluster = Cluster::start(n, ClusterOptions::default());
+    let client = cluster.client();
+    let load = Load::start(&cluster, 4);
+    std::thread::sleep(Duration::from_secs(2));
+    let leader = cluster.leader_index(&client).expect("a leader");
+    let killed_at = Instant::now();
+    cluster.managers[leader].kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let (acked, ack_times) = load.stop();
+    let resumed = ack_times
+        .iter()
+        .find(|t| **t > killed_at)
+        .expect("writes resumed after the leader was killed");
+    // Figures, not assertions: tests never assert timings.
+    println!(
+        "FIGURE failover_{n}_managers_ms {} ({} writes acknowledged)",
+        resumed.duration_since(killed_at).as_millis(),
+        acked.len()
+    );
+    assert!(
+        acked.len() > 50,
+        "too few writes acknowledged: {}",
+        acked.len()
+    );
+
+    // The killed manager restarts from its state and catches up.
+    cluster.managers[leader].restart();
+    let deadline = Instant::now() + START;
+    let commit = client.leader_status(&cluster).expect("a leader").commit;
+    loop {
+        let status = client.status(&cluster.managers[leader].addr).unwrap();
+        if status.applied >= commit {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted manager never caught up"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Every acknowledged write is there, read linearizably through every manager.
+    for manager in &cluster.managers {
+        for (key, value) in acked.iter().step_by(7) {
+            let got = client.get_at(&manager.addr, key).unwrap();
+            assert!(got.found, "{} lost acknowledged key {key}", manager.name);
+            assert_eq!(&got.value, value);
+        }
+    }
+    for (key, value) in &acked {
+        let got = client.get_at(&cluster.managers[leader].addr, key).unwrap();
+        assert!(got.found && &got.value == value, "acknowledged {key} lost");
+    }
+}
+
+#[test]
+fn three_managers_lose_no_acknowledged_write_when_the_leader_is_killed() {
+    failover(3);
+}
+
+#[test]
+fn five_managers_lose_no_acknowledged_write_when_the_leader_is_killed() {
+    failover(5);
+}
+
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Size of the state a joiner must receive: 200 MiB by default (the figure);
+/// `FLOTILLA_SNAPSHOT_TEST_MIB` changes it.
+fn snapshot_test_mib() -> usize {
+    std::env::var("FLOTILLA_SNAPSHOT_TEST_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
+
+#[test]
+fn joiner_after_compaction_receives_a_large_snapshot_with_bounded_memory() {
+    let mut cluster = Cluster::start(
+        1,
+        ClusterOptions {
+            snapshot_interval_entries: Some(200),
+            ..Default::default()
+        },
+    );
+    let client = cluster.client();
+    let leader = cluster.managers[0].addr.clone();
+    let value_bytes = 1 << 20;
+    let mib = snapshot_test_mib();
+    for i in 0..mib {
+        let value = Bytes::from(vec![(i % 251) as u8; value_bytes]);
+        client
+            .put_at(&leader, &format!("big-{i:05}"), value)
+            .unwrap();
+    }
+    // Enough small writes after them that the big entries are compacted away.
+    for i in 0..800 {
+        client
+            .put_at(&leader, &format!("small-{i}"), Bytes::from_static(b"x"))
+            .unwrap();
+    }
+    let joiner = cluster.add_joiner();
+    let pid = cluster.managers[joiner].proc().pid();
+    let baseline_kib = vm_rss_kib(pid).unwrap();
+    let mut peak_kib = baseline_kib;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        peak_kib = peak_kib.max(vm_rss_kib(pid).unwrap_or(0));
+        let output = cluster.managers[joiner].proc().output();
+        if output.contains("received snapshot") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot arrived:\n{output}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let growth_mib = (peak_kib.saturating_sub(baseline_kib)) as f64 / 1024.0;
+    println!("FIGURE snapshot_{mib}MiB_receive_rss_growth_MiB {growth_mib:.1}");
+    assert!(
+        growth_mib < 64.0,
+        "receiving a {mib} MiB snapshot grew RSS by {growth_mib:.1} MiB (limit 64)"
+    );
+    cluster.wait_voters(2, START);
+    let joiner_addr = cluster.managers[joiner].addr.clone();
+    for i in [0, mib / 2, mib - 1] {
+        let got = client.get_at(&joiner_addr, &format!("big-{i:05}")).unwrap();
+        assert!(got.found);
+        assert_eq!(got.value.len(), value_bytes);
+        assert!(got.value.iter().all(|b| *b == (i % 251) as u8));
+    }
+}
+
+fn manager_cli(dir: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let mut all = vec!["manager", "--state-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let (status, output) = run_to_end(&all, START);
+    (status.success(), output)
+}
+
+fn row_id(listing: &str, addr: &str) -> String {
+    listing
+        .lines()
+        .find(|l| l.contains(addr))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{addr} not listed:\n{listing}"))
+        .to_string()
+}
+
+#[test]
+fn manager_ls_transfer_and_rm_through_the_cli() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let dir = cluster.managers[1].dir.clone();
+    let (ok, listing) = manager_cli(&dir, &["ls"]);
+    assert!(ok, "{listing}");
+    for manager in &cluster.managers {
+        assert!(listing.contains(&manager.addr), "{listing}");
+    }
+    assert_eq!(listing.matches(" leader ").count(), 1, "{listing}");
+
+    // Hand leadership to the third manager.
+    let target = row_id(&listing, &cluster.managers[2].addr);
+    let (ok, output) = manager_cli(&dir, &["transfer", &target]);
+    assert!(ok, "{output}");
+    let client = cluster.client();
+    assert_eq!(cluster.leader_index(&client), Some(2));
+
+    // Bad input is refused with a hint.
+    let (ok, output) = manager_cli(&dir, &["rm", "not-an-id"]);
+    assert!(!ok && output.contains("manager ls"), "{output}");
+    let (ok, output) = manager_cli(&dir, &["rm", "abcdef"]);
+    assert!(!ok && output.contains("not a manager"), "{output}");
+
+    // With one manager down, removing another would break the quorum: refused.
+    cluster.managers[0].kill();
+    std::thread::sleep(Duration::from_secs(3));
+    let first = row_id(&listing, &cluster.managers[0].addr);
+    let second = row_id(&listing, &cluster.managers[1].addr);
+    let (ok, output) = manager_cli(&dir, &["rm", &second]);
+    assert!(!ok && output.contains("--force"), "{output}");
+    // Removing the dead one is fine; then it is gone from the listing.
+    let (ok, output) = manager_cli(&dir, &["rm", &first]);
+    assert!(ok, "{output}");
+    let (_, listing) = manager_cli(&dir, &["ls"]);
+    assert!(!listing.contains(&cluster.managers[0].addr), "{listing}");
+
+    // A removed manager that comes back learns it was removed and exits.
+    let dir0 = cluster.managers[0].dir.to_str().unwrap().to_string();
+    let mut back = procs::Proc::start("m1-removed", &["run", "--state-dir", &dir0]);
+    let status = back.wait_exit(START);
+    let output = back.output();
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("removed from the cluster"), "{output}");
+}
