@@ -125,7 +125,7 @@ fn failover(n: usize) {
     }
     for (key, value) in &acked {
         let got = client.get_at(&cluster.managers[leader].addr, key).unwrap();
-        assert!(got.found && &got.value == value, "acknowledged {key} lost");
+        assert!(got.found && got.value == *value, "acknowledged {key} lost");
     }
 }
 
