@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod netns;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
