@@ -51,6 +51,12 @@ impl KvStateMachine {
         self.map.read().get(key).cloned()
     }
 
+    /// Replaces this map's contents with `other`'s (a restore built aside).
+    pub fn replace_with(&self, other: &KvStateMachine) {
+        let fresh = std::mem::take(&mut *other.map.write());
+        *self.map.write() = fresh;
+    }
+
     /// Number of keys.
     pub fn len(&self) -> usize {
         self.map.read().len()
@@ -187,9 +193,11 @@ fn validate(command: &pb::Command) -> Result<(), Status> {
 }
 
 /// Serves `kv.Apply` and `kv.Get` for `machine` on `node`.
+/// Proposals carry `tag` as their first byte (the manager's state machine routes by it).
 pub fn register(
     router: &mut Router,
     pool: &ServicePool,
+    tag: u8,
     node: &NodeHandle,
     machine: &KvStateMachine,
     transport: &Arc<Transport>,
@@ -205,8 +213,13 @@ pub fn register(
                 responder.respond(Err(status));
                 return;
             }
+            let mut proposal = Vec::with_capacity(command.encoded_len() + 1);
+            proposal.push(tag);
+            command
+                .encode(&mut proposal)
+                .expect("a Vec grows as needed");
             n.propose_with(
-                &command.encode_to_vec(),
+                &proposal,
                 Box::new(move |result| {
                     responder.respond(result.map_err(|e| e.to_status()).and_then(|reply| {
                         pb::ApplyResult::decode(reply).map_err(|e| Status::internal(e.to_string()))

@@ -7,6 +7,7 @@
 pub mod bootstrap;
 pub mod register;
 pub mod runtime;
+pub mod state;
 pub mod state_dir;
 
 pub use bootstrap::{BootstrapError, init, join, random_raft_id};

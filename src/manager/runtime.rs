@@ -7,6 +7,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
+use super::state::{ManagerState, TAG_KV};
 use super::state_dir::{Settings, StateDir, StateDirError};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::{
@@ -17,6 +18,7 @@ use crate::kv::KvStateMachine;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
+use crate::store::{Store, StoreConfig};
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
 pub const CA_POOL_THREADS: usize = 2;
@@ -77,6 +79,7 @@ pub struct Manager {
     raft: Option<RaftNode>,
     raft_pools: Option<RaftPools>,
     pools: Vec<ServicePool>,
+    state: ManagerState,
 }
 
 impl Manager {
@@ -97,7 +100,10 @@ impl Manager {
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
         let client_tls = Arc::new(tls::client_config(&identity, &root)?);
-        let machine = KvStateMachine::new();
+        let machine = ManagerState {
+            kv: KvStateMachine::new(),
+            store: Arc::new(Store::new(StoreConfig::default())),
+        };
         let mut node_config = NodeConfig::new(
             settings.raft_id,
             settings.advertise_addr.clone(),
@@ -126,8 +132,9 @@ impl Manager {
         crate::kv::register(
             &mut router,
             &kv_pool,
+            TAG_KV,
             raft.handle(),
-            &machine,
+            &machine.kv,
             &transport,
             &client_tls,
         );
@@ -173,6 +180,7 @@ impl Manager {
             raft: Some(raft),
             raft_pools: Some(raft_pools),
             pools: vec![ca_pool, kv_pool],
+            state: machine,
         })
     }
 
@@ -189,6 +197,11 @@ impl Manager {
     /// This manager's node identity (as loaded at start).
     pub fn identity(&self) -> &NodeIdentity {
         &self.identity
+    }
+
+    /// The replicated state (object store and key-value map) as applied locally.
+    pub fn state(&self) -> &ManagerState {
+        &self.state
     }
 
     /// The Raft node's handle.

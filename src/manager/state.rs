@@ -1,0 +1,279 @@
+//! The manager's replicated state machine: the object store (cluster state) and the
+//! key-value map, side by side in one Raft log.
+//!
+//! Every application entry starts with a one-byte tag saying whose it is ([`TAG_KV`],
+//! [`TAG_STORE`]). A snapshot holds both, each as a framed section (so neither needs to know
+//! its size in advance). Must never apply an entry out of log order or to the wrong part.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::kv::KvStateMachine;
+use crate::proto::objects::Transaction;
+use crate::raft::node::{NodeError, NodeHandle, StateMachine};
+use crate::raft::types::LogIndex;
+use crate::store::{Store, TxnError, check_limits};
+use crate::wire::{Code, Status};
+
+/// Entries for the key-value map.
+pub const TAG_KV: u8 = 1;
+/// Entries for the object store (encoded [`Transaction`]s).
+pub const TAG_STORE: u8 = 2;
+/// Bytes per frame of a snapshot section.
+pub const SECTION_FRAME_BYTES_MAX: usize = 64 * 1024;
+
+/// The key-value map and the object store as one state machine.
+#[derive(Clone)]
+pub struct ManagerState {
+    /// The key-value map.
+    pub kv: KvStateMachine,
+    /// The object store.
+    pub store: Arc<Store>,
+}
+
+/// The reply to a store entry: the version it wrote, or why it was refused.
+fn encode_store_result(result: Result<u64, TxnError>) -> Bytes {
+    let mut out = Vec::with_capacity(16);
+    match result {
+        Ok(version) => {
+            out.push(0);
+            out.extend_from_slice(&version.to_be_bytes());
+        }
+        Err(error) => {
+            out.push(1);
+            out.push(error.code() as u8);
+            out.extend_from_slice(error.to_string().as_bytes());
+        }
+    }
+    Bytes::from(out)
+}
+
+fn decode_store_result(reply: &[u8]) -> Result<u64, Status> {
+    match reply.split_first() {
+        Some((0, version)) if version.len() == 8 => Ok(u64::from_be_bytes(
+            version.try_into().expect("checked length"),
+        )),
+        Some((1, rest)) if !rest.is_empty() => {
+            let code = Code::from_u32(u32::from(rest[0]));
+            Err(Status::new(
+                code,
+                String::from_utf8_lossy(&rest[1..]).into_owned(),
+            ))
+        }
+        _ => Err(Status::internal("undecodable store reply")),
+    }
+}
+
+impl StateMachine for ManagerState {
+    fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
+        match data.split_first() {
+            Some((&TAG_KV, command)) => self.kv.apply(index, command),
+            Some((&TAG_STORE, txn)) => {
+                encode_store_result(self.store.apply_encoded(index, txn).map(|o| o.version))
+            }
+            // Written by a newer version: ignored alike on every manager.
+            _ => Bytes::new(),
+        }
+    }
+
+    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()> {
+        let mut section = FramedWriter::new(&mut *out);
+        self.kv.snapshot(&mut section)?;
+        section.finish()?;
+        let mut section = FramedWriter::new(&mut *out);
+        std::io::copy(&mut self.store.snapshot(), &mut section)?;
+        section.finish()
+    }
+
+    fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
+        // The map restores aside and swaps; so does the store. If the store's section is
+        // damaged after the map was swapped, the node stops (the apply thread reports it)
+        // and the snapshot is never counted as installed.
+        let mut kv = KvStateMachine::new();
+        kv.restore(&mut FramedReader::new(&mut *input))?;
+        self.store
+            .restore(FramedReader::new(&mut *input))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        self.kv.replace_with(&kv);
+        Ok(())
+    }
+}
+
+/// Proposes a store transaction and waits for its outcome: the version it wrote.
+///
+/// # Errors
+/// The transaction's own refusal (conflict → `Aborted`, limits → `ResourceExhausted`, …), or
+/// the node's ([`NodeError::to_status`]: not leader with a `leader_addr=` hint, timeout, …).
+pub fn propose_transaction(
+    node: &NodeHandle,
+    txn: &Transaction,
+    timeout: Duration,
+) -> Result<u64, Status> {
+    check_limits(txn).map_err(|e| Status::new(e.code(), e.to_string()))?;
+    let mut data = Vec::with_capacity(txn.encoded_len() + 1);
+    data.push(TAG_STORE);
+    txn.encode(&mut data).expect("a Vec grows as needed");
+    let reply = node
+        .propose(&data, timeout)
+        .map_err(|e: NodeError| e.to_status())?;
+    decode_store_result(&reply)
+}
+
+/// Splits everything written to it into frames `u32 length, bytes`, ended by a zero length.
+struct FramedWriter<'a> {
+    out: &'a mut dyn Write,
+    buffer: Vec<u8>,
+}
+
+impl<'a> FramedWriter<'a> {
+    fn new(out: &'a mut dyn Write) -> Self {
+        Self {
+            out,
+            buffer: Vec::with_capacity(SECTION_FRAME_BYTES_MAX),
+        }
+    }
+
+    fn emit(&mut self) -> std::io::Result<()> {
+        if !self.buffer.is_empty() {
+            let len = u32::try_from(self.buffer.len()).expect("frames are small");
+            self.out.write_all(&len.to_be_bytes())?;
+            self.out.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<()> {
+        self.emit()?;
+        self.out.write_all(&0u32.to_be_bytes())
+    }
+}
+
+impl Write for FramedWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = SECTION_FRAME_BYTES_MAX - self.buffer.len();
+        let n = data.len().min(room);
+        self.buffer.extend_from_slice(&data[..n]);
+        if self.buffer.len() == SECTION_FRAME_BYTES_MAX {
+            self.emit()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads one section written by [`FramedWriter`]; reports end of input at its terminator.
+struct FramedReader<'a> {
+    input: &'a mut dyn Read,
+    left_in_frame: usize,
+    ended: bool,
+}
+
+impl<'a> FramedReader<'a> {
+    fn new(input: &'a mut dyn Read) -> Self {
+        Self {
+            input,
+            left_in_frame: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Read for FramedReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.ended || out.is_empty() {
+            return Ok(0);
+        }
+        if self.left_in_frame == 0 {
+            let mut len = [0u8; 4];
+            self.input.read_exact(&mut len)?;
+            self.left_in_frame = u32::from_be_bytes(len) as usize;
+            if self.left_in_frame == 0 {
+                self.ended = true;
+                return Ok(0);
+            }
+            if self.left_in_frame > SECTION_FRAME_BYTES_MAX {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "snapshot section frame too large",
+                ));
+            }
+        }
+        let n = out.len().min(self.left_in_frame);
+        let read = self.input.read(&mut out[..n])?;
+        if read == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        self.left_in_frame -= read;
+        Ok(read)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{Node, NodeSpec};
+    use crate::store::{StoreConfig, create};
+
+    fn node(id: &str) -> Node {
+        Node {
+            id: id.into(),
+            spec: Some(NodeSpec {
+                hostname: format!("host-{id}"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn entries_reach_their_part_and_snapshots_carry_both() {
+        let mut state = ManagerState {
+            kv: KvStateMachine::new(),
+            store: Arc::new(Store::new(StoreConfig::default())),
+        };
+        let put = crate::proto::kv::Command {
+            op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
+                key: "k".into(),
+                value: Bytes::from(vec![7u8; 200_000]),
+            })),
+        };
+        let mut entry = vec![TAG_KV];
+        entry.extend(put.encode_to_vec());
+        state.apply(1, &entry);
+        let txn = Transaction {
+            changes: vec![create(node("n1"))],
+            timestamp_ms: 1,
+        };
+        let mut entry = vec![TAG_STORE];
+        entry.extend(txn.encode_to_vec());
+        assert_eq!(decode_store_result(&state.apply(2, &entry)), Ok(2));
+        // The same create again is refused with AlreadyExists, deterministically.
+        let refused = decode_store_result(&state.apply(3, &entry)).unwrap_err();
+        assert_eq!(refused.code, Code::AlreadyExists, "{refused}");
+
+        let mut image = Vec::new();
+        state.snapshot(&mut image).unwrap();
+        let mut copy = ManagerState {
+            kv: KvStateMachine::new(),
+            store: Arc::new(Store::new(StoreConfig::default())),
+        };
+        copy.restore(&mut image.as_slice()).unwrap();
+        assert_eq!(copy.kv.get("k").unwrap().len(), 200_000);
+        assert!(copy.store.get::<Node>("n1").is_some());
+
+        let mut damaged = ManagerState {
+            kv: KvStateMachine::new(),
+            store: Arc::new(Store::new(StoreConfig::default())),
+        };
+        assert!(damaged.restore(&mut &image[..image.len() / 2]).is_err());
+        assert!(damaged.kv.is_empty());
+    }
+}
