@@ -29,8 +29,10 @@ use std::path::PathBuf;
 
 use crate::raft::types::LogIndex;
 
-pub use self::log::{LogStore, Recovered};
-pub use self::writer::{AppendRequest, Durable, LogHandle, WriterEvent};
+pub use self::log::{LogBounds, LogStore, Recovered};
+pub use self::writer::{
+    AppendRequest, Durable, LogHandle, WRITER_EVENTS_LEN_MAX, WRITER_THREAD_NAME, WriterEvent,
+};
 
 /// Tunables of the log store and its writer; every limit is named and documented.
 #[derive(Clone, Debug)]
