@@ -1,7 +1,8 @@
 //! Durable log appends through the group-commit writer, beside a raw `fdatasync` floor.
 //!
 //! Usage: `cargo bench --bench storage -- [--sizes 1,10,100,1000] [--entry-bytes 256]
-//! [--seconds S] [--repeats R] [--dir PATH]`
+//! [--seconds S] [--repeats R] [--dir PATH] [--memtable-mib N]
+//! [--fjall-workers N]`
 //!
 //! For each batch size B, R repeats of S seconds each, alternating one batch of each kind
 //! (so both see the same disk, whatever else the machine is doing):
@@ -33,6 +34,8 @@ struct Args {
     seconds: f64,
     repeats: usize,
     dir: Option<PathBuf>,
+    memtable_mib: Option<u64>,
+    fjall_workers: Option<usize>,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +45,8 @@ fn parse_args() -> Args {
         seconds: 1.5,
         repeats: 3,
         dir: None,
+        memtable_mib: None,
+        fjall_workers: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +62,12 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value().parse().expect("--seconds S"),
             "--repeats" => args.repeats = value().parse().expect("--repeats R"),
             "--dir" => args.dir = Some(PathBuf::from(value())),
+            "--fjall-workers" => {
+                args.fjall_workers = Some(value().parse().expect("--fjall-workers N"))
+            }
+            "--memtable-mib" => {
+                args.memtable_mib = Some(value().parse().expect("--memtable-mib N"))
+            }
             "--bench" => {}
             other => panic!(
                 "unknown argument {other}; use --sizes 1,10,100,1000 --entry-bytes N --seconds S --repeats R --dir PATH"
@@ -178,7 +189,13 @@ fn main() {
             )
         })
         .collect();
-    let config = StorageConfig::default();
+    let mut config = StorageConfig::default();
+    if let Some(n) = args.fjall_workers {
+        config.fjall_worker_threads = n;
+    }
+    if let Some(mib) = args.memtable_mib {
+        config.memtable_bytes_max = mib << 20;
+    }
     let (store, recovered) = LogStore::open(&dir.path().join("store"), &config).unwrap();
     let (handle, events) = LogHandle::start(store, &recovered, &config).unwrap();
     let mut append = AppendBench {
