@@ -217,8 +217,50 @@ impl LogStore {
             return Ok(Vec::new());
         }
         check_readable(range.start, range.end, &self.bounds())?;
+        self.entries_in(&self.inner.db.snapshot(), range, bytes_max)
+    }
+
+    /// The term at `prev_index` together with the entries after it up to `end` (exclusive,
+    /// at least one if any, at most `bytes_max` of payload), all read from ONE fjall
+    /// snapshot: a concurrent truncation can never pair the old log's term with the new
+    /// log's entries (the ABA a replication thread must not fall into).
+    ///
+    /// # Errors
+    /// As for [`LogStore::term`] and [`LogStore::entries`].
+    pub fn entries_after(
+        &self,
+        prev_index: LogIndex,
+        end: LogIndex,
+        bytes_max: u64,
+    ) -> Result<(Term, Vec<Entry>), StorageError> {
         let view = self.inner.db.snapshot();
-        let Some(mut segment) = self.segment_containing(&view, range.start)? else {
+        // Bounds after the snapshot: they can only be newer, so a range they allow is
+        // either unchanged in the snapshot or reported missing, never mixed.
+        let bounds = self.bounds();
+        let prev_term = if prev_index + 1 == bounds.first_index {
+            bounds.prev_term
+        } else {
+            check_readable(prev_index, prev_index + 1, &bounds)?;
+            match self.segment_containing(&view, prev_index)? {
+                Some(segment) => segment.term(prev_index),
+                None => return Err(self.missing(prev_index)),
+            }
+        };
+        let range = (prev_index + 1)..end.max(prev_index + 1);
+        if range.is_empty() {
+            return Ok((prev_term, Vec::new()));
+        }
+        check_readable(range.start, range.end, &bounds)?;
+        Ok((prev_term, self.entries_in(&view, range, bytes_max)?))
+    }
+
+    fn entries_in(
+        &self,
+        view: &fjall::Snapshot,
+        range: Range<LogIndex>,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let Some(mut segment) = self.segment_containing(view, range.start)? else {
             return Err(self.missing(range.start));
         };
         let mut later = view.range(
@@ -715,6 +757,13 @@ mod tests {
         store.write_group(&[], (5, 1), None).unwrap();
         assert_eq!(store.keys_from(1).unwrap(), vec![1]);
         assert_eq!(store.last_index(), 5);
+        let (prev_term, after) = store.entries_after(3, 6, u64::MAX).unwrap();
+        assert_eq!((prev_term, after), (1, entries(4..=5, 1)));
+        assert_eq!(store.entries_after(5, 6, u64::MAX).unwrap(), (1, vec![]));
+        assert_eq!(
+            store.entries_after(0, 2, u64::MAX).unwrap(),
+            (0, entries(1..=1, 1))
+        );
         assert!(matches!(
             store.term(6),
             Err(StorageError::Unavailable { .. })
