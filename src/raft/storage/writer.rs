@@ -558,15 +558,9 @@ impl Writer {
             };
             crossbeam_channel::select! {
                 recv(self.requests) -> request => return Ok(request.ok()),
-                send(self.events, WriterEvent::Durable(durable)) -> sent => {
-                    if sent.is_ok() {
-                        self.pending_event = None;
-                    } else {
-                        // The raft thread dropped its receiver: keep writing what the
-                        // handle sends until it is dropped too.
-                        self.pending_event = None;
-                    }
-                }
+                // Delivered, or the raft thread dropped its receiver (then the writer keeps
+                // writing what the handle sends until the handle is dropped too).
+                send(self.events, WriterEvent::Durable(durable)) -> _ => self.pending_event = None,
             }
         }
     }
