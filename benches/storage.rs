@@ -172,6 +172,7 @@ fn measure(
     let mut buffer = Vec::with_capacity(batch * payloads[0].len());
     let (mut append_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
     let mut pair_ratios = Vec::new();
+    let (mut appends_us, mut raws_us) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while start.elapsed() < duration {
         let raw_one = raw_batch(raw, &mut buffer, batch, payloads);
@@ -179,13 +180,27 @@ fn measure(
         raw_time += raw_one;
         append_time += append_one;
         pair_ratios.push(raw_one.as_secs_f64() / append_one.as_secs_f64());
+        appends_us.push(append_one.as_secs_f64() * 1e6);
+        raws_us.push(raw_one.as_secs_f64() * 1e6);
     }
+    eprintln!(
+        "  b={batch} batch us p50/p99/max: append {} raw {}",
+        spread(appends_us),
+        spread(raws_us)
+    );
     let entries = (pair_ratios.len() * batch) as f64;
     (
         entries / append_time.as_secs_f64(),
         entries / raw_time.as_secs_f64(),
         median(pair_ratios),
     )
+}
+
+/// "p50/p99/max" of `values`.
+fn spread(mut values: Vec<f64>) -> String {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| values[((values.len() - 1) as f64 * q) as usize];
+    format!("{:.0}/{:.0}/{:.0}", at(0.5), at(0.99), at(1.0))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
