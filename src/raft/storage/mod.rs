@@ -54,7 +54,9 @@ pub struct StorageConfig {
     /// fjall block cache bytes (reads of old entries for slow followers).
     pub cache_bytes: u64,
     /// fjall memtable bytes per keyspace: what fjall keeps in memory (and replays from its
-    /// journal on restart) before flushing to a table file.
+    /// journal on restart) before flushing to a table file. Entries compacted away before
+    /// their memtable is flushed are never written a second time, so this is best above one
+    /// snapshot interval of log bytes (10,000 entries of ~1.5 KiB at the default).
     pub memtable_bytes_max: u64,
     /// fjall background threads (memtable flushes, compactions). Two, so that a flush never
     /// waits behind a table compaction: fjall halts writes (100 ms sleeps) once four sealed
