@@ -372,7 +372,12 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert_entry(method, allow, None, Handler::Deferred(Arc::new(deferred(handler))));
+        self.insert_entry(
+            method,
+            allow,
+            None,
+            Handler::Deferred(Arc::new(deferred(handler))),
+        );
     }
 
     /// Serves `method` as a unary call on `pool`.
@@ -406,7 +411,12 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert(method, allow, pool, Handler::Deferred(Arc::new(deferred(handler))));
+        self.insert(
+            method,
+            allow,
+            pool,
+            Handler::Deferred(Arc::new(deferred(handler))),
+        );
     }
 
     /// Serves `method` as a server-streaming call on `pool`. The handler may return while
@@ -525,7 +535,10 @@ impl Router {
 /// The raw form of a deferred handler: decodes the request, wraps the writer.
 fn deferred<Req, Resp>(
     handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
-) -> impl Fn(&CallContext, Bytes, StreamWriter) -> Result<(), (Status, StreamWriter)> + Send + Sync + 'static
+) -> impl Fn(&CallContext, Bytes, StreamWriter) -> Result<(), (Status, StreamWriter)>
++ Send
++ Sync
++ 'static
 where
     Req: Message + Default,
     Resp: Message,

@@ -66,11 +66,9 @@ pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store
     let n = node.clone();
     // Inline on the reactor: decoding and a `try_send` to the raft thread, no thread hop
     // on the replication path.
-    router.unary_inline(
-        STEP,
-        Allow::MANAGERS,
-        move |_, req: pb::StepRequest| step(&n, req),
-    );
+    router.unary_inline(STEP, Allow::MANAGERS, move |_, req: pb::StepRequest| {
+        step(&n, req)
+    });
     let (n, s) = (node.clone(), store.clone());
     router.client_stream(
         INSTALL_SNAPSHOT,
