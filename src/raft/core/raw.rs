@@ -931,9 +931,10 @@ impl RaftCore {
             .filter_map(|i| self.log.entry(i))
             .map(super::message::entry_bytes)
             .sum();
+        // Progress first, so the first append to every peer carries the new term's entry.
+        self.sync_progress_with_membership();
         let proposed = self.append_entry(EntryKind::Blank, Bytes::new());
         self.term_start_index = proposed.index;
-        self.sync_progress_with_membership();
     }
 
     /// Keeps one progress per member other than ourselves.

@@ -23,6 +23,10 @@ pub const NODES_MAX: usize = 9;
 pub const VOTERS_MAX: usize = 5;
 /// Snapshots each node keeps for sending.
 pub const SNAPSHOTS_KEPT_MAX: usize = 4;
+/// The background load pauses while the leader has this many writes pending.
+const PROPOSER_WRITES_PENDING_MAX: usize = 8;
+/// Payload source of fault-free (benchmark) runs.
+static BENCH_PAYLOAD: [u8; 4096] = [0; 4096];
 /// Bytes of the simulator's own state machine header in a snapshot (applied index, chain).
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
@@ -46,6 +50,9 @@ pub struct SimConfig {
     pub liveness_ticks: u64,
     /// Fixed cluster size (0 = chosen by the seed among 1, 3 and 5).
     pub nodes: usize,
+    /// Snapshot every node whenever it applied this many entries past its last snapshot
+    /// (0 = only the fault schedule snapshots). Bounds memory in long benchmark runs.
+    pub snapshot_interval_entries: u64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +66,7 @@ impl Default for SimConfig {
             proposal_bytes: 16,
             liveness_ticks: 400,
             nodes: 0,
+            snapshot_interval_entries: 0,
         }
     }
 }
@@ -369,7 +377,7 @@ impl Sim {
             disk_latency_max: if self.config.faults {
                 self.rng.range(1, 20)
             } else {
-                0
+                1
             },
             disk_stalled_until: 0,
             reads: Vec::new(),
@@ -481,7 +489,23 @@ impl Sim {
             self.workload = Some(workload);
         }
         self.drive_dirty();
+        if self.config.snapshot_interval_entries > 0 {
+            self.snapshot_on_interval();
+        }
         true
+    }
+
+    fn snapshot_on_interval(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &self.nodes[index];
+            let behind = node
+                .core
+                .as_ref()
+                .map_or(0, |c| node.applied - c.snapshot_meta().index);
+            if behind >= self.config.snapshot_interval_entries {
+                self.snapshot_node(index);
+            }
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -848,14 +872,31 @@ impl Sim {
         let Some(index) = self.leader_index() else {
             return;
         };
+        if self.nodes[index].writes.len() >= PROPOSER_WRITES_PENDING_MAX {
+            // Backpressure like a node's bounded log-writer queue.
+            return;
+        }
+        // Without faults (benchmarks) payloads are static zeros: measure the core, not the
+        // allocator or a shared reference count.
+        let shared = (!self.config.faults).then(|| {
+            Bytes::from_static(
+                &BENCH_PAYLOAD[..self.config.proposal_bytes.min(BENCH_PAYLOAD.len())],
+            )
+        });
         for _ in 0..self.config.proposal_burst {
-            let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
-            while data.len() + 8 <= self.config.proposal_bytes {
-                data.put_u64(self.rng.next_u64());
-            }
+            let data = match &shared {
+                Some(bytes) => bytes.clone(),
+                None => {
+                    let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
+                    while data.len() + 8 <= self.config.proposal_bytes {
+                        data.put_u64(self.rng.next_u64());
+                    }
+                    data.freeze()
+                }
+            };
             let node = &mut self.nodes[index];
             let core = node.core.as_mut().expect("leader is up");
-            if core.propose(data.freeze()).is_err() {
+            if core.propose(data).is_err() {
                 break;
             }
             node.dirty = true;
