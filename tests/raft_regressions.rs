@@ -367,7 +367,8 @@ fn single_voter_does_not_acknowledge_before_fsync() {
 /// term) out, and a restart from such a state must not vote again in that term.
 #[test]
 fn vote_persistence_reordered_with_append_releases_nothing_early() {
-    let mut h = Harness::new(&[1, 2, 3], &[], |_| {});
+    // Without check-quorum a fresh member answers votes at once (no stickiness to wait out).
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| c.check_quorum = false);
     h.node(2).auto_persist = false;
     let vote = MessageBody::Vote {
         pre_vote: false,
@@ -437,7 +438,8 @@ fn vote_persistence_reordered_with_append_releases_nothing_early() {
     );
 
     // Without the crash the held messages go out once the hard state is durable.
-    let mut h = Harness::new(&[1, 2, 3], &[], |_| {});
+    // Without check-quorum a fresh member answers votes at once (no stickiness to wait out).
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| c.check_quorum = false);
     h.node(2).auto_persist = false;
     let vote = MessageBody::Vote {
         pre_vote: false,
@@ -701,4 +703,107 @@ fn member_removed_by_an_uncommitted_change_can_still_lead_it_to_commit() {
         "the removal survived"
     );
     assert!(!h.core(2).membership().voters.contains(&1));
+}
+
+/// A leader that sent TimeoutNow may be deposed by a campaign that bypasses stickiness (even
+/// after the transfer was abandoned, by a delayed TimeoutNow): its lease is void for the rest
+/// of the term, while ReadIndex rounds keep working.
+#[test]
+fn transfer_forfeits_the_lease_for_the_rest_of_the_term() {
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| c.lease_reads = true);
+    h.campaign(1);
+    h.tick(1, 1);
+    h.deliver_all();
+    assert!(h.core(1).lease_valid());
+    h.node(1).core.transfer_leadership(2).unwrap();
+    h.process(1);
+    assert!(!h.core(1).lease_valid());
+    h.isolate(2);
+    h.deliver_all();
+    h.tick(1, TIMEOUT);
+    h.deliver_all();
+    assert_eq!(
+        h.core(1).transfer_target(),
+        None,
+        "the transfer was abandoned"
+    );
+    assert_eq!(h.core(1).role(), Role::Leader);
+    assert!(!h.core(1).lease_valid(), "still no lease in this term");
+    h.node(1).core.read_index(3).unwrap();
+    h.process(1);
+    h.deliver_all();
+    assert!(
+        h.node(1).reads.iter().any(|r| r.ctx == 3),
+        "a ReadIndex round still serves it"
+    );
+}
+
+/// A follower that crashes and restarts right after acknowledging a heartbeat must keep the
+/// promise behind the leader's lease: no vote for another candidate within an election
+/// timeout of starting.
+#[test]
+fn restarted_follower_keeps_its_stickiness_promise() {
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| c.lease_reads = true);
+    h.campaign(1);
+    h.tick(1, 1);
+    h.deliver_all();
+    assert!(h.core(1).lease_valid());
+    h.crash_restart(2);
+    let term = h.core(2).term() + 1;
+    let (last_index, last_term) = (h.core(3).last_index() + 1, term);
+    for pre_vote in [true, false] {
+        let vote = MessageBody::Vote {
+            pre_vote,
+            transfer: false,
+            last_index,
+            last_term,
+        };
+        h.step(Message {
+            from: 3,
+            to: 2,
+            term,
+            body: vote,
+        });
+    }
+    assert!(
+        h.queue.iter().all(|m| m.from != 2),
+        "votes are ignored right after a restart"
+    );
+    assert_eq!(h.core(2).term(), term - 1);
+}
+
+/// Found by the simulator (seed 3693 of the first 100,000-seed run): without check-quorum and
+/// pre-vote, a member whose term was raised (by a removed member's campaign) ignored the
+/// stale leader silently; the leader never learned the newer term and the group stalled.
+#[test]
+fn stale_leader_learns_the_newer_term_without_check_quorum() {
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| {
+        c.check_quorum = false;
+        c.pre_vote = false;
+    });
+    h.campaign(1);
+    h.deliver_all();
+    let term = h.core(1).term() + 5;
+    let vote = MessageBody::Vote {
+        pre_vote: false,
+        transfer: false,
+        last_index: 0,
+        last_term: 0,
+    };
+    h.step(Message {
+        from: 3,
+        to: 2,
+        term,
+        body: vote,
+    });
+    h.queue.clear();
+    assert_eq!(h.core(2).term(), term);
+    h.tick(1, 1);
+    h.deliver_all();
+    assert_ne!(
+        h.core(1).role(),
+        Role::Leader,
+        "the stale leader heard of the newer term"
+    );
+    assert_eq!(h.core(1).term(), term);
 }

@@ -171,6 +171,9 @@ pub struct SimNode {
     received_snapshots: HashMap<LogIndex, Bytes>,
     leader_term_seen: Term,
     commit_checked: LogIndex,
+    /// Removed from the group by a committed change and shut down for good (as an operator
+    /// stops a removed manager).
+    retired: bool,
     seed: u64,
 }
 
@@ -385,6 +388,7 @@ impl Sim {
             received_snapshots: HashMap::new(),
             leader_term_seen: 0,
             commit_checked: 0,
+            retired: false,
             seed,
         };
         self.nodes.push(node);
@@ -529,7 +533,7 @@ impl Sim {
                 }
             }
             Event::Restart { node } => {
-                if !self.nodes[node].is_up() {
+                if !self.nodes[node].is_up() && !self.nodes[node].retired {
                     self.checker.restarted(self.nodes[node].id);
                     self.start_node(node);
                 }
@@ -1147,7 +1151,7 @@ impl Sim {
         self.shape.long_delay_per_million = 0;
         for index in 0..self.nodes.len() {
             self.nodes[index].disk_stalled_until = 0;
-            if !self.nodes[index].is_up() {
+            if !self.nodes[index].is_up() && !self.nodes[index].retired {
                 self.schedule(self.now + 1, Event::Restart { node: index });
             }
         }
