@@ -768,8 +768,8 @@ impl Sim {
             return;
         }
         node.applied = entry.index;
-        node.chain = chain_step(node.chain, entry);
         if self.config.check {
+            node.chain = chain_step(node.chain, entry);
             self.checker.applied(node.id, entry);
             self.checker.chain(node.id, entry.index, node.chain);
         }
