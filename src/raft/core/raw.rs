@@ -1,5 +1,9 @@
 //! [`RaftCore`]: one member's Raft state machine, driven by inputs and drained through
 //! [`Ready`].
+//!
+//! It owns the term, vote, role, log cursors, membership history, peer progress, pending
+//! reads and held-back messages. It must never touch a clock, a file, a socket or a thread,
+//! and never let out a message whose claim (a vote, an acknowledgement) is not yet durable.
 
 use std::collections::{BTreeMap, VecDeque};
 

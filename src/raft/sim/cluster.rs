@@ -1,6 +1,7 @@
 //! The simulated world: nodes (core + disk + state machine), a network, a clock and the fault
 //! schedule, all driven by one seed. Everything happens as discrete events ordered by
-//! (time, sequence number), so a seed replays exactly.
+//! (time, sequence number), so a seed replays exactly. It must never read the wall clock, a
+//! thread-local random source or the environment.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
