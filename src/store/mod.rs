@@ -34,7 +34,7 @@ mod txn;
 mod view;
 mod watch;
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -273,6 +273,17 @@ impl Store {
     pub fn snapshot(&self) -> SnapshotStream {
         let state = self.state.read();
         SnapshotStream::new(&state.tables, state.applied_index, state.version)
+    }
+
+    /// Writes a snapshot of the whole store to `writer` (see [`Self::snapshot`]).
+    ///
+    /// # Errors
+    /// The writer's error; what was written is then incomplete and will not restore.
+    pub fn write_snapshot(&self, writer: &mut impl Write) -> io::Result<SnapshotInfo> {
+        let mut stream = self.snapshot();
+        let info = stream.info();
+        io::copy(&mut stream, writer)?;
+        Ok(info)
     }
 
     /// Replaces the whole store with the snapshot read from `reader`, atomically: the

@@ -116,6 +116,10 @@ fn contents(store: &Store) -> BTreeMap<(Kind, String), StoreObject> {
 fn snapshot_bytes(store: &Store) -> Vec<u8> {
     let mut bytes = Vec::new();
     store.snapshot().read_to_end(&mut bytes).unwrap();
+    let mut written = Vec::new();
+    let info = store.write_snapshot(&mut written).unwrap();
+    assert_eq!(written, bytes, "both ways of taking a snapshot agree");
+    assert_eq!(info, store.snapshot().info());
     bytes
 }
 
