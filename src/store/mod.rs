@@ -7,7 +7,7 @@
 //!
 //! - Reads come from memory: [`Store::view`] runs a closure on a [`ReadView`], consistent
 //!   across every table.
-//! - Writes are [`Transaction`](crate::proto::objects::Transaction)s that the Raft layer
+//! - Writes are [`Transaction`]s that the Raft layer
 //!   commits and then hands to [`Store::apply`] with their log index, on every manager, in log
 //!   order. The log index becomes the version of every object the transaction writes, so all
 //!   managers compute identical versions. An update carries the version its proposer read and
