@@ -1524,7 +1524,7 @@ fn random_transactions_keep_every_invariant() {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
-    let mut rng = StdRng::seed_from_u64(0x5eed_0f_f10);
+    let mut rng = StdRng::seed_from_u64(0x5eed_f10f);
     let store = Store::default();
     let (mut accepted, mut refused) = (0, 0);
     for index in 1..=1500u64 {
