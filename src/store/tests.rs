@@ -1636,3 +1636,59 @@ fn random_transactions_keep_every_invariant() {
         "accepted {accepted}, refused {refused}"
     );
 }
+
+/// Watchers that never read fill up and are dropped while others keep up on their own
+/// threads; the applier never waits for either.
+#[test]
+fn stalled_watchers_are_dropped_while_readers_on_threads_get_everything() {
+    const TXNS: u64 = 3_000;
+    const STALLED_QUEUE: usize = 16;
+    let store = Store::default();
+    let stalled: Vec<Watcher> = (0..10)
+        .map(|_| {
+            store.watch(WatchOptions {
+                queue_events_max: Some(STALLED_QUEUE),
+                ..WatchOptions::default()
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let watcher = store.watch(WatchOptions {
+                // Room for everything: these must never be dropped, however slow the thread.
+                queue_events_max: Some(TXNS as usize),
+                ..WatchOptions::default()
+            });
+            thread::spawn(move || {
+                let mut versions = Vec::new();
+                while versions.len() < TXNS as usize {
+                    versions.push(change_event(watcher.recv().unwrap()).version);
+                }
+                (versions, watcher)
+            })
+        })
+        .collect();
+    for i in 1..=TXNS {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    let mut kept = Vec::new();
+    for reader in readers {
+        let (versions, watcher) = reader.join().unwrap();
+        assert_eq!(versions, (1..=TXNS).collect::<Vec<_>>());
+        kept.push(watcher);
+    }
+    for watcher in &stalled {
+        let queued: Vec<u64> = (0..STALLED_QUEUE)
+            .map(|_| change_event(watcher.recv().unwrap()).version)
+            .collect();
+        assert_eq!(queued, (1..=STALLED_QUEUE as u64).collect::<Vec<_>>());
+        assert!(matches!(
+            watcher.recv(),
+            Err(WatchError::Dropped(DropReason::SlowConsumer { .. }))
+        ));
+        assert_eq!(watcher.recv().unwrap_err(), WatchError::Closed);
+    }
+    assert_eq!(store.watcher_count(), 4, "only the readers remain");
+}
