@@ -321,6 +321,14 @@ pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
             found: header.format_version,
         });
     }
+    if header.version > header.applied_index {
+        // Versions are log indexes of applied entries, so this cannot come from a store; and
+        // applying after it would publish versions out of order.
+        return Err(corrupt(format!(
+            "the header's version {} is after its applied index {}",
+            header.version, header.applied_index
+        )));
+    }
     let mut tables = Tables::default();
     for index in 0..header.object_count {
         let part = Part::Object {

@@ -1692,3 +1692,102 @@ fn stalled_watchers_are_dropped_while_readers_on_threads_get_everything() {
     }
     assert_eq!(store.watcher_count(), 4, "only the readers remain");
 }
+
+/// Builds a well-formed stream (valid checksum) from parts, to test checks past the checksum.
+fn forged_snapshot(
+    header: crate::proto::objects::SnapshotHeader,
+    objects: &[StoreObject],
+) -> Vec<u8> {
+    use prost::Message;
+    let mut bytes = Vec::new();
+    header.encode_length_delimited(&mut bytes).unwrap();
+    for object in objects {
+        object.encode_length_delimited(&mut bytes).unwrap();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let trailer = crate::proto::objects::SnapshotTrailer {
+        sha256: bytes::Bytes::copy_from_slice(digest.as_ref()),
+    };
+    trailer.encode_length_delimited(&mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn well_checksummed_but_inconsistent_snapshots_are_refused() {
+    use crate::proto::objects::SnapshotHeader;
+    let header = |version, applied_index, object_count| SnapshotHeader {
+        format_version: SNAPSHOT_FORMAT_VERSION,
+        applied_index,
+        version,
+        object_count,
+    };
+    let versioned = |id: &str, name: &str, version| {
+        let mut s = service(id, name);
+        s.meta = Some(crate::proto::objects::Meta {
+            version,
+            ..Default::default()
+        });
+        s.into_store_object()
+    };
+    let store = Store::default();
+    store
+        .apply(1, &txn(vec![create(service("keep", "keep"))]))
+        .unwrap();
+    let before = contents(&store);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            forged_snapshot(header(9, 5, 0), &[]),
+            "after its applied index",
+        ),
+        (
+            forged_snapshot(
+                header(5, 5, 2),
+                &[versioned("a", "x", 1), versioned("a", "y", 1)],
+            ),
+            "appears twice",
+        ),
+        (
+            forged_snapshot(
+                header(5, 5, 2),
+                &[versioned("a", "x", 1), versioned("b", "X", 1)],
+            ),
+            "name",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[versioned("a", "x", 6)]),
+            "after the snapshot's version",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[StoreObject { object: None }]),
+            "no kind",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[versioned("", "x", 1)]),
+            "empty id",
+        ),
+        // The trailer is read where the second object should be.
+        (
+            forged_snapshot(header(5, 5, 2), &[versioned("a", "x", 1)]),
+            "object 1 of 2",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        let error = store.restore(bytes.as_slice()).unwrap_err();
+        assert!(
+            error.to_string().contains(needle),
+            "{error} should mention {needle}"
+        );
+        assert_eq!(error.code(), Code::DataLoss);
+        assert_eq!(contents(&store), before);
+    }
+    // The forging helper itself makes streams that restore.
+    let good = forged_snapshot(header(5, 7, 1), &[versioned("a", "x", 5)]);
+    let info = store.restore(good.as_slice()).unwrap();
+    assert_eq!(
+        (info.version, info.applied_index, info.object_count),
+        (5, 7, 1)
+    );
+    store
+        .apply(8, &txn(vec![create(service("b", "y"))]))
+        .unwrap();
+}
