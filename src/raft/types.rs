@@ -74,6 +74,8 @@ pub struct Membership {
     pub voters: BTreeSet<NodeId>,
     /// Members that receive the log but are never counted in any quorum.
     pub learners: BTreeSet<NodeId>,
+    /// Ids removed from the group; carried forward so that they are never reused.
+    pub removed: BTreeSet<NodeId>,
 }
 
 impl Membership {
