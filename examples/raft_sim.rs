@@ -1,12 +1,16 @@
 //! Runs the deterministic Raft simulator over a range of seeds.
 //!
-//! `cargo run --release --example raft_sim -- --seeds N --start S [--steps T] [--quiet]`
-//! prints one line per failing seed (with its reproduction command) and a last line exactly
-//! `seeds=N violations=V steps=T`; it exits non-zero if any seed violated an invariant.
+//! `cargo run --release --example raft_sim -- --seeds N --start S [--steps T] [--quiet]
+//! [--no-kv]` prints one line per failing seed (with its reproduction command) and a last line
+//! exactly `seeds=N violations=V steps=T`; it exits non-zero if any seed violated an
+//! invariant. Every seed runs the key-value client workload (`raft::sim::workload`) and checks
+//! its history for linearizability (a non-linearizable history is a violation) unless
+//! `--no-kv` is given.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
+use flotilla::raft::sim::workload::{KvWorkloadConfig, run_seed_with_kv};
 use flotilla::raft::sim::{SimConfig, repro_command, run_seed};
 
 fn main() -> ExitCode {
@@ -14,6 +18,7 @@ fn main() -> ExitCode {
     let mut start = 0u64;
     let mut config = SimConfig::default();
     let mut verbose = false;
+    let mut kv = true;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || {
@@ -26,6 +31,7 @@ fn main() -> ExitCode {
             "--start" => start = value(),
             "--steps" => config.steps = value(),
             "--verbose" => verbose = true,
+            "--no-kv" => kv = false,
             other => {
                 eprintln!("unknown argument {other}");
                 return ExitCode::from(2);
@@ -36,7 +42,15 @@ fn main() -> ExitCode {
     let mut violations = 0u64;
     let mut steps = 0u64;
     for seed in start..start + seeds {
-        let outcome = run_seed(seed, &config);
+        let outcome = if kv {
+            let (outcome, report) = run_seed_with_kv(seed, &config, &KvWorkloadConfig::default());
+            if verbose {
+                println!("seed={seed} {report:?}");
+            }
+            outcome
+        } else {
+            run_seed(seed, &config)
+        };
         steps += outcome.stats.steps;
         if verbose {
             println!("seed={seed} {:?}", outcome.stats);

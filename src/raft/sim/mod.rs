@@ -33,6 +33,7 @@ pub mod checker;
 pub mod cluster;
 pub mod hook;
 pub mod rng;
+pub mod workload;
 
 pub use cluster::{Sim, SimConfig, SimStats};
 pub use hook::{Client, NodeView, Workload};
