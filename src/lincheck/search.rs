@@ -4,21 +4,36 @@
 //! walk the history's call and return events in time order, kept in a doubly linked list;
 //! at a call, try to linearize that operation now (apply it to the register), remove it from
 //! the list and restart from the head; at a return whose operation is not linearized yet,
-//! undo the last choice and try the next candidate. Every (set of linearized operations,
-//! register value) configuration is explored at most once (sets are cached as 128-bit
-//! fingerprints, see [`SetFingerprint`]): a configuration already in the
-//! cache leads where it led before, so the search skips it. The search stops after a bounded
-//! number of configurations and says "unknown" rather than running without end.
+//! undo the last choice and try the next candidate. A configuration (operations linearized,
+//! register value) already explored leads where it led before, so the search skips it; it
+//! stops after a bounded number of configurations and says "unknown" rather than running
+//! without end.
 //!
 //! Operations with an unknown outcome have no return event: they may be linearized at any
-//! point after their call or never. Because such an operation is legal in every state (a put
-//! always applies; a compare-and-set either swaps or fails), the search succeeds as soon as
-//! every operation that did return is linearized; the unknown ones left over are "never".
+//! point after their call or never. Three consequences shape the search:
+//! - such an operation is legal in every state (a put always applies; a compare-and-set
+//!   either swaps or fails), so the search succeeds as soon as every operation that did
+//!   return is linearized: the unknown ones left over are "never";
+//! - they live in a list of their own and are tried only after every candidate that did
+//!   return, so the search prefers not to spend them;
+//! - configurations are compared by dominance, not equality: with the same returned
+//!   operations linearized and the same value, a configuration that spent a subset of the
+//!   unknown operations can do everything one that spent more can (an unspent unknown
+//!   operation is an option, never an obligation). Without this, k unknown writes nobody
+//!   observed multiply the configurations by up to 2^k;
+//! - an unknown put is never tried right after another unknown operation: the sibling that
+//!   spends the put alone dominates that configuration (nothing observed the first one).
+//!   Together with the two rules above, this keeps the search from exploring supersets of
+//!   spent unknown writes before the subsets that dominate them.
 //!
-//! This module owns only the search; it must never allocate per event beyond the cache, and
-//! never decide anything about keys other than the one it is given.
+//! The returned operations linearized are cached as a 128-bit fingerprint
+//! ([`SetFingerprint`]); the unknown ones spent as an exact bitset (they are few), so that
+//! subsets can be tested.
+//!
+//! This module owns only the search; it must never decide anything about keys other than
+//! the one it is given.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::history::{End, Input, OpId, Operation, Output, Value};
@@ -142,9 +157,7 @@ impl Hasher for WordHasher {
     }
 }
 
-type Cache = HashSet<(SetFingerprint, State), BuildHasherDefault<WordHasher>>;
-
-/// What a node of the event list stands for.
+/// What a node of an event list stands for.
 #[derive(Clone, Copy, Debug)]
 enum Event {
     /// A sentinel (list head or tail).
@@ -158,10 +171,12 @@ enum Event {
     Return { op: usize },
 }
 
-/// The events of one key in time order, as a doubly linked list over a vector so that
-/// removing an operation and putting it back (in reverse order) are O(1).
+/// Events in time order, as a doubly linked list over a vector so that removing an operation
+/// and putting it back (in reverse order) are O(1). Each node also keeps its `rank`: its
+/// position in the time order of all the key's events, to compare events across lists.
 struct EventList {
     events: Vec<Event>,
+    rank: Vec<usize>,
     next: Vec<usize>,
     prev: Vec<usize>,
 }
@@ -170,38 +185,29 @@ impl EventList {
     const HEAD: usize = 0;
     const TAIL: usize = 1;
 
-    fn new(operations: &[(OpId, Operation)]) -> Self {
-        // (time, calls before returns at equal times, op, is_return): ties overlap, which
-        // is the permissive reading of a clock that cannot tell two events apart.
-        let mut order: Vec<(u64, u8, usize)> = Vec::with_capacity(operations.len() * 2);
-        for (op, (_, operation)) in operations.iter().enumerate() {
-            order.push((operation.call_at, 0, op));
-            if let End::Returned { at, .. } = operation.end {
-                order.push((at, 1, op));
-            }
-        }
-        order.sort_unstable();
-
+    /// The list of `(rank, op, is_return)` events, given in rank order.
+    fn new(ordered: &[(usize, usize, bool)]) -> Self {
         let mut events = vec![Event::Sentinel, Event::Sentinel];
-        let mut call_node = vec![usize::MAX; operations.len()];
-        for &(_, kind, op) in &order {
+        let mut rank = vec![0, usize::MAX];
+        let mut call_node: HashMap<usize, usize> = HashMap::new();
+        for &(event_rank, op, is_return) in ordered {
             let node = events.len();
-            if kind == 0 {
-                call_node[op] = node;
-                events.push(Event::Call {
-                    op,
-                    return_node: None,
-                });
-            } else {
-                let Event::Call { return_node, .. } = &mut events[call_node[op]] else {
+            rank.push(event_rank);
+            if is_return {
+                let call = call_node[&op];
+                let Event::Call { return_node, .. } = &mut events[call] else {
                     unreachable!("a call sorts before its return");
                 };
                 *return_node = Some(node);
                 events.push(Event::Return { op });
+            } else {
+                call_node.insert(op, node);
+                events.push(Event::Call {
+                    op,
+                    return_node: None,
+                });
             }
         }
-
-        // Chain HEAD -> events in order -> TAIL.
         let count = events.len();
         let mut next = vec![Self::TAIL; count];
         let mut prev = vec![Self::HEAD; count];
@@ -213,7 +219,12 @@ impl EventList {
             next[pair[0]] = pair[1];
             prev[pair[1]] = pair[0];
         }
-        Self { events, next, prev }
+        Self {
+            events,
+            rank,
+            next,
+            prev,
+        }
     }
 
     fn first(&self) -> usize {
@@ -233,127 +244,308 @@ impl EventList {
         self.prev[next] = node;
     }
 
+    fn return_of(&self, call: usize) -> Option<usize> {
+        let Event::Call { return_node, .. } = self.events[call] else {
+            unreachable!("only calls are linearized");
+        };
+        return_node
+    }
+
     /// Removes a call (and its return, if any) from the list.
     fn lift(&mut self, call: usize) {
-        let Event::Call { return_node, .. } = self.events[call] else {
-            unreachable!("only calls are lifted");
-        };
         self.unlink(call);
-        if let Some(return_node) = return_node {
+        if let Some(return_node) = self.return_of(call) {
             self.unlink(return_node);
         }
     }
 
     /// Undoes [`Self::lift`]; valid only in reverse lift order.
     fn unlift(&mut self, call: usize) {
-        let Event::Call { return_node, .. } = self.events[call] else {
-            unreachable!("only calls are lifted");
-        };
-        if let Some(return_node) = return_node {
+        if let Some(return_node) = self.return_of(call) {
             self.relink(return_node);
         }
         self.relink(call);
     }
 }
 
+/// The unknown-outcome operations spent so far, as a bitset over their ordinals.
+type SpentSet = Box<[u64]>;
+
+fn is_subset(small: &[u64], large: &[u64]) -> bool {
+    small.iter().zip(large).all(|(s, l)| s & !l == 0)
+}
+
+/// Explored configurations: per (returned operations linearized, value), the sets of unknown
+/// operations spent with which it was reached, none a superset of another.
+type Cache = HashMap<(SetFingerprint, State), Vec<SpentSet>, BuildHasherDefault<WordHasher>>;
+
+/// The first return still pending: candidates must be called before it.
+#[derive(Clone, Copy, Debug)]
+struct Limit {
+    rank: usize,
+    op: usize,
+}
+
+/// Where the search is looking for the next candidate.
+#[derive(Clone, Copy, Debug)]
+enum Cursor {
+    /// Walking the returned operations' events from `node`.
+    Returned(usize),
+    /// Walking the unknown operations' calls from `node`, up to `limit`.
+    Unknown { node: usize, limit: Limit },
+}
+
 /// One linearization choice, kept to undo it.
 struct Choice {
-    call_node: usize,
+    /// Where the candidate was found (its node) and so where to resume after undoing it.
+    at: Cursor,
     op: usize,
     state_before: State,
+}
+
+/// The search over one key's operations.
+struct Search<'a> {
+    operations: &'a [(OpId, Operation)],
+    returned: EventList,
+    unknown: EventList,
+    /// Local op index -> ordinal among unknown operations.
+    unknown_ordinal: Vec<usize>,
+    returned_total: usize,
+    returned_linearized: usize,
+    linearized: SetFingerprint,
+    spent: SpentSet,
+    state: State,
+    stack: Vec<Choice>,
+    cache: Cache,
+    states_explored: u64,
+    states_explored_max: u64,
+    longest_prefix: Vec<usize>,
+    stuck: Option<usize>,
+}
+
+/// What trying one candidate did.
+enum Attempt {
+    /// Linearized: the search moved to a new configuration.
+    Advanced,
+    /// Illegal here, or leads only where an explored configuration led.
+    Rejected,
+    /// The bound on explored configurations was hit.
+    Exhausted,
+}
+
+impl<'a> Search<'a> {
+    fn new(operations: &'a [(OpId, Operation)], states_explored_max: u64) -> Self {
+        // (time, calls before returns at equal times, op): ties overlap, which is the
+        // permissive reading of a clock that cannot tell two events apart.
+        let mut order: Vec<(u64, u8, usize)> = Vec::with_capacity(operations.len() * 2);
+        let mut unknown_ordinal = vec![usize::MAX; operations.len()];
+        let mut unknown_count = 0;
+        for (op, (_, operation)) in operations.iter().enumerate() {
+            order.push((operation.call_at, 0, op));
+            match operation.end {
+                End::Returned { at, .. } => order.push((at, 1, op)),
+                End::Unknown => {
+                    unknown_ordinal[op] = unknown_count;
+                    unknown_count += 1;
+                }
+            }
+        }
+        order.sort_unstable();
+        let ranked = order
+            .iter()
+            .enumerate()
+            .map(|(rank, &(_, kind, op))| (rank, op, kind == 1));
+        let (unknown_events, returned_events): (Vec<_>, Vec<_>) =
+            ranked.partition(|&(_, op, _)| unknown_ordinal[op] != usize::MAX);
+        Self {
+            operations,
+            returned: EventList::new(&returned_events),
+            unknown: EventList::new(&unknown_events),
+            unknown_ordinal,
+            returned_total: operations.len() - unknown_count,
+            returned_linearized: 0,
+            linearized: SetFingerprint::default(),
+            spent: vec![0; unknown_count.div_ceil(64)].into_boxed_slice(),
+            state: None,
+            stack: Vec::new(),
+            cache: Cache::default(),
+            states_explored: 0,
+            states_explored_max,
+            longest_prefix: Vec::new(),
+            stuck: None,
+        }
+    }
+
+    fn list(&mut self, cursor: Cursor) -> &mut EventList {
+        match cursor {
+            Cursor::Returned(_) => &mut self.returned,
+            Cursor::Unknown { .. } => &mut self.unknown,
+        }
+    }
+
+    /// Flips `op` in the sets of linearized operations.
+    fn toggle(&mut self, op: usize) {
+        match self.unknown_ordinal[op] {
+            usize::MAX => self.linearized.toggle(op),
+            ordinal => self.spent[ordinal / 64] ^= 1 << (ordinal % 64),
+        }
+    }
+
+    /// Records the current configuration; false if an explored one dominates it.
+    fn remember(&mut self) -> bool {
+        let sets = self.cache.entry((self.linearized, self.state)).or_default();
+        if sets.iter().any(|known| is_subset(known, &self.spent)) {
+            return false;
+        }
+        sets.retain(|known| !is_subset(&self.spent, known));
+        sets.push(self.spent.clone());
+        true
+    }
+
+    /// Whether the last choice spent an unknown operation.
+    fn last_choice_was_unknown(&self) -> bool {
+        self.stack
+            .last()
+            .is_some_and(|choice| matches!(choice.at, Cursor::Unknown { .. }))
+    }
+
+    /// Tries to linearize the call at `at` (a node of the list the cursor walks).
+    fn attempt(&mut self, at: Cursor, node: usize, op: usize) -> Attempt {
+        let blind_write = matches!(self.operations[op].1.input, Input::Put { .. });
+        if matches!(at, Cursor::Unknown { .. }) && blind_write && self.last_choice_was_unknown() {
+            // Spending unknown u then unknown put p reaches (same returned set, p's value,
+            // spent + u + p), which the sibling choice "p alone" dominates: p was a candidate
+            // there too (same returned set, so the same limit), and nothing observed u.
+            return Attempt::Rejected;
+        }
+        let Some(next_state) = step(self.state, &self.operations[op].1) else {
+            return Attempt::Rejected;
+        };
+        let state_before = self.state;
+        self.toggle(op);
+        self.state = next_state;
+        if !self.remember() {
+            self.toggle(op);
+            self.state = state_before;
+            return Attempt::Rejected;
+        }
+        self.states_explored += 1;
+        if self.states_explored > self.states_explored_max {
+            return Attempt::Exhausted;
+        }
+        let list = self.list(at);
+        let returns = list.return_of(node).is_some();
+        list.lift(node);
+        self.returned_linearized += usize::from(returns);
+        self.stack.push(Choice {
+            at,
+            op,
+            state_before,
+        });
+        if self.stack.len() > self.longest_prefix.len() {
+            self.longest_prefix = self.stack.iter().map(|choice| choice.op).collect();
+            self.stuck = None;
+        }
+        Attempt::Advanced
+    }
+
+    /// Undoes the last choice; the cursor just past it, or `None` if there is none.
+    fn backtrack(&mut self) -> Option<Cursor> {
+        let choice = self.stack.pop()?;
+        let node = match choice.at {
+            Cursor::Returned(node) | Cursor::Unknown { node, .. } => node,
+        };
+        let list = self.list(choice.at);
+        list.unlift(node);
+        let returns = list.return_of(node).is_some();
+        let after = list.next[node];
+        self.returned_linearized -= usize::from(returns);
+        self.toggle(choice.op);
+        self.state = choice.state_before;
+        Some(match choice.at {
+            Cursor::Returned(_) => Cursor::Returned(after),
+            Cursor::Unknown { limit, .. } => Cursor::Unknown { node: after, limit },
+        })
+    }
+
+    fn not_linearizable(&self) -> KeyOutcome {
+        let stuck = self.stuck.expect("a return ended the longest prefix");
+        KeyOutcome::NotLinearizable {
+            longest_prefix: self
+                .longest_prefix
+                .iter()
+                .map(|&op| self.operations[op].0)
+                .collect(),
+            stuck: self.operations[stuck].0,
+        }
+    }
+
+    fn run(&mut self) -> KeyOutcome {
+        let mut cursor = Cursor::Returned(self.returned.first());
+        loop {
+            if self.returned_linearized == self.returned_total {
+                return KeyOutcome::Linearizable;
+            }
+            let attempt = match cursor {
+                Cursor::Returned(node) => match self.returned.events[node] {
+                    Event::Sentinel => {
+                        unreachable!(
+                            "an operation that returned is unlinearized: its return is ahead"
+                        )
+                    }
+                    Event::Return { op } => {
+                        let limit = Limit {
+                            rank: self.returned.rank[node],
+                            op,
+                        };
+                        cursor = Cursor::Unknown {
+                            node: self.unknown.first(),
+                            limit,
+                        };
+                        continue;
+                    }
+                    Event::Call { op, .. } => self.attempt(cursor, node, op),
+                },
+                Cursor::Unknown { node, limit } => {
+                    if self.unknown.rank[node] > limit.rank {
+                        // No candidate is left before this return: undo the last choice.
+                        if self.stack.len() == self.longest_prefix.len() && self.stuck.is_none() {
+                            self.stuck = Some(limit.op);
+                        }
+                        match self.backtrack() {
+                            Some(resume) => cursor = resume,
+                            None => return self.not_linearizable(),
+                        }
+                        continue;
+                    }
+                    let Event::Call { op, .. } = self.unknown.events[node] else {
+                        unreachable!("the unknown list holds calls only");
+                    };
+                    self.attempt(cursor, node, op)
+                }
+            };
+            cursor = match (attempt, cursor) {
+                (Attempt::Exhausted, _) => return KeyOutcome::Exhausted,
+                (Attempt::Advanced, _) => Cursor::Returned(self.returned.first()),
+                (Attempt::Rejected, Cursor::Returned(node)) => {
+                    Cursor::Returned(self.returned.next[node])
+                }
+                (Attempt::Rejected, Cursor::Unknown { node, limit }) => Cursor::Unknown {
+                    node: self.unknown.next[node],
+                    limit,
+                },
+            };
+        }
+    }
 }
 
 /// Searches for a linearization of `operations`, all on one key, from an absent value.
 /// Gives up with [`KeyOutcome::Exhausted`] after `states_explored_max` configurations.
 pub(crate) fn search_key(operations: &[(OpId, Operation)], states_explored_max: u64) -> KeySearch {
-    let returned_total = operations
-        .iter()
-        .filter(|(_, operation)| matches!(operation.end, End::Returned { .. }))
-        .count();
-    let mut list = EventList::new(operations);
-    let mut cache = Cache::default();
-    let mut linearized = SetFingerprint::default();
-    let mut returned_linearized = 0_usize;
-    let mut state: State = None;
-    let mut stack: Vec<Choice> = Vec::new();
-    let mut states_explored = 0_u64;
-    let mut longest_prefix: Vec<usize> = Vec::new();
-    let mut stuck: Option<usize> = None;
-
-    let mut node = list.first();
-    loop {
-        if returned_linearized == returned_total {
-            return KeySearch {
-                outcome: KeyOutcome::Linearizable,
-                states_explored,
-            };
-        }
-        match list.events[node] {
-            Event::Sentinel => {
-                unreachable!("an operation that returned is unlinearized, so its return is ahead")
-            }
-            Event::Call { op, return_node } => {
-                let operation = &operations[op].1;
-                let next_state = step(state, operation);
-                let mut advanced = false;
-                if let Some(next_state) = next_state {
-                    linearized.toggle(op);
-                    if cache.insert((linearized, next_state)) {
-                        states_explored += 1;
-                        if states_explored > states_explored_max {
-                            return KeySearch {
-                                outcome: KeyOutcome::Exhausted,
-                                states_explored,
-                            };
-                        }
-                        stack.push(Choice {
-                            call_node: node,
-                            op,
-                            state_before: state,
-                        });
-                        state = next_state;
-                        returned_linearized += usize::from(return_node.is_some());
-                        list.lift(node);
-                        node = list.first();
-                        advanced = true;
-                        if stack.len() > longest_prefix.len() {
-                            longest_prefix = stack.iter().map(|choice| choice.op).collect();
-                            stuck = None;
-                        }
-                    } else {
-                        linearized.toggle(op);
-                    }
-                }
-                if !advanced {
-                    node = list.next[node];
-                }
-            }
-            Event::Return { op } => {
-                if stack.len() == longest_prefix.len() && stuck.is_none() {
-                    stuck = Some(op);
-                }
-                let Some(choice) = stack.pop() else {
-                    let stuck = stuck.expect("the empty prefix ended at this very return");
-                    return KeySearch {
-                        outcome: KeyOutcome::NotLinearizable {
-                            longest_prefix: longest_prefix
-                                .into_iter()
-                                .map(|op| operations[op].0)
-                                .collect(),
-                            stuck: operations[stuck].0,
-                        },
-                        states_explored,
-                    };
-                };
-                list.unlift(choice.call_node);
-                linearized.toggle(choice.op);
-                state = choice.state_before;
-                let Event::Call { return_node, .. } = list.events[choice.call_node] else {
-                    unreachable!("choices are calls");
-                };
-                returned_linearized -= usize::from(return_node.is_some());
-                node = list.next[choice.call_node];
-            }
-        }
+    let mut search = Search::new(operations, states_explored_max);
+    let outcome = search.run();
+    KeySearch {
+        outcome,
+        states_explored: search.states_explored,
     }
 }
