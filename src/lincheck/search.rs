@@ -22,7 +22,9 @@
 //!   operation is an option, never an obligation). Without this, k unknown writes nobody
 //!   observed multiply the configurations by up to 2^k;
 //! - an unknown put is never tried right after another unknown operation: the sibling that
-//!   spends the put alone dominates that configuration (nothing observed the first one).
+//!   spends the put alone dominates that configuration (nothing observed the first one);
+//! - of the unknown puts whose values no pending operation observes, only one is tried per
+//!   configuration: they are interchangeable (see [`Search::unobserved_put`]).
 //!   Together with the two rules above, this keeps the search from exploring supersets of
 //!   spent unknown writes before the subsets that dominate them.
 //!
@@ -64,6 +66,23 @@ pub(crate) struct KeySearch {
     pub(crate) outcome: KeyOutcome,
     /// Distinct configurations visited.
     pub(crate) states_explored: u64,
+}
+
+/// The value `operation` needs the register to hold (or not hold) to succeed or fail as
+/// recorded: a get's result, a compare-and-set's `from`. `None` (absent) is left out: no put
+/// can produce it.
+fn observed_value(operation: &Operation) -> Option<Value> {
+    match (operation.input, operation.end) {
+        (
+            Input::Get,
+            End::Returned {
+                output: Output::Got(seen),
+                ..
+            },
+        ) => seen,
+        (Input::Cas { from, .. }, _) => from,
+        _ => None,
+    }
 }
 
 /// Applies `operation` to a register holding `state`: the next state, or `None` when the
@@ -291,8 +310,13 @@ struct Limit {
 enum Cursor {
     /// Walking the returned operations' events from `node`.
     Returned(usize),
-    /// Walking the unknown operations' calls from `node`, up to `limit`.
-    Unknown { node: usize, limit: Limit },
+    /// Walking the unknown operations' calls from `node`, up to `limit`; `blind_tried` once
+    /// an unobserved put was tried from this configuration (see [`Search::unobserved_put`]).
+    Unknown {
+        node: usize,
+        limit: Limit,
+        blind_tried: bool,
+    },
 }
 
 /// One linearization choice, kept to undo it.
@@ -310,6 +334,11 @@ struct Search<'a> {
     unknown: EventList,
     /// Local op index -> ordinal among unknown operations.
     unknown_ordinal: Vec<usize>,
+    /// Local op index -> the value it requires the register to hold or not hold (a get's
+    /// result, a compare-and-set's `from`), if any.
+    observes: Vec<Option<Value>>,
+    /// Value -> operations not linearized yet that observe it.
+    observers_pending: HashMap<Value, u32, BuildHasherDefault<WordHasher>>,
     returned_total: usize,
     returned_linearized: usize,
     linearized: SetFingerprint,
@@ -357,7 +386,18 @@ impl<'a> Search<'a> {
             .map(|(rank, &(_, kind, op))| (rank, op, kind == 1));
         let (unknown_events, returned_events): (Vec<_>, Vec<_>) =
             ranked.partition(|&(_, op, _)| unknown_ordinal[op] != usize::MAX);
+        let observes: Vec<Option<Value>> = operations
+            .iter()
+            .map(|(_, operation)| observed_value(operation))
+            .collect();
+        let mut observers_pending: HashMap<Value, u32, BuildHasherDefault<WordHasher>> =
+            HashMap::default();
+        for value in observes.iter().flatten() {
+            *observers_pending.entry(*value).or_default() += 1;
+        }
         Self {
+            observes,
+            observers_pending,
             operations,
             returned: EventList::new(&returned_events),
             unknown: EventList::new(&unknown_events),
@@ -402,6 +442,37 @@ impl<'a> Search<'a> {
         true
     }
 
+    /// Whether `op` is an unknown put of a value no pending operation observes. Spending
+    /// any one of those leads to configurations isomorphic to spending any other (nothing
+    /// left tells their values apart, and both stay available forever once called), so from
+    /// one configuration only the first is tried: without this, every dead end would try each
+    /// abandoned write of the whole history.
+    fn unobserved_put(&self, op: usize) -> bool {
+        let Input::Put { value } = self.operations[op].1.input else {
+            return false;
+        };
+        self.unknown_ordinal[op] != usize::MAX
+            && self
+                .observers_pending
+                .get(&value)
+                .is_none_or(|count| *count == 0)
+    }
+
+    /// Counts `op` as linearized (`linearized`) or not any more among observers.
+    fn count_observer(&mut self, op: usize, linearized: bool) {
+        if let Some(value) = self.observes[op] {
+            let count = self
+                .observers_pending
+                .get_mut(&value)
+                .expect("every observed value was counted");
+            if linearized {
+                *count -= 1;
+            } else {
+                *count += 1;
+            }
+        }
+    }
+
     /// Whether the last choice spent an unknown operation.
     fn last_choice_was_unknown(&self) -> bool {
         self.stack
@@ -437,6 +508,7 @@ impl<'a> Search<'a> {
         let returns = list.return_of(node).is_some();
         list.lift(node);
         self.returned_linearized += usize::from(returns);
+        self.count_observer(op, true);
         self.stack.push(Choice {
             at,
             op,
@@ -461,10 +533,17 @@ impl<'a> Search<'a> {
         let after = list.next[node];
         self.returned_linearized -= usize::from(returns);
         self.toggle(choice.op);
+        self.count_observer(choice.op, false);
         self.state = choice.state_before;
         Some(match choice.at {
             Cursor::Returned(_) => Cursor::Returned(after),
-            Cursor::Unknown { limit, .. } => Cursor::Unknown { node: after, limit },
+            Cursor::Unknown {
+                limit, blind_tried, ..
+            } => Cursor::Unknown {
+                node: after,
+                limit,
+                blind_tried: blind_tried || self.unobserved_put(choice.op),
+            },
         })
     }
 
@@ -501,12 +580,17 @@ impl<'a> Search<'a> {
                         cursor = Cursor::Unknown {
                             node: self.unknown.first(),
                             limit,
+                            blind_tried: false,
                         };
                         continue;
                     }
                     Event::Call { op, .. } => self.attempt(cursor, node, op),
                 },
-                Cursor::Unknown { node, limit } => {
+                Cursor::Unknown {
+                    node,
+                    limit,
+                    blind_tried,
+                } => {
                     if self.unknown.rank[node] > limit.rank {
                         // No candidate is left before this return: undo the last choice.
                         if self.stack.len() == self.longest_prefix.len() && self.stuck.is_none() {
@@ -521,7 +605,26 @@ impl<'a> Search<'a> {
                     let Event::Call { op, .. } = self.unknown.events[node] else {
                         unreachable!("the unknown list holds calls only");
                     };
-                    self.attempt(cursor, node, op)
+                    if self.unobserved_put(op) {
+                        let next = Cursor::Unknown {
+                            node: self.unknown.next[node],
+                            limit,
+                            blind_tried: true,
+                        };
+                        if blind_tried {
+                            cursor = next;
+                            continue;
+                        }
+                        match self.attempt(cursor, node, op) {
+                            Attempt::Rejected => {
+                                cursor = next;
+                                continue;
+                            }
+                            other => other,
+                        }
+                    } else {
+                        self.attempt(cursor, node, op)
+                    }
                 }
             };
             cursor = match (attempt, cursor) {
@@ -530,9 +633,17 @@ impl<'a> Search<'a> {
                 (Attempt::Rejected, Cursor::Returned(node)) => {
                     Cursor::Returned(self.returned.next[node])
                 }
-                (Attempt::Rejected, Cursor::Unknown { node, limit }) => Cursor::Unknown {
+                (
+                    Attempt::Rejected,
+                    Cursor::Unknown {
+                        node,
+                        limit,
+                        blind_tried,
+                    },
+                ) => Cursor::Unknown {
                     node: self.unknown.next[node],
                     limit,
+                    blind_tried,
                 },
             };
         }
