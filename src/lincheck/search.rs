@@ -10,32 +10,25 @@
 //! without end.
 //!
 //! Operations with an unknown outcome have no return event: they may be linearized at any
-//! point after their call or never. Three consequences shape the search:
-//! - such an operation is legal in every state (a put always applies; a compare-and-set
-//!   either swaps or fails), so the search succeeds as soon as every operation that did
-//!   return is linearized: the unknown ones left over are "never";
-//! - they live in a list of their own and are tried only after every candidate that did
-//!   return, so the search prefers not to spend them;
-//! - configurations are compared by dominance, not equality: with the same returned
-//!   operations linearized and the same value, a configuration that spent a subset of the
-//!   unknown operations can do everything one that spent more can (an unspent unknown
-//!   operation is an option, never an obligation). Without this, k unknown writes nobody
-//!   observed multiply the configurations by up to 2^k;
+//! point after their call or never. Such an operation is legal in every state (a put always
+//! applies; a compare-and-set either swaps or fails), so the search succeeds as soon as every
+//! operation that did return is linearized: the unknown ones left over are "never". They are
+//! kept in a list of their own (walked in time order together with the other one) so that two
+//! reductions can prune them, each sound because the configuration it skips is isomorphic to,
+//! or reachable from, one the search explores anyway:
 //! - an unknown put is never tried right after another unknown operation: the sibling that
-//!   spends the put alone dominates that configuration (nothing observed the first one);
+//!   spends the put alone reaches the same value with less spent (nothing observed the first);
 //! - of the unknown puts whose values no pending operation observes, only one is tried per
-//!   configuration: they are interchangeable (see [`Search::unobserved_put`]).
-//!   Together with the two rules above, this keeps the search from exploring supersets of
-//!   spent unknown writes before the subsets that dominate them.
+//!   configuration: they are interchangeable (see [`Search::unobserved_put`]). Without this,
+//!   every dead end would try each write abandoned anywhere earlier in the history, and k
+//!   abandoned writes would multiply the configurations by up to 2^k.
 //!
-//! The returned operations linearized are cached as a 128-bit fingerprint
-//! ([`SetFingerprint`]); the unknown ones spent as an exact bitset (they are few), so that
-//! subsets can be tested.
+//! The set of linearized operations is cached as a 128-bit fingerprint ([`SetFingerprint`]).
 //!
 //! This module owns only the search; it must never decide anything about keys other than
 //! the one it is given.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::history::{End, Input, OpId, Operation, Output, Value};
@@ -287,42 +280,43 @@ impl EventList {
     }
 }
 
-/// The unknown-outcome operations spent so far, as a bitset over their ordinals.
-type SpentSet = Box<[u64]>;
+/// Explored configurations: (operations linearized, value).
+type Cache = HashSet<(SetFingerprint, State), BuildHasherDefault<WordHasher>>;
 
-fn is_subset(small: &[u64], large: &[u64]) -> bool {
-    small.iter().zip(large).all(|(s, l)| s & !l == 0)
+/// Which list an event belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    /// Operations that returned.
+    Returned,
+    /// Operations with an unknown outcome.
+    Unknown,
 }
 
-/// Explored configurations: per (returned operations linearized, value), the sets of unknown
-/// operations spent with which it was reached, none a superset of another.
-type Cache = HashMap<(SetFingerprint, State), Vec<SpentSet>, BuildHasherDefault<WordHasher>>;
-
-/// The first return still pending: candidates must be called before it.
+/// Where the search is looking for the next candidate: a position in each list; the next
+/// event is whichever of the two comes first in time.
 #[derive(Clone, Copy, Debug)]
-struct Limit {
-    rank: usize,
-    op: usize,
+struct Cursor {
+    returned: usize,
+    unknown: usize,
+    /// An unobserved put was already tried from this configuration (see
+    /// [`Search::unobserved_put`]).
+    blind_tried: bool,
 }
 
-/// Where the search is looking for the next candidate.
-#[derive(Clone, Copy, Debug)]
-enum Cursor {
-    /// Walking the returned operations' events from `node`.
-    Returned(usize),
-    /// Walking the unknown operations' calls from `node`, up to `limit`; `blind_tried` once
-    /// an unobserved put was tried from this configuration (see [`Search::unobserved_put`]).
-    Unknown {
-        node: usize,
-        limit: Limit,
-        blind_tried: bool,
-    },
+/// The next event the search meets.
+enum Candidate {
+    /// A call to try to linearize now.
+    Call { side: Side, node: usize, op: usize },
+    /// The first pending return: no candidate is left, `op` cannot be linearized here.
+    Limit { op: usize },
 }
 
 /// One linearization choice, kept to undo it.
 struct Choice {
-    /// Where the candidate was found (its node) and so where to resume after undoing it.
+    /// The cursor that found the candidate: where to resume after undoing it.
     at: Cursor,
+    side: Side,
+    node: usize,
     op: usize,
     state_before: State,
 }
@@ -342,7 +336,6 @@ struct Search<'a> {
     returned_total: usize,
     returned_linearized: usize,
     linearized: SetFingerprint,
-    spent: SpentSet,
     state: State,
     stack: Vec<Choice>,
     cache: Cache,
@@ -405,7 +398,6 @@ impl<'a> Search<'a> {
             returned_total: operations.len() - unknown_count,
             returned_linearized: 0,
             linearized: SetFingerprint::default(),
-            spent: vec![0; unknown_count.div_ceil(64)].into_boxed_slice(),
             state: None,
             stack: Vec::new(),
             cache: Cache::default(),
@@ -416,30 +408,63 @@ impl<'a> Search<'a> {
         }
     }
 
-    fn list(&mut self, cursor: Cursor) -> &mut EventList {
-        match cursor {
-            Cursor::Returned(_) => &mut self.returned,
-            Cursor::Unknown { .. } => &mut self.unknown,
+    fn list(&mut self, side: Side) -> &mut EventList {
+        match side {
+            Side::Returned => &mut self.returned,
+            Side::Unknown => &mut self.unknown,
         }
     }
 
-    /// Flips `op` in the sets of linearized operations.
+    fn fresh_cursor(&self) -> Cursor {
+        Cursor {
+            returned: self.returned.first(),
+            unknown: self.unknown.first(),
+            blind_tried: false,
+        }
+    }
+
+    /// The cursor past `node` (on `side`); `blind` if an unobserved put was just tried.
+    fn advance(&self, mut cursor: Cursor, side: Side, node: usize, blind: bool) -> Cursor {
+        match side {
+            Side::Returned => cursor.returned = self.returned.next[node],
+            Side::Unknown => cursor.unknown = self.unknown.next[node],
+        }
+        cursor.blind_tried |= blind;
+        cursor
+    }
+
+    fn candidate(&self, cursor: Cursor) -> Candidate {
+        if self.unknown.rank[cursor.unknown] < self.returned.rank[cursor.returned] {
+            let Event::Call { op, .. } = self.unknown.events[cursor.unknown] else {
+                unreachable!("the unknown list holds calls only");
+            };
+            return Candidate::Call {
+                side: Side::Unknown,
+                node: cursor.unknown,
+                op,
+            };
+        }
+        match self.returned.events[cursor.returned] {
+            Event::Call { op, .. } => Candidate::Call {
+                side: Side::Returned,
+                node: cursor.returned,
+                op,
+            },
+            Event::Return { op } => Candidate::Limit { op },
+            Event::Sentinel => {
+                unreachable!("an operation that returned is unlinearized: its return is ahead")
+            }
+        }
+    }
+
+    /// Flips `op` in the set of linearized operations.
     fn toggle(&mut self, op: usize) {
-        match self.unknown_ordinal[op] {
-            usize::MAX => self.linearized.toggle(op),
-            ordinal => self.spent[ordinal / 64] ^= 1 << (ordinal % 64),
-        }
+        self.linearized.toggle(op);
     }
 
-    /// Records the current configuration; false if an explored one dominates it.
+    /// Records the current configuration; false if it was explored before.
     fn remember(&mut self) -> bool {
-        let sets = self.cache.entry((self.linearized, self.state)).or_default();
-        if sets.iter().any(|known| is_subset(known, &self.spent)) {
-            return false;
-        }
-        sets.retain(|known| !is_subset(&self.spent, known));
-        sets.push(self.spent.clone());
-        true
+        self.cache.insert((self.linearized, self.state))
     }
 
     /// Whether `op` is an unknown put of a value no pending operation observes. Spending
@@ -477,16 +502,17 @@ impl<'a> Search<'a> {
     fn last_choice_was_unknown(&self) -> bool {
         self.stack
             .last()
-            .is_some_and(|choice| matches!(choice.at, Cursor::Unknown { .. }))
+            .is_some_and(|choice| choice.side == Side::Unknown)
     }
 
-    /// Tries to linearize the call at `at` (a node of the list the cursor walks).
-    fn attempt(&mut self, at: Cursor, node: usize, op: usize) -> Attempt {
+    /// Tries to linearize `op`, whose call is `node` on `side`, found by cursor `at`.
+    fn attempt(&mut self, at: Cursor, side: Side, node: usize, op: usize) -> Attempt {
         let blind_write = matches!(self.operations[op].1.input, Input::Put { .. });
-        if matches!(at, Cursor::Unknown { .. }) && blind_write && self.last_choice_was_unknown() {
-            // Spending unknown u then unknown put p reaches (same returned set, p's value,
-            // spent + u + p), which the sibling choice "p alone" dominates: p was a candidate
-            // there too (same returned set, so the same limit), and nothing observed u.
+        if side == Side::Unknown && blind_write && self.last_choice_was_unknown() {
+            // Spending unknown u then unknown put p reaches p's value with u and p spent; the
+            // sibling choice "p alone" reaches it with only p spent and can do all the same
+            // (p was a candidate there too: same returned set, same limit), and nothing
+            // observed u in between.
             return Attempt::Rejected;
         }
         let Some(next_state) = step(self.state, &self.operations[op].1) else {
@@ -504,13 +530,15 @@ impl<'a> Search<'a> {
         if self.states_explored > self.states_explored_max {
             return Attempt::Exhausted;
         }
-        let list = self.list(at);
+        let list = self.list(side);
         let returns = list.return_of(node).is_some();
         list.lift(node);
         self.returned_linearized += usize::from(returns);
         self.count_observer(op, true);
         self.stack.push(Choice {
             at,
+            side,
+            node,
             op,
             state_before,
         });
@@ -524,27 +552,15 @@ impl<'a> Search<'a> {
     /// Undoes the last choice; the cursor just past it, or `None` if there is none.
     fn backtrack(&mut self) -> Option<Cursor> {
         let choice = self.stack.pop()?;
-        let node = match choice.at {
-            Cursor::Returned(node) | Cursor::Unknown { node, .. } => node,
-        };
-        let list = self.list(choice.at);
-        list.unlift(node);
-        let returns = list.return_of(node).is_some();
-        let after = list.next[node];
+        let list = self.list(choice.side);
+        list.unlift(choice.node);
+        let returns = list.return_of(choice.node).is_some();
         self.returned_linearized -= usize::from(returns);
         self.toggle(choice.op);
         self.count_observer(choice.op, false);
         self.state = choice.state_before;
-        Some(match choice.at {
-            Cursor::Returned(_) => Cursor::Returned(after),
-            Cursor::Unknown {
-                limit, blind_tried, ..
-            } => Cursor::Unknown {
-                node: after,
-                limit,
-                blind_tried: blind_tried || self.unobserved_put(choice.op),
-            },
-        })
+        let blind = choice.side == Side::Unknown && self.unobserved_put(choice.op);
+        Some(self.advance(choice.at, choice.side, choice.node, blind))
     }
 
     fn not_linearizable(&self) -> KeyOutcome {
@@ -560,92 +576,35 @@ impl<'a> Search<'a> {
     }
 
     fn run(&mut self) -> KeyOutcome {
-        let mut cursor = Cursor::Returned(self.returned.first());
+        let mut cursor = self.fresh_cursor();
         loop {
             if self.returned_linearized == self.returned_total {
                 return KeyOutcome::Linearizable;
             }
-            let attempt = match cursor {
-                Cursor::Returned(node) => match self.returned.events[node] {
-                    Event::Sentinel => {
-                        unreachable!(
-                            "an operation that returned is unlinearized: its return is ahead"
-                        )
+            match self.candidate(cursor) {
+                Candidate::Limit { op } => {
+                    // No candidate is left before this return: undo the last choice.
+                    if self.stack.len() == self.longest_prefix.len() && self.stuck.is_none() {
+                        self.stuck = Some(op);
                     }
-                    Event::Return { op } => {
-                        let limit = Limit {
-                            rank: self.returned.rank[node],
-                            op,
-                        };
-                        cursor = Cursor::Unknown {
-                            node: self.unknown.first(),
-                            limit,
-                            blind_tried: false,
-                        };
+                    match self.backtrack() {
+                        Some(resume) => cursor = resume,
+                        None => return self.not_linearizable(),
+                    }
+                }
+                Candidate::Call { side, node, op } => {
+                    let blind = side == Side::Unknown && self.unobserved_put(op);
+                    if blind && cursor.blind_tried {
+                        cursor = self.advance(cursor, side, node, true);
                         continue;
                     }
-                    Event::Call { op, .. } => self.attempt(cursor, node, op),
-                },
-                Cursor::Unknown {
-                    node,
-                    limit,
-                    blind_tried,
-                } => {
-                    if self.unknown.rank[node] > limit.rank {
-                        // No candidate is left before this return: undo the last choice.
-                        if self.stack.len() == self.longest_prefix.len() && self.stuck.is_none() {
-                            self.stuck = Some(limit.op);
-                        }
-                        match self.backtrack() {
-                            Some(resume) => cursor = resume,
-                            None => return self.not_linearizable(),
-                        }
-                        continue;
-                    }
-                    let Event::Call { op, .. } = self.unknown.events[node] else {
-                        unreachable!("the unknown list holds calls only");
+                    cursor = match self.attempt(cursor, side, node, op) {
+                        Attempt::Exhausted => return KeyOutcome::Exhausted,
+                        Attempt::Advanced => self.fresh_cursor(),
+                        Attempt::Rejected => self.advance(cursor, side, node, blind),
                     };
-                    if self.unobserved_put(op) {
-                        let next = Cursor::Unknown {
-                            node: self.unknown.next[node],
-                            limit,
-                            blind_tried: true,
-                        };
-                        if blind_tried {
-                            cursor = next;
-                            continue;
-                        }
-                        match self.attempt(cursor, node, op) {
-                            Attempt::Rejected => {
-                                cursor = next;
-                                continue;
-                            }
-                            other => other,
-                        }
-                    } else {
-                        self.attempt(cursor, node, op)
-                    }
                 }
-            };
-            cursor = match (attempt, cursor) {
-                (Attempt::Exhausted, _) => return KeyOutcome::Exhausted,
-                (Attempt::Advanced, _) => Cursor::Returned(self.returned.first()),
-                (Attempt::Rejected, Cursor::Returned(node)) => {
-                    Cursor::Returned(self.returned.next[node])
-                }
-                (
-                    Attempt::Rejected,
-                    Cursor::Unknown {
-                        node,
-                        limit,
-                        blind_tried,
-                    },
-                ) => Cursor::Unknown {
-                    node: self.unknown.next[node],
-                    limit,
-                    blind_tried,
-                },
-            };
+            }
         }
     }
 }

@@ -487,3 +487,158 @@ fn search_agrees_with_brute_force_on_small_random_histories() {
 fn search_agrees_with_brute_force_when_most_outcomes_are_unknown() {
     cross_check_with_brute_force(0xface, 20_000, 3);
 }
+
+/// Plain Wing & Gong search with exact memoization and none of the search's reductions: the
+/// reference the reductions must agree with on histories too long for brute force.
+fn reference_linearizable(operations: &[Operation]) -> bool {
+    fn search(
+        operations: &[Operation],
+        done: u64,
+        state: Option<Value>,
+        seen: &mut std::collections::HashSet<(u64, Option<Value>)>,
+    ) -> bool {
+        let pending_return = |index: usize| {
+            done & (1 << index) == 0 && matches!(operations[index].end, End::Returned { .. })
+        };
+        let Some(first_return) = (0..operations.len())
+            .filter(|&index| pending_return(index))
+            .filter_map(|index| match operations[index].end {
+                End::Returned { at, .. } => Some(at),
+                End::Unknown => None,
+            })
+            .min()
+        else {
+            return true; // every operation that returned is linearized
+        };
+        if !seen.insert((done, state)) {
+            return false;
+        }
+        (0..operations.len()).any(|index| {
+            done & (1 << index) == 0
+                && operations[index].call_at <= first_return
+                && search_step_for_test(state, &operations[index])
+                    .is_some_and(|next| search(operations, done | (1 << index), next, seen))
+        })
+    }
+    assert!(operations.len() <= 64, "the reference keeps a u64 bitset");
+    search(operations, 0, None, &mut std::collections::HashSet::new())
+}
+
+/// A history of one key from a true register: every operation takes effect at a random
+/// instant inside its interval (or, for some with unknown outcome, never); then, half the
+/// time, one read is corrupted.
+fn register_history(rng: &mut SplitMix, count: u64, clients: u64) -> Vec<Operation> {
+    let mut free_at = vec![0; clients as usize];
+    let mut planned: Vec<(Operation, Option<u64>)> = Vec::new();
+    for index in 0..count {
+        let client = index % clients;
+        let call_at = free_at[client as usize] + rng.below(3);
+        let duration = 1 + rng.below(12);
+        free_at[client as usize] = call_at + duration + 1;
+        let value = rng.below(4);
+        let input = match rng.below(3) {
+            0 => Input::Get,
+            1 => Input::Put { value },
+            _ => Input::Cas {
+                from: Some(rng.below(4)),
+                to: value,
+            },
+        };
+        let lost = input != Input::Get && rng.below(4) == 0;
+        let effect_at = (!lost || rng.below(2) == 0).then(|| call_at + rng.below(duration));
+        let end = if lost {
+            End::Unknown
+        } else {
+            End::Returned {
+                at: call_at + duration,
+                output: Output::PutDone,
+            }
+        };
+        let operation = Operation {
+            client,
+            key: KEY,
+            input,
+            call_at,
+            end,
+        };
+        planned.push((operation, effect_at));
+    }
+    let mut order: Vec<usize> = (0..planned.len())
+        .filter(|&i| planned[i].1.is_some())
+        .collect();
+    order.sort_by_key(|&i| (planned[i].1, i));
+    let mut state = None;
+    for index in order {
+        let operation = &mut planned[index].0;
+        let output = match operation.input {
+            Input::Get => Output::Got(state),
+            Input::Put { value } => {
+                state = Some(value);
+                Output::PutDone
+            }
+            Input::Cas { from, to } if from == state => {
+                state = Some(to);
+                Output::CasSwapped
+            }
+            Input::Cas { .. } => Output::CasFailed,
+        };
+        if let End::Returned {
+            output: recorded, ..
+        } = &mut operation.end
+        {
+            *recorded = output;
+        }
+    }
+    let mut operations: Vec<Operation> = planned.into_iter().map(|(op, _)| op).collect();
+    if rng.below(2) == 0 {
+        let reads: Vec<usize> = (0..operations.len())
+            .filter(|&i| {
+                matches!(
+                    operations[i].end,
+                    End::Returned {
+                        output: Output::Got(_),
+                        ..
+                    }
+                )
+            })
+            .collect();
+        if !reads.is_empty() {
+            let read = reads[rng.below(reads.len() as u64) as usize];
+            if let End::Returned { output, .. } = &mut operations[read].end {
+                *output = Output::Got(Some(rng.below(4)));
+            }
+        }
+    }
+    operations
+}
+
+#[test]
+fn search_agrees_with_plain_wing_gong_on_longer_histories() {
+    let mut rng = SplitMix(0xbeef);
+    let (mut linearizable, mut not_linearizable) = (0, 0);
+    for _ in 0..3_000 {
+        let count = 10 + rng.below(30);
+        let clients = 2 + rng.below(5);
+        let history =
+            History::new(register_history(&mut rng, count, clients)).expect("well formed");
+        let expected = reference_linearizable(history.operations());
+        let report = check(&history, CheckLimits::default());
+        assert_eq!(
+            report.is_linearizable(),
+            expected,
+            "verdicts differ ({:?}) on {:#?}",
+            report.verdict,
+            history.operations()
+        );
+        if expected {
+            linearizable += 1;
+        } else {
+            not_linearizable += 1;
+        }
+    }
+    assert!(
+        linearizable > 300,
+        "only {linearizable} linearizable histories"
+    );
+    assert!(not_linearizable > 300, "only {not_linearizable} violations");
+}
