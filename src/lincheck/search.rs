@@ -13,9 +13,12 @@
 //! point after their call or never. Such an operation is legal in every state (a put always
 //! applies; a compare-and-set either swaps or fails), so the search succeeds as soon as every
 //! operation that did return is linearized: the unknown ones left over are "never". They are
-//! kept in a list of their own (walked in time order together with the other one) so that two
+//! kept in a list of their own (walked in time order together with the other one) so that three
 //! reductions can prune them, each sound because the configuration it skips is isomorphic to,
 //! or reachable from, one the search explores anyway:
+//! - an unknown operation that would change nothing (a compare-and-set that would fail, a put
+//!   of the current value) is not spent: the configuration it leads to has the same value
+//!   and one option fewer than the current one;
 //! - an unknown put is never tried right after another unknown operation: the sibling that
 //!   spends the put alone reaches the same value with less spent (nothing observed the first);
 //! - of the unknown puts whose values no pending operation observes, only one is tried per
@@ -518,6 +521,12 @@ impl<'a> Search<'a> {
         let Some(next_state) = step(self.state, &self.operations[op].1) else {
             return Attempt::Rejected;
         };
+        if side == Side::Unknown && next_state == self.state {
+            // An unknown operation that changes nothing (a compare-and-set that would fail, a
+            // put of the current value) leads to this very configuration with one option
+            // fewer: everything it allows, the current configuration allows.
+            return Attempt::Rejected;
+        }
         let state_before = self.state;
         self.toggle(op);
         self.state = next_state;

@@ -239,6 +239,38 @@ fn unobserved_unknown_writes_do_not_multiply_the_search() {
 }
 
 #[test]
+fn unknown_operations_that_change_nothing_do_not_multiply_the_search() {
+    // 40 compare-and-sets with unknown outcome whose `from` never holds: spending any subset
+    // of them changes nothing, so the search must not enumerate the subsets.
+    let mut operations = vec![put(1, 0, 1, 2)];
+    for client in 0..40 {
+        let input = Input::Cas {
+            from: Some(5),
+            to: 1000 + client,
+        };
+        operations.push(unknown(100 + client, input, 3));
+    }
+    for step in 0..30 {
+        let at = 10 + 4 * step;
+        operations.push(cas(2, 7, 8, false, at, at + 1));
+        operations.push(get(3, Some(0), at + 2, at + 3));
+    }
+    operations.push(get(3, Some(9), 500, 501));
+    let history = History::new(operations).expect("well formed");
+    let report = check(&history, CheckLimits::default());
+    assert!(
+        matches!(report.verdict, Verdict::NotLinearizable(_)),
+        "{:?}",
+        report.verdict
+    );
+    assert!(
+        report.states_explored < 100_000,
+        "explored {}",
+        report.states_explored
+    );
+}
+
+#[test]
 fn reads_with_unknown_outcome_are_dropped() {
     let history =
         History::new(vec![put(1, 1, 1, 2), unknown(2, Input::Get, 3)]).expect("well formed");
