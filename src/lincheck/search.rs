@@ -21,8 +21,9 @@
 //!   and one option fewer than the current one;
 //! - an unknown put is never tried right after another unknown operation: the sibling that
 //!   spends the put alone reaches the same value with less spent (nothing observed the first);
-//! - of the unknown puts whose values no pending operation observes, only one is tried per
-//!   configuration: they are interchangeable (see [`Search::unobserved_put`]). Without this,
+//! - of the unknown puts (or compare-and-sets from the current value) that write values no
+//!   pending operation observes, only one is tried per configuration: they are
+//!   interchangeable (see [`Search::blind_class`]). Without this,
 //!   every dead end would try each write abandoned anywhere earlier in the history, and k
 //!   abandoned writes would multiply the configurations by up to 2^k.
 //!
@@ -301,9 +302,20 @@ enum Side {
 struct Cursor {
     returned: usize,
     unknown: usize,
-    /// An unobserved put was already tried from this configuration (see
-    /// [`Search::unobserved_put`]).
-    blind_tried: bool,
+    /// The classes of interchangeable unknown operations already tried from this
+    /// configuration (bits of [`BlindClass`], see [`Search::blind_class`]).
+    blind_tried: u8,
+}
+
+/// A class of unknown operations that all write a value no pending operation observes, and
+/// are interchangeable from the current configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+enum BlindClass {
+    /// Puts.
+    Put = 1,
+    /// Compare-and-sets from the current value.
+    Swap = 2,
 }
 
 /// The next event the search meets.
@@ -422,17 +434,23 @@ impl<'a> Search<'a> {
         Cursor {
             returned: self.returned.first(),
             unknown: self.unknown.first(),
-            blind_tried: false,
+            blind_tried: 0,
         }
     }
 
-    /// The cursor past `node` (on `side`); `blind` if an unobserved put was just tried.
-    fn advance(&self, mut cursor: Cursor, side: Side, node: usize, blind: bool) -> Cursor {
+    /// The cursor past `node` (on `side`), where an operation of class `blind` was tried.
+    fn advance(
+        &self,
+        mut cursor: Cursor,
+        side: Side,
+        node: usize,
+        blind: Option<BlindClass>,
+    ) -> Cursor {
         match side {
             Side::Returned => cursor.returned = self.returned.next[node],
             Side::Unknown => cursor.unknown = self.unknown.next[node],
         }
-        cursor.blind_tried |= blind;
+        cursor.blind_tried |= blind.map_or(0, |class| class as u8);
         cursor
     }
 
@@ -470,20 +488,27 @@ impl<'a> Search<'a> {
         self.cache.insert((self.linearized, self.state))
     }
 
-    /// Whether `op` is an unknown put of a value no pending operation observes. Spending
-    /// any one of those leads to configurations isomorphic to spending any other (nothing
-    /// left tells their values apart, and both stay available forever once called), so from
-    /// one configuration only the first is tried: without this, every dead end would try each
-    /// abandoned write of the whole history.
-    fn unobserved_put(&self, op: usize) -> bool {
-        let Input::Put { value } = self.operations[op].1.input else {
-            return false;
+    /// The class of `op` if it is an unknown operation that would write a value no pending
+    /// operation observes: a put, or a compare-and-set from the current value. Spending any
+    /// one of a class leads to a configuration equivalent to spending any other: nothing left
+    /// can tell the written values apart (every comparison a pending operation makes is with
+    /// an observed value), and the one left over is as available as the one spent (called
+    /// already, never forced). So from one configuration only the first of each class is
+    /// tried; without this, every dead end would try each write abandoned anywhere earlier.
+    fn blind_class(&self, op: usize) -> Option<BlindClass> {
+        if self.unknown_ordinal[op] == usize::MAX {
+            return None;
+        }
+        let (class, written) = match self.operations[op].1.input {
+            Input::Put { value } => (BlindClass::Put, value),
+            Input::Cas { from, to } if from == self.state => (BlindClass::Swap, to),
+            Input::Cas { .. } | Input::Get => return None,
         };
-        self.unknown_ordinal[op] != usize::MAX
-            && self
-                .observers_pending
-                .get(&value)
-                .is_none_or(|count| *count == 0)
+        let unobserved = self
+            .observers_pending
+            .get(&written)
+            .is_none_or(|count| *count == 0);
+        unobserved.then_some(class)
     }
 
     /// Counts `op` as linearized (`linearized`) or not any more among observers.
@@ -568,7 +593,7 @@ impl<'a> Search<'a> {
         self.toggle(choice.op);
         self.count_observer(choice.op, false);
         self.state = choice.state_before;
-        let blind = choice.side == Side::Unknown && self.unobserved_put(choice.op);
+        let blind = self.blind_class(choice.op);
         Some(self.advance(choice.at, choice.side, choice.node, blind))
     }
 
@@ -602,9 +627,9 @@ impl<'a> Search<'a> {
                     }
                 }
                 Candidate::Call { side, node, op } => {
-                    let blind = side == Side::Unknown && self.unobserved_put(op);
-                    if blind && cursor.blind_tried {
-                        cursor = self.advance(cursor, side, node, true);
+                    let blind = self.blind_class(op);
+                    if blind.is_some_and(|class| cursor.blind_tried & class as u8 != 0) {
+                        cursor = self.advance(cursor, side, node, blind);
                         continue;
                     }
                     cursor = match self.attempt(cursor, side, node, op) {

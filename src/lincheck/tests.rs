@@ -647,14 +647,21 @@ fn register_history(rng: &mut SplitMix, count: u64, clients: u64) -> Vec<Operati
 #[test]
 fn search_agrees_with_plain_wing_gong_on_longer_histories() {
     let mut rng = SplitMix(0xbeef);
-    let (mut linearizable, mut not_linearizable) = (0, 0);
-    for _ in 0..3_000 {
+    let (mut linearizable, mut not_linearizable, mut undecided) = (0, 0, 0);
+    let histories = 3_000;
+    for _ in 0..histories {
         let count = 10 + rng.below(30);
         let clients = 2 + rng.below(5);
         let history =
             History::new(register_history(&mut rng, count, clients)).expect("well formed");
         let expected = reference_linearizable(history.operations());
         let report = check(&history, CheckLimits::default());
+        if matches!(report.verdict, Verdict::Unknown { .. }) {
+            // A bounded search may give up (the problem is NP-complete); it must never be
+            // wrong, and giving up must stay rare.
+            undecided += 1;
+            continue;
+        }
         assert_eq!(
             report.is_linearizable(),
             expected,
@@ -668,9 +675,11 @@ fn search_agrees_with_plain_wing_gong_on_longer_histories() {
             not_linearizable += 1;
         }
     }
-    assert!(
-        linearizable > 300,
-        "only {linearizable} linearizable histories"
-    );
+    eprintln!("linearizable {linearizable}, not {not_linearizable}, undecided {undecided}");
+    assert!(linearizable > 300, "only {linearizable} linearizable");
     assert!(not_linearizable > 300, "only {not_linearizable} violations");
+    assert!(
+        undecided <= histories / 1000,
+        "{undecided} undecided histories"
+    );
 }
