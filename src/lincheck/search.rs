@@ -294,6 +294,10 @@ enum Side {
     Returned,
     /// Operations with an unknown outcome.
     Unknown,
+    /// Puts with an unknown outcome whose values nothing in the whole history observes
+    /// (writes abandoned and never seen): all interchangeable, so only the earliest is ever
+    /// a candidate, found in O(1) instead of by walking them all at every step.
+    Unseen,
 }
 
 /// Where the search is looking for the next candidate: a position in each list; the next
@@ -341,6 +345,7 @@ struct Search<'a> {
     operations: &'a [(OpId, Operation)],
     returned: EventList,
     unknown: EventList,
+    unseen: EventList,
     /// Local op index -> ordinal among unknown operations.
     unknown_ordinal: Vec<usize>,
     /// Local op index -> the value it requires the register to hold or not hold (a get's
@@ -392,8 +397,6 @@ impl<'a> Search<'a> {
             .iter()
             .enumerate()
             .map(|(rank, &(_, kind, op))| (rank, op, kind == 1));
-        let (unknown_events, returned_events): (Vec<_>, Vec<_>) =
-            ranked.partition(|&(_, op, _)| unknown_ordinal[op] != usize::MAX);
         let observes: Vec<Option<Value>> = operations
             .iter()
             .map(|(_, operation)| observed_value(operation))
@@ -403,12 +406,32 @@ impl<'a> Search<'a> {
         for value in observes.iter().flatten() {
             *observers_pending.entry(*value).or_default() += 1;
         }
+        let unseen_put = |op: usize| {
+            let Input::Put { value } = operations[op].1.input else {
+                return false;
+            };
+            unknown_ordinal[op] != usize::MAX && !observers_pending.contains_key(&value)
+        };
+        let mut returned_events = Vec::new();
+        let mut unknown_events = Vec::new();
+        let mut unseen_events = Vec::new();
+        for event in ranked {
+            let (_, op, _) = event;
+            if unseen_put(op) {
+                unseen_events.push(event);
+            } else if unknown_ordinal[op] != usize::MAX {
+                unknown_events.push(event);
+            } else {
+                returned_events.push(event);
+            }
+        }
         Self {
             observes,
             observers_pending,
             operations,
             returned: EventList::new(&returned_events),
             unknown: EventList::new(&unknown_events),
+            unseen: EventList::new(&unseen_events),
             unknown_ordinal,
             returned_total: operations.len() - unknown_count,
             returned_linearized: 0,
@@ -427,6 +450,7 @@ impl<'a> Search<'a> {
         match side {
             Side::Returned => &mut self.returned,
             Side::Unknown => &mut self.unknown,
+            Side::Unseen => &mut self.unseen,
         }
     }
 
@@ -449,12 +473,35 @@ impl<'a> Search<'a> {
         match side {
             Side::Returned => cursor.returned = self.returned.next[node],
             Side::Unknown => cursor.unknown = self.unknown.next[node],
+            // Only the head of `unseen` is ever tried; its class bit now blocks the others.
+            Side::Unseen => {}
         }
         cursor.blind_tried |= blind.map_or(0, |class| class as u8);
         cursor
     }
 
     fn candidate(&self, cursor: Cursor) -> Candidate {
+        // The earliest unseen write is a candidate at its place in time, unless a put of its
+        // class was tried from this configuration already.
+        let head = self.unseen.first();
+        let put_tried = cursor.blind_tried & BlindClass::Put as u8 != 0;
+        let unseen_rank = if put_tried {
+            usize::MAX
+        } else {
+            self.unseen.rank[head]
+        };
+        let earliest_other =
+            self.unknown.rank[cursor.unknown].min(self.returned.rank[cursor.returned]);
+        if unseen_rank < earliest_other {
+            let Event::Call { op, .. } = self.unseen.events[head] else {
+                unreachable!("the unseen list holds calls only");
+            };
+            return Candidate::Call {
+                side: Side::Unseen,
+                node: head,
+                op,
+            };
+        }
         if self.unknown.rank[cursor.unknown] < self.returned.rank[cursor.returned] {
             let Event::Call { op, .. } = self.unknown.events[cursor.unknown] else {
                 unreachable!("the unknown list holds calls only");
@@ -530,13 +577,13 @@ impl<'a> Search<'a> {
     fn last_choice_was_unknown(&self) -> bool {
         self.stack
             .last()
-            .is_some_and(|choice| choice.side == Side::Unknown)
+            .is_some_and(|choice| choice.side != Side::Returned)
     }
 
     /// Tries to linearize `op`, whose call is `node` on `side`, found by cursor `at`.
     fn attempt(&mut self, at: Cursor, side: Side, node: usize, op: usize) -> Attempt {
         let blind_write = matches!(self.operations[op].1.input, Input::Put { .. });
-        if side == Side::Unknown && blind_write && self.last_choice_was_unknown() {
+        if side != Side::Returned && blind_write && self.last_choice_was_unknown() {
             // Spending unknown u then unknown put p reaches p's value with u and p spent; the
             // sibling choice "p alone" reaches it with only p spent and can do all the same
             // (p was a candidate there too: same returned set, same limit), and nothing
@@ -546,7 +593,7 @@ impl<'a> Search<'a> {
         let Some(next_state) = step(self.state, &self.operations[op].1) else {
             return Attempt::Rejected;
         };
-        if side == Side::Unknown && next_state == self.state {
+        if side != Side::Returned && next_state == self.state {
             // An unknown operation that changes nothing (a compare-and-set that would fail, a
             // put of the current value) leads to this very configuration with one option
             // fewer: everything it allows, the current configuration allows.
