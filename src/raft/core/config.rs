@@ -1,4 +1,6 @@
 //! Tunables of one Raft member. Every limit is named and documented here.
+//!
+//! Plain values: this module must never read the environment, a file or a clock.
 
 use crate::raft::types::NodeId;
 
@@ -19,6 +21,8 @@ pub const APPEND_BYTES_MAX_DEFAULT: u64 = 64 * 1024;
 pub const PROPOSAL_BYTES_MAX_DEFAULT: u64 = 1536 * 1024;
 /// Entries kept behind a snapshot for slow followers (swarmkit: 500).
 pub const SNAPSHOT_KEEP_ENTRIES_DEFAULT: u64 = 500;
+/// Payload bytes a leader may hold uncommitted before refusing proposals (backpressure).
+pub const UNCOMMITTED_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Ticks a replicating follower may go without acknowledging anything before the leader
 /// assumes messages were lost and probes again.
 pub const REPLICATE_STALL_TICKS_DEFAULT: u32 = 3;
@@ -54,6 +58,8 @@ pub struct Config {
     pub proposal_bytes_max: u64,
     /// Entries kept behind a snapshot for slow followers.
     pub snapshot_keep_entries: u64,
+    /// Payload bytes a leader may hold uncommitted before refusing proposals.
+    pub uncommitted_bytes_max: u64,
     /// Ticks without progress after which a replicating peer is probed again.
     pub replicate_stall_ticks: u32,
 }
@@ -75,6 +81,7 @@ impl Config {
             append_bytes_max: APPEND_BYTES_MAX_DEFAULT,
             proposal_bytes_max: PROPOSAL_BYTES_MAX_DEFAULT,
             snapshot_keep_entries: SNAPSHOT_KEEP_ENTRIES_DEFAULT,
+            uncommitted_bytes_max: UNCOMMITTED_BYTES_MAX_DEFAULT,
             replicate_stall_ticks: REPLICATE_STALL_TICKS_DEFAULT,
         }
     }

@@ -1,4 +1,7 @@
 //! Typed refusals of the core's client-facing calls.
+//!
+//! Each variant says what the caller should do next; none may carry a panic-worthy state
+//! (broken invariants are assertions, not errors).
 
 use crate::raft::types::NodeId;
 
@@ -16,6 +19,13 @@ pub enum RaftError {
     ProposalTooLarge {
         /// Size of the refused payload.
         bytes: u64,
+        /// The configured limit.
+        bytes_max: u64,
+    },
+    /// The leader holds too many uncommitted bytes (followers or its disk are behind); back
+    /// off and retry.
+    #[error("too many uncommitted proposals (limit {bytes_max} bytes)")]
+    UncommittedLimit {
         /// The configured limit.
         bytes_max: u64,
     },

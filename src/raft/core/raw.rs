@@ -1,5 +1,9 @@
 //! [`RaftCore`]: one member's Raft state machine, driven by inputs and drained through
 //! [`Ready`].
+//!
+//! It owns the term, vote, role, log cursors, membership history, peer progress, pending
+//! reads and held-back messages. It must never touch a clock, a file, a socket or a thread,
+//! and never let out a message whose claim (a vote, an acknowledgement) is not yet durable.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -168,6 +172,10 @@ pub struct RaftCore {
     disk_stall_ticks: u32,
     shutting_down: bool,
     scratch: Vec<LogIndex>,
+    /// Leader only: payload bytes of uncommitted normal entries it appended (backpressure).
+    uncommitted_bytes: u64,
+    /// Leader only: a TimeoutNow was sent in this term, so the lease may not be trusted.
+    lease_forfeited: bool,
 }
 
 impl RaftCore {
@@ -235,6 +243,8 @@ impl RaftCore {
             disk_stall_ticks: 0,
             shutting_down: false,
             scratch: Vec::new(),
+            uncommitted_bytes: 0,
+            lease_forfeited: false,
         };
         core.reset_election_timer();
         core
@@ -355,13 +365,25 @@ impl RaftCore {
         if self.role != Role::Leader || !self.config.check_quorum {
             return false;
         }
-        if self.disk_stall_ticks >= LEASE_DISK_STALL_TICKS_MAX {
+        if self.disk_stall_ticks >= LEASE_DISK_STALL_TICKS_MAX || self.lease_forfeited {
             return false;
         }
         let lease_ticks =
             u64::from(self.config.election_timeout_ticks - self.config.lease_margin_ticks);
         self.lease_start_tick
             .is_some_and(|start| self.tick_count < start + lease_ticks)
+    }
+
+    /// Timers and persistence gates, for diagnosis.
+    pub fn debug_summary(&self) -> String {
+        format!(
+            "elapsed={}/{} durable_hs={:?} gated={} promotable={}",
+            self.election_elapsed_ticks,
+            self.randomized_election_ticks,
+            self.durable_hard_state,
+            self.gated.len(),
+            self.promotable()
+        )
     }
 
     fn is_voter(&self) -> bool {
@@ -395,6 +417,12 @@ impl RaftCore {
                 bytes_max: self.config.proposal_bytes_max,
             });
         }
+        if self.uncommitted_bytes + bytes > self.config.uncommitted_bytes_max {
+            return Err(RaftError::UncommittedLimit {
+                bytes_max: self.config.uncommitted_bytes_max,
+            });
+        }
+        self.uncommitted_bytes += entry_bytes_of(bytes);
         Ok(self.append_entry(EntryKind::Normal, data))
     }
 
@@ -558,7 +586,18 @@ impl RaftCore {
         {
             *durable = hard_state;
             self.release_gated();
+            if self.role == Role::Candidate
+                && self.own_vote_durable()
+                && !self.votes.contains_key(&self.config.id)
+                && self.record_vote(self.config.id, true)
+            {
+                self.win_election();
+            }
         }
+    }
+
+    fn own_vote_durable(&self) -> bool {
+        self.durable_hard_state.term == self.term && self.durable_hard_state.vote == self.config.id
     }
 
     /// Storage and state machine installed the received snapshot (`index`, `term`).
@@ -691,17 +730,27 @@ impl RaftCore {
     }
 
     fn tick_election(&mut self) {
-        self.election_elapsed_ticks += 1;
+        self.election_elapsed_ticks = self.election_elapsed_ticks.saturating_add(1);
         if self.election_elapsed_ticks >= self.randomized_election_ticks {
-            self.election_elapsed_ticks = 0;
             if self.promotable() {
+                self.election_elapsed_ticks = 0;
                 self.campaign(self.config.pre_vote, false);
+            } else {
+                // Silent for an election timeout: the leader is gone. Forget it (so votes are
+                // no longer refused for its sake) but keep the timer expired: restarting it
+                // would make a member that cannot campaign refuse votes forever.
+                self.leader = NO_NODE;
             }
         }
     }
 
+    /// May campaign: a voter of the latest membership, or of the committed one while a change
+    /// removing us is uncommitted (we may be the only member holding that change, so the group
+    /// may need us to lead until it commits; votes are still counted in the latest membership).
     fn promotable(&self) -> bool {
-        self.is_voter() && !self.log.has_pending_install()
+        let id = self.config.id;
+        let member = self.is_voter() || self.membership_at(self.log.commit()).voters.contains(&id);
+        member && !self.log.has_pending_install()
     }
 
     fn tick_leader(&mut self) {
@@ -834,7 +883,10 @@ impl RaftCore {
             self.term
         };
         self.reset_election_timer();
-        if self.record_vote(self.config.id, true) {
+        // Our own real vote counts only once durable: a member that led a term it had not
+        // persisted could crash, lead the same term again and reuse (index, term) pairs.
+        let own_vote_durable = pre_vote || self.own_vote_durable();
+        if own_vote_durable && self.record_vote(self.config.id, true) {
             self.win_election();
             return;
         }
@@ -882,9 +934,15 @@ impl RaftCore {
         self.leader = self.config.id;
         self.reset_election_timer();
         self.clear_leader_state();
+        self.lease_forfeited = false;
+        self.uncommitted_bytes = ((self.log.commit() + 1)..=self.log.last_index())
+            .filter_map(|i| self.log.entry(i))
+            .map(super::message::entry_bytes)
+            .sum();
+        // Progress first, so the first append to every peer carries the new term's entry.
+        self.sync_progress_with_membership();
         let proposed = self.append_entry(EntryKind::Blank, Bytes::new());
         self.term_start_index = proposed.index;
-        self.sync_progress_with_membership();
     }
 
     /// Keeps one progress per member other than ourselves.
@@ -978,16 +1036,23 @@ impl RaftCore {
         }
     }
 
+    /// True while we promise a leader not to help elect another (leader stickiness): we
+    /// heard from it within the election timeout, or we started less than an election
+    /// timeout ago (a restart must not void a promise made before the crash).
+    fn in_leader_lease(&self) -> bool {
+        let timeout = self.config.election_timeout_ticks;
+        self.config.check_quorum
+            && (self.leader != NO_NODE || self.tick_count < u64::from(timeout))
+            && self.election_elapsed_ticks < timeout
+    }
+
     /// A message from a higher term; returns false if it must be ignored.
     fn accept_higher_term(&mut self, message: &Message) -> bool {
         match message.body {
             MessageBody::Vote {
                 pre_vote, transfer, ..
             } => {
-                let in_lease = self.config.check_quorum
-                    && self.leader != NO_NODE
-                    && self.election_elapsed_ticks < self.config.election_timeout_ticks;
-                if in_lease && !transfer {
+                if self.in_leader_lease() && !transfer {
                     // Leader stickiness: we heard from a live leader within an election
                     // timeout, so a disruptive (or removed) candidate gets no term change.
                     return false;
@@ -1013,22 +1078,23 @@ impl RaftCore {
 
     fn answer_lower_term(&mut self, message: &Message) {
         match message.body {
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
-                if self.config.check_quorum || self.config.pre_vote =>
-            {
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
                 // A stale leader (or a member whose term rose while partitioned cannot win):
                 // tell the sender our term so the stale side steps down and elections resume.
+                // Always (as in the paper): without check-quorum a stale leader would never
+                // learn of the newer term otherwise.
                 let body = MessageBody::AppendResponse {
                     match_index: 0,
                     reject: None,
                 };
                 self.send(message.from, self.term, body, 0);
             }
-            MessageBody::Vote { pre_vote: true, .. } => {
-                // Reject with our term so a pre-candidate with a lower term catches up and can
-                // win later (otherwise pre-vote + check-quorum can leave the group leaderless).
+            MessageBody::Vote { pre_vote, .. } => {
+                // Reject with our term so a (pre-)candidate with a lower term catches up and can
+                // win later: otherwise pre-vote + check-quorum can leave the group leaderless,
+                // and a candidate that alone holds the longest log may chase terms forever.
                 let body = MessageBody::VoteResponse {
-                    pre_vote: true,
+                    pre_vote,
                     granted: false,
                 };
                 self.send(message.from, self.term, body, 0);
@@ -1330,6 +1396,10 @@ impl RaftCore {
     }
 
     fn send_timeout_now(&mut self, peer: NodeId) {
+        // The target's campaign bypasses leader stickiness, which is what the lease relies on,
+        // and a delayed TimeoutNow may still start it after the transfer was abandoned: no
+        // lease for the rest of this term.
+        self.lease_forfeited = true;
         self.send(peer, self.term, MessageBody::TimeoutNow, 0);
     }
 
@@ -1424,6 +1494,11 @@ impl RaftCore {
             return;
         }
         let was_term_committed = self.term_committed();
+        let newly_committed: u64 = ((self.log.commit() + 1)..=candidate)
+            .filter_map(|i| self.log.entry(i))
+            .map(super::message::entry_bytes)
+            .sum();
+        self.uncommitted_bytes = self.uncommitted_bytes.saturating_sub(newly_committed);
         self.log.commit_to(candidate);
         self.commit_broadcast_needed = true;
         if !was_term_committed {
@@ -1508,6 +1583,10 @@ impl RaftCore {
             }
         }
     }
+}
+
+fn entry_bytes_of(payload_bytes: u64) -> u64 {
+    payload_bytes + super::message::ENTRY_OVERHEAD_BYTES
 }
 
 fn decode_membership(entry: &Entry) -> Membership {

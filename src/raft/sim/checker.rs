@@ -38,6 +38,8 @@ pub struct Checker {
     /// index -> (term, hash) of every entry known committed.
     committed: HashMap<LogIndex, (Term, u64)>,
     committed_max: LogIndex,
+    /// Leader term -> highest index that leader committed.
+    commit_points: std::collections::BTreeMap<Term, LogIndex>,
     /// index -> (term, hash) of every entry applied anywhere.
     applied: HashMap<LogIndex, (Term, u64)>,
     /// index -> state machine hash chain after applying it.
@@ -65,6 +67,19 @@ impl Checker {
         self.committed.get(&index).copied()
     }
 
+    /// A node's disk is about to drop `entries` (truncation or a conflicting snapshot): none of
+    /// them may be a committed entry (no committed entry is ever lost from a log holding it).
+    pub fn entries_dropped(&mut self, node: NodeId, entries: &[Entry]) {
+        for entry in entries {
+            if self.committed.get(&entry.index) == Some(&(entry.term, entry_hash(entry))) {
+                self.fail(format!(
+                    "committed entry lost: node {node} drops committed ({}, {}) from its disk",
+                    entry.index, entry.term
+                ));
+            }
+        }
+    }
+
     /// A node restarted: its volatile watermarks start over.
     pub fn restarted(&mut self, node: NodeId) {
         self.memory.remove(&node);
@@ -75,15 +90,6 @@ impl Checker {
         let mut prev_term = entries.first().and_then(|e| core.log_term(e.index - 1));
         for entry in entries {
             let hash = entry_hash(entry);
-            if let Some(&(term, committed_hash)) = self.committed.get(&entry.index)
-                && (term != entry.term || committed_hash != hash)
-            {
-                self.fail(format!(
-                    "committed entry lost: node {node} overwrites committed index {} (term {term}) \
-                     with term {}",
-                    entry.index, entry.term
-                ));
-            }
             if let Some(prev) = prev_term {
                 match self.written.get(&(entry.index, entry.term)) {
                     Some(&(known_hash, known_prev)) if known_hash != hash || known_prev != prev => {
@@ -121,6 +127,10 @@ impl Checker {
         }
         if hard_state.commit > previous.commit {
             self.commit_advanced(node, core, previous.commit, hard_state.commit);
+            if core.role() == Role::Leader {
+                let point = self.commit_points.entry(core.term()).or_insert(0);
+                *point = (*point).max(hard_state.commit);
+            }
         }
         self.memory.insert(
             node,
@@ -156,9 +166,18 @@ impl Checker {
         }
     }
 
-    /// A new leader must hold every entry committed so far (leader completeness).
+    /// A new leader must hold every entry committed by leaders of lower terms (leader
+    /// completeness). A leader of an older term may legitimately win late, after a higher
+    /// term committed more, so only lower-term commits are required.
     pub fn leader_elected(&mut self, node: NodeId, core: &RaftCore) {
-        let index = self.committed_max;
+        let Some(index) = self
+            .commit_points
+            .range(..core.term())
+            .map(|(_, i)| *i)
+            .max()
+        else {
+            return;
+        };
         let Some((term, _)) = self.committed.get(&index).copied() else {
             return;
         };

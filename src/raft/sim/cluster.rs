@@ -1,6 +1,7 @@
 //! The simulated world: nodes (core + disk + state machine), a network, a clock and the fault
 //! schedule, all driven by one seed. Everything happens as discrete events ordered by
-//! (time, sequence number), so a seed replays exactly.
+//! (time, sequence number), so a seed replays exactly. It must never read the wall clock, a
+//! thread-local random source or the environment.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -23,6 +24,10 @@ pub const NODES_MAX: usize = 9;
 pub const VOTERS_MAX: usize = 5;
 /// Snapshots each node keeps for sending.
 pub const SNAPSHOTS_KEPT_MAX: usize = 4;
+/// The background load pauses while the leader has this many writes pending.
+const PROPOSER_WRITES_PENDING_MAX: usize = 8;
+/// Payload source of fault-free (benchmark) runs.
+static BENCH_PAYLOAD: [u8; 4096] = [0; 4096];
 /// Bytes of the simulator's own state machine header in a snapshot (applied index, chain).
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
@@ -46,6 +51,9 @@ pub struct SimConfig {
     pub liveness_ticks: u64,
     /// Fixed cluster size (0 = chosen by the seed among 1, 3 and 5).
     pub nodes: usize,
+    /// Snapshot every node whenever it applied this many entries past its last snapshot
+    /// (0 = only the fault schedule snapshots). Bounds memory in long benchmark runs.
+    pub snapshot_interval_entries: u64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +67,7 @@ impl Default for SimConfig {
             proposal_bytes: 16,
             liveness_ticks: 400,
             nodes: 0,
+            snapshot_interval_entries: 0,
         }
     }
 }
@@ -163,6 +172,9 @@ pub struct SimNode {
     received_snapshots: HashMap<LogIndex, Bytes>,
     leader_term_seen: Term,
     commit_checked: LogIndex,
+    /// Removed from the group by a committed change and shut down for good (as an operator
+    /// stops a removed manager).
+    retired: bool,
     seed: u64,
 }
 
@@ -200,6 +212,7 @@ struct Shape {
     inflight_msgs_max: usize,
     append_bytes_max: u64,
     snapshot_keep_entries: u64,
+    uncommitted_bytes_max: u64,
     loss_per_million: u32,
     duplicate_per_million: u32,
     long_delay_per_million: u32,
@@ -225,10 +238,13 @@ pub struct Sim {
     sequence: u64,
     events: BTreeMap<(u64, u64), Event>,
     blocked: HashSet<(NodeId, NodeId)>,
+    link_clock: HashMap<(NodeId, NodeId), u64>,
     shape: Shape,
     next_id: NodeId,
     workload: Option<Box<dyn Workload>>,
     faults_enabled: bool,
+    /// Print every delivered message after this time (diagnosis only).
+    pub trace_after: Option<u64>,
 }
 
 impl Sim {
@@ -249,11 +265,12 @@ impl Sim {
                 inflight_msgs_max: rng.range(1, 8) as usize,
                 append_bytes_max: rng.range(64, 512),
                 snapshot_keep_entries: rng.range(0, 40),
+                uncommitted_bytes_max: rng.range(1_000, 20_000),
                 loss_per_million: rng.range(0, 100_000) as u32,
                 duplicate_per_million: rng.range(0, 50_000) as u32,
                 long_delay_per_million: rng.range(0, 50_000) as u32,
                 delay_max: rng.range(2, 40),
-                fault_per_million: rng.range(1_000, 8_000) as u32,
+                fault_per_million: rng.range(3_000, 20_000) as u32,
             }
         } else {
             Shape {
@@ -263,6 +280,7 @@ impl Sim {
                 inflight_msgs_max: 256,
                 append_bytes_max: 1024 * 1024,
                 snapshot_keep_entries: 1000,
+                uncommitted_bytes_max: u64::MAX,
                 loss_per_million: 0,
                 duplicate_per_million: 0,
                 long_delay_per_million: 0,
@@ -283,9 +301,11 @@ impl Sim {
             sequence: 0,
             events: BTreeMap::new(),
             blocked: HashSet::new(),
+            link_clock: HashMap::new(),
             shape,
             next_id: 1,
             workload: None,
+            trace_after: None,
         };
         let voters: Vec<NodeId> = (0..size).map(|_| sim.allocate_id()).collect();
         let membership = Membership {
@@ -325,6 +345,7 @@ impl Sim {
         config.inflight_msgs_max = self.shape.inflight_msgs_max;
         config.append_bytes_max = self.shape.append_bytes_max;
         config.snapshot_keep_entries = self.shape.snapshot_keep_entries;
+        config.uncommitted_bytes_max = self.shape.uncommitted_bytes_max;
         config
     }
 
@@ -360,7 +381,7 @@ impl Sim {
             disk_latency_max: if self.config.faults {
                 self.rng.range(1, 20)
             } else {
-                0
+                1
             },
             disk_stalled_until: 0,
             reads: Vec::new(),
@@ -368,6 +389,7 @@ impl Sim {
             received_snapshots: HashMap::new(),
             leader_term_seen: 0,
             commit_checked: 0,
+            retired: false,
             seed,
         };
         self.nodes.push(node);
@@ -472,7 +494,23 @@ impl Sim {
             self.workload = Some(workload);
         }
         self.drive_dirty();
+        if self.config.snapshot_interval_entries > 0 {
+            self.snapshot_on_interval();
+        }
         true
+    }
+
+    fn snapshot_on_interval(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &self.nodes[index];
+            let behind = node
+                .core
+                .as_ref()
+                .map_or(0, |c| node.applied - c.snapshot_meta().index);
+            if behind >= self.config.snapshot_interval_entries {
+                self.snapshot_node(index);
+            }
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -496,7 +534,7 @@ impl Sim {
                 }
             }
             Event::Restart { node } => {
-                if !self.nodes[node].is_up() {
+                if !self.nodes[node].is_up() && !self.nodes[node].retired {
                     self.checker.restarted(self.nodes[node].id);
                     self.start_node(node);
                 }
@@ -515,6 +553,24 @@ impl Sim {
         let Some(core) = node.core.as_mut() else {
             return;
         };
+        if self.trace_after.is_some_and(|t| self.now >= t) {
+            let brief = match &message.body {
+                MessageBody::Append {
+                    prev_index,
+                    prev_term,
+                    entries,
+                    commit,
+                } => format!(
+                    "Append prev=({prev_index},{prev_term}) n={} commit={commit}",
+                    entries.len()
+                ),
+                other => format!("{other:?}"),
+            };
+            println!(
+                "t={} {}->{} term={} {brief}",
+                self.now, message.from, message.to, message.term
+            );
+        }
         if let (MessageBody::Snapshot { meta }, Some(data)) = (&message.body, snapshot) {
             node.received_snapshots.insert(meta.index, data);
         }
@@ -677,13 +733,22 @@ impl Sim {
             1
         };
         for _ in 0..copies {
-            let delay = if self.rng.chance(self.shape.long_delay_per_million) {
-                self.rng
-                    .range(self.shape.delay_max, 10 * TICK_PERIOD_NOMINAL)
+            // Links are FIFO like a TCP stream, except for occasional long delays that
+            // others overtake (reordering, as across a reconnection).
+            let at = if self.rng.chance(self.shape.long_delay_per_million) {
+                self.now
+                    + self
+                        .rng
+                        .range(self.shape.delay_max, 10 * TICK_PERIOD_NOMINAL)
             } else {
-                self.rng.range(1, self.shape.delay_max)
+                let link = self
+                    .link_clock
+                    .entry((message.from, message.to))
+                    .or_insert(0);
+                let at = (self.now + self.rng.range(1, self.shape.delay_max)).max(*link);
+                *link = at;
+                at
             };
-            let at = self.now + delay;
             self.schedule(
                 at,
                 Event::Deliver {
@@ -704,8 +769,8 @@ impl Sim {
             return;
         }
         node.applied = entry.index;
-        node.chain = chain_step(node.chain, entry);
         if self.config.check {
+            node.chain = chain_step(node.chain, entry);
             self.checker.applied(node.id, entry);
             self.checker.chain(node.id, entry.index, node.chain);
         }
@@ -739,6 +804,8 @@ impl Sim {
         let newly_leader = core.role() == Role::Leader && node.leader_term_seen != core.term();
         if newly_leader {
             node.leader_term_seen = core.term();
+            // Commits known before winning were made by earlier leaders.
+            node.commit_checked = core.commit_index();
             self.stats.elections += 1;
         }
         if self.config.check {
@@ -810,14 +877,31 @@ impl Sim {
         let Some(index) = self.leader_index() else {
             return;
         };
+        if self.nodes[index].writes.len() >= PROPOSER_WRITES_PENDING_MAX {
+            // Backpressure like a node's bounded log-writer queue.
+            return;
+        }
+        // Without faults (benchmarks) payloads are static zeros: measure the core, not the
+        // allocator or a shared reference count.
+        let shared = (!self.config.faults).then(|| {
+            Bytes::from_static(
+                &BENCH_PAYLOAD[..self.config.proposal_bytes.min(BENCH_PAYLOAD.len())],
+            )
+        });
         for _ in 0..self.config.proposal_burst {
-            let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
-            while data.len() + 8 <= self.config.proposal_bytes {
-                data.put_u64(self.rng.next_u64());
-            }
+            let data = match &shared {
+                Some(bytes) => bytes.clone(),
+                None => {
+                    let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
+                    while data.len() + 8 <= self.config.proposal_bytes {
+                        data.put_u64(self.rng.next_u64());
+                    }
+                    data.freeze()
+                }
+            };
             let node = &mut self.nodes[index];
             let core = node.core.as_mut().expect("leader is up");
-            if core.propose(data.freeze()).is_err() {
+            if core.propose(data).is_err() {
                 break;
             }
             node.dirty = true;
@@ -1012,6 +1096,52 @@ impl Sim {
         self.stats.snapshots += 1;
     }
 
+    /// One line per node: role, term, vote, leader, log cursors and membership (for
+    /// diagnosing a failing seed).
+    pub fn describe(&self) -> String {
+        let mut out = format!("now={} blocked={:?}\n", self.now, self.blocked);
+        for node in &self.nodes {
+            match &node.core {
+                None => out.push_str(&format!("node {} DOWN\n", node.id)),
+                Some(core) => out.push_str(&format!(
+                    "node {} {:?} term={} vote={} leader={:?} commit={} applied={} durable={} last={} \
+                     first={} snap={} voters={:?} learners={:?} transfer={:?} writes={} {}\n",
+                    node.id,
+                    core.role(),
+                    core.term(),
+                    core.vote(),
+                    core.leader(),
+                    core.commit_index(),
+                    core.applied_index(),
+                    core.durable_index(),
+                    core.last_index(),
+                    core.first_index(),
+                    core.snapshot_meta().index,
+                    core.membership().voters,
+                    core.membership().learners,
+                    core.transfer_target(),
+                    node.writes.len(),
+                    core.debug_summary(),
+                )),
+            }
+            if let Some(core) = &node.core {
+                for peer in self.nodes.iter().map(|n| n.id) {
+                    if let Some(p) = core.progress(peer) {
+                        out.push_str(&format!(
+                            "    peer {peer}: match={} next={} {:?} probe_sent={} inflight={}\n",
+                            p.match_index,
+                            p.next_index,
+                            p.state,
+                            p.probe_sent,
+                            p.inflight.len()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     // ----- liveness --------------------------------------------------------------------
 
     fn check_liveness(&mut self) {
@@ -1022,7 +1152,7 @@ impl Sim {
         self.shape.long_delay_per_million = 0;
         for index in 0..self.nodes.len() {
             self.nodes[index].disk_stalled_until = 0;
-            if !self.nodes[index].is_up() {
+            if !self.nodes[index].is_up() && !self.nodes[index].retired {
                 self.schedule(self.now + 1, Event::Restart { node: index });
             }
         }
