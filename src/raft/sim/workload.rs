@@ -292,8 +292,11 @@ pub struct KvWorkload {
     recorder: Recorder,
     clients: Vec<ClientState>,
     machines: HashMap<NodeId, KvMachine>,
-    /// (node, index) of each write awaiting application -> client index.
-    writes_waiting: HashMap<(NodeId, LogIndex), usize>,
+    /// (node, index) of each write awaiting application -> (term, client index) of each.
+    /// Several: a deposed leader whose entry was truncated before it applied it may be
+    /// elected again and append another client's write at the same index, while the first
+    /// entry may still commit through another node (Raft's figure 8).
+    writes_waiting: HashMap<(NodeId, LogIndex), Vec<(Term, usize)>>,
     /// Read ctx -> client index.
     reads_waiting: HashMap<u64, usize>,
     /// The latest value each key was seen to take (a good `from` for compare-and-set).
@@ -432,10 +435,16 @@ impl KvWorkload {
             Ok(ticket) => {
                 match ticket {
                     Ticket::Write {
-                        node, index: at, ..
+                        node,
+                        index: at,
+                        term,
                     } => {
-                        let previous = self.writes_waiting.insert((node, at), index);
-                        assert!(previous.is_none(), "one proposal per index on a node");
+                        let waiting = self.writes_waiting.entry((node, at)).or_default();
+                        assert!(
+                            waiting.iter().all(|(other, _)| *other != term),
+                            "one entry per (index, term) in a log"
+                        );
+                        waiting.push((term, index));
                     }
                     Ticket::Read { ctx, .. } => {
                         self.reads_waiting.insert(ctx, index);
@@ -473,8 +482,13 @@ impl KvWorkload {
 
     fn forget(&mut self, ticket: Option<Ticket>) {
         match ticket {
-            Some(Ticket::Write { node, index, .. }) => {
-                self.writes_waiting.remove(&(node, index));
+            Some(Ticket::Write { node, index, term }) => {
+                if let Some(waiting) = self.writes_waiting.get_mut(&(node, index)) {
+                    waiting.retain(|(other, _)| *other != term);
+                    if waiting.is_empty() {
+                        self.writes_waiting.remove(&(node, index));
+                    }
+                }
             }
             Some(Ticket::Read { ctx, .. }) => {
                 self.reads_waiting.remove(&ctx);
@@ -580,26 +594,26 @@ impl Workload for KvWorkload {
             };
             self.latest.insert(command.key, written);
         }
-        let Some(index) = self.writes_waiting.remove(&(node, entry.index)) else {
-            return;
-        };
-        let Phase::Waiting {
-            ticket: Ticket::Write { term, .. },
-            ..
-        } = self.clients[index].phase
-        else {
-            unreachable!("writes_waiting only names clients waiting for a write");
-        };
-        if term == entry.term {
-            self.finish_op(index, output);
-        } else {
+        let waiting = self
+            .writes_waiting
+            .remove(&(node, entry.index))
+            .unwrap_or_default();
+        for (term, index) in waiting {
+            if term == entry.term {
+                self.finish_op(index, output);
+                continue;
+            }
             // Another entry was committed at our index: ours never will be. Send it again.
             let phase = std::mem::replace(
                 &mut self.clients[index].phase,
                 Phase::Idle { next_op_at: now },
             );
-            let Phase::Waiting { op, .. } = phase else {
-                unreachable!("checked above");
+            let Phase::Waiting {
+                op,
+                ticket: Ticket::Write { .. },
+            } = phase
+            else {
+                unreachable!("writes_waiting only names clients waiting for a write");
             };
             self.clients[index].phase = self.retry_later(op, now);
         }
