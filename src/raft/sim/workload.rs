@@ -9,11 +9,11 @@
 //!
 //! Client behaviour, as a real client library would do it:
 //! - a refusal (`NotLeader`, transfer in progress, node down) means the request was not
-//!   appended: retry, on the hinted leader if any, after [`KvWorkloadConfig::retry_backoff`];
+//!   appended: retry, on the hinted leader if any, after [`KvWorkloadConfig::retry_backoff_ticks`];
 //! - a write whose index is applied with another term was definitely lost: retry it;
-//! - a read not answered within [`KvWorkloadConfig::read_attempt_timeout`] is retried (reads
+//! - a read not answered within [`KvWorkloadConfig::read_attempt_timeout_ticks`] is retried (reads
 //!   change nothing, so a retry cannot double an effect);
-//! - an operation not answered within [`KvWorkloadConfig::op_timeout`], or whose write was
+//! - an operation not answered within [`KvWorkloadConfig::op_timeout_ticks`], or whose write was
 //!   pending on a node that crashed, is abandoned and recorded with an unknown outcome.
 //!
 //! Every node runs its own map ([`KvMachine`]), fed by the entries it applies and rebuilt
@@ -37,7 +37,7 @@ use crate::lincheck::{
 use crate::raft::core::{RaftError, ReadState};
 use crate::raft::types::{Entry, EntryKind, LogIndex, NodeId, Term};
 
-/// Simulated time units per nominal tick, for readable defaults.
+/// Simulated time units per nominal tick: the workload's durations are in ticks.
 const TICK: u64 = super::cluster::TICK_PERIOD_NOMINAL;
 
 /// How clients read.
@@ -57,14 +57,15 @@ pub struct KvWorkloadConfig {
     pub clients: usize,
     /// Keys `0..keys` the clients pick from (few keys: more contention, stronger checks).
     pub keys: u64,
-    /// Longest pause between a client's operations, in simulated time units.
-    pub think_time_max: u64,
-    /// An operation not answered this long after its call is abandoned (outcome unknown).
-    pub op_timeout: u64,
-    /// A read attempt not answered this long after it was sent is sent again.
-    pub read_attempt_timeout: u64,
-    /// Pause before retrying a refused request, in simulated time units.
-    pub retry_backoff: u64,
+    /// Longest pause between a client's operations, in nominal ticks.
+    pub think_time_max_ticks: u64,
+    /// An operation not answered this long after its call is abandoned (outcome unknown),
+    /// in nominal ticks (the election timeout is 10 to 20).
+    pub op_timeout_ticks: u64,
+    /// A read attempt not answered this long after it was sent is sent again, in ticks.
+    pub read_attempt_timeout_ticks: u64,
+    /// Pause before retrying a refused request, in nominal ticks.
+    pub retry_backoff_ticks: u64,
     /// Chance (per million) that a client sends to a random node instead of the leader it
     /// believes in, to exercise refusals and stale leaders.
     pub random_node_per_million: u32,
@@ -79,10 +80,10 @@ impl Default for KvWorkloadConfig {
         Self {
             clients: 5,
             keys: 3,
-            think_time_max: 2 * TICK,
-            op_timeout: 30 * TICK,
-            read_attempt_timeout: 8 * TICK,
-            retry_backoff: TICK / 2,
+            think_time_max_ticks: 2,
+            op_timeout_ticks: 30,
+            read_attempt_timeout_ticks: 8,
+            retry_backoff_ticks: 1,
             random_node_per_million: 100_000,
             read_mode: ReadMode::ReadIndex,
             check_limits: CheckLimits::default(),
@@ -375,7 +376,7 @@ impl KvWorkload {
             op_id,
             key,
             input,
-            deadline: now + self.config.op_timeout,
+            deadline: now + self.config.op_timeout_ticks * TICK,
         }
     }
 
@@ -413,7 +414,7 @@ impl KvWorkload {
                 client.read_index(node, ctx).map(|()| Ticket::Read {
                     node,
                     ctx,
-                    resend_at: now + self.config.read_attempt_timeout,
+                    resend_at: now + self.config.read_attempt_timeout_ticks * TICK,
                 })
             }
             Input::Put { .. } | Input::Cas { .. } => {
@@ -468,7 +469,7 @@ impl KvWorkload {
         self.report.0.borrow_mut().retries += 1;
         Phase::Sending {
             op,
-            send_at: now + self.config.retry_backoff,
+            send_at: now + self.config.retry_backoff_ticks * TICK,
         }
     }
 
@@ -515,7 +516,10 @@ impl KvWorkload {
         );
         let next = match phase {
             Phase::Answered => Phase::Idle {
-                next_op_at: now + client.rng().range(0, self.config.think_time_max),
+                next_op_at: now
+                    + client
+                        .rng()
+                        .range(0, self.config.think_time_max_ticks * TICK),
             },
             Phase::Idle { next_op_at } if now >= next_op_at => {
                 let op = self.begin_op(index, client);
