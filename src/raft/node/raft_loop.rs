@@ -67,6 +67,8 @@ pub(crate) struct RaftLoop {
     apply_watch: (LogIndex, Instant),
     addr_proposed_term: u64,
     membership: Membership,
+    /// When a message from each peer last arrived (for `manager ls`).
+    last_heard: HashMap<NodeId, Instant>,
     fatal: Option<String>,
 }
 
@@ -181,6 +183,7 @@ pub(crate) fn prepare(setup: Setup) -> Result<RaftLoop, NodeStartError> {
         handed_out: meta.index,
         apply_watch: (meta.index, Instant::now()),
         addr_proposed_term: 0,
+        last_heard: HashMap::new(),
         fatal: None,
     })
 }
@@ -278,6 +281,9 @@ impl RaftLoop {
     fn handle_input(&mut self, input: Input) {
         match input {
             Input::Step(messages) => {
+                if let Some(first) = messages.first() {
+                    self.last_heard.insert(first.from, Instant::now());
+                }
                 for message in messages {
                     self.core.step(message);
                 }
@@ -589,7 +595,13 @@ impl RaftLoop {
                     addr: self.shared.directory.addr(id),
                     role,
                     reachable: id == self.core.id() || progress.is_some_and(|p| p.recent_active),
-                    last_contact_ms: 0,
+                    last_contact_ms: if id == self.core.id() {
+                        0
+                    } else {
+                        self.last_heard.get(&id).map_or(u64::MAX, |at| {
+                            u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
+                        })
+                    },
                     match_index: if id == self.core.id() {
                         self.core.last_index()
                     } else {
