@@ -67,6 +67,8 @@ pub(crate) struct RaftLoop {
     apply_watch: (LogIndex, Instant),
     addr_proposed_term: u64,
     membership: Membership,
+    /// Ids whose removal is committed (mirrored into `Shared::removed_ids`).
+    committed_removed: std::collections::BTreeSet<NodeId>,
     /// When a message from each peer last arrived (for `manager ls`).
     last_heard: HashMap<NodeId, Instant>,
     fatal: Option<String>,
@@ -184,6 +186,7 @@ pub(crate) fn prepare(setup: Setup) -> Result<RaftLoop, NodeStartError> {
         apply_watch: (meta.index, Instant::now()),
         addr_proposed_term: 0,
         last_heard: HashMap::new(),
+        committed_removed: Default::default(),
         fatal: None,
     })
 }
@@ -335,8 +338,14 @@ impl RaftLoop {
         }
         if self.core.membership() != &self.membership {
             self.membership = self.core.membership().clone();
-            *self.shared.removed_ids.lock() = self.membership.removed.clone();
             self.reconcile_peers();
+        }
+        // Only a committed removal is announced to the removed member (it then stops): an
+        // uncommitted one may still be truncated away by a new leader.
+        let committed = self.core.membership_at(self.core.commit_index());
+        if committed.removed != self.committed_removed {
+            self.committed_removed = committed.removed.clone();
+            *self.shared.removed_ids.lock() = self.committed_removed.clone();
         }
     }
 
