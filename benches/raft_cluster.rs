@@ -109,12 +109,6 @@ fn writes(cluster: &Cluster, clients: usize, seconds: f64) {
     probe.transport.shutdown();
 }
 
-fn vm_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
 fn snapshot(mib: usize) {
     let mut cluster = Cluster::start(
         1,
@@ -142,20 +136,16 @@ fn snapshot(mib: usize) {
         .proc()
         .wait_for("snapshot at index", Duration::from_secs(600));
     let joiner = cluster.add_joiner();
-    let pid = cluster.managers[joiner].proc().pid();
-    let baseline = vm_rss_kib(pid).unwrap();
-    let mut peak = baseline;
-    loop {
-        peak = peak.max(vm_rss_kib(pid).unwrap_or(0));
-        if cluster.managers[joiner]
-            .proc()
-            .output()
-            .contains("received snapshot")
-        {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // The joiner samples its own RSS at every chunk it receives and logs the peak growth.
+    let received = cluster.managers[joiner]
+        .proc()
+        .wait_for("received snapshot", Duration::from_secs(600));
+    let growth_mib: f64 = received
+        .split("rss growth ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("the joiner logs its rss growth");
     let sent = cluster.managers[0]
         .proc()
         .wait_for("sent a snapshot of", Duration::from_secs(60));
@@ -166,10 +156,7 @@ fn snapshot(mib: usize) {
         .and_then(|v| v.parse().ok())
         .expect("the leader logs the transfer rate");
     println!("BENCH snapshot_stream_MBps {mbps:.0} MB/s");
-    println!(
-        "BENCH snapshot_rss_growth_MiB {:.1} MiB",
-        peak.saturating_sub(baseline) as f64 / 1024.0
-    );
+    println!("BENCH snapshot_rss_growth_MiB {growth_mib:.1} MiB");
     client.transport.shutdown();
 }
 

@@ -4,3 +4,4 @@
 //! two or more modules need exactly the same thing.
 
 pub mod fsutil;
+pub mod memory;

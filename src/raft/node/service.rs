@@ -15,6 +15,7 @@ use crate::net::{Allow, ClientStream, Router, ServicePool};
 use crate::proto::raft as pb;
 use crate::raft::core::{MembershipChange, MessageBody};
 use crate::raft::storage::LogStore;
+use crate::util::memory::rss_kib;
 use crate::wire::{Code, Status};
 
 /// A new member asks to be added.
@@ -188,24 +189,32 @@ fn install_snapshot(
         .receive(meta.clone(), first.total_bytes, sha)
         .map_err(storage_error)?;
     let started = Instant::now();
+    // Memory must stay bounded by a few chunks whatever the snapshot's size: sample it at
+    // every chunk and report the peak growth.
+    let rss_start_kib = rss_kib().unwrap_or(0);
+    let mut rss_peak_kib = rss_start_kib;
     builder
         .write_chunk(first.offset, &first.data)
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+    drop(first);
     while let Some(chunk) = stream.recv_timeout(timeout)? {
         builder
             .write_chunk(chunk.offset, &chunk.data)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        rss_peak_kib = rss_peak_kib.max(rss_kib().unwrap_or(0));
     }
     let received_bytes = builder.written_bytes();
     let info = builder
         .finish()
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
     log::info!(
-        "raft {:x}: received snapshot {} of {received_bytes} bytes from {:x} in {:?}",
+        "raft {:x}: received snapshot {} of {received_bytes} bytes from {:x} in {:?} \
+         (rss growth {:.1} MiB)",
         node.id(),
         info.meta.index,
         notice.from,
-        started.elapsed()
+        started.elapsed(),
+        rss_peak_kib.saturating_sub(rss_start_kib) as f64 / 1024.0
     );
     *node.shared().received_snapshot.lock() = Some(info);
     node.inputs()
