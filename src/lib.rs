@@ -15,3 +15,4 @@ pub mod raft;
 pub mod store;
 pub mod util;
 pub mod wire;
+pub mod control;
