@@ -276,7 +276,7 @@ fn update_cluster(
     api: &ControlApi,
     request: pb::UpdateClusterRequest,
 ) -> Result<pb::ClusterResponse, Status> {
-    let current = api.store.view(|view| the_cluster(view))?;
+    let current = api.store.view(the_cluster)?;
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     if request.version != version {
         return Err(stale("cluster", &current.id, request.version, version));
@@ -322,7 +322,7 @@ fn rotate_join_token(
     api: &ControlApi,
     request: pb::RotateJoinTokenRequest,
 ) -> Result<pb::JoinTokensResponse, Status> {
-    let current = api.store.view(|view| the_cluster(view))?;
+    let current = api.store.view(the_cluster)?;
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     let mut tokens = cluster_tokens(&current)?;
     let role = match NodeRole::try_from(request.role) {

@@ -246,7 +246,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         pool,
         move |_, _: pb::GetClusterRequest| {
             a.read_barrier()?;
-            let cluster = a.store.view(|view| the_cluster(view))?;
+            let cluster = a.store.view(the_cluster)?;
             Ok(pb::ClusterResponse {
                 cluster: Some(cluster.as_ref().clone()),
             })
@@ -259,7 +259,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         pool,
         move |_, _: pb::GetJoinTokensRequest| {
             a.read_barrier()?;
-            let cluster = a.store.view(|view| the_cluster(view))?;
+            let cluster = a.store.view(the_cluster)?;
             let tokens = super::handlers::cluster_tokens(&cluster)?;
             Ok(pb::JoinTokensResponse {
                 tokens: Some(super::handlers::tokens_to_proto(&tokens)),
