@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod cli;
+pub mod control;
 pub mod kv;
 pub mod lincheck;
 pub mod manager;
@@ -15,4 +16,3 @@ pub mod raft;
 pub mod store;
 pub mod util;
 pub mod wire;
-pub mod control;

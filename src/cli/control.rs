@@ -296,8 +296,9 @@ fn describe(addr: &str, status: &Status) -> String {
         Code::Unavailable => "\nhint: is the manager running (`flotilla run --state-dir …`)? \
                               During an election, retry in a moment."
             .to_string(),
-        Code::Aborted => "\nhint: someone changed it meanwhile: inspect it again and retry"
-            .to_string(),
+        Code::Aborted => {
+            "\nhint: someone changed it meanwhile: inspect it again and retry".to_string()
+        }
         Code::InvalidArgument => "\nhint: fix the field named above and retry".to_string(),
         Code::NotFound => String::new(),
         Code::PermissionDenied | Code::Unauthenticated => {
@@ -319,9 +320,8 @@ fn is_election(status: &Status) -> bool {
 impl Client {
     fn connect(connection: &Connection) -> Result<Self, String> {
         let dir = StateDir::new(connection.state_dir.clone());
-        let (identity, root) = load_node_files(&dir.node_dir()).map_err(|e| {
-            format!("{e}\nhint: point --state-dir at a node's state directory")
-        })?;
+        let (identity, root) = load_node_files(&dir.node_dir())
+            .map_err(|e| format!("{e}\nhint: point --state-dir at a node's state directory"))?;
         let addr = match &connection.manager {
             Some(addr) => addr.clone(),
             None => dir
@@ -415,7 +415,11 @@ pub fn parse_duration_ms(flag: &str, text: &str) -> Result<i64, String> {
         "" | "s" => 1000.0,
         "m" => 60_000.0,
         "h" => 3_600_000.0,
-        _ => return Err(format!("--{flag} {text:?}: unknown unit {unit:?} (ms, s, m, h)")),
+        _ => {
+            return Err(format!(
+                "--{flag} {text:?}: unknown unit {unit:?} (ms, s, m, h)"
+            ));
+        }
     };
     Ok((value * scale).round() as i64)
 }
@@ -553,7 +557,9 @@ fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> 
     let resources = task
         .resources
         .get_or_insert_with(ResourceRequirements::default);
-    let reservations = resources.reservations.get_or_insert_with(Resources::default);
+    let reservations = resources
+        .reservations
+        .get_or_insert_with(Resources::default);
     if let Some(cpu) = &flags.reserve_cpu {
         reservations.nano_cpus = parse_nano_cpus("reserve-cpu", cpu)?;
     }
@@ -784,10 +790,8 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
         }
         ServiceCommand::Rm { services } => {
             for reference in services {
-                let reply: pb::RemoveResponse = client.unary(
-                    api::REMOVE_SERVICE,
-                    &pb::RemoveServiceRequest { reference },
-                )?;
+                let reply: pb::RemoveResponse =
+                    client.unary(api::REMOVE_SERVICE, &pb::RemoveServiceRequest { reference })?;
                 println!("{}", reply.id);
             }
         }
@@ -1034,7 +1038,7 @@ fn join_token_command(client: &Client, role: TokenRole, rotate: bool) -> Result<
 #[derive(Debug)]
 pub enum ControlCommand {
     /// `service …`
-    Service(ServiceCommand),
+    Service(Box<ServiceCommand>),
     /// `node …`
     Node(NodeCommand),
     /// `task …`
@@ -1057,7 +1061,7 @@ pub enum ControlCommand {
 pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), String> {
     let client = Client::connect(connection)?;
     let result = match command {
-        ControlCommand::Service(command) => service_command(&client, command),
+        ControlCommand::Service(command) => service_command(&client, *command),
         ControlCommand::Node(command) => node_command(&client, command),
         ControlCommand::Task(command) => task_command(&client, command),
         ControlCommand::Cluster(command) => cluster_command(&client, command),

@@ -88,7 +88,12 @@ fn write_string(out: &mut String, s: &str) -> fmt::Result {
 }
 
 fn obj(fields: Vec<(&str, Json)>) -> Json {
-    Json::Obj(fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+    Json::Obj(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+    )
 }
 
 fn s(value: &str) -> Json {
@@ -201,7 +206,10 @@ fn task_spec(spec: Option<&TaskSpec>) -> Json {
         (
             "resources",
             obj(vec![
-                ("reservations", resources(requirements.reservations.as_ref())),
+                (
+                    "reservations",
+                    resources(requirements.reservations.as_ref()),
+                ),
                 ("limits", resources(requirements.limits.as_ref())),
             ]),
         ),
@@ -256,7 +264,10 @@ pub fn service(service: &Service) -> Json {
     let mut fields = vec![("id", s(&service.id))];
     fields.extend(meta(service.meta.as_ref()));
     fields.push(("spec", service_spec(service.spec.as_ref())));
-    fields.push(("previous_spec", service_spec(service.previous_spec.as_ref())));
+    fields.push((
+        "previous_spec",
+        service_spec(service.previous_spec.as_ref()),
+    ));
     obj(fields)
 }
 
@@ -334,7 +345,10 @@ pub fn cluster(cluster: &Cluster) -> Json {
             ("name", s(&spec.name)),
             ("labels", map(&spec.labels)),
             ("heartbeat_period_ms", n(spec.heartbeat_period_ms)),
-            ("snapshot_interval_entries", n(spec.snapshot_interval_entries)),
+            (
+                "snapshot_interval_entries",
+                n(spec.snapshot_interval_entries),
+            ),
             (
                 "log_entries_for_slow_followers",
                 n(spec.log_entries_for_slow_followers),

@@ -103,7 +103,7 @@ pub enum Command {
         connection: control::Connection,
         /// What to do.
         #[command(subcommand)]
-        command: control::ServiceCommand,
+        command: Box<control::ServiceCommand>,
     },
     /// List, inspect, update, promote, demote and remove nodes.
     Node {

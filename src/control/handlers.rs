@@ -71,9 +71,7 @@ pub(super) fn execute(
         super::REMOVE_SERVICE => remove_service(api, decode(payload)?).map(|r| encode(&r)),
         super::UPDATE_NODE => update_node(api, decode(payload)?).map(|r| encode(&r)),
         super::REMOVE_NODE => remove_node(api, decode(payload)?).map(|r| encode(&r)),
-        super::REPORT_MANAGER => {
-            report_manager(api, caller, decode(payload)?).map(|r| encode(&r))
-        }
+        super::REPORT_MANAGER => report_manager(api, caller, decode(payload)?).map(|r| encode(&r)),
         super::UPDATE_CLUSTER => update_cluster(api, decode(payload)?).map(|r| encode(&r)),
         super::ROTATE_JOIN_TOKEN => rotate_join_token(api, decode(payload)?).map(|r| encode(&r)),
         other => Err(Status::new(

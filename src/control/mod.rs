@@ -215,7 +215,17 @@ impl ControlApi {
         let response: pb::ForwardResponse = self
             .transport
             .channel(&leader_addr, &self.client_tls)
-            .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))?;
+            .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))
+            .map_err(|status| match status.code {
+                // Most often the leader just died and the election is not over: the caller
+                // may retry (a write whose reply was lost may have happened; a retried
+                // create then finds its name taken).
+                Code::Unavailable => Status::unavailable(format!(
+                    "leader {leader_addr} is unreachable ({}); retry in a moment",
+                    status.message
+                )),
+                _ => status,
+            })?;
         Ok(response.payload)
     }
 
@@ -253,7 +263,10 @@ fn serve_forward(
         // Never forward twice: the follower retries with the leader it learns next.
         let error = crate::raft::node::NodeError::NotLeader {
             leader: api.node.leader(),
-            leader_addr: api.node.leader().and_then(|id| api.node.directory().addr(id)),
+            leader_addr: api
+                .node
+                .leader()
+                .and_then(|id| api.node.directory().addr(id)),
         };
         return Err(error.to_status());
     }

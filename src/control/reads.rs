@@ -163,9 +163,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         move |_, _: pb::ListServicesRequest, stream| {
             a.read_barrier()?;
             let services = a.store.list::<Service>();
-            stream_chunks(&services, &stream, |services| pb::ServiceChunk {
-                services,
-            })
+            stream_chunks(&services, &stream, |services| pb::ServiceChunk { services })
         },
     );
     let a = api.clone();

@@ -14,9 +14,7 @@ use std::time::Duration;
 use super::ControlApi;
 use crate::net::{Allow, Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
-use crate::store::{
-    Action, Kind, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher,
-};
+use crate::store::{Action, Kind, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher};
 use crate::wire::Status;
 
 /// Watches one manager serves at once; more are refused with `ResourceExhausted`.
