@@ -1,13 +1,17 @@
 //! Durable log appends through the group-commit writer, beside a raw `fdatasync` floor.
 //!
 //! Usage: `cargo bench --bench storage -- [--sizes 1,10,100,1000] [--entry-bytes 256]
-//! [--seconds S] [--repeats R] [--dir PATH]`
+//! [--seconds S] [--repeats R] [--dir PATH] [--memtable-mib N]
+//! [--fjall-workers N] [--snapshot-every N]`
 //!
 //! For each batch size B, R repeats of S seconds each, alternating one batch of each kind
 //! (so both see the same disk, whatever else the machine is doing):
 //! - append: one `AppendRequest` of B entries (plus the hard state) submitted to the
 //!   `raft-log-writer`, then wait for its `Durable` event (one fjall batch + one
-//!   `persist(SyncData)`);
+//!   `persist(SyncData)`). Like a node in steady state, the log is compacted every
+//!   `--snapshot-every` entries (default 10,000, swarmkit's snapshot interval; keeping the
+//!   default 500 trailing entries), and that compaction runs in the writer inside the
+//!   measured time; `--snapshot-every 0` never compacts (an ever-growing log);
 //! - raw: copy the same B payloads into one buffer, `write` it to the end of a plain file
 //!   and `fdatasync` it (the least a hand-written log could do).
 //!
@@ -33,6 +37,9 @@ struct Args {
     seconds: f64,
     repeats: usize,
     dir: Option<PathBuf>,
+    memtable_mib: Option<u64>,
+    fjall_workers: Option<usize>,
+    snapshot_every: u64,
 }
 
 fn parse_args() -> Args {
@@ -42,6 +49,9 @@ fn parse_args() -> Args {
         seconds: 1.5,
         repeats: 3,
         dir: None,
+        memtable_mib: None,
+        fjall_workers: None,
+        snapshot_every: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -57,6 +67,15 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value().parse().expect("--seconds S"),
             "--repeats" => args.repeats = value().parse().expect("--repeats R"),
             "--dir" => args.dir = Some(PathBuf::from(value())),
+            "--fjall-workers" => {
+                args.fjall_workers = Some(value().parse().expect("--fjall-workers N"))
+            }
+            "--snapshot-every" => {
+                args.snapshot_every = value().parse().expect("--snapshot-every N")
+            }
+            "--memtable-mib" => {
+                args.memtable_mib = Some(value().parse().expect("--memtable-mib N"))
+            }
             "--bench" => {}
             other => panic!(
                 "unknown argument {other}; use --sizes 1,10,100,1000 --entry-bytes N --seconds S --repeats R --dir PATH"
@@ -70,6 +89,9 @@ struct AppendBench {
     handle: LogHandle,
     events: crossbeam_channel::Receiver<WriterEvent>,
     term: u64,
+    /// Compact every this many entries, as a node does after each snapshot (0: never).
+    snapshot_every: u64,
+    last_snapshot: u64,
 }
 
 impl AppendBench {
@@ -109,6 +131,13 @@ impl AppendBench {
                 WriterEvent::Fatal(e) => panic!("{e}"),
             }
         }
+        let last = self.handle.last_index();
+        if self.snapshot_every > 0 && last >= self.last_snapshot + self.snapshot_every {
+            // The snapshot file itself is the state machine's cost, not the log's: only the
+            // compaction it allows runs here (in the writer, between groups).
+            self.handle.compact(last).unwrap();
+            self.last_snapshot = last;
+        }
         start.elapsed()
     }
 }
@@ -143,6 +172,7 @@ fn measure(
     let mut buffer = Vec::with_capacity(batch * payloads[0].len());
     let (mut append_time, mut raw_time) = (Duration::ZERO, Duration::ZERO);
     let mut pair_ratios = Vec::new();
+    let (mut appends_us, mut raws_us) = (Vec::new(), Vec::new());
     let start = Instant::now();
     while start.elapsed() < duration {
         let raw_one = raw_batch(raw, &mut buffer, batch, payloads);
@@ -150,13 +180,27 @@ fn measure(
         raw_time += raw_one;
         append_time += append_one;
         pair_ratios.push(raw_one.as_secs_f64() / append_one.as_secs_f64());
+        appends_us.push(append_one.as_secs_f64() * 1e6);
+        raws_us.push(raw_one.as_secs_f64() * 1e6);
     }
+    eprintln!(
+        "  b={batch} batch us p50/p99/max: append {} raw {}",
+        spread(appends_us),
+        spread(raws_us)
+    );
     let entries = (pair_ratios.len() * batch) as f64;
     (
         entries / append_time.as_secs_f64(),
         entries / raw_time.as_secs_f64(),
         median(pair_ratios),
     )
+}
+
+/// "p50/p99/max" of `values`.
+fn spread(mut values: Vec<f64>) -> String {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |q: f64| values[((values.len() - 1) as f64 * q) as usize];
+    format!("{:.0}/{:.0}/{:.0}", at(0.5), at(0.99), at(1.0))
 }
 
 fn median(mut values: Vec<f64>) -> f64 {
@@ -178,13 +222,21 @@ fn main() {
             )
         })
         .collect();
-    let config = StorageConfig::default();
+    let mut config = StorageConfig::default();
+    if let Some(n) = args.fjall_workers {
+        config.fjall_worker_threads = n;
+    }
+    if let Some(mib) = args.memtable_mib {
+        config.memtable_bytes_max = mib << 20;
+    }
     let (store, recovered) = LogStore::open(&dir.path().join("store"), &config).unwrap();
     let (handle, events) = LogHandle::start(store, &recovered, &config).unwrap();
     let mut append = AppendBench {
         handle,
         events,
         term: 1,
+        snapshot_every: args.snapshot_every,
+        last_snapshot: 0,
     };
     let mut raw_file = OpenOptions::new()
         .create(true)

@@ -2,7 +2,7 @@
 //! watchers.
 //!
 //! Usage: `cargo bench --bench store_apply -- [--txns N] [--services S] [--watchers W]
-//! [--events E]`
+//! [--events E] [--snapshot-tasks T]`
 //! Prints `BENCH <name> <value> <unit>` lines:
 //! - `store_apply_txn_per_s`: transactions of one small service update (replica count,
 //!   optimistic version checked) applied to a store holding S services;
@@ -10,13 +10,18 @@
 //!   first (what a manager does with a committed entry);
 //! - `store_watch_events_per_s`: events delivered to W watchers (each on its own thread,
 //!   receiving every event) while E one-change transactions are applied, counted until the
-//!   last watcher has its last event.
+//!   last watcher has its last event;
+//! - `store_snapshot_MBps`, `store_restore_MBps`, `store_snapshot_bytes_per_task`: a store
+//!   of T tasks (each with its task template) streamed out and restored.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+use std::io::Read;
 use std::thread;
 use std::time::Instant;
 
-use flotilla::proto::objects::{Service, ServiceMode, ServiceSpec, TaskSpec, Transaction};
+use flotilla::proto::objects::{
+    Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState, TaskStatus, Transaction,
+};
 use flotilla::store::{Store, StoreConfig, WatchEvent, WatchOptions, create, update_expecting};
 use prost::Message;
 
@@ -25,6 +30,7 @@ struct Args {
     services: u64,
     watchers: usize,
     events: u64,
+    snapshot_tasks: u64,
 }
 
 fn parse_args() -> Args {
@@ -33,6 +39,7 @@ fn parse_args() -> Args {
         services: 1_000,
         watchers: 100,
         events: 20_000,
+        snapshot_tasks: 100_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -42,17 +49,30 @@ fn parse_args() -> Args {
             "--services" => args.services = value().expect("--services S"),
             "--watchers" => args.watchers = value().expect("--watchers W") as usize,
             "--events" => args.events = value().expect("--events E"),
+            "--snapshot-tasks" => args.snapshot_tasks = value().expect("--snapshot-tasks T"),
             "--bench" => {}
             other => panic!(
-                "unknown argument {other}; use --txns N --services S --watchers W --events E"
+                "unknown argument {other}; use --txns N --services S --watchers W --events E \
+                 --snapshot-tasks T"
             ),
         }
     }
     args
 }
 
+/// A 25-character id that looks random, like the ids the control API hands out (ids with
+/// long shared prefixes would make every index comparison slower than in real life).
+fn random_looking_id(kind: u64, index: u64) -> String {
+    // splitmix64: a bijection, so ids never collide.
+    let mut z = (kind << 56 | index).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    format!("{z:016x}{index:09}")
+}
+
 fn service_id(index: u64) -> String {
-    format!("svc{index:08}")
+    random_looking_id(1, index)
 }
 
 fn service(index: u64) -> Service {
@@ -192,9 +212,57 @@ fn bench_watch(args: &Args) {
     );
 }
 
+fn bench_snapshot(args: &Args) {
+    let store = Store::default();
+    let template = service(0).spec.unwrap().task;
+    let tasks: Vec<_> = (0..args.snapshot_tasks)
+        .map(|i| {
+            create(Task {
+                id: random_looking_id(2, i),
+                service_id: service_id(i % 100),
+                slot: i / 100 + 1,
+                node_id: random_looking_id(3, i % 1000),
+                desired_state: TaskState::Running as i32,
+                status: Some(TaskStatus {
+                    state: TaskState::Running as i32,
+                    message: "started".into(),
+                    timestamp_ms: 1_700_000_000_000,
+                    ..Default::default()
+                }),
+                spec: template.clone(),
+                service_version: 1,
+                ..Default::default()
+            })
+        })
+        .collect();
+    let batches = flotilla::store::split_into_transactions(tasks, 0).unwrap();
+    for (index, txn) in (1..).zip(&batches) {
+        store.apply(index, txn).unwrap();
+    }
+    let start = Instant::now();
+    let mut bytes = Vec::new();
+    store.snapshot().read_to_end(&mut bytes).unwrap();
+    let snapshot_s = start.elapsed().as_secs_f64();
+    let megabytes = bytes.len() as f64 / 1e6;
+    let target = Store::default();
+    let start = Instant::now();
+    target.restore(bytes.as_slice()).unwrap();
+    let restore_s = start.elapsed().as_secs_f64();
+    println!(
+        "BENCH store_snapshot_MBps {:.0} MB/s",
+        megabytes / snapshot_s
+    );
+    println!("BENCH store_restore_MBps {:.0} MB/s", megabytes / restore_s);
+    println!(
+        "BENCH store_snapshot_bytes_per_task {:.0} bytes",
+        bytes.len() as f64 / args.snapshot_tasks.max(1) as f64
+    );
+}
+
 fn main() {
     let args = parse_args();
     assert!(args.services > 0 && args.txns > 0 && args.events > 0);
     bench_apply(&args);
     bench_watch(&args);
+    bench_snapshot(&args);
 }

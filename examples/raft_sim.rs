@@ -1,13 +1,13 @@
 //! Runs the deterministic Raft simulator over a range of seeds.
 //!
 //! `cargo run --release --example raft_sim -- --seeds N --start S [--steps T] [--quiet]`
-//! prints one line per failing seed (with its reproduction command) and a last line exactly
+//! runs every seed with the read-staleness workload, prints one line per failing seed (with its reproduction command) and a last line exactly
 //! `seeds=N violations=V steps=T`; it exits non-zero if any seed violated an invariant.
 
 use std::process::ExitCode;
 use std::time::Instant;
 
-use flotilla::raft::sim::{SimConfig, repro_command, run_seed};
+use flotilla::raft::sim::{ReadsSeeWrites, SimConfig, repro_command, run_seed_with};
 
 fn main() -> ExitCode {
     let mut seeds = 100u64;
@@ -38,13 +38,16 @@ fn main() -> ExitCode {
     let mut violations = 0u64;
     let mut steps = 0u64;
     for seed in start..start + seeds {
-        let outcome = run_seed(seed, &config);
+        let outcome = run_seed_with(seed, &config, |sim| {
+            sim.set_workload(Box::new(ReadsSeeWrites::default()));
+        });
         steps += outcome.stats.steps;
         if verbose {
             println!("seed={seed} {:?}", outcome.stats);
         }
         if dump {
             let mut sim = flotilla::raft::sim::Sim::new(seed, config.clone());
+            sim.set_workload(Box::new(ReadsSeeWrites::default()));
             sim.trace_after = std::env::var("SIM_TRACE_AFTER")
                 .ok()
                 .and_then(|v| v.parse().ok());

@@ -270,3 +270,98 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
     assert!(!status.success(), "{output}");
     assert!(output.contains("removed from the cluster"), "{output}");
 }
+
+#[test]
+fn snapshot_transfer_broken_by_a_crash_is_reported_then_restarts_cleanly() {
+    let mut cluster = Cluster::start(
+        1,
+        ClusterOptions {
+            snapshot_interval_entries: Some(200),
+            ..Default::default()
+        },
+    );
+    let client = cluster.client();
+    let leader = cluster.managers[0].addr.clone();
+    let mib = snapshot_test_mib().min(100);
+    for i in 0..mib {
+        client
+            .put_at(
+                &leader,
+                &format!("big-{i:05}"),
+                Bytes::from(vec![7u8; 1 << 20]),
+            )
+            .unwrap();
+    }
+    for i in 0..800 {
+        client
+            .put_at(&leader, &format!("small-{i}"), Bytes::from_static(b"x"))
+            .unwrap();
+    }
+    let joiner = cluster.add_joiner();
+    cluster.managers[0]
+        .proc()
+        .wait_for("streaming snapshot", START);
+    cluster.managers[joiner].kill();
+
+    // The leader reports the failing transfer instead of retrying silently.
+    let deadline = Instant::now() + START;
+    loop {
+        let status = client.status(&leader).unwrap();
+        if status
+            .members
+            .iter()
+            .any(|m| m.problem.contains("snapshot transfer failing"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broken transfer was never reported"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Restarted, the joiner gets a fresh transfer, installs it and catches up.
+    cluster.managers[joiner].restart();
+    cluster.wait_voters(2, START);
+    let joiner_addr = cluster.managers[joiner].addr.clone();
+    let got = client
+        .get_at(&joiner_addr, &format!("big-{:05}", mib - 1))
+        .unwrap();
+    assert!(got.found && got.value.len() == 1 << 20);
+    let status = client.status(&leader).unwrap();
+    assert!(
+        status.members.iter().all(|m| m.problem.is_empty()),
+        "the problem was not cleared after a good transfer: {status:?}"
+    );
+}
+
+#[test]
+fn whole_cluster_restart_keeps_every_acknowledged_write() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let client = cluster.client();
+    let addrs = cluster.addrs();
+    for i in 0..200 {
+        client
+            .put_at(
+                &addrs[i % 3],
+                &format!("k{i}"),
+                Bytes::from(format!("v{i}")),
+            )
+            .unwrap();
+    }
+    for manager in &mut cluster.managers {
+        manager.stop();
+    }
+    for manager in &mut cluster.managers {
+        manager.restart();
+    }
+    cluster.wait_voters(3, START);
+    for i in 0..200 {
+        let got = client
+            .get_at(&addrs[(i + 1) % 3], &format!("k{i}"))
+            .unwrap();
+        assert!(got.found, "k{i} lost across the restart");
+        assert_eq!(got.value, Bytes::from(format!("v{i}")));
+    }
+}

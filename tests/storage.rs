@@ -587,3 +587,50 @@ fn torn_journal_tail_recovers_a_prefix_of_whole_writes() {
     let all = node.all();
     assert_eq!(all, entries(1..=last, 1));
 }
+
+#[test]
+fn a_raft_thread_that_never_drains_events_neither_blocks_the_writer_nor_loses_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        request_queue_len_max: 4,
+        ..StorageConfig::default()
+    };
+    let mut node = open_with(dir.path(), &config);
+    // Far more requests than the request queue and the event channel hold together; the
+    // events are not read until the end.
+    let mut last_seq = 0;
+    for index in 1..=2000 {
+        last_seq = node
+            .handle
+            .submit(AppendRequest {
+                truncate_from: None,
+                entries: vec![entry(index, 1)],
+                hard_state: None,
+            })
+            .unwrap();
+    }
+    let mut events = 0;
+    loop {
+        match node.events.recv().unwrap() {
+            WriterEvent::Durable(d) => {
+                events += 1;
+                node.handle.on_durable(&d);
+                if d.seq == last_seq {
+                    assert_eq!((d.last_index, d.last_term), (2000, 1));
+                    break;
+                }
+            }
+            WriterEvent::Fatal(e) => panic!("{e}"),
+        }
+    }
+    // While the channel is full the writer coalesces: at most the channel's worth, the one
+    // it holds, and one per group written after the draining started (those groups can
+    // only hold what the request queue held).
+    let bound =
+        flotilla::raft::storage::WRITER_EVENTS_LEN_MAX + 1 + config.request_queue_len_max + 1;
+    assert!(
+        events <= bound,
+        "{events} events for 2000 requests, bound {bound}"
+    );
+    assert_eq!(node.all(), entries(1..=2000, 1));
+}

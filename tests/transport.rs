@@ -574,3 +574,31 @@ fn per_message_timeouts_bound_each_chunk_not_the_whole_upload() {
         "the call deadline fired, not the per-message one"
     );
 }
+
+#[test]
+fn inline_handlers_answer_from_the_reactor_with_the_callers_identity() {
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let identity = cluster.identity(Role::Worker);
+    let channel = client.channel(&server.target(), &cluster.client_tls_for(&identity));
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let channel = channel.clone();
+            std::thread::spawn(move || {
+                let request = Bytes {
+                    data: vec![i; 100],
+                    caller: String::new(),
+                };
+                channel.unary::<Bytes, Bytes>("test.InlineEcho", &request, opts())
+            })
+        })
+        .collect();
+    for (i, call) in calls.into_iter().enumerate() {
+        let reply = call.join().unwrap().unwrap();
+        assert_eq!(reply.data, vec![i as u8; 100]);
+        assert_eq!(reply.caller, identity.node_id());
+    }
+    // The connection keeps serving pooled methods beside inline ones.
+    assert_eq!(echo(&channel, b"still here").unwrap().data, b"still here");
+}

@@ -204,10 +204,11 @@ pub fn register(
     client_tls: &Arc<rustls::ClientConfig>,
 ) {
     let n = node.clone();
-    router.unary_deferred(
+    // Inline on the reactor: validation and a `try_send` to the raft thread; the apply
+    // thread answers later through the responder.
+    router.unary_deferred_inline(
         APPLY,
         Allow::MANAGERS,
-        pool,
         move |_, command: pb::Command, responder| {
             if let Err(status) = validate(&command) {
                 responder.respond(Err(status));

@@ -178,6 +178,27 @@ impl ConnShared {
         Ok(())
     }
 
+    /// Queues `item` if the send buffer has room (or is empty), never waiting: for replies
+    /// sent from threads that must not block (the reactor itself, the Raft apply thread).
+    ///
+    /// # Errors
+    /// The close reason, or `ResourceExhausted` when the peer is not reading its replies.
+    pub(crate) fn push_nowait(&self, item: Outbound) -> Result<(), Status> {
+        let len_bytes = item.len_bytes();
+        let out = self.out.lock();
+        if let Some(reason) = &out.closed {
+            return Err(reason.clone());
+        }
+        if out.queued_bytes != 0 && out.queued_bytes + len_bytes > self.send_buffer_bytes_max {
+            return Err(Status::resource_exhausted(format!(
+                "the send buffer to {} is full: the peer is not reading its replies",
+                self.peer_addr
+            )));
+        }
+        self.enqueue(out, item, len_bytes);
+        Ok(())
+    }
+
     /// Queues a small control item without waiting for buffer space. Dropped silently if
     /// the connection already closed: there is nobody left to tell.
     pub(crate) fn push_control(&self, item: Outbound) {

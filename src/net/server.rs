@@ -250,13 +250,13 @@ pub struct Responder<T> {
 }
 
 impl<T: Message> Responder<T> {
-    /// Sends the reply (or the error) to the caller.
+    /// Sends the reply (or the error) to the caller. Never blocks: the Raft apply thread
+    /// answers through it, and a caller that stops reading its replies must not stall it
+    /// (its reply is replaced by `ResourceExhausted`).
     pub fn respond(mut self, result: Result<T, Status>) {
         if let Some(writer) = self.writer.take() {
-            reply(
-                &writer,
-                result.map(|resp| Bytes::from(resp.encode_to_vec())),
-            );
+            let result = result.map(|resp| Bytes::from(resp.encode_to_vec()));
+            reply_with(&writer, result, Wait::Never);
         }
     }
 
@@ -298,7 +298,8 @@ enum Handler {
 struct MethodEntry {
     allow: Allow,
     handler: Handler,
-    jobs: Sender<Job>,
+    /// `None`: the handler runs on the reactor thread (see [`Router::unary_inline`]).
+    jobs: Option<Sender<Job>>,
 }
 
 /// The methods a listener serves, each with its allow-list and the pool that runs it.
@@ -318,15 +319,65 @@ impl Router {
     }
 
     fn insert(&mut self, method: &str, allow: Allow, pool: &ServicePool, handler: Handler) {
+        self.insert_entry(method, allow, Some(pool.jobs.clone()), handler);
+    }
+
+    fn insert_entry(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        jobs: Option<Sender<Job>>,
+        handler: Handler,
+    ) {
         let previous = self.methods.insert(
             method.to_string(),
             MethodEntry {
                 allow,
                 handler,
-                jobs: pool.jobs.clone(),
+                jobs,
             },
         );
         assert!(previous.is_none(), "method {method} registered twice");
+    }
+
+    /// Serves `method` as a unary call whose handler runs on the reactor thread itself: no
+    /// queue, no thread hop. Only for handlers that never block and finish in microseconds
+    /// (hand the request to another thread's bounded queue with `try_send`, answer at once).
+    /// The reply never waits for buffer space; if it does not fit, the call fails with
+    /// `ResourceExhausted`.
+    pub fn unary_inline<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let raw = move |ctx: &CallContext, payload: Bytes| {
+            let request = decode_request::<Req>(payload)?;
+            handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
+        };
+        self.insert_entry(method, allow, None, Handler::Unary(Arc::new(raw)));
+    }
+
+    /// [`Router::unary_deferred`] whose handler runs on the reactor thread (see
+    /// [`Router::unary_inline`] for what such a handler may do).
+    pub fn unary_deferred_inline<Req, Resp>(
+        &mut self,
+        method: &str,
+        allow: Allow,
+        handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.insert_entry(
+            method,
+            allow,
+            None,
+            Handler::Deferred(Arc::new(deferred(handler))),
+        );
     }
 
     /// Serves `method` as a unary call on `pool`.
@@ -360,19 +411,12 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        let raw = move |ctx: &CallContext, payload: Bytes, writer: StreamWriter| {
-            let request = match decode_request::<Req>(payload) {
-                Ok(request) => request,
-                Err(status) => return Err((status, writer)),
-            };
-            let responder = Responder {
-                writer: Some(writer),
-                _message: PhantomData,
-            };
-            handler(ctx, request, responder);
-            Ok(())
-        };
-        self.insert(method, allow, pool, Handler::Deferred(Arc::new(raw)));
+        self.insert(
+            method,
+            allow,
+            pool,
+            Handler::Deferred(Arc::new(deferred(handler))),
+        );
     }
 
     /// Serves `method` as a server-streaming call on `pool`. The handler may return while
@@ -465,8 +509,16 @@ impl Router {
             ctl: ctl.clone(),
             deadline,
         };
-        let (inbound, job) = build_job(&entry.handler, ctx, writer, request.payload);
-        match entry.jobs.try_send(job) {
+        let Some(jobs) = &entry.jobs else {
+            // Inline: run it now, on the reactor thread.
+            let (inbound, job) =
+                build_job(&entry.handler, ctx, writer, request.payload, Wait::Never);
+            job();
+            return Ok(Route { inbound, ctl });
+        };
+        let (inbound, job) =
+            build_job(&entry.handler, ctx, writer, request.payload, Wait::ForSpace);
+        match jobs.try_send(job) {
             Ok(()) => Ok(Route { inbound, ctl }),
             Err(TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
                 "{} is busy: its queue is full; retry with backoff",
@@ -480,20 +532,47 @@ impl Router {
     }
 }
 
+/// The raw form of a deferred handler: decodes the request, wraps the writer.
+fn deferred<Req, Resp>(
+    handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
+) -> impl Fn(&CallContext, Bytes, StreamWriter) -> Result<(), (Status, StreamWriter)>
++ Send
++ Sync
++ 'static
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    move |ctx: &CallContext, payload: Bytes, writer: StreamWriter| {
+        let request = match decode_request::<Req>(payload) {
+            Ok(request) => request,
+            Err(status) => return Err((status, writer)),
+        };
+        let responder = Responder {
+            writer: Some(writer),
+            _message: PhantomData,
+        };
+        handler(ctx, request, responder);
+        Ok(())
+    }
+}
+
 /// Builds the pool job for one admitted call, and the inbound channel the reactor feeds
-/// (client-streaming calls only).
+/// (client-streaming calls only). `wait` says whether the reply may wait for buffer space
+/// (not on the reactor thread).
 fn build_job(
     handler: &Handler,
     ctx: CallContext,
     writer: StreamWriter,
     payload: Bytes,
+    wait: Wait,
 ) -> (Option<Sender<Inbound>>, Job) {
     match handler {
         Handler::Unary(f) => {
             let f = f.clone();
             let job = Box::new(move || {
                 let result = run_unless_expired(&ctx, || f(&ctx, payload));
-                reply(&writer, result);
+                reply_with(&writer, result, wait);
             });
             (None, job)
         }
@@ -551,11 +630,29 @@ fn run_unless_expired<T>(
 }
 
 fn reply(writer: &StreamWriter, result: Result<Bytes, Status>) {
+    reply_with(writer, result, Wait::ForSpace);
+}
+
+/// Whether a reply may wait for send-buffer space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Pool threads: wait (until the call's deadline).
+    ForSpace,
+    /// The reactor and the Raft apply thread: never; a reply that does not fit fails the
+    /// call with `ResourceExhausted` instead.
+    Never,
+}
+
+fn reply_with(writer: &StreamWriter, result: Result<Bytes, Status>, wait: Wait) {
     match result {
         Ok(payload) => {
             let mut env = envelope(writer.stream_id, FrameKind::Response);
             env.payload = payload;
-            if let Err(status) = writer.finish(env) {
+            let sent = match wait {
+                Wait::ForSpace => writer.finish(env),
+                Wait::Never => writer.finish_nowait(env),
+            };
+            if let Err(status) = sent {
                 // Too large or no longer deliverable: tell the caller if the stream is open.
                 writer.fail(&status);
             }

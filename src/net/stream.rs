@@ -161,6 +161,19 @@ impl StreamWriter {
         }
     }
 
+    /// Sends a RESPONSE without ever waiting for buffer space.
+    ///
+    /// # Errors
+    /// As [`ConnShared::push_nowait`](super::conn::ConnShared::push_nowait).
+    pub(crate) fn finish_nowait(&self, env: Envelope) -> Result<(), Status> {
+        debug_assert_eq!(env.stream_id, self.stream_id);
+        let frame = self.conn.encode(&env)?;
+        self.conn.push_nowait(Outbound::Finish {
+            stream_id: self.stream_id,
+            frame,
+        })
+    }
+
     /// Ends our side with an ERROR frame carrying `status`.
     pub(crate) fn fail(&self, status: &Status) {
         let mut env = envelope(self.stream_id, FrameKind::Error);

@@ -7,7 +7,7 @@
 //!
 //! - Reads come from memory: [`Store::view`] runs a closure on a [`ReadView`], consistent
 //!   across every table.
-//! - Writes are [`Transaction`](crate::proto::objects::Transaction)s that the Raft layer
+//! - Writes are [`Transaction`]s that the Raft layer
 //!   commits and then hands to [`Store::apply`] with their log index, on every manager, in log
 //!   order. The log index becomes the version of every object the transaction writes, so all
 //!   managers compute identical versions. An update carries the version its proposer read and
@@ -34,7 +34,7 @@ mod txn;
 mod view;
 mod watch;
 
-use std::io::Read;
+use std::io::{self, Read, Write};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
@@ -273,6 +273,17 @@ impl Store {
     pub fn snapshot(&self) -> SnapshotStream {
         let state = self.state.read();
         SnapshotStream::new(&state.tables, state.applied_index, state.version)
+    }
+
+    /// Writes a snapshot of the whole store to `writer` (see [`Self::snapshot`]).
+    ///
+    /// # Errors
+    /// The writer's error; what was written is then incomplete and will not restore.
+    pub fn write_snapshot(&self, writer: &mut impl Write) -> io::Result<SnapshotInfo> {
+        let mut stream = self.snapshot();
+        let info = stream.info();
+        io::copy(&mut stream, writer)?;
+        Ok(info)
     }
 
     /// Replaces the whole store with the snapshot read from `reader`, atomically: the

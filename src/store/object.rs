@@ -136,9 +136,10 @@ pub trait Record:
     fn table_mut(tables: &mut Tables) -> &mut Table<Self>;
 }
 
-/// Lower-cases a unique name so `Web` and `web` collide, as operators expect.
+/// Lower-cases a unique name so `Web` and `web` collide, as operators expect. ASCII only:
+/// Unicode case tables change between releases, and every manager must decide alike.
 pub(crate) fn name_key(name: &str) -> String {
-    name.to_lowercase()
+    name.to_ascii_lowercase()
 }
 
 impl Record for Node {

@@ -9,7 +9,7 @@
 //! Owns the format. Must never touch the live store: decoding builds new tables, which the
 //! store swaps in only when the whole stream checked out.
 
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 
 use prost::Message;
 use ring::digest;
@@ -28,6 +28,9 @@ pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
 /// of at most [`TXN_BYTES_MAX`], so no honest record is larger; a corrupt length cannot make
 /// the reader allocate more.
 pub const SNAPSHOT_RECORD_BYTES_MAX: usize = TXN_BYTES_MAX;
+
+/// The read buffer of a restore: large reads from the transfer, small copies out.
+const READ_BUFFER_BYTES: usize = 256 * 1024;
 
 /// Why a snapshot could not be restored. The store is unchanged.
 #[derive(Debug, thiserror::Error)]
@@ -194,17 +197,21 @@ pub(crate) struct Loaded {
     pub(crate) info: SnapshotInfo,
 }
 
-/// Hashes exactly the bytes its consumer reads.
-struct HashingReader<R> {
-    inner: BufReader<R>,
-    hasher: digest::Context,
+/// Which record of the stream is being read, for error messages.
+#[derive(Clone, Copy)]
+enum Part {
+    Header,
+    Object { index: u64, count: u64 },
+    Trailer,
 }
 
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(out)?;
-        self.hasher.update(&out[..n]);
-        Ok(n)
+impl std::fmt::Display for Part {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Header => f.write_str("the header"),
+            Self::Object { index, count } => write!(f, "object {index} of {count}"),
+            Self::Trailer => f.write_str("the trailer"),
+        }
     }
 }
 
@@ -212,83 +219,133 @@ fn corrupt(reason: impl Into<String>) -> SnapshotError {
     SnapshotError::Corrupt(reason.into())
 }
 
-/// Reads one length-delimited record, or `None` at a clean end of stream.
-fn read_record(reader: &mut impl Read, what: &str) -> Result<Option<Vec<u8>>, SnapshotError> {
-    let mut length: u64 = 0;
-    for byte_index in 0..10 {
-        let mut byte = [0u8; 1];
-        match reader.read(&mut byte) {
-            Ok(0) if byte_index == 0 => return Ok(None),
-            Ok(0) => return Err(corrupt(format!("stream ends inside the length of {what}"))),
-            Ok(_) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error.into()),
-        }
-        length |= u64::from(byte[0] & 0x7f) << (7 * byte_index);
-        if byte[0] & 0x80 == 0 {
-            let length = usize::try_from(length)
-                .ok()
-                .filter(|length| *length <= SNAPSHOT_RECORD_BYTES_MAX)
-                .ok_or_else(|| {
-                    corrupt(format!(
-                        "{what} claims {length} bytes, more than {SNAPSHOT_RECORD_BYTES_MAX}"
-                    ))
-                })?;
-            let mut body = vec![0u8; length];
-            reader.read_exact(&mut body).map_err(|error| {
-                if error.kind() == io::ErrorKind::UnexpectedEof {
-                    corrupt(format!("stream ends inside {what}"))
-                } else {
-                    error.into()
-                }
-            })?;
-            return Ok(Some(body));
-        }
-    }
-    Err(corrupt(format!(
-        "the length of {what} is not a valid varint"
-    )))
+/// Longest varint a record length may take.
+const LENGTH_PREFIX_BYTES_MAX: usize = 10;
+
+/// Reads length-delimited records into one reused buffer, hashing what it reads.
+struct RecordReader<R> {
+    inner: BufReader<R>,
+    hasher: digest::Context,
+    record: Vec<u8>,
 }
 
-fn decode<M: Message + Default>(body: &[u8], what: &str) -> Result<M, SnapshotError> {
-    M::decode(body).map_err(|error| corrupt(format!("{what} does not decode: {error}")))
+impl<R: Read> RecordReader<R> {
+    /// Reads the next record into `self.record` (hashing it if `hash`); false at a clean end
+    /// of stream.
+    fn next(&mut self, part: Part, hash: bool) -> Result<bool, SnapshotError> {
+        let mut prefix = [0u8; LENGTH_PREFIX_BYTES_MAX];
+        let mut prefix_len = 0;
+        let mut length: u64 = 0;
+        loop {
+            let byte = match self.inner.fill_buf() {
+                Ok([]) if prefix_len == 0 => return Ok(false),
+                Ok([]) => return Err(corrupt(format!("stream ends inside the length of {part}"))),
+                Ok([byte, ..]) => *byte,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error.into()),
+            };
+            self.inner.consume(1);
+            prefix[prefix_len] = byte;
+            length |= u64::from(byte & 0x7f) << (7 * prefix_len);
+            prefix_len += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            if prefix_len == LENGTH_PREFIX_BYTES_MAX {
+                return Err(corrupt(format!(
+                    "the length of {part} is not a valid varint"
+                )));
+            }
+        }
+        let length = usize::try_from(length)
+            .ok()
+            .filter(|length| *length <= SNAPSHOT_RECORD_BYTES_MAX)
+            .ok_or_else(|| {
+                corrupt(format!(
+                    "{part} claims {length} bytes, more than {SNAPSHOT_RECORD_BYTES_MAX}"
+                ))
+            })?;
+        self.record.resize(length, 0);
+        self.inner.read_exact(&mut self.record).map_err(|error| {
+            if error.kind() == io::ErrorKind::UnexpectedEof {
+                corrupt(format!("stream ends inside {part}"))
+            } else {
+                error.into()
+            }
+        })?;
+        if hash {
+            self.hasher.update(&prefix[..prefix_len]);
+            self.hasher.update(&self.record);
+        }
+        Ok(true)
+    }
+
+    /// Decodes the next record as `M`; a missing record is corruption.
+    fn next_message<M: Message + Default>(
+        &mut self,
+        part: Part,
+        hash: bool,
+    ) -> Result<M, SnapshotError> {
+        if !self.next(part, hash)? {
+            return Err(corrupt(format!("the stream ends before {part}")));
+        }
+        M::decode(self.record.as_slice())
+            .map_err(|error| corrupt(format!("{part} does not decode: {error}")))
+    }
+
+    /// True if no byte follows.
+    fn at_end(&mut self) -> Result<bool, SnapshotError> {
+        loop {
+            match self.inner.fill_buf() {
+                Ok(rest) => return Ok(rest.is_empty()),
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+    }
 }
 
 /// Decodes and checks a whole snapshot stream into new tables.
 pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
-    let mut reader = HashingReader {
-        inner: BufReader::new(reader),
+    let mut reader = RecordReader {
+        inner: BufReader::with_capacity(READ_BUFFER_BYTES, reader),
         hasher: digest::Context::new(&digest::SHA256),
+        record: Vec::new(),
     };
-    let header: SnapshotHeader = match read_record(&mut reader, "the header")? {
-        Some(body) => decode(&body, "the header")?,
-        None => return Err(corrupt("the stream is empty")),
-    };
+    if reader.at_end()? {
+        return Err(corrupt("the stream is empty"));
+    }
+    let header: SnapshotHeader = reader.next_message(Part::Header, true)?;
     if header.format_version != SNAPSHOT_FORMAT_VERSION {
         return Err(SnapshotError::UnsupportedFormat {
             found: header.format_version,
         });
     }
+    if header.version > header.applied_index {
+        // Versions are log indexes of applied entries, so this cannot come from a store; and
+        // applying after it would publish versions out of order.
+        return Err(corrupt(format!(
+            "the header's version {} is after its applied index {}",
+            header.version, header.applied_index
+        )));
+    }
     let mut tables = Tables::default();
     for index in 0..header.object_count {
-        let what = format!("object {index} of {}", header.object_count);
-        let body = read_record(&mut reader, &what)?
-            .ok_or_else(|| corrupt(format!("the stream ends before {what}")))?;
-        let object = Object::from_store_object(decode::<StoreObject>(&body, &what)?)
-            .ok_or_else(|| corrupt(format!("{what} has no kind")))?;
+        let part = Part::Object {
+            index,
+            count: header.object_count,
+        };
+        let object = Object::from_store_object(reader.next_message::<StoreObject>(part, true)?)
+            .ok_or_else(|| corrupt(format!("{part} has no kind")))?;
         insert(&mut tables, object, header.version)
-            .map_err(|reason| corrupt(format!("{what}: {reason}")))?;
+            .map_err(|reason| corrupt(format!("{part}: {reason}")))?;
     }
     let digest = reader.hasher.clone().finish();
-    let trailer: SnapshotTrailer = match read_record(&mut reader, "the trailer")? {
-        Some(body) => decode(&body, "the trailer")?,
-        None => return Err(corrupt("the stream ends before the trailer")),
-    };
+    let trailer: SnapshotTrailer = reader.next_message(Part::Trailer, false)?;
     if trailer.sha256.as_ref() != digest.as_ref() {
         return Err(corrupt("the checksum does not match the contents"));
     }
-    let mut extra = [0u8; 1];
-    if reader.read(&mut extra)? != 0 {
+    if !reader.at_end()? {
         return Err(corrupt("bytes follow the trailer"));
     }
     Ok(Loaded {

@@ -121,10 +121,12 @@ impl<T: Record> Table<T> {
             });
         }
         let old = self.by_id.insert(id.clone(), Arc::clone(&object));
-        if let Some(old) = &old {
-            self.unindex(old);
+        match &old {
+            // Most updates leave most keys alone (a status change, a replica count): touch
+            // only the entries that differ.
+            Some(old) => self.reindex(old, &object),
+            None => self.index(&object),
         }
-        self.index(&object);
         Ok(old)
     }
 
@@ -148,6 +150,41 @@ impl<T: Record> Table<T> {
         object.secondary_keys(&mut keys);
         for key in keys {
             self.secondary.insert((key, id.to_owned()));
+        }
+    }
+
+    fn reindex(&mut self, old: &T, new: &T) {
+        let id = new.id();
+        debug_assert_eq!(old.id(), id);
+        let old_name = old.unique_name().filter(|name| !name.is_empty());
+        let new_name = new.unique_name().filter(|name| !name.is_empty());
+        if old_name != new_name {
+            if let Some(name) = old_name {
+                let key = name_key(name);
+                if self.by_name.get(&key).is_some_and(|holder| holder == id) {
+                    self.by_name.remove(&key);
+                }
+            }
+            if let Some(name) = new_name {
+                let previous = self.by_name.insert(name_key(name), id.to_owned());
+                assert!(
+                    previous.is_none_or(|holder| holder == id),
+                    "put checked that the name is free"
+                );
+            }
+        }
+        let (mut old_keys, mut new_keys) = (Vec::new(), Vec::new());
+        old.secondary_keys(&mut old_keys);
+        new.secondary_keys(&mut new_keys);
+        for key in &old_keys {
+            if !new_keys.contains(key) {
+                self.secondary.remove(&(key.clone(), id.to_owned()));
+            }
+        }
+        for key in new_keys {
+            if !old_keys.contains(&key) {
+                self.secondary.insert((key, id.to_owned()));
+            }
         }
     }
 

@@ -116,6 +116,10 @@ fn contents(store: &Store) -> BTreeMap<(Kind, String), StoreObject> {
 fn snapshot_bytes(store: &Store) -> Vec<u8> {
     let mut bytes = Vec::new();
     store.snapshot().read_to_end(&mut bytes).unwrap();
+    let mut written = Vec::new();
+    let info = store.write_snapshot(&mut written).unwrap();
+    assert_eq!(written, bytes, "both ways of taking a snapshot agree");
+    assert_eq!(info, store.snapshot().info());
     bytes
 }
 
@@ -1451,4 +1455,339 @@ fn encoded_entries_apply_and_garbage_is_refused_in_order() {
     assert_eq!((store.version(), store.applied_index()), (1, 2));
     let error = store.apply_encoded(2, &data).unwrap_err();
     assert_eq!(error.code(), Code::FailedPrecondition);
+}
+
+/// Checks every index against a brute-force scan of the objects.
+fn assert_indexes_agree(store: &Store) {
+    store.view(|v| {
+        let tasks: Vec<&Arc<Task>> = v.list::<Task>().collect();
+        let ids =
+            |it: &mut dyn Iterator<Item = &Arc<Task>>| it.map(|t| t.id.clone()).collect::<Vec<_>>();
+        let scan = |pred: &dyn Fn(&Task) -> bool| {
+            tasks
+                .iter()
+                .filter(|t| pred(t))
+                .map(|t| t.id.clone())
+                .collect::<Vec<_>>()
+        };
+        for service_id in ["s0", "s1", "s2", "s3", ""] {
+            assert_eq!(
+                ids(&mut v.tasks_by_service(service_id)),
+                scan(&|t| !service_id.is_empty() && t.service_id == service_id),
+                "service index for {service_id:?}"
+            );
+            for slot in 0..3 {
+                assert_eq!(
+                    ids(&mut v.tasks_by_slot(service_id, slot)),
+                    scan(&|t| !service_id.is_empty()
+                        && t.service_id == service_id
+                        && t.slot == slot),
+                );
+            }
+        }
+        for node_id in ["n0", "n1", "n2", ""] {
+            assert_eq!(
+                ids(&mut v.tasks_by_node(node_id)),
+                scan(&|t| !node_id.is_empty() && t.node_id == node_id),
+                "node index for {node_id:?}"
+            );
+        }
+        for state in [TaskState::Running, TaskState::Shutdown, TaskState::Remove] {
+            assert_eq!(
+                ids(&mut v.tasks_by_desired_state(state)),
+                scan(&|t| t.desired_state == state as i32)
+            );
+        }
+        let services: Vec<&Arc<Service>> = v.list::<Service>().collect();
+        for s in &services {
+            let name = &s.spec.as_ref().unwrap().name;
+            assert_eq!(v.get_by_name::<Service>(name).unwrap().id, s.id);
+        }
+        for name in ["a", "b", "c", "d", "e", "f"] {
+            let holder = services
+                .iter()
+                .find(|s| s.spec.as_ref().unwrap().name.eq_ignore_ascii_case(name));
+            assert_eq!(
+                v.get_by_name::<Service>(name).map(|s| &s.id),
+                holder.map(|s| &s.id)
+            );
+        }
+    });
+}
+
+/// Random transactions (creates, updates with fresh or stale versions, deletes, renames into
+/// taken names) against the invariants: a refused transaction changes nothing, an accepted
+/// one changes exactly its objects, indexes always agree with the objects, and the store
+/// survives a snapshot round trip.
+#[test]
+fn random_transactions_keep_every_invariant() {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    let mut rng = StdRng::seed_from_u64(0x5eed_f10f);
+    let store = Store::default();
+    let (mut accepted, mut refused) = (0, 0);
+    for index in 1..=1500u64 {
+        let changes: Vec<Change> = (0..rng.random_range(1..=4))
+            .map(|_| {
+                let task_id = format!("t{}", rng.random_range(0..25));
+                let service_id = format!("s{}", rng.random_range(0..4));
+                let stored_task = store.get::<Task>(&task_id);
+                let stored_service = store.get::<Service>(&service_id);
+                match rng.random_range(0..7) {
+                    0 | 1 => {
+                        let mut t = task(
+                            &task_id,
+                            &service_id,
+                            ["n0", "n1", "n2", ""][rng.random_range(0..4)],
+                            rng.random_range(0..3),
+                        );
+                        t.desired_state = [TaskState::Running, TaskState::Shutdown]
+                            [rng.random_range(0..2)]
+                            as i32;
+                        create(t)
+                    }
+                    2 | 3 => {
+                        let mut t = stored_task.map_or_else(
+                            || task(&task_id, &service_id, "n0", 0),
+                            |t| t.as_ref().clone(),
+                        );
+                        t.node_id = ["n0", "n1", "n2", ""][rng.random_range(0..4)].into();
+                        t.desired_state =
+                            [TaskState::Running, TaskState::Remove][rng.random_range(0..2)] as i32;
+                        let version = t.version();
+                        // Mostly fresh, sometimes stale.
+                        let expected = if rng.random_range(0..5) == 0 {
+                            version.saturating_sub(1).max(1)
+                        } else {
+                            version.max(1)
+                        };
+                        update_expecting(t, expected)
+                    }
+                    4 => {
+                        let expected = match rng.random_range(0..3) {
+                            0 => 0,
+                            1 => stored_task.map_or(1, |t| t.version()),
+                            _ => 1,
+                        };
+                        delete(Kind::Task, &task_id, expected)
+                    }
+                    5 => {
+                        let name = ["a", "b", "C", "d", "e", "f"][rng.random_range(0..6)];
+                        match stored_service {
+                            Some(s) => {
+                                let mut s = s.as_ref().clone();
+                                s.spec.as_mut().unwrap().name = name.into();
+                                update(s)
+                            }
+                            None => create(service(&service_id, name)),
+                        }
+                    }
+                    _ => delete(Kind::Service, &service_id, 0),
+                }
+            })
+            .collect();
+        let before = contents(&store);
+        match store.apply(index, &txn(changes.clone())) {
+            Ok(outcome) => {
+                accepted += 1;
+                assert_eq!(outcome.events.len(), changes.len());
+                let after = contents(&store);
+                // Exactly the objects the events name changed.
+                let touched: std::collections::BTreeSet<(Kind, String)> = outcome
+                    .events
+                    .iter()
+                    .map(|e| (e.object.kind(), e.object.id().to_owned()))
+                    .collect();
+                for key in before.keys().chain(after.keys()) {
+                    if !touched.contains(key) {
+                        assert_eq!(before.get(key), after.get(key), "{key:?} changed untouched");
+                    }
+                }
+                for event in &outcome.events {
+                    let key = (event.object.kind(), event.object.id().to_owned());
+                    match event.action {
+                        Action::Delete => assert!(!after.contains_key(&key) || touched.len() > 1),
+                        _ => assert_eq!(event.object.version(), index),
+                    }
+                }
+            }
+            Err(error) => {
+                refused += 1;
+                assert_ne!(error.code(), Code::Ok);
+                assert_eq!(
+                    contents(&store),
+                    before,
+                    "refused txn {index} changed the store"
+                );
+            }
+        }
+        assert_indexes_agree(&store);
+        if index % 300 == 0 {
+            let copy = Store::default();
+            copy.restore(snapshot_bytes(&store).as_slice()).unwrap();
+            assert_eq!(contents(&copy), contents(&store));
+            assert_indexes_agree(&copy);
+        }
+    }
+    // The mix exercised both paths.
+    assert!(
+        accepted > 300 && refused > 300,
+        "accepted {accepted}, refused {refused}"
+    );
+}
+
+/// Watchers that never read fill up and are dropped while others keep up on their own
+/// threads; the applier never waits for either.
+#[test]
+fn stalled_watchers_are_dropped_while_readers_on_threads_get_everything() {
+    const TXNS: u64 = 3_000;
+    const STALLED_QUEUE: usize = 16;
+    let store = Store::default();
+    let stalled: Vec<Watcher> = (0..10)
+        .map(|_| {
+            store.watch(WatchOptions {
+                queue_events_max: Some(STALLED_QUEUE),
+                ..WatchOptions::default()
+            })
+        })
+        .collect();
+    let readers: Vec<_> = (0..4)
+        .map(|_| {
+            let watcher = store.watch(WatchOptions {
+                // Room for everything: these must never be dropped, however slow the thread.
+                queue_events_max: Some(TXNS as usize),
+                ..WatchOptions::default()
+            });
+            thread::spawn(move || {
+                let mut versions = Vec::new();
+                while versions.len() < TXNS as usize {
+                    versions.push(change_event(watcher.recv().unwrap()).version);
+                }
+                (versions, watcher)
+            })
+        })
+        .collect();
+    for i in 1..=TXNS {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    let mut kept = Vec::new();
+    for reader in readers {
+        let (versions, watcher) = reader.join().unwrap();
+        assert_eq!(versions, (1..=TXNS).collect::<Vec<_>>());
+        kept.push(watcher);
+    }
+    for watcher in &stalled {
+        let queued: Vec<u64> = (0..STALLED_QUEUE)
+            .map(|_| change_event(watcher.recv().unwrap()).version)
+            .collect();
+        assert_eq!(queued, (1..=STALLED_QUEUE as u64).collect::<Vec<_>>());
+        assert!(matches!(
+            watcher.recv(),
+            Err(WatchError::Dropped(DropReason::SlowConsumer { .. }))
+        ));
+        assert_eq!(watcher.recv().unwrap_err(), WatchError::Closed);
+    }
+    assert_eq!(store.watcher_count(), 4, "only the readers remain");
+}
+
+/// Builds a well-formed stream (valid checksum) from parts, to test checks past the checksum.
+fn forged_snapshot(
+    header: crate::proto::objects::SnapshotHeader,
+    objects: &[StoreObject],
+) -> Vec<u8> {
+    use prost::Message;
+    let mut bytes = Vec::new();
+    header.encode_length_delimited(&mut bytes).unwrap();
+    for object in objects {
+        object.encode_length_delimited(&mut bytes).unwrap();
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+    let trailer = crate::proto::objects::SnapshotTrailer {
+        sha256: bytes::Bytes::copy_from_slice(digest.as_ref()),
+    };
+    trailer.encode_length_delimited(&mut bytes).unwrap();
+    bytes
+}
+
+#[test]
+fn well_checksummed_but_inconsistent_snapshots_are_refused() {
+    use crate::proto::objects::SnapshotHeader;
+    let header = |version, applied_index, object_count| SnapshotHeader {
+        format_version: SNAPSHOT_FORMAT_VERSION,
+        applied_index,
+        version,
+        object_count,
+    };
+    let versioned = |id: &str, name: &str, version| {
+        let mut s = service(id, name);
+        s.meta = Some(crate::proto::objects::Meta {
+            version,
+            ..Default::default()
+        });
+        s.into_store_object()
+    };
+    let store = Store::default();
+    store
+        .apply(1, &txn(vec![create(service("keep", "keep"))]))
+        .unwrap();
+    let before = contents(&store);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (
+            forged_snapshot(header(9, 5, 0), &[]),
+            "after its applied index",
+        ),
+        (
+            forged_snapshot(
+                header(5, 5, 2),
+                &[versioned("a", "x", 1), versioned("a", "y", 1)],
+            ),
+            "appears twice",
+        ),
+        (
+            forged_snapshot(
+                header(5, 5, 2),
+                &[versioned("a", "x", 1), versioned("b", "X", 1)],
+            ),
+            "name",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[versioned("a", "x", 6)]),
+            "after the snapshot's version",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[StoreObject { object: None }]),
+            "no kind",
+        ),
+        (
+            forged_snapshot(header(5, 5, 1), &[versioned("", "x", 1)]),
+            "empty id",
+        ),
+        // The trailer is read where the second object should be.
+        (
+            forged_snapshot(header(5, 5, 2), &[versioned("a", "x", 1)]),
+            "object 1 of 2",
+        ),
+    ];
+    for (bytes, needle) in cases {
+        let error = store.restore(bytes.as_slice()).unwrap_err();
+        assert!(
+            error.to_string().contains(needle),
+            "{error} should mention {needle}"
+        );
+        assert_eq!(error.code(), Code::DataLoss);
+        assert_eq!(contents(&store), before);
+    }
+    // The forging helper itself makes streams that restore.
+    let good = forged_snapshot(header(5, 7, 1), &[versioned("a", "x", 5)]);
+    let info = store.restore(good.as_slice()).unwrap();
+    assert_eq!(
+        (info.version, info.applied_index, info.object_count),
+        (5, 7, 1)
+    );
+    store
+        .apply(8, &txn(vec![create(service("b", "y"))]))
+        .unwrap();
 }

@@ -290,8 +290,9 @@ struct Slot {
     id: u64,
     options: WatchOptions,
     sender: Sender<WatchEvent>,
-    /// Messages the queue may hold before the watcher counts as slow. The channel holds one
-    /// more, so the final `Dropped` always fits.
+    /// Messages the queue may hold before the watcher counts as slow. The hub, the only
+    /// sender, checks it before every send (the channel itself is unbounded so that idle
+    /// watchers cost no preallocated buffer); the final `Dropped` goes in on top.
     queue_limit: usize,
     /// Transactions at or below this version are skipped (resuming from a version this store
     /// has not reached yet).
@@ -328,7 +329,7 @@ impl Slot {
             });
             return Delivery::Remove;
         }
-        let mut messages = events
+        let changes = events
             .iter()
             .filter(|event| self.options.selects(event))
             .map(|event| WatchEvent::Change(Arc::clone(event)));
@@ -336,9 +337,9 @@ impl Slot {
             .options
             .include_commits
             .then_some(WatchEvent::Commit { version });
-        for message in messages.by_ref().chain(commit_message) {
-            // Full cannot happen: the hub is the only sender and checked the room. An error
-            // means the receiver is gone.
+        for message in changes.chain(commit_message) {
+            // The hub is the only sender and checked the room; an error means the receiver
+            // is gone.
             if self.sender.try_send(message).is_err() {
                 return Delivery::Remove;
             }
@@ -347,7 +348,7 @@ impl Slot {
         Delivery::Kept
     }
 
-    /// Sends the final message into the slot reserved for it; the sender drops with the slot.
+    /// Sends the final message (one past the limit); the sender drops with the slot.
     fn close(&self, reason: DropReason) {
         // Fails only if the receiver is gone, in which case nobody needs the reason.
         let _ = self.sender.try_send(WatchEvent::Dropped(reason));
@@ -469,11 +470,11 @@ impl Hub {
             .max(1);
         // The replay is allowed on top of the usual bound, so resuming never drops at once.
         let queue_limit = replay.len() + queue_events_max;
-        let (sender, events) = crossbeam_channel::bounded(queue_limit + 1);
+        let (sender, events) = crossbeam_channel::unbounded();
         for message in replay {
             sender
                 .try_send(message)
-                .expect("the channel was sized for the replay");
+                .expect("the receiver is still in our hands");
         }
         let id = self.next_id;
         self.next_id += 1;

@@ -190,6 +190,13 @@ fn test_router(pool: &ServicePool, events: Sender<Event>) -> Router {
         }
         Ok(Number { value: total })
     });
+    // Runs on the reactor thread itself.
+    router.unary_inline("test.InlineEcho", Allow::NODES, |ctx, req: Bytes| {
+        Ok(Bytes {
+            data: req.data,
+            caller: ctx.peer().map(|p| p.node_id.clone()).unwrap_or_default(),
+        })
+    });
     // Answers after `value` ms from another thread; a negative value drops the responder.
     router.unary_deferred(
         "test.Later",

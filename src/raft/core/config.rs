@@ -1,4 +1,6 @@
 //! Tunables of one Raft member. Every limit is named and documented here.
+//!
+//! Plain values: this module must never read the environment, a file or a clock.
 
 use crate::raft::types::NodeId;
 

@@ -1,4 +1,7 @@
 //! Typed refusals of the core's client-facing calls.
+//!
+//! Each variant says what the caller should do next; none may carry a panic-worthy state
+//! (broken invariants are assertions, not errors).
 
 use crate::raft::types::NodeId;
 

@@ -1,4 +1,6 @@
 //! Messages exchanged between members. Each names its sender, its receiver and the sender's term.
+//!
+//! Data only: encoding for the wire belongs to the node layer; this module must never do IO.
 
 use crate::raft::types::{Entry, LogIndex, NodeId, SnapshotMeta, Term};
 

@@ -1,4 +1,6 @@
 //! The leader's view of one peer's replication: match/next indexes and flow control.
+//!
+//! It must never decide commitment or send anything itself: the core reads it to do both.
 
 use std::collections::VecDeque;
 

@@ -1,5 +1,9 @@
 //! [`RaftCore`]: one member's Raft state machine, driven by inputs and drained through
 //! [`Ready`].
+//!
+//! It owns the term, vote, role, log cursors, membership history, peer progress, pending
+//! reads and held-back messages. It must never touch a clock, a file, a socket or a thread,
+//! and never let out a message whose claim (a vote, an acknowledgement) is not yet durable.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -170,6 +174,8 @@ pub struct RaftCore {
     scratch: Vec<LogIndex>,
     /// Leader only: payload bytes of uncommitted normal entries it appended (backpressure).
     uncommitted_bytes: u64,
+    /// Leader only: a TimeoutNow was sent in this term, so the lease may not be trusted.
+    lease_forfeited: bool,
 }
 
 impl RaftCore {
@@ -238,6 +244,7 @@ impl RaftCore {
             shutting_down: false,
             scratch: Vec::new(),
             uncommitted_bytes: 0,
+            lease_forfeited: false,
         };
         core.reset_election_timer();
         core
@@ -358,7 +365,7 @@ impl RaftCore {
         if self.role != Role::Leader || !self.config.check_quorum {
             return false;
         }
-        if self.disk_stall_ticks >= LEASE_DISK_STALL_TICKS_MAX {
+        if self.disk_stall_ticks >= LEASE_DISK_STALL_TICKS_MAX || self.lease_forfeited {
             return false;
         }
         let lease_ticks =
@@ -927,13 +934,15 @@ impl RaftCore {
         self.leader = self.config.id;
         self.reset_election_timer();
         self.clear_leader_state();
+        self.lease_forfeited = false;
         self.uncommitted_bytes = ((self.log.commit() + 1)..=self.log.last_index())
             .filter_map(|i| self.log.entry(i))
             .map(super::message::entry_bytes)
             .sum();
+        // Progress first, so the first append to every peer carries the new term's entry.
+        self.sync_progress_with_membership();
         let proposed = self.append_entry(EntryKind::Blank, Bytes::new());
         self.term_start_index = proposed.index;
-        self.sync_progress_with_membership();
     }
 
     /// Keeps one progress per member other than ourselves.
@@ -1027,16 +1036,23 @@ impl RaftCore {
         }
     }
 
+    /// True while we promise a leader not to help elect another (leader stickiness): we
+    /// heard from it within the election timeout, or we started less than an election
+    /// timeout ago (a restart must not void a promise made before the crash).
+    fn in_leader_lease(&self) -> bool {
+        let timeout = self.config.election_timeout_ticks;
+        self.config.check_quorum
+            && (self.leader != NO_NODE || self.tick_count < u64::from(timeout))
+            && self.election_elapsed_ticks < timeout
+    }
+
     /// A message from a higher term; returns false if it must be ignored.
     fn accept_higher_term(&mut self, message: &Message) -> bool {
         match message.body {
             MessageBody::Vote {
                 pre_vote, transfer, ..
             } => {
-                let in_lease = self.config.check_quorum
-                    && self.leader != NO_NODE
-                    && self.election_elapsed_ticks < self.config.election_timeout_ticks;
-                if in_lease && !transfer {
+                if self.in_leader_lease() && !transfer {
                     // Leader stickiness: we heard from a live leader within an election
                     // timeout, so a disruptive (or removed) candidate gets no term change.
                     return false;
@@ -1062,11 +1078,11 @@ impl RaftCore {
 
     fn answer_lower_term(&mut self, message: &Message) {
         match message.body {
-            MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
-                if self.config.check_quorum || self.config.pre_vote =>
-            {
+            MessageBody::Append { .. } | MessageBody::Heartbeat { .. } => {
                 // A stale leader (or a member whose term rose while partitioned cannot win):
                 // tell the sender our term so the stale side steps down and elections resume.
+                // Always (as in the paper): without check-quorum a stale leader would never
+                // learn of the newer term otherwise.
                 let body = MessageBody::AppendResponse {
                     match_index: 0,
                     reject: None,
@@ -1379,6 +1395,10 @@ impl RaftCore {
     }
 
     fn send_timeout_now(&mut self, peer: NodeId) {
+        // The target's campaign bypasses leader stickiness, which is what the lease relies on,
+        // and a delayed TimeoutNow may still start it after the transfer was abandoned: no
+        // lease for the rest of this term.
+        self.lease_forfeited = true;
         self.send(peer, self.term, MessageBody::TimeoutNow, 0);
     }
 

@@ -87,6 +87,11 @@ impl Directory {
     /// Records `addr` for `id` only if nothing is known yet (addresses learned from
     /// traffic never override replicated ones).
     pub fn learn(&self, id: NodeId, addr: &str) {
+        // Called for every inbound batch: the common case (already known) takes only the
+        // read lock.
+        if self.inner.read().contains_key(&id) {
+            return;
+        }
         let mut map = self.inner.write();
         map.entry(id).or_insert_with(|| addr.to_string());
     }

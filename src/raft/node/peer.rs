@@ -234,6 +234,12 @@ impl Peer {
         notice.body = MessageBody::Snapshot {
             meta: info.meta.clone(),
         };
+        log::info!(
+            "raft peer {:x}: streaming snapshot {} ({} bytes) to {addr}",
+            self.id,
+            info.meta.index,
+            info.content_bytes
+        );
         let chunk_timeout = Duration::from_millis(self.shared.config.snapshot_chunk_timeout_ms);
         let channel = self.transport.channel(addr, &self.tls);
         let mut upload = channel

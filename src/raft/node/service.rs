@@ -64,12 +64,11 @@ impl RaftPools {
 /// Serves the Raft methods of `node` on `pools`.
 pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store: &LogStore) {
     let n = node.clone();
-    router.unary(
-        STEP,
-        Allow::MANAGERS,
-        &pools.step,
-        move |_, req: pb::StepRequest| step(&n, req),
-    );
+    // Inline on the reactor: decoding and a `try_send` to the raft thread, no thread hop
+    // on the replication path.
+    router.unary_inline(STEP, Allow::MANAGERS, move |_, req: pb::StepRequest| {
+        step(&n, req)
+    });
     let (n, s) = (node.clone(), store.clone());
     router.client_stream(
         INSTALL_SNAPSHOT,

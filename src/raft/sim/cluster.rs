@@ -1,6 +1,7 @@
 //! The simulated world: nodes (core + disk + state machine), a network, a clock and the fault
 //! schedule, all driven by one seed. Everything happens as discrete events ordered by
-//! (time, sequence number), so a seed replays exactly.
+//! (time, sequence number), so a seed replays exactly. It must never read the wall clock, a
+//! thread-local random source or the environment.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 
@@ -23,6 +24,10 @@ pub const NODES_MAX: usize = 9;
 pub const VOTERS_MAX: usize = 5;
 /// Snapshots each node keeps for sending.
 pub const SNAPSHOTS_KEPT_MAX: usize = 4;
+/// The background load pauses while the leader has this many writes pending.
+const PROPOSER_WRITES_PENDING_MAX: usize = 8;
+/// Payload source of fault-free (benchmark) runs.
+static BENCH_PAYLOAD: [u8; 4096] = [0; 4096];
 /// Bytes of the simulator's own state machine header in a snapshot (applied index, chain).
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 
@@ -46,6 +51,9 @@ pub struct SimConfig {
     pub liveness_ticks: u64,
     /// Fixed cluster size (0 = chosen by the seed among 1, 3 and 5).
     pub nodes: usize,
+    /// Snapshot every node whenever it applied this many entries past its last snapshot
+    /// (0 = only the fault schedule snapshots). Bounds memory in long benchmark runs.
+    pub snapshot_interval_entries: u64,
 }
 
 impl Default for SimConfig {
@@ -59,6 +67,7 @@ impl Default for SimConfig {
             proposal_bytes: 16,
             liveness_ticks: 400,
             nodes: 0,
+            snapshot_interval_entries: 0,
         }
     }
 }
@@ -163,6 +172,9 @@ pub struct SimNode {
     received_snapshots: HashMap<LogIndex, Bytes>,
     leader_term_seen: Term,
     commit_checked: LogIndex,
+    /// Removed from the group by a committed change and shut down for good (as an operator
+    /// stops a removed manager).
+    retired: bool,
     seed: u64,
 }
 
@@ -369,7 +381,7 @@ impl Sim {
             disk_latency_max: if self.config.faults {
                 self.rng.range(1, 20)
             } else {
-                0
+                1
             },
             disk_stalled_until: 0,
             reads: Vec::new(),
@@ -377,6 +389,7 @@ impl Sim {
             received_snapshots: HashMap::new(),
             leader_term_seen: 0,
             commit_checked: 0,
+            retired: false,
             seed,
         };
         self.nodes.push(node);
@@ -481,7 +494,23 @@ impl Sim {
             self.workload = Some(workload);
         }
         self.drive_dirty();
+        if self.config.snapshot_interval_entries > 0 {
+            self.snapshot_on_interval();
+        }
         true
+    }
+
+    fn snapshot_on_interval(&mut self) {
+        for index in 0..self.nodes.len() {
+            let node = &self.nodes[index];
+            let behind = node
+                .core
+                .as_ref()
+                .map_or(0, |c| node.applied - c.snapshot_meta().index);
+            if behind >= self.config.snapshot_interval_entries {
+                self.snapshot_node(index);
+            }
+        }
     }
 
     fn handle(&mut self, event: Event) {
@@ -505,7 +534,7 @@ impl Sim {
                 }
             }
             Event::Restart { node } => {
-                if !self.nodes[node].is_up() {
+                if !self.nodes[node].is_up() && !self.nodes[node].retired {
                     self.checker.restarted(self.nodes[node].id);
                     self.start_node(node);
                 }
@@ -740,8 +769,8 @@ impl Sim {
             return;
         }
         node.applied = entry.index;
-        node.chain = chain_step(node.chain, entry);
         if self.config.check {
+            node.chain = chain_step(node.chain, entry);
             self.checker.applied(node.id, entry);
             self.checker.chain(node.id, entry.index, node.chain);
         }
@@ -848,14 +877,31 @@ impl Sim {
         let Some(index) = self.leader_index() else {
             return;
         };
+        if self.nodes[index].writes.len() >= PROPOSER_WRITES_PENDING_MAX {
+            // Backpressure like a node's bounded log-writer queue.
+            return;
+        }
+        // Without faults (benchmarks) payloads are static zeros: measure the core, not the
+        // allocator or a shared reference count.
+        let shared = (!self.config.faults).then(|| {
+            Bytes::from_static(
+                &BENCH_PAYLOAD[..self.config.proposal_bytes.min(BENCH_PAYLOAD.len())],
+            )
+        });
         for _ in 0..self.config.proposal_burst {
-            let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
-            while data.len() + 8 <= self.config.proposal_bytes {
-                data.put_u64(self.rng.next_u64());
-            }
+            let data = match &shared {
+                Some(bytes) => bytes.clone(),
+                None => {
+                    let mut data = BytesMut::with_capacity(self.config.proposal_bytes);
+                    while data.len() + 8 <= self.config.proposal_bytes {
+                        data.put_u64(self.rng.next_u64());
+                    }
+                    data.freeze()
+                }
+            };
             let node = &mut self.nodes[index];
             let core = node.core.as_mut().expect("leader is up");
-            if core.propose(data.freeze()).is_err() {
+            if core.propose(data).is_err() {
                 break;
             }
             node.dirty = true;
@@ -1106,7 +1152,7 @@ impl Sim {
         self.shape.long_delay_per_million = 0;
         for index in 0..self.nodes.len() {
             self.nodes[index].disk_stalled_until = 0;
-            if !self.nodes[index].is_up() {
+            if !self.nodes[index].is_up() && !self.nodes[index].retired {
                 self.schedule(self.now + 1, Event::Restart { node: index });
             }
         }

@@ -1,6 +1,9 @@
 //! The plug-in point for client workloads (for example a key-value store checked for
 //! linearizability): a [`Workload`] acts through a [`Client`] after every simulator step and
 //! observes what every node applies and which reads it confirmed.
+//!
+//! A workload must never reach into the simulator beyond [`Client`]: everything it does has
+//! to stay reproducible from the seed.
 
 use bytes::Bytes;
 

@@ -33,10 +33,12 @@ pub mod checker;
 pub mod cluster;
 pub mod harness;
 pub mod hook;
+pub mod reads;
 pub mod rng;
 
 pub use cluster::{Sim, SimConfig, SimStats};
 pub use hook::{Client, NodeView, Workload};
+pub use reads::ReadsSeeWrites;
 
 /// Outcome of one seed.
 #[derive(Clone, Debug)]
@@ -121,6 +123,23 @@ mod tests {
             committed > TEST_SEEDS * 10,
             "the runs must make progress, committed {committed}"
         );
+    }
+
+    #[test]
+    fn reads_through_the_workload_hook_see_acknowledged_writes() {
+        let config = SimConfig::default();
+        let mut failures = Vec::new();
+        let served = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        for seed in 0..200 {
+            let workload = ReadsSeeWrites::counting(served.clone());
+            let outcome = run_seed_with(seed, &config, |sim| sim.set_workload(Box::new(workload)));
+            if let Some(violation) = outcome.violation {
+                failures.push(format!("seed {seed}: {violation}"));
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+        let served = served.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(served > 1000, "reads were served: {served}");
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The simulator's only source of randomness: SplitMix64, stable across platforms and crate
-//! versions so that a seed replays exactly forever.
+//! versions so that a seed replays exactly forever. It must never be seeded from the clock.
 
 /// A seeded pseudo-random generator.
 #[derive(Clone, Debug)]

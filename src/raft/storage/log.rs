@@ -217,8 +217,50 @@ impl LogStore {
             return Ok(Vec::new());
         }
         check_readable(range.start, range.end, &self.bounds())?;
+        self.entries_in(&self.inner.db.snapshot(), range, bytes_max)
+    }
+
+    /// The term at `prev_index` together with the entries after it up to `end` (exclusive,
+    /// at least one if any, at most `bytes_max` of payload), all read from ONE fjall
+    /// snapshot: a concurrent truncation can never pair the old log's term with the new
+    /// log's entries (the ABA a replication thread must not fall into).
+    ///
+    /// # Errors
+    /// As for [`LogStore::term`] and [`LogStore::entries`].
+    pub fn entries_after(
+        &self,
+        prev_index: LogIndex,
+        end: LogIndex,
+        bytes_max: u64,
+    ) -> Result<(Term, Vec<Entry>), StorageError> {
         let view = self.inner.db.snapshot();
-        let Some(mut segment) = self.segment_containing(&view, range.start)? else {
+        // Bounds after the snapshot: they can only be newer, so a range they allow is
+        // either unchanged in the snapshot or reported missing, never mixed.
+        let bounds = self.bounds();
+        let prev_term = if prev_index + 1 == bounds.first_index {
+            bounds.prev_term
+        } else {
+            check_readable(prev_index, prev_index + 1, &bounds)?;
+            match self.segment_containing(&view, prev_index)? {
+                Some(segment) => segment.term(prev_index),
+                None => return Err(self.missing(prev_index)),
+            }
+        };
+        let range = (prev_index + 1)..end.max(prev_index + 1);
+        if range.is_empty() {
+            return Ok((prev_term, Vec::new()));
+        }
+        check_readable(range.start, range.end, &bounds)?;
+        Ok((prev_term, self.entries_in(&view, range, bytes_max)?))
+    }
+
+    fn entries_in(
+        &self,
+        view: &fjall::Snapshot,
+        range: Range<LogIndex>,
+        bytes_max: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let Some(mut segment) = self.segment_containing(view, range.start)? else {
             return Err(self.missing(range.start));
         };
         let mut later = view.range(
@@ -627,4 +669,104 @@ fn check_readable(start: LogIndex, end: LogIndex, bounds: &LogBounds) -> Result<
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::EntryKind;
+    use bytes::Bytes;
+
+    fn entries(range: std::ops::RangeInclusive<LogIndex>, term: Term) -> Vec<Entry> {
+        range
+            .map(|index| Entry {
+                term,
+                index,
+                kind: EntryKind::Normal,
+                data: Bytes::from(index.to_string()),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compaction_moves_at_most_one_round_per_call() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        // Ten segments of 100 entries, then one of 1000.
+        for k in 0..10 {
+            let batch = entries(k * 100 + 1..=k * 100 + 100, 1);
+            let last = batch.last().map(|e| (e.index, e.term)).unwrap();
+            store.write_group(&batch, last, None).unwrap();
+        }
+        store
+            .write_group(&entries(1001..=2000, 2), (2000, 2), None)
+            .unwrap();
+        assert!(
+            store.compact_round(1500, 250).unwrap(),
+            "more rounds needed"
+        );
+        assert_eq!(store.first_index(), 251);
+        assert_eq!(store.term(250).unwrap(), 1);
+        assert!(matches!(
+            store.term(249),
+            Err(StorageError::Compacted { .. })
+        ));
+        // The segment 201..=300 straddles the boundary and stays; 1..=200 are gone.
+        assert_eq!(store.find_garbage().unwrap(), None);
+        assert_eq!(store.keys_from(1).unwrap()[0], 201);
+        let mut rounds = 1;
+        loop {
+            rounds += 1;
+            if !store.compact_round(1500, 250).unwrap() {
+                break;
+            }
+        }
+        assert_eq!(rounds, 6, "1500 entries in rounds of at most 250");
+        assert_eq!(store.first_index(), 1501);
+        assert_eq!(store.term(1500).unwrap(), 2);
+        assert_eq!(
+            store.entries(1501..1503, u64::MAX).unwrap(),
+            entries(1501..=1502, 2)
+        );
+        assert!(
+            !store.compact_round(1500, 250).unwrap(),
+            "target reached: nothing to do"
+        );
+    }
+
+    #[test]
+    fn truncation_rewrites_the_cut_segment_and_drops_later_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), &StorageConfig::default()).unwrap();
+        store
+            .write_group(&entries(1..=10, 1), (10, 1), None)
+            .unwrap();
+        store
+            .write_group(&entries(11..=20, 1), (20, 1), None)
+            .unwrap();
+        store
+            .write_group(&entries(21..=30, 1), (30, 1), None)
+            .unwrap();
+        // Cut inside the first segment, append 6..=7 of term 2.
+        store.write_group(&entries(6..=7, 2), (7, 2), None).unwrap();
+        assert_eq!(store.keys_from(1).unwrap(), vec![1, 6]);
+        let all = store.entries(1..8, u64::MAX).unwrap();
+        assert_eq!(all[..5], entries(1..=5, 1)[..]);
+        assert_eq!(all[5..], entries(6..=7, 2)[..]);
+        // A pure truncation at a segment start removes that segment.
+        store.write_group(&[], (5, 1), None).unwrap();
+        assert_eq!(store.keys_from(1).unwrap(), vec![1]);
+        assert_eq!(store.last_index(), 5);
+        let (prev_term, after) = store.entries_after(3, 6, u64::MAX).unwrap();
+        assert_eq!((prev_term, after), (1, entries(4..=5, 1)));
+        assert_eq!(store.entries_after(5, 6, u64::MAX).unwrap(), (1, vec![]));
+        assert_eq!(
+            store.entries_after(0, 2, u64::MAX).unwrap(),
+            (0, entries(1..=1, 1))
+        );
+        assert!(matches!(
+            store.term(6),
+            Err(StorageError::Unavailable { .. })
+        ));
+    }
 }

@@ -29,8 +29,10 @@ use std::path::PathBuf;
 
 use crate::raft::types::LogIndex;
 
-pub use self::log::{LogStore, Recovered};
-pub use self::writer::{AppendRequest, Durable, LogHandle, WriterEvent};
+pub use self::log::{LogBounds, LogStore, Recovered};
+pub use self::writer::{
+    AppendRequest, Durable, LogHandle, WRITER_EVENTS_LEN_MAX, WRITER_THREAD_NAME, WriterEvent,
+};
 
 /// Tunables of the log store and its writer; every limit is named and documented.
 #[derive(Clone, Debug)]
@@ -52,10 +54,13 @@ pub struct StorageConfig {
     /// fjall block cache bytes (reads of old entries for slow followers).
     pub cache_bytes: u64,
     /// fjall memtable bytes per keyspace: what fjall keeps in memory (and replays from its
-    /// journal on restart) before flushing to a table file.
+    /// journal on restart) before flushing to a table file. Entries compacted away before
+    /// their memtable is flushed are never written a second time, so this is best above one
+    /// snapshot interval of log bytes (10,000 entries of ~1.5 KiB at the default).
     pub memtable_bytes_max: u64,
-    /// fjall background threads (memtable flushes, compactions). One is enough for a log
-    /// and leaves the other cores to the writer and the raft thread.
+    /// fjall background threads (memtable flushes, compactions). Two, so that a flush never
+    /// waits behind a table compaction: fjall halts writes (100 ms sleeps) once four sealed
+    /// memtables are queued.
     pub fjall_worker_threads: usize,
     /// Test-only fault: the writer reports this group's fsync as failed.
     #[cfg(test)]
@@ -75,7 +80,7 @@ pub const GROUP_BYTES_MAX_DEFAULT: usize = 32 << 20;
 /// Default for [`StorageConfig::memtable_bytes_max`] (16 MiB: small hosts, quick restarts).
 pub const MEMTABLE_BYTES_MAX_DEFAULT: u64 = 16 << 20;
 /// Default for [`StorageConfig::fjall_worker_threads`].
-pub const FJALL_WORKER_THREADS_DEFAULT: usize = 1;
+pub const FJALL_WORKER_THREADS_DEFAULT: usize = 2;
 /// Default for [`StorageConfig::cache_bytes`] (32 MiB).
 pub const CACHE_BYTES_DEFAULT: u64 = 32 << 20;
 

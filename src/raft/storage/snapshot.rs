@@ -54,7 +54,7 @@ const VERIFY_BUFFER_BYTES: usize = 1 << 20;
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A snapshot file that passed its header and length checks (and, where it came from
-/// [`SnapshotStore::open`] or [`SnapshotBuilder::finish`], its content digest).
+/// recovery (`LogStore::open`) or [`SnapshotBuilder::finish`], its content digest).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// What the snapshot covers.

@@ -108,6 +108,8 @@ struct View {
     first_index: LogIndex,
     prev_term: Term,
     last_index: LogIndex,
+    /// The term at `last_index`, kept so the hot path never reads the store for it.
+    last_term: Term,
     tail: VecDeque<(u64, Entry)>,
 }
 
@@ -170,6 +172,7 @@ impl LogHandle {
                     first_index: bounds.first_index,
                     prev_term: bounds.prev_term,
                     last_index: bounds.last_index,
+                    last_term: bounds.last_term,
                     tail: VecDeque::new(),
                 },
                 hard_state: recovered.hard_state,
@@ -192,7 +195,7 @@ impl LogHandle {
     /// compacted entries, decrease a term or move the hard state backwards (nothing is
     /// queued); [`StorageError::WriterStopped`] if the writer is gone.
     pub fn submit(&mut self, request: AppendRequest) -> Result<u64, StorageError> {
-        self.validate(&request)?;
+        let term_before = self.validate(&request)?;
         let seq = self.next_seq;
         if self.requests.is_none() {
             return Err(StorageError::WriterStopped);
@@ -200,12 +203,15 @@ impl LogHandle {
         // Update the view first: it is what the raft thread reads, and it must reflect
         // the request whether or not the writer has picked it up yet.
         if let Some(from) = request.truncate_from {
-            self.truncate_view(from);
+            self.truncate_view(from, term_before);
         }
         for entry in &request.entries {
             self.view.tail.push_back((seq, entry.clone()));
         }
         self.view.last_index += request.entries.len() as u64;
+        if let Some(last) = request.entries.last() {
+            self.view.last_term = last.term;
+        }
         if let Some(hs) = request.hard_state {
             self.hard_state = hs;
         }
@@ -247,6 +253,7 @@ impl LogHandle {
             self.view.first_index = meta.index + 1;
             self.view.prev_term = meta.term;
             self.view.last_index = meta.index;
+            self.view.last_term = meta.term;
         }
         self.requests
             .as_ref()
@@ -307,8 +314,7 @@ impl LogHandle {
 
     /// The term of the last submitted entry.
     pub fn last_term(&self) -> Term {
-        self.term(self.view.last_index)
-            .expect("the last index is always readable: from the tail, the store or the boundary")
+        self.view.last_term
     }
 
     /// The term at `index`, counting submitted entries and the boundary
@@ -322,6 +328,9 @@ impl LogHandle {
                 index,
                 last_index: self.view.last_index,
             });
+        }
+        if index == self.view.last_index {
+            return Ok(self.view.last_term);
         }
         let tail_first = self.view.tail_first();
         if index >= tail_first {
@@ -419,14 +428,18 @@ impl LogHandle {
         }
     }
 
-    fn truncate_view(&mut self, from: LogIndex) {
+    /// Cuts the view at `from`; `term_before` is the term at `from - 1`.
+    fn truncate_view(&mut self, from: LogIndex, term_before: Term) {
         let tail_first = self.view.tail_first();
         let kept = from.saturating_sub(tail_first) as usize;
         self.view.tail.truncate(kept);
         self.view.last_index = from - 1;
+        self.view.last_term = term_before;
     }
 
-    fn validate(&self, request: &AppendRequest) -> Result<(), StorageError> {
+    /// Checks `request` against the view; returns the term of the entry just before the
+    /// request's first index (where a truncation leaves the log's end).
+    fn validate(&self, request: &AppendRequest) -> Result<Term, StorageError> {
         let invalid = |why: String| Err(StorageError::InvalidRequest(why));
         let first_index = self.boundary().0;
         let start = match request.truncate_from {
@@ -439,7 +452,8 @@ impl LogHandle {
             Some(from) => from,
             None => self.view.last_index + 1,
         };
-        let mut prev_term = self.term(start - 1)?;
+        let term_before = self.term(start - 1)?;
+        let mut prev_term = term_before;
         for (offset, entry) in request.entries.iter().enumerate() {
             if entry.index != start + offset as u64 {
                 return invalid(format!(
@@ -464,7 +478,7 @@ impl LogHandle {
                 self.hard_state
             ));
         }
-        Ok(())
+        Ok(term_before)
     }
 }
 
@@ -544,15 +558,9 @@ impl Writer {
             };
             crossbeam_channel::select! {
                 recv(self.requests) -> request => return Ok(request.ok()),
-                send(self.events, WriterEvent::Durable(durable)) -> sent => {
-                    if sent.is_ok() {
-                        self.pending_event = None;
-                    } else {
-                        // The raft thread dropped its receiver: keep writing what the
-                        // handle sends until it is dropped too.
-                        self.pending_event = None;
-                    }
-                }
+                // Delivered, or the raft thread dropped its receiver (then the writer keeps
+                // writing what the handle sends until the handle is dropped too).
+                send(self.events, WriterEvent::Durable(durable)) -> _ => self.pending_event = None,
             }
         }
     }
