@@ -314,6 +314,7 @@ fn describe(addr: &str, status: &Status) -> String {
 fn is_election(status: &Status) -> bool {
     (status.code == Code::Unavailable && status.message.contains("retry in a moment"))
         || status.message.contains("not the leader")
+        || (status.code == Code::FailedPrecondition && status.message.contains("leader "))
         || status.message.contains("lost in a leader change")
 }
 

@@ -255,9 +255,9 @@ impl Manager {
     }
 
     /// The shutdown barrier, in order: the control duties thread, the registrar and the
-    /// renewer (they call through the transport), the watch threads, the Raft node (its own barrier: peers, apply, log writer), the
-    /// transport (in-flight calls fail `Unavailable`, connections close, the reactor is
-    /// joined), then the service pools (queued calls drain, threads are joined).
+    /// renewer (they call through the transport), the Raft node (its own barrier: peers,
+    /// apply, log writer), the transport (in-flight calls fail `Unavailable`, connections
+    /// close, the reactor is joined), the control watch threads, then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
         if let Some(duties) = self.duties.take() {
             duties.stop();
@@ -268,11 +268,13 @@ impl Manager {
         if let Some(renewer) = self.renewer.take() {
             renewer.stop();
         }
-        self.control.shutdown();
         if let Some(raft) = self.raft.take() {
             raft.shutdown();
         }
         self.transport.shutdown();
+        // After the transport: a watch thread blocked sending to a caller that stopped
+        // reading is released by the transport's shutdown, never waited for before it.
+        self.control.shutdown();
         if let Some(pools) = self.raft_pools.take() {
             pools.shutdown();
         }
