@@ -160,42 +160,42 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         "{table}"
     );
 
-    // Two updates from the same read: exactly one wins, the other gets the conflict.
+    // Two concurrent updates from the same read: exactly one wins, the other gets the
+    // conflict error with a hint.
     let v = version.to_string();
-    let first = cli(
-        &dir,
-        None,
-        &[
-            "service",
-            "update",
-            "web",
-            "--replicas",
-            "7",
-            "--if-version",
-            &v,
-        ],
-    );
-    let second = cli(
-        &dir,
-        None,
-        &[
-            "service",
-            "update",
-            "web",
-            "--replicas",
-            "8",
-            "--if-version",
-            &v,
-        ],
-    );
-    assert!(first.0, "{}", first.1);
+    let racers: Vec<_> = ["7", "8"]
+        .into_iter()
+        .map(|replicas| {
+            let (dir, v) = (dir.clone(), v.clone());
+            std::thread::spawn(move || {
+                let args = [
+                    "service",
+                    "update",
+                    "web",
+                    "--replicas",
+                    replicas,
+                    "--if-version",
+                    &v,
+                ];
+                (replicas, cli(&dir, None, &args))
+            })
+        })
+        .collect();
+    let outcomes: Vec<_> = racers.into_iter().map(|t| t.join().unwrap()).collect();
+    let winners: Vec<_> = outcomes
+        .iter()
+        .filter(|(_, (success, _))| *success)
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one update wins: {outcomes:?}");
+    let (_, (_, loser)) = outcomes.iter().find(|(_, (success, _))| !success).unwrap();
     assert!(
-        !second.0 && second.1.contains("version conflict"),
-        "{}",
-        second.1
+        loser.contains("version conflict") && loser.contains("hint:"),
+        "{loser}"
     );
-    assert!(second.1.contains("hint:"), "{}", second.1);
-    assert!(ok(&dir, None, &["service", "inspect", "web"]).contains("\"replicas\": 7"));
+    let winner = winners[0].0;
+    assert!(
+        ok(&dir, None, &["service", "inspect", "web"]).contains(&format!("\"replicas\": {winner}"))
+    );
 
     // Invalid specs name the field and the reason; unknown ids say how to find real ones.
     let out = refused(

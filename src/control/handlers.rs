@@ -338,3 +338,20 @@ fn rotate_join_token(
         tokens: Some(tokens_to_proto(&tokens)),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ids_are_25_lowercase_alphanumerics_and_differ() {
+        let a = new_object_id();
+        let b = new_object_id();
+        assert_eq!(a.len(), OBJECT_ID_CHARS);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        );
+        assert_ne!(a, b);
+    }
+}

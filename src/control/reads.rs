@@ -265,3 +265,50 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{ServiceSpec, Transaction};
+    use crate::store::{Store, StoreConfig, create};
+
+    fn service(id: &str, name: &str) -> Service {
+        Service {
+            id: id.into(),
+            spec: Some(ServiceSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn references_resolve_by_id_name_or_unique_prefix() {
+        let store = Store::new(StoreConfig::default());
+        let txn = Transaction {
+            changes: vec![
+                create(service("abc111", "web")),
+                create(service("abc222", "db")),
+                create(service("xyz333", "abc111x")),
+            ],
+            timestamp_ms: 1,
+        };
+        store.apply(1, &txn).unwrap();
+        store.view(|view| {
+            assert_eq!(resolve_service(view, "abc111").unwrap().id, "abc111");
+            assert_eq!(resolve_service(view, "db").unwrap().id, "abc222");
+            assert_eq!(resolve_service(view, "xyz").unwrap().id, "xyz333");
+            let ambiguous = resolve_service(view, "abc").unwrap_err();
+            assert_eq!(ambiguous.code, Code::InvalidArgument, "{ambiguous}");
+            let missing = resolve_service(view, "nope").unwrap_err();
+            assert_eq!(missing.code, Code::NotFound);
+            assert!(missing.message.contains("flotilla service ls"), "{missing}");
+            assert_eq!(
+                resolve_service(view, "").unwrap_err().code,
+                Code::InvalidArgument
+            );
+            assert_eq!(the_cluster(view).unwrap_err().code, Code::Unavailable);
+        });
+    }
+}
