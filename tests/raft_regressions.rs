@@ -807,3 +807,33 @@ fn stale_leader_learns_the_newer_term_without_check_quorum() {
     );
     assert_eq!(h.core(1).term(), term);
 }
+
+/// Found by the simulator (seed 103097 of a 20,000-step run): without pre-vote, a candidate
+/// holding the only longest log campaigned in terms lower than a voter's; the voter ignored
+/// it silently, so it chased the voter's rising term instead of learning it at once.
+#[test]
+fn lower_term_candidate_learns_the_term_from_the_rejection() {
+    let mut h = Harness::new(&[1, 2, 3], &[], |c| {
+        c.pre_vote = false;
+        c.check_quorum = false;
+    });
+    let vote = MessageBody::Vote {
+        pre_vote: false,
+        transfer: false,
+        last_index: 0,
+        last_term: 0,
+    };
+    h.step(Message {
+        from: 3,
+        to: 2,
+        term: 7,
+        body: vote,
+    });
+    h.queue.clear();
+    force_campaign_without_delivery(&mut h, 1);
+    assert_eq!(h.core(1).term(), 1);
+    h.blocked.insert((1, 3));
+    h.deliver_all();
+    assert_eq!(h.core(1).term(), 7, "the rejection carried node 2's term");
+    assert_eq!(h.core(1).role(), Role::Follower);
+}

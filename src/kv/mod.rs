@@ -17,7 +17,7 @@ use crate::net::{Allow, CallOptions, Router, ServicePool, Transport};
 use crate::proto::kv as pb;
 use crate::proto::raft::{ReadIndexRequest, ReadIndexResponse};
 use crate::raft::node::service::READ_INDEX;
-use crate::raft::node::{NodeError, NodeHandle, StateMachine};
+use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
 use crate::wire::Status;
 
@@ -118,20 +118,10 @@ impl StateMachine for KvStateMachine {
         Bytes::from(result.encode_to_vec())
     }
 
-    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()> {
-        let map = self.map.read();
-        let mut buffer = Vec::new();
-        for (key, value) in map.iter() {
-            buffer.clear();
-            pb::Pair {
-                key: key.clone(),
-                value: value.clone(),
-            }
-            .encode_length_delimited(&mut buffer)
-            .map_err(std::io::Error::other)?;
-            out.write_all(&buffer)?;
-        }
-        Ok(())
+    fn snapshot(&mut self) -> SnapshotWriter {
+        // Keys are copied, values shared: O(keys), not O(bytes).
+        let map = self.map.read().clone();
+        Box::new(move |out| write_pairs(&map, out))
     }
 
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
@@ -149,6 +139,22 @@ impl StateMachine for KvStateMachine {
         *self.map.write() = fresh;
         Ok(())
     }
+}
+
+/// Writes `map` as length-delimited [`pb::Pair`]s.
+fn write_pairs(map: &BTreeMap<String, Bytes>, out: &mut dyn Write) -> std::io::Result<()> {
+    let mut buffer = Vec::new();
+    for (key, value) in map {
+        buffer.clear();
+        pb::Pair {
+            key: key.clone(),
+            value: value.clone(),
+        }
+        .encode_length_delimited(&mut buffer)
+        .map_err(std::io::Error::other)?;
+        out.write_all(&buffer)?;
+    }
+    Ok(())
 }
 
 fn invalid(reason: String) -> std::io::Error {
@@ -333,7 +339,7 @@ mod tests {
             );
         }
         let mut image = Vec::new();
-        machine.snapshot(&mut image).unwrap();
+        (machine.snapshot())(&mut image).unwrap();
         let mut copy = KvStateMachine::new();
         copy.restore(&mut image.as_slice()).unwrap();
         assert_eq!(*copy.map.read(), *machine.map.read());

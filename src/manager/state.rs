@@ -14,7 +14,7 @@ use prost::Message;
 
 use crate::kv::KvStateMachine;
 use crate::proto::objects::Transaction;
-use crate::raft::node::{NodeError, NodeHandle, StateMachine};
+use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
 use crate::store::{Store, TxnError, check_limits};
 use crate::wire::{Code, Status};
@@ -80,13 +80,17 @@ impl StateMachine for ManagerState {
         }
     }
 
-    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()> {
-        let mut section = FramedWriter::new(&mut *out);
-        self.kv.snapshot(&mut section)?;
-        section.finish()?;
-        let mut section = FramedWriter::new(&mut *out);
-        std::io::copy(&mut self.store.snapshot(), &mut section)?;
-        section.finish()
+    fn snapshot(&mut self) -> SnapshotWriter {
+        let kv = self.kv.snapshot();
+        let mut store = self.store.snapshot();
+        Box::new(move |out| {
+            let mut section = FramedWriter::new(&mut *out);
+            kv(&mut section)?;
+            section.finish()?;
+            let mut section = FramedWriter::new(&mut *out);
+            std::io::copy(&mut store, &mut section)?;
+            section.finish()
+        })
     }
 
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
@@ -260,7 +264,7 @@ mod tests {
         assert_eq!(refused.code, Code::AlreadyExists, "{refused}");
 
         let mut image = Vec::new();
-        state.snapshot(&mut image).unwrap();
+        (state.snapshot())(&mut image).unwrap();
         let mut copy = ManagerState {
             kv: KvStateMachine::new(),
             store: Arc::new(Store::new(StoreConfig::default())),

@@ -1089,11 +1089,12 @@ impl RaftCore {
                 };
                 self.send(message.from, self.term, body, 0);
             }
-            MessageBody::Vote { pre_vote: true, .. } => {
-                // Reject with our term so a pre-candidate with a lower term catches up and can
-                // win later (otherwise pre-vote + check-quorum can leave the group leaderless).
+            MessageBody::Vote { pre_vote, .. } => {
+                // Reject with our term so a (pre-)candidate with a lower term catches up and can
+                // win later: otherwise pre-vote + check-quorum can leave the group leaderless,
+                // and a candidate that alone holds the longest log may chase terms forever.
                 let body = MessageBody::VoteResponse {
-                    pre_vote: true,
+                    pre_vote,
                     granted: false,
                 };
                 self.send(message.from, self.term, body, 0);

@@ -15,7 +15,7 @@ use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
 
 use super::directory::{self, Directory, Payload};
-use super::{NodeError, ProposalCallback, ReadCallback, Shared, StateMachine};
+use super::{NodeError, ProposalCallback, ReadCallback, Shared, SnapshotWriter, StateMachine};
 use crate::raft::core::membership;
 use crate::raft::storage::snapshot::{SnapshotInfo, SnapshotReader, SnapshotStore};
 use crate::raft::types::{Entry, EntryKind, LogIndex, Membership, SnapshotMeta, Term};
@@ -57,6 +57,60 @@ pub(crate) struct Applier {
     pub(crate) last_snapshot_index: LogIndex,
     waiters: BTreeMap<LogIndex, (Term, ProposalCallback)>,
     reads: BTreeMap<LogIndex, Vec<ReadCallback>>,
+    snapshot_thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One snapshot being written on its own thread.
+struct SnapshotJob {
+    index: LogIndex,
+    builder: crate::raft::storage::snapshot::SnapshotBuilder,
+    directory: Vec<u8>,
+    write_state: SnapshotWriter,
+    shared: Arc<Shared>,
+    events: Sender<ApplyEvent>,
+}
+
+impl SnapshotJob {
+    fn run(self) {
+        let id = self.shared.config.id;
+        let index = self.index;
+        let (shared, events) = (self.shared.clone(), self.events.clone());
+        match self.write() {
+            Ok(info) => {
+                log::info!(
+                    "raft {id:x}: snapshot at index {index} ({} bytes)",
+                    info.content_bytes
+                );
+                {
+                    // A newer snapshot (installed from the leader meanwhile) stays the latest.
+                    let mut latest = shared.latest_snapshot.lock();
+                    if latest.as_ref().is_none_or(|l| l.meta.index < index) {
+                        *latest = Some(info);
+                    }
+                }
+                let _ = events.send(ApplyEvent::SnapshotCreated { index });
+            }
+            Err(reason) => {
+                let _ = events.send(ApplyEvent::Fatal(format!(
+                    "writing snapshot {index}: {reason}"
+                )));
+            }
+        }
+    }
+
+    fn write(self) -> Result<SnapshotInfo, String> {
+        let mut writer = ChunkWriter::new(self.builder);
+        let section = self.directory;
+        let write_state = self.write_state;
+        let written = (|| {
+            writer.write_all(&u32::try_from(section.len()).expect("small").to_be_bytes())?;
+            writer.write_all(&section)?;
+            write_state(&mut writer)?;
+            writer.flush()
+        })();
+        written.map_err(|e| e.to_string())?;
+        writer.builder.finish().map_err(|e| e.to_string())
+    }
 }
 
 impl Applier {
@@ -79,6 +133,7 @@ impl Applier {
             last_snapshot_index: start.index,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
+            snapshot_thread: None,
         }
     }
 
@@ -92,6 +147,7 @@ impl Applier {
                 break;
             }
         }
+        self.join_snapshot_thread();
         for (_, (_, done)) in std::mem::take(&mut self.waiters) {
             done(Err(NodeError::ShuttingDown));
         }
@@ -193,38 +249,50 @@ impl Applier {
         }
     }
 
+    /// Captures the state and hands it to a `raft-snapshot-<id>` thread that writes the
+    /// file and reports it; apply goes on meanwhile. One snapshot at a time: while one is
+    /// being written, later triggers wait for it.
     fn take_snapshot(&mut self) -> Result<(), String> {
+        if let Some(thread) = &self.snapshot_thread
+            && !thread.is_finished()
+        {
+            return Ok(());
+        }
+        self.join_snapshot_thread();
         let meta = SnapshotMeta {
             index: self.applied_index,
             term: self.applied_term,
             membership: self.membership.clone(),
         };
-        let builder = self
-            .snapshots
-            .create(meta.clone())
-            .map_err(|e| e.to_string())?;
-        let mut writer = ChunkWriter::new(builder);
-        let section = self.shared.directory.encode();
-        let write = (|| {
-            writer.write_all(&u32::try_from(section.len()).expect("small").to_be_bytes())?;
-            writer.write_all(&section)?;
-            self.state_machine.snapshot(&mut writer)?;
-            writer.flush()
-        })();
-        write.map_err(|e| format!("writing snapshot {}: {e}", meta.index))?;
-        let info = writer.builder.finish().map_err(|e| e.to_string())?;
-        log::info!(
-            "raft {:x}: snapshot at index {} ({} bytes)",
-            self.shared.config.id,
-            meta.index,
-            info.content_bytes
-        );
-        *self.shared.latest_snapshot.lock() = Some(info);
+        let job = SnapshotJob {
+            index: meta.index,
+            builder: self
+                .snapshots
+                .create(meta.clone())
+                .map_err(|e| e.to_string())?,
+            directory: self.shared.directory.encode(),
+            write_state: self.state_machine.snapshot(),
+            shared: self.shared.clone(),
+            events: self.events.clone(),
+        };
+        // Counted as taken now, so the next trigger is an interval after this one.
         self.last_snapshot_index = meta.index;
-        let _ = self
-            .events
-            .send(ApplyEvent::SnapshotCreated { index: meta.index });
+        let name = format!("raft-snapshot-{:x}", self.shared.config.id);
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || job.run())
+            .map_err(|e| format!("cannot start the snapshot thread: {e}"))?;
+        self.snapshot_thread = Some(thread);
         Ok(())
+    }
+
+    /// Waits for the snapshot being written, if any.
+    fn join_snapshot_thread(&mut self) {
+        if let Some(thread) = self.snapshot_thread.take()
+            && thread.join().is_err()
+        {
+            log::error!("the raft snapshot thread panicked");
+        }
     }
 
     fn restore(&mut self, info: &SnapshotInfo) -> Result<(), String> {

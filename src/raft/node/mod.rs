@@ -129,11 +129,12 @@ pub trait StateMachine: Send + 'static {
     /// same order and must reach the same state.
     fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes;
 
-    /// Writes the whole state to `out` (a snapshot file, chunk by chunk).
-    ///
-    /// # Errors
-    /// IO errors from `out`.
-    fn snapshot(&mut self, out: &mut dyn Write) -> std::io::Result<()>;
+    /// Captures the state as of the last applied entry and returns a writer that streams
+    /// it. Capturing must be cheap (shared pointers, or a shallow clone): it runs on the
+    /// apply thread. The writer runs on the `raft-snapshot-<id>` thread while apply goes
+    /// on, so a large state never stalls the cluster (swarmkit marshalled its whole store
+    /// under the apply lock).
+    fn snapshot(&mut self) -> SnapshotWriter;
 
     /// Replaces the whole state with what `input` holds. On error the state must be left
     /// as it was (build aside, then swap).
@@ -142,6 +143,12 @@ pub trait StateMachine: Send + 'static {
     /// IO errors, or `InvalidData` for content that does not parse.
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()>;
 }
+
+/// Streams a captured state into a snapshot file (see [`StateMachine::snapshot`]).
+///
+/// # Errors
+/// IO errors from the output.
+pub type SnapshotWriter = Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> + Send>;
 
 /// Why a proposal, read or membership call failed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

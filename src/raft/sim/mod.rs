@@ -35,6 +35,7 @@ pub mod harness;
 pub mod hook;
 pub mod reads;
 pub mod rng;
+pub mod workload;
 
 pub use cluster::{Sim, SimConfig, SimStats};
 pub use hook::{Client, NodeView, Workload};
