@@ -410,6 +410,20 @@ fn three_managers_forward_read_watch_and_restart() {
     let watcher = WatchClient::new(&other_dir.join("node"));
     let mut stream = watcher.watch(&leader_addr, None);
 
+    // The Raft group through the control API of a follower: the leader's view.
+    let managers: pb::ManagersResponse = watcher
+        .transport
+        .channel(&follower_addr, &watcher.tls)
+        .unary(
+            flotilla::control::managers::LIST_MANAGERS,
+            &pb::ListManagersRequest {},
+            CallOptions::timeout(CLI),
+        )
+        .unwrap();
+    let status = managers.status.unwrap();
+    assert_eq!(status.members.len(), 3);
+    assert_eq!(status.id, status.leader, "answered by the leader");
+
     // A write to a follower, made with a third manager's identity: the leader runs it as
     // that caller and says who forwarded it.
     ok(

@@ -16,6 +16,7 @@
 //! - Reads wait for [`linearizable_read_index`] and then serve from the local store;
 //!   listings stream in chunks of at most [`LIST_CHUNK_BYTES_MAX`] bytes.
 //! - [`WATCH`] streams store events from a thread per watch ([`watch`]).
+//! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
 //! - [`duties`] runs one thread per manager that records the manager as a Node object,
 //!   creates the Cluster object on a new leader and keeps the CA's join tokens and the
 //!   `join-tokens` file in sync with the replicated Cluster object.
@@ -25,6 +26,7 @@
 
 pub mod duties;
 mod handlers;
+pub mod managers;
 mod reads;
 pub mod watch;
 
@@ -345,4 +347,5 @@ pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) 
     );
     reads::register(router, pool, api);
     watch::register(router, pool, api);
+    managers::register(router, pool, api);
 }
