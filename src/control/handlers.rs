@@ -18,7 +18,7 @@ use crate::proto::objects::{
     NodeStatus, Service, Transaction,
 };
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
-use crate::store::{Kind, create, delete, update_expecting};
+use crate::store::{Kind, TXN_CHANGES_MAX, create, delete, update_expecting};
 use crate::wire::{Code, Status};
 
 /// Characters of a generated object id.
@@ -156,10 +156,26 @@ fn remove_service(
     api: &ControlApi,
     request: pb::RemoveServiceRequest,
 ) -> Result<pb::RemoveResponse, Status> {
-    let current = api
-        .store
-        .view(|view| resolve_service(view, &request.reference))?;
-    propose(api, vec![delete(Kind::Service, current.id.clone(), 0)])?;
+    let (current, task_ids) = api.store.view(|view| {
+        let service = resolve_service(view, &request.reference)?;
+        let tasks: Vec<String> = view
+            .tasks_by_service(&service.id)
+            .map(|t| t.id.clone())
+            .collect();
+        Ok::<_, Status>((service, tasks))
+    })?;
+    // The service's tasks go with it; past one transaction's worth, in batches first (a
+    // failure leaves the service in place, so removing it again finishes the job).
+    let mut changes: Vec<Change> = task_ids
+        .into_iter()
+        .map(|id| delete(Kind::Task, id, 0))
+        .collect();
+    while changes.len() >= TXN_CHANGES_MAX {
+        let rest = changes.split_off(TXN_CHANGES_MAX);
+        propose(api, std::mem::replace(&mut changes, rest))?;
+    }
+    changes.push(delete(Kind::Service, current.id.clone(), 0));
+    propose(api, changes)?;
     Ok(pb::RemoveResponse {
         id: current.id.clone(),
     })
@@ -195,7 +211,18 @@ fn remove_node(
     let current = api
         .store
         .view(|view| resolve_node(view, &request.reference))?;
-    if current.role == NodeRole::Manager as i32 {
+    let raft_id = current.manager_status.as_ref().map(|m| m.raft_id);
+    let still_member = match raft_id {
+        None => false,
+        Some(raft_id) => api
+            .node
+            .status(PROPOSE_TIMEOUT)
+            .map_err(|e| e.to_status())?
+            .members
+            .iter()
+            .any(|m| m.id == raft_id),
+    };
+    if current.role == NodeRole::Manager as i32 && still_member {
         return Err(Status::new(
             Code::FailedPrecondition,
             format!(
@@ -205,10 +232,13 @@ fn remove_node(
             ),
         ));
     }
-    let ready = current
-        .status
-        .as_ref()
-        .is_some_and(|s| s.state == NodeState::Ready as i32);
+    // A manager's status comes from its own report, not from a session: once it left
+    // the Raft group it is stale, and the node may go.
+    let ready = current.role != NodeRole::Manager as i32
+        && current
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == NodeState::Ready as i32);
     if ready && !request.force {
         return Err(Status::new(
             Code::FailedPrecondition,
