@@ -235,6 +235,10 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
         assert!(listing.contains(&manager.addr), "{listing}");
     }
     assert_eq!(listing.matches(" leader ").count(), 1, "{listing}");
+    assert!(
+        listing.contains("ms ago"),
+        "no last contact shown:\n{listing}"
+    );
 
     // Hand leadership to the third manager.
     let target = row_id(&listing, &cluster.managers[2].addr);

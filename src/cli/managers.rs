@@ -134,16 +134,22 @@ fn list(client: &Client) -> Result<(), String> {
         _ => local,
     };
     println!(
-        "{:<18} {:<22} {:<9} {:<10} {:>12}  PROBLEM",
-        "ID", "ADDRESS", "ROLE", "REACHABLE", "MATCH INDEX"
+        "{:<18} {:<22} {:<9} {:<10} {:>13} {:>12}  PROBLEM",
+        "ID", "ADDRESS", "ROLE", "REACHABLE", "LAST CONTACT", "MATCH INDEX"
     );
     for m in &status.members {
+        let contact = match m.last_contact_ms {
+            0 => "-".to_string(),
+            u64::MAX => "never".to_string(),
+            ms => format!("{ms} ms ago"),
+        };
         println!(
-            "{:<18} {:<22} {:<9} {:<10} {:>12}  {}",
+            "{:<18} {:<22} {:<9} {:<10} {:>13} {:>12}  {}",
             format!("{:x}", m.raft_id),
             if m.addr.is_empty() { "?" } else { &m.addr },
             m.role,
             if m.reachable { "yes" } else { "no" },
+            contact,
             m.match_index,
             m.problem
         );

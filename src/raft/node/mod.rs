@@ -250,7 +250,7 @@ pub struct MemberStatus {
     pub role: &'static str,
     /// Leader only: it answered recently.
     pub reachable: bool,
-    /// Leader only: time since it last made progress, in ms.
+    /// Time since a message from it last arrived, in ms (0 for this member, `u64::MAX` if never).
     pub last_contact_ms: u64,
     /// Leader only: highest index known replicated to it.
     pub match_index: LogIndex,

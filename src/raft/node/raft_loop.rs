@@ -67,6 +67,10 @@ pub(crate) struct RaftLoop {
     apply_watch: (LogIndex, Instant),
     addr_proposed_term: u64,
     membership: Membership,
+    /// Ids whose removal is committed (mirrored into `Shared::removed_ids`).
+    committed_removed: std::collections::BTreeSet<NodeId>,
+    /// When a message from each peer last arrived (for `manager ls`).
+    last_heard: HashMap<NodeId, Instant>,
     fatal: Option<String>,
 }
 
@@ -181,6 +185,8 @@ pub(crate) fn prepare(setup: Setup) -> Result<RaftLoop, NodeStartError> {
         handed_out: meta.index,
         apply_watch: (meta.index, Instant::now()),
         addr_proposed_term: 0,
+        last_heard: HashMap::new(),
+        committed_removed: Default::default(),
         fatal: None,
     })
 }
@@ -278,6 +284,9 @@ impl RaftLoop {
     fn handle_input(&mut self, input: Input) {
         match input {
             Input::Step(messages) => {
+                if let Some(first) = messages.first() {
+                    self.last_heard.insert(first.from, Instant::now());
+                }
                 for message in messages {
                     self.core.step(message);
                 }
@@ -329,8 +338,14 @@ impl RaftLoop {
         }
         if self.core.membership() != &self.membership {
             self.membership = self.core.membership().clone();
-            *self.shared.removed_ids.lock() = self.membership.removed.clone();
             self.reconcile_peers();
+        }
+        // Only a committed removal is announced to the removed member (it then stops): an
+        // uncommitted one may still be truncated away by a new leader.
+        let committed = self.core.membership_at(self.core.commit_index());
+        if committed.removed != self.committed_removed {
+            self.committed_removed = committed.removed.clone();
+            *self.shared.removed_ids.lock() = self.committed_removed.clone();
         }
     }
 
@@ -589,7 +604,13 @@ impl RaftLoop {
                     addr: self.shared.directory.addr(id),
                     role,
                     reachable: id == self.core.id() || progress.is_some_and(|p| p.recent_active),
-                    last_contact_ms: 0,
+                    last_contact_ms: if id == self.core.id() {
+                        0
+                    } else {
+                        self.last_heard.get(&id).map_or(u64::MAX, |at| {
+                            u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX)
+                        })
+                    },
                     match_index: if id == self.core.id() {
                         self.core.last_index()
                     } else {
