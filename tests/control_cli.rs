@@ -54,6 +54,19 @@ fn version_in(json: &str) -> u64 {
         .unwrap_or_else(|| panic!("no version in:\n{json}"))
 }
 
+/// Runs a read until its output contains `needle`: for what a manager's duties thread
+/// records shortly after an election (its Node object, the Cluster object).
+fn wait_for_output(dir: &Path, manager: Option<&str>, args: &[&str], needle: &str) -> String {
+    for _ in 0..100 {
+        let output = ok(dir, manager, args);
+        if output.contains(needle) {
+            return output;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("flotilla {args:?} never printed {needle:?}");
+}
+
 /// The node id a manager logged at start.
 fn node_id_of(manager: &mut ManagerProc) -> String {
     let line = manager.proc().wait_for("(raft id", START);
@@ -255,11 +268,8 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     );
 
     // Nodes: the manager recorded itself; availability, labels and desired role update.
-    let nodes = ok(&dir, None, &["node", "ls"]);
-    assert!(
-        nodes.contains("manager") && nodes.contains("leader"),
-        "{nodes}"
-    );
+    let nodes = wait_for_output(&dir, None, &["node", "ls"], "leader");
+    assert!(nodes.contains("manager"), "{nodes}");
     let node_id = node_id_of(&mut cluster.managers[0]);
     ok(
         &dir,
@@ -527,6 +537,7 @@ fn three_managers_forward_read_watch_and_restart() {
         .next()
         .unwrap();
     let follower_dir = cluster.managers[follower].dir.clone();
+    wait_for_output(&follower_dir, None, &["node", "ls"], &gone_id);
     let out = refused(&follower_dir, None, &["node", "rm", &gone_id]);
     assert!(out.contains("is a manager"), "{out}");
     let (removed, out) = run_to_end(

@@ -262,6 +262,24 @@ fn report_manager(
     if caller.role != Role::Manager {
         return Err(Status::permission_denied("only a manager reports itself"));
     }
+    // A manager removed from the group may report once more before it learns it was
+    // removed; it must not come back as a node.
+    let member = api
+        .node
+        .status(PROPOSE_TIMEOUT)
+        .map_err(|e| e.to_status())?
+        .members
+        .iter()
+        .any(|m| m.id == request.raft_id);
+    if !member {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "raft id {:x} is not a member of the Raft group",
+                request.raft_id
+            ),
+        ));
+    }
     let manager_status = ManagerStatus {
         raft_id: request.raft_id,
         addr: request.addr.clone(),
