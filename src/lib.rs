@@ -6,6 +6,7 @@
 
 pub mod ca;
 pub mod cli;
+pub mod control;
 pub mod kv;
 pub mod lincheck;
 pub mod manager;

@@ -27,3 +27,8 @@ pub mod kv {
 pub mod objects {
     include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));
 }
+
+/// The control API (`proto/flotilla/control.proto`).
+pub mod control {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.control.rs"));
+}

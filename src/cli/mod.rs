@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub mod control;
+pub mod json;
 mod managers;
 
 use crate::ca::{JoinTokens, Role};
@@ -94,6 +96,54 @@ pub enum Command {
         #[command(subcommand)]
         command: ManagerCommand,
     },
+    /// Create, list, inspect, scale, update and remove services.
+    Service {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: Box<control::ServiceCommand>,
+    },
+    /// List, inspect, update, promote, demote and remove nodes.
+    Node {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::NodeCommand,
+    },
+    /// List and inspect tasks.
+    Task {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::TaskCommand,
+    },
+    /// Inspect and change cluster-wide settings.
+    Cluster {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::ClusterCommand,
+    },
+    /// Print (or rotate, then print) the worker or manager join token.
+    JoinToken {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// `worker` or `manager`.
+        #[arg(value_enum)]
+        role: control::TokenRole,
+        /// Replace the token first (the old one stops working; the other role's stays).
+        #[arg(long)]
+        rotate: bool,
+    },
 }
 
 /// `flotilla manager …`
@@ -173,6 +223,30 @@ fn execute(command: Command) -> Result<(), String> {
         Command::Manager { state_dir, command } => {
             managers::run(&StateDir::new(state_dir), command)
         }
+        Command::Service {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Service(command)),
+        Command::Node {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Node(command)),
+        Command::Task {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Task(command)),
+        Command::Cluster {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Cluster(command)),
+        Command::JoinToken {
+            connection,
+            role,
+            rotate,
+        } => control::run(
+            &connection,
+            control::ControlCommand::JoinToken { role, rotate },
+        ),
     }
 }
 

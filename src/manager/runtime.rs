@@ -14,6 +14,8 @@ use crate::ca::{
     CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, StorageError,
     load_node_files, tls,
 };
+use crate::control::duties::{Duties, SelfReport};
+use crate::control::{self, ControlApi};
 use crate::kv::KvStateMachine;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::raft::node::service::RaftPools;
@@ -80,6 +82,8 @@ pub struct Manager {
     raft_pools: Option<RaftPools>,
     pools: Vec<ServicePool>,
     state: ManagerState,
+    control: Arc<ControlApi>,
+    duties: Option<Duties>,
 }
 
 impl Manager {
@@ -138,12 +142,29 @@ impl Manager {
             &transport,
             &client_tls,
         );
+        let mut ca_service = None;
         if dir.ca_file().exists() {
             let ca = ClusterCa::load(&dir.ca_file(), CaPolicy::default())?;
             let tokens = dir.load_tokens()?;
             let service = Arc::new(CaService::new(ca, tokens, FailureLimits::default()));
             crate::ca::rpc::register(&mut router, &ca_pool, &service);
+            ca_service = Some(service);
         }
+        let control_pool = ServicePool::new(
+            "control",
+            control::CONTROL_POOL_THREADS,
+            control::CONTROL_POOL_QUEUE_LEN_MAX,
+        )
+        .map_err(io_error("cannot start the control service threads"))?;
+        let control = ControlApi::new(
+            raft.handle().clone(),
+            machine.store.clone(),
+            transport.clone(),
+            client_tls.clone(),
+            ca_service,
+            dir.clone(),
+        );
+        control::register(&mut router, &control_pool, &control);
         let listen_addr = resolve(&settings.listen_addr)?;
         let server_tls = Arc::new(tls::server_config(&identity, &root)?);
         let listen_addr = transport
@@ -158,6 +179,15 @@ impl Manager {
             settings.raft_id
         );
         let renewer = start_renewer(dir, &settings, &transport, &identity, &root)?;
+        let duties = Duties::start(
+            control.clone(),
+            SelfReport {
+                node_id: identity.node_id().to_string(),
+                raft_id: settings.raft_id,
+                addr: settings.advertise_addr.clone(),
+            },
+        )
+        .map_err(io_error("cannot start the control duties thread"))?;
         let register = match (&settings.bootstrap, &settings.join_addr) {
             (Bootstrap::Join, Some(join_addr)) => Some(
                 super::register::Registrar::start(
@@ -179,8 +209,10 @@ impl Manager {
             register,
             raft: Some(raft),
             raft_pools: Some(raft_pools),
-            pools: vec![ca_pool, kv_pool],
+            pools: vec![ca_pool, kv_pool, control_pool],
             state: machine,
+            control,
+            duties: Some(duties),
         })
     }
 
@@ -204,6 +236,11 @@ impl Manager {
         &self.state
     }
 
+    /// The control API.
+    pub fn control(&self) -> &Arc<ControlApi> {
+        &self.control
+    }
+
     /// The Raft node's handle.
     pub fn raft(&self) -> &NodeHandle {
         self.raft
@@ -217,11 +254,14 @@ impl Manager {
         self.raft.as_ref().and_then(|r| r.handle().fatal())
     }
 
-    /// The shutdown barrier, in order: the registrar and the renewer (they call through
-    /// the transport), the Raft node (its own barrier: peers, apply, log writer), the
-    /// transport (in-flight calls fail `Unavailable`, connections close, the reactor is
-    /// joined), then the service pools (queued calls drain, threads are joined).
+    /// The shutdown barrier, in order: the control duties thread, the registrar and the
+    /// renewer (they call through the transport), the Raft node (its own barrier: peers,
+    /// apply, log writer), the transport (in-flight calls fail `Unavailable`, connections
+    /// close, the reactor is joined), the control watch threads, then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
+        if let Some(duties) = self.duties.take() {
+            duties.stop();
+        }
         if let Some(register) = self.register.take() {
             register.stop();
         }
@@ -232,6 +272,9 @@ impl Manager {
             raft.shutdown();
         }
         self.transport.shutdown();
+        // After the transport: a watch thread blocked sending to a caller that stopped
+        // reading is released by the transport's shutdown, never waited for before it.
+        self.control.shutdown();
         if let Some(pools) = self.raft_pools.take() {
             pools.shutdown();
         }

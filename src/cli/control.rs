@@ -1,0 +1,1114 @@
+//! `flotilla service|node|task|cluster|join-token …`: control API calls through a manager,
+//! over mutual TLS with the node identity in the state directory. Writes may go to any
+//! manager (a follower forwards them to the leader); reads are linearizable anywhere.
+//!
+//! Must never change cluster state except through `control.*` calls.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use super::json::{self, Json};
+use crate::ca::{load_node_files, tls};
+use crate::control as api;
+use crate::manager::StateDir;
+use crate::net::{CallOptions, Transport, TransportConfig};
+use crate::proto::control as pb;
+use crate::proto::objects::{
+    NodeAvailability, NodeRole, Placement, ResourceRequirements, Resources, RestartCondition,
+    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
+    UpdateOrder,
+};
+use crate::wire::{Code, Status};
+
+/// Deadline of one control call.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts of a call refused only because no leader was known (an election): each waits
+/// [`LEADER_RETRY_WAIT`] first.
+pub const LEADER_RETRIES_MAX: u32 = 40;
+/// Wait between attempts while the managers elect a leader.
+pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(250);
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human tables.
+    #[default]
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// How to reach a manager: shared by every control command.
+#[derive(Args, Debug, Clone)]
+pub struct Connection {
+    /// The node state directory whose identity (certificate) the call uses.
+    #[arg(long, default_value = super::UP_STATE_DIR_DEFAULT, global = true)]
+    pub state_dir: PathBuf,
+    /// The manager to call (host:port); default: the state directory's own manager.
+    #[arg(long, global = true)]
+    pub manager: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Table, global = true)]
+    pub format: Format,
+}
+
+/// Service spec flags, shared by `service create` and `service update` (on update, only
+/// the flags given change the spec).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecFlags {
+    /// Number of tasks (replicated mode).
+    #[arg(long)]
+    pub replicas: Option<u64>,
+    /// `replicated` or `global` (one task per eligible node).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable; on update, replaces the list).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// A file of KEY=VALUE lines, added to --env.
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
+    /// Working directory of the task.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Label KEY=VALUE on the service (repeatable; on update, replaces the labels).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Restart condition: `none`, `on-failure` or `any`.
+    #[arg(long)]
+    pub restart_condition: Option<String>,
+    /// Wait before a restart (e.g. `5s`, `250ms`).
+    #[arg(long)]
+    pub restart_delay: Option<String>,
+    /// Restarts allowed within the window (0: unlimited).
+    #[arg(long)]
+    pub restart_max_attempts: Option<u64>,
+    /// Window over which restarts are counted (e.g. `1m`).
+    #[arg(long)]
+    pub restart_window: Option<String>,
+    /// CPUs set aside per task (e.g. `0.5`).
+    #[arg(long)]
+    pub reserve_cpu: Option<String>,
+    /// Memory set aside per task (e.g. `64M`).
+    #[arg(long)]
+    pub reserve_memory: Option<String>,
+    /// CPU limit per task.
+    #[arg(long)]
+    pub limit_cpu: Option<String>,
+    /// Memory limit per task.
+    #[arg(long)]
+    pub limit_memory: Option<String>,
+    /// Placement constraint, e.g. `node.labels.zone==a` (repeatable; on update, replaces).
+    #[arg(long = "constraint")]
+    pub constraints: Vec<String>,
+    /// Tasks updated at once (0: all).
+    #[arg(long)]
+    pub update_parallelism: Option<u64>,
+    /// Wait between update batches.
+    #[arg(long)]
+    pub update_delay: Option<String>,
+    /// On a failed update: `pause`, `continue` or `rollback`.
+    #[arg(long)]
+    pub update_failure_action: Option<String>,
+    /// `stop-first` or `start-first`.
+    #[arg(long)]
+    pub update_order: Option<String>,
+}
+
+/// `flotilla service …`
+#[derive(Subcommand, Debug)]
+pub enum ServiceCommand {
+    /// Create a service running COMMAND ARGS.
+    Create {
+        /// The service's unique name.
+        #[arg(long)]
+        name: String,
+        /// The spec.
+        #[command(flatten)]
+        spec: SpecFlags,
+        /// The program and its arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List the services.
+    Ls,
+    /// Show a service (JSON).
+    Inspect {
+        /// Id, unique id prefix or name.
+        service: String,
+    },
+    /// List a service's tasks.
+    Ps {
+        /// Id, unique id prefix or name.
+        service: String,
+    },
+    /// Change the number of replicas: `SERVICE=N`.
+    Scale {
+        /// `SERVICE=N` pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+    /// Change a service's spec.
+    Update {
+        /// Id, unique id prefix or name.
+        service: String,
+        /// The spec flags that change.
+        #[command(flatten)]
+        spec: SpecFlags,
+        /// New name.
+        #[arg(long)]
+        rename: Option<String>,
+        /// New command and arguments (space-separated words).
+        #[arg(long, allow_hyphen_values = true, num_args = 1..)]
+        command: Option<Vec<String>>,
+        /// Refuse the update unless the service is still at this version (from `inspect`).
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Remove services.
+    Rm {
+        /// Ids, unique id prefixes or names.
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+/// `flotilla node …`
+#[derive(Subcommand, Debug)]
+pub enum NodeCommand {
+    /// List the nodes.
+    Ls,
+    /// Show a node (JSON).
+    Inspect {
+        /// Id, unique id prefix or hostname.
+        node: String,
+    },
+    /// Change a node's availability or labels.
+    Update {
+        /// Id, unique id prefix or hostname.
+        node: String,
+        /// `active`, `pause` or `drain`.
+        #[arg(long)]
+        availability: Option<String>,
+        /// Add or replace a label KEY=VALUE (repeatable).
+        #[arg(long)]
+        label_add: Vec<String>,
+        /// Remove a label (repeatable).
+        #[arg(long)]
+        label_rm: Vec<String>,
+        /// Refuse the update unless the node is still at this version.
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Remove a node from the cluster.
+    Rm {
+        /// Id, unique id prefix or hostname.
+        node: String,
+        /// Remove it even if it looks up.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask for a node to become a manager (recorded as its desired role).
+    Promote {
+        /// Id, unique id prefix or hostname.
+        node: String,
+    },
+    /// Ask for a manager to become a worker (recorded as its desired role).
+    Demote {
+        /// Id, unique id prefix or hostname.
+        node: String,
+    },
+}
+
+/// `flotilla task …`
+#[derive(Subcommand, Debug)]
+pub enum TaskCommand {
+    /// List tasks.
+    Ls {
+        /// Only this service's tasks.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only the tasks on this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Show a task (JSON).
+    Inspect {
+        /// Id or unique id prefix.
+        task: String,
+    },
+}
+
+/// `flotilla cluster …`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Show the cluster object (JSON).
+    Inspect,
+    /// Change cluster settings.
+    Update {
+        /// Agent heartbeat period (e.g. `5s`).
+        #[arg(long)]
+        heartbeat_period: Option<String>,
+        /// Raft log entries between snapshots.
+        #[arg(long)]
+        snapshot_interval: Option<u64>,
+        /// Raft entries kept behind a snapshot for slow followers.
+        #[arg(long)]
+        log_entries_for_slow_followers: Option<u64>,
+        /// Old snapshots kept on disk.
+        #[arg(long)]
+        keep_old_snapshots: Option<u64>,
+        /// Finished tasks kept per slot.
+        #[arg(long)]
+        task_history_retention: Option<i64>,
+        /// Lifetime of node certificates (e.g. `2160h`).
+        #[arg(long)]
+        cert_expiry: Option<String>,
+        /// Refuse the update unless the cluster is still at this version.
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+}
+
+/// Which join token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TokenRole {
+    /// The token that makes a worker.
+    Worker,
+    /// The token that makes a manager.
+    Manager,
+}
+
+/// A connected control client.
+struct Client {
+    transport: Transport,
+    tls: Arc<rustls::ClientConfig>,
+    addr: String,
+    format: Format,
+}
+
+fn describe(addr: &str, status: &Status) -> String {
+    let hint = match status.code {
+        Code::Unavailable => "\nhint: is the manager running (`flotilla run --state-dir …`)? \
+                              During an election, retry in a moment."
+            .to_string(),
+        Code::Aborted => {
+            "\nhint: someone changed it meanwhile: inspect it again and retry".to_string()
+        }
+        Code::InvalidArgument => "\nhint: fix the field named above and retry".to_string(),
+        Code::NotFound => String::new(),
+        Code::PermissionDenied | Code::Unauthenticated => {
+            "\nhint: the control API needs a manager's identity: use --state-dir of a manager"
+                .to_string()
+        }
+        _ => String::new(),
+    };
+    format!("{addr}: {status}{hint}")
+}
+
+/// True for refusals that only mean "no leader right now": nothing was proposed.
+fn is_election(status: &Status) -> bool {
+    (status.code == Code::Unavailable && status.message.contains("retry in a moment"))
+        || status.message.contains("not the leader")
+        || (status.code == Code::FailedPrecondition && status.message.contains("leader "))
+        || status.message.contains("lost in a leader change")
+}
+
+impl Client {
+    fn connect(connection: &Connection) -> Result<Self, String> {
+        let dir = StateDir::new(connection.state_dir.clone());
+        let (identity, root) = load_node_files(&dir.node_dir())
+            .map_err(|e| format!("{e}\nhint: point --state-dir at a node's state directory"))?;
+        let addr = match &connection.manager {
+            Some(addr) => addr.clone(),
+            None => dir
+                .load_settings()
+                .map_err(|e| {
+                    format!("{e}\nhint: point --state-dir at a manager, or pass --manager ADDR")
+                })?
+                .listen_addr
+                .replace("0.0.0.0", "127.0.0.1"),
+        };
+        let tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
+        let transport = Transport::start(TransportConfig::default())
+            .map_err(|e| format!("cannot start the transport: {e}"))?;
+        Ok(Self {
+            transport,
+            tls,
+            addr,
+            format: connection.format,
+        })
+    }
+
+    fn unary<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, String> {
+        let channel = self.transport.channel(&self.addr, &self.tls);
+        let mut attempt = 0;
+        loop {
+            match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
+                Err(status) if is_election(&status) && attempt < LEADER_RETRIES_MAX => {
+                    attempt += 1;
+                    std::thread::sleep(LEADER_RETRY_WAIT);
+                }
+                other => return other.map_err(|s| describe(&self.addr, &s)),
+            }
+        }
+    }
+
+    fn list<Req: prost::Message, Chunk: prost::Message + Default, T>(
+        &self,
+        method: &str,
+        request: &Req,
+        items: impl Fn(Chunk) -> Vec<T>,
+    ) -> Result<Vec<T>, String> {
+        let channel = self.transport.channel(&self.addr, &self.tls);
+        let mut attempt = 0;
+        'retry: loop {
+            let mut stream = channel
+                .server_stream::<_, Chunk>(method, request, CallOptions::timeout(CALL_TIMEOUT))
+                .map_err(|s| describe(&self.addr, &s))?;
+            let mut all = Vec::new();
+            loop {
+                match stream.recv() {
+                    Ok(Some(chunk)) => all.extend(items(chunk)),
+                    Ok(None) => return Ok(all),
+                    Err(status) if is_election(&status) && attempt < LEADER_RETRIES_MAX => {
+                        attempt += 1;
+                        std::thread::sleep(LEADER_RETRY_WAIT);
+                        continue 'retry;
+                    }
+                    Err(status) => return Err(describe(&self.addr, &status)),
+                }
+            }
+        }
+    }
+
+    fn print_json(&self, value: &Json) {
+        println!("{value}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing of flag values
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (or plain seconds) into milliseconds.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_duration_ms(flag: &str, text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m"))?;
+    let scale = match unit {
+        "ms" => 1.0,
+        "" | "s" => 1000.0,
+        "m" => 60_000.0,
+        "h" => 3_600_000.0,
+        _ => {
+            return Err(format!(
+                "--{flag} {text:?}: unknown unit {unit:?} (ms, s, m, h)"
+            ));
+        }
+    };
+    Ok((value * scale).round() as i64)
+}
+
+/// Parses `512`, `64k`, `64M`, `1G` (binary multiples) into bytes.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_bytes(flag: &str, text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (number, scale) = match text.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&text[..text.len() - 1], 1i64 << 10),
+        Some('m') => (&text[..text.len() - 1], 1 << 20),
+        Some('g') => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("--{flag} {text:?}: expected a size such as 64M or 1G"))?;
+    Ok((value * scale as f64).round() as i64)
+}
+
+/// Parses a CPU count such as `0.5` into nano-CPUs.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_nano_cpus(flag: &str, text: &str) -> Result<i64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("--{flag} {text:?}: expected a number of CPUs such as 0.5"))?;
+    Ok((value * 1e9).round() as i64)
+}
+
+fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--{flag} {pair:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn parse_mode(text: &str) -> Result<ServiceMode, String> {
+    match text {
+        "replicated" => Ok(ServiceMode::Replicated),
+        "global" => Ok(ServiceMode::Global),
+        _ => Err(format!("--mode {text:?}: expected replicated or global")),
+    }
+}
+
+fn parse_restart_condition(text: &str) -> Result<RestartCondition, String> {
+    match text {
+        "none" => Ok(RestartCondition::None),
+        "on-failure" => Ok(RestartCondition::OnFailure),
+        "any" => Ok(RestartCondition::Any),
+        _ => Err(format!(
+            "--restart-condition {text:?}: expected none, on-failure or any"
+        )),
+    }
+}
+
+fn parse_failure_action(text: &str) -> Result<UpdateFailureAction, String> {
+    match text {
+        "pause" => Ok(UpdateFailureAction::Pause),
+        "continue" => Ok(UpdateFailureAction::Continue),
+        "rollback" => Ok(UpdateFailureAction::Rollback),
+        _ => Err(format!(
+            "--update-failure-action {text:?}: expected pause, continue or rollback"
+        )),
+    }
+}
+
+fn parse_order(text: &str) -> Result<UpdateOrder, String> {
+    match text {
+        "stop-first" => Ok(UpdateOrder::StopFirst),
+        "start-first" => Ok(UpdateOrder::StartFirst),
+        _ => Err(format!(
+            "--update-order {text:?}: expected stop-first or start-first"
+        )),
+    }
+}
+
+fn env_entries(flags: &SpecFlags) -> Result<Option<Vec<String>>, String> {
+    let mut env = flags.env.clone();
+    if let Some(path) = &flags.env_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--env-file {}: {e}", path.display()))?;
+        env.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    Ok((!env.is_empty() || flags.env_file.is_some()).then_some(env))
+}
+
+/// Applies the flags given to `spec` (a new one or the current one being updated).
+fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> {
+    if let Some(mode) = &flags.mode {
+        spec.mode = parse_mode(mode)? as i32;
+        if spec.mode == ServiceMode::Global as i32 {
+            spec.replicas = 0;
+        }
+    }
+    if let Some(replicas) = flags.replicas {
+        spec.replicas = replicas;
+    }
+    if !flags.labels.is_empty() {
+        spec.labels = parse_pairs("label", &flags.labels)?;
+    }
+    let task = spec.task.get_or_insert_with(TaskSpec::default);
+    if let Some(env) = env_entries(flags)? {
+        task.env = env;
+    }
+    if let Some(workdir) = &flags.workdir {
+        task.working_dir = workdir.clone();
+    }
+    let restart = task.restart.get_or_insert_with(RestartPolicy::default);
+    if let Some(condition) = &flags.restart_condition {
+        restart.condition = parse_restart_condition(condition)? as i32;
+    }
+    if let Some(delay) = &flags.restart_delay {
+        restart.delay_ms = parse_duration_ms("restart-delay", delay)?;
+    }
+    if let Some(attempts) = flags.restart_max_attempts {
+        restart.max_attempts = attempts;
+    }
+    if let Some(window) = &flags.restart_window {
+        restart.window_ms = parse_duration_ms("restart-window", window)?;
+    }
+    let resources = task
+        .resources
+        .get_or_insert_with(ResourceRequirements::default);
+    let reservations = resources
+        .reservations
+        .get_or_insert_with(Resources::default);
+    if let Some(cpu) = &flags.reserve_cpu {
+        reservations.nano_cpus = parse_nano_cpus("reserve-cpu", cpu)?;
+    }
+    if let Some(memory) = &flags.reserve_memory {
+        reservations.memory_bytes = parse_bytes("reserve-memory", memory)?;
+    }
+    let limits = resources.limits.get_or_insert_with(Resources::default);
+    if let Some(cpu) = &flags.limit_cpu {
+        limits.nano_cpus = parse_nano_cpus("limit-cpu", cpu)?;
+    }
+    if let Some(memory) = &flags.limit_memory {
+        limits.memory_bytes = parse_bytes("limit-memory", memory)?;
+    }
+    if !flags.constraints.is_empty() {
+        task.placement = Some(Placement {
+            constraints: flags.constraints.clone(),
+        });
+    }
+    let update = spec.update.get_or_insert_with(UpdateConfig::default);
+    if let Some(parallelism) = flags.update_parallelism {
+        update.parallelism = parallelism;
+    }
+    if let Some(delay) = &flags.update_delay {
+        update.delay_ms = parse_duration_ms("update-delay", delay)?;
+    }
+    if let Some(action) = &flags.update_failure_action {
+        update.failure_action = parse_failure_action(action)? as i32;
+    }
+    if let Some(order) = &flags.update_order {
+        update.order = parse_order(order)? as i32;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Commands
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+fn get_service(client: &Client, reference: &str) -> Result<crate::proto::objects::Service, String> {
+    let reply: pb::ServiceResponse = client.unary(
+        api::GET_SERVICE,
+        &pb::GetServiceRequest {
+            reference: reference.to_string(),
+        },
+    )?;
+    reply
+        .service
+        .ok_or_else(|| "the manager sent an empty reply".to_string())
+}
+
+fn update_service(
+    client: &Client,
+    reference: &str,
+    if_version: Option<u64>,
+    change: impl FnOnce(&mut ServiceSpec) -> Result<(), String>,
+) -> Result<crate::proto::objects::Service, String> {
+    let current = get_service(client, reference)?;
+    let mut spec = current.spec.clone().unwrap_or_default();
+    change(&mut spec)?;
+    let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
+    let reply: pb::ServiceResponse = client.unary(
+        api::UPDATE_SERVICE,
+        &pb::UpdateServiceRequest {
+            reference: current.id.clone(),
+            version,
+            spec: Some(spec),
+        },
+    )?;
+    reply
+        .service
+        .ok_or_else(|| "the manager sent an empty reply".to_string())
+}
+
+fn replicas_text(spec: &ServiceSpec) -> String {
+    if spec.mode == ServiceMode::Global as i32 {
+        "global".to_string()
+    } else {
+        spec.replicas.to_string()
+    }
+}
+
+fn print_services(client: &Client, services: &[crate::proto::objects::Service]) {
+    if client.format == Format::Json {
+        client.print_json(&Json::Arr(services.iter().map(json::service).collect()));
+        return;
+    }
+    println!(
+        "{:<12}  {:<24}  {:<10}  {:>8}  {:>8}  COMMAND",
+        "ID", "NAME", "MODE", "REPLICAS", "VERSION"
+    );
+    for service in services {
+        let spec = service.spec.clone().unwrap_or_default();
+        let task = spec.task.clone().unwrap_or_default();
+        println!(
+            "{:<12}  {:<24}  {:<10}  {:>8}  {:>8}  {} {}",
+            short(&service.id),
+            spec.name,
+            json::mode_name(spec.mode),
+            replicas_text(&spec),
+            service.meta.as_ref().map_or(0, |m| m.version),
+            task.command,
+            task.args.join(" ")
+        );
+    }
+}
+
+fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
+    if client.format == Format::Json {
+        client.print_json(&Json::Arr(tasks.iter().map(json::task).collect()));
+        return;
+    }
+    println!(
+        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+        "ID", "SERVICE", "SLOT", "NODE", "DESIRED", "CURRENT"
+    );
+    for task in tasks {
+        println!(
+            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+            short(&task.id),
+            short(&task.service_id),
+            task.slot,
+            short(&task.node_id),
+            json::task_state_name(task.desired_state),
+            json::task_state_name(task.status.as_ref().map_or(0, |s| s.state)),
+        );
+    }
+}
+
+fn service_command(client: &Client, command: ServiceCommand) -> Result<(), String> {
+    match command {
+        ServiceCommand::Create {
+            name,
+            spec: flags,
+            command,
+        } => {
+            let mut spec = ServiceSpec {
+                name,
+                mode: ServiceMode::Replicated as i32,
+                replicas: 1,
+                task: Some(TaskSpec {
+                    command: command[0].clone(),
+                    args: command[1..].to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            apply_flags(&mut spec, &flags)?;
+            let reply: pb::ServiceResponse = client.unary(
+                api::CREATE_SERVICE,
+                &pb::CreateServiceRequest { spec: Some(spec) },
+            )?;
+            let service = reply.service.unwrap_or_default();
+            match client.format {
+                Format::Json => client.print_json(&json::service(&service)),
+                Format::Table => println!("{}", service.id),
+            }
+        }
+        ServiceCommand::Ls => {
+            let services = client.list(
+                api::LIST_SERVICES,
+                &pb::ListServicesRequest {},
+                |c: pb::ServiceChunk| c.services,
+            )?;
+            print_services(client, &services);
+        }
+        ServiceCommand::Inspect { service } => {
+            client.print_json(&json::service(&get_service(client, &service)?));
+        }
+        ServiceCommand::Ps { service } => {
+            let tasks = client.list(
+                api::LIST_TASKS,
+                &pb::ListTasksRequest {
+                    service_id: service,
+                    node_id: String::new(),
+                },
+                |c: pb::TaskChunk| c.tasks,
+            )?;
+            print_tasks(client, &tasks);
+        }
+        ServiceCommand::Scale { pairs } => {
+            for pair in pairs {
+                let (reference, replicas) = pair
+                    .split_once('=')
+                    .and_then(|(s, n)| Some((s, n.parse::<u64>().ok()?)))
+                    .ok_or_else(|| format!("{pair:?}: expected SERVICE=REPLICAS"))?;
+                let service = update_service(client, reference, None, |spec| {
+                    if spec.mode == ServiceMode::Global as i32 {
+                        return Err(format!(
+                            "{reference} is a global service: it runs one task per node and \
+                             cannot be scaled"
+                        ));
+                    }
+                    spec.replicas = replicas;
+                    Ok(())
+                })?;
+                println!("{} scaled to {replicas}", service.id);
+            }
+        }
+        ServiceCommand::Update {
+            service,
+            spec: flags,
+            rename,
+            command,
+            if_version,
+        } => {
+            let updated = update_service(client, &service, if_version, |spec| {
+                if let Some(name) = rename {
+                    spec.name = name;
+                }
+                if let Some(words) = command.filter(|w| !w.is_empty()) {
+                    let task = spec.task.get_or_insert_with(TaskSpec::default);
+                    task.command = words[0].clone();
+                    task.args = words[1..].to_vec();
+                }
+                apply_flags(spec, &flags)
+            })?;
+            match client.format {
+                Format::Json => client.print_json(&json::service(&updated)),
+                Format::Table => println!(
+                    "{} updated to version {}",
+                    updated.id,
+                    updated.meta.as_ref().map_or(0, |m| m.version)
+                ),
+            }
+        }
+        ServiceCommand::Rm { services } => {
+            for reference in services {
+                let reply: pb::RemoveResponse =
+                    client.unary(api::REMOVE_SERVICE, &pb::RemoveServiceRequest { reference })?;
+                println!("{}", reply.id);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn get_node(client: &Client, reference: &str) -> Result<crate::proto::objects::Node, String> {
+    let reply: pb::NodeResponse = client.unary(
+        api::GET_NODE,
+        &pb::GetNodeRequest {
+            reference: reference.to_string(),
+        },
+    )?;
+    reply
+        .node
+        .ok_or_else(|| "the manager sent an empty reply".to_string())
+}
+
+fn update_node(
+    client: &Client,
+    reference: &str,
+    if_version: Option<u64>,
+    change: impl FnOnce(&mut crate::proto::objects::NodeSpec) -> Result<(), String>,
+) -> Result<crate::proto::objects::Node, String> {
+    let current = get_node(client, reference)?;
+    let mut spec = current.spec.clone().unwrap_or_default();
+    change(&mut spec)?;
+    let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
+    let reply: pb::NodeResponse = client.unary(
+        api::UPDATE_NODE,
+        &pb::UpdateNodeRequest {
+            reference: current.id.clone(),
+            version,
+            spec: Some(spec),
+        },
+    )?;
+    reply
+        .node
+        .ok_or_else(|| "the manager sent an empty reply".to_string())
+}
+
+fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
+    if client.format == Format::Json {
+        client.print_json(&Json::Arr(nodes.iter().map(json::node).collect()));
+        return;
+    }
+    println!(
+        "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  MANAGER STATUS",
+        "ID", "HOSTNAME", "STATUS", "AVAILABILITY", "ROLE"
+    );
+    for node in nodes {
+        let spec = node.spec.clone().unwrap_or_default();
+        let manager = match &node.manager_status {
+            Some(status) if status.leader => "leader",
+            Some(_) => "reachable",
+            None => "",
+        };
+        println!(
+            "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  {manager}",
+            node.id,
+            spec.hostname,
+            json::node_state_name(node.status.as_ref().map_or(0, |s| s.state)),
+            json::availability_name(spec.availability),
+            json::role_name(node.role),
+        );
+    }
+}
+
+fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
+    let set_role = |node: &str, role: NodeRole| -> Result<(), String> {
+        let updated = update_node(client, node, None, |spec| {
+            spec.desired_role = role as i32;
+            Ok(())
+        })?;
+        println!(
+            "node {} desired role is now {}",
+            updated.id,
+            json::role_name(role as i32)
+        );
+        Ok(())
+    };
+    match command {
+        NodeCommand::Ls => {
+            let nodes = client.list(
+                api::LIST_NODES,
+                &pb::ListNodesRequest {},
+                |c: pb::NodeChunk| c.nodes,
+            )?;
+            print_nodes(client, &nodes);
+        }
+        NodeCommand::Inspect { node } => client.print_json(&json::node(&get_node(client, &node)?)),
+        NodeCommand::Update {
+            node,
+            availability,
+            label_add,
+            label_rm,
+            if_version,
+        } => {
+            let updated = update_node(client, &node, if_version, |spec| {
+                if let Some(availability) = availability {
+                    spec.availability = match availability.as_str() {
+                        "active" => NodeAvailability::Active,
+                        "pause" => NodeAvailability::Pause,
+                        "drain" => NodeAvailability::Drain,
+                        other => {
+                            return Err(format!(
+                                "--availability {other:?}: expected active, pause or drain"
+                            ));
+                        }
+                    } as i32;
+                }
+                spec.labels.extend(parse_pairs("label-add", &label_add)?);
+                for key in &label_rm {
+                    spec.labels.remove(key);
+                }
+                Ok(())
+            })?;
+            match client.format {
+                Format::Json => client.print_json(&json::node(&updated)),
+                Format::Table => println!("{}", updated.id),
+            }
+        }
+        NodeCommand::Rm { node, force } => {
+            let reply: pb::RemoveResponse = client.unary(
+                api::REMOVE_NODE,
+                &pb::RemoveNodeRequest {
+                    reference: node,
+                    force,
+                },
+            )?;
+            println!("{}", reply.id);
+        }
+        NodeCommand::Promote { node } => set_role(&node, NodeRole::Manager)?,
+        NodeCommand::Demote { node } => set_role(&node, NodeRole::Worker)?,
+    }
+    Ok(())
+}
+
+fn task_command(client: &Client, command: TaskCommand) -> Result<(), String> {
+    match command {
+        TaskCommand::Ls { service, node } => {
+            let tasks = client.list(
+                api::LIST_TASKS,
+                &pb::ListTasksRequest {
+                    service_id: service.unwrap_or_default(),
+                    node_id: node.unwrap_or_default(),
+                },
+                |c: pb::TaskChunk| c.tasks,
+            )?;
+            print_tasks(client, &tasks);
+        }
+        TaskCommand::Inspect { task } => {
+            let reply: pb::TaskResponse =
+                client.unary(api::GET_TASK, &pb::GetTaskRequest { reference: task })?;
+            client.print_json(&json::task(&reply.task.unwrap_or_default()));
+        }
+    }
+    Ok(())
+}
+
+fn cluster_command(client: &Client, command: ClusterCommand) -> Result<(), String> {
+    let reply: pb::ClusterResponse = client.unary(api::GET_CLUSTER, &pb::GetClusterRequest {})?;
+    let current = reply.cluster.unwrap_or_default();
+    match command {
+        ClusterCommand::Inspect => client.print_json(&json::cluster(&current)),
+        ClusterCommand::Update {
+            heartbeat_period,
+            snapshot_interval,
+            log_entries_for_slow_followers,
+            keep_old_snapshots,
+            task_history_retention,
+            cert_expiry,
+            if_version,
+        } => {
+            let mut spec = current.spec.clone().unwrap_or_default();
+            if let Some(period) = heartbeat_period {
+                spec.heartbeat_period_ms = parse_duration_ms("heartbeat-period", &period)?;
+            }
+            if let Some(entries) = snapshot_interval {
+                spec.snapshot_interval_entries = entries;
+            }
+            if let Some(entries) = log_entries_for_slow_followers {
+                spec.log_entries_for_slow_followers = entries;
+            }
+            if let Some(kept) = keep_old_snapshots {
+                spec.keep_old_snapshots = kept;
+            }
+            if let Some(retention) = task_history_retention {
+                spec.task_history_retention = retention;
+            }
+            if let Some(expiry) = cert_expiry {
+                spec.node_cert_expiry_ms = parse_duration_ms("cert-expiry", &expiry)?;
+            }
+            let version =
+                if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
+            let reply: pb::ClusterResponse = client.unary(
+                api::UPDATE_CLUSTER,
+                &pb::UpdateClusterRequest {
+                    version,
+                    spec: Some(spec),
+                },
+            )?;
+            let updated = reply.cluster.unwrap_or_default();
+            match client.format {
+                Format::Json => client.print_json(&json::cluster(&updated)),
+                Format::Table => println!(
+                    "cluster {} updated to version {}",
+                    updated.id,
+                    updated.meta.as_ref().map_or(0, |m| m.version)
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn join_token_command(client: &Client, role: TokenRole, rotate: bool) -> Result<(), String> {
+    let reply: pb::JoinTokensResponse = if rotate {
+        let role = match role {
+            TokenRole::Worker => NodeRole::Worker,
+            TokenRole::Manager => NodeRole::Manager,
+        };
+        client.unary(
+            api::ROTATE_JOIN_TOKEN,
+            &pb::RotateJoinTokenRequest { role: role as i32 },
+        )?
+    } else {
+        client.unary(api::GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {})?
+    };
+    let tokens = reply.tokens.unwrap_or_default();
+    let token = match role {
+        TokenRole::Worker => tokens.worker,
+        TokenRole::Manager => tokens.manager,
+    };
+    match client.format {
+        Format::Json => client.print_json(&Json::Obj(vec![("token".into(), Json::Str(token))])),
+        Format::Table => println!("{token}"),
+    }
+    Ok(())
+}
+
+/// What a control command asks.
+#[derive(Debug)]
+pub enum ControlCommand {
+    /// `service …`
+    Service(Box<ServiceCommand>),
+    /// `node …`
+    Node(NodeCommand),
+    /// `task …`
+    Task(TaskCommand),
+    /// `cluster …`
+    Cluster(ClusterCommand),
+    /// `join-token ROLE [--rotate]`
+    JoinToken {
+        /// Which token.
+        role: TokenRole,
+        /// Replace it first.
+        rotate: bool,
+    },
+}
+
+/// Runs one control command through the manager `connection` names.
+///
+/// # Errors
+/// A message for stderr, with a hint.
+pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), String> {
+    let client = Client::connect(connection)?;
+    let result = match command {
+        ControlCommand::Service(command) => service_command(&client, *command),
+        ControlCommand::Node(command) => node_command(&client, command),
+        ControlCommand::Task(command) => task_command(&client, command),
+        ControlCommand::Cluster(command) => cluster_command(&client, command),
+        ControlCommand::JoinToken { role, rotate } => join_token_command(&client, role, rotate),
+    };
+    client.transport.shutdown();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_parse_with_units_and_refuse_garbage() {
+        assert_eq!(parse_duration_ms("d", "250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("d", "5s"), Ok(5000));
+        assert_eq!(parse_duration_ms("d", "2m"), Ok(120_000));
+        assert_eq!(parse_duration_ms("d", "3"), Ok(3000));
+        assert!(parse_duration_ms("d", "5 weeks").is_err());
+        assert_eq!(parse_bytes("m", "64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("m", "512"), Ok(512));
+        assert!(parse_bytes("m", "lots").is_err());
+        assert_eq!(parse_nano_cpus("c", "0.5"), Ok(500_000_000));
+    }
+
+    #[test]
+    fn update_flags_change_only_what_is_given() {
+        let mut spec = ServiceSpec {
+            name: "web".into(),
+            replicas: 3,
+            task: Some(TaskSpec {
+                command: "sleep".into(),
+                env: vec!["A=1".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let flags = SpecFlags {
+            workdir: Some("/srv".into()),
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &flags).unwrap();
+        let task = spec.task.unwrap();
+        assert_eq!(spec.replicas, 3);
+        assert_eq!(task.env, vec!["A=1".to_string()]);
+        assert_eq!(task.working_dir, "/srv");
+    }
+}

@@ -1,0 +1,178 @@
+//! The control duties thread (`flotilla-control`), one per manager. Every
+//! [`DUTY_INTERVAL`] it:
+//!
+//! - on the leader, creates the Cluster object if it is missing (defaults, the founder's
+//!   join tokens and the root CA digest);
+//! - records this manager as a Node object (through [`ControlApi::write`], so a follower's
+//!   report is forwarded with its own identity);
+//! - copies the replicated join tokens into this manager's CA service and `join-tokens`
+//!   file when they changed (a rotation on any manager reaches every manager).
+//!
+//! Must never block the store or hold a lock across a call.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use crossbeam_channel::{Sender, bounded};
+use prost::Message;
+
+use super::{Caller, ControlApi, PROPOSE_TIMEOUT, REPORT_MANAGER};
+use crate::ca::{JoinTokens, Role};
+use crate::manager::state::propose_transaction;
+use crate::proto::control as pb;
+use crate::proto::objects::{Cluster, Node, Transaction};
+use crate::store::create;
+use crate::store::spec::default_cluster_spec;
+
+/// How often the duties run.
+pub const DUTY_INTERVAL: Duration = Duration::from_millis(300);
+/// The name of the cluster object created at first election.
+pub const CLUSTER_NAME: &str = "default";
+
+/// Who this manager is, for its Node object.
+#[derive(Clone, Debug)]
+pub struct SelfReport {
+    /// This manager's node id (its certificate's CN).
+    pub node_id: String,
+    /// Its Raft id.
+    pub raft_id: u64,
+    /// The address other managers reach it on.
+    pub addr: String,
+}
+
+/// The running duties thread. Stop it with [`Duties::stop`].
+pub struct Duties {
+    stop: Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Duties {
+    /// Starts the thread.
+    ///
+    /// # Errors
+    /// The OS error if the thread cannot start.
+    pub fn start(api: Arc<ControlApi>, me: SelfReport) -> std::io::Result<Duties> {
+        let (stop, stopped) = bounded::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("flotilla-control".into())
+            .spawn(move || {
+                let mut synced: Option<crate::proto::objects::JoinTokens> = None;
+                loop {
+                    run_once(&api, &me, &mut synced);
+                    match stopped.recv_timeout(DUTY_INTERVAL) {
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })?;
+        Ok(Duties { stop, thread })
+    }
+
+    /// Stops the thread and joins it (at most one call's deadline).
+    pub fn stop(self) {
+        drop(self.stop);
+        if self.thread.join().is_err() {
+            log::error!("the control duties thread panicked");
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn run_once(
+    api: &ControlApi,
+    me: &SelfReport,
+    synced: &mut Option<crate::proto::objects::JoinTokens>,
+) {
+    if api.node.leader().is_none() {
+        return;
+    }
+    if api.is_leader() && api.store.list::<Cluster>().is_empty() {
+        create_cluster(api);
+    }
+    let recorded = api.store.get::<Node>(&me.node_id).is_some_and(|node| {
+        node.manager_status
+            .as_ref()
+            .is_some_and(|s| s.raft_id == me.raft_id && s.addr == me.addr)
+    });
+    if !recorded {
+        let caller = Caller {
+            node_id: me.node_id.clone(),
+            role: Role::Manager,
+            forwarded_by: None,
+        };
+        let report = pb::ReportManagerRequest {
+            raft_id: me.raft_id,
+            addr: me.addr.clone(),
+            hostname: hostname(),
+        };
+        if let Err(status) = api.write(&caller, REPORT_MANAGER, Bytes::from(report.encode_to_vec()))
+        {
+            log::debug!("cannot record this manager as a node yet: {status}");
+        }
+    }
+    let replicated = api
+        .store
+        .list::<Cluster>()
+        .first()
+        .and_then(|c| c.join_tokens.clone());
+    if replicated.is_some() && replicated != *synced {
+        let cluster = api.store.list::<Cluster>();
+        if let Some(Ok(tokens)) = cluster.first().map(|c| super::handlers::cluster_tokens(c)) {
+            sync_tokens(api, &tokens);
+            *synced = replicated;
+        }
+    }
+}
+
+fn create_cluster(api: &ControlApi) {
+    let tokens = match api.dir.load_tokens() {
+        Ok(tokens) => Some(tokens),
+        Err(error) => {
+            log::warn!("creating the cluster object without join tokens: {error}");
+            None
+        }
+    };
+    let cluster = Cluster {
+        id: super::new_object_id(),
+        spec: Some(default_cluster_spec(CLUSTER_NAME)),
+        root_ca_digest: tokens
+            .as_ref()
+            .map(|t| Bytes::copy_from_slice(&t.token(Role::Worker).root_digest()))
+            .unwrap_or_default(),
+        join_tokens: tokens.as_ref().map(super::handlers::tokens_to_proto),
+        ..Default::default()
+    };
+    let txn = Transaction {
+        changes: vec![create(cluster)],
+        timestamp_ms: super::handlers::now_ms(),
+    };
+    match propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT) {
+        Ok(version) => log::info!("created the cluster object at version {version}"),
+        Err(status) => log::debug!("cannot create the cluster object yet: {status}"),
+    }
+}
+
+/// Makes `tokens` the ones this manager's CA accepts and its `join-tokens` file holds.
+pub(super) fn sync_tokens(api: &ControlApi, tokens: &JoinTokens) {
+    if let Some(ca) = &api.ca
+        && ca.tokens() != *tokens
+    {
+        match ca.set_tokens(tokens.clone()) {
+            Ok(()) => log::info!("join tokens updated from the cluster object"),
+            Err(error) => log::error!("the replicated join tokens do not fit this CA: {error}"),
+        }
+    }
+    let on_disk = api.dir.load_tokens().ok();
+    if on_disk.as_ref() != Some(tokens)
+        && let Err(error) = api.dir.save_tokens(tokens)
+    {
+        log::error!("cannot save the rotated join tokens: {error}");
+    }
+}

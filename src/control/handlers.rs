@@ -1,0 +1,405 @@
+//! The leader's side of every control write: read the local store, build one transaction,
+//! propose it, answer with the object as written.
+//!
+//! Runs only on the leader (the caller checked). Must never write the store directly.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::reads::{resolve_node, resolve_service, the_cluster};
+use super::{Caller, ControlApi, PROPOSE_TIMEOUT};
+use crate::ca::{JoinToken, JoinTokens, Role};
+use crate::manager::state::propose_transaction;
+use crate::proto::control as pb;
+use crate::proto::objects::{
+    Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
+    NodeStatus, Service, Transaction,
+};
+use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
+use crate::store::{Kind, TXN_CHANGES_MAX, create, delete, update_expecting};
+use crate::wire::{Code, Status};
+
+/// Characters of a generated object id.
+pub const OBJECT_ID_CHARS: usize = 25;
+
+/// A new random object id: 25 lowercase letters and digits, like swarmkit's.
+pub fn new_object_id() -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..OBJECT_ID_CHARS)
+        .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+pub(super) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn decode<Req: Message + Default>(payload: Bytes) -> Result<Req, Status> {
+    Req::decode(payload).map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))
+}
+
+fn encode(reply: &impl Message) -> Bytes {
+    Bytes::from(reply.encode_to_vec())
+}
+
+/// Runs the write `method` as `caller`. The caller made sure this manager leads.
+///
+/// # Errors
+/// The write's refusal: invalid spec (`InvalidArgument`, naming the field), unknown id
+/// (`NotFound`), stale version (`Aborted`), or the proposal's failure.
+pub(super) fn execute(
+    api: &ControlApi,
+    caller: &Caller,
+    method: &str,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    match &caller.forwarded_by {
+        Some(forwarder) => log::info!(
+            "{method} by node {} ({:?}) forwarded by {forwarder}",
+            caller.node_id,
+            caller.role
+        ),
+        None => log::debug!("{method} by node {} ({:?})", caller.node_id, caller.role),
+    }
+    match method {
+        super::CREATE_SERVICE => create_service(api, decode(payload)?).map(|r| encode(&r)),
+        super::UPDATE_SERVICE => update_service(api, decode(payload)?).map(|r| encode(&r)),
+        super::REMOVE_SERVICE => remove_service(api, decode(payload)?).map(|r| encode(&r)),
+        super::UPDATE_NODE => update_node(api, decode(payload)?).map(|r| encode(&r)),
+        super::REMOVE_NODE => remove_node(api, decode(payload)?).map(|r| encode(&r)),
+        super::REPORT_MANAGER => report_manager(api, caller, decode(payload)?).map(|r| encode(&r)),
+        super::UPDATE_CLUSTER => update_cluster(api, decode(payload)?).map(|r| encode(&r)),
+        super::ROTATE_JOIN_TOKEN => rotate_join_token(api, decode(payload)?).map(|r| encode(&r)),
+        other => Err(Status::new(
+            Code::Unimplemented,
+            format!("{other} is not a control write"),
+        )),
+    }
+}
+
+fn propose(api: &ControlApi, changes: Vec<Change>) -> Result<u64, Status> {
+    let txn = Transaction {
+        changes,
+        timestamp_ms: now_ms(),
+    };
+    propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT)
+}
+
+fn spec_error(error: &crate::store::spec::SpecError) -> Status {
+    Status::new(error.code(), error.to_string())
+}
+
+fn stale(kind: &str, id: &str, read: u64, now: u64) -> Status {
+    Status::new(
+        Code::Aborted,
+        format!(
+            "version conflict: {kind} {id} changed since version {read} (now {now}); read it \
+             again and retry"
+        ),
+    )
+}
+
+fn written<T: crate::store::Record>(api: &ControlApi, id: &str) -> Result<Arc<T>, Status> {
+    api.store
+        .get::<T>(id)
+        .ok_or_else(|| Status::not_found(format!("{id} was removed right after it was written")))
+}
+
+fn create_service(
+    api: &ControlApi,
+    request: pb::CreateServiceRequest,
+) -> Result<pb::ServiceResponse, Status> {
+    let spec = request
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+    validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+    let service = Service {
+        id: new_object_id(),
+        spec: Some(spec),
+        ..Default::default()
+    };
+    let id = service.id.clone();
+    propose(api, vec![create(service)])?;
+    Ok(pb::ServiceResponse {
+        service: Some(written::<Service>(api, &id)?.as_ref().clone()),
+    })
+}
+
+fn update_service(
+    api: &ControlApi,
+    request: pb::UpdateServiceRequest,
+) -> Result<pb::ServiceResponse, Status> {
+    let current = api
+        .store
+        .view(|view| resolve_service(view, &request.reference))?;
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    if request.version != version {
+        return Err(stale("service", &current.id, request.version, version));
+    }
+    let spec = request
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+    validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+    let mut service = current.as_ref().clone();
+    service.previous_spec = service.spec.replace(spec);
+    propose(api, vec![update_expecting(service, request.version)])?;
+    Ok(pb::ServiceResponse {
+        service: Some(written::<Service>(api, &current.id)?.as_ref().clone()),
+    })
+}
+
+fn remove_service(
+    api: &ControlApi,
+    request: pb::RemoveServiceRequest,
+) -> Result<pb::RemoveResponse, Status> {
+    let (current, task_ids) = api.store.view(|view| {
+        let service = resolve_service(view, &request.reference)?;
+        let tasks: Vec<String> = view
+            .tasks_by_service(&service.id)
+            .map(|t| t.id.clone())
+            .collect();
+        Ok::<_, Status>((service, tasks))
+    })?;
+    // The service's tasks go with it; past one transaction's worth, in batches first (a
+    // failure leaves the service in place, so removing it again finishes the job).
+    let mut changes: Vec<Change> = task_ids
+        .into_iter()
+        .map(|id| delete(Kind::Task, id, 0))
+        .collect();
+    while changes.len() >= TXN_CHANGES_MAX {
+        let rest = changes.split_off(TXN_CHANGES_MAX);
+        propose(api, std::mem::replace(&mut changes, rest))?;
+    }
+    changes.push(delete(Kind::Service, current.id.clone(), 0));
+    propose(api, changes)?;
+    Ok(pb::RemoveResponse {
+        id: current.id.clone(),
+    })
+}
+
+fn update_node(
+    api: &ControlApi,
+    request: pb::UpdateNodeRequest,
+) -> Result<pb::NodeResponse, Status> {
+    let current = api
+        .store
+        .view(|view| resolve_node(view, &request.reference))?;
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    if request.version != version {
+        return Err(stale("node", &current.id, request.version, version));
+    }
+    let spec = request
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+    validate_node_spec(&spec).map_err(|e| spec_error(&e))?;
+    let mut node = current.as_ref().clone();
+    node.spec = Some(spec);
+    propose(api, vec![update_expecting(node, request.version)])?;
+    Ok(pb::NodeResponse {
+        node: Some(written::<Node>(api, &current.id)?.as_ref().clone()),
+    })
+}
+
+fn remove_node(
+    api: &ControlApi,
+    request: pb::RemoveNodeRequest,
+) -> Result<pb::RemoveResponse, Status> {
+    let current = api
+        .store
+        .view(|view| resolve_node(view, &request.reference))?;
+    let raft_id = current.manager_status.as_ref().map(|m| m.raft_id);
+    let still_member = match raft_id {
+        None => false,
+        Some(raft_id) => api
+            .node
+            .status(PROPOSE_TIMEOUT)
+            .map_err(|e| e.to_status())?
+            .members
+            .iter()
+            .any(|m| m.id == raft_id),
+    };
+    if current.role == NodeRole::Manager as i32 && still_member {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "node {} is a manager; demote it first (`flotilla node demote {}`) or remove \
+                 it from the Raft group (`flotilla manager rm`)",
+                current.id, current.id
+            ),
+        ));
+    }
+    // A manager's status comes from its own report, not from a session: once it left
+    // the Raft group it is stale, and the node may go.
+    let ready = current.role != NodeRole::Manager as i32
+        && current
+            .status
+            .as_ref()
+            .is_some_and(|s| s.state == NodeState::Ready as i32);
+    if ready && !request.force {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "node {} is up; stop it first, or remove it anyway with --force",
+                current.id
+            ),
+        ));
+    }
+    propose(api, vec![delete(Kind::Node, current.id.clone(), 0)])?;
+    Ok(pb::RemoveResponse {
+        id: current.id.clone(),
+    })
+}
+
+fn report_manager(
+    api: &ControlApi,
+    caller: &Caller,
+    request: pb::ReportManagerRequest,
+) -> Result<pb::ReportManagerResponse, Status> {
+    if caller.role != Role::Manager {
+        return Err(Status::permission_denied("only a manager reports itself"));
+    }
+    // A manager removed from the group may report once more before it learns it was
+    // removed; it must not come back as a node.
+    let member = api
+        .node
+        .status(PROPOSE_TIMEOUT)
+        .map_err(|e| e.to_status())?
+        .members
+        .iter()
+        .any(|m| m.id == request.raft_id);
+    if !member {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "raft id {:x} is not a member of the Raft group",
+                request.raft_id
+            ),
+        ));
+    }
+    let manager_status = ManagerStatus {
+        raft_id: request.raft_id,
+        addr: request.addr.clone(),
+        ..Default::default()
+    };
+    let change = match api.store.get::<Node>(&caller.node_id) {
+        None => create(Node {
+            id: caller.node_id.clone(),
+            spec: Some(NodeSpec {
+                hostname: request.hostname.clone(),
+                availability: NodeAvailability::Active as i32,
+                desired_role: NodeRole::Manager as i32,
+                ..Default::default()
+            }),
+            status: Some(NodeStatus {
+                state: NodeState::Ready as i32,
+                addr: request.addr.clone(),
+                ..Default::default()
+            }),
+            role: NodeRole::Manager as i32,
+            manager_status: Some(manager_status),
+            ..Default::default()
+        }),
+        Some(node) => {
+            let mut node = node.as_ref().clone();
+            let version = node.meta.as_ref().map_or(0, |m| m.version);
+            node.role = NodeRole::Manager as i32;
+            node.manager_status = Some(manager_status);
+            let status = node.status.get_or_insert_with(NodeStatus::default);
+            status.state = NodeState::Ready as i32;
+            status.addr = request.addr.clone();
+            update_expecting(node, version)
+        }
+    };
+    propose(api, vec![change])?;
+    Ok(pb::ReportManagerResponse {})
+}
+
+fn update_cluster(
+    api: &ControlApi,
+    request: pb::UpdateClusterRequest,
+) -> Result<pb::ClusterResponse, Status> {
+    let current = api.store.view(the_cluster)?;
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    if request.version != version {
+        return Err(stale("cluster", &current.id, request.version, version));
+    }
+    let spec = request
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+    validate_cluster_spec(&spec).map_err(|e| spec_error(&e))?;
+    let mut cluster = current.as_ref().clone();
+    cluster.spec = Some(spec);
+    propose(api, vec![update_expecting(cluster, request.version)])?;
+    Ok(pb::ClusterResponse {
+        cluster: Some(written::<Cluster>(api, &current.id)?.as_ref().clone()),
+    })
+}
+
+/// The join tokens held by `cluster`, parsed.
+///
+/// # Errors
+/// `FailedPrecondition` if the cluster holds none or they do not parse.
+pub(super) fn cluster_tokens(cluster: &Cluster) -> Result<JoinTokens, Status> {
+    let missing = || {
+        Status::new(
+            Code::FailedPrecondition,
+            "the cluster object holds no join tokens; they are added by the founding manager",
+        )
+    };
+    let tokens = cluster.join_tokens.as_ref().ok_or_else(missing)?;
+    let manager = JoinToken::parse(&tokens.manager).map_err(|_| missing())?;
+    let worker = JoinToken::parse(&tokens.worker).map_err(|_| missing())?;
+    JoinTokens::from_tokens(&manager, &worker).map_err(|e| Status::internal(e.to_string()))
+}
+
+/// The proto form of `tokens`.
+pub(super) fn tokens_to_proto(tokens: &JoinTokens) -> crate::proto::objects::JoinTokens {
+    crate::proto::objects::JoinTokens {
+        worker: tokens.token(Role::Worker).to_string(),
+        manager: tokens.token(Role::Manager).to_string(),
+    }
+}
+
+fn rotate_join_token(
+    api: &ControlApi,
+    request: pb::RotateJoinTokenRequest,
+) -> Result<pb::JoinTokensResponse, Status> {
+    let current = api.store.view(the_cluster)?;
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    let mut tokens = cluster_tokens(&current)?;
+    let role = match NodeRole::try_from(request.role) {
+        Ok(NodeRole::Manager) => Role::Manager,
+        _ => Role::Worker,
+    };
+    tokens.rotate(role);
+    let mut cluster = current.as_ref().clone();
+    cluster.join_tokens = Some(tokens_to_proto(&tokens));
+    propose(api, vec![update_expecting(cluster, version)])?;
+    // The duties thread syncs every manager; the leader does it now so that the old
+    // token is refused from the moment the caller hears of the new one.
+    super::duties::sync_tokens(api, &tokens);
+    Ok(pb::JoinTokensResponse {
+        tokens: Some(tokens_to_proto(&tokens)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_ids_are_25_lowercase_alphanumerics_and_differ() {
+        let a = new_object_id();
+        let b = new_object_id();
+        assert_eq!(a.len(), OBJECT_ID_CHARS);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+        );
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,100 @@
+//! `control.ListManagers|RemoveManager|TransferLeadership`: the Raft group's operator
+//! calls, delegated to the leader's `raft.Status`, `raft.RemoveMember` and
+//! `raft.TransferLeadership` (which hold the quorum checks).
+//!
+//! Must never change membership itself.
+
+use std::sync::Arc;
+
+use super::{ControlApi, PROPOSE_TIMEOUT};
+use crate::net::{Allow, CallOptions, Router, ServicePool};
+use crate::proto::control as pb;
+use crate::proto::raft as raftpb;
+use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
+use crate::wire::Status;
+
+/// Lists the managers as the leader sees them.
+pub const LIST_MANAGERS: &str = "control.ListManagers";
+/// Removes a manager from the Raft group.
+pub const REMOVE_MANAGER: &str = "control.RemoveManager";
+/// Hands leadership to another manager.
+pub const TRANSFER_LEADERSHIP_TO: &str = "control.TransferLeadership";
+
+impl ControlApi {
+    /// Calls the leader's raft `method` (this manager's own address when it leads).
+    fn call_leader<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, Status> {
+        let leader = self.node.leader().ok_or_else(|| {
+            Status::unavailable("no leader is known right now; retry in a moment")
+        })?;
+        let addr = self.node.directory().addr(leader).ok_or_else(|| {
+            Status::unavailable(format!(
+                "the address of leader {leader:x} is not known yet; retry in a moment"
+            ))
+        })?;
+        self.transport.channel(&addr, &self.client_tls).unary(
+            method,
+            request,
+            CallOptions::timeout(ADMIN_CALL_TIMEOUT.max(PROPOSE_TIMEOUT)),
+        )
+    }
+}
+
+/// Serves the manager methods.
+pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.unary(
+        LIST_MANAGERS,
+        Allow::MANAGERS,
+        pool,
+        move |_, _: pb::ListManagersRequest| {
+            let status: raftpb::StatusResponse =
+                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
+            Ok(pb::ManagersResponse {
+                status: Some(status),
+            })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        REMOVE_MANAGER,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::RemoveManagerRequest| {
+            let _: raftpb::RemoveMemberResponse = a.call_leader(
+                REMOVE_MEMBER,
+                &raftpb::RemoveMemberRequest {
+                    raft_id: request.raft_id,
+                    force: request.force,
+                },
+            )?;
+            let status: raftpb::StatusResponse =
+                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
+            Ok(pb::ManagersResponse {
+                status: Some(status),
+            })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        TRANSFER_LEADERSHIP_TO,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::TransferLeadershipRequest| {
+            let _: raftpb::TransferLeadershipResponse = a.call_leader(
+                TRANSFER_LEADERSHIP,
+                &raftpb::TransferLeadershipRequest {
+                    raft_id: request.raft_id,
+                },
+            )?;
+            let status: raftpb::StatusResponse =
+                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
+            Ok(pb::ManagersResponse {
+                status: Some(status),
+            })
+        },
+    );
+}

@@ -1,0 +1,351 @@
+//! The control API (`control.*`): what operators call on any manager over mutual TLS.
+//!
+//! ```text
+//!  CLI ──mTLS──► any manager ── reads: linearizable read index, then the local store
+//!                     │
+//!                     └─ writes: leader? run here : control.Forward(method, payload,
+//!                                caller id/role) ──► leader runs it as the caller
+//! ```
+//!
+//! - Writes ([`write`]) run only on the leader: they read the local store, build one
+//!   [`Transaction`](crate::proto::objects::Transaction) (updates carry the version the
+//!   caller read, so a stale one fails with `Aborted`) and propose it through Raft.
+//! - A follower forwards a write once, to the leader it knows, in a [`FORWARD`] envelope
+//!   with the caller's verified identity. Only a manager may call [`FORWARD`]; the leader
+//!   never forwards again (no chains, no loops).
+//! - Reads wait for [`linearizable_read_index`] and then serve from the local store;
+//!   listings stream in chunks of at most [`LIST_CHUNK_BYTES_MAX`] bytes.
+//! - [`WATCH`] streams store events from a thread per watch ([`watch`]).
+//! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
+//! - [`duties`] runs one thread per manager that records the manager as a Node object,
+//!   creates the Cluster object on a new leader and keeps the CA's join tokens and the
+//!   `join-tokens` file in sync with the replicated Cluster object.
+//!
+//! This module must never change the store except through a proposed transaction, nor
+//! trust an identity that did not come from a certificate or a manager's forward.
+
+pub mod duties;
+mod handlers;
+pub mod managers;
+mod reads;
+pub mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use prost::Message;
+
+use crate::ca::{CaService, PeerIdentity, Role};
+use crate::kv::linearizable_read_index;
+use crate::manager::StateDir;
+use crate::net::{Allow, CallContext, CallOptions, Router, ServicePool, Transport};
+use crate::proto::control as pb;
+use crate::proto::objects::NodeRole;
+use crate::raft::node::NodeHandle;
+use crate::store::Store;
+use crate::wire::{Code, Status};
+
+pub use handlers::new_object_id;
+
+/// Runs a write on the leader as the caller named inside (managers only).
+pub const FORWARD: &str = "control.Forward";
+/// Creates a service.
+pub const CREATE_SERVICE: &str = "control.CreateService";
+/// Reads one service.
+pub const GET_SERVICE: &str = "control.GetService";
+/// Streams every service.
+pub const LIST_SERVICES: &str = "control.ListServices";
+/// Replaces a service's spec (with the version read).
+pub const UPDATE_SERVICE: &str = "control.UpdateService";
+/// Removes a service.
+pub const REMOVE_SERVICE: &str = "control.RemoveService";
+/// Streams every node.
+pub const LIST_NODES: &str = "control.ListNodes";
+/// Reads one node.
+pub const GET_NODE: &str = "control.GetNode";
+/// Replaces a node's spec (availability, labels, desired role).
+pub const UPDATE_NODE: &str = "control.UpdateNode";
+/// Removes a node.
+pub const REMOVE_NODE: &str = "control.RemoveNode";
+/// A manager records itself as a Node object.
+pub const REPORT_MANAGER: &str = "control.ReportManager";
+/// Streams tasks, optionally of one service or node.
+pub const LIST_TASKS: &str = "control.ListTasks";
+/// Reads one task.
+pub const GET_TASK: &str = "control.GetTask";
+/// Reads the cluster object.
+pub const GET_CLUSTER: &str = "control.GetCluster";
+/// Replaces the cluster spec (with the version read).
+pub const UPDATE_CLUSTER: &str = "control.UpdateCluster";
+/// Reads the join tokens.
+pub const GET_JOIN_TOKENS: &str = "control.GetJoinTokens";
+/// Replaces one join token.
+pub const ROTATE_JOIN_TOKEN: &str = "control.RotateJoinToken";
+/// Streams store events.
+pub const WATCH: &str = "control.Watch";
+
+/// The write methods: run on the leader, forwarded by followers.
+pub const WRITE_METHODS: [&str; 8] = [
+    CREATE_SERVICE,
+    UPDATE_SERVICE,
+    REMOVE_SERVICE,
+    UPDATE_NODE,
+    REMOVE_NODE,
+    REPORT_MANAGER,
+    UPDATE_CLUSTER,
+    ROTATE_JOIN_TOKEN,
+];
+
+/// Deadline of a write's proposal, and of a forward to the leader.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
+pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
+/// Threads serving control calls (writes block on their proposal).
+pub const CONTROL_POOL_THREADS: usize = 16;
+/// Queued control calls before new ones are refused with `ResourceExhausted`.
+pub const CONTROL_POOL_QUEUE_LEN_MAX: usize = 4096;
+
+/// Who made a call: from the caller's certificate, or from a manager's forward.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's node id.
+    pub node_id: String,
+    /// The caller's role.
+    pub role: Role,
+    /// The manager that forwarded the call, if it was forwarded.
+    pub forwarded_by: Option<String>,
+}
+
+impl Caller {
+    fn from_peer(peer: Option<&PeerIdentity>) -> Result<Caller, Status> {
+        let peer = peer.ok_or_else(|| {
+            Status::new(
+                Code::Unauthenticated,
+                "the control API needs a cluster certificate",
+            )
+        })?;
+        Ok(Caller {
+            node_id: peer.node_id.clone(),
+            role: peer.role,
+            forwarded_by: None,
+        })
+    }
+}
+
+fn role_to_proto(role: Role) -> NodeRole {
+    match role {
+        Role::Manager => NodeRole::Manager,
+        Role::Worker => NodeRole::Worker,
+    }
+}
+
+/// The control API of one manager: shared by its handlers, the watch threads and the
+/// duties thread.
+pub struct ControlApi {
+    node: NodeHandle,
+    store: Arc<Store>,
+    transport: Arc<Transport>,
+    client_tls: Arc<rustls::ClientConfig>,
+    ca: Option<Arc<CaService>>,
+    dir: StateDir,
+    watches: Mutex<watch::WatchThreads>,
+}
+
+impl ControlApi {
+    /// The API over `node` and its applied `store`; `ca` and `dir` receive rotated tokens.
+    pub fn new(
+        node: NodeHandle,
+        store: Arc<Store>,
+        transport: Arc<Transport>,
+        client_tls: Arc<rustls::ClientConfig>,
+        ca: Option<Arc<CaService>>,
+        dir: StateDir,
+    ) -> Arc<ControlApi> {
+        Arc::new(ControlApi {
+            node,
+            store,
+            transport,
+            client_tls,
+            ca,
+            dir,
+            watches: Mutex::new(watch::WatchThreads::default()),
+        })
+    }
+
+    /// The local store.
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn is_leader(&self) -> bool {
+        self.node.leader() == Some(self.node.id())
+    }
+
+    /// Waits until the local store may serve a linearizable read.
+    fn read_barrier(&self) -> Result<(), Status> {
+        linearizable_read_index(&self.node, &self.transport, &self.client_tls)
+            .map(|_| ())
+            .map_err(|e| e.to_status())
+    }
+
+    /// Runs the write `method` (encoded `payload`) as `caller`: here if this manager leads,
+    /// else forwarded to the leader.
+    ///
+    /// # Errors
+    /// The write's own refusal, or `Unavailable` / `FailedPrecondition` (with a
+    /// `leader_addr=` hint) when no leader can take it.
+    pub fn write(&self, caller: &Caller, method: &str, payload: Bytes) -> Result<Bytes, Status> {
+        if self.is_leader() {
+            return handlers::execute(self, caller, method, payload);
+        }
+        let leader = self.node.leader().ok_or_else(|| {
+            Status::unavailable("no leader is known right now; retry in a moment")
+        })?;
+        let leader_addr = self.node.directory().addr(leader).ok_or_else(|| {
+            Status::unavailable(format!(
+                "the address of leader {leader:x} is not known yet; retry in a moment"
+            ))
+        })?;
+        let request = pb::ForwardRequest {
+            method: method.to_string(),
+            payload,
+            caller_node_id: caller.node_id.clone(),
+            caller_role: role_to_proto(caller.role) as i32,
+        };
+        let response: pb::ForwardResponse = self
+            .transport
+            .channel(&leader_addr, &self.client_tls)
+            .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))
+            .map_err(|status| match status.code {
+                // Most often the leader just died and the election is not over: the caller
+                // may retry (a write whose reply was lost may have happened; a retried
+                // create then finds its name taken).
+                Code::Unavailable => Status::unavailable(format!(
+                    "leader {leader_addr} is unreachable ({}); retry in a moment",
+                    status.message
+                )),
+                _ => status,
+            })?;
+        Ok(response.payload)
+    }
+
+    /// Stops every watch thread and waits for them.
+    pub fn shutdown(&self) {
+        let threads = std::mem::take(&mut *self.watches.lock());
+        threads.stop_and_join();
+    }
+}
+
+/// The leader's side of [`FORWARD`]: runs the write as the caller named in the envelope.
+fn serve_forward(
+    api: &ControlApi,
+    ctx: &CallContext,
+    request: pb::ForwardRequest,
+) -> Result<pb::ForwardResponse, Status> {
+    let forwarder = Caller::from_peer(ctx.peer())?;
+    if forwarder.role != Role::Manager {
+        return Err(Status::permission_denied(
+            "only a manager may forward a call with another node's identity",
+        ));
+    }
+    if !WRITE_METHODS.contains(&request.method.as_str()) {
+        return Err(Status::invalid_argument(format!(
+            "{} cannot be forwarded: only control writes are",
+            request.method
+        )));
+    }
+    if request.caller_node_id.is_empty() {
+        return Err(Status::invalid_argument(
+            "caller_node_id: required: the original caller's node id",
+        ));
+    }
+    if !api.is_leader() {
+        // Never forward twice: the follower retries with the leader it learns next.
+        let error = crate::raft::node::NodeError::NotLeader {
+            leader: api.node.leader(),
+            leader_addr: api
+                .node
+                .leader()
+                .and_then(|id| api.node.directory().addr(id)),
+        };
+        return Err(error.to_status());
+    }
+    let caller = Caller {
+        node_id: request.caller_node_id,
+        role: match NodeRole::try_from(request.caller_role) {
+            Ok(NodeRole::Manager) => Role::Manager,
+            _ => Role::Worker,
+        },
+        forwarded_by: Some(forwarder.node_id),
+    };
+    handlers::execute(api, &caller, &request.method, request.payload)
+        .map(|payload| pb::ForwardResponse { payload })
+}
+
+fn register_write<Req, Resp>(
+    router: &mut Router,
+    pool: &ServicePool,
+    api: &Arc<ControlApi>,
+    method: &'static str,
+) where
+    Req: Message + Default + 'static,
+    Resp: Message + Default + 'static,
+{
+    let api = api.clone();
+    router.unary(method, Allow::MANAGERS, pool, move |ctx, request: Req| {
+        let caller = Caller::from_peer(ctx.peer())?;
+        let reply = api.write(&caller, method, Bytes::from(request.encode_to_vec()))?;
+        Resp::decode(reply).map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+    });
+}
+
+/// Serves every `control.*` method of `api` on `pool`.
+pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.unary(FORWARD, Allow::MANAGERS, pool, move |ctx, request| {
+        serve_forward(&a, ctx, request)
+    });
+    register_write::<pb::CreateServiceRequest, pb::ServiceResponse>(
+        router,
+        pool,
+        api,
+        CREATE_SERVICE,
+    );
+    register_write::<pb::UpdateServiceRequest, pb::ServiceResponse>(
+        router,
+        pool,
+        api,
+        UPDATE_SERVICE,
+    );
+    register_write::<pb::RemoveServiceRequest, pb::RemoveResponse>(
+        router,
+        pool,
+        api,
+        REMOVE_SERVICE,
+    );
+    register_write::<pb::UpdateNodeRequest, pb::NodeResponse>(router, pool, api, UPDATE_NODE);
+    register_write::<pb::RemoveNodeRequest, pb::RemoveResponse>(router, pool, api, REMOVE_NODE);
+    register_write::<pb::ReportManagerRequest, pb::ReportManagerResponse>(
+        router,
+        pool,
+        api,
+        REPORT_MANAGER,
+    );
+    register_write::<pb::UpdateClusterRequest, pb::ClusterResponse>(
+        router,
+        pool,
+        api,
+        UPDATE_CLUSTER,
+    );
+    register_write::<pb::RotateJoinTokenRequest, pb::JoinTokensResponse>(
+        router,
+        pool,
+        api,
+        ROTATE_JOIN_TOKEN,
+    );
+    reads::register(router, pool, api);
+    watch::register(router, pool, api);
+    managers::register(router, pool, api);
+}

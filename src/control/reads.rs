@@ -1,0 +1,314 @@
+//! The read side of the control API: linearizable on any manager (wait for the read
+//! index, then read the local store), listings streamed in chunks.
+//!
+//! Must never propose anything.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use super::{ControlApi, LIST_CHUNK_BYTES_MAX};
+use crate::net::{Allow, Router, ServerStream, ServicePool};
+use crate::proto::control as pb;
+use crate::proto::objects::{Cluster, Node, Service, Task};
+use crate::store::{ReadView, Record};
+use crate::wire::{Code, Status};
+
+fn not_found(kind: &str, reference: &str, listing: &str) -> Status {
+    Status::not_found(format!(
+        "no {kind} {reference:?}; `flotilla {listing} ls` lists them (use an id, a unique id \
+         prefix or a name)"
+    ))
+}
+
+/// The one `T` that `reference` names: an exact id, then `by_name` (if any), then a
+/// unique id prefix.
+fn resolve<T: Record>(
+    view: &ReadView<'_>,
+    reference: &str,
+    by_name: impl FnOnce(&ReadView<'_>) -> Option<Arc<T>>,
+    kind: &str,
+    listing: &str,
+) -> Result<Arc<T>, Status> {
+    if reference.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "reference: required: the {kind}'s id or name"
+        )));
+    }
+    if let Some(found) = view.get::<T>(reference) {
+        return Ok(found.clone());
+    }
+    if let Some(found) = by_name(view) {
+        return Ok(found);
+    }
+    let mut matches = view.find_by_id_prefix::<T>(reference).take(2);
+    match (matches.next(), matches.next()) {
+        (Some(found), None) => Ok(found.clone()),
+        (Some(_), Some(_)) => Err(Status::invalid_argument(format!(
+            "{kind} id prefix {reference:?} is ambiguous; type more of the id"
+        ))),
+        _ => Err(not_found(kind, reference, listing)),
+    }
+}
+
+/// The service with id, name or unique id prefix `reference`.
+///
+/// # Errors
+/// `NotFound` (with a hint) or `InvalidArgument` for an ambiguous prefix.
+pub(super) fn resolve_service(
+    view: &ReadView<'_>,
+    reference: &str,
+) -> Result<Arc<Service>, Status> {
+    resolve(
+        view,
+        reference,
+        |v| v.get_by_name::<Service>(reference).cloned(),
+        "service",
+        "service",
+    )
+}
+
+/// The node with id, hostname or unique id prefix `reference`.
+///
+/// # Errors
+/// As [`resolve_service`]; a hostname shared by several nodes is ambiguous.
+pub(super) fn resolve_node(view: &ReadView<'_>, reference: &str) -> Result<Arc<Node>, Status> {
+    let mut by_hostname: Vec<Arc<Node>> = view.nodes_by_hostname(reference).cloned().collect();
+    if by_hostname.len() > 1 && view.get::<Node>(reference).is_none() {
+        return Err(Status::invalid_argument(format!(
+            "several nodes have hostname {reference:?}; use the node id"
+        )));
+    }
+    resolve(view, reference, |_| by_hostname.pop(), "node", "node")
+}
+
+/// The task with id or unique id prefix `reference`.
+///
+/// # Errors
+/// As [`resolve_service`].
+pub(super) fn resolve_task(view: &ReadView<'_>, reference: &str) -> Result<Arc<Task>, Status> {
+    resolve(view, reference, |_| None, "task", "task")
+}
+
+/// The cluster object.
+///
+/// # Errors
+/// `Unavailable` if the leader has not created it yet.
+pub(super) fn the_cluster(view: &ReadView<'_>) -> Result<Arc<Cluster>, Status> {
+    view.list::<Cluster>().next().cloned().ok_or_else(|| {
+        Status::new(
+            Code::Unavailable,
+            "the cluster object does not exist yet (the leader creates it on election); retry \
+             in a moment",
+        )
+    })
+}
+
+/// Sends `objects` in chunks of at most [`LIST_CHUNK_BYTES_MAX`] encoded bytes (at least one
+/// object per chunk). An empty listing sends no chunk.
+fn stream_chunks<T: Message + Clone, C: Message>(
+    objects: &[Arc<T>],
+    stream: &ServerStream<C>,
+    chunk: impl Fn(Vec<T>) -> C,
+) -> Result<(), Status> {
+    let mut batch = Vec::new();
+    let mut batch_bytes = 0;
+    for object in objects {
+        let len = object.encoded_len();
+        if !batch.is_empty() && batch_bytes + len > LIST_CHUNK_BYTES_MAX {
+            stream.send(&chunk(std::mem::take(&mut batch)))?;
+            batch_bytes = 0;
+        }
+        batch_bytes += len;
+        batch.push(object.as_ref().clone());
+    }
+    if !batch.is_empty() {
+        stream.send(&chunk(batch))?;
+    }
+    Ok(())
+}
+
+/// Marks the current leader among manager nodes (known only at read time).
+fn with_leader_flag(api: &ControlApi, node: &Node) -> Node {
+    let mut node = node.clone();
+    let leader = api.node.leader();
+    if let Some(status) = node.manager_status.as_mut() {
+        status.leader = leader == Some(status.raft_id);
+    }
+    node
+}
+
+/// Serves the read methods.
+pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.unary(
+        super::GET_SERVICE,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::GetServiceRequest| {
+            a.read_barrier()?;
+            let service = a
+                .store
+                .view(|view| resolve_service(view, &request.reference))?;
+            Ok(pb::ServiceResponse {
+                service: Some(service.as_ref().clone()),
+            })
+        },
+    );
+    let a = api.clone();
+    router.server_stream(
+        super::LIST_SERVICES,
+        Allow::MANAGERS,
+        pool,
+        move |_, _: pb::ListServicesRequest, stream| {
+            a.read_barrier()?;
+            let services = a.store.list::<Service>();
+            stream_chunks(&services, &stream, |services| pb::ServiceChunk { services })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        super::GET_NODE,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::GetNodeRequest| {
+            a.read_barrier()?;
+            let node = a
+                .store
+                .view(|view| resolve_node(view, &request.reference))?;
+            Ok(pb::NodeResponse {
+                node: Some(with_leader_flag(&a, &node)),
+            })
+        },
+    );
+    let a = api.clone();
+    router.server_stream(
+        super::LIST_NODES,
+        Allow::MANAGERS,
+        pool,
+        move |_, _: pb::ListNodesRequest, stream| {
+            a.read_barrier()?;
+            let nodes: Vec<Arc<Node>> = a
+                .store
+                .list::<Node>()
+                .iter()
+                .map(|node| Arc::new(with_leader_flag(&a, node)))
+                .collect();
+            stream_chunks(&nodes, &stream, |nodes| pb::NodeChunk { nodes })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        super::GET_TASK,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::GetTaskRequest| {
+            a.read_barrier()?;
+            let task = a
+                .store
+                .view(|view| resolve_task(view, &request.reference))?;
+            Ok(pb::TaskResponse {
+                task: Some(task.as_ref().clone()),
+            })
+        },
+    );
+    let a = api.clone();
+    router.server_stream(
+        super::LIST_TASKS,
+        Allow::MANAGERS,
+        pool,
+        move |_, request: pb::ListTasksRequest, stream| {
+            a.read_barrier()?;
+            let tasks: Vec<Arc<Task>> = a.store.view(|view| {
+                if !request.service_id.is_empty() {
+                    let service = resolve_service(view, &request.service_id)?;
+                    Ok(view
+                        .tasks_by_service(&service.id)
+                        .filter(|t| request.node_id.is_empty() || t.node_id == request.node_id)
+                        .cloned()
+                        .collect())
+                } else if !request.node_id.is_empty() {
+                    let node = resolve_node(view, &request.node_id)?;
+                    Ok(view.tasks_by_node(&node.id).cloned().collect())
+                } else {
+                    Ok::<_, Status>(view.list::<Task>().cloned().collect())
+                }
+            })?;
+            stream_chunks(&tasks, &stream, |tasks| pb::TaskChunk { tasks })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        super::GET_CLUSTER,
+        Allow::MANAGERS,
+        pool,
+        move |_, _: pb::GetClusterRequest| {
+            a.read_barrier()?;
+            let cluster = a.store.view(the_cluster)?;
+            Ok(pb::ClusterResponse {
+                cluster: Some(cluster.as_ref().clone()),
+            })
+        },
+    );
+    let a = api.clone();
+    router.unary(
+        super::GET_JOIN_TOKENS,
+        Allow::MANAGERS,
+        pool,
+        move |_, _: pb::GetJoinTokensRequest| {
+            a.read_barrier()?;
+            let cluster = a.store.view(the_cluster)?;
+            let tokens = super::handlers::cluster_tokens(&cluster)?;
+            Ok(pb::JoinTokensResponse {
+                tokens: Some(super::handlers::tokens_to_proto(&tokens)),
+            })
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{ServiceSpec, Transaction};
+    use crate::store::{Store, StoreConfig, create};
+
+    fn service(id: &str, name: &str) -> Service {
+        Service {
+            id: id.into(),
+            spec: Some(ServiceSpec {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn references_resolve_by_id_name_or_unique_prefix() {
+        let store = Store::new(StoreConfig::default());
+        let txn = Transaction {
+            changes: vec![
+                create(service("abc111", "web")),
+                create(service("abc222", "db")),
+                create(service("xyz333", "abc111x")),
+            ],
+            timestamp_ms: 1,
+        };
+        store.apply(1, &txn).unwrap();
+        store.view(|view| {
+            assert_eq!(resolve_service(view, "abc111").unwrap().id, "abc111");
+            assert_eq!(resolve_service(view, "db").unwrap().id, "abc222");
+            assert_eq!(resolve_service(view, "xyz").unwrap().id, "xyz333");
+            let ambiguous = resolve_service(view, "abc").unwrap_err();
+            assert_eq!(ambiguous.code, Code::InvalidArgument, "{ambiguous}");
+            let missing = resolve_service(view, "nope").unwrap_err();
+            assert_eq!(missing.code, Code::NotFound);
+            assert!(missing.message.contains("flotilla service ls"), "{missing}");
+            assert_eq!(
+                resolve_service(view, "").unwrap_err().code,
+                Code::InvalidArgument
+            );
+            assert_eq!(the_cluster(view).unwrap_err().code, Code::Unavailable);
+        });
+    }
+}
