@@ -2,7 +2,9 @@
 //!
 //! Usage: `cargo bench --bench transport -- [--calls N] [--seconds S]`
 //! Prints `BENCH <name> <value> <unit>` lines:
-//! - `rpc_unary_p50_us`, `rpc_unary_p99_us`: 64-byte unary calls, one caller;
+//! - `rpc_unary_p50_us`, `rpc_unary_p99_us`: 64-byte unary calls, one caller, handler on a
+//!   service pool; `rpc_unary_inline_p50_us`, `rpc_unary_inline_p99_us`: the same with the
+//!   handler inline on the reactor (how `raft.Step` and `kv.Apply` are served);
 //! - `rpc_unary_per_s_c64`: 64-byte unary calls, 64 concurrent callers on one connection;
 //! - `rpc_1MiB_MBps`: 1 MiB messages streamed by one caller (client-streaming, pipelined);
 //! - `rpc_unary_1MiB_MBps`: 1 MiB unary requests, one caller (no pipelining).
@@ -54,32 +56,35 @@ fn payload(bytes: usize) -> Bytes {
     }
 }
 
-fn unary_latency(channel: &Channel, calls: usize) {
+/// `method` on the server's pool (`test.Discard`) or inline on its reactor
+/// (`test.InlineEcho`, how `raft.Step` and `kv.Apply` are served); `label` names the figures.
+fn unary_latency(channel: &Channel, calls: usize, method: &str, label: &str) {
     let request = payload(64);
     for _ in 0..1000 {
-        channel
-            .unary::<Bytes, Number>("test.Discard", &request, opts())
-            .unwrap();
+        channel.unary_raw(method, encode(&request), opts()).unwrap();
     }
     let mut samples_ns = Vec::with_capacity(calls);
     for _ in 0..calls {
         let start = Instant::now();
-        channel
-            .unary::<Bytes, Number>("test.Discard", &request, opts())
-            .unwrap();
+        channel.unary_raw(method, encode(&request), opts()).unwrap();
         samples_ns.push(start.elapsed().as_nanos() as u64);
     }
     samples_ns.sort_unstable();
     let percentile =
         |p: f64| samples_ns[((samples_ns.len() as f64 * p) as usize).min(samples_ns.len() - 1)];
     println!(
-        "BENCH rpc_unary_p50_us {:.1} us",
+        "BENCH rpc_unary{label}_p50_us {:.1} us",
         percentile(0.50) as f64 / 1000.0
     );
     println!(
-        "BENCH rpc_unary_p99_us {:.1} us",
+        "BENCH rpc_unary{label}_p99_us {:.1} us",
         percentile(0.99) as f64 / 1000.0
     );
+}
+
+fn encode(request: &Bytes) -> bytes::Bytes {
+    use prost::Message;
+    bytes::Bytes::from(request.encode_to_vec())
 }
 
 fn unary_concurrent(channel: &Channel, callers: usize, seconds: f64) {
@@ -150,7 +155,8 @@ fn main() {
     let server = TestServer::start(&cluster, TransportConfig::default());
     let client = Transport::start(TransportConfig::default()).unwrap();
     let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
-    unary_latency(&channel, args.calls);
+    unary_latency(&channel, args.calls, "test.Discard", "");
+    unary_latency(&channel, args.calls, "test.InlineEcho", "_inline");
     unary_concurrent(&channel, 64, args.seconds);
     streamed_throughput(&channel, args.seconds);
     unary_throughput(&channel, args.seconds);

@@ -5,6 +5,7 @@
 //! the stream (CANCEL, ERROR, connection loss). It must never hold the lock across IO.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -31,6 +32,19 @@ pub(crate) enum Inbound {
 /// Capacity of a stream's inbound channel: the whole window plus one terminal frame, so a
 /// peer that respects flow control can never find it full.
 pub(crate) const INBOUND_CAPACITY: usize = STREAM_WINDOW_MESSAGES as usize + 2;
+
+/// Longest a waiting caller polls for its reply before it sleeps (see
+/// `StreamReader::spin_for_reply`).
+pub(crate) const REPLY_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Callers allowed to spin for a reply at once, in this process.
+pub(crate) const SPINNING_CALLERS_MAX: usize = 1;
+
+/// Callers waiting for a reply beyond which nobody spins.
+pub(crate) const SPIN_WAITING_CALLERS_MAX: usize = 2;
+
+static SPINNING_CALLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static WAITING_CALLERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// Credit returned to the peer once the application has consumed this many messages:
 /// half the window, so the peer rarely stalls and updates stay rare.
@@ -219,13 +233,12 @@ impl StreamReader {
         writer: &StreamWriter,
         deadline: Option<Instant>,
     ) -> Result<Inbound, Status> {
-        let received = match deadline {
-            Some(deadline) => self.rx.recv_deadline(deadline).map_err(|e| match e {
-                crossbeam_channel::RecvTimeoutError::Timeout => None,
-                crossbeam_channel::RecvTimeoutError::Disconnected => Some(()),
-            }),
-            None => self.rx.recv().map_err(|_| Some(())),
+        WAITING_CALLERS.fetch_add(1, Ordering::AcqRel);
+        let received = match self.spin_for_reply() {
+            Some(inbound) => Ok(inbound),
+            None => self.recv_blocking(deadline),
         };
+        WAITING_CALLERS.fetch_sub(1, Ordering::AcqRel);
         match received {
             Ok(Inbound::Message(payload)) => {
                 self.return_credit(writer);
@@ -237,6 +250,47 @@ impl StreamReader {
                 writer.conn.peer_addr
             ))),
             Err(Some(())) => Err(writer.vanished_status()),
+        }
+    }
+
+    /// Polls for an item for a few microseconds before sleeping: a reply on loopback
+    /// usually arrives within a round trip, and waking a sleeping thread on an idle core
+    /// costs more than the round trip itself. Bounded by [`REPLY_SPIN`], so a slow reply
+    /// costs a caller at most that much CPU.
+    fn spin_for_reply(&self) -> Option<Inbound> {
+        // Only when few callers wait, and one spinner per process at most: with many
+        // callers, replies arrive often enough that sleeping is cheap, and spinning would
+        // take the CPU the reactor needs to deliver them (this host has few cores).
+        if WAITING_CALLERS.load(Ordering::Acquire) > SPIN_WAITING_CALLERS_MAX {
+            return self.rx.try_recv().ok();
+        }
+        if SPINNING_CALLERS.fetch_add(1, Ordering::AcqRel) >= SPINNING_CALLERS_MAX {
+            SPINNING_CALLERS.fetch_sub(1, Ordering::AcqRel);
+            return self.rx.try_recv().ok();
+        }
+        let started = Instant::now();
+        let received = loop {
+            if let Ok(inbound) = self.rx.try_recv() {
+                break Some(inbound);
+            }
+            if started.elapsed() >= REPLY_SPIN {
+                break None;
+            }
+            std::hint::spin_loop();
+        };
+        SPINNING_CALLERS.fetch_sub(1, Ordering::AcqRel);
+        received
+    }
+
+    /// Sleeps until an item, the deadline, or the end of the stream. `Err(None)`: deadline;
+    /// `Err(Some(()))`: the sending side vanished.
+    fn recv_blocking(&self, deadline: Option<Instant>) -> Result<Inbound, Option<()>> {
+        match deadline {
+            Some(deadline) => self.rx.recv_deadline(deadline).map_err(|e| match e {
+                crossbeam_channel::RecvTimeoutError::Timeout => None,
+                crossbeam_channel::RecvTimeoutError::Disconnected => Some(()),
+            }),
+            None => self.rx.recv().map_err(|_| Some(())),
         }
     }
 
