@@ -26,11 +26,10 @@ pub const SNAPSHOT_WRITE_CHUNK_BYTES: usize = 1 << 20;
 /// Work for the apply thread, in the order the raft thread produced it.
 pub(crate) enum ApplyInput {
     Entries(Vec<Entry>),
-    Waiter {
-        index: LogIndex,
-        term: Term,
-        done: ProposalCallback,
-    },
+    /// Proposals waiting for their entries: `(index, term, callback)`. The raft thread
+    /// sends them just before the next other input, so they are always registered before
+    /// their entries arrive, without a wake-up of this thread per proposal.
+    Waiters(Vec<(LogIndex, Term, ProposalCallback)>),
     Read {
         index: LogIndex,
         done: ReadCallback,
@@ -174,12 +173,15 @@ impl Applier {
                     self.take_snapshot()?;
                 }
             }
-            ApplyInput::Waiter { index, term, done } => {
-                if index <= self.applied_index {
-                    // Covered by a snapshot installed meanwhile: it may or may not be in it.
-                    done(Err(NodeError::Timeout));
-                } else {
-                    self.waiters.insert(index, (term, done));
+            ApplyInput::Waiters(waiters) => {
+                for (index, term, done) in waiters {
+                    if index <= self.applied_index {
+                        // Covered by a snapshot installed meanwhile: it may or may not be in
+                        // it.
+                        done(Err(NodeError::Timeout));
+                    } else {
+                        self.waiters.insert(index, (term, done));
+                    }
                 }
             }
             ApplyInput::Read { index, done } => {

@@ -17,7 +17,7 @@ use super::apply::{Applier, ApplyEvent, ApplyInput, restore_from_file};
 use super::peer::{self, PeerHandle};
 use super::{
     APPLY_QUEUE_LEN_MAX, Bootstrap, Input, MemberStatus, NodeError, NodeHandle, NodeStartError,
-    NodeStatus, ReadCallback, Shared, StateMachine, directory,
+    NodeStatus, ProposalCallback, ReadCallback, Shared, StateMachine, directory,
 };
 use crate::net::Transport;
 use crate::raft::core::{Config, InitialState, MembershipChange, Message, RaftCore, Ready, Role};
@@ -71,6 +71,8 @@ pub(crate) struct RaftLoop {
     committed_removed: std::collections::BTreeSet<NodeId>,
     /// When a message from each peer last arrived (for `manager ls`).
     last_heard: HashMap<NodeId, Instant>,
+    /// Proposal callbacks not yet handed to the apply thread (see `ApplyInput::Waiters`).
+    pending_waiters: Vec<(LogIndex, crate::raft::types::Term, ProposalCallback)>,
     fatal: Option<String>,
 }
 
@@ -186,6 +188,7 @@ pub(crate) fn prepare(setup: Setup) -> Result<RaftLoop, NodeStartError> {
         apply_watch: (meta.index, Instant::now()),
         addr_proposed_term: 0,
         last_heard: HashMap::new(),
+        pending_waiters: Vec::new(),
         committed_removed: Default::default(),
         fatal: None,
     })
@@ -273,7 +276,21 @@ impl RaftLoop {
         }
     }
 
+    /// Registers a proposal's callback; it travels with the next input to the apply thread.
+    fn add_waiter(&mut self, proposed: crate::raft::core::Proposed, done: ProposalCallback) {
+        self.pending_waiters
+            .push((proposed.index, proposed.term, done));
+    }
+
     fn send_to_apply(&mut self, input: ApplyInput) {
+        if !self.pending_waiters.is_empty() {
+            let waiters = std::mem::take(&mut self.pending_waiters);
+            self.send_raw_to_apply(ApplyInput::Waiters(waiters));
+        }
+        self.send_raw_to_apply(input);
+    }
+
+    fn send_raw_to_apply(&mut self, input: ApplyInput) {
         if let Some(apply) = &self.apply_tx
             && apply.send(input).is_err()
         {
@@ -292,20 +309,12 @@ impl RaftLoop {
                 }
             }
             Input::Propose { data, done } => match self.core.propose(data) {
-                Ok(proposed) => self.send_to_apply(ApplyInput::Waiter {
-                    index: proposed.index,
-                    term: proposed.term,
-                    done,
-                }),
+                Ok(proposed) => self.add_waiter(proposed, done),
                 Err(error) => done(Err(NodeError::from_core(error, &self.shared.directory))),
             },
             Input::ProposeMembership { change, done } => {
                 match self.core.propose_membership(change) {
-                    Ok(proposed) => self.send_to_apply(ApplyInput::Waiter {
-                        index: proposed.index,
-                        term: proposed.term,
-                        done,
-                    }),
+                    Ok(proposed) => self.add_waiter(proposed, done),
                     Err(error) => done(Err(NodeError::from_core(error, &self.shared.directory))),
                 }
             }
@@ -541,11 +550,7 @@ impl RaftLoop {
         self.addr_proposed_term = term;
         let data = directory::encode_member_addr(id, &addr);
         if let Ok(proposed) = self.core.propose(data) {
-            self.send_to_apply(ApplyInput::Waiter {
-                index: proposed.index,
-                term: proposed.term,
-                done: Box::new(|_| {}),
-            });
+            self.add_waiter(proposed, Box::new(|_| {}));
         }
     }
 
@@ -644,6 +649,9 @@ impl RaftLoop {
         }
         for (_, peer) in std::mem::take(&mut self.peers) {
             peer.stop();
+        }
+        for (_, _, done) in std::mem::take(&mut self.pending_waiters) {
+            done(Err(NodeError::ShuttingDown));
         }
         drop(self.apply_tx.take());
         if let Some(thread) = self.apply_thread.take()
