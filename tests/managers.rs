@@ -157,9 +157,11 @@ fn snapshot_test_mib() -> usize {
         .unwrap_or(200)
 }
 
-#[test]
-fn joiner_after_compaction_receives_a_large_snapshot_with_bounded_memory() {
-    let mut cluster = Cluster::start(
+/// A one-manager cluster holding `mib` values of 1 MiB (`big-00000`…, bytes `i % 251`),
+/// followed by enough small writes that the big entries are compacted out of the log: a
+/// manager joining it must receive them as a snapshot.
+fn compacted_cluster(mib: usize) -> (Cluster, procs::cluster::Client, String) {
+    let cluster = Cluster::start(
         1,
         ClusterOptions {
             snapshot_interval_entries: Some(200),
@@ -168,20 +170,25 @@ fn joiner_after_compaction_receives_a_large_snapshot_with_bounded_memory() {
     );
     let client = cluster.client();
     let leader = cluster.managers[0].addr.clone();
-    let value_bytes = 1 << 20;
-    let mib = snapshot_test_mib();
     for i in 0..mib {
-        let value = Bytes::from(vec![(i % 251) as u8; value_bytes]);
+        let value = Bytes::from(vec![(i % 251) as u8; 1 << 20]);
         client
             .put_at(&leader, &format!("big-{i:05}"), value)
             .unwrap();
     }
-    // Enough small writes after them that the big entries are compacted away.
     for i in 0..800 {
         client
             .put_at(&leader, &format!("small-{i}"), Bytes::from_static(b"x"))
             .unwrap();
     }
+    (cluster, client, leader)
+}
+
+#[test]
+fn joiner_after_compaction_receives_a_large_snapshot_with_bounded_memory() {
+    let value_bytes = 1 << 20;
+    let mib = snapshot_test_mib();
+    let (mut cluster, client, _) = compacted_cluster(mib);
     let joiner = cluster.add_joiner();
     // The joiner samples its own RSS at every chunk while it receives (no sampling lag).
     let received = cluster.managers[joiner]
@@ -271,30 +278,8 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
 
 #[test]
 fn snapshot_transfer_broken_by_a_crash_is_reported_then_restarts_cleanly() {
-    let mut cluster = Cluster::start(
-        1,
-        ClusterOptions {
-            snapshot_interval_entries: Some(200),
-            ..Default::default()
-        },
-    );
-    let client = cluster.client();
-    let leader = cluster.managers[0].addr.clone();
     let mib = snapshot_test_mib().min(100);
-    for i in 0..mib {
-        client
-            .put_at(
-                &leader,
-                &format!("big-{i:05}"),
-                Bytes::from(vec![7u8; 1 << 20]),
-            )
-            .unwrap();
-    }
-    for i in 0..800 {
-        client
-            .put_at(&leader, &format!("small-{i}"), Bytes::from_static(b"x"))
-            .unwrap();
-    }
+    let (mut cluster, client, leader) = compacted_cluster(mib);
     let joiner = cluster.add_joiner();
     cluster.managers[0]
         .proc()

@@ -365,14 +365,13 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError`]; [`NodeError::Timeout`] leaves the outcome unknown.
     pub fn propose(&self, data: &[u8], timeout: Duration) -> Result<Bytes, NodeError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::Propose {
-            data: directory::encode_app(data),
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })?;
-        rx.recv_timeout(timeout).unwrap_or(Err(NodeError::Timeout))
+        self.call(
+            |done| Input::Propose {
+                data: directory::encode_app(data),
+                done,
+            },
+            timeout,
+        )?
     }
 
     /// Records in the replicated directory that `id` is reachable at `addr`.
@@ -385,15 +384,8 @@ impl NodeHandle {
         addr: &str,
         timeout: Duration,
     ) -> Result<(), NodeError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::Propose {
-            data: directory::encode_member_addr(id, addr),
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })?;
-        rx.recv_timeout(timeout)
-            .unwrap_or(Err(NodeError::Timeout))?;
+        let data = directory::encode_member_addr(id, addr);
+        self.call(|done| Input::Propose { data, done }, timeout)??;
         Ok(())
     }
 
@@ -406,15 +398,7 @@ impl NodeHandle {
         change: MembershipChange,
         timeout: Duration,
     ) -> Result<(), NodeError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::ProposeMembership {
-            change,
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })?;
-        rx.recv_timeout(timeout)
-            .unwrap_or(Err(NodeError::Timeout))?;
+        self.call(|done| Input::ProposeMembership { change, done }, timeout)??;
         Ok(())
     }
 
@@ -436,14 +420,7 @@ impl NodeHandle {
     }
 
     fn read(&self, apply: bool, timeout: Duration) -> Result<LogIndex, NodeError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::ReadIndex {
-            apply,
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })?;
-        rx.recv_timeout(timeout).unwrap_or(Err(NodeError::Timeout))
+        self.call(|done| Input::ReadIndex { apply, done }, timeout)?
     }
 
     /// Blocks until this member has applied `index`, or `deadline`.
@@ -468,15 +445,7 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError`] from the core, or [`NodeError::Timeout`].
     pub fn transfer_leadership(&self, target: NodeId, timeout: Duration) -> Result<(), NodeError> {
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::Transfer {
-            target,
-            done: Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        })?;
-        rx.recv_timeout(timeout)
-            .unwrap_or(Err(NodeError::Timeout))?;
+        self.call(|done| Input::Transfer { target, done }, timeout)??;
         let deadline = Instant::now() + timeout;
         while self.leader() != Some(target) {
             if Instant::now() >= deadline {
@@ -492,12 +461,20 @@ impl NodeHandle {
     /// # Errors
     /// [`NodeError::ShuttingDown`] or [`NodeError::Timeout`].
     pub fn status(&self, timeout: Duration) -> Result<NodeStatus, NodeError> {
+        self.call(|done| Input::Status { done }, timeout)
+    }
+
+    /// Sends the input `make` builds around a one-shot callback, and waits until `timeout`
+    /// for the value the callback receives.
+    fn call<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(Box<dyn FnOnce(T) + Send>) -> Input,
+        timeout: Duration,
+    ) -> Result<T, NodeError> {
         let (tx, rx) = crossbeam_channel::bounded(1);
-        self.send(Input::Status {
-            done: Box::new(move |s| {
-                let _ = tx.send(s);
-            }),
-        })?;
+        self.send(make(Box::new(move |value| {
+            let _ = tx.send(value);
+        })))?;
         rx.recv_timeout(timeout).map_err(|_| NodeError::Timeout)
     }
 
