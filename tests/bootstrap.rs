@@ -35,11 +35,18 @@ fn init_prints_tokens_and_a_manager_joins_with_the_manager_token() {
     let manager_token = token_from(&first.wait_for("flotilla join", START));
     let worker_token = token_from(&first.wait_for("Worker token", START));
     first.wait_for("listening on", START);
-    for file in ["join-tokens", "manager.conf", "node/node.pem", "ca"] {
+    for file in [
+        "join-tokens",
+        "manager.conf",
+        "node/node.pem",
+        "ca",
+        "control.sock",
+    ] {
         assert!(first_dir.join(file).exists(), "{file} missing");
     }
     assert_eq!(mode(&first_dir.join("join-tokens")), 0o600);
     assert_eq!(mode(&first_dir.join("node/node.pem")), 0o600);
+    assert_eq!(mode(&first_dir.join("control.sock")), 0o600);
 
     // A worker token cannot make a manager, and leaves no state behind.
     let refused_dir = tmp.path().join("refused");
@@ -111,6 +118,10 @@ fn init_prints_tokens_and_a_manager_joins_with_the_manager_token() {
         assert!(status.success(), "{}: {status:?}\n{output}", proc.name);
         proc.wait_for("stopped", START);
     }
+    assert!(
+        !first_dir.join("control.sock").exists(),
+        "the control socket outlived its manager"
+    );
 }
 
 #[test]

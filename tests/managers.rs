@@ -241,6 +241,25 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
         "no last contact shown:\n{listing}"
     );
 
+    // The local command goes through the state directory's unix socket: it works even
+    // when the recorded network address leads nowhere.
+    let conf_path = dir.join("manager.conf");
+    let conf = std::fs::read_to_string(&conf_path).unwrap();
+    let listen_line = conf
+        .lines()
+        .find(|l| l.starts_with("listen_addr"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &conf_path,
+        conf.replace(&listen_line, "listen_addr = 127.0.0.1:1"),
+    )
+    .unwrap();
+    let (ok, via_socket) = manager_cli(&dir, &["ls"]);
+    std::fs::write(&conf_path, &conf).unwrap();
+    assert!(ok, "{via_socket}");
+    assert!(via_socket.contains(" leader "), "{via_socket}");
+
     // Hand leadership to the third manager.
     let target = row_id(&listing, &cluster.managers[2].addr);
     let (ok, output) = manager_cli(&dir, &["transfer", &target]);

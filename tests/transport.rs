@@ -602,3 +602,47 @@ fn inline_handlers_answer_from_the_reactor_with_the_callers_identity() {
     // The connection keeps serving pooled methods beside inline ones.
     assert_eq!(echo(&channel, b"still here").unwrap().data, b"still here");
 }
+
+#[test]
+fn unix_socket_listener_serves_the_same_methods_with_the_same_identities() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("control.sock");
+    // A stale socket file from a crashed process is replaced.
+    drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+    server
+        .transport
+        .listen_local(&path, cluster.server_tls(), server.router.clone())
+        .unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    let client = Transport::start(fast_config()).unwrap();
+    let identity = cluster.identity(Role::Worker);
+    let target = format!("unix:{}", path.display());
+    let channel = client.channel(&target, &cluster.client_tls_for(&identity));
+    let reply = echo(&channel, b"over unix").unwrap();
+    assert_eq!(reply.data, b"over unix");
+    assert_eq!(reply.caller, identity.node_id());
+    // Role checks apply here too.
+    let err = channel
+        .unary::<Bytes, Bytes>("test.ManagersOnly", &Bytes::default(), opts())
+        .unwrap_err();
+    assert_eq!(err.code, Code::PermissionDenied, "{err}");
+
+    // A regular file in the way is not removed.
+    let file = tmp.path().join("not-a-socket");
+    std::fs::write(&file, b"data").unwrap();
+    let err = server
+        .transport
+        .listen_local(&file, cluster.server_tls(), server.router.clone())
+        .unwrap_err();
+    assert!(err.to_string().contains("not a socket"), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"data");
+
+    // Stopping the transport removes the socket file.
+    server.stop();
+    assert!(!path.exists(), "the socket file outlived its listener");
+}

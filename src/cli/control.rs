@@ -325,13 +325,9 @@ impl Client {
             .map_err(|e| format!("{e}\nhint: point --state-dir at a node's state directory"))?;
         let addr = match &connection.manager {
             Some(addr) => addr.clone(),
-            None => dir
-                .load_settings()
-                .map_err(|e| {
-                    format!("{e}\nhint: point --state-dir at a manager, or pass --manager ADDR")
-                })?
-                .listen_addr
-                .replace("0.0.0.0", "127.0.0.1"),
+            None => dir.local_target().map_err(|e| {
+                format!("{e}\nhint: point --state-dir at a manager, or pass --manager ADDR")
+            })?,
         };
         let tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
         let transport = Transport::start(TransportConfig::default())

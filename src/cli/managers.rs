@@ -25,14 +25,14 @@ struct Client {
 
 impl Client {
     fn connect(dir: &StateDir) -> Result<Self, String> {
-        let settings = dir
-            .load_settings()
+        // Reading the settings first gives a clear error for a directory that holds no node.
+        dir.load_settings()
             .map_err(|e| format!("{e}\nhint: point --state-dir at a manager's state directory"))?;
         let (identity, root) = load_node_files(&dir.node_dir()).map_err(|e| e.to_string())?;
         let tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
         let transport = Transport::start(TransportConfig::default())
             .map_err(|e| format!("cannot start the transport: {e}"))?;
-        let local_addr = settings.listen_addr.replace("0.0.0.0", "127.0.0.1");
+        let local_addr = dir.local_target().map_err(|e| e.to_string())?;
         Ok(Self {
             transport,
             tls,

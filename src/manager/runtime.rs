@@ -167,8 +167,15 @@ impl Manager {
         control::register(&mut router, &control_pool, &control);
         let listen_addr = resolve(&settings.listen_addr)?;
         let server_tls = Arc::new(tls::server_config(&identity, &root)?);
+        let router = Arc::new(router);
+        transport
+            .listen_local(&dir.control_socket(), server_tls.clone(), router.clone())
+            .map_err(io_error(format!(
+                "cannot listen on {}",
+                dir.control_socket().display()
+            )))?;
         let listen_addr = transport
-            .listen(listen_addr, server_tls, Arc::new(router))
+            .listen(listen_addr, server_tls, router)
             .map_err(io_error(format!(
                 "cannot listen on {}",
                 settings.listen_addr

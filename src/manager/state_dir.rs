@@ -82,6 +82,28 @@ impl StateDir {
         self.root.join("manager.conf")
     }
 
+    /// The unix socket (0600) the local `flotilla` command reaches its manager through.
+    pub fn control_socket(&self) -> PathBuf {
+        self.root.join("control.sock")
+    }
+
+    /// Where the local `flotilla` command calls its manager: the control socket while the
+    /// manager runs (it exists only then), else the manager's listen address.
+    ///
+    /// # Errors
+    /// [`StateDirError`] if the settings cannot be read.
+    pub fn local_target(&self) -> Result<String, StateDirError> {
+        use std::os::unix::fs::FileTypeExt;
+        let socket = self.control_socket();
+        if fs::symlink_metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            return Ok(format!("unix:{}", socket.display()));
+        }
+        Ok(self
+            .load_settings()?
+            .listen_addr
+            .replace("0.0.0.0", "127.0.0.1"))
+    }
+
     /// Raft storage (log, hard state, snapshots).
     pub fn raft_dir(&self) -> PathBuf {
         self.root.join("raft")

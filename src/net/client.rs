@@ -7,7 +7,7 @@
 //! Must never touch a socket: dialing is done by the reactor.
 
 use std::marker::PhantomData;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::ToSocketAddrs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,7 @@ use prost::Message;
 
 use super::Command;
 use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
+use super::socket::DialAddr;
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::PeerIdentity;
 use crate::proto::wire::FrameKind;
@@ -189,11 +190,15 @@ impl ChannelInner {
     }
 }
 
-fn resolve(target: &str) -> Result<SocketAddr, Status> {
+fn resolve(target: &str) -> Result<DialAddr, Status> {
+    if let Some(path) = target.strip_prefix("unix:") {
+        return Ok(DialAddr::Unix(path.into()));
+    }
     target
         .to_socket_addrs()
         .map_err(|e| Status::unavailable(format!("cannot resolve {target}: {e}")))?
         .next()
+        .map(DialAddr::Tcp)
         .ok_or_else(|| Status::unavailable(format!("{target} resolves to no address")))
 }
 

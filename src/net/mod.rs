@@ -32,6 +32,7 @@ mod client;
 mod conn;
 mod reactor;
 mod server;
+mod socket;
 mod stream;
 
 use std::collections::HashMap;
@@ -133,7 +134,13 @@ pub(crate) enum Command {
     Dial {
         channel: Arc<ChannelInner>,
         attempt: u64,
-        addr: SocketAddr,
+        addr: socket::DialAddr,
+    },
+    ListenLocal {
+        path: std::path::PathBuf,
+        tls: Arc<rustls::ServerConfig>,
+        router: Arc<Router>,
+        reply: Sender<io::Result<()>>,
     },
     Shutdown,
 }
@@ -202,7 +209,32 @@ impl Transport {
             .map_err(|_| io::Error::other("the transport stopped before listening"))?
     }
 
-    /// The channel to `target` (`host:port`) using `tls`. The same target and config always
+    /// Serves `router` on a unix socket at `path` (mode 0600, replacing a stale socket
+    /// file), with the same mutual TLS as the network listener: the local `flotilla` command
+    /// reaches its manager there. Dial it with the target `unix:<path>`.
+    ///
+    /// # Errors
+    /// The bind error (a non-socket file at `path` is refused), or `Other` if the
+    /// transport has stopped.
+    pub fn listen_local(
+        &self,
+        path: &std::path::Path,
+        tls: Arc<rustls::ServerConfig>,
+        router: Arc<Router>,
+    ) -> io::Result<()> {
+        let (reply, reply_rx) = crossbeam_channel::bounded(1);
+        self.send_command(Command::ListenLocal {
+            path: path.to_path_buf(),
+            tls,
+            router,
+            reply,
+        })?;
+        reply_rx
+            .recv()
+            .map_err(|_| io::Error::other("the transport stopped before listening"))?
+    }
+
+    /// The channel to `target` (`host:port`, or `unix:<path>`) using `tls`. The same target and config always
     /// give the same channel, so a peer gets one connection however many callers it has.
     pub fn channel(&self, target: &str, tls: &Arc<rustls::ClientConfig>) -> Channel {
         let key = (target.to_string(), Arc::as_ptr(tls) as usize);

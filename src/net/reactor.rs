@@ -18,11 +18,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, TrySendError};
-use mio::net::{TcpListener, TcpStream};
+use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use super::client::ChannelInner;
 use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
+use super::socket::{DialAddr, ListenSocket, Socket};
 use super::stream::Inbound;
 use super::{Command, Router, TransportConfig};
 use crate::proto::wire::{Envelope, FrameKind};
@@ -49,7 +50,7 @@ const LOCAL_OUT_BYTES_MAX: usize = 1024 * 1024;
 const EVENTS_CAPACITY: usize = 1024;
 
 struct Listener {
-    socket: TcpListener,
+    socket: ListenSocket,
     tls: Arc<rustls::ServerConfig>,
     router: Arc<Router>,
 }
@@ -67,7 +68,7 @@ enum Side {
 }
 
 struct Conn {
-    socket: TcpStream,
+    socket: Socket,
     tls: rustls::Connection,
     shared: Arc<ConnShared>,
     side: Side,
@@ -203,6 +204,14 @@ impl Reactor {
                     attempt,
                     addr,
                 }) => self.dial(channel, attempt, addr),
+                Ok(Command::ListenLocal {
+                    path,
+                    tls,
+                    router,
+                    reply,
+                }) => {
+                    let _ = reply.send(self.listen_local(&path, tls, router));
+                }
                 Ok(Command::Shutdown) => self.stopping = true,
                 Err(crossbeam_channel::TryRecvError::Empty) => return,
                 Err(crossbeam_channel::TryRecvError::Disconnected) => {
@@ -238,12 +247,44 @@ impl Reactor {
         self.listeners.insert(
             token,
             Listener {
-                socket,
+                socket: ListenSocket::Tcp(socket),
                 tls,
                 router,
             },
         );
         Ok(local)
+    }
+
+    fn listen_local(
+        &mut self,
+        path: &std::path::Path,
+        tls: Arc<rustls::ServerConfig>,
+        router: Arc<Router>,
+    ) -> io::Result<()> {
+        let mut socket = ListenSocket::bind_unix(path)?;
+        let token = self.allocate_token();
+        let registered = match &mut socket {
+            ListenSocket::Unix(listener, _) => {
+                self.poll
+                    .registry()
+                    .register(listener, token, Interest::READABLE)
+            }
+            ListenSocket::Tcp(_) => unreachable!("bind_unix returns a unix socket"),
+        };
+        if let Err(e) = registered {
+            socket.close(self.poll.registry());
+            return Err(e);
+        }
+        log::info!("listening on unix:{}", path.display());
+        self.listeners.insert(
+            token,
+            Listener {
+                socket,
+                tls,
+                router,
+            },
+        );
+        Ok(())
     }
 
     fn accept(&mut self, listener_token: Token) {
@@ -280,18 +321,23 @@ impl Reactor {
         }
     }
 
-    fn dial(&mut self, channel: Arc<ChannelInner>, attempt: u64, addr: SocketAddr) {
+    fn dial(&mut self, channel: Arc<ChannelInner>, attempt: u64, addr: DialAddr) {
         let outcome = (|| {
             let server_name = crate::ca::tls::server_name();
             let tls = rustls::ClientConnection::new(channel.tls.clone(), server_name)
                 .map_err(|e| io::Error::other(format!("TLS setup: {e}")))?;
-            let socket = TcpStream::connect(addr)?;
+            let socket = Socket::connect(&addr)?;
             let side = Side::Dialed {
                 channel: channel.clone(),
                 attempt,
                 connected: false,
             };
-            self.register(socket, addr, rustls::Connection::Client(tls), side)
+            self.register(
+                socket,
+                addr.peer_addr(),
+                rustls::Connection::Client(tls),
+                side,
+            )
         })();
         if let Err(e) = outcome {
             channel.dial_finished(
@@ -305,7 +351,7 @@ impl Reactor {
 
     fn register(
         &mut self,
-        mut socket: TcpStream,
+        mut socket: Socket,
         peer: SocketAddr,
         mut tls: rustls::Connection,
         side: Side,
@@ -317,7 +363,7 @@ impl Reactor {
             Interest::READABLE | Interest::WRITABLE,
         )?;
         // Latency over packet count: frames are already batched by the send queue.
-        if let Err(e) = socket.set_nodelay(true) {
+        if let Err(e) = socket.set_nodelay() {
             log::debug!("cannot set TCP_NODELAY for {peer}: {e}");
         }
         tls.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
@@ -589,7 +635,7 @@ impl Reactor {
 
     fn close_everything(&mut self) {
         for (_, mut listener) in self.listeners.drain() {
-            let _ = self.poll.registry().deregister(&mut listener.socket);
+            listener.socket.close(self.poll.registry());
         }
         let tokens: Vec<Token> = self.conns.keys().copied().collect();
         for token in tokens {
@@ -618,8 +664,8 @@ fn connect_finished(conn: &mut Conn) -> Result<bool, Status> {
             conn.shared.peer_addr
         )));
     }
-    match conn.socket.peer_addr() {
-        Ok(_) => {
+    match conn.socket.check_connected() {
+        Ok(()) => {
             *connected = true;
             Ok(true)
         }

@@ -89,6 +89,8 @@ pub struct TestServer {
     pub transport: Transport,
     pub addr: SocketAddr,
     pub events: Receiver<Event>,
+    /// The methods served (for extra listeners).
+    pub router: Arc<Router>,
     pool: Option<ServicePool>,
 }
 
@@ -103,12 +105,13 @@ impl TestServer {
         let router = Arc::new(test_router(&pool, events_tx));
         let transport = Transport::start(config).unwrap();
         let addr = transport
-            .listen(addr, cluster.server_tls(), router)
+            .listen(addr, cluster.server_tls(), router.clone())
             .unwrap();
         Self {
             transport,
             addr,
             events,
+            router,
             pool: Some(pool),
         }
     }
