@@ -43,6 +43,14 @@ impl ControlApi {
     }
 }
 
+/// The group as the leader sees it: every manager method answers with it.
+fn leader_status(api: &ControlApi) -> Result<pb::ManagersResponse, Status> {
+    let status: raftpb::StatusResponse = api.call_leader(STATUS, &raftpb::StatusRequest {})?;
+    Ok(pb::ManagersResponse {
+        status: Some(status),
+    })
+}
+
 /// Serves the manager methods.
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
@@ -50,13 +58,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         LIST_MANAGERS,
         Allow::MANAGERS,
         pool,
-        move |_, _: pb::ListManagersRequest| {
-            let status: raftpb::StatusResponse =
-                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
-            Ok(pb::ManagersResponse {
-                status: Some(status),
-            })
-        },
+        move |_, _: pb::ListManagersRequest| leader_status(&a),
     );
     let a = api.clone();
     router.unary(
@@ -71,11 +73,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
                     force: request.force,
                 },
             )?;
-            let status: raftpb::StatusResponse =
-                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
-            Ok(pb::ManagersResponse {
-                status: Some(status),
-            })
+            leader_status(&a)
         },
     );
     let a = api.clone();
@@ -90,11 +88,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
                     raft_id: request.raft_id,
                 },
             )?;
-            let status: raftpb::StatusResponse =
-                a.call_leader(STATUS, &raftpb::StatusRequest {})?;
-            Ok(pb::ManagersResponse {
-                status: Some(status),
-            })
+            leader_status(&a)
         },
     );
 }

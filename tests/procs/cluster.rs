@@ -250,9 +250,7 @@ pub struct Client {
 pub const CALL: Duration = Duration::from_secs(5);
 
 fn leader_hint(status: &Status) -> Option<String> {
-    let rest = status.message.split("leader_addr=").nth(1)?;
-    let addr = rest.split_whitespace().next()?;
-    (addr != "unknown").then(|| addr.to_string())
+    flotilla::manager::register::leader_addr(&status.message)
 }
 
 impl Client {

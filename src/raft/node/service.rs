@@ -33,7 +33,8 @@ pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The pools the Raft methods run on.
 pub struct RaftPools {
-    /// `raft.Step` and `raft.ReadIndex`: short calls that only queue work.
+    /// `raft.ReadIndex`: short calls that only queue work (`raft.Step` runs inline on the
+    /// reactor).
     pub step: ServicePool,
     /// `raft.InstallSnapshot`: one transfer at a time.
     pub snapshot: ServicePool,
