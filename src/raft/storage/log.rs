@@ -117,6 +117,7 @@ impl LogStore {
             .journal_compression(CompressionType::None)
             .cache_size(config.cache_bytes)
             .worker_threads(config.fjall_worker_threads)
+            .max_journaling_size(super::journal_bytes_max(config.memtable_bytes_max))
             .open()?;
         let log = db.keyspace(KEYSPACE_LOG, || {
             // Entries are mostly read back once (by a slow follower) and then compacted:
@@ -126,7 +127,7 @@ impl LogStore {
                 .max_memtable_size(config.memtable_bytes_max)
         })?;
         let meta = db.keyspace(KEYSPACE_META, || {
-            KeyspaceCreateOptions::default().max_memtable_size(config.memtable_bytes_max)
+            KeyspaceCreateOptions::default().max_memtable_size(super::META_MEMTABLE_BYTES_MAX)
         })?;
         let store = Self {
             inner: Arc::new(Inner {
