@@ -374,6 +374,7 @@ impl WatchClient {
             }],
             resume: since.is_some(),
             since_version: since.unwrap_or(0),
+            include_commits: false,
         };
         let mut stream = self
             .transport
