@@ -317,6 +317,10 @@ pub(crate) fn run(client: &Client, args: &WatchArgs) -> Result<(), String> {
         let ended = match subscribe(client, addr, &filters, last) {
             Ok((mut stream, start)) => {
                 failures = 0;
+                if last.is_none() {
+                    // On stderr: stdout carries only events (one JSON document a line).
+                    eprintln!("watch: from version {start} on {addr}");
+                }
                 let mut seen = last.unwrap_or(start);
                 let ended = relay(&mut stream, client.format, &mut seen);
                 last = Some(seen);

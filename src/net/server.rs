@@ -752,3 +752,35 @@ fn serve_jobs(jobs: &Receiver<Job>, stop: &Receiver<()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(role: Role) -> PeerIdentity {
+        PeerIdentity {
+            node_id: "n1".into(),
+            role,
+            cluster_id: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn admins_are_operators_and_nothing_else() {
+        let admin = identity(Role::Admin);
+        assert!(Allow::OPERATORS.check("m", Some(&admin)).is_ok());
+        assert!(Allow::ANYONE.check("m", Some(&admin)).is_ok());
+        for allow in [Allow::MANAGERS, Allow::NODES] {
+            let refusal = allow.check("m", Some(&admin)).unwrap_err();
+            assert_eq!(refusal.code, crate::wire::Code::PermissionDenied);
+        }
+        let worker = identity(Role::Worker);
+        assert!(Allow::OPERATORS.check("m", Some(&worker)).is_err());
+        assert!(Allow::NODES.check("m", Some(&worker)).is_ok());
+        let manager = identity(Role::Manager);
+        for allow in [Allow::MANAGERS, Allow::OPERATORS, Allow::NODES] {
+            assert!(allow.check("m", Some(&manager)).is_ok());
+        }
+        assert!(Allow::OPERATORS.check("m", None).is_err());
+    }
+}
