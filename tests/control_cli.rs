@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla::ca::{load_node_files, tls};
+use flotilla::ca::{Role, load_node_files, tls};
 use flotilla::net::{CallOptions, ResponseStream, Transport, TransportConfig};
 use flotilla::proto::control as pb;
 use flotilla::proto::objects::{ObjectKind, store_object};
@@ -572,6 +572,20 @@ fn admin_ok(cert_dir: &Path, manager: &str, args: &[&str]) -> String {
     output
 }
 
+/// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
+fn raft_id_of(listing: &str, addr: &str) -> String {
+    let mut id = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(value) = line.strip_prefix("\"id\": \"") {
+            id = Some(value.trim_end_matches("\",").to_string());
+        }
+        if line.contains(&format!("\"addr\": \"{addr}\"")) {
+            return id.unwrap_or_else(|| panic!("no id before {addr}:\n{listing}"));
+        }
+    }
+    panic!("{addr} not listed:\n{listing}");
+}
+
 /// Starts `flotilla watch --kind service --format json` and waits until it is subscribed.
 fn start_watch(name: &str, identity: [&str; 2], manager: &str) -> procs::Proc {
     let args = [
@@ -610,7 +624,6 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
     let leader = cluster.leader_index(&client).unwrap();
     let follower = (leader + 1) % 3;
     let follower_addr = cluster.managers[follower].addr.clone();
-    let leader_addr = cluster.managers[leader].addr.clone();
     let follower_id = node_id_of(&mut cluster.managers[follower]);
 
     // An admin certificate, issued through the founding manager's local socket (it holds
@@ -685,6 +698,37 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
         "{status}"
     );
     transport.shutdown();
+    // An admin may get another certificate through a follower, which has no CA key and
+    // forwards to the leader: that works while the founder (the key holder) leads, and is
+    // refused with a hint while another manager leads. The admin moves leadership itself.
+    let transfer_to = |index: usize| {
+        let id = raft_id_of(&managers, &cluster.managers[index].addr);
+        admin_ok(&admin_dir, &follower_addr, &["manager", "transfer", &id]);
+        assert_eq!(cluster.leader_index(&client), Some(index));
+    };
+    let issue_through = |index: usize, out: &str| {
+        let out = cluster.tmp.path().join(out);
+        let addr = &cluster.managers[index].addr;
+        let args = ["admin-cert", "issue", "--out", out.to_str().unwrap()];
+        (admin_cli(&admin_dir, addr, &args), out)
+    };
+    if leader != 0 {
+        transfer_to(0);
+    }
+    let ((success, output), second_dir) = issue_through(1, "admin2");
+    assert!(success, "{output}");
+    assert_eq!(load_node_files(&second_dir).unwrap().0.role(), Role::Admin);
+    transfer_to(1);
+    let ((success, output), _) = issue_through(2, "admin3");
+    assert!(!success && output.contains("CA key"), "{output}");
+    // From here on, the leader is manager 1.
+    let leader = 1;
+    let follower = 2;
+    let (leader_addr, follower_addr) = (
+        cluster.managers[leader].addr.clone(),
+        cluster.managers[follower].addr.clone(),
+    );
+
     let (success, output) = run_to_end(&["service", "ls", "--cert-dir", admin_arg], CLI);
     assert!(
         !success.success() && output.contains("needs --manager"),
@@ -701,26 +745,22 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
         &leader_addr,
     );
     let mut watches = [via_follower, via_leader];
-    for i in 2..=4 {
-        let name = format!("s{i}");
-        admin_ok(
-            &admin_dir,
-            &follower_addr,
-            &["service", "create", "--name", &name, "true"],
-        );
-    }
+    let create_services = |numbers: std::ops::RangeInclusive<u32>| {
+        for i in numbers {
+            let name = format!("s{i}");
+            admin_ok(
+                &admin_dir,
+                &follower_addr,
+                &["service", "create", "--name", &name, "true"],
+            );
+        }
+    };
+    create_services(2..=4);
     for watch in &mut watches {
         watch.wait_for("\"name\":\"s4\"", START);
     }
     cluster.managers[leader].kill();
-    for i in 5..=7 {
-        let name = format!("s{i}");
-        admin_ok(
-            &admin_dir,
-            &follower_addr,
-            &["service", "create", "--name", &name, "true"],
-        );
-    }
+    create_services(5..=7);
     for watch in &mut watches {
         watch.wait_for("\"name\":\"s7\"", START);
         let output = watch.output();

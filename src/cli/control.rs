@@ -31,6 +31,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LEADER_RETRIES_MAX: u32 = 40;
 /// Wait between attempts while the managers elect a leader.
 pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(250);
+/// Extra attempts of an idempotent call whose outcome is unknown (`Unavailable`,
+/// `DeadlineExceeded`): few, since each may wait a whole [`CALL_TIMEOUT`].
+pub const UNKNOWN_OUTCOME_RETRIES_MAX: u32 = 3;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -383,12 +386,13 @@ impl Client {
         method: &str,
         request: &Req,
     ) -> Result<Resp, String> {
-        self.unary_retrying(method, request, is_election)
+        self.unary_retrying(method, request, 0)
     }
 
     /// As [`Self::unary`], for a request that is safe to repeat (a create carrying its
-    /// object id): also retried when the outcome is unknown (a forward or proposal that
-    /// timed out, a leader that died after receiving it).
+    /// object id): also retried, up to [`UNKNOWN_OUTCOME_RETRIES_MAX`] times, when the
+    /// outcome is unknown (a forward or proposal that timed out, a leader that died after
+    /// receiving it).
     ///
     /// # Errors
     /// The manager's refusal, described with a hint.
@@ -397,28 +401,38 @@ impl Client {
         method: &str,
         request: &Req,
     ) -> Result<Resp, String> {
-        self.unary_retrying(method, request, |status| {
-            is_election(status) || matches!(status.code, Code::Unavailable | Code::DeadlineExceeded)
-        })
+        self.unary_retrying(method, request, UNKNOWN_OUTCOME_RETRIES_MAX)
     }
 
     fn unary_retrying<Req: prost::Message, Resp: prost::Message + Default>(
         &self,
         method: &str,
         request: &Req,
-        retry: impl Fn(&Status) -> bool,
+        unknown_outcome_retries_max: u32,
     ) -> Result<Resp, String> {
         let channel = self.transport.channel(&self.addr, &self.tls);
-        let mut attempt = 0;
+        let (mut elections, mut unknown_outcomes) = (0, 0);
         loop {
-            match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
-                Err(status) if retry(&status) && attempt < LEADER_RETRIES_MAX => {
-                    attempt += 1;
-                    log::debug!("{method}: {status}; retrying (attempt {attempt})");
-                    std::thread::sleep(LEADER_RETRY_WAIT);
-                }
-                other => return other.map_err(|s| describe(&self.addr, &s)),
+            let status = match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
+                Err(status) => status,
+                Ok(reply) => return Ok(reply),
+            };
+            let retry = if is_election(&status) && elections < LEADER_RETRIES_MAX {
+                elections += 1;
+                true
+            } else if matches!(status.code, Code::Unavailable | Code::DeadlineExceeded)
+                && unknown_outcomes < unknown_outcome_retries_max
+            {
+                unknown_outcomes += 1;
+                true
+            } else {
+                false
+            };
+            if !retry {
+                return Err(describe(&self.addr, &status));
             }
+            log::debug!("{method}: {status}; retrying");
+            std::thread::sleep(LEADER_RETRY_WAIT);
         }
     }
 

@@ -66,9 +66,10 @@ pub(super) fn issue_here(
     let ca = api.ca.as_ref().ok_or_else(|| {
         Status::new(
             Code::FailedPrecondition,
-            "neither this manager nor the leader holds the cluster CA key; run `flotilla \
-             admin-cert issue` against the manager that created the cluster (its state \
-             directory has ca/)",
+            // (Worded without "leader ": the CLI retries such refusals as elections.)
+            "the cluster CA key is neither on this manager nor on the one leading; run \
+             `flotilla admin-cert issue` against the manager that created the cluster (its \
+             state directory has ca/)",
         )
     })?;
     let issued = ca

@@ -249,8 +249,8 @@ impl ControlApi {
             .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))
             .map_err(|status| match status.code {
                 // Most often the leader just died and the election is not over: the caller
-                // may retry (a write whose reply was lost may have happened; a retried
-                // create then finds its name taken).
+                // may retry (a write whose reply was lost may have happened; a create that
+                // carries its id answers the retry with what the first attempt made).
                 Code::Unavailable => Status::unavailable(format!(
                     "leader {leader_addr} is unreachable ({}); retry in a moment",
                     status.message
