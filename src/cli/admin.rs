@@ -22,8 +22,8 @@ pub const ADMIN_CERT_VALIDITY_DEFAULT: &str = "30d";
 /// `flotilla admin-cert …`
 #[derive(Subcommand, Debug)]
 pub enum AdminCertCommand {
-    /// Issue an admin certificate into DIR: then `flotilla --cert-dir DIR --manager ADDR …`
-    /// works from any host that can reach a manager.
+    /// Issue an admin certificate into DIR: then `flotilla COMMAND --cert-dir DIR --manager
+    /// ADDR …` works from any host that can reach a manager.
     Issue {
         /// Directory to write the certificate, its key and the cluster root into (created
         /// 0700; must not hold an identity yet).
