@@ -80,6 +80,7 @@ fn update_load(channel: &Channel, clients: usize, seconds: f64, round: usize) ->
                         api::CREATE_SERVICE,
                         &pb::CreateServiceRequest {
                             spec: Some(spec(&name, 1)),
+                            ..Default::default()
                         },
                         CallOptions::timeout(CALL),
                     )

@@ -321,7 +321,7 @@ fn client_certificate_of_another_cluster_signed_by_our_root_is_refused() {
 fn client_certificate_with_unknown_role_is_refused() {
     let ca = new_ca();
     let manager = identity(&ca, Role::Manager);
-    let (cert, key) = forged(&ca, &flotilla::ca::random_id(), "admin", ca.cluster_id());
+    let (cert, key) = forged(&ca, &flotilla::ca::random_id(), "operator", ca.cluster_id());
     let outcome = connect(
         client_presenting(ca.root(), cert, key),
         server_config(&manager, ca.root()).unwrap(),
@@ -1009,4 +1009,55 @@ fn root_certificate_carries_the_cluster_id_and_a_20_year_validity() {
         "id-ecPublicKey"
     );
     assert_ne!(new_ca().cluster_id(), ca.cluster_id());
+}
+
+/// An admin certificate issued by the CA from a CSR: the requested lifetime.
+fn admin_identity(ca: &ClusterCa, lifetime: Duration) -> NodeIdentity {
+    let pending = PendingIdentity::generate().unwrap();
+    let issued = ca.issue_admin(pending.csr_der(), lifetime, now()).unwrap();
+    assert_eq!(issued.identity.role, Role::Admin);
+    pending
+        .complete(&issued.cert_der, ca.root(), now())
+        .unwrap()
+}
+
+#[test]
+fn admin_certificate_is_a_client_with_its_own_lifetime_never_a_server_nor_renewed() {
+    let ca = new_ca();
+    let manager = identity(&ca, Role::Manager);
+    let admin = admin_identity(&ca, 2 * DAY);
+    let lifetime = admin
+        .not_after()
+        .duration_since(admin.not_before())
+        .unwrap();
+    assert!(
+        lifetime >= 2 * DAY && lifetime <= 2 * DAY + flotilla::ca::CERT_BACKDATE,
+        "{lifetime:?}"
+    );
+    assert_ne!(admin.node_id(), manager.node_id());
+
+    // Accepted as a client, identified as an admin.
+    let outcome = connect(
+        client_config(&admin, ca.root()).unwrap(),
+        server_config(&manager, ca.root()).unwrap(),
+    );
+    assert!(outcome.accepted(), "{outcome:?}");
+    assert_eq!(
+        outcome.client_seen_by_server.as_ref().map(|p| p.role),
+        Some(Role::Admin)
+    );
+
+    // Never a server: a client refuses an admin as it refuses a worker.
+    let outcome = connect(
+        client_config(&manager, ca.root()).unwrap(),
+        server_config(&admin, ca.root()).unwrap(),
+    );
+    assert_client_refused_server(&outcome, "admin as server");
+
+    // Never renewed as a node.
+    let pending = PendingIdentity::generate().unwrap();
+    let err = service(ca)
+        .renew(admin.peer(), pending.csr_der(), now())
+        .unwrap_err();
+    assert!(matches!(err, IssueError::NotANode { .. }), "{err}");
 }

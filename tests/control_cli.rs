@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla::ca::{load_node_files, tls};
+use flotilla::ca::{Role, load_node_files, tls};
 use flotilla::net::{CallOptions, ResponseStream, Transport, TransportConfig};
 use flotilla::proto::control as pb;
 use flotilla::proto::objects::{ObjectKind, store_object};
@@ -374,6 +374,7 @@ impl WatchClient {
             }],
             resume: since.is_some(),
             since_version: since.unwrap_or(0),
+            include_commits: false,
         };
         let mut stream = self
             .transport
@@ -553,5 +554,232 @@ fn three_managers_forward_read_watch_and_restart() {
     assert!(removed.success(), "{out}");
     ok(&follower_dir, None, &["node", "rm", &gone_id]);
     refused(&follower_dir, None, &["node", "inspect", &gone_id]);
+    client.transport.shutdown();
+}
+
+/// Runs `flotilla ARGS[0] --cert-dir DIR --manager ADDR ARGS[1..]` with an admin certificate.
+fn admin_cli(cert_dir: &Path, manager: &str, args: &[&str]) -> (bool, String) {
+    let dir = cert_dir.to_str().unwrap();
+    let mut all: Vec<&str> = vec![args[0], "--cert-dir", dir, "--manager", manager];
+    all.extend(&args[1..]);
+    let (status, output) = run_to_end(&all, CLI);
+    (status.success(), output)
+}
+
+fn admin_ok(cert_dir: &Path, manager: &str, args: &[&str]) -> String {
+    let (success, output) = admin_cli(cert_dir, manager, args);
+    assert!(success, "flotilla {args:?} (admin) failed:\n{output}");
+    output
+}
+
+/// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
+fn raft_id_of(listing: &str, addr: &str) -> String {
+    let mut id = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(value) = line.strip_prefix("\"id\": \"") {
+            id = Some(value.trim_end_matches("\",").to_string());
+        }
+        if line.contains(&format!("\"addr\": \"{addr}\"")) {
+            return id.unwrap_or_else(|| panic!("no id before {addr}:\n{listing}"));
+        }
+    }
+    panic!("{addr} not listed:\n{listing}");
+}
+
+/// Starts `flotilla watch --kind service --format json` and waits until it is subscribed.
+fn start_watch(name: &str, identity: [&str; 2], manager: &str) -> procs::Proc {
+    let args = [
+        "watch",
+        identity[0],
+        identity[1],
+        "--manager",
+        manager,
+        "--kind",
+        "service",
+        "--format",
+        "json",
+    ];
+    let mut watch = procs::Proc::start(name, &args);
+    watch.wait_for("watch: from version", START);
+    watch
+}
+
+/// How many times a `watch --format json` output shows service `name` being created.
+fn creates_of(output: &str, name: &str) -> usize {
+    let needle = format!("\"name\":\"{name}\"");
+    output
+        .lines()
+        .filter(|l| {
+            l.contains("\"action\":\"create\"")
+                && l.contains("\"kind\":\"service\"")
+                && l.contains(&needle)
+        })
+        .count()
+}
+
+#[test]
+fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let client = cluster.client();
+    let leader = cluster.leader_index(&client).unwrap();
+    let follower = (leader + 1) % 3;
+    let follower_addr = cluster.managers[follower].addr.clone();
+    let follower_id = node_id_of(&mut cluster.managers[follower]);
+
+    // An admin certificate, issued through the founding manager's local socket (it holds
+    // the CA key). The key was made by the CLI and is stored 0600.
+    let admin_dir = cluster.tmp.path().join("admin");
+    let founder_dir = cluster.managers[0].dir.clone();
+    let admin_arg = admin_dir.to_str().unwrap();
+    let issued = ok(
+        &founder_dir,
+        None,
+        &[
+            "admin-cert",
+            "issue",
+            "--out",
+            admin_arg,
+            "--validity",
+            "1d",
+            "--name",
+            "ops",
+        ],
+    );
+    let admin_id = issued
+        .split("admin certificate ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no id in:\n{issued}"))
+        .to_string();
+    assert_eq!(procs::mode(&admin_dir.join("node.pem")), 0o600);
+    let again = refused(
+        &founder_dir,
+        None,
+        &["admin-cert", "issue", "--out", admin_arg],
+    );
+    assert!(again.contains("already holds an identity"), "{again}");
+
+    // Used remotely against a follower: a write is forwarded with the admin's identity.
+    admin_ok(
+        &admin_dir,
+        &follower_addr,
+        &["service", "create", "--name", "s1", "true"],
+    );
+    let line = cluster.managers[leader]
+        .proc()
+        .wait_for(&format!("by node {admin_id}"), START);
+    assert!(
+        line.contains(&format!("(Admin) forwarded by {follower_id}")),
+        "{line}"
+    );
+    let managers = admin_ok(
+        &admin_dir,
+        &follower_addr,
+        &["manager", "ls", "--format", "json"],
+    );
+    for manager in &cluster.managers {
+        assert!(managers.contains(&manager.addr), "{managers}");
+    }
+    // It is refused on Raft's own methods, and needs --manager.
+    let (identity, root) = load_node_files(&admin_dir).unwrap();
+    let transport = Transport::start(TransportConfig::default()).unwrap();
+    let admin_tls = Arc::new(tls::client_config(&identity, &root).unwrap());
+    let status = transport
+        .channel(&follower_addr, &admin_tls)
+        .unary::<_, flotilla::proto::raft::StatusResponse>(
+            flotilla::raft::node::service::STATUS,
+            &flotilla::proto::raft::StatusRequest {},
+            CallOptions::timeout(CLI),
+        )
+        .unwrap_err();
+    assert_eq!(
+        status.code,
+        flotilla::wire::Code::PermissionDenied,
+        "{status}"
+    );
+    transport.shutdown();
+    // An admin may get another certificate through a follower, which has no CA key and
+    // forwards to the leader: that works while the founder (the key holder) leads, and is
+    // refused with a hint while another manager leads. The admin moves leadership itself.
+    let transfer_to = |index: usize| {
+        let id = raft_id_of(&managers, &cluster.managers[index].addr);
+        admin_ok(&admin_dir, &follower_addr, &["manager", "transfer", &id]);
+        assert_eq!(cluster.leader_index(&client), Some(index));
+    };
+    let issue_through = |index: usize, out: &str| {
+        let out = cluster.tmp.path().join(out);
+        let addr = &cluster.managers[index].addr;
+        let args = ["admin-cert", "issue", "--out", out.to_str().unwrap()];
+        (admin_cli(&admin_dir, addr, &args), out)
+    };
+    if leader != 0 {
+        transfer_to(0);
+    }
+    let ((success, output), second_dir) = issue_through(1, "admin2");
+    assert!(success, "{output}");
+    assert_eq!(load_node_files(&second_dir).unwrap().0.role(), Role::Admin);
+    transfer_to(1);
+    let ((success, output), _) = issue_through(2, "admin3");
+    assert!(!success && output.contains("CA key"), "{output}");
+    // From here on, the leader is manager 1.
+    let leader = 1;
+    let follower = 2;
+    let (leader_addr, follower_addr) = (
+        cluster.managers[leader].addr.clone(),
+        cluster.managers[follower].addr.clone(),
+    );
+
+    let (success, output) = run_to_end(&["service", "ls", "--cert-dir", admin_arg], CLI);
+    assert!(
+        !success.success() && output.contains("needs --manager"),
+        "{output}"
+    );
+
+    // Two watches: through a follower (with the admin certificate), and through the
+    // leader (with a manager's identity), which must fail over when the leader dies.
+    let via_follower = start_watch("watch-follower", ["--cert-dir", admin_arg], &follower_addr);
+    let other_dir = cluster.managers[(leader + 2) % 3].dir.clone();
+    let via_leader = start_watch(
+        "watch-leader",
+        ["--state-dir", other_dir.to_str().unwrap()],
+        &leader_addr,
+    );
+    let mut watches = [via_follower, via_leader];
+    let create_services = |numbers: std::ops::RangeInclusive<u32>| {
+        for i in numbers {
+            let name = format!("s{i}");
+            admin_ok(
+                &admin_dir,
+                &follower_addr,
+                &["service", "create", "--name", &name, "true"],
+            );
+        }
+    };
+    create_services(2..=4);
+    for watch in &mut watches {
+        watch.wait_for("\"name\":\"s4\"", START);
+    }
+    cluster.managers[leader].kill();
+    create_services(5..=7);
+    for watch in &mut watches {
+        watch.wait_for("\"name\":\"s7\"", START);
+        let output = watch.output();
+        assert_eq!(creates_of(&output, "s1"), 0, "s1 came before the watch");
+        for i in 2..=7 {
+            let name = format!("s{i}");
+            assert_eq!(
+                creates_of(&output, &name),
+                1,
+                "{}: {name} seen exactly once:\n{output}",
+                watch.name
+            );
+        }
+    }
+    let [_, mut via_leader] = watches;
+    assert!(
+        via_leader.output().contains("resuming after version"),
+        "the watch through the leader re-subscribed:\n{}",
+        via_leader.output()
+    );
     client.transport.shutdown();
 }

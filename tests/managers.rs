@@ -1,6 +1,7 @@
 //! The manager group as real processes: failover under write load (3 and 5 managers), a
 //! restarted manager catching up, a joiner receiving a large snapshot with bounded memory,
-//! and `flotilla manager ls|rm|transfer`.
+//! and `flotilla manager ls|rm|transfer` (through the control API: local socket, remote
+//! manager, JSON).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod procs;
@@ -240,6 +241,26 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
         listing.contains("ms ago"),
         "no last contact shown:\n{listing}"
     );
+
+    // The same through another manager, remotely, as JSON for scripts.
+    let (ok, json) = manager_cli(
+        &dir,
+        &[
+            "ls",
+            "--format",
+            "json",
+            "--manager",
+            &cluster.managers[2].addr,
+        ],
+    );
+    assert!(ok && json.trim_start().starts_with('{'), "{json}");
+    for manager in &cluster.managers {
+        assert!(
+            json.contains(&format!("\"addr\": \"{}\"", manager.addr)),
+            "{json}"
+        );
+    }
+    assert_eq!(json.matches("\"role\": \"leader\"").count(), 1, "{json}");
 
     // The local command goes through the state directory's unix socket: it works even
     // when the recorded network address leads nowhere.

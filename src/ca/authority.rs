@@ -82,6 +82,16 @@ pub enum CaError {
     /// Key generation or self-signing failed.
     #[error("cannot create the root CA: {0}")]
     Crypto(#[from] rcgen::Error),
+    /// An admin certificate asked to be renewed as a node: admins get a new certificate
+    /// through `control.IssueAdminCertificate` instead.
+    #[error(
+        "{caller} is an admin certificate, not a node; issue a new one with `flotilla \
+         admin-cert issue`"
+    )]
+    NotANode {
+        /// The caller.
+        caller: PeerIdentity,
+    },
     /// The system clock is outside the range certificates can express.
     #[error("the system clock ({0:?}) is before 1970 or beyond 9999; fix the clock")]
     Clock(SystemTime),
@@ -113,6 +123,16 @@ pub enum IssueError {
         caller: PeerIdentity,
         /// Our cluster.
         cluster_id: String,
+    },
+    /// An admin certificate asked to be renewed as a node: admins get a new certificate
+    /// through `control.IssueAdminCertificate` instead.
+    #[error(
+        "{caller} is an admin certificate, not a node; issue a new one with `flotilla \
+         admin-cert issue`"
+    )]
+    NotANode {
+        /// The caller.
+        caller: PeerIdentity,
     },
     /// The system clock is outside the range certificates can express.
     #[error("the system clock ({0:?}) is before 1970 or beyond 9999; fix the clock")]
@@ -201,19 +221,44 @@ impl ClusterCa {
     ///
     /// # Errors
     /// [`IssueError::Csr`] for an unusable CSR; [`IssueError::Clock`]; internal signing errors.
+    ///
+    /// # Panics
+    /// For [`Role::Admin`]: admins are not nodes ([`Self::issue_admin`] issues theirs).
     pub fn issue_new_node(
         &self,
         csr: &[u8],
         role: Role,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        assert_ne!(role, Role::Admin, "issue_admin issues admin certificates");
         let key = verified_csr_public_key(csr)?;
         let identity = PeerIdentity {
             node_id: random_id(),
             role,
             cluster_id: self.cluster_id().to_owned(),
         };
-        self.sign(&key, identity, now)
+        self.sign(&key, identity, self.policy.node_cert_validity, now)
+    }
+
+    /// Issues an operator's client certificate (OU `admin`, a fresh random id as CN) valid
+    /// for `validity`, keeping only the public key of `csr`. The caller must already have
+    /// authorized the request (an operator over mutual TLS) and bounded `validity`.
+    ///
+    /// # Errors
+    /// As [`Self::issue_new_node`].
+    pub fn issue_admin(
+        &self,
+        csr: &[u8],
+        validity: Duration,
+        now: SystemTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let key = verified_csr_public_key(csr)?;
+        let identity = PeerIdentity {
+            node_id: random_id(),
+            role: Role::Admin,
+            cluster_id: self.cluster_id().to_owned(),
+        };
+        self.sign(&key, identity, validity, now)
     }
 
     /// Renews the certificate of an authenticated caller: same node id, same role, new key
@@ -235,8 +280,14 @@ impl ClusterCa {
                 cluster_id: self.cluster_id().to_owned(),
             });
         }
+        if caller.role == Role::Admin {
+            // An admin certificate is not a node's: it gets a new one from an operator.
+            return Err(IssueError::NotANode {
+                caller: caller.clone(),
+            });
+        }
         let key = verified_csr_public_key(csr)?;
-        self.sign(&key, caller.clone(), now)
+        self.sign(&key, caller.clone(), self.policy.node_cert_validity, now)
     }
 
     /// Mints a complete identity for this very process (the first manager at `init`): key
@@ -258,12 +309,11 @@ impl ClusterCa {
         &self,
         key: &CsrPublicKey,
         identity: PeerIdentity,
+        lifetime: Duration,
         now: SystemTime,
     ) -> Result<IssuedCertificate, IssueError> {
         let not_before = now.checked_sub(CERT_BACKDATE).unwrap_or(now);
-        let not_after = now
-            .checked_add(self.policy.node_cert_validity)
-            .ok_or(IssueError::Clock(now))?;
+        let not_after = now.checked_add(lifetime).ok_or(IssueError::Clock(now))?;
         let mut params = CertificateParams::default();
         params.distinguished_name =
             distinguished_name(&identity.node_id, Some(identity.role), &identity.cluster_id);

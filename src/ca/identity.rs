@@ -28,17 +28,22 @@ pub enum Role {
     Manager,
     /// Runs tasks; talks to managers only.
     Worker,
+    /// An operator's client certificate (`flotilla admin-cert issue`): may call the control
+    /// API, nothing else. Never a node: it cannot serve, join the Raft group, renew itself
+    /// as a node, or be issued through a join token.
+    Admin,
 }
 
 impl Role {
     /// Every role, in a stable order.
-    pub const ALL: [Role; 2] = [Role::Manager, Role::Worker];
+    pub const ALL: [Role; 3] = [Role::Manager, Role::Worker, Role::Admin];
 
-    /// The OU string written in certificates: `manager` or `worker`.
+    /// The OU string written in certificates: `manager`, `worker` or `admin`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Manager => "manager",
             Role::Worker => "worker",
+            Role::Admin => "admin",
         }
     }
 }
@@ -56,6 +61,7 @@ impl FromStr for Role {
         match s {
             "manager" => Ok(Role::Manager),
             "worker" => Ok(Role::Worker),
+            "admin" => Ok(Role::Admin),
             other => Err(CertError::UnknownRole {
                 value: truncate_for_message(other),
             }),
@@ -332,7 +338,7 @@ mod tests {
             assert_eq!(role.as_str().parse::<Role>().unwrap(), role);
         }
         assert!(matches!(
-            "admin".parse::<Role>(),
+            "operator".parse::<Role>(),
             Err(CertError::UnknownRole { .. })
         ));
         assert!(

@@ -2,7 +2,8 @@
 //! the rustls configurations the transport uses.
 //!
 //! Owns: the root CA key and certificate ([`ClusterCa`]), issuing node certificates from CSRs
-//! (CN = node id, OU = role, O = cluster id), join tokens ([`JoinTokens`], `FLT-1-…`), the
+//! (CN = node id, OU = role, O = cluster id) and operators' admin certificates (OU `admin`,
+//! [`ClusterCa::issue_admin`]: control API only, never a node), join tokens ([`JoinTokens`], `FLT-1-…`), the
 //! per-address limiter of failed joins, a node's identity files ([`NodeIdentity`]), the
 //! client side of joining ([`verify_root_for_token`], [`PendingIdentity`]) and the TLS
 //! verifiers ([`tls`]).
@@ -13,7 +14,8 @@
 //!
 //! Must never: copy anything but the public key from a CSR; let a renewal change a node's id
 //! or role; compare a secret in variable time; log or `Debug`-print a secret or a private key;
-//! write a key file readable by anyone but its owner; read one that is.
+//! write a key file readable by anyone but its owner; read one that is; issue or renew an
+//! admin certificate as a node (no join token makes one; renewal refuses one).
 //!
 //! # Lifecycle
 //! - `init`: [`ClusterCa::create`] → [`ClusterCa::save`]; [`JoinTokens::generate`];

@@ -78,11 +78,14 @@ pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService
     );
 }
 
-fn issue_status(error: IssueError) -> Status {
+/// The status a caller sees for a failed issue or renewal.
+pub(crate) fn issue_status(error: IssueError) -> Status {
     let code = match &error {
         IssueError::RateLimited { .. } => Code::ResourceExhausted,
         IssueError::Token(TokenError::Malformed(_)) | IssueError::Csr(_) => Code::InvalidArgument,
-        IssueError::Token(_) | IssueError::WrongCluster { .. } => Code::PermissionDenied,
+        IssueError::Token(_) | IssueError::WrongCluster { .. } | IssueError::NotANode { .. } => {
+            Code::PermissionDenied
+        }
         IssueError::Clock(_) | IssueError::Signing(_) | IssueError::Issued(_) => Code::Internal,
     };
     Status::new(code, error.to_string())

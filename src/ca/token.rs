@@ -26,6 +26,10 @@ pub const TOKEN_SECRET_BYTES: usize = 16;
 /// much longer is refused before splitting.
 pub const TOKEN_CHARS_MAX: usize = 256;
 
+/// Why asking for an admin join token is a bug.
+const NO_ADMIN_TOKEN: &str =
+    "no join token makes an admin: admin certificates are issued over the control API";
+
 /// A parsed join token.
 #[derive(Clone, PartialEq, Eq)]
 pub struct JoinToken {
@@ -261,6 +265,10 @@ impl JoinTokens {
     }
 
     /// The current token for `role`.
+    ///
+    /// # Panics
+    /// For [`Role::Admin`]: no join token makes an admin (admin certificates are issued
+    /// over the control API), so asking for one is a bug.
     pub fn token(&self, role: Role) -> JoinToken {
         JoinToken {
             root_digest: self.root_digest,
@@ -270,6 +278,9 @@ impl JoinTokens {
 
     /// Replaces the secret of `role` with a fresh random one; the old token stops working
     /// at once. Returns the new token.
+    ///
+    /// # Panics
+    /// For [`Role::Admin`], as [`Self::token`].
     pub fn rotate(&mut self, role: Role) -> JoinToken {
         loop {
             let mut secret = [0u8; TOKEN_SECRET_BYTES];
@@ -277,6 +288,7 @@ impl JoinTokens {
             let other = match role {
                 Role::Manager => self.worker_secret,
                 Role::Worker => self.manager_secret,
+                Role::Admin => panic!("{NO_ADMIN_TOKEN}"),
             };
             // A collision has probability 2^-128; the loop keeps the roles unambiguous anyway.
             if secret != other && secret != *self.secret(role) {
@@ -318,6 +330,7 @@ impl JoinTokens {
         match role {
             Role::Manager => &self.manager_secret,
             Role::Worker => &self.worker_secret,
+            Role::Admin => panic!("{NO_ADMIN_TOKEN}"),
         }
     }
 
@@ -325,6 +338,7 @@ impl JoinTokens {
         match role {
             Role::Manager => &mut self.manager_secret,
             Role::Worker => &mut self.worker_secret,
+            Role::Admin => panic!("{NO_ADMIN_TOKEN}"),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::json::{self, Json};
-use crate::ca::{load_node_files, tls};
+use crate::ca::{NodeIdentity, RootCert, load_node_files, tls};
 use crate::control as api;
 use crate::manager::StateDir;
 use crate::net::{CallOptions, Transport, TransportConfig};
@@ -31,6 +31,9 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const LEADER_RETRIES_MAX: u32 = 40;
 /// Wait between attempts while the managers elect a leader.
 pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(250);
+/// Extra attempts of an idempotent call whose outcome is unknown (`Unavailable`,
+/// `DeadlineExceeded`): few, since each may wait a whole [`CALL_TIMEOUT`].
+pub const UNKNOWN_OUTCOME_RETRIES_MAX: u32 = 3;
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -48,6 +51,10 @@ pub struct Connection {
     /// The node state directory whose identity (certificate) the call uses.
     #[arg(long, default_value = super::UP_STATE_DIR_DEFAULT, global = true)]
     pub state_dir: PathBuf,
+    /// A directory holding an admin certificate (`flotilla admin-cert issue --out DIR`):
+    /// the call uses it instead of a state directory's identity; needs --manager.
+    #[arg(long, global = true)]
+    pub cert_dir: Option<PathBuf>,
     /// The manager to call (host:port); default: the state directory's own manager.
     #[arg(long, global = true)]
     pub manager: Option<String>,
@@ -283,12 +290,15 @@ pub enum TokenRole {
     Manager,
 }
 
-/// A connected control client.
-struct Client {
-    transport: Transport,
-    tls: Arc<rustls::ClientConfig>,
-    addr: String,
-    format: Format,
+/// A connected control client: the one every CLI command that calls a manager uses.
+pub(crate) struct Client {
+    pub(crate) transport: Transport,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
+    /// The manager called: `unix:<state-dir>/control.sock` or `host:port`.
+    pub(crate) addr: String,
+    /// The identity's root certificate (public): handed on to admin certificates.
+    pub(crate) root: RootCert,
+    pub(crate) format: Format,
 }
 
 fn describe(addr: &str, status: &Status) -> String {
@@ -302,7 +312,8 @@ fn describe(addr: &str, status: &Status) -> String {
         Code::InvalidArgument => "\nhint: fix the field named above and retry".to_string(),
         Code::NotFound => String::new(),
         Code::PermissionDenied | Code::Unauthenticated => {
-            "\nhint: the control API needs a manager's identity: use --state-dir of a manager"
+            "\nhint: the control API needs a manager's identity (--state-dir of a manager) or \
+             an admin certificate (`flotilla admin-cert issue --out DIR`, then --cert-dir DIR)"
                 .to_string()
         }
         _ => String::new(),
@@ -311,7 +322,7 @@ fn describe(addr: &str, status: &Status) -> String {
 }
 
 /// True for refusals that only mean "no leader right now": nothing was proposed.
-fn is_election(status: &Status) -> bool {
+pub(crate) fn is_election(status: &Status) -> bool {
     (status.code == Code::Unavailable && status.message.contains("retry in a moment"))
         || status.message.contains("not the leader")
         || (status.code == Code::FailedPrecondition && status.message.contains("leader "))
@@ -319,7 +330,23 @@ fn is_election(status: &Status) -> bool {
 }
 
 impl Client {
-    fn connect(connection: &Connection) -> Result<Self, String> {
+    /// The identity and the manager `connection` names: an admin certificate directory
+    /// (with `--manager`), or a node state directory (its own manager by default).
+    fn identity_and_target(
+        connection: &Connection,
+    ) -> Result<(NodeIdentity, RootCert, String), String> {
+        if let Some(cert_dir) = &connection.cert_dir {
+            let (identity, root) = load_node_files(cert_dir).map_err(|e| {
+                format!(
+                    "{e}\nhint: --cert-dir takes what `flotilla admin-cert issue --out DIR` wrote"
+                )
+            })?;
+            let addr = connection.manager.clone().ok_or_else(|| {
+                "--cert-dir needs --manager ADDR: an admin certificate has no local manager"
+                    .to_string()
+            })?;
+            return Ok((identity, root, addr));
+        }
         let dir = StateDir::new(connection.state_dir.clone());
         let (identity, root) = load_node_files(&dir.node_dir())
             .map_err(|e| format!("{e}\nhint: point --state-dir at a node's state directory"))?;
@@ -329,6 +356,15 @@ impl Client {
                 format!("{e}\nhint: point --state-dir at a manager, or pass --manager ADDR")
             })?,
         };
+        Ok((identity, root, addr))
+    }
+
+    /// Loads the identity `connection` names and starts a transport.
+    ///
+    /// # Errors
+    /// A message for stderr, with a hint.
+    pub(crate) fn connect(connection: &Connection) -> Result<Self, String> {
+        let (identity, root, addr) = Self::identity_and_target(connection)?;
         let tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
         let transport = Transport::start(TransportConfig::default())
             .map_err(|e| format!("cannot start the transport: {e}"))?;
@@ -336,26 +372,73 @@ impl Client {
             transport,
             tls,
             addr,
+            root,
             format: connection.format,
         })
     }
 
-    fn unary<Req: prost::Message, Resp: prost::Message + Default>(
+    /// One unary call, retried while the managers elect a leader.
+    ///
+    /// # Errors
+    /// The manager's refusal, described with a hint.
+    pub(crate) fn unary<Req: prost::Message, Resp: prost::Message + Default>(
         &self,
         method: &str,
         request: &Req,
     ) -> Result<Resp, String> {
+        self.unary_retrying(method, request, 0)
+    }
+
+    /// As [`Self::unary`], for a request that is safe to repeat (a create carrying its
+    /// object id): also retried, up to [`UNKNOWN_OUTCOME_RETRIES_MAX`] times, when the
+    /// outcome is unknown (a forward or proposal that timed out, a leader that died after
+    /// receiving it).
+    ///
+    /// # Errors
+    /// The manager's refusal, described with a hint.
+    pub(crate) fn unary_idempotent<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, String> {
+        self.unary_retrying(method, request, UNKNOWN_OUTCOME_RETRIES_MAX)
+    }
+
+    fn unary_retrying<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+        unknown_outcome_retries_max: u32,
+    ) -> Result<Resp, String> {
         let channel = self.transport.channel(&self.addr, &self.tls);
-        let mut attempt = 0;
+        let (mut elections, mut unknown_outcomes) = (0, 0);
         loop {
-            match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
-                Err(status) if is_election(&status) && attempt < LEADER_RETRIES_MAX => {
-                    attempt += 1;
-                    std::thread::sleep(LEADER_RETRY_WAIT);
-                }
-                other => return other.map_err(|s| describe(&self.addr, &s)),
+            let status = match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
+                Err(status) => status,
+                Ok(reply) => return Ok(reply),
+            };
+            let retry = if is_election(&status) && elections < LEADER_RETRIES_MAX {
+                elections += 1;
+                true
+            } else if matches!(status.code, Code::Unavailable | Code::DeadlineExceeded)
+                && unknown_outcomes < unknown_outcome_retries_max
+            {
+                unknown_outcomes += 1;
+                true
+            } else {
+                false
+            };
+            if !retry {
+                return Err(describe(&self.addr, &status));
             }
+            log::debug!("{method}: {status}; retrying");
+            std::thread::sleep(LEADER_RETRY_WAIT);
         }
+    }
+
+    /// Describes a refusal from `addr` with a hint.
+    pub(crate) fn describe(addr: &str, status: &Status) -> String {
+        describe(addr, status)
     }
 
     fn list<Req: prost::Message, Chunk: prost::Message + Default, T>(
@@ -386,7 +469,7 @@ impl Client {
         }
     }
 
-    fn print_json(&self, value: &Json) {
+    pub(crate) fn print_json(&self, value: &Json) {
         println!("{value}");
     }
 }
@@ -707,9 +790,14 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
                 ..Default::default()
             };
             apply_flags(&mut spec, &flags)?;
-            let reply: pb::ServiceResponse = client.unary(
+            // The id is chosen here, once: every retry sends the same request, so a retry
+            // after an unknown outcome answers with the service the first attempt made.
+            let reply: pb::ServiceResponse = client.unary_idempotent(
                 api::CREATE_SERVICE,
-                &pb::CreateServiceRequest { spec: Some(spec) },
+                &pb::CreateServiceRequest {
+                    spec: Some(spec),
+                    id: api::new_object_id(),
+                },
             )?;
             let service = reply.service.unwrap_or_default();
             match client.format {
@@ -1049,6 +1137,12 @@ pub enum ControlCommand {
         /// Replace it first.
         rotate: bool,
     },
+    /// `manager …`
+    Manager(super::ManagerCommand),
+    /// `admin-cert …`
+    AdminCert(super::admin::AdminCertCommand),
+    /// `watch …`
+    Watch(super::watch::WatchArgs),
 }
 
 /// Runs one control command through the manager `connection` names.
@@ -1063,6 +1157,9 @@ pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), Strin
         ControlCommand::Task(command) => task_command(&client, command),
         ControlCommand::Cluster(command) => cluster_command(&client, command),
         ControlCommand::JoinToken { role, rotate } => join_token_command(&client, role, rotate),
+        ControlCommand::Manager(command) => super::managers::run(&client, command),
+        ControlCommand::AdminCert(command) => super::admin::run(&client, command),
+        ControlCommand::Watch(args) => super::watch::run(&client, &args),
     };
     client.transport.shutdown();
     result

@@ -62,6 +62,44 @@ impl Json {
     }
 }
 
+impl Json {
+    /// The value on one line, without spaces: for streams of one document per line.
+    pub fn to_line(&self) -> String {
+        let mut out = String::new();
+        self.write_line(&mut out)
+            .expect("writing to a String cannot fail");
+        out
+    }
+
+    fn write_line(&self, out: &mut String) -> fmt::Result {
+        match self {
+            Json::Arr(items) => {
+                out.write_str("[")?;
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.write_str(",")?;
+                    }
+                    item.write_line(out)?;
+                }
+                out.write_str("]")
+            }
+            Json::Obj(fields) => {
+                out.write_str("{")?;
+                for (i, (key, value)) in fields.iter().enumerate() {
+                    if i > 0 {
+                        out.write_str(",")?;
+                    }
+                    write_string(out, key)?;
+                    out.write_str(":")?;
+                    value.write_line(out)?;
+                }
+                out.write_str("}")
+            }
+            scalar => scalar.write(out, 0),
+        }
+    }
+}
+
 impl fmt::Display for Json {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut out = String::new();
@@ -367,9 +405,38 @@ pub fn cluster(cluster: &Cluster) -> Json {
     obj(fields)
 }
 
+/// A network as JSON.
+pub fn network(network: &crate::proto::objects::Network) -> Json {
+    let spec = network.spec.clone().unwrap_or_default();
+    let mut fields = vec![("id", s(&network.id))];
+    fields.extend(meta(network.meta.as_ref()));
+    fields.push((
+        "spec",
+        obj(vec![
+            ("name", s(&spec.name)),
+            ("labels", map(&spec.labels)),
+            ("driver", s(&spec.driver)),
+            ("subnet", s(&spec.subnet)),
+            ("internal", Json::Bool(spec.internal)),
+            ("attachable", Json::Bool(spec.attachable)),
+        ]),
+    ));
+    obj(fields)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_line_form_has_no_whitespace_between_tokens() {
+        let value = obj(vec![
+            ("a", s("x y")),
+            ("b", Json::Arr(vec![n(1), Json::Null, Json::Bool(true)])),
+            ("c", Json::Obj(vec![])),
+        ]);
+        assert_eq!(value.to_line(), r#"{"a":"x y","b":[1,null,true],"c":{}}"#);
+    }
 
     #[test]
     fn strings_are_escaped_and_nesting_is_indented() {

@@ -9,9 +9,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod admin;
 pub mod control;
 pub mod json;
 mod managers;
+pub mod watch;
 
 use crate::ca::{JoinTokens, Role};
 use crate::manager::{self, Manager, Settings, StateDir};
@@ -87,11 +89,11 @@ pub enum Command {
         #[arg(long)]
         state_dir: PathBuf,
     },
-    /// Inspect and change the managers (the Raft group), through the local manager.
+    /// Inspect and change the managers (the Raft group).
     Manager {
-        /// The local manager's state directory.
-        #[arg(long, default_value = UP_STATE_DIR_DEFAULT, global = true)]
-        state_dir: PathBuf,
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
         /// What to do.
         #[command(subcommand)]
         command: ManagerCommand,
@@ -143,6 +145,25 @@ pub enum Command {
         /// Replace the token first (the old one stops working; the other role's stays).
         #[arg(long)]
         rotate: bool,
+    },
+    /// Admin certificates: client certificates for operating the cluster remotely.
+    AdminCert {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: admin::AdminCertCommand,
+    },
+    /// Stream changes to the cluster's objects until interrupted (Ctrl-C), following
+    /// leader changes and manager failures without a gap or a duplicate.
+    Watch {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// Which changes.
+        #[command(flatten)]
+        filter: watch::WatchArgs,
     },
 }
 
@@ -220,9 +241,10 @@ fn execute(command: Command) -> Result<(), String> {
             serve(&dir)
         }
         Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
-        Command::Manager { state_dir, command } => {
-            managers::run(&StateDir::new(state_dir), command)
-        }
+        Command::Manager {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Manager(command)),
         Command::Service {
             connection,
             command,
@@ -247,6 +269,13 @@ fn execute(command: Command) -> Result<(), String> {
             &connection,
             control::ControlCommand::JoinToken { role, rotate },
         ),
+        Command::AdminCert {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::AdminCert(command)),
+        Command::Watch { connection, filter } => {
+            control::run(&connection, control::ControlCommand::Watch(filter))
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
 use crate::proto::objects::{
     Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
-    NodeStatus, Service, Transaction,
+    NodeStatus, Service, ServiceSpec, Transaction,
 };
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
 use crate::store::{Kind, TXN_CHANGES_MAX, create, delete, update_expecting};
@@ -74,6 +74,7 @@ pub(super) fn execute(
         super::REPORT_MANAGER => report_manager(api, caller, decode(payload)?).map(|r| encode(&r)),
         super::UPDATE_CLUSTER => update_cluster(api, decode(payload)?).map(|r| encode(&r)),
         super::ROTATE_JOIN_TOKEN => rotate_join_token(api, decode(payload)?).map(|r| encode(&r)),
+        super::admin::ISSUE_ADMIN_CERTIFICATE => super::admin::issue_here(api, caller, payload),
         other => Err(Status::new(
             Code::Unimplemented,
             format!("{other} is not a control write"),
@@ -109,6 +110,40 @@ fn written<T: crate::store::Record>(api: &ControlApi, id: &str) -> Result<Arc<T>
         .ok_or_else(|| Status::not_found(format!("{id} was removed right after it was written")))
 }
 
+/// Whether `id` has the form of the ids this module generates (a client may choose one).
+fn is_object_id(id: &str) -> bool {
+    id.len() == OBJECT_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+}
+
+/// A create whose id exists: the same request again (its first attempt committed) when the
+/// spec is identical, else a refusal that says why.
+fn create_again(existing: &Service, spec: &ServiceSpec) -> Result<pb::ServiceResponse, Status> {
+    if existing.spec.as_ref() == Some(spec) {
+        log::info!(
+            "control.CreateService: service {} already created by this request; answering \
+             with it",
+            existing.id
+        );
+        return Ok(pb::ServiceResponse {
+            service: Some(existing.clone()),
+        });
+    }
+    Err(Status::new(
+        Code::AlreadyExists,
+        format!(
+            "service {} already exists with another spec (it was changed since, or the id was \
+             reused); create with a new id, or change it with `flotilla service update {}`",
+            existing.id, existing.id
+        ),
+    ))
+}
+
+/// Creates a service. Idempotent per request: the client may choose the id once and send
+/// the same request again after an unknown outcome; the retry answers with the service the
+/// first attempt made (identical spec) instead of failing on its own name.
 fn create_service(
     api: &ControlApi,
     request: pb::CreateServiceRequest,
@@ -117,13 +152,37 @@ fn create_service(
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+    let id = if request.id.is_empty() {
+        new_object_id()
+    } else if is_object_id(&request.id) {
+        request.id
+    } else {
+        return Err(Status::invalid_argument(format!(
+            "id: {:?} is not an object id ({OBJECT_ID_CHARS} lowercase letters and digits); \
+             leave it empty to have one chosen",
+            request.id
+        )));
+    };
+    if let Some(existing) = api.store.get::<Service>(&id) {
+        return create_again(&existing, &spec);
+    }
     let service = Service {
-        id: new_object_id(),
-        spec: Some(spec),
+        id: id.clone(),
+        spec: Some(spec.clone()),
         ..Default::default()
     };
-    let id = service.id.clone();
-    propose(api, vec![create(service)])?;
+    match propose(api, vec![create(service)]) {
+        Ok(_) => {}
+        // A concurrent attempt of the same request (a retry racing its first attempt)
+        // committed first: answer as that attempt would.
+        Err(status) if status.code == Code::AlreadyExists => {
+            return match api.store.get::<Service>(&id) {
+                Some(existing) => create_again(&existing, &spec),
+                None => Err(status),
+            };
+        }
+        Err(status) => return Err(status),
+    }
     Ok(pb::ServiceResponse {
         service: Some(written::<Service>(api, &id)?.as_ref().clone()),
     })

@@ -56,14 +56,14 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         LIST_MANAGERS,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, _: pb::ListManagersRequest| leader_status(&a),
     );
     let a = api.clone();
     router.unary(
         REMOVE_MANAGER,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::RemoveManagerRequest| {
             let _: raftpb::RemoveMemberResponse = a.call_leader(
@@ -79,7 +79,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         TRANSFER_LEADERSHIP_TO,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::TransferLeadershipRequest| {
             let _: raftpb::TransferLeadershipResponse = a.call_leader(

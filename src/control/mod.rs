@@ -17,6 +17,9 @@
 //!   listings stream in chunks of at most [`LIST_CHUNK_BYTES_MAX`] bytes.
 //! - [`WATCH`] streams store events from a thread per watch ([`watch`]).
 //! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
+//! - [`admin`] issues admin certificates (OU `admin`) from a CSR.
+//! - Who may call: operators, that is managers and admin certificates ([`Allow::OPERATORS`]);
+//!   never workers. [`FORWARD`] and [`REPORT_MANAGER`] are for managers only.
 //! - [`duties`] runs one thread per manager that records the manager as a Node object,
 //!   creates the Cluster object on a new leader and keeps the CA's join tokens and the
 //!   `join-tokens` file in sync with the replicated Cluster object.
@@ -24,6 +27,7 @@
 //! This module must never change the store except through a proposed transaction, nor
 //! trust an identity that did not come from a certificate or a manager's forward.
 
+pub mod admin;
 pub mod duties;
 mod handlers;
 pub mod managers;
@@ -86,7 +90,8 @@ pub const ROTATE_JOIN_TOKEN: &str = "control.RotateJoinToken";
 /// Streams store events.
 pub const WATCH: &str = "control.Watch";
 
-/// The write methods: run on the leader, forwarded by followers.
+/// The write methods: run on the leader, forwarded by followers. (Also forwarded:
+/// [`admin::ISSUE_ADMIN_CERTIFICATE`], by a manager without the CA key.)
 pub const WRITE_METHODS: [&str; 8] = [
     CREATE_SERVICE,
     UPDATE_SERVICE,
@@ -97,6 +102,11 @@ pub const WRITE_METHODS: [&str; 8] = [
     UPDATE_CLUSTER,
     ROTATE_JOIN_TOKEN,
 ];
+
+/// Whether a follower may forward `method` to the leader.
+fn is_forwardable(method: &str) -> bool {
+    WRITE_METHODS.contains(&method) || method == admin::ISSUE_ADMIN_CERTIFICATE
+}
 
 /// Deadline of a write's proposal, and of a forward to the leader.
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -134,11 +144,29 @@ impl Caller {
     }
 }
 
+/// The coarse proto role of a forwarded caller: an admin is no manager.
 fn role_to_proto(role: Role) -> NodeRole {
     match role {
         Role::Manager => NodeRole::Manager,
-        Role::Worker => NodeRole::Worker,
+        Role::Worker | Role::Admin => NodeRole::Worker,
     }
+}
+
+/// The forwarded caller's role: its certificate's OU when sent, else the coarse enum (which
+/// never grants more than a worker's rights unless it says manager).
+fn forwarded_role(request: &pb::ForwardRequest) -> Result<Role, Status> {
+    if !request.caller_role_name.is_empty() {
+        return request.caller_role_name.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "caller_role_name: unknown role {:?}",
+                request.caller_role_name
+            ))
+        });
+    }
+    Ok(match NodeRole::try_from(request.caller_role) {
+        Ok(NodeRole::Manager) => Role::Manager,
+        _ => Role::Worker,
+    })
 }
 
 /// The control API of one manager: shared by its handlers, the watch threads and the
@@ -213,6 +241,7 @@ impl ControlApi {
             payload,
             caller_node_id: caller.node_id.clone(),
             caller_role: role_to_proto(caller.role) as i32,
+            caller_role_name: caller.role.as_str().to_string(),
         };
         let response: pb::ForwardResponse = self
             .transport
@@ -220,8 +249,8 @@ impl ControlApi {
             .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))
             .map_err(|status| match status.code {
                 // Most often the leader just died and the election is not over: the caller
-                // may retry (a write whose reply was lost may have happened; a retried
-                // create then finds its name taken).
+                // may retry (a write whose reply was lost may have happened; a create that
+                // carries its id answers the retry with what the first attempt made).
                 Code::Unavailable => Status::unavailable(format!(
                     "leader {leader_addr} is unreachable ({}); retry in a moment",
                     status.message
@@ -250,7 +279,7 @@ fn serve_forward(
             "only a manager may forward a call with another node's identity",
         ));
     }
-    if !WRITE_METHODS.contains(&request.method.as_str()) {
+    if !is_forwardable(&request.method) {
         return Err(Status::invalid_argument(format!(
             "{} cannot be forwarded: only control writes are",
             request.method
@@ -273,13 +302,23 @@ fn serve_forward(
         return Err(error.to_status());
     }
     let caller = Caller {
+        role: forwarded_role(&request)?,
         node_id: request.caller_node_id,
-        role: match NodeRole::try_from(request.caller_role) {
-            Ok(NodeRole::Manager) => Role::Manager,
-            _ => Role::Worker,
-        },
         forwarded_by: Some(forwarder.node_id),
     };
+    // The follower checked the caller against the method's allow-list; check again here,
+    // so that no path runs a control write for a worker.
+    let allowed = match caller.role {
+        Role::Manager => true,
+        Role::Admin => request.method != REPORT_MANAGER,
+        Role::Worker => false,
+    };
+    if !allowed {
+        return Err(Status::permission_denied(format!(
+            "{} may not be called by node {} with role {}",
+            request.method, caller.node_id, caller.role
+        )));
+    }
     handlers::execute(api, &caller, &request.method, request.payload)
         .map(|payload| pb::ForwardResponse { payload })
 }
@@ -293,8 +332,14 @@ fn register_write<Req, Resp>(
     Req: Message + Default + 'static,
     Resp: Message + Default + 'static,
 {
+    // A manager reports only itself; every other write is for operators.
+    let allow = if method == REPORT_MANAGER {
+        Allow::MANAGERS
+    } else {
+        Allow::OPERATORS
+    };
     let api = api.clone();
-    router.unary(method, Allow::MANAGERS, pool, move |ctx, request: Req| {
+    router.unary(method, allow, pool, move |ctx, request: Req| {
         let caller = Caller::from_peer(ctx.peer())?;
         let reply = api.write(&caller, method, Bytes::from(request.encode_to_vec()))?;
         Resp::decode(reply).map_err(|e| Status::internal(format!("undecodable reply: {e}")))
@@ -348,4 +393,5 @@ pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) 
     reads::register(router, pool, api);
     watch::register(router, pool, api);
     managers::register(router, pool, api);
+    admin::register(router, pool, api);
 }

@@ -143,7 +143,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         super::GET_SERVICE,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::GetServiceRequest| {
             a.read_barrier()?;
@@ -158,7 +158,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.server_stream(
         super::LIST_SERVICES,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, _: pb::ListServicesRequest, stream| {
             a.read_barrier()?;
@@ -169,7 +169,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         super::GET_NODE,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::GetNodeRequest| {
             a.read_barrier()?;
@@ -184,7 +184,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.server_stream(
         super::LIST_NODES,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, _: pb::ListNodesRequest, stream| {
             a.read_barrier()?;
@@ -200,7 +200,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         super::GET_TASK,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::GetTaskRequest| {
             a.read_barrier()?;
@@ -215,7 +215,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.server_stream(
         super::LIST_TASKS,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::ListTasksRequest, stream| {
             a.read_barrier()?;
@@ -240,7 +240,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         super::GET_CLUSTER,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, _: pb::GetClusterRequest| {
             a.read_barrier()?;
@@ -253,7 +253,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.unary(
         super::GET_JOIN_TOKENS,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, _: pb::GetJoinTokensRequest| {
             a.read_barrier()?;

@@ -95,7 +95,18 @@ fn pump(
                     return None;
                 }
             }
-            Ok(WatchEvent::Commit { .. }) | Err(WatchError::Timeout) => {}
+            // Only a watch that asked for commit markers receives them.
+            Ok(WatchEvent::Commit { version }) => {
+                let commit = pb::WatchMessage {
+                    version,
+                    action: pb::WatchAction::Commit as i32,
+                    ..Default::default()
+                };
+                if stream.send(&commit).is_err() {
+                    return None;
+                }
+            }
+            Err(WatchError::Timeout) => {}
             Ok(WatchEvent::Dropped(reason)) => {
                 let error = WatchError::Dropped(reason);
                 return Some(Status::new(error.code(), error.to_string()));
@@ -115,7 +126,8 @@ fn start_watch(
         .iter()
         .map(filter_from_proto)
         .collect::<Result<Vec<_>, _>>()?;
-    let options = WatchOptions::filtered(filters);
+    let mut options = WatchOptions::filtered(filters);
+    options.include_commits = request.include_commits;
     let (start_version, watcher) = if request.resume {
         let watcher = api
             .store
@@ -157,7 +169,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.server_stream(
         super::WATCH,
-        Allow::MANAGERS,
+        Allow::OPERATORS,
         pool,
         move |_, request: pb::WatchRequest, stream| start_watch(&a, &request, stream),
     );

@@ -30,20 +30,32 @@ use crate::wire::Status;
 pub struct Allow {
     managers: bool,
     workers: bool,
+    admins: bool,
     anonymous: bool,
 }
 
 impl Allow {
-    /// Managers only (Raft, control API, forwarding).
+    /// Managers only (Raft, kv, forwarding with another caller's identity, a manager's
+    /// report about itself).
     pub const MANAGERS: Self = Self {
         managers: true,
         workers: false,
+        admins: false,
         anonymous: false,
     };
-    /// Any node with a cluster certificate (dispatcher sessions, certificate renewal).
+    /// Operators: managers and holders of an admin certificate (the control API).
+    pub const OPERATORS: Self = Self {
+        managers: true,
+        workers: false,
+        admins: true,
+        anonymous: false,
+    };
+    /// Any node with a cluster certificate (dispatcher sessions, certificate renewal); not
+    /// admin certificates, which are not nodes.
     pub const NODES: Self = Self {
         managers: true,
         workers: true,
+        admins: false,
         anonymous: false,
     };
     /// Anyone, even without a certificate: only the CA bootstrap methods (fetch the root
@@ -51,6 +63,7 @@ impl Allow {
     pub const ANYONE: Self = Self {
         managers: true,
         workers: true,
+        admins: true,
         anonymous: true,
     };
 
@@ -64,6 +77,7 @@ impl Allow {
             None => self.anonymous,
             Some(Role::Manager) => self.managers,
             Some(Role::Worker) => self.workers,
+            Some(Role::Admin) => self.admins,
         };
         match (allowed, identity) {
             (true, _) => Ok(()),
@@ -736,5 +750,37 @@ fn serve_jobs(jobs: &Receiver<Job>, stop: &Receiver<()>) {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(role: Role) -> PeerIdentity {
+        PeerIdentity {
+            node_id: "n1".into(),
+            role,
+            cluster_id: "c1".into(),
+        }
+    }
+
+    #[test]
+    fn admins_are_operators_and_nothing_else() {
+        let admin = identity(Role::Admin);
+        assert!(Allow::OPERATORS.check("m", Some(&admin)).is_ok());
+        assert!(Allow::ANYONE.check("m", Some(&admin)).is_ok());
+        for allow in [Allow::MANAGERS, Allow::NODES] {
+            let refusal = allow.check("m", Some(&admin)).unwrap_err();
+            assert_eq!(refusal.code, crate::wire::Code::PermissionDenied);
+        }
+        let worker = identity(Role::Worker);
+        assert!(Allow::OPERATORS.check("m", Some(&worker)).is_err());
+        assert!(Allow::NODES.check("m", Some(&worker)).is_ok());
+        let manager = identity(Role::Manager);
+        for allow in [Allow::MANAGERS, Allow::OPERATORS, Allow::NODES] {
+            assert!(allow.check("m", Some(&manager)).is_ok());
+        }
+        assert!(Allow::OPERATORS.check("m", None).is_err());
     }
 }

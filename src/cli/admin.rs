@@ -1,0 +1,136 @@
+//! `flotilla admin-cert issue --out DIR`: gets an admin certificate (OU `admin`) for
+//! operating the cluster from another host. The key pair is generated here and only the
+//! CSR goes to the manager; the private key is written to DIR (0600) and nowhere else.
+//!
+//! Must never send or print a private key, nor overwrite an identity already in DIR.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use clap::Subcommand;
+
+use super::control::{Client, Format, parse_duration_ms};
+use super::json::Json;
+use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
+use crate::control::admin::ISSUE_ADMIN_CERTIFICATE;
+use crate::proto::control as pb;
+
+/// Lifetime of an admin certificate unless `--validity` says otherwise.
+pub const ADMIN_CERT_VALIDITY_DEFAULT: &str = "30d";
+
+/// `flotilla admin-cert …`
+#[derive(Subcommand, Debug)]
+pub enum AdminCertCommand {
+    /// Issue an admin certificate into DIR: then `flotilla COMMAND --cert-dir DIR --manager
+    /// ADDR …` works from any host that can reach a manager.
+    Issue {
+        /// Directory to write the certificate, its key and the cluster root into (created
+        /// 0700; must not hold an identity yet).
+        #[arg(long)]
+        out: PathBuf,
+        /// Who it is for (recorded in the issuing manager's log).
+        #[arg(long, default_value = "")]
+        name: String,
+        /// Lifetime, e.g. `12h`, `30d` (at most 365d).
+        #[arg(long, default_value = ADMIN_CERT_VALIDITY_DEFAULT)]
+        validity: String,
+    },
+}
+
+/// Parses `30d` as well as every unit of [`parse_duration_ms`].
+fn parse_validity_ms(text: &str) -> Result<i64, String> {
+    match text.trim().strip_suffix('d') {
+        Some(days) => days
+            .parse::<i64>()
+            .ok()
+            .and_then(|d| d.checked_mul(86_400_000))
+            .ok_or_else(|| format!("--validity {text:?}: expected a duration such as 30d or 12h")),
+        None => parse_duration_ms("validity", text),
+    }
+}
+
+fn seconds_since_epoch(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Runs one `admin-cert` subcommand through `client`.
+///
+/// # Errors
+/// A message for stderr, with a hint.
+pub(crate) fn run(client: &Client, command: AdminCertCommand) -> Result<(), String> {
+    let AdminCertCommand::Issue {
+        out,
+        name,
+        validity,
+    } = command;
+    let validity_ms = parse_validity_ms(&validity)?;
+    if out.join(NODE_IDENTITY_FILE).exists() {
+        return Err(format!(
+            "{} already holds an identity; choose another --out directory",
+            out.display()
+        ));
+    }
+    let pending = PendingIdentity::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+    let reply: pb::IssueAdminCertificateResponse = client.unary(
+        ISSUE_ADMIN_CERTIFICATE,
+        &pb::IssueAdminCertificateRequest {
+            csr_der: pending.csr_der().to_vec().into(),
+            validity_ms,
+            name,
+        },
+    )?;
+    let root = RootCert::from_bytes(&reply.root_cert_der)
+        .map_err(|e| format!("the manager sent an unusable root certificate: {e}"))?;
+    if root.der() != client.root.der() {
+        return Err(
+            "the manager answered with another cluster's root certificate; refusing it".into(),
+        );
+    }
+    let identity = pending
+        .complete(&reply.cert_der, &root, SystemTime::now())
+        .map_err(|e| format!("the manager issued an unusable certificate: {e}"))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&out)
+        .map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    save_node_files(&out, &identity, &root).map_err(|e| e.to_string())?;
+    let expires = seconds_since_epoch(identity.not_after());
+    match client.format {
+        Format::Json => client.print_json(&Json::Obj(vec![
+            ("id".into(), Json::Str(identity.node_id().to_string())),
+            ("role".into(), Json::Str(identity.role().to_string())),
+            ("dir".into(), Json::Str(out.display().to_string())),
+            ("not_after_unix_s".into(), Json::Int(i128::from(expires))),
+        ])),
+        Format::Table => {
+            let days =
+                Duration::from_millis(u64::try_from(validity_ms).unwrap_or(0)).as_secs() / 86_400;
+            println!(
+                "admin certificate {} (valid {days} days) written to {}",
+                identity.node_id(),
+                out.display()
+            );
+            println!(
+                "use it from any host: flotilla service ls --cert-dir {} --manager MANAGER_ADDR",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validity_takes_days_and_other_units() {
+        assert_eq!(parse_validity_ms("30d"), Ok(30 * 86_400_000));
+        assert_eq!(parse_validity_ms("12h"), Ok(12 * 3_600_000));
+        assert!(parse_validity_ms("xd").is_err());
+        assert!(parse_validity_ms("3 weeks").is_err());
+    }
+}

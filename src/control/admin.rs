@@ -1,0 +1,145 @@
+//! `control.IssueAdminCertificate`: a client certificate with OU `admin` for an operator,
+//! signed by the cluster CA from the public key of the caller's CSR (the private key never
+//! leaves the caller).
+//!
+//! Runs where the CA key is: on this manager if it holds it, else forwarded to the leader
+//! (with the caller's identity), which refuses with a hint if it lacks the key too. Must
+//! never issue a node certificate (manager or worker) nor anything longer-lived than
+//! [`ADMIN_CERT_VALIDITY_MAX`].
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use prost::Message;
+
+use super::{Caller, ControlApi};
+use crate::net::{Allow, Router, ServicePool};
+use crate::proto::control as pb;
+use crate::wire::{Code, Status};
+
+/// Issues an admin certificate.
+pub const ISSUE_ADMIN_CERTIFICATE: &str = "control.IssueAdminCertificate";
+/// The longest lifetime an admin certificate may be given (one year): an admin
+/// certificate cannot be revoked, only outlived.
+pub const ADMIN_CERT_VALIDITY_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Characters of the `name` an admin certificate is issued for (logged only).
+pub const ADMIN_NAME_CHARS_MAX: usize = 64;
+
+fn check_request(request: &pb::IssueAdminCertificateRequest) -> Result<Duration, Status> {
+    let validity_ms = u64::try_from(request.validity_ms)
+        .ok()
+        .filter(|ms| *ms > 0)
+        .ok_or_else(|| Status::invalid_argument("validity_ms: must be positive"))?;
+    let validity = Duration::from_millis(validity_ms);
+    if validity > ADMIN_CERT_VALIDITY_MAX {
+        return Err(Status::invalid_argument(format!(
+            "validity_ms: {validity_ms} is beyond the limit of {} days; issue a new \
+             certificate when this one expires",
+            ADMIN_CERT_VALIDITY_MAX.as_secs() / 86_400
+        )));
+    }
+    if request.name.chars().count() > ADMIN_NAME_CHARS_MAX
+        || request.name.chars().any(char::is_control)
+    {
+        return Err(Status::invalid_argument(format!(
+            "name: at most {ADMIN_NAME_CHARS_MAX} printable characters"
+        )));
+    }
+    Ok(validity)
+}
+
+/// Signs the admin certificate with this manager's CA key. The caller checked the role
+/// (an operator); this manager must hold the key.
+///
+/// # Errors
+/// `InvalidArgument` for a bad request or CSR; `FailedPrecondition` when this manager does
+/// not hold the CA key.
+pub(super) fn issue_here(
+    api: &ControlApi,
+    caller: &Caller,
+    payload: Bytes,
+) -> Result<Bytes, Status> {
+    let request = pb::IssueAdminCertificateRequest::decode(payload)
+        .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+    let validity = check_request(&request)?;
+    let ca = api.ca.as_ref().ok_or_else(|| {
+        Status::new(
+            Code::FailedPrecondition,
+            // (Worded without "leader ": the CLI retries such refusals as elections.)
+            "the cluster CA key is neither on this manager nor on the one leading; run \
+             `flotilla admin-cert issue` against the manager that created the cluster (its \
+             state directory has ca/)",
+        )
+    })?;
+    let issued = ca
+        .ca()
+        .issue_admin(&request.csr_der, validity, SystemTime::now())
+        .map_err(crate::ca::rpc::issue_status)?;
+    log::info!(
+        "ca: issued admin certificate {} ({:?}, {} days) at the request of {} ({})",
+        issued.identity.node_id,
+        request.name,
+        validity.as_secs() / 86_400,
+        caller.node_id,
+        caller.role
+    );
+    Ok(Bytes::from(
+        pb::IssueAdminCertificateResponse {
+            cert_der: issued.cert_der.to_vec().into(),
+            root_cert_der: ca.root().der().to_vec().into(),
+        }
+        .encode_to_vec(),
+    ))
+}
+
+/// Serves [`ISSUE_ADMIN_CERTIFICATE`] to operators (managers and admins).
+pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.unary(
+        ISSUE_ADMIN_CERTIFICATE,
+        Allow::OPERATORS,
+        pool,
+        move |ctx, request: pb::IssueAdminCertificateRequest| {
+            let caller = Caller::from_peer(ctx.peer())?;
+            // Checked here too, so a bad request fails before any forward.
+            check_request(&request)?;
+            let payload = Bytes::from(request.encode_to_vec());
+            let reply = if a.ca.is_some() {
+                issue_here(&a, &caller, payload)?
+            } else {
+                a.write(&caller, ISSUE_ADMIN_CERTIFICATE, payload)?
+            };
+            pb::IssueAdminCertificateResponse::decode(reply)
+                .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+        },
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(validity_ms: i64, name: &str) -> pb::IssueAdminCertificateRequest {
+        pb::IssueAdminCertificateRequest {
+            csr_der: Bytes::new(),
+            validity_ms,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn validity_and_name_are_bounded() {
+        assert_eq!(
+            check_request(&request(86_400_000, "ops")).unwrap(),
+            Duration::from_secs(86_400)
+        );
+        assert!(check_request(&request(0, "")).is_err());
+        assert!(check_request(&request(-5, "")).is_err());
+        let too_long = i64::try_from(ADMIN_CERT_VALIDITY_MAX.as_millis()).unwrap() + 1;
+        let refusal = check_request(&request(too_long, "")).unwrap_err();
+        assert!(refusal.message.contains("365 days"), "{refusal}");
+        assert!(check_request(&request(1000, &"x".repeat(65))).is_err());
+        assert!(check_request(&request(1000, "a\nb")).is_err());
+    }
+}
