@@ -869,7 +869,7 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
             updated.id,
             json::role_name(role as i32)
         );
-        Ok(())
+        print_role_hint(client, &updated, role)
     };
     match command {
         NodeCommand::Ls => {
@@ -924,6 +924,45 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
         }
         NodeCommand::Promote { node } => set_role(&node, NodeRole::Manager)?,
         NodeCommand::Demote { node } => set_role(&node, NodeRole::Worker)?,
+    }
+    Ok(())
+}
+
+/// Says how a role change takes effect: a demotion is carried out by the leader, a
+/// promotion of a (stopped) worker by rejoining it with the manager token.
+fn print_role_hint(
+    client: &Client,
+    node: &crate::proto::objects::Node,
+    role: NodeRole,
+) -> Result<(), String> {
+    let is_manager = node.role == NodeRole::Manager as i32;
+    match role {
+        NodeRole::Worker if is_manager => println!(
+            "the leader removes it from the managers as soon as that keeps a quorum; it then \
+             stops (`flotilla manager ls` shows the managers, `flotilla node ls` its role)"
+        ),
+        NodeRole::Manager if !is_manager => {
+            let tokens: pb::JoinTokensResponse =
+                client.unary(api::GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {})?;
+            let token = tokens.tokens.unwrap_or_default().manager;
+            let nodes = client.list(
+                api::LIST_NODES,
+                &pb::ListNodesRequest {},
+                |c: pb::NodeChunk| c.nodes,
+            )?;
+            let manager_addr = nodes
+                .iter()
+                .filter_map(|n| n.manager_status.as_ref())
+                .max_by_key(|m| m.leader)
+                .map_or("MANAGER_ADDR".to_string(), |m| m.addr.clone());
+            println!(
+                "it takes effect when the node rejoins as a manager (workers need the agent, \
+                 which is not available yet): on that node run\n    flotilla join \
+                 --state-dir <its state dir> --listen <its address> --token {token} \
+                 {manager_addr}"
+            );
+        }
+        _ => {}
     }
     Ok(())
 }

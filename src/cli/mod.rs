@@ -294,6 +294,23 @@ fn serve(dir: &StateDir) -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     handle.close();
-    manager.shutdown();
-    fatal.map_or(Ok(()), Err)
+    if fatal.is_none() {
+        manager.shutdown();
+        return Ok(());
+    }
+    match manager.shutdown_after_stop().map_err(|e| e.to_string())? {
+        Some(manager::Stopped::Demoted { node_id }) => {
+            println!(
+                "flotilla: node {node_id} was demoted to worker: it left the managers and its \
+                 manager role stopped. Worker mode arrives with the agent; until then nothing \
+                 runs here. To make it a manager again run `flotilla node promote {node_id}` \
+                 on a manager, then `flotilla join --state-dir {} --token <manager token> \
+                 <manager address>` here.",
+                dir.root().display()
+            );
+            Ok(())
+        }
+        Some(manager::Stopped::Fatal(reason)) => Err(reason),
+        None => Ok(()),
+    }
 }

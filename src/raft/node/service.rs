@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use super::codec::message_from_pb;
 use super::peer::{INSTALL_SNAPSHOT, STEP};
-use super::{Input, NodeError, NodeHandle};
+use super::{Input, NodeError, NodeHandle, NodeStatus};
 use crate::net::{Allow, ClientStream, Router, ServicePool};
 use crate::proto::raft as pb;
 use crate::raft::core::{MembershipChange, MessageBody};
 use crate::raft::storage::LogStore;
+use crate::raft::types::NodeId;
 use crate::util::memory::rss_kib;
 use crate::wire::{Code, Status};
 
@@ -297,21 +298,16 @@ fn remove_member(
             request.raft_id
         )));
     };
-    let voters: Vec<_> = status
-        .members
-        .iter()
-        .filter(|m| m.role != "learner" && m.id != target.id)
-        .collect();
-    let reachable = voters.iter().filter(|m| m.reachable).count();
-    let quorum = voters.len() / 2 + 1;
-    if target.role != "learner" && reachable < quorum && !request.force {
+    if target.role != "learner"
+        && !request.force
+        && let Err(shortfall) = removal_keeps_quorum(&status, target.id)
+    {
         return Err(Status::new(
             Code::FailedPrecondition,
             format!(
-                "removing {:x} would leave {reachable} reachable of {} managers, fewer than \
-                 the {quorum} a quorum needs; bring managers back first, or pass --force",
-                target.id,
-                voters.len()
+                "removing {:x} would leave {} reachable of {} managers, fewer than the {} a \
+                 quorum needs; bring managers back first, or pass --force",
+                target.id, shortfall.reachable, shortfall.voters, shortfall.quorum
             ),
         ));
     }
@@ -323,6 +319,44 @@ fn remove_member(
     })?;
     log::info!("raft {:x}: removed {:x}", node.id(), request.raft_id);
     Ok(pb::RemoveMemberResponse {})
+}
+
+/// Removing a voter would leave too few reachable voters for a quorum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuorumShortfall {
+    /// Reachable voters that would remain.
+    pub reachable: usize,
+    /// Voters that would remain.
+    pub voters: usize,
+    /// The quorum of the remaining voters.
+    pub quorum: usize,
+}
+
+/// Leader only (reachability is the leader's view): checks that the voters other than
+/// `target` keep a quorum of reachable members, so that removing `target` cannot stall the
+/// group. The last voter never passes (no voter would remain).
+///
+/// # Errors
+/// [`QuorumShortfall`] when removing `target` would leave fewer reachable voters than a
+/// quorum of the rest.
+pub fn removal_keeps_quorum(status: &NodeStatus, target: NodeId) -> Result<(), QuorumShortfall> {
+    let remaining: Vec<_> = status
+        .members
+        .iter()
+        .filter(|m| m.role != "learner" && m.id != target)
+        .collect();
+    let shortfall = QuorumShortfall {
+        reachable: remaining
+            .iter()
+            .filter(|m| m.reachable || m.id == status.id)
+            .count(),
+        voters: remaining.len(),
+        quorum: remaining.len() / 2 + 1,
+    };
+    if shortfall.reachable < shortfall.quorum {
+        return Err(shortfall);
+    }
+    Ok(())
 }
 
 fn status(node: &NodeHandle) -> Result<pb::StatusResponse, Status> {
