@@ -8,9 +8,14 @@
 mod procs;
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use flotilla::ca::{load_node_files, tls};
+use flotilla::net::{CallOptions, Transport, TransportConfig};
+use flotilla::proto::raft as rpb;
+use flotilla::wire::Status;
 use procs::cluster::{Cluster, ClusterOptions, ManagerProc, START};
 use procs::{Proc, run_to_end};
 
@@ -104,6 +109,39 @@ fn voters(cluster: &Cluster) -> usize {
         .count()
 }
 
+/// `flotilla join` on a demoted manager's state directory, as a running process.
+fn start_rejoin(manager: &ManagerProc, token: &str, via: &str) -> Proc {
+    let dir = manager.dir.to_str().unwrap();
+    let args = [
+        "join",
+        "--state-dir",
+        dir,
+        "--listen",
+        &manager.addr,
+        "--token",
+        token,
+        via,
+    ];
+    Proc::start(&format!("{}-rejoined", manager.name), &args)
+}
+
+/// Calls `raft.Join` on `leader_addr` with the identity of the state directory `dir`.
+fn raft_join_as(dir: &Path, leader_addr: &str) -> Result<rpb::JoinResponse, Status> {
+    let (identity, root) = load_node_files(&dir.join("node")).unwrap();
+    let transport = Transport::start(TransportConfig::default()).unwrap();
+    let tls = Arc::new(tls::client_config(&identity, &root).unwrap());
+    let reply = transport.channel(leader_addr, &tls).unary(
+        "raft.Join",
+        &rpb::JoinRequest {
+            raft_id: 0x5eed,
+            addr: "127.0.0.1:1".into(),
+        },
+        CallOptions::timeout(CLI),
+    );
+    transport.shutdown();
+    reply
+}
+
 #[test]
 fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     let mut cluster = Cluster::start(3, ClusterOptions::default());
@@ -120,6 +158,7 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     let down = (leader + 1) % 3;
     let live = 3 - leader - down;
     let leader_dir = cluster.managers[leader].dir.clone();
+    let leader_addr = cluster.managers[leader].addr.clone();
     cluster.managers[down].kill();
     let down_addr = cluster.managers[down].addr.clone();
     let deadline = Instant::now() + START;
@@ -137,8 +176,41 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     assert!(output.contains("would lose quorum"), "{output}");
     let output = refused(&leader_dir, &["node", "demote", &ids[leader]]);
     assert!(output.contains("would lose quorum"), "{output}");
+
+    // Demoting the one that is down keeps the quorum: it leaves the group while down, and
+    // learns it was demoted (from its former peers) when it comes back.
+    ok(&leader_dir, &["node", "demote", &ids[down]]);
+    wait_for_output(&leader_dir, &["node", "ls"], |out| {
+        role_in_listing(out, &ids[down]).as_deref() == Some("worker")
+    });
+    assert_eq!(voters(&cluster), 2);
     cluster.managers[down].restart();
+    wait_demoted_exit(&mut cluster.managers[down]);
+
+    // Its certificate still names the manager role, but the leader does not let it back
+    // into the group before a promotion.
+    let error = raft_join_as(&cluster.managers[down].dir, &leader_addr).unwrap_err();
+    assert!(error.message.contains("promote it first"), "{error:?}");
+
+    // Promote: the CLI says how it takes effect; the rejoin restores the manager role of
+    // the same node, with a new Raft member id.
+    let token = ok(&leader_dir, &["join-token", "manager"])
+        .trim()
+        .to_string();
+    let output = ok(&leader_dir, &["node", "promote", &ids[down]]);
+    assert!(
+        output.contains("desired role is now manager")
+            && output.contains("flotilla join")
+            && output.contains(&token),
+        "{output}"
+    );
+    let mut rejoined = start_rejoin(&cluster.managers[down], &token, &leader_addr);
+    rejoined.wait_for("flotilla manager listening", START);
+    cluster.managers[down].proc = Some(rejoined);
     cluster.wait_voters(3, START);
+    wait_for_output(&leader_dir, &["node", "ls"], |out| {
+        role_in_listing(out, &ids[down]).as_deref() == Some("manager")
+    });
 
     // Demoting the leader: leadership moves to another manager first, then it leaves.
     let leader = cluster.leader_index(&client).expect("a leader");
@@ -183,6 +255,7 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     let leader2 = cluster.leader_index(&client).expect("a leader");
     let follower = staying.iter().copied().find(|&i| i != leader2).unwrap();
     let leader_dir = cluster.managers[leader2].dir.clone();
+    let leader_addr = cluster.managers[leader2].addr.clone();
     ok(&leader_dir, &["node", "demote", &ids[follower]]);
     wait_demoted_exit(&mut cluster.managers[follower]);
     cluster.wait_voters(1, START);
@@ -192,43 +265,27 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     let output = refused(&leader_dir, &["node", "demote", &ids[leader2]]);
     assert!(output.contains("last manager"), "{output}");
 
-    // A rejoin before the promotion is refused: the leader would demote it again.
-    let token = ok(&leader_dir, &["join-token", "manager"])
-        .trim()
-        .to_string();
-    let leader_addr = cluster.managers[leader2].addr.clone();
-    let rejoin_args = |m: &ManagerProc| {
-        vec![
-            "join".to_string(),
-            "--state-dir".into(),
-            m.dir.to_str().unwrap().into(),
-            "--listen".into(),
-            m.addr.clone(),
-            "--token".into(),
-            token.clone(),
-            leader_addr.clone(),
-        ]
-    };
-    let args = rejoin_args(&cluster.managers[follower]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (status, output) = run_to_end(&args, START);
+    // A rejoin before the promotion is refused with the command to run first.
+    let mut early = start_rejoin(&cluster.managers[follower], &token, &leader_addr);
+    let status = early.wait_exit(START);
+    let output = early.output();
     assert!(
         !status.success() && output.contains("promote it first"),
         "{output}"
     );
-
-    // Promote: the CLI says how it takes effect; the rejoin restores the manager role of
-    // the same node.
-    let output = ok(&leader_dir, &["node", "promote", &ids[follower]]);
+    // So is a rejoin with a token that is not the manager token.
+    let worker_token = ok(&leader_dir, &["join-token", "worker"])
+        .trim()
+        .to_string();
+    ok(&leader_dir, &["node", "promote", &ids[follower]]);
+    let mut wrong = start_rejoin(&cluster.managers[follower], &worker_token, &leader_addr);
+    let status = wrong.wait_exit(START);
+    let output = wrong.output();
     assert!(
-        output.contains("desired role is now manager")
-            && output.contains("flotilla join")
-            && output.contains(&token),
+        !status.success() && output.contains("worker token"),
         "{output}"
     );
-    let args = rejoin_args(&cluster.managers[follower]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut rejoined = Proc::start("rejoined", &args);
+    let mut rejoined = start_rejoin(&cluster.managers[follower], &token, &leader_addr);
     rejoined.wait_for("flotilla manager listening", START);
     cluster.managers[follower].proc = Some(rejoined);
     cluster.wait_voters(2, START);
@@ -237,7 +294,9 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     });
     let inspect = ok(&leader_dir, &["node", "inspect", &ids[follower]]);
     assert!(
-        inspect.contains("\"desired_role\": \"manager\""),
+        inspect.contains("\"desired_role\": \"manager\"")
+            && inspect.contains("\"role\": \"manager\"")
+            && !inspect.contains("demoted"),
         "{inspect}"
     );
 }
@@ -290,12 +349,14 @@ fn a_lowered_snapshot_interval_applies_live_on_every_manager() {
     let base = client.leader_status(&cluster).expect("a leader").commit;
     let leader = cluster.leader_index(&client).expect("a leader");
     let leader_addr = cluster.managers[leader].addr.clone();
-    for i in 0..30 {
+    // Three intervals' worth: a snapshot still being written when one is due is skipped,
+    // so the writes give every manager several chances.
+    for i in 0..60 {
         client
             .put_at(&leader_addr, &format!("k{i}"), Bytes::from_static(b"v"))
             .unwrap();
     }
-    // At most 20 entries after `base` every manager must have taken a snapshot.
+    // Every manager must have taken a snapshot after `base`.
     for manager in &cluster.managers {
         let deadline = Instant::now() + START;
         while newest_snapshot_index(&manager.dir) <= base {

@@ -196,7 +196,11 @@ fn update_node(
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_node_spec(&spec).map_err(|e| spec_error(&e))?;
-    if spec.desired_role == NodeRole::Worker as i32 {
+    let was_worker = current
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32);
+    if spec.desired_role == NodeRole::Worker as i32 && !was_worker {
         refuse_unsafe_demotion(api, &current)?;
     }
     let mut node = current.as_ref().clone();
@@ -208,7 +212,8 @@ fn update_node(
 }
 
 /// A demotion that would cost the managers their quorum (or their last member) is refused
-/// up front; one that becomes unsafe later waits in the role reconciler.
+/// up front, counting the demotions already pending; one that becomes unsafe later waits in
+/// the role reconciler.
 fn refuse_unsafe_demotion(api: &ControlApi, node: &Node) -> Result<(), Status> {
     let Some(raft_id) = node.manager_status.as_ref().map(|m| m.raft_id) else {
         return Ok(());
@@ -223,18 +228,25 @@ fn refuse_unsafe_demotion(api: &ControlApi, node: &Node) -> Result<(), Status> {
     if !status.members.iter().any(|m| m.id == raft_id) {
         return Ok(());
     }
+    let mut leaving = super::roles::demoting_raft_ids(&api.store);
+    leaving.push(raft_id);
     let refuse = |message: String| Err(Status::new(Code::FailedPrecondition, message));
-    match crate::raft::node::service::removal_keeps_quorum(&status, raft_id) {
+    match crate::raft::node::service::removal_keeps_quorum(&status, &leaving) {
         Ok(()) => Ok(()),
         Err(shortfall) if shortfall.voters == 0 => refuse(format!(
-            "can't demote node {}: it is the last manager; join another manager first \
+            "can't demote node {}: it is the last manager{}; join another manager first \
              (`flotilla join-token manager` prints the token)",
-            node.id
+            node.id,
+            if leaving.len() > 1 {
+                " not already being demoted"
+            } else {
+                ""
+            }
         )),
         Err(shortfall) => refuse(format!(
-            "can't demote node {}: would lose quorum: {} of the {} remaining managers are \
-             reachable and a quorum needs {}; bring managers back first (`flotilla manager \
-             ls` shows them)",
+            "can't demote node {}: would lose quorum: {} of the {} managers that would remain \
+             are reachable and a quorum needs {}; bring managers back first (`flotilla \
+             manager ls` shows them)",
             node.id, shortfall.reachable, shortfall.voters, shortfall.quorum
         )),
     }

@@ -33,7 +33,7 @@ use crate::proto::objects::{Node, NodeRole, NodeState, Transaction};
 use crate::raft::core::MembershipChange;
 use crate::raft::node::service::removal_keeps_quorum;
 use crate::raft::node::{NodeError, NodeStatus};
-use crate::store::update_expecting;
+use crate::store::{Store, update_expecting};
 
 /// How long the leader waits for the Raft status or a leadership transfer in one pass.
 pub const ROLE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -111,6 +111,16 @@ pub fn reconcile(api: &ControlApi, demotions: &mut Demotions) {
     }
 }
 
+/// The Raft ids of every manager whose demotion is pending.
+pub fn demoting_raft_ids(store: &Store) -> Vec<u64> {
+    store
+        .list::<Node>()
+        .iter()
+        .filter(|n| is_demotion(n))
+        .filter_map(|n| n.manager_status.as_ref().map(|m| m.raft_id))
+        .collect()
+}
+
 /// A manager whose desired role is worker.
 fn is_demotion(node: &Node) -> bool {
     node.role == NodeRole::Manager as i32
@@ -138,7 +148,7 @@ fn demote_step(
         return hand_leadership_over(api, status);
     }
     if member.role != "learner"
-        && let Err(shortfall) = removal_keeps_quorum(status, raft_id)
+        && let Err(shortfall) = removal_keeps_quorum(status, &[raft_id])
     {
         return Step::Wait(format!(
             "would lose quorum: {} of the {} remaining managers are reachable and a quorum \
@@ -175,13 +185,7 @@ fn demote_step(
 /// This leader is being demoted: hands leadership to the staying manager with the
 /// highest match index among the reachable ones.
 fn hand_leadership_over(api: &ControlApi, status: &NodeStatus) -> Step {
-    let leaving: Vec<u64> = api
-        .store
-        .list::<Node>()
-        .iter()
-        .filter(|n| is_demotion(n))
-        .filter_map(|n| n.manager_status.as_ref().map(|m| m.raft_id))
-        .collect();
+    let leaving = demoting_raft_ids(&api.store);
     let target = status
         .members
         .iter()
@@ -207,6 +211,27 @@ fn hand_leadership_over(api: &ControlApi, status: &NodeStatus) -> Step {
     }
 }
 
+/// The `raft.Join` rule: a node demoted to worker (desired role worker in `store`) may not
+/// come back as a new Raft member until it is promoted, even though its certificate still
+/// names the manager role.
+///
+/// # Errors
+/// The reason, with the command that lifts it.
+pub fn join_allowed(store: &Store, node_id: &str) -> Result<(), String> {
+    let wants_worker = store.get::<Node>(node_id).is_some_and(|node| {
+        node.spec
+            .as_ref()
+            .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
+    });
+    if wants_worker {
+        return Err(format!(
+            "node {node_id} was demoted to worker; promote it first (`flotilla node promote \
+             {node_id}`), then rejoin with the manager token"
+        ));
+    }
+    Ok(())
+}
+
 /// Records role worker on the Node (read again: the version must be current).
 fn record_worker(api: &ControlApi, node: &Node) -> Step {
     let Some(current) = api.store.get::<Node>(&node.id) else {
@@ -229,5 +254,93 @@ fn record_worker(api: &ControlApi, node: &Node) -> Step {
             Step::Changed
         }
         Err(status) => Step::Wait(format!("cannot record the worker role yet: {status}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{ManagerStatus, NodeSpec};
+    use crate::raft::node::MemberStatus;
+
+    fn member(id: u64, role: &'static str, reachable: bool) -> MemberStatus {
+        MemberStatus {
+            id,
+            addr: None,
+            role,
+            reachable,
+            last_contact_ms: 0,
+            match_index: 0,
+            problem: None,
+        }
+    }
+
+    fn status(members: Vec<MemberStatus>) -> NodeStatus {
+        NodeStatus {
+            id: 1,
+            leader: Some(1),
+            is_leader: true,
+            members,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn removals_keep_a_reachable_quorum_of_the_remaining_voters() {
+        let three = status(vec![
+            member(1, "leader", true),
+            member(2, "follower", true),
+            member(3, "follower", false),
+        ]);
+        // Removing the unreachable one leaves 2 of 2; removing a reachable one leaves 1 of 2.
+        assert!(removal_keeps_quorum(&three, &[3]).is_ok());
+        let shortfall = removal_keeps_quorum(&three, &[2]).unwrap_err();
+        assert_eq!(
+            (shortfall.reachable, shortfall.voters, shortfall.quorum),
+            (1, 2, 2)
+        );
+        // Two leaving at once: the leader alone is a quorum of one.
+        assert!(removal_keeps_quorum(&three, &[2, 3]).is_ok());
+        // The last voter never goes; learners do not count.
+        let alone = status(vec![member(1, "leader", true), member(4, "learner", true)]);
+        let shortfall = removal_keeps_quorum(&alone, &[1]).unwrap_err();
+        assert_eq!(shortfall.voters, 0);
+        assert!(removal_keeps_quorum(&alone, &[4]).is_ok());
+    }
+
+    fn node(id: &str, role: NodeRole, desired: NodeRole, raft_id: u64) -> Node {
+        Node {
+            id: id.into(),
+            spec: Some(NodeSpec {
+                desired_role: desired as i32,
+                ..Default::default()
+            }),
+            role: role as i32,
+            manager_status: Some(ManagerStatus {
+                raft_id,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pending_demotions_and_the_join_rule_follow_the_desired_role() {
+        let store = Store::new(crate::store::StoreConfig::default());
+        let txn = Transaction {
+            changes: vec![
+                crate::store::create(node("a", NodeRole::Manager, NodeRole::Worker, 10)),
+                crate::store::create(node("b", NodeRole::Manager, NodeRole::Manager, 11)),
+                crate::store::create(node("c", NodeRole::Worker, NodeRole::Worker, 12)),
+            ],
+            timestamp_ms: 1,
+        };
+        store.apply(1, &txn).unwrap();
+        assert_eq!(demoting_raft_ids(&store), vec![10]);
+        let refused = join_allowed(&store, "a").unwrap_err();
+        assert!(refused.contains("flotilla node promote a"), "{refused}");
+        assert!(join_allowed(&store, "c").is_err());
+        assert!(join_allowed(&store, "b").is_ok());
+        assert!(join_allowed(&store, "new-node").is_ok());
     }
 }

@@ -85,6 +85,9 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartErro
     move |source| StartError::Io { what, source }
 }
 
+/// How long a removed manager waits for each former peer it asks whether it was demoted.
+pub const DEMOTION_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Why a manager stopped by itself ([`Manager::shutdown_after_stop`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Stopped {
@@ -105,6 +108,7 @@ pub struct Manager {
     identity: NodeIdentity,
     listen_addr: SocketAddr,
     transport: Arc<Transport>,
+    client_tls: Arc<rustls::ClientConfig>,
     renewer: Option<Renewer>,
     register: Option<super::register::Registrar>,
     raft: Option<RaftNode>,
@@ -200,6 +204,10 @@ impl Manager {
             dir.clone(),
         );
         control::register(&mut router, &control_pool, &control);
+        let store = machine.store.clone();
+        raft.handle().set_join_gate(Arc::new(move |node_id| {
+            control::roles::join_allowed(&store, node_id)
+        }));
         let listen_addr = resolve(&settings.listen_addr)?;
         let server_tls = Arc::new(tls::server_config(&identity, &root)?);
         let router = Arc::new(router);
@@ -249,6 +257,7 @@ impl Manager {
             identity,
             listen_addr,
             transport,
+            client_tls,
             renewer: Some(renewer),
             register,
             raft: Some(raft),
@@ -310,21 +319,50 @@ impl Manager {
         let removed = self.raft().was_removed();
         let (dir, store) = (self.dir.clone(), self.state.store.clone());
         let node_id = self.identity.node_id().to_string();
+        // A manager that was down while it was demoted never applied its demotion: its
+        // former peers know (asked while the transport still runs).
+        let told_by_peers =
+            removed && !wants_worker(&store, &node_id) && self.peers_say_demoted(&node_id);
         self.shutdown();
         let Some(reason) = fatal else {
             return Ok(None);
         };
-        let wants_worker = store.get::<Node>(&node_id).is_some_and(|node| {
-            node.spec
-                .as_ref()
-                .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
-        });
-        if !(removed && wants_worker) {
+        if !(removed && (told_by_peers || wants_worker(&store, &node_id))) {
             return Ok(Some(Stopped::Fatal(reason)));
         }
         dir.mark_demoted(&node_id)?;
         log::info!("node {node_id} was demoted to worker; its manager role stopped");
         Ok(Some(Stopped::Demoted { node_id }))
+    }
+
+    /// Asks the other managers this one knew (one at a time, until one answers) whether
+    /// `node_id` is meant to be a worker.
+    fn peers_say_demoted(&self, node_id: &str) -> bool {
+        use crate::proto::control as pb;
+        let me = self.raft().id();
+        for (raft_id, addr) in self.raft().directory().all() {
+            if raft_id == me {
+                continue;
+            }
+            let reply: Result<pb::NodeResponse, _> =
+                self.transport.channel(&addr, &self.client_tls).unary(
+                    control::GET_NODE,
+                    &pb::GetNodeRequest {
+                        reference: node_id.to_string(),
+                    },
+                    crate::net::CallOptions::timeout(DEMOTION_QUERY_TIMEOUT),
+                );
+            match reply {
+                Ok(reply) => {
+                    return reply
+                        .node
+                        .and_then(|n| n.spec)
+                        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32);
+                }
+                Err(status) => log::debug!("{addr} cannot say whether we were demoted: {status}"),
+            }
+        }
+        false
     }
 
     /// The shutdown barrier, in order: the control duties thread, the registrar and the
@@ -356,6 +394,15 @@ impl Manager {
         }
         log::info!("manager {} stopped", self.identity.node_id());
     }
+}
+
+/// True if `node_id`'s Node object in `store` wants the worker role.
+fn wants_worker(store: &Store, node_id: &str) -> bool {
+    store.get::<Node>(node_id).is_some_and(|node| {
+        node.spec
+            .as_ref()
+            .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
+    })
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, StartError> {

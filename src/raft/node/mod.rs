@@ -209,6 +209,11 @@ impl NodeError {
     }
 }
 
+/// Decides whether the node whose certificate names `node_id` may add a new member to the
+/// group through `raft.Join` (the application's rule; e.g. a manager demoted to worker may
+/// not come back until it is promoted). The error is the reason, shown to the caller.
+pub type JoinGate = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Called once with the outcome of a proposal: the state machine's reply once applied.
 pub type ProposalCallback = Box<dyn FnOnce(Result<Bytes, NodeError>) + Send>;
 /// Called once when a linearizable read may be served (the index is applied locally).
@@ -302,6 +307,8 @@ pub(crate) struct Shared {
     pub(crate) snapshot_interval_entries: AtomicU64,
     /// Set when a peer told this member it was removed from the group.
     pub(crate) removed: AtomicBool,
+    /// The application's rule for `raft.Join` callers, if it set one.
+    pub(crate) join_gate: parking_lot::RwLock<Option<JoinGate>>,
 }
 
 /// A clonable handle to a running node: propose, read, change membership, inspect.
@@ -356,6 +363,11 @@ impl NodeHandle {
     /// stops with [`NodeHandle::fatal`] set).
     pub fn was_removed(&self) -> bool {
         self.shared.removed.load(Ordering::Acquire)
+    }
+
+    /// Sets the rule `raft.Join` applies to the caller before adding a new member.
+    pub fn set_join_gate(&self, gate: JoinGate) {
+        *self.shared.join_gate.write() = Some(gate);
     }
 
     /// Applied entries between automatic snapshots, as currently in force.
@@ -589,6 +601,7 @@ impl RaftNode {
             removed_ids: Mutex::new(Default::default()),
             snapshot_interval_entries: AtomicU64::new(config.snapshot_interval_entries.max(1)),
             removed: AtomicBool::new(false),
+            join_gate: parking_lot::RwLock::new(None),
         });
         let (log, writer_events) = LogHandle::start(store.clone(), &recovered, &config.storage)?;
         let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(RAFT_INPUT_QUEUE_LEN_MAX);

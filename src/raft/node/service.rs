@@ -103,7 +103,7 @@ pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store
         JOIN,
         Allow::MANAGERS,
         &pools.admin,
-        move |_, req: pb::JoinRequest| join(&n, &req),
+        move |ctx, req: pb::JoinRequest| join(&n, ctx.peer().map(|p| p.node_id.as_str()), &req),
     );
     let n = node.clone();
     router.unary(
@@ -225,7 +225,11 @@ fn install_snapshot(
     Ok(pb::InstallSnapshotResponse { received_bytes })
 }
 
-fn join(node: &NodeHandle, request: &pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
+fn join(
+    node: &NodeHandle,
+    caller: Option<&str>,
+    request: &pb::JoinRequest,
+) -> Result<pb::JoinResponse, Status> {
     if request.raft_id == 0 || request.addr.is_empty() {
         return Err(Status::invalid_argument("raft_id and addr are required"));
     }
@@ -234,6 +238,10 @@ fn join(node: &NodeHandle, request: &pb::JoinRequest) -> Result<pb::JoinResponse
         return Err(not_leader(node, status.leader).to_status());
     }
     let known = status.members.iter().any(|m| m.id == request.raft_id);
+    let gate = node.shared().join_gate.read().clone();
+    if !known && let (Some(gate), Some(caller)) = (gate, caller) {
+        gate(caller).map_err(|reason| Status::new(Code::FailedPrecondition, reason))?;
+    }
     if node.directory().addr(request.raft_id).as_deref() != Some(request.addr.as_str()) {
         node.propose_member_addr(request.raft_id, &request.addr, ADMIN_CALL_TIMEOUT)
             .map_err(|e| e.to_status())?;
@@ -300,7 +308,7 @@ fn remove_member(
     };
     if target.role != "learner"
         && !request.force
-        && let Err(shortfall) = removal_keeps_quorum(&status, target.id)
+        && let Err(shortfall) = removal_keeps_quorum(&status, &[target.id])
     {
         return Err(Status::new(
             Code::FailedPrecondition,
@@ -332,18 +340,22 @@ pub struct QuorumShortfall {
     pub quorum: usize,
 }
 
-/// Leader only (reachability is the leader's view): checks that the voters other than
-/// `target` keep a quorum of reachable members, so that removing `target` cannot stall the
-/// group. The last voter never passes (no voter would remain).
+/// Leader only (reachability is the leader's view): checks that the voters outside
+/// `leaving` keep a quorum of reachable members, so that removing every member of
+/// `leaving` cannot stall the group. Removing the last voters never passes (none would
+/// remain).
 ///
 /// # Errors
-/// [`QuorumShortfall`] when removing `target` would leave fewer reachable voters than a
+/// [`QuorumShortfall`] when removing `leaving` would leave fewer reachable voters than a
 /// quorum of the rest.
-pub fn removal_keeps_quorum(status: &NodeStatus, target: NodeId) -> Result<(), QuorumShortfall> {
+pub fn removal_keeps_quorum(
+    status: &NodeStatus,
+    leaving: &[NodeId],
+) -> Result<(), QuorumShortfall> {
     let remaining: Vec<_> = status
         .members
         .iter()
-        .filter(|m| m.role != "learner" && m.id != target)
+        .filter(|m| m.role != "learner" && !leaving.contains(&m.id))
         .collect();
     let shortfall = QuorumShortfall {
         reachable: remaining
