@@ -212,34 +212,28 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
         role_in_listing(out, &ids[down]).as_deref() == Some("manager")
     });
 
-    // Demoting the leader: leadership moves to another manager first, then it leaves.
+    // Three managers, a follower demoted: it leaves the group (2 voters), exits 0 saying
+    // it was demoted, and `node ls` shows it a worker that is down.
     let leader = cluster.leader_index(&client).expect("a leader");
-    let output = ok(
-        &cluster.managers[leader].dir.clone(),
-        &["node", "demote", &ids[leader]],
-    );
+    let follower = (leader + 1) % 3;
+    let leader_dir = cluster.managers[leader].dir.clone();
+    let output = ok(&leader_dir, &["node", "demote", &ids[follower]]);
     assert!(output.contains("desired role is now worker"), "{output}");
-    cluster.managers[leader]
-        .proc()
-        .wait_for("handing leadership to", START);
-    let output = wait_demoted_exit(&mut cluster.managers[leader]);
+    let output = wait_demoted_exit(&mut cluster.managers[follower]);
     assert!(output.contains("flotilla join"), "{output}");
     cluster.wait_voters(2, START);
     assert_eq!(voters(&cluster), 2);
-    let new_leader = cluster.leader_index(&client).expect("a new leader");
-    assert_ne!(new_leader, leader);
-    let staying: Vec<usize> = (0..3).filter(|&i| i != leader).collect();
-    let via = cluster.managers[staying[0]].dir.clone();
-    let listing = wait_for_output(&via, &["node", "ls"], |out| {
-        role_in_listing(out, &ids[leader]).as_deref() == Some("worker")
+    let listing = wait_for_output(&leader_dir, &["node", "ls"], |out| {
+        role_in_listing(out, &ids[follower]).as_deref() == Some("worker")
     });
     assert!(
-        node_row(&listing, &ids[leader]).unwrap().contains("down"),
+        node_row(&listing, &ids[follower]).unwrap().contains("down"),
         "{listing}"
     );
 
-    // Its state directory refuses to run as a manager, with what to do instead.
-    let demoted_dir = cluster.managers[leader].dir.clone();
+    // Its state directory refuses to run as a manager, with what to do instead; its
+    // identity and CA material stay.
+    let demoted_dir = cluster.managers[follower].dir.clone();
     let (status, output) = run_to_end(
         &["run", "--state-dir", demoted_dir.to_str().unwrap()],
         START,
@@ -251,18 +245,23 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     );
     assert!(demoted_dir.join("node").exists() && demoted_dir.join("ca").exists());
 
-    // Demoting a follower of the two: it leaves; then the last manager cannot be demoted.
-    let leader2 = cluster.leader_index(&client).expect("a leader");
-    let follower = staying.iter().copied().find(|&i| i != leader2).unwrap();
-    let leader_dir = cluster.managers[leader2].dir.clone();
-    let leader_addr = cluster.managers[leader2].addr.clone();
-    ok(&leader_dir, &["node", "demote", &ids[follower]]);
-    wait_demoted_exit(&mut cluster.managers[follower]);
+    // Demoting the leader: leadership moves to the other manager first, then it leaves;
+    // the last manager cannot be demoted.
+    let staying = 3 - leader - follower;
+    let output = ok(&leader_dir, &["node", "demote", &ids[leader]]);
+    assert!(output.contains("desired role is now worker"), "{output}");
+    cluster.managers[leader]
+        .proc()
+        .wait_for("handing leadership to", START);
+    wait_demoted_exit(&mut cluster.managers[leader]);
     cluster.wait_voters(1, START);
+    assert_eq!(cluster.leader_index(&client), Some(staying));
+    let leader_dir = cluster.managers[staying].dir.clone();
+    let leader_addr = cluster.managers[staying].addr.clone();
     wait_for_output(&leader_dir, &["node", "ls"], |out| {
-        role_in_listing(out, &ids[follower]).as_deref() == Some("worker")
+        role_in_listing(out, &ids[leader]).as_deref() == Some("worker")
     });
-    let output = refused(&leader_dir, &["node", "demote", &ids[leader2]]);
+    let output = refused(&leader_dir, &["node", "demote", &ids[staying]]);
     assert!(output.contains("last manager"), "{output}");
 
     // A rejoin before the promotion is refused with the command to run first.

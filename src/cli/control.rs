@@ -212,12 +212,15 @@ pub enum NodeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Ask for a node to become a manager (recorded as its desired role).
+    /// Ask for a node to become a manager: a demoted (stopped) worker then rejoins with
+    /// `flotilla join` and the manager token, as the command prints.
     Promote {
         /// Id, unique id prefix or hostname.
         node: String,
     },
-    /// Ask for a manager to become a worker (recorded as its desired role).
+    /// Ask for a manager to become a worker: refused if it would cost the quorum; the
+    /// leader removes it from the managers (handing leadership over first if it leads),
+    /// and it stops.
     Demote {
         /// Id, unique id prefix or hostname.
         node: String,
@@ -250,10 +253,11 @@ pub enum ClusterCommand {
     Inspect,
     /// Change cluster settings.
     Update {
-        /// Agent heartbeat period (e.g. `5s`).
+        /// Agent heartbeat period, 1s to 1h (e.g. `5s`); for the dispatcher.
         #[arg(long)]
         heartbeat_period: Option<String>,
-        /// Raft log entries between snapshots.
+        /// Raft log entries between snapshots, 1 to 10,000,000; applied live by every
+        /// manager whose manager.conf does not pin its own.
         #[arg(long)]
         snapshot_interval: Option<u64>,
         /// Raft entries kept behind a snapshot for slow followers.
@@ -262,7 +266,7 @@ pub enum ClusterCommand {
         /// Old snapshots kept on disk.
         #[arg(long)]
         keep_old_snapshots: Option<u64>,
-        /// Finished tasks kept per slot.
+        /// Finished tasks kept per slot, 0 to 1,000; for the task reaper.
         #[arg(long)]
         task_history_retention: Option<i64>,
         /// Lifetime of node certificates (e.g. `2160h`).

@@ -57,11 +57,14 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
-        /// Applied Raft entries between snapshots (default 10,000).
+        /// Pin this manager's applied Raft entries between snapshots (also the new
+        /// cluster's setting); without it, `cluster update --snapshot-interval` applies.
         #[arg(long)]
         snapshot_interval_entries: Option<u64>,
     },
-    /// Join an existing cluster as a manager, using a manager join token, and run.
+    /// Join an existing cluster as a manager, using a manager join token, and run. On the
+    /// state directory of a node demoted to worker (and promoted since), rejoin as a
+    /// manager with the same node id.
     Join {
         /// Where this manager's state lives (must not hold a node yet).
         #[arg(long)]
@@ -72,7 +75,8 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
-        /// Applied Raft entries between snapshots (default 10,000).
+        /// Pin this manager's applied Raft entries between snapshots; without it, the
+        /// cluster's setting (`cluster update --snapshot-interval`) applies.
         #[arg(long)]
         snapshot_interval_entries: Option<u64>,
         /// The join token (`flotilla join-token manager` on a manager prints it).

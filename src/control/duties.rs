@@ -1,12 +1,16 @@
 //! The control duties thread (`flotilla-control`), one per manager. Every
 //! [`DUTY_INTERVAL`] it:
 //!
+//! - hands the cluster object's snapshot interval to the Raft node when it changed
+//!   (unless `manager.conf` pins this manager's: see [`SelfReport::snapshot_interval_override`]);
 //! - on the leader, creates the Cluster object if it is missing (defaults, the founder's
-//!   join tokens and the root CA digest);
+//!   join tokens, the root CA digest, and the founder's pinned snapshot interval if any);
 //! - records this manager as a Node object (through [`ControlApi::write`], so a follower's
 //!   report is forwarded with its own identity);
 //! - copies the replicated join tokens into this manager's CA service and `join-tokens`
-//!   file when they changed (a rotation on any manager reaches every manager).
+//!   file when they changed (a rotation on any manager reaches every manager);
+//! - on the leader, runs one pass of the role reconciler ([`super::roles`]: demotions),
+//!   which may block the thread for one membership change or leadership transfer.
 //!
 //! Must never block the store or hold a lock across a call.
 
@@ -42,7 +46,9 @@ pub struct SelfReport {
     /// The address other managers reach it on.
     pub addr: String,
     /// `snapshot_interval_entries` from `manager.conf`: when set it pins this manager's
-    /// snapshot interval, and the cluster object's setting is not applied here.
+    /// snapshot interval and the cluster object's setting is not applied here. Without
+    /// it, the cluster object's `snapshot_interval_entries` applies as soon as this
+    /// manager has applied it (the node's default, 10,000, until the object exists).
     pub snapshot_interval_override: Option<u64>,
 }
 

@@ -279,7 +279,10 @@ pub struct Settings {
     pub bootstrap: Bootstrap,
     /// The manager it joined through (asked to add it until it is a member).
     pub join_addr: Option<String>,
-    /// Applied entries between Raft snapshots (`None`: the node's default, 10,000).
+    /// Applied entries between Raft snapshots, pinned for this manager: it then ignores
+    /// the cluster object's setting (and a founder seeds the new cluster object with it).
+    /// `None`: the cluster object's `snapshot_interval_entries` applies, live (10,000
+    /// until the object exists).
     pub snapshot_interval_entries: Option<u64>,
 }
 
