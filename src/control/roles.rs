@@ -211,6 +211,15 @@ fn hand_leadership_over(api: &ControlApi, status: &NodeStatus) -> Step {
     }
 }
 
+/// True if `node_id`'s Node object in `store` wants the worker role.
+pub fn wants_worker(store: &Store, node_id: &str) -> bool {
+    store.get::<Node>(node_id).is_some_and(|node| {
+        node.spec
+            .as_ref()
+            .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
+    })
+}
+
 /// The `raft.Join` rule: a node demoted to worker (desired role worker in `store`) may not
 /// come back as a new Raft member until it is promoted, even though its certificate still
 /// names the manager role.
@@ -218,12 +227,7 @@ fn hand_leadership_over(api: &ControlApi, status: &NodeStatus) -> Step {
 /// # Errors
 /// The reason, with the command that lifts it.
 pub fn join_allowed(store: &Store, node_id: &str) -> Result<(), String> {
-    let wants_worker = store.get::<Node>(node_id).is_some_and(|node| {
-        node.spec
-            .as_ref()
-            .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
-    });
-    if wants_worker {
+    if wants_worker(store, node_id) {
         return Err(format!(
             "node {node_id} was demoted to worker; promote it first (`flotilla node promote \
              {node_id}`), then rejoin with the manager token"

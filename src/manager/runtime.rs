@@ -15,10 +15,11 @@ use crate::ca::{
     load_node_files, tls,
 };
 use crate::control::duties::{Duties, SelfReport};
+use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi};
 use crate::kv::KvStateMachine;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
-use crate::proto::objects::{Node, NodeRole};
+use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
 use crate::store::{Store, StoreConfig};
@@ -394,15 +395,6 @@ impl Manager {
         }
         log::info!("manager {} stopped", self.identity.node_id());
     }
-}
-
-/// True if `node_id`'s Node object in `store` wants the worker role.
-fn wants_worker(store: &Store, node_id: &str) -> bool {
-    store.get::<Node>(node_id).is_some_and(|node| {
-        node.spec
-            .as_ref()
-            .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
-    })
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, StartError> {
