@@ -284,10 +284,12 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
             "zone=a",
         ],
     );
-    ok(&dir, None, &["node", "demote", &node_id]);
+    // The only manager cannot be demoted (tests/roles.rs covers demotions).
+    let out = refused(&dir, None, &["node", "demote", &node_id]);
+    assert!(out.contains("last manager"), "{out}");
     let node = ok(&dir, None, &["node", "inspect", &node_id]);
     assert!(node.contains("\"availability\": \"drain\"") && node.contains("\"zone\": \"a\""));
-    assert!(node.contains("\"desired_role\": \"worker\""), "{node}");
+    assert!(node.contains("\"desired_role\": \"manager\""), "{node}");
     let out = refused(&dir, None, &["node", "rm", &node_id]);
     assert!(out.contains("is a manager"), "{out}");
 

@@ -219,12 +219,15 @@ pub enum NodeCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Ask for a node to become a manager (recorded as its desired role).
+    /// Ask for a node to become a manager: a demoted (stopped) worker then rejoins with
+    /// `flotilla join` and the manager token, as the command prints.
     Promote {
         /// Id, unique id prefix or hostname.
         node: String,
     },
-    /// Ask for a manager to become a worker (recorded as its desired role).
+    /// Ask for a manager to become a worker: refused if it would cost the quorum; the
+    /// leader removes it from the managers (handing leadership over first if it leads),
+    /// and it stops.
     Demote {
         /// Id, unique id prefix or hostname.
         node: String,
@@ -257,10 +260,11 @@ pub enum ClusterCommand {
     Inspect,
     /// Change cluster settings.
     Update {
-        /// Agent heartbeat period (e.g. `5s`).
+        /// Agent heartbeat period, 1s to 1h (e.g. `5s`); for the dispatcher.
         #[arg(long)]
         heartbeat_period: Option<String>,
-        /// Raft log entries between snapshots.
+        /// Raft log entries between snapshots, 1 to 10,000,000; applied live by every
+        /// manager whose manager.conf does not pin its own.
         #[arg(long)]
         snapshot_interval: Option<u64>,
         /// Raft entries kept behind a snapshot for slow followers.
@@ -269,7 +273,7 @@ pub enum ClusterCommand {
         /// Old snapshots kept on disk.
         #[arg(long)]
         keep_old_snapshots: Option<u64>,
-        /// Finished tasks kept per slot.
+        /// Finished tasks kept per slot, 0 to 1,000; for the task reaper.
         #[arg(long)]
         task_history_retention: Option<i64>,
         /// Lifetime of node certificates (e.g. `2160h`).
@@ -957,7 +961,7 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
             updated.id,
             json::role_name(role as i32)
         );
-        Ok(())
+        print_role_hint(client, &updated, role)
     };
     match command {
         NodeCommand::Ls => {
@@ -1012,6 +1016,45 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
         }
         NodeCommand::Promote { node } => set_role(&node, NodeRole::Manager)?,
         NodeCommand::Demote { node } => set_role(&node, NodeRole::Worker)?,
+    }
+    Ok(())
+}
+
+/// Says how a role change takes effect: a demotion is carried out by the leader, a
+/// promotion of a (stopped) worker by rejoining it with the manager token.
+fn print_role_hint(
+    client: &Client,
+    node: &crate::proto::objects::Node,
+    role: NodeRole,
+) -> Result<(), String> {
+    let is_manager = node.role == NodeRole::Manager as i32;
+    match role {
+        NodeRole::Worker if is_manager => println!(
+            "the leader removes it from the managers as soon as that keeps a quorum; it then \
+             stops (`flotilla manager ls` shows the managers, `flotilla node ls` its role)"
+        ),
+        NodeRole::Manager if !is_manager => {
+            let tokens: pb::JoinTokensResponse =
+                client.unary(api::GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {})?;
+            let token = tokens.tokens.unwrap_or_default().manager;
+            let nodes = client.list(
+                api::LIST_NODES,
+                &pb::ListNodesRequest {},
+                |c: pb::NodeChunk| c.nodes,
+            )?;
+            let manager_addr = nodes
+                .iter()
+                .filter_map(|n| n.manager_status.as_ref())
+                .max_by_key(|m| m.leader)
+                .map_or("MANAGER_ADDR".to_string(), |m| m.addr.clone());
+            println!(
+                "it takes effect when the node rejoins as a manager (workers need the agent, \
+                 which is not available yet): on that node run\n    flotilla join \
+                 --state-dir <its state dir> --listen <its address> --token {token} \
+                 {manager_addr}"
+            );
+        }
+        _ => {}
     }
     Ok(())
 }

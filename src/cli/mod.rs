@@ -59,11 +59,14 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
-        /// Applied Raft entries between snapshots (default 10,000).
+        /// Pin this manager's applied Raft entries between snapshots (also the new
+        /// cluster's setting); without it, `cluster update --snapshot-interval` applies.
         #[arg(long)]
         snapshot_interval_entries: Option<u64>,
     },
-    /// Join an existing cluster as a manager, using a manager join token, and run.
+    /// Join an existing cluster as a manager, using a manager join token, and run. On the
+    /// state directory of a node demoted to worker (and promoted since), rejoin as a
+    /// manager with the same node id.
     Join {
         /// Where this manager's state lives (must not hold a node yet).
         #[arg(long)]
@@ -74,7 +77,8 @@ pub enum Command {
         /// Address other nodes use to reach this one (default: the listen address).
         #[arg(long)]
         advertise: Option<String>,
-        /// Applied Raft entries between snapshots (default 10,000).
+        /// Pin this manager's applied Raft entries between snapshots; without it, the
+        /// cluster's setting (`cluster update --snapshot-interval`) applies.
         #[arg(long)]
         snapshot_interval_entries: Option<u64>,
         /// The join token (`flotilla join-token manager` on a manager prints it).
@@ -323,6 +327,23 @@ fn serve(dir: &StateDir) -> Result<(), String> {
         std::thread::sleep(std::time::Duration::from_millis(50));
     };
     handle.close();
-    manager.shutdown();
-    fatal.map_or(Ok(()), Err)
+    if fatal.is_none() {
+        manager.shutdown();
+        return Ok(());
+    }
+    match manager.shutdown_after_stop().map_err(|e| e.to_string())? {
+        Some(manager::Stopped::Demoted { node_id }) => {
+            println!(
+                "flotilla: node {node_id} was demoted to worker: it left the managers and its \
+                 manager role stopped. Worker mode arrives with the agent; until then nothing \
+                 runs here. To make it a manager again run `flotilla node promote {node_id}` \
+                 on a manager, then `flotilla join --state-dir {} --token <manager token> \
+                 <manager address>` here.",
+                dir.root().display()
+            );
+            Ok(())
+        }
+        Some(manager::Stopped::Fatal(reason)) => Err(reason),
+        None => Ok(()),
+    }
 }

@@ -1,12 +1,16 @@
 //! The control duties thread (`flotilla-control`), one per manager. Every
 //! [`DUTY_INTERVAL`] it:
 //!
+//! - hands the cluster object's snapshot interval to the Raft node when it changed
+//!   (unless `manager.conf` pins this manager's: see [`SelfReport::snapshot_interval_override`]);
 //! - on the leader, creates the Cluster object if it is missing (defaults, the founder's
-//!   join tokens and the root CA digest);
+//!   join tokens, the root CA digest, and the founder's pinned snapshot interval if any);
 //! - records this manager as a Node object (through [`ControlApi::write`], so a follower's
 //!   report is forwarded with its own identity);
 //! - copies the replicated join tokens into this manager's CA service and `join-tokens`
-//!   file when they changed (a rotation on any manager reaches every manager).
+//!   file when they changed (a rotation on any manager reaches every manager);
+//! - on the leader, runs one pass of the role reconciler ([`super::roles`]: demotions),
+//!   which may block the thread for one membership change or leadership transfer.
 //!
 //! Must never block the store or hold a lock across a call.
 
@@ -24,6 +28,7 @@ use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
 use crate::proto::objects::{Cluster, Node, Transaction};
 use crate::store::create;
+use crate::store::settings::ClusterSettings;
 use crate::store::spec::default_cluster_spec;
 
 /// How often the duties run.
@@ -40,6 +45,11 @@ pub struct SelfReport {
     pub raft_id: u64,
     /// The address other managers reach it on.
     pub addr: String,
+    /// `snapshot_interval_entries` from `manager.conf`: when set it pins this manager's
+    /// snapshot interval and the cluster object's setting is not applied here. Without
+    /// it, the cluster object's `snapshot_interval_entries` applies as soon as this
+    /// manager has applied it (the node's default, 10,000, until the object exists).
+    pub snapshot_interval_override: Option<u64>,
 }
 
 /// The running duties thread. Stop it with [`Duties::stop`].
@@ -59,8 +69,12 @@ impl Duties {
             .name("flotilla-control".into())
             .spawn(move || {
                 let mut synced: Option<crate::proto::objects::JoinTokens> = None;
+                let mut ignored_interval: Option<u64> = None;
+                let mut demotions = super::roles::Demotions::default();
                 loop {
+                    apply_snapshot_interval(&api, &me, &mut ignored_interval);
                     run_once(&api, &me, &mut synced);
+                    super::roles::reconcile(&api, &mut demotions);
                     match stopped.recv_timeout(DUTY_INTERVAL) {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
                         _ => return,
@@ -94,7 +108,7 @@ fn run_once(
         return;
     }
     if api.is_leader() && api.store.list::<Cluster>().is_empty() {
-        create_cluster(api);
+        create_cluster(api, me);
     }
     let recorded = api.store.get::<Node>(&me.node_id).is_some_and(|node| {
         node.manager_status
@@ -131,7 +145,35 @@ fn run_once(
     }
 }
 
-fn create_cluster(api: &ControlApi) {
+/// Hands the cluster object's snapshot interval to the Raft node when it changed, unless
+/// `manager.conf` pins this manager's (then says once per value that it is ignored).
+fn apply_snapshot_interval(api: &ControlApi, me: &SelfReport, ignored: &mut Option<u64>) {
+    if api.store.list::<Cluster>().is_empty() {
+        return;
+    }
+    let wanted = ClusterSettings::current(&api.store).snapshot_interval_entries;
+    match me.snapshot_interval_override {
+        Some(pinned) => {
+            if pinned != wanted && *ignored != Some(wanted) {
+                log::info!(
+                    "cluster snapshot interval of {wanted} entries not applied here: \
+                     manager.conf pins {pinned}"
+                );
+                *ignored = Some(wanted);
+            }
+        }
+        None => {
+            if api.node.snapshot_interval_entries() != wanted {
+                let previous = api.node.set_snapshot_interval_entries(wanted);
+                log::info!(
+                    "snapshot interval now {wanted} entries (cluster setting; was {previous})"
+                );
+            }
+        }
+    }
+}
+
+fn create_cluster(api: &ControlApi, me: &SelfReport) {
     let tokens = match api.dir.load_tokens() {
         Ok(tokens) => Some(tokens),
         Err(error) => {
@@ -139,9 +181,15 @@ fn create_cluster(api: &ControlApi) {
             None
         }
     };
+    let mut spec = default_cluster_spec(CLUSTER_NAME);
+    // The founder's `--snapshot-interval-entries` becomes the cluster's.
+    if let Some(entries) = me.snapshot_interval_override {
+        spec.snapshot_interval_entries =
+            entries.min(crate::store::spec::SNAPSHOT_INTERVAL_ENTRIES_MAX);
+    }
     let cluster = Cluster {
         id: super::new_object_id(),
-        spec: Some(default_cluster_spec(CLUSTER_NAME)),
+        spec: Some(spec),
         root_ca_digest: tokens
             .as_ref()
             .map(|t| Bytes::copy_from_slice(&t.token(Role::Worker).root_digest()))

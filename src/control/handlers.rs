@@ -255,12 +255,60 @@ fn update_node(
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_node_spec(&spec).map_err(|e| spec_error(&e))?;
+    let was_worker = current
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32);
+    if spec.desired_role == NodeRole::Worker as i32 && !was_worker {
+        refuse_unsafe_demotion(api, &current)?;
+    }
     let mut node = current.as_ref().clone();
     node.spec = Some(spec);
     propose(api, vec![update_expecting(node, request.version)])?;
     Ok(pb::NodeResponse {
         node: Some(written::<Node>(api, &current.id)?.as_ref().clone()),
     })
+}
+
+/// A demotion that would cost the managers their quorum (or their last member) is refused
+/// up front, counting the demotions already pending; one that becomes unsafe later waits in
+/// the role reconciler.
+fn refuse_unsafe_demotion(api: &ControlApi, node: &Node) -> Result<(), Status> {
+    let Some(raft_id) = node.manager_status.as_ref().map(|m| m.raft_id) else {
+        return Ok(());
+    };
+    if node.role != NodeRole::Manager as i32 {
+        return Ok(());
+    }
+    let status = api
+        .node
+        .status(PROPOSE_TIMEOUT)
+        .map_err(|e| e.to_status())?;
+    if !status.members.iter().any(|m| m.id == raft_id) {
+        return Ok(());
+    }
+    let mut leaving = super::roles::demoting_raft_ids(&api.store);
+    leaving.push(raft_id);
+    let refuse = |message: String| Err(Status::new(Code::FailedPrecondition, message));
+    match crate::raft::node::service::removal_keeps_quorum(&status, &leaving) {
+        Ok(()) => Ok(()),
+        Err(shortfall) if shortfall.voters == 0 => refuse(format!(
+            "can't demote node {}: it is the last manager{}; join another manager first \
+             (`flotilla join-token manager` prints the token)",
+            node.id,
+            if leaving.len() > 1 {
+                " not already being demoted"
+            } else {
+                ""
+            }
+        )),
+        Err(shortfall) => refuse(format!(
+            "can't demote node {}: would lose quorum: {} of the {} managers that would remain \
+             are reachable and a quorum needs {}; bring managers back first (`flotilla \
+             manager ls` shows them)",
+            node.id, shortfall.reachable, shortfall.voters, shortfall.quorum
+        )),
+    }
 }
 
 fn remove_node(
@@ -369,6 +417,7 @@ fn report_manager(
             node.manager_status = Some(manager_status);
             let status = node.status.get_or_insert_with(NodeStatus::default);
             status.state = NodeState::Ready as i32;
+            status.message.clear();
             status.addr = request.addr.clone();
             update_expecting(node, version)
         }

@@ -21,8 +21,10 @@
 //! - Who may call: operators, that is managers and admin certificates ([`Allow::OPERATORS`]);
 //!   never workers. [`FORWARD`] and [`REPORT_MANAGER`] are for managers only.
 //! - [`duties`] runs one thread per manager that records the manager as a Node object,
-//!   creates the Cluster object on a new leader and keeps the CA's join tokens and the
-//!   `join-tokens` file in sync with the replicated Cluster object.
+//!   creates the Cluster object on a new leader, keeps the CA's join tokens and the
+//!   `join-tokens` file in sync with the replicated Cluster object, applies the cluster's
+//!   snapshot interval to the Raft node, and runs the leader's [`roles`] reconciler
+//!   (demotions).
 //!
 //! This module must never change the store except through a proposed transaction, nor
 //! trust an identity that did not come from a certificate or a manager's forward.
@@ -32,6 +34,7 @@ pub mod duties;
 mod handlers;
 pub mod managers;
 mod reads;
+pub mod roles;
 pub mod watch;
 
 use std::sync::Arc;

@@ -42,6 +42,9 @@ pub enum BootstrapError {
     /// Joining failed.
     #[error(transparent)]
     Join(#[from] JoinClusterError),
+    /// A demoted node's state directory could not rejoin as a manager.
+    #[error("cannot rejoin as a manager: {0}")]
+    Rejoin(String),
     /// The token grants the worker role; this command sets up managers.
     #[error(
         "this is a worker token; managers join with the manager token \
@@ -107,6 +110,9 @@ pub fn join(
     token: &str,
     manager_addr: &str,
 ) -> Result<(), BootstrapError> {
+    if dir.is_initialized() && dir.is_demoted() {
+        return rejoin(dir, settings, transport, token, manager_addr);
+    }
     refuse_initialized(dir)?;
     let (identity, root) = join_cluster(transport, manager_addr, token, JOIN_CALL_TIMEOUT)?;
     if identity.role() != Role::Manager {
@@ -119,6 +125,97 @@ pub fn join(
         "joined cluster {} through {manager_addr} as manager node {}",
         root.cluster_id(),
         identity.node_id()
+    );
+    Ok(())
+}
+
+/// Turns the state directory of a manager the cluster demoted (and then promoted again)
+/// back into a manager's: the node keeps its identity (node id, certificate, CA material),
+/// so its Node object becomes a manager again; it gets a fresh Raft id and an empty Raft
+/// directory (Raft ids are never reused, and the old log belongs to a removed member).
+///
+/// The token must be the cluster's current manager token, checked against the managers'
+/// replicated tokens over mutual TLS with the node's certificate; and the Node must be
+/// promoted first (desired role manager), or the leader would demote it again at once.
+/// The demotion marker is removed last: an interrupted rejoin can be run again.
+fn rejoin(
+    dir: &StateDir,
+    settings: &Settings,
+    transport: &Transport,
+    token: &str,
+    manager_addr: &str,
+) -> Result<(), BootstrapError> {
+    use crate::control::{GET_JOIN_TOKENS, GET_NODE};
+    use crate::net::CallOptions;
+    use crate::proto::control as pb;
+    use crate::proto::objects::NodeRole;
+
+    let parsed = crate::ca::JoinToken::parse(token).map_err(JoinClusterError::from)?;
+    let (identity, root) = crate::ca::load_node_files(&dir.node_dir())?;
+    crate::ca::verify_root_for_token(&parsed, root.der()).map_err(JoinClusterError::from)?;
+    let node_id = identity.node_id().to_string();
+    if !identity.is_valid_at(SystemTime::now()) {
+        return Err(BootstrapError::Rejoin(format!(
+            "the certificate of node {node_id} expired; join as a new manager from an empty \
+             state directory"
+        )));
+    }
+    let tls = std::sync::Arc::new(
+        crate::ca::tls::client_config(&identity, &root).map_err(|e| {
+            BootstrapError::Rejoin(format!("cannot use this node's certificate: {e}"))
+        })?,
+    );
+    let channel = transport.channel(manager_addr, &tls);
+    let options = CallOptions::timeout(JOIN_CALL_TIMEOUT);
+    let unreachable = |status: crate::wire::Status| {
+        BootstrapError::Rejoin(format!("{manager_addr} did not answer: {status}"))
+    };
+    let tokens: pb::JoinTokensResponse = channel
+        .unary(GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {}, options)
+        .map_err(unreachable)?;
+    let tokens = tokens.tokens.unwrap_or_default();
+    if tokens.worker == token {
+        return Err(BootstrapError::WorkerToken);
+    }
+    if tokens.manager != token {
+        return Err(BootstrapError::Rejoin(
+            "the token is not the cluster's current manager token (`flotilla join-token \
+             manager` on a manager prints it)"
+                .into(),
+        ));
+    }
+    let node: pb::NodeResponse = channel
+        .unary(
+            GET_NODE,
+            &pb::GetNodeRequest {
+                reference: node_id.clone(),
+            },
+            options,
+        )
+        .map_err(unreachable)?;
+    let desired = node
+        .node
+        .and_then(|n| n.spec)
+        .map_or(NodeRole::Worker as i32, |s| s.desired_role);
+    if desired != NodeRole::Manager as i32 {
+        return Err(BootstrapError::Rejoin(format!(
+            "node {node_id} is meant to be a worker; promote it first with `flotilla node \
+             promote {node_id}` on a manager"
+        )));
+    }
+    let raft_dir = dir.raft_dir();
+    if raft_dir.exists() {
+        std::fs::remove_dir_all(&raft_dir).map_err(|source| StateDirError::Io {
+            path: raft_dir.clone(),
+            source,
+        })?;
+    }
+    dir.create()?;
+    dir.save_settings(settings)?;
+    dir.clear_demoted()?;
+    log::info!(
+        "node {node_id} rejoins cluster {} through {manager_addr} as a manager",
+        root.cluster_id()
     );
     Ok(())
 }

@@ -11,5 +11,5 @@ pub mod state;
 pub mod state_dir;
 
 pub use bootstrap::{BootstrapError, init, join, random_raft_id};
-pub use runtime::{Manager, StartError};
+pub use runtime::{Manager, StartError, Stopped};
 pub use state_dir::{Settings, StateDir, StateDirError};

@@ -15,9 +15,11 @@ use crate::ca::{
     load_node_files, tls,
 };
 use crate::control::duties::{Duties, SelfReport};
+use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi};
 use crate::kv::KvStateMachine;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
+use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
 use crate::store::{Store, StoreConfig};
@@ -40,6 +42,20 @@ pub enum StartError {
          use `flotilla up`"
     )]
     NotInitialized(String),
+    /// The cluster demoted this node to worker; it cannot resume as a manager.
+    #[error(
+        "{dir} belongs to node {node} that the cluster demoted to worker: it no longer runs as \
+         a manager, and worker mode arrives with the agent. To make it a manager again run \
+         `flotilla node promote {node}` on a manager, then `flotilla join --state-dir {dir} \
+         --token <manager token> <manager address>` here (`flotilla join-token manager` \
+         prints the token)"
+    )]
+    Demoted {
+        /// The state directory.
+        dir: String,
+        /// The node's id.
+        node: String,
+    },
     /// The settings or tokens could not be read.
     #[error(transparent)]
     StateDir(#[from] StateDirError),
@@ -70,12 +86,30 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartErro
     move |source| StartError::Io { what, source }
 }
 
+/// How long a removed manager waits for each former peer it asks whether it was demoted.
+pub const DEMOTION_QUERY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Why a manager stopped by itself ([`Manager::shutdown_after_stop`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stopped {
+    /// The cluster demoted this manager to worker: it left the Raft group and its state
+    /// directory is marked so that `run` refuses it (see [`StateDir::mark_demoted`]).
+    Demoted {
+        /// This node's id.
+        node_id: String,
+    },
+    /// Removed from the group by `manager rm`, a storage failure, …: the reason.
+    Fatal(String),
+}
+
 /// A running manager. Stop it with [`Manager::shutdown`].
 pub struct Manager {
+    dir: StateDir,
     settings: Settings,
     identity: NodeIdentity,
     listen_addr: SocketAddr,
     transport: Arc<Transport>,
+    client_tls: Arc<rustls::ClientConfig>,
     renewer: Option<Renewer>,
     register: Option<super::register::Registrar>,
     raft: Option<RaftNode>,
@@ -97,6 +131,12 @@ impl Manager {
         }
         let settings = dir.load_settings()?;
         let (identity, root) = load_node_files(&dir.node_dir())?;
+        if dir.is_demoted() {
+            return Err(StartError::Demoted {
+                dir: dir.root().display().to_string(),
+                node: identity.node_id().to_string(),
+            });
+        }
         let transport = Arc::new(
             Transport::start(TransportConfig::default())
                 .map_err(io_error("cannot start the transport"))?,
@@ -165,6 +205,10 @@ impl Manager {
             dir.clone(),
         );
         control::register(&mut router, &control_pool, &control);
+        let store = machine.store.clone();
+        raft.handle().set_join_gate(Arc::new(move |node_id| {
+            control::roles::join_allowed(&store, node_id)
+        }));
         let listen_addr = resolve(&settings.listen_addr)?;
         let server_tls = Arc::new(tls::server_config(&identity, &root)?);
         let router = Arc::new(router);
@@ -192,6 +236,7 @@ impl Manager {
                 node_id: identity.node_id().to_string(),
                 raft_id: settings.raft_id,
                 addr: settings.advertise_addr.clone(),
+                snapshot_interval_override: settings.snapshot_interval_entries,
             },
         )
         .map_err(io_error("cannot start the control duties thread"))?;
@@ -208,10 +253,12 @@ impl Manager {
             _ => None,
         };
         Ok(Manager {
+            dir: dir.clone(),
             settings,
             identity,
             listen_addr,
             transport,
+            client_tls,
             renewer: Some(renewer),
             register,
             raft: Some(raft),
@@ -259,6 +306,64 @@ impl Manager {
     /// Why the manager stopped by itself (removed from the cluster, storage failure).
     pub fn fatal(&self) -> Option<String> {
         self.raft.as_ref().and_then(|r| r.handle().fatal())
+    }
+
+    /// Runs [`Manager::shutdown`] and says why the manager had stopped by itself, if it
+    /// had: a manager removed from the group whose Node object (as applied here, once the
+    /// apply thread has finished) wants the worker role was demoted, and its state
+    /// directory is marked so ([`StateDir::mark_demoted`]).
+    ///
+    /// # Errors
+    /// [`StateDirError`] if the demotion marker cannot be written.
+    pub fn shutdown_after_stop(self) -> Result<Option<Stopped>, StateDirError> {
+        let fatal = self.fatal();
+        let removed = self.raft().was_removed();
+        let (dir, store) = (self.dir.clone(), self.state.store.clone());
+        let node_id = self.identity.node_id().to_string();
+        // A manager that was down while it was demoted never applied its demotion: its
+        // former peers know (asked while the transport still runs).
+        let told_by_peers =
+            removed && !wants_worker(&store, &node_id) && self.peers_say_demoted(&node_id);
+        self.shutdown();
+        let Some(reason) = fatal else {
+            return Ok(None);
+        };
+        if !(removed && (told_by_peers || wants_worker(&store, &node_id))) {
+            return Ok(Some(Stopped::Fatal(reason)));
+        }
+        dir.mark_demoted(&node_id)?;
+        log::info!("node {node_id} was demoted to worker; its manager role stopped");
+        Ok(Some(Stopped::Demoted { node_id }))
+    }
+
+    /// Asks the other managers this one knew (one at a time, until one answers) whether
+    /// `node_id` is meant to be a worker.
+    fn peers_say_demoted(&self, node_id: &str) -> bool {
+        use crate::proto::control as pb;
+        let me = self.raft().id();
+        for (raft_id, addr) in self.raft().directory().all() {
+            if raft_id == me {
+                continue;
+            }
+            let reply: Result<pb::NodeResponse, _> =
+                self.transport.channel(&addr, &self.client_tls).unary(
+                    control::GET_NODE,
+                    &pb::GetNodeRequest {
+                        reference: node_id.to_string(),
+                    },
+                    crate::net::CallOptions::timeout(DEMOTION_QUERY_TIMEOUT),
+                );
+            match reply {
+                Ok(reply) => {
+                    return reply
+                        .node
+                        .and_then(|n| n.spec)
+                        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32);
+                }
+                Err(status) => log::debug!("{addr} cannot say whether we were demoted: {status}"),
+            }
+        }
+        false
     }
 
     /// The shutdown barrier, in order: the control duties thread, the registrar and the

@@ -6,7 +6,10 @@
 //! - `ca/`: the root CA key bundle (managers that can sign certificates only);
 //! - `join-tokens`: the current manager and worker tokens, one per line;
 //! - `manager.conf`: [`Settings`] (`key = value` lines);
-//! - `raft/`: the Raft log, hard state and snapshots.
+//! - `raft/`: the Raft log, hard state and snapshots;
+//! - `demoted`: present once the cluster demoted this manager to worker (it left the Raft
+//!   group): `run` refuses the directory, `join` with a manager token turns it back into a
+//!   manager.
 //!
 //! Must never hold open handles or start threads: it only names paths and reads or writes
 //! the small files above.
@@ -102,6 +105,49 @@ impl StateDir {
             .load_settings()?
             .listen_addr
             .replace("0.0.0.0", "127.0.0.1"))
+    }
+
+    /// The marker of a manager demoted to worker (holds its node id).
+    pub fn demoted_file(&self) -> PathBuf {
+        self.root.join("demoted")
+    }
+
+    /// True if the cluster demoted this node to worker (see [`StateDir::mark_demoted`]).
+    pub fn is_demoted(&self) -> bool {
+        self.demoted_file().exists()
+    }
+
+    /// Records that the cluster demoted `node_id` to worker: from now on `run` refuses the
+    /// directory. The identity and CA material stay.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn mark_demoted(&self, node_id: &str) -> Result<(), StateDirError> {
+        let path = self.demoted_file();
+        let text = format!(
+            "node {node_id} was demoted to worker and left the managers; rejoin with \
+             `flotilla join --state-dir {} --token <manager token> <manager address>` after \
+             `flotilla node promote {node_id}`\n",
+            self.root.display()
+        );
+        write_atomic(&path, text.as_bytes(), MODE_PRIVATE)
+            .map_err(|source| StateDirError::Io { path, source })
+    }
+
+    /// Removes the demotion marker (the last step of a rejoin as manager), durably.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn clear_demoted(&self) -> Result<(), StateDirError> {
+        let path = self.demoted_file();
+        fs::remove_file(&path).map_err(|source| StateDirError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        crate::util::fsutil::fsync_dir(&self.root).map_err(|source| StateDirError::Io {
+            path: self.root.clone(),
+            source,
+        })
     }
 
     /// Raft storage (log, hard state, snapshots).
@@ -233,7 +279,10 @@ pub struct Settings {
     pub bootstrap: Bootstrap,
     /// The manager it joined through (asked to add it until it is a member).
     pub join_addr: Option<String>,
-    /// Applied entries between Raft snapshots (`None`: the node's default, 10,000).
+    /// Applied entries between Raft snapshots, pinned for this manager: it then ignores
+    /// the cluster object's setting (and a founder seeds the new cluster object with it).
+    /// `None`: the cluster object's `snapshot_interval_entries` applies, live (10,000
+    /// until the object exists).
     pub snapshot_interval_entries: Option<u64>,
 }
 

@@ -27,6 +27,7 @@
 //! watcher; and `apply` must stay a pure function of (store, index, transaction).
 
 mod object;
+pub mod settings;
 mod snapshot;
 pub mod spec;
 mod table;

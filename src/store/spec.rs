@@ -33,6 +33,18 @@ pub const LABEL_KEY_BYTES_MAX: usize = 128;
 /// The shortest non-zero node certificate lifetime (one hour).
 pub const NODE_CERT_EXPIRY_MS_MIN: i64 = 60 * 60 * 1000;
 
+/// The shortest agent heartbeat period (swarmkit refuses anything shorter than a second:
+/// heartbeats from thousands of nodes would swamp the dispatcher).
+pub const HEARTBEAT_PERIOD_MS_MIN: i64 = 1_000;
+/// The longest agent heartbeat period: beyond an hour a dead node would go unnoticed for
+/// three hours.
+pub const HEARTBEAT_PERIOD_MS_MAX: i64 = 60 * 60 * 1_000;
+/// The most applied entries between Raft snapshots: the log (and a restart's replay) must
+/// stay bounded.
+pub const SNAPSHOT_INTERVAL_ENTRIES_MAX: u64 = 10_000_000;
+/// The most finished tasks kept per slot.
+pub const TASK_HISTORY_RETENTION_MAX: i64 = 1_000;
+
 /// A spec field that is not acceptable, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("invalid spec: {field}: {reason}")]
@@ -373,22 +385,35 @@ pub fn default_cluster_spec(name: &str) -> ClusterSpec {
 pub fn validate_cluster_spec(spec: &ClusterSpec) -> Checked {
     validate_name("name", &spec.name)?;
     validate_labels("labels", spec.labels.keys())?;
-    if spec.heartbeat_period_ms <= 0 {
+    if !(HEARTBEAT_PERIOD_MS_MIN..=HEARTBEAT_PERIOD_MS_MAX).contains(&spec.heartbeat_period_ms) {
         return Err(SpecError::new(
             "heartbeat_period_ms",
-            format!("{} must be positive", spec.heartbeat_period_ms),
+            format!(
+                "{} ms is outside [{HEARTBEAT_PERIOD_MS_MIN} ms, {HEARTBEAT_PERIOD_MS_MAX} ms] \
+                 (1s to 1h)",
+                spec.heartbeat_period_ms
+            ),
         ));
     }
-    if spec.snapshot_interval_entries == 0 {
+    if !(1..=SNAPSHOT_INTERVAL_ENTRIES_MAX).contains(&spec.snapshot_interval_entries) {
         return Err(SpecError::new(
             "snapshot_interval_entries",
-            "must be positive: the Raft log would grow forever",
+            format!(
+                "{} is outside [1, {SNAPSHOT_INTERVAL_ENTRIES_MAX}]: 0 would let the Raft log \
+                 grow forever",
+                spec.snapshot_interval_entries
+            ),
         ));
     }
-    not_negative(
-        "task_history_retention".to_owned(),
-        spec.task_history_retention,
-    )?;
+    if !(0..=TASK_HISTORY_RETENTION_MAX).contains(&spec.task_history_retention) {
+        return Err(SpecError::new(
+            "task_history_retention",
+            format!(
+                "{} is outside [0, {TASK_HISTORY_RETENTION_MAX}] finished tasks per slot",
+                spec.task_history_retention
+            ),
+        ));
+    }
     if spec.node_cert_expiry_ms != 0 && spec.node_cert_expiry_ms < NODE_CERT_EXPIRY_MS_MIN {
         return Err(SpecError::new(
             "node_cert_expiry_ms",
@@ -937,6 +962,28 @@ mod tests {
             with(|s| s.task_history_retention = -1),
             "task_history_retention"
         );
+        assert_eq!(
+            with(|s| s.task_history_retention = TASK_HISTORY_RETENTION_MAX + 1),
+            "task_history_retention"
+        );
+        assert_eq!(with(|s| s.heartbeat_period_ms = 999), "heartbeat_period_ms");
+        assert_eq!(
+            with(|s| s.heartbeat_period_ms = HEARTBEAT_PERIOD_MS_MAX + 1),
+            "heartbeat_period_ms"
+        );
+        assert_eq!(
+            with(|s| s.snapshot_interval_entries = SNAPSHOT_INTERVAL_ENTRIES_MAX + 1),
+            "snapshot_interval_entries"
+        );
+        let mut edges = default_cluster_spec("default");
+        edges.heartbeat_period_ms = HEARTBEAT_PERIOD_MS_MIN;
+        edges.snapshot_interval_entries = 1;
+        edges.task_history_retention = 0;
+        validate_cluster_spec(&edges).unwrap();
+        edges.heartbeat_period_ms = HEARTBEAT_PERIOD_MS_MAX;
+        edges.snapshot_interval_entries = SNAPSHOT_INTERVAL_ENTRIES_MAX;
+        edges.task_history_retention = TASK_HISTORY_RETENTION_MAX;
+        validate_cluster_spec(&edges).unwrap();
         assert_eq!(
             with(|s| s.node_cert_expiry_ms = 1000),
             "node_cert_expiry_ms"

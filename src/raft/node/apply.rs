@@ -168,7 +168,10 @@ impl Applier {
                     .store(self.applied_index, Ordering::Release);
                 self.release_reads();
                 if self.applied_index - self.last_snapshot_index
-                    >= self.shared.config.snapshot_interval_entries
+                    >= self
+                        .shared
+                        .snapshot_interval_entries
+                        .load(Ordering::Acquire)
                 {
                     self.take_snapshot()?;
                 }

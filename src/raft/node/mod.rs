@@ -81,7 +81,9 @@ pub struct NodeConfig {
     pub election_timeout_ticks: u32,
     /// Heartbeat interval in ticks (default 1).
     pub heartbeat_ticks: u32,
-    /// Applied entries between automatic snapshots (default 10,000, like swarmkit).
+    /// Applied entries between automatic snapshots at start (default 10,000, like
+    /// swarmkit); adjustable while running with
+    /// [`NodeHandle::set_snapshot_interval_entries`].
     pub snapshot_interval_entries: u64,
     /// Bytes per snapshot chunk on the wire (default 1 MiB).
     pub snapshot_chunk_bytes: usize,
@@ -207,6 +209,11 @@ impl NodeError {
     }
 }
 
+/// Decides whether the node whose certificate names `node_id` may add a new member to the
+/// group through `raft.Join` (the application's rule; e.g. a manager demoted to worker may
+/// not come back until it is promoted). The error is the reason, shown to the caller.
+pub type JoinGate = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
 /// Called once with the outcome of a proposal: the state machine's reply once applied.
 pub type ProposalCallback = Box<dyn FnOnce(Result<Bytes, NodeError>) + Send>;
 /// Called once when a linearizable read may be served (the index is applied locally).
@@ -295,6 +302,13 @@ pub(crate) struct Shared {
     /// Ids removed from the group, as the raft thread last saw them: their messages are
     /// answered with "you were removed".
     pub(crate) removed_ids: Mutex<std::collections::BTreeSet<NodeId>>,
+    /// Applied entries between automatic snapshots, as currently in force (starts at
+    /// `config.snapshot_interval_entries`; read by the apply thread after every batch).
+    pub(crate) snapshot_interval_entries: AtomicU64,
+    /// Set when a peer told this member it was removed from the group.
+    pub(crate) removed: AtomicBool,
+    /// The application's rule for `raft.Join` callers, if it set one.
+    pub(crate) join_gate: parking_lot::RwLock<Option<JoinGate>>,
 }
 
 /// A clonable handle to a running node: propose, read, change membership, inspect.
@@ -343,6 +357,40 @@ impl NodeHandle {
     /// Why the node stopped by itself (storage failure, removal), if it did.
     pub fn fatal(&self) -> Option<String> {
         self.shared.fatal.lock().clone()
+    }
+
+    /// True once a peer told this member it was removed from the group (the node then
+    /// stops with [`NodeHandle::fatal`] set).
+    pub fn was_removed(&self) -> bool {
+        self.shared.removed.load(Ordering::Acquire)
+    }
+
+    /// Sets the rule `raft.Join` applies to the caller before adding a new member.
+    pub fn set_join_gate(&self, gate: JoinGate) {
+        *self.shared.join_gate.write() = Some(gate);
+    }
+
+    /// Applied entries between automatic snapshots, as currently in force.
+    pub fn snapshot_interval_entries(&self) -> u64 {
+        self.shared
+            .snapshot_interval_entries
+            .load(Ordering::Acquire)
+    }
+
+    /// Changes the number of applied entries between automatic snapshots; the apply
+    /// thread uses it from its next batch on (a lower value than the entries applied since
+    /// the last snapshot takes one at once). Returns the previous value.
+    ///
+    /// # Panics
+    /// If `entries` is 0 (the log would never be compacted; callers validate first).
+    pub fn set_snapshot_interval_entries(&self, entries: u64) -> u64 {
+        assert!(
+            entries > 0,
+            "a snapshot interval of 0 entries is refused by validation"
+        );
+        self.shared
+            .snapshot_interval_entries
+            .swap(entries, Ordering::AcqRel)
     }
 
     /// Proposes application `data`; `done` runs (on the apply or raft thread) with the state
@@ -551,6 +599,9 @@ impl RaftNode {
             fatal: Mutex::new(None),
             received_snapshot: Mutex::new(None),
             removed_ids: Mutex::new(Default::default()),
+            snapshot_interval_entries: AtomicU64::new(config.snapshot_interval_entries.max(1)),
+            removed: AtomicBool::new(false),
+            join_gate: parking_lot::RwLock::new(None),
         });
         let (log, writer_events) = LogHandle::start(store.clone(), &recovered, &config.storage)?;
         let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(RAFT_INPUT_QUEUE_LEN_MAX);

@@ -334,9 +334,12 @@ impl RaftLoop {
                     .map_err(|e| NodeError::from_core(e, &self.shared.directory)),
             ),
             Input::Status { done } => done(self.status()),
-            Input::Removed => {
+            // Several peers may say so at once: stop once.
+            Input::Removed if self.fatal.is_none() => {
+                self.shared.removed.store(true, Ordering::Release);
                 self.set_fatal("this manager was removed from the cluster".into());
             }
+            Input::Removed => {}
         }
     }
 

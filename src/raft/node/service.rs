@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use super::codec::message_from_pb;
 use super::peer::{INSTALL_SNAPSHOT, STEP};
-use super::{Input, NodeError, NodeHandle};
+use super::{Input, NodeError, NodeHandle, NodeStatus};
 use crate::net::{Allow, ClientStream, Router, ServicePool};
 use crate::proto::raft as pb;
 use crate::raft::core::{MembershipChange, MessageBody};
 use crate::raft::storage::LogStore;
+use crate::raft::types::NodeId;
 use crate::util::memory::rss_kib;
 use crate::wire::{Code, Status};
 
@@ -102,7 +103,7 @@ pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store
         JOIN,
         Allow::MANAGERS,
         &pools.admin,
-        move |_, req: pb::JoinRequest| join(&n, &req),
+        move |ctx, req: pb::JoinRequest| join(&n, ctx.peer().map(|p| p.node_id.as_str()), &req),
     );
     let n = node.clone();
     router.unary(
@@ -224,7 +225,11 @@ fn install_snapshot(
     Ok(pb::InstallSnapshotResponse { received_bytes })
 }
 
-fn join(node: &NodeHandle, request: &pb::JoinRequest) -> Result<pb::JoinResponse, Status> {
+fn join(
+    node: &NodeHandle,
+    caller: Option<&str>,
+    request: &pb::JoinRequest,
+) -> Result<pb::JoinResponse, Status> {
     if request.raft_id == 0 || request.addr.is_empty() {
         return Err(Status::invalid_argument("raft_id and addr are required"));
     }
@@ -233,6 +238,10 @@ fn join(node: &NodeHandle, request: &pb::JoinRequest) -> Result<pb::JoinResponse
         return Err(not_leader(node, status.leader).to_status());
     }
     let known = status.members.iter().any(|m| m.id == request.raft_id);
+    let gate = node.shared().join_gate.read().clone();
+    if !known && let (Some(gate), Some(caller)) = (gate, caller) {
+        gate(caller).map_err(|reason| Status::new(Code::FailedPrecondition, reason))?;
+    }
     if node.directory().addr(request.raft_id).as_deref() != Some(request.addr.as_str()) {
         node.propose_member_addr(request.raft_id, &request.addr, ADMIN_CALL_TIMEOUT)
             .map_err(|e| e.to_status())?;
@@ -297,21 +306,16 @@ fn remove_member(
             request.raft_id
         )));
     };
-    let voters: Vec<_> = status
-        .members
-        .iter()
-        .filter(|m| m.role != "learner" && m.id != target.id)
-        .collect();
-    let reachable = voters.iter().filter(|m| m.reachable).count();
-    let quorum = voters.len() / 2 + 1;
-    if target.role != "learner" && reachable < quorum && !request.force {
+    if target.role != "learner"
+        && !request.force
+        && let Err(shortfall) = removal_keeps_quorum(&status, &[target.id])
+    {
         return Err(Status::new(
             Code::FailedPrecondition,
             format!(
-                "removing {:x} would leave {reachable} reachable of {} managers, fewer than \
-                 the {quorum} a quorum needs; bring managers back first, or pass --force",
-                target.id,
-                voters.len()
+                "removing {:x} would leave {} reachable of {} managers, fewer than the {} a \
+                 quorum needs; bring managers back first, or pass --force",
+                target.id, shortfall.reachable, shortfall.voters, shortfall.quorum
             ),
         ));
     }
@@ -323,6 +327,48 @@ fn remove_member(
     })?;
     log::info!("raft {:x}: removed {:x}", node.id(), request.raft_id);
     Ok(pb::RemoveMemberResponse {})
+}
+
+/// Removing a voter would leave too few reachable voters for a quorum.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuorumShortfall {
+    /// Reachable voters that would remain.
+    pub reachable: usize,
+    /// Voters that would remain.
+    pub voters: usize,
+    /// The quorum of the remaining voters.
+    pub quorum: usize,
+}
+
+/// Leader only (reachability is the leader's view): checks that the voters outside
+/// `leaving` keep a quorum of reachable members, so that removing every member of
+/// `leaving` cannot stall the group. Removing the last voters never passes (none would
+/// remain).
+///
+/// # Errors
+/// [`QuorumShortfall`] when removing `leaving` would leave fewer reachable voters than a
+/// quorum of the rest.
+pub fn removal_keeps_quorum(
+    status: &NodeStatus,
+    leaving: &[NodeId],
+) -> Result<(), QuorumShortfall> {
+    let remaining: Vec<_> = status
+        .members
+        .iter()
+        .filter(|m| m.role != "learner" && !leaving.contains(&m.id))
+        .collect();
+    let shortfall = QuorumShortfall {
+        reachable: remaining
+            .iter()
+            .filter(|m| m.reachable || m.id == status.id)
+            .count(),
+        voters: remaining.len(),
+        quorum: remaining.len() / 2 + 1,
+    };
+    if shortfall.reachable < shortfall.quorum {
+        return Err(shortfall);
+    }
+    Ok(())
 }
 
 fn status(node: &NodeHandle) -> Result<pb::StatusResponse, Status> {
