@@ -45,6 +45,7 @@ impl Fixture {
             bootstrap: Bootstrap::NewCluster,
             join_addr: None,
             snapshot_interval_entries: None,
+            log_memtable_mib: None,
         };
         manager::init(&dir, &settings).unwrap();
         let manager = Manager::start(&dir).unwrap();

@@ -295,6 +295,7 @@ fn settings(listen: &str, advertise: Option<String>, join_addr: Option<&str>) ->
         },
         join_addr: join_addr.map(str::to_string),
         snapshot_interval_entries: None,
+        log_memtable_mib: None,
     }
 }
 

@@ -156,6 +156,9 @@ impl Manager {
         if let Some(entries) = settings.snapshot_interval_entries {
             node_config.snapshot_interval_entries = entries;
         }
+        if let Some(mib) = settings.log_memtable_mib {
+            node_config.storage.memtable_bytes_max = mib << 20;
+        }
         let raft = RaftNode::start(
             node_config,
             &dir.raft_dir(),

@@ -284,7 +284,14 @@ pub struct Settings {
     /// `None`: the cluster object's `snapshot_interval_entries` applies, live (10,000
     /// until the object exists).
     pub snapshot_interval_entries: Option<u64>,
+    /// Memory the Raft log's storage may hold before flushing (`log_memtable_mib`, 1 to
+    /// [`LOG_MEMTABLE_MIB_MAX`]). `None`: the storage default (64 MiB, reached only under
+    /// sustained writes); a small host may trade write throughput for memory here.
+    pub log_memtable_mib: Option<u64>,
 }
+
+/// Largest `log_memtable_mib` accepted in `manager.conf`.
+pub const LOG_MEMTABLE_MIB_MAX: u64 = 1024;
 
 impl Settings {
     fn to_text(&self) -> String {
@@ -304,6 +311,9 @@ impl Settings {
         if let Some(entries) = self.snapshot_interval_entries {
             text.push_str(&format!("snapshot_interval_entries = {entries}\n"));
         }
+        if let Some(mib) = self.log_memtable_mib {
+            text.push_str(&format!("log_memtable_mib = {mib}\n"));
+        }
         text
     }
 
@@ -314,6 +324,7 @@ impl Settings {
         let mut bootstrap = None;
         let mut join_addr = None;
         let mut snapshot_interval_entries = None;
+        let mut log_memtable_mib = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let (key, value) = line
                 .split_once('=')
@@ -347,6 +358,19 @@ impl Settings {
                     })?;
                     snapshot_interval_entries = Some(entries);
                 }
+                "log_memtable_mib" => {
+                    let mib: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|mib| (1..=LOG_MEMTABLE_MIB_MAX).contains(mib))
+                        .ok_or_else(|| {
+                            format!(
+                                "log_memtable_mib {value:?} is not a number of MiB from 1 to \
+                                 {LOG_MEMTABLE_MIB_MAX}"
+                            )
+                        })?;
+                    log_memtable_mib = Some(mib);
+                }
                 // Unknown keys come from newer versions; keep going.
                 other => log::warn!("manager.conf: ignoring unknown key {other:?}"),
             }
@@ -358,6 +382,7 @@ impl Settings {
             bootstrap: bootstrap.ok_or("bootstrap is missing")?,
             join_addr,
             snapshot_interval_entries,
+            log_memtable_mib,
         })
     }
 }
@@ -375,8 +400,18 @@ mod tests {
             bootstrap: Bootstrap::Join,
             join_addr: Some("10.0.0.2:4242".into()),
             snapshot_interval_entries: Some(500),
+            log_memtable_mib: Some(16),
         };
         assert_eq!(Settings::from_text(&settings.to_text()).unwrap(), settings);
+        let base = "raft_id = 3\nlisten_addr = a\nadvertise_addr = a\nbootstrap = join\n";
+        for bad in ["0", "1025", "lots"] {
+            let err =
+                Settings::from_text(&format!("{base}log_memtable_mib = {bad}\n")).unwrap_err();
+            assert!(
+                err.contains("log_memtable_mib") && err.contains("1 to 1024"),
+                "{err}"
+            );
+        }
         assert!(Settings::from_text("raft_id = 0\n").is_err());
         assert!(Settings::from_text("raft_id = x\n").is_err());
         assert!(Settings::from_text("listen_addr\n").is_err());
