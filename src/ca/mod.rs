@@ -53,7 +53,7 @@ pub use node::{
 };
 pub use ratelimit::{FailureLimits, FailureRateLimiter, RateLimited};
 pub use root::{ROOT_CERT_BYTES_MAX, RootCert};
-pub use service::CaService;
+pub use service::{CaService, SharedCa};
 pub use token::{
     JoinToken, JoinTokens, TOKEN_CHARS_MAX, TOKEN_DIGEST_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES,
     TOKEN_VERSION, TokenError, TokenParseError,
