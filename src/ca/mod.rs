@@ -20,7 +20,10 @@
 //! # Lifecycle
 //! - `init`: [`ClusterCa::create`] → [`ClusterCa::save`]; [`JoinTokens::generate`];
 //!   [`ClusterCa::issue_local_identity`] → [`save_node_files`].
-//! - manager serving: [`CaService`] (join, renew), [`tls::server_config`].
+//! - manager serving: [`CaService`] (join, renew) in a [`SharedCa`] slot (every manager: the
+//!   founder loads the key from its `ca/` file, the others receive it through the
+//!   replicated Cluster object: [`ClusterCa::to_der_parts`] / [`ClusterCa::from_der_parts`]),
+//!   [`tls::server_config`].
 //! - `join`: see [`join`] for the four steps.
 //! - every node: [`load_node_files`], [`tls::client_config`], renew at
 //!   [`NodeIdentity::renewal_at`] with [`PendingIdentity`] + [`PendingIdentity::complete_renewal`].

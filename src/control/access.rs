@@ -18,8 +18,9 @@
 //! A manager that has just joined has no Node object yet, so neither rule touches it: it can
 //! report itself (`control.ReportManager`).
 //!
-//! The sets are rebuilt by the apply thread after every transaction that touches a Node or
-//! the Cluster object ([`AccessList::refresh`]); callers read an `Arc` snapshot under a
+//! The apply thread keeps the sets in step: from each transaction's events
+//! ([`AccessList::apply_events`]) and from the whole store after a snapshot restore
+//! ([`AccessList::refresh`]); callers read an `Arc` snapshot under a
 //! lock held for a pointer copy, so a check never waits for the store. Must never read the
 //! store on the calling thread, nor allow what the certificate's own role does not.
 
@@ -30,13 +31,13 @@ use parking_lot::RwLock;
 
 use crate::ca::{PeerIdentity, Role};
 use crate::proto::objects::{Cluster, Node, NodeRole};
-use crate::store::Store;
+use crate::store::{Action, Event, Object, Store};
 use crate::wire::Status;
 
 /// The method a removed member still reaches (see the module documentation).
 const RAFT_STEP: &str = "raft.Step";
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AccessSets {
     /// Revoked id → why.
     revoked: HashMap<String, String>,
@@ -62,21 +63,55 @@ impl AccessList {
         let sets = store.view(|view| {
             let revoked = view
                 .list::<Cluster>()
-                .flat_map(|c| c.revoked_certificates.iter())
-                .map(|r| (r.id.clone(), r.reason.clone()))
-                .collect();
+                .next()
+                .map(|c| revoked_of(c))
+                .unwrap_or_default();
             let demoted = view
                 .list::<Node>()
-                .filter(|n| {
-                    n.spec
-                        .as_ref()
-                        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
-                })
+                .filter(|n| wants_worker(n))
                 .map(|n| n.id.clone())
                 .collect();
             AccessSets { revoked, demoted }
         });
         *self.sets.write() = Arc::new(sets);
+    }
+
+    /// Updates the sets from one applied transaction's events (the apply thread). Only an
+    /// event that changes a set costs a copy of the sets; a Node update that leaves its
+    /// desired role alone (the common case) costs a hash lookup.
+    pub fn apply_events(&self, events: &[Arc<Event>]) {
+        let current = self.sets.read().clone();
+        let mut next: Option<AccessSets> = None;
+        for event in events {
+            let sets = next.as_ref().unwrap_or(&current);
+            match &event.object {
+                Object::Cluster(cluster) => {
+                    let revoked = if event.action == Action::Delete {
+                        HashMap::new()
+                    } else {
+                        revoked_of(cluster)
+                    };
+                    if revoked != sets.revoked {
+                        next.get_or_insert_with(|| current.as_ref().clone()).revoked = revoked;
+                    }
+                }
+                Object::Node(node) => {
+                    let demoted = event.action != Action::Delete && wants_worker(node);
+                    if demoted != sets.demoted.contains(&node.id) {
+                        let sets = next.get_or_insert_with(|| current.as_ref().clone());
+                        if demoted {
+                            sets.demoted.insert(node.id.clone());
+                        } else {
+                            sets.demoted.remove(&node.id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(next) = next {
+            *self.sets.write() = Arc::new(next);
+        }
     }
 
     /// Whether `id` was revoked.
@@ -127,6 +162,20 @@ impl AccessList {
         }
         Ok(())
     }
+}
+
+fn revoked_of(cluster: &Cluster) -> HashMap<String, String> {
+    cluster
+        .revoked_certificates
+        .iter()
+        .map(|r| (r.id.clone(), r.reason.clone()))
+        .collect()
+}
+
+fn wants_worker(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
 }
 
 /// What a demoted manager's certificate still reaches: Raft (the demotion completes there;
@@ -230,6 +279,39 @@ mod tests {
                 .check_caller(super::super::GET_NODE, "demoted", Role::Manager)
                 .is_ok()
         );
+
+        // Following the events gives the same sets as reading the whole store.
+        let incremental = AccessList::new();
+        let outcome = {
+            let fresh = Store::new(StoreConfig::default());
+            fresh.apply(1, &txn).unwrap()
+        };
+        incremental.apply_events(&outcome.events);
+        assert_eq!(
+            *incremental.sets.read().clone(),
+            *access.sets.read().clone()
+        );
+        let promote = Transaction {
+            changes: vec![crate::store::update_expecting(
+                node("demoted", NodeRole::Manager),
+                1,
+            )],
+            timestamp_ms: 2,
+        };
+        let outcome = store.apply(2, &promote).unwrap();
+        incremental.apply_events(&outcome.events);
+        assert!(!incremental.is_demoted("demoted"));
+        access.refresh(&store);
+        assert_eq!(
+            *incremental.sets.read().clone(),
+            *access.sets.read().clone()
+        );
+        let remove = Transaction {
+            changes: vec![crate::store::delete(crate::store::Kind::Cluster, "c", 0)],
+            timestamp_ms: 3,
+        };
+        incremental.apply_events(&store.apply(3, &remove).unwrap().events);
+        assert!(!incremental.is_revoked("gone"));
 
         // A manager that is still wanted, and one not yet recorded (just joined), may call.
         assert!(

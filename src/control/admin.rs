@@ -2,10 +2,12 @@
 //! signed by the cluster CA from the public key of the caller's CSR (the private key never
 //! leaves the caller).
 //!
-//! Runs where the CA key is: on this manager if it holds it, else forwarded to the leader
-//! (with the caller's identity), which refuses with a hint if it lacks the key too. Must
-//! never issue a node certificate (manager or worker) nor anything longer-lived than
-//! [`ADMIN_CERT_VALIDITY_MAX`].
+//! Runs where the CA key is: on this manager once it holds it (every manager does, once
+//! the replicated Cluster object reached it), else forwarded to the leader (with the
+//! caller's identity). `control.RevokeAdminCertificate` revokes one by id, cluster-wide
+//! (a write: the id joins the Cluster object's revoked certificates, checked by
+//! [`super::access`]). Must never issue a node certificate (manager or worker) nor
+//! anything longer-lived than [`ADMIN_CERT_VALIDITY_MAX`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -106,7 +106,9 @@ pub const PUBLISH_ROOT_CA: &str = "control.PublishRootCa";
 pub const REVOKE_REMOVED_MANAGER: &str = "control.RevokeRemovedManager";
 
 /// The write methods: run on the leader, forwarded by followers. (Also forwarded:
-/// [`admin::ISSUE_ADMIN_CERTIFICATE`], by a manager without the CA key.)
+/// [`admin::ISSUE_ADMIN_CERTIFICATE`] by a manager without the CA key yet,
+/// [`admin::REVOKE_ADMIN_CERTIFICATE`], and the internal [`PUBLISH_ROOT_CA`] and
+/// [`REVOKE_REMOVED_MANAGER`].)
 pub const WRITE_METHODS: [&str; 8] = [
     CREATE_SERVICE,
     UPDATE_SERVICE,

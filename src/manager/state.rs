@@ -17,7 +17,7 @@ use crate::kv::KvStateMachine;
 use crate::proto::objects::Transaction;
 use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
-use crate::store::{Kind, Store, TxnError, check_limits};
+use crate::store::{Store, TxnError, check_limits};
 use crate::wire::{Code, Status};
 
 /// Entries for the key-value map.
@@ -34,8 +34,8 @@ pub struct ManagerState {
     pub kv: KvStateMachine,
     /// The object store.
     pub store: Arc<Store>,
-    /// Revocations derived from the store, rebuilt here after each transaction that
-    /// touches a Node or the Cluster object, and after a restore.
+    /// Revocations derived from the store, kept in step here from each transaction's
+    /// events, and rebuilt after a restore.
     pub access: Arc<AccessList>,
 }
 
@@ -51,13 +51,8 @@ impl ManagerState {
 
     fn apply_store(&self, index: LogIndex, txn: &[u8]) -> Bytes {
         let result = self.store.apply_encoded(index, txn);
-        if let Ok(outcome) = &result
-            && outcome
-                .events
-                .iter()
-                .any(|e| matches!(e.object.kind(), Kind::Node | Kind::Cluster))
-        {
-            self.access.refresh(&self.store);
+        if let Ok(outcome) = &result {
+            self.access.apply_events(&outcome.events);
         }
         encode_store_result(result.map(|o| o.version))
     }
