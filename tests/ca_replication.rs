@@ -300,6 +300,18 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
             .unwrap_err();
         assert_eq!(refused.code, Code::PermissionDenied, "{refused}");
         assert!(founder.renew(addr).unwrap_err().contains("revoked"));
+        // Not even a Raft message is taken from it, whatever member id it claims.
+        let refused = founder
+            .unary::<_, flotilla::proto::raft::StepResponse>(
+                addr,
+                "raft.Step",
+                &flotilla::proto::raft::StepRequest {
+                    from: 0x5eed,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!(refused.code, Code::PermissionDenied, "{refused}");
     }
     let inspect = ok(&m2, &["cluster", "inspect"]);
     assert!(

@@ -5,9 +5,10 @@
 //! Two rules, both from the store as applied on this manager:
 //! - **revoked**: an id in the Cluster object's `revoked_certificates` (a node removed with
 //!   `node rm` or `manager rm`, an admin certificate revoked with `admin-cert revoke`) may
-//!   call nothing. The one exception is `raft.Step`, which the Raft service answers with
-//!   `removed: true` for a removed member without feeding its messages to the core: that
-//!   is how a removed manager learns it was removed and stops.
+//!   call nothing, `raft.Step` included (so it cannot inject Raft messages under another
+//!   member's id). The refusal names [`CERTIFICATE_REVOKED`]: a removed manager's Raft peer
+//!   thread takes it as "removed from the cluster" and the manager stops, as it does on the
+//!   Raft service's own `removed: true` answer.
 //! - **demoted**: a caller whose certificate says manager while its Node object's desired
 //!   role is worker (demoted, and not promoted again) may no longer call manager methods
 //!   (`control.*`, `kv.*`, `ca.RenewNodeCertificate`). It may still speak Raft (a demotion
@@ -29,13 +30,10 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use crate::ca::{PeerIdentity, Role};
+use crate::ca::{CERTIFICATE_REVOKED, PeerIdentity, Role};
 use crate::proto::objects::{Cluster, Node, NodeRole};
 use crate::store::{Action, Event, Object, Store};
 use crate::wire::Status;
-
-/// The method a removed member still reaches (see the module documentation).
-const RAFT_STEP: &str = "raft.Step";
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AccessSets {
@@ -138,17 +136,10 @@ impl AccessList {
     /// # Errors
     /// As [`Self::check`].
     pub fn check_caller(&self, method: &str, node_id: &str, role: Role) -> Result<(), Status> {
-        // The hot path (every Raft message): neither rule ever refuses it.
-        if method == RAFT_STEP {
-            return Ok(());
-        }
         let sets = self.sets.read().clone();
         if let Some(reason) = sets.revoked.get(node_id) {
-            if method == RAFT_STEP {
-                return Ok(());
-            }
             return Err(Status::permission_denied(format!(
-                "the certificate of {node_id} was revoked cluster-wide ({reason}); {method} \
+                "the certificate of {node_id} {CERTIFICATE_REVOKED} ({reason}); {method} \
                  refused. A removed node joins again from an empty state directory with a \
                  join token; an admin gets a new certificate with `flotilla admin-cert issue`"
             )));
@@ -248,12 +239,11 @@ mod tests {
                 .check_caller("ca.RenewNodeCertificate", "gone", Role::Worker)
                 .is_err()
         );
-        // raft.Step is left to the Raft service, which tells a removed member it was removed.
-        assert!(
-            access
-                .check_caller(RAFT_STEP, "gone", Role::Manager)
-                .is_ok()
-        );
+        // Not even a Raft message; the refusal tells a removed member it was removed.
+        let refused = access
+            .check_caller("raft.Step", "gone", Role::Manager)
+            .unwrap_err();
+        assert!(refused.message.contains(CERTIFICATE_REVOKED), "{refused}");
 
         let refused = access
             .check_caller("control.Forward", "demoted", Role::Manager)
