@@ -15,6 +15,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Store objects are snapshotted on every manager: ordered maps make their encoding
     // identical everywhere.
     config.btree_map([".flotilla.objects"]);
+    // The CA key must never reach a log through `{:?}`: its Debug is written by hand
+    // (src/proto.rs) and prints no key bytes.
+    config.skip_debug([".flotilla.objects.RootCaKey"]);
     config.compile_fds(descriptors)?;
     Ok(())
 }

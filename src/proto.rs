@@ -26,6 +26,16 @@ pub mod kv {
 /// The replicated cluster objects and store transactions (`proto/flotilla/objects.proto`).
 pub mod objects {
     include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));
+
+    /// Never the key: a `{:?}` of a Cluster object may reach a log.
+    impl std::fmt::Debug for RootCaKey {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("RootCaKey")
+                .field("cert_der_bytes", &self.cert_der.len())
+                .field("key_der", &"<redacted>")
+                .finish()
+        }
+    }
 }
 
 /// The control API (`proto/flotilla/control.proto`).

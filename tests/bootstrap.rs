@@ -105,10 +105,11 @@ fn init_prints_tokens_and_a_manager_joins_with_the_manager_token() {
     second.wait_for("joined cluster", START);
     second.wait_for("listening on", START);
     assert_eq!(mode(&second_dir.join("node/node.pem")), 0o600);
-    // Only the first manager holds the CA key for now.
+    // The CA key reaches a joined manager only through the replicated store: nothing is
+    // written to its ca/ directory.
     assert!(
         second_dir.join("ca").read_dir().unwrap().next().is_none(),
-        "a joined manager must not hold the root key yet"
+        "a joined manager must not write the root key to a file"
     );
 
     for proc in [&mut first, &mut second] {

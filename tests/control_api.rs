@@ -376,3 +376,72 @@ fn admins_operate_but_never_reach_raft_and_workers_reach_no_control_method() {
         .and_then(|mut stream| stream.recv());
     assert_denied("Watch", watch);
 }
+
+/// The Cluster object as this manager applied it.
+fn applied_cluster(fixture: &Fixture) -> Arc<flotilla::proto::objects::Cluster> {
+    let manager = fixture.manager.as_ref().unwrap();
+    manager.state().store.list().first().cloned().unwrap()
+}
+
+#[test]
+fn a_cluster_object_without_the_ca_key_gets_it_from_the_founder_and_replies_never_carry_it() {
+    use flotilla::proto::objects::{Cluster, Transaction};
+
+    let fixture = Fixture::start();
+    let founder_ca = ClusterCa::load(&fixture.dir.ca_file(), CaPolicy::default()).unwrap();
+    let (cert_der, key_der) = founder_ca.to_der_parts();
+    // A new cluster replicates the key from its first Cluster object on.
+    let cluster = applied_cluster(&fixture);
+    let material = cluster
+        .root_ca
+        .clone()
+        .expect("the founder replicates its key");
+    assert_eq!(
+        (material.cert_der.as_ref(), material.key_der.as_ref()),
+        (cert_der.as_slice(), key_der.as_slice())
+    );
+    // Its Debug form (what a log could show) carries no key bytes.
+    let debug = format!("{cluster:?}");
+    assert!(debug.contains("<redacted>"), "{debug}");
+    assert!(
+        !debug.contains(&format!("{:?}", material.key_der)),
+        "{debug}"
+    );
+
+    // A cluster created before the key was replicated: the object has none. The founder,
+    // which holds the key on disk, publishes it.
+    let mut legacy = cluster.as_ref().clone();
+    legacy.root_ca = None;
+    let version = legacy.meta.as_ref().unwrap().version;
+    let txn = Transaction {
+        changes: vec![flotilla::store::update_expecting(legacy, version)],
+        timestamp_ms: 1,
+    };
+    let manager = fixture.manager.as_ref().unwrap();
+    flotilla::manager::state::propose_transaction(manager.raft(), &txn, CALL).unwrap();
+    let deadline = Instant::now() + CALL;
+    let republished = loop {
+        let cluster: Arc<Cluster> = applied_cluster(&fixture);
+        if cluster.meta.as_ref().unwrap().version > version
+            && let Some(material) = cluster.root_ca.clone()
+        {
+            break material;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the founder never published its key"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(republished.key_der.as_ref(), key_der.as_slice());
+
+    // Neither a manager nor an admin ever receives it.
+    let manager_tls = fixture.manager_tls();
+    let admin = fixture.admin(&manager_tls, 86_400_000).unwrap();
+    for tls in [manager_tls.clone(), fixture.tls_for(&admin)] {
+        let reply: pb::ClusterResponse = fixture
+            .call(&tls, api::GET_CLUSTER, &pb::GetClusterRequest {})
+            .unwrap();
+        assert!(reply.cluster.unwrap().root_ca.is_none());
+    }
+}

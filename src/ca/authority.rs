@@ -377,6 +377,30 @@ impl ClusterCa {
         ClusterCa::from_blocks(origin, blocks, policy)
     }
 
+    /// The root certificate and the root private key (PKCS#8), both DER: the CA's whole
+    /// secret, for replicating it to the other managers through the Raft store only.
+    /// Never log it, never put it in a reply.
+    pub fn to_der_parts(&self) -> (Vec<u8>, Vec<u8>) {
+        (self.root.der().to_vec(), self.issuer.key().serialize_der())
+    }
+
+    /// Rebuilds a CA from [`Self::to_der_parts`] output (as replicated in the store).
+    ///
+    /// # Errors
+    /// [`CaError::Storage`] (`Corrupt`) when the certificate is not a root CA or the key is
+    /// not its own; [`CaError::BadPolicy`].
+    pub fn from_der_parts(
+        cert_der: &[u8],
+        key_der: &[u8],
+        policy: CaPolicy,
+    ) -> Result<ClusterCa, CaError> {
+        let blocks = vec![
+            pem::Pem::new(PEM_CERTIFICATE, cert_der.to_vec()),
+            pem::Pem::new(PEM_PRIVATE_KEY, key_der.to_vec()),
+        ];
+        ClusterCa::from_blocks(Path::new("<replicated CA>"), blocks, policy)
+    }
+
     /// Writes the CA (certificate + key, one file so they can never be out of step) to
     /// `path`, mode 0600, atomically.
     ///

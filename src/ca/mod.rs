@@ -20,7 +20,10 @@
 //! # Lifecycle
 //! - `init`: [`ClusterCa::create`] → [`ClusterCa::save`]; [`JoinTokens::generate`];
 //!   [`ClusterCa::issue_local_identity`] → [`save_node_files`].
-//! - manager serving: [`CaService`] (join, renew), [`tls::server_config`].
+//! - manager serving: [`CaService`] (join, renew) in a [`SharedCa`] slot (every manager: the
+//!   founder loads the key from its `ca/` file, the others receive it through the
+//!   replicated Cluster object: [`ClusterCa::to_der_parts`] / [`ClusterCa::from_der_parts`]),
+//!   [`tls::server_config`].
 //! - `join`: see [`join`] for the four steps.
 //! - every node: [`load_node_files`], [`tls::client_config`], renew at
 //!   [`NodeIdentity::renewal_at`] with [`PendingIdentity`] + [`PendingIdentity::complete_renewal`].
@@ -53,7 +56,12 @@ pub use node::{
 };
 pub use ratelimit::{FailureLimits, FailureRateLimiter, RateLimited};
 pub use root::{ROOT_CERT_BYTES_MAX, RootCert};
-pub use service::CaService;
+pub use service::{CaService, SharedCa};
+
+/// In the message of the `PermissionDenied` a manager answers a revoked certificate with:
+/// a Raft peer that sees it knows (from the committed, replicated revocation list) that it
+/// was removed from the cluster.
+pub const CERTIFICATE_REVOKED: &str = "was revoked cluster-wide";
 pub use token::{
     JoinToken, JoinTokens, TOKEN_CHARS_MAX, TOKEN_DIGEST_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES,
     TOKEN_VERSION, TokenError, TokenParseError,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use super::{
     CaService, CertError, IssueError, JoinError, JoinToken, NodeIdentity, PendingIdentity,
-    RootCert, TokenError, TokenParseError, tls, verify_root_for_token,
+    RootCert, SharedCa, TokenError, TokenParseError, tls, verify_root_for_token,
 };
 use crate::net::{Allow, CallOptions, Channel, Router, ServicePool, Transport};
 use crate::proto::ca::{
@@ -28,23 +28,49 @@ pub const RENEW_NODE_CERTIFICATE: &str = "ca.RenewNodeCertificate";
 
 /// Serves the CA's methods from `service` on `pool`.
 pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService>) {
-    let ca = service.clone();
+    let root = service.root().clone();
+    register_shared(
+        router,
+        pool,
+        &Arc::new(SharedCa::with(service.clone())),
+        root,
+    );
+}
+
+/// The refusal of a manager that does not hold the CA key (yet).
+fn no_ca_here() -> Status {
+    Status::new(
+        Code::FailedPrecondition,
+        "this manager does not hold the cluster CA key yet (it arrives with the replicated \
+         cluster object); retry in a moment or use another manager",
+    )
+}
+
+/// Serves the CA's methods from whatever CA `shared` holds at each call; `root` (this
+/// node's own trust anchor) answers `ca.GetRootCa` even before the key arrives.
+pub fn register_shared(
+    router: &mut Router,
+    pool: &ServicePool,
+    shared: &Arc<SharedCa>,
+    root: RootCert,
+) {
     router.unary(
         GET_ROOT_CA,
         Allow::ANYONE,
         pool,
         move |_, _: GetRootCaRequest| {
             Ok(GetRootCaResponse {
-                root_cert_der: ca.root().der().to_vec().into(),
+                root_cert_der: root.der().to_vec().into(),
             })
         },
     );
-    let ca = service.clone();
+    let slot = shared.clone();
     router.unary(
         ISSUE_NODE_CERTIFICATE,
         Allow::ANYONE,
         pool,
         move |ctx, request: IssueNodeCertificateRequest| {
+            let ca = slot.get().ok_or_else(no_ca_here)?;
             let issued = ca
                 .join(
                     ctx.peer_addr().ip(),
@@ -59,7 +85,7 @@ pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService
             })
         },
     );
-    let ca = service.clone();
+    let slot = shared.clone();
     router.unary(
         RENEW_NODE_CERTIFICATE,
         Allow::NODES,
@@ -68,6 +94,7 @@ pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService
             let caller = ctx
                 .peer()
                 .expect("Allow::NODES admits only callers with a verified certificate");
+            let ca = slot.get().ok_or_else(no_ca_here)?;
             let issued = ca
                 .renew(caller, &request.csr_der, SystemTime::now())
                 .map_err(issue_status)?;

@@ -170,3 +170,46 @@ impl CaService {
         Ok(issued)
     }
 }
+
+/// The CA this manager serves, once it has one: the founder loads it from its state
+/// directory at start; every other manager installs it when the replicated Cluster object
+/// carries the key. Shared by the CA's RPC handlers and the control API.
+#[derive(Debug, Default)]
+pub struct SharedCa {
+    slot: RwLock<Option<std::sync::Arc<CaService>>>,
+}
+
+impl SharedCa {
+    /// An empty slot: joins and renewals are refused until [`Self::install`].
+    pub fn empty() -> SharedCa {
+        SharedCa::default()
+    }
+
+    /// A slot holding `service`.
+    pub fn with(service: std::sync::Arc<CaService>) -> SharedCa {
+        SharedCa {
+            slot: RwLock::new(Some(service)),
+        }
+    }
+
+    /// The CA, if this manager has it.
+    pub fn get(&self) -> Option<std::sync::Arc<CaService>> {
+        self.slot.read().clone()
+    }
+
+    /// Whether this manager can sign.
+    pub fn is_present(&self) -> bool {
+        self.slot.read().is_some()
+    }
+
+    /// Installs `service` unless one is already there (the first one stays: both hold the
+    /// same root, checked by the caller). Returns whether it was installed.
+    pub fn install(&self, service: CaService) -> bool {
+        let mut slot = self.slot.write();
+        if slot.is_some() {
+            return false;
+        }
+        *slot = Some(std::sync::Arc::new(service));
+        true
+    }
+}

@@ -1,5 +1,6 @@
 //! `flotilla admin-cert issue --out DIR`: gets an admin certificate (OU `admin`) for
-//! operating the cluster from another host. The key pair is generated here and only the
+//! operating the cluster from another host; `flotilla admin-cert revoke ID` revokes one
+//! cluster-wide. The key pair is generated here and only the
 //! CSR goes to the manager; the private key is written to DIR (0600) and nowhere else.
 //!
 //! Must never send or print a private key, nor overwrite an identity already in DIR.
@@ -13,7 +14,7 @@ use clap::Subcommand;
 use super::control::{Client, Format, parse_duration_ms};
 use super::json::Json;
 use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
-use crate::control::admin::ISSUE_ADMIN_CERTIFICATE;
+use crate::control::admin::{ISSUE_ADMIN_CERTIFICATE, REVOKE_ADMIN_CERTIFICATE};
 use crate::proto::control as pb;
 
 /// Lifetime of an admin certificate unless `--validity` says otherwise.
@@ -35,6 +36,12 @@ pub enum AdminCertCommand {
         /// Lifetime, e.g. `12h`, `30d` (at most 365d).
         #[arg(long, default_value = ADMIN_CERT_VALIDITY_DEFAULT)]
         validity: String,
+    },
+    /// Revoke an admin certificate by its id (printed by `issue`): every manager refuses
+    /// it from then on, until it would have expired anyway.
+    Revoke {
+        /// The certificate's id.
+        id: String,
     },
 }
 
@@ -60,12 +67,25 @@ fn seconds_since_epoch(time: SystemTime) -> u64 {
 /// # Errors
 /// A message for stderr, with a hint.
 pub(crate) fn run(client: &Client, command: AdminCertCommand) -> Result<(), String> {
-    let AdminCertCommand::Issue {
-        out,
-        name,
-        validity,
-    } = command;
-    let validity_ms = parse_validity_ms(&validity)?;
+    match command {
+        AdminCertCommand::Issue {
+            out,
+            name,
+            validity,
+        } => issue(client, out, name, &validity),
+        AdminCertCommand::Revoke { id } => {
+            let _: pb::RevokeAdminCertificateResponse = client.unary(
+                REVOKE_ADMIN_CERTIFICATE,
+                &pb::RevokeAdminCertificateRequest { id: id.clone() },
+            )?;
+            println!("admin certificate {id} revoked on every manager");
+            Ok(())
+        }
+    }
+}
+
+fn issue(client: &Client, out: PathBuf, name: String, validity: &str) -> Result<(), String> {
+    let validity_ms = parse_validity_ms(validity)?;
     if out.join(NODE_IDENTITY_FILE).exists() {
         return Err(format!(
             "{} already holds an identity; choose another --out directory",

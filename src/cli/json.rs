@@ -402,6 +402,19 @@ pub fn cluster(cluster: &Cluster) -> Json {
         .map(|b| format!("{b:02x}"))
         .collect();
     fields.push(("root_ca_digest", s(&digest)));
+    let revoked = cluster
+        .revoked_certificates
+        .iter()
+        .map(|r| {
+            obj(vec![
+                ("id", s(&r.id)),
+                ("reason", s(&r.reason)),
+                ("revoked_at_ms", n(r.revoked_at_ms)),
+                ("expires_at_ms", n(r.expires_at_ms)),
+            ])
+        })
+        .collect();
+    fields.push(("revoked_certificates", Json::Arr(revoked)));
     obj(fields)
 }
 

@@ -2,10 +2,12 @@
 //! signed by the cluster CA from the public key of the caller's CSR (the private key never
 //! leaves the caller).
 //!
-//! Runs where the CA key is: on this manager if it holds it, else forwarded to the leader
-//! (with the caller's identity), which refuses with a hint if it lacks the key too. Must
-//! never issue a node certificate (manager or worker) nor anything longer-lived than
-//! [`ADMIN_CERT_VALIDITY_MAX`].
+//! Runs where the CA key is: on this manager once it holds it (every manager does, once
+//! the replicated Cluster object reached it), else forwarded to the leader (with the
+//! caller's identity). `control.RevokeAdminCertificate` revokes one by id, cluster-wide
+//! (a write: the id joins the Cluster object's revoked certificates, checked by
+//! [`super::access`]). Must never issue a node certificate (manager or worker) nor
+//! anything longer-lived than [`ADMIN_CERT_VALIDITY_MAX`].
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,8 +22,10 @@ use crate::wire::{Code, Status};
 
 /// Issues an admin certificate.
 pub const ISSUE_ADMIN_CERTIFICATE: &str = "control.IssueAdminCertificate";
-/// The longest lifetime an admin certificate may be given (one year): an admin
-/// certificate cannot be revoked, only outlived.
+/// Revokes an admin certificate by its id, cluster-wide.
+pub const REVOKE_ADMIN_CERTIFICATE: &str = "control.RevokeAdminCertificate";
+/// The longest lifetime an admin certificate may be given (one year): a lost one is
+/// revoked with `flotilla admin-cert revoke ID`, and the revocation is kept that long.
 pub const ADMIN_CERT_VALIDITY_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Characters of the `name` an admin certificate is issued for (logged only).
 pub const ADMIN_NAME_CHARS_MAX: usize = 64;
@@ -63,13 +67,12 @@ pub(super) fn issue_here(
     let request = pb::IssueAdminCertificateRequest::decode(payload)
         .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
     let validity = check_request(&request)?;
-    let ca = api.ca.as_ref().ok_or_else(|| {
+    let ca = api.ca.get().ok_or_else(|| {
         Status::new(
             Code::FailedPrecondition,
             // (Worded without "leader ": the CLI retries such refusals as elections.)
-            "the cluster CA key is neither on this manager nor on the one leading; run \
-             `flotilla admin-cert issue` against the manager that created the cluster (its \
-             state directory has ca/)",
+            "the cluster CA key is neither on this manager nor on the one leading (it \
+             reaches every manager through the replicated cluster object); retry in a moment",
         )
     })?;
     let issued = ca
@@ -93,8 +96,25 @@ pub(super) fn issue_here(
     ))
 }
 
-/// Serves [`ISSUE_ADMIN_CERTIFICATE`] to operators (managers and admins).
+/// Serves [`ISSUE_ADMIN_CERTIFICATE`] and [`REVOKE_ADMIN_CERTIFICATE`] to operators
+/// (managers and admins).
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.unary(
+        REVOKE_ADMIN_CERTIFICATE,
+        Allow::OPERATORS,
+        pool,
+        move |ctx, request: pb::RevokeAdminCertificateRequest| {
+            let caller = Caller::from_peer(ctx.peer())?;
+            let reply = a.write(
+                &caller,
+                REVOKE_ADMIN_CERTIFICATE,
+                Bytes::from(request.encode_to_vec()),
+            )?;
+            pb::RevokeAdminCertificateResponse::decode(reply)
+                .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+        },
+    );
     let a = api.clone();
     router.unary(
         ISSUE_ADMIN_CERTIFICATE,
@@ -105,7 +125,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             // Checked here too, so a bad request fails before any forward.
             check_request(&request)?;
             let payload = Bytes::from(request.encode_to_vec());
-            let reply = if a.ca.is_some() {
+            let reply = if a.ca.is_present() {
                 issue_here(&a, &caller, payload)?
             } else {
                 a.write(&caller, ISSUE_ADMIN_CERTIFICATE, payload)?

@@ -9,6 +9,10 @@
 //!   report is forwarded with its own identity);
 //! - copies the replicated join tokens into this manager's CA service and `join-tokens`
 //!   file when they changed (a rotation on any manager reaches every manager);
+//! - keeps the cluster CA in step with the Cluster object ([`sync_ca`]): a manager that
+//!   holds the CA key on disk publishes it when the object lacks it; a manager without a
+//!   CA installs the replicated one (so every manager serves joins, renewals and admin
+//!   certificates);
 //! - on the leader, runs one pass of the role reconciler ([`super::roles`]: demotions),
 //!   which may block the thread for one membership change or leadership transfer.
 //!
@@ -22,11 +26,11 @@ use bytes::Bytes;
 use crossbeam_channel::{Sender, bounded};
 use prost::Message;
 
-use super::{Caller, ControlApi, PROPOSE_TIMEOUT, REPORT_MANAGER};
-use crate::ca::{JoinTokens, Role};
+use super::{Caller, ControlApi, PROPOSE_TIMEOUT, PUBLISH_ROOT_CA, REPORT_MANAGER};
+use crate::ca::{CaPolicy, CaService, ClusterCa, FailureLimits, JoinTokens, Role};
 use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
-use crate::proto::objects::{Cluster, Node, Transaction};
+use crate::proto::objects::{Cluster, Node, RootCaKey, Transaction};
 use crate::store::create;
 use crate::store::settings::ClusterSettings;
 use crate::store::spec::default_cluster_spec;
@@ -74,6 +78,7 @@ impl Duties {
                 loop {
                     apply_snapshot_interval(&api, &me, &mut ignored_interval);
                     run_once(&api, &me, &mut synced);
+                    sync_ca(&api, &me);
                     super::roles::reconcile(&api, &mut demotions);
                     match stopped.recv_timeout(DUTY_INTERVAL) {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
@@ -195,6 +200,7 @@ fn create_cluster(api: &ControlApi, me: &SelfReport) {
             .map(|t| Bytes::copy_from_slice(&t.token(Role::Worker).root_digest()))
             .unwrap_or_default(),
         join_tokens: tokens.as_ref().map(super::handlers::tokens_to_proto),
+        root_ca: api.ca.get().map(|ca| root_ca_material(ca.ca())),
         ..Default::default()
     };
     let txn = Transaction {
@@ -207,9 +213,86 @@ fn create_cluster(api: &ControlApi, me: &SelfReport) {
     }
 }
 
+/// The replicated form of `ca`'s signing material (secret: see [`super::redact_cluster`]).
+fn root_ca_material(ca: &ClusterCa) -> RootCaKey {
+    let (cert_der, key_der) = ca.to_der_parts();
+    RootCaKey {
+        cert_der: cert_der.into(),
+        key_der: key_der.into(),
+    }
+}
+
+/// Keeps the CA key and this manager's CA in step: a manager holding the key on disk
+/// publishes it when the Cluster object lacks it (clusters created before the key was
+/// replicated); a manager without a CA installs it from the Cluster object, checked
+/// against its own root certificate, with the replicated join tokens.
+fn sync_ca(api: &ControlApi, me: &SelfReport) {
+    let Some(cluster) = api.store.list::<Cluster>().into_iter().next() else {
+        return;
+    };
+    match (api.ca.get(), &cluster.root_ca) {
+        (Some(ca), None) => publish_ca(api, me, ca.ca()),
+        (None, Some(material)) => install_ca(api, &cluster, material),
+        _ => {}
+    }
+}
+
+fn publish_ca(api: &ControlApi, me: &SelfReport, ca: &ClusterCa) {
+    if api.node.leader().is_none() {
+        return;
+    }
+    let caller = Caller {
+        node_id: me.node_id.clone(),
+        role: Role::Manager,
+        forwarded_by: None,
+    };
+    let request = pb::PublishRootCaRequest {
+        root_ca: Some(root_ca_material(ca)),
+    };
+    match api.write(
+        &caller,
+        PUBLISH_ROOT_CA,
+        Bytes::from(request.encode_to_vec()),
+    ) {
+        Ok(_) => log::info!("published the cluster CA key to the other managers"),
+        Err(status) => log::debug!("cannot publish the cluster CA key yet: {status}"),
+    }
+}
+
+fn install_ca(api: &ControlApi, cluster: &Cluster, material: &RootCaKey) {
+    let Ok(tokens) = super::handlers::cluster_tokens(cluster) else {
+        return;
+    };
+    let ca =
+        match ClusterCa::from_der_parts(&material.cert_der, &material.key_der, CaPolicy::default())
+        {
+            Ok(ca) => ca,
+            Err(error) => {
+                log::error!("the replicated cluster CA key is unusable: {error}");
+                return;
+            }
+        };
+    if ca.root().digest() != api.root.digest() || !tokens.token(Role::Worker).pins(ca.root()) {
+        log::error!(
+            "the replicated cluster CA is not this node's root CA ({}); not serving it",
+            api.root.digest_hex()
+        );
+        return;
+    }
+    if api
+        .ca
+        .install(CaService::new(ca, tokens, FailureLimits::default()))
+    {
+        log::info!(
+            "this manager now runs the cluster CA (joins, renewals, admin certificates) with \
+             the key replicated in the cluster object"
+        );
+    }
+}
+
 /// Makes `tokens` the ones this manager's CA accepts and its `join-tokens` file holds.
 pub(super) fn sync_tokens(api: &ControlApi, tokens: &JoinTokens) {
-    if let Some(ca) = &api.ca
+    if let Some(ca) = api.ca.get()
         && ca.tokens() != *tokens
     {
         match ca.set_tokens(tokens.clone()) {

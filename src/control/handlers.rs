@@ -75,6 +75,15 @@ pub(super) fn execute(
         super::UPDATE_CLUSTER => update_cluster(api, decode(payload)?).map(|r| encode(&r)),
         super::ROTATE_JOIN_TOKEN => rotate_join_token(api, decode(payload)?).map(|r| encode(&r)),
         super::admin::ISSUE_ADMIN_CERTIFICATE => super::admin::issue_here(api, caller, payload),
+        super::admin::REVOKE_ADMIN_CERTIFICATE => {
+            revoke_admin(api, decode(payload)?).map(|r| encode(&r))
+        }
+        super::PUBLISH_ROOT_CA => {
+            publish_root_ca(api, caller, decode(payload)?).map(|r| encode(&r))
+        }
+        super::REVOKE_REMOVED_MANAGER => {
+            revoke_removed_manager(api, decode(payload)?).map(|r| encode(&r))
+        }
         other => Err(Status::new(
             Code::Unimplemented,
             format!("{other} is not a control write"),
@@ -355,10 +364,187 @@ fn remove_node(
             ),
         ));
     }
-    propose(api, vec![delete(Kind::Node, current.id.clone(), 0)])?;
+    let mut changes = vec![delete(Kind::Node, current.id.clone(), 0)];
+    // Its certificate stays valid until it expires: revoke it cluster-wide in the same
+    // transaction, so the node is never gone while its certificate still works.
+    changes.extend(revocation(
+        api,
+        &current.id,
+        REASON_NODE_REMOVED,
+        node_cert_lifetime(),
+    )?);
+    propose(api, changes)?;
     Ok(pb::RemoveResponse {
         id: current.id.clone(),
     })
+}
+
+/// Why a node's certificate was revoked by `node rm`.
+pub const REASON_NODE_REMOVED: &str = "node removed";
+/// Why a manager's certificate was revoked by `manager rm`.
+pub const REASON_MANAGER_REMOVED: &str = "manager removed from the Raft group";
+/// Why an admin certificate was revoked.
+pub const REASON_ADMIN_REVOKED: &str = "admin certificate revoked";
+/// Revoked identities the Cluster object keeps at most (entries leave when every
+/// certificate they could cover has expired).
+pub const REVOKED_CERTIFICATES_MAX: usize = 10_000;
+
+/// The longest a removed node's certificate may still be valid: it was renewed at most
+/// just now (removed nodes are refused renewal from then on).
+fn node_cert_lifetime() -> std::time::Duration {
+    crate::ca::NODE_CERT_VALIDITY_DEFAULT + crate::ca::CERT_BACKDATE
+}
+
+fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The change that adds `id` to the Cluster object's revoked certificates (dropping
+/// expired entries), or nothing if it is already there.
+///
+/// # Errors
+/// `Unavailable` without a cluster object; `ResourceExhausted` past
+/// [`REVOKED_CERTIFICATES_MAX`].
+fn revocation(
+    api: &ControlApi,
+    id: &str,
+    reason: &str,
+    lifetime: std::time::Duration,
+) -> Result<Option<Change>, Status> {
+    let current = api.store.view(the_cluster)?;
+    if current.revoked_certificates.iter().any(|r| r.id == id) {
+        return Ok(None);
+    }
+    let now = now_ms();
+    let mut cluster = current.as_ref().clone();
+    cluster
+        .revoked_certificates
+        .retain(|r| r.expires_at_ms > now);
+    if cluster.revoked_certificates.len() >= REVOKED_CERTIFICATES_MAX {
+        return Err(Status::resource_exhausted(format!(
+            "the cluster already keeps {REVOKED_CERTIFICATES_MAX} revoked certificates; they \
+             leave as they expire"
+        )));
+    }
+    cluster
+        .revoked_certificates
+        .push(crate::proto::objects::RevokedCertificate {
+            id: id.to_string(),
+            reason: reason.to_string(),
+            revoked_at_ms: now,
+            expires_at_ms: now.saturating_add(duration_ms(lifetime)),
+        });
+    log::info!("revoking the certificate of {id} cluster-wide: {reason}");
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    Ok(Some(update_expecting(cluster, version)))
+}
+
+/// `control.RevokeAdminCertificate`: refuses the admin certificate `id` cluster-wide.
+fn revoke_admin(
+    api: &ControlApi,
+    request: pb::RevokeAdminCertificateRequest,
+) -> Result<pb::RevokeAdminCertificateResponse, Status> {
+    if !crate::ca::is_valid_id(&request.id) {
+        return Err(Status::invalid_argument(format!(
+            "id: {:?} is not a certificate id (the id `admin-cert issue` printed)",
+            request.id
+        )));
+    }
+    if api.store.get::<Node>(&request.id).is_some() {
+        return Err(Status::invalid_argument(format!(
+            "{} is a node, not an admin certificate; remove a node with `flotilla node rm`",
+            request.id
+        )));
+    }
+    let lifetime = super::admin::ADMIN_CERT_VALIDITY_MAX + crate::ca::CERT_BACKDATE;
+    if let Some(change) = revocation(api, &request.id, REASON_ADMIN_REVOKED, lifetime)? {
+        propose(api, vec![change])?;
+    }
+    Ok(pb::RevokeAdminCertificateResponse {})
+}
+
+/// Records the node of a manager just removed from the Raft group as revoked (run by the
+/// leader on behalf of whichever manager served `control.RemoveManager`).
+fn revoke_removed_manager(
+    api: &ControlApi,
+    request: pb::RemoveManagerRequest,
+) -> Result<pb::ManagersResponse, Status> {
+    let members = api
+        .node
+        .status(PROPOSE_TIMEOUT)
+        .map_err(|e| e.to_status())?
+        .members;
+    if members.iter().any(|m| m.id == request.raft_id) {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "raft id {:x} is still a member; remove it first",
+                request.raft_id
+            ),
+        ));
+    }
+    let node = api.store.view(|view| {
+        view.list::<Node>()
+            .find(|n| {
+                n.manager_status
+                    .as_ref()
+                    .is_some_and(|m| m.raft_id == request.raft_id)
+            })
+            .cloned()
+    });
+    let Some(node) = node else {
+        log::warn!(
+            "removed raft member {:x} never recorded itself as a node; its certificate cannot \
+             be revoked by id",
+            request.raft_id
+        );
+        return Ok(pb::ManagersResponse::default());
+    };
+    if let Some(change) = revocation(api, &node.id, REASON_MANAGER_REMOVED, node_cert_lifetime())? {
+        propose(api, vec![change])?;
+    }
+    Ok(pb::ManagersResponse::default())
+}
+
+/// `control.PublishRootCa`: the CA key of a cluster created before it was replicated, sent
+/// by the manager that holds it on disk. Checked against this manager's own root.
+fn publish_root_ca(
+    api: &ControlApi,
+    caller: &Caller,
+    request: pb::PublishRootCaRequest,
+) -> Result<pb::PublishRootCaResponse, Status> {
+    if caller.role != Role::Manager {
+        return Err(Status::permission_denied(
+            "only a manager publishes the CA key",
+        ));
+    }
+    let material = request
+        .root_ca
+        .ok_or_else(|| Status::invalid_argument("root_ca: required"))?;
+    let ca = crate::ca::ClusterCa::from_der_parts(
+        &material.cert_der,
+        &material.key_der,
+        crate::ca::CaPolicy::default(),
+    )
+    .map_err(|e| Status::invalid_argument(format!("root_ca: unusable: {e}")))?;
+    if ca.root().digest() != api.root.digest() {
+        return Err(Status::invalid_argument(
+            "root_ca: not this cluster's root CA",
+        ));
+    }
+    let current = api.store.view(the_cluster)?;
+    if current.root_ca.is_some() {
+        return Ok(pb::PublishRootCaResponse {});
+    }
+    let version = current.meta.as_ref().map_or(0, |m| m.version);
+    let mut cluster = current.as_ref().clone();
+    cluster.root_ca = Some(material);
+    propose(api, vec![update_expecting(cluster, version)])?;
+    log::info!(
+        "the cluster CA key from node {} is now replicated to every manager",
+        caller.node_id
+    );
+    Ok(pb::PublishRootCaResponse {})
 }
 
 fn report_manager(
@@ -442,8 +628,10 @@ fn update_cluster(
     let mut cluster = current.as_ref().clone();
     cluster.spec = Some(spec);
     propose(api, vec![update_expecting(cluster, request.version)])?;
+    let mut written = written::<Cluster>(api, &current.id)?.as_ref().clone();
+    super::redact_cluster(&mut written);
     Ok(pb::ClusterResponse {
-        cluster: Some(written::<Cluster>(api, &current.id)?.as_ref().clone()),
+        cluster: Some(written),
     })
 }
 

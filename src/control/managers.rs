@@ -65,7 +65,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         REMOVE_MANAGER,
         Allow::OPERATORS,
         pool,
-        move |_, request: pb::RemoveManagerRequest| {
+        move |ctx, request: pb::RemoveManagerRequest| {
+            let caller = super::Caller::from_peer(ctx.peer())?;
             let _: raftpb::RemoveMemberResponse = a.call_leader(
                 REMOVE_MEMBER,
                 &raftpb::RemoveMemberRequest {
@@ -73,6 +74,21 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
                     force: request.force,
                 },
             )?;
+            // The removed manager's certificate is revoked cluster-wide (it must not come
+            // back through raft.Join or reach the control API). Removed from Raft but not
+            // yet revoked (this call failed): `manager rm` again, or `node rm`, finishes it.
+            let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+            a.write(&caller, super::REVOKE_REMOVED_MANAGER, payload)
+                .map_err(|status| {
+                    Status::new(
+                        status.code,
+                        format!(
+                            "the manager left the Raft group, but revoking its certificate \
+                             failed ({}); run `flotilla manager rm` again",
+                            status.message
+                        ),
+                    )
+                })?;
             leader_status(&a)
         },
     );

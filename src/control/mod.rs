@@ -19,7 +19,12 @@
 //! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
 //! - [`admin`] issues admin certificates (OU `admin`) from a CSR.
 //! - Who may call: operators, that is managers and admin certificates ([`Allow::OPERATORS`]);
-//!   never workers. [`FORWARD`] and [`REPORT_MANAGER`] are for managers only.
+//!   never workers. [`FORWARD`] and [`REPORT_MANAGER`] are for managers only. Beyond the
+//!   certificate's role, [`access`] refuses revoked identities (removed nodes, revoked admin
+//!   certificates) and demoted managers on every manager, for every method (the
+//!   transport's authorizer) and again on the leader for a forwarded caller.
+//! - The CA key travels in the Cluster object (`root_ca`) and nowhere else: every reply and
+//!   watch event that carries a Cluster goes through [`redact_cluster`].
 //! - [`duties`] runs one thread per manager that records the manager as a Node object,
 //!   creates the Cluster object on a new leader, keeps the CA's join tokens and the
 //!   `join-tokens` file in sync with the replicated Cluster object, applies the cluster's
@@ -29,6 +34,7 @@
 //! This module must never change the store except through a proposed transaction, nor
 //! trust an identity that did not come from a certificate or a manager's forward.
 
+pub mod access;
 pub mod admin;
 pub mod duties;
 mod handlers;
@@ -44,7 +50,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use prost::Message;
 
-use crate::ca::{CaService, PeerIdentity, Role};
+use crate::ca::{PeerIdentity, Role, RootCert, SharedCa};
 use crate::kv::linearizable_read_index;
 use crate::manager::StateDir;
 use crate::net::{Allow, CallContext, CallOptions, Router, ServicePool, Transport};
@@ -92,9 +98,17 @@ pub const GET_JOIN_TOKENS: &str = "control.GetJoinTokens";
 pub const ROTATE_JOIN_TOKEN: &str = "control.RotateJoinToken";
 /// Streams store events.
 pub const WATCH: &str = "control.Watch";
+/// Internal (managers only, never served to a client): a manager holding the CA key on
+/// disk publishes it into the Cluster object.
+pub const PUBLISH_ROOT_CA: &str = "control.PublishRootCa";
+/// Internal (forwarded by the manager that served `control.RemoveManager`): records the
+/// removed manager's node id as revoked.
+pub const REVOKE_REMOVED_MANAGER: &str = "control.RevokeRemovedManager";
 
 /// The write methods: run on the leader, forwarded by followers. (Also forwarded:
-/// [`admin::ISSUE_ADMIN_CERTIFICATE`], by a manager without the CA key.)
+/// [`admin::ISSUE_ADMIN_CERTIFICATE`] by a manager without the CA key yet,
+/// [`admin::REVOKE_ADMIN_CERTIFICATE`], and the internal [`PUBLISH_ROOT_CA`] and
+/// [`REVOKE_REMOVED_MANAGER`].)
 pub const WRITE_METHODS: [&str; 8] = [
     CREATE_SERVICE,
     UPDATE_SERVICE,
@@ -108,7 +122,25 @@ pub const WRITE_METHODS: [&str; 8] = [
 
 /// Whether a follower may forward `method` to the leader.
 fn is_forwardable(method: &str) -> bool {
-    WRITE_METHODS.contains(&method) || method == admin::ISSUE_ADMIN_CERTIFICATE
+    WRITE_METHODS.contains(&method)
+        || [
+            admin::ISSUE_ADMIN_CERTIFICATE,
+            admin::REVOKE_ADMIN_CERTIFICATE,
+            PUBLISH_ROOT_CA,
+            REVOKE_REMOVED_MANAGER,
+        ]
+        .contains(&method)
+}
+
+/// Writes only a manager may have run (about itself or the cluster's own material).
+fn is_manager_only(method: &str) -> bool {
+    [REPORT_MANAGER, PUBLISH_ROOT_CA].contains(&method)
+}
+
+/// Removes the CA key from a Cluster object before it leaves this manager (a reply, a watch
+/// event). Every path that hands a Cluster to a caller goes through here.
+pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
+    cluster.root_ca = None;
 }
 
 /// Deadline of a write's proposal, and of a forward to the leader.
@@ -179,30 +211,49 @@ pub struct ControlApi {
     store: Arc<Store>,
     transport: Arc<Transport>,
     client_tls: Arc<rustls::ClientConfig>,
-    ca: Option<Arc<CaService>>,
+    ca: Arc<SharedCa>,
+    access: Arc<access::AccessList>,
+    root: RootCert,
     dir: StateDir,
     watches: Mutex<watch::WatchThreads>,
 }
 
+/// What the control API needs besides the Raft node and the store.
+pub struct ControlDeps {
+    /// The transport, for forwarding and leader calls.
+    pub transport: Arc<Transport>,
+    /// This manager's client TLS configuration.
+    pub client_tls: Arc<rustls::ClientConfig>,
+    /// The CA this manager serves (filled when the replicated key arrives).
+    pub ca: Arc<SharedCa>,
+    /// The revocation state the apply thread maintains.
+    pub access: Arc<access::AccessList>,
+    /// This node's root certificate (the replicated key must belong to it).
+    pub root: RootCert,
+    /// The state directory (join tokens file).
+    pub dir: StateDir,
+}
+
 impl ControlApi {
-    /// The API over `node` and its applied `store`; `ca` and `dir` receive rotated tokens.
-    pub fn new(
-        node: NodeHandle,
-        store: Arc<Store>,
-        transport: Arc<Transport>,
-        client_tls: Arc<rustls::ClientConfig>,
-        ca: Option<Arc<CaService>>,
-        dir: StateDir,
-    ) -> Arc<ControlApi> {
+    /// The API over `node` and its applied `store`; `deps.ca` and `deps.dir` receive
+    /// rotated tokens.
+    pub fn new(node: NodeHandle, store: Arc<Store>, deps: ControlDeps) -> Arc<ControlApi> {
         Arc::new(ControlApi {
             node,
             store,
-            transport,
-            client_tls,
-            ca,
-            dir,
+            transport: deps.transport,
+            client_tls: deps.client_tls,
+            ca: deps.ca,
+            access: deps.access,
+            root: deps.root,
+            dir: deps.dir,
             watches: Mutex::new(watch::WatchThreads::default()),
         })
+    }
+
+    /// The CA this manager serves, if it holds the key.
+    pub fn ca(&self) -> Option<Arc<crate::ca::CaService>> {
+        self.ca.get()
     }
 
     /// The local store.
@@ -313,7 +364,7 @@ fn serve_forward(
     // so that no path runs a control write for a worker.
     let allowed = match caller.role {
         Role::Manager => true,
-        Role::Admin => request.method != REPORT_MANAGER,
+        Role::Admin => !is_manager_only(&request.method),
         Role::Worker => false,
     };
     if !allowed {
@@ -322,6 +373,10 @@ fn serve_forward(
             request.method, caller.node_id, caller.role
         )));
     }
+    // The follower's store may lag behind this one: a caller revoked or demoted here is
+    // refused even if the follower let it through.
+    api.access
+        .check_caller(&request.method, &caller.node_id, caller.role)?;
     handlers::execute(api, &caller, &request.method, request.payload)
         .map(|payload| pb::ForwardResponse { payload })
 }

@@ -171,7 +171,14 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         super::GET_NODE,
         Allow::OPERATORS,
         pool,
-        move |_, request: pb::GetNodeRequest| {
+        move |ctx, request: pb::GetNodeRequest| {
+            // A demoted manager's certificate reaches this method only to read its own
+            // Node object (see `access`).
+            if let Some(peer) = ctx.peer()
+                && peer.node_id != request.reference
+            {
+                a.access.check(super::LIST_NODES, peer)?;
+            }
             a.read_barrier()?;
             let node = a
                 .store
@@ -244,9 +251,10 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         pool,
         move |_, _: pb::GetClusterRequest| {
             a.read_barrier()?;
-            let cluster = a.store.view(the_cluster)?;
+            let mut cluster = a.store.view(the_cluster)?.as_ref().clone();
+            super::redact_cluster(&mut cluster);
             Ok(pb::ClusterResponse {
-                cluster: Some(cluster.as_ref().clone()),
+                cluster: Some(cluster),
             })
         },
     );

@@ -14,6 +14,7 @@ use std::time::Duration;
 use super::ControlApi;
 use crate::net::{Allow, Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
+use crate::proto::objects::{StoreObject, store_object};
 use crate::store::{Action, Kind, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher};
 use crate::wire::Status;
 
@@ -69,9 +70,17 @@ fn message_for(event: &crate::store::Event) -> pb::WatchMessage {
             Action::Update => pb::WatchAction::Update,
             Action::Delete => pb::WatchAction::Delete,
         } as i32,
-        object: Some(event.object.to_store_object()),
-        old: event.old.as_ref().map(|o| o.to_store_object()),
+        object: Some(redacted(event.object.to_store_object())),
+        old: event.old.as_ref().map(|o| redacted(o.to_store_object())),
     }
+}
+
+/// A watch event never carries the CA key.
+fn redacted(mut object: StoreObject) -> StoreObject {
+    if let Some(store_object::Object::Cluster(cluster)) = object.object.as_mut() {
+        super::redact_cluster(cluster);
+    }
+    object
 }
 
 /// Forwards events until the stream should end; the error the caller must see, if any.

@@ -1,5 +1,6 @@
-//! A running manager process: the transport and its listener, the CA service (on managers
-//! holding the root key), the certificate renewer, and (with the Raft issues) the Raft node.
+//! A running manager process: the transport and its listener, the CA service (every
+//! manager: the founder loads the key from disk, the others install it from the replicated
+//! Cluster object), the revocation check on every call, the certificate renewer, and (with the Raft issues) the Raft node.
 //!
 //! Owns the start order and the shutdown barrier. Must never acknowledge anything itself:
 //! it only wires components together and stops them in the documented order.
@@ -11,18 +12,17 @@ use super::state::{ManagerState, TAG_KV};
 use super::state_dir::{Settings, StateDir, StateDirError};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::{
-    CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, StorageError,
-    load_node_files, tls,
+    CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, SharedCa,
+    StorageError, load_node_files, tls,
 };
 use crate::control::duties::{Duties, SelfReport};
 use crate::control::roles::wants_worker;
-use crate::control::{self, ControlApi};
-use crate::kv::KvStateMachine;
+use crate::control::{self, ControlApi, ControlDeps};
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
-use crate::store::{Store, StoreConfig};
+use crate::store::StoreConfig;
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
 pub const CA_POOL_THREADS: usize = 2;
@@ -137,6 +137,7 @@ impl Manager {
                 node: identity.node_id().to_string(),
             });
         }
+        restrict_raft_dir(dir)?;
         let transport = Arc::new(
             Transport::start(TransportConfig::default())
                 .map_err(io_error("cannot start the transport"))?,
@@ -144,10 +145,7 @@ impl Manager {
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
         let client_tls = Arc::new(tls::client_config(&identity, &root)?);
-        let machine = ManagerState {
-            kv: KvStateMachine::new(),
-            store: Arc::new(Store::new(StoreConfig::default())),
-        };
+        let machine = ManagerState::new(StoreConfig::default());
         let mut node_config = NodeConfig::new(
             settings.raft_id,
             settings.advertise_addr.clone(),
@@ -185,14 +183,24 @@ impl Manager {
             &transport,
             &client_tls,
         );
-        let mut ca_service = None;
-        if dir.ca_file().exists() {
+        // The founder holds the CA key on disk; every other manager receives it with the
+        // replicated Cluster object (control duties install it into this slot).
+        let ca_service = Arc::new(if dir.ca_file().exists() {
             let ca = ClusterCa::load(&dir.ca_file(), CaPolicy::default())?;
             let tokens = dir.load_tokens()?;
-            let service = Arc::new(CaService::new(ca, tokens, FailureLimits::default()));
-            crate::ca::rpc::register(&mut router, &ca_pool, &service);
-            ca_service = Some(service);
-        }
+            SharedCa::with(Arc::new(CaService::new(
+                ca,
+                tokens,
+                FailureLimits::default(),
+            )))
+        } else {
+            SharedCa::empty()
+        });
+        crate::ca::rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone());
+        // Every call with a certificate is checked against the revocations this manager
+        // has applied (removed nodes, demoted managers, revoked admin certificates).
+        let access = machine.access.clone();
+        router.set_authorizer(Arc::new(move |method, caller| access.check(method, caller)));
         let control_pool = ServicePool::new(
             "control",
             control::CONTROL_POOL_THREADS,
@@ -202,10 +210,14 @@ impl Manager {
         let control = ControlApi::new(
             raft.handle().clone(),
             machine.store.clone(),
-            transport.clone(),
-            client_tls.clone(),
-            ca_service,
-            dir.clone(),
+            ControlDeps {
+                transport: transport.clone(),
+                client_tls: client_tls.clone(),
+                ca: ca_service,
+                access: machine.access.clone(),
+                root: root.clone(),
+                dir: dir.clone(),
+            },
         );
         control::register(&mut router, &control_pool, &control);
         let store = machine.store.clone();
@@ -398,6 +410,21 @@ impl Manager {
         }
         log::info!("manager {} stopped", self.identity.node_id());
     }
+}
+
+/// Makes the Raft directory private to its owner (0700) before the node opens it: its log
+/// and snapshots hold the replicated state, the cluster CA key included. (`init` and `join`
+/// create it so; this also covers a directory made by an older version or by hand.)
+fn restrict_raft_dir(dir: &StateDir) -> Result<(), StartError> {
+    use std::os::unix::fs::PermissionsExt;
+    let raft_dir = dir.raft_dir();
+    let what = format!("cannot restrict {} to its owner", raft_dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .create(&raft_dir)
+        .map_err(io_error(what.clone()))?;
+    std::fs::set_permissions(&raft_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error(what))
 }
 
 fn resolve(addr: &str) -> Result<SocketAddr, StartError> {

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message;
 
+use crate::control::access::AccessList;
 use crate::kv::KvStateMachine;
 use crate::proto::objects::Transaction;
 use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
@@ -33,6 +34,28 @@ pub struct ManagerState {
     pub kv: KvStateMachine,
     /// The object store.
     pub store: Arc<Store>,
+    /// Revocations derived from the store, kept in step here from each transaction's
+    /// events, and rebuilt after a restore.
+    pub access: Arc<AccessList>,
+}
+
+impl ManagerState {
+    /// An empty state: no entries applied.
+    pub fn new(store_config: crate::store::StoreConfig) -> ManagerState {
+        ManagerState {
+            kv: KvStateMachine::new(),
+            store: Arc::new(Store::new(store_config)),
+            access: AccessList::new(),
+        }
+    }
+
+    fn apply_store(&self, index: LogIndex, txn: &[u8]) -> Bytes {
+        let result = self.store.apply_encoded(index, txn);
+        if let Ok(outcome) = &result {
+            self.access.apply_events(&outcome.events);
+        }
+        encode_store_result(result.map(|o| o.version))
+    }
 }
 
 /// The reply to a store entry: the version it wrote, or why it was refused.
@@ -72,9 +95,7 @@ impl StateMachine for ManagerState {
     fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
         match data.split_first() {
             Some((&TAG_KV, command)) => self.kv.apply(index, command),
-            Some((&TAG_STORE, txn)) => {
-                encode_store_result(self.store.apply_encoded(index, txn).map(|o| o.version))
-            }
+            Some((&TAG_STORE, txn)) => self.apply_store(index, txn),
             // Written by a newer version: ignored alike on every manager.
             _ => Bytes::new(),
         }
@@ -103,6 +124,7 @@ impl StateMachine for ManagerState {
             .restore(FramedReader::new(&mut *input))
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
         self.kv.replace_with(&kv);
+        self.access.refresh(&self.store);
         Ok(())
     }
 }
@@ -239,10 +261,7 @@ mod tests {
 
     #[test]
     fn entries_reach_their_part_and_snapshots_carry_both() {
-        let mut state = ManagerState {
-            kv: KvStateMachine::new(),
-            store: Arc::new(Store::new(StoreConfig::default())),
-        };
+        let mut state = ManagerState::new(StoreConfig::default());
         let put = crate::proto::kv::Command {
             op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
                 key: "k".into(),
@@ -265,18 +284,12 @@ mod tests {
 
         let mut image = Vec::new();
         (state.snapshot())(&mut image).unwrap();
-        let mut copy = ManagerState {
-            kv: KvStateMachine::new(),
-            store: Arc::new(Store::new(StoreConfig::default())),
-        };
+        let mut copy = ManagerState::new(StoreConfig::default());
         copy.restore(&mut image.as_slice()).unwrap();
         assert_eq!(copy.kv.get("k").unwrap().len(), 200_000);
         assert!(copy.store.get::<Node>("n1").is_some());
 
-        let mut damaged = ManagerState {
-            kv: KvStateMachine::new(),
-            store: Arc::new(Store::new(StoreConfig::default())),
-        };
+        let mut damaged = ManagerState::new(StoreConfig::default());
         assert!(damaged.restore(&mut &image[..image.len() / 2]).is_err());
         assert!(damaged.kv.is_empty());
     }

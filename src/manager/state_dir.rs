@@ -3,7 +3,8 @@
 //!
 //! Layout (all files 0600, written atomically):
 //! - `node/`: the node identity and the cluster root ([`crate::ca::save_node_files`]);
-//! - `ca/`: the root CA key bundle (managers that can sign certificates only);
+//! - `ca/`: the root CA key bundle (the founder only; other managers hold the key only in
+//!   the replicated store, under `raft/`);
 //! - `join-tokens`: the current manager and worker tokens, one per line;
 //! - `manager.conf`: [`Settings`] (`key = value` lines);
 //! - `raft/`: the Raft log, hard state and snapshots;

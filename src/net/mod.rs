@@ -46,7 +46,9 @@ use mio::{Poll, Waker};
 use parking_lot::Mutex;
 
 pub use client::{CallOptions, Channel, RequestStream, ResponseStream};
-pub use server::{Allow, CallContext, ClientStream, Responder, Router, ServerStream, ServicePool};
+pub use server::{
+    Allow, Authorizer, CallContext, ClientStream, Responder, Router, ServerStream, ServicePool,
+};
 
 use client::{Backoff, ChannelInner};
 use conn::ReactorWaker;

@@ -316,10 +316,16 @@ struct MethodEntry {
     jobs: Option<Sender<Job>>,
 }
 
+/// A second check after a method's allow-list, for callers with a certificate: may this
+/// identity still call `method` (say, its certificate was revoked)? Runs on the reactor
+/// thread for every call, so it must answer from memory, at once, without blocking.
+pub type Authorizer = Arc<dyn Fn(&str, &PeerIdentity) -> Result<(), Status> + Send + Sync>;
+
 /// The methods a listener serves, each with its allow-list and the pool that runs it.
 #[derive(Default)]
 pub struct Router {
     methods: HashMap<String, MethodEntry>,
+    authorizer: Option<Authorizer>,
 }
 
 fn decode_request<Req: Message + Default>(payload: Bytes) -> Result<Req, Status> {
@@ -330,6 +336,11 @@ impl Router {
     /// An empty router: every method is `Unimplemented`.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Sets the [`Authorizer`] every call with a certificate must also pass.
+    pub fn set_authorizer(&mut self, authorizer: Authorizer) {
+        self.authorizer = Some(authorizer);
     }
 
     fn insert(&mut self, method: &str, allow: Allow, pool: &ServicePool, handler: Handler) {
@@ -507,6 +518,9 @@ impl Router {
         };
         let identity = conn.peer_identity();
         entry.allow.check(&request.method, identity.as_ref())?;
+        if let (Some(authorize), Some(caller)) = (&self.authorizer, identity.as_ref()) {
+            authorize(&request.method, caller)?;
+        }
         let ctl = Arc::new(StreamCtl::new());
         let deadline =
             (request.timeout_us > 0).then(|| now + Duration::from_micros(request.timeout_us));

@@ -163,8 +163,13 @@ impl Cluster {
 
     /// Starts one more manager with `join` (through the first manager); returns its index.
     pub fn add_joiner(&mut self) -> usize {
+        self.add_joiner_via(0)
+    }
+
+    /// Starts one more manager with `join` through manager `via`; returns its index.
+    pub fn add_joiner_via(&mut self, via: usize) -> usize {
         let (name, dir, addr, wrapper) = self.next_slot();
-        let via = self.managers[0].addr.clone();
+        let via = self.managers[via].addr.clone();
         let mut args = vec![
             "join".to_string(),
             "--state-dir".into(),

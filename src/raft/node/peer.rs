@@ -177,6 +177,14 @@ impl Peer {
                 let _ = self.inputs.try_send(Input::Removed);
             }
             Ok(_) => {}
+            // Our certificate is on the cluster's (committed) revocation list: removed.
+            Err(status)
+                if status.code == crate::wire::Code::PermissionDenied
+                    && status.message.contains(crate::ca::CERTIFICATE_REVOKED) =>
+            {
+                log::error!("raft peer {:x}: {status}", self.id);
+                let _ = self.inputs.try_send(Input::Removed);
+            }
             Err(status) => self.log_error(format_args!("{addr}: {status}")),
         }
     }

@@ -18,7 +18,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -247,9 +247,11 @@ impl SnapshotBuilder {
             std::process::id(),
             TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
         ));
+        // 0600: a snapshot holds the whole replicated state, the cluster CA key included.
         let file = OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(crate::util::fsutil::MODE_PRIVATE)
             .open(&temp_path)
             .map_err(|e| StorageError::io("create", &temp_path, e))?;
         let (content_bytes, sha) = expected.unwrap_or((0, [0; DIGEST_BYTES]));
