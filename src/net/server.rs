@@ -514,12 +514,20 @@ impl Router {
             let (inbound, job) =
                 build_job(&entry.handler, ctx, writer, request.payload, Wait::Never);
             job();
-            return Ok(Route { inbound, ctl });
+            return Ok(Route {
+                inbound,
+                ctl,
+                on_reply: None,
+            });
         };
         let (inbound, job) =
             build_job(&entry.handler, ctx, writer, request.payload, Wait::ForSpace);
         match jobs.try_send(job) {
-            Ok(()) => Ok(Route { inbound, ctl }),
+            Ok(()) => Ok(Route {
+                inbound,
+                ctl,
+                on_reply: None,
+            }),
             Err(TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
                 "{} is busy: its queue is full; retry with backoff",
                 request.method

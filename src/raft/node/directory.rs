@@ -79,6 +79,14 @@ impl Directory {
         self.inner.read().get(&id).cloned()
     }
 
+    /// True if `id` is known at `addr` (no copy: the raft thread checks it per send).
+    pub fn addr_is(&self, id: NodeId, addr: &str) -> bool {
+        self.inner
+            .read()
+            .get(&id)
+            .is_some_and(|known| known == addr)
+    }
+
     /// Records that `id` is at `addr`.
     pub fn set(&self, id: NodeId, addr: String) {
         self.inner.write().insert(id, addr);

@@ -232,6 +232,9 @@ impl RaftLoop {
                 self.on_writer_event(Some(event));
             }
             self.process_ready();
+            for peer in self.peers.values_mut() {
+                peer.flush();
+            }
         }
         self.shutdown();
     }
@@ -337,6 +340,7 @@ impl RaftLoop {
             Input::Removed => {
                 self.set_fatal("this manager was removed from the cluster".into());
             }
+            Input::FlushPeers => {}
         }
     }
 
@@ -365,6 +369,7 @@ impl RaftLoop {
         if let Some(meta) = ready.snapshot {
             self.install_received_snapshot(&meta);
         }
+        let mut write_here = None;
         if !ready.entries.is_empty() || ready.hard_state.is_some() {
             let last_index = self.log_mut().last_index();
             let truncate_from = ready
@@ -377,13 +382,27 @@ impl RaftLoop {
                 entries: ready.entries,
                 hard_state: ready.hard_state,
             };
-            if let Err(error) = self.log_mut().submit(request) {
+            if self.persists_inline() {
+                write_here = Some(request);
+            } else if let Err(error) = self.log_mut().submit(request) {
                 self.set_fatal(format!("cannot persist: {error}"));
                 return;
             }
         }
-        for message in ready.messages {
-            self.route(message);
+        // Before an inline write: what the core released does not wait for this fsync.
+        self.route(ready.messages);
+        if let Some(request) = write_here {
+            match self.log_mut().write_inline(request) {
+                Ok(durable) => {
+                    self.core
+                        .on_entries_persisted(durable.last_index, durable.last_term);
+                    self.core.on_hard_state_persisted(durable.hard_state);
+                }
+                Err(error) => {
+                    self.set_fatal(format!("cannot persist: {error}"));
+                    return;
+                }
+            }
         }
         if let Some(last) = ready.committed_entries.last() {
             self.handed_out = last.index;
@@ -401,6 +420,14 @@ impl RaftLoop {
                 }
             }
         }
+    }
+
+    /// A member that is not the leader writes its log on this thread: it acknowledges only
+    /// after the fsync anyway, and messages arriving meanwhile queue up and form the next
+    /// group. The leader keeps the writer thread, so that its fsync overlaps replication.
+    /// Only when nothing submitted is in flight, so that writes stay in order.
+    fn persists_inline(&self) -> bool {
+        self.core.role() != Role::Leader && self.log.as_ref().is_some_and(LogHandle::is_idle)
     }
 
     fn on_soft_state(&mut self, role: Role, leader: Option<NodeId>, term: u64) {
@@ -452,12 +479,26 @@ impl RaftLoop {
         self.send_to_apply(ApplyInput::Restore(info));
     }
 
-    fn route(&mut self, message: Message) {
-        let to = message.to;
-        if to == self.core.id() {
-            self.core.step(message);
-            return;
+    /// Sends a Ready's messages: to this member's own core at once, to each peer in order,
+    /// as one call per peer.
+    fn route(&mut self, messages: Vec<Message>) {
+        let mut by_peer: BTreeMap<NodeId, Vec<Message>> = BTreeMap::new();
+        for message in messages {
+            if message.to == self.core.id() {
+                self.core.step(message);
+            } else {
+                by_peer.entry(message.to).or_default().push(message);
+            }
         }
+        for (to, messages) in by_peer {
+            if let Some(peer) = self.peer(to) {
+                peer.send(messages);
+            }
+        }
+    }
+
+    /// The handle of peer `to`, starting its thread on first use.
+    fn peer(&mut self, to: NodeId) -> Option<&mut PeerHandle> {
         if !self.peers.contains_key(&to) {
             match peer::spawn(
                 to,
@@ -471,14 +512,11 @@ impl RaftLoop {
                 }
                 Err(error) => {
                     log::error!("raft: cannot start a peer thread for {to:x}: {error}");
-                    return;
+                    return None;
                 }
             }
         }
-        let queue = &self.peers[&to].queue;
-        if queue.try_send(message).is_err() {
-            log::debug!("raft peer {to:x}: queue full, dropping a message");
-        }
+        self.peers.get_mut(&to)
     }
 
     /// Stops the peer threads of members that left the group.
@@ -675,6 +713,6 @@ fn fail_input(input: Input) {
         }
         Input::ReadIndex { done, .. } => done(Err(NodeError::ShuttingDown)),
         Input::Transfer { done, .. } => done(Err(NodeError::ShuttingDown)),
-        Input::Step(_) | Input::Status { .. } | Input::Removed => {}
+        Input::Step(_) | Input::Status { .. } | Input::Removed | Input::FlushPeers => {}
     }
 }
