@@ -3,7 +3,7 @@
 //!
 //! Normal entries start with a one-byte tag: [`TAG_APP`] entries belong to the state
 //! machine, [`TAG_MEMBER_ADDR`] entries update this directory. The state machine never sees
-//! node-internal entries. Must never be written to except by the apply thread (in log order)
+//! node-internal entries. Must never be written to except by the applier (in log order)
 //! or by restoring a snapshot; everyone else reads.
 
 use std::collections::BTreeMap;

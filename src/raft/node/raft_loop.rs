@@ -1,9 +1,12 @@
 //! The raft thread (`raft-<id>`): owns the core and the storage handle, and turns every
-//! Ready into work for the log writer, the peer threads and the apply thread.
+//! Ready into work for the log writer, the peers and the apply thread. When idle it does
+//! some of that work itself (a follower's fsync, sending to peers, applying a small
+//! batch) to spare thread wake-ups on the commit path.
 //!
 //! Must never block on the network, and block on nothing but the apply queue (bounded: a
-//! wedged state machine stops heartbeats and so hands leadership away). Never acknowledges
-//! anything itself: acknowledgements are messages the core releases after persistence.
+//! wedged state machine stops heartbeats and so hands leadership away), an inline fsync
+//! (followers, when idle) and an inline apply (small batches). Never acknowledges anything
+//! itself: acknowledgements are messages the core releases after persistence.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
