@@ -677,10 +677,10 @@ fn nowait_calls_need_a_live_connection_and_report_replies_and_failures_to_their_
         "a refused call's hook is dropped unrun"
     );
     echo(&channel, b"connect").unwrap();
-    // In order, each hook with its own reply.
+    // In order (an inline method answers in arrival order), each hook with its own reply.
     for i in 0..10u8 {
         channel
-            .unary_nowait("test.Echo", request(&[i]), TIMEOUT, hook(tx.clone()))
+            .unary_nowait("test.InlineEcho", request(&[i]), TIMEOUT, hook(tx.clone()))
             .unwrap();
     }
     for i in 0..10u8 {
@@ -700,4 +700,40 @@ fn nowait_calls_need_a_live_connection_and_report_replies_and_failures_to_their_
     server.stop();
     let err = rx.recv_timeout(TIMEOUT).unwrap().unwrap_err();
     assert_eq!(err.code, Code::Unavailable, "{err}");
+}
+
+#[test]
+fn oneway_calls_run_inline_handlers_in_order_and_nothing_comes_back() {
+    use prost::Message;
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    let request = |data: &[u8]| {
+        bytes::Bytes::from(
+            Bytes {
+                data: data.to_vec(),
+                caller: String::new(),
+            }
+            .encode_to_vec(),
+        )
+    };
+    let err = channel
+        .send_oneway("test.InlineRecord", request(b"early"))
+        .unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "no connection yet: {err}");
+    echo(&channel, b"connect").unwrap();
+    for i in 0..20u8 {
+        channel
+            .send_oneway("test.InlineRecord", request(&[i]))
+            .unwrap();
+    }
+    for i in 0..20u8 {
+        let event = expect_event(&server, |e| matches!(e, Event::Recorded(_)));
+        assert_eq!(event, Event::Recorded(vec![i]));
+    }
+    // A pooled method cannot be called one-way: refused without a reply, and the
+    // connection goes on serving.
+    channel.send_oneway("test.Echo", request(b"x")).unwrap();
+    assert_eq!(echo(&channel, b"still here").unwrap().data, b"still here");
 }

@@ -369,6 +369,26 @@ impl Channel {
         })
     }
 
+    /// Sends a one-way call: like [`Channel::unary_nowait`] (never dials, never blocks,
+    /// calls on a channel go out in order), but the callee sends nothing back, not even an
+    /// error; it must serve `method` inline (`Router::unary_inline`). For messages whose
+    /// loss the caller tolerates (Raft's, which are retransmitted).
+    ///
+    /// # Errors
+    /// `Unavailable` if no connection is up, `ResourceExhausted` if its send buffer is
+    /// full.
+    pub fn send_oneway(&self, method: &str, payload: Bytes) -> Result<(), Status> {
+        let conn = self.inner.ready_connection().ok_or_else(|| {
+            Status::unavailable(format!("no connection to {} is up", self.inner.target))
+        })?;
+        let mut env = envelope(conn.allocate_stream_id(), FrameKind::Request);
+        env.method = method.to_string();
+        env.payload = payload;
+        env.oneway = true;
+        let frame = conn.encode(&env)?;
+        conn.push_nowait(Outbound::Frame(frame))
+    }
+
     /// Calls a server-streaming `method`; read the replies from the returned stream.
     ///
     /// # Errors

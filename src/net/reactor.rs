@@ -574,9 +574,15 @@ impl Reactor {
             return Ok(());
         };
         let method = env.method.clone();
+        let oneway = env.oneway;
         match router.dispatch(&conn.shared, env, now) {
+            // A one-way call is over once dispatched: nothing goes back.
+            Ok(_) if oneway => {}
             Ok(route) => {
                 conn.routes.insert(stream_id, route);
+            }
+            Err(status) if oneway => {
+                log::debug!("refused one-way {method} from {}: {status}", conn.peer());
             }
             Err(status) => {
                 log::debug!("refused {method} from {}: {status}", conn.peer());

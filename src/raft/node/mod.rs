@@ -242,9 +242,6 @@ pub(crate) enum Input {
     },
     /// A peer told us we were removed from the group.
     Removed,
-    /// A direct call to a peer was answered and messages wait for it: the turn ends with
-    /// a flush of every peer's held messages.
-    FlushPeers,
 }
 
 /// One member as seen by this node.

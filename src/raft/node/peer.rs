@@ -2,12 +2,14 @@
 //! (`raft-peer-<peer>`, one per peer) for everything that may wait.
 //!
 //! Direct lane: while the peer's connection is up and nothing waits in the peer thread's
-//! queue, the raft thread itself hands the peer's messages to the transport as a
-//! `raft.Step` call ([`Channel::unary_nowait`]), never blocking; the reply is handled on
-//! the reactor. One call is out at a time: messages produced meanwhile are held and go
-//! out together once it is answered (the reply wakes the raft thread), so batching is as
-//! before. This spares two thread wake-ups per message on the commit path, and the CPU
-//! a peer thread spent waiting for each reply.
+//! queue, the raft thread itself hands the peer's messages to the transport at the end of
+//! its turn as one one-way `raft.Step` call ([`Channel::send_oneway`]), never blocking.
+//! While more inputs wait, messages are held a few turns (at most [`HOLD_WHILE_BUSY_MAX`])
+//! so that calls stay few and large under load. One call per [`REMOVAL_CHECK_INTERVAL`]
+//! asks for the reply ([`Channel::unary_nowait`], handled on the reactor), which says
+//! whether the peer considers this member removed. This spares two thread wake-ups per
+//! message on the commit path, the CPU a peer thread spent waiting for each reply, and
+//! the reply frames themselves.
 //!
 //! Peer thread: everything else goes through its bounded queue: messages while the
 //! connection is down (it dials, with backoff) or the direct lane is full, and snapshots,
@@ -40,10 +42,13 @@ pub const PEER_QUEUE_LEN_MAX: usize = 1024;
 pub const STEP_BATCH_MSGS_MAX: usize = 512;
 /// Entry payload bytes in one `raft.Step` call (well under the 4 MiB frame limit).
 pub const STEP_BATCH_BYTES_MAX: u64 = 2 << 20;
-/// Direct `raft.Step` calls awaiting their reply at most. Normally one is out at a time and
-/// later messages wait for its reply to go out together; only full batches may add more.
-/// A peer that stops answering cannot make routes pile up.
-pub const STEP_INFLIGHT_MAX: usize = 8;
+/// While the raft thread has more inputs waiting, held messages wait for the next turns
+/// up to this long: fewer, larger calls under load (each call costs both reactors a frame
+/// and the follower a wake-up); when idle they go at the end of the turn.
+pub const HOLD_WHILE_BUSY_MAX: Duration = Duration::from_micros(200);
+/// Direct calls are one-way except one per this interval, whose reply tells a removed
+/// member that it was removed.
+pub const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often an idle peer thread checks whether it should stop.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Longest wait for the follower to verify and install a received snapshot.
@@ -59,14 +64,14 @@ pub(crate) struct PeerHandle {
     queue: Sender<Message>,
     /// Non-snapshot messages handed to the peer thread and not yet sent (or dropped) by it.
     queued: Arc<AtomicUsize>,
-    /// Direct calls awaiting their reply.
-    inflight: Arc<AtomicUsize>,
-    /// Set while `held` waits for the call in flight: its reply then wakes the raft thread.
-    wants_flush: Arc<AtomicBool>,
-    /// Messages waiting for the direct call in flight to be answered; they go out together
-    /// as the next call (batching, like the peer thread's while its call is out).
+    /// Messages waiting for the end of the raft thread's turn (or, while it is busy, for a
+    /// few more turns): they go out together as one call.
     held: Vec<Message>,
     held_bytes: u64,
+    /// When the oldest held message was first offered for sending.
+    held_since: Option<Instant>,
+    /// When a direct call last asked for a reply (the others are one-way).
+    last_reply_wanted: Option<Instant>,
     /// The channel of the direct lane and the address it dials.
     direct: Option<(String, Channel)>,
     shared: Arc<Shared>,
@@ -77,30 +82,9 @@ pub(crate) struct PeerHandle {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Counts one direct call in flight until dropped (with its reply hook, run or not); the
-/// last one out wakes the raft thread if messages are held for the lane.
-struct InflightGuard {
-    inflight: Arc<AtomicUsize>,
-    wants_flush: Arc<AtomicBool>,
-    inputs: Sender<Input>,
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        // SeqCst pairs with `PeerHandle::flush`: either it sees the call gone, or this
-        // sees its flag and wakes it.
-        self.inflight.fetch_sub(1, Ordering::SeqCst);
-        if self.wants_flush.swap(false, Ordering::SeqCst) {
-            // A full input queue means the raft thread is busy: it flushes at the end of
-            // every turn anyway.
-            let _ = self.inputs.try_send(Input::FlushPeers);
-        }
-    }
-}
-
 impl PeerHandle {
-    /// Sends `messages` (all to this peer, in order): snapshots to the peer thread, the
-    /// rest through the direct lane if it is open, else through the peer thread's queue.
+    /// Takes `messages` (all to this peer, in order): snapshot notices go to the peer
+    /// thread at once, the rest are held until [`PeerHandle::flush`].
     pub(crate) fn send(&mut self, messages: Vec<Message>) {
         for message in messages {
             if matches!(message.body, MessageBody::Snapshot { .. }) {
@@ -115,13 +99,13 @@ impl PeerHandle {
                 self.held.push(message);
             }
         }
-        self.flush();
     }
 
-    /// Sends the held messages if the lane allows: at once when no direct call is in
-    /// flight or the batch is full, else when the call in flight is answered (the raft
-    /// thread calls this at the end of every turn, and the reply wakes it).
-    pub(crate) fn flush(&mut self) {
+    /// Sends the held messages, as one direct call if the lane is open, else through the
+    /// peer thread's queue. The raft thread calls it at the end of every turn; while it
+    /// is `busy` (inputs wait, so another turn follows at once) a batch that is not full
+    /// waits up to [`HOLD_WHILE_BUSY_MAX`] for more.
+    pub(crate) fn flush(&mut self, busy: bool) {
         if self.held.is_empty() {
             return;
         }
@@ -130,23 +114,13 @@ impl PeerHandle {
             self.hand_to_thread();
             return;
         }
+        let since = *self.held_since.get_or_insert_with(Instant::now);
         let full =
             self.held.len() >= STEP_BATCH_MSGS_MAX || self.held_bytes >= STEP_BATCH_BYTES_MAX;
-        let inflight = self.inflight.load(Ordering::SeqCst);
-        if inflight == 0 || (full && inflight < STEP_INFLIGHT_MAX) {
-            self.send_held();
+        if busy && !full && since.elapsed() < HOLD_WHILE_BUSY_MAX {
             return;
         }
-        self.wants_flush.store(true, Ordering::SeqCst);
-        if self.inflight.load(Ordering::SeqCst) == 0 {
-            // Answered meanwhile (its wake-up may come too; a flush with nothing held
-            // does nothing).
-            self.wants_flush.store(false, Ordering::SeqCst);
-            self.send_held();
-        }
-    }
-
-    fn send_held(&mut self) {
+        self.held_since = None;
         let held = std::mem::take(&mut self.held);
         self.held_bytes = 0;
         if let Err(held) = self.try_send_direct(held) {
@@ -158,6 +132,7 @@ impl PeerHandle {
     /// Moves the held messages to the peer thread's queue (in order).
     fn hand_to_thread(&mut self) {
         self.held_bytes = 0;
+        self.held_since = None;
         for message in std::mem::take(&mut self.held) {
             self.queued.fetch_add(1, Ordering::AcqRel);
             if self.queue.try_send(message).is_err() {
@@ -167,7 +142,9 @@ impl PeerHandle {
         }
     }
 
-    /// One direct call with `messages`; gives them back if the lane is closed.
+    /// One direct call with `messages`; gives them back if the lane is closed. One-way,
+    /// except one call per [`REMOVAL_CHECK_INTERVAL`], whose reply says whether the peer
+    /// considers this member removed.
     fn try_send_direct(&mut self, messages: Vec<Message>) -> Result<(), Vec<Message>> {
         let Some(channel) = self.direct_channel() else {
             return Err(messages);
@@ -178,25 +155,24 @@ impl PeerHandle {
             messages: messages.iter().map(message_to_pb).collect(),
         };
         let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        let guard = InflightGuard {
-            inflight: self.inflight.clone(),
-            wants_flush: self.wants_flush.clone(),
-            inputs: self.inputs.clone(),
+        let reply_wanted = self
+            .last_reply_wanted
+            .is_none_or(|at| at.elapsed() >= REMOVAL_CHECK_INTERVAL);
+        let sent = if reply_wanted {
+            self.last_reply_wanted = Some(Instant::now());
+            let (id, inputs) = (self.id, self.inputs.clone());
+            let on_reply = Box::new(move |reply: Result<bytes::Bytes, crate::wire::Status>| {
+                on_step_reply(id, &inputs, reply);
+            });
+            let timeout = Duration::from_millis(self.shared.config.step_timeout_ms);
+            channel.unary_nowait(STEP, payload, timeout, on_reply)
+        } else {
+            channel.send_oneway(STEP, payload)
         };
-        let (id, inputs) = (self.id, self.inputs.clone());
-        let on_reply = Box::new(move |reply: Result<bytes::Bytes, crate::wire::Status>| {
-            on_step_reply(id, &inputs, reply);
-            drop(guard);
-        });
-        let timeout = Duration::from_millis(self.shared.config.step_timeout_ms);
-        match channel.unary_nowait(STEP, payload, timeout, on_reply) {
-            Ok(()) => Ok(()),
-            Err(status) => {
-                log::trace!("raft peer {:x}: direct lane closed: {status}", self.id);
-                Err(messages)
-            }
-        }
+        sent.map_err(|status| {
+            log::trace!("raft peer {:x}: direct lane closed: {status}", self.id);
+            messages
+        })
     }
 
     /// The channel for the direct lane, refreshed when the peer's address changes.
@@ -273,10 +249,10 @@ pub(crate) fn spawn(
         id: peer,
         queue: queue_tx,
         queued,
-        inflight: Arc::new(AtomicUsize::new(0)),
-        wants_flush: Arc::new(AtomicBool::new(false)),
         held: Vec::new(),
         held_bytes: 0,
+        last_reply_wanted: None,
+        held_since: None,
         direct: None,
         shared,
         transport,

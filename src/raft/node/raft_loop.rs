@@ -235,8 +235,9 @@ impl RaftLoop {
                 self.on_writer_event(Some(event));
             }
             self.process_ready();
+            let busy = !self.inputs.is_empty();
             for peer in self.peers.values_mut() {
-                peer.flush();
+                peer.flush(busy);
             }
         }
         self.shutdown();
@@ -359,7 +360,6 @@ impl RaftLoop {
             Input::Removed => {
                 self.set_fatal("this manager was removed from the cluster".into());
             }
-            Input::FlushPeers => {}
         }
     }
 
@@ -408,9 +408,12 @@ impl RaftLoop {
                 return;
             }
         }
-        // Before an inline write: what the core released does not wait for this fsync.
         self.route(ready.messages);
         if let Some(request) = write_here {
+            // What the core released does not wait for this fsync.
+            for peer in self.peers.values_mut() {
+                peer.flush(false);
+            }
             match self.log_mut().write_inline(request) {
                 Ok(durable) => {
                     self.core
@@ -738,6 +741,6 @@ fn fail_input(input: Input) {
         }
         Input::ReadIndex { done, .. } => done(Err(NodeError::ShuttingDown)),
         Input::Transfer { done, .. } => done(Err(NodeError::ShuttingDown)),
-        Input::Step(_) | Input::Status { .. } | Input::Removed | Input::FlushPeers => {}
+        Input::Step(_) | Input::Status { .. } | Input::Removed => {}
     }
 }
