@@ -7,7 +7,7 @@
 //!                                  AppendRequest│  │Durable
 //!                                               ▼  │
 //!                                        raft-log-writer
-//!            raft-<id> ── raft.Step (direct lane, Channel::unary_nowait) ─────────────────► peer
+//!            raft-<id> ── raft.Step (direct lane, Channel::send_oneway) ──────────────────► peer
 //!            raft-<id> ── messages ──► raft-peer-<peer> ── raft.Step / raft.InstallSnapshot ──► peer
 //! ```
 //!
