@@ -646,3 +646,94 @@ fn unix_socket_listener_serves_the_same_methods_with_the_same_identities() {
     server.stop();
     assert!(!path.exists(), "the socket file outlived its listener");
 }
+
+#[test]
+fn nowait_calls_need_a_live_connection_and_report_replies_and_failures_to_their_hook() {
+    use prost::Message;
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let hook = |tx: crossbeam_channel::Sender<_>| -> flotilla::net::ReplyCallback {
+        Box::new(move |reply| tx.send(reply).unwrap())
+    };
+    let request = |data: &[u8]| {
+        bytes::Bytes::from(
+            Bytes {
+                data: data.to_vec(),
+                caller: String::new(),
+            }
+            .encode_to_vec(),
+        )
+    };
+    // No connection yet: refused at once, and it never dials.
+    let err = channel
+        .unary_nowait("test.Echo", request(b"early"), TIMEOUT, hook(tx.clone()))
+        .unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "{err}");
+    assert!(
+        rx.try_recv().is_err(),
+        "a refused call's hook is dropped unrun"
+    );
+    echo(&channel, b"connect").unwrap();
+    // In order (an inline method answers in arrival order), each hook with its own reply.
+    for i in 0..10u8 {
+        channel
+            .unary_nowait("test.InlineEcho", request(&[i]), TIMEOUT, hook(tx.clone()))
+            .unwrap();
+    }
+    for i in 0..10u8 {
+        let reply = rx.recv_timeout(TIMEOUT).unwrap().unwrap();
+        assert_eq!(Bytes::decode(reply).unwrap().data, [i]);
+    }
+    // A call cut off by the server going away reports the failure.
+    channel
+        .unary_nowait(
+            "test.Sleep",
+            bytes::Bytes::from(Number { value: 60_000 }.encode_to_vec()),
+            TIMEOUT,
+            hook(tx.clone()),
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    server.stop();
+    let err = rx.recv_timeout(TIMEOUT).unwrap().unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "{err}");
+}
+
+#[test]
+fn oneway_calls_run_inline_handlers_in_order_and_nothing_comes_back() {
+    use prost::Message;
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    let request = |data: &[u8]| {
+        bytes::Bytes::from(
+            Bytes {
+                data: data.to_vec(),
+                caller: String::new(),
+            }
+            .encode_to_vec(),
+        )
+    };
+    let err = channel
+        .send_oneway("test.InlineRecord", request(b"early"))
+        .unwrap_err();
+    assert_eq!(err.code, Code::Unavailable, "no connection yet: {err}");
+    echo(&channel, b"connect").unwrap();
+    for i in 0..20u8 {
+        channel
+            .send_oneway("test.InlineRecord", request(&[i]))
+            .unwrap();
+    }
+    for i in 0..20u8 {
+        let event = expect_event(&server, |e| matches!(e, Event::Recorded(_)));
+        assert_eq!(event, Event::Recorded(vec![i]));
+    }
+    // A pooled method cannot be called one-way: refused without a reply, and the
+    // connection goes on serving.
+    channel.send_oneway("test.Echo", request(b"x")).unwrap();
+    assert_eq!(echo(&channel, b"still here").unwrap().data, b"still here");
+}

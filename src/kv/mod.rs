@@ -2,7 +2,8 @@
 //! tested and benchmarked with, and its methods `kv.Apply` (a command through Raft) and
 //! `kv.Get` (a linearizable read, from any member).
 //!
-//! Owns the map. Must never change it except from the apply thread, in log order.
+//! Owns the map. Must never change it except through the node's applier (the apply thread,
+//! or the raft thread applying a small batch), in log order.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};

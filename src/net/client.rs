@@ -17,7 +17,7 @@ use parking_lot::{Condvar, Mutex};
 use prost::Message;
 
 use super::Command;
-use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
+use super::conn::{ConnShared, Outbound, ReactorWaker, ReplyCallback, ReplyHook, Route, envelope};
 use super::socket::DialAddr;
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::PeerIdentity;
@@ -120,6 +120,14 @@ impl ChannelInner {
     pub(crate) fn stop(&self) {
         self.state.lock().phase = Phase::Stopped;
         self.changed.notify_all();
+    }
+
+    /// The connection, if one is up; never dials or waits.
+    fn ready_connection(&self) -> Option<Arc<ConnShared>> {
+        match &self.state.lock().phase {
+            Phase::Ready(conn) if conn.close_reason().is_none() => Some(conn.clone()),
+            _ => None,
+        }
     }
 
     /// A ready connection, dialing if needed, waiting until `deadline`.
@@ -267,6 +275,7 @@ impl Channel {
         let route = Route {
             inbound: Some(tx),
             ctl: ctl.clone(),
+            on_reply: None,
         };
         conn.push(
             Outbound::Open {
@@ -318,6 +327,66 @@ impl Channel {
     ) -> Result<Bytes, Status> {
         let mut call = self.open(method, payload, options)?;
         call.await_response()
+    }
+
+    /// Sends a unary call and returns at once: for threads that must never block on the
+    /// network (the Raft thread). Only over a connection that is already up (it never
+    /// dials: use [`Channel::unary`] for that) and only if the connection's send buffer
+    /// has room. `on_reply` runs once on the reactor thread with the reply or the failure
+    /// (connection lost, transport stopped); it must not block. Calls on one channel go out
+    /// in the order they were made.
+    ///
+    /// # Errors
+    /// `Unavailable` if no connection is up, `ResourceExhausted` if its send buffer is
+    /// full; `on_reply` is then dropped without being run.
+    pub fn unary_nowait(
+        &self,
+        method: &str,
+        payload: Bytes,
+        timeout: Duration,
+        on_reply: ReplyCallback,
+    ) -> Result<(), Status> {
+        let conn = self.inner.ready_connection().ok_or_else(|| {
+            Status::unavailable(format!("no connection to {} is up", self.inner.target))
+        })?;
+        let stream_id = conn.allocate_stream_id();
+        let mut env = envelope(stream_id, FrameKind::Request);
+        env.method = method.to_string();
+        env.payload = payload;
+        env.timeout_us = u64::try_from(timeout.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let frame = conn.encode(&env)?;
+        let route = Route {
+            inbound: None,
+            ctl: Arc::new(StreamCtl::new()),
+            on_reply: Some(ReplyHook(on_reply)),
+        };
+        conn.push_nowait(Outbound::Open {
+            stream_id,
+            route,
+            frame,
+        })
+    }
+
+    /// Sends a one-way call: like [`Channel::unary_nowait`] (never dials, never blocks,
+    /// calls on a channel go out in order), but the callee sends nothing back, not even an
+    /// error; it must serve `method` inline (`Router::unary_inline`). For messages whose
+    /// loss the caller tolerates (Raft's, which are retransmitted).
+    ///
+    /// # Errors
+    /// `Unavailable` if no connection is up, `ResourceExhausted` if its send buffer is
+    /// full.
+    pub fn send_oneway(&self, method: &str, payload: Bytes) -> Result<(), Status> {
+        let conn = self.inner.ready_connection().ok_or_else(|| {
+            Status::unavailable(format!("no connection to {} is up", self.inner.target))
+        })?;
+        let mut env = envelope(conn.allocate_stream_id(), FrameKind::Request);
+        env.method = method.to_string();
+        env.payload = payload;
+        env.oneway = true;
+        let frame = conn.encode(&env)?;
+        conn.push_nowait(Outbound::Frame(frame))
     }
 
     /// Calls a server-streaming `method`; read the replies from the returned stream.

@@ -28,6 +28,31 @@ pub(crate) struct Route {
     pub(crate) inbound: Option<Sender<Inbound>>,
     /// Credit and end state of our sending side.
     pub(crate) ctl: Arc<StreamCtl>,
+    /// A call made with [`Channel::unary_nowait`](super::Channel::unary_nowait): the
+    /// reactor runs it with the reply (or the failure) instead of delivering to `inbound`.
+    pub(crate) on_reply: Option<ReplyHook>,
+}
+
+impl Route {
+    /// Ends the stream with `reason`; a reply hook learns it.
+    pub(crate) fn end(self, reason: Status) {
+        self.ctl.end(reason.clone());
+        if let Some(hook) = self.on_reply {
+            (hook.0)(Err(reason));
+        }
+    }
+}
+
+/// Called once, on the reactor thread, with the outcome of a unary call: it must not block.
+pub type ReplyCallback = Box<dyn FnOnce(Result<Bytes, Status>) + Send>;
+
+/// A [`ReplyCallback`] held by a route.
+pub(crate) struct ReplyHook(pub(crate) ReplyCallback);
+
+impl std::fmt::Debug for ReplyHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReplyHook")
+    }
 }
 
 /// One item for the reactor to send.

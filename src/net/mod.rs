@@ -46,6 +46,7 @@ use mio::{Poll, Waker};
 use parking_lot::Mutex;
 
 pub use client::{CallOptions, Channel, RequestStream, ResponseStream};
+pub use conn::ReplyCallback;
 pub use server::{
     Allow, Authorizer, CallContext, ClientStream, Responder, Router, ServerStream, ServicePool,
 };

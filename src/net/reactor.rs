@@ -574,9 +574,15 @@ impl Reactor {
             return Ok(());
         };
         let method = env.method.clone();
+        let oneway = env.oneway;
         match router.dispatch(&conn.shared, env, now) {
+            // A one-way call is over once dispatched: nothing goes back.
+            Ok(_) if oneway => {}
             Ok(route) => {
                 conn.routes.insert(stream_id, route);
+            }
+            Err(status) if oneway => {
+                log::debug!("refused one-way {method} from {}: {status}", conn.peer());
             }
             Err(status) => {
                 log::debug!("refused {method} from {}: {status}", conn.peer());
@@ -612,11 +618,11 @@ impl Reactor {
         log::debug!("connection with {} closed: {}", conn.peer(), reason.message);
         for item in conn.shared.close(reason.clone()) {
             if let Outbound::Open { route, .. } = item {
-                route.ctl.end(reason.clone());
+                route.end(reason.clone());
             }
         }
         for (_, route) in conn.routes.drain() {
-            route.ctl.end(reason.clone());
+            route.end(reason.clone());
         }
         conn.tls.send_close_notify();
         let _ = conn.tls.write_tls(&mut conn.socket);
@@ -792,6 +798,10 @@ fn deliver_to_caller(conn: &mut Conn, env: Envelope, kind: FrameKind) {
         // A late frame for a call we already finished or abandoned.
         return;
     };
+    if route.on_reply.is_some() {
+        deliver_to_hook(conn, env, kind);
+        return;
+    }
     let (inbound, terminal) = match kind {
         FrameKind::StreamMessage => (Inbound::Message(env.payload), false),
         FrameKind::WindowUpdate => {
@@ -836,6 +846,33 @@ fn deliver_to_caller(conn: &mut Conn, env: Envelope, kind: FrameKind) {
     }
     if terminal || overflowed {
         conn.routes.remove(&stream_id);
+    }
+}
+
+/// Routes a frame on a call made with `Channel::unary_nowait`: its terminal frame runs the
+/// route's reply hook, here on the reactor thread.
+fn deliver_to_hook(conn: &mut Conn, env: Envelope, kind: FrameKind) {
+    let outcome = match kind {
+        FrameKind::WindowUpdate => return,
+        FrameKind::Response => Ok(env.payload),
+        FrameKind::Error => Err(Status::from_proto(env.status.as_ref())),
+        FrameKind::Cancel => Err(Status::cancelled(format!(
+            "{} cancelled the call",
+            conn.peer()
+        ))),
+        FrameKind::StreamMessage | FrameKind::EndOfStream => Err(Status::internal(
+            "peer answered a single-reply call with a stream",
+        )),
+        FrameKind::Request | FrameKind::Ping | FrameKind::Pong | FrameKind::Unspecified => {
+            unreachable!("handled before routing")
+        }
+    };
+    let Some(route) = conn.routes.remove(&env.stream_id) else {
+        return;
+    };
+    route.ctl.end(Status::cancelled("the call is over"));
+    if let Some(hook) = route.on_reply {
+        (hook.0)(outcome);
     }
 }
 

@@ -504,6 +504,44 @@ impl Router {
     /// Reactor only: admits a REQUEST. On success returns the route to register for the
     /// new stream; the call is queued on its pool. On failure returns the status to send
     /// back as ERROR.
+    /// A one-way request: an inline unary handler runs now and its outcome goes nowhere
+    /// (a failure is logged). Nothing is routed: `Ok` carries a route that is already over.
+    fn dispatch_oneway(
+        &self,
+        entry: &MethodEntry,
+        conn: &Arc<ConnShared>,
+        request: Envelope,
+        peer: Option<crate::ca::PeerIdentity>,
+        ctl: Arc<StreamCtl>,
+    ) -> Result<Route, Status> {
+        let (None, Handler::Unary(f)) = (&entry.jobs, &entry.handler) else {
+            return Err(Status::invalid_argument(format!(
+                "{} cannot be called one-way: only inline unary methods can",
+                request.method
+            )));
+        };
+        let ctx = CallContext {
+            peer,
+            peer_addr: conn.peer_addr,
+            method: request.method,
+            deadline: None,
+            ctl: ctl.clone(),
+        };
+        if let Err(status) = f(&ctx, request.payload) {
+            log::debug!(
+                "one-way {} from {} failed: {status}",
+                ctx.method,
+                conn.peer_addr
+            );
+        }
+        ctl.end(Status::cancelled("a one-way call is over once handled"));
+        Ok(Route {
+            inbound: None,
+            ctl,
+            on_reply: None,
+        })
+    }
+
     pub(crate) fn dispatch(
         &self,
         conn: &Arc<ConnShared>,
@@ -522,6 +560,9 @@ impl Router {
             authorize(&request.method, caller)?;
         }
         let ctl = Arc::new(StreamCtl::new());
+        if request.oneway {
+            return self.dispatch_oneway(entry, conn, request, identity, ctl);
+        }
         let deadline =
             (request.timeout_us > 0).then(|| now + Duration::from_micros(request.timeout_us));
         let ctx = CallContext {
@@ -542,12 +583,20 @@ impl Router {
             let (inbound, job) =
                 build_job(&entry.handler, ctx, writer, request.payload, Wait::Never);
             job();
-            return Ok(Route { inbound, ctl });
+            return Ok(Route {
+                inbound,
+                ctl,
+                on_reply: None,
+            });
         };
         let (inbound, job) =
             build_job(&entry.handler, ctx, writer, request.payload, Wait::ForSpace);
         match jobs.try_send(job) {
-            Ok(()) => Ok(Route { inbound, ctl }),
+            Ok(()) => Ok(Route {
+                inbound,
+                ctl,
+                on_reply: None,
+            }),
             Err(TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
                 "{} is busy: its queue is full; retry with backoff",
                 request.method

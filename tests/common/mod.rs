@@ -83,6 +83,8 @@ pub enum Event {
     SendFailed(flotilla::wire::Code),
     /// Some handler saw this peer address.
     Peer(SocketAddr),
+    /// `test.InlineRecord` received this payload.
+    Recorded(Vec<u8>),
 }
 
 pub struct TestServer {
@@ -192,6 +194,14 @@ fn test_router(pool: &ServicePool, events: Sender<Event>) -> Router {
             total += data.len() as i64;
         }
         Ok(Number { value: total })
+    });
+    // Inline, and reports what it received (one-way calls get no reply to check).
+    let record_events = events.clone();
+    router.unary_inline("test.InlineRecord", Allow::NODES, move |_, req: Bytes| {
+        record_events
+            .send(Event::Recorded(req.data.clone()))
+            .unwrap();
+        Ok(req)
     });
     // Runs on the reactor thread itself.
     router.unary_inline("test.InlineEcho", Allow::NODES, |ctx, req: Bytes| {

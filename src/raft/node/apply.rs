@@ -2,17 +2,21 @@
 //! log order, answers proposers and readers, takes a snapshot every N applied entries, and
 //! restores received snapshots.
 //!
-//! Owns the [`StateMachine`] and the waiters of proposals and reads. Must never apply an
-//! entry the raft thread did not hand it, never skip one, and never block on the raft
-//! thread (its events go over a channel the raft thread drains in every loop).
+//! Owns the [`StateMachine`] and the waiters of proposals and reads, behind a mutex: the
+//! raft thread applies small batches itself when the apply thread has nothing left to do
+//! (see [`ApplyLane`]), sparing a thread wake-up between commit and reply. Must never
+//! apply an entry the raft thread did not hand it, never skip one, never apply out of
+//! order, and never block on the raft thread (its events go over a channel the raft
+//! thread drains in every loop).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 
 use super::directory::{self, Directory, Payload};
 use super::{NodeError, ProposalCallback, ReadCallback, Shared, SnapshotWriter, StateMachine};
@@ -20,8 +24,16 @@ use crate::raft::core::membership;
 use crate::raft::storage::snapshot::{SnapshotInfo, SnapshotReader, SnapshotStore};
 use crate::raft::types::{Entry, EntryKind, LogIndex, Membership, SnapshotMeta, Term};
 
+/// Committed entries the raft thread applies itself at most (else the apply thread does).
+pub const INLINE_APPLY_ENTRIES_MAX: usize = 64;
+/// Payload bytes the raft thread applies itself at most.
+pub const INLINE_APPLY_BYTES_MAX: usize = 256 << 10;
+
 /// Bytes buffered before a snapshot chunk is written to the file.
 pub const SNAPSHOT_WRITE_CHUNK_BYTES: usize = 1 << 20;
+
+/// Proposals waiting for their entries: `(index, term, callback)`.
+pub(crate) type Waiters = Vec<(LogIndex, Term, ProposalCallback)>;
 
 /// Work for the apply thread, in the order the raft thread produced it.
 pub(crate) enum ApplyInput {
@@ -29,7 +41,7 @@ pub(crate) enum ApplyInput {
     /// Proposals waiting for their entries: `(index, term, callback)`. The raft thread
     /// sends them just before the next other input, so they are always registered before
     /// their entries arrive, without a wake-up of this thread per proposal.
-    Waiters(Vec<(LogIndex, Term, ProposalCallback)>),
+    Waiters(Waiters),
     Read {
         index: LogIndex,
         done: ReadCallback,
@@ -48,7 +60,6 @@ pub(crate) struct Applier {
     pub(crate) state_machine: Box<dyn StateMachine>,
     pub(crate) shared: Arc<Shared>,
     pub(crate) snapshots: SnapshotStore,
-    pub(crate) inputs: Receiver<ApplyInput>,
     pub(crate) events: Sender<ApplyEvent>,
     pub(crate) applied_index: LogIndex,
     pub(crate) applied_term: Term,
@@ -117,15 +128,14 @@ impl Applier {
         state_machine: Box<dyn StateMachine>,
         shared: Arc<Shared>,
         snapshots: SnapshotStore,
-        channels: (Receiver<ApplyInput>, Sender<ApplyEvent>),
+        events: Sender<ApplyEvent>,
         start: &SnapshotMeta,
     ) -> Self {
         Self {
             state_machine,
             shared,
             snapshots,
-            inputs: channels.0,
-            events: channels.1,
+            events,
             applied_index: start.index,
             applied_term: start.term,
             membership: start.membership.clone(),
@@ -136,16 +146,8 @@ impl Applier {
         }
     }
 
-    /// Runs until the raft thread drops its sender; then fails every waiter with
-    /// `ShuttingDown`.
-    pub(crate) fn run(mut self) {
-        while let Ok(input) = self.inputs.recv() {
-            if let Err(reason) = self.handle(input) {
-                log::error!("raft {:x}: apply failed: {reason}", self.shared.config.id);
-                let _ = self.events.send(ApplyEvent::Fatal(reason));
-                break;
-            }
-        }
+    /// After the apply thread stops: fails every waiter with `ShuttingDown`.
+    fn fail_waiters(&mut self) {
         self.join_snapshot_thread();
         for (_, (_, done)) in std::mem::take(&mut self.waiters) {
             done(Err(NodeError::ShuttingDown));
@@ -155,6 +157,13 @@ impl Applier {
                 done(Err(NodeError::ShuttingDown));
             }
         }
+    }
+
+    /// True if applying `entries` now would not start a snapshot (which must not run on
+    /// the raft thread: capturing the state is O(state)).
+    fn snapshot_not_due_after(&self, entries: &[Entry]) -> bool {
+        let applied_after = self.applied_index + entries.len() as u64;
+        applied_after - self.last_snapshot_index < self.shared.config.snapshot_interval_entries
     }
 
     fn handle(&mut self, input: ApplyInput) -> Result<(), String> {
@@ -324,6 +333,91 @@ impl Applier {
         });
         Ok(())
     }
+}
+
+/// The two ways work reaches the [`Applier`]: its thread, fed in order through the bounded
+/// apply queue, and the raft thread itself, which may apply a small batch of entries
+/// directly when everything it queued has been handled (`queued` is zero) and the apply
+/// thread is not holding the applier. Order is kept because only the raft thread adds
+/// work, and it applies directly only when nothing it added earlier is still pending.
+pub(crate) struct ApplyLane {
+    applier: Arc<Mutex<Applier>>,
+    /// Inputs sent to the apply thread and not yet fully handled by it.
+    queued: Arc<AtomicUsize>,
+}
+
+impl ApplyLane {
+    /// Starts the apply thread (`raft-apply-<id>`) over `applier`, fed by `inputs`.
+    pub(crate) fn start(
+        applier: Applier,
+        inputs: Receiver<ApplyInput>,
+        name: String,
+    ) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let applier = Arc::new(Mutex::new(applier));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let lane = Self {
+            applier: applier.clone(),
+            queued: queued.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || run_apply_thread(&applier, &inputs, &queued))?;
+        Ok((lane, thread))
+    }
+
+    /// Counts an input the raft thread is about to send to the apply thread.
+    pub(crate) fn will_queue(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Takes back the count of an input that could not be sent.
+    pub(crate) fn not_queued(&self) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Raft thread: applies `waiters` and `entries` here and now if the batch is small,
+    /// the apply thread has handled everything queued, and no snapshot falls due; gives
+    /// them back otherwise. `Err` is fatal, as on the apply thread.
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn try_apply_here(
+        &self,
+        waiters: Vec<(LogIndex, Term, ProposalCallback)>,
+        entries: Vec<Entry>,
+    ) -> Result<Result<(), (Vec<(LogIndex, Term, ProposalCallback)>, Vec<Entry>)>, String> {
+        let small = entries.len() <= INLINE_APPLY_ENTRIES_MAX
+            && entries.iter().map(|e| e.data.len()).sum::<usize>() <= INLINE_APPLY_BYTES_MAX;
+        if !small || self.queued.load(Ordering::Acquire) != 0 {
+            return Ok(Err((waiters, entries)));
+        }
+        let Some(mut applier) = self.applier.try_lock() else {
+            return Ok(Err((waiters, entries)));
+        };
+        if !applier.snapshot_not_due_after(&entries) {
+            return Ok(Err((waiters, entries)));
+        }
+        if !waiters.is_empty() {
+            applier.handle(ApplyInput::Waiters(waiters))?;
+        }
+        applier.handle(ApplyInput::Entries(entries))?;
+        Ok(Ok(()))
+    }
+}
+
+/// The apply thread: handles its queue in order until the raft thread drops the sender,
+/// then fails every waiter with `ShuttingDown`.
+fn run_apply_thread(applier: &Mutex<Applier>, inputs: &Receiver<ApplyInput>, queued: &AtomicUsize) {
+    while let Ok(input) = inputs.recv() {
+        let mut guard = applier.lock();
+        let outcome = guard.handle(input);
+        // Counted down only once handled: the raft thread may apply directly from now on.
+        queued.fetch_sub(1, Ordering::AcqRel);
+        if let Err(reason) = outcome {
+            log::error!("raft {:x}: apply failed: {reason}", guard.shared.config.id);
+            let _ = guard.events.send(ApplyEvent::Fatal(reason));
+            break;
+        }
+    }
+    applier.lock().fail_waiters();
 }
 
 /// Restores `state_machine` and `directory` from the snapshot file `info`.

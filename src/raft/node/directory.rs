@@ -3,7 +3,7 @@
 //!
 //! Normal entries start with a one-byte tag: [`TAG_APP`] entries belong to the state
 //! machine, [`TAG_MEMBER_ADDR`] entries update this directory. The state machine never sees
-//! node-internal entries. Must never be written to except by the apply thread (in log order)
+//! node-internal entries. Must never be written to except by the applier (in log order)
 //! or by restoring a snapshot; everyone else reads.
 
 use std::collections::BTreeMap;
@@ -77,6 +77,14 @@ impl Directory {
     /// The address of `id`, if known.
     pub fn addr(&self, id: NodeId) -> Option<String> {
         self.inner.read().get(&id).cloned()
+    }
+
+    /// True if `id` is known at `addr` (no copy: the raft thread checks it per send).
+    pub fn addr_is(&self, id: NodeId, addr: &str) -> bool {
+        self.inner
+            .read()
+            .get(&id)
+            .is_some_and(|known| known == addr)
     }
 
     /// Records that `id` is at `addr`.

@@ -1,13 +1,28 @@
-//! Replication threads (`raft-peer-<peer>`): one per peer, sending it the raft thread's
-//! messages in batches over `raft.Step`, and snapshots chunk by chunk over
-//! `raft.InstallSnapshot`.
+//! Sending to one peer: the raft thread's direct lane, and the replication thread
+//! (`raft-peer-<peer>`, one per peer) for everything that may wait.
 //!
-//! Owns the peer's outbound queue. Must never block the raft thread: the queue is bounded
-//! and the raft thread drops messages when it is full (Raft retransmits), and must never
-//! hold more than a few snapshot chunks in memory whatever the snapshot's size.
+//! Direct lane: while the peer's connection is up and nothing waits in the peer thread's
+//! queue, the raft thread itself hands the peer's messages to the transport at the end of
+//! its turn as one one-way `raft.Step` call ([`Channel::send_oneway`]), never blocking.
+//! While more inputs wait, messages are held a few turns (at most [`HOLD_WHILE_BUSY_MAX`])
+//! so that calls stay few and large under load. One call per [`REMOVAL_CHECK_INTERVAL`]
+//! asks for the reply ([`Channel::unary_nowait`], handled on the reactor), which says
+//! whether the peer considers this member removed. This spares two thread wake-ups per
+//! message on the commit path, the CPU a peer thread spent waiting for each reply, and
+//! the reply frames themselves.
+//!
+//! Peer thread: everything else goes through its bounded queue: messages while the
+//! connection is down (it dials, with backoff) or the direct lane is full, and snapshots,
+//! streamed chunk by chunk over `raft.InstallSnapshot`. Messages stay in order: the raft
+//! thread uses the direct lane only when the peer thread has sent everything it was given
+//! (the `queued` count), and both lanes feed the same connection.
+//!
+//! Must never block the raft thread: the queue is bounded and the raft thread drops
+//! messages when it is full (Raft retransmits), and must never hold more than a few
+//! snapshot chunks in memory whatever the snapshot's size.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -15,7 +30,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use super::codec::message_to_pb;
 use super::{Input, Shared};
-use crate::net::{CallOptions, Transport};
+use crate::net::{CallOptions, Channel, Transport};
 use crate::proto::raft as pb;
 use crate::raft::core::{Message, MessageBody};
 use crate::raft::storage::snapshot::SnapshotReader;
@@ -27,6 +42,13 @@ pub const PEER_QUEUE_LEN_MAX: usize = 1024;
 pub const STEP_BATCH_MSGS_MAX: usize = 512;
 /// Entry payload bytes in one `raft.Step` call (well under the 4 MiB frame limit).
 pub const STEP_BATCH_BYTES_MAX: u64 = 2 << 20;
+/// While the raft thread has more inputs waiting, held messages wait for the next turns
+/// up to this long: fewer, larger calls under load (each call costs both reactors a frame
+/// and the follower a wake-up); when idle they go at the end of the turn.
+pub const HOLD_WHILE_BUSY_MAX: Duration = Duration::from_micros(200);
+/// Direct calls are one-way except one per this interval, whose reply tells a removed
+/// member that it was removed.
+pub const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 /// How often an idle peer thread checks whether it should stop.
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Longest wait for the follower to verify and install a received snapshot.
@@ -36,14 +58,137 @@ pub const STEP: &str = "raft.Step";
 /// Client stream of snapshot chunks.
 pub const INSTALL_SNAPSHOT: &str = "raft.InstallSnapshot";
 
-/// The raft thread's handle on one peer thread.
+/// The raft thread's handle on one peer: its direct lane and its thread.
 pub(crate) struct PeerHandle {
-    pub(crate) queue: Sender<Message>,
+    id: NodeId,
+    queue: Sender<Message>,
+    /// Non-snapshot messages handed to the peer thread and not yet sent (or dropped) by it.
+    queued: Arc<AtomicUsize>,
+    /// Messages waiting for the end of the raft thread's turn (or, while it is busy, for a
+    /// few more turns): they go out together as one call.
+    held: Vec<Message>,
+    held_bytes: u64,
+    /// When the oldest held message was first offered for sending.
+    held_since: Option<Instant>,
+    /// When a direct call last asked for a reply (the others are one-way).
+    last_reply_wanted: Option<Instant>,
+    /// The channel of the direct lane and the address it dials.
+    direct: Option<(String, Channel)>,
+    shared: Arc<Shared>,
+    transport: Arc<Transport>,
+    tls: Arc<rustls::ClientConfig>,
+    inputs: Sender<Input>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl PeerHandle {
+    /// Takes `messages` (all to this peer, in order): snapshot notices go to the peer
+    /// thread at once, the rest are held until [`PeerHandle::flush`].
+    pub(crate) fn send(&mut self, messages: Vec<Message>) {
+        for message in messages {
+            if matches!(message.body, MessageBody::Snapshot { .. }) {
+                if self.queue.try_send(message).is_err() {
+                    log::debug!(
+                        "raft peer {:x}: queue full, dropping a snapshot notice",
+                        self.id
+                    );
+                }
+            } else {
+                self.held_bytes += message.payload_bytes();
+                self.held.push(message);
+            }
+        }
+    }
+
+    /// Sends the held messages, as one direct call if the lane is open, else through the
+    /// peer thread's queue. The raft thread calls it at the end of every turn; while it
+    /// is `busy` (inputs wait, so another turn follows at once) a batch that is not full
+    /// waits up to [`HOLD_WHILE_BUSY_MAX`] for more.
+    pub(crate) fn flush(&mut self, busy: bool) {
+        if self.held.is_empty() {
+            return;
+        }
+        if self.queued.load(Ordering::Acquire) != 0 {
+            // The peer thread has messages not yet sent: these must follow them.
+            self.hand_to_thread();
+            return;
+        }
+        let since = *self.held_since.get_or_insert_with(Instant::now);
+        let full =
+            self.held.len() >= STEP_BATCH_MSGS_MAX || self.held_bytes >= STEP_BATCH_BYTES_MAX;
+        if busy && !full && since.elapsed() < HOLD_WHILE_BUSY_MAX {
+            return;
+        }
+        self.held_since = None;
+        let held = std::mem::take(&mut self.held);
+        self.held_bytes = 0;
+        if let Err(held) = self.try_send_direct(held) {
+            self.held = held;
+            self.hand_to_thread();
+        }
+    }
+
+    /// Moves the held messages to the peer thread's queue (in order).
+    fn hand_to_thread(&mut self) {
+        self.held_bytes = 0;
+        self.held_since = None;
+        for message in std::mem::take(&mut self.held) {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+            if self.queue.try_send(message).is_err() {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                log::debug!("raft peer {:x}: queue full, dropping a message", self.id);
+            }
+        }
+    }
+
+    /// One direct call with `messages`; gives them back if the lane is closed. One-way,
+    /// except one call per [`REMOVAL_CHECK_INTERVAL`], whose reply says whether the peer
+    /// considers this member removed.
+    fn try_send_direct(&mut self, messages: Vec<Message>) -> Result<(), Vec<Message>> {
+        let Some(channel) = self.direct_channel() else {
+            return Err(messages);
+        };
+        let request = pb::StepRequest {
+            from: self.shared.config.id,
+            from_addr: self.shared.config.addr.clone(),
+            messages: messages.iter().map(message_to_pb).collect(),
+        };
+        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+        let reply_wanted = self
+            .last_reply_wanted
+            .is_none_or(|at| at.elapsed() >= REMOVAL_CHECK_INTERVAL);
+        let sent = if reply_wanted {
+            self.last_reply_wanted = Some(Instant::now());
+            let (id, inputs) = (self.id, self.inputs.clone());
+            let on_reply = Box::new(move |reply: Result<bytes::Bytes, crate::wire::Status>| {
+                on_step_reply(id, &inputs, reply);
+            });
+            let timeout = Duration::from_millis(self.shared.config.step_timeout_ms);
+            channel.unary_nowait(STEP, payload, timeout, on_reply)
+        } else {
+            channel.send_oneway(STEP, payload)
+        };
+        sent.map_err(|status| {
+            log::trace!("raft peer {:x}: direct lane closed: {status}", self.id);
+            messages
+        })
+    }
+
+    /// The channel for the direct lane, refreshed when the peer's address changes.
+    fn direct_channel(&mut self) -> Option<Channel> {
+        let current = self
+            .direct
+            .as_ref()
+            .is_some_and(|(addr, _)| self.shared.directory.addr_is(self.id, addr));
+        if !current {
+            let addr = self.shared.directory.addr(self.id)?;
+            let channel = self.transport.channel(&addr, &self.tls);
+            self.direct = Some((addr, channel));
+        }
+        self.direct.as_ref().map(|(_, channel)| channel.clone())
+    }
+
     /// Signals the thread and joins it (it finishes the call in progress first).
     pub(crate) fn stop(mut self) {
         self.stop.store(true, Ordering::Release);
@@ -62,8 +207,11 @@ struct Peer {
     tls: Arc<rustls::ClientConfig>,
     inputs: Sender<Input>,
     queue: Receiver<Message>,
+    /// Shared with the handle: decremented once a queued message is sent or dropped.
+    queued: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
-    pending: Option<Message>,
+    /// A snapshot notice taken from the queue while collecting a batch, sent next.
+    stashed: Option<Message>,
     last_error_log: Option<Instant>,
     /// The last snapshot this peer received from us, and when: requests for it (or an
     /// older one) that the core repeats while the follower installs it are skipped.
@@ -80,15 +228,17 @@ pub(crate) fn spawn(
 ) -> std::io::Result<PeerHandle> {
     let (queue_tx, queue_rx) = crossbeam_channel::bounded(PEER_QUEUE_LEN_MAX);
     let stop = Arc::new(AtomicBool::new(false));
+    let queued = Arc::new(AtomicUsize::new(0));
     let worker = Peer {
         id: peer,
-        shared,
-        transport,
-        tls,
-        inputs,
+        shared: shared.clone(),
+        transport: transport.clone(),
+        tls: tls.clone(),
+        inputs: inputs.clone(),
         queue: queue_rx,
+        queued: queued.clone(),
         stop: stop.clone(),
-        pending: None,
+        stashed: None,
         last_error_log: None,
         last_snapshot_sent: None,
     };
@@ -96,7 +246,18 @@ pub(crate) fn spawn(
         .name(format!("raft-peer-{peer:x}"))
         .spawn(move || worker.run())?;
     Ok(PeerHandle {
+        id: peer,
         queue: queue_tx,
+        queued,
+        held: Vec::new(),
+        held_bytes: 0,
+        last_reply_wanted: None,
+        held_since: None,
+        direct: None,
+        shared,
+        transport,
+        tls,
+        inputs,
         stop,
         thread: Some(thread),
     })
@@ -105,7 +266,7 @@ pub(crate) fn spawn(
 impl Peer {
     fn run(mut self) {
         while !self.stop.load(Ordering::Acquire) {
-            let first = match self.pending.take() {
+            let first = match self.stashed.take() {
                 Some(message) => message,
                 None => match self.queue.recv_timeout(IDLE_POLL) {
                     Ok(message) => message,
@@ -117,7 +278,11 @@ impl Peer {
                 self.send_snapshot(&first);
             } else {
                 let batch = self.collect_batch(first);
+                let sent = batch.len();
                 self.send_batch(batch);
+                // Only now may the raft thread's direct lane overtake: the batch is on
+                // the connection (or dropped).
+                self.queued.fetch_sub(sent, Ordering::AcqRel);
             }
         }
     }
@@ -132,7 +297,7 @@ impl Peer {
                 break;
             };
             if matches!(next.body, MessageBody::Snapshot { .. }) {
-                self.pending = Some(next);
+                self.stashed = Some(next);
                 break;
             }
             bytes += next.payload_bytes();
@@ -169,22 +334,8 @@ impl Peer {
             CallOptions::timeout(Duration::from_millis(self.shared.config.step_timeout_ms));
         let channel = self.transport.channel(&addr, &self.tls);
         match channel.unary::<_, pb::StepResponse>(STEP, &request, options) {
-            Ok(response) if response.removed => {
-                log::error!(
-                    "raft peer {:x} says this member was removed from the cluster",
-                    self.id
-                );
-                let _ = self.inputs.try_send(Input::Removed);
-            }
-            Ok(_) => {}
-            // Our certificate is on the cluster's (committed) revocation list: removed.
-            Err(status)
-                if status.code == crate::wire::Code::PermissionDenied
-                    && status.message.contains(crate::ca::CERTIFICATE_REVOKED) =>
-            {
-                log::error!("raft peer {:x}: {status}", self.id);
-                let _ = self.inputs.try_send(Input::Removed);
-            }
+            Ok(response) => on_step_response(self.id, &self.inputs, &response),
+            Err(status) if is_revocation(&status) => on_revoked(self.id, &self.inputs, &status),
             Err(status) => self.log_error(format_args!("{addr}: {status}")),
         }
     }
@@ -287,4 +438,40 @@ impl Peer {
             .map_err(|e| e.to_string())?;
         Ok((info.meta.index, response.received_bytes))
     }
+}
+
+/// A peer that says we were removed stops this member.
+fn on_step_response(peer: NodeId, inputs: &Sender<Input>, response: &pb::StepResponse) {
+    if response.removed {
+        log::error!("raft peer {peer:x} says this member was removed from the cluster");
+        let _ = inputs.try_send(Input::Removed);
+    }
+}
+
+/// The reply to a direct `raft.Step` call, on the reactor thread: never blocks. A failure
+/// only loses messages, which Raft retransmits; the peer thread reports lasting trouble
+/// when it next dials.
+fn on_step_reply(
+    peer: NodeId,
+    inputs: &Sender<Input>,
+    reply: Result<bytes::Bytes, crate::wire::Status>,
+) {
+    match reply.map(<pb::StepResponse as prost::Message>::decode) {
+        Ok(Ok(response)) => on_step_response(peer, inputs, &response),
+        Ok(Err(error)) => log::warn!("raft peer {peer:x}: undecodable raft.Step reply: {error}"),
+        Err(status) if is_revocation(&status) => on_revoked(peer, inputs, &status),
+        Err(status) => log::debug!("raft peer {peer:x}: raft.Step: {status}"),
+    }
+}
+
+/// Whether a peer refused us because our certificate is on the cluster's (committed)
+/// revocation list, which means this member was removed.
+fn is_revocation(status: &crate::wire::Status) -> bool {
+    status.code == crate::wire::Code::PermissionDenied
+        && status.message.contains(crate::ca::CERTIFICATE_REVOKED)
+}
+
+fn on_revoked(peer: NodeId, inputs: &Sender<Input>, status: &crate::wire::Status) {
+    log::error!("raft peer {peer:x}: {status}");
+    let _ = inputs.try_send(Input::Removed);
 }

@@ -13,6 +13,13 @@
 //! log exactly as submitted, including truncations still in flight. Reads through a bare
 //! [`LogStore`] (e.g. from another thread) see only what the writer has written to fjall.
 //!
+//! Inline writes: when nothing submitted is still in flight, the raft thread may write and
+//! fsync a request itself ([`LogHandle::write_inline`]) instead of handing it over. A
+//! follower does: it must persist before it acknowledges anyway, and two thread wake-ups
+//! (to the writer and back) cost more than the fsync on a small host. Every store write
+//! (a group, an inline write, a compaction round) holds the write lock, so the writer
+//! thread and the raft thread never write at the same time.
+//!
 //! Must never report an index as durable before its fsync returned, never write after a
 //! failed write or fsync (the writer stops and sends [`WriterEvent::Fatal`]), and never
 //! block on the raft thread while holding unreported progress (events are coalesced).
@@ -21,7 +28,10 @@ use std::collections::VecDeque;
 use std::ops::Range;
 use std::thread::JoinHandle;
 
+use std::sync::Arc;
+
 use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use parking_lot::Mutex;
 
 use super::log::{LogBounds, LogStore, Recovered};
 use super::{StorageConfig, StorageError};
@@ -89,6 +99,18 @@ enum Request {
     },
 }
 
+/// What the writer thread and inline writes share, behind the write lock: holding it is
+/// the right to write to the store.
+struct Durability {
+    /// The durable hard state.
+    hard_state: HardState,
+    /// Groups (and inline writes) fsynced so far; the test-only fault counts them.
+    groups_written: u64,
+}
+
+/// The write lock.
+type WriteLock = Arc<Mutex<Durability>>;
+
 /// The raft thread's side of storage: the writer's input, the unstable tail, and reads
 /// that see both. Dropping it (or [`LogHandle::shutdown`]) lets the writer finish what was
 /// submitted and joins it.
@@ -97,9 +119,14 @@ pub struct LogHandle {
     requests: Option<Sender<Request>>,
     thread: Option<JoinHandle<()>>,
     next_seq: u64,
+    /// The highest sequence number reported durable (`on_durable`).
+    durable_seq: u64,
     trailing_entries_kept: u64,
     view: View,
     hard_state: HardState,
+    write_lock: WriteLock,
+    #[cfg(test)]
+    fail_sync_at_group: Option<u64>,
 }
 
 /// The log as submitted. The tail holds `(seq, entry)` for every entry not yet durable, and
@@ -146,16 +173,19 @@ impl LogHandle {
         let (requests_tx, requests_rx) = crossbeam_channel::bounded(config.request_queue_len_max);
         let (events_tx, events_rx) = crossbeam_channel::bounded(WRITER_EVENTS_LEN_MAX);
         let bounds = store.bounds();
+        let write_lock = Arc::new(Mutex::new(Durability {
+            hard_state: recovered.hard_state,
+            groups_written: 0,
+        }));
         let writer = Writer {
             store: store.clone(),
             requests: requests_rx,
             events: events_tx,
             pending_event: None,
-            hard_state: recovered.hard_state,
+            write_lock: write_lock.clone(),
             compact_up_to: 0,
             garbage_from: store.find_garbage()?,
             config: config.clone(),
-            groups_written: 0,
         };
         let thread = std::thread::Builder::new()
             .name(WRITER_THREAD_NAME.into())
@@ -167,6 +197,7 @@ impl LogHandle {
                 requests: Some(requests_tx),
                 thread: Some(thread),
                 next_seq: 1,
+                durable_seq: 0,
                 trailing_entries_kept: config.trailing_entries_kept,
                 view: View {
                     first_index: bounds.first_index,
@@ -176,6 +207,9 @@ impl LogHandle {
                     tail: VecDeque::new(),
                 },
                 hard_state: recovered.hard_state,
+                write_lock,
+                #[cfg(test)]
+                fail_sync_at_group: config.fail_sync_at_group,
             },
             events_rx,
         ))
@@ -222,6 +256,65 @@ impl LogHandle {
             .map_err(|_| StorageError::WriterStopped)?;
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// True when everything submitted has been reported durable (through
+    /// [`LogHandle::on_durable`]): a [`LogHandle::write_inline`] now cannot overtake an
+    /// earlier request.
+    pub fn is_idle(&self) -> bool {
+        self.durable_seq + 1 == self.next_seq
+    }
+
+    /// Writes `request` on the calling thread and fsyncs it, under the write lock (a
+    /// compaction round of the writer may delay it by one round). Returns the durable
+    /// progress to report to the core at once; its `seq` is the last submitted one.
+    ///
+    /// # Panics
+    /// If a submitted request is still in flight ([`LogHandle::is_idle`] is false): the
+    /// inline write would overtake it.
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidRequest`] as for [`LogHandle::submit`] (nothing written);
+    /// [`StorageError::WriterStopped`] after shutdown; a failed write or fsync (fatal:
+    /// the store refuses every later write, and the node must stop).
+    pub fn write_inline(&mut self, request: AppendRequest) -> Result<Durable, StorageError> {
+        assert!(
+            self.is_idle(),
+            "an inline write never overtakes a submitted request"
+        );
+        debug_assert!(self.view.tail.is_empty(), "nothing in flight, so no tail");
+        if self.requests.is_none() {
+            return Err(StorageError::WriterStopped);
+        }
+        let term_before = self.validate(&request)?;
+        let new_last = match (request.entries.last(), request.truncate_from) {
+            (Some(last), _) => (last.index, last.term),
+            (None, Some(from)) => (from - 1, term_before),
+            (None, None) => (self.view.last_index, self.view.last_term),
+        };
+        let hard_state = {
+            let mut durability = self.write_lock.lock();
+            self.store
+                .write_group(&request.entries, new_last, request.hard_state.as_ref())?;
+            durability.groups_written += 1;
+            #[cfg(test)]
+            if self.fail_sync_at_group == Some(durability.groups_written) {
+                return Err(StorageError::Poisoned);
+            }
+            self.store.persist()?;
+            if let Some(hs) = request.hard_state {
+                durability.hard_state = hs;
+            }
+            durability.hard_state
+        };
+        (self.view.last_index, self.view.last_term) = new_last;
+        self.hard_state = hard_state;
+        Ok(Durable {
+            seq: self.durable_seq,
+            last_index: new_last.0,
+            last_term: new_last.1,
+            hard_state,
+        })
     }
 
     /// Tells the writer a snapshot `meta` was installed (its file is already durable): the
@@ -289,6 +382,7 @@ impl LogHandle {
     /// Forgets the in-memory copies of entries the writer has made durable. Call it for
     /// every [`WriterEvent::Durable`].
     pub fn on_durable(&mut self, durable: &Durable) {
+        self.durable_seq = self.durable_seq.max(durable.seq);
         while let Some((seq, _)) = self.view.tail.front() {
             if *seq > durable.seq {
                 break;
@@ -497,14 +591,13 @@ struct Writer {
     events: Sender<WriterEvent>,
     /// The newest durable progress not yet handed to the raft thread (its channel was full).
     pending_event: Option<Durable>,
-    /// The durable hard state.
-    hard_state: HardState,
+    /// Held for every store write; guards the durable hard state.
+    write_lock: WriteLock,
     /// Compaction target: the first live index should become `compact_up_to + 1`.
     compact_up_to: LogIndex,
     /// The lowest index below the boundary that may still hold a stale key.
     garbage_from: Option<LogIndex>,
     config: StorageConfig,
-    groups_written: u64,
 }
 
 /// One group being assembled: the requests drained in one go, merged into the final shape
@@ -577,6 +670,8 @@ impl Writer {
     /// Drains every queued request (up to the group limits) into one batch, writes it,
     /// fsyncs once and records the progress to report.
     fn write_group(&mut self, first: Request) -> Result<(), StorageError> {
+        let lock = self.write_lock.clone();
+        let mut durability = lock.lock();
         let bounds = self.store.bounds();
         let mut group = Group {
             entries: Vec::new(),
@@ -597,16 +692,16 @@ impl Writer {
             next = self.requests.try_recv().ok();
         }
         self.commit(&mut group)?;
-        self.sync()?;
+        self.sync(&mut durability)?;
         if let Some(hs) = group.hard_state {
-            self.hard_state = hs;
+            durability.hard_state = hs;
         }
         if group.seq > 0 {
             self.pending_event = Some(Durable {
                 seq: group.seq,
                 last_index: group.last_index,
                 last_term: group.last_term,
-                hard_state: self.hard_state,
+                hard_state: durability.hard_state,
             });
         }
         Ok(())
@@ -684,10 +779,10 @@ impl Writer {
         Ok(())
     }
 
-    fn sync(&mut self) -> Result<(), StorageError> {
-        self.groups_written += 1;
+    fn sync(&self, durability: &mut Durability) -> Result<(), StorageError> {
+        durability.groups_written += 1;
         #[cfg(test)]
-        if self.config.fail_sync_at_group == Some(self.groups_written) {
+        if self.config.fail_sync_at_group == Some(durability.groups_written) {
             return Err(StorageError::Poisoned);
         }
         self.store.persist()
@@ -698,6 +793,8 @@ impl Writer {
     }
 
     fn compaction_round(&mut self) -> Result<(), StorageError> {
+        let lock = self.write_lock.clone();
+        let _writing = lock.lock();
         let round_max = self.config.compaction_round_entries_max;
         if let Some(from) = self.garbage_from {
             self.garbage_from = self.store.remove_garbage_round(from, round_max)?;
@@ -778,5 +875,49 @@ mod tests {
             Err(StorageError::WriterStopped)
         ));
         handle.shutdown().unwrap();
+    }
+
+    #[test]
+    fn inline_writes_follow_submitted_ones_and_are_durable_when_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig::default();
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        let (mut handle, events) = LogHandle::start(store, &recovered, &config).unwrap();
+        assert!(handle.is_idle());
+        let first = handle.submit(append(1)).unwrap();
+        assert!(!handle.is_idle(), "request {first} is in flight");
+        match events.recv().unwrap() {
+            WriterEvent::Durable(d) => handle.on_durable(&d),
+            WriterEvent::Fatal(e) => panic!("{e}"),
+        }
+        assert!(handle.is_idle());
+        let durable = handle.write_inline(append(2)).unwrap();
+        assert_eq!((durable.last_index, durable.last_term), (2, 1));
+        assert_eq!(durable.hard_state.commit, 1);
+        assert_eq!(handle.last_index(), 2);
+        assert_eq!(handle.entries(1..3, u64::MAX).unwrap().len(), 2);
+        // The writer picks up after the inline write.
+        let third = handle.submit(append(3)).unwrap();
+        match events.recv().unwrap() {
+            WriterEvent::Durable(d) => {
+                assert_eq!((d.seq, d.last_index, d.hard_state.commit), (third, 3, 2))
+            }
+            WriterEvent::Fatal(e) => panic!("{e}"),
+        }
+        handle.shutdown().unwrap();
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        assert_eq!(store.last_index(), 3);
+        assert_eq!(recovered.hard_state.commit, 2);
+    }
+
+    #[test]
+    #[should_panic(expected = "never overtakes")]
+    fn an_inline_write_may_not_overtake_a_submitted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig::default();
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        let (mut handle, _events) = LogHandle::start(store, &recovered, &config).unwrap();
+        handle.submit(append(1)).unwrap();
+        let _ = handle.write_inline(append(2));
     }
 }
