@@ -26,23 +26,10 @@ use flotilla::proto::control as pb;
 use flotilla::proto::objects::{ObjectKind, store_object};
 use flotilla::wire::{Code, Status};
 use procs::cluster::{Cluster, ClusterOptions, ManagerProc, START};
-use procs::run_to_end;
 
-const CLI: Duration = Duration::from_secs(60);
 const CALL: Duration = Duration::from_secs(10);
 
-fn cli(dir: &Path, args: &[&str]) -> (bool, String) {
-    let mut all: Vec<&str> = vec![args[0], "--state-dir", dir.to_str().unwrap()];
-    all.extend(&args[1..]);
-    let (status, output) = run_to_end(&all, CLI);
-    (status.success(), output)
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, output) = cli(dir, args);
-    assert!(success, "flotilla {args:?} failed:\n{output}");
-    output
-}
+use procs::{cli_in as cli, cli_ok as ok};
 
 fn node_id_of(manager: &mut ManagerProc) -> String {
     let line = manager.proc().wait_for("(raft id", START);

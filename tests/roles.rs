@@ -21,19 +21,7 @@ use procs::{Proc, run_to_end};
 
 const CLI: Duration = Duration::from_secs(60);
 
-/// Runs `flotilla WORD --state-dir DIR REST…`: success and everything printed.
-fn cli(dir: &Path, args: &[&str]) -> (bool, String) {
-    let mut all: Vec<&str> = vec![args[0], "--state-dir", dir.to_str().unwrap()];
-    all.extend(&args[1..]);
-    let (status, output) = run_to_end(&all, CLI);
-    (status.success(), output)
-}
-
-fn ok(dir: &Path, args: &[&str]) -> String {
-    let (success, output) = cli(dir, args);
-    assert!(success, "flotilla {args:?} failed:\n{output}");
-    output
-}
+use procs::{cli_in as cli, cli_ok as ok};
 
 fn refused(dir: &Path, args: &[&str]) -> String {
     let (success, output) = cli(dir, args);

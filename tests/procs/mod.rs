@@ -170,6 +170,25 @@ pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
     (status, proc.seen.join("\n"))
 }
 
+/// How long one CLI command may take in a test.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs `flotilla WORD --state-dir DIR REST…` (`args` = `[WORD, REST…]`): whether it
+/// succeeded, and everything it printed.
+pub fn cli_in(dir: &Path, args: &[&str]) -> (bool, String) {
+    let mut all: Vec<&str> = vec![args[0], "--state-dir", dir.to_str().expect("utf-8 path")];
+    all.extend(&args[1..]);
+    let (status, output) = run_to_end(&all, CLI_TIMEOUT);
+    (status.success(), output)
+}
+
+/// As [`cli_in`], and the command must succeed: returns what it printed.
+pub fn cli_ok(dir: &Path, args: &[&str]) -> String {
+    let (success, output) = cli_in(dir, args);
+    assert!(success, "flotilla {args:?} failed:\n{output}");
+    output
+}
+
 /// File mode bits of `path`.
 pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
