@@ -362,11 +362,9 @@ fn single_voter_does_not_acknowledge_before_fsync() {
     assert_eq!(h.core(1).commit_index(), proposed.index);
 }
 
-/// Vote persistence reordered with log append: a storage that makes entries durable before
-/// the hard state of the same Ready must not let the vote (or an acknowledgement in that
-/// term) out, and a restart from such a state must not vote again in that term.
-#[test]
-fn vote_persistence_reordered_with_append_releases_nothing_early() {
+/// Member 2 of three (manual persistence) has stepped a vote request and an append of
+/// term 1 from member 3, and produced one Ready holding both, not yet persisted.
+fn vote_and_entry_in_one_ready() -> Harness {
     // Without check-quorum a fresh member answers votes at once (no stickiness to wait out).
     let mut h = Harness::new(&[1, 2, 3], &[], |c| c.check_quorum = false);
     h.node(2).auto_persist = false;
@@ -401,6 +399,15 @@ fn vote_persistence_reordered_with_append_releases_nothing_early() {
         body: append,
     });
     h.process(2);
+    h
+}
+
+/// Vote persistence reordered with log append: a storage that makes entries durable before
+/// the hard state of the same Ready must not let the vote (or an acknowledgement in that
+/// term) out, and a restart from such a state must not vote again in that term.
+#[test]
+fn vote_persistence_reordered_with_append_releases_nothing_early() {
+    let mut h = vote_and_entry_in_one_ready();
     assert_eq!(
         h.node(2).pending.len(),
         1,
@@ -438,40 +445,7 @@ fn vote_persistence_reordered_with_append_releases_nothing_early() {
     );
 
     // Without the crash the held messages go out once the hard state is durable.
-    // Without check-quorum a fresh member answers votes at once (no stickiness to wait out).
-    let mut h = Harness::new(&[1, 2, 3], &[], |c| c.check_quorum = false);
-    h.node(2).auto_persist = false;
-    let vote = MessageBody::Vote {
-        pre_vote: false,
-        transfer: false,
-        last_index: 0,
-        last_term: 0,
-    };
-    h.node(2).core.step(Message {
-        from: 3,
-        to: 2,
-        term: 1,
-        body: vote,
-    });
-    let entry = Entry {
-        term: 1,
-        index: 1,
-        kind: EntryKind::Blank,
-        data: Bytes::new(),
-    };
-    let append = MessageBody::Append {
-        prev_index: 0,
-        prev_term: 0,
-        entries: vec![entry],
-        commit: 0,
-    };
-    h.node(2).core.step(Message {
-        from: 3,
-        to: 2,
-        term: 1,
-        body: append,
-    });
-    h.process(2);
+    let mut h = vote_and_entry_in_one_ready();
     h.persist_entries_only(2);
     h.persist(2);
     assert!(
