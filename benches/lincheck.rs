@@ -11,23 +11,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use flotilla::lincheck::{self, CheckLimits, End, History, Input, Operation, Output, Value};
-
-/// SplitMix64: deterministic and dependency-free.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
+use flotilla::raft::sim::rng::SimRng;
 
 struct Planned {
     operation: Operation,
@@ -35,7 +19,7 @@ struct Planned {
 }
 
 fn generate(ops: usize, clients: u64, keys: u64, unknown_percent: u64) -> History {
-    let mut rng = SplitMix(42);
+    let mut rng = SimRng::new(42);
     let mut free_at = vec![0_u64; clients as usize];
     let mut planned = Vec::with_capacity(ops);
     let mut next_value: Value = 1;

@@ -2,6 +2,7 @@
 //! force on small random histories.
 
 use super::*;
+use crate::raft::sim::rng::SimRng;
 
 const KEY: Key = 7;
 
@@ -359,25 +360,8 @@ fn explain_quotes_the_stuck_operation() {
     );
 }
 
-/// A small deterministic generator (SplitMix64), so the cross-check needs no seeded RNG.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
-    }
-}
-
-fn random_operation(rng: &mut SplitMix, client: ClientId, unknown_in_4: u64) -> Operation {
-    let small_value = |rng: &mut SplitMix| rng.below(3);
+fn random_operation(rng: &mut SimRng, client: ClientId, unknown_in_4: u64) -> Operation {
+    let small_value = |rng: &mut SimRng| rng.below(3);
     let input = match rng.below(3) {
         0 => Input::Get,
         1 => Input::Put {
@@ -476,7 +460,7 @@ fn search_step_for_test(state: Option<Value>, operation: &Operation) -> Option<O
 /// Compares the search with brute force on `histories` random histories where an operation's
 /// outcome is unknown with probability `unknown_in_4` / 4.
 fn cross_check_with_brute_force(seed: u64, histories: usize, unknown_in_4: u64) {
-    let mut rng = SplitMix(seed);
+    let mut rng = SimRng::new(seed);
     let (mut linearizable, mut not_linearizable) = (0, 0);
     for _ in 0..histories {
         let count = 1 + rng.below(7);
@@ -561,7 +545,7 @@ fn reference_linearizable(operations: &[Operation]) -> bool {
 /// time, one read is corrupted. Values are drawn from 0..4, or are all distinct (as the
 /// simulator's workload writes them) when `unique_values`.
 fn register_history(
-    rng: &mut SplitMix,
+    rng: &mut SimRng,
     count: u64,
     clients: u64,
     unique_values: bool,
@@ -663,7 +647,7 @@ fn register_history(
 
 /// Compares the search with the plain reference on `histories` generated histories.
 fn cross_check_with_plain_wing_gong(seed: u64, histories: usize, unique_values: bool) {
-    let mut rng = SplitMix(seed);
+    let mut rng = SimRng::new(seed);
     let (mut linearizable, mut not_linearizable, mut undecided) = (0, 0, 0);
     for _ in 0..histories {
         let count = 10 + rng.below(30);

@@ -22,6 +22,12 @@ impl SimRng {
         z ^ (z >> 31)
     }
 
+    /// Uniform in `0..bound` (`bound` > 0).
+    pub fn below(&mut self, bound: u64) -> u64 {
+        assert!(bound > 0, "empty range");
+        self.next_u64() % bound
+    }
+
     /// Uniform in `low..=high`.
     pub fn range(&mut self, low: u64, high: u64) -> u64 {
         assert!(low <= high, "empty range");
