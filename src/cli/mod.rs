@@ -50,37 +50,17 @@ pub enum Command {
     /// Create a new cluster with this node as its first manager, print the join tokens and
     /// run it.
     Init {
-        /// Where this manager's state lives (must not hold a node yet).
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Address to listen on (host:port).
-        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
-        listen: String,
-        /// Address other nodes use to reach this one (default: the listen address).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Pin this manager's applied Raft entries between snapshots (also the new
-        /// cluster's setting); without it, `cluster update --snapshot-interval` applies.
-        #[arg(long)]
-        snapshot_interval_entries: Option<u64>,
+        /// The new manager's state directory and addresses.
+        #[command(flatten)]
+        node: NewManagerArgs,
     },
     /// Join an existing cluster as a manager, using a manager join token, and run. On the
     /// state directory of a node demoted to worker (and promoted since), rejoin as a
     /// manager with the same node id.
     Join {
-        /// Where this manager's state lives (must not hold a node yet).
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Address to listen on (host:port).
-        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
-        listen: String,
-        /// Address other nodes use to reach this one (default: the listen address).
-        #[arg(long)]
-        advertise: Option<String>,
-        /// Pin this manager's applied Raft entries between snapshots; without it, the
-        /// cluster's setting (`cluster update --snapshot-interval`) applies.
-        #[arg(long)]
-        snapshot_interval_entries: Option<u64>,
+        /// The new manager's state directory and addresses.
+        #[command(flatten)]
+        node: NewManagerArgs,
         /// The join token (`flotilla join-token manager` on a manager prints it).
         #[arg(long)]
         token: String,
@@ -205,38 +185,34 @@ pub fn run(cli: Cli) -> ExitCode {
 fn execute(command: Command) -> Result<(), String> {
     match command {
         Command::Up { state_dir, listen } => {
-            let dir = StateDir::new(state_dir);
+            let node = NewManagerArgs {
+                state_dir,
+                listen,
+                advertise: None,
+                snapshot_interval_entries: None,
+            };
+            let dir = StateDir::new(node.state_dir.clone());
             if !dir.is_initialized() {
-                let tokens = manager::init(&dir, &settings(&listen, None, None))
-                    .map_err(|e| e.to_string())?;
+                let tokens =
+                    manager::init(&dir, &node.settings(None)).map_err(|e| e.to_string())?;
                 print_tokens(&tokens);
             }
             serve(&dir)
         }
-        Command::Init {
-            state_dir,
-            listen,
-            advertise,
-            snapshot_interval_entries,
-        } => {
-            let dir = StateDir::new(state_dir);
-            let mut settings = settings(&listen, advertise, None);
-            settings.snapshot_interval_entries = snapshot_interval_entries;
+        Command::Init { node } => {
+            let dir = StateDir::new(node.state_dir.clone());
+            let settings = node.settings(None);
             let tokens = manager::init(&dir, &settings).map_err(|e| e.to_string())?;
             print_tokens(&tokens);
             serve(&dir)
         }
         Command::Join {
-            state_dir,
-            listen,
-            advertise,
-            snapshot_interval_entries,
+            node,
             token,
             manager,
         } => {
-            let dir = StateDir::new(state_dir);
-            let mut settings = settings(&listen, advertise, Some(&manager));
-            settings.snapshot_interval_entries = snapshot_interval_entries;
+            let dir = StateDir::new(node.state_dir.clone());
+            let settings = node.settings(Some(&manager));
             let transport = Transport::start(TransportConfig::default())
                 .map_err(|e| format!("cannot start the transport: {e}"))?;
             let joined = manager::join(&dir, &settings, &transport, &token, &manager);
@@ -283,19 +259,44 @@ fn execute(command: Command) -> Result<(), String> {
     }
 }
 
-fn settings(listen: &str, advertise: Option<String>, join_addr: Option<&str>) -> Settings {
-    Settings {
-        raft_id: manager::random_raft_id(),
-        listen_addr: listen.to_string(),
-        advertise_addr: advertise.unwrap_or_else(|| listen.to_string()),
-        bootstrap: if join_addr.is_some() {
-            Bootstrap::Join
-        } else {
-            Bootstrap::NewCluster
-        },
-        join_addr: join_addr.map(str::to_string),
-        snapshot_interval_entries: None,
-        log_memtable_mib: None,
+/// What `init` and `join` both take: where the new manager lives and how it is reached.
+#[derive(clap::Args, Debug)]
+pub struct NewManagerArgs {
+    /// Where this manager's state lives (must not hold a node yet).
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Address to listen on (host:port).
+    #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
+    listen: String,
+    /// Address other nodes use to reach this one (default: the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Pin this manager's applied Raft entries between snapshots (a founder's pin is also
+    /// the new cluster's setting); without it, `cluster update --snapshot-interval` applies.
+    #[arg(long)]
+    snapshot_interval_entries: Option<u64>,
+}
+
+impl NewManagerArgs {
+    /// The `manager.conf` of a manager that founds a cluster (`join_addr` `None`) or joins
+    /// one through `join_addr`.
+    fn settings(&self, join_addr: Option<&str>) -> Settings {
+        Settings {
+            raft_id: manager::random_raft_id(),
+            listen_addr: self.listen.clone(),
+            advertise_addr: self
+                .advertise
+                .clone()
+                .unwrap_or_else(|| self.listen.clone()),
+            bootstrap: if join_addr.is_some() {
+                Bootstrap::Join
+            } else {
+                Bootstrap::NewCluster
+            },
+            join_addr: join_addr.map(str::to_string),
+            snapshot_interval_entries: self.snapshot_interval_entries,
+            log_memtable_mib: None,
+        }
     }
 }
 
