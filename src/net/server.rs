@@ -379,11 +379,7 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        let raw = move |ctx: &CallContext, payload: Bytes| {
-            let request = decode_request::<Req>(payload)?;
-            handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
-        };
-        self.insert_entry(method, allow, None, Handler::Unary(Arc::new(raw)));
+        self.insert_entry(method, allow, None, unary_handler(handler));
     }
 
     /// [`Router::unary_deferred`] whose handler runs on the reactor thread (see
@@ -416,11 +412,7 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        let raw = move |ctx: &CallContext, payload: Bytes| {
-            let request = decode_request::<Req>(payload)?;
-            handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
-        };
-        self.insert(method, allow, pool, Handler::Unary(Arc::new(raw)));
+        self.insert(method, allow, pool, unary_handler(handler));
     }
 
     /// Serves `method` as a unary call whose handler answers through a [`Responder`],
@@ -607,6 +599,20 @@ impl Router {
             ))),
         }
     }
+}
+
+/// A typed unary handler as the router stores it: decode the request, encode the reply.
+fn unary_handler<Req, Resp>(
+    handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
+) -> Handler
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    Handler::Unary(Arc::new(move |ctx: &CallContext, payload: Bytes| {
+        let request = decode_request::<Req>(payload)?;
+        handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
+    }))
 }
 
 /// The raw form of a deferred handler: decodes the request, wraps the writer.
