@@ -99,21 +99,11 @@ pub(super) fn issue_here(
 /// Serves [`ISSUE_ADMIN_CERTIFICATE`] and [`REVOKE_ADMIN_CERTIFICATE`] to operators
 /// (managers and admins).
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
-    let a = api.clone();
-    router.unary(
-        REVOKE_ADMIN_CERTIFICATE,
-        Allow::OPERATORS,
+    super::register_write::<pb::RevokeAdminCertificateRequest, pb::RevokeAdminCertificateResponse>(
+        router,
         pool,
-        move |ctx, request: pb::RevokeAdminCertificateRequest| {
-            let caller = Caller::from_peer(ctx.peer())?;
-            let reply = a.write(
-                &caller,
-                REVOKE_ADMIN_CERTIFICATE,
-                Bytes::from(request.encode_to_vec()),
-            )?;
-            pb::RevokeAdminCertificateResponse::decode(reply)
-                .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
-        },
+        api,
+        REVOKE_ADMIN_CERTIFICATE,
     );
     let a = api.clone();
     router.unary(

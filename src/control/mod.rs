@@ -381,7 +381,9 @@ fn serve_forward(
         .map(|payload| pb::ForwardResponse { payload })
 }
 
-fn register_write<Req, Resp>(
+/// Serves write `method`: run on the leader, forwarded by a follower with the caller's
+/// identity.
+pub(super) fn register_write<Req, Resp>(
     router: &mut Router,
     pool: &ServicePool,
     api: &Arc<ControlApi>,
