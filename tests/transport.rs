@@ -737,3 +737,52 @@ fn oneway_calls_run_inline_handlers_in_order_and_nothing_comes_back() {
     channel.send_oneway("test.Echo", request(b"x")).unwrap();
     assert_eq!(echo(&channel, b"still here").unwrap().data, b"still here");
 }
+
+#[test]
+fn small_frames_are_written_by_their_sender_and_wait_behind_queued_big_ones() {
+    use prost::Message;
+    let cluster = Cluster::new();
+    let server = TestServer::start(&cluster, fast_config());
+    let client = Transport::start(fast_config()).unwrap();
+    let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
+    echo(&channel, b"connect").unwrap();
+    // Every third record is too big to be written inline (more than 64 KiB), so it goes
+    // through the reactor's queue; the small ones sent right after it must not overtake it.
+    let record_len = |i: u8| if i % 3 == 1 { 100 * 1024 } else { 1 };
+    let before = client.frames_written_inline();
+    for i in 0..30u8 {
+        let request = Bytes {
+            data: vec![i; record_len(i)],
+            caller: String::new(),
+        };
+        channel
+            .send_oneway(
+                "test.InlineRecord",
+                bytes::Bytes::from(request.encode_to_vec()),
+            )
+            .unwrap();
+    }
+    for i in 0..30u8 {
+        match expect_event(&server, |e| matches!(e, Event::Recorded(_))) {
+            Event::Recorded(data) => {
+                assert_eq!((data[0], data.len()), (i, record_len(i)), "record {i}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // The first record found the connection idle, and so does every echo below once its
+    // predecessor was answered: the fast path must be taken, not just be possible.
+    assert!(client.frames_written_inline() > before);
+    let before = client.frames_written_inline();
+    for _ in 0..10 {
+        assert_eq!(echo(&channel, b"again").unwrap().data, b"again");
+    }
+    assert!(
+        client.frames_written_inline() > before,
+        "requests on an idle connection are written by the caller"
+    );
+    assert!(
+        server.transport.frames_written_inline() > 0,
+        "replies from a pool thread are written by that thread"
+    );
+}

@@ -277,6 +277,7 @@ impl Channel {
             ctl: ctl.clone(),
             on_reply: None,
         };
+        let opened_at = Instant::now();
         conn.push(
             Outbound::Open {
                 stream_id,
@@ -295,6 +296,7 @@ impl Channel {
             reader: StreamReader {
                 rx,
                 consumed_unreturned: 0,
+                opened_at: Some(opened_at),
             },
             done: false,
         })

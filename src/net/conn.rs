@@ -1,21 +1,34 @@
-//! The part of a connection that other threads touch: its bounded send queue.
+//! The part of a connection that other threads touch: its bounded send queue, and its
+//! socket and TLS session behind a lock ([`ConnIo`]).
 //!
-//! Threads that send (callers, handlers) push [`Outbound`] items onto a connection's queue;
-//! the reactor pops them when the socket can take more. The queue is bounded in bytes: a
-//! sender that would overflow it blocks until the reactor drains it or the sender's deadline
-//! passes. Tiny control items (cancel, credit) bypass the bound so that giving up or granting
-//! credit never blocks. Must never perform IO: only the reactor touches sockets.
+//! A sender first tries to write its frame itself ("inline"): if the socket side is free
+//! (`try_lock`, never a wait), the connection is up, nothing is queued or half-written
+//! ahead of it and the frame is small, it encrypts the frame and writes it to the
+//! nonblocking socket on its own thread. That spares the reactor a wake-up per frame,
+//! which on a small host is most of a frame's cost. Otherwise it pushes an [`Outbound`]
+//! item onto the queue and the reactor sends it when the socket can take more. The queue
+//! is bounded in bytes: a sender that would overflow it blocks until the reactor drains
+//! it or the sender's deadline passes. Tiny control items (cancel, credit) bypass the
+//! bound so that giving up or granting credit never blocks.
+//!
+//! Order: frames from one thread leave in the order sent, since an inline write happens
+//! only when the queue is empty and no frame is half-written, checked under the socket
+//! lock that the reactor also holds while it moves queued frames into TLS. Lock order:
+//! `io` before `out`, everywhere. Must never block on a socket (they are nonblocking) or
+//! wait for the `io` lock on a sender's thread.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 use std::time::Instant;
 
 use bytes::Bytes;
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
+use super::socket::Socket;
 use super::stream::{Inbound, StreamCtl};
 use crate::ca::PeerIdentity;
 use crate::proto::wire::{Envelope, FrameKind};
@@ -80,12 +93,92 @@ impl Outbound {
     }
 }
 
-/// Wakes the reactor when a connection has something to send.
+/// Frames longer than this always go through the queue: a sender holds the socket lock
+/// only for a short write, and big frames (snapshot chunks) gain nothing from skipping a
+/// wake-up.
+pub(crate) const INLINE_FRAME_BYTES_MAX: usize = 64 * 1024;
+
+/// The socket side of a connection. The reactor holds it for each read turn and each
+/// flush; a sender only ever `try_lock`s it, to write one frame inline.
+pub(crate) struct ConnIo {
+    pub(crate) socket: Socket,
+    pub(crate) tls: rustls::Connection,
+    /// The frame being handed to TLS and how much of it went already.
+    pub(crate) writing: Option<(Bytes, usize)>,
+    /// Routes of calls a sender opened inline; the reactor adopts them after each read
+    /// from the socket and before routing what it read (a reply cannot precede its
+    /// request, and the request was written after its route was put here).
+    pub(crate) opened: Vec<(u64, Route)>,
+    /// Streams a sender finished inline; the reactor forgets their routes.
+    pub(crate) finished: Vec<u64>,
+    /// Set by the reactor when the TLS handshake completed: inline writes may start.
+    pub(crate) established: bool,
+}
+
+impl ConnIo {
+    pub(crate) fn new(socket: Socket, tls: rustls::Connection) -> Self {
+        Self {
+            socket,
+            tls,
+            writing: None,
+            opened: Vec::new(),
+            finished: Vec::new(),
+            established: false,
+        }
+    }
+
+    /// Moves TLS records onto the socket until TLS is empty or the socket would block.
+    /// Returns whether everything went.
+    ///
+    /// # Errors
+    /// A socket error other than `WouldBlock`: the connection is broken.
+    pub(crate) fn write_tls_out(&mut self) -> std::io::Result<bool> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut self.socket) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The running average of how long calls on one connection waited for their first reply,
+/// in µs (each new reply weighs 1/8); it starts at 0, so a new connection's callers poll.
+#[derive(Debug, Default)]
+pub(crate) struct ReplyWait {
+    avg_us: AtomicU64,
+}
+
+impl ReplyWait {
+    /// True if replies recently came fast enough
+    /// ([`REPLY_FAST_AVG_US_MAX`](super::stream::REPLY_FAST_AVG_US_MAX)) that a caller
+    /// should poll before sleeping.
+    pub(crate) fn is_fast(&self) -> bool {
+        self.avg_us.load(Ordering::Relaxed) < super::stream::REPLY_FAST_AVG_US_MAX
+    }
+
+    /// Folds one call's wait into the average. Racing updates may lose a sample; the
+    /// average only steers polling.
+    pub(crate) fn record(&self, waited: Duration) {
+        let sample_us = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        let old_us = self.avg_us.load(Ordering::Relaxed);
+        let new_us = old_us - old_us / 8 + sample_us / 8;
+        self.avg_us.store(new_us, Ordering::Relaxed);
+    }
+}
+
+/// Wakes the reactor when a connection has something to send, and counts the frames
+/// senders wrote without it.
 pub(crate) struct ReactorWaker {
     pub(crate) waker: mio::Waker,
     /// Ids of connections with new items. A connection is listed at most once until the
     /// reactor has looked at it, so this holds at most one entry per connection.
     pub(crate) dirty: Sender<u64>,
+    /// Frames written inline by their sender, over the transport's life.
+    pub(crate) frames_written_inline: AtomicU64,
 }
 
 impl ReactorWaker {
@@ -119,6 +212,11 @@ pub(crate) struct ConnShared {
     frame_bytes_max: usize,
     send_buffer_bytes_max: usize,
     next_stream_id: AtomicU64,
+    /// How long our calls on this connection waited for their first reply.
+    pub(crate) reply_wait: ReplyWait,
+    /// `None` once the reactor closed the connection (the socket is then dropped, even
+    /// while channels and streams still hold this `ConnShared`).
+    pub(crate) io: Mutex<Option<ConnIo>>,
     out: Mutex<OutQueue>,
     space: Condvar,
     waker: Arc<ReactorWaker>,
@@ -133,6 +231,7 @@ impl ConnShared {
         frame_bytes_max: usize,
         send_buffer_bytes_max: usize,
         waker: Arc<ReactorWaker>,
+        io: ConnIo,
     ) -> Self {
         Self {
             id,
@@ -141,6 +240,8 @@ impl ConnShared {
             frame_bytes_max,
             send_buffer_bytes_max,
             next_stream_id: AtomicU64::new(if dialed { 1 } else { 2 }),
+            reply_wait: ReplyWait::default(),
+            io: Mutex::new(Some(io)),
             out: Mutex::new(OutQueue::default()),
             space: Condvar::new(),
             waker,
@@ -175,6 +276,10 @@ impl ConnShared {
     /// `DeadlineExceeded` if the buffer stayed full until the deadline; the connection's
     /// close reason if it closed.
     pub(crate) fn push(&self, item: Outbound, deadline: Option<Instant>) -> Result<(), Status> {
+        let item = match self.try_write_inline(item) {
+            Ok(()) => return Ok(()),
+            Err(item) => item,
+        };
         let len_bytes = item.len_bytes();
         let mut out = self.out.lock();
         loop {
@@ -209,6 +314,10 @@ impl ConnShared {
     /// # Errors
     /// The close reason, or `ResourceExhausted` when the peer is not reading its replies.
     pub(crate) fn push_nowait(&self, item: Outbound) -> Result<(), Status> {
+        let item = match self.try_write_inline(item) {
+            Ok(()) => return Ok(()),
+            Err(item) => item,
+        };
         let len_bytes = item.len_bytes();
         let out = self.out.lock();
         if let Some(reason) = &out.closed {
@@ -227,10 +336,79 @@ impl ConnShared {
     /// Queues a small control item without waiting for buffer space. Dropped silently if
     /// the connection already closed: there is nobody left to tell.
     pub(crate) fn push_control(&self, item: Outbound) {
+        let item = match self.try_write_inline(item) {
+            Ok(()) => return,
+            Err(item) => item,
+        };
         let len_bytes = item.len_bytes();
         let out = self.out.lock();
         if out.closed.is_none() {
             self.enqueue(out, item, len_bytes);
+        }
+    }
+
+    /// Writes `item` on the calling thread if that keeps order and needs no waiting (see
+    /// the module doc); gives it back otherwise, for the queue. A write the socket could
+    /// not take whole, or that failed, is left to the reactor (TLS keeps what is unsent,
+    /// and the reactor's own write meets the same error and closes the connection).
+    fn try_write_inline(&self, item: Outbound) -> Result<(), Outbound> {
+        if item.len_bytes() > INLINE_FRAME_BYTES_MAX {
+            return Err(item);
+        }
+        let Some(mut guard) = self.io.try_lock() else {
+            return Err(item);
+        };
+        let Some(io) = guard.as_mut() else {
+            return Err(item);
+        };
+        if !io.established || io.writing.is_some() || io.tls.wants_write() {
+            return Err(item);
+        }
+        {
+            let out = self.out.lock();
+            if out.closed.is_some() || !out.items.is_empty() {
+                return Err(item);
+            }
+        }
+        let frame = match item {
+            Outbound::Open {
+                stream_id,
+                route,
+                frame,
+            } => {
+                io.opened.push((stream_id, route));
+                frame
+            }
+            Outbound::Frame(frame) => frame,
+            Outbound::Finish { stream_id, frame } => {
+                io.finished.push(stream_id);
+                frame
+            }
+        };
+        // rustls refuses plaintext only once closed: the reactor then closes and fails.
+        let written = std::io::Write::write(&mut io.tls.writer(), &frame).unwrap_or_default();
+        if written < frame.len() {
+            io.writing = Some((frame, written));
+        }
+        let all_out = matches!(io.write_tls_out(), Ok(true)) && io.writing.is_none();
+        drop(guard);
+        self.waker
+            .frames_written_inline
+            .fetch_add(1, Ordering::Relaxed);
+        if !all_out {
+            self.notify_reactor();
+        }
+        Ok(())
+    }
+
+    /// Asks the reactor to look at this connection, once until it has.
+    fn notify_reactor(&self) {
+        let mut out = self.out.lock();
+        let notify = !out.reactor_notified;
+        out.reactor_notified = true;
+        drop(out);
+        if notify {
+            self.waker.mark_dirty(self.id);
         }
     }
 
@@ -291,5 +469,29 @@ pub(crate) fn envelope(stream_id: u64, kind: FrameKind) -> Envelope {
         stream_id,
         kind: kind as i32,
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callers_poll_while_replies_come_fast_and_stop_once_they_are_slow() {
+        let wait = ReplyWait::default();
+        assert!(wait.is_fast(), "a new connection polls");
+        // Replicated writes: a few slow replies and polling stops.
+        for _ in 0..8 {
+            wait.record(Duration::from_micros(400));
+        }
+        assert!(!wait.is_fast());
+        // Fast replies measured asleep (the wake-up included) bring it back.
+        for _ in 0..16 {
+            wait.record(Duration::from_micros(80));
+        }
+        assert!(wait.is_fast());
+        // A reply that took forever cannot overflow the average.
+        wait.record(Duration::MAX);
+        assert!(!wait.is_fast());
     }
 }

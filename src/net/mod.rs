@@ -175,6 +175,7 @@ impl Transport {
         let waker = Arc::new(ReactorWaker {
             waker: Waker::new(poll.registry(), WAKER_TOKEN)?,
             dirty: dirty_tx,
+            frames_written_inline: std::sync::atomic::AtomicU64::new(0),
         });
         let (commands, command_rx) = crossbeam_channel::bounded(COMMAND_QUEUE_LEN_MAX);
         let reactor = Reactor::new(poll, command_rx, dirty_rx, waker.clone(), config.clone());
@@ -257,6 +258,14 @@ impl Transport {
                 )
             })
             .clone()
+    }
+
+    /// Frames senders wrote to their socket themselves, sparing the reactor a wake-up
+    /// (a small frame, on an idle connection); the rest went through the send queues.
+    pub fn frames_written_inline(&self) -> u64 {
+        self.waker
+            .frames_written_inline
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn send_command(&self, command: Command) -> io::Result<()> {

@@ -1,10 +1,13 @@
-//! The reactor thread: owns every listener, socket and rustls session.
+//! The reactor thread: owns every listener, and every connection's reading side, routes
+//! and timers; it shares each socket and rustls session with senders (`ConnIo`, locked).
 //!
 //! One loop: poll for readiness (at most [`SWEEP_PERIOD`] at a time), accept, read TLS
 //! records, decode frames and route them (to a waiting caller's channel or, for new
 //! requests, through the [`Router`](super::Router) to a service pool), then move queued
 //! outbound frames into TLS and onto sockets. Other threads reach it only through the
-//! command channel, the per-connection send queues and the waker.
+//! command channel, the per-connection send queues and the waker; a sender may also write
+//! a small frame to the socket itself (see [`super::conn`]), never while the reactor holds
+//! the connection's socket lock.
 //!
 //! It must never block: deliveries use `try_send` on channels sized by the flow-control
 //! window, pools refuse work when full, and a connection whose peer does not read our
@@ -22,7 +25,7 @@ use mio::net::TcpListener;
 use mio::{Events, Interest, Poll, Token};
 
 use super::client::ChannelInner;
-use super::conn::{ConnShared, Outbound, ReactorWaker, Route, envelope};
+use super::conn::{ConnIo, ConnShared, Outbound, ReactorWaker, Route, envelope};
 use super::socket::{DialAddr, ListenSocket, Socket};
 use super::stream::Inbound;
 use super::{Command, Router, TransportConfig};
@@ -67,15 +70,13 @@ enum Side {
     },
 }
 
+/// The reactor's part of a connection; the socket and TLS session are in
+/// `shared.io`, locked for each use.
 struct Conn {
-    socket: Socket,
-    tls: rustls::Connection,
     shared: Arc<ConnShared>,
     side: Side,
     decoder: FrameDecoder,
     routes: HashMap<u64, Route>,
-    /// The frame being handed to TLS and how much of it went already.
-    writing: Option<(Bytes, usize)>,
     /// Frames the reactor itself produced (refusals, PONG), sent before queued ones.
     local_out: VecDeque<Bytes>,
     local_out_bytes: usize,
@@ -376,18 +377,16 @@ impl Reactor {
             self.config.frame_bytes_max,
             self.config.send_buffer_bytes_max,
             self.waker.clone(),
+            ConnIo::new(socket, tls),
         ));
         let now = Instant::now();
         self.conns.insert(
             token,
             Conn {
-                socket,
-                tls,
                 shared,
                 side,
                 decoder: FrameDecoder::new(self.config.frame_bytes_max),
                 routes: HashMap::new(),
-                writing: None,
                 local_out: VecDeque::new(),
                 local_out_bytes: 0,
                 handshake_deadline: Some(now + ms(self.config.handshake_timeout_ms)),
@@ -414,11 +413,19 @@ impl Reactor {
     }
 
     fn service_conn(&mut self, conn: &mut Conn, token: Token) -> Result<(), Status> {
-        if !connect_finished(conn)? {
+        // Held for the whole turn: no sender writes inline meanwhile, so every call a
+        // sender opened inline before this point is adopted below, ahead of its reply.
+        let shared = conn.shared.clone();
+        let mut guard = shared.io.lock();
+        let io = guard
+            .as_mut()
+            .expect("the socket side goes only when the reactor closes the connection");
+        adopt_inline_routes(conn, io);
+        if !connect_finished(io, &mut conn.side, shared.peer_addr)? {
             return Ok(());
         }
-        self.read(conn, token)?;
-        flush(conn)?;
+        self.read(conn, io, token)?;
+        flush(conn, io)?;
         if conn.read_paused && conn.local_out_bytes < LOCAL_OUT_BYTES_MAX / 2 {
             conn.read_paused = false;
             self.more_input.push(token);
@@ -426,7 +433,7 @@ impl Reactor {
         Ok(())
     }
 
-    fn read(&mut self, conn: &mut Conn, token: Token) -> Result<(), Status> {
+    fn read(&mut self, conn: &mut Conn, io: &mut ConnIo, token: Token) -> Result<(), Status> {
         let mut read_bytes = 0;
         let now = Instant::now();
         loop {
@@ -437,7 +444,7 @@ impl Reactor {
                 self.more_input.push(token);
                 return Ok(());
             }
-            match conn.tls.read_tls(&mut conn.socket) {
+            match io.tls.read_tls(&mut io.socket) {
                 Ok(0) => {
                     return Err(Status::unavailable(format!(
                         "{} closed the connection",
@@ -457,11 +464,11 @@ impl Reactor {
                     )));
                 }
             }
-            let io_state = match conn.tls.process_new_packets() {
+            let io_state = match io.tls.process_new_packets() {
                 Ok(io_state) => io_state,
                 Err(e) => {
                     // Best effort: tell the peer why (the alert), then give up.
-                    let _ = conn.tls.write_tls(&mut conn.socket);
+                    let _ = io.tls.write_tls(&mut io.socket);
                     return Err(Status::unavailable(format!(
                         "TLS with {} failed: {e}",
                         conn.peer()
@@ -470,11 +477,11 @@ impl Reactor {
             };
             // Record the peer's identity before reading any frame: a TLS 1.3 client may send
             // its first request in the same flight as its Finished message.
-            if conn.handshake_deadline.is_some() && !conn.tls.is_handshaking() {
-                handshake_done(conn)?;
+            if conn.handshake_deadline.is_some() && !io.tls.is_handshaking() {
+                handshake_done(conn, io)?;
             }
             if io_state.plaintext_bytes_to_read() > 0 {
-                self.take_plaintext(conn, now)?;
+                self.take_plaintext(conn, io, now)?;
             }
             if io_state.peer_has_closed() {
                 return Err(Status::unavailable(format!(
@@ -485,9 +492,14 @@ impl Reactor {
         }
     }
 
-    fn take_plaintext(&mut self, conn: &mut Conn, now: Instant) -> Result<(), Status> {
+    fn take_plaintext(
+        &mut self,
+        conn: &mut Conn,
+        io: &mut ConnIo,
+        now: Instant,
+    ) -> Result<(), Status> {
         loop {
-            match conn.decoder.read_from(&mut conn.tls.reader()) {
+            match conn.decoder.read_from(&mut io.tls.reader()) {
                 Ok(0) => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -599,6 +611,14 @@ impl Reactor {
         self.last_sweep = now;
         let mut expired = Vec::new();
         for (token, conn) in &mut self.conns {
+            // A call opened inline on a connection with nothing to read is adopted here, so
+            // that keepalive pings see it (a sender holding the lock just delays this).
+            let shared = conn.shared.clone();
+            if let Some(mut guard) = shared.io.try_lock()
+                && let Some(io) = guard.as_mut()
+            {
+                adopt_inline_routes(conn, io);
+            }
             if let Some(reason) = timeout_reason(conn, &self.config, now) {
                 expired.push((*token, reason));
             } else if needs_ping(conn, &self.config, now) {
@@ -616,17 +636,22 @@ impl Reactor {
 
     fn close(&mut self, mut conn: Conn, reason: Status) {
         log::debug!("connection with {} closed: {}", conn.peer(), reason.message);
+        // Taken first: from here on senders can only queue, and `shared.close` fails that.
+        let io = conn.shared.io.lock().take();
         for item in conn.shared.close(reason.clone()) {
             if let Outbound::Open { route, .. } = item {
                 route.end(reason.clone());
             }
         }
+        if let Some(mut io) = io {
+            adopt_inline_routes(&mut conn, &mut io);
+            io.tls.send_close_notify();
+            let _ = io.tls.write_tls(&mut io.socket);
+            let _ = self.poll.registry().deregister(&mut io.socket);
+        }
         for (_, route) in conn.routes.drain() {
             route.end(reason.clone());
         }
-        conn.tls.send_close_notify();
-        let _ = conn.tls.write_tls(&mut conn.socket);
-        let _ = self.poll.registry().deregister(&mut conn.socket);
         if let Side::Dialed {
             channel, attempt, ..
         } = &conn.side
@@ -656,38 +681,46 @@ fn ms(value: u64) -> Duration {
     Duration::from_millis(value)
 }
 
+/// Takes over the routes of calls senders opened or finished inline (see `ConnIo`).
+fn adopt_inline_routes(conn: &mut Conn, io: &mut ConnIo) {
+    for (stream_id, route) in io.opened.drain(..) {
+        conn.routes.insert(stream_id, route);
+    }
+    for stream_id in io.finished.drain(..) {
+        conn.routes.remove(&stream_id);
+    }
+}
+
 /// For a dialed connection, whether TCP connect has completed (errors are fatal).
-fn connect_finished(conn: &mut Conn) -> Result<bool, Status> {
-    let Side::Dialed { connected, .. } = &mut conn.side else {
+fn connect_finished(io: &mut ConnIo, side: &mut Side, peer: SocketAddr) -> Result<bool, Status> {
+    let Side::Dialed { connected, .. } = side else {
         return Ok(true);
     };
     if *connected {
         return Ok(true);
     }
-    if let Ok(Some(e)) | Err(e) = conn.socket.take_error() {
+    if let Ok(Some(e)) | Err(e) = io.socket.take_error() {
         return Err(Status::unavailable(format!(
-            "cannot connect to {}: {e}",
-            conn.shared.peer_addr
+            "cannot connect to {peer}: {e}"
         )));
     }
-    match conn.socket.check_connected() {
+    match io.socket.check_connected() {
         Ok(()) => {
             *connected = true;
             Ok(true)
         }
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(false),
         Err(e) => Err(Status::unavailable(format!(
-            "cannot connect to {}: {e}",
-            conn.shared.peer_addr
+            "cannot connect to {peer}: {e}"
         ))),
     }
 }
 
 /// Records the peer's identity once TLS is up and, for a dial, hands the connection to its
 /// channel.
-fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
+fn handshake_done(conn: &mut Conn, io: &mut ConnIo) -> Result<(), Status> {
     conn.handshake_deadline = None;
-    let identity = crate::ca::tls::peer_identity(conn.tls.peer_certificates()).map_err(|e| {
+    let identity = crate::ca::tls::peer_identity(io.tls.peer_certificates()).map_err(|e| {
         Status::unavailable(format!(
             "{} presented a certificate without a flotilla identity: {e}",
             conn.peer()
@@ -704,10 +737,12 @@ fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
                 )));
             }
             let _ = conn.shared.identity.set(identity);
+            io.established = true;
             channel.dial_finished(*attempt, Ok(conn.shared.clone()));
         }
         Side::Accepted { .. } => {
             let _ = conn.shared.identity.set(identity);
+            io.established = true;
         }
     }
     log::debug!(
@@ -723,23 +758,20 @@ fn handshake_done(conn: &mut Conn) -> Result<(), Status> {
 ///
 /// The order matters: stopping while frames are queued and the socket is writable would
 /// strand them, since no event would come and senders do not wake a notified reactor.
-fn flush(conn: &mut Conn) -> Result<(), Status> {
+fn flush(conn: &mut Conn, io: &mut ConnIo) -> Result<(), Status> {
     loop {
-        while conn.tls.wants_write() {
-            match conn.tls.write_tls(&mut conn.socket) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(Status::unavailable(format!(
-                        "writing to {}: {e}",
-                        conn.peer()
-                    )));
-                }
+        match io.write_tls_out() {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) => {
+                return Err(Status::unavailable(format!(
+                    "writing to {}: {e}",
+                    conn.peer()
+                )));
             }
         }
         // TLS is empty here, so filling stops only when TLS is full again or nothing is left.
-        let moved = conn.handshake_deadline.is_none() && fill_tls(conn)?;
+        let moved = conn.handshake_deadline.is_none() && fill_tls(conn, io)?;
         if !moved {
             return Ok(());
         }
@@ -747,11 +779,11 @@ fn flush(conn: &mut Conn) -> Result<(), Status> {
 }
 
 /// Hands frames to TLS until it refuses more plaintext. Returns whether anything moved.
-fn fill_tls(conn: &mut Conn) -> Result<bool, Status> {
+fn fill_tls(conn: &mut Conn, io: &mut ConnIo) -> Result<bool, Status> {
     let mut moved = false;
     loop {
-        if let Some((frame, written)) = &mut conn.writing {
-            let n = conn.tls.writer().write(&frame[*written..]).map_err(|e| {
+        if let Some((frame, written)) = &mut io.writing {
+            let n = io.tls.writer().write(&frame[*written..]).map_err(|e| {
                 Status::unavailable(format!("TLS write to {}: {e}", conn.shared.peer_addr))
             })?;
             if n == 0 {
@@ -760,13 +792,13 @@ fn fill_tls(conn: &mut Conn) -> Result<bool, Status> {
             moved = true;
             *written += n;
             if *written == frame.len() {
-                conn.writing = None;
+                io.writing = None;
             }
             continue;
         }
         if let Some(frame) = conn.local_out.pop_front() {
             conn.local_out_bytes -= frame.len();
-            conn.writing = Some((frame, 0));
+            io.writing = Some((frame, 0));
             continue;
         }
         match conn.shared.pop() {
@@ -776,15 +808,15 @@ fn fill_tls(conn: &mut Conn) -> Result<bool, Status> {
                 frame,
             }) => {
                 conn.routes.insert(stream_id, route);
-                conn.writing = Some((frame, 0));
+                io.writing = Some((frame, 0));
             }
             Some(Outbound::Frame(frame)) => {
                 log::trace!("sending {} bytes to {}", frame.len(), conn.shared.peer_addr);
-                conn.writing = Some((frame, 0));
+                io.writing = Some((frame, 0));
             }
             Some(Outbound::Finish { stream_id, frame }) => {
                 conn.routes.remove(&stream_id);
-                conn.writing = Some((frame, 0));
+                io.writing = Some((frame, 0));
             }
             None => return Ok(moved),
         }

@@ -692,6 +692,7 @@ fn build_job(
                 let reader = StreamReader {
                     rx,
                     consumed_unreturned: 0,
+                    opened_at: None,
                 };
                 let result = run_unless_expired(&ctx, || f(&ctx, reader, &writer));
                 reply(&writer, result);

@@ -37,6 +37,13 @@ pub(crate) const INBOUND_CAPACITY: usize = STREAM_WINDOW_MESSAGES as usize + 2;
 /// `StreamReader::spin_for_reply`).
 pub(crate) const REPLY_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
+/// Callers poll only on a connection whose calls waited on average less than this for
+/// their reply (`ReplyWait::is_fast`): the polling window plus what a sleeping
+/// caller pays to be woken (50–100 µs on this machine's virtual CPUs), so that a
+/// connection whose fast replies are measured asleep keeps polling. Replicated writes
+/// (300 µs and more) stop polling and leave the CPU to the threads that produce them.
+pub(crate) const REPLY_FAST_AVG_US_MAX: u64 = 150;
+
 /// Callers allowed to spin for a reply at once, in this process.
 pub(crate) const SPINNING_CALLERS_MAX: usize = 1;
 
@@ -217,6 +224,9 @@ pub(crate) struct StreamReader {
     pub(crate) rx: crossbeam_channel::Receiver<Inbound>,
     /// Messages consumed since credit was last returned.
     pub(crate) consumed_unreturned: u32,
+    /// For a call we made, when it was sent, until its first reply (which times the
+    /// connection's reply wait); `None` on the callee's side.
+    pub(crate) opened_at: Option<Instant>,
 }
 
 impl StreamReader {
@@ -233,12 +243,21 @@ impl StreamReader {
         writer: &StreamWriter,
         deadline: Option<Instant>,
     ) -> Result<Inbound, Status> {
+        // Polling pays only for a reply that is about to arrive: the first reply of a call
+        // on a connection whose replies recently came within the polling bound. A slow
+        // call (a replicated write) would only take the CPU its own reply needs.
+        let first_reply_of = self.opened_at.take();
+        let spin = first_reply_of.is_some() && writer.conn.reply_wait.is_fast();
         WAITING_CALLERS.fetch_add(1, Ordering::AcqRel);
-        let received = match self.spin_for_reply() {
+        let spun = if spin { self.spin_for_reply() } else { None };
+        let received = match spun {
             Some(inbound) => Ok(inbound),
             None => self.recv_blocking(deadline),
         };
         WAITING_CALLERS.fetch_sub(1, Ordering::AcqRel);
+        if let (Some(opened_at), Ok(_)) = (first_reply_of, &received) {
+            writer.conn.reply_wait.record(opened_at.elapsed());
+        }
         match received {
             Ok(Inbound::Message(payload)) => {
                 self.return_credit(writer);

@@ -83,7 +83,8 @@ pub struct Ready {
     /// Entries to persist; the first may overwrite (truncate) a previously written suffix.
     /// Report with [`RaftCore::on_entries_persisted`].
     pub entries: Vec<Entry>,
-    /// Hard state to persist; report with [`RaftCore::on_hard_state_persisted`].
+    /// Hard state to persist; report with [`RaftCore::on_hard_state_persisted`]. Set when
+    /// the term or vote changed, or with entries; a new commit index alone waits for those.
     pub hard_state: Option<HardState>,
     /// Messages to send now. A `Snapshot` message asks the node layer to stream the snapshot
     /// it describes to `to`.
@@ -651,7 +652,7 @@ impl RaftCore {
         !self.messages.is_empty()
             || self.log.has_unstable()
             || self.log.has_pending_install()
-            || self.hard_state() != self.emitted_hard_state
+            || self.hard_state_must_persist()
             || self.log.appliable() > self.log.applied()
             || !self.read_states.is_empty()
             || self.soft_state() != self.emitted_soft_state
@@ -661,15 +662,27 @@ impl RaftCore {
                     || self.read_round_needed))
     }
 
+    /// True if the term or vote changed since the last emitted hard state: those must be
+    /// durable before anything that depends on them leaves (the commit index need not).
+    fn hard_state_must_persist(&self) -> bool {
+        self.term != self.emitted_hard_state.term || self.vote != self.emitted_hard_state.vote
+    }
+
     /// Hands out everything pending (see [`Ready`] for how to handle it).
     pub fn ready(&mut self) -> Ready {
         self.flush();
         let hard_state = self.hard_state();
         let soft_state = self.soft_state();
+        let snapshot = self.log.take_pending_install();
+        let entries = self.log.take_unstable();
+        // A new commit index alone is not worth an fsync (persisting it only shortens the
+        // replay after a restart): it rides along with the next entries or term change.
+        let emit_hard_state = self.hard_state_must_persist()
+            || (!entries.is_empty() && hard_state != self.emitted_hard_state);
         Ready {
-            snapshot: self.log.take_pending_install(),
-            entries: self.log.take_unstable(),
-            hard_state: (hard_state != self.emitted_hard_state).then(|| {
+            snapshot,
+            entries,
+            hard_state: emit_hard_state.then(|| {
                 self.emitted_hard_state = hard_state;
                 hard_state
             }),

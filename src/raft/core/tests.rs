@@ -414,3 +414,82 @@ fn membership_entries_carry_the_whole_group() {
         "in force as soon as appended"
     );
 }
+
+/// Follower 2 of {1, 2, 3} with an empty log.
+fn fresh_follower() -> RaftCore {
+    let membership = crate::raft::types::Membership {
+        voters: [1, 2, 3].into(),
+        ..Default::default()
+    };
+    let initial = InitialState {
+        snapshot: crate::raft::types::SnapshotMeta {
+            index: 0,
+            term: 0,
+            membership,
+        },
+        ..Default::default()
+    };
+    RaftCore::new(Config::new(2, 7), initial)
+}
+
+fn append_from_leader(
+    prev_index: u64,
+    prev_term: u64,
+    entries: Vec<crate::raft::types::Entry>,
+    commit: u64,
+) -> Message {
+    Message {
+        from: 1,
+        to: 2,
+        term: 1,
+        body: MessageBody::Append {
+            prev_index,
+            prev_term,
+            entries,
+            commit,
+        },
+    }
+}
+
+#[test]
+fn a_new_commit_index_alone_asks_for_no_write() {
+    let entry = |index| crate::raft::types::Entry {
+        term: 1,
+        index,
+        kind: EntryKind::Normal,
+        data: Bytes::from_static(b"x"),
+    };
+    let mut core = fresh_follower();
+    core.step(append_from_leader(0, 0, vec![entry(1)], 0));
+    let ready = core.ready();
+    assert_eq!(ready.entries.len(), 1);
+    let hard_state = ready
+        .hard_state
+        .expect("the new term is written with the entry");
+    assert_eq!((hard_state.term, hard_state.commit), (1, 0));
+    core.on_entries_persisted(1, 1);
+    core.on_hard_state_persisted(hard_state);
+    assert_eq!(
+        core.ready().messages.len(),
+        1,
+        "the acknowledgement, once durable"
+    );
+
+    // The leader's commit broadcast: apply at once, but nothing to fsync.
+    core.step(append_from_leader(1, 1, Vec::new(), 1));
+    let ready = core.ready();
+    assert_eq!(ready.committed_entries.len(), 1);
+    assert!(ready.entries.is_empty());
+    assert_eq!(
+        ready.hard_state, None,
+        "a commit index alone is not persisted"
+    );
+    assert_eq!(core.hard_state().commit, 1);
+    assert!(!core.has_ready(), "and it does not keep asking");
+
+    // It rides along with the next entries.
+    core.step(append_from_leader(1, 1, vec![entry(2)], 1));
+    let ready = core.ready();
+    assert_eq!(ready.entries.len(), 1);
+    assert_eq!(ready.hard_state.map(|hs| hs.commit), Some(1));
+}
