@@ -2,15 +2,19 @@
 //!
 //! ```text
 //!  caller threads ──Channel::unary/…──► per-connection send queue ─┐
-//!                                                                  │ (waker)
-//!  handler threads ◄── ServicePool ◄── Router::dispatch ◄── reactor thread ◄──► sockets
-//!        │                                                         ▲
-//!        └──────── replies into the same per-connection queue ─────┘
+//!        │ (small frame, idle connection: written inline)          │ (waker)
+//!        ▼                                                         ▼
+//!     sockets ◄──────────────────────────────────────────── reactor thread ◄──► sockets
+//!        ▲                                                         │
+//!  handler threads ◄── ServicePool ◄── Router::dispatch ◄──────────┘
+//!        └── replies: inline, or into the same per-connection queue
 //! ```
 //!
-//! - One reactor thread (`flotilla-net`) owns every listener, socket and rustls session.
+//! - One reactor thread (`flotilla-net`) owns every listener and reads every socket.
 //!   Other threads hand it work through a bounded command channel (listen, dial, shutdown)
-//!   and per-connection send queues, and wake it with a `mio::Waker`.
+//!   and per-connection send queues, and wake it with a `mio::Waker`. A sender writes a
+//!   small frame to the socket itself when the connection is idle (see `conn`): on this
+//!   2-core host a reactor wake-up costs more than the write.
 //! - Calls are made on a [`Channel`] (one per peer address, one connection reused by every
 //!   call). Incoming calls are checked against the method's [`Allow`] list using the peer's
 //!   verified certificate, then queued to the method's [`ServicePool`].
@@ -24,7 +28,8 @@
 //! - Shutdown ([`Transport::shutdown`]) is a barrier: stop accepting, fail every in-flight
 //!   call with `Unavailable`, close every connection (TLS close_notify), join the reactor.
 //!
-//! This module must never interpret call payloads or hold a lock across socket IO.
+//! This module must never interpret call payloads, block on a socket (all are
+//! nonblocking), or make a sender wait for a connection's socket lock (`try_lock` only).
 //!
 //! [`wire`]: crate::wire
 
