@@ -9,7 +9,7 @@
 //!   report is forwarded with its own identity);
 //! - copies the replicated join tokens into this manager's CA service and `join-tokens`
 //!   file when they changed (a rotation on any manager reaches every manager);
-//! - keeps the cluster CA in step with the Cluster object ([`sync_ca`]): a manager that
+//! - keeps the cluster CA in step with the Cluster object (`sync_ca`): a manager that
 //!   holds the CA key on disk publishes it when the object lacks it; a manager without a
 //!   CA installs the replicated one (so every manager serves joins, renewals and admin
 //!   certificates);

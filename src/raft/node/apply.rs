@@ -4,7 +4,7 @@
 //!
 //! Owns the [`StateMachine`] and the waiters of proposals and reads, behind a mutex: the
 //! raft thread applies small batches itself when the apply thread has nothing left to do
-//! (see [`ApplyLane`]), sparing a thread wake-up between commit and reply. Must never
+//! (see `ApplyLane`), sparing a thread wake-up between commit and reply. Must never
 //! apply an entry the raft thread did not hand it, never skip one, never apply out of
 //! order, and never block on the raft thread (its events go over a channel the raft
 //! thread drains in every loop).
