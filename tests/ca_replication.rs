@@ -275,6 +275,11 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
             founder.list_nodes(addr)
         });
         assert!(refused.message.contains("revoked"), "{refused}");
+        assert_eq!(
+            refused.reason,
+            flotilla::ca::CERTIFICATE_REVOKED,
+            "{refused:?}"
+        );
         let refused = founder
             .unary::<_, flotilla::proto::raft::JoinResponse>(
                 addr,
@@ -299,6 +304,12 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
             )
             .unwrap_err();
         assert_eq!(refused.code, Code::PermissionDenied, "{refused}");
+        // The reason a removed member's Raft peer thread acts on (it then stops).
+        assert_eq!(
+            refused.reason,
+            flotilla::ca::CERTIFICATE_REVOKED,
+            "{refused:?}"
+        );
     }
     let inspect = ok(&m2, &["cluster", "inspect"]);
     assert!(

@@ -58,10 +58,10 @@ pub use ratelimit::{FailureLimits, FailureRateLimiter, RateLimited};
 pub use root::{ROOT_CERT_BYTES_MAX, RootCert};
 pub use service::{CaService, SharedCa};
 
-/// In the message of the `PermissionDenied` a manager answers a revoked certificate with:
-/// a Raft peer that sees it knows (from the committed, replicated revocation list) that it
-/// was removed from the cluster.
-pub const CERTIFICATE_REVOKED: &str = "was revoked cluster-wide";
+/// The reason ([`crate::wire::Status::reason`]) of the `PermissionDenied` a manager answers
+/// a revoked certificate with: a Raft peer that sees it knows (from the committed,
+/// replicated revocation list) that it was removed from the cluster.
+pub const CERTIFICATE_REVOKED: &str = "CERTIFICATE_REVOKED";
 pub use token::{
     JoinToken, JoinTokens, TOKEN_CHARS_MAX, TOKEN_DIGEST_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES,
     TOKEN_VERSION, TokenError, TokenParseError,

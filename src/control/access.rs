@@ -6,9 +6,9 @@
 //! - **revoked**: an id in the Cluster object's `revoked_certificates` (a node removed with
 //!   `node rm` or `manager rm`, an admin certificate revoked with `admin-cert revoke`) may
 //!   call nothing, `raft.Step` included (so it cannot inject Raft messages under another
-//!   member's id). The refusal names [`CERTIFICATE_REVOKED`]: a removed manager's Raft peer
-//!   thread takes it as "removed from the cluster" and the manager stops, as it does on the
-//!   Raft service's own `removed: true` answer.
+//!   member's id). The refusal carries the reason [`CERTIFICATE_REVOKED`]: a removed
+//!   manager's Raft peer thread takes it as "removed from the cluster" and the manager stops,
+//!   as it does on the Raft service's own `removed: true` answer.
 //! - **demoted**: a caller whose certificate says manager while its Node object's desired
 //!   role is worker (demoted, and not promoted again) may no longer call manager methods
 //!   (`control.*`, `kv.*`, `ca.RenewNodeCertificate`). It may still speak Raft (a demotion
@@ -139,10 +139,11 @@ impl AccessList {
         let sets = self.sets.read().clone();
         if let Some(reason) = sets.revoked.get(node_id) {
             return Err(Status::permission_denied(format!(
-                "the certificate of {node_id} {CERTIFICATE_REVOKED} ({reason}); {method} \
+                "the certificate of {node_id} was revoked cluster-wide ({reason}); {method} \
                  refused. A removed node joins again from an empty state directory with a \
                  join token; an admin gets a new certificate with `flotilla admin-cert issue`"
-            )));
+            ))
+            .with_reason(CERTIFICATE_REVOKED));
         }
         if role == Role::Manager && sets.demoted.contains(node_id) && !demoted_may_call(method) {
             return Err(Status::permission_denied(format!(
@@ -243,7 +244,7 @@ mod tests {
         let refused = access
             .check_caller("raft.Step", "gone", Role::Manager)
             .unwrap_err();
-        assert!(refused.message.contains(CERTIFICATE_REVOKED), "{refused}");
+        assert_eq!(refused.reason, CERTIFICATE_REVOKED, "{refused}");
 
         let refused = access
             .check_caller("control.Forward", "demoted", Role::Manager)

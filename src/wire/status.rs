@@ -102,7 +102,7 @@ impl fmt::Display for Code {
 }
 
 /// A failed call: a code and a message for a human that says what went wrong and, where
-/// possible, what to do next.
+/// possible, what to do next; and, for the few failures a caller acts on, a reason code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Status {
@@ -110,6 +110,9 @@ pub struct Status {
     pub code: Code,
     /// What happened, for a human.
     pub message: String,
+    /// A machine-readable cause (empty if none), e.g. [`crate::ca::CERTIFICATE_REVOKED`]:
+    /// callers test this, never the message, which is worded for humans.
+    pub reason: String,
 }
 
 impl Status {
@@ -118,7 +121,15 @@ impl Status {
         Self {
             code,
             message: message.into(),
+            reason: String::new(),
         }
+    }
+
+    /// This status with the machine-readable `reason`.
+    #[must_use]
+    pub fn with_reason(mut self, reason: &str) -> Self {
+        self.reason = reason.to_string();
+        self
     }
 
     /// Shorthand for [`Code::InvalidArgument`].
@@ -166,13 +177,14 @@ impl Status {
         proto::wire::Status {
             code: self.code as u32,
             message: self.message.clone(),
+            reason: self.reason.clone(),
         }
     }
 
     /// Reads the wire form; a missing status on an ERROR frame is itself an error.
     pub fn from_proto(status: Option<&proto::wire::Status>) -> Self {
         match status {
-            Some(s) => Self::new(Code::from_u32(s.code), s.message.clone()),
+            Some(s) => Self::new(Code::from_u32(s.code), s.message.clone()).with_reason(&s.reason),
             None => Self::new(Code::Unknown, "peer sent an ERROR frame without a status"),
         }
     }
@@ -196,5 +208,12 @@ mod tests {
         let status = Status::not_found("service web not found");
         assert_eq!(Status::from_proto(Some(&status.to_proto())), status);
         assert_eq!(Status::from_proto(None).code, Code::Unknown);
+        let with_reason = Status::permission_denied("refused").with_reason("SOME_REASON");
+        let back = Status::from_proto(Some(&with_reason.to_proto()));
+        assert_eq!(
+            back.reason, "SOME_REASON",
+            "callers act on the reason, not the message"
+        );
+        assert_eq!(back, with_reason);
     }
 }

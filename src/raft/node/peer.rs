@@ -468,7 +468,7 @@ fn on_step_reply(
 /// revocation list, which means this member was removed.
 fn is_revocation(status: &crate::wire::Status) -> bool {
     status.code == crate::wire::Code::PermissionDenied
-        && status.message.contains(crate::ca::CERTIFICATE_REVOKED)
+        && status.reason == crate::ca::CERTIFICATE_REVOKED
 }
 
 fn on_revoked(peer: NodeId, inputs: &Sender<Input>, status: &crate::wire::Status) {
