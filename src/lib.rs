@@ -7,6 +7,7 @@
 pub mod ca;
 pub mod cli;
 pub mod control;
+pub mod dispatcher;
 pub mod kv;
 pub mod lincheck;
 pub mod manager;

@@ -42,3 +42,8 @@ pub mod objects {
 pub mod control {
     include!(concat!(env!("OUT_DIR"), "/flotilla.control.rs"));
 }
+
+/// The dispatcher: agent sessions, assignments, task status (`proto/flotilla/dispatcher.proto`).
+pub mod dispatcher {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.dispatcher.rs"));
+}

@@ -18,6 +18,7 @@ use crate::ca::{
 use crate::control::duties::{Duties, SelfReport};
 use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi, ControlDeps};
+use crate::dispatcher::Dispatcher;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
@@ -32,6 +33,11 @@ pub const CA_POOL_QUEUE_LEN_MAX: usize = 256;
 pub const KV_POOL_THREADS: usize = 4;
 /// Queued `kv.*` calls before new ones are refused with `ResourceExhausted`.
 pub const KV_POOL_QUEUE_LEN_MAX: usize = 4096;
+/// Threads serving dispatcher calls (a status report blocks its thread on its proposal;
+/// sessions move to their own threads once opened).
+pub const DISPATCHER_POOL_THREADS: usize = 4;
+/// Queued dispatcher calls before new ones are refused with `ResourceExhausted`.
+pub const DISPATCHER_POOL_QUEUE_LEN_MAX: usize = 1024;
 
 /// Why a manager could not start.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +123,7 @@ pub struct Manager {
     pools: Vec<ServicePool>,
     state: ManagerState,
     control: Arc<ControlApi>,
+    dispatcher: Arc<Dispatcher>,
     duties: Option<Duties>,
 }
 
@@ -220,6 +227,14 @@ impl Manager {
             },
         );
         control::register(&mut router, &control_pool, &control);
+        let dispatcher_pool = ServicePool::new(
+            "dispatcher",
+            DISPATCHER_POOL_THREADS,
+            DISPATCHER_POOL_QUEUE_LEN_MAX,
+        )
+        .map_err(io_error("cannot start the dispatcher service threads"))?;
+        let dispatcher = Dispatcher::new(raft.handle().clone(), machine.store.clone());
+        dispatcher.register(&mut router, &dispatcher_pool);
         let store = machine.store.clone();
         raft.handle().set_join_gate(Arc::new(move |node_id| {
             control::roles::join_allowed(&store, node_id)
@@ -278,9 +293,10 @@ impl Manager {
             register,
             raft: Some(raft),
             raft_pools: Some(raft_pools),
-            pools: vec![ca_pool, kv_pool, control_pool],
+            pools: vec![ca_pool, kv_pool, control_pool, dispatcher_pool],
             state: machine,
             control,
+            dispatcher,
             duties: Some(duties),
         })
     }
@@ -402,6 +418,8 @@ impl Manager {
         // After the transport: a watch thread blocked sending to a caller that stopped
         // reading is released by the transport's shutdown, never waited for before it.
         self.control.shutdown();
+        // Likewise for the dispatcher's session threads.
+        self.dispatcher.shutdown();
         if let Some(pools) = self.raft_pools.take() {
             pools.shutdown();
         }

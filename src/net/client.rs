@@ -496,6 +496,42 @@ impl<T: Message + Default> ResponseStream<T> {
         }
     }
 
+    /// [`ResponseStream::recv`] waiting at most `wait` (and never past the call's own
+    /// deadline): `Err(DeadlineExceeded)` when nothing came in time, and the stream stays
+    /// open. For a long-lived stream whose reader must also check for other work.
+    ///
+    /// # Errors
+    /// As [`ResponseStream::recv`].
+    pub fn recv_timeout(&mut self, wait: Duration) -> Result<Option<T>, Status> {
+        if self.call.done {
+            return Ok(None);
+        }
+        let mut deadline = Instant::now() + wait;
+        if let Some(call_deadline) = self.call.writer.deadline {
+            deadline = deadline.min(call_deadline);
+        }
+        match self
+            .call
+            .reader
+            .recv_until(&self.call.writer, Some(deadline))
+        {
+            Ok(Inbound::Message(payload)) => decode_reply(payload).map(Some),
+            Ok(Inbound::End) => {
+                self.call.done = true;
+                Ok(None)
+            }
+            Ok(Inbound::Failed(status)) => {
+                self.call.done = true;
+                Err(status)
+            }
+            Ok(Inbound::Response(_)) => {
+                self.call.done = true;
+                Err(Status::internal("peer sent a RESPONSE on a server stream"))
+            }
+            Err(status) => Err(status),
+        }
+    }
+
     /// Stops the stream: the server sees the cancellation.
     pub fn cancel(mut self) {
         self.call.done = true;

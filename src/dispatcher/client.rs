@@ -1,0 +1,292 @@
+//! The agent's side of the dispatcher: keeps one session with the leader, hands the
+//! assignments it streams to a [`TaskSink`], heartbeats, and reports task status.
+//!
+//! Two threads: `agent-session` opens the session (trying each manager in turn, with
+//! backoff) and reads its stream; `agent-reporter` heartbeats the current session every
+//! half period and sends the status reports it receives, in batches of at most
+//! [`STATUS_UPDATES_MAX`](super::STATUS_UPDATES_MAX). A report that cannot be sent is kept
+//! (the latest per task) and sent on the next session. Must never block the task runner:
+//! reports arrive on a channel the runner only `try_send`s to.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use parking_lot::Mutex;
+
+use super::{HEARTBEAT, SESSION, STATUS_UPDATES_MAX, UPDATE_TASK_STATUS};
+use crate::net::{CallOptions, Transport};
+use crate::proto::dispatcher as pb;
+use crate::proto::objects::{Task, TaskStatus};
+use crate::wire::{Code, Status};
+
+/// First wait before reopening a failed session; doubles up to [`SESSION_BACKOFF_MAX`].
+pub const SESSION_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
+/// Longest wait between session attempts.
+pub const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// How long a heartbeat or status call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the reporter wakes with nothing to report (to check for stop).
+const REPORTER_POLL: Duration = Duration::from_millis(100);
+/// How often the session thread, waiting for assignments, checks for stop.
+const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Where the session delivers the node's assignments.
+pub trait TaskSink: Send + Sync {
+    /// `tasks` is the complete set assigned to this node: stop anything else.
+    fn assign(&self, tasks: Vec<Task>);
+    /// `changed` tasks were created or changed; `removed` are no longer assigned.
+    fn update(&self, changed: Vec<Task>, removed: Vec<String>);
+}
+
+/// How to reach the managers.
+pub struct AgentConfig {
+    /// Manager addresses to try, in order (the leader serves; others name it).
+    pub managers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// This node's client TLS configuration (its certificate is its identity).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Recorded in a new worker's Node object.
+    pub hostname: String,
+}
+
+/// The running session and reporter threads. Stop with [`AgentSession::stop`].
+pub struct AgentSession {
+    stopping: Arc<AtomicBool>,
+    current: Arc<Mutex<Option<Current>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// The session the reporter uses: its id, its manager, its heartbeat period.
+#[derive(Clone)]
+struct Current {
+    session_id: String,
+    addr: String,
+    period: Duration,
+}
+
+impl AgentSession {
+    /// Starts both threads.
+    ///
+    /// # Errors
+    /// The OS error if a thread cannot start.
+    pub fn start(
+        transport: Arc<Transport>,
+        config: AgentConfig,
+        sink: Arc<dyn TaskSink>,
+        reports: Receiver<(String, TaskStatus)>,
+    ) -> std::io::Result<AgentSession> {
+        let stopping = Arc::new(AtomicBool::new(false));
+        let current = Arc::new(Mutex::new(None));
+        let config = Arc::new(config);
+        let session = {
+            let (transport, config, stopping, current) = (
+                transport.clone(),
+                config.clone(),
+                stopping.clone(),
+                current.clone(),
+            );
+            std::thread::Builder::new()
+                .name("agent-session".into())
+                .spawn(move || run_sessions(&transport, &config, &*sink, &stopping, &current))?
+        };
+        let reporter = {
+            let (stopping, current) = (stopping.clone(), current.clone());
+            std::thread::Builder::new()
+                .name("agent-reporter".into())
+                .spawn(move || run_reporter(&transport, &config, &reports, &stopping, &current))?
+        };
+        Ok(AgentSession {
+            stopping,
+            current,
+            threads: vec![session, reporter],
+        })
+    }
+
+    /// The current session's id, if one is open (for tests and status displays).
+    pub fn session_id(&self) -> Option<String> {
+        self.current.lock().as_ref().map(|c| c.session_id.clone())
+    }
+
+    /// Stops both threads: the session stream is cancelled, reports not yet sent are
+    /// dropped (the next session's complete set and reports start over). Joins them.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for thread in self.threads {
+            if thread.join().is_err() {
+                log::error!("an agent session thread panicked");
+            }
+        }
+    }
+}
+
+fn run_sessions(
+    transport: &Transport,
+    config: &AgentConfig,
+    sink: &dyn TaskSink,
+    stopping: &AtomicBool,
+    current: &Mutex<Option<Current>>,
+) {
+    let mut backoff = SESSION_BACKOFF_INITIAL;
+    let mut next_manager = 0usize;
+    while !stopping.load(Ordering::SeqCst) {
+        let managers = (config.managers)();
+        if let Some(addr) = managers.get(next_manager % managers.len().max(1)).cloned() {
+            match session(transport, config, &addr, sink, stopping, current) {
+                Ok(()) => backoff = SESSION_BACKOFF_INITIAL,
+                Err(status) => log::debug!("agent: session with {addr}: {status}"),
+            }
+            *current.lock() = None;
+        }
+        next_manager = next_manager.wrapping_add(1);
+        sleep_unless_stopping(backoff, stopping);
+        backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
+    }
+}
+
+/// One session with `addr`, until its stream ends or the agent stops.
+fn session(
+    transport: &Transport,
+    config: &AgentConfig,
+    addr: &str,
+    sink: &dyn TaskSink,
+    stopping: &AtomicBool,
+    current: &Mutex<Option<Current>>,
+) -> Result<(), Status> {
+    let channel = transport.channel(addr, &config.tls);
+    let request = pb::SessionRequest {
+        hostname: config.hostname.clone(),
+        ..Default::default()
+    };
+    let mut stream = channel.server_stream::<_, pb::SessionMessage>(
+        SESSION,
+        &request,
+        CallOptions { timeout: None },
+    )?;
+    while !stopping.load(Ordering::SeqCst) {
+        let message = match stream.recv_timeout(STOP_CHECK_INTERVAL) {
+            Ok(Some(message)) => message,
+            Ok(None) => return Ok(()),
+            Err(status) if status.code == Code::DeadlineExceeded => continue,
+            Err(status) => return Err(status),
+        };
+        match message.message {
+            Some(pb::session_message::Message::Started(started)) => {
+                log::info!("agent: session {} with {addr}", started.session_id);
+                *current.lock() = Some(Current {
+                    session_id: started.session_id,
+                    addr: addr.to_string(),
+                    period: Duration::from_millis(
+                        u64::try_from(started.heartbeat_period_ms).unwrap_or(1000),
+                    ),
+                });
+            }
+            Some(pb::session_message::Message::Assignments(assignments))
+                if assignments.complete =>
+            {
+                sink.assign(assignments.tasks);
+            }
+            Some(pb::session_message::Message::Assignments(assignments)) => {
+                sink.update(assignments.tasks, assignments.removed);
+            }
+            None => {}
+        }
+    }
+    stream.cancel();
+    Ok(())
+}
+
+fn run_reporter(
+    transport: &Transport,
+    config: &AgentConfig,
+    reports: &Receiver<(String, TaskStatus)>,
+    stopping: &AtomicBool,
+    current: &Mutex<Option<Current>>,
+) {
+    // Latest unsent status per task, in task id order.
+    let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
+    let mut last_beat = std::time::Instant::now();
+    while !stopping.load(Ordering::SeqCst) {
+        match reports.recv_timeout(REPORTER_POLL) {
+            Ok((task_id, status)) => {
+                pending.insert(task_id, status);
+                while let Ok((task_id, status)) = reports.try_recv() {
+                    pending.insert(task_id, status);
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let Some(session) = current.lock().clone() else {
+            continue;
+        };
+        let channel = transport.channel(&session.addr, &config.tls);
+        if !pending.is_empty() {
+            send_reports(&channel, &session, &mut pending);
+        }
+        if last_beat.elapsed() >= session.period / 2 {
+            last_beat = std::time::Instant::now();
+            let request = pb::HeartbeatRequest {
+                session_id: session.session_id.clone(),
+            };
+            if let Err(status) = channel.unary::<_, pb::HeartbeatResponse>(
+                HEARTBEAT,
+                &request,
+                CallOptions::timeout(CALL_TIMEOUT),
+            ) {
+                log::debug!("agent: heartbeat: {status}");
+            }
+        }
+    }
+}
+
+/// Sends the pending reports in batches; what fails stays pending.
+fn send_reports(
+    channel: &crate::net::Channel,
+    session: &Current,
+    pending: &mut BTreeMap<String, TaskStatus>,
+) {
+    while !pending.is_empty() {
+        let batch: Vec<pb::TaskStatusUpdate> = pending
+            .iter()
+            .take(STATUS_UPDATES_MAX)
+            .map(|(task_id, status)| pb::TaskStatusUpdate {
+                task_id: task_id.clone(),
+                status: Some(status.clone()),
+            })
+            .collect();
+        let request = pb::UpdateTaskStatusRequest {
+            session_id: session.session_id.clone(),
+            updates: batch,
+        };
+        match channel.unary::<_, pb::UpdateTaskStatusResponse>(
+            UPDATE_TASK_STATUS,
+            &request,
+            CallOptions::timeout(CALL_TIMEOUT),
+        ) {
+            Ok(_) => {
+                for update in &request.updates {
+                    // A newer status may have arrived meanwhile: keep it.
+                    if pending.get(&update.task_id) == update.status.as_ref() {
+                        pending.remove(&update.task_id);
+                    }
+                }
+            }
+            Err(status) => {
+                log::debug!("agent: status reports: {status}");
+                return;
+            }
+        }
+    }
+}
+
+fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
+    let step = Duration::from_millis(50);
+    let mut waited = Duration::ZERO;
+    while waited < wait && !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(step);
+        waited += step;
+    }
+}

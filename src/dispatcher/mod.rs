@@ -1,0 +1,586 @@
+//! The dispatcher (`dispatcher.*`, swarmkit's): how each node's agent learns the tasks
+//! assigned to it and reports their status. Served by the Raft leader only.
+//!
+//! ```text
+//!  agent ──Session──► leader: SessionStarted{id, heartbeat period}, then Assignments
+//!        │                    (the complete set of the node's tasks, then changes)
+//!        ├──Heartbeat(id) every period ──► 3 missed periods: node DOWN, session ended
+//!        └──UpdateTaskStatus(id, ≤ 200 updates) ──► one transaction, only the caller's
+//!                                                   tasks, states only move forward
+//! ```
+//!
+//! - A session starts by recording the node READY (a worker's Node object is created
+//!   then). One session per node: a new one replaces the old, whose stream ends.
+//! - Each session has a thread (`flotilla-session`, at most [`SESSIONS_MAX`]) that watches
+//!   the store for the node's tasks and streams them, one message per transaction. It ends
+//!   the stream when the heartbeat expires (and marks the node DOWN), when this manager
+//!   stops leading (`Unavailable` with the reason [`NOT_LEADER`]), or at shutdown.
+//! - A follower refuses every call with `FailedPrecondition` and the reason
+//!   [`NOT_LEADER`]; the agent tries the leader next (the message names it).
+//!
+//! Must never change the store except through a proposed transaction, let a node touch
+//! another node's tasks, or move a task's observed state backwards.
+
+pub mod client;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::ca::{PeerIdentity, Role};
+use crate::manager::state::propose_transaction;
+use crate::net::{Allow, CallContext, Router, ServerStream, ServicePool};
+use crate::proto::dispatcher as pb;
+use crate::proto::objects::{
+    Cluster, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus, Task, Transaction,
+};
+use crate::raft::node::NodeHandle;
+use crate::store::settings::ClusterSettings;
+use crate::store::{
+    Action, Kind, Object, Store, WatchError, WatchEvent, WatchFilter, WatchOptions,
+};
+use crate::wire::{Code, Status};
+
+/// Opens a node's session (server stream of [`pb::SessionMessage`]).
+pub const SESSION: &str = "dispatcher.Session";
+/// Keeps a session alive.
+pub const HEARTBEAT: &str = "dispatcher.Heartbeat";
+/// Reports task status changes.
+pub const UPDATE_TASK_STATUS: &str = "dispatcher.UpdateTaskStatus";
+/// The status reason of a refusal by a manager that is not the leader.
+pub const NOT_LEADER: &str = "NOT_LEADER";
+/// Sessions one leader serves at once (one thread each).
+pub const SESSIONS_MAX: usize = 1024;
+/// Status updates per `UpdateTaskStatus` call (one transaction's worth).
+pub const STATUS_UPDATES_MAX: usize = 200;
+/// Missed heartbeat periods after which a node is down.
+pub const HEARTBEAT_MISSES_MAX: u32 = 3;
+/// Encoded task bytes per assignments message; a bigger set is sent in several.
+pub const ASSIGNMENTS_BYTES_MAX: usize = 1 << 20;
+/// How often a session thread with nothing to send checks its heartbeat and leadership.
+const SESSION_POLL_INTERVAL: Duration = Duration::from_millis(200);
+/// How long a dispatcher write waits for its proposal.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Attempts of a write that met a concurrent change (`Aborted`) before giving up.
+const WRITE_ATTEMPTS_MAX: u32 = 3;
+
+/// What [`Dispatcher::check_session`] found.
+enum SessionCheck {
+    /// Current and heard from within the heartbeat bound.
+    Live,
+    /// No longer the node's session (a newer one replaced it).
+    Replaced,
+    /// Silent this long: forgotten, the node must be marked down.
+    Expired(Duration),
+}
+
+/// One node's current session.
+struct SessionEntry {
+    id: String,
+    last_heartbeat: Instant,
+}
+
+/// The dispatcher of one manager (it serves only while this manager leads).
+pub struct Dispatcher {
+    node: NodeHandle,
+    store: Arc<Store>,
+    /// Node id → its current session.
+    sessions: Mutex<HashMap<String, SessionEntry>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Dispatcher {
+    /// The dispatcher over `node` and its applied `store`.
+    pub fn new(node: NodeHandle, store: Arc<Store>) -> Arc<Dispatcher> {
+        Arc::new(Dispatcher {
+            node,
+            store,
+            sessions: Mutex::new(HashMap::new()),
+            threads: Mutex::new(Vec::new()),
+            stopping: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    /// Serves the dispatcher's methods on `router` (managers and workers may call).
+    pub fn register(self: &Arc<Self>, router: &mut Router, pool: &ServicePool) {
+        let d = self.clone();
+        router.server_stream(SESSION, Allow::NODES, pool, move |ctx, request, stream| {
+            d.open_session(ctx, request, stream)
+        });
+        let d = self.clone();
+        router.unary(HEARTBEAT, Allow::NODES, pool, move |ctx, request| {
+            d.heartbeat(ctx, &request)
+        });
+        let d = self.clone();
+        router.unary(
+            UPDATE_TASK_STATUS,
+            Allow::NODES,
+            pool,
+            move |ctx, request| d.update_task_status(ctx, request),
+        );
+    }
+
+    /// Ends every session stream and joins the session threads.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for thread in std::mem::take(&mut *self.threads.lock()) {
+            if thread.join().is_err() {
+                log::error!("a dispatcher session thread panicked");
+            }
+        }
+    }
+
+    fn require_leader(&self) -> Result<(), Status> {
+        if self.node.leader() == Some(self.node.id()) {
+            return Ok(());
+        }
+        let leader = self
+            .node
+            .leader()
+            .and_then(|id| self.node.directory().addr(id))
+            .map_or_else(|| "not known yet".to_string(), |addr| format!("at {addr}"));
+        Err(Status::new(
+            Code::FailedPrecondition,
+            format!("this manager does not lead; the leader is {leader}"),
+        )
+        .with_reason(NOT_LEADER))
+    }
+
+    fn heartbeat_period(&self) -> Result<Duration, Status> {
+        self.store
+            .view(|view| view.list::<Cluster>().next().cloned())
+            .and_then(|c| c.spec.clone())
+            .map(|spec| ClusterSettings::from_spec(&spec).heartbeat_period)
+            .ok_or_else(|| {
+                Status::unavailable(
+                    "the cluster object does not exist yet (the leader creates it on election); \
+                     retry in a moment",
+                )
+            })
+    }
+
+    fn open_session(
+        self: &Arc<Self>,
+        ctx: &CallContext,
+        request: pb::SessionRequest,
+        stream: ServerStream<pb::SessionMessage>,
+    ) -> Result<(), Status> {
+        self.require_leader()?;
+        let caller = caller(ctx)?;
+        let period = self.heartbeat_period()?;
+        let mut threads = self.threads.lock();
+        threads.retain(|t| !t.is_finished());
+        if threads.len() >= SESSIONS_MAX {
+            return Err(Status::resource_exhausted(format!(
+                "this manager already serves {SESSIONS_MAX} sessions"
+            )));
+        }
+        self.record_node(&caller, &request, NodeState::Ready, "")?;
+        let session_id = crate::control::new_object_id();
+        self.sessions.lock().insert(
+            caller.node_id.clone(),
+            SessionEntry {
+                id: session_id.clone(),
+                last_heartbeat: Instant::now(),
+            },
+        );
+        log::info!(
+            "dispatcher: session {session_id} for node {}",
+            caller.node_id
+        );
+        stream.send(&pb::SessionMessage {
+            message: Some(pb::session_message::Message::Started(pb::SessionStarted {
+                session_id: session_id.clone(),
+                heartbeat_period_ms: millis(period),
+            })),
+        })?;
+        let dispatcher = self.clone();
+        let node_id = caller.node_id.clone();
+        let thread = std::thread::Builder::new()
+            .name("flotilla-session".into())
+            .spawn(move || {
+                let ended = dispatcher.pump(&node_id, &session_id, period, &stream);
+                log::debug!("dispatcher: session {session_id} of {node_id} ends: {ended}");
+                stream.fail(ended);
+            })
+            .map_err(|e| Status::resource_exhausted(format!("cannot start a session: {e}")))?;
+        threads.push(thread);
+        Ok(())
+    }
+
+    /// Streams the node's assignments until the session ends; returns why it ended.
+    fn pump(
+        &self,
+        node_id: &str,
+        session_id: &str,
+        period: Duration,
+        stream: &ServerStream<pb::SessionMessage>,
+    ) -> Status {
+        let options = WatchOptions {
+            include_commits: true,
+            ..WatchOptions::filtered(vec![WatchFilter {
+                kind: Some(Kind::Task),
+                node_id: Some(node_id.to_string()),
+                ..WatchFilter::default()
+            }])
+        };
+        let ((version, tasks), watcher) = self.store.view_and_watch(options, |view| {
+            let tasks: Vec<Task> = view
+                .tasks_by_node(node_id)
+                .map(|t| t.as_ref().clone())
+                .collect();
+            (view.version(), tasks)
+        });
+        if let Err(status) = send_assignments(stream, true, tasks, Vec::new(), version) {
+            return status;
+        }
+        let mut changed: Vec<Task> = Vec::new();
+        let mut removed: Vec<String> = Vec::new();
+        loop {
+            if let Some(reason) = self.session_over(node_id, session_id, period, stream) {
+                return reason;
+            }
+            match watcher.recv_timeout(SESSION_POLL_INTERVAL) {
+                Ok(WatchEvent::Change(event)) => {
+                    if let Object::Task(task) = &event.object {
+                        if event.action == Action::Delete {
+                            changed.retain(|t| t.id != task.id);
+                            removed.push(task.id.clone());
+                        } else {
+                            changed.retain(|t| t.id != task.id);
+                            changed.push(task.as_ref().clone());
+                        }
+                    }
+                }
+                Ok(WatchEvent::Commit { version }) => {
+                    let (c, r) = (std::mem::take(&mut changed), std::mem::take(&mut removed));
+                    if let Err(status) = send_assignments(stream, false, c, r, version) {
+                        return status;
+                    }
+                }
+                Err(WatchError::Timeout) => {}
+                Ok(WatchEvent::Dropped(reason)) => {
+                    return Status::unavailable(format!(
+                        "the session fell behind the store ({reason:?}); open a new one for a \
+                         complete set"
+                    ));
+                }
+                Err(error) => return Status::new(error.code(), error.to_string()),
+            }
+        }
+    }
+
+    /// Why the session must end now, if it must.
+    fn session_over(
+        &self,
+        node_id: &str,
+        session_id: &str,
+        period: Duration,
+        stream: &ServerStream<pb::SessionMessage>,
+    ) -> Option<Status> {
+        if let Some(reason) = self.serving_ends() {
+            return Some(reason);
+        }
+        match self.check_session(node_id, session_id, period) {
+            SessionCheck::Live if stream.is_cancelled() => {
+                Some(self.linger(node_id, session_id, period))
+            }
+            SessionCheck::Live => None,
+            SessionCheck::Replaced => Some(Status::cancelled("a newer session replaced this one")),
+            SessionCheck::Expired(silent) => {
+                let message = self.declare_down(node_id, silent);
+                Some(Status::new(
+                    Code::NotFound,
+                    format!("session {session_id} expired ({message}); open a new one"),
+                ))
+            }
+        }
+    }
+
+    /// After the agent closed its stream: waits until a new session replaces this one or
+    /// the heartbeats stop for good (the node is then marked down); an agent that left may
+    /// be back before that.
+    fn linger(&self, node_id: &str, session_id: &str, period: Duration) -> Status {
+        loop {
+            std::thread::sleep(SESSION_POLL_INTERVAL);
+            if let Some(reason) = self.serving_ends() {
+                return reason;
+            }
+            match self.check_session(node_id, session_id, period) {
+                SessionCheck::Live => {}
+                SessionCheck::Replaced => return Status::cancelled("the agent came back"),
+                SessionCheck::Expired(silent) => {
+                    self.declare_down(node_id, silent);
+                    return Status::cancelled("the agent left");
+                }
+            }
+        }
+    }
+
+    /// Why no session can go on here: shutdown, or this manager no longer leads.
+    fn serving_ends(&self) -> Option<Status> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Some(Status::unavailable("the manager is shutting down"));
+        }
+        self.require_leader()
+            .err()
+            .map(|status| Status::unavailable(status.message).with_reason(NOT_LEADER))
+    }
+
+    /// Whether `session_id` is still `node_id`'s session and heard from; an expired one is
+    /// forgotten here, so that it expires once.
+    fn check_session(&self, node_id: &str, session_id: &str, period: Duration) -> SessionCheck {
+        let mut sessions = self.sessions.lock();
+        let Some(entry) = sessions.get(node_id).filter(|e| e.id == session_id) else {
+            return SessionCheck::Replaced;
+        };
+        let silent = entry.last_heartbeat.elapsed();
+        if silent <= period * HEARTBEAT_MISSES_MAX {
+            return SessionCheck::Live;
+        }
+        sessions.remove(node_id);
+        SessionCheck::Expired(silent)
+    }
+
+    /// Marks `node_id` down for having been silent `silent`; returns why, for messages.
+    fn declare_down(&self, node_id: &str, silent: Duration) -> String {
+        let message = format!("no heartbeat for {} ms", silent.as_millis());
+        log::warn!("dispatcher: node {node_id} is down: {message}");
+        if let Err(status) = self.mark_down(node_id, &message) {
+            log::warn!("dispatcher: cannot mark node {node_id} down: {status}");
+        }
+        message
+    }
+
+    fn heartbeat(
+        &self,
+        ctx: &CallContext,
+        request: &pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, Status> {
+        self.require_leader()?;
+        let caller = caller(ctx)?;
+        self.touch_session(&caller.node_id, &request.session_id)?;
+        Ok(pb::HeartbeatResponse {
+            heartbeat_period_ms: millis(self.heartbeat_period()?),
+        })
+    }
+
+    /// Records a heartbeat of `session_id`, which must be `node_id`'s current session.
+    fn touch_session(&self, node_id: &str, session_id: &str) -> Result<(), Status> {
+        let mut sessions = self.sessions.lock();
+        match sessions.get_mut(node_id) {
+            Some(entry) if entry.id == session_id => {
+                entry.last_heartbeat = Instant::now();
+                Ok(())
+            }
+            _ => Err(Status::not_found(format!(
+                "session {session_id} is not this node's current session; open a new one"
+            ))),
+        }
+    }
+
+    fn update_task_status(
+        &self,
+        ctx: &CallContext,
+        request: pb::UpdateTaskStatusRequest,
+    ) -> Result<pb::UpdateTaskStatusResponse, Status> {
+        self.require_leader()?;
+        let caller = caller(ctx)?;
+        self.touch_session(&caller.node_id, &request.session_id)?;
+        if request.updates.len() > STATUS_UPDATES_MAX {
+            return Err(Status::invalid_argument(format!(
+                "{} status updates in one call; send at most {STATUS_UPDATES_MAX}",
+                request.updates.len()
+            )));
+        }
+        self.write_with_retries(|store| status_changes(store, &caller.node_id, &request.updates))?;
+        Ok(pb::UpdateTaskStatusResponse {})
+    }
+
+    /// Records `node_id` in `state` (creating a worker's Node object on its first session).
+    fn record_node(
+        &self,
+        caller: &PeerIdentity,
+        request: &pb::SessionRequest,
+        state: NodeState,
+        message: &str,
+    ) -> Result<(), Status> {
+        self.write_with_retries(|store| {
+            let change = match store.get::<Node>(&caller.node_id) {
+                None => crate::store::create(new_node(caller, request, state)),
+                Some(node) => {
+                    let mut node = node.as_ref().clone();
+                    let version = node.meta.as_ref().map_or(0, |m| m.version);
+                    node.description = request.description.clone().or(node.description);
+                    let status = node.status.get_or_insert_with(NodeStatus::default);
+                    status.state = state as i32;
+                    status.message = message.to_string();
+                    crate::store::update_expecting(node, version)
+                }
+            };
+            Ok(vec![change])
+        })
+    }
+
+    fn mark_down(&self, node_id: &str, message: &str) -> Result<(), Status> {
+        self.write_with_retries(|store| {
+            let Some(node) = store.get::<Node>(node_id) else {
+                return Ok(Vec::new());
+            };
+            let mut node = node.as_ref().clone();
+            let version = node.meta.as_ref().map_or(0, |m| m.version);
+            let status = node.status.get_or_insert_with(NodeStatus::default);
+            status.state = NodeState::Down as i32;
+            status.message = message.to_string();
+            Ok(vec![crate::store::update_expecting(node, version)])
+        })
+    }
+
+    /// Builds changes from the current store and proposes them, again after a concurrent
+    /// change (`Aborted`), at most [`WRITE_ATTEMPTS_MAX`] times.
+    fn write_with_retries(
+        &self,
+        build: impl Fn(&Store) -> Result<Vec<crate::proto::objects::Change>, Status>,
+    ) -> Result<(), Status> {
+        let mut attempt = 1;
+        loop {
+            let changes = build(&self.store)?;
+            if changes.is_empty() {
+                return Ok(());
+            }
+            let txn = Transaction {
+                changes,
+                ..Default::default()
+            };
+            match propose_transaction(&self.node, &txn, PROPOSE_TIMEOUT) {
+                Ok(_) => return Ok(()),
+                Err(status) if status.code == Code::Aborted && attempt < WRITE_ATTEMPTS_MAX => {
+                    attempt += 1;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+}
+
+fn caller(ctx: &CallContext) -> Result<PeerIdentity, Status> {
+    ctx.peer().cloned().ok_or_else(|| {
+        Status::new(
+            Code::Unauthenticated,
+            "the dispatcher needs a node certificate",
+        )
+    })
+}
+
+fn millis(period: Duration) -> i64 {
+    i64::try_from(period.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, millis)
+}
+
+/// A worker's (or a manager's, if it has none yet) Node object at its first session.
+fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest, state: NodeState) -> Node {
+    let role = match caller.role {
+        Role::Manager => NodeRole::Manager,
+        Role::Worker | Role::Admin => NodeRole::Worker,
+    };
+    Node {
+        id: caller.node_id.clone(),
+        spec: Some(NodeSpec {
+            hostname: request.hostname.clone(),
+            availability: NodeAvailability::Active as i32,
+            desired_role: role as i32,
+            ..Default::default()
+        }),
+        status: Some(NodeStatus {
+            state: state as i32,
+            ..Default::default()
+        }),
+        description: request.description.clone(),
+        role: role as i32,
+        ..Default::default()
+    }
+}
+
+/// The changes recording `updates` from `node_id`: only its own tasks, and only a state at
+/// or past the recorded one (a duplicate or late report changes nothing).
+fn status_changes(
+    store: &Store,
+    node_id: &str,
+    updates: &[pb::TaskStatusUpdate],
+) -> Result<Vec<crate::proto::objects::Change>, Status> {
+    let mut changes = Vec::new();
+    for update in updates {
+        let Some(task) = store.get::<Task>(&update.task_id) else {
+            continue; // reaped meanwhile: nothing to record
+        };
+        if task.node_id != node_id {
+            return Err(Status::permission_denied(format!(
+                "task {} is not assigned to node {node_id}",
+                update.task_id
+            )));
+        }
+        let Some(mut status) = update.status.clone() else {
+            return Err(Status::invalid_argument(format!(
+                "the update of task {} has no status",
+                update.task_id
+            )));
+        };
+        let recorded = task.status.as_ref().map_or(0, |s| s.state);
+        if status.state < recorded || task.status.as_ref() == Some(&status) {
+            continue;
+        }
+        if status.timestamp_ms == 0 {
+            status.timestamp_ms = now_ms();
+        }
+        let mut task = task.as_ref().clone();
+        let version = task.meta.as_ref().map_or(0, |m| m.version);
+        task.status = Some(status);
+        changes.push(crate::store::update_expecting(task, version));
+    }
+    Ok(changes)
+}
+
+/// Sends one assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first
+/// of a complete set says `complete` (the rest add to it).
+fn send_assignments(
+    stream: &ServerStream<pb::SessionMessage>,
+    complete: bool,
+    tasks: Vec<Task>,
+    removed: Vec<String>,
+    version: u64,
+) -> Result<(), Status> {
+    let mut chunks: Vec<Vec<Task>> = vec![Vec::new()];
+    let mut bytes = 0;
+    for task in tasks {
+        let len = prost::Message::encoded_len(&task);
+        let last = chunks.last_mut().expect("one chunk at least");
+        if bytes + len > ASSIGNMENTS_BYTES_MAX && !last.is_empty() {
+            chunks.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += len;
+        chunks.last_mut().expect("one chunk at least").push(task);
+    }
+    let mut removed = Some(removed);
+    for (i, tasks) in chunks.into_iter().enumerate() {
+        stream.send(&pb::SessionMessage {
+            message: Some(pb::session_message::Message::Assignments(pb::Assignments {
+                complete: complete && i == 0,
+                tasks,
+                removed: removed.take().unwrap_or_default(),
+                version,
+            })),
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! The dispatcher against real manager processes: a worker's agent session (its Node is
+//! created READY, it receives its complete set of assignments), the followers' refusal
+//! naming the leader, and a node that stops heartbeating marked DOWN.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "procs/mod.rs"]
+mod procs;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla::ca::rpc::join_cluster;
+use flotilla::ca::tls;
+use flotilla::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
+use flotilla::dispatcher::{HEARTBEAT, NOT_LEADER};
+use flotilla::net::{CallOptions, Transport, TransportConfig};
+use flotilla::proto::dispatcher as pb;
+use flotilla::proto::objects::Task;
+use parking_lot::Mutex;
+use procs::cli_ok;
+use procs::cluster::{Cluster, ClusterOptions};
+
+const TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Default)]
+struct Recorder {
+    complete_sets: Mutex<Vec<Vec<Task>>>,
+}
+
+impl TaskSink for Recorder {
+    fn assign(&self, tasks: Vec<Task>) {
+        self.complete_sets.lock().push(tasks);
+    }
+
+    fn update(&self, _changed: Vec<Task>, _removed: Vec<String>) {}
+}
+
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: never happened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn node_line(dir: &std::path::Path, hostname: &str) -> String {
+    cli_ok(dir, &["node", "ls"])
+        .lines()
+        .find(|line| line.contains(hostname))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
+    let cluster = Cluster::start(3, ClusterOptions::default());
+    cluster.wait_voters(3, TIMEOUT);
+    let leader = cluster.leader_index(&cluster.client()).unwrap();
+    let follower = (leader + 1) % 3;
+    let dir = cluster.managers[leader].dir.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let (identity, root) =
+        join_cluster(&transport, &cluster.managers[leader].addr, &token, TIMEOUT).unwrap();
+    let worker_tls = Arc::new(tls::client_config(&identity, &root).unwrap());
+
+    // A follower serves no dispatcher call; its refusal says so by reason and names the
+    // leader.
+    let refused = transport
+        .channel(&cluster.managers[follower].addr, &worker_tls)
+        .unary::<_, pb::HeartbeatResponse>(
+            HEARTBEAT,
+            &pb::HeartbeatRequest {
+                session_id: "none".into(),
+            },
+            CallOptions::timeout(TIMEOUT),
+        )
+        .unwrap_err();
+    assert_eq!(refused.reason, NOT_LEADER, "{refused:?}");
+    assert!(
+        refused.message.contains(&cluster.managers[leader].addr),
+        "{refused}"
+    );
+
+    // The agent tries the follower first, and settles on the leader.
+    let managers = vec![
+        cluster.managers[follower].addr.clone(),
+        cluster.managers[leader].addr.clone(),
+    ];
+    let sink = Arc::new(Recorder::default());
+    let (_reports_tx, reports_rx) = crossbeam_channel::bounded(16);
+    let session = AgentSession::start(
+        transport.clone(),
+        AgentConfig {
+            managers: Box::new(move || managers.clone()),
+            tls: worker_tls,
+            hostname: "worker-one".into(),
+        },
+        sink.clone(),
+        reports_rx,
+    )
+    .unwrap();
+    eventually("a session", || session.session_id().is_some());
+    eventually("the complete set of assignments", || {
+        sink.complete_sets.lock().first().is_some_and(Vec::is_empty)
+    });
+    eventually("the worker's node, ready", || {
+        let line = node_line(&dir, "worker-one");
+        line.contains(identity.node_id()) && line.contains("ready") && line.contains("worker")
+    });
+    // Heartbeats keep it ready well past three periods.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(node_line(&dir, "worker-one").contains("ready"));
+
+    // Silent for three periods: down.
+    session.stop();
+    eventually("the silent node, down", || {
+        node_line(&dir, "worker-one").contains("down")
+    });
+    transport.shutdown();
+}
