@@ -173,14 +173,17 @@ impl Dispatcher {
         self.require_leader()?;
         let caller = caller(ctx)?;
         let period = self.heartbeat_period()?;
-        let mut threads = self.threads.lock();
-        threads.retain(|t| !t.is_finished());
-        if threads.len() >= SESSIONS_MAX {
-            return Err(Status::resource_exhausted(format!(
-                "this manager already serves {SESSIONS_MAX} sessions"
-            )));
+        {
+            let mut threads = self.threads.lock();
+            threads.retain(|t| !t.is_finished());
+            if threads.len() >= SESSIONS_MAX {
+                return Err(Status::resource_exhausted(format!(
+                    "this manager already serves {SESSIONS_MAX} sessions"
+                )));
+            }
         }
-        self.record_node(&caller, &request, NodeState::Ready, "")?;
+        // Not under the threads lock: the proposal may take a while.
+        self.record_ready(&caller, &request)?;
         let session_id = crate::control::new_object_id();
         self.sessions.lock().insert(
             caller.node_id.clone(),
@@ -209,7 +212,7 @@ impl Dispatcher {
                 stream.fail(ended);
             })
             .map_err(|e| Status::resource_exhausted(format!("cannot start a session: {e}")))?;
-        threads.push(thread);
+        self.threads.lock().push(thread);
         Ok(())
     }
 
@@ -402,24 +405,23 @@ impl Dispatcher {
         Ok(pb::UpdateTaskStatusResponse {})
     }
 
-    /// Records `node_id` in `state` (creating a worker's Node object on its first session).
-    fn record_node(
+    /// Records the caller's node READY (creating a worker's Node object on its first
+    /// session).
+    fn record_ready(
         &self,
         caller: &PeerIdentity,
         request: &pb::SessionRequest,
-        state: NodeState,
-        message: &str,
     ) -> Result<(), Status> {
         self.write_with_retries(|store| {
             let change = match store.get::<Node>(&caller.node_id) {
-                None => crate::store::create(new_node(caller, request, state)),
+                None => crate::store::create(new_node(caller, request)),
                 Some(node) => {
                     let mut node = node.as_ref().clone();
                     let version = node.meta.as_ref().map_or(0, |m| m.version);
                     node.description = request.description.clone().or(node.description);
                     let status = node.status.get_or_insert_with(NodeStatus::default);
-                    status.state = state as i32;
-                    status.message = message.to_string();
+                    status.state = NodeState::Ready as i32;
+                    status.message.clear();
                     crate::store::update_expecting(node, version)
                 }
             };
@@ -488,7 +490,7 @@ fn now_ms() -> i64 {
 }
 
 /// A worker's (or a manager's, if it has none yet) Node object at its first session.
-fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest, state: NodeState) -> Node {
+fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest) -> Node {
     let role = match caller.role {
         Role::Manager => NodeRole::Manager,
         Role::Worker | Role::Admin => NodeRole::Worker,
@@ -502,7 +504,7 @@ fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest, state: NodeStat
             ..Default::default()
         }),
         status: Some(NodeStatus {
-            state: state as i32,
+            state: NodeState::Ready as i32,
             ..Default::default()
         }),
         description: request.description.clone(),
