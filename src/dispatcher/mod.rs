@@ -586,3 +586,111 @@ fn send_assignments(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objects::{TaskState, TaskStatus};
+    use crate::store::StoreConfig;
+
+    fn task(id: &str, node_id: &str, state: TaskState) -> Task {
+        Task {
+            id: id.into(),
+            service_id: "svc".into(),
+            node_id: node_id.into(),
+            slot: 1,
+            desired_state: TaskState::Running as i32,
+            status: Some(TaskStatus {
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn update(task_id: &str, state: TaskState) -> pb::TaskStatusUpdate {
+        pb::TaskStatusUpdate {
+            task_id: task_id.into(),
+            status: Some(TaskStatus {
+                state: state as i32,
+                timestamp_ms: 5,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn store_with(tasks: Vec<Task>) -> Store {
+        let store = Store::new(StoreConfig::default());
+        let txn = Transaction {
+            changes: tasks.into_iter().map(crate::store::create).collect(),
+            timestamp_ms: 1,
+        };
+        store.apply(1, &txn).unwrap();
+        store
+    }
+
+    fn states_after(store: &Store, changes: Vec<crate::proto::objects::Change>) -> Vec<i32> {
+        store
+            .apply(
+                2,
+                &Transaction {
+                    changes,
+                    timestamp_ms: 2,
+                },
+            )
+            .unwrap();
+        let mut tasks = store.list::<Task>();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        tasks
+            .iter()
+            .map(|t| t.status.as_ref().map_or(0, |s| s.state))
+            .collect()
+    }
+
+    #[test]
+    fn status_reports_move_own_tasks_forward_only() {
+        let store = store_with(vec![
+            task("a", "n1", TaskState::Assigned),
+            task("b", "n1", TaskState::Running),
+            task("c", "n1", TaskState::Running),
+        ]);
+        let changes = status_changes(
+            &store,
+            "n1",
+            &[
+                update("a", TaskState::Running),
+                // A late report of an earlier state is ignored, not an error.
+                update("b", TaskState::Starting),
+                update("c", TaskState::Failed),
+                // Reaped meanwhile: nothing to record.
+                update("gone", TaskState::Complete),
+            ],
+        )
+        .unwrap();
+        assert_eq!(changes.len(), 2, "a and c change; b and gone do not");
+        assert_eq!(
+            states_after(&store, changes),
+            vec![
+                TaskState::Running as i32,
+                TaskState::Running as i32,
+                TaskState::Failed as i32
+            ]
+        );
+        // The same report again changes nothing.
+        let again = status_changes(&store, "n1", &[update("c", TaskState::Failed)]).unwrap();
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_node_cannot_report_for_another_nodes_task() {
+        let store = store_with(vec![task("a", "n1", TaskState::Assigned)]);
+        let refused = status_changes(&store, "n2", &[update("a", TaskState::Running)]).unwrap_err();
+        assert_eq!(refused.code, Code::PermissionDenied, "{refused}");
+        let missing = pb::TaskStatusUpdate {
+            task_id: "a".into(),
+            status: None,
+        };
+        let refused = status_changes(&store, "n1", &[missing]).unwrap_err();
+        assert_eq!(refused.code, Code::InvalidArgument, "{refused}");
+    }
+}
