@@ -15,7 +15,7 @@
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender, bounded, select};
+use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, select};
 
 use crate::control::PROPOSE_TIMEOUT;
 use crate::manager::state::propose_transaction;
@@ -54,8 +54,8 @@ impl Orchestrator {
         Ok(Orchestrator { stop, thread })
     }
 
-    /// Stops the thread and joins it (after the pass in progress: at most one proposal's
-    /// timeout per transaction of that pass).
+    /// Stops the thread and joins it, after the proposal in progress (at most
+    /// [`PROPOSE_TIMEOUT`], 10 s) or the new leader's read barrier (at most 2 s).
     pub fn stop(self) {
         drop(self.stop);
         if self.thread.join().is_err() {
@@ -85,7 +85,7 @@ fn run(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
                 caught_up = node.read_barrier_local(READ_BARRIER_TIMEOUT).is_ok();
             }
             if caught_up {
-                run_pass(node, store);
+                run_pass(node, store, stopped);
             }
         } else {
             caught_up = false;
@@ -119,10 +119,15 @@ fn drain(watcher: &Watcher) -> bool {
     }
 }
 
-fn run_pass(node: &NodeHandle, store: &Store) {
+/// Reconciles once and proposes the result, transaction by transaction; stops early when
+/// a proposal fails or the thread is asked to stop (the rest is recomputed next pass).
+fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
     let now = now_ms();
     let transactions = store.view(|view| super::reconcile(view, now));
     for txn in &transactions {
+        if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+            return;
+        }
         match propose_transaction(node, txn, PROPOSE_TIMEOUT) {
             Ok(version) => log::debug!(
                 "orchestrator: {} task changes committed at version {version}",
