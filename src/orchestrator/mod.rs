@@ -56,7 +56,10 @@ use crate::proto::objects::{
 use crate::store::settings::ClusterSettings;
 use crate::store::{ReadView, TXN_BYTES_MAX, TXN_CHANGES_MAX};
 
-pub use runner::{ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX, Orchestrator};
+pub use runner::{
+    ORCHESTRATOR_IDLE_RECHECK, ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX,
+    Orchestrator,
+};
 
 use working::{Unit, Working};
 
@@ -86,23 +89,47 @@ pub(crate) struct Context {
 }
 
 impl Context {
-    fn load(view: &ReadView<'_>, now_ms: i64) -> Self {
-        let settings = view
-            .list::<Cluster>()
-            .next()
+    fn load(snapshot: &Snapshot, now_ms: i64) -> Self {
+        let settings = snapshot
+            .cluster
+            .as_ref()
             .and_then(|cluster| cluster.spec.as_ref().map(ClusterSettings::from_spec))
             .unwrap_or_default();
         Self {
             now_ms,
-            nodes: view
-                .list::<Node>()
+            nodes: snapshot
+                .nodes
+                .iter()
                 .map(|node| (node.id.clone(), Arc::clone(node)))
                 .collect(),
-            services: view
-                .list::<Service>()
+            services: snapshot
+                .services
+                .iter()
                 .map(|service| (service.id.clone(), Arc::clone(service)))
                 .collect(),
             task_history_retention: settings.task_history_retention,
+        }
+    }
+}
+
+/// What a pass reads: shared pointers to every task, node and service and to the cluster
+/// object, taken under the store's read lock (pointer copies only), so that the pass runs
+/// without holding it (the apply thread waits for that lock).
+pub struct Snapshot {
+    tasks: Vec<Arc<Task>>,
+    nodes: Vec<Arc<Node>>,
+    services: Vec<Arc<Service>>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Snapshot {
+    /// Captures what a pass needs from `view`.
+    pub fn capture(view: &ReadView<'_>) -> Self {
+        Self {
+            tasks: view.list::<Task>().cloned().collect(),
+            nodes: view.list::<Node>().cloned().collect(),
+            services: view.list::<Service>().cloned().collect(),
+            cluster: view.list::<Cluster>().next().cloned(),
         }
     }
 }
@@ -111,8 +138,13 @@ impl Context {
 /// at time `now_ms`, as transactions within the store's limits (in the order to propose
 /// them). Empty when everything is in place.
 pub fn reconcile(view: &ReadView<'_>, now_ms: i64) -> Vec<Transaction> {
-    let context = Context::load(view, now_ms);
-    let mut working = Working::load(view);
+    reconcile_snapshot(&Snapshot::capture(view), now_ms)
+}
+
+/// [`reconcile`] on a captured [`Snapshot`] (what the thread runs, outside the store's lock).
+pub fn reconcile_snapshot(snapshot: &Snapshot, now_ms: i64) -> Vec<Transaction> {
+    let context = Context::load(snapshot, now_ms);
+    let mut working = Working::from_tasks(snapshot.tasks.iter().cloned());
     for service in context.services.values() {
         match service_mode(service) {
             ServiceMode::Global => global::reconcile_service(&mut working, &context, service),

@@ -11,7 +11,8 @@
 //! The delay is honoured without an intermediate state: the finished occupant stays in its
 //! slot (desired `RUNNING`) until `now ≥ end + delay`; the pass that sees that retires it and
 //! creates the replacement in one transaction. A replacement is therefore late by at most
-//! one pass interval ([`super::ORCHESTRATOR_PASS_INTERVAL`]).
+//! [`super::ORCHESTRATOR_IDLE_RECHECK`] (1 s: how long an idle pass result stands while the
+//! store does not change).
 //!
 //! Must never change anything itself: it only decides.
 

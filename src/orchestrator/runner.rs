@@ -1,8 +1,10 @@
 //! The `flotilla-orchestrator` thread, one per manager: runs [`reconcile`](super::reconcile)
 //! on the Raft leader and proposes what it returns.
 //!
-//! A pass runs every [`ORCHESTRATOR_PASS_INTERVAL`] and soon after the store reports a
-//! change to nodes, services, tasks or the cluster (a watch with a queue of
+//! A pass runs every [`ORCHESTRATOR_PASS_INTERVAL`] (but at most every
+//! [`ORCHESTRATOR_IDLE_RECHECK`] while the store stays as it was when a pass last found
+//! nothing to do) and soon after the store reports a change to nodes, services, tasks or
+//! the cluster (a watch with a queue of
 //! [`ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX`] events; a dropped watch is simply renewed, as the
 //! next pass reads everything anyway). On a follower a pass does nothing. A new leader first
 //! waits for a read barrier (it has applied everything committed before its term), so it
@@ -13,7 +15,7 @@
 //! hold the store's lock while proposing, nor propose on a follower.
 
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, select};
 
@@ -22,8 +24,14 @@ use crate::manager::state::propose_transaction;
 use crate::raft::node::NodeHandle;
 use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
 
-/// The longest wait between two passes (also the lateness bound of a restart delay).
+/// The longest wait between two passes when the store changes.
 pub const ORCHESTRATOR_PASS_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long a pass that found nothing to do stands while the store does not change (an
+/// idle pass over 10,000 tasks costs about 20 ms). Only the clock can make work appear
+/// then (a restart delay or window, a node's down grace), so this bounds how late those
+/// decisions are.
+pub const ORCHESTRATOR_IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// The orchestrator's watch queue bound; a burst beyond it drops the watch, which is renewed
 /// (a full pass follows either way).
@@ -79,16 +87,24 @@ fn subscribe(store: &Store) -> Watcher {
 fn run(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
     let mut watcher = subscribe(store);
     let mut caught_up = false;
+    // The store version at which a pass last found nothing to do, and when.
+    let mut idle_since: Option<(u64, Instant)> = None;
     loop {
         if node.leader() == Some(node.id()) {
             if !caught_up {
                 caught_up = node.read_barrier_local(READ_BARRIER_TIMEOUT).is_ok();
             }
-            if caught_up {
-                run_pass(node, store, stopped);
+            let version = store.version();
+            let still_idle = idle_since.is_some_and(|(idle_version, at)| {
+                idle_version == version && at.elapsed() < ORCHESTRATOR_IDLE_RECHECK
+            });
+            if caught_up && !still_idle {
+                let proposed = run_pass(node, store, stopped);
+                idle_since = (proposed == 0).then(|| (version, Instant::now()));
             }
         } else {
             caught_up = false;
+            idle_since = None;
         }
         select! {
             recv(stopped) -> _ => return,
@@ -121,12 +137,14 @@ fn drain(watcher: &Watcher) -> bool {
 
 /// Reconciles once and proposes the result, transaction by transaction; stops early when
 /// a proposal fails or the thread is asked to stop (the rest is recomputed next pass).
-fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
+/// Returns the number of transactions the pass wanted to propose.
+fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> usize {
     let now = now_ms();
-    let transactions = store.view(|view| super::reconcile(view, now));
+    let snapshot = store.view(super::Snapshot::capture);
+    let transactions = super::reconcile_snapshot(&snapshot, now);
     for txn in &transactions {
         if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
-            return;
+            break;
         }
         match propose_transaction(node, txn, PROPOSE_TIMEOUT) {
             Ok(version) => log::debug!(
@@ -135,10 +153,11 @@ fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
             ),
             Err(status) => {
                 log::debug!("orchestrator: proposal refused, retrying next pass: {status}");
-                return;
+                break;
             }
         }
     }
+    transactions.len()
 }
 
 fn now_ms() -> i64 {

@@ -11,7 +11,7 @@
 //! Resources (`reservations`) are not accounted yet. Must never assign a task to a node that
 //! does not take tasks or fails a constraint.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::proto::objects::{Node, Task, TaskState};
 use crate::store::spec::{Constraint, matches_all};
@@ -20,37 +20,50 @@ use super::global::constraints_of;
 use super::working::Working;
 use super::{Context, is_occupant, is_terminal, node_takes_tasks, observed};
 
-/// Active tasks (wanted running, not finished) per node and per (service, node).
-#[derive(Default)]
+/// Active tasks (wanted running, not finished) per node and per (service, node), indexed by
+/// the node's position in `Context::nodes` (id order).
 struct Load {
-    total: BTreeMap<String, u64>,
-    per_service: BTreeMap<(String, String), u64>,
+    node_index: BTreeMap<String, usize>,
+    total: Vec<u64>,
+    per_service: HashMap<String, Vec<u64>>,
 }
 
 impl Load {
-    fn add(&mut self, service_id: &str, node_id: &str) {
-        *self.total.entry(node_id.to_string()).or_default() += 1;
-        *self
-            .per_service
-            .entry((service_id.to_string(), node_id.to_string()))
-            .or_default() += 1;
+    fn new(context: &Context) -> Self {
+        Self {
+            node_index: context
+                .nodes
+                .keys()
+                .enumerate()
+                .map(|(index, id)| (id.clone(), index))
+                .collect(),
+            total: vec![0; context.nodes.len()],
+            per_service: HashMap::new(),
+        }
     }
 
-    fn rank<'n>(&self, service_id: &str, node: &'n Node) -> (u64, u64, &'n str) {
-        (
+    fn add(&mut self, service_id: &str, node_id: &str) {
+        // A task on a node that no longer exists loads no node.
+        let Some(&index) = self.node_index.get(node_id) else {
+            return;
+        };
+        self.total[index] += 1;
+        let nodes = self.total.len();
+        if !self.per_service.contains_key(service_id) {
             self.per_service
-                .get(&(service_id.to_string(), node.id.clone()))
-                .copied()
-                .unwrap_or(0),
-            self.total.get(&node.id).copied().unwrap_or(0),
-            node.id.as_str(),
-        )
+                .insert(service_id.to_string(), vec![0; nodes]);
+        }
+        let per_node = self
+            .per_service
+            .get_mut(service_id)
+            .expect("inserted above if missing");
+        per_node[index] += 1;
     }
 }
 
 /// Assigns every unassigned runnable task it can.
 pub(super) fn schedule(working: &mut Working, context: &Context) {
-    let mut load = Load::default();
+    let mut load = Load::new(context);
     let mut waiting: Vec<Task> = Vec::new();
     for id in working.ids() {
         let task = working.get(&id).expect("ids() lists live tasks");
@@ -98,12 +111,20 @@ fn pick_node(context: &Context, load: &Load, task: &Task) -> Result<String, Stri
     let Some(constraints) = constraints_of(task.spec.as_ref()) else {
         return Err("the task's placement constraints do not parse".to_string());
     };
+    let per_service = load.per_service.get(&task.service_id);
     context
         .nodes
         .values()
-        .filter(|node| node_takes_tasks(node) && matches_all(&constraints, node))
-        .min_by_key(|node| load.rank(&task.service_id, node))
-        .map(|node| node.id.clone())
+        .enumerate()
+        .filter(|(_, node)| node_takes_tasks(node) && matches_all(&constraints, node))
+        .min_by_key(|(index, node)| {
+            (
+                per_service.map_or(0, |counts| counts[*index]),
+                load.total[*index],
+                node.id.as_str(),
+            )
+        })
+        .map(|(_, node)| node.id.clone())
         .ok_or_else(|| no_node_reason(context, &constraints))
 }
 

@@ -14,6 +14,8 @@
 //!
 //! Must never leave two occupants in a slot except during a start-first replacement.
 
+use std::sync::Arc;
+
 use crate::proto::objects::{Service, Task, TaskSpec, TaskState, TaskStatus, UpdateOrder};
 
 use super::restart::{self, Decision};
@@ -84,9 +86,9 @@ fn tasks<'w>(working: &'w Working, ids: &[String]) -> Vec<&'w Task> {
     ids.iter().filter_map(|id| working.get(id)).collect()
 }
 
-fn occupants(working: &Working, ids: &[String]) -> Vec<Task> {
-    tasks(working, ids)
-        .into_iter()
+fn occupants(working: &Working, ids: &[String]) -> Vec<Arc<Task>> {
+    ids.iter()
+        .filter_map(|id| working.get_shared(id))
         .filter(|task| is_occupant(task))
         .cloned()
         .collect()
@@ -95,21 +97,21 @@ fn occupants(working: &Working, ids: &[String]) -> Vec<Task> {
 /// True if the slot is in the middle of an update: an old-template task was retired or a
 /// new one started beside it, and no current task runs yet.
 pub(super) fn is_updating(working: &Working, service: &Service, ids: &[String]) -> bool {
-    let all = tasks(working, ids);
-    let current_runs = all.iter().any(|task| {
-        is_occupant(task)
-            && is_current(task, service)
-            && observed(task) == TaskState::Running as i32
-    });
-    let old_retired = all
-        .iter()
-        .any(|task| !is_occupant(task) && !is_current(task, service));
-    let old_occupant = all
-        .iter()
-        .any(|task| is_occupant(task) && !is_current(task, service));
-    let new_occupant = all
-        .iter()
-        .any(|task| is_occupant(task) && is_current(task, service));
+    let (mut current_runs, mut old_retired, mut old_occupant, mut new_occupant) =
+        (false, false, false, false);
+    for task in tasks(working, ids) {
+        // Compared once per task: template comparisons dominate an idle pass.
+        let current = is_current(task, service);
+        match (is_occupant(task), current) {
+            (true, true) => {
+                new_occupant = true;
+                current_runs |= observed(task) == TaskState::Running as i32;
+            }
+            (true, false) => old_occupant = true,
+            (false, false) => old_retired = true,
+            (false, true) => {}
+        }
+    }
     !current_runs && (old_retired || (old_occupant && new_occupant))
 }
 

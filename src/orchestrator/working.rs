@@ -6,15 +6,18 @@
 //! read at, a deleted task one delete with that version. Must never read the store again
 //! after [`Working::load`]: a pass decides on one consistent view.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use crate::proto::objects::{Change, Task, TaskState};
-use crate::store::{Kind, ReadView, create, delete, update_expecting};
+use crate::store::{Kind, create, delete, update_expecting};
 
 /// One task and what the pass did to it.
 #[derive(Debug)]
 struct Entry {
-    task: Task,
+    id: String,
+    /// Shared with the store until the pass changes it (copy on write).
+    task: Arc<Task>,
     /// The version it was read at; 0 for a task this pass creates.
     read_version: u64,
     changed: bool,
@@ -24,7 +27,10 @@ struct Entry {
 /// Every task of the view, with this pass's decisions applied.
 #[derive(Debug, Default)]
 pub(super) struct Working {
-    entries: BTreeMap<String, Entry>,
+    /// In the store's id order, then in creation order (deterministic).
+    entries: Vec<Entry>,
+    /// Task id → position in `entries` (a hash lookup: a pass makes several per task).
+    index: HashMap<String, usize>,
     /// Service id → ids of its tasks (created ones included), in id order of loading.
     by_service: BTreeMap<String, Vec<String>>,
 }
@@ -34,52 +40,58 @@ pub(super) struct Working {
 pub(super) type Unit = Vec<Change>;
 
 impl Working {
-    /// Copies every task of `view`.
-    pub(super) fn load(view: &ReadView<'_>) -> Self {
+    /// The working set of `tasks`, as read from the store.
+    pub(super) fn from_tasks(tasks: impl IntoIterator<Item = Arc<Task>>) -> Self {
         let mut working = Self::default();
-        for task in view.list::<Task>() {
-            working.insert(task.as_ref().clone(), task_version(task));
+        for task in tasks {
+            let version = task_version(&task);
+            working.insert(task, version);
         }
         working
     }
 
-    fn insert(&mut self, task: Task, read_version: u64) {
+    fn insert(&mut self, task: Arc<Task>, read_version: u64) {
         let id = task.id.clone();
         self.by_service
             .entry(task.service_id.clone())
             .or_default()
             .push(id.clone());
-        let previous = self.entries.insert(
-            id,
-            Entry {
-                changed: read_version == 0,
-                task,
-                read_version,
-                deleted: false,
-            },
-        );
+        let previous = self.index.insert(id.clone(), self.entries.len());
         assert!(previous.is_none(), "task ids are unique in the working set");
+        self.entries.push(Entry {
+            id,
+            changed: read_version == 0,
+            task,
+            read_version,
+            deleted: false,
+        });
     }
 
     /// The task `id` unless deleted.
     pub(super) fn get(&self, id: &str) -> Option<&Task> {
-        self.entries
+        self.get_shared(id).map(AsRef::as_ref)
+    }
+
+    /// The task `id` unless deleted, shared.
+    pub(super) fn get_shared(&self, id: &str) -> Option<&Arc<Task>> {
+        self.index
             .get(id)
+            .map(|position| &self.entries[*position])
             .filter(|entry| !entry.deleted)
             .map(|entry| &entry.task)
     }
 
     /// True if a task `id` exists (deleted ones too: an id is never reused in a pass).
     pub(super) fn contains(&self, id: &str) -> bool {
-        self.entries.contains_key(id)
+        self.index.contains_key(id)
     }
 
     /// Ids of every live task.
     pub(super) fn ids(&self) -> Vec<String> {
         self.entries
             .iter()
-            .filter(|(_, entry)| !entry.deleted)
-            .map(|(id, _)| id.clone())
+            .filter(|entry| !entry.deleted)
+            .map(|entry| entry.id.clone())
             .collect()
     }
 
@@ -98,22 +110,28 @@ impl Working {
             .collect()
     }
 
+    fn entry_mut(&mut self, id: &str) -> &mut Entry {
+        let position = *self
+            .index
+            .get(id)
+            .expect("only tasks of the working set are changed");
+        &mut self.entries[position]
+    }
+
     /// Adds a task this pass creates.
     pub(super) fn create(&mut self, task: Task) {
         assert!(!self.contains(&task.id), "a new task id is fresh");
-        self.insert(task, 0);
+        self.insert(Arc::new(task), 0);
     }
 
     /// Changes task `id` with `change`; writes only if it actually changed something.
     pub(super) fn modify(&mut self, id: &str, change: impl FnOnce(&mut Task)) {
-        let entry = self
-            .entries
-            .get_mut(id)
-            .expect("only tasks of the working set are modified");
+        let entry = self.entry_mut(id);
         assert!(!entry.deleted, "a deleted task is never modified");
-        let before = entry.task.clone();
-        change(&mut entry.task);
-        if entry.task != before {
+        let mut task = entry.task.as_ref().clone();
+        change(&mut task);
+        if task != *entry.task {
+            entry.task = Arc::new(task);
             entry.changed = true;
         }
     }
@@ -129,10 +147,7 @@ impl Working {
 
     /// Deletes task `id` (the reaper).
     pub(super) fn delete(&mut self, id: &str) {
-        let entry = self
-            .entries
-            .get_mut(id)
-            .expect("only tasks of the working set are deleted");
+        let entry = self.entry_mut(id);
         assert!(
             entry.read_version != 0,
             "a task created by this pass is never reaped by it"
@@ -143,13 +158,13 @@ impl Working {
     /// The decided changes, grouped by slot (service, slot, and node for global tasks).
     pub(super) fn into_units(self) -> Vec<Unit> {
         let mut units: BTreeMap<(String, u64, String), Unit> = BTreeMap::new();
-        for (id, entry) in self.entries {
+        for entry in self.entries {
             let change = if entry.deleted {
-                delete(Kind::Task, id, entry.read_version)
+                delete(Kind::Task, entry.id, entry.read_version)
             } else if entry.read_version == 0 {
-                create(entry.task.clone())
+                create(entry.task.as_ref().clone())
             } else if entry.changed {
-                update_expecting(entry.task.clone(), entry.read_version)
+                update_expecting(entry.task.as_ref().clone(), entry.read_version)
             } else {
                 continue;
             };
