@@ -9,15 +9,15 @@
 //!
 //! One pass, in order, on one working copy of the tasks (each step sees the earlier ones):
 //!
-//! 1. [`replicated`]: slots `1..=replicas` of every replicated service; slots above are
+//! 1. `replicated`: slots `1..=replicas` of every replicated service; slots above are
 //!    retired (scale down).
-//! 2. [`global`]: one slot per eligible node of every global service.
+//! 2. `global`: one slot per eligible node of every global service.
 //! 3. Tasks of deleted services get desired state `REMOVE`.
-//! 4. [`scheduler`]: unassigned runnable tasks get a node.
-//! 5. [`reaper`]: finished tasks beyond the cluster's `task_history_retention` per slot,
+//! 4. `scheduler`: unassigned runnable tasks get a node.
+//! 5. `reaper`: finished tasks beyond the cluster's `task_history_retention` per slot,
 //!    and finished tasks of deleted services, are deleted.
 //!
-//! Each slot is reconciled by [`slot`] (lost nodes, [`restart`], rolling update, filling an
+//! Each slot is reconciled by `slot` (lost nodes, `restart`, rolling update, filling an
 //! empty slot). Task states: a task is created `PENDING` (there is no allocator step, so
 //! it is ready to schedule at once) with desired state `RUNNING`; the scheduler moves it
 //! to `ASSIGNED`, usually in the same pass, so most tasks are written once. Only agents move

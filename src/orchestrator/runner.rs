@@ -17,7 +17,7 @@
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, TryRecvError, bounded, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 
 use crate::control::PROPOSE_TIMEOUT;
 use crate::manager::state::propose_transaction;
@@ -112,7 +112,8 @@ fn run(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
                 if !matches!(event, Ok(WatchEvent::Change(_) | WatchEvent::Commit { .. })) {
                     watcher = subscribe(store);
                 }
-                if stopped.recv_timeout(CHANGE_COALESCE).is_ok() {
+                // Gather the rest of a burst; a stop (the sender dropped) ends the wait too.
+                if !matches!(stopped.recv_timeout(CHANGE_COALESCE), Err(RecvTimeoutError::Timeout)) {
                     return;
                 }
                 if !drain(&watcher) {
