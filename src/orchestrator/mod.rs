@@ -185,33 +185,38 @@ fn remove_tasks_of_deleted_services(working: &mut Working, context: &Context) {
 }
 
 /// Packs units (a slot's changes each) into transactions: whole units only, within
-/// [`TXN_CHANGES_MAX`] changes and [`TXN_BYTES_MAX`] bytes.
+/// [`TXN_CHANGES_MAX`] changes and [`TXN_BYTES_MAX`] bytes. A unit that alone exceeds them
+/// (a slot with hundreds of occupants, which only another writer could have made) is split
+/// change by change rather than never proposed.
 fn pack(units: Vec<Unit>, timestamp_ms: i64) -> Vec<Transaction> {
     /// Room for the transaction's own fields beside its changes.
     const TXN_HEADER_BYTES_MAX: usize = 16;
+    let change_bytes = |change: &Change| {
+        let len = change.encoded_len();
+        1 + prost::length_delimiter_len(len) + len
+    };
+    let fits = |changes: usize, bytes: usize| {
+        changes <= TXN_CHANGES_MAX && TXN_HEADER_BYTES_MAX + bytes <= TXN_BYTES_MAX
+    };
     let mut transactions = Vec::new();
     let mut current: Vec<Change> = Vec::new();
-    let mut current_bytes = TXN_HEADER_BYTES_MAX;
+    let mut current_bytes = 0;
+    let units = units.into_iter().flat_map(|unit| {
+        let bytes: usize = unit.iter().map(change_bytes).sum();
+        if fits(unit.len(), bytes) {
+            vec![unit]
+        } else {
+            unit.into_iter().map(|change| vec![change]).collect()
+        }
+    });
     for unit in units {
-        let unit_bytes: usize = unit
-            .iter()
-            .map(|change| {
-                let len = change.encoded_len();
-                1 + prost::length_delimiter_len(len) + len
-            })
-            .sum();
-        assert!(
-            unit.len() <= TXN_CHANGES_MAX && unit_bytes + TXN_HEADER_BYTES_MAX <= TXN_BYTES_MAX,
-            "a slot's changes (a few tasks of bounded size) fit one transaction"
-        );
-        let full = current.len() + unit.len() > TXN_CHANGES_MAX
-            || current_bytes + unit_bytes > TXN_BYTES_MAX;
-        if full {
+        let unit_bytes: usize = unit.iter().map(change_bytes).sum();
+        if !current.is_empty() && !fits(current.len() + unit.len(), current_bytes + unit_bytes) {
             transactions.push(Transaction {
                 changes: std::mem::take(&mut current),
                 timestamp_ms,
             });
-            current_bytes = TXN_HEADER_BYTES_MAX;
+            current_bytes = 0;
         }
         current.extend(unit);
         current_bytes += unit_bytes;

@@ -677,3 +677,44 @@ fn large_changes_are_split_into_transactions_within_the_limits() {
         vec![150, 150, 150]
     );
 }
+
+#[test]
+fn a_slot_with_hundreds_of_tasks_is_handled_in_transactions_within_the_limits() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 1, template(&["1"]));
+    // Written by someone else: 250 finished tasks and 250 occupants in slot 1.
+    let task = |n: usize, desired: TaskState, state: TaskState| Task {
+        id: format!("t{n:04}"),
+        service_id: "web".into(),
+        slot: 1,
+        node_id: "a".into(),
+        desired_state: desired as i32,
+        status: Some(crate::proto::objects::TaskStatus {
+            state: state as i32,
+            ..Default::default()
+        }),
+        spec: Some(template(&["1"])),
+        ..Default::default()
+    };
+    let tasks: Vec<Task> = (0..250)
+        .map(|n| task(n, TaskState::Shutdown, TaskState::Failed))
+        .chain((250..500).map(|n| task(n, TaskState::Running, TaskState::Assigned)))
+        .collect();
+    for chunk in tasks.chunks(200) {
+        h.apply(chunk.iter().cloned().map(create).collect(), 1);
+    }
+    let transactions = h.store.view(|view| reconcile(view, 1_000));
+    assert!(transactions.len() >= 3);
+    for txn in &transactions {
+        crate::store::check_limits(txn).unwrap();
+    }
+    h.settle(1_000);
+    assert_eq!(h.occupants("web").len(), 1, "one occupant kept");
+    let finished = h
+        .tasks("web")
+        .into_iter()
+        .filter(|t| t.desired_state > RUNNING && state_of(t) == TaskState::Failed as i32)
+        .count();
+    assert_eq!(finished, 5, "the default retention of finished tasks");
+}

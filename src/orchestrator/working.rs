@@ -155,13 +155,18 @@ impl Working {
         entry.deleted = true;
     }
 
-    /// The decided changes, grouped by slot (service, slot, and node for global tasks).
+    /// The decided changes: a slot's creates and updates together (service, slot, and node
+    /// for global tasks); each delete alone (deleting history needs no company, and a slot
+    /// may have up to `task_history_retention` of them at once).
     pub(super) fn into_units(self) -> Vec<Unit> {
         let mut units: BTreeMap<(String, u64, String), Unit> = BTreeMap::new();
+        let mut deletes: Vec<Unit> = Vec::new();
         for entry in self.entries {
-            let change = if entry.deleted {
-                delete(Kind::Task, entry.id, entry.read_version)
-            } else if entry.read_version == 0 {
+            if entry.deleted {
+                deletes.push(vec![delete(Kind::Task, entry.id, entry.read_version)]);
+                continue;
+            }
+            let change = if entry.read_version == 0 {
                 create(entry.task.as_ref().clone())
             } else if entry.changed {
                 update_expecting(entry.task.as_ref().clone(), entry.read_version)
@@ -178,7 +183,7 @@ impl Working {
                 .or_default()
                 .push(change);
         }
-        units.into_values().collect()
+        units.into_values().chain(deletes).collect()
     }
 }
 
