@@ -12,6 +12,7 @@ pub mod kv;
 pub mod lincheck;
 pub mod manager;
 pub mod net;
+pub mod orchestrator;
 pub mod proto;
 pub mod raft;
 pub mod store;

@@ -18,7 +18,7 @@ use crate::proto::objects::{
     NodeStatus, Service, ServiceSpec, Transaction,
 };
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
-use crate::store::{Kind, TXN_CHANGES_MAX, create, delete, update_expecting};
+use crate::store::{Kind, create, delete, update_expecting};
 use crate::wire::{Code, Status};
 
 /// Characters of a generated object id.
@@ -224,26 +224,12 @@ fn remove_service(
     api: &ControlApi,
     request: pb::RemoveServiceRequest,
 ) -> Result<pb::RemoveResponse, Status> {
-    let (current, task_ids) = api.store.view(|view| {
-        let service = resolve_service(view, &request.reference)?;
-        let tasks: Vec<String> = view
-            .tasks_by_service(&service.id)
-            .map(|t| t.id.clone())
-            .collect();
-        Ok::<_, Status>((service, tasks))
-    })?;
-    // The service's tasks go with it; past one transaction's worth, in batches first (a
-    // failure leaves the service in place, so removing it again finishes the job).
-    let mut changes: Vec<Change> = task_ids
-        .into_iter()
-        .map(|id| delete(Kind::Task, id, 0))
-        .collect();
-    while changes.len() >= TXN_CHANGES_MAX {
-        let rest = changes.split_off(TXN_CHANGES_MAX);
-        propose(api, std::mem::replace(&mut changes, rest))?;
-    }
-    changes.push(delete(Kind::Service, current.id.clone(), 0));
-    propose(api, changes)?;
+    let current = api
+        .store
+        .view(|view| resolve_service(view, &request.reference))?;
+    // The service's tasks stay: the orchestrator asks them to be removed (desired REMOVE,
+    // so their agents stop them) and the reaper deletes them once finished.
+    propose(api, vec![delete(Kind::Service, current.id.clone(), 0)])?;
     Ok(pb::RemoveResponse {
         id: current.id.clone(),
     })

@@ -20,6 +20,7 @@ use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi, ControlDeps};
 use crate::dispatcher::Dispatcher;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
+use crate::orchestrator::Orchestrator;
 use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
@@ -125,6 +126,7 @@ pub struct Manager {
     control: Arc<ControlApi>,
     dispatcher: Arc<Dispatcher>,
     duties: Option<Duties>,
+    orchestrator: Option<Orchestrator>,
 }
 
 impl Manager {
@@ -270,6 +272,9 @@ impl Manager {
             },
         )
         .map_err(io_error("cannot start the control duties thread"))?;
+        let orchestrator =
+            Orchestrator::start(raft.handle().clone(), machine.store.as_ref().clone())
+                .map_err(io_error("cannot start the orchestrator thread"))?;
         let register = match (&settings.bootstrap, &settings.join_addr) {
             (Bootstrap::Join, Some(join_addr)) => Some(
                 super::register::Registrar::start(
@@ -298,6 +303,7 @@ impl Manager {
             control,
             dispatcher,
             duties: Some(duties),
+            orchestrator: Some(orchestrator),
         })
     }
 
@@ -397,11 +403,14 @@ impl Manager {
         false
     }
 
-    /// The shutdown barrier, in order: the control duties thread, the registrar and the
+    /// The shutdown barrier, in order: the orchestrator thread, the control duties thread, the registrar and the
     /// renewer (they call through the transport), the Raft node (its own barrier: peers,
     /// apply, log writer), the transport (in-flight calls fail `Unavailable`, connections
     /// close, the reactor is joined), the control watch threads, then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
+        if let Some(orchestrator) = self.orchestrator.take() {
+            orchestrator.stop();
+        }
         if let Some(duties) = self.duties.take() {
             duties.stop();
         }

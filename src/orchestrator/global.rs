@@ -1,0 +1,76 @@
+//! Global services: one slot per node. A node that takes tasks (`ACTIVE`, `READY`) and
+//! satisfies the placement constraints gets a task, created on it; a node that is paused or
+//! not ready keeps the tasks it has; a node that is deleted, drained, down past
+//! [`NODE_DOWN_GRACE_MS`](super::NODE_DOWN_GRACE_MS) or no longer satisfies the constraints
+//! has its task retired (never replaced elsewhere).
+//!
+//! Must never create a task for a node that does not take tasks.
+
+use std::collections::BTreeMap;
+
+use crate::proto::objects::{Service, TaskState};
+use crate::store::spec::{Constraint, matches_all, parse_constraints};
+
+use super::slot::{self, SlotRef, UpdateBudget};
+use super::working::Working;
+use super::{Context, is_occupant, node_lost, node_takes_tasks};
+
+/// The parsed placement constraints of `service`'s template; `None` if they do not parse
+/// (validation refuses such specs, so this is a store written by something else).
+pub(super) fn constraints_of(
+    spec: Option<&crate::proto::objects::TaskSpec>,
+) -> Option<Vec<Constraint>> {
+    let texts = spec
+        .and_then(|spec| spec.placement.as_ref())
+        .map(|placement| placement.constraints.as_slice())
+        .unwrap_or_default();
+    parse_constraints("task.placement.constraints", texts).ok()
+}
+
+/// Reconciles the node slots of the global `service`.
+pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Service) {
+    let constraints = constraints_of(slot::template(service));
+    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for task in working.tasks_of_service(&service.id) {
+        by_node
+            .entry(task.node_id.clone())
+            .or_default()
+            .push(task.id.clone());
+    }
+    let updating = by_node
+        .values()
+        .filter(|ids| slot::is_updating(working, service, ids))
+        .count() as u64;
+    let mut budget = UpdateBudget::new(service, updating);
+    let empty = Vec::new();
+    for (node_id, node) in &context.nodes {
+        let fits = constraints
+            .as_deref()
+            .is_some_and(|constraints| matches_all(constraints, node));
+        let ids = by_node.get(node_id).unwrap_or(&empty);
+        if !fits || node_lost(context, node_id).is_some() {
+            retire_all(working, ids);
+            continue;
+        }
+        let slot_ref = SlotRef {
+            service,
+            slot: 0,
+            node_id: Some(node_id),
+            may_create: node_takes_tasks(node),
+        };
+        slot::reconcile(working, context, &slot_ref, ids, &mut budget);
+    }
+    for (node_id, ids) in &by_node {
+        if !context.nodes.contains_key(node_id) {
+            retire_all(working, ids);
+        }
+    }
+}
+
+fn retire_all(working: &mut Working, ids: &[String]) {
+    for id in ids {
+        if working.get(id).is_some_and(is_occupant) {
+            working.retire(id, TaskState::Shutdown);
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! The leader's orchestration: turns services into tasks and tasks onto nodes (swarmkit's
+//! replicated and global orchestrators, restart supervisor, updater, task reaper and
+//! scheduler), acting only on the replicated object store.
+//!
+//! [`reconcile`] is a pure function of a [`ReadView`] and the time: it returns the store
+//! changes that move the tasks toward what the services ask for, packed into transactions
+//! within the store's limits. [`Orchestrator`] is the thread (`flotilla-orchestrator`) that
+//! runs it on the Raft leader and proposes what it returns.
+//!
+//! One pass, in order, on one working copy of the tasks (each step sees the earlier ones):
+//!
+//! 1. `replicated`: slots `1..=replicas` of every replicated service; slots above are
+//!    retired (scale down).
+//! 2. `global`: one slot per eligible node of every global service.
+//! 3. Tasks of deleted services get desired state `REMOVE`.
+//! 4. `scheduler`: unassigned runnable tasks get a node.
+//! 5. `reaper`: finished tasks beyond the cluster's `task_history_retention` per slot,
+//!    and finished tasks of deleted services, are deleted.
+//!
+//! Each slot is reconciled by `slot` (lost nodes, `restart`, rolling update, filling an
+//! empty slot). Task states: a task is created `PENDING` (there is no allocator step, so
+//! it is ready to schedule at once) with desired state `RUNNING`; the scheduler moves it
+//! to `ASSIGNED`, usually in the same pass, so most tasks are written once. Only agents move
+//! a task further.
+//!
+//! Idempotence: a new task's id is derived from (service id, slot or node, the id of the
+//! newest task already in that slot, or the service's version for an empty slot): a pass
+//! that re-runs on a view that misses an earlier proposal (outcome unknown, or a new leader
+//! behind) computes the same id, and the store refuses the second create (`AlreadyExists`)
+//! and with it the whole transaction. Every update and delete carries the version read.
+//! A slot's changes always travel in one transaction.
+//!
+//! Must never write anything but tasks, block, or read a clock (the time is an argument).
+
+mod global;
+mod reaper;
+mod replicated;
+mod restart;
+mod runner;
+mod scheduler;
+mod slot;
+mod working;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::proto::objects::{
+    Change, Cluster, Node, NodeAvailability, NodeState, Service, ServiceMode, Task, TaskState,
+    Transaction,
+};
+use crate::store::settings::ClusterSettings;
+use crate::store::{ReadView, TXN_BYTES_MAX, TXN_CHANGES_MAX};
+
+pub use runner::{
+    ORCHESTRATOR_IDLE_RECHECK, ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX,
+    Orchestrator,
+};
+
+use working::{Unit, Working};
+
+/// How long a node must have been `DOWN` before the tasks on it are replaced elsewhere
+/// (replicated) or retired (global). Measured from the node's last update, which for a
+/// down node is the one that recorded `DOWN`. The dispatcher has already waited out the
+/// missed heartbeats before that write; this absorbs a node that flaps straight back.
+pub const NODE_DOWN_GRACE_MS: i64 = 10_000;
+
+/// The restart delay of a task template without a restart policy (swarmkit's default):
+/// a command that fails at once is restarted every 5 s, not on every pass.
+pub const DEFAULT_RESTART_DELAY_MS: i64 = 5_000;
+
+/// The length of a task id: the same as the ids the control API gives services.
+pub const TASK_ID_CHARS: usize = 25;
+
+/// What one pass reads besides the tasks.
+pub(crate) struct Context {
+    /// The time of the pass, Unix milliseconds.
+    pub now_ms: i64,
+    /// Every node, by id.
+    pub nodes: BTreeMap<String, Arc<Node>>,
+    /// Every service, by id.
+    pub services: BTreeMap<String, Arc<Service>>,
+    /// Finished tasks kept per slot.
+    pub task_history_retention: u64,
+}
+
+impl Context {
+    fn load(snapshot: &Snapshot, now_ms: i64) -> Self {
+        let settings = snapshot
+            .cluster
+            .as_ref()
+            .and_then(|cluster| cluster.spec.as_ref().map(ClusterSettings::from_spec))
+            .unwrap_or_default();
+        Self {
+            now_ms,
+            nodes: snapshot
+                .nodes
+                .iter()
+                .map(|node| (node.id.clone(), Arc::clone(node)))
+                .collect(),
+            services: snapshot
+                .services
+                .iter()
+                .map(|service| (service.id.clone(), Arc::clone(service)))
+                .collect(),
+            task_history_retention: settings.task_history_retention,
+        }
+    }
+}
+
+/// What a pass reads: shared pointers to every task, node and service and to the cluster
+/// object, taken under the store's read lock (pointer copies only), so that the pass runs
+/// without holding it (the apply thread waits for that lock).
+pub struct Snapshot {
+    tasks: Vec<Arc<Task>>,
+    nodes: Vec<Arc<Node>>,
+    services: Vec<Arc<Service>>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl Snapshot {
+    /// Captures what a pass needs from `view`.
+    pub fn capture(view: &ReadView<'_>) -> Self {
+        Self {
+            tasks: view.list::<Task>().cloned().collect(),
+            nodes: view.list::<Node>().cloned().collect(),
+            services: view.list::<Service>().cloned().collect(),
+            cluster: view.list::<Cluster>().next().cloned(),
+        }
+    }
+}
+
+/// Computes the changes that bring the tasks in `view` in line with the services and nodes,
+/// at time `now_ms`, as transactions within the store's limits (in the order to propose
+/// them). Empty when everything is in place.
+pub fn reconcile(view: &ReadView<'_>, now_ms: i64) -> Vec<Transaction> {
+    reconcile_snapshot(&Snapshot::capture(view), now_ms)
+}
+
+/// [`reconcile`] on a captured [`Snapshot`] (what the thread runs, outside the store's lock).
+pub fn reconcile_snapshot(snapshot: &Snapshot, now_ms: i64) -> Vec<Transaction> {
+    let context = Context::load(snapshot, now_ms);
+    let mut working = Working::from_tasks(snapshot.tasks.iter().cloned());
+    for service in context.services.values() {
+        match service_mode(service) {
+            ServiceMode::Global => global::reconcile_service(&mut working, &context, service),
+            _ => replicated::reconcile_service(&mut working, &context, service),
+        }
+    }
+    remove_tasks_of_deleted_services(&mut working, &context);
+    scheduler::schedule(&mut working, &context);
+    reaper::reap(&mut working, &context);
+    pack(working.into_units(), now_ms)
+}
+
+fn service_mode(service: &Service) -> ServiceMode {
+    service
+        .spec
+        .as_ref()
+        .and_then(|spec| ServiceMode::try_from(spec.mode).ok())
+        .unwrap_or(ServiceMode::Replicated)
+}
+
+/// Tasks whose service is gone are asked to be removed (desired `REMOVE`: the agent stops
+/// them and forgets them; the reaper deletes them once finished).
+fn remove_tasks_of_deleted_services(working: &mut Working, context: &Context) {
+    for service_id in working.service_ids() {
+        if context.services.contains_key(&service_id) {
+            continue;
+        }
+        let ids: Vec<String> = working
+            .tasks_of_service(&service_id)
+            .iter()
+            .filter(|task| task.desired_state < TaskState::Remove as i32)
+            .map(|task| task.id.clone())
+            .collect();
+        for id in ids {
+            working.retire(&id, TaskState::Remove);
+        }
+    }
+}
+
+/// Packs units (a slot's changes each) into transactions: whole units only, within
+/// [`TXN_CHANGES_MAX`] changes and [`TXN_BYTES_MAX`] bytes. A unit that alone exceeds them
+/// (a slot with hundreds of occupants, which only another writer could have made) is split
+/// change by change rather than never proposed.
+fn pack(units: Vec<Unit>, timestamp_ms: i64) -> Vec<Transaction> {
+    /// Room for the transaction's own fields beside its changes.
+    const TXN_HEADER_BYTES_MAX: usize = 16;
+    let change_bytes = |change: &Change| {
+        let len = change.encoded_len();
+        1 + prost::length_delimiter_len(len) + len
+    };
+    let fits = |changes: usize, bytes: usize| {
+        changes <= TXN_CHANGES_MAX && TXN_HEADER_BYTES_MAX + bytes <= TXN_BYTES_MAX
+    };
+    let mut transactions = Vec::new();
+    let mut current: Vec<Change> = Vec::new();
+    let mut current_bytes = 0;
+    let units = units.into_iter().flat_map(|unit| {
+        let bytes: usize = unit.iter().map(change_bytes).sum();
+        if fits(unit.len(), bytes) {
+            vec![unit]
+        } else {
+            unit.into_iter().map(|change| vec![change]).collect()
+        }
+    });
+    for unit in units {
+        let unit_bytes: usize = unit.iter().map(change_bytes).sum();
+        if !current.is_empty() && !fits(current.len() + unit.len(), current_bytes + unit_bytes) {
+            transactions.push(Transaction {
+                changes: std::mem::take(&mut current),
+                timestamp_ms,
+            });
+            current_bytes = 0;
+        }
+        current.extend(unit);
+        current_bytes += unit_bytes;
+    }
+    if !current.is_empty() {
+        transactions.push(Transaction {
+            changes: current,
+            timestamp_ms,
+        });
+    }
+    transactions
+}
+
+// ----------------------------------------------------------------------------------------
+// Facts about nodes and tasks shared by the components.
+
+/// True if `node` takes new tasks: availability `ACTIVE` and status `READY`.
+pub(crate) fn node_takes_tasks(node: &Node) -> bool {
+    node_availability(node) == NodeAvailability::Active && node_state(node) == NodeState::Ready
+}
+
+pub(crate) fn node_availability(node: &Node) -> NodeAvailability {
+    node.spec
+        .as_ref()
+        .and_then(|spec| NodeAvailability::try_from(spec.availability).ok())
+        .unwrap_or(NodeAvailability::Active)
+}
+
+pub(crate) fn node_state(node: &Node) -> NodeState {
+    node.status
+        .as_ref()
+        .and_then(|status| NodeState::try_from(status.state).ok())
+        .unwrap_or(NodeState::Unknown)
+}
+
+/// Why the tasks on node `node_id` must leave it, if they must: the node is deleted,
+/// drained, or down for longer than [`NODE_DOWN_GRACE_MS`].
+pub(crate) fn node_lost(context: &Context, node_id: &str) -> Option<String> {
+    let Some(node) = context.nodes.get(node_id) else {
+        return Some(format!("node {node_id} was removed"));
+    };
+    if node_availability(node) == NodeAvailability::Drain {
+        return Some(format!("node {node_id} is drained"));
+    }
+    if node_state(node) == NodeState::Down {
+        let down_since_ms = node.meta.as_ref().map_or(0, |meta| meta.updated_at_ms);
+        if context.now_ms.saturating_sub(down_since_ms) >= NODE_DOWN_GRACE_MS {
+            return Some(format!("node {node_id} is down"));
+        }
+    }
+    None
+}
+
+/// The observed state of `task`.
+pub(crate) fn observed(task: &Task) -> i32 {
+    task.status.as_ref().map_or(0, |status| status.state)
+}
+
+/// True for the states a task never leaves (it ran and ended, or never will run).
+pub(crate) fn is_terminal(state: i32) -> bool {
+    state >= TaskState::Complete as i32
+}
+
+/// True if `task` is wanted running: the occupant of its slot.
+pub(crate) fn is_occupant(task: &Task) -> bool {
+    task.desired_state <= TaskState::Running as i32
+}
+
+/// True if `task` is retired and will not run (again): reapable history.
+pub(crate) fn is_finished(task: &Task) -> bool {
+    !is_occupant(task)
+        && (is_terminal(observed(task)) || observed(task) < TaskState::Assigned as i32)
+}
+
+/// When `task` reached its observed state (the reporter's time, else the last write).
+pub(crate) fn status_time_ms(task: &Task) -> i64 {
+    match task.status.as_ref().map(|status| status.timestamp_ms) {
+        Some(ms) if ms > 0 => ms,
+        _ => task.meta.as_ref().map_or(0, |meta| meta.updated_at_ms),
+    }
+}
+
+/// Orders a slot's tasks oldest first: creation time, then id; tasks of this pass last.
+pub(crate) fn age_key(task: &Task) -> (i64, &str) {
+    (
+        task.meta
+            .as_ref()
+            .map_or(i64::MAX, |meta| meta.created_at_ms),
+        task.id.as_str(),
+    )
+}
+
+/// The id of a new task for `service_id` in slot `slot_key` following task `predecessor`
+/// (or, in an empty slot, the service version): the same inputs always give the same id.
+pub(crate) fn derive_task_id(service_id: &str, slot_key: &str, predecessor: &str) -> String {
+    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    for part in ["flotilla-task", service_id, slot_key, predecessor] {
+        hasher.update(&(part.len() as u64).to_be_bytes());
+        hasher.update(part.as_bytes());
+    }
+    let digest = hasher.finish();
+    digest
+        .as_ref()
+        .iter()
+        .take(TASK_ID_CHARS)
+        .map(|byte| char::from(ALPHABET[usize::from(*byte) % ALPHABET.len()]))
+        .collect()
+}

@@ -1,0 +1,287 @@
+//! One slot of one service: a replica number (replicated) or a node (global), with its
+//! occupant (the task wanted running) and its history (retired tasks).
+//!
+//! In order: occupants on lost nodes are retired; a finished occupant goes to the
+//! [`restart`](super::restart) rule; several occupants (a start-first update, or a race)
+//! are cut down to one; an occupant of an older template is replaced within the service's
+//! update budget (stop-first: retired, and the slot refilled once the old task has stopped;
+//! start-first: the new one created beside it, the old one retired once the new one runs);
+//! an empty slot is filled.
+//!
+//! Out of scope of the updater: the delay between batches, monitoring, failure actions and
+//! rollback (`UpdateConfig.delay_ms`, `monitor_ms`, `failure_action`); a task counts as
+//! updated once it runs.
+//!
+//! Must never leave two occupants in a slot except during a start-first replacement.
+
+use std::sync::Arc;
+
+use crate::proto::objects::{Service, Task, TaskSpec, TaskState, TaskStatus, UpdateOrder};
+
+use super::restart::{self, Decision};
+use super::working::Working;
+use super::{Context, age_key, derive_task_id, is_occupant, is_terminal, node_lost, observed};
+
+/// Which slot, and whether it may get a new task.
+pub(super) struct SlotRef<'a> {
+    /// The service.
+    pub service: &'a Service,
+    /// The replica number; 0 for a global service.
+    pub slot: u64,
+    /// The node of a global service's slot.
+    pub node_id: Option<&'a str>,
+    /// False when the slot may keep its tasks but take no new one (a paused node, say).
+    pub may_create: bool,
+}
+
+impl SlotRef<'_> {
+    fn key(&self) -> String {
+        match self.node_id {
+            Some(node_id) => format!("node:{node_id}"),
+            None => format!("slot:{}", self.slot),
+        }
+    }
+}
+
+/// How many more slots of a service may start replacing an old-template task this pass.
+pub(super) struct UpdateBudget {
+    remaining: Option<u64>,
+}
+
+impl UpdateBudget {
+    /// The budget of `service`, given the slots already being updated.
+    pub(super) fn new(service: &Service, slots_updating: u64) -> Self {
+        let parallelism = service
+            .spec
+            .as_ref()
+            .and_then(|spec| spec.update.as_ref())
+            .map_or(0, |update| update.parallelism);
+        Self {
+            remaining: (parallelism > 0).then(|| parallelism.saturating_sub(slots_updating)),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        match &mut self.remaining {
+            None => true,
+            Some(0) => false,
+            Some(remaining) => {
+                *remaining -= 1;
+                true
+            }
+        }
+    }
+}
+
+/// The task template of `service`.
+pub(super) fn template(service: &Service) -> Option<&TaskSpec> {
+    service.spec.as_ref().and_then(|spec| spec.task.as_ref())
+}
+
+fn is_current(task: &Task, service: &Service) -> bool {
+    task.spec.as_ref() == template(service)
+}
+
+fn tasks<'w>(working: &'w Working, ids: &[String]) -> Vec<&'w Task> {
+    ids.iter().filter_map(|id| working.get(id)).collect()
+}
+
+fn occupants(working: &Working, ids: &[String]) -> Vec<Arc<Task>> {
+    ids.iter()
+        .filter_map(|id| working.get_shared(id))
+        .filter(|task| is_occupant(task))
+        .cloned()
+        .collect()
+}
+
+/// True if the slot is in the middle of an update: an old-template task was retired or a
+/// new one started beside it, and no current task runs yet.
+pub(super) fn is_updating(working: &Working, service: &Service, ids: &[String]) -> bool {
+    let (mut current_runs, mut old_retired, mut old_occupant, mut new_occupant) =
+        (false, false, false, false);
+    for task in tasks(working, ids) {
+        // Compared once per task: template comparisons dominate an idle pass.
+        let current = is_current(task, service);
+        match (is_occupant(task), current) {
+            (true, true) => {
+                new_occupant = true;
+                current_runs |= observed(task) == TaskState::Running as i32;
+            }
+            (true, false) => old_occupant = true,
+            (false, false) => old_retired = true,
+            (false, true) => {}
+        }
+    }
+    !current_runs && (old_retired || (old_occupant && new_occupant))
+}
+
+/// Reconciles one slot whose tasks (occupants and history) are `ids`.
+pub(super) fn reconcile(
+    working: &mut Working,
+    context: &Context,
+    slot: &SlotRef<'_>,
+    ids: &[String],
+    budget: &mut UpdateBudget,
+) {
+    retire_on_lost_nodes(working, context, ids);
+    if restart_finished(working, context, ids) == Decision::Wait {
+        return;
+    }
+    if !keep_one_occupant(working, slot.service, ids) {
+        return;
+    }
+    update_old_occupant(working, context, slot, ids, budget);
+    fill(working, context, slot, ids);
+}
+
+fn retire_on_lost_nodes(working: &mut Working, context: &Context, ids: &[String]) {
+    for task in occupants(working, ids) {
+        if !task.node_id.is_empty() && node_lost(context, &task.node_id).is_some() {
+            working.retire(&task.id, TaskState::Shutdown);
+        }
+    }
+}
+
+/// Applies the restart rule to every finished occupant; `Wait` if one waits for its delay.
+fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) -> Decision {
+    let mut outcome = Decision::Keep;
+    for task in occupants(working, ids) {
+        if !is_terminal(observed(&task)) {
+            continue;
+        }
+        let history: Vec<&Task> = tasks(working, ids)
+            .into_iter()
+            .filter(|other| other.id != task.id)
+            .collect();
+        match restart::decide(&task, &history, context.now_ms) {
+            Decision::Keep => {}
+            Decision::Wait => outcome = Decision::Wait,
+            Decision::Restart => working.retire(&task.id, TaskState::Shutdown),
+        }
+    }
+    outcome
+}
+
+/// Cuts several occupants down to one. False while a start-first replacement has not started
+/// running yet (both stay).
+fn keep_one_occupant(working: &mut Working, service: &Service, ids: &[String]) -> bool {
+    let occupants = occupants(working, ids);
+    if occupants.len() <= 1 {
+        return true;
+    }
+    let running = |task: &Task| observed(task) == TaskState::Running as i32;
+    let new_running = occupants
+        .iter()
+        .any(|task| is_current(task, service) && running(task));
+    let old_and_new = occupants.iter().any(|task| is_current(task, service))
+        && occupants.iter().any(|task| !is_current(task, service));
+    if old_and_new && !new_running {
+        return false;
+    }
+    let keep = occupants
+        .iter()
+        .max_by_key(|task| {
+            (
+                is_current(task, service),
+                running(task),
+                !is_terminal(observed(task)),
+                age_key(task),
+            )
+        })
+        .expect("there are several occupants")
+        .id
+        .clone();
+    for task in occupants.iter().filter(|task| task.id != keep) {
+        working.retire(&task.id, TaskState::Shutdown);
+    }
+    true
+}
+
+fn update_old_occupant(
+    working: &mut Working,
+    context: &Context,
+    slot: &SlotRef<'_>,
+    ids: &[String],
+    budget: &mut UpdateBudget,
+) {
+    let occupants = occupants(working, ids);
+    let [occupant] = occupants.as_slice() else {
+        return;
+    };
+    if is_current(occupant, slot.service) || !slot.may_create || !budget.take() {
+        return;
+    }
+    let order = slot
+        .service
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.update.as_ref())
+        .and_then(|update| UpdateOrder::try_from(update.order).ok())
+        .unwrap_or(UpdateOrder::StopFirst);
+    if order == UpdateOrder::StartFirst && !is_terminal(observed(occupant)) {
+        create_task(working, context, slot, &occupant.id);
+    } else {
+        working.retire(&occupant.id, TaskState::Shutdown);
+    }
+}
+
+/// Gives an empty slot a new task, unless an old-template task retired by a stop-first
+/// update is still stopping on a live node.
+fn fill(working: &mut Working, context: &Context, slot: &SlotRef<'_>, ids: &[String]) {
+    if !slot.may_create || !occupants(working, ids).is_empty() {
+        return;
+    }
+    let all = tasks(working, ids);
+    let old_stopping = all.iter().any(|task| {
+        !is_current(task, slot.service)
+            && observed(task) >= TaskState::Assigned as i32
+            && !is_terminal(observed(task))
+            && node_lost(context, &task.node_id).is_none()
+    });
+    if old_stopping {
+        return;
+    }
+    let predecessor = all
+        .iter()
+        .max_by_key(|task| age_key(task))
+        .map(|task| task.id.clone());
+    let predecessor = predecessor.unwrap_or_else(|| format!("v{}", service_version(slot.service)));
+    create_task(working, context, slot, &predecessor);
+}
+
+fn service_version(service: &Service) -> u64 {
+    service.meta.as_ref().map_or(0, |meta| meta.version)
+}
+
+/// Creates the task that follows `predecessor` (a task id, or the service version) in the
+/// slot: global tasks are created on their node, replicated ones wait for the scheduler.
+fn create_task(working: &mut Working, context: &Context, slot: &SlotRef<'_>, predecessor: &str) {
+    let id = derive_task_id(&slot.service.id, &slot.key(), predecessor);
+    if working.contains(&id) {
+        // Only a store that already holds this successor gets here: nothing to add.
+        return;
+    }
+    let (state, message) = match slot.node_id {
+        Some(node_id) => (
+            TaskState::Assigned,
+            format!("assigned to node {node_id} (global service)"),
+        ),
+        None => (TaskState::Pending, "waiting for a node".to_string()),
+    };
+    working.create(Task {
+        id,
+        meta: None,
+        service_id: slot.service.id.clone(),
+        slot: slot.slot,
+        node_id: slot.node_id.unwrap_or_default().to_string(),
+        desired_state: TaskState::Running as i32,
+        status: Some(TaskStatus {
+            state: state as i32,
+            message,
+            timestamp_ms: context.now_ms,
+            ..Default::default()
+        }),
+        spec: template(slot.service).cloned(),
+        service_version: service_version(slot.service),
+    });
+}

@@ -1,0 +1,720 @@
+//! The reconcile core on an in-memory store: every pass's output is applied as the Raft
+//! layer would, and agents are simulated by writing task states.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::proto::objects::{
+    Change, Cluster, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus, Placement,
+    RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState,
+    Transaction, UpdateConfig, UpdateOrder,
+};
+use crate::store::spec::default_cluster_spec;
+use crate::store::{Kind, Store, create, delete, update};
+
+use super::{NODE_DOWN_GRACE_MS, reconcile};
+
+struct Harness {
+    store: Store,
+    index: u64,
+}
+
+const RUNNING: i32 = TaskState::Running as i32;
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            store: Store::default(),
+            index: 0,
+        }
+    }
+
+    fn apply(&mut self, changes: Vec<Change>, now_ms: i64) {
+        self.index += 1;
+        let txn = Transaction {
+            changes,
+            timestamp_ms: now_ms,
+        };
+        self.store.apply(self.index, &txn).unwrap();
+    }
+
+    fn add_node(&mut self, id: &str, labels: &[(&str, &str)]) {
+        let node = Node {
+            id: id.into(),
+            spec: Some(NodeSpec {
+                hostname: format!("host-{id}"),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                availability: NodeAvailability::Active as i32,
+                desired_role: NodeRole::Worker as i32,
+            }),
+            status: Some(NodeStatus {
+                state: NodeState::Ready as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.apply(vec![create(node)], 1);
+    }
+
+    fn change_node(&mut self, id: &str, now_ms: i64, change: impl FnOnce(&mut Node)) {
+        let mut node = self.store.get::<Node>(id).unwrap().as_ref().clone();
+        change(&mut node);
+        self.apply(vec![update(node)], now_ms);
+    }
+
+    fn add_service(&mut self, id: &str, mode: ServiceMode, replicas: u64, task: TaskSpec) {
+        let service = Service {
+            id: id.into(),
+            spec: Some(ServiceSpec {
+                name: id.into(),
+                mode: mode as i32,
+                replicas,
+                task: Some(task),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        self.apply(vec![create(service)], 1);
+    }
+
+    fn change_service(&mut self, id: &str, change: impl FnOnce(&mut ServiceSpec)) {
+        let mut service = self.store.get::<Service>(id).unwrap().as_ref().clone();
+        change(service.spec.as_mut().unwrap());
+        self.apply(vec![update(service)], 1);
+    }
+
+    /// An agent reporting `state` for task `id` at `now_ms`.
+    fn report(&mut self, id: &str, state: TaskState, now_ms: i64) {
+        let mut task = self.store.get::<Task>(id).unwrap().as_ref().clone();
+        let status = task.status.get_or_insert_with(Default::default);
+        status.state = state as i32;
+        status.timestamp_ms = now_ms;
+        self.apply(vec![update(task)], now_ms);
+    }
+
+    /// One pass, applied; the number of changes it made.
+    fn step(&mut self, now_ms: i64) -> usize {
+        let transactions = self.store.view(|view| reconcile(view, now_ms));
+        let mut changes = 0;
+        for txn in transactions {
+            changes += txn.changes.len();
+            self.index += 1;
+            self.store.apply(self.index, &txn).unwrap();
+        }
+        changes
+    }
+
+    /// Passes until nothing changes; the total number of changes.
+    fn settle(&mut self, now_ms: i64) -> usize {
+        let mut total = 0;
+        for _ in 0..10 {
+            let changes = self.step(now_ms);
+            if changes == 0 {
+                return total;
+            }
+            total += changes;
+        }
+        panic!("the orchestrator did not settle within 10 passes");
+    }
+
+    fn tasks(&self, service_id: &str) -> Vec<Task> {
+        self.store.view(|view| {
+            view.tasks_by_service(service_id)
+                .map(|t| t.as_ref().clone())
+                .collect()
+        })
+    }
+
+    fn occupants(&self, service_id: &str) -> Vec<Task> {
+        self.tasks(service_id)
+            .into_iter()
+            .filter(|t| t.desired_state <= RUNNING)
+            .collect()
+    }
+
+    /// Every occupant reports RUNNING.
+    fn run_all(&mut self, service_id: &str, now_ms: i64) {
+        for task in self.occupants(service_id) {
+            if task.status.as_ref().unwrap().state < RUNNING {
+                self.report(&task.id, TaskState::Running, now_ms);
+            }
+        }
+    }
+}
+
+fn template(args: &[&str]) -> TaskSpec {
+    TaskSpec {
+        command: "sleep".into(),
+        args: args.iter().map(ToString::to_string).collect(),
+        ..Default::default()
+    }
+}
+
+fn state_of(task: &Task) -> i32 {
+    task.status.as_ref().unwrap().state
+}
+
+fn slots(tasks: &[Task]) -> Vec<u64> {
+    let mut slots: Vec<u64> = tasks.iter().map(|t| t.slot).collect();
+    slots.sort_unstable();
+    slots
+}
+
+fn per_node(tasks: &[Task]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for task in tasks {
+        *counts.entry(task.node_id.clone()).or_default() += 1;
+    }
+    counts
+}
+
+fn three_nodes() -> Harness {
+    let mut h = Harness::new();
+    for id in ["a", "b", "c"] {
+        h.add_node(id, &[]);
+    }
+    h
+}
+
+#[test]
+fn replicated_service_is_created_scaled_and_removed() {
+    let mut h = three_nodes();
+    h.add_service("web", ServiceMode::Replicated, 3, template(&["100"]));
+    h.settle(1_000);
+    let occupants = h.occupants("web");
+    assert_eq!(slots(&occupants), vec![1, 2, 3]);
+    for task in &occupants {
+        assert_eq!(state_of(task), TaskState::Assigned as i32);
+        assert_eq!(task.spec, Some(template(&["100"])));
+        assert_eq!(task.desired_state, RUNNING);
+    }
+    assert_eq!(per_node(&occupants).len(), 3, "one task per node");
+    assert_eq!(h.settle(1_100), 0, "a settled store needs no change");
+
+    h.change_service("web", |spec| spec.replicas = 5);
+    h.settle(2_000);
+    assert_eq!(slots(&h.occupants("web")), vec![1, 2, 3, 4, 5]);
+
+    h.change_service("web", |spec| spec.replicas = 2);
+    h.settle(3_000);
+    assert_eq!(slots(&h.occupants("web")), vec![1, 2]);
+    let retired: Vec<Task> = h
+        .tasks("web")
+        .into_iter()
+        .filter(|t| t.desired_state == TaskState::Shutdown as i32)
+        .collect();
+    assert_eq!(
+        slots(&retired),
+        vec![3, 4, 5],
+        "the highest slots are retired"
+    );
+
+    h.apply(vec![delete(Kind::Service, "web", 0)], 4_000);
+    h.settle(4_000);
+    let tasks = h.tasks("web");
+    assert_eq!(tasks.len(), 5, "assigned tasks wait for their agents");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.desired_state >= TaskState::Shutdown as i32)
+    );
+    assert!(
+        tasks
+            .iter()
+            .filter(|t| t.slot <= 2)
+            .all(|t| t.desired_state == TaskState::Remove as i32)
+    );
+    for task in tasks {
+        h.report(&task.id, TaskState::Shutdown, 5_000);
+    }
+    h.settle(5_000);
+    assert!(
+        h.tasks("web").is_empty(),
+        "finished tasks of a deleted service are deleted"
+    );
+}
+
+#[test]
+fn global_service_follows_eligible_nodes() {
+    let mut h = three_nodes();
+    h.add_service("mon", ServiceMode::Global, 0, template(&["1"]));
+    h.settle(1_000);
+    let occupants = h.occupants("mon");
+    assert_eq!(
+        per_node(&occupants).keys().collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert!(occupants.iter().all(|t| t.slot == 0));
+    assert!(
+        occupants
+            .iter()
+            .all(|t| state_of(t) == TaskState::Assigned as i32)
+    );
+
+    h.change_node("b", 2_000, |node| {
+        node.spec.as_mut().unwrap().availability = NodeAvailability::Drain as i32;
+    });
+    h.settle(2_000);
+    let occupants = h.occupants("mon");
+    assert_eq!(per_node(&occupants).keys().collect::<Vec<_>>(), ["a", "c"]);
+    let on_b: Vec<Task> = h
+        .tasks("mon")
+        .into_iter()
+        .filter(|t| t.node_id == "b")
+        .collect();
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].desired_state, TaskState::Shutdown as i32);
+
+    // A paused node keeps its task; a new node gets one; a node that stops matching the
+    // constraints loses its task.
+    h.change_node("a", 3_000, |node| {
+        node.spec.as_mut().unwrap().availability = NodeAvailability::Pause as i32;
+    });
+    h.add_node("d", &[("zone", "x")]);
+    h.settle(3_000);
+    assert_eq!(
+        per_node(&h.occupants("mon")).keys().collect::<Vec<_>>(),
+        ["a", "c", "d"]
+    );
+    h.change_service("mon", |spec| {
+        spec.task.as_mut().unwrap().placement = Some(Placement {
+            constraints: vec!["node.labels.zone==x".into()],
+        });
+    });
+    // The template changed too: a stop-first update retires d's task and replaces it once
+    // its agent reports it stopped; the other nodes' tasks are retired.
+    h.settle(4_000);
+    assert!(h.occupants("mon").is_empty());
+    let old_on_d: Vec<Task> = h
+        .tasks("mon")
+        .into_iter()
+        .filter(|t| t.node_id == "d")
+        .collect();
+    assert_eq!(old_on_d.len(), 1);
+    h.report(&old_on_d[0].id, TaskState::Shutdown, 4_500);
+    h.settle(5_000);
+    let occupants = h.occupants("mon");
+    assert_eq!(per_node(&occupants).keys().collect::<Vec<_>>(), ["d"]);
+}
+
+fn restart_template(
+    condition: RestartCondition,
+    delay_ms: i64,
+    max: u64,
+    window_ms: i64,
+) -> TaskSpec {
+    TaskSpec {
+        restart: Some(RestartPolicy {
+            condition: condition as i32,
+            delay_ms,
+            max_attempts: max,
+            window_ms,
+        }),
+        ..template(&["1"])
+    }
+}
+
+fn only_occupant(h: &Harness, service: &str) -> Task {
+    let occupants = h.occupants(service);
+    assert_eq!(occupants.len(), 1, "one occupant: {occupants:?}");
+    occupants.into_iter().next().unwrap()
+}
+
+#[test]
+fn restart_on_failure_honours_delay_and_attempts_in_a_window() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    let spec = restart_template(RestartCondition::OnFailure, 1_000, 2, 60_000);
+    h.add_service("job", ServiceMode::Replicated, 1, spec);
+    h.settle(1_000);
+    let first = only_occupant(&h, "job");
+
+    h.report(&first.id, TaskState::Failed, 10_000);
+    assert_eq!(h.settle(10_500), 0, "the restart waits for its delay");
+    assert_eq!(only_occupant(&h, "job").id, first.id);
+    h.settle(11_000);
+    let second = only_occupant(&h, "job");
+    assert_ne!(second.id, first.id, "restart 1");
+    assert_eq!(second.slot, 1);
+    let old = h.store.get::<Task>(&first.id).unwrap();
+    assert_eq!(old.desired_state, TaskState::Shutdown as i32);
+
+    h.report(&second.id, TaskState::Failed, 12_000);
+    h.settle(13_000);
+    let third = only_occupant(&h, "job");
+    assert_ne!(third.id, second.id, "restart 2");
+
+    h.report(&third.id, TaskState::Failed, 14_000);
+    assert_eq!(
+        h.settle(15_000),
+        0,
+        "max_attempts reached within the window"
+    );
+    assert_eq!(only_occupant(&h, "job").id, third.id);
+    // Once the earlier attempts leave the window, restarts are allowed again.
+    h.settle(12_000 + 60_001);
+    let fourth = only_occupant(&h, "job");
+    assert_ne!(fourth.id, third.id, "the window moved on");
+
+    // ON_FAILURE does not restart a task that completed.
+    h.report(&fourth.id, TaskState::Complete, 80_000);
+    assert_eq!(h.settle(90_000), 0);
+    assert_eq!(only_occupant(&h, "job").id, fourth.id);
+}
+
+#[test]
+fn restart_none_keeps_and_any_restarts_a_completed_task() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service(
+        "n",
+        ServiceMode::Replicated,
+        1,
+        restart_template(RestartCondition::None, 0, 0, 0),
+    );
+    h.add_service(
+        "y",
+        ServiceMode::Replicated,
+        1,
+        restart_template(RestartCondition::Any, 0, 0, 0),
+    );
+    h.settle(1_000);
+    let (n, y) = (only_occupant(&h, "n"), only_occupant(&h, "y"));
+    h.report(&n.id, TaskState::Complete, 2_000);
+    h.report(&y.id, TaskState::Complete, 2_000);
+    h.settle(3_000);
+    assert_eq!(only_occupant(&h, "n").id, n.id);
+    assert_ne!(only_occupant(&h, "y").id, y.id);
+}
+
+#[test]
+fn update_with_parallelism_one_replaces_one_slot_at_a_time() {
+    let mut h = three_nodes();
+    h.add_service("web", ServiceMode::Replicated, 3, template(&["1"]));
+    h.change_service("web", |spec| {
+        spec.update = Some(UpdateConfig {
+            parallelism: 1,
+            ..Default::default()
+        });
+    });
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    h.change_service("web", |spec| spec.task = Some(template(&["2"])));
+    let new_spec = Some(template(&["2"]));
+    for round in 1..=3u64 {
+        h.settle(2_000);
+        let retired: Vec<Task> = h
+            .tasks("web")
+            .into_iter()
+            .filter(|t| t.desired_state == TaskState::Shutdown as i32 && state_of(t) == RUNNING)
+            .collect();
+        assert_eq!(slots(&retired), vec![round], "one slot at a time");
+        assert!(
+            h.occupants("web").iter().all(|t| t.slot != round),
+            "stop-first: no new task while the old one still runs"
+        );
+        h.report(&retired[0].id, TaskState::Shutdown, 2_000);
+        h.settle(2_000);
+        let updated: Vec<u64> = h
+            .occupants("web")
+            .into_iter()
+            .filter(|t| t.spec == new_spec)
+            .map(|t| t.slot)
+            .collect();
+        assert_eq!(
+            updated.len() as u64,
+            round,
+            "slots updated after round {round}: {updated:?}"
+        );
+        assert_eq!(h.occupants("web").len(), 3);
+        // The next slot waits until the new task runs.
+        assert_eq!(h.settle(2_000), 0);
+        h.run_all("web", 2_000);
+    }
+    assert!(h.occupants("web").iter().all(|t| t.spec == new_spec));
+    assert_eq!(h.settle(3_000), 0);
+}
+
+#[test]
+fn start_first_update_keeps_the_old_task_until_the_new_one_runs() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 1, template(&["1"]));
+    h.change_service("web", |spec| {
+        spec.update = Some(UpdateConfig {
+            parallelism: 1,
+            order: UpdateOrder::StartFirst as i32,
+            ..Default::default()
+        });
+    });
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    let old = only_occupant(&h, "web");
+    h.change_service("web", |spec| spec.task = Some(template(&["2"])));
+    h.settle(2_000);
+    let occupants = h.occupants("web");
+    assert_eq!(occupants.len(), 2, "the new task starts beside the old one");
+    let new = occupants.iter().find(|t| t.id != old.id).unwrap().clone();
+    assert_eq!(new.slot, 1);
+    h.report(&new.id, TaskState::Running, 3_000);
+    h.settle(3_000);
+    assert_eq!(only_occupant(&h, "web").id, new.id);
+}
+
+#[test]
+fn scheduler_spreads_honours_constraints_and_explains_pending() {
+    let mut h = Harness::new();
+    h.add_node("a", &[("zone", "a")]);
+    h.add_node("b", &[]);
+    h.add_node("c", &[]);
+    h.add_service("six", ServiceMode::Replicated, 6, template(&["1"]));
+    h.settle(1_000);
+    let counts = per_node(&h.occupants("six"));
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![2, 2, 2],
+        "{counts:?}"
+    );
+
+    let mut zoned = template(&["1"]);
+    zoned.placement = Some(Placement {
+        constraints: vec!["node.labels.zone==a".into()],
+    });
+    h.add_service("za", ServiceMode::Replicated, 2, zoned.clone());
+    zoned.placement = Some(Placement {
+        constraints: vec!["node.labels.zone==b".into()],
+    });
+    h.add_service("zb", ServiceMode::Replicated, 1, zoned);
+    h.settle(2_000);
+    assert!(h.occupants("za").iter().all(|t| t.node_id == "a"));
+    let pending = only_occupant(&h, "zb");
+    assert_eq!(state_of(&pending), TaskState::Pending as i32);
+    assert!(pending.node_id.is_empty());
+    let message = &pending.status.as_ref().unwrap().message;
+    assert_eq!(message, "no node satisfies node.labels.zone==b");
+    let version = pending.meta.as_ref().unwrap().version;
+    assert_eq!(
+        h.settle(5_000),
+        0,
+        "no write while the reason stays the same"
+    );
+    assert_eq!(only_occupant(&h, "zb").meta.unwrap().version, version);
+}
+
+#[test]
+fn scheduler_skips_drained_and_down_nodes() {
+    let mut h = three_nodes();
+    h.change_node("a", 1, |node| {
+        node.spec.as_mut().unwrap().availability = NodeAvailability::Drain as i32;
+    });
+    h.change_node("b", 1, |node| {
+        node.status.as_mut().unwrap().state = NodeState::Down as i32
+    });
+    h.add_service("web", ServiceMode::Replicated, 4, template(&["1"]));
+    h.settle(1_000);
+    let occupants = h.occupants("web");
+    assert_eq!(occupants.len(), 4);
+    assert!(occupants.iter().all(|t| t.node_id == "c"));
+
+    h.change_node("c", 2_000, |node| {
+        node.status.as_mut().unwrap().state = NodeState::Down as i32
+    });
+    h.add_service("late", ServiceMode::Replicated, 1, template(&["1"]));
+    h.settle(2_000);
+    let pending = only_occupant(&h, "late");
+    assert_eq!(
+        pending.status.unwrap().message,
+        "none of the 3 nodes takes tasks (active and ready)"
+    );
+}
+
+#[test]
+fn tasks_on_a_node_down_past_the_grace_are_replaced_elsewhere() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 1, template(&["1"]));
+    h.settle(1_000);
+    let first = only_occupant(&h, "web");
+    assert_eq!(first.node_id, "a");
+    h.add_node("b", &[]);
+    h.change_node("a", 10_000, |node| {
+        node.status.as_mut().unwrap().state = NodeState::Down as i32
+    });
+    assert_eq!(
+        h.settle(10_000 + NODE_DOWN_GRACE_MS - 1),
+        0,
+        "within the grace"
+    );
+    h.settle(10_000 + NODE_DOWN_GRACE_MS);
+    let replacement = only_occupant(&h, "web");
+    assert_ne!(replacement.id, first.id);
+    assert_eq!((replacement.slot, replacement.node_id.as_str()), (1, "b"));
+}
+
+#[test]
+fn reaper_keeps_the_retention_per_slot() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    let mut cluster_spec = default_cluster_spec("default");
+    cluster_spec.task_history_retention = 2;
+    h.apply(
+        vec![create(Cluster {
+            id: "cluster".into(),
+            spec: Some(cluster_spec),
+            ..Default::default()
+        })],
+        1,
+    );
+    h.add_service(
+        "job",
+        ServiceMode::Replicated,
+        2,
+        restart_template(RestartCondition::Any, 0, 0, 0),
+    );
+    h.settle(1_000);
+    let mut ended = BTreeSet::new();
+    let mut ended_in_order = Vec::new();
+    for round in 0..5 {
+        let now = 2_000 + round * 1_000;
+        for task in h.occupants("job") {
+            if task.slot == 1 {
+                ended.insert(task.id.clone());
+                ended_in_order.push(task.id.clone());
+                h.report(&task.id, TaskState::Failed, now);
+            }
+        }
+        h.settle(now);
+    }
+    let slot_one: Vec<Task> = h.tasks("job").into_iter().filter(|t| t.slot == 1).collect();
+    assert_eq!(
+        slot_one.len(),
+        3,
+        "the occupant and 2 finished tasks: {slot_one:?}"
+    );
+    let kept: BTreeSet<String> = slot_one
+        .iter()
+        .filter(|t| t.desired_state > RUNNING)
+        .map(|t| t.id.clone())
+        .collect();
+    assert_eq!(kept.len(), 2);
+    assert!(kept.is_subset(&ended));
+    // The newest finished tasks (the last two to fail) are the ones kept.
+    let newest: BTreeSet<String> = ended_in_order.iter().rev().take(2).cloned().collect();
+    assert_eq!(kept, newest);
+    assert_eq!(h.tasks("job").iter().filter(|t| t.slot == 2).count(), 1);
+}
+
+fn created_ids(transactions: &[Transaction]) -> Vec<String> {
+    use crate::proto::objects::{change, store_object};
+    transactions
+        .iter()
+        .flat_map(|txn| &txn.changes)
+        .filter_map(|change| match &change.op {
+            Some(change::Op::Create(object)) => match &object.object {
+                Some(store_object::Object::Task(task)) => Some(task.id.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn two_passes_on_the_same_view_never_fill_a_slot_twice() {
+    let mut h = three_nodes();
+    h.add_service("web", ServiceMode::Replicated, 3, template(&["1"]));
+    let first = h.store.view(|view| reconcile(view, 1_000));
+    let second = h.store.view(|view| reconcile(view, 1_001));
+    assert_eq!(created_ids(&first), created_ids(&second));
+    assert_eq!(created_ids(&first).len(), 3);
+    for txn in first {
+        h.index += 1;
+        h.store.apply(h.index, &txn).unwrap();
+    }
+    for txn in second {
+        h.index += 1;
+        assert!(
+            h.store.apply(h.index, &txn).is_err(),
+            "the same ids: refused"
+        );
+    }
+    assert_eq!(h.tasks("web").len(), 3);
+    // The same after a restart: a pass that misses the replacement recreates the same id.
+    let task = h
+        .occupants("web")
+        .into_iter()
+        .find(|t| t.slot == 2)
+        .unwrap();
+    h.report(&task.id, TaskState::Failed, 2_000);
+    let first = h.store.view(|view| reconcile(view, 10_000));
+    let second = h.store.view(|view| reconcile(view, 10_000));
+    for txn in first.into_iter().chain(second) {
+        h.index += 1;
+        let _ = h.store.apply(h.index, &txn);
+    }
+    h.settle(10_000);
+    assert_eq!(h.occupants("web").len(), 3);
+    assert_eq!(slots(&h.occupants("web")), vec![1, 2, 3]);
+}
+
+#[test]
+fn large_changes_are_split_into_transactions_within_the_limits() {
+    let mut h = three_nodes();
+    h.add_service("big", ServiceMode::Replicated, 450, template(&["1"]));
+    let transactions = h.store.view(|view| reconcile(view, 1_000));
+    assert_eq!(transactions.len(), 3);
+    for txn in &transactions {
+        crate::store::check_limits(txn).unwrap();
+    }
+    h.settle(1_000);
+    assert_eq!(h.occupants("big").len(), 450);
+    let counts = per_node(&h.occupants("big"));
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![150, 150, 150]
+    );
+}
+
+#[test]
+fn a_slot_with_hundreds_of_tasks_is_handled_in_transactions_within_the_limits() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 1, template(&["1"]));
+    // Written by someone else: 250 finished tasks and 250 occupants in slot 1.
+    let task = |n: usize, desired: TaskState, state: TaskState| Task {
+        id: format!("t{n:04}"),
+        service_id: "web".into(),
+        slot: 1,
+        node_id: "a".into(),
+        desired_state: desired as i32,
+        status: Some(crate::proto::objects::TaskStatus {
+            state: state as i32,
+            ..Default::default()
+        }),
+        spec: Some(template(&["1"])),
+        ..Default::default()
+    };
+    let tasks: Vec<Task> = (0..250)
+        .map(|n| task(n, TaskState::Shutdown, TaskState::Failed))
+        .chain((250..500).map(|n| task(n, TaskState::Running, TaskState::Assigned)))
+        .collect();
+    for chunk in tasks.chunks(200) {
+        h.apply(chunk.iter().cloned().map(create).collect(), 1);
+    }
+    let transactions = h.store.view(|view| reconcile(view, 1_000));
+    assert!(transactions.len() >= 3);
+    for txn in &transactions {
+        crate::store::check_limits(txn).unwrap();
+    }
+    h.settle(1_000);
+    assert_eq!(h.occupants("web").len(), 1, "one occupant kept");
+    let finished = h
+        .tasks("web")
+        .into_iter()
+        .filter(|t| t.desired_state > RUNNING && state_of(t) == TaskState::Failed as i32)
+        .count();
+    assert_eq!(finished, 5, "the default retention of finished tasks");
+}
