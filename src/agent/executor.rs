@@ -673,7 +673,7 @@ mod tests {
         assert!(!process.was_killed());
         assert!(sys::process_dead(process.pid()));
         assert!(
-            sys::process_dead(grandchild),
+            sys::wait_dead(grandchild, WAIT_LIMIT),
             "the grandchild survived the stop"
         );
     }
@@ -705,7 +705,7 @@ mod tests {
         assert_eq!(wait_exit(&mut process), ExitOutcome::Exited(0));
         let grandchild = read_pid(&child_pid_file);
         assert!(
-            sys::process_dead(grandchild),
+            sys::wait_dead(grandchild, WAIT_LIMIT),
             "the background child outlived its task"
         );
     }

@@ -96,3 +96,17 @@ pub fn process_dead(pid: u32) -> bool {
         .and_then(|(_, rest)| rest.split_whitespace().next());
     matches!(state, Some("Z" | "X"))
 }
+
+/// Waits until `pid` is dead (see [`process_dead`]), at most `limit`; returns whether it is.
+/// A signal is delivered asynchronously: `kill` returns before its target has died.
+#[cfg(test)]
+pub fn wait_dead(pid: u32, limit: std::time::Duration) -> bool {
+    let give_up = std::time::Instant::now() + limit;
+    while !process_dead(pid) {
+        if std::time::Instant::now() >= give_up {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}

@@ -436,12 +436,10 @@ impl Worker {
     }
 
     fn run(mut self, woken: &Receiver<()>) -> Vec<TaskStatusReport> {
-        loop {
-            match woken.recv_timeout(self.wait_period(Instant::now())) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                // The handle is gone without a shutdown (it always sets the flag first).
-                Err(RecvTimeoutError::Disconnected) => break,
-            }
+        // Disconnected: the handle is gone without a shutdown (it always sets the flag first).
+        while let Ok(()) | Err(RecvTimeoutError::Timeout) =
+            woken.recv_timeout(self.wait_period(Instant::now()))
+        {
             let (full, changes, shutdown) = {
                 let mut mailbox = self.mailbox.lock();
                 let changes = std::mem::take(&mut mailbox.changes);
@@ -595,10 +593,11 @@ impl Worker {
         match &mut entry.phase {
             Phase::Done => {}
             Phase::Live(process) => {
-                if desired > TaskState::Running as i32 && !process.is_stopping() {
-                    if let Err(error) = process.begin_stop(Instant::now(), self.config.stop_grace) {
-                        log::warn!("task {id}: cannot signal its processes: {error}");
-                    }
+                if desired > TaskState::Running as i32
+                    && !process.is_stopping()
+                    && let Err(error) = process.begin_stop(Instant::now(), self.config.stop_grace)
+                {
+                    log::warn!("task {id}: cannot signal its processes: {error}");
                 }
             }
             Phase::Idle if is_terminal(assigned_state) => entry.phase = Phase::Done,
@@ -764,4 +763,448 @@ fn now_unix_ms() -> i64 {
 /// COMPLETE and every state after it: the task will not run (again) on this node.
 fn is_terminal(state: i32) -> bool {
     state >= TaskState::Complete as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::sys;
+    use crate::proto::objects::TaskSpec;
+    use crossbeam_channel::Receiver;
+    use std::collections::VecDeque;
+
+    /// Bound on any wait in these tests (a hang fails instead of blocking).
+    const WAIT_LIMIT: Duration = Duration::from_secs(20);
+
+    fn task(id: &str, desired: TaskState, command: &str, args: &[&str]) -> Task {
+        Task {
+            id: id.to_owned(),
+            desired_state: desired as i32,
+            status: Some(TaskStatus {
+                state: TaskState::Assigned as i32,
+                ..TaskStatus::default()
+            }),
+            spec: Some(TaskSpec {
+                command: command.to_owned(),
+                args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                ..TaskSpec::default()
+            }),
+            ..Task::default()
+        }
+    }
+
+    fn with_desired(mut task: Task, desired: TaskState) -> Task {
+        task.desired_state = desired as i32;
+        task
+    }
+
+    struct Node {
+        dir: tempfile::TempDir,
+        runner: Option<TaskRunner>,
+        reports: Receiver<TaskStatusReport>,
+        /// Reports received for other tasks than the one awaited, in order.
+        received: HashMap<String, VecDeque<TaskStatus>>,
+    }
+
+    impl Node {
+        fn start(configure: impl FnOnce(&mut RunnerConfig), reports_len: usize) -> Node {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut config = RunnerConfig::new(dir.path().join("tasks"));
+            config.stop_grace = Duration::from_secs(5);
+            configure(&mut config);
+            let (sender, reports) = crossbeam_channel::bounded(reports_len);
+            let runner = TaskRunner::start(config, sender).expect("start");
+            Node {
+                dir,
+                runner: Some(runner),
+                reports,
+                received: HashMap::new(),
+            }
+        }
+
+        fn new() -> Node {
+            Node::start(|_| {}, REPORTS_QUEUE_LEN_DEFAULT)
+        }
+
+        fn runner(&self) -> &TaskRunner {
+            self.runner.as_ref().expect("running")
+        }
+
+        fn work_dir(&self) -> PathBuf {
+            self.dir.path().join("tasks")
+        }
+
+        /// The next status reported for `id`.
+        fn next(&mut self, id: &str) -> TaskStatus {
+            if let Some(status) = self.received.get_mut(id).and_then(VecDeque::pop_front) {
+                return status;
+            }
+            loop {
+                let report = self
+                    .reports
+                    .recv_timeout(WAIT_LIMIT)
+                    .unwrap_or_else(|error| panic!("no report for {id}: {error}"));
+                if report.task_id == id {
+                    return report.status;
+                }
+                self.received
+                    .entry(report.task_id)
+                    .or_default()
+                    .push_back(report.status);
+            }
+        }
+
+        fn expect(&mut self, id: &str, state: TaskState) -> TaskStatus {
+            let status = self.next(id);
+            assert_eq!(
+                status.state, state as i32,
+                "task {id}: expected {state:?}, got {status:?}"
+            );
+            status
+        }
+
+        /// Starts `id` and returns its pid.
+        fn expect_running(&mut self, id: &str) -> u32 {
+            self.expect(id, TaskState::Starting);
+            let running = self.expect(id, TaskState::Running);
+            pid_in(&running.message)
+        }
+
+        /// Asserts that nothing was reported for `id` so far.
+        fn assert_nothing_for(&mut self, id: &str) {
+            while let Ok(report) = self.reports.try_recv() {
+                self.received
+                    .entry(report.task_id)
+                    .or_default()
+                    .push_back(report.status);
+            }
+            let queued = self.received.get(id).map_or(0, VecDeque::len);
+            assert_eq!(queued, 0, "task {id} reported {:?}", self.received.get(id));
+        }
+
+        fn shutdown(&mut self) -> Vec<TaskStatusReport> {
+            self.runner.take().expect("running").shutdown()
+        }
+    }
+
+    fn pid_in(message: &str) -> u32 {
+        message
+            .split_whitespace()
+            .skip_while(|word| *word != "pid")
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {message:?}"))
+    }
+
+    #[test]
+    fn a_running_task_is_stopped_when_its_desired_state_is_shutdown() {
+        let mut node = Node::new();
+        let sleeper = task("t-sleep", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![sleeper.clone()]).expect("assign");
+        let pid = node.expect_running("t-sleep");
+        assert!(!sys::process_dead(pid));
+
+        let stop = with_desired(sleeper, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        let status = node.expect("t-sleep", TaskState::Shutdown);
+        assert_eq!(status.exit_code, 128 + sys::SIGTERM);
+        assert!(status.message.contains("on SIGTERM"), "{status:?}");
+        assert!(sys::process_dead(pid), "pid {pid} survived its stop");
+        assert!(node.shutdown().is_empty());
+    }
+
+    #[test]
+    fn exits_are_reported_complete_failed_or_rejected() {
+        let mut node = Node::new();
+        node.runner()
+            .assign(vec![
+                task("t-true", TaskState::Running, "true", &[]),
+                task("t-three", TaskState::Running, "sh", &["-c", "exit 3"]),
+                task(
+                    "t-missing",
+                    TaskState::Running,
+                    "no-such-command-flotilla",
+                    &[],
+                ),
+            ])
+            .expect("assign");
+
+        node.expect_running("t-true");
+        let complete = node.expect("t-true", TaskState::Complete);
+        assert_eq!((complete.exit_code, complete.err.as_str()), (0, ""));
+
+        node.expect_running("t-three");
+        let failed = node.expect("t-three", TaskState::Failed);
+        assert_eq!(failed.exit_code, 3);
+        assert_eq!(failed.err, "exited with status 3");
+
+        node.expect("t-missing", TaskState::Starting);
+        let rejected = node.expect("t-missing", TaskState::Rejected);
+        assert!(rejected.err.contains("cannot execute"), "{rejected:?}");
+        assert!(rejected.err.contains("No such file"), "{rejected:?}");
+        assert!(rejected.timestamp_ms > 0);
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_ignoring_sigterm_is_killed_after_the_grace() {
+        let mut node = Node::start(
+            |config| config.stop_grace = Duration::from_millis(200),
+            REPORTS_QUEUE_LEN_DEFAULT,
+        );
+        let ready = node.dir.path().join("ready");
+        let script = format!("trap '' TERM; echo $$ > {}; sleep 30", ready.display());
+        let stubborn = task("t-stubborn", TaskState::Running, "sh", &["-c", &script]);
+        node.runner()
+            .assign(vec![stubborn.clone()])
+            .expect("assign");
+        let pid = node.expect_running("t-stubborn");
+        wait_for_file(&ready);
+
+        let stop = with_desired(stubborn, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        let status = node.expect("t-stubborn", TaskState::Shutdown);
+        assert_eq!(status.exit_code, 128 + sys::SIGKILL);
+        assert!(status.message.contains("SIGKILL"), "{status:?}");
+        assert!(sys::process_dead(pid));
+        node.shutdown();
+    }
+
+    fn wait_for_file(path: &std::path::Path) -> String {
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while Instant::now() < give_up {
+            if let Ok(content) = fs::read_to_string(path)
+                && content.ends_with('\n')
+            {
+                return content;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{path:?} was never written");
+    }
+
+    #[test]
+    fn a_stop_reaches_the_children_of_a_task() {
+        let mut node = Node::new();
+        let child_pid_file = node.dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", child_pid_file.display());
+        let parent = task("t-parent", TaskState::Running, "sh", &["-c", &script]);
+        node.runner().assign(vec![parent.clone()]).expect("assign");
+        node.expect_running("t-parent");
+        let grandchild: u32 = wait_for_file(&child_pid_file).trim().parse().expect("pid");
+
+        let stop = with_desired(parent, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        node.expect("t-parent", TaskState::Shutdown);
+        assert!(
+            sys::wait_dead(grandchild, WAIT_LIMIT),
+            "the grandchild survived the stop"
+        );
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_left_out_of_a_full_assignment_is_stopped_and_forgotten() {
+        let mut node = Node::new();
+        let sleeper = task("t-a", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![sleeper.clone()]).expect("assign");
+        let pid = node.expect_running("t-a");
+        assert!(executor::task_dir(&node.work_dir(), "t-a").exists());
+
+        let other = task("t-b", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![other]).expect("assign");
+        node.expect_running("t-b");
+        node.expect("t-a", TaskState::Shutdown);
+        assert!(sys::process_dead(pid));
+        assert!(!executor::task_dir(&node.work_dir(), "t-a").exists());
+
+        // Assigned again after it was forgotten: not started again. The sentinel's reports
+        // come after anything t-a would have reported in the same turn.
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .update(vec![sleeper, sentinel], Vec::new())
+            .expect("update");
+        node.expect("t-z", TaskState::Starting);
+        node.assert_nothing_for("t-a");
+        let reports = node.shutdown();
+        assert!(reports.is_empty());
+    }
+
+    #[test]
+    fn a_finished_task_assigned_again_is_not_restarted() {
+        let mut node = Node::new();
+        let once = task("t-a", TaskState::Running, "true", &[]);
+        node.runner().assign(vec![once.clone()]).expect("assign");
+        node.expect_running("t-a");
+        node.expect("t-a", TaskState::Complete);
+
+        // The manager may not have seen the report yet: same task, still ASSIGNED.
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .assign(vec![once.clone(), sentinel])
+            .expect("assign");
+        node.expect("t-z", TaskState::Starting);
+        node.runner()
+            .update(vec![once], Vec::new())
+            .expect("update");
+        node.expect("t-z", TaskState::Running);
+        node.assert_nothing_for("t-a");
+        node.shutdown();
+    }
+
+    #[test]
+    fn terminal_or_not_yet_running_tasks_are_not_started() {
+        let mut node = Node::new();
+        let mut done = task("t-done", TaskState::Running, "true", &[]);
+        done.status.as_mut().expect("status").state = TaskState::Failed as i32;
+        let cancelled = task("t-cancelled", TaskState::Shutdown, "true", &[]);
+        let later = task("t-later", TaskState::Assigned, "true", &[]);
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .assign(vec![done, cancelled, later.clone(), sentinel])
+            .expect("assign");
+        let shut = node.expect("t-cancelled", TaskState::Shutdown);
+        assert!(shut.message.contains("before it started"), "{shut:?}");
+        node.expect("t-z", TaskState::Starting);
+        node.assert_nothing_for("t-done");
+        node.assert_nothing_for("t-later");
+
+        // Its desired state reaches RUNNING: now it starts.
+        let go = with_desired(later, TaskState::Running);
+        node.runner().update(vec![go], Vec::new()).expect("update");
+        node.expect_running("t-later");
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_started_by_a_previous_agent_run_fails_instead_of_starting_twice() {
+        let mut node = Node::new();
+        fs::create_dir_all(executor::task_dir(&node.work_dir(), "t-old")).expect("mkdir");
+        let mut reported_running = task("t-seen", TaskState::Running, "true", &[]);
+        reported_running.status.as_mut().expect("status").state = TaskState::Running as i32;
+        node.runner()
+            .assign(vec![
+                task("t-old", TaskState::Running, "true", &[]),
+                reported_running,
+            ])
+            .expect("assign");
+        let old = node.expect("t-old", TaskState::Failed);
+        assert!(old.err.contains("agent restarted"), "{old:?}");
+        node.expect("t-seen", TaskState::Failed);
+        node.shutdown();
+    }
+
+    #[test]
+    fn tasks_past_the_node_limit_are_rejected() {
+        let mut node = Node::start(|config| config.tasks_running_max = 1, 64);
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        node.expect_running("t-1");
+        let rejected = node.expect("t-2", TaskState::Rejected);
+        assert!(rejected.err.contains("tasks_running_max"), "{rejected:?}");
+        node.shutdown();
+    }
+
+    #[test]
+    fn shutdown_stops_every_task_and_joins() {
+        let mut node = Node::new();
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        let pids = [node.expect_running("t-1"), node.expect_running("t-2")];
+        let unsent = node.shutdown();
+        assert!(unsent.is_empty());
+        node.expect("t-1", TaskState::Shutdown);
+        node.expect("t-2", TaskState::Shutdown);
+        for pid in pids {
+            assert!(sys::process_dead(pid), "pid {pid} survived shutdown");
+        }
+        // The thread is gone with its end of the channel.
+        assert!(matches!(
+            node.reports.recv_timeout(WAIT_LIMIT),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn a_full_report_channel_keeps_the_latest_status_and_never_a_stale_one() {
+        // One slot: STARTING fills it; RUNNING waits and COMPLETE replaces it.
+        let mut node = Node::start(|_| {}, 1);
+        node.runner()
+            .assign(vec![task("t-a", TaskState::Running, "true", &[])])
+            .expect("assign");
+        node.expect("t-a", TaskState::Starting);
+        let mut status = node.next("t-a");
+        if status.state == TaskState::Running as i32 {
+            status = node.next("t-a");
+        }
+        assert_eq!(status.state, TaskState::Complete as i32, "{status:?}");
+        node.shutdown();
+        assert!(
+            node.reports.try_recv().is_err(),
+            "nothing after the terminal status"
+        );
+    }
+
+    #[test]
+    fn shutdown_hands_back_the_reports_the_channel_had_no_room_for() {
+        let mut node = Node::start(|_| {}, 1);
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        // Nobody reads: only t-1's STARTING fits. Once it is there, the thread is applying
+        // the assignment, which it finishes before it looks at the shutdown flag.
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while node.reports.is_empty() {
+            assert!(Instant::now() < give_up, "the assignment was never applied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let unsent = node.shutdown();
+        let first = node.reports.try_recv().expect("the one that fit");
+        assert_eq!(first.task_id, "t-1");
+        assert_eq!(first.status.state, TaskState::Starting as i32);
+        let states: Vec<(String, i32)> = unsent
+            .into_iter()
+            .map(|report| (report.task_id, report.status.state))
+            .collect();
+        let shutdown = TaskState::Shutdown as i32;
+        assert_eq!(
+            states,
+            vec![("t-1".to_owned(), shutdown), ("t-2".to_owned(), shutdown)]
+        );
+    }
+
+    #[test]
+    fn oversized_assignments_are_refused_whole() {
+        let node = Node::new();
+        let many: Vec<Task> = (0..=ASSIGNMENT_TASKS_MAX)
+            .map(|i| task(&format!("t-{i}"), TaskState::Assigned, "true", &[]))
+            .collect();
+        assert_eq!(
+            node.runner().assign(many.clone()),
+            Err(AssignError::TooManyTasks {
+                tasks: ASSIGNMENT_TASKS_MAX + 1
+            })
+        );
+        assert!(matches!(
+            node.runner().update(many, Vec::new()),
+            Err(AssignError::TooManyTasks { .. })
+        ));
+    }
 }
