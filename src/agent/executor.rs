@@ -325,20 +325,29 @@ impl TaskProcess {
             kill_at: now + grace,
             killed: false,
         });
-        sys::signal_group(self.pid, sys::SIGTERM)
+        sys::signal_group(self.pid, sys::SIGTERM).map(|_| ())
     }
 
     /// Checks whether the leader exited and, if so, kills the rest of its group and reaps it;
     /// otherwise sends SIGKILL if a stop's grace period is over. Never blocks.
     ///
-    /// Returns `Some` exactly once, when the leader was reaped.
+    /// Returns `Some` exactly once, when the leader was reaped. A SIGKILL the kernel refuses
+    /// (`EPERM`: the leader became a set-user-id program) is logged, not returned: the process
+    /// may still exit on its own, and it stays watched.
     ///
     /// # Errors
     ///
-    /// The OS error of `waitid(2)` or `kill(2)`; the caller may retry later.
+    /// The OS error of `waitid(2)` or `wait(2)`. `ECHILD` (the child was reaped by someone
+    /// else: the agent's process must not ignore SIGCHLD) leaves nothing to wait for, so a
+    /// dropped [`TaskProcess`] will not try.
     pub fn poll(&mut self, now: Instant) -> io::Result<Option<ExitOutcome>> {
         assert!(!self.reaped, "poll after the exit was returned");
-        if sys::exited_unreaped(self.pid)? {
+        let exited = sys::exited_unreaped(self.pid).inspect_err(|error| {
+            if error.raw_os_error() == Some(libc::ECHILD) {
+                self.reaped = true;
+            }
+        })?;
+        if exited {
             // The leader's zombie still holds the group id: survivors are ours to kill.
             if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
                 log::warn!(
@@ -356,7 +365,9 @@ impl TaskProcess {
             && now >= stop.kill_at
         {
             stop.killed = true;
-            sys::signal_group(self.pid, sys::SIGKILL)?;
+            if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
+                log::warn!("cannot kill process group {}: {error}", self.pid);
+            }
         }
         Ok(None)
     }
@@ -401,13 +412,18 @@ impl TaskProcess {
 
 impl Drop for TaskProcess {
     /// A process nobody will wait for any more: kill its group and reap it (SIGKILL cannot be
-    /// ignored, so the wait is short).
+    /// ignored, so the wait is short). If the kill is refused, the wait could last forever:
+    /// the process is left running (and logged) rather than blocking the caller.
     fn drop(&mut self) {
         if self.reaped {
             return;
         }
         if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
-            log::warn!("cannot kill process group {}: {error}", self.pid);
+            log::error!(
+                "cannot kill process group {}, left running: {error}",
+                self.pid
+            );
+            return;
         }
         if let Err(error) = self.child.wait() {
             log::warn!("cannot reap process {}: {error}", self.pid);
@@ -434,7 +450,7 @@ fn process_start_time(pid: u32) -> io::Result<u64> {
 }
 
 /// Kills the process groups a previous run of the agent left in `work_dir` (those with a
-/// `pid` file) and removes their `pid` files; returns how many groups were signalled.
+/// `pid` file) and removes their `pid` files; returns how many groups still had processes.
 ///
 /// A group is signalled unless its leader's pid now belongs to another process (different
 /// start time): the kernel never reuses a pid still in use as a group id, so a reused pid means
@@ -462,7 +478,8 @@ pub fn kill_leftovers(work_dir: &Path) -> io::Result<usize> {
                 .is_none_or(|now| now == start_time)
         {
             match sys::signal_group(pid, sys::SIGKILL) {
-                Ok(()) => signalled += 1,
+                Ok(true) => signalled += 1,
+                Ok(false) => {}
                 Err(error) => log::warn!("cannot kill leftover process group {pid}: {error}"),
             }
         }

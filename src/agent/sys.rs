@@ -13,9 +13,8 @@ pub const SIGTERM: i32 = libc::SIGTERM;
 /// `SIGKILL`: stops them without asking.
 pub const SIGKILL: i32 = libc::SIGKILL;
 
-/// Sends `signal` to every process of the process group `pgid`.
-///
-/// A group that no longer exists (`ESRCH`) is not an error: the processes are gone already.
+/// Sends `signal` to every process of the process group `pgid`; returns whether the group
+/// existed (`false`: `ESRCH`, its processes are gone already, which is not an error).
 ///
 /// # Errors
 ///
@@ -25,7 +24,7 @@ pub const SIGKILL: i32 = libc::SIGKILL;
 /// # Panics
 ///
 /// If `pgid` is 0 or 1 (see the module doc).
-pub fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
+pub fn signal_group(pgid: u32, signal: i32) -> io::Result<bool> {
     assert!(
         pgid > 1,
         "process group {pgid} would reach the agent or every process"
@@ -34,11 +33,11 @@ pub fn signal_group(pgid: u32, signal: i32) -> io::Result<()> {
     // SAFETY: kill(2) takes two integers and touches no memory of ours.
     let rc = unsafe { libc::kill(-pgid, signal) };
     if rc == 0 {
-        return Ok(());
+        return Ok(true);
     }
     let error = io::Error::last_os_error();
     if error.raw_os_error() == Some(libc::ESRCH) {
-        return Ok(());
+        return Ok(false);
     }
     Err(error)
 }

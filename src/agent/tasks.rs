@@ -39,6 +39,24 @@
 //! its latest, so it is never lost), retried every turn; a task with a report waiting never
 //! overtakes it. Reports still waiting when the runner stops are returned by
 //! [`TaskRunner::shutdown`].
+//!
+//! **Limits.** [`TASKS_RUNNING_MAX_DEFAULT`] processes at once (configurable; past it a task
+//! is REJECTED), [`TASKS_TRACKED_MAX`] tasks held, [`ASSIGNMENT_TASKS_MAX`] tasks waiting in the
+//! mailbox, [`FORGOTTEN_IDS_MAX`] forgotten ids, log files as in [`executor`]. The agent's
+//! process must not set SIGCHLD to "ignore" (the kernel would reap the children itself and no
+//! exit status could be reported).
+//!
+//! **Glue** (the dispatcher session, on its own thread; `TaskRunner` is `Send + Sync`):
+//!
+//! ```text
+//! let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
+//! let runner = TaskRunner::start(RunnerConfig::new(state_dir.join("tasks")), reports_tx)?;
+//! // each assignments message:  COMPLETE    → runner.assign(tasks)?
+//! //                            INCREMENTAL → runner.update(changed, removed_ids)?
+//! // a reporter loop: batch reports_rx.recv() into UpdateTaskStatus calls; on a failed call,
+//! //   keep the batch (latest status per task) and retry after reconnecting.
+//! // stop: for report in runner.shutdown() { send it, or drop it knowingly }
+//! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs;
@@ -61,6 +79,9 @@ pub const TASKS_RUNNING_MAX_DEFAULT: usize = 256;
 /// [`TaskRunner::assign`] and [`TaskRunner::update`] refuse more with
 /// [`AssignError::TooManyTasks`].
 pub const ASSIGNMENT_TASKS_MAX: usize = 10_000;
+
+/// Most tasks the runner holds; a new task past it is REJECTED without being held.
+pub const TASKS_TRACKED_MAX: usize = ASSIGNMENT_TASKS_MAX;
 
 /// How many forgotten task ids are remembered, so that a removed task assigned again is not
 /// started again (oldest forgotten first).
@@ -348,12 +369,15 @@ impl Reporter {
 
     fn report(&mut self, task_id: &str, status: TaskStatus) {
         if let Some(older) = self.waiting.get_mut(task_id) {
-            // Never overtake a report of the same task; the newer status supersedes it.
-            assert!(
-                !is_terminal(older.state),
-                "task {task_id}: a terminal status is the last one"
-            );
-            *older = status;
+            // Never overtake a report of the same task; the newer status supersedes it, unless
+            // the older one is terminal. A task reaches a terminal state once per id, so that
+            // takes an id forgotten (its memory evicted) and assigned again while its last
+            // report still waits: the first end is the one the managers must see.
+            if is_terminal(older.state) {
+                log::error!("task {task_id}: status {status:?} after a terminal one; dropped");
+            } else {
+                *older = status;
+            }
             return;
         }
         let report = TaskStatusReport {
@@ -522,19 +546,25 @@ impl Worker {
             log::debug!("task {id}: assigned again after it was removed; ignored");
             return;
         }
-        match self.entries.get_mut(&id) {
-            Some(entry) => {
-                entry.task = task;
-                entry.forget = false;
-            }
-            None => {
-                let entry = Entry {
-                    task,
-                    phase: Phase::Idle,
-                    forget: false,
-                };
-                self.entries.insert(id.clone(), entry);
-            }
+        let tracked = self.entries.len();
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.task = task;
+            entry.forget = false;
+        } else if tracked >= TASKS_TRACKED_MAX {
+            let why = format!(
+                "this node already holds {TASKS_TRACKED_MAX} tasks (TASKS_TRACKED_MAX); the \
+                 managers must remove finished tasks from its assignment"
+            );
+            self.reporter
+                .report(&id, refusal_status(TaskState::Rejected, &why));
+            return;
+        } else {
+            let entry = Entry {
+                task,
+                phase: Phase::Idle,
+                forget: false,
+            };
+            self.entries.insert(id.clone(), entry);
         }
         self.reconcile(&id);
     }
@@ -1188,6 +1218,13 @@ mod tests {
             states,
             vec![("t-1".to_owned(), shutdown), ("t-2".to_owned(), shutdown)]
         );
+    }
+
+    #[test]
+    fn the_runner_handle_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<TaskRunner>();
+        shareable::<TaskStatusReport>();
     }
 
     #[test]
