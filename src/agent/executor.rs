@@ -315,7 +315,7 @@ impl TaskProcess {
     ///
     /// # Errors
     ///
-    /// The OS error of `kill(2)` (see [`sys::signal_group`]).
+    /// The OS error of `kill(2)` (`EPERM`: no process of the group may be signalled).
     pub fn begin_stop(&mut self, now: Instant, grace: Duration) -> io::Result<()> {
         assert!(!self.reaped, "a reaped process is never stopped");
         if self.stop.is_some() {
