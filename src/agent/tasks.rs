@@ -197,6 +197,50 @@ impl Mailbox {
     fn tasks(&self) -> usize {
         self.full.as_ref().map_or(0, BTreeMap::len) + self.changes.len()
     }
+
+    /// A full set replaces everything waiting.
+    fn assign(&mut self, full: Vec<Task>) -> Result<(), AssignError> {
+        if self.shutdown {
+            return Err(AssignError::Stopped);
+        }
+        if full.len() > ASSIGNMENT_TASKS_MAX {
+            return Err(AssignError::TooManyTasks { tasks: full.len() });
+        }
+        let set = full.into_iter().map(|task| (task.id.clone(), task));
+        self.full = Some(set.collect());
+        self.changes.clear();
+        Ok(())
+    }
+
+    /// Changes fold into a waiting full set (which stays complete), else into the changes.
+    fn update(&mut self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
+        if self.shutdown {
+            return Err(AssignError::Stopped);
+        }
+        let tasks = self.tasks() + changed.len() + removed.len();
+        if tasks > ASSIGNMENT_TASKS_MAX {
+            return Err(AssignError::TooManyTasks { tasks });
+        }
+        match &mut self.full {
+            Some(full) => {
+                for task in changed {
+                    full.insert(task.id.clone(), task);
+                }
+                for id in removed {
+                    full.remove(&id);
+                }
+            }
+            None => {
+                for task in changed {
+                    self.changes.insert(task.id.clone(), Some(task));
+                }
+                for id in removed {
+                    self.changes.insert(id, None);
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 impl TaskRunner {
@@ -250,21 +294,7 @@ impl TaskRunner {
     ///
     /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`]; [`AssignError::Stopped`].
     pub fn assign(&self, full: Vec<Task>) -> Result<(), AssignError> {
-        if full.len() > ASSIGNMENT_TASKS_MAX {
-            return Err(AssignError::TooManyTasks { tasks: full.len() });
-        }
-        let set = full
-            .into_iter()
-            .map(|task| (task.id.clone(), task))
-            .collect();
-        {
-            let mut mailbox = self.mailbox.lock();
-            if mailbox.shutdown {
-                return Err(AssignError::Stopped);
-            }
-            mailbox.full = Some(set);
-            mailbox.changes.clear();
-        }
+        self.mailbox.lock().assign(full)?;
         self.wake_thread()
     }
 
@@ -276,35 +306,7 @@ impl TaskRunner {
     /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`] (nothing is applied);
     /// [`AssignError::Stopped`].
     pub fn update(&self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
-        {
-            let mut mailbox = self.mailbox.lock();
-            if mailbox.shutdown {
-                return Err(AssignError::Stopped);
-            }
-            let tasks = mailbox.tasks() + changed.len() + removed.len();
-            if tasks > ASSIGNMENT_TASKS_MAX {
-                return Err(AssignError::TooManyTasks { tasks });
-            }
-            let Mailbox { full, changes, .. } = &mut *mailbox;
-            match full {
-                Some(full) => {
-                    for task in changed {
-                        full.insert(task.id.clone(), task);
-                    }
-                    for id in removed {
-                        full.remove(&id);
-                    }
-                }
-                None => {
-                    for task in changed {
-                        changes.insert(task.id.clone(), Some(task));
-                    }
-                    for id in removed {
-                        changes.insert(id, None);
-                    }
-                }
-            }
-        }
+        self.mailbox.lock().update(changed, removed)?;
         self.wake_thread()
     }
 
@@ -1218,6 +1220,39 @@ mod tests {
             states,
             vec![("t-1".to_owned(), shutdown), ("t-2".to_owned(), shutdown)]
         );
+    }
+
+    #[test]
+    fn the_mailbox_folds_updates_into_a_waiting_full_set() {
+        let sleeper = |id: &str| task(id, TaskState::Running, "sleep", &["30"]);
+        let mut mailbox = Mailbox::default();
+        mailbox
+            .update(vec![sleeper("t-old")], Vec::new())
+            .expect("update");
+        // A full set makes earlier changes moot.
+        mailbox
+            .assign(vec![sleeper("t-1"), sleeper("t-2")])
+            .expect("assign");
+        assert!(mailbox.changes.is_empty());
+        let stop = with_desired(sleeper("t-1"), TaskState::Shutdown);
+        mailbox
+            .update(vec![stop, sleeper("t-3")], vec!["t-2".to_owned()])
+            .expect("update");
+        let full = mailbox.full.take().expect("still a full set");
+        let ids: Vec<&str> = full.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["t-1", "t-3"]);
+        assert_eq!(full["t-1"].desired_state, TaskState::Shutdown as i32);
+
+        // Without a full set waiting, changes and removals are kept as such.
+        mailbox
+            .update(vec![sleeper("t-4")], vec!["t-5".to_owned()])
+            .expect("update");
+        assert!(mailbox.full.is_none());
+        assert!(mailbox.changes["t-4"].is_some());
+        assert!(mailbox.changes["t-5"].is_none());
+
+        mailbox.shutdown = true;
+        assert_eq!(mailbox.assign(Vec::new()), Err(AssignError::Stopped));
     }
 
     #[test]
