@@ -6,9 +6,9 @@
 //! SIGKILL to the group after a grace period).
 //!
 //! Must never block: it checks for exits with `waitid(WNOHANG)` and leaves the waiting to its
-//! caller's loop; never signal a group after its leader was reaped (the group id could belong to
-//! someone else by then); never leave a child unreaped (dropping a live [`TaskProcess`] kills
-//! its group and reaps it).
+//! caller's loop (the one wait is in dropping a live [`TaskProcess`], which kills its group and
+//! reaps it right after the SIGKILL); never signal a group after its leader was reaped (the
+//! group id could belong to someone else by then); never leave a child unreaped.
 //!
 //! **Environment.** A task starts from an empty environment, plus its own `KEY=VALUE` entries,
 //! plus the agent's `PATH` when the task sets none. **Process group.** The child leads a new
