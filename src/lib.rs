@@ -4,6 +4,7 @@
 //! manager over mutual TLS, receive task assignments and run them. See `ARCHITECTURE.md` for
 //! the modules, threads, channels and shutdown order.
 
+pub mod agent;
 pub mod ca;
 pub mod cli;
 pub mod control;

@@ -1,0 +1,799 @@
+//! The process executor: runs one task as a child process of the agent.
+//!
+//! Owns one child process per [`TaskProcess`], its process group, its per-task directory
+//! (`<work dir>/<task id>/`: `stdout.log`, `stderr.log`, the `pid` file, and `work/`, the
+//! working directory of a task that names none) and the stop protocol (SIGTERM to the group,
+//! SIGKILL to the group after a grace period).
+//!
+//! Must never block: it checks for exits with `waitid(WNOHANG)` and leaves the waiting to its
+//! caller's loop (the one wait is in dropping a live [`TaskProcess`], which kills its group and
+//! reaps it right after the SIGKILL); never signal a group after its leader was reaped (the
+//! group id could belong to someone else by then); never leave a child unreaped.
+//!
+//! **Environment.** A task starts from an empty environment, plus its own `KEY=VALUE` entries,
+//! plus the agent's `PATH` when the task sets none. **Process group.** The child leads a new
+//! process group (`setpgid(0, 0)`), so a stop reaches what it spawned; the survivors of a group
+//! are killed when its leader exits (a task ends with its first process). A process that leaves
+//! the group (`setsid`, `setpgid`) escapes both. **Logs.** stdout and stderr are appended to
+//! their files by the child itself (no copy thread); [`TaskProcess::cap_logs`], called
+//! periodically, moves a file larger than its cap to `<name>.1` and empties it, so a stream
+//! uses at most twice its cap plus what the task writes between two calls; bytes written while
+//! the file is copied may be lost. **Restart.** The `pid` file (`<pid> <start time>`) lets a
+//! restarted agent kill the groups its previous run left behind ([`kill_leftovers`]); the agent
+//! never adopts them (it could not wait for a process it did not spawn).
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::agent::sys;
+use crate::proto::objects::TaskSpec;
+
+/// How long a stopping task has between SIGTERM and SIGKILL unless configured otherwise
+/// (Docker's default stop timeout).
+pub const STOP_GRACE_DEFAULT: Duration = Duration::from_secs(10);
+
+/// Size above which a log file is rotated by [`TaskProcess::cap_logs`] unless configured
+/// otherwise: 8 MiB per stream.
+pub const LOG_FILE_BYTES_MAX_DEFAULT: u64 = 8 << 20;
+
+/// Longest task id accepted (it names a directory).
+pub const TASK_ID_BYTES_MAX: usize = 128;
+
+/// The file that receives a task's standard output, in its task directory.
+pub const STDOUT_LOG_FILE: &str = "stdout.log";
+/// The file that receives a task's standard error, in its task directory.
+pub const STDERR_LOG_FILE: &str = "stderr.log";
+/// The file naming a live task's process group and its leader's start time.
+pub const PID_FILE: &str = "pid";
+/// The working directory of a task whose spec names none, in its task directory.
+pub const DEFAULT_WORKING_DIR: &str = "work";
+
+/// Why a task could not be started. Each is final for that task: the agent reports it
+/// REJECTED and the orchestrator decides what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The task id cannot name a directory.
+    #[error(
+        "task id {0:?} is not a valid directory name (1 to {TASK_ID_BYTES_MAX} bytes of \
+         A-Z a-z 0-9 . _ -, not starting with '.'); this is a manager bug: task ids are \
+         generated"
+    )]
+    InvalidTaskId(String),
+    /// The task carries no spec or an empty command.
+    #[error("the task has no command to run; give its service a command")]
+    NoCommand,
+    /// An env entry lacks `=` or a key.
+    #[error("env entry {index} ({entry:?}) is not KEY=VALUE; fix the service's env")]
+    BadEnv {
+        /// Position of the entry in `TaskSpec.env`.
+        index: usize,
+        /// The entry as given.
+        entry: String,
+    },
+    /// The spec's working directory is relative or not a directory.
+    #[error(
+        "working directory {0:?} is not an absolute path to an existing directory on this \
+         node; create it or change the service's working_dir"
+    )]
+    BadWorkingDir(PathBuf),
+    /// The task directory or a log file could not be created.
+    #[error(
+        "cannot prepare {path:?}: {source}; check the agent's work directory (space, permissions)"
+    )]
+    TaskDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The command could not be executed.
+    #[error(
+        "cannot execute {command:?}: {source}; check that it exists (an absolute path, or a \
+         name found in the task's PATH) and is executable by the agent's user"
+    )]
+    Spawn {
+        /// The command as given.
+        command: String,
+        /// The OS error of `exec` (or `fork`).
+        source: io::Error,
+    },
+}
+
+/// How a task's leader process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitOutcome {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal ended it.
+    Signaled(i32),
+}
+
+impl ExitOutcome {
+    fn from_status(status: ExitStatus) -> Self {
+        match (status.code(), status.signal()) {
+            (Some(code), _) => ExitOutcome::Exited(code),
+            (None, Some(signal)) => ExitOutcome::Signaled(signal),
+            // Neither happens for a reaped (not stopped) child on unix.
+            (None, None) => ExitOutcome::Exited(-1),
+        }
+    }
+
+    /// The exit code a shell would show: the status, or 128 + the signal.
+    pub fn exit_code(self) -> i32 {
+        match self {
+            ExitOutcome::Exited(code) => code,
+            ExitOutcome::Signaled(signal) => 128 + signal,
+        }
+    }
+
+    /// Whether the process exited with status 0.
+    pub fn is_success(self) -> bool {
+        self == ExitOutcome::Exited(0)
+    }
+}
+
+impl fmt::Display for ExitOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExitOutcome::Exited(code) => write!(f, "exited with status {code}"),
+            ExitOutcome::Signaled(signal) => write!(f, "killed by signal {signal}"),
+        }
+    }
+}
+
+/// The stop in progress: SIGTERM was sent; SIGKILL follows at `kill_at`.
+#[derive(Debug)]
+struct Stop {
+    kill_at: Instant,
+    killed: bool,
+}
+
+/// One task's child process, leader of its own process group.
+#[derive(Debug)]
+pub struct TaskProcess {
+    child: Child,
+    pid: u32,
+    task_dir: PathBuf,
+    stop: Option<Stop>,
+    reaped: bool,
+}
+
+/// The directory of task `task_id` under `work_dir`.
+pub fn task_dir(work_dir: &Path, task_id: &str) -> PathBuf {
+    work_dir.join(task_id)
+}
+
+/// Checks that `task_id` can name a directory without escaping the work directory.
+///
+/// # Errors
+///
+/// [`StartError::InvalidTaskId`] if it is empty, longer than [`TASK_ID_BYTES_MAX`], starts with
+/// `.` or holds anything but ASCII letters, digits, `.`, `_` and `-`.
+pub fn validate_task_id(task_id: &str) -> Result<(), StartError> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    let valid = !task_id.is_empty()
+        && task_id.len() <= TASK_ID_BYTES_MAX
+        && !task_id.starts_with('.')
+        && task_id.chars().all(allowed);
+    if valid {
+        Ok(())
+    } else {
+        Err(StartError::InvalidTaskId(task_id.to_owned()))
+    }
+}
+
+/// Starts task `task_id` as described by `spec`, its directory under `work_dir`.
+///
+/// Returns once the command was executed (or failed to be): `std` reports an `exec` failure
+/// through a close-on-exec pipe, so "cannot start" is known here and never looks like an exit.
+///
+/// # Errors
+///
+/// A [`StartError`]: the task cannot run on this node as given.
+pub fn spawn(work_dir: &Path, task_id: &str, spec: &TaskSpec) -> Result<TaskProcess, StartError> {
+    validate_task_id(task_id)?;
+    if spec.command.is_empty() {
+        return Err(StartError::NoCommand);
+    }
+    let env = parse_env(&spec.env)?;
+    let task_dir = task_dir(work_dir, task_id);
+    let working_dir = prepare_working_dir(&task_dir, &spec.working_dir)?;
+    let stdout = open_log(&task_dir.join(STDOUT_LOG_FILE))?;
+    let stderr = open_log(&task_dir.join(STDERR_LOG_FILE))?;
+
+    let mut command = Command::new(&spec.command);
+    command
+        .args(&spec.args)
+        .env_clear()
+        .envs(
+            env.iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
+        .current_dir(&working_dir)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .process_group(0);
+    if !env.iter().any(|(key, _)| key == "PATH")
+        && let Some(path) = std::env::var_os("PATH")
+    {
+        command.env("PATH", path);
+    }
+    let child = command.spawn().map_err(|source| StartError::Spawn {
+        command: spec.command.clone(),
+        source,
+    })?;
+    let pid = child.id();
+    assert!(pid > 1, "a spawned child is neither init nor the idle task");
+    let process = TaskProcess {
+        child,
+        pid,
+        task_dir,
+        stop: None,
+        reaped: false,
+    };
+    if let Err(error) = process.write_pid_file() {
+        // Only a restarted agent's cleanup needs it; the task itself is fine.
+        log::warn!("task {task_id}: cannot write its pid file: {error}");
+    }
+    Ok(process)
+}
+
+fn parse_env(entries: &[String]) -> Result<Vec<(String, String)>, StartError> {
+    entries
+        .iter()
+        .enumerate()
+        .map(|(index, entry)| match entry.split_once('=') {
+            Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+            _ => Err(StartError::BadEnv {
+                index,
+                entry: entry.clone(),
+            }),
+        })
+        .collect()
+}
+
+/// Creates the task directory and returns the directory the task runs in.
+fn prepare_working_dir(task_dir: &Path, working_dir: &str) -> Result<PathBuf, StartError> {
+    let default_dir = task_dir.join(DEFAULT_WORKING_DIR);
+    fs::create_dir_all(&default_dir).map_err(|source| StartError::TaskDir {
+        path: default_dir.clone(),
+        source,
+    })?;
+    if working_dir.is_empty() {
+        return Ok(default_dir);
+    }
+    let path = PathBuf::from(working_dir);
+    if !path.is_absolute() || !path.is_dir() {
+        return Err(StartError::BadWorkingDir(path));
+    }
+    Ok(path)
+}
+
+fn open_log(path: &Path) -> Result<File, StartError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|source| StartError::TaskDir {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+impl TaskProcess {
+    /// The leader's pid, which is also the process group id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Whether [`TaskProcess::begin_stop`] was called.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_some()
+    }
+
+    /// Whether the stop had to send SIGKILL (the grace period ran out).
+    pub fn was_killed(&self) -> bool {
+        self.stop.as_ref().is_some_and(|stop| stop.killed)
+    }
+
+    /// When [`TaskProcess::poll`] must next run to send SIGKILL on time, if a stop is pending.
+    pub fn kill_deadline(&self) -> Option<Instant> {
+        self.stop
+            .as_ref()
+            .filter(|stop| !stop.killed)
+            .map(|stop| stop.kill_at)
+    }
+
+    /// Sends SIGTERM to the process group; [`TaskProcess::poll`] sends SIGKILL once `grace` has
+    /// passed. A second call does nothing (the first deadline holds).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `kill(2)` (`EPERM`: no process of the group may be signalled).
+    pub fn begin_stop(&mut self, now: Instant, grace: Duration) -> io::Result<()> {
+        assert!(!self.reaped, "a reaped process is never stopped");
+        if self.stop.is_some() {
+            return Ok(());
+        }
+        self.stop = Some(Stop {
+            kill_at: now + grace,
+            killed: false,
+        });
+        sys::signal_group(self.pid, sys::SIGTERM).map(|_| ())
+    }
+
+    /// Checks whether the leader exited and, if so, kills the rest of its group and reaps it;
+    /// otherwise sends SIGKILL if a stop's grace period is over. Never blocks.
+    ///
+    /// Returns `Some` exactly once, when the leader was reaped. A SIGKILL the kernel refuses
+    /// (`EPERM`: the leader became a set-user-id program) is logged, not returned: the process
+    /// may still exit on its own, and it stays watched.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `waitid(2)` or `wait(2)`. `ECHILD` (the child was reaped by someone
+    /// else: the agent's process must not ignore SIGCHLD) leaves nothing to wait for, so a
+    /// dropped [`TaskProcess`] will not try.
+    pub fn poll(&mut self, now: Instant) -> io::Result<Option<ExitOutcome>> {
+        assert!(!self.reaped, "poll after the exit was returned");
+        let exited = sys::exited_unreaped(self.pid).inspect_err(|error| {
+            if error.raw_os_error() == Some(libc::ECHILD) {
+                self.reaped = true;
+            }
+        })?;
+        if exited {
+            // The leader's zombie still holds the group id: survivors are ours to kill.
+            if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
+                log::warn!(
+                    "cannot kill the rest of process group {}: {error}",
+                    self.pid
+                );
+            }
+            let status = self.child.wait()?;
+            self.reaped = true;
+            self.remove_pid_file();
+            return Ok(Some(ExitOutcome::from_status(status)));
+        }
+        if let Some(stop) = &mut self.stop
+            && !stop.killed
+            && now >= stop.kill_at
+        {
+            stop.killed = true;
+            if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
+                log::warn!("cannot kill process group {}: {error}", self.pid);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Rotates a log file larger than `file_bytes_max`: its content moves to `<name>.1`
+    /// (replacing the previous one) and the file is emptied. The child keeps appending to the
+    /// same file (it was opened with `O_APPEND`, so it writes at the new end).
+    ///
+    /// # Errors
+    ///
+    /// The OS error of reading, copying or truncating a log file.
+    pub fn cap_logs(&self, file_bytes_max: u64) -> io::Result<()> {
+        for name in [STDOUT_LOG_FILE, STDERR_LOG_FILE] {
+            let path = self.task_dir.join(name);
+            if fs::metadata(&path)?.len() <= file_bytes_max {
+                continue;
+            }
+            fs::copy(&path, self.task_dir.join(format!("{name}.1")))?;
+            OpenOptions::new().write(true).open(&path)?.set_len(0)?;
+        }
+        Ok(())
+    }
+
+    fn write_pid_file(&self) -> io::Result<()> {
+        let start_time = process_start_time(self.pid)?;
+        // No fsync: after a machine crash the processes it names are gone anyway.
+        fs::write(
+            self.task_dir.join(PID_FILE),
+            format!("{} {start_time}\n", self.pid),
+        )
+    }
+
+    fn remove_pid_file(&self) {
+        let path = self.task_dir.join(PID_FILE);
+        if let Err(error) = fs::remove_file(&path)
+            && error.kind() != io::ErrorKind::NotFound
+        {
+            log::warn!("cannot remove {path:?}: {error}");
+        }
+    }
+}
+
+impl Drop for TaskProcess {
+    /// A process nobody will wait for any more: kill its group and reap it (SIGKILL cannot be
+    /// ignored, so the wait is short). If the kill is refused, the wait could last forever:
+    /// the process is left running (and logged) rather than blocking the caller.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
+            log::error!(
+                "cannot kill process group {}, left running: {error}",
+                self.pid
+            );
+            return;
+        }
+        if let Err(error) = self.child.wait() {
+            log::warn!("cannot reap process {}: {error}", self.pid);
+        }
+        self.remove_pid_file();
+    }
+}
+
+/// The start time of process `pid` in clock ticks since boot (`/proc/<pid>/stat`, field 22):
+/// with the pid, it names one process across pid reuse.
+fn process_start_time(pid: u32) -> io::Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name (field 2) may hold spaces and parentheses: fields resume after the last ')'.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no ')' in stat"))?;
+    // After the name come field 3 (state) onwards, so field 22 is the 20th.
+    after_name
+        .split_whitespace()
+        .nth(19)
+        .and_then(|field| field.parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
+}
+
+/// Kills the process groups a previous run of the agent left in `work_dir` (those with a
+/// `pid` file) and removes their `pid` files; returns how many groups still had processes.
+///
+/// A group is signalled unless its leader's pid now belongs to another process (different
+/// start time): the kernel never reuses a pid still in use as a group id, so a reused pid means
+/// the old group is gone.
+///
+/// # Errors
+///
+/// The OS error of listing `work_dir` (a missing `work_dir` is not an error).
+pub fn kill_leftovers(work_dir: &Path) -> io::Result<usize> {
+    let entries = match fs::read_dir(work_dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(error) => return Err(error),
+    };
+    let mut signalled = 0;
+    for entry in entries {
+        let pid_file = entry?.path().join(PID_FILE);
+        let Ok(content) = fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        if let Some((pid, start_time)) = parse_pid_file(&content)
+            && pid > 1
+            && process_start_time(pid)
+                .ok()
+                .is_none_or(|now| now == start_time)
+        {
+            match sys::signal_group(pid, sys::SIGKILL) {
+                Ok(true) => signalled += 1,
+                Ok(false) => {}
+                Err(error) => log::warn!("cannot kill leftover process group {pid}: {error}"),
+            }
+        }
+        if let Err(error) = fs::remove_file(&pid_file) {
+            log::warn!("cannot remove {pid_file:?}: {error}");
+        }
+    }
+    Ok(signalled)
+}
+
+fn parse_pid_file(content: &str) -> Option<(u32, u64)> {
+    let mut fields = content.split_whitespace();
+    let pid = fields.next()?.parse().ok()?;
+    let start_time = fields.next()?.parse().ok()?;
+    Some((pid, start_time))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bound on any wait for a process in these tests (a hang fails instead of blocking).
+    const WAIT_LIMIT: Duration = Duration::from_secs(20);
+    const STEP: Duration = Duration::from_millis(10);
+
+    fn spec(command: &str, args: &[&str]) -> TaskSpec {
+        TaskSpec {
+            command: command.to_owned(),
+            args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+            ..TaskSpec::default()
+        }
+    }
+
+    fn wait_exit(process: &mut TaskProcess) -> ExitOutcome {
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while Instant::now() < give_up {
+            if let Some(outcome) = process.poll(Instant::now()).expect("poll") {
+                return outcome;
+            }
+            std::thread::sleep(STEP);
+        }
+        panic!("process {} did not exit", process.pid());
+    }
+
+    fn wait_for_file(path: &Path) -> String {
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while Instant::now() < give_up {
+            if let Ok(content) = fs::read_to_string(path)
+                && content.ends_with('\n')
+            {
+                return content;
+            }
+            std::thread::sleep(STEP);
+        }
+        panic!("{path:?} was never written");
+    }
+
+    fn read_pid(path: &Path) -> u32 {
+        wait_for_file(path).trim().parse().expect("a pid")
+    }
+
+    #[test]
+    fn exit_statuses_are_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ok = spawn(dir.path(), "t-true", &spec("true", &[])).expect("spawn true");
+        assert_eq!(wait_exit(&mut ok), ExitOutcome::Exited(0));
+        let mut three =
+            spawn(dir.path(), "t-three", &spec("sh", &["-c", "exit 3"])).expect("spawn sh");
+        let outcome = wait_exit(&mut three);
+        assert_eq!(outcome, ExitOutcome::Exited(3));
+        assert_eq!(outcome.to_string(), "exited with status 3");
+        assert_eq!(outcome.exit_code(), 3);
+        assert!(!dir.path().join("t-three").join(PID_FILE).exists());
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_is_a_start_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = spawn(dir.path(), "t1", &spec("no-such-command-flotilla", &[]));
+        let Err(StartError::Spawn { source, .. }) = &missing else {
+            panic!("expected a spawn error, got {missing:?}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::NotFound);
+        let message = missing.expect_err("missing").to_string();
+        assert!(message.contains("no-such-command-flotilla"), "{message}");
+        assert!(message.contains("is executable"), "{message}");
+
+        let script = dir.path().join("not-executable.sh");
+        fs::write(&script, "#!/bin/sh\n").expect("write");
+        let path = script.to_str().expect("utf-8").to_owned();
+        let denied = spawn(dir.path(), "t2", &spec(&path, &[]));
+        let Err(StartError::Spawn { source, .. }) = &denied else {
+            panic!("expected a spawn error, got {denied:?}");
+        };
+        assert_eq!(source.kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_before_spawning() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for id in ["", "..", "../x", "a/b", ".hidden"] {
+            assert!(matches!(
+                spawn(dir.path(), id, &spec("true", &[])),
+                Err(StartError::InvalidTaskId(_))
+            ));
+        }
+        assert!(matches!(
+            spawn(dir.path(), "t", &spec("", &[])),
+            Err(StartError::NoCommand)
+        ));
+        let mut bad_env = spec("true", &[]);
+        bad_env.env = vec!["A=1".into(), "NOEQUALS".into()];
+        assert!(matches!(
+            spawn(dir.path(), "t", &bad_env),
+            Err(StartError::BadEnv { index: 1, .. })
+        ));
+        let mut relative = spec("true", &[]);
+        relative.working_dir = "relative/dir".into();
+        assert!(matches!(
+            spawn(dir.path(), "t", &relative),
+            Err(StartError::BadWorkingDir(_))
+        ));
+    }
+
+    #[test]
+    fn env_working_dir_and_output_reach_the_process() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = tempfile::tempdir().expect("tempdir");
+        let out_path = out.path().to_str().expect("utf-8");
+        let mut task = spec(
+            "sh",
+            &[
+                "-c",
+                "env > \"$OUT/env.txt\"; pwd > \"$OUT/pwd.txt\"; echo hello; echo oops >&2",
+            ],
+        );
+        task.env = vec![format!("OUT={out_path}"), "GREETING=a=b c".into()];
+        task.working_dir = out_path.to_owned();
+        let mut process = spawn(dir.path(), "t-env", &task).expect("spawn");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Exited(0));
+
+        let env = fs::read_to_string(out.path().join("env.txt")).expect("env.txt");
+        let lines: Vec<&str> = env.lines().collect();
+        assert!(lines.contains(&"GREETING=a=b c"), "{env}");
+        assert!(lines.contains(&format!("OUT={out_path}").as_str()), "{env}");
+        let agent_path = std::env::var("PATH").expect("the test runs with a PATH");
+        assert!(
+            lines.contains(&format!("PATH={agent_path}").as_str()),
+            "{env}"
+        );
+        for (key, _) in std::env::vars() {
+            if !matches!(key.as_str(), "PATH" | "PWD" | "SHLVL" | "_" | "OLDPWD") {
+                assert!(
+                    !lines
+                        .iter()
+                        .any(|line| line.starts_with(&format!("{key}="))),
+                    "the agent's {key} leaked into the task: {env}"
+                );
+            }
+        }
+        let pwd = fs::read_to_string(out.path().join("pwd.txt")).expect("pwd.txt");
+        let canonical = out.path().canonicalize().expect("canonical");
+        assert_eq!(
+            Path::new(pwd.trim()).canonicalize().expect("pwd"),
+            canonical
+        );
+
+        let task_dir = task_dir(dir.path(), "t-env");
+        let stdout = fs::read_to_string(task_dir.join(STDOUT_LOG_FILE)).expect("stdout");
+        assert_eq!(stdout, "hello\n");
+        let stderr = fs::read_to_string(task_dir.join(STDERR_LOG_FILE)).expect("stderr");
+        assert_eq!(stderr, "oops\n");
+    }
+
+    #[test]
+    fn a_task_without_working_dir_runs_in_its_task_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut process = spawn(dir.path(), "t-pwd", &spec("pwd", &[])).expect("spawn");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Exited(0));
+        let task_dir = task_dir(dir.path(), "t-pwd");
+        let stdout = fs::read_to_string(task_dir.join(STDOUT_LOG_FILE)).expect("stdout");
+        let expected = task_dir
+            .join(DEFAULT_WORKING_DIR)
+            .canonicalize()
+            .expect("work");
+        assert_eq!(
+            Path::new(stdout.trim()).canonicalize().expect("pwd"),
+            expected
+        );
+    }
+
+    #[test]
+    fn a_stop_terminates_the_process_and_its_children() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child_pid_file = dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", child_pid_file.display());
+        let mut process =
+            spawn(dir.path(), "t-group", &spec("sh", &["-c", &script])).expect("spawn");
+        let grandchild = read_pid(&child_pid_file);
+        assert!(
+            !sys::process_dead(grandchild),
+            "the grandchild runs before the stop"
+        );
+        process
+            .begin_stop(Instant::now(), Duration::from_secs(20))
+            .expect("stop");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Signaled(sys::SIGTERM));
+        assert!(!process.was_killed());
+        assert!(sys::process_dead(process.pid()));
+        assert!(
+            sys::wait_dead(grandchild, WAIT_LIMIT),
+            "the grandchild survived the stop"
+        );
+    }
+
+    #[test]
+    fn a_process_that_ignores_sigterm_is_killed_after_the_grace() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let script = format!("trap '' TERM; echo $$ > {}; sleep 30", ready.display());
+        let mut process =
+            spawn(dir.path(), "t-stubborn", &spec("sh", &["-c", &script])).expect("spawn");
+        // The trap must be in place before the signal, or SIGTERM would simply work.
+        read_pid(&ready);
+        process
+            .begin_stop(Instant::now(), Duration::from_millis(200))
+            .expect("stop");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Signaled(sys::SIGKILL));
+        assert!(process.was_killed());
+        assert!(sys::process_dead(process.pid()));
+    }
+
+    #[test]
+    fn survivors_of_a_group_die_with_its_leader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child_pid_file = dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}", child_pid_file.display());
+        let mut process =
+            spawn(dir.path(), "t-orphan", &spec("sh", &["-c", &script])).expect("spawn");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Exited(0));
+        let grandchild = read_pid(&child_pid_file);
+        assert!(
+            sys::wait_dead(grandchild, WAIT_LIMIT),
+            "the background child outlived its task"
+        );
+    }
+
+    #[test]
+    fn logs_past_their_cap_are_rotated() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ready = dir.path().join("ready");
+        let script = format!(
+            "head -c 10000 /dev/zero; echo $$ > {}; sleep 30",
+            ready.display()
+        );
+        let mut process =
+            spawn(dir.path(), "t-logs", &spec("sh", &["-c", &script])).expect("spawn");
+        read_pid(&ready);
+        let task_dir = task_dir(dir.path(), "t-logs");
+        process.cap_logs(20_000).expect("cap");
+        assert_eq!(
+            fs::metadata(task_dir.join(STDOUT_LOG_FILE))
+                .expect("log")
+                .len(),
+            10_000
+        );
+        process.cap_logs(1_000).expect("cap");
+        assert_eq!(
+            fs::metadata(task_dir.join(STDOUT_LOG_FILE))
+                .expect("log")
+                .len(),
+            0
+        );
+        let rotated = task_dir.join(format!("{STDOUT_LOG_FILE}.1"));
+        assert_eq!(fs::metadata(rotated).expect("rotated").len(), 10_000);
+        process
+            .begin_stop(Instant::now(), Duration::from_secs(20))
+            .expect("stop");
+        wait_exit(&mut process);
+    }
+
+    #[test]
+    fn leftovers_of_a_previous_run_are_killed_unless_their_pid_was_reused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut reused = spawn(dir.path(), "t-reused", &spec("sleep", &["30"])).expect("spawn");
+        let pid_file = task_dir(dir.path(), "t-reused").join(PID_FILE);
+        // A start time that is not this process's: its pid was reused since.
+        fs::write(&pid_file, format!("{} 1\n", reused.pid())).expect("write");
+        assert_eq!(kill_leftovers(dir.path()).expect("scan"), 0);
+        assert!(!pid_file.exists());
+        assert!(
+            reused.poll(Instant::now()).expect("poll").is_none(),
+            "a reused pid was killed"
+        );
+
+        let mut leftover = spawn(dir.path(), "t-left", &spec("sleep", &["30"])).expect("spawn");
+        assert_eq!(kill_leftovers(dir.path()).expect("scan"), 1);
+        assert_eq!(
+            wait_exit(&mut leftover),
+            ExitOutcome::Signaled(sys::SIGKILL)
+        );
+        reused
+            .begin_stop(Instant::now(), Duration::from_secs(20))
+            .expect("stop");
+        wait_exit(&mut reused);
+    }
+
+    #[test]
+    fn dropping_a_live_process_kills_and_reaps_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let process = spawn(dir.path(), "t-drop", &spec("sleep", &["30"])).expect("spawn");
+        let pid = process.pid();
+        drop(process);
+        // Reaped, not a zombie: the pid is gone entirely (unless already reused).
+        assert!(sys::process_dead(pid));
+    }
+}

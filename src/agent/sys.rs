@@ -1,0 +1,111 @@
+//! The few system calls the agent needs that `std` does not offer: signalling a whole process
+//! group and seeing that a child exited without reaping it.
+//!
+//! Owns nothing. This is the only place in the agent allowed `unsafe`; each call is a plain
+//! libc wrapper whose arguments are checked first. It must never signal a process group id of
+//! 0 or 1 (`kill(0, ..)` is the agent's own group, `kill(-1, ..)` every process it may signal).
+#![allow(unsafe_code)]
+
+use std::io;
+
+/// `SIGTERM`: asks the processes of a task to stop.
+pub const SIGTERM: i32 = libc::SIGTERM;
+/// `SIGKILL`: stops them without asking.
+pub const SIGKILL: i32 = libc::SIGKILL;
+
+/// Sends `signal` to every process of the process group `pgid`; returns whether the group
+/// existed (`false`: `ESRCH`, its processes are gone already, which is not an error).
+///
+/// # Errors
+///
+/// The OS error of `kill(2)` other than `ESRCH` (`EPERM`: a process of the group belongs to
+/// another user).
+///
+/// # Panics
+///
+/// If `pgid` is 0 or 1 (see the module doc).
+pub fn signal_group(pgid: u32, signal: i32) -> io::Result<bool> {
+    assert!(
+        pgid > 1,
+        "process group {pgid} would reach the agent or every process"
+    );
+    let pgid = libc::pid_t::try_from(pgid).expect("a pid fits pid_t: it came from the kernel");
+    // SAFETY: kill(2) takes two integers and touches no memory of ours.
+    let rc = unsafe { libc::kill(-pgid, signal) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let error = io::Error::last_os_error();
+    if error.raw_os_error() == Some(libc::ESRCH) {
+        return Ok(false);
+    }
+    Err(error)
+}
+
+/// Whether the child `pid` has exited, leaving it unreaped (`waitid` with `WNOWAIT`).
+///
+/// An unreaped child keeps its pid, so its process group id cannot be reused: the caller can
+/// still signal the survivors of its group safely, then reap it with `Child::wait`.
+///
+/// # Errors
+///
+/// The OS error of `waitid(2)` (`ECHILD`: `pid` is not an unreaped child of this process).
+pub fn exited_unreaped(pid: u32) -> io::Result<bool> {
+    let id = libc::id_t::from(pid);
+    // SAFETY: siginfo_t is a plain C struct for which all-zero bytes are a valid value.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: `info` is a valid, writable siginfo_t that outlives the call.
+    let rc = unsafe { libc::waitid(libc::P_PID, id, &raw mut info, flags) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // With WNOHANG and no state change the kernel leaves si_pid at 0 (we zeroed it).
+    // SAFETY: reading si_pid of a siginfo_t filled by waitid (or zeroed) is always valid.
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// Whether a process `pid` exists (`kill(pid, 0)`): zombies count as existing, and `EPERM`
+/// (it exists but belongs to another user) too.
+#[cfg(test)]
+pub fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: kill(2) with signal 0 only checks permission and existence.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Whether `pid` is gone for good: no such process, or a zombie (dead, waiting for a parent
+/// that may never reap it, such as a container's init).
+#[cfg(test)]
+pub fn process_dead(pid: u32) -> bool {
+    if !process_exists(pid) {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return true;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    matches!(state, Some("Z" | "X"))
+}
+
+/// Waits until `pid` is dead (see [`process_dead`]), at most `limit`; returns whether it is.
+/// A signal is delivered asynchronously: `kill` returns before its target has died.
+#[cfg(test)]
+pub fn wait_dead(pid: u32, limit: std::time::Duration) -> bool {
+    let give_up = std::time::Instant::now() + limit;
+    while !process_dead(pid) {
+        if std::time::Instant::now() >= give_up {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    true
+}

@@ -1,0 +1,1282 @@
+//! The local task manager (swarmkit's agent worker): makes the processes of this node match
+//! the tasks assigned to it, and reports every change of their state.
+//!
+//! Owns the node's assigned tasks, their [`TaskProcess`]es and the `agent-tasks` thread, the
+//! only thread that touches them. Must never block on its callers or its reporter (the
+//! dispatcher session feeding it and carrying its reports may be slow or reconnecting), never
+//! start a task id twice (restarts are the orchestrator's, through a new task), never drop a
+//! task's terminal status, and never leave a process of its own unreaped or running after
+//! [`TaskRunner::shutdown`].
+//!
+//! **Inputs.** [`TaskRunner::assign`] (the complete set of this node's tasks) and
+//! [`TaskRunner::update`] (changes and removals) never block and never lose anything: they merge
+//! into a mailbox (an update on top of a pending full set is folded into it; a full set
+//! replaces everything pending), bounded by [`ASSIGNMENT_TASKS_MAX`] tasks, and wake the thread
+//! through a 1-slot channel. The thread takes the whole mailbox at each turn.
+//!
+//! **Reconcile rule**, per task, each time it is assigned or changes:
+//! - desired RUNNING, never started here, status not terminal → start it (reports STARTING,
+//!   then RUNNING with the pid, or REJECTED if it cannot start);
+//! - desired past RUNNING (SHUTDOWN, REMOVE…) while its process runs → stop it (SIGTERM to its
+//!   process group, SIGKILL after `stop_grace`) → SHUTDOWN;
+//! - desired past RUNNING, never started, status not terminal → SHUTDOWN (without starting);
+//! - status already terminal, or already finished here → nothing;
+//! - desired RUNNING, never started in this run, but its status says it started, or its task
+//!   directory exists (a previous run of the agent started it) → FAILED: the agent restarted,
+//!   its processes were killed at start ([`executor::kill_leftovers`]), and a process the
+//!   agent did not spawn cannot be waited for, so it is never adopted;
+//! - absent from a full set, or removed → stopped if running, then forgotten: its task
+//!   directory (logs included) is deleted and its id is remembered
+//!   ([`FORGOTTEN_IDS_MAX`] most recent) so that it is never started again.
+//!
+//! **Exits** are found by polling: every `exit_poll_period` (50 ms) while a process lives, the
+//! thread asks the kernel about each live leader without blocking (`waitid` `WNOHANG`); with
+//! at most `tasks_running_max` (256) processes this costs little, needs no thread per task and
+//! no process-wide SIGCHLD handler, and bounds the delay of an exit report by the period.
+//!
+//! **Reports** go to the caller's bounded channel with `try_send`. When it is full, the report
+//! waits in a map keeping only the latest status per task (a task's terminal status is always
+//! its latest, so it is never lost), retried every turn; a task with a report waiting never
+//! overtakes it. Reports still waiting when the runner stops are returned by
+//! [`TaskRunner::shutdown`].
+//!
+//! **Limits.** [`TASKS_RUNNING_MAX_DEFAULT`] processes at once (configurable; past it a task
+//! is REJECTED), [`TASKS_TRACKED_MAX`] tasks held, [`ASSIGNMENT_TASKS_MAX`] tasks waiting in the
+//! mailbox, [`FORGOTTEN_IDS_MAX`] forgotten ids, log files as in [`executor`]. The agent's
+//! process must not set SIGCHLD to "ignore" (the kernel would reap the children itself and no
+//! exit status could be reported).
+//!
+//! **Glue** (the dispatcher session, on its own thread; `TaskRunner` is `Send + Sync`):
+//!
+//! ```text
+//! let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
+//! let runner = TaskRunner::start(RunnerConfig::new(state_dir.join("tasks")), reports_tx)?;
+//! // each assignments message:  COMPLETE    → runner.assign(tasks)?
+//! //                            INCREMENTAL → runner.update(changed, removed_ids)?
+//! // a reporter loop: batch reports_rx.recv() into UpdateTaskStatus calls; on a failed call,
+//! //   keep the batch (latest status per task) and retry after reconnecting.
+//! // stop: for report in runner.shutdown() { send it, or drop it knowingly }
+//! ```
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use parking_lot::Mutex;
+
+use crate::agent::executor::{self, ExitOutcome, TaskProcess};
+use crate::proto::objects::{Task, TaskState, TaskStatus};
+
+/// How many task processes run at once on a node unless configured otherwise; a task that
+/// would exceed it is REJECTED (the scheduler should have placed it elsewhere).
+pub const TASKS_RUNNING_MAX_DEFAULT: usize = 256;
+
+/// Most tasks waiting in the mailbox (a pending full set plus pending changes);
+/// [`TaskRunner::assign`] and [`TaskRunner::update`] refuse more with
+/// [`AssignError::TooManyTasks`].
+pub const ASSIGNMENT_TASKS_MAX: usize = 10_000;
+
+/// Most tasks the runner holds; a new task past it is REJECTED without being held.
+pub const TASKS_TRACKED_MAX: usize = ASSIGNMENT_TASKS_MAX;
+
+/// How many forgotten task ids are remembered, so that a removed task assigned again is not
+/// started again (oldest forgotten first).
+pub const FORGOTTEN_IDS_MAX: usize = 10_000;
+
+/// How often the thread looks for exits and sends due SIGKILLs while a process lives.
+pub const EXIT_POLL_PERIOD_DEFAULT: Duration = Duration::from_millis(50);
+
+/// How often log files of live tasks are checked against their cap.
+pub const LOG_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long the thread sleeps when no process lives and no report waits.
+const IDLE_WAKE_PERIOD: Duration = Duration::from_secs(1);
+
+/// A bound that suits the caller's report channel: a full assignment's burst of starts
+/// (STARTING and RUNNING per task) fits in it.
+pub const REPORTS_QUEUE_LEN_DEFAULT: usize = 2 * TASKS_RUNNING_MAX_DEFAULT;
+
+/// The thread's name.
+pub const THREAD_NAME: &str = "agent-tasks";
+
+/// The runner's settings.
+#[derive(Clone, Debug)]
+pub struct RunnerConfig {
+    /// Where task directories live (`<work_dir>/<task id>/`); created if missing.
+    pub work_dir: PathBuf,
+    /// Time between SIGTERM and SIGKILL when a task is stopped.
+    pub stop_grace: Duration,
+    /// Most task processes running at once.
+    pub tasks_running_max: usize,
+    /// Size at which a task's `stdout.log` or `stderr.log` is rotated (see [`executor`]).
+    pub log_file_bytes_max: u64,
+    /// How often live processes are checked for an exit.
+    pub exit_poll_period: Duration,
+}
+
+impl RunnerConfig {
+    /// The defaults, with task directories under `work_dir`.
+    pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        RunnerConfig {
+            work_dir: work_dir.into(),
+            stop_grace: executor::STOP_GRACE_DEFAULT,
+            tasks_running_max: TASKS_RUNNING_MAX_DEFAULT,
+            log_file_bytes_max: executor::LOG_FILE_BYTES_MAX_DEFAULT,
+            exit_poll_period: EXIT_POLL_PERIOD_DEFAULT,
+        }
+    }
+}
+
+/// One change of a task's state, for the managers (`UpdateTaskStatus`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskStatusReport {
+    /// The task.
+    pub task_id: String,
+    /// Its new status (`timestamp_ms`: when the agent saw it).
+    pub status: TaskStatus,
+}
+
+/// Why the runner could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The work directory could not be created.
+    #[error(
+        "cannot create the agent's work directory {path:?}: {source}; check its parent's permissions and free space"
+    )]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The thread could not be spawned.
+    #[error("cannot spawn the {THREAD_NAME} thread: {0}; the host is out of threads or memory")]
+    Thread(std::io::Error),
+}
+
+/// Why an assignment was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AssignError {
+    /// The mailbox would hold more than [`ASSIGNMENT_TASKS_MAX`] tasks.
+    #[error(
+        "{tasks} tasks would wait for the task runner, more than {ASSIGNMENT_TASKS_MAX}; send a \
+         full assignment set (it replaces what waits) or fewer tasks"
+    )]
+    TooManyTasks {
+        /// How many would have waited.
+        tasks: usize,
+    },
+    /// The runner is stopping or its thread died.
+    #[error("the task runner is stopped; start a new one")]
+    Stopped,
+}
+
+/// Handle to the `agent-tasks` thread. Dropping it runs [`TaskRunner::shutdown`].
+#[derive(Debug)]
+pub struct TaskRunner {
+    mailbox: Arc<Mutex<Mailbox>>,
+    wake: Sender<()>,
+    thread: Option<JoinHandle<Vec<TaskStatusReport>>>,
+}
+
+/// What the callers handed over since the thread last looked.
+#[derive(Debug, Default)]
+struct Mailbox {
+    /// A complete assignment set, with later updates folded in.
+    full: Option<BTreeMap<String, Task>>,
+    /// Changes (`Some`) and removals (`None`) on top of what the thread holds.
+    changes: BTreeMap<String, Option<Task>>,
+    shutdown: bool,
+}
+
+impl Mailbox {
+    fn tasks(&self) -> usize {
+        self.full.as_ref().map_or(0, BTreeMap::len) + self.changes.len()
+    }
+
+    /// A full set replaces everything waiting.
+    fn assign(&mut self, full: Vec<Task>) -> Result<(), AssignError> {
+        if self.shutdown {
+            return Err(AssignError::Stopped);
+        }
+        if full.len() > ASSIGNMENT_TASKS_MAX {
+            return Err(AssignError::TooManyTasks { tasks: full.len() });
+        }
+        let set = full.into_iter().map(|task| (task.id.clone(), task));
+        self.full = Some(set.collect());
+        self.changes.clear();
+        Ok(())
+    }
+
+    /// Changes fold into a waiting full set (which stays complete), else into the changes.
+    fn update(&mut self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
+        if self.shutdown {
+            return Err(AssignError::Stopped);
+        }
+        let tasks = self.tasks() + changed.len() + removed.len();
+        if tasks > ASSIGNMENT_TASKS_MAX {
+            return Err(AssignError::TooManyTasks { tasks });
+        }
+        match &mut self.full {
+            Some(full) => {
+                for task in changed {
+                    full.insert(task.id.clone(), task);
+                }
+                for id in removed {
+                    full.remove(&id);
+                }
+            }
+            None => {
+                for task in changed {
+                    self.changes.insert(task.id.clone(), Some(task));
+                }
+                for id in removed {
+                    self.changes.insert(id, None);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TaskRunner {
+    /// Creates the work directory, kills the process groups a previous run of the agent left
+    /// there, and starts the `agent-tasks` thread, which sends every status change to
+    /// `reports` (see the module doc for what happens when it is full).
+    ///
+    /// # Errors
+    ///
+    /// [`RunnerError`]: the work directory or the thread could not be created.
+    pub fn start(
+        config: RunnerConfig,
+        reports: Sender<TaskStatusReport>,
+    ) -> Result<TaskRunner, RunnerError> {
+        assert!(
+            config.tasks_running_max > 0,
+            "a node runs at least one task"
+        );
+        assert!(
+            !config.exit_poll_period.is_zero(),
+            "a zero poll period would spin"
+        );
+        fs::create_dir_all(&config.work_dir).map_err(|source| RunnerError::WorkDir {
+            path: config.work_dir.clone(),
+            source,
+        })?;
+        match executor::kill_leftovers(&config.work_dir) {
+            Ok(0) => {}
+            Ok(groups) => log::warn!("killed {groups} process groups left by a previous agent"),
+            Err(error) => log::warn!("cannot look for processes left by a previous agent: {error}"),
+        }
+        let mailbox = Arc::new(Mutex::new(Mailbox::default()));
+        // One slot: a wake-up pending is all the thread needs to know.
+        let (wake, woken) = crossbeam_channel::bounded(1);
+        let worker = Worker::new(config, Arc::clone(&mailbox), Reporter::new(reports));
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.to_owned())
+            .spawn(move || worker.run(&woken))
+            .map_err(RunnerError::Thread)?;
+        Ok(TaskRunner {
+            mailbox,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands over the complete set of tasks assigned to this node: tasks not in it are stopped
+    /// and forgotten. Never blocks; replaces whatever the thread has not taken yet.
+    ///
+    /// # Errors
+    ///
+    /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`]; [`AssignError::Stopped`].
+    pub fn assign(&self, full: Vec<Task>) -> Result<(), AssignError> {
+        self.mailbox.lock().assign(full)?;
+        self.wake_thread()
+    }
+
+    /// Hands over changed (or new) tasks and the ids of removed ones (stopped if running, then
+    /// forgotten). Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`] (nothing is applied);
+    /// [`AssignError::Stopped`].
+    pub fn update(&self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
+        self.mailbox.lock().update(changed, removed)?;
+        self.wake_thread()
+    }
+
+    fn wake_thread(&self) -> Result<(), AssignError> {
+        match self.wake.try_send(()) {
+            Ok(()) | Err(TrySendError::Full(())) => Ok(()),
+            Err(TrySendError::Disconnected(())) => Err(AssignError::Stopped),
+        }
+    }
+
+    /// Stops every running task (SIGTERM to each group, SIGKILL after the grace period),
+    /// reports SHUTDOWN for each, and joins the thread. Returns the reports the channel had no
+    /// room for (the caller forwards them or gives up on them knowingly).
+    pub fn shutdown(mut self) -> Vec<TaskStatusReport> {
+        self.stop_and_join()
+    }
+
+    fn stop_and_join(&mut self) -> Vec<TaskStatusReport> {
+        let Some(thread) = self.thread.take() else {
+            return Vec::new();
+        };
+        self.mailbox.lock().shutdown = true;
+        // Full: a wake-up is pending already. Disconnected: the thread is gone.
+        let _ = self.wake.try_send(());
+        match thread.join() {
+            Ok(unsent) => unsent,
+            Err(_) => {
+                log::error!("the {THREAD_NAME} thread panicked; its processes were killed");
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Drop for TaskRunner {
+    fn drop(&mut self) {
+        let unsent = self.stop_and_join();
+        if !unsent.is_empty() {
+            log::warn!(
+                "{} task status reports dropped with the task runner",
+                unsent.len()
+            );
+        }
+    }
+}
+
+/// Sends reports without ever blocking; keeps the latest per task when the channel is full.
+#[derive(Debug)]
+struct Reporter {
+    reports: Sender<TaskStatusReport>,
+    /// Reports the channel had no room for, latest per task.
+    waiting: BTreeMap<String, TaskStatus>,
+}
+
+impl Reporter {
+    fn new(reports: Sender<TaskStatusReport>) -> Self {
+        Reporter {
+            reports,
+            waiting: BTreeMap::new(),
+        }
+    }
+
+    fn report(&mut self, task_id: &str, status: TaskStatus) {
+        if let Some(older) = self.waiting.get_mut(task_id) {
+            // Never overtake a report of the same task; the newer status supersedes it, unless
+            // the older one is terminal. A task reaches a terminal state once per id, so that
+            // takes an id forgotten (its memory evicted) and assigned again while its last
+            // report still waits: the first end is the one the managers must see.
+            if is_terminal(older.state) {
+                log::error!("task {task_id}: status {status:?} after a terminal one; dropped");
+            } else {
+                *older = status;
+            }
+            return;
+        }
+        let report = TaskStatusReport {
+            task_id: task_id.to_owned(),
+            status,
+        };
+        match self.reports.try_send(report) {
+            Ok(()) => {}
+            // Disconnected too: kept, so shutdown can hand it back.
+            Err(TrySendError::Full(report) | TrySendError::Disconnected(report)) => {
+                self.waiting.insert(report.task_id, report.status);
+            }
+        }
+    }
+
+    /// Retries the waiting reports until the channel is full again.
+    fn flush(&mut self) {
+        while let Some((task_id, status)) = self.waiting.pop_first() {
+            let report = TaskStatusReport { task_id, status };
+            if let Err(TrySendError::Full(report) | TrySendError::Disconnected(report)) =
+                self.reports.try_send(report)
+            {
+                self.waiting.insert(report.task_id, report.status);
+                return;
+            }
+        }
+    }
+
+    fn into_waiting(self) -> Vec<TaskStatusReport> {
+        self.waiting
+            .into_iter()
+            .map(|(task_id, status)| TaskStatusReport { task_id, status })
+            .collect()
+    }
+}
+
+/// Where a task stands on this node.
+#[derive(Debug)]
+enum Phase {
+    /// Not started (yet): its desired state does not ask for it.
+    Idle,
+    /// Its process runs (or is stopping).
+    Live(TaskProcess),
+    /// Started and ended, refused, or terminal when assigned: never acted on again.
+    Done,
+}
+
+#[derive(Debug)]
+struct Entry {
+    task: Task,
+    phase: Phase,
+    /// Removed from the assignment: forget it once its process is reaped.
+    forget: bool,
+}
+
+/// The state of the `agent-tasks` thread.
+struct Worker {
+    config: RunnerConfig,
+    mailbox: Arc<Mutex<Mailbox>>,
+    reporter: Reporter,
+    entries: HashMap<String, Entry>,
+    forgotten_order: VecDeque<String>,
+    forgotten: HashSet<String>,
+    live: usize,
+    next_log_check: Instant,
+}
+
+impl Worker {
+    fn new(config: RunnerConfig, mailbox: Arc<Mutex<Mailbox>>, reporter: Reporter) -> Self {
+        Worker {
+            config,
+            mailbox,
+            reporter,
+            entries: HashMap::new(),
+            forgotten_order: VecDeque::new(),
+            forgotten: HashSet::new(),
+            live: 0,
+            next_log_check: Instant::now() + LOG_CHECK_PERIOD,
+        }
+    }
+
+    fn run(mut self, woken: &Receiver<()>) -> Vec<TaskStatusReport> {
+        // Disconnected: the handle is gone without a shutdown (it always sets the flag first).
+        while let Ok(()) | Err(RecvTimeoutError::Timeout) =
+            woken.recv_timeout(self.wait_period(Instant::now()))
+        {
+            let (full, changes, shutdown) = {
+                let mut mailbox = self.mailbox.lock();
+                let changes = std::mem::take(&mut mailbox.changes);
+                (mailbox.full.take(), changes, mailbox.shutdown)
+            };
+            if shutdown {
+                break;
+            }
+            if let Some(full) = full {
+                self.apply_full(full);
+            }
+            self.apply_changes(changes);
+            self.turn(Instant::now());
+        }
+        self.stop_all();
+        self.reporter.into_waiting()
+    }
+
+    /// How long to sleep: short while processes live or reports wait.
+    fn wait_period(&self, now: Instant) -> Duration {
+        if self.live == 0 && self.reporter.waiting.is_empty() {
+            return IDLE_WAKE_PERIOD;
+        }
+        let next_kill = self
+            .live_processes()
+            .filter_map(TaskProcess::kill_deadline)
+            .min()
+            .map_or(self.config.exit_poll_period, |deadline| {
+                deadline.saturating_duration_since(now)
+            });
+        next_kill.min(self.config.exit_poll_period)
+    }
+
+    fn live_processes(&self) -> impl Iterator<Item = &TaskProcess> {
+        self.entries
+            .values()
+            .filter_map(|entry| match &entry.phase {
+                Phase::Live(process) => Some(process),
+                _ => None,
+            })
+    }
+
+    /// Polls live processes, caps their logs when due, retries waiting reports.
+    fn turn(&mut self, now: Instant) {
+        self.poll_processes(now);
+        if now >= self.next_log_check {
+            self.next_log_check = now + LOG_CHECK_PERIOD;
+            self.cap_logs();
+        }
+        self.reporter.flush();
+    }
+
+    fn apply_full(&mut self, full: BTreeMap<String, Task>) {
+        let gone: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|id| !full.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+        for task in full.into_values() {
+            self.upsert(task);
+        }
+    }
+
+    fn apply_changes(&mut self, changes: BTreeMap<String, Option<Task>>) {
+        for (id, change) in changes {
+            match change {
+                Some(task) => self.upsert(task),
+                None => self.remove(&id),
+            }
+        }
+    }
+
+    fn upsert(&mut self, task: Task) {
+        let id = task.id.clone();
+        if self.forgotten.contains(&id) {
+            log::debug!("task {id}: assigned again after it was removed; ignored");
+            return;
+        }
+        let tracked = self.entries.len();
+        if let Some(entry) = self.entries.get_mut(&id) {
+            entry.task = task;
+            entry.forget = false;
+        } else if tracked >= TASKS_TRACKED_MAX {
+            let why = format!(
+                "this node already holds {TASKS_TRACKED_MAX} tasks (TASKS_TRACKED_MAX); the \
+                 managers must remove finished tasks from its assignment"
+            );
+            self.reporter
+                .report(&id, refusal_status(TaskState::Rejected, &why));
+            return;
+        } else {
+            let entry = Entry {
+                task,
+                phase: Phase::Idle,
+                forget: false,
+            };
+            self.entries.insert(id.clone(), entry);
+        }
+        self.reconcile(&id);
+    }
+
+    fn remove(&mut self, id: &str) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        entry.forget = true;
+        match &mut entry.phase {
+            Phase::Live(process) => {
+                if let Err(error) = process.begin_stop(Instant::now(), self.config.stop_grace) {
+                    log::warn!("task {id}: cannot signal its processes: {error}");
+                }
+            }
+            Phase::Idle | Phase::Done => self.forget(id),
+        }
+    }
+
+    /// Drops a task whose process (if any) was reaped: its directory goes, its id is
+    /// remembered so that it never starts again.
+    fn forget(&mut self, id: &str) {
+        let entry = self
+            .entries
+            .remove(id)
+            .expect("forget is called on a known task");
+        assert!(
+            !matches!(entry.phase, Phase::Live(_)),
+            "a live task is stopped before it is forgotten"
+        );
+        if executor::validate_task_id(id).is_ok() {
+            let dir = executor::task_dir(&self.config.work_dir, id);
+            if let Err(error) = fs::remove_dir_all(&dir)
+                && error.kind() != std::io::ErrorKind::NotFound
+            {
+                log::warn!("task {id}: cannot remove {dir:?}: {error}");
+            }
+        }
+        if self.forgotten.insert(id.to_owned()) {
+            self.forgotten_order.push_back(id.to_owned());
+        }
+        while self.forgotten_order.len() > FORGOTTEN_IDS_MAX {
+            let oldest = self
+                .forgotten_order
+                .pop_front()
+                .expect("longer than a positive bound");
+            self.forgotten.remove(&oldest);
+        }
+    }
+
+    /// Applies the reconcile rule (module doc) to one known task.
+    fn reconcile(&mut self, id: &str) {
+        let entry = self.entries.get_mut(id).expect("reconcile a known task");
+        let desired = entry.task.desired_state;
+        let assigned_state = entry.task.status.as_ref().map_or(0, |status| status.state);
+        match &mut entry.phase {
+            Phase::Done => {}
+            Phase::Live(process) => {
+                if desired > TaskState::Running as i32
+                    && !process.is_stopping()
+                    && let Err(error) = process.begin_stop(Instant::now(), self.config.stop_grace)
+                {
+                    log::warn!("task {id}: cannot signal its processes: {error}");
+                }
+            }
+            Phase::Idle if is_terminal(assigned_state) => entry.phase = Phase::Done,
+            Phase::Idle if desired > TaskState::Running as i32 => {
+                entry.phase = Phase::Done;
+                let status = new_status(TaskState::Shutdown, "shut down before it started");
+                self.reporter.report(id, status);
+            }
+            Phase::Idle if desired == TaskState::Running as i32 => {
+                self.start(id, assigned_state);
+            }
+            // Desired state not yet RUNNING: wait for it.
+            Phase::Idle => {}
+        }
+    }
+
+    fn start(&mut self, id: &str, assigned_state: i32) {
+        let already_started = assigned_state >= TaskState::Starting as i32
+            || (executor::validate_task_id(id).is_ok()
+                && executor::task_dir(&self.config.work_dir, id).exists());
+        let refusal = if already_started {
+            Some(refusal_status(
+                TaskState::Failed,
+                "the agent restarted after starting this task; its processes were killed \
+                 (a process the agent did not spawn cannot be watched); the orchestrator \
+                 replaces the task",
+            ))
+        } else if self.live >= self.config.tasks_running_max {
+            Some(refusal_status(
+                TaskState::Rejected,
+                &format!(
+                    "this node already runs {} tasks, its limit (tasks_running_max); the \
+                     scheduler should place the task on another node",
+                    self.live
+                ),
+            ))
+        } else {
+            None
+        };
+        let entry = self.entries.get_mut(id).expect("start a known task");
+        if let Some(status) = refusal {
+            entry.phase = Phase::Done;
+            self.reporter.report(id, status);
+            return;
+        }
+        let spec = entry.task.spec.clone().unwrap_or_default();
+        let starting = new_status(TaskState::Starting, &format!("starting {:?}", spec.command));
+        self.reporter.report(id, starting);
+        match executor::spawn(&self.config.work_dir, id, &spec) {
+            Ok(process) => {
+                let pid = process.pid();
+                entry.phase = Phase::Live(process);
+                self.live += 1;
+                let message = format!("running as pid {pid} (its own process group)");
+                self.reporter
+                    .report(id, new_status(TaskState::Running, &message));
+            }
+            Err(error) => {
+                entry.phase = Phase::Done;
+                let status = refusal_status(TaskState::Rejected, &error.to_string());
+                self.reporter.report(id, status);
+            }
+        }
+    }
+
+    fn poll_processes(&mut self, now: Instant) {
+        let mut ended = Vec::new();
+        for (id, entry) in &mut self.entries {
+            let Phase::Live(process) = &mut entry.phase else {
+                continue;
+            };
+            let status = match process.poll(now) {
+                Ok(None) => continue,
+                Ok(Some(outcome)) => exit_status(process, outcome),
+                Err(error) => {
+                    // Dropping the process kills its group and reaps it.
+                    let err = format!("cannot watch its process: {error}");
+                    refusal_status(TaskState::Failed, &err)
+                }
+            };
+            entry.phase = Phase::Done;
+            ended.push((id.clone(), status, entry.forget));
+        }
+        for (id, status, forget) in ended {
+            self.live -= 1;
+            // Forgotten first: whoever sees the report finds the directory gone.
+            if forget {
+                self.forget(&id);
+            }
+            self.reporter.report(&id, status);
+        }
+    }
+
+    fn cap_logs(&self) {
+        for process in self.live_processes() {
+            if let Err(error) = process.cap_logs(self.config.log_file_bytes_max) {
+                log::debug!("cannot cap the logs of pid {}: {error}", process.pid());
+            }
+        }
+    }
+
+    /// The shutdown barrier: stop every live process, wait for all to be reaped (the grace
+    /// period bounds it), report each, retry waiting reports once more.
+    fn stop_all(&mut self) {
+        let now = Instant::now();
+        for (id, entry) in &mut self.entries {
+            if let Phase::Live(process) = &mut entry.phase
+                && let Err(error) = process.begin_stop(now, self.config.stop_grace)
+            {
+                log::warn!("task {id}: cannot signal its processes: {error}");
+            }
+        }
+        while self.live > 0 {
+            std::thread::sleep(self.wait_period(Instant::now()));
+            self.poll_processes(Instant::now());
+            self.reporter.flush();
+        }
+    }
+}
+
+/// The status of a task whose process was reaped.
+fn exit_status(process: &TaskProcess, outcome: ExitOutcome) -> TaskStatus {
+    let mut status = if process.is_stopping() {
+        let how = if process.was_killed() {
+            "after the grace period, SIGKILL"
+        } else {
+            "on SIGTERM"
+        };
+        new_status(TaskState::Shutdown, &format!("stopped {how}: {outcome}"))
+    } else if outcome.is_success() {
+        new_status(TaskState::Complete, &outcome.to_string())
+    } else {
+        refusal_status(TaskState::Failed, &outcome.to_string())
+    };
+    status.exit_code = outcome.exit_code();
+    status
+}
+
+/// A status whose message and `err` both say why.
+fn refusal_status(state: TaskState, why: &str) -> TaskStatus {
+    let mut status = new_status(state, why);
+    status.err = why.to_owned();
+    status
+}
+
+fn new_status(state: TaskState, message: &str) -> TaskStatus {
+    TaskStatus {
+        state: state as i32,
+        message: message.to_owned(),
+        timestamp_ms: now_unix_ms(),
+        err: String::new(),
+        exit_code: 0,
+    }
+}
+
+fn now_unix_ms() -> i64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// COMPLETE and every state after it: the task will not run (again) on this node.
+fn is_terminal(state: i32) -> bool {
+    state >= TaskState::Complete as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::sys;
+    use crate::proto::objects::TaskSpec;
+    use crossbeam_channel::Receiver;
+    use std::collections::VecDeque;
+
+    /// Bound on any wait in these tests (a hang fails instead of blocking).
+    const WAIT_LIMIT: Duration = Duration::from_secs(20);
+
+    fn task(id: &str, desired: TaskState, command: &str, args: &[&str]) -> Task {
+        Task {
+            id: id.to_owned(),
+            desired_state: desired as i32,
+            status: Some(TaskStatus {
+                state: TaskState::Assigned as i32,
+                ..TaskStatus::default()
+            }),
+            spec: Some(TaskSpec {
+                command: command.to_owned(),
+                args: args.iter().map(|arg| (*arg).to_owned()).collect(),
+                ..TaskSpec::default()
+            }),
+            ..Task::default()
+        }
+    }
+
+    fn with_desired(mut task: Task, desired: TaskState) -> Task {
+        task.desired_state = desired as i32;
+        task
+    }
+
+    struct Node {
+        dir: tempfile::TempDir,
+        runner: Option<TaskRunner>,
+        reports: Receiver<TaskStatusReport>,
+        /// Reports received for other tasks than the one awaited, in order.
+        received: HashMap<String, VecDeque<TaskStatus>>,
+    }
+
+    impl Node {
+        fn start(configure: impl FnOnce(&mut RunnerConfig), reports_len: usize) -> Node {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut config = RunnerConfig::new(dir.path().join("tasks"));
+            config.stop_grace = Duration::from_secs(5);
+            configure(&mut config);
+            let (sender, reports) = crossbeam_channel::bounded(reports_len);
+            let runner = TaskRunner::start(config, sender).expect("start");
+            Node {
+                dir,
+                runner: Some(runner),
+                reports,
+                received: HashMap::new(),
+            }
+        }
+
+        fn new() -> Node {
+            Node::start(|_| {}, REPORTS_QUEUE_LEN_DEFAULT)
+        }
+
+        fn runner(&self) -> &TaskRunner {
+            self.runner.as_ref().expect("running")
+        }
+
+        fn work_dir(&self) -> PathBuf {
+            self.dir.path().join("tasks")
+        }
+
+        /// The next status reported for `id`.
+        fn next(&mut self, id: &str) -> TaskStatus {
+            if let Some(status) = self.received.get_mut(id).and_then(VecDeque::pop_front) {
+                return status;
+            }
+            loop {
+                let report = self
+                    .reports
+                    .recv_timeout(WAIT_LIMIT)
+                    .unwrap_or_else(|error| panic!("no report for {id}: {error}"));
+                if report.task_id == id {
+                    return report.status;
+                }
+                self.received
+                    .entry(report.task_id)
+                    .or_default()
+                    .push_back(report.status);
+            }
+        }
+
+        fn expect(&mut self, id: &str, state: TaskState) -> TaskStatus {
+            let status = self.next(id);
+            assert_eq!(
+                status.state, state as i32,
+                "task {id}: expected {state:?}, got {status:?}"
+            );
+            status
+        }
+
+        /// Starts `id` and returns its pid.
+        fn expect_running(&mut self, id: &str) -> u32 {
+            self.expect(id, TaskState::Starting);
+            let running = self.expect(id, TaskState::Running);
+            pid_in(&running.message)
+        }
+
+        /// Asserts that nothing was reported for `id` so far.
+        fn assert_nothing_for(&mut self, id: &str) {
+            while let Ok(report) = self.reports.try_recv() {
+                self.received
+                    .entry(report.task_id)
+                    .or_default()
+                    .push_back(report.status);
+            }
+            let queued = self.received.get(id).map_or(0, VecDeque::len);
+            assert_eq!(queued, 0, "task {id} reported {:?}", self.received.get(id));
+        }
+
+        fn shutdown(&mut self) -> Vec<TaskStatusReport> {
+            self.runner.take().expect("running").shutdown()
+        }
+    }
+
+    fn pid_in(message: &str) -> u32 {
+        message
+            .split_whitespace()
+            .skip_while(|word| *word != "pid")
+            .nth(1)
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {message:?}"))
+    }
+
+    #[test]
+    fn a_running_task_is_stopped_when_its_desired_state_is_shutdown() {
+        let mut node = Node::new();
+        let sleeper = task("t-sleep", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![sleeper.clone()]).expect("assign");
+        let pid = node.expect_running("t-sleep");
+        assert!(!sys::process_dead(pid));
+
+        let stop = with_desired(sleeper, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        let status = node.expect("t-sleep", TaskState::Shutdown);
+        assert_eq!(status.exit_code, 128 + sys::SIGTERM);
+        assert!(status.message.contains("on SIGTERM"), "{status:?}");
+        assert!(sys::process_dead(pid), "pid {pid} survived its stop");
+        assert!(node.shutdown().is_empty());
+    }
+
+    #[test]
+    fn exits_are_reported_complete_failed_or_rejected() {
+        let mut node = Node::new();
+        node.runner()
+            .assign(vec![
+                task("t-true", TaskState::Running, "true", &[]),
+                task("t-three", TaskState::Running, "sh", &["-c", "exit 3"]),
+                task(
+                    "t-missing",
+                    TaskState::Running,
+                    "no-such-command-flotilla",
+                    &[],
+                ),
+            ])
+            .expect("assign");
+
+        node.expect_running("t-true");
+        let complete = node.expect("t-true", TaskState::Complete);
+        assert_eq!((complete.exit_code, complete.err.as_str()), (0, ""));
+
+        node.expect_running("t-three");
+        let failed = node.expect("t-three", TaskState::Failed);
+        assert_eq!(failed.exit_code, 3);
+        assert_eq!(failed.err, "exited with status 3");
+
+        node.expect("t-missing", TaskState::Starting);
+        let rejected = node.expect("t-missing", TaskState::Rejected);
+        assert!(rejected.err.contains("cannot execute"), "{rejected:?}");
+        assert!(rejected.err.contains("No such file"), "{rejected:?}");
+        assert!(rejected.timestamp_ms > 0);
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_ignoring_sigterm_is_killed_after_the_grace() {
+        let mut node = Node::start(
+            |config| config.stop_grace = Duration::from_millis(200),
+            REPORTS_QUEUE_LEN_DEFAULT,
+        );
+        let ready = node.dir.path().join("ready");
+        let script = format!("trap '' TERM; echo $$ > {}; sleep 30", ready.display());
+        let stubborn = task("t-stubborn", TaskState::Running, "sh", &["-c", &script]);
+        node.runner()
+            .assign(vec![stubborn.clone()])
+            .expect("assign");
+        let pid = node.expect_running("t-stubborn");
+        wait_for_file(&ready);
+
+        let stop = with_desired(stubborn, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        let status = node.expect("t-stubborn", TaskState::Shutdown);
+        assert_eq!(status.exit_code, 128 + sys::SIGKILL);
+        assert!(status.message.contains("SIGKILL"), "{status:?}");
+        assert!(sys::process_dead(pid));
+        node.shutdown();
+    }
+
+    fn wait_for_file(path: &std::path::Path) -> String {
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while Instant::now() < give_up {
+            if let Ok(content) = fs::read_to_string(path)
+                && content.ends_with('\n')
+            {
+                return content;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{path:?} was never written");
+    }
+
+    #[test]
+    fn a_stop_reaches_the_children_of_a_task() {
+        let mut node = Node::new();
+        let child_pid_file = node.dir.path().join("child.pid");
+        let script = format!("sleep 30 & echo $! > {}; wait", child_pid_file.display());
+        let parent = task("t-parent", TaskState::Running, "sh", &["-c", &script]);
+        node.runner().assign(vec![parent.clone()]).expect("assign");
+        node.expect_running("t-parent");
+        let grandchild: u32 = wait_for_file(&child_pid_file).trim().parse().expect("pid");
+
+        let stop = with_desired(parent, TaskState::Shutdown);
+        node.runner()
+            .update(vec![stop], Vec::new())
+            .expect("update");
+        node.expect("t-parent", TaskState::Shutdown);
+        assert!(
+            sys::wait_dead(grandchild, WAIT_LIMIT),
+            "the grandchild survived the stop"
+        );
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_left_out_of_a_full_assignment_is_stopped_and_forgotten() {
+        let mut node = Node::new();
+        let sleeper = task("t-a", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![sleeper.clone()]).expect("assign");
+        let pid = node.expect_running("t-a");
+        assert!(executor::task_dir(&node.work_dir(), "t-a").exists());
+
+        let other = task("t-b", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![other]).expect("assign");
+        node.expect_running("t-b");
+        node.expect("t-a", TaskState::Shutdown);
+        assert!(sys::process_dead(pid));
+        assert!(!executor::task_dir(&node.work_dir(), "t-a").exists());
+
+        // Assigned again after it was forgotten: not started again. The sentinel's reports
+        // come after anything t-a would have reported in the same turn.
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .update(vec![sleeper, sentinel], Vec::new())
+            .expect("update");
+        node.expect("t-z", TaskState::Starting);
+        node.assert_nothing_for("t-a");
+        let reports = node.shutdown();
+        assert!(reports.is_empty());
+    }
+
+    #[test]
+    fn a_finished_task_assigned_again_is_not_restarted() {
+        let mut node = Node::new();
+        let once = task("t-a", TaskState::Running, "true", &[]);
+        node.runner().assign(vec![once.clone()]).expect("assign");
+        node.expect_running("t-a");
+        node.expect("t-a", TaskState::Complete);
+
+        // The manager may not have seen the report yet: same task, still ASSIGNED.
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .assign(vec![once.clone(), sentinel])
+            .expect("assign");
+        node.expect("t-z", TaskState::Starting);
+        node.runner()
+            .update(vec![once], Vec::new())
+            .expect("update");
+        node.expect("t-z", TaskState::Running);
+        node.assert_nothing_for("t-a");
+        node.shutdown();
+    }
+
+    #[test]
+    fn terminal_or_not_yet_running_tasks_are_not_started() {
+        let mut node = Node::new();
+        let mut done = task("t-done", TaskState::Running, "true", &[]);
+        done.status.as_mut().expect("status").state = TaskState::Failed as i32;
+        let cancelled = task("t-cancelled", TaskState::Shutdown, "true", &[]);
+        let later = task("t-later", TaskState::Assigned, "true", &[]);
+        let sentinel = task("t-z", TaskState::Running, "true", &[]);
+        node.runner()
+            .assign(vec![done, cancelled, later.clone(), sentinel])
+            .expect("assign");
+        let shut = node.expect("t-cancelled", TaskState::Shutdown);
+        assert!(shut.message.contains("before it started"), "{shut:?}");
+        node.expect("t-z", TaskState::Starting);
+        node.assert_nothing_for("t-done");
+        node.assert_nothing_for("t-later");
+
+        // Its desired state reaches RUNNING: now it starts.
+        let go = with_desired(later, TaskState::Running);
+        node.runner().update(vec![go], Vec::new()).expect("update");
+        node.expect_running("t-later");
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_task_started_by_a_previous_agent_run_fails_instead_of_starting_twice() {
+        let mut node = Node::new();
+        fs::create_dir_all(executor::task_dir(&node.work_dir(), "t-old")).expect("mkdir");
+        let mut reported_running = task("t-seen", TaskState::Running, "true", &[]);
+        reported_running.status.as_mut().expect("status").state = TaskState::Running as i32;
+        node.runner()
+            .assign(vec![
+                task("t-old", TaskState::Running, "true", &[]),
+                reported_running,
+            ])
+            .expect("assign");
+        let old = node.expect("t-old", TaskState::Failed);
+        assert!(old.err.contains("agent restarted"), "{old:?}");
+        node.expect("t-seen", TaskState::Failed);
+        node.shutdown();
+    }
+
+    #[test]
+    fn tasks_past_the_node_limit_are_rejected() {
+        let mut node = Node::start(|config| config.tasks_running_max = 1, 64);
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        node.expect_running("t-1");
+        let rejected = node.expect("t-2", TaskState::Rejected);
+        assert!(rejected.err.contains("tasks_running_max"), "{rejected:?}");
+        node.shutdown();
+    }
+
+    #[test]
+    fn shutdown_stops_every_task_and_joins() {
+        let mut node = Node::new();
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        let pids = [node.expect_running("t-1"), node.expect_running("t-2")];
+        let unsent = node.shutdown();
+        assert!(unsent.is_empty());
+        node.expect("t-1", TaskState::Shutdown);
+        node.expect("t-2", TaskState::Shutdown);
+        for pid in pids {
+            assert!(sys::process_dead(pid), "pid {pid} survived shutdown");
+        }
+        // The thread is gone with its end of the channel.
+        assert!(matches!(
+            node.reports.recv_timeout(WAIT_LIMIT),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+        ));
+    }
+
+    #[test]
+    fn a_full_report_channel_keeps_the_latest_status_and_never_a_stale_one() {
+        // One slot: STARTING fills it; RUNNING waits and COMPLETE replaces it.
+        let mut node = Node::start(|_| {}, 1);
+        node.runner()
+            .assign(vec![task("t-a", TaskState::Running, "true", &[])])
+            .expect("assign");
+        node.expect("t-a", TaskState::Starting);
+        let mut status = node.next("t-a");
+        if status.state == TaskState::Running as i32 {
+            status = node.next("t-a");
+        }
+        assert_eq!(status.state, TaskState::Complete as i32, "{status:?}");
+        node.shutdown();
+        assert!(
+            node.reports.try_recv().is_err(),
+            "nothing after the terminal status"
+        );
+    }
+
+    #[test]
+    fn shutdown_hands_back_the_reports_the_channel_had_no_room_for() {
+        let mut node = Node::start(|_| {}, 1);
+        node.runner()
+            .assign(vec![
+                task("t-1", TaskState::Running, "sleep", &["30"]),
+                task("t-2", TaskState::Running, "sleep", &["30"]),
+            ])
+            .expect("assign");
+        // Nobody reads: only t-1's STARTING fits. Once it is there, the thread is applying
+        // the assignment, which it finishes before it looks at the shutdown flag.
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while node.reports.is_empty() {
+            assert!(Instant::now() < give_up, "the assignment was never applied");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let unsent = node.shutdown();
+        let first = node.reports.try_recv().expect("the one that fit");
+        assert_eq!(first.task_id, "t-1");
+        assert_eq!(first.status.state, TaskState::Starting as i32);
+        let states: Vec<(String, i32)> = unsent
+            .into_iter()
+            .map(|report| (report.task_id, report.status.state))
+            .collect();
+        let shutdown = TaskState::Shutdown as i32;
+        assert_eq!(
+            states,
+            vec![("t-1".to_owned(), shutdown), ("t-2".to_owned(), shutdown)]
+        );
+    }
+
+    #[test]
+    fn the_mailbox_folds_updates_into_a_waiting_full_set() {
+        let sleeper = |id: &str| task(id, TaskState::Running, "sleep", &["30"]);
+        let mut mailbox = Mailbox::default();
+        mailbox
+            .update(vec![sleeper("t-old")], Vec::new())
+            .expect("update");
+        // A full set makes earlier changes moot.
+        mailbox
+            .assign(vec![sleeper("t-1"), sleeper("t-2")])
+            .expect("assign");
+        assert!(mailbox.changes.is_empty());
+        let stop = with_desired(sleeper("t-1"), TaskState::Shutdown);
+        mailbox
+            .update(vec![stop, sleeper("t-3")], vec!["t-2".to_owned()])
+            .expect("update");
+        let full = mailbox.full.take().expect("still a full set");
+        let ids: Vec<&str> = full.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["t-1", "t-3"]);
+        assert_eq!(full["t-1"].desired_state, TaskState::Shutdown as i32);
+
+        // Without a full set waiting, changes and removals are kept as such.
+        mailbox
+            .update(vec![sleeper("t-4")], vec!["t-5".to_owned()])
+            .expect("update");
+        assert!(mailbox.full.is_none());
+        assert!(mailbox.changes["t-4"].is_some());
+        assert!(mailbox.changes["t-5"].is_none());
+
+        mailbox.shutdown = true;
+        assert_eq!(mailbox.assign(Vec::new()), Err(AssignError::Stopped));
+    }
+
+    #[test]
+    fn the_runner_handle_can_be_shared_between_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<TaskRunner>();
+        shareable::<TaskStatusReport>();
+    }
+
+    #[test]
+    fn oversized_assignments_are_refused_whole() {
+        let node = Node::new();
+        let many: Vec<Task> = (0..=ASSIGNMENT_TASKS_MAX)
+            .map(|i| task(&format!("t-{i}"), TaskState::Assigned, "true", &[]))
+            .collect();
+        assert_eq!(
+            node.runner().assign(many.clone()),
+            Err(AssignError::TooManyTasks {
+                tasks: ASSIGNMENT_TASKS_MAX + 1
+            })
+        );
+        assert!(matches!(
+            node.runner().update(many, Vec::new()),
+            Err(AssignError::TooManyTasks { .. })
+        ));
+    }
+}
