@@ -98,7 +98,8 @@ impl Duties {
     }
 }
 
-fn hostname() -> String {
+/// This host's name (empty if the kernel will not say).
+pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default()

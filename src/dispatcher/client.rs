@@ -18,6 +18,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
 use super::{HEARTBEAT, SESSION, STATUS_UPDATES_MAX, UPDATE_TASK_STATUS};
+use crate::agent::TaskStatusReport;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher as pb;
 use crate::proto::objects::{Task, TaskStatus};
@@ -76,7 +77,7 @@ impl AgentSession {
         transport: Arc<Transport>,
         config: AgentConfig,
         sink: Arc<dyn TaskSink>,
-        reports: Receiver<(String, TaskStatus)>,
+        reports: Receiver<TaskStatusReport>,
     ) -> std::io::Result<AgentSession> {
         let stopping = Arc::new(AtomicBool::new(false));
         let current = Arc::new(Mutex::new(None));
@@ -130,19 +131,27 @@ fn run_sessions(
     current: &Mutex<Option<Current>>,
 ) {
     let mut backoff = SESSION_BACKOFF_INITIAL;
+    // Retries stay well within the time a leader waits before it declares this node down
+    // (three heartbeat periods): at most half a period apart once a period is known.
+    let mut backoff_max = SESSION_BACKOFF_MAX;
     let mut next_manager = 0usize;
     while !stopping.load(Ordering::SeqCst) {
         let managers = (config.managers)();
         if let Some(addr) = managers.get(next_manager % managers.len().max(1)).cloned() {
-            match session(transport, config, &addr, sink, stopping, current) {
-                Ok(()) => backoff = SESSION_BACKOFF_INITIAL,
-                Err(status) => log::debug!("agent: session with {addr}: {status}"),
+            let outcome = session(transport, config, &addr, sink, stopping, current);
+            if let Some(session) = current.lock().take() {
+                // It was up: the next attempt starts over quickly.
+                backoff = SESSION_BACKOFF_INITIAL;
+                backoff_max =
+                    (session.period / 2).clamp(SESSION_BACKOFF_INITIAL, SESSION_BACKOFF_MAX);
             }
-            *current.lock() = None;
+            if let Err(status) = outcome {
+                log::debug!("agent: session with {addr}: {status}");
+            }
         }
         next_manager = next_manager.wrapping_add(1);
         sleep_unless_stopping(backoff, stopping);
-        backoff = (backoff * 2).min(SESSION_BACKOFF_MAX);
+        backoff = (backoff * 2).min(backoff_max);
     }
 }
 
@@ -201,7 +210,7 @@ fn session(
 fn run_reporter(
     transport: &Transport,
     config: &AgentConfig,
-    reports: &Receiver<(String, TaskStatus)>,
+    reports: &Receiver<TaskStatusReport>,
     stopping: &AtomicBool,
     current: &Mutex<Option<Current>>,
 ) {
@@ -210,10 +219,10 @@ fn run_reporter(
     let mut last_beat = std::time::Instant::now();
     while !stopping.load(Ordering::SeqCst) {
         match reports.recv_timeout(REPORTER_POLL) {
-            Ok((task_id, status)) => {
-                pending.insert(task_id, status);
-                while let Ok((task_id, status)) = reports.try_recv() {
-                    pending.insert(task_id, status);
+            Ok(report) => {
+                pending.insert(report.task_id, report.status);
+                while let Ok(report) = reports.try_recv() {
+                    pending.insert(report.task_id, report.status);
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}

@@ -91,6 +91,7 @@ pub struct Dispatcher {
     /// Node id → its current session.
     sessions: Mutex<HashMap<String, SessionEntry>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    monitor: Mutex<Option<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
 }
 
@@ -102,8 +103,71 @@ impl Dispatcher {
             store,
             sessions: Mutex::new(HashMap::new()),
             threads: Mutex::new(Vec::new()),
+            monitor: Mutex::new(None),
             stopping: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Starts the monitor thread (`flotilla-dispatcher`): while this manager leads, a node
+    /// recorded READY that has had no session with it for [`HEARTBEAT_MISSES_MAX`]
+    /// heartbeat periods since it took the lead is marked DOWN (its agent died, or was
+    /// talking to the previous leader and never came over).
+    ///
+    /// # Errors
+    /// The OS error if the thread cannot start.
+    pub fn start_monitor(self: &Arc<Self>) -> std::io::Result<()> {
+        let dispatcher = self.clone();
+        let thread = std::thread::Builder::new()
+            .name("flotilla-dispatcher".into())
+            .spawn(move || dispatcher.monitor())?;
+        *self.monitor.lock() = Some(thread);
+        Ok(())
+    }
+
+    fn monitor(&self) {
+        let mut leading_since: Option<Instant> = None;
+        while !self.stopping.load(Ordering::SeqCst) {
+            std::thread::sleep(SESSION_POLL_INTERVAL);
+            if self.require_leader().is_err() {
+                leading_since = None;
+                continue;
+            }
+            let leading = leading_since.get_or_insert_with(Instant::now).elapsed();
+            let Ok(period) = self.heartbeat_period() else {
+                continue;
+            };
+            if leading < period * HEARTBEAT_MISSES_MAX {
+                continue;
+            }
+            for node_id in self.ready_nodes_without_session() {
+                let message = format!(
+                    "no session with the leader in the {} ms since it took the lead",
+                    leading.as_millis()
+                );
+                log::warn!("dispatcher: node {node_id} is down: {message}");
+                if let Err(status) = self.mark_down(&node_id, &message) {
+                    log::warn!("dispatcher: cannot mark node {node_id} down: {status}");
+                }
+            }
+        }
+    }
+
+    fn ready_nodes_without_session(&self) -> Vec<String> {
+        let ready: Vec<String> = self.store.view(|view| {
+            view.list::<Node>()
+                .filter(|n| {
+                    n.status
+                        .as_ref()
+                        .is_some_and(|s| s.state == NodeState::Ready as i32)
+                })
+                .map(|n| n.id.clone())
+                .collect()
+        });
+        let sessions = self.sessions.lock();
+        ready
+            .into_iter()
+            .filter(|id| !sessions.contains_key(id))
+            .collect()
     }
 
     /// Serves the dispatcher's methods on `router` (managers and workers may call).
@@ -125,9 +189,14 @@ impl Dispatcher {
         );
     }
 
-    /// Ends every session stream and joins the session threads.
+    /// Ends every session stream and joins the session and monitor threads.
     pub fn shutdown(&self) {
         self.stopping.store(true, Ordering::SeqCst);
+        if let Some(monitor) = self.monitor.lock().take()
+            && monitor.join().is_err()
+        {
+            log::error!("the dispatcher monitor thread panicked");
+        }
         for thread in std::mem::take(&mut *self.threads.lock()) {
             if thread.join().is_err() {
                 log::error!("a dispatcher session thread panicked");
@@ -182,8 +251,8 @@ impl Dispatcher {
                 )));
             }
         }
-        // Not under the threads lock: the proposal may take a while.
-        self.record_ready(&caller, &request)?;
+        // The session exists before the node is recorded ready, so that the monitor never
+        // takes a node in the middle of opening one for a silent node.
         let session_id = crate::control::new_object_id();
         self.sessions.lock().insert(
             caller.node_id.clone(),
@@ -192,28 +261,53 @@ impl Dispatcher {
                 last_heartbeat: Instant::now(),
             },
         );
-        log::info!(
-            "dispatcher: session {session_id} for node {}",
-            caller.node_id
-        );
-        stream.send(&pb::SessionMessage {
-            message: Some(pb::session_message::Message::Started(pb::SessionStarted {
-                session_id: session_id.clone(),
-                heartbeat_period_ms: millis(period),
-            })),
-        })?;
+        let started = self
+            .record_ready(&caller, &request)
+            .and_then(|()| {
+                stream.send(&pb::SessionMessage {
+                    message: Some(pb::session_message::Message::Started(pb::SessionStarted {
+                        session_id: session_id.clone(),
+                        heartbeat_period_ms: millis(period),
+                    })),
+                })
+            })
+            .and_then(|()| self.spawn_session(&caller.node_id, &session_id, period, stream));
+        if started.is_err() {
+            self.forget_session(&caller.node_id, &session_id);
+        }
+        started
+    }
+
+    fn spawn_session(
+        self: &Arc<Self>,
+        node_id: &str,
+        session_id: &str,
+        period: Duration,
+        stream: ServerStream<pb::SessionMessage>,
+    ) -> Result<(), Status> {
+        log::info!("dispatcher: session {session_id} for node {node_id}");
         let dispatcher = self.clone();
-        let node_id = caller.node_id.clone();
+        let (node_id, session_id) = (node_id.to_string(), session_id.to_string());
         let thread = std::thread::Builder::new()
             .name("flotilla-session".into())
             .spawn(move || {
                 let ended = dispatcher.pump(&node_id, &session_id, period, &stream);
                 log::debug!("dispatcher: session {session_id} of {node_id} ends: {ended}");
+                dispatcher.forget_session(&node_id, &session_id);
                 stream.fail(ended);
             })
             .map_err(|e| Status::resource_exhausted(format!("cannot start a session: {e}")))?;
         self.threads.lock().push(thread);
         Ok(())
+    }
+
+    /// Forgets `session_id` if it is still `node_id`'s session: a node without a session
+    /// is marked down by the monitor once its grace has passed.
+    fn forget_session(&self, node_id: &str, session_id: &str) {
+        let mut sessions = self.sessions.lock();
+        if sessions.get(node_id).is_some_and(|e| e.id == session_id) {
+            sessions.remove(node_id);
+        }
     }
 
     /// Streams the node's assignments until the session ends; returns why it ended.
@@ -455,9 +549,11 @@ impl Dispatcher {
             if changes.is_empty() {
                 return Ok(());
             }
+            // The store stamps objects with the transaction's time: the orchestrator's
+            // node-down grace counts from it.
             let txn = Transaction {
                 changes,
-                ..Default::default()
+                timestamp_ms: now_ms(),
             };
             match propose_transaction(&self.node, &txn, PROPOSE_TIMEOUT) {
                 Ok(_) => return Ok(()),

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::state::{ManagerState, TAG_KV};
 use super::state_dir::{Settings, StateDir, StateDirError};
+use crate::agent::{Agent, AgentError, RunnerConfig};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::{
     CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, SharedCa,
@@ -19,6 +20,7 @@ use crate::control::duties::{Duties, SelfReport};
 use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi, ControlDeps};
 use crate::dispatcher::Dispatcher;
+use crate::dispatcher::client::AgentConfig;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::orchestrator::Orchestrator;
 use crate::proto::objects::NodeRole;
@@ -78,6 +80,9 @@ pub enum StartError {
     /// The Raft node could not start.
     #[error(transparent)]
     Raft(#[from] NodeStartError),
+    /// This node's agent (task runner and dispatcher session) could not start.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
     /// A socket or thread could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -127,6 +132,7 @@ pub struct Manager {
     dispatcher: Arc<Dispatcher>,
     duties: Option<Duties>,
     orchestrator: Option<Orchestrator>,
+    agent: Option<Agent>,
 }
 
 impl Manager {
@@ -237,6 +243,9 @@ impl Manager {
         .map_err(io_error("cannot start the dispatcher service threads"))?;
         let dispatcher = Dispatcher::new(raft.handle().clone(), machine.store.clone());
         dispatcher.register(&mut router, &dispatcher_pool);
+        dispatcher
+            .start_monitor()
+            .map_err(io_error("cannot start the dispatcher monitor thread"))?;
         let store = machine.store.clone();
         raft.handle().set_join_gate(Arc::new(move |node_id| {
             control::roles::join_allowed(&store, node_id)
@@ -287,6 +296,7 @@ impl Manager {
             ),
             _ => None,
         };
+        let agent = start_agent(dir, &settings, &transport, &client_tls, raft.handle())?;
         Ok(Manager {
             dir: dir.clone(),
             settings,
@@ -304,6 +314,7 @@ impl Manager {
             dispatcher,
             duties: Some(duties),
             orchestrator: Some(orchestrator),
+            agent: Some(agent),
         })
     }
 
@@ -403,11 +414,16 @@ impl Manager {
         false
     }
 
-    /// The shutdown barrier, in order: the orchestrator thread, the control duties thread, the registrar and the
+    /// The shutdown barrier, in order: this node's agent (its session, then its task
+    /// processes), the orchestrator thread, the control duties thread, the registrar and the
     /// renewer (they call through the transport), the Raft node (its own barrier: peers,
     /// apply, log writer), the transport (in-flight calls fail `Unavailable`, connections
-    /// close, the reactor is joined), the control watch threads, then the service pools (queued calls drain, threads are joined).
+    /// close, the reactor is joined), the control watch threads and the dispatcher's session
+    /// threads, then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
+        if let Some(agent) = self.agent.take() {
+            agent.stop();
+        }
         if let Some(orchestrator) = self.orchestrator.take() {
             orchestrator.stop();
         }
@@ -462,6 +478,38 @@ fn resolve(addr: &str) -> Result<SocketAddr, StartError> {
             what: format!("{addr} resolves to no address"),
             source: std::io::Error::from(std::io::ErrorKind::AddrNotAvailable),
         })
+}
+
+/// Starts this manager's own agent (swarmkit's managers are nodes too): its tasks live
+/// under the state directory, and its session goes to the leader this manager knows of,
+/// or to this manager while it knows none.
+fn start_agent(
+    dir: &StateDir,
+    settings: &Settings,
+    transport: &Arc<Transport>,
+    client_tls: &Arc<rustls::ClientConfig>,
+    raft: &NodeHandle,
+) -> Result<Agent, StartError> {
+    let raft = raft.clone();
+    let own_addr = settings.advertise_addr.clone();
+    let managers = Box::new(move || {
+        let leader = raft.leader().and_then(|id| raft.directory().addr(id));
+        let mut addrs: Vec<String> = leader.into_iter().collect();
+        if !addrs.contains(&own_addr) {
+            addrs.push(own_addr.clone());
+        }
+        addrs
+    });
+    let session = AgentConfig {
+        managers,
+        tls: client_tls.clone(),
+        hostname: control::duties::hostname(),
+    };
+    Ok(Agent::start(
+        transport.clone(),
+        session,
+        RunnerConfig::new(dir.tasks_dir()),
+    )?)
 }
 
 fn start_renewer(

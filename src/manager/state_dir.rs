@@ -156,6 +156,11 @@ impl StateDir {
         self.root.join("raft")
     }
 
+    /// Where this node's agent keeps its tasks (`<task id>/`: logs, pid file, work dir).
+    pub fn tasks_dir(&self) -> PathBuf {
+        self.root.join("tasks")
+    }
+
     /// True once a manager was initialized or joined here (its settings are written last).
     pub fn is_initialized(&self) -> bool {
         self.settings_file().exists()

@@ -1,0 +1,93 @@
+//! One node's agent: its task runner and its dispatcher session, wired together.
+//!
+//! ```text
+//!  leader's dispatcher ──assignments──► agent-session ──TaskSink──► TaskRunner (agent-tasks)
+//!          ▲                                                            │
+//!          └──── UpdateTaskStatus, Heartbeat ◄── agent-reporter ◄──reports (bounded)
+//! ```
+//!
+//! Every manager runs one in-process (swarmkit's managers are nodes too); a worker runs one
+//! with `flotilla agent`. Must never hold component logic of its own: it only connects the
+//! session's assignments to the runner and the runner's reports to the session.
+
+use std::sync::Arc;
+
+use crate::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
+use crate::net::Transport;
+use crate::proto::objects::Task;
+
+use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
+
+/// Why the agent could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The task runner could not start.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+    /// A session thread could not start.
+    #[error("cannot start the agent's session threads: {0}; the host is out of threads")]
+    Session(std::io::Error),
+}
+
+/// The running agent. Stop it with [`Agent::stop`].
+pub struct Agent {
+    session: Option<AgentSession>,
+    runner: Arc<TaskRunner>,
+}
+
+/// Hands what the session receives to the runner.
+struct RunnerSink(Arc<TaskRunner>);
+
+impl TaskSink for RunnerSink {
+    fn assign(&self, tasks: Vec<Task>) {
+        if let Err(error) = self.0.assign(tasks) {
+            log::error!("agent: cannot take the assignment set: {error}");
+        }
+    }
+
+    fn update(&self, changed: Vec<Task>, removed: Vec<String>) {
+        if let Err(error) = self.0.update(changed, removed) {
+            log::error!("agent: cannot take an assignment change: {error}");
+        }
+    }
+}
+
+impl Agent {
+    /// Starts the task runner (tasks live under `runner.work_dir`) and the session with
+    /// the managers `session` names.
+    ///
+    /// # Errors
+    /// [`AgentError`]: the work directory or a thread could not be created.
+    pub fn start(
+        transport: Arc<Transport>,
+        session: AgentConfig,
+        runner: RunnerConfig,
+    ) -> Result<Agent, AgentError> {
+        let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
+        let runner = Arc::new(TaskRunner::start(runner, reports_tx)?);
+        let sink = Arc::new(RunnerSink(runner.clone()));
+        let session = AgentSession::start(transport, session, sink, reports_rx)
+            .map_err(AgentError::Session)?;
+        Ok(Agent {
+            session: Some(session),
+            runner,
+        })
+    }
+
+    /// Stops the session (no new assignments, no more reports), then every task process,
+    /// and joins all threads.
+    pub fn stop(mut self) {
+        if let Some(session) = self.session.take() {
+            session.stop();
+        }
+        match Arc::try_unwrap(self.runner) {
+            Ok(runner) => {
+                let unsent = runner.shutdown();
+                if !unsent.is_empty() {
+                    log::info!("agent: {} final task reports not sent", unsent.len());
+                }
+            }
+            Err(_) => log::error!("agent: the task runner is still shared; it stops when dropped"),
+        }
+    }
+}

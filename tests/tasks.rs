@@ -1,0 +1,210 @@
+//! Services run as processes: the leader's orchestrator and scheduler create and assign
+//! tasks, the dispatcher streams them to each manager's in-process agent, which runs them
+//! and reports their status back through the dispatcher.
+#![allow(clippy::unwrap_used, missing_docs)]
+
+#[path = "procs/mod.rs"]
+mod procs;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use procs::cli_ok;
+use procs::cluster::{Cluster, ClusterOptions};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + TIMEOUT;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: never happened");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `(desired, current)` state names of the service's tasks, from `service ps`.
+fn task_states(dir: &Path, service: &str) -> Vec<(String, String)> {
+    cli_ok(dir, &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 6).then(|| (fields[4].to_string(), fields[5].to_string()))
+        })
+        .collect()
+}
+
+fn count(states: &[(String, String)], desired: &str, current: &str) -> usize {
+    states
+        .iter()
+        .filter(|(d, c)| d == desired && c == current)
+        .count()
+}
+
+fn alive(pid: u32) -> bool {
+    // Zombies count as gone: the agent reaps its children.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"))
+}
+
+fn pids(file: &Path) -> Vec<u32> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_replicated_service_runs_as_processes_and_scaling_down_stops_them() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    let pid_file = cluster.tmp.path().join("pids");
+    let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("two running tasks", || {
+        count(&task_states(&dir, "web"), "running", "running") == 2
+    });
+    let started = pids(&pid_file);
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert!(started.iter().all(|&pid| alive(pid)), "{started:?}");
+
+    cli_ok(&dir, &["service", "scale", "web=1"]);
+    eventually("one process stopped, its task shut down", || {
+        let states = task_states(&dir, "web");
+        count(&states, "running", "running") == 1
+            && count(&states, "shutdown", "shutdown") == 1
+            && started.iter().filter(|&&pid| alive(pid)).count() == 1
+    });
+
+    cli_ok(&dir, &["service", "rm", "web"]);
+    eventually("every process stopped", || {
+        started.iter().all(|&pid| !alive(pid))
+    });
+}
+
+#[test]
+fn a_failing_task_reports_its_exit_code_and_is_restarted_up_to_its_limit() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "bad",
+            "--restart-condition",
+            "on-failure",
+            "--restart-delay",
+            "100ms",
+            "--restart-max-attempts",
+            "2",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    );
+    // The first run and its two restarts fail; then the slot stays failed.
+    eventually("three failed runs", || {
+        task_states(&dir, "bad")
+            .iter()
+            .filter(|(_, current)| current == "failed")
+            .count()
+            == 3
+    });
+    let tasks = cli_ok(&dir, &["task", "ls", "--format", "json"]);
+    assert!(
+        tasks.contains("\"exit_code\": 3") || tasks.contains("\"exit_code\":3"),
+        "{tasks}"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        task_states(&dir, "bad").len(),
+        3,
+        "no restart past --restart-max-attempts"
+    );
+}
+
+#[test]
+fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    eventually("three ready nodes", || {
+        cli_ok(&dir, &["node", "ls"]).matches("ready").count() == 3
+    });
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "spread",
+            "--replicas",
+            "3",
+            "--",
+            "sleep",
+            "300",
+        ],
+    );
+    eventually("three running tasks", || {
+        count(&task_states(&dir, "spread"), "running", "running") == 3
+    });
+    // The nodes of the tasks meant to run and running.
+    let nodes_running = |dir: &Path| -> std::collections::BTreeSet<String> {
+        cli_ok(dir, &["service", "ps", "spread"])
+            .lines()
+            .skip(1)
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .filter(|fields| fields.len() >= 6 && fields[4] == "running" && fields[5] == "running")
+            .map(|fields| fields[3].to_string())
+            .collect()
+    };
+    assert_eq!(nodes_running(&dir).len(), 3, "one task per manager");
+    let client = cluster.client();
+    let leader = cluster.leader_index(&client).unwrap();
+    client.transport.shutdown();
+    cluster.managers[leader].stop();
+    let survivor = cluster.managers[(leader + 1) % 3].dir.clone();
+    // The new leader never hears from the old leader's node: down after three heartbeat
+    // periods, and after the grace its task is replaced on a live node.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (ok, nodes) = procs::cli_in(&survivor, &["node", "ls"]);
+        let states = if ok {
+            task_states(&survivor, "spread")
+        } else {
+            Vec::new()
+        };
+        if nodes.matches("down").count() == 1
+            && count(&states, "running", "running") == 3
+            && nodes_running(&survivor).len() == 2
+        {
+            // The stopped node's task is retired; nobody is left to report it stopped.
+            assert_eq!(count(&states, "shutdown", "running"), 1, "{states:?}");
+            assert_eq!(states.len(), 4, "exactly one replacement: {states:?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never rescheduled; nodes:\n{nodes}\ntasks: {states:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
