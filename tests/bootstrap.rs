@@ -34,7 +34,7 @@ fn init_prints_tokens_and_a_manager_joins_with_the_manager_token() {
     );
     let manager_token = token_from(&first.wait_for("flotilla join", START));
     let worker_token = token_from(&first.wait_for("Worker token", START));
-    first.wait_for("listening on", START);
+    first.wait_for("flotilla manager listening on", START);
     for file in [
         "join-tokens",
         "manager.conf",
@@ -103,7 +103,7 @@ fn init_prints_tokens_and_a_manager_joins_with_the_manager_token() {
         ],
     );
     second.wait_for("joined cluster", START);
-    second.wait_for("listening on", START);
+    second.wait_for("flotilla manager listening on", START);
     assert_eq!(mode(&second_dir.join("node/node.pem")), 0o600);
     // The CA key reaches a joined manager only through the replicated store: nothing is
     // written to its ca/ directory.
@@ -132,7 +132,7 @@ fn init_refuses_an_initialized_directory_and_run_resumes_it() {
     let dir_arg = dir.to_str().unwrap();
     let addr = free_addr();
     let mut first = Proc::start("m1", &["init", "--state-dir", dir_arg, "--listen", &addr]);
-    first.wait_for("listening on", START);
+    first.wait_for("flotilla manager listening on", START);
     let conf = std::fs::read_to_string(dir.join("manager.conf")).unwrap();
     first.signal(15);
     assert!(first.wait_exit(START).success());

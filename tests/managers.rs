@@ -177,9 +177,13 @@ fn compacted_cluster(mib: usize) -> (Cluster, procs::cluster::Client, String) {
             .put_at(&leader, &format!("big-{i:05}"), value)
             .unwrap();
     }
+    // A snapshot is due only once the log since the last one holds a quarter of its size
+    // (`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`): these writes carry a third, in entries far
+    // smaller than the big ones.
+    let small = Bytes::from(vec![b'x'; (mib << 20) / 3 / 800]);
     for i in 0..800 {
         client
-            .put_at(&leader, &format!("small-{i}"), Bytes::from_static(b"x"))
+            .put_at(&leader, &format!("small-{i}"), small.clone())
             .unwrap();
     }
     (cluster, client, leader)
