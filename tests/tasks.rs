@@ -208,3 +208,103 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
         std::thread::sleep(Duration::from_millis(500));
     }
 }
+
+#[test]
+fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let worker_dir = cluster.tmp.path().join("worker");
+    let worker_dir_arg = worker_dir.to_str().unwrap();
+
+    // A manager token makes no worker.
+    let manager_token = cli_ok(&dir, &["join-token", "manager"]).trim().to_string();
+    let (status, output) = procs::run_to_end(
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir_arg,
+            "--token",
+            &manager_token,
+            "--manager",
+            &manager_addr,
+        ],
+        TIMEOUT,
+    );
+    assert!(!status.success());
+    assert!(output.contains("worker token"), "{output}");
+
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let mut agent = procs::Proc::start(
+        "worker",
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir_arg,
+            "--token",
+            &token,
+            "--manager",
+            &manager_addr,
+        ],
+    );
+    agent.wait_for("running the tasks assigned", TIMEOUT);
+    let worker_line = || {
+        cli_ok(&dir, &["node", "ls"])
+            .lines()
+            .find(|line| line.contains(" worker "))
+            .unwrap_or_default()
+            .to_string()
+    };
+    eventually("the worker, ready", || worker_line().contains("ready"));
+    let worker_id = worker_line().split_whitespace().next().unwrap().to_string();
+
+    let pid_file = cluster.tmp.path().join("worker-pids");
+    let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "onworker",
+            "--replicas",
+            "2",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("two running tasks on the worker", || {
+        count(&task_states(&dir, "onworker"), "running", "running") == 2
+    });
+    assert!(
+        cli_ok(&dir, &["service", "ps", "onworker"])
+            .matches(&worker_id[..12])
+            .count()
+            == 2,
+        "both tasks on the worker"
+    );
+    let started = pids(&pid_file);
+    assert_eq!(started.len(), 2, "{started:?}");
+    assert!(started.iter().all(|&pid| alive(pid)));
+
+    // SIGTERM: the agent stops its tasks before it exits; the node goes down.
+    agent.signal(15);
+    assert!(agent.wait_exit(TIMEOUT).success());
+    assert!(started.iter().all(|&pid| !alive(pid)), "{started:?}");
+    eventually("the worker, down", || worker_line().contains("down"));
+
+    // A later run needs no token: same node, ready again.
+    let mut again = procs::Proc::start("worker-again", &["agent", "--state-dir", worker_dir_arg]);
+    again.wait_for("running the tasks assigned", TIMEOUT);
+    eventually("the same worker, ready again", || {
+        let line = worker_line();
+        line.contains(&worker_id) && line.contains("ready")
+    });
+    again.signal(15);
+    assert!(again.wait_exit(TIMEOUT).success());
+}

@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
+mod agent;
 pub mod control;
 pub mod json;
 mod managers;
@@ -24,6 +25,8 @@ use crate::raft::node::Bootstrap;
 pub const LISTEN_ADDR_DEFAULT: &str = "127.0.0.1:4242";
 /// State directory of `flotilla up`.
 pub const UP_STATE_DIR_DEFAULT: &str = "./flotilla-state";
+/// State directory of `flotilla agent`.
+pub const AGENT_STATE_DIR_DEFAULT: &str = "./flotilla-agent";
 
 /// flotilla: a small, fast, secure cluster orchestrator (the control plane of Docker swarm
 /// mode, rebuilt for constrained hosts).
@@ -66,6 +69,20 @@ pub enum Command {
         token: String,
         /// Address of any manager of the cluster (host:port).
         manager: String,
+    },
+    /// Run this machine as a worker node: join with a worker token on the first run, then
+    /// run the tasks the cluster assigns here until interrupted (which stops them).
+    Agent {
+        /// The node's state directory (identity, remembered managers, tasks).
+        #[arg(long, default_value = AGENT_STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+        /// The worker join token, for the first run (`flotilla join-token worker` on a
+        /// manager prints it).
+        #[arg(long)]
+        token: Option<String>,
+        /// A manager's address (host:port); repeat for several. Remembered for later runs.
+        #[arg(long = "manager")]
+        managers: Vec<String>,
     },
     /// Resume the node whose state is in the state directory.
     Run {
@@ -221,6 +238,15 @@ fn execute(command: Command) -> Result<(), String> {
             serve(&dir)
         }
         Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
+        Command::Agent {
+            state_dir,
+            token,
+            managers,
+        } => agent::run(agent::AgentArgs {
+            state_dir,
+            token,
+            managers,
+        }),
         Command::Manager {
             connection,
             command,
