@@ -475,25 +475,8 @@ impl<T: Message + Default> ResponseStream<T> {
     /// # Errors
     /// The server's status, `DeadlineExceeded`, or the connection's close reason.
     pub fn recv(&mut self) -> Result<Option<T>, Status> {
-        if self.call.done {
-            return Ok(None);
-        }
-        match self.call.reader.recv(&self.call.writer) {
-            Ok(Inbound::Message(payload)) => decode_reply(payload).map(Some),
-            Ok(Inbound::End) => {
-                self.call.done = true;
-                Ok(None)
-            }
-            Ok(Inbound::Failed(status)) => {
-                self.call.done = true;
-                Err(status)
-            }
-            Ok(Inbound::Response(_)) => {
-                self.call.done = true;
-                Err(Status::internal("peer sent a RESPONSE on a server stream"))
-            }
-            Err(status) => Err(status),
-        }
+        let deadline = self.call.writer.deadline;
+        self.recv_until(deadline)
     }
 
     /// [`ResponseStream::recv`] waiting at most `wait` (and never past the call's own
@@ -503,18 +486,18 @@ impl<T: Message + Default> ResponseStream<T> {
     /// # Errors
     /// As [`ResponseStream::recv`].
     pub fn recv_timeout(&mut self, wait: Duration) -> Result<Option<T>, Status> {
-        if self.call.done {
-            return Ok(None);
-        }
         let mut deadline = Instant::now() + wait;
         if let Some(call_deadline) = self.call.writer.deadline {
             deadline = deadline.min(call_deadline);
         }
-        match self
-            .call
-            .reader
-            .recv_until(&self.call.writer, Some(deadline))
-        {
+        self.recv_until(Some(deadline))
+    }
+
+    fn recv_until(&mut self, deadline: Option<Instant>) -> Result<Option<T>, Status> {
+        if self.call.done {
+            return Ok(None);
+        }
+        match self.call.reader.recv_until(&self.call.writer, deadline) {
             Ok(Inbound::Message(payload)) => decode_reply(payload).map(Some),
             Ok(Inbound::End) => {
                 self.call.done = true;

@@ -230,14 +230,8 @@ pub(crate) struct StreamReader {
 }
 
 impl StreamReader {
-    /// Waits for the next inbound item until `writer.deadline`. Returns credit for consumed
-    /// messages in batches.
-    pub(crate) fn recv(&mut self, writer: &StreamWriter) -> Result<Inbound, Status> {
-        self.recv_until(writer, writer.deadline)
-    }
-
-    /// [`StreamReader::recv`] waiting at most until `deadline` (callers clamp it to the
-    /// stream's own deadline).
+    /// Waits for the next inbound item until `deadline` (callers clamp it to the stream's
+    /// own deadline). Returns credit for consumed messages in batches.
     pub(crate) fn recv_until(
         &mut self,
         writer: &StreamWriter,
