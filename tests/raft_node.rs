@@ -1,6 +1,8 @@
 //! The Raft node runtime in one process: three members over real mutual-TLS sockets,
 //! driven through `NodeHandle`. Covers what needs a hand on the state machine: a leader whose
-//! state machine wedges hands leadership over (swarmkit's wedged-leader problem).
+//! state machine wedges hands leadership over (swarmkit's wedged-leader problem), and the
+//! snapshot policy (a big state is not snapshotted again until the log holds a quarter of
+//! it).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod common;
@@ -159,4 +161,93 @@ fn a_leader_whose_state_machine_wedges_hands_leadership_over() {
     for member in members {
         member.node.shutdown();
     }
+}
+
+/// Keeps every byte applied: its snapshots grow with the log.
+#[derive(Clone, Default)]
+struct Hoarder {
+    data: Arc<parking_lot::Mutex<Vec<u8>>>,
+}
+
+impl StateMachine for Hoarder {
+    fn apply(&mut self, _index: u64, data: &[u8]) -> Bytes {
+        self.data.lock().extend_from_slice(data);
+        Bytes::new()
+    }
+
+    fn snapshot(&mut self) -> SnapshotWriter {
+        let data = self.data.lock().clone();
+        Box::new(move |out: &mut dyn Write| out.write_all(&data))
+    }
+
+    fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
+        let mut data = Vec::new();
+        input.read_to_end(&mut data)?;
+        *self.data.lock() = data;
+        Ok(())
+    }
+}
+
+/// The highest log index among the snapshot files (`<index>-<term>.snap`) in `dir`.
+fn newest_snapshot_index(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir.join("snapshots"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|name| name.ends_with(".snap"))
+                .filter_map(|name| name.split('-').next()?.parse().ok())
+                .max()
+                .unwrap_or(0)
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn snapshots_wait_until_the_log_holds_a_quarter_of_the_last_one() {
+    let ca = TestCa::new();
+    let identity = ca.identity(Role::Manager);
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let mut config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
+    config.snapshot_interval_entries = 10;
+    let dir = tempfile::tempdir().unwrap();
+    let node = RaftNode::start(
+        config,
+        dir.path(),
+        Box::new(Hoarder::default()),
+        transport.clone(),
+        ca.client_tls_for(&identity),
+    )
+    .unwrap();
+    wait_until("leadership", || {
+        node.handle()
+            .status(Duration::from_secs(1))
+            .is_ok_and(|s| s.is_leader)
+    });
+    let propose = |bytes: usize, count: usize| {
+        for _ in 0..count {
+            node.handle()
+                .propose(&vec![7u8; bytes], Duration::from_secs(10))
+                .unwrap();
+        }
+    };
+    // 1 MiB of state, then small entries: the first snapshot comes at the interval.
+    propose(1 << 20, 1);
+    propose(1024, 20);
+    wait_until("the first snapshot", || {
+        newest_snapshot_index(dir.path()) > 0
+    });
+    let first = newest_snapshot_index(dir.path());
+    // 100 KiB more is far past the interval (10 entries) but under a quarter of the
+    // snapshot (256 KiB): no snapshot. (The decision is made as entries are applied, and
+    // the proposals returned once applied; a due snapshot's file would follow at once.)
+    propose(1024, 100);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(newest_snapshot_index(dir.path()), first);
+    // Past a quarter: the next one comes.
+    propose(1024, 200);
+    wait_until("a second snapshot", || {
+        newest_snapshot_index(dir.path()) > first
+    });
+    node.shutdown();
+    transport.shutdown();
 }
