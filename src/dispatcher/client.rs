@@ -4,7 +4,7 @@
 //! Two threads: `agent-session` opens the session (trying each manager in turn, with
 //! backoff) and reads its stream; `agent-reporter` heartbeats the current session every
 //! half period and sends the status reports it receives, in batches of at most
-//! [`STATUS_UPDATES_MAX`](super::STATUS_UPDATES_MAX). A report that cannot be sent is kept
+//! [`STATUS_UPDATES_MAX`]. A report that cannot be sent is kept
 //! (the latest per task) and sent on the next session. Must never block the task runner:
 //! reports arrive on a channel the runner only `try_send`s to.
 
