@@ -18,6 +18,9 @@
 //! and OU = manager. A server passing it is by construction a manager of our cluster, which is
 //! exactly what the caller wanted to reach; an attacker would need a manager's private key.
 //!
+//! A node presents its certificate through a [`LiveIdentity`]: a renewed certificate is
+//! swapped in there and used from the next handshake on, without rebuilding any config.
+//!
 //! After the handshake, [`peer_identity`] reads the verified identity for the RPC handlers.
 //! Must never accept a client certificate that the handshake would not (the server verifier
 //! is the only gate), nor use [`bootstrap_client_config`] for anything but fetching the root.
@@ -33,6 +36,7 @@ use rustls::crypto::{
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{NoServerSessionStorage, ParsedCertificate, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, ServerConfig, SignatureScheme,
@@ -60,6 +64,17 @@ pub enum TlsError {
     /// The client verifier could not be built.
     #[error("cannot build the client certificate verifier: {0}")]
     Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// A renewed identity is not the same node as the one it would replace.
+    #[error(
+        "the renewed certificate is for node {renewed}, not {current}; a renewal never changes \
+         the node"
+    )]
+    OtherNode {
+        /// The node presented until now.
+        current: String,
+        /// The node the new certificate names.
+        renewed: String,
+    },
     /// The node's identity and the root belong to different clusters.
     #[error(
         "node identity is of cluster {identity}, but the root CA is of cluster {root}; the node files are mixed up"
@@ -86,7 +101,17 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// # Errors
 /// [`TlsError`] when the identity is of another cluster or rustls refuses the key.
 pub fn server_config(identity: &NodeIdentity, root: &RootCert) -> Result<ServerConfig, TlsError> {
-    check_same_cluster(identity, root)?;
+    server_config_live(LiveIdentity::new(identity, root)?, root)
+}
+
+/// [`server_config`] presenting whatever `live` holds at each handshake.
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the configuration.
+pub fn server_config_live(
+    live: Arc<LiveIdentity>,
+    root: &RootCert,
+) -> Result<ServerConfig, TlsError> {
     let provider = provider();
     let webpki = WebPkiClientVerifier::builder_with_provider(root_store(root)?, provider.clone())
         .allow_unauthenticated()
@@ -98,7 +123,7 @@ pub fn server_config(identity: &NodeIdentity, root: &RootCert) -> Result<ServerC
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![identity.cert_der().clone()], identity.private_key())?;
+        .with_cert_resolver(live);
     config.session_storage = Arc::new(NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(config)
@@ -110,10 +135,104 @@ pub fn server_config(identity: &NodeIdentity, root: &RootCert) -> Result<ServerC
 /// # Errors
 /// [`TlsError`] when the identity is of another cluster or rustls refuses the key.
 pub fn client_config(identity: &NodeIdentity, root: &RootCert) -> Result<ClientConfig, TlsError> {
-    check_same_cluster(identity, root)?;
+    client_config_live(LiveIdentity::new(identity, root)?, root)
+}
+
+/// [`client_config`] presenting whatever `live` holds at each handshake.
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the configuration.
+pub fn client_config_live(
+    live: Arc<LiveIdentity>,
+    root: &RootCert,
+) -> Result<ClientConfig, TlsError> {
     let config = client_builder(Arc::new(ClusterServerVerifier::new(root)?))?
-        .with_client_auth_cert(vec![identity.cert_der().clone()], identity.private_key())?;
+        .with_client_cert_resolver(live);
     Ok(without_resumption(config))
+}
+
+/// This node's certificate and key as its handshakes present them, replaceable while the
+/// node runs: a renewed certificate goes in with [`LiveIdentity::set`] and is presented from
+/// the next handshake on, by every config built on it (connections already up keep theirs).
+pub struct LiveIdentity {
+    node_id: String,
+    cluster_id: String,
+    current: parking_lot::Mutex<Arc<CertifiedKey>>,
+}
+
+impl fmt::Debug for LiveIdentity {
+    // Never the key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LiveIdentity({})", self.node_id)
+    }
+}
+
+impl LiveIdentity {
+    /// Presents `identity`, which must belong to `root`'s cluster.
+    ///
+    /// # Errors
+    /// [`TlsError::ClusterMismatch`], or rustls refusing the key.
+    pub fn new(identity: &NodeIdentity, root: &RootCert) -> Result<Arc<LiveIdentity>, TlsError> {
+        check_same_cluster(identity, root)?;
+        Ok(Arc::new(LiveIdentity {
+            node_id: identity.node_id().to_owned(),
+            cluster_id: identity.cluster_id().to_owned(),
+            current: parking_lot::Mutex::new(certified_key(identity)?),
+        }))
+    }
+
+    /// Presents `renewed` from the next handshake on.
+    ///
+    /// # Errors
+    /// [`TlsError::OtherNode`] or [`TlsError::ClusterMismatch`] if it is not the same node
+    /// of the same cluster (nothing changes then); rustls refusing the key.
+    pub fn set(&self, renewed: &NodeIdentity) -> Result<(), TlsError> {
+        if renewed.node_id() != self.node_id {
+            return Err(TlsError::OtherNode {
+                current: self.node_id.clone(),
+                renewed: renewed.node_id().to_owned(),
+            });
+        }
+        if renewed.cluster_id() != self.cluster_id {
+            return Err(TlsError::ClusterMismatch {
+                identity: renewed.cluster_id().to_owned(),
+                root: self.cluster_id.clone(),
+            });
+        }
+        *self.current.lock() = certified_key(renewed)?;
+        Ok(())
+    }
+
+    /// The certificate presented now.
+    pub fn cert_der(&self) -> CertificateDer<'static> {
+        self.current.lock().cert[0].clone()
+    }
+}
+
+impl rustls::client::ResolvesClientCert for LiveIdentity {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.lock().clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl rustls::server::ResolvesServerCert for LiveIdentity {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.lock().clone())
+    }
+}
+
+fn certified_key(identity: &NodeIdentity) -> Result<Arc<CertifiedKey>, TlsError> {
+    let key = provider()
+        .key_provider
+        .load_private_key(identity.private_key())?;
+    Ok(Arc::new(CertifiedKey::new(
+        vec![identity.cert_der().clone()],
+        key,
+    )))
 }
 
 /// Client side for a joining node's second step: no client certificate; the server must be
@@ -423,5 +542,51 @@ impl ServerCertVerifier for UnverifiedServer {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod live_identity_tests {
+    use std::time::SystemTime;
+
+    use rustls::client::ResolvesClientCert;
+
+    use super::*;
+    use crate::ca::node::PendingIdentity;
+    use crate::ca::{CaPolicy, ClusterCa};
+
+    fn presented(live: &LiveIdentity) -> CertificateDer<'static> {
+        live.resolve(&[], &[])
+            .expect("a live identity always presents")
+            .cert[0]
+            .clone()
+    }
+
+    #[test]
+    fn a_renewed_certificate_is_presented_from_then_on_and_only_for_the_same_node() {
+        let now = SystemTime::now();
+        let ca = ClusterCa::create(now, CaPolicy::default()).unwrap();
+        let first = ca.issue_local_identity(Role::Worker, now).unwrap();
+        let live = LiveIdentity::new(&first, ca.root()).unwrap();
+        assert_eq!(presented(&live), *first.cert_der());
+
+        let pending = PendingIdentity::generate().unwrap();
+        let issued = ca.renew(first.peer(), pending.csr_der(), now).unwrap();
+        let renewed = pending
+            .complete_renewal(&issued.cert_der, ca.root(), first.peer(), now)
+            .unwrap();
+        assert_ne!(renewed.cert_der(), first.cert_der());
+        live.set(&renewed).unwrap();
+        assert_eq!(presented(&live), *renewed.cert_der());
+        assert_eq!(live.cert_der(), *renewed.cert_der());
+
+        // Another node's certificate never replaces this node's.
+        let other = ca.issue_local_identity(Role::Worker, now).unwrap();
+        assert!(matches!(live.set(&other), Err(TlsError::OtherNode { .. })));
+        assert_eq!(presented(&live), *renewed.cert_der());
+        assert_eq!(
+            format!("{live:?}"),
+            format!("LiveIdentity({})", first.node_id())
+        );
     }
 }

@@ -63,7 +63,9 @@ fn run_with(
     let node_dir = args.state_dir.join("node");
     let (identity, root) = identity(args, &node_dir, &managers, transport)?;
     remember_managers(&args.state_dir, &managers)?;
-    let client_tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
+    let live = tls::LiveIdentity::new(&identity, &root).map_err(|e| e.to_string())?;
+    let client_tls =
+        Arc::new(tls::client_config_live(live.clone(), &root).map_err(|e| e.to_string())?);
     let renewer = Renewer::start(
         RenewerSetup {
             transport: transport.clone(),
@@ -73,7 +75,13 @@ fn run_with(
             root,
         },
         RenewerConfig::default(),
-        |renewed| log::info!("certificate renewed; valid until {:?}", renewed.not_after()),
+        move |renewed| match live.set(renewed) {
+            Ok(()) => log::info!(
+                "certificate renewed; presented from now on, valid until {:?}",
+                renewed.not_after()
+            ),
+            Err(error) => log::error!("cannot present the renewed certificate: {error}"),
+        },
     )
     .map_err(|e| format!("cannot start the certificate renewer: {e}"))?;
     let listed = managers.join(", ");

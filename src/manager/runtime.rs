@@ -159,7 +159,9 @@ impl Manager {
         );
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
-        let client_tls = Arc::new(tls::client_config(&identity, &root)?);
+        // Renewed certificates go in here and are presented from the next handshake on.
+        let live = tls::LiveIdentity::new(&identity, &root)?;
+        let client_tls = Arc::new(tls::client_config_live(live.clone(), &root)?);
         let machine = ManagerState::new(StoreConfig::default());
         let mut node_config = NodeConfig::new(
             settings.raft_id,
@@ -251,7 +253,7 @@ impl Manager {
             control::roles::join_allowed(&store, node_id)
         }));
         let listen_addr = resolve(&settings.listen_addr)?;
-        let server_tls = Arc::new(tls::server_config(&identity, &root)?);
+        let server_tls = Arc::new(tls::server_config_live(live.clone(), &root)?);
         let router = Arc::new(router);
         transport
             .listen_local(&dir.control_socket(), server_tls.clone(), router.clone())
@@ -270,7 +272,7 @@ impl Manager {
             identity.node_id(),
             settings.raft_id
         );
-        let renewer = start_renewer(dir, &settings, &transport, &identity, &root)?;
+        let renewer = start_renewer(dir, &settings, &transport, &identity, &root, live)?;
         let duties = Duties::start(
             control.clone(),
             SelfReport {
@@ -518,6 +520,7 @@ fn start_renewer(
     transport: &Arc<Transport>,
     identity: &NodeIdentity,
     root: &RootCert,
+    live: Arc<tls::LiveIdentity>,
 ) -> Result<Renewer, StartError> {
     let setup = RenewerSetup {
         transport: transport.clone(),
@@ -526,8 +529,14 @@ fn start_renewer(
         identity: identity.clone(),
         root: root.clone(),
     };
-    Renewer::start(setup, RenewerConfig::default(), |renewed| {
-        log::info!("certificate renewed; valid until {:?}", renewed.not_after());
+    Renewer::start(setup, RenewerConfig::default(), move |renewed| {
+        match live.set(renewed) {
+            Ok(()) => log::info!(
+                "certificate renewed; presented from now on, valid until {:?}",
+                renewed.not_after()
+            ),
+            Err(error) => log::error!("cannot present the renewed certificate: {error}"),
+        }
     })
     .map_err(io_error("cannot start the certificate renewer"))
 }
