@@ -29,7 +29,7 @@ use procs::cluster::{Cluster, ClusterOptions, ManagerProc, START};
 
 const CALL: Duration = Duration::from_secs(10);
 
-use procs::{cli_in as cli, cli_ok as ok};
+use procs::{cli_in as cli, cli_ok as ok, raft_id_of};
 
 fn node_id_of(manager: &mut ManagerProc) -> String {
     let line = manager.proc().wait_for("(raft id", START);
@@ -378,18 +378,4 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
     }
     // The managers themselves keep working.
     ok(&m2, &["node", "ls"]);
-}
-
-/// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
-fn raft_id_of(listing: &str, addr: &str) -> String {
-    let mut id = None;
-    for line in listing.lines().map(str::trim) {
-        if let Some(value) = line.strip_prefix("\"id\": \"") {
-            id = Some(value.trim_end_matches("\",").to_string());
-        }
-        if line.contains(&format!("\"addr\": \"{addr}\"")) {
-            return id.unwrap_or_else(|| panic!("no id before {addr}:\n{listing}"));
-        }
-    }
-    panic!("{addr} not listed:\n{listing}");
 }

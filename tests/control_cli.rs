@@ -16,7 +16,7 @@ use flotilla::net::{CallOptions, ResponseStream, Transport, TransportConfig};
 use flotilla::proto::control as pb;
 use flotilla::proto::objects::{ObjectKind, store_object};
 use procs::cluster::{Cluster, ClusterOptions, ManagerProc, START};
-use procs::run_to_end;
+use procs::{raft_id_of, run_to_end};
 
 const CLI: Duration = Duration::from_secs(60);
 
@@ -572,20 +572,6 @@ fn admin_ok(cert_dir: &Path, manager: &str, args: &[&str]) -> String {
     let (success, output) = admin_cli(cert_dir, manager, args);
     assert!(success, "flotilla {args:?} (admin) failed:\n{output}");
     output
-}
-
-/// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
-fn raft_id_of(listing: &str, addr: &str) -> String {
-    let mut id = None;
-    for line in listing.lines().map(str::trim) {
-        if let Some(value) = line.strip_prefix("\"id\": \"") {
-            id = Some(value.trim_end_matches("\",").to_string());
-        }
-        if line.contains(&format!("\"addr\": \"{addr}\"")) {
-            return id.unwrap_or_else(|| panic!("no id before {addr}:\n{listing}"));
-        }
-    }
-    panic!("{addr} not listed:\n{listing}");
 }
 
 /// Starts `flotilla watch --kind service --format json` and waits until it is subscribed.

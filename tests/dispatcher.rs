@@ -7,7 +7,7 @@
 mod procs;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla::ca::rpc::join_cluster;
 use flotilla::ca::tls;
@@ -36,11 +36,7 @@ impl TaskSink for Recorder {
 }
 
 fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: never happened");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    procs::eventually(what, TIMEOUT, check);
 }
 
 fn node_line(dir: &std::path::Path, hostname: &str) -> String {

@@ -15,11 +15,7 @@ use procs::cluster::{Cluster, ClusterOptions};
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn eventually(what: &str, check: impl Fn() -> bool) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !check() {
-        assert!(Instant::now() < deadline, "{what}: never happened");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    procs::eventually(what, TIMEOUT, check);
 }
 
 /// `(desired, current)` state names of the service's tasks, from `service ps`.
@@ -166,20 +162,31 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
     eventually("three running tasks", || {
         count(&task_states(&dir, "spread"), "running", "running") == 3
     });
-    // The nodes of the tasks meant to run and running.
-    let nodes_running = |dir: &Path| -> std::collections::BTreeSet<String> {
+    // `(slot, node, desired, current)` of every task, from one `service ps` snapshot.
+    let rows = |dir: &Path| -> Vec<(String, String, String, String)> {
         cli_ok(dir, &["service", "ps", "spread"])
             .lines()
             .skip(1)
             .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .filter(|fields| fields.len() >= 6 && fields[4] == "running" && fields[5] == "running")
-            .map(|fields| fields[3].to_string())
+            .filter(|fields| fields.len() >= 6)
+            .map(|f| (f[2].into(), f[3].into(), f[4].into(), f[5].into()))
             .collect()
     };
-    assert_eq!(nodes_running(&dir).len(), 3, "one task per manager");
+    let nodes_of = |rows: &[(String, String, String, String)]| {
+        rows.iter()
+            .map(|row| row.1.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    assert_eq!(nodes_of(&rows(&dir)).len(), 3, "one task per manager");
     let client = cluster.client();
     let leader = cluster.leader_index(&client).unwrap();
     client.transport.shutdown();
+    let stopped_node = cli_ok(&cluster.managers[leader].dir, &["node", "ls"])
+        .lines()
+        .find(|line| line.trim_end().ends_with("leader"))
+        .and_then(|line| line.split_whitespace().next())
+        .map(|id| id[..12].to_string())
+        .unwrap();
     cluster.managers[leader].stop();
     let survivor = cluster.managers[(leader + 1) % 3].dir.clone();
     // The new leader never hears from the old leader's node: down after three heartbeat
@@ -187,27 +194,35 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (ok, nodes) = procs::cli_in(&survivor, &["node", "ls"]);
-        let states = if ok {
-            task_states(&survivor, "spread")
-        } else {
-            Vec::new()
-        };
-        if nodes.matches("down").count() == 1
-            && count(&states, "running", "running") == 3
-            && nodes_running(&survivor).len() == 2
+        let states = if ok { rows(&survivor) } else { Vec::new() };
+        let wanted: Vec<_> = states.iter().filter(|r| r.2 == "running").collect();
+        let down = nodes
+            .lines()
+            .filter(|line| line.contains(" down "))
+            .map(|line| line[..12].to_string())
+            .collect::<Vec<_>>();
+        if down == [stopped_node.clone()]
+            && wanted.len() == 3
+            && wanted
+                .iter()
+                .all(|r| r.3 == "running" && r.1 != stopped_node)
         {
             // The stopped node's task is retired (nobody is left to report it stopped), and
             // each slot has exactly one task meant to run: nothing was duplicated.
-            assert!(count(&states, "shutdown", "running") >= 1, "{states:?}");
-            let mut slots: Vec<String> = cli_ok(&survivor, &["service", "ps", "spread"])
-                .lines()
-                .skip(1)
-                .map(|line| line.split_whitespace().collect::<Vec<_>>())
-                .filter(|fields| fields.len() >= 6 && fields[4] == "running")
-                .map(|fields| fields[2].to_string())
-                .collect();
-            slots.sort();
+            assert!(
+                states
+                    .iter()
+                    .any(|r| r.1 == stopped_node && r.2 == "shutdown"),
+                "{states:?}"
+            );
+            let mut slots: Vec<&str> = wanted.iter().map(|r| r.0.as_str()).collect();
+            slots.sort_unstable();
             assert_eq!(slots, ["1", "2", "3"], "{states:?}");
+            assert_eq!(
+                nodes_of(&states).len(),
+                3,
+                "two live nodes and the stopped one"
+            );
             break;
         }
         assert!(

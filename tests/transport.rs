@@ -34,6 +34,18 @@ fn echo(channel: &flotilla::net::Channel, data: &[u8]) -> Result<Bytes, flotilla
 }
 
 /// Waits for the next event that matches, failing the test after `TIMEOUT`.
+/// An encoded test `Bytes` request carrying `data`.
+fn request(data: &[u8]) -> bytes::Bytes {
+    use prost::Message;
+    bytes::Bytes::from(
+        Bytes {
+            data: data.to_vec(),
+            caller: String::new(),
+        }
+        .encode_to_vec(),
+    )
+}
+
 fn expect_event(server: &TestServer, wanted: impl Fn(&Event) -> bool) -> Event {
     let deadline = Instant::now() + TIMEOUT;
     loop {
@@ -658,15 +670,6 @@ fn nowait_calls_need_a_live_connection_and_report_replies_and_failures_to_their_
     let hook = |tx: crossbeam_channel::Sender<_>| -> flotilla::net::ReplyCallback {
         Box::new(move |reply| tx.send(reply).unwrap())
     };
-    let request = |data: &[u8]| {
-        bytes::Bytes::from(
-            Bytes {
-                data: data.to_vec(),
-                caller: String::new(),
-            }
-            .encode_to_vec(),
-        )
-    };
     // No connection yet: refused at once, and it never dials.
     let err = channel
         .unary_nowait("test.Echo", request(b"early"), TIMEOUT, hook(tx.clone()))
@@ -704,20 +707,10 @@ fn nowait_calls_need_a_live_connection_and_report_replies_and_failures_to_their_
 
 #[test]
 fn oneway_calls_run_inline_handlers_in_order_and_nothing_comes_back() {
-    use prost::Message;
     let cluster = Cluster::new();
     let server = TestServer::start(&cluster, fast_config());
     let client = Transport::start(fast_config()).unwrap();
     let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
-    let request = |data: &[u8]| {
-        bytes::Bytes::from(
-            Bytes {
-                data: data.to_vec(),
-                caller: String::new(),
-            }
-            .encode_to_vec(),
-        )
-    };
     let err = channel
         .send_oneway("test.InlineRecord", request(b"early"))
         .unwrap_err();
@@ -740,7 +733,6 @@ fn oneway_calls_run_inline_handlers_in_order_and_nothing_comes_back() {
 
 #[test]
 fn small_frames_are_written_by_their_sender_and_wait_behind_queued_big_ones() {
-    use prost::Message;
     let cluster = Cluster::new();
     let server = TestServer::start(&cluster, fast_config());
     let client = Transport::start(fast_config()).unwrap();
@@ -751,15 +743,8 @@ fn small_frames_are_written_by_their_sender_and_wait_behind_queued_big_ones() {
     let record_len = |i: u8| if i % 3 == 1 { 100 * 1024 } else { 1 };
     let before = client.frames_written_inline();
     for i in 0..30u8 {
-        let request = Bytes {
-            data: vec![i; record_len(i)],
-            caller: String::new(),
-        };
         channel
-            .send_oneway(
-                "test.InlineRecord",
-                bytes::Bytes::from(request.encode_to_vec()),
-            )
+            .send_oneway("test.InlineRecord", request(&vec![i; record_len(i)]))
             .unwrap();
     }
     for i in 0..30u8 {

@@ -32,11 +32,7 @@ pub fn new_object_id() -> String {
         .collect()
 }
 
-pub(super) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
+pub(super) use crate::util::clock::unix_now_ms as now_ms;
 
 fn decode<Req: Message + Default>(payload: Bytes) -> Result<Req, Status> {
     Req::decode(payload).map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))

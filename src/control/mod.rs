@@ -180,7 +180,7 @@ impl Caller {
 }
 
 /// The coarse proto role of a forwarded caller: an admin is no manager.
-fn role_to_proto(role: Role) -> NodeRole {
+pub(crate) fn role_to_proto(role: Role) -> NodeRole {
     match role {
         Role::Manager => NodeRole::Manager,
         Role::Worker | Role::Admin => NodeRole::Worker,

@@ -31,18 +31,19 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
-use crate::ca::{PeerIdentity, Role};
+use crate::ca::PeerIdentity;
 use crate::manager::state::propose_transaction;
 use crate::net::{Allow, CallContext, Router, ServerStream, ServicePool};
 use crate::proto::dispatcher as pb;
 use crate::proto::objects::{
-    Cluster, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus, Task, Transaction,
+    Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
 };
 use crate::raft::node::NodeHandle;
 use crate::store::settings::ClusterSettings;
 use crate::store::{
     Action, Kind, Object, Store, WatchError, WatchEvent, WatchFilter, WatchOptions,
 };
+use crate::util::clock::unix_now_ms as now_ms;
 use crate::wire::{Code, Status};
 
 /// Opens a node's session (server stream of [`pb::SessionMessage`]).
@@ -579,18 +580,9 @@ fn millis(period: Duration) -> i64 {
     i64::try_from(period.as_millis()).unwrap_or(i64::MAX)
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, millis)
-}
-
 /// A worker's (or a manager's, if it has none yet) Node object at its first session.
 fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest) -> Node {
-    let role = match caller.role {
-        Role::Manager => NodeRole::Manager,
-        Role::Worker | Role::Admin => NodeRole::Worker,
-    };
+    let role = crate::control::role_to_proto(caller.role);
     Node {
         id: caller.node_id.clone(),
         spec: Some(NodeSpec {

@@ -23,6 +23,7 @@ use crate::control::PROPOSE_TIMEOUT;
 use crate::manager::state::propose_transaction;
 use crate::raft::node::NodeHandle;
 use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
+use crate::util::clock::unix_now_ms as now_ms;
 
 /// The longest wait between two passes when the store changes.
 pub const ORCHESTRATOR_PASS_INTERVAL: Duration = Duration::from_millis(200);
@@ -159,10 +160,4 @@ fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> usize {
         }
     }
     transactions.len()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }

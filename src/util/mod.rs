@@ -3,5 +3,6 @@
 //! Owns nothing stateful. Must never grow component logic: a helper lands here only when
 //! two or more modules need exactly the same thing.
 
+pub mod clock;
 pub mod fsutil;
 pub mod memory;

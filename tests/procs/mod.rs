@@ -194,3 +194,26 @@ pub fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
+
+/// Polls `check` every 100 ms until it holds; panics naming `what` after `timeout`.
+pub fn eventually(what: &str, timeout: Duration, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}: never happened");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
+pub fn raft_id_of(listing: &str, addr: &str) -> String {
+    let mut id = None;
+    for line in listing.lines().map(str::trim) {
+        if let Some(value) = line.strip_prefix("\"id\": \"") {
+            id = Some(value.trim_end_matches("\",").to_string());
+        }
+        if line.contains(&format!("\"addr\": \"{addr}\"")) {
+            return id.unwrap_or_else(|| panic!("no id before {addr}:\n{listing}"));
+        }
+    }
+    panic!("{addr} not listed:\n{listing}");
+}
