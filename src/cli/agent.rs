@@ -45,6 +45,10 @@ pub fn run(args: AgentArgs) -> Result<(), String> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let managers = managers(&args)?;
+    // One process per state directory: a second agent (or a manager) is refused here.
+    let _lock = crate::manager::StateDir::new(&args.state_dir)
+        .lock()
+        .map_err(|e| e.to_string())?;
     let transport = Arc::new(
         Transport::start(TransportConfig::default())
             .map_err(|e| format!("cannot start the transport: {e}"))?,

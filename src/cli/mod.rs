@@ -90,6 +90,32 @@ pub enum Command {
         #[arg(long)]
         state_dir: PathBuf,
     },
+    /// Bring back a manager whose Raft state is damaged or lost, from the other managers:
+    /// it leaves the Raft group and joins it again with an empty log (same node id and
+    /// settings, a new Raft id), then runs. The damaged Raft files are kept in
+    /// `<state dir>/raft.damaged-<time>`.
+    Rejoin {
+        /// The damaged manager's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        /// The cluster's manager join token (`flotilla join-token manager` on a running
+        /// manager prints it).
+        #[arg(long)]
+        token: String,
+        /// Address of a running manager of the cluster (host:port).
+        manager: String,
+    },
+    /// Say what is left of a manager's damaged Raft state; with `--accept-loss`, make the
+    /// manager start from it. Only for a cluster's single manager: a manager with peers
+    /// uses `flotilla rejoin`.
+    Repair {
+        /// The manager's state directory.
+        #[arg(long, default_value = UP_STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+        /// Accept losing what the Raft log no longer holds, and start over from the rest.
+        #[arg(long)]
+        accept_loss: bool,
+    },
     /// Inspect and change the managers (the Raft group).
     Manager {
         /// How to reach a manager.
@@ -238,6 +264,33 @@ fn execute(command: Command) -> Result<(), String> {
             serve(&dir)
         }
         Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
+        Command::Rejoin {
+            state_dir,
+            token,
+            manager,
+        } => {
+            let dir = StateDir::new(state_dir);
+            let transport = Transport::start(TransportConfig::default())
+                .map_err(|e| format!("cannot start the transport: {e}"))?;
+            let rejoined = manager::rejoin_damaged(&dir, &transport, &token, &manager);
+            transport.shutdown();
+            let rejoined = rejoined.map_err(|e| e.to_string())?;
+            if let Some(id) = rejoined.removed_raft_id {
+                println!("removed the old Raft member {id:x} from the cluster");
+            }
+            if let Some(aside) = &rejoined.set_aside {
+                println!("kept the old Raft state in {}", aside.display());
+            }
+            println!(
+                "rejoining as Raft member {:x}; catching up from the other managers",
+                rejoined.settings.raft_id
+            );
+            serve(&dir)
+        }
+        Command::Repair {
+            state_dir,
+            accept_loss,
+        } => repair(&StateDir::new(state_dir), accept_loss),
         Command::Agent {
             state_dir,
             token,
@@ -333,6 +386,29 @@ fn print_tokens(tokens: &JoinTokens) {
         tokens.token(Role::Manager)
     );
     println!("Worker token: {}", tokens.token(Role::Worker));
+}
+
+/// `flotilla repair`: prints the findings; fails (non-zero) while the state is damaged
+/// and not repaired, so scripts do not go on as if it were whole.
+fn repair(dir: &StateDir, accept_loss: bool) -> Result<(), String> {
+    let report = manager::repair::repair(dir, accept_loss).map_err(|e| e.to_string())?;
+    for finding in &report.findings {
+        println!("{finding}");
+    }
+    if report.whole || report.repaired {
+        if report.repaired {
+            println!(
+                "start the manager with `flotilla run --state-dir {}`",
+                dir.root().display()
+            );
+        }
+        return Ok(());
+    }
+    Err(format!(
+        "the Raft state in {} is damaged and was not changed; run again with --accept-loss \
+         to start from what is left, or restore a backup",
+        dir.root().display()
+    ))
 }
 
 /// Runs the node in `dir` until SIGINT or SIGTERM, then stops it through its barrier.

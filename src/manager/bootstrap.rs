@@ -13,6 +13,7 @@ use crate::ca::{
     CaError, CaPolicy, ClusterCa, IssueError, JoinTokens, Role, StorageError, save_node_files,
 };
 use crate::net::Transport;
+use crate::raft::storage::Watermark;
 use crate::raft::types::NodeId;
 
 /// How long one join call may take before the join fails.
@@ -45,6 +46,21 @@ pub enum BootstrapError {
     /// A demoted node's state directory could not rejoin as a manager.
     #[error("cannot rejoin as a manager: {0}")]
     Rejoin(String),
+    /// Settings are missing but Raft state is there: the directory is damaged.
+    #[error(
+        "{dir} holds the Raft state of a manager that ran here, but {settings} is missing; \
+         restore it from a backup (it names the manager's raft_id, listen_addr, \
+         advertise_addr and bootstrap), or choose an empty directory"
+    )]
+    Damaged {
+        /// The state directory.
+        dir: String,
+        /// The missing settings file.
+        settings: String,
+    },
+    /// The watermark could not be created.
+    #[error("cannot create the Raft watermark: {0}")]
+    Watermark(#[from] crate::raft::storage::WatermarkError),
     /// The token grants the worker role; this command sets up managers.
     #[error(
         "this is a worker token; managers join with the manager token \
@@ -69,6 +85,29 @@ fn refuse_initialized(dir: &StateDir) -> Result<(), BootstrapError> {
             dir.root().display().to_string(),
         ));
     }
+    // No settings, but a manager ran here: its settings file was lost, and a new node made
+    // over its files would bury the cluster it belonged to.
+    if dir.has_raft_state() {
+        return Err(BootstrapError::Damaged {
+            dir: dir.root().display().to_string(),
+            settings: dir.settings_file().display().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// Creates the Raft directory's watermark for the new member `raft_id` (replacing one an
+/// interrupted bootstrap left: [`refuse_initialized`] made sure no Raft state exists). Its
+/// absence later means the Raft state lost files.
+fn create_watermark(dir: &StateDir, raft_id: NodeId) -> Result<(), BootstrapError> {
+    let raft = dir.raft_dir();
+    let path = Watermark::path_in(&raft);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(StateDirError::Io { path, source }.into()),
+    }
+    Watermark::create(&raft, raft_id)?;
     Ok(())
 }
 
@@ -87,6 +126,7 @@ pub fn init(dir: &StateDir, settings: &Settings) -> Result<JoinTokens, Bootstrap
     dir.save_tokens(&tokens)?;
     let identity = ca.issue_local_identity(Role::Manager, now)?;
     save_node_files(&dir.node_dir(), &identity, ca.root())?;
+    create_watermark(dir, settings.raft_id)?;
     dir.save_settings(settings)?;
     log::info!(
         "initialized cluster {} in {}; this manager is node {}",
@@ -120,6 +160,7 @@ pub fn join(
     }
     dir.create()?;
     save_node_files(&dir.node_dir(), &identity, &root)?;
+    create_watermark(dir, settings.raft_id)?;
     dir.save_settings(settings)?;
     log::info!(
         "joined cluster {} through {manager_addr} as manager node {}",
@@ -145,6 +186,102 @@ fn rejoin(
     token: &str,
     manager_addr: &str,
 ) -> Result<(), BootstrapError> {
+    let checked = check_rejoin(dir, transport, token, manager_addr)?;
+    let raft_dir = dir.raft_dir();
+    if raft_dir.exists() {
+        std::fs::remove_dir_all(&raft_dir).map_err(|source| StateDirError::Io {
+            path: raft_dir.clone(),
+            source,
+        })?;
+    }
+    dir.create()?;
+    create_watermark(dir, settings.raft_id)?;
+    dir.save_settings(settings)?;
+    dir.clear_demoted()?;
+    log::info!(
+        "node {} rejoins cluster {} through {manager_addr} as a manager",
+        checked.node_id,
+        checked.cluster_id
+    );
+    Ok(())
+}
+
+/// What `flotilla rejoin` did.
+#[derive(Debug)]
+pub struct Rejoined {
+    /// The settings the manager now runs with (a fresh Raft id).
+    pub settings: Settings,
+    /// Where the old Raft directory was set aside, if there was one.
+    pub set_aside: Option<std::path::PathBuf>,
+    /// The old Raft member id, if it was still a member and is now removed.
+    pub removed_raft_id: Option<NodeId>,
+}
+
+/// `flotilla rejoin`: a manager whose Raft state is damaged (or lost) leaves the Raft group
+/// and joins it again with an empty log, catching up from the other managers; the node
+/// keeps its identity (node id, certificate) and its settings, under a fresh Raft id.
+///
+/// Steps, each safe to repeat after an interruption: check the token and that the node is
+/// meant to be a manager (as [`rejoin`]); ask the leader to remove the old Raft member if it
+/// still is one (`raft.RemoveMember`, refused if that would cost the others their quorum);
+/// set the Raft directory aside as `raft.damaged-<time>` (kept for the operator); create a
+/// new Raft directory and watermark; save the settings with the new Raft id last.
+///
+/// # Errors
+/// [`BootstrapError`]: unreadable settings or identity, a wrong token, an unreachable
+/// manager, a node meant to be a worker, or a removal the leader refuses.
+pub fn rejoin_damaged(
+    dir: &StateDir,
+    transport: &Transport,
+    token: &str,
+    manager_addr: &str,
+) -> Result<Rejoined, BootstrapError> {
+    let old = dir.load_settings()?;
+    let checked = check_rejoin(dir, transport, token, manager_addr)?;
+    let removed_raft_id = remove_old_member(&checked, old.raft_id)?;
+    let set_aside = dir.set_raft_dir_aside()?;
+    dir.create()?;
+    let settings = Settings {
+        raft_id: random_raft_id(),
+        bootstrap: crate::raft::node::Bootstrap::Join,
+        join_addr: Some(manager_addr.to_string()),
+        ..old
+    };
+    create_watermark(dir, settings.raft_id)?;
+    dir.save_settings(&settings)?;
+    if dir.is_demoted() {
+        dir.clear_demoted()?;
+    }
+    log::info!(
+        "node {} rejoins cluster {} through {manager_addr} as Raft member {:x}",
+        checked.node_id,
+        checked.cluster_id,
+        settings.raft_id
+    );
+    Ok(Rejoined {
+        settings,
+        set_aside,
+        removed_raft_id,
+    })
+}
+
+/// A rejoin the cluster agreed to: a channel to a manager with this node's certificate.
+struct RejoinCheck<'t> {
+    channel: crate::net::Channel,
+    node_id: String,
+    cluster_id: String,
+    tls: std::sync::Arc<rustls::ClientConfig>,
+    transport: &'t Transport,
+}
+
+/// Checks `token` (the cluster's current manager token, asked over mutual TLS with the
+/// node's own certificate) and that the node is meant to be a manager.
+fn check_rejoin<'t>(
+    dir: &StateDir,
+    transport: &'t Transport,
+    token: &str,
+    manager_addr: &str,
+) -> Result<RejoinCheck<'t>, BootstrapError> {
     use crate::control::{GET_JOIN_TOKENS, GET_NODE};
     use crate::net::CallOptions;
     use crate::proto::control as pb;
@@ -203,19 +340,50 @@ fn rejoin(
              promote {node_id}` on a manager"
         )));
     }
-    let raft_dir = dir.raft_dir();
-    if raft_dir.exists() {
-        std::fs::remove_dir_all(&raft_dir).map_err(|source| StateDirError::Io {
-            path: raft_dir.clone(),
-            source,
-        })?;
+    Ok(RejoinCheck {
+        channel,
+        node_id,
+        cluster_id: root.cluster_id().to_string(),
+        tls,
+        transport,
+    })
+}
+
+/// Asks the leader (following redirects) to remove Raft member `raft_id`. `None` if it was
+/// no member any more (an earlier, interrupted rejoin removed it).
+fn remove_old_member(
+    checked: &RejoinCheck<'_>,
+    raft_id: NodeId,
+) -> Result<Option<NodeId>, BootstrapError> {
+    use crate::net::CallOptions;
+    use crate::proto::raft as raftpb;
+    use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, REMOVE_MEMBER};
+    use crate::wire::Code;
+
+    let request = raftpb::RemoveMemberRequest {
+        raft_id,
+        force: false,
+    };
+    let options = CallOptions::timeout(ADMIN_CALL_TIMEOUT);
+    let mut channel = checked.channel.clone();
+    for _ in 0..=super::register::REDIRECTS_MAX {
+        let result: Result<raftpb::RemoveMemberResponse, _> =
+            channel.unary(REMOVE_MEMBER, &request, options);
+        match result {
+            Ok(_) => return Ok(Some(raft_id)),
+            Err(status) if status.code == Code::NotFound => return Ok(None),
+            Err(status) => match super::register::leader_addr(&status.message) {
+                Some(leader) => channel = checked.transport.channel(&leader, &checked.tls),
+                None => {
+                    return Err(BootstrapError::Rejoin(format!(
+                        "the cluster did not remove this manager's old Raft member {raft_id:x}: \
+                         {status}"
+                    )));
+                }
+            },
+        }
     }
-    dir.create()?;
-    dir.save_settings(settings)?;
-    dir.clear_demoted()?;
-    log::info!(
-        "node {node_id} rejoins cluster {} through {manager_addr} as a manager",
-        root.cluster_id()
-    );
-    Ok(())
+    Err(BootstrapError::Rejoin(
+        "no manager led the cluster after several redirects; retry in a moment".into(),
+    ))
 }

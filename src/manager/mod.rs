@@ -1,15 +1,16 @@
-//! The manager process: its state directory, bootstrap (`init`, `join`) and the running
-//! components with their start and shutdown order.
+//! The manager process: its state directory, bootstrap (`init`, `join`, `rejoin`),
+//! `repair`, and the running components with their start and shutdown order.
 //!
 //! Owns the wiring between components. Must never implement a component's logic itself
 //! (consensus lives in `raft`, certificates in `ca`, sockets in `net`).
 
 pub mod bootstrap;
 pub mod register;
+pub mod repair;
 pub mod runtime;
 pub mod state;
 pub mod state_dir;
 
-pub use bootstrap::{BootstrapError, init, join, random_raft_id};
+pub use bootstrap::{BootstrapError, Rejoined, init, join, random_raft_id, rejoin_damaged};
 pub use runtime::{Manager, StartError, Stopped};
 pub use state_dir::{Settings, StateDir, StateDirError};

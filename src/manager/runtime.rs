@@ -26,6 +26,7 @@ use crate::orchestrator::Orchestrator;
 use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
+use crate::raft::storage::StorageError as StorageFailure;
 use crate::store::StoreConfig;
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
@@ -51,6 +52,43 @@ pub enum StartError {
          use `flotilla up`"
     )]
     NotInitialized(String),
+    /// The state directory lost data (or a file that says how much it holds): starting
+    /// would lose what this manager acknowledged.
+    #[error(
+        "the state in {dir} is damaged: {problem}. The manager did not start, so that \
+         nothing it acknowledged is lost. To recover, either:\n  \
+         - restore {dir} from a backup taken while the manager was stopped; or\n  \
+         - if other managers of this cluster are running: `flotilla rejoin --state-dir {dir} \
+         --token <manager token> <manager address>` (`flotilla join-token manager` on a \
+         running manager prints the token): this manager leaves the Raft group and joins it \
+         again with an empty log, catching up from the others (the damaged Raft files are \
+         kept in {dir}/raft.damaged-<time>); or\n  \
+         - if this is the cluster's only manager and there is no backup: `flotilla repair \
+         --state-dir {dir}` says what is left, and with `--accept-loss` starts over from it \
+         (what the log lost stays lost)"
+    )]
+    Damaged {
+        /// The state directory.
+        dir: String,
+        /// What is damaged, in the operator's terms.
+        problem: String,
+    },
+    /// The node's identity (certificate, key, root) is unreadable in an initialized
+    /// directory.
+    #[error(
+        "the node identity in {dir}/node cannot be used: {problem}. Without it this manager \
+         cannot prove who it is. Restore {dir}/node from a backup; or, if other managers are \
+         running, remove this one there (`flotilla manager rm {raft_id:x}`) and add a new \
+         manager from an empty state directory (`flotilla join`)"
+    )]
+    IdentityDamaged {
+        /// The state directory.
+        dir: String,
+        /// This manager's Raft id.
+        raft_id: u64,
+        /// Why it cannot be used.
+        problem: String,
+    },
     /// The cluster demoted this node to worker; it cannot resume as a manager.
     #[error(
         "{dir} belongs to node {node} that the cluster demoted to worker: it no longer runs as \
@@ -93,6 +131,72 @@ pub enum StartError {
     },
 }
 
+/// The CA a founder serves from its `ca/` file and `join-tokens`. Both are copies: the key
+/// and the tokens are replicated in the Cluster object, and a manager without them installs
+/// them from there (control duties). So a missing or unreadable copy does not stop the
+/// manager; it is logged, and the replicated one is used.
+fn founder_ca(dir: &StateDir) -> SharedCa {
+    if !dir.ca_file().exists() {
+        return SharedCa::empty();
+    }
+    let loaded = ClusterCa::load(&dir.ca_file(), CaPolicy::default())
+        .map_err(|e| e.to_string())
+        .and_then(|ca| {
+            let tokens = dir.load_tokens().map_err(|e| e.to_string())?;
+            Ok((ca, tokens))
+        });
+    match loaded {
+        Ok((ca, tokens)) => SharedCa::with(Arc::new(CaService::new(
+            ca,
+            tokens,
+            FailureLimits::default(),
+        ))),
+        Err(reason) => {
+            log::error!(
+                "the cluster CA files in {} cannot be used ({reason}); this manager serves the \
+                 CA key and join tokens replicated in the cluster state instead (if the \
+                 cluster never replicated them, restore {} from a backup)",
+                dir.root().display(),
+                dir.ca_file().display()
+            );
+            SharedCa::empty()
+        }
+    }
+}
+
+fn damaged(dir: &StateDir, problem: String) -> StartError {
+    StartError::Damaged {
+        dir: dir.root().display().to_string(),
+        problem,
+    }
+}
+
+/// A Raft start failure in the operator's terms: storage that is damaged or unreadable
+/// says so, with the ways to recover.
+fn raft_start_error(dir: &StateDir, error: NodeStartError) -> StartError {
+    match error {
+        NodeStartError::Damaged { problem, .. } => damaged(dir, problem),
+        NodeStartError::Storage(StorageFailure::Fjall(e)) => damaged(
+            dir,
+            format!(
+                "the Raft log's database in {} cannot be opened (fjall: {e})",
+                dir.raft_dir().join("log").display()
+            ),
+        ),
+        NodeStartError::Storage(StorageFailure::CorruptLog(reason)) => {
+            damaged(dir, format!("the Raft log contradicts itself ({reason})"))
+        }
+        NodeStartError::Storage(e) if e.is_fatal() => damaged(
+            dir,
+            format!(
+                "the Raft state in {} cannot be read ({e})",
+                dir.raft_dir().display()
+            ),
+        ),
+        other => StartError::Raft(other),
+    }
+}
+
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
     let what = what.into();
     move |source| StartError::Io { what, source }
@@ -133,6 +237,8 @@ pub struct Manager {
     duties: Option<Duties>,
     orchestrator: Option<Orchestrator>,
     agent: Option<Agent>,
+    /// The state directory's process lock, held while the manager runs (dropped last).
+    _lock: super::state_dir::StateDirLock,
 }
 
 impl Manager {
@@ -141,11 +247,30 @@ impl Manager {
     /// # Errors
     /// [`StartError`]: an uninitialized or unreadable directory, an address in use, …
     pub fn start(dir: &StateDir) -> Result<Manager, StartError> {
+        let lock = dir.lock()?;
         if !dir.is_initialized() {
+            if dir.has_raft_state() {
+                return Err(damaged(
+                    dir,
+                    format!(
+                        "{} is missing, but {} holds the Raft state of a manager that ran here",
+                        dir.settings_file().display(),
+                        dir.raft_dir().display()
+                    ),
+                ));
+            }
             return Err(StartError::NotInitialized(dir.root().display().to_string()));
         }
         let settings = dir.load_settings()?;
-        let (identity, root) = load_node_files(&dir.node_dir())?;
+        let (identity, root) =
+            load_node_files(&dir.node_dir()).map_err(|source| StartError::IdentityDamaged {
+                dir: dir.root().display().to_string(),
+                raft_id: settings.raft_id,
+                problem: match source {
+                    StorageError::Missing { path } => format!("{} is missing", path.display()),
+                    other => other.to_string(),
+                },
+            })?;
         if dir.is_demoted() {
             return Err(StartError::Demoted {
                 dir: dir.root().display().to_string(),
@@ -174,13 +299,17 @@ impl Manager {
         if let Some(mib) = settings.log_memtable_mib {
             node_config.storage.memtable_bytes_max = mib << 20;
         }
+        // `init` and `join` created the watermark: without it, nothing tells a whole log
+        // from one that lost its files.
+        node_config.watermark_required = true;
         let raft = RaftNode::start(
             node_config,
             &dir.raft_dir(),
             Box::new(machine.clone()),
             transport.clone(),
             client_tls.clone(),
-        )?;
+        )
+        .map_err(|e| raft_start_error(dir, e))?;
         let raft_pools = RaftPools::start().map_err(io_error("cannot start the raft threads"))?;
         let kv_pool = ServicePool::new("kv", KV_POOL_THREADS, KV_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the kv service threads"))?;
@@ -202,17 +331,7 @@ impl Manager {
         );
         // The founder holds the CA key on disk; every other manager receives it with the
         // replicated Cluster object (control duties install it into this slot).
-        let ca_service = Arc::new(if dir.ca_file().exists() {
-            let ca = ClusterCa::load(&dir.ca_file(), CaPolicy::default())?;
-            let tokens = dir.load_tokens()?;
-            SharedCa::with(Arc::new(CaService::new(
-                ca,
-                tokens,
-                FailureLimits::default(),
-            )))
-        } else {
-            SharedCa::empty()
-        });
+        let ca_service = Arc::new(founder_ca(dir));
         crate::ca::rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone());
         // Every call with a certificate is checked against the revocations this manager
         // has applied (removed nodes, demoted managers, revoked admin certificates).
@@ -317,6 +436,7 @@ impl Manager {
             duties: Some(duties),
             orchestrator: Some(orchestrator),
             agent: Some(agent),
+            _lock: lock,
         })
     }
 

@@ -11,6 +11,10 @@
 //! - `demoted`: present once the cluster demoted this manager to worker (it left the Raft
 //!   group): `run` refuses the directory, `join` with a manager token turns it back into a
 //!   manager.
+//! - `flotilla.lock`: locked (`flock`) by the one process that uses the directory, so that
+//!   a second one is refused with a clear error instead of failing inside the storage.
+//! - `raft.damaged-<unix seconds>/`: Raft state set aside by `flotilla rejoin` or
+//!   `flotilla repair` (kept, never read again: the operator deletes it).
 //!
 //! Must never hold open handles or start threads: it only names paths and reads or writes
 //! the small files above.
@@ -39,6 +43,14 @@ pub enum StateDirError {
         /// The OS error.
         source: io::Error,
     },
+    /// Another process uses the directory.
+    #[error(
+        "{} is in use by another flotilla process (it holds {}); stop that process first, \
+         or use another --state-dir",
+        .0.display(),
+        .0.join(LOCK_FILE_NAME).display()
+    )]
+    InUse(PathBuf),
     /// A file exists but does not parse.
     #[error("{path} is corrupt: {reason}; restore it from a backup or start a new state dir")]
     Corrupt {
@@ -47,6 +59,16 @@ pub enum StateDirError {
         /// What is wrong.
         reason: String,
     },
+}
+
+/// Name of the process lock file in a state directory.
+pub const LOCK_FILE_NAME: &str = "flotilla.lock";
+
+/// The process lock of a state directory ([`StateDir::lock`]); released when dropped (or
+/// when the process exits, however it exits).
+#[derive(Debug)]
+pub struct StateDirLock {
+    _file: fs::File,
 }
 
 /// Paths of one state directory.
@@ -154,6 +176,85 @@ impl StateDir {
     /// Raft storage (log, hard state, snapshots).
     pub fn raft_dir(&self) -> PathBuf {
         self.root.join("raft")
+    }
+
+    /// True if Raft state was ever written here: a manager ran from this directory (its
+    /// log database or a snapshot exists, or its watermark records progress). Then the
+    /// directory is never "new", whatever else is missing.
+    pub fn has_raft_state(&self) -> bool {
+        let raft = self.raft_dir();
+        if raft.join("log").exists() {
+            return true;
+        }
+        let has_snapshot =
+            fs::read_dir(raft.join("snapshots")).is_ok_and(|mut entries| entries.next().is_some());
+        let watermark_progress = crate::raft::storage::Watermark::open(&raft).map_or_else(
+            // Unreadable is not "new": only a missing file is.
+            |e| !matches!(e, crate::raft::storage::WatermarkError::Missing(_)),
+            |w| w.record().term > 0 || w.record().commit > 0,
+        );
+        has_snapshot || watermark_progress
+    }
+
+    /// Moves the Raft directory aside as `raft.damaged-<unix seconds>` (kept for the
+    /// operator, never read again) and syncs the state directory. Returns the new path,
+    /// or `None` if there was no Raft directory.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn set_raft_dir_aside(&self) -> Result<Option<PathBuf>, StateDirError> {
+        let raft = self.raft_dir();
+        if !raft.exists() {
+            return Ok(None);
+        }
+        let seconds = crate::util::clock::unix_now_ms() / 1000;
+        let mut aside = self.root.join(format!("raft.damaged-{seconds}"));
+        let mut n = 1;
+        while aside.exists() {
+            aside = self.root.join(format!("raft.damaged-{seconds}-{n}"));
+            n += 1;
+        }
+        fs::rename(&raft, &aside).map_err(|source| StateDirError::Io {
+            path: raft.clone(),
+            source,
+        })?;
+        crate::util::fsutil::fsync_dir(&self.root).map_err(|source| StateDirError::Io {
+            path: self.root.clone(),
+            source,
+        })?;
+        Ok(Some(aside))
+    }
+
+    /// Takes the directory's process lock (`flotilla.lock`), creating the directory if
+    /// needed; held until the returned guard is dropped.
+    ///
+    /// # Errors
+    /// [`StateDirError::InUse`] if another process holds it; [`StateDirError::Io`].
+    pub fn lock(&self) -> Result<StateDirLock, StateDirError> {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(|source| StateDirError::Io {
+                path: self.root.clone(),
+                source,
+            })?;
+        let path = self.root.join(LOCK_FILE_NAME);
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|source| StateDirError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match file.try_lock() {
+            Ok(()) => Ok(StateDirLock { _file: file }),
+            Err(fs::TryLockError::WouldBlock) => Err(StateDirError::InUse(self.root.clone())),
+            Err(fs::TryLockError::Error(source)) => Err(StateDirError::Io { path, source }),
+        }
     }
 
     /// Where this node's agent keeps its tasks (`<task id>/`: logs, pid file, work dir).

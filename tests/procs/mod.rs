@@ -99,6 +99,42 @@ impl Proc {
         }
     }
 
+    /// Waits until a line containing `needle` appears (`Ok` with the line) or the process
+    /// exits first (`Err` with its status); panics after `timeout`.
+    pub fn wait_for_or_exit(
+        &mut self,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String, ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+                return Ok(line.clone());
+            }
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => {
+                    if let Some(status) = self.child.try_wait().unwrap() {
+                        // Collect what the pumps still hold.
+                        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                            self.seen.push(line);
+                        }
+                        return match self.seen.iter().find(|l| l.contains(needle)) {
+                            Some(line) => Ok(line.clone()),
+                            None => Err(status),
+                        };
+                    }
+                    assert!(
+                        Instant::now() < deadline,
+                        "{}: neither {needle:?} nor an exit within {timeout:?}; output:\n{}",
+                        self.name,
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
     /// Everything printed so far.
     pub fn output(&mut self) -> String {
         while let Ok(line) = self.lines.try_recv() {

@@ -49,8 +49,11 @@ use parking_lot::Mutex;
 use crate::net::Transport;
 use crate::raft::core::{MembershipChange, RaftError, Role};
 use crate::raft::storage::snapshot::SnapshotInfo;
-use crate::raft::storage::{LogHandle, LogStore, StorageConfig, StorageError};
-use crate::raft::types::{LogIndex, NodeId, Term};
+use crate::raft::storage::{
+    LogHandle, LogStore, Recovered, StorageConfig, StorageError, Watermark, WatermarkError,
+    WatermarkRecord,
+};
+use crate::raft::types::{HardState, LogIndex, NodeId, Term};
 
 pub use directory::Directory;
 
@@ -101,6 +104,11 @@ pub struct NodeConfig {
     pub apply_stall_ms_max: u64,
     /// Storage tunables.
     pub storage: StorageConfig,
+    /// Whether the storage's watermark must exist (managers: `init` and `join` create it,
+    /// so its absence means the state directory lost files). Default `false`: a missing
+    /// watermark is created when the storage is empty (a new member), and is damage
+    /// otherwise.
+    pub watermark_required: bool,
 }
 
 impl NodeConfig {
@@ -119,6 +127,7 @@ impl NodeConfig {
             step_timeout_ms: 2_000,
             apply_stall_ms_max: 10_000,
             storage: StorageConfig::default(),
+            watermark_required: false,
         }
     }
 
@@ -546,6 +555,21 @@ pub enum NodeStartError {
     /// Storage could not be opened or recovered.
     #[error("raft storage: {0}")]
     Storage(#[from] StorageError),
+    /// Storage opened, but holds less than this member made durable (or its watermark is
+    /// gone): starting would lose what it acknowledged, so it did not start.
+    #[error(
+        "the Raft state in {} is damaged: {problem}; the node did not start, so that \
+         nothing it acknowledged is lost",
+        dir.display()
+    )]
+    Damaged {
+        /// The Raft storage directory.
+        dir: std::path::PathBuf,
+        /// What falls short, in the operator's terms.
+        problem: String,
+        /// What the watermark recorded, if it could be read.
+        recorded: Option<WatermarkRecord>,
+    },
     /// The snapshot could not be restored into the state machine.
     #[error("cannot restore snapshot {path}: {source}")]
     Restore {
@@ -587,6 +611,7 @@ impl RaftNode {
         client_tls: Arc<rustls::ClientConfig>,
     ) -> Result<RaftNode, NodeStartError> {
         let (store, recovered) = LogStore::open(dir, &config.storage)?;
+        let watermark = open_watermark(dir, &config, &recovered, &store)?;
         for problem in &recovered.corrupt_snapshots {
             log::error!(
                 "raft {:x}: ignored a corrupt snapshot: {problem}",
@@ -608,7 +633,9 @@ impl RaftNode {
             removed: AtomicBool::new(false),
             join_gate: parking_lot::RwLock::new(None),
         });
-        let (log, writer_events) = LogHandle::start(store.clone(), &recovered, &config.storage)?;
+        let (mut log, writer_events) =
+            LogHandle::start(store.clone(), &recovered, &config.storage)?;
+        log.keep_watermark(watermark);
         let (inputs_tx, inputs_rx) = crossbeam_channel::bounded(RAFT_INPUT_QUEUE_LEN_MAX);
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let handle = NodeHandle {
@@ -679,6 +706,45 @@ impl Drop for RaftNode {
     fn drop(&mut self) {
         self.stop_and_join();
     }
+}
+
+/// Opens the watermark of the storage in `dir` and checks `recovered` against it; creates
+/// it for a new member (empty storage) unless `config.watermark_required`.
+fn open_watermark(
+    dir: &std::path::Path,
+    config: &NodeConfig,
+    recovered: &Recovered,
+    store: &LogStore,
+) -> Result<Watermark, NodeStartError> {
+    let damaged = |problem: String, recorded: Option<WatermarkRecord>| NodeStartError::Damaged {
+        dir: dir.to_path_buf(),
+        problem,
+        recorded,
+    };
+    let is_empty = recovered.bounds.last_index == 0
+        && recovered.snapshot.is_none()
+        && recovered.hard_state == HardState::default();
+    let watermark = match Watermark::open(dir) {
+        Ok(watermark) => watermark,
+        Err(WatermarkError::Missing(_)) if is_empty && !config.watermark_required => {
+            return Watermark::create(dir, config.id)
+                .map_err(|e| damaged(format!("cannot create the watermark: {e}"), None));
+        }
+        Err(WatermarkError::Missing(path)) => {
+            return Err(damaged(
+                format!(
+                    "{} is missing: nothing says how much of the log must be there",
+                    path.display()
+                ),
+                None,
+            ));
+        }
+        Err(e) => return Err(damaged(e.to_string(), None)),
+    };
+    watermark
+        .check(config.id, recovered, store)
+        .map_err(|shortfall| damaged(shortfall.to_string(), Some(watermark.record())))?;
+    Ok(watermark)
 }
 
 pub(crate) fn role_name(role: Role) -> &'static str {

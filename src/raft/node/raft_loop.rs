@@ -375,6 +375,11 @@ impl RaftLoop {
             self.membership = self.core.membership().clone();
             self.reconcile_peers();
         }
+        let commit = self.core.commit_index();
+        if let Err(error) = self.log_mut().record_commit(commit) {
+            self.set_fatal(format!("cannot record the watermark: {error}"));
+            return;
+        }
         // Only a committed removal is announced to the removed member (it then stops): an
         // uncommitted one may still be truncated away by a new leader.
         let committed = self.core.membership_at(self.core.commit_index());

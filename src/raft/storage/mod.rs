@@ -7,6 +7,7 @@
 //! <dir>/log/        one fjall database: keyspace "log" (u64 BE index -> term, kind, data)
 //!                   and keyspace "meta" (hard state, log boundary)
 //! <dir>/snapshots/  <index>-<term>.snap files (see [`snapshot`])
+//! <dir>/watermark   what this member made durable, outside fjall (see [`watermark`])
 //! ```
 //!
 //! - [`LogStore`]: open and recover, read entries, terms and bounds (any thread).
@@ -22,6 +23,7 @@
 mod codec;
 mod log;
 pub mod snapshot;
+pub mod watermark;
 mod writer;
 
 use std::io;
@@ -30,6 +32,7 @@ use std::path::PathBuf;
 use crate::raft::types::LogIndex;
 
 pub use self::log::{LogBounds, LogStore, Recovered};
+pub use self::watermark::{Shortfall, Watermark, WatermarkError, WatermarkRecord};
 pub use self::writer::{
     AppendRequest, Durable, LogHandle, WRITER_EVENTS_LEN_MAX, WRITER_THREAD_NAME, WriterEvent,
 };

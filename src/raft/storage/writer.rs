@@ -34,6 +34,7 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use parking_lot::Mutex;
 
 use super::log::{LogBounds, LogStore, Recovered};
+use super::watermark::{Watermark, WatermarkRecord};
 use super::{StorageConfig, StorageError};
 use crate::raft::types::{Entry, HardState, LogIndex, SnapshotMeta, Term};
 
@@ -106,6 +107,54 @@ struct Durability {
     hard_state: HardState,
     /// Groups (and inline writes) fsynced so far; the test-only fault counts them.
     groups_written: u64,
+    /// Where what became durable is recorded outside fjall (see [`super::watermark`]).
+    watermark: Option<Watermark>,
+}
+
+impl Durability {
+    /// Records the durable hard state in the watermark after an fsync. Its commit is the
+    /// one the raft thread knew when it submitted the entries now durable: every entry up
+    /// to it is in the durable log, and committed entries are never truncated, so the
+    /// record stays true whatever is written later. `commit_term` reads the durable log.
+    fn record_durable(
+        &mut self,
+        commit_term: impl FnOnce(LogIndex) -> Result<Term, StorageError>,
+    ) -> Result<(), StorageError> {
+        let hard_state = self.hard_state;
+        self.record(hard_state.commit, commit_term)
+    }
+
+    /// Records `commit` (durable and committed) with the durable term and vote.
+    fn record(
+        &mut self,
+        commit: LogIndex,
+        commit_term: impl FnOnce(LogIndex) -> Result<Term, StorageError>,
+    ) -> Result<(), StorageError> {
+        let Some(watermark) = self.watermark.as_mut() else {
+            return Ok(());
+        };
+        let current = watermark.record();
+        let (commit, commit_term) = if commit > current.commit {
+            match commit_term(commit) {
+                Ok(term) => (commit, term),
+                // Below the log boundary: a snapshot covers it; keep the recorded commit.
+                Err(StorageError::Compacted { .. }) => (0, 0),
+                Err(error) => return Err(error),
+            }
+        } else {
+            (0, 0)
+        };
+        let next = WatermarkRecord {
+            raft_id: current.raft_id,
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+            commit,
+            commit_term,
+        };
+        watermark
+            .advance(next)
+            .map_err(|e| StorageError::io("write", watermark.path().to_path_buf(), e))
+    }
 }
 
 /// The write lock.
@@ -121,6 +170,8 @@ pub struct LogHandle {
     next_seq: u64,
     /// The highest sequence number reported durable (`on_durable`).
     durable_seq: u64,
+    /// The highest commit index [`LogHandle::record_commit`] recorded (spares the lock).
+    recorded_commit: LogIndex,
     trailing_entries_kept: u64,
     view: View,
     hard_state: HardState,
@@ -176,6 +227,7 @@ impl LogHandle {
         let write_lock = Arc::new(Mutex::new(Durability {
             hard_state: recovered.hard_state,
             groups_written: 0,
+            watermark: None,
         }));
         let writer = Writer {
             store: store.clone(),
@@ -198,6 +250,7 @@ impl LogHandle {
                 thread: Some(thread),
                 next_seq: 1,
                 durable_seq: 0,
+                recorded_commit: 0,
                 trailing_entries_kept: config.trailing_entries_kept,
                 view: View {
                     first_index: bounds.first_index,
@@ -305,6 +358,8 @@ impl LogHandle {
             if let Some(hs) = request.hard_state {
                 durability.hard_state = hs;
             }
+            let store = &self.store;
+            durability.record_durable(|index| store.term(index))?;
             durability.hard_state
         };
         (self.view.last_index, self.view.last_term) = new_last;
@@ -377,6 +432,36 @@ impl LogHandle {
         sender
             .send(Request::Compact { up_to })
             .map_err(|_| StorageError::WriterStopped)
+    }
+
+    /// Hands the writer the member's watermark (checked against the recovered storage by
+    /// the caller): from now on every fsync records what it made durable there.
+    pub fn keep_watermark(&mut self, watermark: Watermark) {
+        self.recorded_commit = watermark.record().commit;
+        self.write_lock.lock().watermark = Some(watermark);
+    }
+
+    /// Records `commit` in the watermark if everything submitted is durable (then the log
+    /// as submitted is the durable log, and `commit` is in it). Call it when the commit
+    /// index advances: a write group records the commit known when it was submitted, so
+    /// without this the last group's entries would stay unrecorded until the next write.
+    /// Does nothing while writes are in flight (the next group records a later commit).
+    ///
+    /// # Errors
+    /// A failed write of the watermark (the disk is failing: stop the node).
+    pub fn record_commit(&mut self, commit: LogIndex) -> Result<(), StorageError> {
+        if commit <= self.recorded_commit || !self.is_idle() {
+            return Ok(());
+        }
+        let term = match self.term(commit) {
+            Ok(term) => term,
+            // Covered by a snapshot already; nothing newer to record.
+            Err(StorageError::Compacted { .. }) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        self.write_lock.lock().record(commit, |_| Ok(term))?;
+        self.recorded_commit = commit;
+        Ok(())
     }
 
     /// Forgets the in-memory copies of entries the writer has made durable. Call it for
@@ -629,6 +714,12 @@ impl Writer {
         if let Some(durable) = self.pending_event.take() {
             let _ = self.events.try_send(WriterEvent::Durable(durable));
         }
+        // A clean stop leaves an exact watermark even if power is lost afterwards.
+        if let Some(watermark) = &self.write_lock.lock().watermark
+            && let Err(e) = watermark.sync()
+        {
+            log::error!("cannot sync {}: {e}", watermark.path().display());
+        }
     }
 
     /// Waits for the next request, reporting pending progress and running compaction
@@ -696,6 +787,8 @@ impl Writer {
         if let Some(hs) = group.hard_state {
             durability.hard_state = hs;
         }
+        let store = &self.store;
+        durability.record_durable(|index| store.term(index))?;
         if group.seq > 0 {
             self.pending_event = Some(Durable {
                 seq: group.seq,
