@@ -10,7 +10,8 @@
 //! - `manager rm` + `node rm` of the lost founder revoke its certificate on every manager
 //!   (control methods, `raft.Join`, renewal); a demoted manager's certificate is refused by
 //!   every manager's control methods (and control.Forward), while it may still read its own
-//!   Node object; `admin-cert revoke` refuses an admin certificate everywhere.
+//!   Node object and renew it, as a worker's; `admin-cert revoke` refuses an admin
+//!   certificate everywhere.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod procs;
@@ -317,13 +318,23 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
         "{inspect}"
     );
 
-    // Demote the newest manager: its certificate still says manager, but every manager
-    // refuses it on control methods (also as a forwarder of another identity); it may
-    // still read its own Node object.
+    // Demote the newest manager: its manager certificate (kept aside here: the node goes on
+    // as a worker and renews it as a worker's) is refused by every manager on control
+    // methods (also as a forwarder of another identity); it may still read its own Node
+    // object, and a renewal gives it a worker's certificate.
+    let kept = cluster.tmp.path().join("m4-manager-cert");
+    let copied = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(cluster.managers[m4].dir.join("node"))
+        .arg(&kept)
+        .status()
+        .unwrap();
+    assert!(copied.success());
     ok(&m2, &["node", "demote", &m4_id]);
-    let mut demoted_proc = cluster.managers[m4].proc.take().unwrap();
-    assert!(demoted_proc.wait_exit(START).success());
-    let demoted = Caller::new(&cluster.managers[m4].dir.join("node"));
+    let demoted_proc = cluster.managers[m4].proc();
+    demoted_proc.wait_for("was demoted to worker", START);
+    demoted_proc.wait_for("running the tasks assigned to it", START);
+    let demoted = Caller::new(&kept);
     for addr in [&m2_addr, &m3_addr] {
         let refused =
             eventually_denied("the demoted manager's GetCluster", || demoted.cluster(addr));
@@ -345,7 +356,9 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
             demoted.list_nodes(addr).unwrap_err().code,
             Code::PermissionDenied
         );
-        assert!(demoted.renew(addr).unwrap_err().contains("demoted"));
+        let renewed = demoted.renew(addr).unwrap();
+        assert_eq!(renewed.node_id(), m4_id);
+        assert_eq!(renewed.role(), flotilla::ca::Role::Worker);
         let own: pb::NodeResponse = demoted
             .unary(
                 addr,

@@ -1,8 +1,9 @@
-//! Node roles and cluster settings acted on by real manager processes: `node demote` of
-//! the leader (leadership moves first) and of a follower (the manager leaves the Raft group,
-//! exits 0 saying it was demoted, its state directory refuses `run`), demotions that would
-//! lose the quorum or the last manager refused, `node promote` followed by a rejoin with the
-//! manager token, and `cluster update --snapshot-interval` applied live on every manager.
+//! Node roles and cluster settings acted on by real processes: `node demote` of the leader
+//! (leadership moves first) and of a follower (the manager leaves the Raft group and the
+//! same process goes on as a worker, renewing its certificate as a worker's), demotions that
+//! would lose the quorum or the last manager refused, `node promote` of a demoted manager
+//! and of a worker started with `flotilla agent` (the same process becomes a manager, same
+//! node id), and `cluster update --snapshot-interval` applied live on every manager.
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod procs;
@@ -70,21 +71,17 @@ fn role_in_listing(listing: &str, node_id: &str) -> Option<String> {
     })
 }
 
-/// Waits for a demoted manager's process to exit; returns its output (it must succeed).
-fn wait_demoted_exit(manager: &mut ManagerProc) -> String {
-    let mut proc = manager.proc.take().expect("running");
-    let status = proc.wait_exit(START);
-    let output = proc.output();
-    assert!(
-        status.success(),
-        "{} exited with {status:?}:\n{output}",
-        manager.name
-    );
-    assert!(
-        output.contains("was demoted to worker") && output.contains("agent"),
-        "{output}"
-    );
-    output
+/// Waits until a demoted node's process says (after line `mark`) it goes on as a worker
+/// and its agent runs.
+fn wait_demoted(proc: &mut Proc, mark: usize) {
+    let (at, _) = proc.wait_for_after(mark, "was demoted to worker", START);
+    proc.wait_for_after(at, "running the tasks assigned to it", START);
+}
+
+/// Waits until a promoted node's process runs as a manager (after line `mark`).
+fn wait_promoted(proc: &mut Proc, mark: usize) {
+    let (at, _) = proc.wait_for_after(mark, "this node is a manager now", START);
+    proc.wait_for_after(at, "flotilla manager listening", START);
 }
 
 fn voters(cluster: &Cluster) -> usize {
@@ -95,22 +92,6 @@ fn voters(cluster: &Cluster) -> usize {
         .iter()
         .filter(|m| m.role != "learner")
         .count()
-}
-
-/// `flotilla join` on a demoted manager's state directory, as a running process.
-fn start_rejoin(manager: &ManagerProc, token: &str, via: &str) -> Proc {
-    let dir = manager.dir.to_str().unwrap();
-    let args = [
-        "join",
-        "--state-dir",
-        dir,
-        "--listen",
-        &manager.addr,
-        "--token",
-        token,
-        via,
-    ];
-    Proc::start(&format!("{}-rejoined", manager.name), &args)
 }
 
 /// Calls `raft.Join` on `leader_addr` with the identity of the state directory `dir`.
@@ -131,7 +112,7 @@ fn raft_join_as(dir: &Path, leader_addr: &str) -> Result<rpb::JoinResponse, Stat
 }
 
 #[test]
-fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
+fn demote_refuses_unsafe_moves_the_leader_first_and_promotion_keeps_the_node() {
     let mut cluster = Cluster::start(3, ClusterOptions::default());
     let ids: Vec<String> = cluster.managers.iter_mut().map(node_id_of).collect();
     let dir1 = cluster.managers[0].dir.clone();
@@ -165,62 +146,60 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     let output = refused(&leader_dir, &["node", "demote", &ids[leader]]);
     assert!(output.contains("would lose quorum"), "{output}");
 
-    // Demoting the one that is down keeps the quorum: it leaves the group while down, and
-    // learns it was demoted (from its former peers) when it comes back.
+    // Demoting the one that is down keeps the quorum: it leaves the group while down,
+    // learns it was demoted (from its former peers) when it comes back, and goes on as a
+    // worker in the same process; its certificate is renewed as a worker's.
     ok(&leader_dir, &["node", "demote", &ids[down]]);
     wait_for_output(&leader_dir, &["node", "ls"], |out| {
         role_in_listing(out, &ids[down]).as_deref() == Some("worker")
     });
     assert_eq!(voters(&cluster), 2);
-    cluster.managers[down].restart();
-    wait_demoted_exit(&mut cluster.managers[down]);
+    let down_dir = cluster.managers[down].dir.clone();
+    let mut restarted = Proc::start(
+        "m-down",
+        &["run", "--state-dir", down_dir.to_str().unwrap()],
+    );
+    restarted.wait_for("was demoted to worker", START);
+    restarted.wait_for("running the tasks assigned to it", START);
+    restarted.wait_for("certificate renewed (worker)", START);
+    assert!(down_dir.join("demoted").exists());
+    // It is a worker now: the managers' Raft service refuses it.
+    assert!(raft_join_as(&down_dir, &leader_addr).is_err());
+    wait_for_output(&leader_dir, &["node", "ls"], |out| {
+        node_row(out, &ids[down]).is_some_and(|row| row.contains("ready"))
+    });
 
-    // Its certificate still names the manager role, but the leader does not let it back
-    // into the group before a promotion.
-    let error = raft_join_as(&cluster.managers[down].dir, &leader_addr).unwrap_err();
-    assert!(error.message.contains("promote it first"), "{error:?}");
-
-    // Promote: the CLI says how it takes effect; the rejoin restores the manager role of
-    // the same node, with a new Raft member id.
-    let token = ok(&leader_dir, &["join-token", "manager"])
-        .trim()
-        .to_string();
+    // Promote: the same process becomes a manager again, with the same node id and a new
+    // Raft member id.
+    let mark = restarted.mark();
     let output = ok(&leader_dir, &["node", "promote", &ids[down]]);
     assert!(
-        output.contains("desired role is now manager")
-            && output.contains("flotilla join")
-            && output.contains(&token),
+        output.contains("desired role is now manager") && output.contains("in place"),
         "{output}"
     );
-    let mut rejoined = start_rejoin(&cluster.managers[down], &token, &leader_addr);
-    rejoined.wait_for("flotilla manager listening", START);
-    cluster.managers[down].proc = Some(rejoined);
+    wait_promoted(&mut restarted, mark);
+    assert!(!down_dir.join("demoted").exists());
+    cluster.managers[down].proc = Some(restarted);
     cluster.wait_voters(3, START);
     wait_for_output(&leader_dir, &["node", "ls"], |out| {
         role_in_listing(out, &ids[down]).as_deref() == Some("manager")
     });
 
-    // Three managers, a follower demoted: it leaves the group (2 voters), exits 0 saying
-    // it was demoted, and `node ls` shows it a worker that is down.
+    // Three managers, a follower demoted: it leaves the group (2 voters) and goes on as a
+    // worker; `node ls` shows it a worker.
     let leader = cluster.leader_index(&client).expect("a leader");
     let follower = (leader + 1) % 3;
     let leader_dir = cluster.managers[leader].dir.clone();
+    let mark = cluster.managers[follower].proc().mark();
     let output = ok(&leader_dir, &["node", "demote", &ids[follower]]);
     assert!(output.contains("desired role is now worker"), "{output}");
-    let output = wait_demoted_exit(&mut cluster.managers[follower]);
-    assert!(output.contains("flotilla join"), "{output}");
+    wait_demoted(cluster.managers[follower].proc(), mark);
     cluster.wait_voters(2, START);
     assert_eq!(voters(&cluster), 2);
-    let listing = wait_for_output(&leader_dir, &["node", "ls"], |out| {
+    wait_for_output(&leader_dir, &["node", "ls"], |out| {
         role_in_listing(out, &ids[follower]).as_deref() == Some("worker")
     });
-    assert!(
-        node_row(&listing, &ids[follower]).unwrap().contains("down"),
-        "{listing}"
-    );
-
-    // Its state directory refuses to run as a manager, with what to do instead; its
-    // identity and CA material stay.
+    // Its directory is in use by the worker it runs now.
     let demoted_dir = cluster.managers[follower].dir.clone();
     let (status, output) = run_to_end(
         &["run", "--state-dir", demoted_dir.to_str().unwrap()],
@@ -228,7 +207,7 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     );
     assert!(!status.success(), "{output}");
     assert!(
-        output.contains("demoted to worker") && output.contains("node promote"),
+        output.contains("in use by another flotilla process"),
         "{output}"
     );
     assert!(demoted_dir.join("node").exists() && demoted_dir.join("ca").exists());
@@ -236,45 +215,26 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
     // Demoting the leader: leadership moves to the other manager first, then it leaves;
     // the last manager cannot be demoted.
     let staying = 3 - leader - follower;
+    let mark = cluster.managers[leader].proc().mark();
     let output = ok(&leader_dir, &["node", "demote", &ids[leader]]);
     assert!(output.contains("desired role is now worker"), "{output}");
     cluster.managers[leader]
         .proc()
-        .wait_for("handing leadership to", START);
-    wait_demoted_exit(&mut cluster.managers[leader]);
+        .wait_for_after(mark, "handing leadership to", START);
+    wait_demoted(cluster.managers[leader].proc(), mark);
     cluster.wait_voters(1, START);
     assert_eq!(cluster.leader_index(&client), Some(staying));
     let leader_dir = cluster.managers[staying].dir.clone();
-    let leader_addr = cluster.managers[staying].addr.clone();
     wait_for_output(&leader_dir, &["node", "ls"], |out| {
         role_in_listing(out, &ids[leader]).as_deref() == Some("worker")
     });
     let output = refused(&leader_dir, &["node", "demote", &ids[staying]]);
     assert!(output.contains("last manager"), "{output}");
 
-    // A rejoin before the promotion is refused with the command to run first.
-    let mut early = start_rejoin(&cluster.managers[follower], &token, &leader_addr);
-    let status = early.wait_exit(START);
-    let output = early.output();
-    assert!(
-        !status.success() && output.contains("promote it first"),
-        "{output}"
-    );
-    // So is a rejoin with a token that is not the manager token.
-    let worker_token = ok(&leader_dir, &["join-token", "worker"])
-        .trim()
-        .to_string();
+    // Promoting the demoted follower brings it back in place.
+    let mark = cluster.managers[follower].proc().mark();
     ok(&leader_dir, &["node", "promote", &ids[follower]]);
-    let mut wrong = start_rejoin(&cluster.managers[follower], &worker_token, &leader_addr);
-    let status = wrong.wait_exit(START);
-    let output = wrong.output();
-    assert!(
-        !status.success() && output.contains("worker token"),
-        "{output}"
-    );
-    let mut rejoined = start_rejoin(&cluster.managers[follower], &token, &leader_addr);
-    rejoined.wait_for("flotilla manager listening", START);
-    cluster.managers[follower].proc = Some(rejoined);
+    wait_promoted(cluster.managers[follower].proc(), mark);
     cluster.wait_voters(2, START);
     wait_for_output(&leader_dir, &["node", "ls"], |out| {
         role_in_listing(out, &ids[follower]).as_deref() == Some("manager")
@@ -286,6 +246,82 @@ fn demote_refuses_unsafe_moves_the_leader_first_and_a_promoted_node_rejoins() {
             && !inspect.contains("demoted"),
         "{inspect}"
     );
+}
+
+#[test]
+fn a_promoted_worker_becomes_a_manager_in_place() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let manager_dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    let token = ok(&manager_dir, &["join-token", "worker"]);
+    let token = token
+        .split_whitespace()
+        .find(|w| w.starts_with("FLT-1-"))
+        .unwrap()
+        .to_string();
+    let start_worker = |name: &str, listen: Option<&str>| {
+        let dir = cluster.tmp.path().join(name);
+        let dir_arg = dir.to_str().unwrap().to_string();
+        let mut args = vec![
+            "agent",
+            "--state-dir",
+            &dir_arg,
+            "--token",
+            &token,
+            "--manager",
+            &manager_addr,
+        ];
+        if let Some(listen) = listen {
+            args.extend(["--listen", listen]);
+        }
+        let mut proc = Proc::start(name, &args);
+        let line = proc.wait_for("running the tasks assigned to it", START);
+        let node_id = line.split_whitespace().nth(2).unwrap().to_string();
+        (proc, dir, node_id)
+    };
+    let listen = procs::free_addr();
+    let (mut worker, worker_dir, worker_id) = start_worker("w1", Some(&listen));
+    let (mut plain, _plain_dir, plain_id) = start_worker("w2", None);
+    wait_for_output(&manager_dir, &["node", "ls"], |out| {
+        [&worker_id, &plain_id]
+            .iter()
+            .all(|id| node_row(out, id).is_some_and(|row| row.contains("ready")))
+    });
+
+    let mark = worker.mark();
+    ok(&manager_dir, &["node", "promote", &worker_id]);
+    worker.wait_for_after(mark, "certificate renewed (manager)", START);
+    wait_promoted(&mut worker, mark);
+    cluster.wait_voters(2, START);
+    let listing = wait_for_output(&manager_dir, &["node", "ls"], |out| {
+        role_in_listing(out, &worker_id).as_deref() == Some("manager")
+    });
+    assert_eq!(
+        listing
+            .lines()
+            .filter(|l| l.starts_with(&worker_id))
+            .count(),
+        1,
+        "the promoted worker is one node, not a second one:\n{listing}"
+    );
+    assert!(worker_dir.join("manager.conf").exists());
+    let managers = ok(&manager_dir, &["manager", "ls", "--format", "json"]);
+    assert!(managers.contains(&listen), "{managers}");
+
+    // A worker started without --listen cannot become a manager: it says so and stays.
+    ok(&manager_dir, &["node", "promote", &plain_id]);
+    plain.wait_for("has no address to listen on", START);
+    assert_eq!(voters(&cluster), 2);
+
+    // Demoted again, the promoted worker goes on as a worker in the same process.
+    let mark = worker.mark();
+    ok(&manager_dir, &["node", "demote", &worker_id]);
+    wait_demoted(&mut worker, mark);
+    cluster.wait_voters(1, START);
+    for proc in [&mut worker, &mut plain] {
+        proc.signal(15);
+        assert!(proc.wait_exit(START).success(), "{}", proc.output());
+    }
 }
 
 /// The newest snapshot index in a manager's raft directory (0 if none).

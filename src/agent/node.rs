@@ -74,6 +74,14 @@ impl Agent {
         })
     }
 
+    /// The role the cluster wants this node's certificate to have (see
+    /// [`AgentSession::certificate_role`]).
+    pub fn certificate_role(&self) -> Option<crate::ca::Role> {
+        self.session
+            .as_ref()
+            .and_then(AgentSession::certificate_role)
+    }
+
     /// Stops the session (no new assignments, no more reports), then every task process,
     /// and joins all threads.
     pub fn stop(mut self) {

@@ -267,8 +267,9 @@ impl PendingIdentity {
         Ok(identity)
     }
 
-    /// As [`Self::complete`], and also refuses a renewed certificate whose node id or role
-    /// differs from `current`.
+    /// As [`Self::complete`], and also refuses a renewed certificate whose node id or
+    /// cluster differs from `current`. The role may differ: the CA issues the role the
+    /// cluster gives the node now (after a promotion or a completed demotion).
     ///
     /// # Errors
     /// [`CertError::IdentityChanged`] or as [`Self::complete`].
@@ -280,7 +281,10 @@ impl PendingIdentity {
         now: SystemTime,
     ) -> Result<NodeIdentity, CertError> {
         let identity = self.complete(cert, root, now)?;
-        if identity.peer() != current {
+        // The role may change (a promotion, a completed demotion); who the node is may not.
+        if identity.peer().node_id != current.node_id
+            || identity.peer().cluster_id != current.cluster_id
+        {
             return Err(CertError::IdentityChanged {
                 expected: current.to_string(),
                 found: identity.peer().to_string(),

@@ -56,6 +56,8 @@ pub struct RenewerSetup {
 /// A running `ca-renewer` thread.
 pub struct Renewer {
     stop: Option<Sender<()>>,
+    /// Asks for a renewal now ([`Renewer::renew_now`]); one waiting request is enough.
+    now: Sender<()>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -77,13 +79,26 @@ impl Renewer {
             "the renewer needs at least one manager address"
         );
         let (stop, stop_rx) = crossbeam_channel::bounded(0);
+        let (now, now_rx) = crossbeam_channel::bounded(1);
+        let wake = Wake {
+            stop: stop_rx,
+            now: now_rx,
+        };
         let thread = std::thread::Builder::new()
             .name("ca-renewer".into())
-            .spawn(move || run(setup, &config, &stop_rx, on_renewed))?;
+            .spawn(move || run(setup, &config, &wake, on_renewed))?;
         Ok(Self {
             stop: Some(stop),
+            now,
             thread: Some(thread),
         })
+    }
+
+    /// Renews at once instead of at the scheduled time: the cluster gives this node another
+    /// role (a promotion, a completed demotion), and the renewed certificate carries it.
+    /// Does nothing if a request is already waiting.
+    pub fn renew_now(&self) {
+        let _ = self.now.try_send(());
     }
 
     /// Stops the thread (interrupting any wait or retry) and joins it.
@@ -107,21 +122,30 @@ impl Drop for Renewer {
     }
 }
 
-/// Sleeps until `at`; false if told to stop first.
-fn sleep_until(at: SystemTime, stop: &Receiver<()>) -> bool {
+/// What wakes the renewer before its time.
+struct Wake {
+    /// Closed to stop.
+    stop: Receiver<()>,
+    /// A renewal is wanted now.
+    now: Receiver<()>,
+}
+
+/// Sleeps until `at` or a request to renew now; false if told to stop first.
+fn sleep_until(at: SystemTime, wake: &Wake) -> bool {
     let wait = at
         .duration_since(SystemTime::now())
         .unwrap_or(Duration::ZERO);
-    matches!(
-        stop.recv_timeout(wait),
-        Err(crossbeam_channel::RecvTimeoutError::Timeout)
-    )
+    crossbeam_channel::select! {
+        recv(wake.stop) -> _ => false,
+        recv(wake.now) -> _ => true,
+        default(wait) => true,
+    }
 }
 
 fn run(
     mut setup: RenewerSetup,
     config: &RenewerConfig,
-    stop: &Receiver<()>,
+    wake: &Wake,
     mut on_renewed: impl FnMut(&NodeIdentity),
 ) {
     let mut rng = rand::rng();
@@ -129,15 +153,16 @@ fn run(
     let mut failures: u32 = 0;
     let mut mtls = None;
     loop {
-        if !sleep_until(next_attempt, stop) {
+        if !sleep_until(next_attempt, wake) {
             return;
         }
         let manager = &setup.managers[failures as usize % setup.managers.len()];
         match renew_once(&setup, &mut mtls, manager, config.call_timeout) {
             Ok(renewed) => {
                 log::info!(
-                    "ca: renewed certificate of {} with {manager}; valid until {:?}",
+                    "ca: renewed certificate of {} ({}) with {manager}; valid until {:?}",
                     renewed.node_id(),
+                    renewed.role(),
                     renewed.not_after()
                 );
                 on_renewed(&renewed);

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use super::{
-    CaService, CertError, IssueError, JoinError, JoinToken, NodeIdentity, PendingIdentity,
-    RootCert, SharedCa, TokenError, TokenParseError, tls, verify_root_for_token,
+    CaService, CertError, IssueError, JoinError, JoinToken, NodeIdentity, PeerIdentity,
+    PendingIdentity, Role, RootCert, SharedCa, TokenError, TokenParseError, tls,
+    verify_root_for_token,
 };
 use crate::net::{Allow, CallOptions, Channel, Router, ServicePool, Transport};
 use crate::proto::ca::{
@@ -26,7 +27,18 @@ pub const ISSUE_NODE_CERTIFICATE: &str = "ca.IssueNodeCertificate";
 /// Renews the caller's certificate (any node, authenticated by its current certificate).
 pub const RENEW_NODE_CERTIFICATE: &str = "ca.RenewNodeCertificate";
 
-/// Serves the CA's methods from `service` on `pool`.
+/// Decides the role a renewed certificate gets, from what the cluster knows of the caller
+/// (its Node object): the role it holds now, or a new one after a promotion or a completed
+/// demotion. `Err` refuses the renewal with the reason (for example a demotion still under
+/// way). The CA itself never reads the cluster state; the manager supplies this.
+pub type RoleResolver = Arc<dyn Fn(&PeerIdentity) -> Result<Role, String> + Send + Sync>;
+
+/// A resolver that keeps every caller's role (no role changes at renewal).
+pub fn keep_roles() -> RoleResolver {
+    Arc::new(|caller: &PeerIdentity| Ok(caller.role))
+}
+
+/// Serves the CA's methods from `service` on `pool`; renewals keep the caller's role.
 pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService>) {
     let root = service.root().clone();
     register_shared(
@@ -34,6 +46,7 @@ pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService
         pool,
         &Arc::new(SharedCa::with(service.clone())),
         root,
+        keep_roles(),
     );
 }
 
@@ -53,6 +66,7 @@ pub fn register_shared(
     pool: &ServicePool,
     shared: &Arc<SharedCa>,
     root: RootCert,
+    roles: RoleResolver,
 ) {
     router.unary(
         GET_ROOT_CA,
@@ -95,8 +109,17 @@ pub fn register_shared(
                 .peer()
                 .expect("Allow::NODES admits only callers with a verified certificate");
             let ca = slot.get().ok_or_else(no_ca_here)?;
+            let role =
+                roles(caller).map_err(|reason| Status::new(Code::FailedPrecondition, reason))?;
+            let subject = PeerIdentity {
+                role,
+                ..caller.clone()
+            };
+            if role != caller.role {
+                log::info!("ca: {caller} renews as {role} (its role in the cluster changed)");
+            }
             let issued = ca
-                .renew(caller, &request.csr_der, SystemTime::now())
+                .renew(&subject, &request.csr_der, SystemTime::now())
                 .map_err(issue_status)?;
             Ok(RenewNodeCertificateResponse {
                 cert_der: issued.cert_der.to_vec().into(),
@@ -213,7 +236,8 @@ pub enum RenewError {
 }
 
 /// Renews `current` over `channel` (a mutual-TLS channel presenting `current`): a new key,
-/// the same node id and role.
+/// the same node id and cluster; the role is the one the cluster gives the node now (it
+/// changes after a promotion or a completed demotion).
 ///
 /// # Errors
 /// [`RenewError`]; the current identity remains usable on any error.

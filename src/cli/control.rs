@@ -961,7 +961,8 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
             updated.id,
             json::role_name(role as i32)
         );
-        print_role_hint(client, &updated, role)
+        print_role_hint(&updated, role);
+        Ok(())
     };
     match command {
         NodeCommand::Ls => {
@@ -1022,41 +1023,21 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
 
 /// Says how a role change takes effect: a demotion is carried out by the leader, a
 /// promotion of a (stopped) worker by rejoining it with the manager token.
-fn print_role_hint(
-    client: &Client,
-    node: &crate::proto::objects::Node,
-    role: NodeRole,
-) -> Result<(), String> {
+fn print_role_hint(node: &crate::proto::objects::Node, role: NodeRole) {
     let is_manager = node.role == NodeRole::Manager as i32;
     match role {
         NodeRole::Worker if is_manager => println!(
             "the leader removes it from the managers as soon as that keeps a quorum; it then \
-             stops (`flotilla manager ls` shows the managers, `flotilla node ls` its role)"
+             goes on as a worker (`flotilla manager ls` shows the managers, `flotilla node ls` \
+             its role)"
         ),
-        NodeRole::Manager if !is_manager => {
-            let tokens: pb::JoinTokensResponse =
-                client.unary(api::GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {})?;
-            let token = tokens.tokens.unwrap_or_default().manager;
-            let nodes = client.list(
-                api::LIST_NODES,
-                &pb::ListNodesRequest {},
-                |c: pb::NodeChunk| c.nodes,
-            )?;
-            let manager_addr = nodes
-                .iter()
-                .filter_map(|n| n.manager_status.as_ref())
-                .max_by_key(|m| m.leader)
-                .map_or("MANAGER_ADDR".to_string(), |m| m.addr.clone());
-            println!(
-                "it takes effect when the node rejoins as a manager (workers need the agent, \
-                 which is not available yet): on that node run\n    flotilla join \
-                 --state-dir <its state dir> --listen <its address> --token {token} \
-                 {manager_addr}"
-            );
-        }
+        NodeRole::Manager if !is_manager => println!(
+            "the node becomes a manager in place: within a heartbeat its agent renews its \
+             certificate as a manager's and joins the managers (a worker started without \
+             `--listen` says it needs one). `flotilla manager ls` shows it once it has joined"
+        ),
         _ => {}
     }
-    Ok(())
 }
 
 fn task_command(client: &Client, command: TaskCommand) -> Result<(), String> {

@@ -57,9 +57,7 @@ pub enum Command {
         #[command(flatten)]
         node: NewManagerArgs,
     },
-    /// Join an existing cluster as a manager, using a manager join token, and run. On the
-    /// state directory of a node demoted to worker (and promoted since), rejoin as a
-    /// manager with the same node id.
+    /// Join an existing cluster as a manager, using a manager join token, and run.
     Join {
         /// The new manager's state directory and addresses.
         #[command(flatten)]
@@ -83,8 +81,16 @@ pub enum Command {
         /// A manager's address (host:port); repeat for several. Remembered for later runs.
         #[arg(long = "manager")]
         managers: Vec<String>,
+        /// The address to listen on once the cluster promotes this node to manager
+        /// (host:port; remembered). Without it, a promoted node stays a worker and says so.
+        #[arg(long)]
+        listen: Option<String>,
+        /// The address other managers dial once it is a manager (default: --listen).
+        #[arg(long)]
+        advertise: Option<String>,
     },
-    /// Resume the node whose state is in the state directory.
+    /// Resume the node whose state is in the state directory: a manager, or a demoted one
+    /// as a worker (which becomes a manager again, in place, once promoted).
     Run {
         /// The node's state directory.
         #[arg(long)]
@@ -295,10 +301,14 @@ fn execute(command: Command) -> Result<(), String> {
             state_dir,
             token,
             managers,
-        } => agent::run(agent::AgentArgs {
+            listen,
+            advertise,
+        } => run_agent(agent::AgentArgs {
             state_dir,
             token,
             managers,
+            listen,
+            advertise,
         }),
         Command::Manager {
             connection,
@@ -411,8 +421,66 @@ fn repair(dir: &StateDir, accept_loss: bool) -> Result<(), String> {
     ))
 }
 
-/// Runs the node in `dir` until SIGINT or SIGTERM, then stops it through its barrier.
+/// Runs the node in `dir` until SIGINT or SIGTERM, in whatever role the cluster gives it:
+/// a manager (then stopped through its barrier); demoted, a worker (its agent, in this
+/// process); promoted again, a manager in place.
 fn serve(dir: &StateDir) -> Result<(), String> {
+    loop {
+        if dir.is_demoted() {
+            let args = agent::AgentArgs {
+                state_dir: dir.root().to_path_buf(),
+                token: None,
+                managers: Vec::new(),
+                listen: None,
+                advertise: None,
+            };
+            match agent::run(args)? {
+                agent::AgentExit::Stopped => return Ok(()),
+                agent::AgentExit::Promoted(addrs) => become_manager(dir, &addrs)?,
+            }
+        }
+        match serve_manager(dir)? {
+            Served::Stopped => return Ok(()),
+            Served::Demoted => {}
+        }
+    }
+}
+
+/// `flotilla agent`: a worker until stopped, or promoted (then a manager in place).
+fn run_agent(args: agent::AgentArgs) -> Result<(), String> {
+    let dir = StateDir::new(args.state_dir.clone());
+    match agent::run(args)? {
+        agent::AgentExit::Stopped => Ok(()),
+        agent::AgentExit::Promoted(addrs) => {
+            become_manager(&dir, &addrs)?;
+            serve(&dir)
+        }
+    }
+}
+
+/// Turns a promoted node's directory into a manager's (same node, new Raft member).
+fn become_manager(dir: &StateDir, addrs: &agent::ManagerAddrs) -> Result<(), String> {
+    let settings = manager::become_manager(dir, &addrs.listen, &addrs.advertise, &addrs.join_addr)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "flotilla: this node is a manager now (Raft member {:x}); joining the managers \
+         through {}",
+        settings.raft_id, addrs.join_addr
+    );
+    Ok(())
+}
+
+/// How a manager run ended.
+enum Served {
+    /// Stopped by a signal.
+    Stopped,
+    /// The cluster demoted it: the directory is marked, and the node goes on as a worker.
+    Demoted,
+}
+
+/// Runs the manager in `dir` until SIGINT or SIGTERM (or until it is demoted), then stops it
+/// through its barrier.
+fn serve_manager(dir: &StateDir) -> Result<Served, String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // Registered before anything starts, so an early signal is not lost.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
@@ -433,21 +501,18 @@ fn serve(dir: &StateDir) -> Result<(), String> {
     handle.close();
     if fatal.is_none() {
         manager.shutdown();
-        return Ok(());
+        return Ok(Served::Stopped);
     }
     match manager.shutdown_after_stop().map_err(|e| e.to_string())? {
         Some(manager::Stopped::Demoted { node_id }) => {
             println!(
-                "flotilla: node {node_id} was demoted to worker: it left the managers and its \
-                 manager role stopped. Worker mode arrives with the agent; until then nothing \
-                 runs here. To make it a manager again run `flotilla node promote {node_id}` \
-                 on a manager, then `flotilla join --state-dir {} --token <manager token> \
-                 <manager address>` here.",
-                dir.root().display()
+                "flotilla: node {node_id} was demoted to worker: it left the managers and goes \
+                 on as a worker, running the tasks assigned to it. `flotilla node promote \
+                 {node_id}` on a manager makes it a manager again, in place."
             );
-            Ok(())
+            Ok(Served::Demoted)
         }
         Some(manager::Stopped::Fatal(reason)) => Err(reason),
-        None => Ok(()),
+        None => Ok(Served::Stopped),
     }
 }

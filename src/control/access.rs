@@ -11,10 +11,11 @@
 //!   as it does on the Raft service's own `removed: true` answer.
 //! - **demoted**: a caller whose certificate says manager while its Node object's desired
 //!   role is worker (demoted, and not promoted again) may no longer call manager methods
-//!   (`control.*`, `kv.*`, `ca.RenewNodeCertificate`). It may still speak Raft (a demotion
-//!   is pending until the leader removed it from the group, and a rejoin after a promotion
-//!   goes through `raft.Join`, which has its own rule), and read its own Node object (how a
-//!   manager demoted while it was down learns of it).
+//!   (`control.*`, `kv.*`). It may still speak Raft (a demotion is pending until the leader
+//!   removed it from the group, and a rejoin after a promotion goes through `raft.Join`,
+//!   which has its own rule), read its own Node object (how a manager demoted while it was
+//!   down learns of it), and do what a worker does: run tasks (`dispatcher.*`) and renew
+//!   its certificate, which the CA then issues for the worker role.
 //!
 //! A manager that has just joined has no Node object yet, so neither rule touches it: it can
 //! report itself (`control.ReportManager`).
@@ -171,10 +172,15 @@ fn wants_worker(node: &Node) -> bool {
 }
 
 /// What a demoted manager's certificate still reaches: Raft (the demotion completes there;
-/// `raft.Join` refuses it by its own rule) and `control.GetNode`, whose handler lets it
-/// read only its own Node object.
+/// `raft.Join` refuses it by its own rule), `control.GetNode`, whose handler lets it read
+/// only its own Node object, and what a worker may call: the dispatcher (the node goes on
+/// running tasks) and certificate renewal (the CA issues it a worker's certificate once the
+/// demotion is complete, see `control::roles::certificate_role`).
 fn demoted_may_call(method: &str) -> bool {
-    method.starts_with("raft.") || method == super::GET_NODE
+    method.starts_with("raft.")
+        || method.starts_with("dispatcher.")
+        || method == super::GET_NODE
+        || method == crate::ca::rpc::RENEW_NODE_CERTIFICATE
 }
 
 #[cfg(test)]
@@ -255,16 +261,20 @@ mod tests {
                 .check_caller("kv.Apply", "demoted", Role::Manager)
                 .is_err()
         );
-        assert!(
-            access
-                .check_caller("ca.RenewNodeCertificate", "demoted", Role::Manager)
-                .is_err()
-        );
-        assert!(
-            access
-                .check_caller("raft.Step", "demoted", Role::Manager)
-                .is_ok()
-        );
+        // What a worker does stays open: the CA renews it as a worker's once the demotion
+        // is complete, and its agent keeps its session.
+        for method in [
+            "ca.RenewNodeCertificate",
+            "dispatcher.Heartbeat",
+            "raft.Step",
+        ] {
+            assert!(
+                access
+                    .check_caller(method, "demoted", Role::Manager)
+                    .is_ok(),
+                "{method}"
+            );
+        }
         assert!(
             access
                 .check_caller(super::super::GET_NODE, "demoted", Role::Manager)

@@ -16,9 +16,9 @@
 //! 4. It is removed from the Raft group, then its Node records role worker (no manager
 //!    status, state down: it stops, and workers need the agent).
 //!
-//! A promotion (desired manager, role worker) needs nothing here: the only workers are
-//! demoted managers that stopped, and they become managers again by rejoining with a
-//! manager token (`flotilla join` on their state directory).
+//! A promotion (desired manager, role worker) needs nothing here: the node learns it from
+//! its heartbeats ([`certificate_role`]), renews its certificate as a manager's, and joins
+//! the Raft group itself (`raft.Join`); the manager it then runs records its role.
 //!
 //! Must never remove a member the quorum check refuses, remove more than one member per
 //! pass, or change a Node object without the version it read.
@@ -209,6 +209,33 @@ fn hand_leadership_over(api: &ControlApi, status: &NodeStatus) -> Step {
             target.id
         )),
     }
+}
+
+/// The role `node`'s certificate should have (swarmkit issues certificates by the node's
+/// role in the store): manager as soon as it is promoted (desired role manager: it needs
+/// the manager certificate to join the Raft group), worker once a demotion is complete
+/// (role worker: it left the group). Read by the CA at renewal and sent to agents with each
+/// heartbeat, so that a node renews at once when its role changes.
+///
+/// # Errors
+/// While a demotion is under way the node is still a Raft member and keeps its manager
+/// certificate; it may not renew it (the reason says so).
+pub fn certificate_role(node: &Node) -> Result<crate::ca::Role, String> {
+    let desired = node
+        .spec
+        .as_ref()
+        .map_or(NodeRole::Worker as i32, |s| s.desired_role);
+    if desired == NodeRole::Manager as i32 {
+        return Ok(crate::ca::Role::Manager);
+    }
+    if node.role == NodeRole::Worker as i32 {
+        return Ok(crate::ca::Role::Worker);
+    }
+    Err(format!(
+        "node {} is being demoted and is still a manager until it leaves the Raft group; it \
+         renews its certificate, as a worker's, once that is done",
+        node.id
+    ))
 }
 
 /// True if `node_id`'s Node object in `store` wants the worker role.

@@ -19,9 +19,10 @@ use parking_lot::Mutex;
 
 use super::{HEARTBEAT, SESSION, STATUS_UPDATES_MAX, UPDATE_TASK_STATUS};
 use crate::agent::TaskStatusReport;
+use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher as pb;
-use crate::proto::objects::{Task, TaskStatus};
+use crate::proto::objects::{NodeRole, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
 /// First wait before reopening a failed session; doubles up to [`SESSION_BACKOFF_MAX`].
@@ -57,6 +58,7 @@ pub struct AgentConfig {
 pub struct AgentSession {
     stopping: Arc<AtomicBool>,
     current: Arc<Mutex<Option<Current>>>,
+    certificate_role: Arc<Mutex<Option<Role>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -81,6 +83,7 @@ impl AgentSession {
     ) -> std::io::Result<AgentSession> {
         let stopping = Arc::new(AtomicBool::new(false));
         let current = Arc::new(Mutex::new(None));
+        let certificate_role = Arc::new(Mutex::new(None));
         let config = Arc::new(config);
         let session = {
             let (transport, config, stopping, current) = (
@@ -94,16 +97,34 @@ impl AgentSession {
                 .spawn(move || run_sessions(&transport, &config, &*sink, &stopping, &current))?
         };
         let reporter = {
-            let (stopping, current) = (stopping.clone(), current.clone());
+            let (stopping, current, role) =
+                (stopping.clone(), current.clone(), certificate_role.clone());
             std::thread::Builder::new()
                 .name("agent-reporter".into())
-                .spawn(move || run_reporter(&transport, &config, &reports, &stopping, &current))?
+                .spawn(move || {
+                    let reporter = Reporter {
+                        transport: &transport,
+                        config: &config,
+                        stopping: &stopping,
+                        current: &current,
+                        certificate_role: &role,
+                    };
+                    reporter.run(&reports);
+                })?
         };
         Ok(AgentSession {
             stopping,
             current,
+            certificate_role,
             threads: vec![session, reporter],
         })
+    }
+
+    /// The role the cluster wants this node's certificate to have, from the latest
+    /// heartbeat answer (`None` until one said): a node promoted to manager, or whose
+    /// demotion is complete, sees it here within half a heartbeat period.
+    pub fn certificate_role(&self) -> Option<Role> {
+        *self.certificate_role.lock()
     }
 
     /// The current session's id, if one is open (for tests and status displays).
@@ -207,46 +228,67 @@ fn session(
     Ok(())
 }
 
-fn run_reporter(
-    transport: &Transport,
-    config: &AgentConfig,
-    reports: &Receiver<TaskStatusReport>,
-    stopping: &AtomicBool,
-    current: &Mutex<Option<Current>>,
-) {
-    // Latest unsent status per task, in task id order.
-    let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
-    let mut last_beat = std::time::Instant::now();
-    while !stopping.load(Ordering::SeqCst) {
-        match reports.recv_timeout(REPORTER_POLL) {
-            Ok(report) => {
-                pending.insert(report.task_id, report.status);
-                while let Ok(report) = reports.try_recv() {
+/// The `agent-reporter` thread's view of the session.
+struct Reporter<'a> {
+    transport: &'a Transport,
+    config: &'a AgentConfig,
+    stopping: &'a AtomicBool,
+    current: &'a Mutex<Option<Current>>,
+    certificate_role: &'a Mutex<Option<Role>>,
+}
+
+impl Reporter<'_> {
+    fn run(&self, reports: &Receiver<TaskStatusReport>) {
+        // Latest unsent status per task, in task id order.
+        let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
+        let mut last_beat = std::time::Instant::now();
+        while !self.stopping.load(Ordering::SeqCst) {
+            match reports.recv_timeout(REPORTER_POLL) {
+                Ok(report) => {
                     pending.insert(report.task_id, report.status);
+                    while let Ok(report) = reports.try_recv() {
+                        pending.insert(report.task_id, report.status);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+            let Some(session) = self.current.lock().clone() else {
+                continue;
+            };
+            let channel = self.transport.channel(&session.addr, &self.config.tls);
+            if !pending.is_empty() {
+                send_reports(&channel, &session, &mut pending);
+            }
+            if last_beat.elapsed() >= session.period / 2 {
+                last_beat = std::time::Instant::now();
+                self.heartbeat(&channel, &session);
+            }
+        }
+    }
+
+    fn heartbeat(&self, channel: &crate::net::Channel, session: &Current) {
+        let request = pb::HeartbeatRequest {
+            session_id: session.session_id.clone(),
+        };
+        match channel.unary::<_, pb::HeartbeatResponse>(
+            HEARTBEAT,
+            &request,
+            CallOptions::timeout(CALL_TIMEOUT),
+        ) {
+            Ok(response) => {
+                let role = response.certificate_role.map(|r| {
+                    if r == NodeRole::Manager as i32 {
+                        Role::Manager
+                    } else {
+                        Role::Worker
+                    }
+                });
+                if role.is_some() {
+                    *self.certificate_role.lock() = role;
                 }
             }
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
-        }
-        let Some(session) = current.lock().clone() else {
-            continue;
-        };
-        let channel = transport.channel(&session.addr, &config.tls);
-        if !pending.is_empty() {
-            send_reports(&channel, &session, &mut pending);
-        }
-        if last_beat.elapsed() >= session.period / 2 {
-            last_beat = std::time::Instant::now();
-            let request = pb::HeartbeatRequest {
-                session_id: session.session_id.clone(),
-            };
-            if let Err(status) = channel.unary::<_, pb::HeartbeatResponse>(
-                HEARTBEAT,
-                &request,
-                CallOptions::timeout(CALL_TIMEOUT),
-            ) {
-                log::debug!("agent: heartbeat: {status}");
-            }
+            Err(status) => log::debug!("agent: heartbeat: {status}"),
         }
     }
 }

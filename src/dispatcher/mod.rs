@@ -463,8 +463,14 @@ impl Dispatcher {
         self.require_leader()?;
         let caller = caller(ctx)?;
         self.touch_session(&caller.node_id, &request.session_id)?;
+        let certificate_role = self
+            .store
+            .get::<Node>(&caller.node_id)
+            .and_then(|node| crate::control::roles::certificate_role(&node).ok())
+            .map(|role| crate::control::role_to_proto(role) as i32);
         Ok(pb::HeartbeatResponse {
             heartbeat_period_ms: millis(self.heartbeat_period()?),
+            certificate_role,
         })
     }
 

@@ -43,7 +43,7 @@ pub enum BootstrapError {
     /// Joining failed.
     #[error(transparent)]
     Join(#[from] JoinClusterError),
-    /// A demoted node's state directory could not rejoin as a manager.
+    /// A damaged manager could not rejoin.
     #[error("cannot rejoin as a manager: {0}")]
     Rejoin(String),
     /// Settings are missing but Raft state is there: the directory is damaged.
@@ -150,9 +150,6 @@ pub fn join(
     token: &str,
     manager_addr: &str,
 ) -> Result<(), BootstrapError> {
-    if dir.is_initialized() && dir.is_demoted() {
-        return rejoin(dir, settings, transport, token, manager_addr);
-    }
     refuse_initialized(dir)?;
     let (identity, root) = join_cluster(transport, manager_addr, token, JOIN_CALL_TIMEOUT)?;
     if identity.role() != Role::Manager {
@@ -170,23 +167,21 @@ pub fn join(
     Ok(())
 }
 
-/// Turns the state directory of a manager the cluster demoted (and then promoted again)
-/// back into a manager's: the node keeps its identity (node id, certificate, CA material),
-/// so its Node object becomes a manager again; it gets a fresh Raft id and an empty Raft
-/// directory (Raft ids are never reused, and the old log belongs to a removed member).
+/// Turns the state directory of a node the cluster promoted (a worker's, or a demoted
+/// manager's) into a manager's, keeping the node's identity (its certificate already says
+/// manager: the CA issued it after the promotion): a fresh Raft id, an empty Raft directory
+/// with its watermark (a demoted manager's old log belongs to a removed member and is
+/// deleted), and the settings, written last. The manager it then runs joins the Raft group
+/// through `join_addr`.
 ///
-/// The token must be the cluster's current manager token, checked against the managers'
-/// replicated tokens over mutual TLS with the node's certificate; and the Node must be
-/// promoted first (desired role manager), or the leader would demote it again at once.
-/// The demotion marker is removed last: an interrupted rejoin can be run again.
-fn rejoin(
+/// # Errors
+/// [`BootstrapError`] if a file cannot be written.
+pub fn become_manager(
     dir: &StateDir,
-    settings: &Settings,
-    transport: &Transport,
-    token: &str,
-    manager_addr: &str,
-) -> Result<(), BootstrapError> {
-    let checked = check_rejoin(dir, transport, token, manager_addr)?;
+    listen_addr: &str,
+    advertise_addr: &str,
+    join_addr: &str,
+) -> Result<Settings, BootstrapError> {
     let raft_dir = dir.raft_dir();
     if raft_dir.exists() {
         std::fs::remove_dir_all(&raft_dir).map_err(|source| StateDirError::Io {
@@ -195,15 +190,22 @@ fn rejoin(
         })?;
     }
     dir.create()?;
+    let old = dir.load_settings().ok();
+    let settings = Settings {
+        raft_id: random_raft_id(),
+        listen_addr: listen_addr.to_string(),
+        advertise_addr: advertise_addr.to_string(),
+        bootstrap: crate::raft::node::Bootstrap::Join,
+        join_addr: Some(join_addr.to_string()),
+        snapshot_interval_entries: old.as_ref().and_then(|s| s.snapshot_interval_entries),
+        log_memtable_mib: old.as_ref().and_then(|s| s.log_memtable_mib),
+    };
     create_watermark(dir, settings.raft_id)?;
-    dir.save_settings(settings)?;
-    dir.clear_demoted()?;
-    log::info!(
-        "node {} rejoins cluster {} through {manager_addr} as a manager",
-        checked.node_id,
-        checked.cluster_id
-    );
-    Ok(())
+    dir.save_settings(&settings)?;
+    if dir.is_demoted() {
+        dir.clear_demoted()?;
+    }
+    Ok(settings)
 }
 
 /// What `flotilla rejoin` did.
@@ -222,7 +224,7 @@ pub struct Rejoined {
 /// keeps its identity (node id, certificate) and its settings, under a fresh Raft id.
 ///
 /// Steps, each safe to repeat after an interruption: check the token and that the node is
-/// meant to be a manager (as [`rejoin`]); ask the leader to remove the old Raft member if it
+/// meant to be a manager; ask the leader to remove the old Raft member if it
 /// still is one (`raft.RemoveMember`, refused if that would cost the others their quorum);
 /// set the Raft directory aside as `raft.damaged-<time>` (kept for the operator); create a
 /// new Raft directory and watermark; save the settings with the new Raft id last.
@@ -275,7 +277,8 @@ struct RejoinCheck<'t> {
 }
 
 /// Checks `token` (the cluster's current manager token, asked over mutual TLS with the
-/// node's own certificate) and that the node is meant to be a manager.
+/// node's own certificate: a rejoin proves both who the node is and that the operator holds
+/// the manager token) and that the node is meant to be a manager.
 fn check_rejoin<'t>(
     dir: &StateDir,
     transport: &'t Transport,

@@ -11,6 +11,8 @@ pub mod runtime;
 pub mod state;
 pub mod state_dir;
 
-pub use bootstrap::{BootstrapError, Rejoined, init, join, random_raft_id, rejoin_damaged};
+pub use bootstrap::{
+    BootstrapError, Rejoined, become_manager, init, join, random_raft_id, rejoin_damaged,
+};
 pub use runtime::{Manager, StartError, Stopped};
 pub use state_dir::{Settings, StateDir, StateDirError};

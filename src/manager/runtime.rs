@@ -91,11 +91,9 @@ pub enum StartError {
     },
     /// The cluster demoted this node to worker; it cannot resume as a manager.
     #[error(
-        "{dir} belongs to node {node} that the cluster demoted to worker: it no longer runs as \
-         a manager, and worker mode arrives with the agent. To make it a manager again run \
-         `flotilla node promote {node}` on a manager, then `flotilla join --state-dir {dir} \
-         --token <manager token> <manager address>` here (`flotilla join-token manager` \
-         prints the token)"
+        "{dir} belongs to node {node} that the cluster demoted to worker: it runs as a worker \
+         now (`flotilla run --state-dir {dir}` or `flotilla agent --state-dir {dir}`), and \
+         becomes a manager again in place after `flotilla node promote {node}` on a manager"
     )]
     Demoted {
         /// The state directory.
@@ -332,7 +330,14 @@ impl Manager {
         // The founder holds the CA key on disk; every other manager receives it with the
         // replicated Cluster object (control duties install it into this slot).
         let ca_service = Arc::new(founder_ca(dir));
-        crate::ca::rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone());
+        let store = machine.store.clone();
+        let roles: crate::ca::rpc::RoleResolver = Arc::new(move |caller| {
+            match store.get::<crate::proto::objects::Node>(&caller.node_id) {
+                Some(node) => control::roles::certificate_role(&node),
+                None => Ok(caller.role),
+            }
+        });
+        crate::ca::rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone(), roles);
         // Every call with a certificate is checked against the revocations this manager
         // has applied (removed nodes, demoted managers, revoked admin certificates).
         let access = machine.access.clone();
@@ -494,12 +499,25 @@ impl Manager {
         // former peers know (asked while the transport still runs).
         let told_by_peers =
             removed && !wants_worker(&store, &node_id) && self.peers_say_demoted(&node_id);
+        // Where a demoted node's agent finds the managers: its former peers.
+        let me = self.raft().id();
+        let peers: Vec<String> = self
+            .raft()
+            .directory()
+            .all()
+            .into_iter()
+            .filter(|(raft_id, _)| *raft_id != me)
+            .map(|(_, addr)| addr)
+            .collect();
         self.shutdown();
         let Some(reason) = fatal else {
             return Ok(None);
         };
         if !(removed && (told_by_peers || wants_worker(&store, &node_id))) {
             return Ok(Some(Stopped::Fatal(reason)));
+        }
+        if !peers.is_empty() {
+            dir.save_managers(&peers)?;
         }
         dir.mark_demoted(&node_id)?;
         log::info!("node {node_id} was demoted to worker; its manager role stopped");

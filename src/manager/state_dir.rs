@@ -9,8 +9,9 @@
 //! - `manager.conf`: [`Settings`] (`key = value` lines);
 //! - `raft/`: the Raft log, hard state and snapshots;
 //! - `demoted`: present once the cluster demoted this manager to worker (it left the Raft
-//!   group): `run` refuses the directory, `join` with a manager token turns it back into a
-//!   manager.
+//!   group): the node runs as a worker (its agent) until the cluster promotes it again.
+//! - `managers`: the managers a worker's agent calls (a demoted manager's former peers).
+//! - `agent.conf`: where a worker listens once promoted (`flotilla agent --listen`).
 //! - `flotilla.lock`: locked (`flock`) by the one process that uses the directory, so that
 //!   a second one is refused with a clear error instead of failing inside the storage.
 //! - `raft.damaged-<unix seconds>/`: Raft state set aside by `flotilla rejoin` or
@@ -148,10 +149,8 @@ impl StateDir {
     pub fn mark_demoted(&self, node_id: &str) -> Result<(), StateDirError> {
         let path = self.demoted_file();
         let text = format!(
-            "node {node_id} was demoted to worker and left the managers; rejoin with \
-             `flotilla join --state-dir {} --token <manager token> <manager address>` after \
-             `flotilla node promote {node_id}`\n",
-            self.root.display()
+            "node {node_id} was demoted to worker and left the managers; it runs as a worker \
+             until `flotilla node promote {node_id}` makes it a manager again\n"
         );
         write_atomic(&path, text.as_bytes(), MODE_PRIVATE)
             .map_err(|source| StateDirError::Io { path, source })
@@ -255,6 +254,24 @@ impl StateDir {
             Err(fs::TryLockError::WouldBlock) => Err(StateDirError::InUse(self.root.clone())),
             Err(fs::TryLockError::Error(source)) => Err(StateDirError::Io { path, source }),
         }
+    }
+
+    /// The managers a node's agent calls, one `host:port` a line (`flotilla agent` keeps it;
+    /// a demoted manager writes its former peers there).
+    pub fn managers_file(&self) -> PathBuf {
+        self.root.join("managers")
+    }
+
+    /// Saves `managers` (one per line) to [`StateDir::managers_file`], atomically.
+    ///
+    /// # Errors
+    /// [`StateDirError::Io`].
+    pub fn save_managers(&self, managers: &[String]) -> Result<(), StateDirError> {
+        let mut text = managers.join("\n");
+        text.push('\n');
+        let path = self.managers_file();
+        write_atomic(&path, text.as_bytes(), MODE_PRIVATE)
+            .map_err(|source| StateDirError::Io { path, source })
     }
 
     /// Where this node's agent keeps its tasks (`<task id>/`: logs, pid file, work dir).

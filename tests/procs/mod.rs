@@ -135,6 +135,47 @@ impl Proc {
         }
     }
 
+    /// How many lines the process printed so far: a mark for [`Proc::wait_for_after`],
+    /// taken before causing what the caller then waits for.
+    pub fn mark(&mut self) -> usize {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+        self.seen.len()
+    }
+
+    /// As [`Proc::wait_for`], but only lines printed after `mark` count (a line that
+    /// appears every time the process does something again). Returns the line's position
+    /// (a mark for what follows it) and the line.
+    pub fn wait_for_after(
+        &mut self,
+        mark: usize,
+        needle: &str,
+        timeout: Duration,
+    ) -> (usize, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((at, line)) = self
+                .seen
+                .iter()
+                .enumerate()
+                .skip(mark)
+                .find(|(_, l)| l.contains(needle))
+            {
+                return (at, line.clone());
+            }
+            match self.lines.recv_deadline(deadline) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "{}: no line containing {needle:?} after line {mark} within {timeout:?}; \
+                     output:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
     /// Everything printed so far.
     pub fn output(&mut self) -> String {
         while let Ok(line) = self.lines.try_recv() {
