@@ -129,7 +129,9 @@ pub struct SpecFlags {
 /// `flotilla service …`
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
-    /// Create a service running COMMAND ARGS.
+    /// Create a service running COMMAND ARGS. Options come first; the command starts at
+    /// the first word that is not an option, or after `--` (then it may itself start with
+    /// `-`). An unknown option is an error, never the command.
     Create {
         /// The service's unique name.
         #[arg(long)]
@@ -137,8 +139,10 @@ pub enum ServiceCommand {
         /// The spec.
         #[command(flatten)]
         spec: SpecFlags,
-        /// The program and its arguments.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        /// The program and its arguments (everything from here on is the task's).
+        // No `allow_hyphen_values`: a mistyped or unsupported option (`--publish`) must be
+        // refused, not become the program. `--` still passes a leading `-` through.
+        #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
     /// List the services.
@@ -159,7 +163,9 @@ pub enum ServiceCommand {
         #[arg(required = true)]
         pairs: Vec<String>,
     },
-    /// Change a service's spec.
+    /// Change a service's spec: `service update SERVICE [OPTIONS] [COMMAND ARGS...]`.
+    /// Only the options given change; a COMMAND (the first word after SERVICE that is not
+    /// an option, or everything after `--`) replaces the task's command and arguments.
     Update {
         /// Id, unique id prefix or name.
         service: String,
@@ -169,12 +175,12 @@ pub enum ServiceCommand {
         /// New name.
         #[arg(long)]
         rename: Option<String>,
-        /// New command and arguments (space-separated words).
-        #[arg(long, allow_hyphen_values = true, num_args = 1..)]
-        command: Option<Vec<String>>,
         /// Refuse the update unless the service is still at this version (from `inspect`).
         #[arg(long)]
         if_version: Option<u64>,
+        /// New program and arguments (everything from here on is the task's).
+        #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Remove services.
     Rm {
@@ -861,10 +867,10 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
                 if let Some(name) = rename {
                     spec.name = name;
                 }
-                if let Some(words) = command.filter(|w| !w.is_empty()) {
+                if let Some((program, args)) = command.split_first() {
                     let task = spec.task.get_or_insert_with(TaskSpec::default);
-                    task.command = words[0].clone();
-                    task.args = words[1..].to_vec();
+                    task.command = program.clone();
+                    task.args = args.to_vec();
                 }
                 apply_flags(spec, &flags)
             })?;

@@ -375,3 +375,101 @@ fn serve(dir: &StateDir) -> Result<(), String> {
         None => Ok(()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::ServiceCommand;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+    }
+
+    fn service(args: &[&str]) -> ServiceCommand {
+        match parse(args).map(|cli| cli.command) {
+            Ok(Command::Service { command, .. }) => *command,
+            other => panic!("{args:?} did not parse as a service command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_option_is_refused_never_taken_for_the_command() {
+        for bogus in ["--publish", "--detach", "--bogus"] {
+            let create = ["service", "create", "--name", "p1", bogus, "80:80", "nginx"];
+            let error = parse(&create).expect_err(bogus);
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{error}"
+            );
+            let update = ["service", "update", "p1", bogus, "nginx"];
+            assert!(parse(&update).is_err(), "{update:?}");
+        }
+    }
+
+    #[test]
+    fn the_command_starts_at_the_first_word_or_after_a_double_dash() {
+        let ServiceCommand::Create {
+            name,
+            command,
+            spec,
+        } = service(&[
+            "service",
+            "create",
+            "--name",
+            "p1",
+            "--replicas",
+            "2",
+            "sh",
+            "-c",
+            "echo hi",
+            "--replicas",
+            "3",
+        ])
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(name, "p1");
+        assert_eq!(
+            spec.replicas,
+            Some(2),
+            "options after the command are its own"
+        );
+        assert_eq!(command, ["sh", "-c", "echo hi", "--replicas", "3"]);
+        let ServiceCommand::Create { command, .. } =
+            service(&["service", "create", "--name", "p1", "--", "-dash", "--x"])
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(command, ["-dash", "--x"]);
+        let missing = parse(&["service", "create", "--name", "p1"]).expect_err("no command");
+        assert_eq!(
+            missing.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+
+        let ServiceCommand::Update {
+            service: name,
+            command,
+            spec,
+            ..
+        } = service(&["service", "update", "web", "--replicas", "4"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!((name.as_str(), spec.replicas), ("web", Some(4)));
+        assert!(command.is_empty(), "no command given: the command stays");
+        let ServiceCommand::Update { command, .. } =
+            service(&["service", "update", "web", "sleep", "-x", "--env", "A=1"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(command, ["sleep", "-x", "--env", "A=1"]);
+        let ServiceCommand::Update { command, .. } =
+            service(&["service", "update", "web", "--", "--weird"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(command, ["--weird"]);
+    }
+}
