@@ -68,11 +68,12 @@ pub(super) fn issue_here(
         .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
     let validity = check_request(&request)?;
     let ca = api.ca.get().ok_or_else(|| {
-        Status::new(
+        // The key reaches every manager with the replicated cluster object, within moments
+        // of its joining or of a new cluster's first election.
+        Status::retry_soon(
             Code::FailedPrecondition,
-            // (Worded without "leader ": the CLI retries such refusals as elections.)
-            "the cluster CA key is neither on this manager nor on the one leading (it \
-             reaches every manager through the replicated cluster object); retry in a moment",
+            "the cluster CA key has not reached this manager nor the one leading yet (it \
+             comes with the replicated cluster object); retry in a moment",
         )
     })?;
     let issued = ca
