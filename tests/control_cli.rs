@@ -370,11 +370,37 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     ok(&dir, None, &["service", "rm", "gone"]);
     refused(&dir, None, &["service", "inspect", "gone"]);
     let before = ok(&dir, None, &["service", "inspect", "web"]);
+    // A watch through the local socket across the restart: it names the socket it lost
+    // (a unix socket has no network address to show) and resumes.
+    let mut watch = procs::Proc::start(
+        "watch-local",
+        &[
+            "watch",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--kind",
+            "service",
+            "--format",
+            "json",
+        ],
+    );
+    watch.wait_for("watch: from version", START);
     cluster.managers[0].stop();
+    let lost = watch.wait_for("resuming after version", START);
+    assert!(
+        lost.contains("control.sock") && !lost.contains("127.0.0.1:0"),
+        "{lost}"
+    );
     cluster.managers[0].restart();
     let after = ok(&dir, None, &["service", "inspect", "web"]);
     assert_eq!(before, after, "the service survives a restart unchanged");
     assert_eq!(ok(&dir, None, &["join-token", "worker"]).trim(), rotated);
+    ok(
+        &dir,
+        None,
+        &["service", "create", "--name", "after", "true"],
+    );
+    watch.wait_for("\"name\":\"after\"", START);
 }
 
 /// A raw `control.Watch` client.
