@@ -1,10 +1,11 @@
-//! The manager process: its state directory, bootstrap (`init`, `join`) and the running
-//! components with their start and shutdown order.
+//! The manager process: its state directory, bootstrap (`init`, `join`, undoing a failed
+//! first start) and the running components with their start and shutdown order.
 //!
 //! Owns the wiring between components. Must never implement a component's logic itself
 //! (consensus lives in `raft`, certificates in `ca`, sockets in `net`).
 
 pub mod bootstrap;
+pub mod first_start;
 pub mod register;
 pub mod runtime;
 pub mod state;
