@@ -141,9 +141,10 @@ fn identity(
         let (identity, root) = load_node_files(node_dir).map_err(|e| e.to_string())?;
         if identity.role() != Role::Worker {
             return Err(format!(
-                "{} belongs to a {:?} node; run a manager with `flotilla run --state-dir {}`",
+                "{} belongs to a {} node, not a worker; run a manager with `flotilla run \
+                 --state-dir {}`",
                 args.state_dir.display(),
-                identity.role(),
+                identity.role().as_str(),
                 args.state_dir.display()
             ));
         }

@@ -34,12 +34,15 @@ fn check_request(request: &pb::IssueAdminCertificateRequest) -> Result<Duration,
     let validity_ms = u64::try_from(request.validity_ms)
         .ok()
         .filter(|ms| *ms > 0)
-        .ok_or_else(|| Status::invalid_argument("validity_ms: must be positive"))?;
+        .ok_or_else(|| {
+            Status::invalid_argument("validity: must be positive (e.g. `--validity 30d`)")
+        })?;
     let validity = Duration::from_millis(validity_ms);
     if validity > ADMIN_CERT_VALIDITY_MAX {
         return Err(Status::invalid_argument(format!(
-            "validity_ms: {validity_ms} is beyond the limit of {} days; issue a new \
-             certificate when this one expires",
+            "validity: {:.1} days is beyond the limit of {} days; issue a new certificate \
+             when this one expires",
+            validity.as_secs_f64() / 86_400.0,
             ADMIN_CERT_VALIDITY_MAX.as_secs() / 86_400
         )));
     }
