@@ -315,10 +315,10 @@ pub(crate) struct Client {
 
 fn describe(addr: &str, status: &Status) -> String {
     let hint = match status.code {
-        // Retried already, for a while, if the refusal promised that a wait would help.
-        Code::Unavailable if status.is_retry_soon() => {
-            "\nhint: the cluster is still without a leader or this manager without what it \
-             needs; check `flotilla manager ls` and the managers' logs"
+        // Such a refusal was retried for a while already (`RETRY_SOON_ATTEMPTS_MAX`).
+        _ if status.is_retry_soon() => {
+            "\nhint: still so after retrying for about ten seconds; check that the managers \
+             have a leader and reach each other (`flotilla manager ls`), and their logs"
                 .to_string()
         }
         Code::Unavailable => "\nhint: is the manager running (`flotilla up`, or `flotilla run \

@@ -199,8 +199,11 @@ impl NodeError {
                 leader_addr: leader.and_then(|id| directory.addr(id)),
             },
             RaftError::ShuttingDown => NodeError::ShuttingDown,
-            transient @ (RaftError::TransferInProgress { .. }
-            | RaftError::MembershipChangeInProgress
+            // Ids in hex, as `manager ls` prints them.
+            RaftError::TransferInProgress { target } => {
+                NodeError::RetrySoon(format!("leadership is being handed to manager {target:x}"))
+            }
+            transient @ (RaftError::MembershipChangeInProgress
             | RaftError::UncommittedLimit { .. }) => NodeError::RetrySoon(transient.to_string()),
             other => NodeError::Refused(other.to_string()),
         }
