@@ -165,3 +165,94 @@ fn init_refuses_an_initialized_directory_and_run_resumes_it() {
     assert!(!status.success());
     assert!(output.contains("flotilla init"), "{output}");
 }
+
+/// A state directory whose control socket path is longer than a unix socket address may be
+/// (108 bytes): the manager's start fails after `init` wrote the whole node.
+fn dir_with_unbindable_socket(base: &std::path::Path) -> std::path::PathBuf {
+    let mut dir = base.to_path_buf();
+    while dir.join("control.sock").as_os_str().len() <= 120 {
+        dir.push("deeper-and-deeper");
+    }
+    dir
+}
+
+#[test]
+fn a_failed_first_start_leaves_nothing_and_up_never_ignores_listen() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let dir_arg = dir.to_str().unwrap();
+
+    // The port is taken: refused before anything is written, for `up` and `init` alike.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = blocker.local_addr().unwrap().to_string();
+    for command in ["up", "init"] {
+        let (status, output) = run_to_end(
+            &[command, "--state-dir", dir_arg, "--listen", &taken],
+            START,
+        );
+        assert!(!status.success(), "{output}");
+        assert!(
+            output.contains(&format!("cannot listen on {taken}")) && output.contains("--listen"),
+            "{output}"
+        );
+        assert!(!dir.exists(), "{command} left {}", dir.display());
+    }
+    drop(blocker);
+
+    // A start that fails after the node was written: the node is removed again.
+    let deep = dir_with_unbindable_socket(&tmp.path().join("deep"));
+    let (status, output) = run_to_end(
+        &[
+            "up",
+            "--state-dir",
+            deep.to_str().unwrap(),
+            "--listen",
+            &free_addr(),
+        ],
+        START,
+    );
+    assert!(!status.success(), "{output}");
+    assert!(output.contains("nothing was kept"), "{output}");
+    assert!(
+        !tmp.path().join("deep").exists(),
+        "the half-made node is gone, with the directories made for it"
+    );
+
+    // The next `up` takes its own --listen.
+    let addr = free_addr();
+    let mut up = Proc::start("up", &["up", "--state-dir", dir_arg, "--listen", &addr]);
+    let line = up.wait_for("flotilla manager listening on", START);
+    assert!(
+        line.contains(&addr) && line.contains("control.sock"),
+        "{line}"
+    );
+    up.wait_for("Worker token", START);
+    up.signal(15);
+    assert!(up.wait_exit(START).success());
+
+    // Later, a different --listen is refused with both addresses, not ignored.
+    let other = free_addr();
+    let (status, output) = run_to_end(&["up", "--state-dir", dir_arg, "--listen", &other], START);
+    assert!(!status.success(), "{output}");
+    for expected in [
+        addr.as_str(),
+        other.as_str(),
+        "listen_addr",
+        "without --listen",
+    ] {
+        assert!(output.contains(expected), "{expected} missing:\n{output}");
+    }
+    let conf = std::fs::read_to_string(dir.join("manager.conf")).unwrap();
+    assert!(conf.contains(&format!("listen_addr = {addr}")), "{conf}");
+
+    // Without --listen (or with the same one) it resumes where it was.
+    for args in [
+        vec!["up", "--state-dir", dir_arg],
+        vec!["up", "--state-dir", dir_arg, "--listen", &addr],
+    ] {
+        let mut again = Proc::start("up-again", &args);
+        again.wait_for(&format!("listening on {addr}"), START);
+        again.signal(15);
+        assert!(again.wait_exit(START).success());
+    }
+}

@@ -267,6 +267,30 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         "{out}"
     );
 
+    // Why a task waits shows in `service ps` and `task ls` (docker's ERROR column), not only
+    // in `task inspect`.
+    ok(
+        &dir,
+        None,
+        &[
+            "service",
+            "create",
+            "--name",
+            "nowhere",
+            "--constraint",
+            "node.labels.zone==mars",
+            "true",
+        ],
+    );
+    let reason = "no node satisfies node.labels.zone==mars";
+    let ps = wait_for_output(&dir, None, &["service", "ps", "nowhere"], reason);
+    let line = ps.lines().find(|l| l.contains(reason)).unwrap();
+    assert!(line.contains("pending"), "{ps}");
+    assert!(ps.lines().next().unwrap().contains("ERROR"), "{ps}");
+    let tasks = ok(&dir, None, &["task", "ls", "--service", "nowhere"]);
+    assert!(tasks.contains(reason), "{tasks}");
+    ok(&dir, None, &["service", "rm", "nowhere"]);
+
     // Nodes: the manager recorded itself; availability, labels and desired role update.
     let nodes = wait_for_output(&dir, None, &["node", "ls"], "leader");
     assert!(nodes.contains("manager"), "{nodes}");
@@ -346,11 +370,37 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     ok(&dir, None, &["service", "rm", "gone"]);
     refused(&dir, None, &["service", "inspect", "gone"]);
     let before = ok(&dir, None, &["service", "inspect", "web"]);
+    // A watch through the local socket across the restart: it names the socket it lost
+    // (a unix socket has no network address to show) and resumes.
+    let mut watch = procs::Proc::start(
+        "watch-local",
+        &[
+            "watch",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--kind",
+            "service",
+            "--format",
+            "json",
+        ],
+    );
+    watch.wait_for("watch: from version", START);
     cluster.managers[0].stop();
+    let lost = watch.wait_for("resuming after version", START);
+    assert!(
+        lost.contains("control.sock") && !lost.contains("127.0.0.1:0"),
+        "{lost}"
+    );
     cluster.managers[0].restart();
     let after = ok(&dir, None, &["service", "inspect", "web"]);
     assert_eq!(before, after, "the service survives a restart unchanged");
     assert_eq!(ok(&dir, None, &["join-token", "worker"]).trim(), rotated);
+    ok(
+        &dir,
+        None,
+        &["service", "create", "--name", "after", "true"],
+    );
+    watch.wait_for("\"name\":\"after\"", START);
 }
 
 /// A raw `control.Watch` client.
@@ -608,6 +658,13 @@ fn creates_of(output: &str, name: &str) -> usize {
 #[test]
 fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
     let mut cluster = Cluster::start(3, ClusterOptions::default());
+    // The joiners get the CA key with the replicated cluster object, shortly after joining:
+    // wait for it rather than race it (the CLI would also retry a refusal that says so).
+    for joiner in 1..3 {
+        cluster.managers[joiner]
+            .proc()
+            .wait_for("now runs the cluster CA", START);
+    }
     let client = cluster.client();
     let leader = cluster.leader_index(&client).unwrap();
     let follower = (leader + 1) % 3;
@@ -692,7 +749,9 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
     let transfer_to = |index: usize| {
         let id = raft_id_of(&managers, &cluster.managers[index].addr);
         admin_ok(&admin_dir, &follower_addr, &["manager", "transfer", &id]);
-        assert_eq!(cluster.leader_index(&client), Some(index));
+        procs::eventually("the transfer target leads", START, || {
+            cluster.leader_index(&client) == Some(index)
+        });
     };
     let issue_through = |index: usize, out: &str| {
         let out = cluster.tmp.path().join(out);
@@ -769,6 +828,65 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
         via_leader.output().contains("resuming after version"),
         "the watch through the leader re-subscribed:\n{}",
         via_leader.output()
+    );
+    client.transport.shutdown();
+}
+
+/// Whether the member at `addr` is reachable in a `manager ls --format json` listing.
+fn reachable_in(listing: &str, addr: &str) -> Option<bool> {
+    let mut lines = listing.lines().map(str::trim);
+    lines.find(|l| l.contains(&format!("\"addr\": \"{addr}\"")))?;
+    lines
+        .find_map(|l| l.strip_prefix("\"reachable\": "))
+        .map(|v| v.trim_end_matches(',') == "true")
+}
+
+/// The MANAGER STATUS `node ls` shows for `node_id` (the last column of its line).
+fn manager_status_in(table: &str, node_id: &str) -> Option<String> {
+    let line = table.lines().find(|l| l.starts_with(node_id))?;
+    line.split_whitespace().last().map(str::to_string)
+}
+
+#[test]
+fn node_ls_and_manager_ls_agree_on_a_killed_manager() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let client = cluster.client();
+    let leader = cluster.leader_index(&client).unwrap();
+    let (victim, survivor) = ((leader + 1) % 3, (leader + 2) % 3);
+    let victim_id = node_id_of(&mut cluster.managers[victim]);
+    let victim_addr = cluster.managers[victim].addr.clone();
+    // Asked through a follower: the answers must still be the leader's view.
+    let dir = cluster.managers[survivor].dir.clone();
+    let both = || {
+        let managers = ok(&dir, None, &["manager", "ls", "--format", "json"]);
+        let nodes = ok(&dir, None, &["node", "ls"]);
+        (
+            reachable_in(&managers, &victim_addr),
+            manager_status_in(&nodes, &victim_id),
+        )
+    };
+    procs::eventually("both listings show the manager reachable", START, || {
+        both() == (Some(true), Some("reachable".to_string()))
+    });
+
+    // A transfer to an id no manager has says so, and where to find the ids.
+    let out = refused(&dir, None, &["manager", "transfer", "abcdef"]);
+    assert!(
+        out.contains("no manager has id abcdef") && out.contains("flotilla manager ls"),
+        "{out}"
+    );
+    assert!(!out.contains("voter"), "{out}");
+
+    cluster.managers[victim].kill();
+    procs::eventually(
+        "both listings show the killed manager unreachable",
+        START,
+        || both() == (Some(false), Some("unreachable".to_string())),
+    );
+    let inspect = ok(&dir, None, &["node", "inspect", &victim_id]);
+    assert!(
+        inspect.contains("\"reachability\": \"unreachable\""),
+        "{inspect}"
     );
     client.transport.shutdown();
 }

@@ -1,5 +1,6 @@
 //! The linearizability checker against Jepsen's etcd register histories and their verdicts
-//! (`../shared/testdata/jepsen-etcd/VERDICTS`; `FLOTILLA_JEPSEN_DIR` points elsewhere).
+//! (`tests/data/jepsen-etcd/VERDICTS`, kept in the repository with their source and licence;
+//! `FLOTILLA_JEPSEN_DIR` points elsewhere).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use flotilla::lincheck::{self, CheckLimits, Verdict};
 
 fn testdata_dir() -> PathBuf {
     std::env::var_os("FLOTILLA_JEPSEN_DIR").map_or_else(
-        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/testdata/jepsen-etcd"),
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/jepsen-etcd"),
         PathBuf::from,
     )
 }

@@ -490,3 +490,36 @@ fn rejoin_brings_a_damaged_manager_back_from_the_others() {
     });
     cluster.managers[victim].proc = Some(rejoined);
 }
+
+#[test]
+fn up_never_builds_a_new_cluster_over_a_damaged_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let mut proc = init_manager(&dir, &free_addr(), 100_000);
+    create_services(&dir, &service_list(3, "s"));
+    proc.signal(15);
+    assert!(proc.wait_exit(START).success());
+    drop(proc);
+    std::fs::remove_file(dir.join("manager.conf")).unwrap();
+    let identity = std::fs::read(dir.join("node/node.pem")).unwrap();
+    let watermark = std::fs::read(dir.join("raft/watermark")).unwrap();
+    let (status, output) = run_to_end(
+        &["up", "--state-dir", &dir_arg, "--listen", &free_addr()],
+        START,
+    );
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("manager.conf") && output.contains("restore"),
+        "{output}"
+    );
+    assert!(!output.contains("afresh"), "{output}");
+    // Nothing was replaced or removed: the identity, the watermark and the log stay.
+    assert_eq!(std::fs::read(dir.join("node/node.pem")).unwrap(), identity);
+    assert_eq!(
+        std::fs::read(dir.join("raft/watermark")).unwrap(),
+        watermark
+    );
+    assert!(dir.join("raft/log").exists());
+    assert!(!dir.join("manager.conf").exists());
+}

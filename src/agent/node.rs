@@ -82,6 +82,11 @@ impl Agent {
             .and_then(AgentSession::certificate_role)
     }
 
+    /// The manager the session is with (the leader), if one is open.
+    pub fn manager_addr(&self) -> Option<String> {
+        self.session.as_ref().and_then(AgentSession::manager_addr)
+    }
+
     /// Stops the session (no new assignments, no more reports), then every task process,
     /// and joins all threads.
     pub fn stop(mut self) {

@@ -27,6 +27,11 @@ pub const ISSUE_NODE_CERTIFICATE: &str = "ca.IssueNodeCertificate";
 /// Renews the caller's certificate (any node, authenticated by its current certificate).
 pub const RENEW_NODE_CERTIFICATE: &str = "ca.RenewNodeCertificate";
 
+/// Wait before asking again a manager that refused a join with
+/// [`RETRY_SOON`](crate::wire::RETRY_SOON) (it does not hold the CA key yet); the join
+/// retries so until its `timeout` runs out.
+pub const JOIN_RETRY_SOON_WAIT: Duration = Duration::from_millis(250);
+
 /// Decides the role a renewed certificate gets, from what the cluster knows of the caller
 /// (its Node object): the role it holds now, or a new one after a promotion or a completed
 /// demotion. `Err` refuses the renewal with the reason (for example a demotion still under
@@ -52,7 +57,7 @@ pub fn register(router: &mut Router, pool: &ServicePool, service: &Arc<CaService
 
 /// The refusal of a manager that does not hold the CA key (yet).
 fn no_ca_here() -> Status {
-    Status::new(
+    Status::retry_soon(
         Code::FailedPrecondition,
         "this manager does not hold the cluster CA key yet (it arrives with the replicated \
          cluster object); retry in a moment or use another manager",
@@ -183,6 +188,8 @@ pub enum JoinClusterError {
 /// certificate. Returns the new identity and the root; save them with
 /// [`save_node_files`](super::save_node_files).
 ///
+/// A manager that does not hold the CA key yet is asked again until `timeout` has passed.
+///
 /// # Errors
 /// [`JoinClusterError`]: each variant says which step failed and what to check.
 pub fn join_cluster(
@@ -210,13 +217,26 @@ pub fn join_cluster(
         token: token.to_string(),
         csr_der: pending.csr_der().to_vec().into(),
     };
-    let issued: IssueNodeCertificateResponse = transport
-        .channel(manager, &pinned)
-        .unary(ISSUE_NODE_CERTIFICATE, &request, options)
-        .map_err(|status| JoinClusterError::Refused {
-            manager: manager.to_string(),
-            status,
-        })?;
+    let deadline = Instant::now() + timeout;
+    let channel = transport.channel(manager, &pinned);
+    let issued: IssueNodeCertificateResponse = loop {
+        match channel.unary(ISSUE_NODE_CERTIFICATE, &request, options) {
+            Ok(issued) => break issued,
+            // Nothing was issued nor counted against the token: the key is on its way.
+            Err(status)
+                if status.is_retry_soon() && Instant::now() + JOIN_RETRY_SOON_WAIT < deadline =>
+            {
+                log::info!("{manager}: {status}; asking again");
+                std::thread::sleep(JOIN_RETRY_SOON_WAIT);
+            }
+            Err(status) => {
+                return Err(JoinClusterError::Refused {
+                    manager: manager.to_string(),
+                    status,
+                });
+            }
+        }
+    };
     let identity = pending.complete(&issued.cert_der, &root, SystemTime::now())?;
     Ok((identity, root))
 }

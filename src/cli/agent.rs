@@ -72,7 +72,8 @@ pub struct ManagerAddrs {
     pub listen: String,
     /// The address other managers dial.
     pub advertise: String,
-    /// A manager to join the Raft group through.
+    /// A manager to join the Raft group through (the leader the agent's session was with,
+    /// else the first remembered manager).
     pub join_addr: String,
 }
 
@@ -173,7 +174,12 @@ fn run_with(
             log::info!("signal {signal} received; stopping the tasks and the agent");
             break AgentExit::Stopped;
         }
-        if let Some(promoted) = watch.step(agent.certificate_role(), *role.lock(), &renewer) {
+        if let Some(mut promoted) = watch.step(agent.certificate_role(), *role.lock(), &renewer) {
+            // Join through the leader the session is with: a remembered manager may have
+            // been demoted since.
+            if let Some(leader) = agent.manager_addr() {
+                promoted.join_addr = leader;
+            }
             log::info!(
                 "node {} was promoted to manager: stopping the agent to run as a manager",
                 identity.node_id()

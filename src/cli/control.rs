@@ -19,18 +19,20 @@ use crate::net::{CallOptions, Transport, TransportConfig};
 use crate::proto::control as pb;
 use crate::proto::objects::{
     NodeAvailability, NodeRole, Placement, ResourceRequirements, Resources, RestartCondition,
-    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
-    UpdateOrder,
+    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, TaskState, UpdateConfig,
+    UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::{Code, Status};
 
 /// Deadline of one control call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Attempts of a call refused only because no leader was known (an election): each waits
-/// [`LEADER_RETRY_WAIT`] first.
-pub const LEADER_RETRIES_MAX: u32 = 40;
-/// Wait between attempts while the managers elect a leader.
-pub const LEADER_RETRY_WAIT: Duration = Duration::from_millis(250);
+/// Extra attempts of a call refused with the reason [`crate::wire::RETRY_SOON`] (an
+/// election, a transfer, the CA key or cluster object not yet on this manager), each after
+/// [`RETRY_SOON_WAIT`]: such a refusal says "retry in a moment", so the CLI does, for about
+/// ten seconds plus the calls' own time, before it reports it.
+pub const RETRY_SOON_ATTEMPTS_MAX: u32 = 40;
+/// Wait before each retry of a [`crate::wire::RETRY_SOON`] refusal.
+pub const RETRY_SOON_WAIT: Duration = Duration::from_millis(250);
 /// Extra attempts of an idempotent call whose outcome is unknown (`Unavailable`,
 /// `DeadlineExceeded`): few, since each may wait a whole [`CALL_TIMEOUT`].
 pub const UNKNOWN_OUTCOME_RETRIES_MAX: u32 = 3;
@@ -129,7 +131,9 @@ pub struct SpecFlags {
 /// `flotilla service …`
 #[derive(Subcommand, Debug)]
 pub enum ServiceCommand {
-    /// Create a service running COMMAND ARGS.
+    /// Create a service running COMMAND ARGS. Options come first; the command starts at
+    /// the first word that is not an option, or after `--` (then it may itself start with
+    /// `-`). An unknown option is an error, never the command.
     Create {
         /// The service's unique name.
         #[arg(long)]
@@ -137,8 +141,10 @@ pub enum ServiceCommand {
         /// The spec.
         #[command(flatten)]
         spec: SpecFlags,
-        /// The program and its arguments.
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        /// The program and its arguments (everything from here on is the task's).
+        // No `allow_hyphen_values`: a mistyped or unsupported option (`--publish`) must be
+        // refused, not become the program. `--` still passes a leading `-` through.
+        #[arg(trailing_var_arg = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
     /// List the services.
@@ -159,7 +165,9 @@ pub enum ServiceCommand {
         #[arg(required = true)]
         pairs: Vec<String>,
     },
-    /// Change a service's spec.
+    /// Change a service's spec: `service update SERVICE [OPTIONS] [COMMAND ARGS...]`.
+    /// Only the options given change; a COMMAND (the first word after SERVICE that is not
+    /// an option, or everything after `--`) replaces the task's command and arguments.
     Update {
         /// Id, unique id prefix or name.
         service: String,
@@ -169,12 +177,12 @@ pub enum ServiceCommand {
         /// New name.
         #[arg(long)]
         rename: Option<String>,
-        /// New command and arguments (space-separated words).
-        #[arg(long, allow_hyphen_values = true, num_args = 1..)]
-        command: Option<Vec<String>>,
         /// Refuse the update unless the service is still at this version (from `inspect`).
         #[arg(long)]
         if_version: Option<u64>,
+        /// New program and arguments (everything from here on is the task's).
+        #[arg(trailing_var_arg = true, value_name = "COMMAND")]
+        command: Vec<String>,
     },
     /// Remove services.
     Rm {
@@ -307,8 +315,14 @@ pub(crate) struct Client {
 
 fn describe(addr: &str, status: &Status) -> String {
     let hint = match status.code {
-        Code::Unavailable => "\nhint: is the manager running (`flotilla run --state-dir …`)? \
-                              During an election, retry in a moment."
+        // Such a refusal was retried for a while already (`RETRY_SOON_ATTEMPTS_MAX`).
+        _ if status.is_retry_soon() => {
+            "\nhint: still so after retrying for about ten seconds; check that the managers \
+             have a leader and reach each other (`flotilla manager ls`), and their logs"
+                .to_string()
+        }
+        Code::Unavailable => "\nhint: is the manager running (`flotilla up`, or `flotilla run \
+                              --state-dir DIR`)? With --manager, is the address right?"
             .to_string(),
         Code::Aborted => {
             "\nhint: someone changed it meanwhile: inspect it again and retry".to_string()
@@ -323,14 +337,6 @@ fn describe(addr: &str, status: &Status) -> String {
         _ => String::new(),
     };
     format!("{addr}: {status}{hint}")
-}
-
-/// True for refusals that only mean "no leader right now": nothing was proposed.
-pub(crate) fn is_election(status: &Status) -> bool {
-    (status.code == Code::Unavailable && status.message.contains("retry in a moment"))
-        || status.message.contains("not the leader")
-        || (status.code == Code::FailedPrecondition && status.message.contains("leader "))
-        || status.message.contains("lost in a leader change")
 }
 
 impl Client {
@@ -415,14 +421,14 @@ impl Client {
         unknown_outcome_retries_max: u32,
     ) -> Result<Resp, String> {
         let channel = self.transport.channel(&self.addr, &self.tls);
-        let (mut elections, mut unknown_outcomes) = (0, 0);
+        let (mut waits, mut unknown_outcomes) = (0, 0);
         loop {
             let status = match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
                 Err(status) => status,
                 Ok(reply) => return Ok(reply),
             };
-            let retry = if is_election(&status) && elections < LEADER_RETRIES_MAX {
-                elections += 1;
+            let retry = if status.is_retry_soon() && waits < RETRY_SOON_ATTEMPTS_MAX {
+                waits += 1;
                 true
             } else if matches!(status.code, Code::Unavailable | Code::DeadlineExceeded)
                 && unknown_outcomes < unknown_outcome_retries_max
@@ -436,7 +442,7 @@ impl Client {
                 return Err(describe(&self.addr, &status));
             }
             log::debug!("{method}: {status}; retrying");
-            std::thread::sleep(LEADER_RETRY_WAIT);
+            std::thread::sleep(RETRY_SOON_WAIT);
         }
     }
 
@@ -452,25 +458,39 @@ impl Client {
         items: impl Fn(Chunk) -> Vec<T>,
     ) -> Result<Vec<T>, String> {
         let channel = self.transport.channel(&self.addr, &self.tls);
-        let mut attempt = 0;
-        'retry: loop {
-            let mut stream = channel
-                .server_stream::<_, Chunk>(method, request, CallOptions::timeout(CALL_TIMEOUT))
-                .map_err(|s| describe(&self.addr, &s))?;
-            let mut all = Vec::new();
-            loop {
-                match stream.recv() {
-                    Ok(Some(chunk)) => all.extend(items(chunk)),
-                    Ok(None) => return Ok(all),
-                    Err(status) if is_election(&status) && attempt < LEADER_RETRIES_MAX => {
-                        attempt += 1;
-                        std::thread::sleep(LEADER_RETRY_WAIT);
-                        continue 'retry;
-                    }
-                    Err(status) => return Err(describe(&self.addr, &status)),
-                }
+        let mut waits = 0;
+        loop {
+            let status = match Self::list_once(&channel, method, request, &items) {
+                Ok(all) => return Ok(all),
+                Err(status) => status,
+            };
+            if !status.is_retry_soon() || waits >= RETRY_SOON_ATTEMPTS_MAX {
+                return Err(describe(&self.addr, &status));
             }
+            waits += 1;
+            log::debug!("{method}: {status}; retrying");
+            std::thread::sleep(RETRY_SOON_WAIT);
         }
+    }
+
+    /// One listing: every chunk, or the refusal (when opening or midway; a listing is
+    /// read-only, so a retry after a midway failure is safe).
+    fn list_once<Req: prost::Message, Chunk: prost::Message + Default, T>(
+        channel: &crate::net::Channel,
+        method: &str,
+        request: &Req,
+        items: &impl Fn(Chunk) -> Vec<T>,
+    ) -> Result<Vec<T>, Status> {
+        let mut stream = channel.server_stream::<_, Chunk>(
+            method,
+            request,
+            CallOptions::timeout(CALL_TIMEOUT),
+        )?;
+        let mut all = Vec::new();
+        while let Some(chunk) = stream.recv()? {
+            all.extend(items(chunk));
+        }
+        Ok(all)
     }
 
     pub(crate) fn print_json(&self, value: &Json) {
@@ -753,24 +773,40 @@ fn print_services(client: &Client, services: &[crate::proto::objects::Service]) 
     }
 }
 
+/// What `service ps` and `task ls` show in their ERROR column (docker's): why the task
+/// failed, or why it is still pending (no node fits, none ready, …); empty otherwise.
+fn task_problem(task: &crate::proto::objects::Task) -> &str {
+    let Some(status) = task.status.as_ref() else {
+        return "";
+    };
+    if !status.err.is_empty() {
+        &status.err
+    } else if status.state == TaskState::Pending as i32 {
+        &status.message
+    } else {
+        ""
+    }
+}
+
 fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
     if client.format == Format::Json {
         client.print_json(&Json::Arr(tasks.iter().map(json::task).collect()));
         return;
     }
     println!(
-        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  ERROR",
         "ID", "SERVICE", "SLOT", "NODE", "DESIRED", "CURRENT"
     );
     for task in tasks {
         println!(
-            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  {}",
             short(&task.id),
             short(&task.service_id),
             task.slot,
             short(&task.node_id),
             json::task_state_name(task.desired_state),
             json::task_state_name(task.status.as_ref().map_or(0, |s| s.state)),
+            task_problem(task),
         );
     }
 }
@@ -861,10 +897,10 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
                 if let Some(name) = rename {
                     spec.name = name;
                 }
-                if let Some(words) = command.filter(|w| !w.is_empty()) {
+                if let Some((program, args)) = command.split_first() {
                     let task = spec.task.get_or_insert_with(TaskSpec::default);
-                    task.command = words[0].clone();
-                    task.args = words[1..].to_vec();
+                    task.command = program.clone();
+                    task.args = args.to_vec();
                 }
                 apply_flags(spec, &flags)
             })?;
@@ -934,11 +970,10 @@ fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
     );
     for node in nodes {
         let spec = node.spec.clone().unwrap_or_default();
-        let manager = match &node.manager_status {
-            Some(status) if status.leader => "leader",
-            Some(_) => "reachable",
-            None => "",
-        };
+        let manager = node
+            .manager_status
+            .as_ref()
+            .map_or("", json::manager_status_name);
         println!(
             "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  {manager}",
             node.id,
@@ -1191,7 +1226,130 @@ pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), Strin
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
     use super::*;
+    use crate::ca::{CaPolicy, ClusterCa, Role};
+    use crate::net::{Allow, Router, ServicePool};
+
+    /// A server whose `test.Flaky` and `test.FlakyList` refuse `refusals` calls with
+    /// `refusal`, then answer; and a client for it.
+    struct Flaky {
+        client: Client,
+        server: Transport,
+        pool: ServicePool,
+        calls: Arc<AtomicU32>,
+    }
+
+    impl Flaky {
+        fn start(refusals: u32, refusal: Status) -> Flaky {
+            let ca =
+                ClusterCa::create(std::time::SystemTime::now(), CaPolicy::default()).expect("a CA");
+            let now = std::time::SystemTime::now();
+            let server_identity = ca.issue_local_identity(Role::Manager, now).expect("id");
+            let client_identity = ca.issue_local_identity(Role::Manager, now).expect("id");
+            let pool = ServicePool::new("flaky", 2, 16).expect("pool");
+            let calls = Arc::new(AtomicU32::new(0));
+            let mut router = Router::new();
+            let (counted, refused) = (calls.clone(), refusal.clone());
+            router.unary(
+                "test.Flaky",
+                Allow::ANYONE,
+                &pool,
+                move |_, _: pb::GetClusterRequest| {
+                    if counted.fetch_add(1, Ordering::SeqCst) < refusals {
+                        return Err(refused.clone());
+                    }
+                    Ok(pb::ClusterResponse::default())
+                },
+            );
+            let counted = calls.clone();
+            router.server_stream(
+                "test.FlakyList",
+                Allow::ANYONE,
+                &pool,
+                move |_, _: pb::ListNodesRequest, stream| {
+                    if counted.fetch_add(1, Ordering::SeqCst) < refusals {
+                        return Err(refusal.clone());
+                    }
+                    stream.send(&pb::NodeChunk {
+                        nodes: vec![Default::default()],
+                    })
+                },
+            );
+            let server = Transport::start(TransportConfig::default()).expect("transport");
+            let server_tls = tls::server_config(&server_identity, ca.root()).expect("tls");
+            let addr = server
+                .listen(
+                    "127.0.0.1:0".parse().expect("addr"),
+                    Arc::new(server_tls),
+                    Arc::new(router),
+                )
+                .expect("listen");
+            let client = Client {
+                transport: Transport::start(TransportConfig::default()).expect("transport"),
+                tls: Arc::new(tls::client_config(&client_identity, ca.root()).expect("tls")),
+                addr: addr.to_string(),
+                root: ca.root().clone(),
+                format: Format::Table,
+            };
+            Flaky {
+                client,
+                server,
+                pool,
+                calls,
+            }
+        }
+
+        fn stop(self) -> u32 {
+            self.client.transport.shutdown();
+            self.server.shutdown();
+            self.pool.shutdown();
+            self.calls.load(Ordering::SeqCst)
+        }
+    }
+
+    #[test]
+    fn a_refusal_that_promises_a_retry_is_retried_and_others_are_not() {
+        let soon = Status::retry_soon(
+            Code::FailedPrecondition,
+            "no key here yet; retry in a moment",
+        );
+        let flaky = Flaky::start(3, soon.clone());
+        let reply: Result<pb::ClusterResponse, String> =
+            flaky.client.unary("test.Flaky", &pb::GetClusterRequest {});
+        assert!(reply.is_ok(), "{reply:?}");
+        assert_eq!(flaky.stop(), 4, "three refusals, then the answer");
+
+        let flaky = Flaky::start(2, soon);
+        let nodes = flaky.client.list(
+            "test.FlakyList",
+            &pb::ListNodesRequest {},
+            |c: pb::NodeChunk| c.nodes,
+        );
+        assert_eq!(nodes.map(|n| n.len()), Ok(1));
+        assert_eq!(flaky.stop(), 3, "listings are retried too");
+
+        // The same words without the reason: reported at once (the CLI never reads the
+        // message to decide).
+        let flaky = Flaky::start(1, Status::unavailable("retry in a moment"));
+        let reply: Result<pb::ClusterResponse, String> =
+            flaky.client.unary("test.Flaky", &pb::GetClusterRequest {});
+        let error = reply.expect_err("refused");
+        assert!(error.contains("retry in a moment"), "{error}");
+        assert_eq!(flaky.stop(), 1);
+    }
+
+    #[test]
+    fn a_promised_retry_is_bounded() {
+        let soon = Status::retry_soon(Code::Unavailable, "no leader; retry in a moment");
+        let flaky = Flaky::start(u32::MAX, soon);
+        let reply: Result<pb::ClusterResponse, String> =
+            flaky.client.unary("test.Flaky", &pb::GetClusterRequest {});
+        let error = reply.expect_err("never answers");
+        assert!(error.contains("hint:"), "{error}");
+        assert_eq!(flaky.stop(), RETRY_SOON_ATTEMPTS_MAX + 1);
+    }
 
     #[test]
     fn flag_values_parse_with_units_and_refuse_garbage() {

@@ -6,9 +6,9 @@
 use std::fmt::{self, Write};
 
 use crate::proto::objects::{
-    Cluster, Meta, Node, NodeAvailability, NodeRole, NodeState, ResourceRequirements, Resources,
-    RestartCondition, Service, ServiceMode, Task, TaskSpec, TaskState, UpdateConfig,
-    UpdateFailureAction, UpdateOrder,
+    Cluster, ManagerStatus, Meta, Node, NodeAvailability, NodeRole, NodeState, RaftReachability,
+    ResourceRequirements, Resources, RestartCondition, Service, ServiceMode, Task, TaskSpec,
+    TaskState, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 
 /// A JSON value.
@@ -165,6 +165,25 @@ pub fn mode_name(mode: i32) -> &'static str {
         Ok(ServiceMode::Global) => "global",
         Ok(ServiceMode::Replicated) => "replicated",
         _ => "unspecified",
+    }
+}
+
+/// `reachable`, `unreachable` or `unknown`: whether the leader hears from a manager.
+pub fn reachability_name(value: i32) -> &'static str {
+    match RaftReachability::try_from(value) {
+        Ok(RaftReachability::Reachable) => "reachable",
+        Ok(RaftReachability::Unreachable) => "unreachable",
+        _ => "unknown",
+    }
+}
+
+/// `node ls`'s MANAGER STATUS (docker's): `leader`, else the manager's reachability as the
+/// leader sees it (as `manager ls` shows it).
+pub fn manager_status_name(status: &ManagerStatus) -> &'static str {
+    if status.leader {
+        "leader"
+    } else {
+        reachability_name(status.reachability)
     }
 }
 
@@ -340,6 +359,7 @@ pub fn node(node: &Node) -> Json {
                 ("raft_id", s(&format!("{:x}", m.raft_id))),
                 ("addr", s(&m.addr)),
                 ("leader", Json::Bool(m.leader)),
+                ("reachability", s(reachability_name(m.reachability))),
             ])
         }),
     ));

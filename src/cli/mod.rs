@@ -17,6 +17,7 @@ mod managers;
 pub mod watch;
 
 use crate::ca::{JoinTokens, Role};
+use crate::manager::first_start::Untouched;
 use crate::manager::{self, Manager, Settings, StateDir};
 use crate::net::{Transport, TransportConfig};
 use crate::raft::node::Bootstrap;
@@ -42,13 +43,17 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run a single-node cluster in ./flotilla-state: created on first use, resumed after.
+    /// It listens on --listen (default 127.0.0.1:4242) for other nodes and remote commands,
+    /// and on <state-dir>/control.sock for commands on this machine.
     Up {
         /// Where the cluster's state lives.
         #[arg(long, default_value = UP_STATE_DIR_DEFAULT)]
         state_dir: PathBuf,
-        /// Address to listen on (host:port).
-        #[arg(long, default_value = LISTEN_ADDR_DEFAULT)]
-        listen: String,
+        /// Address to listen on (host:port) when the cluster is created [default:
+        /// 127.0.0.1:4242]. A cluster that exists keeps its address (`listen_addr` in
+        /// manager.conf): a different --listen is refused, with how to move it.
+        #[arg(long)]
+        listen: Option<String>,
     },
     /// Create a new cluster with this node as its first manager, print the join tokens and
     /// run it.
@@ -234,26 +239,22 @@ pub fn run(cli: Cli) -> ExitCode {
 fn execute(command: Command) -> Result<(), String> {
     match command {
         Command::Up { state_dir, listen } => {
+            let dir = StateDir::new(state_dir.clone());
+            if dir.is_initialized() {
+                refuse_other_listen(&dir, listen.as_deref())?;
+                return serve(&dir);
+            }
             let node = NewManagerArgs {
                 state_dir,
-                listen,
+                listen: listen.unwrap_or_else(|| LISTEN_ADDR_DEFAULT.to_string()),
                 advertise: None,
                 snapshot_interval_entries: None,
             };
-            let dir = StateDir::new(node.state_dir.clone());
-            if !dir.is_initialized() {
-                let tokens =
-                    manager::init(&dir, &node.settings(None)).map_err(|e| e.to_string())?;
-                print_tokens(&tokens);
-            }
-            serve(&dir)
+            init_and_serve(&dir, &node.settings(None))
         }
         Command::Init { node } => {
             let dir = StateDir::new(node.state_dir.clone());
-            let settings = node.settings(None);
-            let tokens = manager::init(&dir, &settings).map_err(|e| e.to_string())?;
-            print_tokens(&tokens);
-            serve(&dir)
+            init_and_serve(&dir, &node.settings(None))
         }
         Command::Join {
             node,
@@ -262,6 +263,8 @@ fn execute(command: Command) -> Result<(), String> {
         } => {
             let dir = StateDir::new(node.state_dir.clone());
             let settings = node.settings(Some(&manager));
+            // Before a certificate is asked for or anything is written.
+            probe_listen(&settings.listen_addr)?;
             let transport = Transport::start(TransportConfig::default())
                 .map_err(|e| format!("cannot start the transport: {e}"))?;
             let joined = manager::join(&dir, &settings, &transport, &token, &manager);
@@ -478,15 +481,141 @@ enum Served {
     Demoted,
 }
 
+/// `init`, and `up` on a new directory: creates the cluster, starts its first manager, and
+/// prints the join tokens once it runs. A first start that fails leaves the directory as
+/// it found it ([`Untouched`]): nothing half-made shapes the next attempt, which takes the
+/// flags it is given (another `--listen`, say).
+fn init_and_serve(dir: &StateDir, settings: &Settings) -> Result<(), String> {
+    if dir.is_initialized() || dir.has_raft_state() {
+        // `init` refuses it, untouched, and says how to resume it (or, with Raft state but
+        // no settings, that the directory is damaged): nothing to undo.
+        return manager::init(dir, settings)
+            .map(drop)
+            .map_err(|e| e.to_string());
+    }
+    probe_listen(&settings.listen_addr)?;
+    let untouched = Untouched::record(dir).map_err(|e| e.to_string())?;
+    let started = manager::init(dir, settings)
+        .map_err(|e| e.to_string())
+        .and_then(|tokens| Ok((start(dir)?, tokens)));
+    match started {
+        Ok((running, tokens)) => {
+            print_tokens(&tokens);
+            match wait(running)? {
+                Served::Stopped => Ok(()),
+                // Demoted: the node goes on as a worker.
+                Served::Demoted => serve(dir),
+            }
+        }
+        Err(error) => Err(undo_first_start(dir, &untouched, error)),
+    }
+}
+
+/// Removes what a failed first start wrote; says so after `error`.
+fn undo_first_start(dir: &StateDir, untouched: &Untouched, error: String) -> String {
+    let root = dir.root().display();
+    match untouched.restore(dir) {
+        Ok(()) => format!(
+            "{error}
+nothing was kept in {root}: the next `flotilla up` or `flotilla init` \
+             there creates the cluster afresh, with the flags it is given"
+        ),
+        Err(restore) => format!(
+            "{error}
+the half-made node in {root} could not be removed ({restore}); remove \
+             {root} before trying again"
+        ),
+    }
+}
+
+/// Binds `addr` for a moment, before anything is written or asked for: an address in use
+/// (another manager, another `up`) is reported while the state directory is untouched.
+/// The manager binds it again when it starts (a race with another process then fails that
+/// start, which is undone too).
+fn probe_listen(addr: &str) -> Result<(), String> {
+    let resolved = resolve_listen(addr)?;
+    std::net::TcpListener::bind(resolved)
+        .map(drop)
+        .map_err(|e| {
+            format!(
+                "cannot listen on {addr}: {e}
+hint: nothing was written; pass a free address \
+             with --listen HOST:PORT"
+            )
+        })
+}
+
+fn resolve_listen(addr: &str) -> Result<std::net::SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("--listen {addr}: {e}; expected HOST:PORT"))?
+        .next()
+        .ok_or_else(|| format!("--listen {addr}: resolves to no address; expected HOST:PORT"))
+}
+
+/// `up` on a cluster that exists: its manager keeps the address it was created with
+/// (`listen_addr` in manager.conf, which other nodes may know). A `--listen` naming another
+/// address is refused, with both values and how to move the manager, never silently
+/// ignored (swarm's `init` likewise refuses a node that is already in a swarm).
+fn refuse_other_listen(dir: &StateDir, listen: Option<&str>) -> Result<(), String> {
+    let Some(wanted) = listen else {
+        return Ok(());
+    };
+    let stored = dir.load_settings().map_err(|e| e.to_string())?.listen_addr;
+    let same = wanted == stored
+        || matches!(
+            (resolve_listen(wanted), resolve_listen(&stored)),
+            (Ok(a), Ok(b)) if a == b
+        );
+    if same {
+        return Ok(());
+    }
+    let (root, conf) = (dir.root().display(), dir.settings_file());
+    let conf = conf.display();
+    Err(format!(
+        "{root} holds a cluster whose manager listens on {stored} (`listen_addr` in `{conf}`), \
+         not on {wanted}\nhint: run `flotilla up --state-dir {root}` without --listen to \
+         resume it on {stored}, or give another --state-dir to create a new cluster on \
+         {wanted}. To move this manager, stop it and set both `listen_addr` and \
+         `advertise_addr` (the address other nodes dial) in `{conf}`: safe while it is the \
+         cluster's only manager and no agent was given the old address"
+    ))
+}
+
+/// A started manager and the signal handlers registered before it started.
+struct Running {
+    manager: Manager,
+    signals: signal_hook::iterator::Signals,
+}
+
+/// Starts the manager in `dir`, and says where it listens.
+fn start(dir: &StateDir) -> Result<Running, String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Registered before anything starts, so an early signal is not lost.
+    let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let manager = Manager::start(dir).map_err(|e| e.to_string())?;
+    println!(
+        "flotilla manager listening on {} (commands on this machine use {})",
+        manager.listen_addr(),
+        dir.control_socket().display()
+    );
+    Ok(Running { manager, signals })
+}
+
 /// Runs the manager in `dir` until SIGINT or SIGTERM (or until it is demoted), then stops it
 /// through its barrier.
 fn serve_manager(dir: &StateDir) -> Result<Served, String> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    // Registered before anything starts, so an early signal is not lost.
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let manager = Manager::start(dir).map_err(|e| e.to_string())?;
-    println!("flotilla manager listening on {}", manager.listen_addr());
+    wait(start(dir)?)
+}
+
+/// Waits for SIGINT, SIGTERM or the manager's fatal stop (a demotion among them), then
+/// stops it through its barrier.
+fn wait(running: Running) -> Result<Served, String> {
+    let Running {
+        manager,
+        mut signals,
+    } = running;
     let handle = signals.handle();
     let fatal = loop {
         if let Some(signal) = signals.pending().next() {
@@ -514,5 +643,103 @@ fn serve_manager(dir: &StateDir) -> Result<Served, String> {
         }
         Some(manager::Stopped::Fatal(reason)) => Err(reason),
         None => Ok(Served::Stopped),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use control::ServiceCommand;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("flotilla").chain(args.iter().copied()))
+    }
+
+    fn service(args: &[&str]) -> ServiceCommand {
+        match parse(args).map(|cli| cli.command) {
+            Ok(Command::Service { command, .. }) => *command,
+            other => panic!("{args:?} did not parse as a service command: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_option_is_refused_never_taken_for_the_command() {
+        for bogus in ["--publish", "--detach", "--bogus"] {
+            let create = ["service", "create", "--name", "p1", bogus, "80:80", "nginx"];
+            let error = parse(&create).expect_err(bogus);
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::UnknownArgument,
+                "{error}"
+            );
+            let update = ["service", "update", "p1", bogus, "nginx"];
+            assert!(parse(&update).is_err(), "{update:?}");
+        }
+    }
+
+    #[test]
+    fn the_command_starts_at_the_first_word_or_after_a_double_dash() {
+        let ServiceCommand::Create {
+            name,
+            command,
+            spec,
+        } = service(&[
+            "service",
+            "create",
+            "--name",
+            "p1",
+            "--replicas",
+            "2",
+            "sh",
+            "-c",
+            "echo hi",
+            "--replicas",
+            "3",
+        ])
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(name, "p1");
+        assert_eq!(
+            spec.replicas,
+            Some(2),
+            "options after the command are its own"
+        );
+        assert_eq!(command, ["sh", "-c", "echo hi", "--replicas", "3"]);
+        let ServiceCommand::Create { command, .. } =
+            service(&["service", "create", "--name", "p1", "--", "-dash", "--x"])
+        else {
+            panic!("not a create");
+        };
+        assert_eq!(command, ["-dash", "--x"]);
+        let missing = parse(&["service", "create", "--name", "p1"]).expect_err("no command");
+        assert_eq!(
+            missing.kind(),
+            clap::error::ErrorKind::MissingRequiredArgument
+        );
+
+        let ServiceCommand::Update {
+            service: name,
+            command,
+            spec,
+            ..
+        } = service(&["service", "update", "web", "--replicas", "4"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!((name.as_str(), spec.replicas), ("web", Some(4)));
+        assert!(command.is_empty(), "no command given: the command stays");
+        let ServiceCommand::Update { command, .. } =
+            service(&["service", "update", "web", "sleep", "-x", "--env", "A=1"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(command, ["sleep", "-x", "--env", "A=1"]);
+        let ServiceCommand::Update { command, .. } =
+            service(&["service", "update", "web", "--", "--weird"])
+        else {
+            panic!("not an update");
+        };
+        assert_eq!(command, ["--weird"]);
     }
 }

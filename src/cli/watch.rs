@@ -12,7 +12,7 @@
 
 use clap::{Args, ValueEnum};
 
-use super::control::{Client, Format, LEADER_RETRY_WAIT};
+use super::control::{Client, Format, RETRY_SOON_WAIT};
 use super::json::{self, Json};
 use crate::control::WATCH;
 use crate::control::managers::LIST_MANAGERS;
@@ -22,7 +22,7 @@ use crate::proto::objects::{ObjectKind, StoreObject, store_object::Object};
 use crate::wire::{Code, Status};
 
 /// Failed subscription attempts in a row (across every known manager) before the watch
-/// gives up; each waits [`LEADER_RETRY_WAIT`] first: about a minute without any manager.
+/// gives up; each waits [`RETRY_SOON_WAIT`] first: about a minute without any manager.
 pub const WATCH_RESUBSCRIBE_ATTEMPTS_MAX: u32 = 240;
 /// Events of one transaction held until its COMMIT marker (a transaction has at most
 /// `store::TXN_CHANGES_MAX` changes; a stream that sends more is broken).
@@ -349,7 +349,7 @@ pub(crate) fn run(client: &Client, args: &WatchArgs) -> Result<(), String> {
             }
             None => eprintln!("watch: {addr}: {status}; trying {next}"),
         }
-        std::thread::sleep(LEADER_RETRY_WAIT);
+        std::thread::sleep(RETRY_SOON_WAIT);
     }
 }
 

@@ -34,12 +34,15 @@ fn check_request(request: &pb::IssueAdminCertificateRequest) -> Result<Duration,
     let validity_ms = u64::try_from(request.validity_ms)
         .ok()
         .filter(|ms| *ms > 0)
-        .ok_or_else(|| Status::invalid_argument("validity_ms: must be positive"))?;
+        .ok_or_else(|| {
+            Status::invalid_argument("validity: must be positive (e.g. `--validity 30d`)")
+        })?;
     let validity = Duration::from_millis(validity_ms);
     if validity > ADMIN_CERT_VALIDITY_MAX {
         return Err(Status::invalid_argument(format!(
-            "validity_ms: {validity_ms} is beyond the limit of {} days; issue a new \
-             certificate when this one expires",
+            "validity: {:.1} days is beyond the limit of {} days; issue a new certificate \
+             when this one expires",
+            validity.as_secs_f64() / 86_400.0,
             ADMIN_CERT_VALIDITY_MAX.as_secs() / 86_400
         )));
     }
@@ -68,11 +71,12 @@ pub(super) fn issue_here(
         .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
     let validity = check_request(&request)?;
     let ca = api.ca.get().ok_or_else(|| {
-        Status::new(
+        // The key reaches every manager with the replicated cluster object, within moments
+        // of its joining or of a new cluster's first election.
+        Status::retry_soon(
             Code::FailedPrecondition,
-            // (Worded without "leader ": the CLI retries such refusals as elections.)
-            "the cluster CA key is neither on this manager nor on the one leading (it \
-             reaches every manager through the replicated cluster object); retry in a moment",
+            "the cluster CA key has not reached this manager nor the one leading yet (it \
+             comes with the replicated cluster object); retry in a moment",
         )
     })?;
     let issued = ca

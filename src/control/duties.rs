@@ -3,16 +3,16 @@
 //!
 //! - hands the cluster object's snapshot interval to the Raft node when it changed
 //!   (unless `manager.conf` pins this manager's: see [`SelfReport::snapshot_interval_override`]);
+//! - keeps the cluster CA in step with the Cluster object (`sync_ca`): a manager that
+//!   holds the CA key on disk publishes it when the object lacks it; a manager without a
+//!   CA installs the replicated one (so every manager serves joins, renewals and admin
+//!   certificates); first, since the report below may wait on a slow or changing leader;
 //! - on the leader, creates the Cluster object if it is missing (defaults, the founder's
 //!   join tokens, the root CA digest, and the founder's pinned snapshot interval if any);
 //! - records this manager as a Node object (through [`ControlApi::write`], so a follower's
 //!   report is forwarded with its own identity);
 //! - copies the replicated join tokens into this manager's CA service and `join-tokens`
 //!   file when they changed (a rotation on any manager reaches every manager);
-//! - keeps the cluster CA in step with the Cluster object (`sync_ca`): a manager that
-//!   holds the CA key on disk publishes it when the object lacks it; a manager without a
-//!   CA installs the replicated one (so every manager serves joins, renewals and admin
-//!   certificates);
 //! - on the leader, runs one pass of the role reconciler ([`super::roles`]: demotions),
 //!   which may block the thread for one membership change or leadership transfer.
 //!
@@ -77,8 +77,11 @@ impl Duties {
                 let mut demotions = super::roles::Demotions::default();
                 loop {
                     apply_snapshot_interval(&api, &me, &mut ignored_interval);
-                    run_once(&api, &me, &mut synced);
+                    // Before `run_once`, whose forwarded report may wait for a slow or
+                    // changing leader: installing a replicated CA key is local, and joins,
+                    // renewals and admin certificates here wait for it.
                     sync_ca(&api, &me);
+                    run_once(&api, &me, &mut synced);
                     super::roles::reconcile(&api, &mut demotions);
                     match stopped.recv_timeout(DUTY_INTERVAL) {
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}

@@ -4,6 +4,7 @@
 //!
 //! Must never change membership itself.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{ControlApi, PROPOSE_TIMEOUT};
@@ -11,7 +12,7 @@ use crate::net::{Allow, CallOptions, Router, ServicePool};
 use crate::proto::control as pb;
 use crate::proto::raft as raftpb;
 use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
-use crate::wire::Status;
+use crate::wire::{Code, Status};
 
 /// Lists the managers as the leader sees them.
 pub const LIST_MANAGERS: &str = "control.ListManagers";
@@ -28,12 +29,16 @@ impl ControlApi {
         request: &Req,
     ) -> Result<Resp, Status> {
         let leader = self.node.leader().ok_or_else(|| {
-            Status::unavailable("no leader is known right now; retry in a moment")
+            Status::retry_soon(
+                Code::Unavailable,
+                "no leader is known right now (an election); retry in a moment",
+            )
         })?;
         let addr = self.node.directory().addr(leader).ok_or_else(|| {
-            Status::unavailable(format!(
-                "the address of leader {leader:x} is not known yet; retry in a moment"
-            ))
+            Status::retry_soon(
+                Code::Unavailable,
+                format!("the address of leader {leader:x} is not known yet; retry in a moment"),
+            )
         })?;
         self.transport.channel(&addr, &self.client_tls).unary(
             method,
@@ -48,6 +53,36 @@ fn leader_status(api: &ControlApi) -> Result<pb::ManagersResponse, Status> {
     let status: raftpb::StatusResponse = api.call_leader(STATUS, &raftpb::StatusRequest {})?;
     Ok(pb::ManagersResponse {
         status: Some(status),
+    })
+}
+
+/// The Raft group as the leader sees it, for the manager columns of `node ls` and `node
+/// inspect`: the leader's id and whether the leader hears from each member (the view
+/// `manager ls` shows, so that both commands agree on a dead manager).
+pub(super) struct GroupView {
+    /// The leader's Raft id.
+    pub(super) leader: u64,
+    /// Raft id → reachable from the leader.
+    pub(super) reachable: BTreeMap<u64, bool>,
+}
+
+/// Asks the leader for its view of the group; `None` while no leader answers (the caller
+/// then reports reachability as unknown rather than guessing).
+pub(super) fn group_view(api: &ControlApi) -> Option<GroupView> {
+    let status: raftpb::StatusResponse = match api.call_leader(STATUS, &raftpb::StatusRequest {}) {
+        Ok(status) => status,
+        Err(status) => {
+            log::debug!("no leader view of the managers for a node listing: {status}");
+            return None;
+        }
+    };
+    Some(GroupView {
+        leader: status.leader,
+        reachable: status
+            .members
+            .iter()
+            .map(|m| (m.raft_id, m.reachable))
+            .collect(),
     })
 }
 

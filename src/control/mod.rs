@@ -283,12 +283,16 @@ impl ControlApi {
             return handlers::execute(self, caller, method, payload);
         }
         let leader = self.node.leader().ok_or_else(|| {
-            Status::unavailable("no leader is known right now; retry in a moment")
+            Status::retry_soon(
+                Code::Unavailable,
+                "no leader is known right now (an election); retry in a moment",
+            )
         })?;
         let leader_addr = self.node.directory().addr(leader).ok_or_else(|| {
-            Status::unavailable(format!(
-                "the address of leader {leader:x} is not known yet; retry in a moment"
-            ))
+            Status::retry_soon(
+                Code::Unavailable,
+                format!("the address of leader {leader:x} is not known yet; retry in a moment"),
+            )
         })?;
         let request = pb::ForwardRequest {
             method: method.to_string(),
@@ -305,10 +309,13 @@ impl ControlApi {
                 // Most often the leader just died and the election is not over: the caller
                 // may retry (a write whose reply was lost may have happened; a create that
                 // carries its id answers the retry with what the first attempt made).
-                Code::Unavailable => Status::unavailable(format!(
-                    "leader {leader_addr} is unreachable ({}); retry in a moment",
-                    status.message
-                )),
+                Code::Unavailable => Status::retry_soon(
+                    Code::Unavailable,
+                    format!(
+                        "leader {leader_addr} is unreachable ({}); retry in a moment",
+                        status.message
+                    ),
+                ),
                 _ => status,
             })?;
         Ok(response.payload)

@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use prost::Message;
 
+use super::managers::{GroupView, group_view};
 use super::{ControlApi, LIST_CHUNK_BYTES_MAX};
 use crate::net::{Allow, Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
-use crate::proto::objects::{Cluster, Node, Service, Task};
+use crate::proto::objects::{Cluster, Node, RaftReachability, Service, Task};
 use crate::store::{ReadView, Record};
 use crate::wire::{Code, Status};
 
@@ -96,7 +97,7 @@ pub(super) fn resolve_task(view: &ReadView<'_>, reference: &str) -> Result<Arc<T
 /// `Unavailable` if the leader has not created it yet.
 pub(super) fn the_cluster(view: &ReadView<'_>) -> Result<Arc<Cluster>, Status> {
     view.list::<Cluster>().next().cloned().ok_or_else(|| {
-        Status::new(
+        Status::retry_soon(
             Code::Unavailable,
             "the cluster object does not exist yet (the leader creates it on election); retry \
              in a moment",
@@ -128,12 +129,28 @@ fn stream_chunks<T: Message + Clone, C: Message>(
     Ok(())
 }
 
-/// Marks the current leader among manager nodes (known only at read time).
-fn with_leader_flag(api: &ControlApi, node: &Node) -> Node {
+/// Fills in a manager node's leader flag and reachability, known only at read time, from
+/// the leader's view of the group (`view`, the same as `manager ls` shows); without it
+/// (no leader answers), the leader this manager knows and an unknown reachability.
+fn with_manager_view(api: &ControlApi, view: Option<&GroupView>, node: &Node) -> Node {
     let mut node = node.clone();
-    let leader = api.node.leader();
-    if let Some(status) = node.manager_status.as_mut() {
-        status.leader = leader == Some(status.raft_id);
+    let Some(status) = node.manager_status.as_mut() else {
+        return node;
+    };
+    match view {
+        Some(view) => {
+            status.leader = view.leader == status.raft_id;
+            status.reachability = match view.reachable.get(&status.raft_id) {
+                Some(true) => RaftReachability::Reachable,
+                Some(false) => RaftReachability::Unreachable,
+                // Not a member (removed): neither.
+                None => RaftReachability::Unknown,
+            } as i32;
+        }
+        None => {
+            status.leader = api.node.leader() == Some(status.raft_id);
+            status.reachability = RaftReachability::Unknown as i32;
+        }
     }
     node
 }
@@ -183,8 +200,10 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             let node = a
                 .store
                 .view(|view| resolve_node(view, &request.reference))?;
+            // Only a manager's record needs the leader's view.
+            let view = node.manager_status.as_ref().and_then(|_| group_view(&a));
             Ok(pb::NodeResponse {
-                node: Some(with_leader_flag(&a, &node)),
+                node: Some(with_manager_view(&a, view.as_ref(), &node)),
             })
         },
     );
@@ -195,11 +214,15 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         pool,
         move |_, _: pb::ListNodesRequest, stream| {
             a.read_barrier()?;
-            let nodes: Vec<Arc<Node>> = a
-                .store
-                .list::<Node>()
+            let nodes = a.store.list::<Node>();
+            let view = nodes
                 .iter()
-                .map(|node| Arc::new(with_leader_flag(&a, node)))
+                .any(|node| node.manager_status.is_some())
+                .then(|| group_view(&a))
+                .flatten();
+            let nodes: Vec<Arc<Node>> = nodes
+                .iter()
+                .map(|node| Arc::new(with_manager_view(&a, view.as_ref(), node)))
                 .collect();
             stream_chunks(&nodes, &stream, |nodes| pb::NodeChunk { nodes })
         },
@@ -229,9 +252,14 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             let tasks: Vec<Arc<Task>> = a.store.view(|view| {
                 if !request.service_id.is_empty() {
                     let service = resolve_service(view, &request.service_id)?;
+                    // The node may be named as in `--node` alone (hostname, id prefix).
+                    let node_id = match request.node_id.as_str() {
+                        "" => None,
+                        reference => Some(resolve_node(view, reference)?.id.clone()),
+                    };
                     Ok(view
                         .tasks_by_service(&service.id)
-                        .filter(|t| request.node_id.is_empty() || t.node_id == request.node_id)
+                        .filter(|t| node_id.as_ref().is_none_or(|id| &t.node_id == id))
                         .cloned()
                         .collect())
                 } else if !request.node_id.is_empty() {

@@ -127,6 +127,12 @@ impl AgentSession {
         *self.certificate_role.lock()
     }
 
+    /// The manager the current session is with, if one is open: the leader (only the
+    /// leader serves sessions).
+    pub fn manager_addr(&self) -> Option<String> {
+        self.current.lock().as_ref().map(|c| c.addr.clone())
+    }
+
     /// The current session's id, if one is open (for tests and status displays).
     pub fn session_id(&self) -> Option<String> {
         self.current.lock().as_ref().map(|c| c.session_id.clone())

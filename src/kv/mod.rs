@@ -288,7 +288,9 @@ pub fn linearizable_read_index(
             &ReadIndexRequest {},
             CallOptions::timeout(READ_TIMEOUT),
         )
-        .map_err(|status| NodeError::Refused(format!("leader {leader_addr}: {status}")))?;
+        // A read changes nothing: whatever kept the leader from answering (it died, lost
+        // the lead, is busy), a retry in a moment is safe.
+        .map_err(|status| NodeError::RetrySoon(format!("leader {leader_addr}: {status}")))?;
     node.wait_applied(response.index, deadline)?;
     Ok(response.index)
 }

@@ -1,10 +1,12 @@
-//! The manager process: its state directory, bootstrap (`init`, `join`, `rejoin`),
-//! `repair`, and the running components with their start and shutdown order.
+//! The manager process: its state directory, bootstrap (`init`, `join`, `rejoin`, undoing
+//! a failed first start), `repair`, and the running components with their start and
+//! shutdown order.
 //!
 //! Owns the wiring between components. Must never implement a component's logic itself
 //! (consensus lives in `raft`, certificates in `ca`, sockets in `net`).
 
 pub mod bootstrap;
+pub mod first_start;
 pub mod register;
 pub mod repair;
 pub mod runtime;

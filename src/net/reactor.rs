@@ -74,6 +74,9 @@ enum Side {
 /// `shared.io`, locked for each use.
 struct Conn {
     shared: Arc<ConnShared>,
+    /// Who is at the other end, for messages: `host:port`, `unix:<path>` for a dialed
+    /// manager's local socket, or a local client of ours (a unix socket has no address).
+    peer_name: String,
     side: Side,
     decoder: FrameDecoder,
     routes: HashMap<u64, Route>,
@@ -90,8 +93,8 @@ struct Conn {
 }
 
 impl Conn {
-    fn peer(&self) -> SocketAddr {
-        self.shared.peer_addr
+    fn peer(&self) -> &str {
+        &self.peer_name
     }
 
     fn queue_local(&mut self, env: &Envelope) {
@@ -316,7 +319,11 @@ impl Reactor {
             let side = Side::Accepted {
                 router: listener.router.clone(),
             };
-            if let Err(e) = self.register(socket, peer, tls, side) {
+            let peer_name = match &socket {
+                Socket::Unix(_) => "a local client (control socket)".to_string(),
+                Socket::Tcp(_) => peer.to_string(),
+            };
+            if let Err(e) = self.register(socket, (peer, peer_name), tls, side) {
                 log::warn!("cannot register connection from {peer}: {e}");
             }
         }
@@ -335,7 +342,7 @@ impl Reactor {
             };
             self.register(
                 socket,
-                addr.peer_addr(),
+                (addr.peer_addr(), addr.to_string()),
                 rustls::Connection::Client(tls),
                 side,
             )
@@ -350,10 +357,12 @@ impl Reactor {
         }
     }
 
+    /// Registers a connected socket; `peer` is its address (for rate limits and logs) and
+    /// the name messages give it (see [`Conn::peer`]).
     fn register(
         &mut self,
         mut socket: Socket,
-        peer: SocketAddr,
+        (peer, peer_name): (SocketAddr, String),
         mut tls: rustls::Connection,
         side: Side,
     ) -> io::Result<()> {
@@ -365,7 +374,7 @@ impl Reactor {
         )?;
         // Latency over packet count: frames are already batched by the send queue.
         if let Err(e) = socket.set_nodelay() {
-            log::debug!("cannot set TCP_NODELAY for {peer}: {e}");
+            log::debug!("cannot set TCP_NODELAY for {peer_name}: {e}");
         }
         tls.set_buffer_limit(Some(TLS_SEND_BUFFER_BYTES));
         let dialed = matches!(side, Side::Dialed { .. });
@@ -384,6 +393,7 @@ impl Reactor {
             token,
             Conn {
                 shared,
+                peer_name,
                 side,
                 decoder: FrameDecoder::new(self.config.frame_bytes_max),
                 routes: HashMap::new(),
@@ -421,7 +431,7 @@ impl Reactor {
             .as_mut()
             .expect("the socket side goes only when the reactor closes the connection");
         adopt_inline_routes(conn, io);
-        if !connect_finished(io, &mut conn.side, shared.peer_addr)? {
+        if !connect_finished(io, &mut conn.side, &conn.peer_name)? {
             return Ok(());
         }
         self.read(conn, io, token)?;
@@ -692,7 +702,7 @@ fn adopt_inline_routes(conn: &mut Conn, io: &mut ConnIo) {
 }
 
 /// For a dialed connection, whether TCP connect has completed (errors are fatal).
-fn connect_finished(io: &mut ConnIo, side: &mut Side, peer: SocketAddr) -> Result<bool, Status> {
+fn connect_finished(io: &mut ConnIo, side: &mut Side, peer: &str) -> Result<bool, Status> {
     let Side::Dialed { connected, .. } = side else {
         return Ok(true);
     };
@@ -784,7 +794,7 @@ fn fill_tls(conn: &mut Conn, io: &mut ConnIo) -> Result<bool, Status> {
     loop {
         if let Some((frame, written)) = &mut io.writing {
             let n = io.tls.writer().write(&frame[*written..]).map_err(|e| {
-                Status::unavailable(format!("TLS write to {}: {e}", conn.shared.peer_addr))
+                Status::unavailable(format!("TLS write to {}: {e}", conn.peer_name))
             })?;
             if n == 0 {
                 return Ok(moved);
@@ -811,7 +821,7 @@ fn fill_tls(conn: &mut Conn, io: &mut ConnIo) -> Result<bool, Status> {
                 io.writing = Some((frame, 0));
             }
             Some(Outbound::Frame(frame)) => {
-                log::trace!("sending {} bytes to {}", frame.len(), conn.shared.peer_addr);
+                log::trace!("sending {} bytes to {}", frame.len(), conn.peer_name);
                 io.writing = Some((frame, 0));
             }
             Some(Outbound::Finish { stream_id, frame }) => {

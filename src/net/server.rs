@@ -23,7 +23,7 @@ use super::conn::{ConnShared, Route, envelope};
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::{PeerIdentity, Role};
 use crate::proto::wire::{Envelope, FrameKind};
-use crate::wire::Status;
+use crate::wire::{Code, Status};
 
 /// Which callers may use a method. Checked by the transport before the handler runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -589,10 +589,15 @@ impl Router {
                 ctl,
                 on_reply: None,
             }),
-            Err(TrySendError::Full(_)) => Err(Status::resource_exhausted(format!(
-                "{} is busy: its queue is full; retry with backoff",
-                request.method
-            ))),
+            // Nothing ran: the same call may pass once the queue drains.
+            Err(TrySendError::Full(_)) => Err(Status::retry_soon(
+                Code::ResourceExhausted,
+                format!(
+                    "the server is busy ({} calls are queued up to their limit); retry in a \
+                     moment",
+                    request.method
+                ),
+            )),
             Err(TrySendError::Disconnected(_)) => Err(Status::unavailable(format!(
                 "{} is shutting down",
                 request.method

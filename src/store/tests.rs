@@ -484,7 +484,8 @@ fn transaction_limits_are_enforced_with_a_hint_to_split() {
         }
     );
     assert_eq!(error.code(), Code::ResourceExhausted);
-    assert!(error.to_string().contains("split_into_transactions"));
+    assert!(error.to_string().contains("split the work"), "{error}");
+    crate::util::user_text::assert_user_terms(&error.to_string());
     // Exactly the limit is fine.
     store
         .apply(2, &txn(many[..TXN_CHANGES_MAX].to_vec()))
@@ -986,7 +987,8 @@ fn a_slow_watcher_is_dropped_with_a_reason_and_never_blocks_apply() {
         }
     );
     assert_eq!(reason.code(), Code::ResourceExhausted);
-    assert!(reason.to_string().contains("watch_since(4)"), "{reason}");
+    assert!(reason.to_string().contains("after version 4"), "{reason}");
+    crate::util::user_text::assert_user_terms(&reason.to_string());
     assert_eq!(slow.recv().unwrap_err(), WatchError::Closed);
 
     // Resuming where it stopped loses nothing.
@@ -1072,7 +1074,8 @@ fn watch_since_resumes_from_history_and_refuses_compacted_versions() {
         }
     );
     assert_eq!(error.code(), Code::OutOfRange);
-    assert!(error.to_string().contains("view_and_watch"));
+    assert!(error.to_string().contains("start a new watch"), "{error}");
+    crate::util::user_text::assert_user_terms(&error.to_string());
 
     // From the current version: nothing replayed, live events follow.
     let current = store.watch_since(30, WatchOptions::default()).unwrap();
@@ -1790,4 +1793,41 @@ fn well_checksummed_but_inconsistent_snapshots_are_refused() {
     store
         .apply(8, &txn(vec![create(service("b", "y"))]))
         .unwrap();
+}
+
+#[test]
+fn refusals_a_caller_can_meet_speak_in_user_terms() {
+    use crate::util::user_text::assert_user_terms;
+    let refusals: Vec<String> = vec![
+        TxnError::TooManyChanges {
+            changes: 201,
+            max: 200,
+        }
+        .to_string(),
+        TxnError::TooLarge {
+            bytes: 2_000_000,
+            max: 1_572_864,
+        }
+        .to_string(),
+        TxnError::ChangeTooLarge {
+            position: 0,
+            bytes: 2_000_000,
+            max: 1_572_864,
+        }
+        .to_string(),
+        WatchError::Compacted {
+            requested: 3,
+            oldest_resumable: 9,
+        }
+        .to_string(),
+        WatchError::Dropped(DropReason::SlowConsumer {
+            queue_events_max: 4096,
+            last_delivered_version: 31166,
+        })
+        .to_string(),
+        WatchError::Dropped(DropReason::Restored { version: 20 }).to_string(),
+    ];
+    for refusal in &refusals {
+        assert_user_terms(refusal);
+    }
 }

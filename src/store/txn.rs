@@ -71,8 +71,8 @@ pub enum TxnError {
     Empty,
     /// Too many changes.
     #[error(
-        "transaction has {changes} changes, more than the limit of {max}; split it with \
-         store::split_into_transactions"
+        "one write would change {changes} objects, more than the limit of {max}; change fewer \
+         objects at a time (split the work into several writes)"
     )]
     TooManyChanges {
         /// Changes in the transaction.
@@ -82,8 +82,8 @@ pub enum TxnError {
     },
     /// The encoded transaction is too large.
     #[error(
-        "transaction is {bytes} bytes encoded, more than the limit of {max}; split it with \
-         store::split_into_transactions"
+        "one write would be {bytes} bytes encoded, more than the limit of {max}; make the \
+         objects smaller or change fewer at a time (split the work into several writes)"
     )]
     TooLarge {
         /// Encoded size of the transaction.
@@ -93,8 +93,8 @@ pub enum TxnError {
     },
     /// A single change is larger than a whole transaction may be; it can never be applied.
     #[error(
-        "change {position} alone is {bytes} bytes encoded, more than the transaction limit of \
-         {max}; make the object smaller"
+        "change {position} alone is {bytes} bytes encoded, more than the limit of {max} for one \
+         write; make the object smaller (fewer or shorter env entries, labels, arguments, …)"
     )]
     ChangeTooLarge {
         /// The change's position in the input.

@@ -155,13 +155,15 @@ impl fmt::Display for DropReason {
                 last_delivered_version,
             } => write!(
                 f,
-                "watcher fell {queue_events_max} events behind and was dropped; resume with \
-                 watch_since({last_delivered_version}) and consume faster"
+                "the watch fell {queue_events_max} events behind and was stopped; watch again \
+                 resuming after version {last_delivered_version} (`flotilla watch` does so by \
+                 itself), and read events faster"
             ),
             Self::Restored { version } => write!(
                 f,
-                "the store was restored from a snapshot at version {version}; re-read it with \
-                 view_and_watch"
+                "this manager replaced its state with a snapshot at version {version}, so its \
+                 events do not continue the earlier ones; list the objects again, then start a \
+                 new watch (without resuming)"
             ),
         }
     }
@@ -187,7 +189,7 @@ pub enum WatchError {
     /// The version to resume from is older than the kept history.
     #[error(
         "cannot resume from version {requested}: events before version {oldest_resumable} are \
-         no longer kept; re-read the store with view_and_watch"
+         no longer kept; list the objects again, then start a new watch (without resuming)"
     )]
     Compacted {
         /// The version asked for.

@@ -6,3 +6,5 @@
 pub mod clock;
 pub mod fsutil;
 pub mod memory;
+#[cfg(test)]
+pub(crate) mod user_text;

@@ -101,6 +101,15 @@ impl fmt::Display for Code {
     }
 }
 
+/// The [`Status::reason`] of a refusal that a short wait is expected to fix, with nothing
+/// for the caller to change: no leader right now (an election), a leadership transfer or
+/// membership change in progress, a leader that cannot be reached, the cluster object or CA
+/// key not yet replicated to this manager. A caller retries such a refusal for a bounded
+/// time (the CLI: `cli::control::RETRY_SOON_ATTEMPTS_MAX` attempts) instead of failing: a
+/// message that says "retry in a moment" is a promise. Repeating a write refused this way
+/// is safe: creates carry their object id, updates the version they read.
+pub const RETRY_SOON: &str = "RETRY_SOON";
+
 /// A failed call: a code and a message for a human that says what went wrong and, where
 /// possible, what to do next; and, for the few failures a caller acts on, a reason code.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +139,16 @@ impl Status {
     pub fn with_reason(mut self, reason: &str) -> Self {
         self.reason = reason.to_string();
         self
+    }
+
+    /// A refusal the same call may pass after a short wait ([`RETRY_SOON`]).
+    pub fn retry_soon(code: Code, message: impl Into<String>) -> Self {
+        Self::new(code, message).with_reason(RETRY_SOON)
+    }
+
+    /// True for a refusal marked [`RETRY_SOON`].
+    pub fn is_retry_soon(&self) -> bool {
+        self.reason == RETRY_SOON
     }
 
     /// Shorthand for [`Code::InvalidArgument`].

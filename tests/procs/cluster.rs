@@ -16,6 +16,8 @@ use flotilla::wire::Status;
 use super::{Proc, free_addr};
 
 pub const START: Duration = Duration::from_secs(30);
+/// Where [`Cluster::client`]'s identity is kept (in the cluster's temporary directory).
+const CLIENT_IDENTITY_DIR: &str = "client-identity";
 
 /// One manager process and where it lives.
 pub struct ManagerProc {
@@ -152,6 +154,13 @@ impl Cluster {
         self.token = token_from(&proc.wait_for("flotilla join", START));
         proc.wait_for("flotilla manager listening", START);
         proc.wait_for("leader in term", START);
+        let copied = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(dir.join("node"))
+            .arg(self.tmp.path().join(CLIENT_IDENTITY_DIR))
+            .status()
+            .unwrap();
+        assert!(copied.success(), "cannot copy the founder's identity");
         self.managers.push(ManagerProc {
             name,
             dir,
@@ -194,8 +203,10 @@ impl Cluster {
         self.managers.len() - 1
     }
 
+    /// A client with the founder's manager certificate as it was at the start (a copy: the
+    /// founder's own may be renewed as a worker's once it is demoted).
     pub fn client(&self) -> Client {
-        Client::new(&self.managers[0].dir.join("node"))
+        Client::new(&self.tmp.path().join(CLIENT_IDENTITY_DIR))
     }
 
     /// Waits until the leader reports `n` voters, all reachable.

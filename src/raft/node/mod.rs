@@ -177,10 +177,14 @@ pub enum NodeError {
         /// The leader's address, if known.
         leader_addr: Option<String>,
     },
-    /// The core refused the call for another reason (too large, transfer or membership
-    /// change in progress, invalid change).
+    /// The core refused the call for another reason (too large, invalid change).
     #[error("{0}")]
     Refused(String),
+    /// A passing condition refused the call and nothing was done: a leadership transfer or
+    /// membership change in progress, too many uncommitted proposals, the leader out of
+    /// reach. Retry shortly ([`crate::wire::RETRY_SOON`]).
+    #[error("{0}; retry in a moment")]
+    RetrySoon(String),
     /// The entry was overwritten by a new leader before it committed: it did not happen.
     /// Retrying is safe.
     #[error("the proposal was lost in a leader change; retry")]
@@ -189,7 +193,7 @@ pub enum NodeError {
     #[error("no answer within the deadline; the outcome is unknown")]
     Timeout,
     /// The node is stopping or stopped.
-    #[error("the raft node is shutting down")]
+    #[error("this manager is shutting down; call another manager")]
     ShuttingDown,
     /// Storage failed; the node is stopping.
     #[error("storage failed: {0}")]
@@ -204,18 +208,28 @@ impl NodeError {
                 leader_addr: leader.and_then(|id| directory.addr(id)),
             },
             RaftError::ShuttingDown => NodeError::ShuttingDown,
+            // Ids in hex, as `manager ls` prints them.
+            RaftError::TransferInProgress { target } => {
+                NodeError::RetrySoon(format!("leadership is being handed to manager {target:x}"))
+            }
+            transient @ (RaftError::MembershipChangeInProgress
+            | RaftError::UncommittedLimit { .. }) => NodeError::RetrySoon(transient.to_string()),
             other => NodeError::Refused(other.to_string()),
         }
     }
 
     /// The transport status for this error: `leader_addr=` in the message lets clients
-    /// follow a redirect.
+    /// follow a redirect; refusals that an election or a moment's wait fixes carry the
+    /// reason [`crate::wire::RETRY_SOON`].
     pub fn to_status(&self) -> crate::wire::Status {
         use crate::wire::{Code, Status};
         match self {
-            NodeError::NotLeader { .. } => Status::new(Code::FailedPrecondition, self.to_string()),
+            NodeError::NotLeader { .. } => {
+                Status::retry_soon(Code::FailedPrecondition, self.to_string())
+            }
             NodeError::Refused(_) => Status::new(Code::FailedPrecondition, self.to_string()),
-            NodeError::Lost => Status::new(Code::Aborted, self.to_string()),
+            NodeError::RetrySoon(_) => Status::retry_soon(Code::Unavailable, self.to_string()),
+            NodeError::Lost => Status::retry_soon(Code::Aborted, self.to_string()),
             NodeError::Timeout => Status::deadline_exceeded(self.to_string()),
             NodeError::ShuttingDown => Status::unavailable(self.to_string()),
             NodeError::Storage(_) => Status::new(Code::Internal, self.to_string()),

@@ -117,13 +117,7 @@ pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store
         TRANSFER_LEADERSHIP,
         Allow::MANAGERS,
         &pools.admin,
-        move |_, req: pb::TransferLeadershipRequest| {
-            n.transfer_leadership(req.raft_id, ADMIN_CALL_TIMEOUT)
-                .map_err(|e| e.to_status())?;
-            Ok(pb::TransferLeadershipResponse {
-                leader: req.raft_id,
-            })
-        },
+        move |_, req: pb::TransferLeadershipRequest| transfer_leadership(&n, &req),
     );
     let n = node.clone();
     router.unary(
@@ -275,9 +269,7 @@ fn retry_while_busy(mut call: impl FnMut() -> Result<(), NodeError>) -> Result<(
     let deadline = Instant::now() + ADMIN_CALL_TIMEOUT;
     loop {
         match call() {
-            Err(NodeError::Refused(reason))
-                if reason.contains("in progress") && Instant::now() < deadline =>
-            {
+            Err(NodeError::RetrySoon(_)) if Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
             other => return other.map_err(|e| e.to_status()),
@@ -327,6 +319,41 @@ fn remove_member(
     })?;
     log::info!("raft {:x}: removed {:x}", node.id(), request.raft_id);
     Ok(pb::RemoveMemberResponse {})
+}
+
+/// Hands leadership to a voter, after checking the target in the operator's terms (the
+/// core only says whether it is a voter): unknown ids and learners get a message that says
+/// what to do.
+fn transfer_leadership(
+    node: &NodeHandle,
+    request: &pb::TransferLeadershipRequest,
+) -> Result<pb::TransferLeadershipResponse, Status> {
+    let status = node.status(ADMIN_CALL_TIMEOUT).map_err(|e| e.to_status())?;
+    if !status.is_leader {
+        return Err(not_leader(node, status.leader).to_status());
+    }
+    let Some(target) = status.members.iter().find(|m| m.id == request.raft_id) else {
+        return Err(Status::not_found(format!(
+            "no manager has id {:x}; `flotilla manager ls` lists the managers and their ids",
+            request.raft_id
+        )));
+    };
+    if target.role == "learner" {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "manager {:x} is still catching up with the log and cannot lead yet; it becomes \
+                 a voter by itself once caught up: transfer again when `flotilla manager ls` \
+                 shows it as a follower",
+                request.raft_id
+            ),
+        ));
+    }
+    node.transfer_leadership(request.raft_id, ADMIN_CALL_TIMEOUT)
+        .map_err(|e| e.to_status())?;
+    Ok(pb::TransferLeadershipResponse {
+        leader: request.raft_id,
+    })
 }
 
 /// Removing a voter would leave too few reachable voters for a quorum.
