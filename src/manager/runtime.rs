@@ -245,6 +245,10 @@ impl Manager {
     /// # Errors
     /// [`StartError`]: an uninitialized or unreadable directory, an address in use, …
     pub fn start(dir: &StateDir) -> Result<Manager, StartError> {
+        if !dir.root().exists() {
+            // Not even created: nothing to lock (locking would create it).
+            return Err(StartError::NotInitialized(dir.root().display().to_string()));
+        }
         let lock = dir.lock()?;
         if !dir.is_initialized() {
             if dir.has_raft_state() {
