@@ -975,6 +975,7 @@ mod tests {
         node.expect("t-missing", TaskState::Starting);
         let rejected = node.expect("t-missing", TaskState::Rejected);
         assert!(rejected.err.contains("cannot execute"), "{rejected:?}");
+        assert!(rejected.err.contains("does not exist"), "{rejected:?}");
         assert!(rejected.err.contains("No such file"), "{rejected:?}");
         assert!(rejected.timestamp_ms > 0);
         node.shutdown();
