@@ -630,7 +630,7 @@ fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> 
         restart.condition = parse_restart_condition(condition)? as i32;
     }
     if let Some(delay) = &flags.restart_delay {
-        restart.delay_ms = parse_duration_ms("restart-delay", delay)?;
+        restart.delay_ms = Some(parse_duration_ms("restart-delay", delay)?);
     }
     if let Some(attempts) = flags.restart_max_attempts {
         restart.max_attempts = attempts;

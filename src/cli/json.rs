@@ -236,7 +236,13 @@ fn task_spec(spec: Option<&TaskSpec>) -> Json {
                         _ => "any",
                     }),
                 ),
-                ("delay_ms", n(restart.delay_ms)),
+                // Unset means the default: show the delay that applies.
+                (
+                    "delay_ms",
+                    n(restart
+                        .delay_ms
+                        .unwrap_or(crate::orchestrator::DEFAULT_RESTART_DELAY_MS)),
+                ),
                 ("max_attempts", n(restart.max_attempts)),
                 ("window_ms", n(restart.window_ms)),
             ]),

@@ -56,6 +56,7 @@ use crate::proto::objects::{
 use crate::store::settings::ClusterSettings;
 use crate::store::{ReadView, TXN_BYTES_MAX, TXN_CHANGES_MAX};
 
+pub use restart::{RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_MIN_MS, RESTART_QUICK_END_MS};
 pub use runner::{
     ORCHESTRATOR_IDLE_RECHECK, ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX,
     Orchestrator,
@@ -69,8 +70,9 @@ use working::{Unit, Working};
 /// missed heartbeats before that write; this absorbs a node that flaps straight back.
 pub const NODE_DOWN_GRACE_MS: i64 = 10_000;
 
-/// The restart delay of a task template without a restart policy (swarmkit's default):
-/// a command that fails at once is restarted every 5 s, not on every pass.
+/// The restart delay of a task template whose restart policy names none (swarmkit's
+/// default): a command that fails at once is restarted after 5 s, then later and later
+/// (see [`RESTART_BACKOFF_MAX_MS`]), never on every pass.
 pub const DEFAULT_RESTART_DELAY_MS: i64 = 5_000;
 
 /// The length of a task id: the same as the ids the control API gives services.

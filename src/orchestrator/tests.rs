@@ -309,7 +309,7 @@ fn restart_template(
     TaskSpec {
         restart: Some(RestartPolicy {
             condition: condition as i32,
-            delay_ms,
+            delay_ms: Some(delay_ms),
             max_attempts: max,
             window_ms,
         }),
@@ -332,37 +332,130 @@ fn restart_on_failure_honours_delay_and_attempts_in_a_window() {
     h.settle(1_000);
     let first = only_occupant(&h, "job");
 
-    h.report(&first.id, TaskState::Failed, 10_000);
-    assert_eq!(h.settle(10_500), 0, "the restart waits for its delay");
+    // Each task runs 19 s or more before it fails: no backoff, the policy's delay applies.
+    h.report(&first.id, TaskState::Failed, 20_000);
+    assert_eq!(h.settle(20_500), 0, "the restart waits for its delay");
     assert_eq!(only_occupant(&h, "job").id, first.id);
-    h.settle(11_000);
+    h.settle(21_000);
     let second = only_occupant(&h, "job");
     assert_ne!(second.id, first.id, "restart 1");
     assert_eq!(second.slot, 1);
+    assert_eq!(second.quick_end_streak, 0);
     let old = h.store.get::<Task>(&first.id).unwrap();
     assert_eq!(old.desired_state, TaskState::Shutdown as i32);
 
-    h.report(&second.id, TaskState::Failed, 12_000);
-    h.settle(13_000);
+    h.report(&second.id, TaskState::Failed, 40_000);
+    h.settle(41_000);
     let third = only_occupant(&h, "job");
     assert_ne!(third.id, second.id, "restart 2");
 
-    h.report(&third.id, TaskState::Failed, 14_000);
+    h.report(&third.id, TaskState::Failed, 60_000);
     assert_eq!(
-        h.settle(15_000),
+        h.settle(61_000),
         0,
         "max_attempts reached within the window"
     );
     assert_eq!(only_occupant(&h, "job").id, third.id);
     // Once the earlier attempts leave the window, restarts are allowed again.
-    h.settle(12_000 + 60_001);
+    h.settle(40_000 + 60_001);
     let fourth = only_occupant(&h, "job");
     assert_ne!(fourth.id, third.id, "the window moved on");
 
     // ON_FAILURE does not restart a task that completed.
-    h.report(&fourth.id, TaskState::Complete, 80_000);
-    assert_eq!(h.settle(90_000), 0);
+    h.report(&fourth.id, TaskState::Complete, 120_000);
+    assert_eq!(h.settle(130_000), 0);
     assert_eq!(only_occupant(&h, "job").id, fourth.id);
+}
+
+/// Restarts of `service`'s single slot when every task ends `state` at once, from `start_ms`
+/// until `end_ms`, one pass every 50 ms: the times at which a new task appeared.
+fn restart_times(h: &mut Harness, service: &str, state: TaskState, end_ms: i64) -> Vec<i64> {
+    let mut times = Vec::new();
+    let mut current = only_occupant(h, service).id;
+    h.report(&current, state, 1_000);
+    let mut now = 1_000;
+    while now < end_ms {
+        now += 50;
+        h.settle(now);
+        let occupant = only_occupant(h, service);
+        if occupant.id != current {
+            times.push(now);
+            current = occupant.id;
+            h.report(&current, state, now);
+        }
+    }
+    times
+}
+
+#[test]
+fn a_policy_without_a_delay_waits_5_s_and_quick_ends_back_off_to_a_minute() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    let mut spec = restart_template(RestartCondition::Any, 0, 0, 0);
+    spec.restart.as_mut().unwrap().delay_ms = None;
+    h.add_service("storm", ServiceMode::Replicated, 1, spec);
+    h.settle(1_000);
+    // `/bin/true` under `restart any`: every task completes as soon as it starts.
+    let times = restart_times(&mut h, "storm", TaskState::Complete, 400_000);
+    let gaps: Vec<i64> = std::iter::once(times[0] - 1_000)
+        .chain(times.windows(2).map(|pair| pair[1] - pair[0]))
+        .collect();
+    assert_eq!(
+        gaps,
+        [
+            5_000, 10_000, 20_000, 40_000, 60_000, 60_000, 60_000, 60_000, 60_000
+        ],
+        "5 s, doubling per quick end, capped at 60 s"
+    );
+    let streaks: Vec<u32> = h
+        .tasks("storm")
+        .iter()
+        .map(|t| t.quick_end_streak)
+        .collect();
+    assert!(streaks.iter().any(|streak| *streak >= 5), "{streaks:?}");
+}
+
+#[test]
+fn a_zero_delay_still_backs_off_and_a_long_run_starts_the_streak_over() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service(
+        "crash",
+        ServiceMode::Replicated,
+        1,
+        restart_template(RestartCondition::OnFailure, 0, 0, 0),
+    );
+    h.settle(1_000);
+    let times = restart_times(&mut h, "crash", TaskState::Failed, 4_000);
+    // 100 ms after the first quick failure (passes are 50 ms apart), then doubling.
+    assert_eq!(times, [1_100, 1_300, 1_700, 2_500], "100 ms, then doubling");
+
+    // A task that ran for a minute ends: the streak starts over, the delay is the policy's.
+    let long_runner = only_occupant(&h, "crash");
+    let created = long_runner.meta.as_ref().unwrap().created_at_ms;
+    h.report(&long_runner.id, TaskState::Failed, created + 60_000);
+    h.settle(created + 60_000);
+    let next = only_occupant(&h, "crash");
+    assert_ne!(next.id, long_runner.id, "a delay of 0 after a normal run");
+    assert_eq!(next.quick_end_streak, 0);
+}
+
+#[test]
+fn backoff_delays_double_within_their_bounds() {
+    use super::restart::backoff_delay_ms;
+    assert_eq!(backoff_delay_ms(5_000, 0), 5_000);
+    assert_eq!(backoff_delay_ms(5_000, 1), 5_000);
+    assert_eq!(backoff_delay_ms(5_000, 2), 10_000);
+    assert_eq!(backoff_delay_ms(5_000, 5), 60_000);
+    assert_eq!(backoff_delay_ms(0, 0), 0);
+    assert_eq!(backoff_delay_ms(0, 1), 100);
+    assert_eq!(backoff_delay_ms(0, 3), 400);
+    assert_eq!(backoff_delay_ms(0, u32::MAX), 60_000);
+    assert_eq!(
+        backoff_delay_ms(120_000, 9),
+        120_000,
+        "a longer policy delay stands"
+    );
 }
 
 #[test]
@@ -578,7 +671,8 @@ fn reaper_keeps_the_retention_per_slot() {
     let mut ended = BTreeSet::new();
     let mut ended_in_order = Vec::new();
     for round in 0..5 {
-        let now = 2_000 + round * 1_000;
+        // 20 s apart: every task ran long enough not to back off.
+        let now = 20_000 + round * 20_000;
         for task in h.occupants("job") {
             if task.slot == 1 {
                 ended.insert(task.id.clone());

@@ -470,7 +470,7 @@ fn validate_restart(field: &str, restart: &RestartPolicy) -> Checked {
             ),
         ));
     }
-    not_negative(format!("{field}.delay_ms"), restart.delay_ms)?;
+    not_negative(format!("{field}.delay_ms"), restart.delay_ms.unwrap_or(0))?;
     not_negative(format!("{field}.window_ms"), restart.window_ms)
 }
 
@@ -856,7 +856,7 @@ mod tests {
                 working_dir: "/tmp".into(),
                 restart: Some(RestartPolicy {
                     condition: RestartCondition::OnFailure as i32,
-                    delay_ms: 5000,
+                    delay_ms: Some(5000),
                     max_attempts: 3,
                     window_ms: 60_000,
                 }),
@@ -964,7 +964,7 @@ mod tests {
                 "unknown value 42",
             ),
             (
-                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = -1),
+                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = Some(-1)),
                 "task.restart.delay_ms",
                 "negative",
             ),
