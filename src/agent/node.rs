@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use crate::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
 use crate::net::Transport;
-use crate::proto::objects::Task;
+use crate::proto::objects::{NodeDescription, Task};
 
 use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
 
@@ -48,6 +48,14 @@ impl TaskSink for RunnerSink {
     fn update(&self, changed: Vec<Task>, removed: Vec<String>) {
         if let Err(error) = self.0.update(changed, removed) {
             log::error!("agent: cannot take an assignment change: {error}");
+        }
+    }
+
+    fn description(&self) -> NodeDescription {
+        NodeDescription {
+            tasks_max: u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
         }
     }
 }

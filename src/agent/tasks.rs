@@ -178,6 +178,7 @@ pub enum AssignError {
 /// Handle to the `agent-tasks` thread. Dropping it runs [`TaskRunner::shutdown`].
 #[derive(Debug)]
 pub struct TaskRunner {
+    tasks_running_max: usize,
     mailbox: Arc<Mutex<Mailbox>>,
     wake: Sender<()>,
     thread: Option<JoinHandle<Vec<TaskStatusReport>>>,
@@ -272,6 +273,7 @@ impl TaskRunner {
             Ok(groups) => log::warn!("killed {groups} process groups left by a previous agent"),
             Err(error) => log::warn!("cannot look for processes left by a previous agent: {error}"),
         }
+        let tasks_running_max = config.tasks_running_max;
         let mailbox = Arc::new(Mutex::new(Mailbox::default()));
         // One slot: a wake-up pending is all the thread needs to know.
         let (wake, woken) = crossbeam_channel::bounded(1);
@@ -281,10 +283,17 @@ impl TaskRunner {
             .spawn(move || worker.run(&woken))
             .map_err(RunnerError::Thread)?;
         Ok(TaskRunner {
+            tasks_running_max,
             mailbox,
             wake,
             thread: Some(thread),
         })
+    }
+
+    /// The most task processes this runner runs at once (reported to the managers, whose
+    /// scheduler assigns no more).
+    pub fn tasks_running_max(&self) -> usize {
+        self.tasks_running_max
     }
 
     /// Hands over the complete set of tasks assigned to this node: tasks not in it are stopped

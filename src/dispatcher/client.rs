@@ -21,7 +21,7 @@ use super::{HEARTBEAT, SESSION, STATUS_UPDATES_MAX, UPDATE_TASK_STATUS};
 use crate::agent::TaskStatusReport;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher as pb;
-use crate::proto::objects::{Task, TaskStatus};
+use crate::proto::objects::{NodeDescription, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
 /// First wait before reopening a failed session; doubles up to [`SESSION_BACKOFF_MAX`].
@@ -41,6 +41,11 @@ pub trait TaskSink: Send + Sync {
     fn assign(&self, tasks: Vec<Task>);
     /// `changed` tasks were created or changed; `removed` are no longer assigned.
     fn update(&self, changed: Vec<Task>, removed: Vec<String>);
+    /// What the node running these tasks says about itself in each session request (its
+    /// capacity, which the scheduler respects). Nothing by default.
+    fn description(&self) -> NodeDescription {
+        NodeDescription::default()
+    }
 }
 
 /// How to reach the managers.
@@ -167,7 +172,7 @@ fn session(
     let channel = transport.channel(addr, &config.tls);
     let request = pb::SessionRequest {
         hostname: config.hostname.clone(),
-        ..Default::default()
+        description: Some(sink.description()),
     };
     let mut stream = channel.server_stream::<_, pb::SessionMessage>(
         SESSION,

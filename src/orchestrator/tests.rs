@@ -812,3 +812,100 @@ fn a_slot_with_hundreds_of_tasks_is_handled_in_transactions_within_the_limits() 
         .count();
     assert_eq!(finished, 5, "the default retention of finished tasks");
 }
+
+/// Sets the room node `id` reports (its agent's `tasks_running_max`).
+fn set_room(h: &mut Harness, id: &str, tasks_max: u32) {
+    h.change_node(id, 1, |node| {
+        node.description = Some(crate::proto::objects::NodeDescription {
+            tasks_max,
+            ..Default::default()
+        });
+    });
+}
+
+fn message_of(task: &Task) -> String {
+    task.status.as_ref().unwrap().message.clone()
+}
+
+#[test]
+fn a_service_larger_than_the_nodes_runs_what_fits_and_the_rest_waits_with_the_reason() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_node("b", &[]);
+    set_room(&mut h, "a", 2);
+    set_room(&mut h, "b", 3);
+    h.add_service("big", ServiceMode::Replicated, 10, template(&["100"]));
+    h.settle(1_000);
+    let tasks = h.tasks("big");
+    assert_eq!(tasks.len(), 10, "every slot has its task");
+    let assigned: Vec<Task> = tasks
+        .iter()
+        .filter(|t| !t.node_id.is_empty())
+        .cloned()
+        .collect();
+    assert_eq!(
+        per_node(&assigned),
+        BTreeMap::from([("a".into(), 2), ("b".into(), 3)])
+    );
+    let pending: Vec<&Task> = tasks.iter().filter(|t| t.node_id.is_empty()).collect();
+    assert_eq!(pending.len(), 5);
+    for task in &pending {
+        assert_eq!(state_of(task), TaskState::Pending as i32);
+        assert!(
+            message_of(task).contains("no node has room")
+                && message_of(task).contains("all 2 eligible nodes")
+                && message_of(task).contains("2 to 3 each"),
+            "{task:?}"
+        );
+    }
+    // A steady state: another pass writes nothing.
+    assert_eq!(h.step(2_000), 0);
+
+    // A task that ends frees its room for a waiting one; one being stopped still holds it.
+    for task in &assigned {
+        h.report(&task.id, TaskState::Running, 2_000);
+    }
+    let on_a: Vec<&Task> = assigned.iter().filter(|t| t.node_id == "a").collect();
+    h.report(&on_a[0].id, TaskState::Complete, 3_000);
+    // `restart any` (the default): the finished task waits 5 s before its replacement.
+    h.settle(3_000);
+    let on_a_now = |h: &Harness| {
+        h.tasks("big")
+            .into_iter()
+            .filter(|t| t.node_id == "a" && state_of(t) < TaskState::Complete as i32)
+            .count()
+    };
+    assert_eq!(on_a_now(&h), 2, "the freed room went to a waiting task");
+    assert_eq!(
+        h.tasks("big")
+            .iter()
+            .filter(|t| t.node_id.is_empty())
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn the_only_full_node_is_named_and_a_task_still_stopping_holds_its_room() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    set_room(&mut h, "a", 1);
+    h.add_service("one", ServiceMode::Replicated, 1, template(&["1"]));
+    h.settle(1_000);
+    h.run_all("one", 1_000);
+    // An update retires the running task (stop-first); it still runs, so the new one waits.
+    h.change_service("one", |spec| spec.task = Some(template(&["2"])));
+    h.add_service("two", ServiceMode::Replicated, 1, template(&["3"]));
+    h.settle(2_000);
+    let two = only_occupant(&h, "two");
+    assert!(two.node_id.is_empty(), "{two:?}");
+    assert!(
+        message_of(&two).contains("the only eligible node already runs its maximum of 1 tasks"),
+        "{two:?}"
+    );
+    // A node without a reported maximum takes the agent default.
+    assert_eq!(
+        super::scheduler::node_room(&Node::default()),
+        crate::agent::TASKS_RUNNING_MAX_DEFAULT as u64
+    );
+}
