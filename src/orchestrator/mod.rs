@@ -15,7 +15,8 @@
 //! 3. Tasks of deleted services get desired state `REMOVE`.
 //! 4. `scheduler`: unassigned runnable tasks get a node.
 //! 5. `reaper`: finished tasks beyond the cluster's `task_history_retention` per slot,
-//!    and finished tasks of deleted services, are deleted.
+//!    and finished tasks of deleted services, are deleted (tasks on gone nodes count as
+//!    finished; a deleted service's tasks that never started are deleted at once).
 //!
 //! Each slot is reconciled by `slot` (lost nodes, `restart`, rolling update, filling an
 //! empty slot). Task states: a task is created `PENDING` (there is no allocator step, so
@@ -263,13 +264,27 @@ pub(crate) fn node_lost(context: &Context, node_id: &str) -> Option<String> {
     if node_availability(node) == NodeAvailability::Drain {
         return Some(format!("node {node_id} is drained"));
     }
-    if node_state(node) == NodeState::Down {
-        let down_since_ms = node.meta.as_ref().map_or(0, |meta| meta.updated_at_ms);
-        if context.now_ms.saturating_sub(down_since_ms) >= NODE_DOWN_GRACE_MS {
-            return Some(format!("node {node_id} is down"));
-        }
+    if down_past_grace(context, node) {
+        return Some(format!("node {node_id} is down"));
     }
     None
+}
+
+/// True if `node` has been `DOWN` for [`NODE_DOWN_GRACE_MS`] or more.
+fn down_past_grace(context: &Context, node: &Node) -> bool {
+    let down_since_ms = node.meta.as_ref().map_or(0, |meta| meta.updated_at_ms);
+    node_state(node) == NodeState::Down
+        && context.now_ms.saturating_sub(down_since_ms) >= NODE_DOWN_GRACE_MS
+}
+
+/// True if no agent will report on node `node_id` again (short of coming back, when it gets
+/// a complete set): deleted, or down past [`NODE_DOWN_GRACE_MS`]. A drained node is not
+/// gone: its agent stops its tasks and reports them.
+pub(crate) fn node_gone(context: &Context, node_id: &str) -> bool {
+    context
+        .nodes
+        .get(node_id)
+        .is_none_or(|node| down_past_grace(context, node))
 }
 
 /// The observed state of `task`.

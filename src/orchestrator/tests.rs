@@ -212,19 +212,21 @@ fn replicated_service_is_created_scaled_and_removed() {
         "the highest slots are retired"
     );
 
+    // Slots 1 and 2 run; 3 to 5 were never started by their agents.
+    for task in h.occupants("web") {
+        h.report(&task.id, TaskState::Running, 3_500);
+    }
     h.apply(vec![delete(Kind::Service, "web", 0)], 4_000);
     h.settle(4_000);
     let tasks = h.tasks("web");
-    assert_eq!(tasks.len(), 5, "assigned tasks wait for their agents");
-    assert!(
-        tasks
-            .iter()
-            .all(|t| t.desired_state >= TaskState::Shutdown as i32)
+    assert_eq!(
+        slots(&tasks),
+        vec![1, 2],
+        "running tasks wait for their agents; never-started ones are deleted at once"
     );
     assert!(
         tasks
             .iter()
-            .filter(|t| t.slot <= 2)
             .all(|t| t.desired_state == TaskState::Remove as i32)
     );
     for task in tasks {
@@ -235,6 +237,54 @@ fn replicated_service_is_created_scaled_and_removed() {
         h.tasks("web").is_empty(),
         "finished tasks of a deleted service are deleted"
     );
+}
+
+#[test]
+fn tasks_nobody_will_report_are_reaped() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_node("b", &[]);
+    h.add_service("web", ServiceMode::Replicated, 2, template(&["100"]));
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    let on_b = h
+        .occupants("web")
+        .into_iter()
+        .find(|t| t.node_id == "b")
+        .unwrap();
+    // Node b goes down: past the grace its task is replaced on a, and the retired one,
+    // which nobody will report, is history like a finished task (retention 0 here).
+    h.apply(
+        vec![create(Cluster {
+            id: "cluster".into(),
+            spec: Some(crate::proto::objects::ClusterSpec {
+                task_history_retention: 0,
+                ..default_cluster_spec("default")
+            }),
+            ..Default::default()
+        })],
+        1_000,
+    );
+    h.change_node("b", 2_000, |node| {
+        node.status.as_mut().unwrap().state = NodeState::Down as i32;
+    });
+    h.settle(2_000 + NODE_DOWN_GRACE_MS);
+    assert!(
+        h.store.get::<Task>(&on_b.id).is_none(),
+        "the task on the down node was reaped"
+    );
+    assert_eq!(
+        per_node(&h.occupants("web")),
+        BTreeMap::from([("a".into(), 2)])
+    );
+
+    // A deleted service whose tasks sit on a node deleted meanwhile: all reaped, even the
+    // one that was running there.
+    h.run_all("web", 20_000);
+    h.apply(vec![delete(Kind::Node, "a", 0)], 20_000);
+    h.apply(vec![delete(Kind::Service, "web", 0)], 20_000);
+    h.settle(20_000);
+    assert!(h.tasks("web").is_empty(), "{:?}", h.tasks("web"));
 }
 
 #[test]
