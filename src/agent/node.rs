@@ -39,8 +39,8 @@ pub struct Agent {
 struct RunnerSink(Arc<TaskRunner>);
 
 impl TaskSink for RunnerSink {
-    fn assign(&self, tasks: Vec<Task>) {
-        if let Err(error) = self.0.assign(tasks) {
+    fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool) {
+        if let Err(error) = self.0.assign_part(tasks, first, last) {
             log::error!("agent: cannot take the assignment set: {error}");
         }
     }

@@ -37,8 +37,10 @@ const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Where the session delivers the node's assignments.
 pub trait TaskSink: Send + Sync {
-    /// `tasks` is the complete set assigned to this node: stop anything else.
-    fn assign(&self, tasks: Vec<Task>);
+    /// `tasks` is a part of the complete set assigned to this node: `first` starts a new
+    /// set, `last` ends it (then stop anything the set's parts did not name). A set of any
+    /// size arrives in parts of at most [`super::ASSIGNMENTS_BYTES_MAX`].
+    fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool);
     /// `changed` tasks were created or changed; `removed` are no longer assigned.
     fn update(&self, changed: Vec<Task>, removed: Vec<String>);
     /// What the node running these tasks says about itself in each session request (its
@@ -179,6 +181,8 @@ fn session(
         &request,
         CallOptions { timeout: None },
     )?;
+    // The previous message was a part of a complete set with more parts to come.
+    let mut in_set = false;
     while !stopping.load(Ordering::SeqCst) {
         let message = match stream.recv_timeout(STOP_CHECK_INTERVAL) {
             Ok(Some(message)) => message,
@@ -198,9 +202,10 @@ fn session(
                 });
             }
             Some(pb::session_message::Message::Assignments(assignments))
-                if assignments.complete =>
+                if assignments.complete || in_set =>
             {
-                sink.assign(assignments.tasks);
+                sink.assign_part(assignments.tasks, assignments.complete, !assignments.more);
+                in_set = assignments.more;
             }
             Some(pb::session_message::Message::Assignments(assignments)) => {
                 sink.update(assignments.tasks, assignments.removed);

@@ -641,7 +641,8 @@ fn status_changes(
 }
 
 /// Sends one assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first
-/// of a complete set says `complete` (the rest add to it).
+/// of a complete set says `complete`, and every part but the last says `more` (the agent
+/// removes what a complete set does not name only once its last part arrived).
 fn send_assignments(
     stream: &ServerStream<pb::SessionMessage>,
     complete: bool,
@@ -662,6 +663,7 @@ fn send_assignments(
         chunks.last_mut().expect("one chunk at least").push(task);
     }
     let mut removed = Some(removed);
+    let parts = chunks.len();
     for (i, tasks) in chunks.into_iter().enumerate() {
         stream.send(&pb::SessionMessage {
             message: Some(pb::session_message::Message::Assignments(pb::Assignments {
@@ -669,6 +671,7 @@ fn send_assignments(
                 tasks,
                 removed: removed.take().unwrap_or_default(),
                 version,
+                more: i + 1 < parts,
             })),
         })?;
     }
