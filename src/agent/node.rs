@@ -18,6 +18,10 @@ use crate::proto::objects::{NodeDescription, Task};
 
 use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
 
+/// How long a stopping agent waits for the final status of its tasks to reach the
+/// managers before it closes its session.
+pub const FINAL_REPORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -82,20 +86,26 @@ impl Agent {
         })
     }
 
-    /// Stops the session (no new assignments, no more reports), then every task process,
-    /// and joins all threads.
+    /// Stops every task process (SIGTERM, SIGKILL after the grace), gives the session up
+    /// to [`FINAL_REPORTS_WAIT`] to deliver their final status (the managers then see them
+    /// stopped, not still running), then stops the session and joins all threads.
     pub fn stop(mut self) {
-        if let Some(session) = self.session.take() {
-            session.stop();
+        // The session holds the other reference (its sink); it only calls the runner, which
+        // refuses assignments once stopping.
+        let unsent = self.runner.stop();
+        if !unsent.is_empty() {
+            log::info!(
+                "agent: {} final task reports did not fit the report queue",
+                unsent.len()
+            );
         }
-        match Arc::try_unwrap(self.runner) {
-            Ok(runner) => {
-                let unsent = runner.shutdown();
-                if !unsent.is_empty() {
-                    log::info!("agent: {} final task reports not sent", unsent.len());
-                }
+        if let Some(session) = self.session.take() {
+            if !session.wait_reports_delivered(FINAL_REPORTS_WAIT) {
+                log::info!(
+                    "agent: final task reports not all delivered within {FINAL_REPORTS_WAIT:?}"
+                );
             }
-            Err(_) => log::error!("agent: the task runner is still shared; it stops when dropped"),
+            session.stop();
         }
     }
 }

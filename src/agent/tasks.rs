@@ -107,6 +107,10 @@ pub const EXIT_POLL_PERIOD_DEFAULT: Duration = Duration::from_millis(50);
 /// How often log files of live tasks are checked against their cap.
 pub const LOG_CHECK_PERIOD: Duration = Duration::from_secs(1);
 
+/// How long a stopping runner keeps offering the reports its channel had no room for (the
+/// rest are returned by [`TaskRunner::shutdown`]).
+pub const SHUTDOWN_REPORTS_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the thread sleeps when no process lives and no report waits.
 const IDLE_WAKE_PERIOD: Duration = Duration::from_secs(1);
 
@@ -195,7 +199,7 @@ pub struct TaskRunner {
     tasks_running_max: usize,
     mailbox: Arc<Shared>,
     wake: Sender<()>,
-    thread: Option<JoinHandle<Vec<TaskStatusReport>>>,
+    thread: Mutex<Option<JoinHandle<Vec<TaskStatusReport>>>>,
 }
 
 /// The mailbox and the signal that the thread took it (callers waiting for room wait on it).
@@ -369,7 +373,7 @@ impl TaskRunner {
             tasks_running_max,
             mailbox,
             wake,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
@@ -434,12 +438,14 @@ impl TaskRunner {
     /// Stops every running task (SIGTERM to each group, SIGKILL after the grace period),
     /// reports SHUTDOWN for each, and joins the thread. Returns the reports the channel had no
     /// room for (the caller forwards them or gives up on them knowingly).
-    pub fn shutdown(mut self) -> Vec<TaskStatusReport> {
-        self.stop_and_join()
+    pub fn shutdown(self) -> Vec<TaskStatusReport> {
+        self.stop()
     }
 
-    fn stop_and_join(&mut self) -> Vec<TaskStatusReport> {
-        let Some(thread) = self.thread.take() else {
+    /// [`TaskRunner::shutdown`] through a shared handle: later calls (and assignments)
+    /// find the runner stopped.
+    pub fn stop(&self) -> Vec<TaskStatusReport> {
+        let Some(thread) = self.thread.lock().take() else {
             return Vec::new();
         };
         self.mailbox.mailbox.lock().shutdown = true;
@@ -458,7 +464,7 @@ impl TaskRunner {
 
 impl Drop for TaskRunner {
     fn drop(&mut self) {
-        let unsent = self.stop_and_join();
+        let unsent = self.stop();
         if !unsent.is_empty() {
             log::warn!(
                 "{} task status reports dropped with the task runner",
@@ -871,7 +877,9 @@ impl Worker {
     }
 
     /// The shutdown barrier: stop every live process, wait for all to be reaped (the grace
-    /// period bounds it), report each, retry waiting reports once more.
+    /// period bounds it), report each, then retry waiting reports while the channel takes
+    /// them, for at most [`SHUTDOWN_REPORTS_WAIT`] (the caller's reporter may still deliver
+    /// them: the managers then see the tasks stopped instead of still running).
     fn stop_all(&mut self) {
         let now = Instant::now();
         for (id, entry) in &mut self.entries {
@@ -884,6 +892,11 @@ impl Worker {
         while self.live > 0 {
             std::thread::sleep(self.wait_period(Instant::now()));
             self.poll_processes(Instant::now());
+            self.reporter.flush();
+        }
+        let give_up = Instant::now() + SHUTDOWN_REPORTS_WAIT;
+        while !self.reporter.waiting.is_empty() && Instant::now() < give_up {
+            std::thread::sleep(self.config.exit_poll_period);
             self.reporter.flush();
         }
     }

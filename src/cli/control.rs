@@ -759,20 +759,40 @@ fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
         return;
     }
     println!(
-        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  ERROR",
         "ID", "SERVICE", "SLOT", "NODE", "DESIRED", "CURRENT"
     );
     for task in tasks {
         println!(
-            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}",
+            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  {}",
             short(&task.id),
             short(&task.service_id),
             task.slot,
-            short(&task.node_id),
+            if task.node_id.is_empty() {
+                "-"
+            } else {
+                short(&task.node_id)
+            },
             json::task_state_name(task.desired_state),
             json::task_state_name(task.status.as_ref().map_or(0, |s| s.state)),
+            task_problem(task),
         );
     }
+}
+
+/// What went wrong with `task`, for the ERROR column: why it failed or was refused, or why
+/// it still waits for a node (as `docker service ps` shows "no suitable node").
+fn task_problem(task: &crate::proto::objects::Task) -> &str {
+    let Some(status) = task.status.as_ref() else {
+        return "";
+    };
+    if !status.err.is_empty() {
+        return &status.err;
+    }
+    if status.state == crate::proto::objects::TaskState::Pending as i32 {
+        return &status.message;
+    }
+    ""
 }
 
 fn service_command(client: &Client, command: ServiceCommand) -> Result<(), String> {

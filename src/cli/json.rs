@@ -349,6 +349,17 @@ pub fn node(node: &Node) -> Json {
             ])
         }),
     ));
+    // What the node's agent reported at its last session: how many tasks it runs at once
+    // (the scheduler assigns it no more).
+    fields.push((
+        "description",
+        node.description.as_ref().map_or(Json::Null, |d| {
+            obj(vec![
+                ("tasks_max", n(d.tasks_max)),
+                ("agent_version", s(&d.agent_version)),
+            ])
+        }),
+    ));
     obj(fields)
 }
 

@@ -118,6 +118,21 @@ impl AgentSession {
         self.current.lock().as_ref().map(|c| c.session_id.clone())
     }
 
+    /// Waits until the reporter has sent every report the runner handed it, once the
+    /// runner's end of the report channel is closed (its shutdown), for at most `timeout`.
+    /// True if they were all delivered.
+    pub fn wait_reports_delivered(&self, timeout: Duration) -> bool {
+        let give_up = std::time::Instant::now() + timeout;
+        let reporter = &self.threads[1];
+        while !reporter.is_finished() {
+            if std::time::Instant::now() >= give_up {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Stops both threads: the session stream is cancelled, reports not yet sent are
     /// dropped (the next session's complete set and reports start over). Joins them.
     pub fn stop(self) {
@@ -227,7 +242,12 @@ fn run_reporter(
     // Latest unsent status per task, in task id order.
     let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
     let mut last_beat = std::time::Instant::now();
+    // The runner closed its end (it stopped): deliver what is pending, then end.
+    let mut closed = false;
     while !stopping.load(Ordering::SeqCst) {
+        if closed && pending.is_empty() {
+            return;
+        }
         match reports.recv_timeout(REPORTER_POLL) {
             Ok(report) => {
                 pending.insert(report.task_id, report.status);
@@ -236,7 +256,11 @@ fn run_reporter(
                 }
             }
             Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Disconnected) => {
+                closed = true;
+                // Nothing more can arrive: no need to wait for the poll period.
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
         let Some(session) = current.lock().clone() else {
             continue;

@@ -88,6 +88,13 @@ pub const SNAPSHOT_IDLE_LOG_BYTES_MIN: u64 = 1 << 20;
 /// The idle counterpart of [`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`].
 pub const SNAPSHOT_IDLE_BYTES_PER_LOG_BYTE_MAX: u64 = 16;
 
+/// How long the apply thread must have applied nothing before it hands the allocator's free
+/// memory back to the system, once per idle period
+/// ([`crate::util::memory::release_free_memory`]): long enough for an idle snapshot, the
+/// compaction it allows and the memtable flush that follows, so that what they free goes
+/// back too. glibc otherwise keeps a process at its peak size after a load is gone.
+pub const MEMORY_RELEASE_IDLE_AFTER: Duration = Duration::from_secs(10);
+
 pub(crate) struct Applier {
     pub(crate) state_machine: Box<dyn StateMachine>,
     pub(crate) shared: Arc<Shared>,
@@ -101,6 +108,8 @@ pub(crate) struct Applier {
     applied_bytes_since_snapshot: u64,
     /// When entries were last applied (see [`SNAPSHOT_IDLE_AFTER`]).
     last_applied_at: Instant,
+    /// Free memory was handed back since entries were last applied.
+    memory_released: bool,
     waiters: BTreeMap<LogIndex, (Term, ProposalCallback)>,
     reads: BTreeMap<LogIndex, Vec<ReadCallback>>,
     snapshot_thread: Option<std::thread::JoinHandle<()>>,
@@ -178,6 +187,7 @@ impl Applier {
             last_snapshot_index: start.index,
             applied_bytes_since_snapshot: 0,
             last_applied_at: Instant::now(),
+            memory_released: false,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
             snapshot_thread: None,
@@ -228,13 +238,19 @@ impl Applier {
     }
 
     /// Takes a snapshot if nothing was applied for [`SNAPSHOT_IDLE_AFTER`] and the log since
-    /// the last one is worth it (see [`SNAPSHOT_IDLE_LOG_BYTES_MIN`]).
+    /// the last one is worth it (see [`SNAPSHOT_IDLE_LOG_BYTES_MIN`]); hands free memory
+    /// back once per idle period (see [`MEMORY_RELEASE_IDLE_AFTER`]).
     ///
     /// # Errors
     /// As [`Self::take_snapshot`].
     fn snapshot_if_idle(&mut self, now: Instant) -> Result<(), String> {
+        let idle_for = now.saturating_duration_since(self.last_applied_at);
+        if idle_for >= MEMORY_RELEASE_IDLE_AFTER && !self.memory_released {
+            self.memory_released = true;
+            crate::util::memory::release_free_memory();
+        }
         let bytes_since = self.applied_bytes_since_snapshot;
-        let idle = now.saturating_duration_since(self.last_applied_at) >= SNAPSHOT_IDLE_AFTER;
+        let idle = idle_for >= SNAPSHOT_IDLE_AFTER;
         let worth_it = bytes_since >= SNAPSHOT_IDLE_LOG_BYTES_MIN
             && bytes_since.saturating_mul(SNAPSHOT_IDLE_BYTES_PER_LOG_BYTE_MAX)
                 >= self.last_snapshot_bytes();
@@ -253,6 +269,7 @@ impl Applier {
         match input {
             ApplyInput::Entries(entries) => {
                 self.last_applied_at = Instant::now();
+                self.memory_released = false;
                 for entry in entries {
                     self.apply_entry(entry)?;
                 }

@@ -534,8 +534,9 @@ impl LogStore {
     /// After a compaction reached its target: gives back what the compacted entries still
     /// hold. Snapshot files the log no longer joins (recovery could never use them) are
     /// deleted, the newest always kept. If nothing was written for [`LOG_IDLE_FLUSH_AFTER`],
-    /// the memtables are also handed to fjall to flush: their deleted entries are then
-    /// dropped from memory, and the journal that held them can be deleted. Under load
+    /// the memtables are also handed to fjall to flush (their deleted entries are then
+    /// dropped from memory, and the journal that held them can be deleted once fjall
+    /// rotates it, at 64 MB). Under load
     /// memtables fill and flush by themselves, and an entry compacted before its memtable
     /// is flushed is never written a second time, so only an idle log is flushed early.
     ///
