@@ -23,38 +23,10 @@ fn eventually(what: &str, check: impl Fn() -> bool) {
     procs::eventually(what, TIMEOUT, check);
 }
 
-/// A cluster whose managers are stopped with SIGTERM when the test ends, even when it
-/// fails: their agents then stop the task processes (a SIGKILL would leave them running).
-struct Graceful(Cluster);
-
-impl Drop for Graceful {
-    fn drop(&mut self) {
-        for manager in &mut self.0.managers {
-            if let Some(mut proc) = manager.proc.take() {
-                proc.signal(15);
-                let _ = proc.wait_exit(TIMEOUT);
-            }
-        }
-    }
-}
-
-impl std::ops::Deref for Graceful {
-    type Target = Cluster;
-    fn deref(&self) -> &Cluster {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Graceful {
-    fn deref_mut(&mut self) -> &mut Cluster {
-        &mut self.0
-    }
-}
-
 /// A one-manager cluster whose node runs at most `tasks_running_max` tasks at once (the
 /// agent's default, 256, without one), once its agent has reported that to the managers.
-fn cluster_with_room(tasks_running_max: Option<u32>) -> Graceful {
-    let mut cluster = Graceful(Cluster::start(1, ClusterOptions::default()));
+fn cluster_with_room(tasks_running_max: Option<u32>) -> Cluster {
+    let mut cluster = Cluster::start(1, ClusterOptions::default());
     let dir = cluster.managers[0].dir.clone();
     if let Some(tasks) = tasks_running_max {
         cluster.managers[0].stop();
