@@ -59,8 +59,8 @@
 //! ```text
 //! let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
 //! let runner = TaskRunner::start(RunnerConfig::new(state_dir.join("tasks")), reports_tx)?;
-//! // each assignments message:  COMPLETE    → runner.assign(tasks)?
-//! //                            INCREMENTAL → runner.update(changed, removed_ids)?
+//! // each assignments message:  a part of a complete set → runner.assign_part(tasks, first, last)?
+//! //                            INCREMENTAL              → runner.update(changed, removed_ids)?
 //! // a reporter loop: batch reports_rx.recv() into UpdateTaskStatus calls; on a failed call,
 //! //   keep the batch (latest status per task) and retry after reconnecting.
 //! // stop: for report in runner.shutdown() { send it, or drop it knowingly }
