@@ -311,3 +311,77 @@ fn no_task_stays_running_for_a_process_that_is_gone() {
         || running_tasks_are_live(&dir, "sleep", 3),
     );
 }
+
+/// The node id a manager logged at start ("manager ID (raft id …) listening").
+fn node_id_of(proc: &mut procs::Proc) -> String {
+    let line = proc.wait_for("(raft id", TIMEOUT);
+    let rest = line.split("manager ").nth(1).unwrap();
+    rest.split_whitespace().next().unwrap().to_string()
+}
+
+#[test]
+fn a_complete_set_in_several_parts_keeps_every_running_task() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let client = cluster.client();
+    let leader = cluster.leader_index(&client).unwrap();
+    let (node, other) = ((leader + 1) % 3, (leader + 2) % 3);
+    let node_id = node_id_of(cluster.managers[node].proc());
+    let dir = cluster.managers[leader].dir.clone();
+    // 20 tasks of 60 KiB each on one follower: its complete set takes two messages.
+    let env = format!("FILL={}", "x".repeat(60 * 1024));
+    let constraint = format!("node.id=={node_id}");
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "parts",
+            "--replicas",
+            "20",
+            "--env",
+            &env,
+            "--constraint",
+            &constraint,
+            "--",
+            "sleep",
+            "305",
+        ],
+    );
+    eventually("twenty running tasks", || {
+        running_tasks_are_live(&dir, "sleep", 20)
+    });
+    let (before, _) = running_pids(&dir);
+    let sessions = |proc: &mut procs::Proc| proc.output().matches("agent: session ").count();
+    let sessions_before = sessions(cluster.managers[node].proc());
+
+    // A new leader: the follower's agent opens a session with it and gets its complete set
+    // again, in parts. Before, the first part was taken as the whole set and the tasks of
+    // the second were stopped.
+    let listing = cli_ok(&dir, &["manager", "ls"]);
+    let target = listing
+        .lines()
+        .find(|line| line.contains(&cluster.managers[other].addr))
+        .and_then(|line| line.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    cli_ok(&dir, &["manager", "transfer", &target]);
+    let node_dir = cluster.managers[node].dir.clone();
+    let deadline = Instant::now() + TIMEOUT;
+    while sessions(cluster.managers[node].proc()) <= sessions_before {
+        assert!(Instant::now() < deadline, "no session with the new leader");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eventually("the same twenty processes, running", || {
+        let (now, _) = running_pids(&node_dir);
+        let mut now = now;
+        now.sort_unstable();
+        let mut expected = before.clone();
+        expected.sort_unstable();
+        now == expected
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let rows = ps_rows(&node_dir, "parts");
+    assert_eq!(rows.len(), 20, "no task was stopped and replaced: {rows:?}");
+    assert!(before.iter().all(|&pid| runs(pid, "sleep")));
+}
