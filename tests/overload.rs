@@ -1,8 +1,9 @@
 //! Overload a cluster never recovers from, with real processes: a service larger than the
 //! node can run converges (the rest waits PENDING with the reason), a task that ends at once
 //! is restarted no faster than the restart delay, a large service is created and removed
-//! with the log and the snapshots shrinking back, and no task is ever left RUNNING for a
-//! process that is gone (after a process is killed, and across a manager restart).
+//! with the log and the snapshots shrinking back, no task is ever left RUNNING for a
+//! process that is gone (after a process is killed, and across a manager restart), and a
+//! complete assignment set too large for one message keeps every running task.
 //!
 //! `FLOTILLA_OVERLOAD_REPLICAS=100000` runs the create-and-remove test at the size of the
 //! original report (20,000 by default, to keep the default run short).
