@@ -46,6 +46,7 @@ impl Fixture {
             join_addr: None,
             snapshot_interval_entries: None,
             log_memtable_mib: None,
+            tasks_running_max: None,
         };
         manager::init(&dir, &settings).unwrap();
         let manager = Manager::start(&dir).unwrap();

@@ -101,12 +101,6 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
             "3",
             "--restart-window",
             "1m",
-            "--reserve-cpu",
-            "0.5",
-            "--reserve-memory",
-            "64M",
-            "--limit-memory",
-            "128M",
             "--constraint",
             "node.role==manager",
             "--update-parallelism",
@@ -133,8 +127,6 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         "\"delay_ms\": 250",
         "\"max_attempts\": 3",
         "\"window_ms\": 60000",
-        "\"nano_cpus\": 500000000",
-        "\"memory_bytes\": 67108864",
         "\"node.role==manager\"",
         "\"failure_action\": \"rollback\"",
         "\"order\": \"start-first\"",
@@ -245,7 +237,8 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     let out = refused(&dir, None, &["node", "inspect", "nosuch"]);
     assert!(out.contains("NotFound") && out.contains("node ls"), "{out}");
 
-    // A spec beyond the transaction limit (1.5 MiB) is refused whole, with the limit.
+    // An environment beyond what a task may have (64 KiB) is refused with its size and
+    // the limit, before any task fails to start with E2BIG.
     let env_file = cluster.tmp.path().join("big.env");
     let line = format!("K={}\n", "x".repeat(1000));
     std::fs::write(&env_file, line.repeat(2000)).unwrap();
@@ -263,7 +256,10 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         ],
     );
     assert!(
-        out.contains("ResourceExhausted") && out.contains("limit"),
+        out.contains("InvalidArgument")
+            && out.contains("task.env")
+            && out.contains("2,006,000 bytes")
+            && out.contains("64 KiB"),
         "{out}"
     );
 
@@ -290,6 +286,26 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     let tasks = ok(&dir, None, &["task", "ls", "--service", "nowhere"]);
     assert!(tasks.contains(reason), "{tasks}");
     ok(&dir, None, &["service", "rm", "nowhere"]);
+
+    // Resource settings that nothing enforces yet are refused, saying so.
+    for flags in [
+        ["--limit-memory", "10M"],
+        ["--limit-cpu", "0.5"],
+        ["--reserve-memory", "64M"],
+        ["--reserve-cpu", "1"],
+    ] {
+        let out = refused(
+            &dir,
+            None,
+            &[
+                "service", "create", "--name", "limited", flags[0], flags[1], "true",
+            ],
+        );
+        assert!(
+            out.contains("InvalidArgument") && out.contains("not enforced yet"),
+            "{flags:?}: {out}"
+        );
+    }
 
     // Nodes: the manager recorded itself; availability, labels and desired role update.
     let nodes = wait_for_output(&dir, None, &["node", "ls"], "leader");

@@ -28,8 +28,12 @@ struct Recorder {
 }
 
 impl TaskSink for Recorder {
-    fn assign(&self, tasks: Vec<Task>) {
-        self.complete_sets.lock().push(tasks);
+    fn assign_part(&self, tasks: Vec<Task>, first: bool, _last: bool) {
+        let mut sets = self.complete_sets.lock();
+        match sets.last_mut() {
+            Some(set) if !first => set.extend(tasks),
+            _ => sets.push(tasks),
+        }
     }
 
     fn update(&self, _changed: Vec<Task>, _removed: Vec<String>) {}

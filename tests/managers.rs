@@ -162,7 +162,7 @@ fn snapshot_test_mib() -> usize {
 /// followed by enough small writes that the big entries are compacted out of the log: a
 /// manager joining it must receive them as a snapshot.
 fn compacted_cluster(mib: usize) -> (Cluster, procs::cluster::Client, String) {
-    let cluster = Cluster::start(
+    let mut cluster = Cluster::start(
         1,
         ClusterOptions {
             snapshot_interval_entries: Some(200),
@@ -179,14 +179,32 @@ fn compacted_cluster(mib: usize) -> (Cluster, procs::cluster::Client, String) {
     }
     // A snapshot is due only once the log since the last one holds a quarter of its size
     // (`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`): these writes carry a third, in entries far
-    // smaller than the big ones.
+    // smaller than the big ones. Whether or not one falls due while they are written, the
+    // idle log is snapshotted once they stop.
     let small = Bytes::from(vec![b'x'; (mib << 20) / 3 / 800]);
     for i in 0..800 {
         client
             .put_at(&leader, &format!("small-{i}"), small.clone())
             .unwrap();
     }
+    // Compacted: a snapshot past the 500 entries kept for slow followers, so a joiner
+    // needs the snapshot.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while newest_snapshot_logged(cluster.managers[0].proc()) <= 500 {
+        assert!(Instant::now() < deadline, "the log was never compacted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     (cluster, client, leader)
+}
+
+/// The highest index of the "snapshot at index N" lines a manager logged so far.
+fn newest_snapshot_logged(proc: &mut procs::Proc) -> u64 {
+    proc.output()
+        .lines()
+        .filter_map(|line| line.split("snapshot at index ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .max()
+        .unwrap_or(0)
 }
 
 #[test]

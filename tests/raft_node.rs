@@ -251,3 +251,73 @@ fn snapshots_wait_until_the_log_holds_a_quarter_of_the_last_one() {
     node.shutdown();
     transport.shutdown();
 }
+
+/// Keeps only a count of what it applied: its snapshots stay tiny however much is logged.
+#[derive(Clone, Default)]
+struct Counter {
+    applied: Arc<parking_lot::Mutex<u64>>,
+}
+
+impl StateMachine for Counter {
+    fn apply(&mut self, _index: u64, _data: &[u8]) -> Bytes {
+        *self.applied.lock() += 1;
+        Bytes::new()
+    }
+
+    fn snapshot(&mut self) -> SnapshotWriter {
+        let applied = *self.applied.lock();
+        Box::new(move |out: &mut dyn Write| out.write_all(&applied.to_be_bytes()))
+    }
+
+    fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
+        let mut bytes = [0u8; 8];
+        input.read_exact(&mut bytes)?;
+        *self.applied.lock() = u64::from_be_bytes(bytes);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_log_of_large_entries_is_snapshotted_by_bytes_and_an_idle_one_is_too() {
+    use flotilla::raft::node::apply::{SNAPSHOT_IDLE_LOG_BYTES_MIN, SNAPSHOT_LOG_BYTES_MAX};
+    let ca = TestCa::new();
+    let identity = ca.identity(Role::Manager);
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let mut config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
+    // Far more entries than this test writes: only bytes or idleness can trigger.
+    config.snapshot_interval_entries = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let node = RaftNode::start(
+        config,
+        dir.path(),
+        Box::new(Counter::default()),
+        transport.clone(),
+        ca.client_tls_for(&identity),
+    )
+    .unwrap();
+    wait_until("leadership", || {
+        node.handle()
+            .status(Duration::from_secs(1))
+            .is_ok_and(|s| s.is_leader)
+    });
+    let propose = |bytes: usize, count: u64| {
+        for _ in 0..count {
+            node.handle()
+                .propose(&vec![7u8; bytes], Duration::from_secs(10))
+                .unwrap();
+        }
+    };
+    // Entries of 1 MiB, a little past the byte bound: a snapshot without the interval.
+    propose(1 << 20, SNAPSHOT_LOG_BYTES_MAX / (1 << 20) + 2);
+    wait_until("a snapshot by bytes", || {
+        newest_snapshot_index(dir.path()) > 0
+    });
+    let by_bytes = newest_snapshot_index(dir.path());
+    // A little more, then nothing: the idle log is snapshotted (and compacted).
+    propose(1 << 20, SNAPSHOT_IDLE_LOG_BYTES_MIN / (1 << 20) + 1);
+    wait_until("an idle snapshot", || {
+        newest_snapshot_index(dir.path()) > by_bytes
+    });
+    node.shutdown();
+    transport.shutdown();
+}

@@ -302,6 +302,33 @@ fn compaction_keeps_trailing_entries_in_bounded_rounds() {
     assert_eq!(node.all(), entries(2001..=3001, 1));
 }
 
+#[test]
+fn compaction_deletes_snapshot_files_the_log_no_longer_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut node = open(dir.path());
+    for batch in 0..30 {
+        node.append(entries(batch * 100 + 1..=batch * 100 + 100, 1), None);
+    }
+    let old = write_snapshot(&node, meta(1000, 1), b"state at 1000");
+    let new = write_snapshot(&node, meta(2500, 1), b"state at 2500");
+    assert!(old.path.exists(), "two snapshots are kept at creation");
+    node.handle.compact(2500).unwrap();
+    // The log now starts at 2001: the snapshot at 1000 could never be recovered from.
+    for _ in 0..1000 {
+        if !old.path.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(node.handle.first_index(), 2001);
+    assert!(!old.path.exists(), "the unjoinable snapshot is deleted");
+    assert!(new.path.exists(), "the newest is kept");
+    drop(node);
+    let node = open(dir.path());
+    assert_eq!(node.recovered.snapshot.unwrap().meta.index, 2500);
+    assert!(node.recovered.corrupt_snapshots.is_empty());
+}
+
 fn meta(index: LogIndex, term: Term) -> SnapshotMeta {
     let mut membership = Membership::default();
     membership.voters.extend([1, 2, 3]);

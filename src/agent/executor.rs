@@ -91,17 +91,69 @@ pub enum StartError {
         /// The OS error.
         source: io::Error,
     },
-    /// The command could not be executed.
-    #[error(
-        "cannot execute {command:?}: {source}; check that it exists (an absolute path, or a \
-         name found in the task's PATH) and is executable by the agent's user"
-    )]
+    /// The command could not be executed: the message says what happened in the terms of
+    /// the spec (a missing program, a permission, a size) and what to change.
+    #[error("{}", explain_spawn_error(command, source, *exec_bytes))]
     Spawn {
         /// The command as given.
         command: String,
         /// The OS error of `exec` (or `fork`).
         source: io::Error,
+        /// Bytes of the arguments and environment handed to `exec` (each with its NUL).
+        exec_bytes: usize,
     },
+}
+
+/// What a failed `exec` (or `fork`) means for the person who wrote the spec, and what to do.
+fn explain_spawn_error(command: &str, error: &io::Error, exec_bytes: usize) -> String {
+    let what = match error.raw_os_error() {
+        Some(libc::ENOENT) => format!(
+            "it does not exist on this node (for a script: its interpreter, named on its #! \
+             line, does not); give an absolute path, or a name found in the task's PATH \
+             ({})",
+            std::env::var("PATH").unwrap_or_default()
+        ),
+        Some(libc::EACCES) => "permission denied: it is not executable by the agent's user, \
+             or one of its directories cannot be searched; check its mode (chmod +x) and \
+             owner"
+            .to_string(),
+        Some(libc::E2BIG) => format!(
+            "its arguments and environment are too large for this system ({} bytes; Linux takes at most 128 KiB in any one argument or variable and about \
+             2 MiB in all, a quarter of the stack limit); shorten the service's args or env, \
+             or pass large data in a file",
+            crate::store::spec::thousands(exec_bytes)
+        ),
+        Some(libc::ENOEXEC) => "it is not a program this node can run (a binary for another \
+             architecture, or a script without a #! line); rebuild it for this node or add \
+             the interpreter line"
+            .to_string(),
+        Some(libc::ETXTBSY) => "the file is being written by another process; start the \
+             task again once it is complete"
+            .to_string(),
+        Some(libc::ENOTDIR) => {
+            "a component of its path is not a directory; check the path".to_string()
+        }
+        Some(libc::ENOMEM | libc::EAGAIN) => "this node could not create a process (out of \
+             memory, or at its process limit); the orchestrator starts a new task after the \
+             restart delay"
+            .to_string(),
+        _ => "check that it exists and is executable by the agent's user".to_string(),
+    };
+    format!("cannot execute {command:?}: {what} ({error})")
+}
+
+/// Bytes `exec` receives for `spec` with environment `env`: every argument (the command
+/// included) and every `KEY=VALUE`, each with its NUL.
+fn exec_bytes(spec: &TaskSpec, env: &[(String, String)]) -> usize {
+    let args: usize = std::iter::once(&spec.command)
+        .chain(&spec.args)
+        .map(|arg| arg.len() + 1)
+        .sum();
+    let env: usize = env
+        .iter()
+        .map(|(key, value)| key.len() + value.len() + 2)
+        .sum();
+    args + env
 }
 
 /// How a task's leader process ended.
@@ -227,6 +279,7 @@ pub fn spawn(work_dir: &Path, task_id: &str, spec: &TaskSpec) -> Result<TaskProc
     let child = command.spawn().map_err(|source| StartError::Spawn {
         command: spec.command.clone(),
         source,
+        exec_bytes: exec_bytes(spec, &env),
     })?;
     let pid = child.id();
     assert!(pid > 1, "a spawned child is neither init nor the idle task");
@@ -565,7 +618,8 @@ mod tests {
         assert_eq!(source.kind(), io::ErrorKind::NotFound);
         let message = missing.expect_err("missing").to_string();
         assert!(message.contains("no-such-command-flotilla"), "{message}");
-        assert!(message.contains("is executable"), "{message}");
+        assert!(message.contains("does not exist on this node"), "{message}");
+        assert!(message.contains("PATH"), "{message}");
 
         let script = dir.path().join("not-executable.sh");
         fs::write(&script, "#!/bin/sh\n").expect("write");
@@ -575,6 +629,26 @@ mod tests {
             panic!("expected a spawn error, got {denied:?}");
         };
         assert_eq!(source.kind(), io::ErrorKind::PermissionDenied);
+        let message = denied.expect_err("denied").to_string();
+        assert!(message.contains("chmod +x"), "{message}");
+    }
+
+    #[test]
+    fn an_oversized_environment_is_explained_not_called_missing() {
+        // One variable past Linux's 128 KiB per string (the API refuses this; an agent may
+        // still meet it from a spec written by something else, or a smaller stack limit).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut big = spec("true", &[]);
+        big.env = vec![format!("BIG={}", "x".repeat(200 * 1024))];
+        let refused = spawn(dir.path(), "t-big", &big);
+        let Err(StartError::Spawn { source, .. }) = &refused else {
+            panic!("expected a spawn error, got {refused:?}");
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::E2BIG));
+        let message = refused.expect_err("too big").to_string();
+        assert!(message.contains("too large"), "{message}");
+        assert!(message.contains("(204,8"), "{message}");
+        assert!(!message.contains("exists"), "{message}");
     }
 
     #[test]

@@ -12,4 +12,6 @@ mod sys;
 pub mod tasks;
 
 pub use node::{Agent, AgentError};
-pub use tasks::{AssignError, RunnerConfig, RunnerError, TaskRunner, TaskStatusReport};
+pub use tasks::{
+    AssignError, RunnerConfig, RunnerError, TASKS_RUNNING_MAX_DEFAULT, TaskRunner, TaskStatusReport,
+};

@@ -14,9 +14,13 @@ use std::sync::Arc;
 
 use crate::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
 use crate::net::Transport;
-use crate::proto::objects::Task;
+use crate::proto::objects::{NodeDescription, Task};
 
 use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
+
+/// How long a stopping agent waits for the final status of its tasks to reach the
+/// managers before it closes its session.
+pub const FINAL_REPORTS_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why the agent could not start.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +43,8 @@ pub struct Agent {
 struct RunnerSink(Arc<TaskRunner>);
 
 impl TaskSink for RunnerSink {
-    fn assign(&self, tasks: Vec<Task>) {
-        if let Err(error) = self.0.assign(tasks) {
+    fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool) {
+        if let Err(error) = self.0.assign_part(tasks, first, last) {
             log::error!("agent: cannot take the assignment set: {error}");
         }
     }
@@ -48,6 +52,14 @@ impl TaskSink for RunnerSink {
     fn update(&self, changed: Vec<Task>, removed: Vec<String>) {
         if let Err(error) = self.0.update(changed, removed) {
             log::error!("agent: cannot take an assignment change: {error}");
+        }
+    }
+
+    fn description(&self) -> NodeDescription {
+        NodeDescription {
+            tasks_max: u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
         }
     }
 }
@@ -87,20 +99,26 @@ impl Agent {
         self.session.as_ref().and_then(AgentSession::manager_addr)
     }
 
-    /// Stops the session (no new assignments, no more reports), then every task process,
-    /// and joins all threads.
+    /// Stops every task process (SIGTERM, SIGKILL after the grace), gives the session up
+    /// to [`FINAL_REPORTS_WAIT`] to deliver their final status (the managers then see them
+    /// stopped, not still running), then stops the session and joins all threads.
     pub fn stop(mut self) {
-        if let Some(session) = self.session.take() {
-            session.stop();
+        // The session holds the other reference (its sink); it only calls the runner, which
+        // refuses assignments once stopping.
+        let unsent = self.runner.stop();
+        if !unsent.is_empty() {
+            log::info!(
+                "agent: {} final task reports did not fit the report queue",
+                unsent.len()
+            );
         }
-        match Arc::try_unwrap(self.runner) {
-            Ok(runner) => {
-                let unsent = runner.shutdown();
-                if !unsent.is_empty() {
-                    log::info!("agent: {} final task reports not sent", unsent.len());
-                }
+        if let Some(session) = self.session.take() {
+            if !session.wait_reports_delivered(FINAL_REPORTS_WAIT) {
+                log::info!(
+                    "agent: final task reports not all delivered within {FINAL_REPORTS_WAIT:?}"
+                );
             }
-            Err(_) => log::error!("agent: the task runner is still shared; it stops when dropped"),
+            session.stop();
         }
     }
 }

@@ -8,11 +8,19 @@
 //! task's terminal status, and never leave a process of its own unreaped or running after
 //! [`TaskRunner::shutdown`].
 //!
-//! **Inputs.** [`TaskRunner::assign`] (the complete set of this node's tasks) and
-//! [`TaskRunner::update`] (changes and removals) never block and never lose anything: they merge
-//! into a mailbox (an update on top of a pending full set is folded into it; a full set
-//! replaces everything pending), bounded by [`ASSIGNMENT_TASKS_MAX`] tasks, and wake the thread
-//! through a 1-slot channel. The thread takes the whole mailbox at each turn.
+//! **Inputs.** [`TaskRunner::assign_part`] (a part of the complete set of this node's tasks;
+//! [`TaskRunner::assign`] is a set in one part) and [`TaskRunner::update`] (changes and
+//! removals) never lose anything: they merge into a mailbox and wake the thread through a
+//! 1-slot channel; the thread takes the whole mailbox at each turn. A complete set may
+//! arrive in any number of parts: the thread applies each part as it comes (starting what
+//! it names), remembers which tasks the set named, and stops and forgets the others only
+//! once the last part arrived, so a set of any size is taken part by part and a task in a
+//! later part is never stopped for being absent from an earlier one. A first part replaces
+//! everything waiting; an update while a set is being received folds into it. The mailbox
+//! holds at most [`ASSIGNMENT_TASKS_MAX`] tasks (or one delivery of any size when empty): a
+//! caller with more waits until the thread has taken what waits (at most
+//! [`ASSIGNMENT_ROOM_WAIT`]), which pushes back on the session stream instead of refusing
+//! the set (before, a set past 10,000 tasks was refused whole, forever).
 //!
 //! **Reconcile rule**, per task, each time it is assigned or changes:
 //! - desired RUNNING, never started here, status not terminal → start it (reports STARTING,
@@ -51,14 +59,14 @@
 //! ```text
 //! let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
 //! let runner = TaskRunner::start(RunnerConfig::new(state_dir.join("tasks")), reports_tx)?;
-//! // each assignments message:  COMPLETE    → runner.assign(tasks)?
-//! //                            INCREMENTAL → runner.update(changed, removed_ids)?
+//! // each assignments message:  a part of a complete set → runner.assign_part(tasks, first, last)?
+//! //                            INCREMENTAL              → runner.update(changed, removed_ids)?
 //! // a reporter loop: batch reports_rx.recv() into UpdateTaskStatus calls; on a failed call,
 //! //   keep the batch (latest status per task) and retry after reconnecting.
 //! // stop: for report in runner.shutdown() { send it, or drop it knowingly }
 //! ```
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fs;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -66,7 +74,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::agent::executor::{self, ExitOutcome, TaskProcess};
 use crate::proto::objects::{Task, TaskState, TaskStatus};
@@ -75,10 +83,16 @@ use crate::proto::objects::{Task, TaskState, TaskStatus};
 /// would exceed it is REJECTED (the scheduler should have placed it elsewhere).
 pub const TASKS_RUNNING_MAX_DEFAULT: usize = 256;
 
-/// Most tasks waiting in the mailbox (a pending full set plus pending changes);
-/// [`TaskRunner::assign`] and [`TaskRunner::update`] refuse more with
-/// [`AssignError::TooManyTasks`].
+/// Most tasks waiting in the mailbox (parts of a complete set plus changes); a delivery
+/// that would exceed it waits for the thread to take what waits (a delivery to an empty
+/// mailbox is taken whatever its size: the caller holds it in memory already).
 pub const ASSIGNMENT_TASKS_MAX: usize = 10_000;
+
+/// How long a delivery waits for room in the mailbox before it is refused with
+/// [`AssignError::TooManyTasks`]: the thread takes the mailbox at every turn (a turn starts
+/// at most `tasks_running_max` processes), so only a wedged runner makes a caller wait this
+/// long.
+pub const ASSIGNMENT_ROOM_WAIT: Duration = Duration::from_secs(60);
 
 /// Most tasks the runner holds; a new task past it is REJECTED without being held.
 pub const TASKS_TRACKED_MAX: usize = ASSIGNMENT_TASKS_MAX;
@@ -92,6 +106,10 @@ pub const EXIT_POLL_PERIOD_DEFAULT: Duration = Duration::from_millis(50);
 
 /// How often log files of live tasks are checked against their cap.
 pub const LOG_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// How long a stopping runner keeps offering the reports its channel had no room for (the
+/// rest are returned by [`TaskRunner::shutdown`]).
+pub const SHUTDOWN_REPORTS_WAIT: Duration = Duration::from_secs(1);
 
 /// How long the thread sleeps when no process lives and no report waits.
 const IDLE_WAKE_PERIOD: Duration = Duration::from_secs(1);
@@ -161,10 +179,10 @@ pub enum RunnerError {
 /// Why an assignment was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AssignError {
-    /// The mailbox would hold more than [`ASSIGNMENT_TASKS_MAX`] tasks.
+    /// The mailbox stayed too full to take the delivery for [`ASSIGNMENT_ROOM_WAIT`].
     #[error(
-        "{tasks} tasks would wait for the task runner, more than {ASSIGNMENT_TASKS_MAX}; send a \
-         full assignment set (it replaces what waits) or fewer tasks"
+        "{tasks} tasks would wait for the task runner, more than {ASSIGNMENT_TASKS_MAX}, and it \
+         took nothing for {ASSIGNMENT_ROOM_WAIT:?}; the runner is stuck: restart the agent"
     )]
     TooManyTasks {
         /// How many would have waited.
@@ -178,68 +196,138 @@ pub enum AssignError {
 /// Handle to the `agent-tasks` thread. Dropping it runs [`TaskRunner::shutdown`].
 #[derive(Debug)]
 pub struct TaskRunner {
-    mailbox: Arc<Mutex<Mailbox>>,
+    tasks_running_max: usize,
+    mailbox: Arc<Shared>,
     wake: Sender<()>,
-    thread: Option<JoinHandle<Vec<TaskStatusReport>>>,
+    thread: Mutex<Option<JoinHandle<Vec<TaskStatusReport>>>>,
+}
+
+/// The mailbox and the signal that the thread took it (callers waiting for room wait on it).
+#[derive(Debug, Default)]
+struct Shared {
+    mailbox: Mutex<Mailbox>,
+    taken: Condvar,
 }
 
 /// What the callers handed over since the thread last looked.
 #[derive(Debug, Default)]
 struct Mailbox {
-    /// A complete assignment set, with later updates folded in.
-    full: Option<BTreeMap<String, Task>>,
+    /// The parts of a complete set waiting (later updates folded in) start a new set.
+    set_begins: bool,
+    /// Tasks of the complete set being received, not yet taken by the thread.
+    set: BTreeMap<String, Task>,
+    /// Ids removed by an update while the set was being received.
+    set_removed: BTreeSet<String>,
+    /// The set's last part arrived: once the thread applied what waits, the tasks the set
+    /// did not name are stopped and forgotten.
+    set_ends: bool,
+    /// A set is being received: its first part came, its last not yet.
+    set_open: bool,
     /// Changes (`Some`) and removals (`None`) on top of what the thread holds.
     changes: BTreeMap<String, Option<Task>>,
     shutdown: bool,
 }
 
+/// What the thread takes from the mailbox at one turn.
+#[derive(Debug, Default)]
+struct Delivery {
+    set_begins: bool,
+    set: BTreeMap<String, Task>,
+    set_removed: BTreeSet<String>,
+    set_ends: bool,
+    changes: BTreeMap<String, Option<Task>>,
+}
+
 impl Mailbox {
     fn tasks(&self) -> usize {
-        self.full.as_ref().map_or(0, BTreeMap::len) + self.changes.len()
+        self.set.len() + self.set_removed.len() + self.changes.len()
     }
 
-    /// A full set replaces everything waiting.
-    fn assign(&mut self, full: Vec<Task>) -> Result<(), AssignError> {
-        if self.shutdown {
-            return Err(AssignError::Stopped);
-        }
-        if full.len() > ASSIGNMENT_TASKS_MAX {
-            return Err(AssignError::TooManyTasks { tasks: full.len() });
-        }
-        let set = full.into_iter().map(|task| (task.id.clone(), task));
-        self.full = Some(set.collect());
-        self.changes.clear();
-        Ok(())
+    /// True if `incoming` more tasks may wait now.
+    fn has_room_for(&self, incoming: usize) -> bool {
+        let waiting = self.tasks();
+        waiting == 0 || waiting + incoming <= ASSIGNMENT_TASKS_MAX
     }
 
-    /// Changes fold into a waiting full set (which stays complete), else into the changes.
-    fn update(&mut self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
-        if self.shutdown {
-            return Err(AssignError::Stopped);
+    /// A part of a complete set: `first` starts a new one (replacing everything waiting),
+    /// `last` ends it. A continuation without a set being received is taken as changes.
+    fn assign_part(&mut self, tasks: Vec<Task>, first: bool, last: bool) {
+        if first {
+            self.set_begins = true;
+            self.set.clear();
+            self.set_removed.clear();
+            self.set_ends = false;
+            self.changes.clear();
+            self.set_open = true;
+        } else if !self.set_open {
+            log::warn!("agent: a part of an assignment set without its start; taken as changes");
+            self.update(tasks, Vec::new());
+            return;
         }
-        let tasks = self.tasks() + changed.len() + removed.len();
-        if tasks > ASSIGNMENT_TASKS_MAX {
-            return Err(AssignError::TooManyTasks { tasks });
+        self.set
+            .extend(tasks.into_iter().map(|task| (task.id.clone(), task)));
+        if last {
+            self.set_open = false;
+            self.set_ends = true;
         }
-        match &mut self.full {
-            Some(full) => {
-                for task in changed {
-                    full.insert(task.id.clone(), task);
-                }
-                for id in removed {
-                    full.remove(&id);
-                }
+    }
+
+    /// Changes fold into a set being received (which stays complete), else into the changes.
+    fn update(&mut self, changed: Vec<Task>, removed: Vec<String>) {
+        if self.set_open {
+            for task in changed {
+                self.set_removed.remove(&task.id);
+                self.set.insert(task.id.clone(), task);
             }
-            None => {
-                for task in changed {
-                    self.changes.insert(task.id.clone(), Some(task));
-                }
-                for id in removed {
-                    self.changes.insert(id, None);
-                }
+            for id in removed {
+                self.set.remove(&id);
+                self.set_removed.insert(id);
+            }
+            return;
+        }
+        for task in changed {
+            self.changes.insert(task.id.clone(), Some(task));
+        }
+        for id in removed {
+            self.changes.insert(id, None);
+        }
+    }
+
+    /// Everything waiting, for the thread (a set being received stays open).
+    fn take(&mut self) -> Delivery {
+        Delivery {
+            set_begins: std::mem::take(&mut self.set_begins),
+            set: std::mem::take(&mut self.set),
+            set_removed: std::mem::take(&mut self.set_removed),
+            set_ends: std::mem::take(&mut self.set_ends),
+            changes: std::mem::take(&mut self.changes),
+        }
+    }
+}
+
+impl Shared {
+    /// Locks the mailbox once it has room for `incoming` tasks (a first part makes its own
+    /// room: it replaces what waits), waiting at most [`ASSIGNMENT_ROOM_WAIT`].
+    fn lock_with_room(
+        &self,
+        incoming: usize,
+        replaces_waiting: bool,
+    ) -> Result<parking_lot::MutexGuard<'_, Mailbox>, AssignError> {
+        let deadline = Instant::now() + ASSIGNMENT_ROOM_WAIT;
+        let mut mailbox = self.mailbox.lock();
+        loop {
+            if mailbox.shutdown {
+                return Err(AssignError::Stopped);
+            }
+            if replaces_waiting || mailbox.has_room_for(incoming) {
+                return Ok(mailbox);
+            }
+            if self.taken.wait_until(&mut mailbox, deadline).timed_out() {
+                return Err(AssignError::TooManyTasks {
+                    tasks: mailbox.tasks() + incoming,
+                });
             }
         }
-        Ok(())
     }
 }
 
@@ -272,7 +360,8 @@ impl TaskRunner {
             Ok(groups) => log::warn!("killed {groups} process groups left by a previous agent"),
             Err(error) => log::warn!("cannot look for processes left by a previous agent: {error}"),
         }
-        let mailbox = Arc::new(Mutex::new(Mailbox::default()));
+        let tasks_running_max = config.tasks_running_max;
+        let mailbox = Arc::new(Shared::default());
         // One slot: a wake-up pending is all the thread needs to know.
         let (wake, woken) = crossbeam_channel::bounded(1);
         let worker = Worker::new(config, Arc::clone(&mailbox), Reporter::new(reports));
@@ -281,32 +370,61 @@ impl TaskRunner {
             .spawn(move || worker.run(&woken))
             .map_err(RunnerError::Thread)?;
         Ok(TaskRunner {
+            tasks_running_max,
             mailbox,
             wake,
-            thread: Some(thread),
+            thread: Mutex::new(Some(thread)),
         })
     }
 
-    /// Hands over the complete set of tasks assigned to this node: tasks not in it are stopped
-    /// and forgotten. Never blocks; replaces whatever the thread has not taken yet.
+    /// The most task processes this runner runs at once (reported to the managers, whose
+    /// scheduler assigns no more).
+    pub fn tasks_running_max(&self) -> usize {
+        self.tasks_running_max
+    }
+
+    /// Hands over the complete set of tasks assigned to this node in one part: tasks not in
+    /// it are stopped and forgotten. Replaces whatever the thread has not taken yet.
     ///
     /// # Errors
     ///
-    /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`]; [`AssignError::Stopped`].
+    /// [`AssignError::Stopped`].
     pub fn assign(&self, full: Vec<Task>) -> Result<(), AssignError> {
-        self.mailbox.lock().assign(full)?;
+        self.assign_part(full, true, true)
+    }
+
+    /// Hands over a part of the complete set of tasks assigned to this node: `first` starts
+    /// a new set (what waits is replaced), `last` ends it; once the last part is applied,
+    /// tasks the set did not name are stopped and forgotten. Waits for room in the mailbox
+    /// (see [`ASSIGNMENT_TASKS_MAX`]).
+    ///
+    /// # Errors
+    ///
+    /// [`AssignError::TooManyTasks`] if no room came within [`ASSIGNMENT_ROOM_WAIT`];
+    /// [`AssignError::Stopped`].
+    pub fn assign_part(
+        &self,
+        tasks: Vec<Task>,
+        first: bool,
+        last: bool,
+    ) -> Result<(), AssignError> {
+        self.mailbox
+            .lock_with_room(tasks.len(), first)?
+            .assign_part(tasks, first, last);
         self.wake_thread()
     }
 
     /// Hands over changed (or new) tasks and the ids of removed ones (stopped if running, then
-    /// forgotten). Never blocks.
+    /// forgotten). Waits for room in the mailbox (see [`ASSIGNMENT_TASKS_MAX`]).
     ///
     /// # Errors
     ///
-    /// [`AssignError::TooManyTasks`] past [`ASSIGNMENT_TASKS_MAX`] (nothing is applied);
-    /// [`AssignError::Stopped`].
+    /// [`AssignError::TooManyTasks`] if no room came within [`ASSIGNMENT_ROOM_WAIT`] (nothing
+    /// is applied); [`AssignError::Stopped`].
     pub fn update(&self, changed: Vec<Task>, removed: Vec<String>) -> Result<(), AssignError> {
-        self.mailbox.lock().update(changed, removed)?;
+        self.mailbox
+            .lock_with_room(changed.len() + removed.len(), false)?
+            .update(changed, removed);
         self.wake_thread()
     }
 
@@ -320,15 +438,18 @@ impl TaskRunner {
     /// Stops every running task (SIGTERM to each group, SIGKILL after the grace period),
     /// reports SHUTDOWN for each, and joins the thread. Returns the reports the channel had no
     /// room for (the caller forwards them or gives up on them knowingly).
-    pub fn shutdown(mut self) -> Vec<TaskStatusReport> {
-        self.stop_and_join()
+    pub fn shutdown(self) -> Vec<TaskStatusReport> {
+        self.stop()
     }
 
-    fn stop_and_join(&mut self) -> Vec<TaskStatusReport> {
-        let Some(thread) = self.thread.take() else {
+    /// [`TaskRunner::shutdown`] through a shared handle: later calls (and assignments)
+    /// find the runner stopped.
+    pub fn stop(&self) -> Vec<TaskStatusReport> {
+        let Some(thread) = self.thread.lock().take() else {
             return Vec::new();
         };
-        self.mailbox.lock().shutdown = true;
+        self.mailbox.mailbox.lock().shutdown = true;
+        self.mailbox.taken.notify_all();
         // Full: a wake-up is pending already. Disconnected: the thread is gone.
         let _ = self.wake.try_send(());
         match thread.join() {
@@ -343,7 +464,7 @@ impl TaskRunner {
 
 impl Drop for TaskRunner {
     fn drop(&mut self) {
-        let unsent = self.stop_and_join();
+        let unsent = self.stop();
         if !unsent.is_empty() {
             log::warn!(
                 "{} task status reports dropped with the task runner",
@@ -438,9 +559,11 @@ struct Entry {
 /// The state of the `agent-tasks` thread.
 struct Worker {
     config: RunnerConfig,
-    mailbox: Arc<Mutex<Mailbox>>,
+    mailbox: Arc<Shared>,
     reporter: Reporter,
     entries: HashMap<String, Entry>,
+    /// The ids named so far by the complete set being received (`None` between sets).
+    set_seen: Option<HashSet<String>>,
     forgotten_order: VecDeque<String>,
     forgotten: HashSet<String>,
     live: usize,
@@ -448,12 +571,13 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(config: RunnerConfig, mailbox: Arc<Mutex<Mailbox>>, reporter: Reporter) -> Self {
+    fn new(config: RunnerConfig, mailbox: Arc<Shared>, reporter: Reporter) -> Self {
         Worker {
             config,
             mailbox,
             reporter,
             entries: HashMap::new(),
+            set_seen: None,
             forgotten_order: VecDeque::new(),
             forgotten: HashSet::new(),
             live: 0,
@@ -466,18 +590,15 @@ impl Worker {
         while let Ok(()) | Err(RecvTimeoutError::Timeout) =
             woken.recv_timeout(self.wait_period(Instant::now()))
         {
-            let (full, changes, shutdown) = {
-                let mut mailbox = self.mailbox.lock();
-                let changes = std::mem::take(&mut mailbox.changes);
-                (mailbox.full.take(), changes, mailbox.shutdown)
+            let (delivery, shutdown) = {
+                let mut mailbox = self.mailbox.mailbox.lock();
+                (mailbox.take(), mailbox.shutdown)
             };
+            self.mailbox.taken.notify_all();
             if shutdown {
                 break;
             }
-            if let Some(full) = full {
-                self.apply_full(full);
-            }
-            self.apply_changes(changes);
+            self.apply_delivery(delivery);
             self.turn(Instant::now());
         }
         self.stop_all();
@@ -518,18 +639,42 @@ impl Worker {
         self.reporter.flush();
     }
 
-    fn apply_full(&mut self, full: BTreeMap<String, Task>) {
+    /// Applies a delivery in the order it was made: the set's parts (with the updates folded
+    /// into them), the end of the set, then the changes that came after it.
+    fn apply_delivery(&mut self, delivery: Delivery) {
+        if delivery.set_begins {
+            self.set_seen = Some(HashSet::new());
+        }
+        for task in delivery.set.into_values() {
+            if let Some(seen) = &mut self.set_seen {
+                seen.insert(task.id.clone());
+            }
+            self.upsert(task);
+        }
+        for id in delivery.set_removed {
+            if let Some(seen) = &mut self.set_seen {
+                seen.remove(&id);
+            }
+            self.remove(&id);
+        }
+        if delivery.set_ends
+            && let Some(seen) = self.set_seen.take()
+        {
+            self.end_set(&seen);
+        }
+        self.apply_changes(delivery.changes);
+    }
+
+    /// A complete set was applied: what it did not name is stopped and forgotten.
+    fn end_set(&mut self, named: &HashSet<String>) {
         let gone: Vec<String> = self
             .entries
             .keys()
-            .filter(|id| !full.contains_key(*id))
+            .filter(|id| !named.contains(*id))
             .cloned()
             .collect();
         for id in gone {
             self.remove(&id);
-        }
-        for task in full.into_values() {
-            self.upsert(task);
         }
     }
 
@@ -732,7 +877,9 @@ impl Worker {
     }
 
     /// The shutdown barrier: stop every live process, wait for all to be reaped (the grace
-    /// period bounds it), report each, retry waiting reports once more.
+    /// period bounds it), report each, then retry waiting reports while the channel takes
+    /// them, for at most [`SHUTDOWN_REPORTS_WAIT`] (the caller's reporter may still deliver
+    /// them: the managers then see the tasks stopped instead of still running).
     fn stop_all(&mut self) {
         let now = Instant::now();
         for (id, entry) in &mut self.entries {
@@ -745,6 +892,11 @@ impl Worker {
         while self.live > 0 {
             std::thread::sleep(self.wait_period(Instant::now()));
             self.poll_processes(Instant::now());
+            self.reporter.flush();
+        }
+        let give_up = Instant::now() + SHUTDOWN_REPORTS_WAIT;
+        while !self.reporter.waiting.is_empty() && Instant::now() < give_up {
+            std::thread::sleep(self.config.exit_poll_period);
             self.reporter.flush();
         }
     }
@@ -975,6 +1127,7 @@ mod tests {
         node.expect("t-missing", TaskState::Starting);
         let rejected = node.expect("t-missing", TaskState::Rejected);
         assert!(rejected.err.contains("cannot execute"), "{rejected:?}");
+        assert!(rejected.err.contains("does not exist"), "{rejected:?}");
         assert!(rejected.err.contains("No such file"), "{rejected:?}");
         assert!(rejected.timestamp_ms > 0);
         node.shutdown();
@@ -1223,36 +1376,111 @@ mod tests {
     }
 
     #[test]
-    fn the_mailbox_folds_updates_into_a_waiting_full_set() {
+    fn the_mailbox_folds_updates_into_a_set_being_received() {
         let sleeper = |id: &str| task(id, TaskState::Running, "sleep", &["30"]);
         let mut mailbox = Mailbox::default();
-        mailbox
-            .update(vec![sleeper("t-old")], Vec::new())
-            .expect("update");
-        // A full set makes earlier changes moot.
-        mailbox
-            .assign(vec![sleeper("t-1"), sleeper("t-2")])
-            .expect("assign");
+        mailbox.update(vec![sleeper("t-old")], Vec::new());
+        // A first part makes earlier changes moot.
+        mailbox.assign_part(vec![sleeper("t-1"), sleeper("t-2")], true, false);
         assert!(mailbox.changes.is_empty());
         let stop = with_desired(sleeper("t-1"), TaskState::Shutdown);
-        mailbox
-            .update(vec![stop, sleeper("t-3")], vec!["t-2".to_owned()])
-            .expect("update");
-        let full = mailbox.full.take().expect("still a full set");
-        let ids: Vec<&str> = full.keys().map(String::as_str).collect();
+        mailbox.update(vec![stop, sleeper("t-3")], vec!["t-2".to_owned()]);
+        let first = mailbox.take();
+        assert!(first.set_begins && !first.set_ends);
+        let ids: Vec<&str> = first.set.keys().map(String::as_str).collect();
         assert_eq!(ids, ["t-1", "t-3"]);
-        assert_eq!(full["t-1"].desired_state, TaskState::Shutdown as i32);
+        assert_eq!(first.set["t-1"].desired_state, TaskState::Shutdown as i32);
+        assert!(first.set_removed.contains("t-2"));
 
-        // Without a full set waiting, changes and removals are kept as such.
-        mailbox
-            .update(vec![sleeper("t-4")], vec!["t-5".to_owned()])
-            .expect("update");
-        assert!(mailbox.full.is_none());
-        assert!(mailbox.changes["t-4"].is_some());
-        assert!(mailbox.changes["t-5"].is_none());
+        // The set is still open: the next part and an update join it; the last part ends it.
+        mailbox.assign_part(vec![sleeper("t-4")], false, false);
+        mailbox.update(Vec::new(), vec!["t-3".to_owned()]);
+        mailbox.assign_part(vec![sleeper("t-5")], false, true);
+        let second = mailbox.take();
+        assert!(!second.set_begins && second.set_ends);
+        assert_eq!(second.set.keys().collect::<Vec<_>>(), ["t-4", "t-5"]);
+        assert!(second.set_removed.contains("t-3"));
 
-        mailbox.shutdown = true;
-        assert_eq!(mailbox.assign(Vec::new()), Err(AssignError::Stopped));
+        // Between sets, changes and removals are kept as such.
+        mailbox.update(vec![sleeper("t-6")], vec!["t-7".to_owned()]);
+        let third = mailbox.take();
+        assert!(third.set.is_empty() && !third.set_begins && !third.set_ends);
+        assert!(third.changes["t-6"].is_some());
+        assert!(third.changes["t-7"].is_none());
+        // A continuation without a start is taken as changes, not as a set.
+        mailbox.assign_part(vec![sleeper("t-8")], false, true);
+        assert!(mailbox.take().changes["t-8"].is_some());
+    }
+
+    #[test]
+    fn a_full_mailbox_makes_the_caller_wait_for_the_thread_instead_of_refusing() {
+        let shared = Arc::new(Shared::default());
+        let many: Vec<Task> = (0..ASSIGNMENT_TASKS_MAX)
+            .map(|i| task(&format!("t-{i}"), TaskState::Assigned, "true", &[]))
+            .collect();
+        // An empty mailbox takes a delivery of any size.
+        shared
+            .lock_with_room(many.len() + 1, false)
+            .expect("room")
+            .update(many, Vec::new());
+        let taker = {
+            let shared = Arc::clone(&shared);
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                let taken = shared.mailbox.lock().take();
+                shared.taken.notify_all();
+                taken.changes.len()
+            })
+        };
+        let waited = Instant::now();
+        drop(shared.lock_with_room(1, false).expect("room once taken"));
+        assert!(waited.elapsed() >= Duration::from_millis(150));
+        assert_eq!(taker.join().expect("taker"), ASSIGNMENT_TASKS_MAX);
+        // A first part replaces what waits: it never waits.
+        shared.mailbox.lock().update(
+            vec![task("t-x", TaskState::Assigned, "true", &[])],
+            Vec::new(),
+        );
+        shared
+            .mailbox
+            .lock()
+            .changes
+            .extend((0..ASSIGNMENT_TASKS_MAX).map(|i| (format!("u-{i}"), None)));
+        drop(shared.lock_with_room(5, true).expect("a first part"));
+        shared.mailbox.lock().shutdown = true;
+        assert_eq!(
+            shared.lock_with_room(1, false).err(),
+            Some(AssignError::Stopped)
+        );
+    }
+
+    #[test]
+    fn a_set_in_parts_stops_only_what_none_of_its_parts_names() {
+        let mut node = Node::new();
+        let a = task("t-a", TaskState::Running, "sleep", &["30"]);
+        let b = task("t-b", TaskState::Running, "sleep", &["30"]);
+        node.runner()
+            .assign(vec![a.clone(), b.clone()])
+            .expect("assign");
+        let pid_a = node.expect_running("t-a");
+        let pid_b = node.expect_running("t-b");
+
+        // A new session's set: t-a comes in the second part, t-b in none.
+        let c = task("t-c", TaskState::Running, "sleep", &["30"]);
+        node.runner()
+            .assign_part(vec![c], true, false)
+            .expect("first part");
+        node.expect_running("t-c");
+        node.assert_nothing_for("t-a");
+        node.assert_nothing_for("t-b");
+        node.runner()
+            .assign_part(vec![a], false, true)
+            .expect("last part");
+        node.expect("t-b", TaskState::Shutdown);
+        assert!(sys::process_dead(pid_b));
+        node.assert_nothing_for("t-a");
+        assert!(!sys::process_dead(pid_a), "t-a was named by the set");
+        node.shutdown();
     }
 
     #[test]
@@ -1260,23 +1488,5 @@ mod tests {
         fn shareable<T: Send + Sync>() {}
         shareable::<TaskRunner>();
         shareable::<TaskStatusReport>();
-    }
-
-    #[test]
-    fn oversized_assignments_are_refused_whole() {
-        let node = Node::new();
-        let many: Vec<Task> = (0..=ASSIGNMENT_TASKS_MAX)
-            .map(|i| task(&format!("t-{i}"), TaskState::Assigned, "true", &[]))
-            .collect();
-        assert_eq!(
-            node.runner().assign(many.clone()),
-            Err(AssignError::TooManyTasks {
-                tasks: ASSIGNMENT_TASKS_MAX + 1
-            })
-        );
-        assert!(matches!(
-            node.runner().update(many, Vec::new()),
-            Err(AssignError::TooManyTasks { .. })
-        ));
     }
 }

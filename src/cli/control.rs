@@ -650,7 +650,7 @@ fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> 
         restart.condition = parse_restart_condition(condition)? as i32;
     }
     if let Some(delay) = &flags.restart_delay {
-        restart.delay_ms = parse_duration_ms("restart-delay", delay)?;
+        restart.delay_ms = Some(parse_duration_ms("restart-delay", delay)?);
     }
     if let Some(attempts) = flags.restart_max_attempts {
         restart.max_attempts = attempts;
@@ -803,7 +803,11 @@ fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
             short(&task.id),
             short(&task.service_id),
             task.slot,
-            short(&task.node_id),
+            if task.node_id.is_empty() {
+                "-"
+            } else {
+                short(&task.node_id)
+            },
             json::task_state_name(task.desired_state),
             json::task_state_name(task.status.as_ref().map_or(0, |s| s.state)),
             task_problem(task),

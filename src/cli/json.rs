@@ -255,7 +255,13 @@ fn task_spec(spec: Option<&TaskSpec>) -> Json {
                         _ => "any",
                     }),
                 ),
-                ("delay_ms", n(restart.delay_ms)),
+                // Unset means the default: show the delay that applies.
+                (
+                    "delay_ms",
+                    n(restart
+                        .delay_ms
+                        .unwrap_or(crate::orchestrator::DEFAULT_RESTART_DELAY_MS)),
+                ),
                 ("max_attempts", n(restart.max_attempts)),
                 ("window_ms", n(restart.window_ms)),
             ]),
@@ -360,6 +366,17 @@ pub fn node(node: &Node) -> Json {
                 ("addr", s(&m.addr)),
                 ("leader", Json::Bool(m.leader)),
                 ("reachability", s(reachability_name(m.reachability))),
+            ])
+        }),
+    ));
+    // What the node's agent reported at its last session: how many tasks it runs at once
+    // (the scheduler assigns it no more).
+    fields.push((
+        "description",
+        node.description.as_ref().map_or(Json::Null, |d| {
+            obj(vec![
+                ("tasks_max", n(d.tasks_max)),
+                ("agent_version", s(&d.agent_version)),
             ])
         }),
     ));

@@ -388,6 +388,7 @@ impl NewManagerArgs {
             join_addr: join_addr.map(str::to_string),
             snapshot_interval_entries: self.snapshot_interval_entries,
             log_memtable_mib: None,
+            tasks_running_max: None,
         }
     }
 }

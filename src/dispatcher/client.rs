@@ -22,7 +22,7 @@ use crate::agent::TaskStatusReport;
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher as pb;
-use crate::proto::objects::{NodeRole, Task, TaskStatus};
+use crate::proto::objects::{NodeDescription, NodeRole, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
 /// First wait before reopening a failed session; doubles up to [`SESSION_BACKOFF_MAX`].
@@ -38,10 +38,17 @@ const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Where the session delivers the node's assignments.
 pub trait TaskSink: Send + Sync {
-    /// `tasks` is the complete set assigned to this node: stop anything else.
-    fn assign(&self, tasks: Vec<Task>);
+    /// `tasks` is a part of the complete set assigned to this node: `first` starts a new
+    /// set, `last` ends it (then stop anything the set's parts did not name). A set of any
+    /// size arrives in parts of at most [`super::ASSIGNMENTS_BYTES_MAX`].
+    fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool);
     /// `changed` tasks were created or changed; `removed` are no longer assigned.
     fn update(&self, changed: Vec<Task>, removed: Vec<String>);
+    /// What the node running these tasks says about itself in each session request (its
+    /// capacity, which the scheduler respects). Nothing by default.
+    fn description(&self) -> NodeDescription {
+        NodeDescription::default()
+    }
 }
 
 /// How to reach the managers.
@@ -138,6 +145,21 @@ impl AgentSession {
         self.current.lock().as_ref().map(|c| c.session_id.clone())
     }
 
+    /// Waits until the reporter has sent every report the runner handed it, once the
+    /// runner's end of the report channel is closed (its shutdown), for at most `timeout`.
+    /// True if they were all delivered.
+    pub fn wait_reports_delivered(&self, timeout: Duration) -> bool {
+        let give_up = std::time::Instant::now() + timeout;
+        let reporter = &self.threads[1];
+        while !reporter.is_finished() {
+            if std::time::Instant::now() >= give_up {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        true
+    }
+
     /// Stops both threads: the session stream is cancelled, reports not yet sent are
     /// dropped (the next session's complete set and reports start over). Joins them.
     pub fn stop(self) {
@@ -194,13 +216,15 @@ fn session(
     let channel = transport.channel(addr, &config.tls);
     let request = pb::SessionRequest {
         hostname: config.hostname.clone(),
-        ..Default::default()
+        description: Some(sink.description()),
     };
     let mut stream = channel.server_stream::<_, pb::SessionMessage>(
         SESSION,
         &request,
         CallOptions { timeout: None },
     )?;
+    // The previous message was a part of a complete set with more parts to come.
+    let mut in_set = false;
     while !stopping.load(Ordering::SeqCst) {
         let message = match stream.recv_timeout(STOP_CHECK_INTERVAL) {
             Ok(Some(message)) => message,
@@ -220,9 +244,10 @@ fn session(
                 });
             }
             Some(pb::session_message::Message::Assignments(assignments))
-                if assignments.complete =>
+                if assignments.complete || in_set =>
             {
-                sink.assign(assignments.tasks);
+                sink.assign_part(assignments.tasks, assignments.complete, !assignments.more);
+                in_set = assignments.more;
             }
             Some(pb::session_message::Message::Assignments(assignments)) => {
                 sink.update(assignments.tasks, assignments.removed);
@@ -248,7 +273,12 @@ impl Reporter<'_> {
         // Latest unsent status per task, in task id order.
         let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
         let mut last_beat = std::time::Instant::now();
+        // The runner closed its end (it stopped): deliver what is pending, then end.
+        let mut closed = false;
         while !self.stopping.load(Ordering::SeqCst) {
+            if closed && pending.is_empty() {
+                return;
+            }
             match reports.recv_timeout(REPORTER_POLL) {
                 Ok(report) => {
                     pending.insert(report.task_id, report.status);
@@ -257,7 +287,11 @@ impl Reporter<'_> {
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => {
+                    closed = true;
+                    // Nothing more can arrive: no need to wait for the poll period.
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
             let Some(session) = self.current.lock().clone() else {
                 continue;

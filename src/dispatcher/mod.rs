@@ -646,8 +646,7 @@ fn status_changes(
     Ok(changes)
 }
 
-/// Sends one assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first
-/// of a complete set says `complete` (the rest add to it).
+/// Sends `tasks` and `removed` as [`assignment_parts`].
 fn send_assignments(
     stream: &ServerStream<pb::SessionMessage>,
     complete: bool,
@@ -655,6 +654,23 @@ fn send_assignments(
     removed: Vec<String>,
     version: u64,
 ) -> Result<(), Status> {
+    for part in assignment_parts(complete, tasks, removed, version) {
+        stream.send(&pb::SessionMessage {
+            message: Some(pb::session_message::Message::Assignments(part)),
+        })?;
+    }
+    Ok(())
+}
+
+/// One assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first of a
+/// complete set says `complete`, and every part but the last says `more` (the agent
+/// removes what a complete set does not name only once its last part arrived).
+fn assignment_parts(
+    complete: bool,
+    tasks: Vec<Task>,
+    removed: Vec<String>,
+    version: u64,
+) -> Vec<pb::Assignments> {
     let mut chunks: Vec<Vec<Task>> = vec![Vec::new()];
     let mut bytes = 0;
     for task in tasks {
@@ -668,17 +684,18 @@ fn send_assignments(
         chunks.last_mut().expect("one chunk at least").push(task);
     }
     let mut removed = Some(removed);
-    for (i, tasks) in chunks.into_iter().enumerate() {
-        stream.send(&pb::SessionMessage {
-            message: Some(pb::session_message::Message::Assignments(pb::Assignments {
-                complete: complete && i == 0,
-                tasks,
-                removed: removed.take().unwrap_or_default(),
-                version,
-            })),
-        })?;
-    }
-    Ok(())
+    let parts = chunks.len();
+    chunks
+        .into_iter()
+        .enumerate()
+        .map(|(i, tasks)| pb::Assignments {
+            complete: complete && i == 0,
+            tasks,
+            removed: removed.take().unwrap_or_default(),
+            version,
+            more: i + 1 < parts,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -773,6 +790,35 @@ mod tests {
         // The same report again changes nothing.
         let again = status_changes(&store, "n1", &[update("c", TaskState::Failed)]).unwrap();
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_large_set_goes_in_parts_marked_first_and_more() {
+        let mut big = task("t", "n1", TaskState::Assigned);
+        big.spec = Some(crate::proto::objects::TaskSpec {
+            command: "x".repeat(300 * 1024),
+            ..Default::default()
+        });
+        let tasks: Vec<Task> = (0..10)
+            .map(|i| Task {
+                id: format!("t{i}"),
+                ..big.clone()
+            })
+            .collect();
+        let parts = assignment_parts(true, tasks, Vec::new(), 7);
+        assert_eq!(parts.len(), 4, "three tasks of 300 KiB per MiB");
+        assert!(parts[0].complete && parts[1..].iter().all(|p| !p.complete));
+        assert!(parts[..3].iter().all(|p| p.more) && !parts[3].more);
+        assert_eq!(parts.iter().map(|p| p.tasks.len()).sum::<usize>(), 10);
+        // A small change set is one message, without `more`.
+        let one = assignment_parts(
+            false,
+            vec![task("a", "n1", TaskState::Assigned)],
+            vec!["b".into()],
+            8,
+        );
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].complete && !one[0].more && one[0].removed == ["b"]);
     }
 
     #[test]

@@ -199,6 +199,7 @@ pub fn become_manager(
         join_addr: Some(join_addr.to_string()),
         snapshot_interval_entries: old.as_ref().and_then(|s| s.snapshot_interval_entries),
         log_memtable_mib: old.as_ref().and_then(|s| s.log_memtable_mib),
+        tasks_running_max: old.as_ref().and_then(|s| s.tasks_running_max),
     };
     create_watermark(dir, settings.raft_id)?;
     dir.save_settings(&settings)?;

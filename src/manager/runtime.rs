@@ -649,11 +649,11 @@ fn start_agent(
         tls: client_tls.clone(),
         hostname: control::duties::hostname(),
     };
-    Ok(Agent::start(
-        transport.clone(),
-        session,
-        RunnerConfig::new(dir.tasks_dir()),
-    )?)
+    let mut runner = RunnerConfig::new(dir.tasks_dir());
+    if let Some(tasks) = settings.tasks_running_max {
+        runner.tasks_running_max = usize::try_from(tasks).unwrap_or(usize::MAX);
+    }
+    Ok(Agent::start(transport.clone(), session, runner)?)
 }
 
 fn start_renewer(

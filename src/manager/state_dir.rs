@@ -412,10 +412,18 @@ pub struct Settings {
     /// [`LOG_MEMTABLE_MIB_MAX`]). `None`: the storage default (64 MiB, reached only under
     /// sustained writes); a small host may trade write throughput for memory here.
     pub log_memtable_mib: Option<u64>,
+    /// The most task processes this manager's own agent runs at once (`tasks_running_max`,
+    /// 1 to [`TASKS_RUNNING_MAX_CONF_MAX`]); reported to the scheduler, which assigns no
+    /// more. `None`: the agent's default (256).
+    pub tasks_running_max: Option<u64>,
 }
 
 /// Largest `log_memtable_mib` accepted in `manager.conf`.
 pub const LOG_MEMTABLE_MIB_MAX: u64 = 1024;
+
+/// Largest `tasks_running_max` accepted in `manager.conf`: the agent looks at every live
+/// process every 50 ms, and holds at most 10,000 tasks.
+pub const TASKS_RUNNING_MAX_CONF_MAX: u64 = 4096;
 
 impl Settings {
     fn to_text(&self) -> String {
@@ -438,6 +446,9 @@ impl Settings {
         if let Some(mib) = self.log_memtable_mib {
             text.push_str(&format!("log_memtable_mib = {mib}\n"));
         }
+        if let Some(tasks) = self.tasks_running_max {
+            text.push_str(&format!("tasks_running_max = {tasks}\n"));
+        }
         text
     }
 
@@ -449,6 +460,7 @@ impl Settings {
         let mut join_addr = None;
         let mut snapshot_interval_entries = None;
         let mut log_memtable_mib = None;
+        let mut tasks_running_max = None;
         for line in text.lines().map(str::trim).filter(|l| !l.is_empty()) {
             let (key, value) = line
                 .split_once('=')
@@ -495,6 +507,19 @@ impl Settings {
                         })?;
                     log_memtable_mib = Some(mib);
                 }
+                "tasks_running_max" => {
+                    let tasks: u64 = value
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=TASKS_RUNNING_MAX_CONF_MAX).contains(n))
+                        .ok_or_else(|| {
+                            format!(
+                                "tasks_running_max {value:?} is not a number of tasks from 1 \
+                                 to {TASKS_RUNNING_MAX_CONF_MAX}"
+                            )
+                        })?;
+                    tasks_running_max = Some(tasks);
+                }
                 // Unknown keys come from newer versions; keep going.
                 other => log::warn!("manager.conf: ignoring unknown key {other:?}"),
             }
@@ -507,6 +532,7 @@ impl Settings {
             join_addr,
             snapshot_interval_entries,
             log_memtable_mib,
+            tasks_running_max,
         })
     }
 }
@@ -525,9 +551,15 @@ mod tests {
             join_addr: Some("10.0.0.2:4242".into()),
             snapshot_interval_entries: Some(500),
             log_memtable_mib: Some(16),
+            tasks_running_max: Some(3),
         };
         assert_eq!(Settings::from_text(&settings.to_text()).unwrap(), settings);
         let base = "raft_id = 3\nlisten_addr = a\nadvertise_addr = a\nbootstrap = join\n";
+        for bad in ["0", "4097", "many"] {
+            let err =
+                Settings::from_text(&format!("{base}tasks_running_max = {bad}\n")).unwrap_err();
+            assert!(err.contains("tasks_running_max"), "{err}");
+        }
         for bad in ["0", "1025", "lots"] {
             let err =
                 Settings::from_text(&format!("{base}log_memtable_mib = {bad}\n")).unwrap_err();

@@ -15,7 +15,8 @@
 //! 3. Tasks of deleted services get desired state `REMOVE`.
 //! 4. `scheduler`: unassigned runnable tasks get a node.
 //! 5. `reaper`: finished tasks beyond the cluster's `task_history_retention` per slot,
-//!    and finished tasks of deleted services, are deleted.
+//!    and finished tasks of deleted services, are deleted (tasks on gone nodes count as
+//!    finished; a deleted service's tasks that never started are deleted at once).
 //!
 //! Each slot is reconciled by `slot` (lost nodes, `restart`, rolling update, filling an
 //! empty slot). Task states: a task is created `PENDING` (there is no allocator step, so
@@ -56,6 +57,7 @@ use crate::proto::objects::{
 use crate::store::settings::ClusterSettings;
 use crate::store::{ReadView, TXN_BYTES_MAX, TXN_CHANGES_MAX};
 
+pub use restart::{RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_MIN_MS, RESTART_QUICK_END_MS};
 pub use runner::{
     ORCHESTRATOR_IDLE_RECHECK, ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX,
     Orchestrator,
@@ -69,8 +71,9 @@ use working::{Unit, Working};
 /// missed heartbeats before that write; this absorbs a node that flaps straight back.
 pub const NODE_DOWN_GRACE_MS: i64 = 10_000;
 
-/// The restart delay of a task template without a restart policy (swarmkit's default):
-/// a command that fails at once is restarted every 5 s, not on every pass.
+/// The restart delay of a task template whose restart policy names none (swarmkit's
+/// default): a command that fails at once is restarted after 5 s, then later and later
+/// (see [`RESTART_BACKOFF_MAX_MS`]), never on every pass.
 pub const DEFAULT_RESTART_DELAY_MS: i64 = 5_000;
 
 /// The length of a task id: the same as the ids the control API gives services.
@@ -261,13 +264,27 @@ pub(crate) fn node_lost(context: &Context, node_id: &str) -> Option<String> {
     if node_availability(node) == NodeAvailability::Drain {
         return Some(format!("node {node_id} is drained"));
     }
-    if node_state(node) == NodeState::Down {
-        let down_since_ms = node.meta.as_ref().map_or(0, |meta| meta.updated_at_ms);
-        if context.now_ms.saturating_sub(down_since_ms) >= NODE_DOWN_GRACE_MS {
-            return Some(format!("node {node_id} is down"));
-        }
+    if down_past_grace(context, node) {
+        return Some(format!("node {node_id} is down"));
     }
     None
+}
+
+/// True if `node` has been `DOWN` for [`NODE_DOWN_GRACE_MS`] or more.
+fn down_past_grace(context: &Context, node: &Node) -> bool {
+    let down_since_ms = node.meta.as_ref().map_or(0, |meta| meta.updated_at_ms);
+    node_state(node) == NodeState::Down
+        && context.now_ms.saturating_sub(down_since_ms) >= NODE_DOWN_GRACE_MS
+}
+
+/// True if no agent will report on node `node_id` again (short of coming back, when it gets
+/// a complete set): deleted, or down past [`NODE_DOWN_GRACE_MS`]. A drained node is not
+/// gone: its agent stops its tasks and reports them.
+pub(crate) fn node_gone(context: &Context, node_id: &str) -> bool {
+    context
+        .nodes
+        .get(node_id)
+        .is_none_or(|node| down_past_grace(context, node))
 }
 
 /// The observed state of `task`.

@@ -6,7 +6,10 @@
 //! nothing to do) and soon after the store reports a change to nodes, services, tasks or
 //! the cluster (a watch with a queue of
 //! [`ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX`] events; a dropped watch is simply renewed, as the
-//! next pass reads everything anyway). On a follower a pass does nothing. A new leader first
+//! next pass reads everything anyway). Passes take at most half of the thread's time (the
+//! next waits at least as long as the last one computed) and an idle pass result stands at
+//! least ten times as long as it took, so a huge store costs a bounded share of a core. On
+//! a follower a pass does nothing. A new leader first
 //! waits for a read barrier (it has applied everything committed before its term), so it
 //! does not act on a view its predecessor had already moved past.
 //!
@@ -21,6 +24,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounde
 
 use crate::control::PROPOSE_TIMEOUT;
 use crate::manager::state::propose_transaction;
+use crate::proto::objects::{Task, Transaction, change, store_object};
 use crate::raft::node::NodeHandle;
 use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
 use crate::util::clock::unix_now_ms as now_ms;
@@ -40,6 +44,15 @@ pub const ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX: usize = 1024;
 
 /// How long after a change the pass waits, so one pass covers a burst of transactions.
 const CHANGE_COALESCE: Duration = Duration::from_millis(10);
+
+/// The most of its time the thread spends in passes: after a pass that took `d`, the next
+/// one waits at least `d` (half a core at most, however large the store and however often
+/// it changes), and a pass that found nothing to do stands for at least 10 `d` (a tenth).
+/// A pass over 100,000 tasks takes a few hundred milliseconds; without this, a service
+/// that large kept a core busy while status reports streamed in.
+const PASS_SHARE_BUSY_INV: u32 = 2;
+/// See [`PASS_SHARE_BUSY_INV`]: the share of an idle pass is a tenth.
+const PASS_SHARE_IDLE_INV: u32 = 10;
 
 /// How long a new leader waits for its read barrier before the next attempt.
 const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -90,17 +103,23 @@ fn run(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
     let mut caught_up = false;
     // The store version at which a pass last found nothing to do, and when.
     let mut idle_since: Option<(u64, Instant)> = None;
+    // When the last pass ended and how long it took (see `PASS_SHARE_BUSY_INV`).
+    let mut last_pass = (Instant::now(), Duration::ZERO);
     loop {
         if node.leader() == Some(node.id()) {
             if !caught_up {
                 caught_up = node.read_barrier_local(READ_BARRIER_TIMEOUT).is_ok();
             }
             let version = store.version();
+            let (ended, took) = last_pass;
+            let idle_recheck = ORCHESTRATOR_IDLE_RECHECK.max(took * PASS_SHARE_IDLE_INV);
             let still_idle = idle_since.is_some_and(|(idle_version, at)| {
-                idle_version == version && at.elapsed() < ORCHESTRATOR_IDLE_RECHECK
+                idle_version == version && at.elapsed() < idle_recheck
             });
-            if caught_up && !still_idle {
-                let proposed = run_pass(node, store, stopped);
+            let rested = ended.elapsed() >= took * (PASS_SHARE_BUSY_INV - 1);
+            if caught_up && !still_idle && rested {
+                let (proposed, took) = run_pass(node, store, stopped);
+                last_pass = (Instant::now(), took);
                 idle_since = (proposed == 0).then(|| (version, Instant::now()));
             }
         } else {
@@ -137,15 +156,64 @@ fn drain(watcher: &Watcher) -> bool {
     }
 }
 
+/// True if every change of `txn` (tasks only) still applies to the store as it is now:
+/// a create of an id that does not exist, an update or delete of a task at the version the
+/// pass read. A transaction built on a view that moved on (an agent's report landed
+/// meanwhile) would be refused at apply anyway, but only after it was written to the Raft
+/// log of every manager, up to 1.5 MiB each time; a pass over 100,000 tasks that kept
+/// colliding with reports wrote gigabytes of refused transactions. The check narrows that
+/// to the moment between it and the proposal.
+fn still_applies(store: &Store, txn: &Transaction) -> bool {
+    store.view(|view| {
+        txn.changes.iter().all(|change| {
+            let (id, expected) = match &change.op {
+                Some(change::Op::Create(object)) => match &object.object {
+                    Some(store_object::Object::Task(task)) => (task.id.as_str(), None),
+                    _ => return true,
+                },
+                Some(change::Op::Update(update)) => {
+                    match update.object.as_ref().and_then(|o| o.object.as_ref()) {
+                        Some(store_object::Object::Task(task)) => {
+                            (task.id.as_str(), Some(update.expected_version))
+                        }
+                        _ => return true,
+                    }
+                }
+                Some(change::Op::Delete(delete))
+                    if Kind::from_proto(delete.kind) == Some(Kind::Task) =>
+                {
+                    (delete.id.as_str(), Some(delete.expected_version))
+                }
+                _ => return true,
+            };
+            let current = view
+                .get::<Task>(id)
+                .map(|task| task.meta.as_ref().map_or(0, |meta| meta.version));
+            match (expected, current) {
+                (None, found) => found.is_none(),
+                (Some(0), found) => found.is_some(),
+                (Some(version), found) => found == Some(version),
+            }
+        })
+    })
+}
+
 /// Reconciles once and proposes the result, transaction by transaction; stops early when
 /// a proposal fails or the thread is asked to stop (the rest is recomputed next pass).
-/// Returns the number of transactions the pass wanted to propose.
-fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> usize {
+/// Returns the number of transactions the pass wanted to propose, and how long it took to
+/// compute them (the waits for proposals excluded: they cost no CPU here).
+fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> (usize, Duration) {
+    let started = Instant::now();
     let now = now_ms();
     let snapshot = store.view(super::Snapshot::capture);
     let transactions = super::reconcile_snapshot(&snapshot, now);
+    let took = started.elapsed();
     for txn in &transactions {
         if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+            break;
+        }
+        if !still_applies(store, txn) {
+            log::debug!("orchestrator: the store moved on since the pass read it; next pass");
             break;
         }
         match propose_transaction(node, txn, PROPOSE_TIMEOUT) {
@@ -159,5 +227,57 @@ fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> usize {
             }
         }
     }
-    transactions.len()
+    (transactions.len(), took)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{create, delete, update_expecting};
+
+    fn task(id: &str) -> Task {
+        Task {
+            id: id.into(),
+            service_id: "svc".into(),
+            ..Default::default()
+        }
+    }
+
+    fn txn(changes: Vec<crate::proto::objects::Change>) -> Transaction {
+        Transaction {
+            changes,
+            timestamp_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_transaction_on_a_view_the_store_moved_past_is_not_proposed() {
+        let store = Store::default();
+        store.apply(1, &txn(vec![create(task("a"))])).unwrap();
+        store.apply(2, &txn(vec![create(task("b"))])).unwrap();
+        let read = |id: &str| store.get::<Task>(id).unwrap().as_ref().clone();
+        assert!(still_applies(&store, &txn(vec![create(task("c"))])));
+        assert!(still_applies(
+            &store,
+            &txn(vec![
+                update_expecting(read("a"), 1),
+                delete(Kind::Task, "b", 2)
+            ])
+        ));
+        // An agent's report moved "a" on: the pass's update would be refused at apply.
+        store
+            .apply(3, &txn(vec![update_expecting(read("a"), 1)]))
+            .unwrap();
+        let stale = txn(vec![create(task("c")), update_expecting(read("b"), 2), {
+            let mut old = read("a");
+            old.meta = None;
+            update_expecting(old, 1)
+        }]);
+        assert!(!still_applies(&store, &stale));
+        assert!(!still_applies(&store, &txn(vec![create(task("a"))])));
+        assert!(!still_applies(
+            &store,
+            &txn(vec![delete(Kind::Task, "b", 1)])
+        ));
+    }
 }

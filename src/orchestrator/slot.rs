@@ -219,7 +219,7 @@ fn update_old_occupant(
         .and_then(|update| UpdateOrder::try_from(update.order).ok())
         .unwrap_or(UpdateOrder::StopFirst);
     if order == UpdateOrder::StartFirst && !is_terminal(observed(occupant)) {
-        create_task(working, context, slot, &occupant.id);
+        create_task(working, context, slot, &occupant.id, 0);
     } else {
         working.retire(&occupant.id, TaskState::Shutdown);
     }
@@ -241,12 +241,13 @@ fn fill(working: &mut Working, context: &Context, slot: &SlotRef<'_>, ids: &[Str
     if old_stopping {
         return;
     }
-    let predecessor = all
-        .iter()
-        .max_by_key(|task| age_key(task))
-        .map(|task| task.id.clone());
-    let predecessor = predecessor.unwrap_or_else(|| format!("v{}", service_version(slot.service)));
-    create_task(working, context, slot, &predecessor);
+    let newest = all.iter().max_by_key(|task| age_key(task));
+    let streak = newest.map_or(0, |task| restart::quick_end_streak(task));
+    let predecessor = newest.map_or_else(
+        || format!("v{}", service_version(slot.service)),
+        |task| task.id.clone(),
+    );
+    create_task(working, context, slot, &predecessor, streak);
 }
 
 fn service_version(service: &Service) -> u64 {
@@ -254,8 +255,15 @@ fn service_version(service: &Service) -> u64 {
 }
 
 /// Creates the task that follows `predecessor` (a task id, or the service version) in the
-/// slot: global tasks are created on their node, replicated ones wait for the scheduler.
-fn create_task(working: &mut Working, context: &Context, slot: &SlotRef<'_>, predecessor: &str) {
+/// slot, after `quick_end_streak` quick ends in a row (its restart backoff): global tasks
+/// are created on their node, replicated ones wait for the scheduler.
+fn create_task(
+    working: &mut Working,
+    context: &Context,
+    slot: &SlotRef<'_>,
+    predecessor: &str,
+    quick_end_streak: u32,
+) {
     let id = derive_task_id(&slot.service.id, &slot.key(), predecessor);
     if working.contains(&id) {
         // Only a store that already holds this successor gets here: nothing to add.
@@ -283,5 +291,6 @@ fn create_task(working: &mut Working, context: &Context, slot: &SlotRef<'_>, pre
         }),
         spec: template(slot.service).cloned(),
         service_version: service_version(slot.service),
+        quick_end_streak,
     });
 }

@@ -212,19 +212,21 @@ fn replicated_service_is_created_scaled_and_removed() {
         "the highest slots are retired"
     );
 
+    // Slots 1 and 2 run; 3 to 5 were never started by their agents.
+    for task in h.occupants("web") {
+        h.report(&task.id, TaskState::Running, 3_500);
+    }
     h.apply(vec![delete(Kind::Service, "web", 0)], 4_000);
     h.settle(4_000);
     let tasks = h.tasks("web");
-    assert_eq!(tasks.len(), 5, "assigned tasks wait for their agents");
-    assert!(
-        tasks
-            .iter()
-            .all(|t| t.desired_state >= TaskState::Shutdown as i32)
+    assert_eq!(
+        slots(&tasks),
+        vec![1, 2],
+        "running tasks wait for their agents; never-started ones are deleted at once"
     );
     assert!(
         tasks
             .iter()
-            .filter(|t| t.slot <= 2)
             .all(|t| t.desired_state == TaskState::Remove as i32)
     );
     for task in tasks {
@@ -235,6 +237,54 @@ fn replicated_service_is_created_scaled_and_removed() {
         h.tasks("web").is_empty(),
         "finished tasks of a deleted service are deleted"
     );
+}
+
+#[test]
+fn tasks_nobody_will_report_are_reaped() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_node("b", &[]);
+    h.add_service("web", ServiceMode::Replicated, 2, template(&["100"]));
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    let on_b = h
+        .occupants("web")
+        .into_iter()
+        .find(|t| t.node_id == "b")
+        .unwrap();
+    // Node b goes down: past the grace its task is replaced on a, and the retired one,
+    // which nobody will report, is history like a finished task (retention 0 here).
+    h.apply(
+        vec![create(Cluster {
+            id: "cluster".into(),
+            spec: Some(crate::proto::objects::ClusterSpec {
+                task_history_retention: 0,
+                ..default_cluster_spec("default")
+            }),
+            ..Default::default()
+        })],
+        1_000,
+    );
+    h.change_node("b", 2_000, |node| {
+        node.status.as_mut().unwrap().state = NodeState::Down as i32;
+    });
+    h.settle(2_000 + NODE_DOWN_GRACE_MS);
+    assert!(
+        h.store.get::<Task>(&on_b.id).is_none(),
+        "the task on the down node was reaped"
+    );
+    assert_eq!(
+        per_node(&h.occupants("web")),
+        BTreeMap::from([("a".into(), 2)])
+    );
+
+    // A deleted service whose tasks sit on a node deleted meanwhile: all reaped, even the
+    // one that was running there.
+    h.run_all("web", 20_000);
+    h.apply(vec![delete(Kind::Node, "a", 0)], 20_000);
+    h.apply(vec![delete(Kind::Service, "web", 0)], 20_000);
+    h.settle(20_000);
+    assert!(h.tasks("web").is_empty(), "{:?}", h.tasks("web"));
 }
 
 #[test]
@@ -309,7 +359,7 @@ fn restart_template(
     TaskSpec {
         restart: Some(RestartPolicy {
             condition: condition as i32,
-            delay_ms,
+            delay_ms: Some(delay_ms),
             max_attempts: max,
             window_ms,
         }),
@@ -332,37 +382,130 @@ fn restart_on_failure_honours_delay_and_attempts_in_a_window() {
     h.settle(1_000);
     let first = only_occupant(&h, "job");
 
-    h.report(&first.id, TaskState::Failed, 10_000);
-    assert_eq!(h.settle(10_500), 0, "the restart waits for its delay");
+    // Each task runs 19 s or more before it fails: no backoff, the policy's delay applies.
+    h.report(&first.id, TaskState::Failed, 20_000);
+    assert_eq!(h.settle(20_500), 0, "the restart waits for its delay");
     assert_eq!(only_occupant(&h, "job").id, first.id);
-    h.settle(11_000);
+    h.settle(21_000);
     let second = only_occupant(&h, "job");
     assert_ne!(second.id, first.id, "restart 1");
     assert_eq!(second.slot, 1);
+    assert_eq!(second.quick_end_streak, 0);
     let old = h.store.get::<Task>(&first.id).unwrap();
     assert_eq!(old.desired_state, TaskState::Shutdown as i32);
 
-    h.report(&second.id, TaskState::Failed, 12_000);
-    h.settle(13_000);
+    h.report(&second.id, TaskState::Failed, 40_000);
+    h.settle(41_000);
     let third = only_occupant(&h, "job");
     assert_ne!(third.id, second.id, "restart 2");
 
-    h.report(&third.id, TaskState::Failed, 14_000);
+    h.report(&third.id, TaskState::Failed, 60_000);
     assert_eq!(
-        h.settle(15_000),
+        h.settle(61_000),
         0,
         "max_attempts reached within the window"
     );
     assert_eq!(only_occupant(&h, "job").id, third.id);
     // Once the earlier attempts leave the window, restarts are allowed again.
-    h.settle(12_000 + 60_001);
+    h.settle(40_000 + 60_001);
     let fourth = only_occupant(&h, "job");
     assert_ne!(fourth.id, third.id, "the window moved on");
 
     // ON_FAILURE does not restart a task that completed.
-    h.report(&fourth.id, TaskState::Complete, 80_000);
-    assert_eq!(h.settle(90_000), 0);
+    h.report(&fourth.id, TaskState::Complete, 120_000);
+    assert_eq!(h.settle(130_000), 0);
     assert_eq!(only_occupant(&h, "job").id, fourth.id);
+}
+
+/// Restarts of `service`'s single slot when every task ends `state` at once, from `start_ms`
+/// until `end_ms`, one pass every 50 ms: the times at which a new task appeared.
+fn restart_times(h: &mut Harness, service: &str, state: TaskState, end_ms: i64) -> Vec<i64> {
+    let mut times = Vec::new();
+    let mut current = only_occupant(h, service).id;
+    h.report(&current, state, 1_000);
+    let mut now = 1_000;
+    while now < end_ms {
+        now += 50;
+        h.settle(now);
+        let occupant = only_occupant(h, service);
+        if occupant.id != current {
+            times.push(now);
+            current = occupant.id;
+            h.report(&current, state, now);
+        }
+    }
+    times
+}
+
+#[test]
+fn a_policy_without_a_delay_waits_5_s_and_quick_ends_back_off_to_a_minute() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    let mut spec = restart_template(RestartCondition::Any, 0, 0, 0);
+    spec.restart.as_mut().unwrap().delay_ms = None;
+    h.add_service("storm", ServiceMode::Replicated, 1, spec);
+    h.settle(1_000);
+    // `/bin/true` under `restart any`: every task completes as soon as it starts.
+    let times = restart_times(&mut h, "storm", TaskState::Complete, 400_000);
+    let gaps: Vec<i64> = std::iter::once(times[0] - 1_000)
+        .chain(times.windows(2).map(|pair| pair[1] - pair[0]))
+        .collect();
+    assert_eq!(
+        gaps,
+        [
+            5_000, 10_000, 20_000, 40_000, 60_000, 60_000, 60_000, 60_000, 60_000
+        ],
+        "5 s, doubling per quick end, capped at 60 s"
+    );
+    let streaks: Vec<u32> = h
+        .tasks("storm")
+        .iter()
+        .map(|t| t.quick_end_streak)
+        .collect();
+    assert!(streaks.iter().any(|streak| *streak >= 5), "{streaks:?}");
+}
+
+#[test]
+fn a_zero_delay_still_backs_off_and_a_long_run_starts_the_streak_over() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service(
+        "crash",
+        ServiceMode::Replicated,
+        1,
+        restart_template(RestartCondition::OnFailure, 0, 0, 0),
+    );
+    h.settle(1_000);
+    let times = restart_times(&mut h, "crash", TaskState::Failed, 4_000);
+    // 100 ms after the first quick failure (passes are 50 ms apart), then doubling.
+    assert_eq!(times, [1_100, 1_300, 1_700, 2_500], "100 ms, then doubling");
+
+    // A task that ran for a minute ends: the streak starts over, the delay is the policy's.
+    let long_runner = only_occupant(&h, "crash");
+    let created = long_runner.meta.as_ref().unwrap().created_at_ms;
+    h.report(&long_runner.id, TaskState::Failed, created + 60_000);
+    h.settle(created + 60_000);
+    let next = only_occupant(&h, "crash");
+    assert_ne!(next.id, long_runner.id, "a delay of 0 after a normal run");
+    assert_eq!(next.quick_end_streak, 0);
+}
+
+#[test]
+fn backoff_delays_double_within_their_bounds() {
+    use super::restart::backoff_delay_ms;
+    assert_eq!(backoff_delay_ms(5_000, 0), 5_000);
+    assert_eq!(backoff_delay_ms(5_000, 1), 5_000);
+    assert_eq!(backoff_delay_ms(5_000, 2), 10_000);
+    assert_eq!(backoff_delay_ms(5_000, 5), 60_000);
+    assert_eq!(backoff_delay_ms(0, 0), 0);
+    assert_eq!(backoff_delay_ms(0, 1), 100);
+    assert_eq!(backoff_delay_ms(0, 3), 400);
+    assert_eq!(backoff_delay_ms(0, u32::MAX), 60_000);
+    assert_eq!(
+        backoff_delay_ms(120_000, 9),
+        120_000,
+        "a longer policy delay stands"
+    );
 }
 
 #[test]
@@ -578,7 +721,8 @@ fn reaper_keeps_the_retention_per_slot() {
     let mut ended = BTreeSet::new();
     let mut ended_in_order = Vec::new();
     for round in 0..5 {
-        let now = 2_000 + round * 1_000;
+        // 20 s apart: every task ran long enough not to back off.
+        let now = 20_000 + round * 20_000;
         for task in h.occupants("job") {
             if task.slot == 1 {
                 ended.insert(task.id.clone());
@@ -717,4 +861,101 @@ fn a_slot_with_hundreds_of_tasks_is_handled_in_transactions_within_the_limits() 
         .filter(|t| t.desired_state > RUNNING && state_of(t) == TaskState::Failed as i32)
         .count();
     assert_eq!(finished, 5, "the default retention of finished tasks");
+}
+
+/// Sets the room node `id` reports (its agent's `tasks_running_max`).
+fn set_room(h: &mut Harness, id: &str, tasks_max: u32) {
+    h.change_node(id, 1, |node| {
+        node.description = Some(crate::proto::objects::NodeDescription {
+            tasks_max,
+            ..Default::default()
+        });
+    });
+}
+
+fn message_of(task: &Task) -> String {
+    task.status.as_ref().unwrap().message.clone()
+}
+
+#[test]
+fn a_service_larger_than_the_nodes_runs_what_fits_and_the_rest_waits_with_the_reason() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_node("b", &[]);
+    set_room(&mut h, "a", 2);
+    set_room(&mut h, "b", 3);
+    h.add_service("big", ServiceMode::Replicated, 10, template(&["100"]));
+    h.settle(1_000);
+    let tasks = h.tasks("big");
+    assert_eq!(tasks.len(), 10, "every slot has its task");
+    let assigned: Vec<Task> = tasks
+        .iter()
+        .filter(|t| !t.node_id.is_empty())
+        .cloned()
+        .collect();
+    assert_eq!(
+        per_node(&assigned),
+        BTreeMap::from([("a".into(), 2), ("b".into(), 3)])
+    );
+    let pending: Vec<&Task> = tasks.iter().filter(|t| t.node_id.is_empty()).collect();
+    assert_eq!(pending.len(), 5);
+    for task in &pending {
+        assert_eq!(state_of(task), TaskState::Pending as i32);
+        assert!(
+            message_of(task).contains("no node has room")
+                && message_of(task).contains("all 2 eligible nodes")
+                && message_of(task).contains("2 to 3 each"),
+            "{task:?}"
+        );
+    }
+    // A steady state: another pass writes nothing.
+    assert_eq!(h.step(2_000), 0);
+
+    // A task that ends frees its room for a waiting one; one being stopped still holds it.
+    for task in &assigned {
+        h.report(&task.id, TaskState::Running, 2_000);
+    }
+    let on_a: Vec<&Task> = assigned.iter().filter(|t| t.node_id == "a").collect();
+    h.report(&on_a[0].id, TaskState::Complete, 3_000);
+    // `restart any` (the default): the finished task waits 5 s before its replacement.
+    h.settle(3_000);
+    let on_a_now = |h: &Harness| {
+        h.tasks("big")
+            .into_iter()
+            .filter(|t| t.node_id == "a" && state_of(t) < TaskState::Complete as i32)
+            .count()
+    };
+    assert_eq!(on_a_now(&h), 2, "the freed room went to a waiting task");
+    assert_eq!(
+        h.tasks("big")
+            .iter()
+            .filter(|t| t.node_id.is_empty())
+            .count(),
+        4
+    );
+}
+
+#[test]
+fn the_only_full_node_is_named_and_a_task_still_stopping_holds_its_room() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    set_room(&mut h, "a", 1);
+    h.add_service("one", ServiceMode::Replicated, 1, template(&["1"]));
+    h.settle(1_000);
+    h.run_all("one", 1_000);
+    // An update retires the running task (stop-first); it still runs, so the new one waits.
+    h.change_service("one", |spec| spec.task = Some(template(&["2"])));
+    h.add_service("two", ServiceMode::Replicated, 1, template(&["3"]));
+    h.settle(2_000);
+    let two = only_occupant(&h, "two");
+    assert!(two.node_id.is_empty(), "{two:?}");
+    assert!(
+        message_of(&two).contains("the only eligible node already runs its maximum of 1 tasks"),
+        "{two:?}"
+    );
+    // A node without a reported maximum takes the agent default.
+    assert_eq!(
+        super::scheduler::node_room(&Node::default()),
+        crate::agent::TASKS_RUNNING_MAX_DEFAULT as u64
+    );
 }

@@ -5,6 +5,7 @@
 //! on every manager, and a rule that changes between builds would make managers disagree
 //! about a committed entry. Validation belongs where requests enter (the control API).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -24,11 +25,38 @@ pub const REPLICAS_MAX: u64 = 100_000;
 /// The most placement constraints one task template may carry.
 pub const CONSTRAINTS_MAX: usize = 64;
 
-/// The smallest non-zero memory limit: below it a process cannot even start.
-pub const MEMORY_LIMIT_BYTES_MIN: i64 = 4 * 1024 * 1024;
-
 /// The longest label key.
 pub const LABEL_KEY_BYTES_MAX: usize = 128;
+/// The longest label value: labels are for selecting and describing, not for data.
+pub const LABEL_VALUE_BYTES_MAX: usize = 4 * 1024;
+/// The most labels on one object (service, node or cluster).
+pub const LABELS_MAX: usize = 128;
+/// The most bytes of all labels of one object together (keys and values).
+pub const LABELS_BYTES_MAX: usize = 64 * 1024;
+
+// Sizes of what a task hands to `exec`. Linux refuses (`E2BIG`) a single string longer than
+// `MAX_ARG_STRLEN` (128 KiB) and arguments plus environment (strings and their pointers)
+// beyond `ARG_MAX` (a quarter of the stack limit: usually 2 MiB). The limits below keep a
+// task well inside both (at most about 360 KiB in all), so a spec the API accepts does not
+// fail on every node, and they keep every task (which carries a copy of its spec) small in
+// the replicated store.
+
+/// The longest single argument (the command included).
+pub const ARG_BYTES_MAX: usize = 64 * 1024;
+/// The most bytes of the command and all its arguments together (each counted with the NUL
+/// that ends it).
+pub const ARGS_BYTES_MAX: usize = 256 * 1024;
+/// The most arguments of a task (each also costs a pointer in `ARG_MAX`).
+pub const ARGS_MAX: usize = 4 * 1024;
+/// The most bytes of a task's environment together (each `KEY=VALUE` with its NUL), which
+/// also bounds a single variable.
+pub const ENV_BYTES_MAX: usize = 64 * 1024;
+/// The most environment variables of a task.
+pub const ENV_VARS_MAX: usize = 4 * 1024;
+/// The longest working directory (Linux's `PATH_MAX`).
+pub const WORKING_DIR_BYTES_MAX: usize = 4 * 1024;
+/// The longest placement constraint.
+pub const CONSTRAINT_BYTES_MAX: usize = 1024;
 
 /// The shortest non-zero node certificate lifetime (one hour).
 pub const NODE_CERT_EXPIRY_MS_MIN: i64 = 60 * 60 * 1000;
@@ -80,7 +108,7 @@ type Checked = Result<(), SpecError>;
 /// The first field that is not acceptable.
 pub fn validate_service_spec(spec: &ServiceSpec) -> Checked {
     validate_name("name", &spec.name)?;
-    validate_labels("labels", spec.labels.keys())?;
+    validate_labels("labels", &spec.labels)?;
     validate_mode(spec)?;
     let task = spec
         .task
@@ -135,15 +163,42 @@ pub fn validate_name(field: &str, name: &str) -> Checked {
     Ok(())
 }
 
-fn validate_labels<'a>(field: &str, keys: impl Iterator<Item = &'a String>) -> Checked {
-    for key in keys {
+/// Checks labels: each key non-empty, at most [`LABEL_KEY_BYTES_MAX`], without whitespace,
+/// `=` or `!` (constraints could not name it); each value at most [`LABEL_VALUE_BYTES_MAX`];
+/// at most [`LABELS_MAX`] labels and [`LABELS_BYTES_MAX`] bytes in all.
+fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Checked {
+    if labels.len() > LABELS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{} labels, more than the {LABELS_MAX} an object may have",
+                labels.len()
+            ),
+        ));
+    }
+    let total: usize = labels.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if total > LABELS_BYTES_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "the labels are {} bytes, more than the {} an object may have; keep data \
+                 out of labels",
+                thousands(total),
+                bytes_limit(LABELS_BYTES_MAX)
+            ),
+        ));
+    }
+    for (key, value) in labels {
         if key.is_empty() {
             return Err(SpecError::new(field, "label keys must not be empty"));
         }
         if key.len() > LABEL_KEY_BYTES_MAX {
             return Err(SpecError::new(
-                format!("{field}.{key}"),
-                format!("label key is more than {LABEL_KEY_BYTES_MAX} bytes"),
+                format!("{field}.{}", shorten(key)),
+                format!(
+                    "label key is {} bytes, more than {LABEL_KEY_BYTES_MAX}",
+                    thousands(key.len())
+                ),
             ));
         }
         if key
@@ -155,8 +210,50 @@ fn validate_labels<'a>(field: &str, keys: impl Iterator<Item = &'a String>) -> C
                 "label keys must not contain whitespace, '=' or '!'",
             ));
         }
+        if value.len() > LABEL_VALUE_BYTES_MAX {
+            return Err(SpecError::new(
+                format!("{field}.{key}"),
+                format!(
+                    "label value is {} bytes, more than the {} a label may have",
+                    thousands(value.len()),
+                    bytes_limit(LABEL_VALUE_BYTES_MAX)
+                ),
+            ));
+        }
     }
     Ok(())
+}
+
+/// `text` cut to a length that reads well inside an error message.
+fn shorten(text: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 32;
+    if text.chars().count() <= SHOWN_CHARS_MAX {
+        return text.to_string();
+    }
+    let head: String = text.chars().take(SHOWN_CHARS_MAX).collect();
+    format!("{head}…")
+}
+
+/// `n` with thousands separators: `1048600` → `1,048,600`.
+pub fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+/// A byte limit as people say it: `65536` → `64 KiB (65,536 bytes)`.
+fn bytes_limit(bytes: usize) -> String {
+    if bytes >= 1024 && bytes.is_multiple_of(1024) {
+        format!("{} KiB ({} bytes)", bytes / 1024, thousands(bytes))
+    } else {
+        format!("{} bytes", thousands(bytes))
+    }
 }
 
 fn validate_mode(spec: &ServiceSpec) -> Checked {
@@ -204,15 +301,27 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
     for (index, arg) in task.args.iter().enumerate() {
         no_nul(&format!("{field}.args[{index}]"), arg)?;
     }
+    validate_args(field, task)?;
     for (index, entry) in task.env.iter().enumerate() {
         validate_env(&format!("{field}.env[{index}]"), entry)?;
     }
+    validate_env_size(&format!("{field}.env"), &task.env)?;
     if !task.working_dir.is_empty() {
         no_nul(&format!("{field}.working_dir"), &task.working_dir)?;
         if !task.working_dir.starts_with('/') {
             return Err(SpecError::new(
                 format!("{field}.working_dir"),
                 format!("{:?} must be an absolute path", task.working_dir),
+            ));
+        }
+        if task.working_dir.len() > WORKING_DIR_BYTES_MAX {
+            return Err(SpecError::new(
+                format!("{field}.working_dir"),
+                format!(
+                    "is {} bytes, more than the {} of a path",
+                    thousands(task.working_dir.len()),
+                    bytes_limit(WORKING_DIR_BYTES_MAX)
+                ),
             ));
         }
     }
@@ -227,6 +336,94 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
             &format!("{field}.placement.constraints"),
             &placement.constraints,
         )?;
+    }
+    Ok(())
+}
+
+/// The command and arguments within [`ARG_BYTES_MAX`] each, [`ARGS_BYTES_MAX`] together and
+/// [`ARGS_MAX`] in number.
+fn validate_args(field: &str, task: &TaskSpec) -> Checked {
+    if task.args.len() > ARGS_MAX {
+        return Err(SpecError::new(
+            format!("{field}.args"),
+            format!(
+                "{} arguments, more than the {} a task may have",
+                thousands(task.args.len()),
+                thousands(ARGS_MAX)
+            ),
+        ));
+    }
+    let strings = std::iter::once((format!("{field}.command"), &task.command)).chain(
+        task.args
+            .iter()
+            .enumerate()
+            .map(|(index, arg)| (format!("{field}.args[{index}]"), arg)),
+    );
+    let mut total = 0usize;
+    for (name, text) in strings {
+        if text.len() > ARG_BYTES_MAX {
+            return Err(SpecError::new(
+                name,
+                format!(
+                    "is {} bytes, more than the {} one argument may have; pass large data \
+                     in a file and its path as the argument",
+                    thousands(text.len()),
+                    bytes_limit(ARG_BYTES_MAX)
+                ),
+            ));
+        }
+        total += text.len() + 1;
+    }
+    if total > ARGS_BYTES_MAX {
+        return Err(SpecError::new(
+            format!("{field}.args"),
+            format!(
+                "the command and its arguments are {} bytes, more than the {} a task may \
+                 have; pass large data in a file",
+                thousands(total),
+                bytes_limit(ARGS_BYTES_MAX)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The environment within [`ENV_BYTES_MAX`] and [`ENV_VARS_MAX`] variables.
+fn validate_env_size(field: &str, env: &[String]) -> Checked {
+    if env.len() > ENV_VARS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{} variables, more than the {} a task may have",
+                thousands(env.len()),
+                thousands(ENV_VARS_MAX)
+            ),
+        ));
+    }
+    let total: usize = env.iter().map(|entry| entry.len() + 1).sum();
+    if total > ENV_BYTES_MAX {
+        let largest = env
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, entry)| entry.len())
+            .map(|(index, entry)| {
+                let key = entry.split_once('=').map_or(entry.as_str(), |(key, _)| key);
+                format!(
+                    " (the largest is env[{index}], {}, {} bytes)",
+                    shorten(key),
+                    thousands(entry.len())
+                )
+            })
+            .unwrap_or_default();
+        return Err(SpecError::new(
+            field,
+            format!(
+                "the environment is {} bytes{largest}, more than the {} a task may have; \
+                 pass large data in a file and its path in the environment",
+                thousands(total),
+                bytes_limit(ENV_BYTES_MAX)
+            ),
+        ));
     }
     Ok(())
 }
@@ -273,10 +470,14 @@ fn validate_restart(field: &str, restart: &RestartPolicy) -> Checked {
             ),
         ));
     }
-    not_negative(format!("{field}.delay_ms"), restart.delay_ms)?;
+    not_negative(format!("{field}.delay_ms"), restart.delay_ms.unwrap_or(0))?;
     not_negative(format!("{field}.window_ms"), restart.window_ms)
 }
 
+/// Resources are parsed and stored but not acted on yet: the executor sets no limit (no
+/// cgroup, no rlimit) and the scheduler counts tasks, not reserved CPU or memory. Accepting
+/// them would promise what does not happen (a task with `--limit-memory 10M` would grow
+/// unchecked), so any non-zero value is refused until they are enforced.
 fn validate_resources(field: &str, resources: &ResourceRequirements) -> Checked {
     let zero = Resources::default();
     let reservations = resources.reservations.as_ref().unwrap_or(&zero);
@@ -285,31 +486,35 @@ fn validate_resources(field: &str, resources: &ResourceRequirements) -> Checked 
         not_negative(format!("{field}.{name}.nano_cpus"), values.nano_cpus)?;
         not_negative(format!("{field}.{name}.memory_bytes"), values.memory_bytes)?;
     }
-    if limits.memory_bytes > 0 && limits.memory_bytes < MEMORY_LIMIT_BYTES_MIN {
-        return Err(SpecError::new(
-            format!("{field}.limits.memory_bytes"),
+    let not_yet = |name: &str, what: &str| {
+        SpecError::new(
+            format!("{field}.{name}"),
             format!(
-                "{} is below the minimum of {MEMORY_LIMIT_BYTES_MIN} bytes (0 means no limit)",
-                limits.memory_bytes
+                "{what} is not enforced yet (flotilla runs tasks as plain processes without \
+                 resource controls, and its scheduler counts tasks, not CPU or memory); \
+                 leave it unset (0) rather than rely on it"
             ),
+        )
+    };
+    if limits.memory_bytes > 0 {
+        return Err(not_yet(
+            "limits.memory_bytes",
+            "a memory limit (--limit-memory)",
         ));
     }
-    if limits.memory_bytes > 0 && limits.memory_bytes < reservations.memory_bytes {
-        return Err(SpecError::new(
-            format!("{field}.limits.memory_bytes"),
-            format!(
-                "{} is below the reservation of {}; a task could never use what it reserved",
-                limits.memory_bytes, reservations.memory_bytes
-            ),
+    if limits.nano_cpus > 0 {
+        return Err(not_yet("limits.nano_cpus", "a CPU limit (--limit-cpu)"));
+    }
+    if reservations.memory_bytes > 0 {
+        return Err(not_yet(
+            "reservations.memory_bytes",
+            "a memory reservation (--reserve-memory)",
         ));
     }
-    if limits.nano_cpus > 0 && limits.nano_cpus < reservations.nano_cpus {
-        return Err(SpecError::new(
-            format!("{field}.limits.nano_cpus"),
-            format!(
-                "{} is below the reservation of {}",
-                limits.nano_cpus, reservations.nano_cpus
-            ),
+    if reservations.nano_cpus > 0 {
+        return Err(not_yet(
+            "reservations.nano_cpus",
+            "a CPU reservation (--reserve-cpu)",
         ));
     }
     Ok(())
@@ -361,7 +566,7 @@ pub fn validate_node_spec(spec: &NodeSpec) -> Checked {
             format!("unknown value {}; use worker or manager", spec.desired_role),
         ));
     }
-    validate_labels("labels", spec.labels.keys())
+    validate_labels("labels", &spec.labels)
 }
 
 /// The cluster settings a new cluster starts with (swarmkit's defaults).
@@ -384,7 +589,7 @@ pub fn default_cluster_spec(name: &str) -> ClusterSpec {
 /// The first field that is not acceptable.
 pub fn validate_cluster_spec(spec: &ClusterSpec) -> Checked {
     validate_name("name", &spec.name)?;
-    validate_labels("labels", spec.labels.keys())?;
+    validate_labels("labels", &spec.labels)?;
     if !(HEARTBEAT_PERIOD_MS_MIN..=HEARTBEAT_PERIOD_MS_MAX).contains(&spec.heartbeat_period_ms) {
         return Err(SpecError::new(
             "heartbeat_period_ms",
@@ -611,6 +816,16 @@ pub fn parse_constraints(
         .iter()
         .enumerate()
         .map(|(index, text)| {
+            if text.len() > CONSTRAINT_BYTES_MAX {
+                return Err(SpecError::new(
+                    format!("{field}[{index}]"),
+                    format!(
+                        "is {} bytes, more than the {} of a constraint",
+                        thousands(text.len()),
+                        bytes_limit(CONSTRAINT_BYTES_MAX)
+                    ),
+                ));
+            }
             text.parse::<Constraint>()
                 .map_err(|error| SpecError::new(format!("{field}[{index}]"), error.to_string()))
         })
@@ -641,19 +856,13 @@ mod tests {
                 working_dir: "/tmp".into(),
                 restart: Some(RestartPolicy {
                     condition: RestartCondition::OnFailure as i32,
-                    delay_ms: 5000,
+                    delay_ms: Some(5000),
                     max_attempts: 3,
                     window_ms: 60_000,
                 }),
                 resources: Some(ResourceRequirements {
-                    reservations: Some(Resources {
-                        nano_cpus: 500_000_000,
-                        memory_bytes: 64 << 20,
-                    }),
-                    limits: Some(Resources {
-                        nano_cpus: 1_000_000_000,
-                        memory_bytes: 128 << 20,
-                    }),
+                    reservations: Some(Resources::default()),
+                    limits: Some(Resources::default()),
                 }),
                 placement: Some(Placement {
                     constraints: vec![
@@ -755,7 +964,7 @@ mod tests {
                 "unknown value 42",
             ),
             (
-                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = -1),
+                refused(|s| task(s).restart.as_mut().unwrap().delay_ms = Some(-1)),
                 "task.restart.delay_ms",
                 "negative",
             ),
@@ -775,18 +984,10 @@ mod tests {
             (
                 refused(|s| {
                     let r = task(s).resources.as_mut().unwrap();
-                    r.limits.as_mut().unwrap().memory_bytes = 32 << 20;
+                    r.limits.as_mut().unwrap().memory_bytes = 10 << 20;
                 }),
                 "task.resources.limits.memory_bytes",
-                "below the reservation",
-            ),
-            (
-                refused(|s| {
-                    let r = task(s).resources.as_mut().unwrap();
-                    r.limits.as_mut().unwrap().memory_bytes = 1024;
-                }),
-                "task.resources.limits.memory_bytes",
-                "minimum",
+                "memory limit (--limit-memory) is not enforced yet",
             ),
             (
                 refused(|s| {
@@ -794,7 +995,23 @@ mod tests {
                     r.limits.as_mut().unwrap().nano_cpus = 1;
                 }),
                 "task.resources.limits.nano_cpus",
-                "below the reservation",
+                "not enforced yet",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.reservations.as_mut().unwrap().memory_bytes = 1;
+                }),
+                "task.resources.reservations.memory_bytes",
+                "not enforced yet",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.reservations.as_mut().unwrap().nano_cpus = 500_000_000;
+                }),
+                "task.resources.reservations.nano_cpus",
+                "--reserve-cpu",
             ),
             (
                 refused(|s| {
@@ -848,6 +1065,82 @@ mod tests {
             assert_eq!(error.code(), Code::InvalidArgument);
             assert!(error.to_string().contains(field));
         }
+    }
+
+    #[test]
+    fn sizes_are_limited_and_the_error_says_the_limit() {
+        let big_env = format!("BIG={}", "x".repeat(1_048_576));
+        let error = refused(|s| task(s).env.push(big_env.clone()));
+        assert_eq!(error.field, "task.env");
+        assert!(
+            error.reason.contains("the environment is 1,048,599 bytes"),
+            "{error}"
+        );
+        assert!(
+            error.reason.contains("64 KiB (65,536 bytes)") && error.reason.contains("BIG"),
+            "{error}"
+        );
+        let error = refused(|s| task(s).env = vec!["A=1".into(); ENV_VARS_MAX + 1]);
+        assert_eq!(error.field, "task.env");
+        assert!(error.reason.contains("4,097 variables"), "{error}");
+
+        let error = refused(|s| task(s).args[0] = "a".repeat(ARG_BYTES_MAX + 1));
+        assert_eq!(error.field, "task.args[0]");
+        assert!(error.reason.contains("65,537 bytes"), "{error}");
+        let error = refused(|s| task(s).command = "/".repeat(ARG_BYTES_MAX + 1));
+        assert_eq!(error.field, "task.command");
+        let error = refused(|s| task(s).args = vec!["a".repeat(ARG_BYTES_MAX); 4]);
+        assert_eq!(error.field, "task.args");
+        assert!(error.reason.contains("256 KiB"), "{error}");
+        let error = refused(|s| task(s).args = vec![String::new(); ARGS_MAX + 1]);
+        assert!(error.reason.contains("4,097 arguments"), "{error}");
+
+        let error = refused(|s| {
+            s.labels
+                .insert("k".into(), "v".repeat(LABEL_VALUE_BYTES_MAX + 1));
+        });
+        assert_eq!(error.field, "labels.k");
+        assert!(error.reason.contains("4 KiB"), "{error}");
+        let error = refused(|s| {
+            for i in 0..=LABELS_MAX {
+                s.labels.insert(format!("k{i}"), String::new());
+            }
+        });
+        assert!(error.reason.contains("129 labels"), "{error}");
+        let error = refused(|s| {
+            for i in 0..20 {
+                s.labels.insert(format!("k{i}"), "v".repeat(4000));
+            }
+        });
+        assert!(error.reason.contains("80,050 bytes"), "{error}");
+        let error = refused(|s| task(s).working_dir = format!("/{}", "d".repeat(5000)));
+        assert_eq!(error.field, "task.working_dir");
+        let error = refused(|s| {
+            task(s).placement.as_mut().unwrap().constraints[0] =
+                format!("node.labels.a=={}", "v".repeat(CONSTRAINT_BYTES_MAX));
+        });
+        assert_eq!(error.field, "task.placement.constraints[0]");
+
+        // At the limits: accepted.
+        let mut spec = valid();
+        let t = task(&mut spec);
+        t.env = vec![format!("K={}", "v".repeat(ENV_BYTES_MAX - 3))];
+        t.args = vec!["a".repeat(ARG_BYTES_MAX)];
+        validate_service_spec(&spec).unwrap();
+        let mut node = NodeSpec::default();
+        node.labels
+            .insert("big".into(), "v".repeat(LABEL_VALUE_BYTES_MAX + 1));
+        assert_eq!(validate_node_spec(&node).unwrap_err().field, "labels.big");
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(1_048_600), "1,048,600");
+        assert_eq!(bytes_limit(65_536), "64 KiB (65,536 bytes)");
+        assert_eq!(bytes_limit(1000), "1,000 bytes");
     }
 
     #[test]

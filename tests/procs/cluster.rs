@@ -249,10 +249,27 @@ impl Cluster {
     }
 }
 
+/// How long the managers of a dropped cluster have to exit after SIGTERM before they are
+/// killed: their agents stop their task processes first, so no test leaves processes
+/// running (a SIGKILL alone orphaned them).
+const DROP_GRACE: Duration = Duration::from_secs(2);
+
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for manager in &mut self.managers {
-            manager.kill();
+        let procs: Vec<Proc> = self
+            .managers
+            .iter_mut()
+            .filter_map(|manager| manager.proc.take())
+            .collect();
+        for proc in &procs {
+            let pid = proc.pid().to_string();
+            let _ = std::process::Command::new("kill")
+                .args(["-15", &pid])
+                .status();
+        }
+        let deadline = Instant::now() + DROP_GRACE;
+        for mut proc in procs {
+            proc.exit_within(deadline.saturating_duration_since(Instant::now()));
         }
     }
 }

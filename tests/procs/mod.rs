@@ -227,6 +227,22 @@ impl Proc {
     }
 }
 
+impl Proc {
+    /// Waits up to `grace` for the process to exit on its own (after a SIGTERM, say), then
+    /// SIGKILLs it. Never panics (it runs in `Drop`).
+    pub fn exit_within(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();

@@ -13,9 +13,10 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
 use super::directory::{self, Directory, Payload};
@@ -62,6 +63,38 @@ pub(crate) enum ApplyEvent {
 /// snapshot every 10,000 entries meant one every 0.3 s and a core busy writing them.)
 pub const SNAPSHOT_BYTES_PER_LOG_BYTE_MAX: u64 = 4;
 
+/// Log bytes applied since the last snapshot past which a snapshot is due before the
+/// interval's entries have passed (still subject to [`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`]):
+/// the log (on disk and in the Raft core's memory, which drops entries only at a snapshot)
+/// is then bounded by bytes, not only by entries. A burst of large entries (100,000 tasks
+/// created, assigned and removed, in transactions of up to 1.5 MiB) otherwise sat in the
+/// log and in memory (1.6 GB) until 10,000 more entries came.
+pub const SNAPSHOT_LOG_BYTES_MAX: u64 = 64 << 20;
+
+/// How long the apply thread must have applied nothing before the log counts as idle (see
+/// [`SNAPSHOT_IDLE_LOG_BYTES_MIN`]).
+pub const SNAPSHOT_IDLE_AFTER: Duration = Duration::from_secs(5);
+
+/// How often the apply thread, with nothing to apply, checks for an idle snapshot.
+const SNAPSHOT_IDLE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+
+/// An idle log holding at least this many bytes since the last snapshot, and at least
+/// 1/[`SNAPSHOT_IDLE_BYTES_PER_LOG_BYTE_MAX`] of that snapshot's size, is snapshotted (and
+/// then compacted): once a load is gone, the log and the memory it holds shrink back
+/// without waiting for the interval's entries, which an idle cluster never writes. Nobody
+/// waits on an idle node, so the stricter cost rule of busy times does not apply.
+pub const SNAPSHOT_IDLE_LOG_BYTES_MIN: u64 = 1 << 20;
+
+/// The idle counterpart of [`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`].
+pub const SNAPSHOT_IDLE_BYTES_PER_LOG_BYTE_MAX: u64 = 16;
+
+/// How long the apply thread must have applied nothing before it hands the allocator's free
+/// memory back to the system, once per idle period
+/// ([`crate::util::memory::release_free_memory`]): long enough for an idle snapshot, the
+/// compaction it allows and the memtable flush that follows, so that what they free goes
+/// back too. glibc otherwise keeps a process at its peak size after a load is gone.
+pub const MEMORY_RELEASE_IDLE_AFTER: Duration = Duration::from_secs(10);
+
 pub(crate) struct Applier {
     pub(crate) state_machine: Box<dyn StateMachine>,
     pub(crate) shared: Arc<Shared>,
@@ -73,6 +106,10 @@ pub(crate) struct Applier {
     pub(crate) last_snapshot_index: LogIndex,
     /// Entry bytes applied since the last snapshot started (see [`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`]).
     applied_bytes_since_snapshot: u64,
+    /// When entries were last applied (see [`SNAPSHOT_IDLE_AFTER`]).
+    last_applied_at: Instant,
+    /// Free memory was handed back since entries were last applied.
+    memory_released: bool,
     waiters: BTreeMap<LogIndex, (Term, ProposalCallback)>,
     reads: BTreeMap<LogIndex, Vec<ReadCallback>>,
     snapshot_thread: Option<std::thread::JoinHandle<()>>,
@@ -149,6 +186,8 @@ impl Applier {
             membership: start.membership.clone(),
             last_snapshot_index: start.index,
             applied_bytes_since_snapshot: 0,
+            last_applied_at: Instant::now(),
+            memory_released: false,
             waiters: BTreeMap::new(),
             reads: BTreeMap::new(),
             snapshot_thread: None,
@@ -176,29 +215,61 @@ impl Applier {
         !self.snapshot_due(applied_after, self.applied_bytes_since_snapshot + bytes)
     }
 
-    /// A snapshot is due once `applied` is the snapshot interval past the last one and the
-    /// log applied since (`bytes_since`) holds at least 1/[`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`]
-    /// of the last snapshot's size.
+    /// A snapshot is due once `applied` is the snapshot interval past the last one, or the
+    /// log applied since (`bytes_since`) holds [`SNAPSHOT_LOG_BYTES_MAX`], and that log holds
+    /// at least 1/[`SNAPSHOT_BYTES_PER_LOG_BYTE_MAX`] of the last snapshot's size.
     fn snapshot_due(&self, applied: LogIndex, bytes_since: u64) -> bool {
         let interval = self
             .shared
             .snapshot_interval_entries
             .load(Ordering::Acquire);
-        if applied - self.last_snapshot_index < interval {
+        if applied - self.last_snapshot_index < interval && bytes_since < SNAPSHOT_LOG_BYTES_MAX {
             return false;
         }
-        let last_bytes = self
-            .shared
+        bytes_since.saturating_mul(SNAPSHOT_BYTES_PER_LOG_BYTE_MAX) >= self.last_snapshot_bytes()
+    }
+
+    fn last_snapshot_bytes(&self) -> u64 {
+        self.shared
             .latest_snapshot
             .lock()
             .as_ref()
-            .map_or(0, |info| info.content_bytes);
-        bytes_since.saturating_mul(SNAPSHOT_BYTES_PER_LOG_BYTE_MAX) >= last_bytes
+            .map_or(0, |info| info.content_bytes)
+    }
+
+    /// Takes a snapshot if nothing was applied for [`SNAPSHOT_IDLE_AFTER`] and the log since
+    /// the last one is worth it (see [`SNAPSHOT_IDLE_LOG_BYTES_MIN`]); hands free memory
+    /// back once per idle period (see [`MEMORY_RELEASE_IDLE_AFTER`]).
+    ///
+    /// # Errors
+    /// As [`Self::take_snapshot`].
+    fn snapshot_if_idle(&mut self, now: Instant) -> Result<(), String> {
+        let idle_for = now.saturating_duration_since(self.last_applied_at);
+        if idle_for >= MEMORY_RELEASE_IDLE_AFTER && !self.memory_released {
+            self.memory_released = true;
+            crate::util::memory::release_free_memory();
+        }
+        let bytes_since = self.applied_bytes_since_snapshot;
+        let idle = idle_for >= SNAPSHOT_IDLE_AFTER;
+        let worth_it = bytes_since >= SNAPSHOT_IDLE_LOG_BYTES_MIN
+            && bytes_since.saturating_mul(SNAPSHOT_IDLE_BYTES_PER_LOG_BYTE_MAX)
+                >= self.last_snapshot_bytes();
+        if idle && worth_it && self.applied_index > self.last_snapshot_index {
+            log::info!(
+                "raft {:x}: the log is idle with {bytes_since} bytes since the last snapshot; \
+                 taking one so that it can be compacted",
+                self.shared.config.id
+            );
+            self.take_snapshot()?;
+        }
+        Ok(())
     }
 
     fn handle(&mut self, input: ApplyInput) -> Result<(), String> {
         match input {
             ApplyInput::Entries(entries) => {
+                self.last_applied_at = Instant::now();
+                self.memory_released = false;
                 for entry in entries {
                     self.apply_entry(entry)?;
                 }
@@ -432,14 +503,23 @@ impl ApplyLane {
 }
 
 /// The apply thread: handles its queue in order until the raft thread drops the sender,
-/// then fails every waiter with `ShuttingDown`.
+/// then fails every waiter with `ShuttingDown`. With nothing to apply, it checks every [`SNAPSHOT_IDLE_CHECK_PERIOD`] for an idle
+/// snapshot (entries the raft thread applied itself count as activity too).
 fn run_apply_thread(applier: &Mutex<Applier>, inputs: &Receiver<ApplyInput>, queued: &AtomicUsize) {
-    while let Ok(input) = inputs.recv() {
-        let mut guard = applier.lock();
-        let outcome = guard.handle(input);
-        // Counted down only once handled: the raft thread may apply directly from now on.
-        queued.fetch_sub(1, Ordering::AcqRel);
+    loop {
+        let outcome = match inputs.recv_timeout(SNAPSHOT_IDLE_CHECK_PERIOD) {
+            Ok(input) => {
+                let outcome = applier.lock().handle(input);
+                // Counted down only once handled: the raft thread may apply directly from
+                // now on.
+                queued.fetch_sub(1, Ordering::AcqRel);
+                outcome
+            }
+            Err(RecvTimeoutError::Timeout) => applier.lock().snapshot_if_idle(Instant::now()),
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
         if let Err(reason) = outcome {
+            let guard = applier.lock();
             log::error!("raft {:x}: apply failed: {reason}", guard.shared.config.id);
             let _ = guard.events.send(ApplyEvent::Fatal(reason));
             break;

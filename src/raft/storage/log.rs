@@ -17,6 +17,8 @@
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use parking_lot::RwLock;
@@ -28,6 +30,11 @@ use super::codec::{
 use super::snapshot::{SnapshotInfo, SnapshotStore};
 use super::{StorageConfig, StorageError};
 use crate::raft::types::{Entry, HardState, LogIndex, SnapshotMeta, Term};
+
+/// How long without a write before a finished compaction also flushes the memtables (see
+/// [`LogStore::release_compacted`]): an idle snapshot comes after 5 s without applied
+/// entries, so its compaction finds the log idle.
+pub const LOG_IDLE_FLUSH_AFTER: Duration = Duration::from_secs(2);
 
 /// Name of the fjall database directory under the storage directory.
 const LOG_DB_DIR: &str = "log";
@@ -87,6 +94,10 @@ struct Inner {
     snapshots: SnapshotStore,
     dir: PathBuf,
     bounds: RwLock<LogBounds>,
+    /// When the store was opened: the epoch of `last_write_ms`.
+    opened: Instant,
+    /// Milliseconds after `opened` of the last write group (writer or inline).
+    last_write_ms: AtomicU64,
 }
 
 impl std::fmt::Debug for LogStore {
@@ -137,6 +148,8 @@ impl LogStore {
                 snapshots,
                 dir: dir.to_path_buf(),
                 bounds: RwLock::new(LogBounds::EMPTY),
+                opened: Instant::now(),
+                last_write_ms: AtomicU64::new(0),
             }),
         };
         let hard_state = match store.inner.meta.get(META_KEY_HARD_STATE)? {
@@ -458,6 +471,9 @@ impl LogStore {
         new_last: (LogIndex, Term),
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
+        self.inner
+            .last_write_ms
+            .store(self.millis_since_open(), Ordering::Relaxed);
         let old = self.bounds();
         let (new_last_index, new_last_term) = new_last;
         let changed_from = entries.first().map_or(new_last_index + 1, |e| e.index);
@@ -508,6 +524,39 @@ impl LogStore {
         let mut bounds = self.inner.bounds.write();
         bounds.last_index = new_last_index;
         bounds.last_term = new_last_term;
+        Ok(())
+    }
+
+    fn millis_since_open(&self) -> u64 {
+        u64::try_from(self.inner.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// After a compaction reached its target: gives back what the compacted entries still
+    /// hold. Snapshot files the log no longer joins (recovery could never use them) are
+    /// deleted, the newest always kept. If nothing was written for [`LOG_IDLE_FLUSH_AFTER`],
+    /// the memtables are also handed to fjall to flush (their deleted entries are then
+    /// dropped from memory, and the journal that held them can be deleted once fjall
+    /// rotates it, at 64 MB). Under load
+    /// memtables fill and flush by themselves, and an entry compacted before its memtable
+    /// is flushed is never written a second time, so only an idle log is flushed early.
+    ///
+    /// # Errors
+    /// IO errors listing or deleting snapshot files; fjall errors rotating a memtable.
+    pub(crate) fn release_compacted(&self) -> Result<(), StorageError> {
+        let removed = self.inner.snapshots.remove_unjoinable(self.first_index())?;
+        if removed > 0 {
+            log::info!(
+                "raft storage {}: deleted {removed} snapshot files older than the log",
+                self.inner.dir.display()
+            );
+        }
+        let idle_ms = self
+            .millis_since_open()
+            .saturating_sub(self.inner.last_write_ms.load(Ordering::Relaxed));
+        if Duration::from_millis(idle_ms) >= LOG_IDLE_FLUSH_AFTER {
+            self.inner.log.rotate_memtable()?;
+            self.inner.meta.rotate_memtable()?;
+        }
         Ok(())
     }
 

@@ -193,6 +193,29 @@ impl SnapshotStore {
         error
     }
 
+    /// Deletes every snapshot file but the newest whose end is below `log_first_index - 1`:
+    /// the log no longer joins it, so recovery could never use it (an old 25 MB snapshot
+    /// otherwise stayed beside a new 1 KB one until the next snapshot). Returns how many.
+    ///
+    /// # Errors
+    /// IO errors listing or deleting the files.
+    pub(crate) fn remove_unjoinable(&self, log_first_index: u64) -> Result<usize, StorageError> {
+        let mut files: Vec<(u64, u64, PathBuf)> = self
+            .snapshot_files()?
+            .into_iter()
+            .filter_map(|p| parse_file_name(&p).map(|(i, t)| (i, t, p)))
+            .collect();
+        files.sort_by_key(|(i, t, _)| std::cmp::Reverse((*i, *t)));
+        let mut removed = 0;
+        for (index, _, path) in files.into_iter().skip(1) {
+            if index.saturating_add(1) < log_first_index {
+                fs::remove_file(&path).map_err(|e| StorageError::io("remove", &path, e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Deletes all but the newest [`SNAPSHOTS_KEPT`] snapshot files, never `keep`.
     fn prune(&self, keep: &Path) -> Result<(), StorageError> {
         let mut files: Vec<(u64, u64, PathBuf)> = self

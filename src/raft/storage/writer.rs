@@ -897,6 +897,7 @@ impl Writer {
         if !more {
             // Reached (or clamped at the end of the log): nothing left to do for now.
             self.compact_up_to = self.store.first_index().saturating_sub(1);
+            self.store.release_compacted()?;
         }
         Ok(())
     }
