@@ -21,6 +21,10 @@ pub const APPEND_BYTES_MAX_DEFAULT: u64 = 64 * 1024;
 pub const PROPOSAL_BYTES_MAX_DEFAULT: u64 = 1536 * 1024;
 /// Entries kept behind a snapshot for slow followers (swarmkit: 500).
 pub const SNAPSHOT_KEEP_ENTRIES_DEFAULT: u64 = 500;
+/// Payload bytes kept in memory behind a snapshot, whatever the entry count: 500 entries of
+/// 1.5 MiB transactions would otherwise hold 750 MiB after a load (a follower further behind
+/// gets the entries from storage, or the snapshot).
+pub const SNAPSHOT_KEEP_BYTES_MAX_DEFAULT: u64 = 8 << 20;
 /// Payload bytes a leader may hold uncommitted before refusing proposals (backpressure).
 pub const UNCOMMITTED_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Ticks a replicating follower may go without acknowledging anything before the leader
@@ -58,6 +62,8 @@ pub struct Config {
     pub proposal_bytes_max: u64,
     /// Entries kept behind a snapshot for slow followers.
     pub snapshot_keep_entries: u64,
+    /// Payload bytes of those entries kept in memory at most (the newest are kept).
+    pub snapshot_keep_bytes_max: u64,
     /// Payload bytes a leader may hold uncommitted before refusing proposals.
     pub uncommitted_bytes_max: u64,
     /// Ticks without progress after which a replicating peer is probed again.
@@ -81,6 +87,7 @@ impl Config {
             append_bytes_max: APPEND_BYTES_MAX_DEFAULT,
             proposal_bytes_max: PROPOSAL_BYTES_MAX_DEFAULT,
             snapshot_keep_entries: SNAPSHOT_KEEP_ENTRIES_DEFAULT,
+            snapshot_keep_bytes_max: SNAPSHOT_KEEP_BYTES_MAX_DEFAULT,
             uncommitted_bytes_max: UNCOMMITTED_BYTES_MAX_DEFAULT,
             replicate_stall_ticks: REPLICATE_STALL_TICKS_DEFAULT,
         }

@@ -628,11 +628,29 @@ impl RaftCore {
                 .expect("applied entries past the offset are in memory"),
             membership: self.membership_at(index).clone(),
         };
-        let compact_to = index
-            .saturating_sub(self.config.snapshot_keep_entries)
-            .max(offset);
+        let compact_to = self.keep_from(index).max(offset);
         self.log.snapshot_taken(meta, compact_to);
         self.compact_configs(compact_to);
+        compact_to
+    }
+
+    /// The index up to which memory may be compacted behind a snapshot at `index`: at most
+    /// [`Config::snapshot_keep_entries`] entries are kept, and no more than
+    /// [`Config::snapshot_keep_bytes_max`] payload bytes of them.
+    fn keep_from(&self, index: LogIndex) -> LogIndex {
+        let by_count = index.saturating_sub(self.config.snapshot_keep_entries);
+        let mut kept_bytes = 0u64;
+        let mut compact_to = index;
+        while compact_to > by_count {
+            let Some(entry) = self.log.entry(compact_to) else {
+                break;
+            };
+            kept_bytes += entry.data.len() as u64;
+            if kept_bytes > self.config.snapshot_keep_bytes_max {
+                break;
+            }
+            compact_to -= 1;
+        }
         compact_to
     }
 

@@ -298,6 +298,31 @@ fn lagging_follower_gets_a_snapshot_and_catches_up() {
 }
 
 #[test]
+fn memory_behind_a_snapshot_is_bounded_by_bytes_as_well_as_entries() {
+    let mut h = Harness::new(&[1], &[], |c| {
+        c.snapshot_keep_entries = 100;
+        c.snapshot_keep_bytes_max = 10 * 1024;
+    });
+    h.campaign(1);
+    static BIG: [u8; 4096] = [7; 4096];
+    for _ in 0..20 {
+        h.propose(1, &BIG).unwrap();
+    }
+    h.deliver_all();
+    let applied = h.core(1).applied_index();
+    // 100 entries would be 80 KiB: only the two newest 4 KiB entries fit in 10 KiB.
+    let compact_to = h.node(1).core.on_snapshot_created(applied);
+    assert_eq!(compact_to, applied - 2);
+    // Small entries are kept by count, as before.
+    for _ in 0..150 {
+        h.propose(1, b"s").unwrap();
+    }
+    h.deliver_all();
+    let applied = h.core(1).applied_index();
+    assert_eq!(h.node(1).core.on_snapshot_created(applied), applied - 100);
+}
+
+#[test]
 fn conflicting_snapshot_truncates_the_uncommitted_suffix() {
     let mut h = three();
     h.deliver_all();
