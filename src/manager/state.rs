@@ -114,6 +114,10 @@ impl StateMachine for ManagerState {
         })
     }
 
+    fn release_idle_memory(&mut self) {
+        self.store.shrink_watch_history();
+    }
+
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
         // The map restores aside and swaps; so does the store. If the store's section is
         // damaged after the map was swapped, the node stops (the apply thread reports it)

@@ -54,7 +54,8 @@ pub use txn::{
 pub use view::ReadView;
 pub use watch::{
     DropReason, WATCH_HISTORY_BYTES_MAX_DEFAULT, WATCH_HISTORY_EVENTS_MAX_DEFAULT,
-    WATCH_QUEUE_EVENTS_MAX_DEFAULT, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher,
+    WATCH_HISTORY_IDLE_EVENTS_MAX, WATCH_QUEUE_EVENTS_MAX_DEFAULT, WatchError, WatchEvent,
+    WatchFilter, WatchOptions, Watcher,
 };
 
 use watch::Hub;
@@ -249,6 +250,15 @@ impl Store {
     /// Subscribes to every selected change from now on.
     pub fn watch(&self, options: WatchOptions) -> Watcher {
         self.view_and_watch(options, |_| ()).1
+    }
+
+    /// Shrinks the watch history to [`WATCH_HISTORY_IDLE_EVENTS_MAX`] events, giving back
+    /// what a burst left in it. For an idle store: a watcher that falls behind later can
+    /// resume only from the events kept (an older version is refused as too old).
+    pub fn shrink_watch_history(&self) {
+        self.hub
+            .lock()
+            .shrink_history(WATCH_HISTORY_IDLE_EVENTS_MAX);
     }
 
     /// Subscribes to every selected change after `version`: first the kept history after it,

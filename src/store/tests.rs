@@ -1316,6 +1316,53 @@ fn a_reader_error_is_reported_and_changes_nothing() {
 }
 
 #[test]
+fn an_idle_store_shrinks_its_history_and_refuses_versions_before_it() {
+    let store = Store::default();
+    let total = WATCH_HISTORY_IDLE_EVENTS_MAX as u64 + 500;
+    for i in 1..=total {
+        store
+            .apply(i, &txn(vec![create(task(&format!("t{i}"), "s", "n", i))]))
+            .unwrap();
+    }
+    // The whole burst is still resumable before the store shrinks its history.
+    assert!(store.watch_since(0, WatchOptions::default()).is_ok());
+    let live = store.watch_since(total, WatchOptions::default()).unwrap();
+
+    store.shrink_watch_history();
+
+    let oldest_resumable = total - WATCH_HISTORY_IDLE_EVENTS_MAX as u64;
+    assert_eq!(
+        store
+            .watch_since(oldest_resumable - 1, WatchOptions::default())
+            .unwrap_err(),
+        WatchError::Compacted {
+            requested: oldest_resumable - 1,
+            oldest_resumable
+        }
+    );
+    let resumed = store
+        .watch_since(oldest_resumable, WatchOptions::default())
+        .unwrap();
+    let replayed: Vec<u64> = drain(&resumed)
+        .into_iter()
+        .map(|e| change_event(e).version)
+        .collect();
+    assert_eq!(replayed, (oldest_resumable + 1..=total).collect::<Vec<_>>());
+    // A live watcher is not affected, and new events still reach everyone.
+    store
+        .apply(total + 1, &txn(vec![create(task("late", "s", "n", 1))]))
+        .unwrap();
+    let versions = |w: &Watcher| -> Vec<u64> {
+        drain(w)
+            .into_iter()
+            .map(|e| change_event(e).version)
+            .collect()
+    };
+    assert_eq!(versions(&live), [total + 1]);
+    assert_eq!(versions(&resumed), [total + 1]);
+}
+
+#[test]
 fn restore_drops_watchers_and_resets_history() {
     let store = Store::default();
     for i in 1..=5u64 {

@@ -247,6 +247,7 @@ impl Applier {
         let idle_for = now.saturating_duration_since(self.last_applied_at);
         if idle_for >= MEMORY_RELEASE_IDLE_AFTER && !self.memory_released {
             self.memory_released = true;
+            self.state_machine.release_idle_memory();
             crate::util::memory::release_free_memory();
         }
         let bytes_since = self.applied_bytes_since_snapshot;

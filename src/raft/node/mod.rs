@@ -158,6 +158,11 @@ pub trait StateMachine: Send + 'static {
     /// # Errors
     /// IO errors, or `InvalidData` for content that does not parse.
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()>;
+
+    /// Gives back memory kept only to serve a burst, once nothing was applied for
+    /// [`apply::MEMORY_RELEASE_IDLE_AFTER`] (then the allocator's free memory is returned to
+    /// the system). Must not change what `apply` or `snapshot` produce. Nothing by default.
+    fn release_idle_memory(&mut self) {}
 }
 
 /// Streams a captured state into a snapshot file (see [`StateMachine::snapshot`]).
