@@ -1,7 +1,24 @@
 //! Compiles `proto/**/*.proto` with protox (a pure-Rust protobuf compiler) and prost-build,
 //! so a fresh machine builds with `cargo build` alone: no system `protoc`.
+//!
+//! The `service` blocks are the RPC API's only declaration. From each one this generates,
+//! into its package's module, a `rpc` module: the wire names (`rpc::name::*`), a typed
+//! descriptor per method carrying its policy (`rpc::CREATE_SERVICE`, ...), the service's
+//! method table (`rpc::METHODS`), a typed client stub (`rpc::Client`), and for a service with
+//! forwarded writes the glue of its `ForwardRequest`/`ForwardResponse` oneofs
+//! (`rpc::forward`). `rpc_methods.rs` holds every declared method and the name lookup the
+//! router dispatches with. The policy of each rpc is a `policy:` line in its leading
+//! comment, parsed strictly: a missing, repeated or unknown word fails the build (the words
+//! are documented in `src/net/method.rs`).
 
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::rc::Rc;
+
+use prost_build::{Service, ServiceGenerator};
+use prost_types::FileDescriptorSet;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut files: Vec<PathBuf> = Vec::new();
@@ -9,6 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     files.sort();
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(&files, ["proto"])?;
+    let declared = Rc::new(RefCell::new(Declared::default()));
     let mut config = prost_build::Config::new();
     // Payloads are shared between a frame and its retransmissions without copying.
     config.bytes(["."]);
@@ -18,7 +36,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // The CA key must never reach a log through `{:?}`: its Debug is written by hand
     // (src/proto.rs) and prints no key bytes.
     config.skip_debug([".flotilla.objects.RootCaKey"]);
-    config.compile_fds(descriptors)?;
+    config.service_generator(Box::new(RpcGenerator {
+        declared: declared.clone(),
+    }));
+    config.compile_fds(descriptors.clone())?;
+    let declared = declared.borrow();
+    if !declared.errors.is_empty() {
+        return Err(format!("proto/: {}", declared.errors.join("\n")).into());
+    }
+    check_forward_oneofs(&declared, &descriptors)?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?).join("rpc_methods.rs");
+    std::fs::write(out, method_table(&declared.methods))?;
     Ok(())
 }
 
@@ -32,4 +60,507 @@ fn collect_protos(dir: &PathBuf, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
         }
     }
     Ok(())
+}
+
+/// What the generator saw, for the checks and the global table that follow it.
+#[derive(Default)]
+struct Declared {
+    methods: Vec<DeclaredMethod>,
+    errors: Vec<String>,
+}
+
+struct DeclaredMethod {
+    /// `control.CreateService`.
+    wire_name: String,
+    /// `crate::proto::control::rpc::CREATE_SERVICE`.
+    descriptor_path: String,
+    /// `flotilla.control`.
+    package: String,
+    /// `create_service`.
+    snake_name: String,
+    /// `.flotilla.control.CreateServiceRequest`.
+    input_proto_type: String,
+    output_proto_type: String,
+    forward: bool,
+}
+
+struct RpcGenerator {
+    declared: Rc<RefCell<Declared>>,
+}
+
+/// A method's policy, parsed from its `policy:` line.
+struct Policy {
+    allow: &'static str,
+    access: &'static str,
+    forward: bool,
+    idempotent: bool,
+    demoted: bool,
+    internal: bool,
+}
+
+const POLICY_PREFIX: &str = "policy:";
+const POLICY_KEYS: [&str; 6] = [
+    "allow",
+    "access",
+    "forward",
+    "idempotent",
+    "demoted",
+    "internal",
+];
+
+fn yes_no(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "yes" => Ok(true),
+        "no" => Ok(false),
+        other => Err(format!("{key}={other}: expected yes or no")),
+    }
+}
+
+/// Parses `policy: allow=… access=… forward=… idempotent=… demoted=… internal=…`: every key
+/// exactly once, nothing else.
+fn parse_policy(line: &str) -> Result<Policy, String> {
+    let mut values: BTreeMap<&str, &str> = BTreeMap::new();
+    for word in line.split_whitespace() {
+        let (key, value) = word
+            .split_once('=')
+            .ok_or_else(|| format!("{word:?}: expected key=value"))?;
+        if !POLICY_KEYS.contains(&key) {
+            return Err(format!(
+                "unknown policy key {key:?} (known: {})",
+                POLICY_KEYS.join(", ")
+            ));
+        }
+        if values.insert(key, value).is_some() {
+            return Err(format!("policy key {key:?} given twice"));
+        }
+    }
+    let missing: Vec<&str> = POLICY_KEYS
+        .iter()
+        .copied()
+        .filter(|key| !values.contains_key(key))
+        .collect();
+    if !missing.is_empty() {
+        return Err(format!("policy keys missing: {}", missing.join(", ")));
+    }
+    let allow = match values["allow"] {
+        "managers" => "MANAGERS",
+        "operators" => "OPERATORS",
+        "nodes" => "NODES",
+        "anyone" => "ANYONE",
+        other => {
+            return Err(format!(
+                "allow={other}: expected managers, operators, nodes or anyone"
+            ));
+        }
+    };
+    let access = match values["access"] {
+        "read" => "Read",
+        "write" => "Write",
+        other => return Err(format!("access={other}: expected read or write")),
+    };
+    let policy = Policy {
+        allow,
+        access,
+        forward: yes_no("forward", values["forward"])?,
+        idempotent: yes_no("idempotent", values["idempotent"])?,
+        demoted: yes_no("demoted", values["demoted"])?,
+        internal: yes_no("internal", values["internal"])?,
+    };
+    if policy.forward && access != "Write" {
+        return Err("forward=yes needs access=write: only writes run on the leader".into());
+    }
+    if policy.internal && !policy.forward {
+        return Err(
+            "internal=yes needs forward=yes: an internal method is reached only through a \
+             forward or on the leader itself"
+                .into(),
+        );
+    }
+    Ok(policy)
+}
+
+fn upper_snake(snake: &str) -> String {
+    snake.to_ascii_uppercase()
+}
+
+/// The doc lines of a comment, without its policy line.
+fn doc_lines(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .flat_map(|block| block.lines().map(str::to_string).collect::<Vec<_>>())
+        .filter(|line| !line.trim_start().starts_with(POLICY_PREFIX))
+        .map(|line| line.trim_end().to_string())
+        .collect()
+}
+
+fn push_doc(buf: &mut String, indent: &str, lines: &[String]) {
+    for line in lines {
+        let line = line.strip_prefix(' ').unwrap_or(line);
+        let _ = writeln!(
+            buf,
+            "{indent}///{}{line}",
+            if line.is_empty() { "" } else { " " }
+        );
+    }
+}
+
+struct Shaped {
+    shape: &'static str,
+    descriptor_type: &'static str,
+}
+
+fn shape_of(method: &prost_build::Method) -> Result<Shaped, String> {
+    match (method.client_streaming, method.server_streaming) {
+        (false, false) => Ok(Shaped {
+            shape: "Unary",
+            descriptor_type: "UnaryMethod",
+        }),
+        (false, true) => Ok(Shaped {
+            shape: "ServerStream",
+            descriptor_type: "ServerStreamMethod",
+        }),
+        (true, false) => Ok(Shaped {
+            shape: "ClientStream",
+            descriptor_type: "ClientStreamMethod",
+        }),
+        (true, true) => Err("bidirectional streams are not supported by the transport".into()),
+    }
+}
+
+impl RpcGenerator {
+    fn generate_rpc_module(&mut self, service: &Service) -> Result<String, String> {
+        let package_leaf = service
+            .package
+            .rsplit('.')
+            .next()
+            .expect("rsplit yields at least one piece");
+        if service.proto_name.to_ascii_lowercase() != package_leaf {
+            return Err(format!(
+                "service {} in package {}: name it after its package ({}), whose last part \
+                 is the prefix of its wire names",
+                service.proto_name, service.package, package_leaf
+            ));
+        }
+        let mut names = String::new();
+        let mut descriptors = String::new();
+        let mut table = String::new();
+        let mut client = String::new();
+        let mut forwarded: Vec<(String, String, String, String)> = Vec::new();
+        for method in &service.methods {
+            let policy_lines: Vec<&str> = method
+                .comments
+                .leading
+                .iter()
+                .flat_map(|block| block.lines())
+                .map(str::trim)
+                .filter(|line| line.starts_with(POLICY_PREFIX))
+                .collect();
+            let [policy_line] = policy_lines.as_slice() else {
+                return Err(format!(
+                    "rpc {}.{}: needs exactly one `policy:` line in its leading comment \
+                     (found {})",
+                    service.proto_name,
+                    method.proto_name,
+                    policy_lines.len()
+                ));
+            };
+            let policy = parse_policy(&policy_line[POLICY_PREFIX.len()..])
+                .map_err(|e| format!("rpc {}.{}: {e}", service.proto_name, method.proto_name))?;
+            let shaped = shape_of(method)
+                .map_err(|e| format!("rpc {}.{}: {e}", service.proto_name, method.proto_name))?;
+            let wire_name = format!("{package_leaf}.{}", method.proto_name);
+            let constant = upper_snake(&method.name);
+            let input = format!("super::{}", method.input_type);
+            let output = format!("super::{}", method.output_type);
+            let doc = doc_lines(&method.comments.leading);
+            let _ = writeln!(names, "        /// `{wire_name}`.");
+            let _ = writeln!(
+                names,
+                "        pub const {constant}: &str = \"{wire_name}\";"
+            );
+            push_doc(&mut descriptors, "    ", &doc);
+            let _ = writeln!(
+                descriptors,
+                "    pub const {constant}: {ty}<{input}, {output}> = {ty}::declare(Method {{\n        \
+                 name: name::{constant},\n        shape: Shape::{shape},\n        policy: Policy {{\n            \
+                 allow: Allow::{allow},\n            access: Access::{access},\n            \
+                 forward: {forward},\n            idempotent: {idempotent},\n            \
+                 demoted: {demoted},\n            internal: {internal},\n        }},\n    }});",
+                ty = shaped.descriptor_type,
+                shape = shaped.shape,
+                allow = policy.allow,
+                access = policy.access,
+                forward = policy.forward,
+                idempotent = policy.idempotent,
+                demoted = policy.demoted,
+                internal = policy.internal,
+            );
+            let _ = writeln!(table, "        {constant}.method(),");
+            push_doc(&mut client, "        ", &doc);
+            let stub = match shaped.shape {
+                "Unary" => format!(
+                    "        pub fn {snake}(&self, request: &{input}, options: CallOptions) -> \
+                     Result<{output}, Status> {{\n            self.channel.call({constant}, \
+                     request, options)\n        }}\n",
+                    snake = method.name
+                ),
+                "ServerStream" => format!(
+                    "        pub fn {snake}(&self, request: &{input}, options: CallOptions) -> \
+                     Result<crate::net::ResponseStream<{output}>, Status> {{\n            \
+                     self.channel.call_server_stream({constant}, request, options)\n        }}\n",
+                    snake = method.name
+                ),
+                _ => format!(
+                    "        pub fn {snake}(&self, options: CallOptions) -> \
+                     Result<crate::net::RequestStream<{input}, {output}>, Status> {{\n            \
+                     self.channel.call_client_stream({constant}, options)\n        }}\n",
+                    snake = method.name
+                ),
+            };
+            client.push_str(&stub);
+            if policy.forward {
+                if shaped.shape != "Unary" {
+                    return Err(format!(
+                        "rpc {}.{}: forward=yes needs a unary method",
+                        service.proto_name, method.proto_name
+                    ));
+                }
+                forwarded.push((
+                    constant.clone(),
+                    variant_name(&method.proto_name),
+                    input.clone(),
+                    output.clone(),
+                ));
+            }
+            self.declared.borrow_mut().methods.push(DeclaredMethod {
+                wire_name,
+                descriptor_path: format!("crate::proto::{package_leaf}::rpc::{constant}"),
+                package: service.package.clone(),
+                snake_name: method.name.clone(),
+                input_proto_type: method.input_proto_type.clone(),
+                output_proto_type: method.output_proto_type.clone(),
+                forward: policy.forward,
+            });
+        }
+        let mut buf = String::new();
+        let service_doc = doc_lines(&service.comments.leading);
+        let _ = writeln!(
+            buf,
+            "/// Service `{}` as declared in `proto/` (generated by `build.rs`): its wire names, \
+             a typed\n/// descriptor with the policy of each method, its method table and a \
+             typed client stub.\n///",
+            service.proto_name
+        );
+        push_doc(&mut buf, "", &service_doc);
+        buf.push_str("pub mod rpc {\n");
+        buf.push_str(
+            "    #[allow(unused_imports)]\n    use crate::net::method::{\n        Access, \
+             ClientStreamMethod, Method, Policy, ServerStreamMethod, Shape, UnaryMethod,\n    \
+             };\n    use crate::net::{Allow, CallOptions, Channel};\n    use crate::wire::Status;\n\n",
+        );
+        buf.push_str("    /// The wire names of the methods.\n    pub mod name {\n");
+        buf.push_str(&names);
+        buf.push_str("    }\n\n");
+        buf.push_str(&descriptors);
+        let count = service.methods.len();
+        let _ = writeln!(
+            buf,
+            "\n    /// Every method of the service, in declaration order.\n    pub const \
+             METHODS: [Method; {count}] = [\n{table}    ];\n"
+        );
+        let _ = writeln!(
+            buf,
+            "    /// Typed calls of service `{}` over one channel.\n    pub struct Client<'a> {{\n        \
+             channel: &'a Channel,\n    }}\n\n    impl<'a> Client<'a> {{\n        /// Calls on \
+             `channel`.\n        pub fn new(channel: &'a Channel) -> Self {{\n            Self {{ \
+             channel }}\n        }}\n\n{client}    }}",
+            service.proto_name
+        );
+        if !forwarded.is_empty() {
+            buf.push_str(&forward_module(&forwarded));
+        }
+        buf.push_str("}\n");
+        Ok(buf)
+    }
+}
+
+/// `CreateService` → the oneof variant prost generates for field `create_service`.
+fn variant_name(proto_name: &str) -> String {
+    proto_name.to_string()
+}
+
+/// The glue between the forwarded writes' descriptors and the `call`/`reply` oneofs of
+/// `ForwardRequest`/`ForwardResponse` (their shape is checked after generation).
+fn forward_module(forwarded: &[(String, String, String, String)]) -> String {
+    let mut buf = String::from(
+        "\n    /// The writes a follower forwards to the leader, typed: how each one's request and \
+         reply\n    /// travel in `ForwardRequest.call` and `ForwardResponse.reply`.\n    pub mod \
+         forward {\n        use super::super::forward_request::Call;\n        use \
+         super::super::forward_response::Reply;\n        use crate::net::method::{Method, \
+         UnaryMethod};\n\n        /// A forwardable write: its descriptor, and its place in the \
+         forward oneofs.\n        pub struct Write<Req, Resp> {\n            /// The method.\n            \
+         pub method: UnaryMethod<Req, Resp>,\n            /// Its request as the forward's \
+         call.\n            pub wrap: fn(Req) -> Call,\n            /// Its reply, if the forward's \
+         reply is this method's.\n            pub unwrap: fn(Reply) -> Option<Resp>,\n        }\n\n        \
+         impl<Req, Resp> Clone for Write<Req, Resp> {\n            fn clone(&self) -> Self {\n                \
+         *self\n            }\n        }\n\n        impl<Req, Resp> Copy for Write<Req, Resp> {}\n\n",
+    );
+    for (constant, variant, input, output) in forwarded {
+        let _ = writeln!(
+            buf,
+            "        /// [`super::{constant}`], forwarded.\n        pub const {constant}: \
+             Write<super::{input}, super::{output}> = Write {{\n            method: \
+             super::{constant},\n            wrap: Call::{variant},\n            unwrap: |reply| \
+             match reply {{\n                Reply::{variant}(reply) => Some(reply),\n                \
+             _ => None,\n            }},\n        }};\n"
+        );
+    }
+    buf.push_str(
+        "        /// The method a forwarded call runs.\n        pub fn method_of(call: &Call) -> \
+         Method {\n            match call {\n",
+    );
+    for (constant, variant, _, _) in forwarded {
+        let _ = writeln!(
+            buf,
+            "                Call::{variant}(_) => super::{constant}.method(),"
+        );
+    }
+    buf.push_str("            }\n        }\n    }\n");
+    buf
+}
+
+impl ServiceGenerator for RpcGenerator {
+    fn generate(&mut self, service: Service, buf: &mut String) {
+        match self.generate_rpc_module(&service) {
+            Ok(code) => buf.push_str(&code),
+            Err(error) => self.declared.borrow_mut().errors.push(error),
+        }
+    }
+}
+
+/// The fields of oneof `oneof` of message `message`: name → type.
+fn oneof_fields(
+    descriptors: &FileDescriptorSet,
+    package: &str,
+    message: &str,
+    oneof: &str,
+) -> Result<BTreeMap<String, String>, String> {
+    let found = descriptors
+        .file
+        .iter()
+        .filter(|file| file.package() == package)
+        .flat_map(|file| file.message_type.iter())
+        .find(|m| m.name() == message)
+        .ok_or_else(|| format!("package {package} has forwarded writes but no {message}"))?;
+    let index = found
+        .oneof_decl
+        .iter()
+        .position(|o| o.name() == oneof)
+        .ok_or_else(|| format!("{package}.{message} needs a oneof `{oneof}`"))?;
+    Ok(found
+        .field
+        .iter()
+        .filter(|f| f.oneof_index == Some(index as i32))
+        .map(|f| (f.name().to_string(), f.type_name().to_string()))
+        .collect())
+}
+
+/// `ForwardRequest.call` and `ForwardResponse.reply` of each package with forwarded writes
+/// hold exactly one field per forward=yes method, named after it, of its request and response
+/// types.
+fn check_forward_oneofs(
+    declared: &Declared,
+    descriptors: &FileDescriptorSet,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let packages: BTreeSet<&str> = declared
+        .methods
+        .iter()
+        .filter(|m| m.forward)
+        .map(|m| m.package.as_str())
+        .collect();
+    for package in packages {
+        let wanted = |output: bool| -> BTreeMap<String, String> {
+            declared
+                .methods
+                .iter()
+                .filter(|m| m.forward && m.package == package)
+                .map(|m| {
+                    let ty = if output {
+                        &m.output_proto_type
+                    } else {
+                        &m.input_proto_type
+                    };
+                    (m.snake_name.clone(), ty.clone())
+                })
+                .collect()
+        };
+        for (message, oneof, output) in [
+            ("ForwardRequest", "call", false),
+            ("ForwardResponse", "reply", true),
+        ] {
+            let found = oneof_fields(descriptors, package, message, oneof)?;
+            let wanted = wanted(output);
+            if found != wanted {
+                let differ = |a: &BTreeMap<String, String>, b: &BTreeMap<String, String>| {
+                    a.iter()
+                        .filter(|(name, ty)| b.get(*name) != Some(ty))
+                        .map(|(name, ty)| format!("{ty} {name}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(format!(
+                    "{package}.{message}.{oneof} must hold one field per forward=yes rpc, \
+                     named after it, of its {} type; missing: [{}]; not forwarded: [{}]",
+                    if output { "response" } else { "request" },
+                    differ(&wanted, &found),
+                    differ(&found, &wanted),
+                )
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every declared method, and the lookup by wire name the router dispatches with: a match on
+/// the name's length, then on the name among the few of that length.
+fn method_table(methods: &[DeclaredMethod]) -> String {
+    let mut buf = String::from(
+        "/// Every method declared in `proto/`, in declaration order (generated by `build.rs`).\n",
+    );
+    let _ = writeln!(
+        buf,
+        "pub static METHODS: [crate::net::method::Method; {}] = [",
+        methods.len()
+    );
+    for method in methods {
+        let _ = writeln!(buf, "    {}.method(),", method.descriptor_path);
+    }
+    buf.push_str("];\n\n");
+    let mut by_len: BTreeMap<usize, Vec<(usize, &str)>> = BTreeMap::new();
+    let mut seen = BTreeSet::new();
+    for (index, method) in methods.iter().enumerate() {
+        assert!(
+            seen.insert(method.wire_name.as_str()),
+            "method {} declared twice",
+            method.wire_name
+        );
+        by_len
+            .entry(method.wire_name.len())
+            .or_default()
+            .push((index, &method.wire_name));
+    }
+    buf.push_str(
+        "/// The index in [`METHODS`] of the method named `name`, if it is declared.\n\
+         pub fn method_index(name: &str) -> Option<usize> {\n    match name.len() {\n",
+    );
+    for (len, names) in &by_len {
+        let _ = writeln!(buf, "        {len} => match name {{");
+        for (index, name) in names {
+            let _ = writeln!(buf, "            \"{name}\" => Some({index}),");
+        }
+        buf.push_str("            _ => None,\n        },\n");
+    }
+    buf.push_str("        _ => None,\n    }\n}\n");
+    buf
 }

@@ -1,7 +1,14 @@
 //! Protobuf types generated from `proto/` by `build.rs` (protox + prost-build).
 //!
+//! Each package with a `service` block also has an `rpc` module, generated from it: wire
+//! names, typed method descriptors with their policies, the service's method table and a
+//! typed client stub (see `build.rs` and [`crate::net::method`]). [`METHODS`] lists every
+//! declared method and [`method_index`] finds one by wire name.
+//!
 //! This module owns no logic; it only gives the generated code a stable path.
 #![allow(missing_docs, clippy::all)]
+
+include!(concat!(env!("OUT_DIR"), "/rpc_methods.rs"));
 
 /// The RPC frame envelope (`proto/flotilla/wire.proto`).
 pub mod wire {

@@ -344,7 +344,7 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
                 addr,
                 api::FORWARD,
                 &pb::ForwardRequest {
-                    method: api::CREATE_SERVICE.into(),
+                    call: Some(pb::forward_request::Call::CreateService(Default::default())),
                     caller_node_id: ids[1].clone(),
                     caller_role_name: "manager".into(),
                     ..Default::default()

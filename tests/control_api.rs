@@ -9,8 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use flotilla::ca::{
     CaPolicy, ClusterCa, NodeIdentity, PendingIdentity, Role, RootCert, load_node_files, tls,
 };
-use flotilla::control::admin::ISSUE_ADMIN_CERTIFICATE;
-use flotilla::control::{self as api, managers::LIST_MANAGERS};
+use flotilla::control::{self as api, ISSUE_ADMIN_CERTIFICATE, LIST_MANAGERS};
 use flotilla::manager::{self, Manager, Settings, StateDir};
 use flotilla::net::{CallOptions, Transport, TransportConfig};
 use flotilla::proto::control as pb;
@@ -295,7 +294,7 @@ fn admins_operate_but_never_reach_raft_and_workers_reach_no_control_method() {
         "raft.Status",
         fixture.call::<_, raftpb::StatusResponse>(
             &admin_tls,
-            flotilla::raft::node::service::STATUS,
+            flotilla::proto::raft::rpc::name::STATUS,
             &raftpb::StatusRequest {},
         ),
     );
@@ -303,7 +302,7 @@ fn admins_operate_but_never_reach_raft_and_workers_reach_no_control_method() {
         "kv.Get",
         fixture.call::<_, kvpb::GetResponse>(
             &admin_tls,
-            flotilla::kv::GET,
+            flotilla::proto::kv::rpc::name::GET,
             &kvpb::GetRequest { key: "k".into() },
         ),
     );
@@ -313,7 +312,7 @@ fn admins_operate_but_never_reach_raft_and_workers_reach_no_control_method() {
             &admin_tls,
             api::FORWARD,
             &pb::ForwardRequest {
-                method: api::CREATE_SERVICE.into(),
+                call: Some(pb::forward_request::Call::CreateService(Default::default())),
                 caller_node_id: "someoneelse".into(),
                 ..Default::default()
             },
@@ -332,7 +331,7 @@ fn admins_operate_but_never_reach_raft_and_workers_reach_no_control_method() {
         "ca.RenewNodeCertificate",
         fixture.call::<_, capb::RenewNodeCertificateResponse>(
             &admin_tls,
-            flotilla::ca::rpc::RENEW_NODE_CERTIFICATE,
+            flotilla::proto::ca::rpc::name::RENEW_NODE_CERTIFICATE,
             &capb::RenewNodeCertificateRequest {
                 csr_der: pending.csr_der().to_vec().into(),
             },

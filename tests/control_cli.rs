@@ -495,7 +495,7 @@ fn three_managers_forward_read_watch_and_restart() {
         .transport
         .channel(&follower_addr, &watcher.tls)
         .unary(
-            flotilla::control::managers::LIST_MANAGERS,
+            flotilla::control::LIST_MANAGERS,
             &pb::ListManagersRequest {},
             CallOptions::timeout(CLI),
         )
@@ -748,7 +748,7 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
     let status = transport
         .channel(&follower_addr, &admin_tls)
         .unary::<_, flotilla::proto::raft::StatusResponse>(
-            flotilla::raft::node::service::STATUS,
+            flotilla::proto::raft::rpc::name::STATUS,
             &flotilla::proto::raft::StatusRequest {},
             CallOptions::timeout(CLI),
         )

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use flotilla::ca::rpc::join_cluster;
 use flotilla::ca::tls;
+use flotilla::dispatcher::NOT_LEADER;
 use flotilla::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
-use flotilla::dispatcher::{HEARTBEAT, NOT_LEADER};
 use flotilla::net::{CallOptions, Transport, TransportConfig};
 use flotilla::proto::dispatcher as pb;
+use flotilla::proto::dispatcher::rpc::name::HEARTBEAT;
 use flotilla::proto::objects::Task;
 use parking_lot::Mutex;
 use procs::cli_ok;

@@ -13,19 +13,13 @@ use super::{
     PendingIdentity, Role, RootCert, SharedCa, TokenError, TokenParseError, tls,
     verify_root_for_token,
 };
-use crate::net::{Allow, CallOptions, Channel, Router, ServicePool, Transport};
+use crate::net::{CallOptions, Channel, Router, ServicePool, Transport};
+use crate::proto::ca::rpc::{GET_ROOT_CA, ISSUE_NODE_CERTIFICATE, RENEW_NODE_CERTIFICATE};
 use crate::proto::ca::{
     GetRootCaRequest, GetRootCaResponse, IssueNodeCertificateRequest, IssueNodeCertificateResponse,
     RenewNodeCertificateRequest, RenewNodeCertificateResponse,
 };
 use crate::wire::{Code, Status};
-
-/// Hands out the root CA certificate (anyone; it is public).
-pub const GET_ROOT_CA: &str = "ca.GetRootCa";
-/// Exchanges a join token and a CSR for a node certificate (anyone; the token authorizes).
-pub const ISSUE_NODE_CERTIFICATE: &str = "ca.IssueNodeCertificate";
-/// Renews the caller's certificate (any node, authenticated by its current certificate).
-pub const RENEW_NODE_CERTIFICATE: &str = "ca.RenewNodeCertificate";
 
 /// Wait before asking again a manager that refused a join with
 /// [`RETRY_SOON`](crate::wire::RETRY_SOON) (it does not hold the CA key yet); the join
@@ -73,20 +67,14 @@ pub fn register_shared(
     root: RootCert,
     roles: RoleResolver,
 ) {
-    router.unary(
-        GET_ROOT_CA,
-        Allow::ANYONE,
-        pool,
-        move |_, _: GetRootCaRequest| {
-            Ok(GetRootCaResponse {
-                root_cert_der: root.der().to_vec().into(),
-            })
-        },
-    );
+    router.serve_unary(GET_ROOT_CA, pool, move |_, _: GetRootCaRequest| {
+        Ok(GetRootCaResponse {
+            root_cert_der: root.der().to_vec().into(),
+        })
+    });
     let slot = shared.clone();
-    router.unary(
+    router.serve_unary(
         ISSUE_NODE_CERTIFICATE,
-        Allow::ANYONE,
         pool,
         move |ctx, request: IssueNodeCertificateRequest| {
             let ca = slot.get().ok_or_else(no_ca_here)?;
@@ -105,14 +93,13 @@ pub fn register_shared(
         },
     );
     let slot = shared.clone();
-    router.unary(
+    router.serve_unary(
         RENEW_NODE_CERTIFICATE,
-        Allow::NODES,
         pool,
         move |ctx, request: RenewNodeCertificateRequest| {
             let caller = ctx
                 .peer()
-                .expect("Allow::NODES admits only callers with a verified certificate");
+                .expect("allow=nodes admits only callers with a verified certificate");
             let ca = slot.get().ok_or_else(no_ca_here)?;
             let role =
                 roles(caller).map_err(|reason| Status::new(Code::FailedPrecondition, reason))?;
@@ -204,7 +191,7 @@ pub fn join_cluster(
     let unverified = Arc::new(tls::bootstrap_client_config()?);
     let served: GetRootCaResponse = transport
         .channel(manager, &unverified)
-        .unary(GET_ROOT_CA, &GetRootCaRequest {}, options)
+        .call(GET_ROOT_CA, &GetRootCaRequest {}, options)
         .map_err(|status| JoinClusterError::FetchRoot {
             manager: manager.to_string(),
             status,
@@ -220,7 +207,7 @@ pub fn join_cluster(
     let deadline = Instant::now() + timeout;
     let channel = transport.channel(manager, &pinned);
     let issued: IssueNodeCertificateResponse = loop {
-        match channel.unary(ISSUE_NODE_CERTIFICATE, &request, options) {
+        match channel.call(ISSUE_NODE_CERTIFICATE, &request, options) {
             Ok(issued) => break issued,
             // Nothing was issued nor counted against the token: the key is on its way.
             Err(status)
@@ -271,7 +258,7 @@ pub fn renew_certificate(
     let request = RenewNodeCertificateRequest {
         csr_der: pending.csr_der().to_vec().into(),
     };
-    let renewed: RenewNodeCertificateResponse = channel.unary(
+    let renewed: RenewNodeCertificateResponse = channel.call(
         RENEW_NODE_CERTIFICATE,
         &request,
         CallOptions::timeout(timeout),

@@ -14,7 +14,7 @@ use clap::Subcommand;
 use super::control::{Client, Format, parse_duration_ms};
 use super::json::Json;
 use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
-use crate::control::admin::{ISSUE_ADMIN_CERTIFICATE, REVOKE_ADMIN_CERTIFICATE};
+use crate::control::{ISSUE_ADMIN_CERTIFICATE, REVOKE_ADMIN_CERTIFICATE};
 use crate::proto::control as pb;
 
 /// Lifetime of an admin certificate unless `--validity` says otherwise.

@@ -8,7 +8,7 @@
 use super::ManagerCommand;
 use super::control::{Client, Format};
 use super::json::Json;
-use crate::control::managers::{LIST_MANAGERS, REMOVE_MANAGER, TRANSFER_LEADERSHIP_TO};
+use crate::control::{LIST_MANAGERS, REMOVE_MANAGER, TRANSFER_LEADERSHIP};
 use crate::proto::control as pb;
 use crate::proto::raft::StatusResponse;
 
@@ -46,7 +46,7 @@ pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), String
         ManagerCommand::Transfer { id } => {
             let raft_id = parse_id(&id)?;
             let reply: pb::ManagersResponse = client.unary(
-                TRANSFER_LEADERSHIP_TO,
+                TRANSFER_LEADERSHIP,
                 &pb::TransferLeadershipRequest { raft_id },
             )?;
             match client.format {

@@ -14,8 +14,7 @@ use clap::{Args, ValueEnum};
 
 use super::control::{Client, Format, RETRY_SOON_WAIT};
 use super::json::{self, Json};
-use crate::control::WATCH;
-use crate::control::managers::LIST_MANAGERS;
+use crate::control::{LIST_MANAGERS, WATCH};
 use crate::net::{CallOptions, ResponseStream};
 use crate::proto::control as pb;
 use crate::proto::objects::{ObjectKind, StoreObject, store_object::Object};

@@ -10,12 +10,14 @@
 //!   manager's Raft peer thread takes it as "removed from the cluster" and the manager stops,
 //!   as it does on the Raft service's own `removed: true` answer.
 //! - **demoted**: a caller whose certificate says manager while its Node object's desired
-//!   role is worker (demoted, and not promoted again) may no longer call manager methods
-//!   (`control.*`, `kv.*`). It may still speak Raft (a demotion is pending until the leader
-//!   removed it from the group, and a rejoin after a promotion goes through `raft.Join`,
-//!   which has its own rule), read its own Node object (how a manager demoted while it was
-//!   down learns of it), and do what a worker does: run tasks (`dispatcher.*`) and renew
-//!   its certificate, which the CA then issues for the worker role.
+//!   role is worker (demoted, and not promoted again) may call only the methods whose
+//!   declared policy says `demoted=yes` (in `proto/`), not the other manager methods
+//!   (`control.*`, `kv.*`). Those are Raft (a demotion is pending until the leader removed it
+//!   from the group, and a rejoin after a promotion goes through `raft.Join`, which has its
+//!   own rule), `control.GetNode`, to read its own Node object (how a manager demoted while
+//!   it was down learns of it; the handler refuses other nodes), and what a worker does: run
+//!   tasks (`dispatcher.*`) and renew its certificate, which the CA then issues for the
+//!   worker role (see `control::roles::certificate_role`).
 //!
 //! A manager that has just joined has no Node object yet, so neither rule touches it: it can
 //! report itself (`control.ReportManager`).
@@ -32,6 +34,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 
 use crate::ca::{CERTIFICATE_REVOKED, PeerIdentity, Role};
+use crate::net::Method;
 use crate::proto::objects::{Cluster, Node, NodeRole};
 use crate::store::{Action, Event, Object, Store};
 use crate::wire::Status;
@@ -127,7 +130,7 @@ impl AccessList {
     ///
     /// # Errors
     /// `PermissionDenied` saying why, for a revoked or demoted caller.
-    pub fn check(&self, method: &str, caller: &PeerIdentity) -> Result<(), Status> {
+    pub fn check(&self, method: &Method, caller: &PeerIdentity) -> Result<(), Status> {
         self.check_caller(method, &caller.node_id, caller.role)
     }
 
@@ -136,20 +139,21 @@ impl AccessList {
     ///
     /// # Errors
     /// As [`Self::check`].
-    pub fn check_caller(&self, method: &str, node_id: &str, role: Role) -> Result<(), Status> {
+    pub fn check_caller(&self, method: &Method, node_id: &str, role: Role) -> Result<(), Status> {
         let sets = self.sets.read().clone();
+        let method_name = method.name;
         if let Some(reason) = sets.revoked.get(node_id) {
             return Err(Status::permission_denied(format!(
-                "the certificate of {node_id} was revoked cluster-wide ({reason}); {method} \
+                "the certificate of {node_id} was revoked cluster-wide ({reason}); {method_name} \
                  refused. A removed node joins again from an empty state directory with a \
                  join token; an admin gets a new certificate with `flotilla admin-cert issue`"
             ))
             .with_reason(CERTIFICATE_REVOKED));
         }
-        if role == Role::Manager && sets.demoted.contains(node_id) && !demoted_may_call(method) {
+        if role == Role::Manager && sets.demoted.contains(node_id) && !method.policy.demoted {
             return Err(Status::permission_denied(format!(
                 "node {node_id} was demoted to worker: its manager certificate no longer grants \
-                 manager rights ({method} refused); promote it first with `flotilla node \
+                 manager rights ({method_name} refused); promote it first with `flotilla node \
                  promote {node_id}` on a manager to make it a manager again"
             )));
         }
@@ -171,23 +175,17 @@ fn wants_worker(node: &Node) -> bool {
         .is_some_and(|s| s.desired_role == NodeRole::Worker as i32)
 }
 
-/// What a demoted manager's certificate still reaches: Raft (the demotion completes there;
-/// `raft.Join` refuses it by its own rule), `control.GetNode`, whose handler lets it read
-/// only its own Node object, and what a worker may call: the dispatcher (the node goes on
-/// running tasks) and certificate renewal (the CA issues it a worker's certificate once the
-/// demotion is complete, see `control::roles::certificate_role`).
-fn demoted_may_call(method: &str) -> bool {
-    method.starts_with("raft.")
-        || method.starts_with("dispatcher.")
-        || method == super::GET_NODE
-        || method == crate::ca::rpc::RENEW_NODE_CERTIFICATE
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::proto::objects::{NodeSpec, RevokedCertificate, Transaction};
     use crate::store::{StoreConfig, create};
+
+    /// The declared method `name`, with its policy.
+    fn declared(name: &str) -> Method {
+        let index = crate::proto::method_index(name).expect("a declared method");
+        crate::proto::METHODS[index]
+    }
 
     fn node(id: &str, desired: NodeRole) -> Node {
         Node {
@@ -226,39 +224,39 @@ mod tests {
         // Before the first refresh nothing is known: nobody is refused.
         assert!(
             access
-                .check_caller("control.ListNodes", "gone", Role::Manager)
+                .check_caller(&declared("control.ListNodes"), "gone", Role::Manager)
                 .is_ok()
         );
         access.refresh(&store);
 
         let refused = access
-            .check_caller("control.ListNodes", "gone", Role::Admin)
+            .check_caller(&declared("control.ListNodes"), "gone", Role::Admin)
             .unwrap_err();
         assert_eq!(refused.code, crate::wire::Code::PermissionDenied);
         assert!(refused.message.contains("revoked"), "{refused}");
         assert!(
             access
-                .check_caller("raft.Join", "gone", Role::Manager)
+                .check_caller(&declared("raft.Join"), "gone", Role::Manager)
                 .is_err()
         );
         assert!(
             access
-                .check_caller("ca.RenewNodeCertificate", "gone", Role::Worker)
+                .check_caller(&declared("ca.RenewNodeCertificate"), "gone", Role::Worker)
                 .is_err()
         );
         // Not even a Raft message; the refusal tells a removed member it was removed.
         let refused = access
-            .check_caller("raft.Step", "gone", Role::Manager)
+            .check_caller(&declared("raft.Step"), "gone", Role::Manager)
             .unwrap_err();
         assert_eq!(refused.reason, CERTIFICATE_REVOKED, "{refused}");
 
         let refused = access
-            .check_caller("control.Forward", "demoted", Role::Manager)
+            .check_caller(&declared("control.Forward"), "demoted", Role::Manager)
             .unwrap_err();
         assert!(refused.message.contains("promote it first"), "{refused}");
         assert!(
             access
-                .check_caller("kv.Apply", "demoted", Role::Manager)
+                .check_caller(&declared("kv.Apply"), "demoted", Role::Manager)
                 .is_err()
         );
         // What a worker does stays open: the CA renews it as a worker's once the demotion
@@ -270,14 +268,14 @@ mod tests {
         ] {
             assert!(
                 access
-                    .check_caller(method, "demoted", Role::Manager)
+                    .check_caller(&declared(method), "demoted", Role::Manager)
                     .is_ok(),
                 "{method}"
             );
         }
         assert!(
             access
-                .check_caller(super::super::GET_NODE, "demoted", Role::Manager)
+                .check_caller(&declared("control.GetNode"), "demoted", Role::Manager)
                 .is_ok()
         );
 
@@ -317,12 +315,16 @@ mod tests {
         // A manager that is still wanted, and one not yet recorded (just joined), may call.
         assert!(
             access
-                .check_caller("control.Forward", "kept", Role::Manager)
+                .check_caller(&declared("control.Forward"), "kept", Role::Manager)
                 .is_ok()
         );
         assert!(
             access
-                .check_caller(super::super::REPORT_MANAGER, "newcomer", Role::Manager)
+                .check_caller(
+                    &declared("control.ReportManager"),
+                    "newcomer",
+                    Role::Manager
+                )
                 .is_ok()
         );
     }

@@ -12,18 +12,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use prost::Message;
-
 use super::{Caller, ControlApi};
-use crate::net::{Allow, Router, ServicePool};
+use crate::net::{Router, ServicePool};
 use crate::proto::control as pb;
+use crate::proto::control::rpc::forward;
 use crate::wire::{Code, Status};
 
-/// Issues an admin certificate.
-pub const ISSUE_ADMIN_CERTIFICATE: &str = "control.IssueAdminCertificate";
-/// Revokes an admin certificate by its id, cluster-wide.
-pub const REVOKE_ADMIN_CERTIFICATE: &str = "control.RevokeAdminCertificate";
 /// The longest lifetime an admin certificate may be given (one year): a lost one is
 /// revoked with `flotilla admin-cert revoke ID`, and the revocation is kept that long.
 pub const ADMIN_CERT_VALIDITY_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -65,10 +59,8 @@ fn check_request(request: &pb::IssueAdminCertificateRequest) -> Result<Duration,
 pub(super) fn issue_here(
     api: &ControlApi,
     caller: &Caller,
-    payload: Bytes,
-) -> Result<Bytes, Status> {
-    let request = pb::IssueAdminCertificateRequest::decode(payload)
-        .map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))?;
+    request: pb::IssueAdminCertificateRequest,
+) -> Result<pb::IssueAdminCertificateResponse, Status> {
     let validity = check_request(&request)?;
     let ca = api.ca.get().ok_or_else(|| {
         // The key reaches every manager with the replicated cluster object, within moments
@@ -91,41 +83,29 @@ pub(super) fn issue_here(
         caller.node_id,
         caller.role
     );
-    Ok(Bytes::from(
-        pb::IssueAdminCertificateResponse {
-            cert_der: issued.cert_der.to_vec().into(),
-            root_cert_der: ca.root().der().to_vec().into(),
-        }
-        .encode_to_vec(),
-    ))
+    Ok(pb::IssueAdminCertificateResponse {
+        cert_der: issued.cert_der.to_vec().into(),
+        root_cert_der: ca.root().der().to_vec().into(),
+    })
 }
 
-/// Serves [`ISSUE_ADMIN_CERTIFICATE`] and [`REVOKE_ADMIN_CERTIFICATE`] to operators
-/// (managers and admins).
+/// Serves `control.IssueAdminCertificate` and `control.RevokeAdminCertificate` (operators:
+/// managers and admins, as their policies say).
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
-    super::register_write::<pb::RevokeAdminCertificateRequest, pb::RevokeAdminCertificateResponse>(
-        router,
-        pool,
-        api,
-        REVOKE_ADMIN_CERTIFICATE,
-    );
+    super::register_write(router, pool, api, forward::REVOKE_ADMIN_CERTIFICATE);
     let a = api.clone();
-    router.unary(
-        ISSUE_ADMIN_CERTIFICATE,
-        Allow::OPERATORS,
+    router.serve_unary(
+        forward::ISSUE_ADMIN_CERTIFICATE.method,
         pool,
-        move |ctx, request: pb::IssueAdminCertificateRequest| {
+        move |ctx, request| {
             let caller = Caller::from_peer(ctx.peer())?;
             // Checked here too, so a bad request fails before any forward.
             check_request(&request)?;
-            let payload = Bytes::from(request.encode_to_vec());
-            let reply = if a.ca.is_present() {
-                issue_here(&a, &caller, payload)?
+            if a.ca.is_present() {
+                issue_here(&a, &caller, request)
             } else {
-                a.write(&caller, ISSUE_ADMIN_CERTIFICATE, payload)?
-            };
-            pb::IssueAdminCertificateResponse::decode(reply)
-                .map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+                a.write(&caller, forward::ISSUE_ADMIN_CERTIFICATE, request)
+            }
         },
     );
 }
@@ -136,7 +116,7 @@ mod tests {
 
     fn request(validity_ms: i64, name: &str) -> pb::IssueAdminCertificateRequest {
         pb::IssueAdminCertificateRequest {
-            csr_der: Bytes::new(),
+            csr_der: bytes::Bytes::new(),
             validity_ms,
             name: name.into(),
         }

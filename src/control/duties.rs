@@ -24,12 +24,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crossbeam_channel::{Sender, bounded};
-use prost::Message;
 
-use super::{Caller, ControlApi, PROPOSE_TIMEOUT, PUBLISH_ROOT_CA, REPORT_MANAGER};
+use super::{Caller, ControlApi, PROPOSE_TIMEOUT};
 use crate::ca::{CaPolicy, CaService, ClusterCa, FailureLimits, JoinTokens, Role};
 use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
+use crate::proto::control::rpc::forward;
 use crate::proto::objects::{Cluster, Node, RootCaKey, Transaction};
 use crate::store::create;
 use crate::store::settings::ClusterSettings;
@@ -135,8 +135,7 @@ fn run_once(
             addr: me.addr.clone(),
             hostname: hostname(),
         };
-        if let Err(status) = api.write(&caller, REPORT_MANAGER, Bytes::from(report.encode_to_vec()))
-        {
+        if let Err(status) = api.write(&caller, forward::REPORT_MANAGER, report) {
             log::debug!("cannot record this manager as a node yet: {status}");
         }
     }
@@ -253,11 +252,7 @@ fn publish_ca(api: &ControlApi, me: &SelfReport, ca: &ClusterCa) {
     let request = pb::PublishRootCaRequest {
         root_ca: Some(root_ca_material(ca)),
     };
-    match api.write(
-        &caller,
-        PUBLISH_ROOT_CA,
-        Bytes::from(request.encode_to_vec()),
-    ) {
+    match api.write(&caller, forward::PUBLISH_ROOT_CA, request) {
         Ok(_) => log::info!("published the cluster CA key to the other managers"),
         Err(status) => log::debug!("cannot publish the cluster CA key yet: {status}"),
     }

@@ -5,14 +5,14 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use prost::Message;
-
 use super::reads::{resolve_node, resolve_service, the_cluster};
 use super::{Caller, ControlApi, PROPOSE_TIMEOUT};
 use crate::ca::{JoinToken, JoinTokens, Role};
 use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
+use crate::proto::control::forward_request::Call;
+use crate::proto::control::forward_response::Reply;
+use crate::proto::control::rpc::forward;
 use crate::proto::objects::{
     Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
     NodeStatus, Service, ServiceSpec, Transaction,
@@ -34,25 +34,14 @@ pub fn new_object_id() -> String {
 
 pub(super) use crate::util::clock::unix_now_ms as now_ms;
 
-fn decode<Req: Message + Default>(payload: Bytes) -> Result<Req, Status> {
-    Req::decode(payload).map_err(|e| Status::invalid_argument(format!("undecodable request: {e}")))
-}
-
-fn encode(reply: &impl Message) -> Bytes {
-    Bytes::from(reply.encode_to_vec())
-}
-
-/// Runs the write `method` as `caller`. The caller made sure this manager leads.
+/// Runs the forwarded or local write `call` as `caller`. The caller made sure this manager
+/// leads. The match is exhaustive: every forwardable write has its handler.
 ///
 /// # Errors
 /// The write's refusal: invalid spec (`InvalidArgument`, naming the field), unknown id
 /// (`NotFound`), stale version (`Aborted`), or the proposal's failure.
-pub(super) fn execute(
-    api: &ControlApi,
-    caller: &Caller,
-    method: &str,
-    payload: Bytes,
-) -> Result<Bytes, Status> {
+pub(super) fn execute(api: &ControlApi, caller: &Caller, call: Call) -> Result<Reply, Status> {
+    let method = forward::method_of(&call).name;
     match &caller.forwarded_by {
         Some(forwarder) => log::info!(
             "{method} by node {} ({:?}) forwarded by {forwarder}",
@@ -61,29 +50,23 @@ pub(super) fn execute(
         ),
         None => log::debug!("{method} by node {} ({:?})", caller.node_id, caller.role),
     }
-    match method {
-        super::CREATE_SERVICE => create_service(api, decode(payload)?).map(|r| encode(&r)),
-        super::UPDATE_SERVICE => update_service(api, decode(payload)?).map(|r| encode(&r)),
-        super::REMOVE_SERVICE => remove_service(api, decode(payload)?).map(|r| encode(&r)),
-        super::UPDATE_NODE => update_node(api, decode(payload)?).map(|r| encode(&r)),
-        super::REMOVE_NODE => remove_node(api, decode(payload)?).map(|r| encode(&r)),
-        super::REPORT_MANAGER => report_manager(api, caller, decode(payload)?).map(|r| encode(&r)),
-        super::UPDATE_CLUSTER => update_cluster(api, decode(payload)?).map(|r| encode(&r)),
-        super::ROTATE_JOIN_TOKEN => rotate_join_token(api, decode(payload)?).map(|r| encode(&r)),
-        super::admin::ISSUE_ADMIN_CERTIFICATE => super::admin::issue_here(api, caller, payload),
-        super::admin::REVOKE_ADMIN_CERTIFICATE => {
-            revoke_admin(api, decode(payload)?).map(|r| encode(&r))
+    match call {
+        Call::CreateService(r) => create_service(api, r).map(Reply::CreateService),
+        Call::UpdateService(r) => update_service(api, r).map(Reply::UpdateService),
+        Call::RemoveService(r) => remove_service(api, r).map(Reply::RemoveService),
+        Call::UpdateNode(r) => update_node(api, r).map(Reply::UpdateNode),
+        Call::RemoveNode(r) => remove_node(api, r).map(Reply::RemoveNode),
+        Call::ReportManager(r) => report_manager(api, caller, r).map(Reply::ReportManager),
+        Call::UpdateCluster(r) => update_cluster(api, r).map(Reply::UpdateCluster),
+        Call::RotateJoinToken(r) => rotate_join_token(api, r).map(Reply::RotateJoinToken),
+        Call::IssueAdminCertificate(r) => {
+            super::admin::issue_here(api, caller, r).map(Reply::IssueAdminCertificate)
         }
-        super::PUBLISH_ROOT_CA => {
-            publish_root_ca(api, caller, decode(payload)?).map(|r| encode(&r))
+        Call::RevokeAdminCertificate(r) => revoke_admin(api, r).map(Reply::RevokeAdminCertificate),
+        Call::PublishRootCa(r) => publish_root_ca(api, caller, r).map(Reply::PublishRootCa),
+        Call::RevokeRemovedManager(r) => {
+            revoke_removed_manager(api, r).map(Reply::RevokeRemovedManager)
         }
-        super::REVOKE_REMOVED_MANAGER => {
-            revoke_removed_manager(api, decode(payload)?).map(|r| encode(&r))
-        }
-        other => Err(Status::new(
-            Code::Unimplemented,
-            format!("{other} is not a control write"),
-        )),
     }
 }
 

@@ -8,24 +8,19 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::{ControlApi, PROPOSE_TIMEOUT};
-use crate::net::{Allow, CallOptions, Router, ServicePool};
+use crate::net::{CallOptions, Router, ServicePool, UnaryMethod};
 use crate::proto::control as pb;
+use crate::proto::control::rpc::{self, forward};
 use crate::proto::raft as raftpb;
-use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
+use crate::proto::raft::rpc::{REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
+use crate::raft::node::service::ADMIN_CALL_TIMEOUT;
 use crate::wire::{Code, Status};
-
-/// Lists the managers as the leader sees them.
-pub const LIST_MANAGERS: &str = "control.ListManagers";
-/// Removes a manager from the Raft group.
-pub const REMOVE_MANAGER: &str = "control.RemoveManager";
-/// Hands leadership to another manager.
-pub const TRANSFER_LEADERSHIP_TO: &str = "control.TransferLeadership";
 
 impl ControlApi {
     /// Calls the leader's raft `method` (this manager's own address when it leads).
     fn call_leader<Req: prost::Message, Resp: prost::Message + Default>(
         &self,
-        method: &str,
+        method: UnaryMethod<Req, Resp>,
         request: &Req,
     ) -> Result<Resp, Status> {
         let leader = self.node.leader().ok_or_else(|| {
@@ -40,7 +35,7 @@ impl ControlApi {
                 format!("the address of leader {leader:x} is not known yet; retry in a moment"),
             )
         })?;
-        self.transport.channel(&addr, &self.client_tls).unary(
+        self.transport.channel(&addr, &self.client_tls).call(
             method,
             request,
             CallOptions::timeout(ADMIN_CALL_TIMEOUT.max(PROPOSE_TIMEOUT)),
@@ -89,16 +84,10 @@ pub(super) fn group_view(api: &ControlApi) -> Option<GroupView> {
 /// Serves the manager methods.
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
-    router.unary(
-        LIST_MANAGERS,
-        Allow::OPERATORS,
-        pool,
-        move |_, _: pb::ListManagersRequest| leader_status(&a),
-    );
+    router.serve_unary(rpc::LIST_MANAGERS, pool, move |_, _| leader_status(&a));
     let a = api.clone();
-    router.unary(
-        REMOVE_MANAGER,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::REMOVE_MANAGER,
         pool,
         move |ctx, request: pb::RemoveManagerRequest| {
             let caller = super::Caller::from_peer(ctx.peer())?;
@@ -112,8 +101,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             // The removed manager's certificate is revoked cluster-wide (it must not come
             // back through raft.Join or reach the control API). Removed from Raft but not
             // yet revoked (this call failed): `manager rm` again, or `node rm`, finishes it.
-            let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
-            a.write(&caller, super::REVOKE_REMOVED_MANAGER, payload)
+            a.write(&caller, forward::REVOKE_REMOVED_MANAGER, request)
                 .map_err(|status| {
                     Status::new(
                         status.code,
@@ -128,9 +116,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.unary(
-        TRANSFER_LEADERSHIP_TO,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::TRANSFER_LEADERSHIP,
         pool,
         move |_, request: pb::TransferLeadershipRequest| {
             let _: raftpb::TransferLeadershipResponse = a.call_leader(

@@ -3,23 +3,29 @@
 //! ```text
 //!  CLI ──mTLS──► any manager ── reads: linearizable read index, then the local store
 //!                     │
-//!                     └─ writes: leader? run here : control.Forward(method, payload,
+//!                     └─ writes: leader? run here : control.Forward(typed request,
 //!                                caller id/role) ──► leader runs it as the caller
 //! ```
 //!
-//! - Writes ([`write`]) run only on the leader: they read the local store, build one
-//!   [`Transaction`](crate::proto::objects::Transaction) (updates carry the version the
+//! - The methods and their policies (who may call, read or write, forwarded or not) are
+//!   declared in `proto/flotilla/control.proto` and generated into
+//!   [`crate::proto::control::rpc`]; registration and authorization read them there.
+//! - Writes ([`ControlApi::write`]) run only on the leader: they read the local store, build
+//!   one [`Transaction`](crate::proto::objects::Transaction) (updates carry the version the
 //!   caller read, so a stale one fails with `Aborted`) and propose it through Raft.
-//! - A follower forwards a write once, to the leader it knows, in a [`FORWARD`] envelope
-//!   with the caller's verified identity. Only a manager may call [`FORWARD`]; the leader
-//!   never forwards again (no chains, no loops).
+//! - A follower forwards a write (`forward=yes`) once, to the leader it knows, in a
+//!   `control.Forward` envelope carrying the typed request (encoded once, decoded once) and
+//!   the caller's verified identity. Only a manager may call `control.Forward`; the leader
+//!   checks the caller against the method's policy again and never forwards again (no
+//!   chains, no loops).
 //! - Reads wait for [`linearizable_read_index`] and then serve from the local store;
 //!   listings stream in chunks of at most [`LIST_CHUNK_BYTES_MAX`] bytes.
-//! - [`WATCH`] streams store events from a thread per watch ([`watch`]).
+//! - `control.Watch` streams store events from a thread per watch ([`watch`]).
 //! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
 //! - [`admin`] issues admin certificates (OU `admin`) from a CSR.
-//! - Who may call: operators, that is managers and admin certificates ([`Allow::OPERATORS`]);
-//!   never workers. [`FORWARD`] and [`REPORT_MANAGER`] are for managers only. Beyond the
+//! - Who may call: operators, that is managers and admin certificates
+//!   ([`Allow::OPERATORS`](crate::net::Allow::OPERATORS)); never workers. `control.Forward`,
+//!   `control.ReportManager` and `control.PublishRootCa` are for managers only. Beyond the
 //!   certificate's role, [`access`] refuses revoked identities (removed nodes, revoked admin
 //!   certificates) and demoted managers on every manager, for every method (the
 //!   transport's authorizer) and again on the leader for a forwarded caller.
@@ -46,96 +52,26 @@ pub mod watch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use parking_lot::Mutex;
-use prost::Message;
 
 use crate::ca::{PeerIdentity, Role, RootCert, SharedCa};
 use crate::kv::linearizable_read_index;
 use crate::manager::StateDir;
-use crate::net::{Allow, CallContext, CallOptions, Router, ServicePool, Transport};
+use crate::net::{CallContext, CallOptions, Router, ServicePool, Transport};
 use crate::proto::control as pb;
+use crate::proto::control::forward_request::Call;
+use crate::proto::control::forward_response::Reply;
+use crate::proto::control::rpc::{self, forward};
 use crate::proto::objects::NodeRole;
 use crate::raft::node::NodeHandle;
 use crate::store::Store;
 use crate::wire::{Code, Status};
 
+/// The wire names of the control methods (`control::CREATE_SERVICE` is
+/// `"control.CreateService"`), generated from `proto/flotilla/control.proto`; their typed
+/// descriptors and policies are in [`crate::proto::control::rpc`].
+pub use crate::proto::control::rpc::name::*;
 pub use handlers::new_object_id;
-
-/// Runs a write on the leader as the caller named inside (managers only).
-pub const FORWARD: &str = "control.Forward";
-/// Creates a service.
-pub const CREATE_SERVICE: &str = "control.CreateService";
-/// Reads one service.
-pub const GET_SERVICE: &str = "control.GetService";
-/// Streams every service.
-pub const LIST_SERVICES: &str = "control.ListServices";
-/// Replaces a service's spec (with the version read).
-pub const UPDATE_SERVICE: &str = "control.UpdateService";
-/// Removes a service.
-pub const REMOVE_SERVICE: &str = "control.RemoveService";
-/// Streams every node.
-pub const LIST_NODES: &str = "control.ListNodes";
-/// Reads one node.
-pub const GET_NODE: &str = "control.GetNode";
-/// Replaces a node's spec (availability, labels, desired role).
-pub const UPDATE_NODE: &str = "control.UpdateNode";
-/// Removes a node.
-pub const REMOVE_NODE: &str = "control.RemoveNode";
-/// A manager records itself as a Node object.
-pub const REPORT_MANAGER: &str = "control.ReportManager";
-/// Streams tasks, optionally of one service or node.
-pub const LIST_TASKS: &str = "control.ListTasks";
-/// Reads one task.
-pub const GET_TASK: &str = "control.GetTask";
-/// Reads the cluster object.
-pub const GET_CLUSTER: &str = "control.GetCluster";
-/// Replaces the cluster spec (with the version read).
-pub const UPDATE_CLUSTER: &str = "control.UpdateCluster";
-/// Reads the join tokens.
-pub const GET_JOIN_TOKENS: &str = "control.GetJoinTokens";
-/// Replaces one join token.
-pub const ROTATE_JOIN_TOKEN: &str = "control.RotateJoinToken";
-/// Streams store events.
-pub const WATCH: &str = "control.Watch";
-/// Internal (managers only, never served to a client): a manager holding the CA key on
-/// disk publishes it into the Cluster object.
-pub const PUBLISH_ROOT_CA: &str = "control.PublishRootCa";
-/// Internal (forwarded by the manager that served `control.RemoveManager`): records the
-/// removed manager's node id as revoked.
-pub const REVOKE_REMOVED_MANAGER: &str = "control.RevokeRemovedManager";
-
-/// The write methods: run on the leader, forwarded by followers. (Also forwarded:
-/// [`admin::ISSUE_ADMIN_CERTIFICATE`] by a manager without the CA key yet,
-/// [`admin::REVOKE_ADMIN_CERTIFICATE`], and the internal [`PUBLISH_ROOT_CA`] and
-/// [`REVOKE_REMOVED_MANAGER`].)
-pub const WRITE_METHODS: [&str; 8] = [
-    CREATE_SERVICE,
-    UPDATE_SERVICE,
-    REMOVE_SERVICE,
-    UPDATE_NODE,
-    REMOVE_NODE,
-    REPORT_MANAGER,
-    UPDATE_CLUSTER,
-    ROTATE_JOIN_TOKEN,
-];
-
-/// Whether a follower may forward `method` to the leader.
-fn is_forwardable(method: &str) -> bool {
-    WRITE_METHODS.contains(&method)
-        || [
-            admin::ISSUE_ADMIN_CERTIFICATE,
-            admin::REVOKE_ADMIN_CERTIFICATE,
-            PUBLISH_ROOT_CA,
-            REVOKE_REMOVED_MANAGER,
-        ]
-        .contains(&method)
-}
-
-/// Writes only a manager may have run (about itself or the cluster's own material).
-fn is_manager_only(method: &str) -> bool {
-    [REPORT_MANAGER, PUBLISH_ROOT_CA].contains(&method)
-}
 
 /// Removes the CA key from a Cluster object before it leaves this manager (a reply, a watch
 /// event). Every path that hands a Cluster to a caller goes through here.
@@ -272,15 +208,31 @@ impl ControlApi {
             .map_err(|e| e.to_status())
     }
 
-    /// Runs the write `method` (encoded `payload`) as `caller`: here if this manager leads,
-    /// else forwarded to the leader.
+    /// Runs the forwardable write `write` with `request` as `caller`: here if this manager
+    /// leads, else forwarded to the leader.
     ///
     /// # Errors
     /// The write's own refusal, or `Unavailable` / `FailedPrecondition` (with a
     /// `leader_addr=` hint) when no leader can take it.
-    pub fn write(&self, caller: &Caller, method: &str, payload: Bytes) -> Result<Bytes, Status> {
+    pub fn write<Req, Resp>(
+        &self,
+        caller: &Caller,
+        write: forward::Write<Req, Resp>,
+        request: Req,
+    ) -> Result<Resp, Status> {
+        let reply = self.write_call(caller, (write.wrap)(request))?;
+        (write.unwrap)(reply).ok_or_else(|| {
+            Status::internal(format!(
+                "the leader answered {} with another method's reply",
+                write.method.name()
+            ))
+        })
+    }
+
+    /// Runs the write `call` as `caller`, here or on the leader.
+    fn write_call(&self, caller: &Caller, call: Call) -> Result<Reply, Status> {
         if self.is_leader() {
-            return handlers::execute(self, caller, method, payload);
+            return handlers::execute(self, caller, call);
         }
         let leader = self.node.leader().ok_or_else(|| {
             Status::retry_soon(
@@ -295,8 +247,7 @@ impl ControlApi {
             )
         })?;
         let request = pb::ForwardRequest {
-            method: method.to_string(),
-            payload,
+            call: Some(call),
             caller_node_id: caller.node_id.clone(),
             caller_role: role_to_proto(caller.role) as i32,
             caller_role_name: caller.role.as_str().to_string(),
@@ -304,7 +255,11 @@ impl ControlApi {
         let response: pb::ForwardResponse = self
             .transport
             .channel(&leader_addr, &self.client_tls)
-            .unary(FORWARD, &request, CallOptions::timeout(PROPOSE_TIMEOUT))
+            .call(
+                rpc::FORWARD,
+                &request,
+                CallOptions::timeout(PROPOSE_TIMEOUT),
+            )
             .map_err(|status| match status.code {
                 // Most often the leader just died and the election is not over: the caller
                 // may retry (a write whose reply was lost may have happened; a create that
@@ -318,7 +273,9 @@ impl ControlApi {
                 ),
                 _ => status,
             })?;
-        Ok(response.payload)
+        response
+            .reply
+            .ok_or_else(|| Status::internal("the leader's forward reply carries no reply"))
     }
 
     /// Stops every watch thread and waits for them.
@@ -328,11 +285,12 @@ impl ControlApi {
     }
 }
 
-/// The leader's side of [`FORWARD`]: runs the write as the caller named in the envelope.
+/// The leader's side of `control.Forward`: runs the write as the caller named in the
+/// envelope, if the write's policy admits the caller.
 fn serve_forward(
     api: &ControlApi,
     ctx: &CallContext,
-    request: pb::ForwardRequest,
+    mut request: pb::ForwardRequest,
 ) -> Result<pb::ForwardResponse, Status> {
     let forwarder = Caller::from_peer(ctx.peer())?;
     if forwarder.role != Role::Manager {
@@ -340,12 +298,11 @@ fn serve_forward(
             "only a manager may forward a call with another node's identity",
         ));
     }
-    if !is_forwardable(&request.method) {
-        return Err(Status::invalid_argument(format!(
-            "{} cannot be forwarded: only control writes are",
-            request.method
-        )));
-    }
+    // The oneof holds forwardable writes only (build.rs checks it against the policies).
+    let call = request.call.take().ok_or_else(|| {
+        Status::invalid_argument("call: required: the forwarded write and its request")
+    })?;
+    let method = forward::method_of(&call);
     if request.caller_node_id.is_empty() {
         return Err(Status::invalid_argument(
             "caller_node_id: required: the original caller's node id",
@@ -362,103 +319,192 @@ fn serve_forward(
         };
         return Err(error.to_status());
     }
+    let role = forwarded_role(&request)?;
     let caller = Caller {
-        role: forwarded_role(&request)?,
+        role,
         node_id: request.caller_node_id,
         forwarded_by: Some(forwarder.node_id),
     };
     // The follower checked the caller against the method's allow-list; check again here,
     // so that no path runs a control write for a worker.
-    let allowed = match caller.role {
-        Role::Manager => true,
-        Role::Admin => !is_manager_only(&request.method),
-        Role::Worker => false,
-    };
-    if !allowed {
+    if !method.policy.allow.admits(Some(caller.role)) {
         return Err(Status::permission_denied(format!(
             "{} may not be called by node {} with role {}",
-            request.method, caller.node_id, caller.role
+            method.name, caller.node_id, caller.role
         )));
     }
     // The follower's store may lag behind this one: a caller revoked or demoted here is
     // refused even if the follower let it through.
     api.access
-        .check_caller(&request.method, &caller.node_id, caller.role)?;
-    handlers::execute(api, &caller, &request.method, request.payload)
-        .map(|payload| pb::ForwardResponse { payload })
+        .check_caller(&method, &caller.node_id, caller.role)?;
+    handlers::execute(api, &caller, call).map(|reply| pb::ForwardResponse { reply: Some(reply) })
 }
 
-/// Serves write `method`: run on the leader, forwarded by a follower with the caller's
-/// identity.
+/// Serves the forwardable write `write`: run on the leader, forwarded by a follower with the
+/// caller's identity. Who may call is the method's declared policy.
 pub(super) fn register_write<Req, Resp>(
     router: &mut Router,
     pool: &ServicePool,
     api: &Arc<ControlApi>,
-    method: &'static str,
+    write: forward::Write<Req, Resp>,
 ) where
-    Req: Message + Default + 'static,
-    Resp: Message + Default + 'static,
+    Req: prost::Message + Default + 'static,
+    Resp: prost::Message + Default + 'static,
 {
-    // A manager reports only itself; every other write is for operators.
-    let allow = if method == REPORT_MANAGER {
-        Allow::MANAGERS
-    } else {
-        Allow::OPERATORS
-    };
     let api = api.clone();
-    router.unary(method, allow, pool, move |ctx, request: Req| {
+    router.serve_unary(write.method, pool, move |ctx, request| {
         let caller = Caller::from_peer(ctx.peer())?;
-        let reply = api.write(&caller, method, Bytes::from(request.encode_to_vec()))?;
-        Resp::decode(reply).map_err(|e| Status::internal(format!("undecodable reply: {e}")))
+        api.write(&caller, write, request)
     });
 }
 
 /// Serves every `control.*` method of `api` on `pool`.
 pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
-    router.unary(FORWARD, Allow::MANAGERS, pool, move |ctx, request| {
+    router.serve_unary(rpc::FORWARD, pool, move |ctx, request| {
         serve_forward(&a, ctx, request)
     });
-    register_write::<pb::CreateServiceRequest, pb::ServiceResponse>(
-        router,
-        pool,
-        api,
-        CREATE_SERVICE,
-    );
-    register_write::<pb::UpdateServiceRequest, pb::ServiceResponse>(
-        router,
-        pool,
-        api,
-        UPDATE_SERVICE,
-    );
-    register_write::<pb::RemoveServiceRequest, pb::RemoveResponse>(
-        router,
-        pool,
-        api,
-        REMOVE_SERVICE,
-    );
-    register_write::<pb::UpdateNodeRequest, pb::NodeResponse>(router, pool, api, UPDATE_NODE);
-    register_write::<pb::RemoveNodeRequest, pb::RemoveResponse>(router, pool, api, REMOVE_NODE);
-    register_write::<pb::ReportManagerRequest, pb::ReportManagerResponse>(
-        router,
-        pool,
-        api,
-        REPORT_MANAGER,
-    );
-    register_write::<pb::UpdateClusterRequest, pb::ClusterResponse>(
-        router,
-        pool,
-        api,
-        UPDATE_CLUSTER,
-    );
-    register_write::<pb::RotateJoinTokenRequest, pb::JoinTokensResponse>(
-        router,
-        pool,
-        api,
-        ROTATE_JOIN_TOKEN,
-    );
+    register_write(router, pool, api, forward::CREATE_SERVICE);
+    register_write(router, pool, api, forward::UPDATE_SERVICE);
+    register_write(router, pool, api, forward::REMOVE_SERVICE);
+    register_write(router, pool, api, forward::UPDATE_NODE);
+    register_write(router, pool, api, forward::REMOVE_NODE);
+    register_write(router, pool, api, forward::REPORT_MANAGER);
+    register_write(router, pool, api, forward::UPDATE_CLUSTER);
+    register_write(router, pool, api, forward::ROTATE_JOIN_TOKEN);
     reads::register(router, pool, api);
     watch::register(router, pool, api);
     managers::register(router, pool, api);
     admin::register(router, pool, api);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::net::Allow;
+    use crate::net::method::Access;
+
+    fn control_methods() -> impl Iterator<Item = crate::net::Method> {
+        rpc::METHODS.into_iter()
+    }
+
+    /// The writes a follower forwards: today's eight writes, the admin certificate calls,
+    /// and the two internal ones.
+    #[test]
+    fn the_forwarded_writes_are_those_of_before() {
+        let forwarded: BTreeSet<&str> = control_methods()
+            .filter(|m| m.policy.forward)
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(
+            forwarded,
+            BTreeSet::from([
+                CREATE_SERVICE,
+                UPDATE_SERVICE,
+                REMOVE_SERVICE,
+                UPDATE_NODE,
+                REMOVE_NODE,
+                REPORT_MANAGER,
+                UPDATE_CLUSTER,
+                ROTATE_JOIN_TOKEN,
+                ISSUE_ADMIN_CERTIFICATE,
+                REVOKE_ADMIN_CERTIFICATE,
+                PUBLISH_ROOT_CA,
+                REVOKE_REMOVED_MANAGER,
+            ])
+        );
+        let internal: BTreeSet<&str> = control_methods()
+            .filter(|m| m.policy.internal)
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(
+            internal,
+            BTreeSet::from([PUBLISH_ROOT_CA, REVOKE_REMOVED_MANAGER])
+        );
+    }
+
+    /// Every control write is forwarded to the leader and open to operators, except the
+    /// manager-only ones (a manager's report about itself, the CA key it publishes), the
+    /// forward itself, and the two that delegate to the leader's Raft methods.
+    #[test]
+    fn every_control_write_is_forwarded_for_operators_but_the_manager_only_ones() {
+        let delegated = [FORWARD, REMOVE_MANAGER, TRANSFER_LEADERSHIP];
+        let manager_only = [FORWARD, REPORT_MANAGER, PUBLISH_ROOT_CA];
+        for method in control_methods() {
+            let policy = method.policy;
+            let expected_allow = if manager_only.contains(&method.name) {
+                Allow::MANAGERS
+            } else {
+                Allow::OPERATORS
+            };
+            assert_eq!(policy.allow, expected_allow, "{}", method.name);
+            assert!(
+                !policy.allow.admits(Some(Role::Worker)),
+                "{}: never workers",
+                method.name
+            );
+            match policy.access {
+                Access::Write => assert_eq!(
+                    policy.forward,
+                    !delegated.contains(&method.name),
+                    "{}",
+                    method.name
+                ),
+                Access::Read => assert!(!policy.forward, "{}", method.name),
+            }
+        }
+    }
+
+    /// Each forwarded write's request travels in its own oneof field, and its reply comes
+    /// back only from its own.
+    #[test]
+    fn forwarded_writes_travel_in_their_own_oneof_fields() {
+        fn round_trip<Req: Default, Resp: Default>(write: forward::Write<Req, Resp>) {
+            let call = (write.wrap)(Req::default());
+            assert_eq!(forward::method_of(&call), write.method.method());
+            let other = Reply::PublishRootCa(pb::PublishRootCaResponse {});
+            let is_publish = write.method.name() == PUBLISH_ROOT_CA;
+            assert_eq!((write.unwrap)(other).is_some(), is_publish);
+        }
+        round_trip(forward::CREATE_SERVICE);
+        round_trip(forward::UPDATE_SERVICE);
+        round_trip(forward::REMOVE_SERVICE);
+        round_trip(forward::UPDATE_NODE);
+        round_trip(forward::REMOVE_NODE);
+        round_trip(forward::REPORT_MANAGER);
+        round_trip(forward::UPDATE_CLUSTER);
+        round_trip(forward::ROTATE_JOIN_TOKEN);
+        round_trip(forward::ISSUE_ADMIN_CERTIFICATE);
+        round_trip(forward::REVOKE_ADMIN_CERTIFICATE);
+        round_trip(forward::PUBLISH_ROOT_CA);
+        round_trip(forward::REVOKE_REMOVED_MANAGER);
+        let reply = (forward::CREATE_SERVICE.unwrap)(Reply::CreateService(pb::ServiceResponse {
+            service: None,
+        }));
+        assert_eq!(reply, Some(pb::ServiceResponse { service: None }));
+        assert_eq!(
+            (forward::UPDATE_SERVICE.unwrap)(Reply::CreateService(Default::default())),
+            None
+        );
+    }
+
+    /// A forwarded caller passes the leader's check exactly when the method's policy admits
+    /// its role: managers everywhere, admins but not where only managers may, workers nowhere.
+    #[test]
+    fn forwarded_callers_are_checked_against_the_policy() {
+        let admits = |write: crate::net::Method, role| write.policy.allow.admits(Some(role));
+        for method in control_methods().filter(|m| m.policy.forward) {
+            assert!(admits(method, Role::Manager), "{}", method.name);
+            assert!(!admits(method, Role::Worker), "{}", method.name);
+            let manager_only = [REPORT_MANAGER, PUBLISH_ROOT_CA].contains(&method.name);
+            assert_eq!(
+                admits(method, Role::Admin),
+                !manager_only,
+                "{}",
+                method.name
+            );
+        }
+    }
 }

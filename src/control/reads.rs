@@ -9,8 +9,9 @@ use prost::Message;
 
 use super::managers::{GroupView, group_view};
 use super::{ControlApi, LIST_CHUNK_BYTES_MAX};
-use crate::net::{Allow, Router, ServerStream, ServicePool};
+use crate::net::{Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
+use crate::proto::control::rpc;
 use crate::proto::objects::{Cluster, Node, RaftReachability, Service, Task};
 use crate::store::{ReadView, Record};
 use crate::wire::{Code, Status};
@@ -158,9 +159,8 @@ fn with_manager_view(api: &ControlApi, view: Option<&GroupView>, node: &Node) ->
 /// Serves the read methods.
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
-    router.unary(
-        super::GET_SERVICE,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::GET_SERVICE,
         pool,
         move |_, request: pb::GetServiceRequest| {
             a.read_barrier()?;
@@ -173,9 +173,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.server_stream(
-        super::LIST_SERVICES,
-        Allow::OPERATORS,
+    router.serve_server_stream(
+        rpc::LIST_SERVICES,
         pool,
         move |_, _: pb::ListServicesRequest, stream| {
             a.read_barrier()?;
@@ -184,9 +183,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.unary(
-        super::GET_NODE,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::GET_NODE,
         pool,
         move |ctx, request: pb::GetNodeRequest| {
             // A demoted manager's certificate reaches this method only to read its own
@@ -194,7 +192,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             if let Some(peer) = ctx.peer()
                 && peer.node_id != request.reference
             {
-                a.access.check(super::LIST_NODES, peer)?;
+                a.access.check(&rpc::LIST_NODES.method(), peer)?;
             }
             a.read_barrier()?;
             let node = a
@@ -208,9 +206,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.server_stream(
-        super::LIST_NODES,
-        Allow::OPERATORS,
+    router.serve_server_stream(
+        rpc::LIST_NODES,
         pool,
         move |_, _: pb::ListNodesRequest, stream| {
             a.read_barrier()?;
@@ -228,9 +225,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.unary(
-        super::GET_TASK,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::GET_TASK,
         pool,
         move |_, request: pb::GetTaskRequest| {
             a.read_barrier()?;
@@ -243,9 +239,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.server_stream(
-        super::LIST_TASKS,
-        Allow::OPERATORS,
+    router.serve_server_stream(
+        rpc::LIST_TASKS,
         pool,
         move |_, request: pb::ListTasksRequest, stream| {
             a.read_barrier()?;
@@ -273,9 +268,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.unary(
-        super::GET_CLUSTER,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::GET_CLUSTER,
         pool,
         move |_, _: pb::GetClusterRequest| {
             a.read_barrier()?;
@@ -287,9 +281,8 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
         },
     );
     let a = api.clone();
-    router.unary(
-        super::GET_JOIN_TOKENS,
-        Allow::OPERATORS,
+    router.serve_unary(
+        rpc::GET_JOIN_TOKENS,
         pool,
         move |_, _: pb::GetJoinTokensRequest| {
             a.read_barrier()?;

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::ControlApi;
-use crate::net::{Allow, Router, ServerStream, ServicePool};
+use crate::net::{Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
 use crate::proto::objects::{StoreObject, store_object};
 use crate::store::{Action, Kind, WatchError, WatchEvent, WatchFilter, WatchOptions, Watcher};
@@ -173,13 +173,10 @@ fn start_watch(
     Ok(())
 }
 
-/// Serves [`super::WATCH`].
+/// Serves `control.Watch`.
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
-    router.server_stream(
-        super::WATCH,
-        Allow::OPERATORS,
-        pool,
-        move |_, request: pb::WatchRequest, stream| start_watch(&a, &request, stream),
-    );
+    router.serve_server_stream(pb::rpc::WATCH, pool, move |_, request, stream| {
+        start_watch(&a, &request, stream)
+    });
 }

@@ -17,11 +17,12 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
-use super::{HEARTBEAT, SESSION, STATUS_UPDATES_MAX, UPDATE_TASK_STATUS};
+use super::STATUS_UPDATES_MAX;
 use crate::agent::TaskStatusReport;
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher as pb;
+use crate::proto::dispatcher::rpc::{HEARTBEAT, SESSION, UPDATE_TASK_STATUS};
 use crate::proto::objects::{NodeDescription, NodeRole, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
@@ -218,11 +219,8 @@ fn session(
         hostname: config.hostname.clone(),
         description: Some(sink.description()),
     };
-    let mut stream = channel.server_stream::<_, pb::SessionMessage>(
-        SESSION,
-        &request,
-        CallOptions { timeout: None },
-    )?;
+    let mut stream =
+        channel.call_server_stream(SESSION, &request, CallOptions { timeout: None })?;
     // The previous message was a part of a complete set with more parts to come.
     let mut in_set = false;
     while !stopping.load(Ordering::SeqCst) {
@@ -311,11 +309,7 @@ impl Reporter<'_> {
         let request = pb::HeartbeatRequest {
             session_id: session.session_id.clone(),
         };
-        match channel.unary::<_, pb::HeartbeatResponse>(
-            HEARTBEAT,
-            &request,
-            CallOptions::timeout(CALL_TIMEOUT),
-        ) {
+        match channel.call(HEARTBEAT, &request, CallOptions::timeout(CALL_TIMEOUT)) {
             Ok(response) => {
                 let role = response.certificate_role.map(|r| {
                     if r == NodeRole::Manager as i32 {
@@ -352,7 +346,7 @@ fn send_reports(
             session_id: session.session_id.clone(),
             updates: batch,
         };
-        match channel.unary::<_, pb::UpdateTaskStatusResponse>(
+        match channel.call(
             UPDATE_TASK_STATUS,
             &request,
             CallOptions::timeout(CALL_TIMEOUT),

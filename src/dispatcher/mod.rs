@@ -33,8 +33,9 @@ use parking_lot::Mutex;
 
 use crate::ca::PeerIdentity;
 use crate::manager::state::propose_transaction;
-use crate::net::{Allow, CallContext, Router, ServerStream, ServicePool};
+use crate::net::{CallContext, Router, ServerStream, ServicePool};
 use crate::proto::dispatcher as pb;
+use crate::proto::dispatcher::rpc;
 use crate::proto::objects::{
     Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
 };
@@ -46,12 +47,6 @@ use crate::store::{
 use crate::util::clock::unix_now_ms as now_ms;
 use crate::wire::{Code, Status};
 
-/// Opens a node's session (server stream of [`pb::SessionMessage`]).
-pub const SESSION: &str = "dispatcher.Session";
-/// Keeps a session alive.
-pub const HEARTBEAT: &str = "dispatcher.Heartbeat";
-/// Reports task status changes.
-pub const UPDATE_TASK_STATUS: &str = "dispatcher.UpdateTaskStatus";
 /// The status reason of a refusal by a manager that is not the leader.
 pub const NOT_LEADER: &str = "NOT_LEADER";
 /// Sessions one leader serves at once (one thread each).
@@ -171,23 +166,21 @@ impl Dispatcher {
             .collect()
     }
 
-    /// Serves the dispatcher's methods on `router` (managers and workers may call).
+    /// Serves the dispatcher's methods on `router` (managers and workers may call, as their
+    /// declared policies say).
     pub fn register(self: &Arc<Self>, router: &mut Router, pool: &ServicePool) {
         let d = self.clone();
-        router.server_stream(SESSION, Allow::NODES, pool, move |ctx, request, stream| {
+        router.serve_server_stream(rpc::SESSION, pool, move |ctx, request, stream| {
             d.open_session(ctx, request, stream)
         });
         let d = self.clone();
-        router.unary(HEARTBEAT, Allow::NODES, pool, move |ctx, request| {
+        router.serve_unary(rpc::HEARTBEAT, pool, move |ctx, request| {
             d.heartbeat(ctx, &request)
         });
         let d = self.clone();
-        router.unary(
-            UPDATE_TASK_STATUS,
-            Allow::NODES,
-            pool,
-            move |ctx, request| d.update_task_status(ctx, request),
-        );
+        router.serve_unary(rpc::UPDATE_TASK_STATUS, pool, move |ctx, request| {
+            d.update_task_status(ctx, request)
+        });
     }
 
     /// Ends every session stream and joins the session and monitor threads.

@@ -14,18 +14,15 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use prost::Message;
 
-use crate::net::{Allow, CallOptions, Router, ServicePool, Transport};
+use crate::net::{CallOptions, Router, ServicePool, Transport};
 use crate::proto::kv as pb;
+use crate::proto::kv::rpc;
+use crate::proto::raft::rpc::READ_INDEX;
 use crate::proto::raft::{ReadIndexRequest, ReadIndexResponse};
-use crate::raft::node::service::READ_INDEX;
 use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
 use crate::wire::Status;
 
-/// Proposes one command.
-pub const APPLY: &str = "kv.Apply";
-/// Reads one key, linearizably.
-pub const GET: &str = "kv.Get";
 /// Longest key accepted.
 pub const KEY_BYTES_MAX: usize = 1024;
 /// Longest record accepted while restoring a snapshot (a value is at most one proposal).
@@ -213,49 +210,40 @@ pub fn register(
     let n = node.clone();
     // Inline on the reactor: validation and a `try_send` to the raft thread; the apply
     // thread answers later through the responder.
-    router.unary_deferred_inline(
-        APPLY,
-        Allow::MANAGERS,
-        move |_, command: pb::Command, responder| {
-            if let Err(status) = validate(&command) {
-                responder.respond(Err(status));
-                return;
-            }
-            let mut proposal = Vec::with_capacity(command.encoded_len() + 1);
-            proposal.push(tag);
-            command
-                .encode(&mut proposal)
-                .expect("a Vec grows as needed");
-            n.propose_with(
-                &proposal,
-                Box::new(move |result| {
-                    responder.respond(result.map_err(|e| e.to_status()).and_then(|reply| {
-                        pb::ApplyResult::decode(reply).map_err(|e| Status::internal(e.to_string()))
-                    }));
-                }),
-            );
-        },
-    );
+    router.serve_unary_deferred_inline(rpc::APPLY, move |_, command: pb::Command, responder| {
+        if let Err(status) = validate(&command) {
+            responder.respond(Err(status));
+            return;
+        }
+        let mut proposal = Vec::with_capacity(command.encoded_len() + 1);
+        proposal.push(tag);
+        command
+            .encode(&mut proposal)
+            .expect("a Vec grows as needed");
+        n.propose_with(
+            &proposal,
+            Box::new(move |result| {
+                responder.respond(result.map_err(|e| e.to_status()).and_then(|reply| {
+                    pb::ApplyResult::decode(reply).map_err(|e| Status::internal(e.to_string()))
+                }));
+            }),
+        );
+    });
     let (n, m, t, tls) = (
         node.clone(),
         machine.clone(),
         transport.clone(),
         client_tls.clone(),
     );
-    router.unary(
-        GET,
-        Allow::MANAGERS,
-        pool,
-        move |_, request: pb::GetRequest| {
-            let index = linearizable_read_index(&n, &t, &tls).map_err(|e| e.to_status())?;
-            let value = m.get(&request.key);
-            Ok(pb::GetResponse {
-                found: value.is_some(),
-                value: value.unwrap_or_default(),
-                index,
-            })
-        },
-    );
+    router.serve_unary(rpc::GET, pool, move |_, request: pb::GetRequest| {
+        let index = linearizable_read_index(&n, &t, &tls).map_err(|e| e.to_status())?;
+        let value = m.get(&request.key);
+        Ok(pb::GetResponse {
+            found: value.is_some(),
+            value: value.unwrap_or_default(),
+            index,
+        })
+    });
 }
 
 /// Waits until this member may serve a linearizable read and returns the read index: the
@@ -283,7 +271,7 @@ pub fn linearizable_read_index(
             })?;
     let response: ReadIndexResponse = transport
         .channel(&leader_addr, tls)
-        .unary(
+        .call(
             READ_INDEX,
             &ReadIndexRequest {},
             CallOptions::timeout(READ_TIMEOUT),

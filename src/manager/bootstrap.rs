@@ -286,9 +286,9 @@ fn check_rejoin<'t>(
     token: &str,
     manager_addr: &str,
 ) -> Result<RejoinCheck<'t>, BootstrapError> {
-    use crate::control::{GET_JOIN_TOKENS, GET_NODE};
     use crate::net::CallOptions;
     use crate::proto::control as pb;
+    use crate::proto::control::rpc::{GET_JOIN_TOKENS, GET_NODE};
     use crate::proto::objects::NodeRole;
 
     let parsed = crate::ca::JoinToken::parse(token).map_err(JoinClusterError::from)?;
@@ -312,7 +312,7 @@ fn check_rejoin<'t>(
         BootstrapError::Rejoin(format!("{manager_addr} did not answer: {status}"))
     };
     let tokens: pb::JoinTokensResponse = channel
-        .unary(GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {}, options)
+        .call(GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {}, options)
         .map_err(unreachable)?;
     let tokens = tokens.tokens.unwrap_or_default();
     if tokens.worker == token {
@@ -326,7 +326,7 @@ fn check_rejoin<'t>(
         ));
     }
     let node: pb::NodeResponse = channel
-        .unary(
+        .call(
             GET_NODE,
             &pb::GetNodeRequest {
                 reference: node_id.clone(),
@@ -361,7 +361,8 @@ fn remove_old_member(
 ) -> Result<Option<NodeId>, BootstrapError> {
     use crate::net::CallOptions;
     use crate::proto::raft as raftpb;
-    use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, REMOVE_MEMBER};
+    use crate::proto::raft::rpc::REMOVE_MEMBER;
+    use crate::raft::node::service::ADMIN_CALL_TIMEOUT;
     use crate::wire::Code;
 
     let request = raftpb::RemoveMemberRequest {
@@ -372,7 +373,7 @@ fn remove_old_member(
     let mut channel = checked.channel.clone();
     for _ in 0..=super::register::REDIRECTS_MAX {
         let result: Result<raftpb::RemoveMemberResponse, _> =
-            channel.unary(REMOVE_MEMBER, &request, options);
+            channel.call(REMOVE_MEMBER, &request, options);
         match result {
             Ok(_) => return Ok(Some(raft_id)),
             Err(status) if status.code == Code::NotFound => return Ok(None),

@@ -10,9 +10,10 @@ use std::time::Duration;
 use crossbeam_channel::{RecvTimeoutError, Sender};
 
 use crate::net::{CallOptions, Transport};
+use crate::proto::raft::rpc::JOIN;
 use crate::proto::raft::{JoinRequest, JoinResponse};
 use crate::raft::node::NodeHandle;
-use crate::raft::node::service::{ADMIN_CALL_TIMEOUT, JOIN};
+use crate::raft::node::service::ADMIN_CALL_TIMEOUT;
 
 /// Wait between attempts.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(500);
@@ -92,7 +93,7 @@ fn ask(
     };
     let mut target = join_addr.to_string();
     for _ in 0..=REDIRECTS_MAX {
-        let result: Result<JoinResponse, _> = transport.channel(&target, tls).unary(
+        let result: Result<JoinResponse, _> = transport.channel(&target, tls).call(
             JOIN,
             &request,
             CallOptions::timeout(ADMIN_CALL_TIMEOUT),

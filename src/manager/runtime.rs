@@ -538,8 +538,8 @@ impl Manager {
                 continue;
             }
             let reply: Result<pb::NodeResponse, _> =
-                self.transport.channel(&addr, &self.client_tls).unary(
-                    control::GET_NODE,
+                self.transport.channel(&addr, &self.client_tls).call(
+                    pb::rpc::GET_NODE,
                     &pb::GetNodeRequest {
                         reference: node_id.to_string(),
                     },

@@ -18,6 +18,7 @@ use prost::Message;
 
 use super::Command;
 use super::conn::{ConnShared, Outbound, ReactorWaker, ReplyCallback, ReplyHook, Route, envelope};
+use super::method::{ClientStreamMethod, ServerStreamMethod, UnaryMethod};
 use super::socket::DialAddr;
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::PeerIdentity;
@@ -315,6 +316,47 @@ impl Channel {
     ) -> Result<Resp, Status> {
         let payload = self.unary_raw(method, Bytes::from(request.encode_to_vec()), options)?;
         decode_reply(payload)
+    }
+
+    /// Calls the declared unary `method` (a generated descriptor, so the request and reply
+    /// types are the method's).
+    ///
+    /// # Errors
+    /// As [`Channel::unary`].
+    pub fn call<Req: Message, Resp: Message + Default>(
+        &self,
+        method: UnaryMethod<Req, Resp>,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<Resp, Status> {
+        self.unary(method.name(), request, options)
+    }
+
+    /// Calls the declared server-streaming `method`; read the replies from the returned
+    /// stream.
+    ///
+    /// # Errors
+    /// As [`Channel::unary`], for opening the stream.
+    pub fn call_server_stream<Req: Message, Resp: Message + Default>(
+        &self,
+        method: ServerStreamMethod<Req, Resp>,
+        request: &Req,
+        options: CallOptions,
+    ) -> Result<ResponseStream<Resp>, Status> {
+        self.server_stream(method.name(), request, options)
+    }
+
+    /// Opens the declared client-streaming `method`; send messages, then `finish` for the
+    /// reply.
+    ///
+    /// # Errors
+    /// As [`Channel::unary`], for opening the stream.
+    pub fn call_client_stream<Req: Message, Resp: Message + Default>(
+        &self,
+        method: ClientStreamMethod<Req, Resp>,
+        options: CallOptions,
+    ) -> Result<RequestStream<Req, Resp>, Status> {
+        self.client_stream(method.name(), options)
     }
 
     /// [`Channel::unary`] on encoded bytes.

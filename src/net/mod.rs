@@ -35,6 +35,7 @@
 
 mod client;
 mod conn;
+pub mod method;
 mod reactor;
 mod server;
 mod socket;
@@ -52,6 +53,7 @@ use parking_lot::Mutex;
 
 pub use client::{CallOptions, Channel, RequestStream, ResponseStream};
 pub use conn::ReplyCallback;
+pub use method::{ClientStreamMethod, Method, Policy, ServerStreamMethod, UnaryMethod};
 pub use server::{
     Allow, Authorizer, CallContext, ClientStream, Responder, Router, ServerStream, ServicePool,
 };

@@ -2,6 +2,13 @@
 //! that run handlers ([`ServicePool`]), and what a handler sees ([`CallContext`],
 //! [`ServerStream`], [`ClientStream`]).
 //!
+//! Methods declared in `proto/` are registered by their generated descriptor
+//! (`Router::serve_*`), which brings the method's shape, request and reply types and its
+//! policy ([`Allow`] list included); the router keeps them in a table indexed like
+//! [`crate::proto::METHODS`], found by the generated name lookup. Methods not declared there
+//! (tests, benchmarks) are registered by name with an explicit [`Allow`]; a declared name
+//! cannot be registered that way.
+//!
 //! The reactor looks a REQUEST's method up in the router, checks the caller's role, and
 //! hands the call to the method's pool over a bounded channel; if the pool's queue is full
 //! the call fails at once with `ResourceExhausted` (the reactor never blocks). Handlers run
@@ -20,6 +27,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use prost::Message;
 
 use super::conn::{ConnShared, Route, envelope};
+use super::method::{ClientStreamMethod, Method, Policy, ServerStreamMethod, Shape, UnaryMethod};
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::{PeerIdentity, Role};
 use crate::proto::wire::{Envelope, FrameKind};
@@ -67,18 +75,24 @@ impl Allow {
         anonymous: true,
     };
 
+    /// Whether a caller with certificate role `role` (`None`: no certificate) is on the
+    /// list.
+    pub const fn admits(&self, role: Option<Role>) -> bool {
+        match role {
+            None => self.anonymous,
+            Some(Role::Manager) => self.managers,
+            Some(Role::Worker) => self.workers,
+            Some(Role::Admin) => self.admins,
+        }
+    }
+
     /// Decides whether a caller with `identity` may call `method`.
     ///
     /// # Errors
     /// `Unauthenticated` without a certificate where one is needed, `PermissionDenied` for a
     /// role not on the list.
     pub fn check(&self, method: &str, identity: Option<&PeerIdentity>) -> Result<(), Status> {
-        let allowed = match identity.map(|id| id.role) {
-            None => self.anonymous,
-            Some(Role::Manager) => self.managers,
-            Some(Role::Worker) => self.workers,
-            Some(Role::Admin) => self.admins,
-        };
+        let allowed = self.admits(identity.map(|id| id.role));
         match (allowed, identity) {
             (true, _) => Ok(()),
             (false, None) => Err(Status::new(
@@ -310,7 +324,7 @@ enum Handler {
 }
 
 struct MethodEntry {
-    allow: Allow,
+    method: Method,
     handler: Handler,
     /// `None`: the handler runs on the reactor thread (see [`Router::unary_inline`]).
     jobs: Option<Sender<Job>>,
@@ -319,12 +333,15 @@ struct MethodEntry {
 /// A second check after a method's allow-list, for callers with a certificate: may this
 /// identity still call `method` (say, its certificate was revoked)? Runs on the reactor
 /// thread for every call, so it must answer from memory, at once, without blocking.
-pub type Authorizer = Arc<dyn Fn(&str, &PeerIdentity) -> Result<(), Status> + Send + Sync>;
+pub type Authorizer = Arc<dyn Fn(&Method, &PeerIdentity) -> Result<(), Status> + Send + Sync>;
 
-/// The methods a listener serves, each with its allow-list and the pool that runs it.
+/// The methods a listener serves, each with its policy and the pool that runs it.
 #[derive(Default)]
 pub struct Router {
-    methods: HashMap<String, MethodEntry>,
+    /// Declared methods, indexed like [`crate::proto::METHODS`].
+    declared: Vec<Option<MethodEntry>>,
+    /// Methods not declared in `proto/`, by name.
+    undeclared: HashMap<String, MethodEntry>,
     authorizer: Option<Authorizer>,
 }
 
@@ -343,68 +360,173 @@ impl Router {
         self.authorizer = Some(authorizer);
     }
 
-    fn insert(&mut self, method: &str, allow: Allow, pool: &ServicePool, handler: Handler) {
-        self.insert_entry(method, allow, Some(pool.jobs.clone()), handler);
+    fn insert(&mut self, method: Method, pool: &ServicePool, handler: Handler) {
+        self.insert_entry(method, Some(pool.jobs.clone()), handler);
     }
 
-    fn insert_entry(
-        &mut self,
-        method: &str,
-        allow: Allow,
-        jobs: Option<Sender<Job>>,
-        handler: Handler,
-    ) {
-        let previous = self.methods.insert(
-            method.to_string(),
-            MethodEntry {
-                allow,
-                handler,
-                jobs,
-            },
+    fn insert_entry(&mut self, method: Method, jobs: Option<Sender<Job>>, handler: Handler) {
+        assert!(
+            !method.policy.internal,
+            "{} is internal: it runs only on the leader, never served to a caller",
+            method.name
         );
-        assert!(previous.is_none(), "method {method} registered twice");
+        let name = method.name;
+        let entry = MethodEntry {
+            method,
+            handler,
+            jobs,
+        };
+        let previous = match crate::proto::method_index(name) {
+            Some(index) => {
+                assert_eq!(
+                    crate::proto::METHODS[index],
+                    method,
+                    "{name} is declared in proto/: serve it by its descriptor (Router::serve_*)"
+                );
+                if self.declared.len() <= index {
+                    self.declared.resize_with(index + 1, || None);
+                }
+                self.declared[index].replace(entry)
+            }
+            None => self.undeclared.insert(name.to_string(), entry),
+        };
+        assert!(previous.is_none(), "method {name} registered twice");
     }
 
-    /// Serves `method` as a unary call whose handler runs on the reactor thread itself: no
-    /// queue, no thread hop. Only for handlers that never block and finish in microseconds
-    /// (hand the request to another thread's bounded queue with `try_send`, answer at once).
-    /// The reply never waits for buffer space; if it does not fit, the call fails with
-    /// `ResourceExhausted`.
+    /// An undeclared method (tests, benchmarks): `allow`, nothing else granted.
+    fn undeclared(name: &'static str, allow: Allow, shape: Shape) -> Method {
+        Method {
+            name,
+            shape,
+            policy: Policy::undeclared(allow),
+        }
+    }
+
+    /// Serves the declared unary `method` on `pool`.
+    pub fn serve_unary<Req, Resp>(
+        &mut self,
+        method: UnaryMethod<Req, Resp>,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.insert(method.method(), pool, unary_handler(handler));
+    }
+
+    /// Serves the declared unary `method` on the reactor thread (see
+    /// [`Router::unary_inline`] for what such a handler may do).
+    pub fn serve_unary_inline<Req, Resp>(
+        &mut self,
+        method: UnaryMethod<Req, Resp>,
+        handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.insert_entry(method.method(), None, unary_handler(handler));
+    }
+
+    /// Serves the declared unary `method` on `pool`, answered through a [`Responder`] (see
+    /// [`Router::unary_deferred`]).
+    pub fn serve_unary_deferred<Req, Resp>(
+        &mut self,
+        method: UnaryMethod<Req, Resp>,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let handler = Handler::Deferred(Arc::new(deferred(handler)));
+        self.insert(method.method(), pool, handler);
+    }
+
+    /// Serves the declared unary `method` on the reactor thread, answered through a
+    /// [`Responder`] (see [`Router::unary_deferred_inline`]).
+    pub fn serve_unary_deferred_inline<Req, Resp>(
+        &mut self,
+        method: UnaryMethod<Req, Resp>,
+        handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        let handler = Handler::Deferred(Arc::new(deferred(handler)));
+        self.insert_entry(method.method(), None, handler);
+    }
+
+    /// Serves the declared server-streaming `method` on `pool` (see
+    /// [`Router::server_stream`]).
+    pub fn serve_server_stream<Req, Resp>(
+        &mut self,
+        method: ServerStreamMethod<Req, Resp>,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, Req, ServerStream<Resp>) -> Result<(), Status>
+        + Send
+        + Sync
+        + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.insert(method.method(), pool, server_stream_handler(handler));
+    }
+
+    /// Serves the declared client-streaming `method` on `pool`.
+    pub fn serve_client_stream<Req, Resp>(
+        &mut self,
+        method: ClientStreamMethod<Req, Resp>,
+        pool: &ServicePool,
+        handler: impl Fn(&CallContext, &mut ClientStream<Req>) -> Result<Resp, Status>
+        + Send
+        + Sync
+        + 'static,
+    ) where
+        Req: Message + Default,
+        Resp: Message,
+    {
+        self.insert(method.method(), pool, client_stream_handler(handler));
+    }
+
+    /// Serves the undeclared `method` as a unary call whose handler runs on the reactor
+    /// thread itself: no queue, no thread hop. Only for handlers that never block and finish
+    /// in microseconds (hand the request to another thread's bounded queue with `try_send`,
+    /// answer at once). The reply never waits for buffer space; if it does not fit, the call
+    /// fails with `ResourceExhausted`.
     pub fn unary_inline<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
     ) where
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert_entry(method, allow, None, unary_handler(handler));
+        let method = Self::undeclared(method, allow, Shape::Unary);
+        self.insert_entry(method, None, unary_handler(handler));
     }
 
     /// [`Router::unary_deferred`] whose handler runs on the reactor thread (see
     /// [`Router::unary_inline`] for what such a handler may do).
     pub fn unary_deferred_inline<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
     ) where
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert_entry(
-            method,
-            allow,
-            None,
-            Handler::Deferred(Arc::new(deferred(handler))),
-        );
+        let method = Self::undeclared(method, allow, Shape::Unary);
+        self.insert_entry(method, None, Handler::Deferred(Arc::new(deferred(handler))));
     }
 
-    /// Serves `method` as a unary call on `pool`.
+    /// Serves the undeclared `method` as a unary call on `pool`.
     pub fn unary<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         pool: &ServicePool,
         handler: impl Fn(&CallContext, Req) -> Result<Resp, Status> + Send + Sync + 'static,
@@ -412,15 +534,16 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert(method, allow, pool, unary_handler(handler));
+        let method = Self::undeclared(method, allow, Shape::Unary);
+        self.insert(method, pool, unary_handler(handler));
     }
 
-    /// Serves `method` as a unary call whose handler answers through a [`Responder`],
-    /// possibly later and from another thread. The handler runs on `pool`; it should only
-    /// hand the request and responder on (to the Raft thread, say) and return.
+    /// Serves the undeclared `method` as a unary call whose handler answers through a
+    /// [`Responder`], possibly later and from another thread. The handler runs on `pool`; it
+    /// should only hand the request and responder on (to the Raft thread, say) and return.
     pub fn unary_deferred<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         pool: &ServicePool,
         handler: impl Fn(&CallContext, Req, Responder<Resp>) + Send + Sync + 'static,
@@ -428,19 +551,16 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        self.insert(
-            method,
-            allow,
-            pool,
-            Handler::Deferred(Arc::new(deferred(handler))),
-        );
+        let method = Self::undeclared(method, allow, Shape::Unary);
+        self.insert(method, pool, Handler::Deferred(Arc::new(deferred(handler))));
     }
 
-    /// Serves `method` as a server-streaming call on `pool`. The handler may return while
-    /// keeping the stream (moved elsewhere); returning an error fails the stream.
+    /// Serves the undeclared `method` as a server-streaming call on `pool`. The handler may
+    /// return while keeping the stream (moved elsewhere); returning an error fails the
+    /// stream.
     pub fn server_stream<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         pool: &ServicePool,
         handler: impl Fn(&CallContext, Req, ServerStream<Resp>) -> Result<(), Status>
@@ -451,21 +571,14 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        let raw = move |ctx: &CallContext, payload: Bytes, sink: Arc<StreamSink>| {
-            let request = decode_request::<Req>(payload)?;
-            let stream = ServerStream {
-                sink,
-                _message: PhantomData,
-            };
-            handler(ctx, request, stream)
-        };
-        self.insert(method, allow, pool, Handler::ServerStream(Arc::new(raw)));
+        let method = Self::undeclared(method, allow, Shape::ServerStream);
+        self.insert(method, pool, server_stream_handler(handler));
     }
 
-    /// Serves `method` as a client-streaming call on `pool`.
+    /// Serves the undeclared `method` as a client-streaming call on `pool`.
     pub fn client_stream<Req, Resp>(
         &mut self,
-        method: &str,
+        method: &'static str,
         allow: Allow,
         pool: &ServicePool,
         handler: impl Fn(&CallContext, &mut ClientStream<Req>) -> Result<Resp, Status>
@@ -476,21 +589,8 @@ impl Router {
         Req: Message + Default,
         Resp: Message,
     {
-        let raw = move |ctx: &CallContext, reader: StreamReader, writer: &StreamWriter| {
-            let mut stream = ClientStream {
-                reader,
-                writer: StreamWriter {
-                    conn: writer.conn.clone(),
-                    stream_id: writer.stream_id,
-                    ctl: writer.ctl.clone(),
-                    deadline: writer.deadline,
-                },
-                ended: false,
-                _message: PhantomData,
-            };
-            handler(ctx, &mut stream).map(|resp| Bytes::from(resp.encode_to_vec()))
-        };
-        self.insert(method, allow, pool, Handler::ClientStream(Arc::new(raw)));
+        let method = Self::undeclared(method, allow, Shape::ClientStream);
+        self.insert(method, pool, client_stream_handler(handler));
     }
 
     /// Reactor only: admits a REQUEST. On success returns the route to register for the
@@ -534,22 +634,32 @@ impl Router {
         })
     }
 
+    /// The entry serving `name`: declared methods through the generated lookup (a match
+    /// on the name), others by hash.
+    fn entry(&self, name: &str) -> Option<&MethodEntry> {
+        match crate::proto::method_index(name) {
+            Some(index) => self.declared.get(index).and_then(Option::as_ref),
+            None => self.undeclared.get(name),
+        }
+    }
+
     pub(crate) fn dispatch(
         &self,
         conn: &Arc<ConnShared>,
         request: Envelope,
         now: Instant,
     ) -> Result<Route, Status> {
-        let Some(entry) = self.methods.get(&request.method) else {
+        let Some(entry) = self.entry(&request.method) else {
             return Err(Status::new(
                 crate::wire::Code::Unimplemented,
                 format!("method {:?} is not served here", request.method),
             ));
         };
         let identity = conn.peer_identity();
-        entry.allow.check(&request.method, identity.as_ref())?;
+        let method = &entry.method;
+        method.policy.allow.check(method.name, identity.as_ref())?;
         if let (Some(authorize), Some(caller)) = (&self.authorizer, identity.as_ref()) {
-            authorize(&request.method, caller)?;
+            authorize(method, caller)?;
         }
         let ctl = Arc::new(StreamCtl::new());
         if request.oneway {
@@ -618,6 +728,56 @@ where
         let request = decode_request::<Req>(payload)?;
         handler(ctx, request).map(|resp| Bytes::from(resp.encode_to_vec()))
     }))
+}
+
+/// A typed server-streaming handler as the router stores it.
+fn server_stream_handler<Req, Resp>(
+    handler: impl Fn(&CallContext, Req, ServerStream<Resp>) -> Result<(), Status>
+    + Send
+    + Sync
+    + 'static,
+) -> Handler
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let raw = move |ctx: &CallContext, payload: Bytes, sink: Arc<StreamSink>| {
+        let request = decode_request::<Req>(payload)?;
+        let stream = ServerStream {
+            sink,
+            _message: PhantomData,
+        };
+        handler(ctx, request, stream)
+    };
+    Handler::ServerStream(Arc::new(raw))
+}
+
+/// A typed client-streaming handler as the router stores it.
+fn client_stream_handler<Req, Resp>(
+    handler: impl Fn(&CallContext, &mut ClientStream<Req>) -> Result<Resp, Status>
+    + Send
+    + Sync
+    + 'static,
+) -> Handler
+where
+    Req: Message + Default,
+    Resp: Message,
+{
+    let raw = move |ctx: &CallContext, reader: StreamReader, writer: &StreamWriter| {
+        let mut stream = ClientStream {
+            reader,
+            writer: StreamWriter {
+                conn: writer.conn.clone(),
+                stream_id: writer.stream_id,
+                ctl: writer.ctl.clone(),
+                deadline: writer.deadline,
+            },
+            ended: false,
+            _message: PhantomData,
+        };
+        handler(ctx, &mut stream).map(|resp| Bytes::from(resp.encode_to_vec()))
+    };
+    Handler::ClientStream(Arc::new(raw))
 }
 
 /// The raw form of a deferred handler: decodes the request, wraps the writer.
@@ -838,6 +998,57 @@ mod tests {
             role,
             cluster_id: "c1".into(),
         }
+    }
+
+    use crate::proto::control::rpc as control_rpc;
+    use crate::proto::control::{ClusterResponse, GetClusterRequest};
+
+    fn pool() -> ServicePool {
+        ServicePool::new("test", 1, 1).unwrap()
+    }
+
+    #[test]
+    fn declared_methods_are_served_with_their_declared_policy() {
+        let pool = pool();
+        let mut router = Router::new();
+        router.serve_unary(control_rpc::GET_CLUSTER, &pool, |_, _| {
+            Ok(ClusterResponse::default())
+        });
+        router.unary(
+            "test.Cluster",
+            Allow::NODES,
+            &pool,
+            |_, _: GetClusterRequest| Ok(ClusterResponse::default()),
+        );
+        let served = router.entry("control.GetCluster").unwrap();
+        assert_eq!(served.method, control_rpc::GET_CLUSTER.method());
+        assert_eq!(served.method.policy.allow, Allow::OPERATORS);
+        assert!(router.entry("control.ListNodes").is_none());
+        let undeclared = router.entry("test.Cluster").unwrap();
+        assert_eq!(undeclared.method.policy, Policy::undeclared(Allow::NODES));
+        assert!(!undeclared.method.policy.demoted);
+        assert!(router.entry("test.Other").is_none());
+    }
+
+    #[test]
+    #[should_panic(expected = "is declared in proto/")]
+    fn a_declared_method_cannot_be_served_by_name_with_another_policy() {
+        let pool = pool();
+        Router::new().unary(
+            "control.GetCluster",
+            Allow::ANYONE,
+            &pool,
+            |_, _: GetClusterRequest| Ok(ClusterResponse::default()),
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "is internal")]
+    fn an_internal_method_is_never_served() {
+        let pool = pool();
+        Router::new().serve_unary(control_rpc::PUBLISH_ROOT_CA, &pool, |_, _| {
+            Ok(crate::proto::control::PublishRootCaResponse {})
+        });
     }
 
     #[test]

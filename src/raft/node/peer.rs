@@ -32,6 +32,7 @@ use super::codec::message_to_pb;
 use super::{Input, Shared};
 use crate::net::{CallOptions, Channel, Transport};
 use crate::proto::raft as pb;
+use crate::proto::raft::rpc::{INSTALL_SNAPSHOT, STEP};
 use crate::raft::core::{Message, MessageBody};
 use crate::raft::storage::snapshot::SnapshotReader;
 use crate::raft::types::{LogIndex, NodeId};
@@ -53,10 +54,6 @@ pub const REMOVAL_CHECK_INTERVAL: Duration = Duration::from_millis(100);
 const IDLE_POLL: Duration = Duration::from_millis(200);
 /// Longest wait for the follower to verify and install a received snapshot.
 const SNAPSHOT_INSTALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// Method names.
-pub const STEP: &str = "raft.Step";
-/// Client stream of snapshot chunks.
-pub const INSTALL_SNAPSHOT: &str = "raft.InstallSnapshot";
 
 /// The raft thread's handle on one peer: its direct lane and its thread.
 pub(crate) struct PeerHandle {
@@ -165,9 +162,9 @@ impl PeerHandle {
                 on_step_reply(id, &inputs, reply);
             });
             let timeout = Duration::from_millis(self.shared.config.step_timeout_ms);
-            channel.unary_nowait(STEP, payload, timeout, on_reply)
+            channel.unary_nowait(STEP.name(), payload, timeout, on_reply)
         } else {
-            channel.send_oneway(STEP, payload)
+            channel.send_oneway(STEP.name(), payload)
         };
         sent.map_err(|status| {
             log::trace!("raft peer {:x}: direct lane closed: {status}", self.id);
@@ -333,7 +330,7 @@ impl Peer {
         let options =
             CallOptions::timeout(Duration::from_millis(self.shared.config.step_timeout_ms));
         let channel = self.transport.channel(&addr, &self.tls);
-        match channel.unary::<_, pb::StepResponse>(STEP, &request, options) {
+        match channel.call(STEP, &request, options) {
             Ok(response) => on_step_response(self.id, &self.inputs, &response),
             Err(status) if is_revocation(&status) => on_revoked(self.id, &self.inputs, &status),
             Err(status) => self.log_error(format_args!("{addr}: {status}")),
@@ -402,10 +399,7 @@ impl Peer {
         let chunk_timeout = Duration::from_millis(self.shared.config.snapshot_chunk_timeout_ms);
         let channel = self.transport.channel(addr, &self.tls);
         let mut upload = channel
-            .client_stream::<pb::SnapshotChunk, pb::InstallSnapshotResponse>(
-                INSTALL_SNAPSHOT,
-                CallOptions::default(),
-            )
+            .call_client_stream(INSTALL_SNAPSHOT, CallOptions::default())
             .map_err(|e| e.to_string())?;
         let mut first = true;
         let chunk_bytes = self.shared.config.snapshot_chunk_bytes;

@@ -9,26 +9,16 @@
 use std::time::{Duration, Instant};
 
 use super::codec::message_from_pb;
-use super::peer::{INSTALL_SNAPSHOT, STEP};
 use super::{Input, NodeError, NodeHandle, NodeStatus};
-use crate::net::{Allow, ClientStream, Router, ServicePool};
+use crate::net::{ClientStream, Router, ServicePool};
 use crate::proto::raft as pb;
+use crate::proto::raft::rpc;
 use crate::raft::core::{MembershipChange, MessageBody};
 use crate::raft::storage::LogStore;
 use crate::raft::types::NodeId;
 use crate::util::memory::rss_kib;
 use crate::wire::{Code, Status};
 
-/// A new member asks to be added.
-pub const JOIN: &str = "raft.Join";
-/// A follower asks the leader for a read index.
-pub const READ_INDEX: &str = "raft.ReadIndex";
-/// Remove a member (operators).
-pub const REMOVE_MEMBER: &str = "raft.RemoveMember";
-/// Hand leadership over (operators).
-pub const TRANSFER_LEADERSHIP: &str = "raft.TransferLeadership";
-/// The member's view of the group (operators).
-pub const STATUS: &str = "raft.Status";
 /// How long membership and transfer calls may take on the leader.
 pub const ADMIN_CALL_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -64,68 +54,45 @@ impl RaftPools {
     }
 }
 
-/// Serves the Raft methods of `node` on `pools`.
+/// Serves the Raft methods of `node` on `pools` (who may call: their declared policies,
+/// managers only).
 pub fn register(router: &mut Router, pools: &RaftPools, node: &NodeHandle, store: &LogStore) {
     let n = node.clone();
     // Inline on the reactor: decoding and a `try_send` to the raft thread, no thread hop
     // on the replication path.
-    router.unary_inline(STEP, Allow::MANAGERS, move |_, req: pb::StepRequest| {
-        step(&n, req)
-    });
+    router.serve_unary_inline(rpc::STEP, move |_, req| step(&n, req));
     let (n, s) = (node.clone(), store.clone());
-    router.client_stream(
-        INSTALL_SNAPSHOT,
-        Allow::MANAGERS,
-        &pools.snapshot,
-        move |_, stream| install_snapshot(&n, &s, stream),
-    );
+    router.serve_client_stream(rpc::INSTALL_SNAPSHOT, &pools.snapshot, move |_, stream| {
+        install_snapshot(&n, &s, stream)
+    });
     let n = node.clone();
-    router.unary_deferred(
-        READ_INDEX,
-        Allow::MANAGERS,
-        &pools.step,
-        move |_, _: pb::ReadIndexRequest, responder| {
-            let done = Box::new(move |result: Result<u64, NodeError>| {
-                responder.respond(
-                    result
-                        .map(|index| pb::ReadIndexResponse { index })
-                        .map_err(|e| e.to_status()),
-                );
-            });
-            // A refused send drops the responder, which answers `Unavailable`.
-            if let Err(error) = n.send(Input::ReadIndex { apply: false, done }) {
-                log::debug!("raft.ReadIndex refused: {error}");
-            }
-        },
-    );
+    router.serve_unary_deferred(rpc::READ_INDEX, &pools.step, move |_, _, responder| {
+        let done = Box::new(move |result: Result<u64, NodeError>| {
+            responder.respond(
+                result
+                    .map(|index| pb::ReadIndexResponse { index })
+                    .map_err(|e| e.to_status()),
+            );
+        });
+        // A refused send drops the responder, which answers `Unavailable`.
+        if let Err(error) = n.send(Input::ReadIndex { apply: false, done }) {
+            log::debug!("raft.ReadIndex refused: {error}");
+        }
+    });
     let n = node.clone();
-    router.unary(
-        JOIN,
-        Allow::MANAGERS,
-        &pools.admin,
-        move |ctx, req: pb::JoinRequest| join(&n, ctx.peer().map(|p| p.node_id.as_str()), &req),
-    );
+    router.serve_unary(rpc::JOIN, &pools.admin, move |ctx, req| {
+        join(&n, ctx.peer().map(|p| p.node_id.as_str()), &req)
+    });
     let n = node.clone();
-    router.unary(
-        REMOVE_MEMBER,
-        Allow::MANAGERS,
-        &pools.admin,
-        move |_, req: pb::RemoveMemberRequest| remove_member(&n, &req),
-    );
+    router.serve_unary(rpc::REMOVE_MEMBER, &pools.admin, move |_, req| {
+        remove_member(&n, &req)
+    });
     let n = node.clone();
-    router.unary(
-        TRANSFER_LEADERSHIP,
-        Allow::MANAGERS,
-        &pools.admin,
-        move |_, req: pb::TransferLeadershipRequest| transfer_leadership(&n, &req),
-    );
+    router.serve_unary(rpc::TRANSFER_LEADERSHIP, &pools.admin, move |_, req| {
+        transfer_leadership(&n, &req)
+    });
     let n = node.clone();
-    router.unary(
-        STATUS,
-        Allow::MANAGERS,
-        &pools.admin,
-        move |_, _: pb::StatusRequest| status(&n),
-    );
+    router.serve_unary(rpc::STATUS, &pools.admin, move |_, _| status(&n));
 }
 
 fn step(node: &NodeHandle, request: pb::StepRequest) -> Result<pb::StepResponse, Status> {
