@@ -53,4 +53,10 @@ pub mod control {
 /// The dispatcher: agent sessions, assignments, task status (`proto/flotilla/dispatcher.proto`).
 pub mod dispatcher {
     include!(concat!(env!("OUT_DIR"), "/flotilla.dispatcher.rs"));
+
+    /// Status updates per `UpdateTaskStatus` call (one transaction's worth): the dispatcher
+    /// refuses more, the agent sends at most this many.
+    pub const STATUS_UPDATES_MAX: usize = 200;
+    /// Encoded task bytes per assignments message; a bigger set is sent in several.
+    pub const ASSIGNMENTS_BYTES_MAX: usize = 1 << 20;
 }

@@ -9,10 +9,10 @@ mod procs;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla::agent::session::{AgentConfig, AgentSession, TaskSink};
 use flotilla::ca::rpc::join_cluster;
 use flotilla::ca::tls;
 use flotilla::dispatcher::NOT_LEADER;
-use flotilla::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
 use flotilla::net::{CallOptions, Transport, TransportConfig};
 use flotilla::proto::dispatcher as pb;
 use flotilla::proto::dispatcher::rpc::name::HEARTBEAT;

@@ -1,13 +1,20 @@
-//! The node side of task execution: a process executor and the local task manager that
-//! makes this node's processes match the tasks assigned to it.
+//! The node side of task execution: a process executor, the local task manager that makes
+//! this node's processes match the tasks assigned to it, the agent's side of the dispatcher
+//! protocol, and the worker process (`flotilla agent`).
 //!
-//! Owns child processes of the agent and the `agent-tasks` thread. The runner and executor
-//! never talk to the network: [`node::Agent`] wires the dispatcher session
-//! (`dispatcher::client`), which hands assignments to [`tasks::TaskRunner`] and carries its
-//! [`tasks::TaskStatusReport`]s to the managers.
+//! Owns child processes of the agent and the `agent-tasks`, `agent-session` and
+//! `agent-reporter` threads. The runner and executor never talk to the network:
+//! [`node::Agent`] wires the dispatcher session ([`session`]), which hands assignments to
+//! [`tasks::TaskRunner`] and carries its [`tasks::TaskStatusReport`]s to the managers.
+//! [`runtime`] runs a worker node: its identity, its renewer, its transport and its agent.
+//!
+//! Must never import `dispatcher` (the managers' side): what both sides agree on (limits,
+//! messages) lives in `proto::dispatcher`.
 
 pub mod executor;
 pub mod node;
+pub mod runtime;
+pub mod session;
 mod sys;
 pub mod tasks;
 

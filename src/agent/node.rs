@@ -12,10 +12,10 @@
 
 use std::sync::Arc;
 
-use crate::dispatcher::client::{AgentConfig, AgentSession, TaskSink};
 use crate::net::Transport;
 use crate::proto::objects::{NodeDescription, Task};
 
+use super::session::{AgentConfig, AgentSession, TaskSink};
 use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
 
 /// How long a stopping agent waits for the final status of its tasks to reach the

@@ -10,12 +10,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod admin;
-mod agent;
 pub mod control;
 pub mod json;
 mod managers;
 pub mod watch;
 
+use crate::agent::runtime as agent;
 use crate::ca::{JoinTokens, Role};
 use crate::manager::first_start::Untouched;
 use crate::manager::{self, Manager, Settings, StateDir};

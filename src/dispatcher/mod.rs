@@ -21,8 +21,6 @@
 //! Must never change the store except through a proposed transaction, let a node touch
 //! another node's tasks, or move a task's observed state backwards.
 
-pub mod client;
-
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -52,11 +50,11 @@ pub const NOT_LEADER: &str = "NOT_LEADER";
 /// Sessions one leader serves at once (one thread each).
 pub const SESSIONS_MAX: usize = 1024;
 /// Status updates per `UpdateTaskStatus` call (one transaction's worth).
-pub const STATUS_UPDATES_MAX: usize = 200;
+pub use crate::proto::dispatcher::STATUS_UPDATES_MAX;
 /// Missed heartbeat periods after which a node is down.
 pub const HEARTBEAT_MISSES_MAX: u32 = 3;
 /// Encoded task bytes per assignments message; a bigger set is sent in several.
-pub const ASSIGNMENTS_BYTES_MAX: usize = 1 << 20;
+pub use crate::proto::dispatcher::ASSIGNMENTS_BYTES_MAX;
 /// How often a session thread with nothing to send checks its heartbeat and leadership.
 const SESSION_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long a dispatcher write waits for its proposal.

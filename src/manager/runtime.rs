@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use super::state::{ManagerState, TAG_KV};
 use super::state_dir::{Settings, StateDir, StateDirError};
+use crate::agent::session::AgentConfig;
 use crate::agent::{Agent, AgentError, RunnerConfig};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::{
@@ -20,7 +21,6 @@ use crate::control::duties::{Duties, SelfReport};
 use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi, ControlDeps};
 use crate::dispatcher::Dispatcher;
-use crate::dispatcher::client::AgentConfig;
 use crate::net::{Router, ServicePool, Transport, TransportConfig};
 use crate::orchestrator::Orchestrator;
 use crate::proto::objects::NodeRole;

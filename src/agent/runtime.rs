@@ -22,11 +22,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::agent::{Agent, RunnerConfig};
+use super::session::AgentConfig;
+use super::{Agent, RunnerConfig};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::rpc::join_cluster;
 use crate::ca::{Role, load_node_files, save_node_files, tls};
-use crate::dispatcher::client::AgentConfig;
 use crate::net::{Transport, TransportConfig};
 
 /// How long joining the cluster may take.

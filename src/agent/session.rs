@@ -17,12 +17,11 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 
-use super::STATUS_UPDATES_MAX;
-use crate::agent::TaskStatusReport;
+use super::TaskStatusReport;
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
-use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc::{HEARTBEAT, SESSION, UPDATE_TASK_STATUS};
+use crate::proto::dispatcher::{self as pb, STATUS_UPDATES_MAX};
 use crate::proto::objects::{NodeDescription, NodeRole, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
@@ -41,7 +40,7 @@ const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
 pub trait TaskSink: Send + Sync {
     /// `tasks` is a part of the complete set assigned to this node: `first` starts a new
     /// set, `last` ends it (then stop anything the set's parts did not name). A set of any
-    /// size arrives in parts of at most [`super::ASSIGNMENTS_BYTES_MAX`].
+    /// size arrives in parts of at most [`pb::ASSIGNMENTS_BYTES_MAX`].
     fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool);
     /// `changed` tasks were created or changed; `removed` are no longer assigned.
     fn update(&self, changed: Vec<Task>, removed: Vec<String>);
