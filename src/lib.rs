@@ -6,16 +6,19 @@
 
 pub mod agent;
 pub mod ca;
+pub mod ca_rpc;
 pub mod cli;
 pub mod control;
 pub mod dispatcher;
 pub mod kv;
+#[cfg(any(test, feature = "sim"))]
 pub mod lincheck;
 pub mod manager;
 pub mod net;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;
+pub mod state_dir;
 pub mod store;
 pub mod util;
 pub mod wire;

@@ -99,7 +99,7 @@ impl Caller {
 
     fn renew(&self, addr: &str) -> Result<NodeIdentity, String> {
         let channel = self.transport.channel(addr, &self.tls);
-        flotilla::ca::rpc::renew_certificate(&channel, &self.identity, &self.root, CALL)
+        flotilla::ca_rpc::renew_certificate(&channel, &self.identity, &self.root, CALL)
             .map_err(|e| e.to_string())
     }
 }

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla::agent::session::{AgentConfig, AgentSession, TaskSink};
-use flotilla::ca::rpc::join_cluster;
 use flotilla::ca::tls;
+use flotilla::ca_rpc::join_cluster;
 use flotilla::dispatcher::NOT_LEADER;
 use flotilla::net::{CallOptions, Transport, TransportConfig};
 use flotilla::proto::dispatcher as pb;

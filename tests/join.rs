@@ -9,12 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use common::{Bytes, fast_config};
-use flotilla::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
-use flotilla::ca::rpc::{JoinClusterError, join_cluster, renew_certificate};
 use flotilla::ca::{
     CaPolicy, CaService, ClusterCa, FailureLimits, JoinError, JoinToken, JoinTokens, Role,
     load_node_files, tls,
 };
+use flotilla::ca_rpc::renewal::{Renewer, RenewerConfig, RenewerSetup};
+use flotilla::ca_rpc::{JoinClusterError, join_cluster, renew_certificate};
 use flotilla::net::{Allow, CallOptions, Router, ServicePool, Transport};
 use flotilla::wire::Code;
 
@@ -38,7 +38,7 @@ impl Manager {
         let service = Arc::new(CaService::new(ca, tokens, FailureLimits::default()));
         let pool = ServicePool::new("ca", 2, 64).unwrap();
         let mut router = Router::new();
-        flotilla::ca::rpc::register(&mut router, &pool, &service);
+        flotilla::ca_rpc::register(&mut router, &pool, &service);
         router.unary("test.WhoAmI", Allow::NODES, &pool, |ctx, _: Bytes| {
             Ok(Bytes {
                 data: vec![],

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 use super::session::AgentConfig;
 use super::{Agent, RunnerConfig};
-use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
-use crate::ca::rpc::join_cluster;
 use crate::ca::{Role, load_node_files, save_node_files, tls};
+use crate::ca_rpc::join_cluster;
+use crate::ca_rpc::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::net::{Transport, TransportConfig};
 
 /// How long joining the cluster may take.
@@ -87,7 +87,7 @@ pub fn run(args: AgentArgs) -> Result<AgentExit, String> {
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let managers = managers(&args)?;
-    let dir = crate::manager::StateDir::new(&args.state_dir);
+    let dir = crate::state_dir::StateDir::new(&args.state_dir);
     if dir.is_initialized() && !dir.is_demoted() {
         return Err(format!(
             "{} is a manager's state directory; run it with `flotilla run --state-dir {}`",
@@ -150,7 +150,7 @@ fn run_with(
     let session = AgentConfig {
         managers: Box::new(move || managers.clone()),
         tls: client_tls,
-        hostname: crate::control::duties::hostname(),
+        hostname: crate::util::hostname(),
     };
     let agent = Agent::start(
         transport.clone(),
@@ -280,7 +280,7 @@ fn promotion_addrs(args: &AgentArgs) -> Result<Option<(String, String)>, String>
             )),
         };
     }
-    let dir = crate::manager::StateDir::new(&args.state_dir);
+    let dir = crate::state_dir::StateDir::new(&args.state_dir);
     if dir.is_initialized() {
         let settings = dir.load_settings().map_err(|e| e.to_string())?;
         return Ok(Some((settings.listen_addr, settings.advertise_addr)));
@@ -291,7 +291,7 @@ fn promotion_addrs(args: &AgentArgs) -> Result<Option<(String, String)>, String>
 /// The managers to call: those given, else those remembered.
 fn managers(args: &AgentArgs) -> Result<Vec<String>, String> {
     let managers = if args.managers.is_empty() {
-        std::fs::read_to_string(crate::manager::StateDir::new(&args.state_dir).managers_file())
+        std::fs::read_to_string(crate::state_dir::StateDir::new(&args.state_dir).managers_file())
             .unwrap_or_default()
             .lines()
             .map(str::trim)
@@ -357,7 +357,7 @@ fn identity(
 }
 
 fn remember_managers(state_dir: &Path, managers: &[String]) -> Result<(), String> {
-    crate::manager::StateDir::new(state_dir)
+    crate::state_dir::StateDir::new(state_dir)
         .save_managers(managers)
         .map_err(|e| e.to_string())
 }

@@ -9,8 +9,9 @@
 //! verifiers ([`tls`]).
 //!
 //! Sans-IO: no sockets, no threads, no clock reads in the core paths (callers pass `now`).
-//! File IO is limited to explicit `save`/`load` calls; network IO only in [`rpc`], which
-//! serves the CA's methods and runs the joining node's side through `net`.
+//! File IO is limited to explicit `save`/`load` calls; no network IO: `ca_rpc` serves the
+//! CA's methods and runs the joining node's side (and the renewer) through `net`, which sits
+//! above `ca` (the transport verifies peers with [`tls`]).
 //!
 //! Must never: copy anything but the public key from a CSR; let a renewal change a node's id
 //! or role; compare a secret in variable time; log or `Debug`-print a secret or a private key;
@@ -35,9 +36,7 @@ mod identity;
 pub mod join;
 mod node;
 mod ratelimit;
-pub mod renewal;
 mod root;
-pub mod rpc;
 mod service;
 pub mod tls;
 mod token;

@@ -74,7 +74,7 @@ pub(super) fn issue_here(
     let issued = ca
         .ca()
         .issue_admin(&request.csr_der, validity, SystemTime::now())
-        .map_err(crate::ca::rpc::issue_status)?;
+        .map_err(crate::ca_rpc::issue_status)?;
     log::info!(
         "ca: issued admin certificate {} ({:?}, {} days) at the request of {} ({})",
         issued.identity.node_id,

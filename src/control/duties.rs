@@ -101,13 +101,6 @@ impl Duties {
     }
 }
 
-/// This host's name (empty if the kernel will not say).
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_default()
-}
-
 fn run_once(
     api: &ControlApi,
     me: &SelfReport,
@@ -133,7 +126,7 @@ fn run_once(
         let report = pb::ReportManagerRequest {
             raft_id: me.raft_id,
             addr: me.addr.clone(),
-            hostname: hostname(),
+            hostname: crate::util::hostname(),
         };
         if let Err(status) = api.write(&caller, forward::REPORT_MANAGER, report) {
             log::debug!("cannot record this manager as a node yet: {status}");

@@ -56,7 +56,6 @@ use parking_lot::Mutex;
 
 use crate::ca::{PeerIdentity, Role, RootCert, SharedCa};
 use crate::kv::linearizable_read_index;
-use crate::manager::StateDir;
 use crate::net::{CallContext, CallOptions, Router, ServicePool, Transport};
 use crate::proto::control as pb;
 use crate::proto::control::forward_request::Call;
@@ -64,6 +63,7 @@ use crate::proto::control::forward_response::Reply;
 use crate::proto::control::rpc::{self, forward};
 use crate::proto::objects::NodeRole;
 use crate::raft::node::NodeHandle;
+use crate::state_dir::StateDir;
 use crate::store::Store;
 use crate::wire::{Code, Status};
 

@@ -2,7 +2,7 @@
 //! force on small random histories.
 
 use super::*;
-use crate::raft::sim::rng::SimRng;
+use crate::util::rng::SimRng;
 
 const KEY: Key = 7;
 

@@ -7,14 +7,14 @@
 
 use std::time::{Duration, SystemTime};
 
-use super::state_dir::{Settings, StateDir, StateDirError};
-use crate::ca::rpc::{JoinClusterError, join_cluster};
 use crate::ca::{
     CaError, CaPolicy, ClusterCa, IssueError, JoinTokens, Role, StorageError, save_node_files,
 };
+use crate::ca_rpc::{JoinClusterError, join_cluster};
 use crate::net::Transport;
 use crate::raft::storage::Watermark;
 use crate::raft::types::NodeId;
+use crate::state_dir::{Settings, StateDir, StateDirError};
 
 /// How long one join call may take before the join fails.
 pub const JOIN_CALL_TIMEOUT: Duration = Duration::from_secs(10);

@@ -14,7 +14,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::state_dir::{StateDir, StateDirError};
+use crate::state_dir::{StateDir, StateDirError};
 
 /// What a state directory held before a first start wrote anything.
 #[derive(Debug)]

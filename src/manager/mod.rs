@@ -1,4 +1,4 @@
-//! The manager process: its state directory, bootstrap (`init`, `join`, `rejoin`, undoing
+//! The manager process: bootstrap (`init`, `join`, `rejoin`, undoing
 //! a failed first start), `repair`, and the running components with their start and
 //! shutdown order.
 //!
@@ -11,10 +11,11 @@ pub mod register;
 pub mod repair;
 pub mod runtime;
 pub mod state;
-pub mod state_dir;
 
+/// The node's state directory, which the manager runs from (it lives below `agent` and
+/// `control`, which use it too).
+pub use crate::state_dir::{Settings, StateDir, StateDirError};
 pub use bootstrap::{
     BootstrapError, Rejoined, become_manager, init, join, random_raft_id, rejoin_damaged,
 };
 pub use runtime::{Manager, StartError, Stopped};
-pub use state_dir::{Settings, StateDir, StateDirError};

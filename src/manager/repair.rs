@@ -13,13 +13,13 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::state_dir::{StateDir, StateDirError};
 use crate::raft::core::membership;
 use crate::raft::storage::watermark::accept_recovered;
 use crate::raft::storage::{
     LogStore, Recovered, StorageConfig, StorageError, Watermark, WatermarkError,
 };
 use crate::raft::types::{EntryKind, LogIndex, NodeId};
+use crate::state_dir::{StateDir, StateDirError};
 
 /// Bytes of log read at a time while looking for membership entries.
 const SCAN_BATCH_BYTES: u64 = 16 << 20;

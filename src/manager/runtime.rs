@@ -9,14 +9,13 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use super::state::{ManagerState, TAG_KV};
-use super::state_dir::{Settings, StateDir, StateDirError};
 use crate::agent::session::AgentConfig;
 use crate::agent::{Agent, AgentError, RunnerConfig};
-use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::ca::{
     CaError, CaPolicy, CaService, ClusterCa, FailureLimits, NodeIdentity, RootCert, SharedCa,
     StorageError, load_node_files, tls,
 };
+use crate::ca_rpc::renewal::{Renewer, RenewerConfig, RenewerSetup};
 use crate::control::duties::{Duties, SelfReport};
 use crate::control::roles::wants_worker;
 use crate::control::{self, ControlApi, ControlDeps};
@@ -27,6 +26,7 @@ use crate::proto::objects::NodeRole;
 use crate::raft::node::service::RaftPools;
 use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftNode};
 use crate::raft::storage::StorageError as StorageFailure;
+use crate::state_dir::{Settings, StateDir, StateDirError};
 use crate::store::StoreConfig;
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
@@ -236,7 +236,7 @@ pub struct Manager {
     orchestrator: Option<Orchestrator>,
     agent: Option<Agent>,
     /// The state directory's process lock, held while the manager runs (dropped last).
-    _lock: super::state_dir::StateDirLock,
+    _lock: crate::state_dir::StateDirLock,
 }
 
 impl Manager {
@@ -335,13 +335,13 @@ impl Manager {
         // replicated Cluster object (control duties install it into this slot).
         let ca_service = Arc::new(founder_ca(dir));
         let store = machine.store.clone();
-        let roles: crate::ca::rpc::RoleResolver = Arc::new(move |caller| {
+        let roles: crate::ca_rpc::RoleResolver = Arc::new(move |caller| {
             match store.get::<crate::proto::objects::Node>(&caller.node_id) {
                 Some(node) => control::roles::certificate_role(&node),
                 None => Ok(caller.role),
             }
         });
-        crate::ca::rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone(), roles);
+        crate::ca_rpc::register_shared(&mut router, &ca_pool, &ca_service, root.clone(), roles);
         // Every call with a certificate is checked against the revocations this manager
         // has applied (removed nodes, demoted managers, revoked admin certificates).
         let access = machine.access.clone();
@@ -647,7 +647,7 @@ fn start_agent(
     let session = AgentConfig {
         managers,
         tls: client_tls.clone(),
-        hostname: control::duties::hostname(),
+        hostname: crate::util::hostname(),
     };
     let mut runner = RunnerConfig::new(dir.tasks_dir());
     if let Some(tasks) = settings.tasks_running_max {

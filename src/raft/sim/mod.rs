@@ -34,7 +34,9 @@ pub mod cluster;
 pub mod harness;
 pub mod hook;
 pub mod reads;
-pub mod rng;
+/// The seeded generator every choice of the simulator comes from (it lives in `util`, so that
+/// `lincheck`'s randomized tests use it without importing `raft`).
+pub use crate::util::rng;
 pub mod workload;
 
 pub use cluster::{Sim, SimConfig, SimStats};

@@ -1,5 +1,7 @@
-//! The simulator's only source of randomness: SplitMix64, stable across platforms and crate
-//! versions so that a seed replays exactly forever. It must never be seeded from the clock.
+//! The only source of randomness of the simulator (`raft::sim`) and of the randomized tests and
+//! benchmarks of `lincheck`: SplitMix64, stable across platforms and crate versions so that a
+//! seed replays exactly forever. It must never be seeded from the clock. Compiled with the
+//! `sim` feature (tests, benchmarks, examples) only.
 
 /// A seeded pseudo-random generator.
 #[derive(Clone, Debug)]

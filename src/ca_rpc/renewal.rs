@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use super::rpc::renew_certificate;
-use super::{NodeIdentity, RootCert, save_node_files, tls};
+use super::renew_certificate;
+use crate::ca::{NodeIdentity, RootCert, save_node_files, tls};
 use crate::net::Transport;
 
 /// Tunables of the renewer.

@@ -1,5 +1,6 @@
-//! The manager's state directory: where each piece of a node's durable state lives, and the
-//! small settings file that says who this manager is.
+//! A node's state directory (a manager's, or a worker's): where each piece of a node's durable
+//! state lives, and the small settings file that says who this manager is. It lies below
+//! `agent`, `control` and `manager`, which all use it.
 //!
 //! Layout (all files 0600, written atomically):
 //! - `node/`: the node identity and the cluster root ([`crate::ca::save_node_files`]);

@@ -1,14 +1,19 @@
 //! The CA over the network: serves `ca.GetRootCa` and `ca.IssueNodeCertificate` (the
 //! bootstrap methods, callable without a client certificate) and `ca.RenewNodeCertificate`
-//! (mutual TLS), and runs a node's side of joining and renewing.
+//! (mutual TLS), and runs a node's side of joining and renewing ([`renewal`]: the
+//! `ca-renewer` thread).
 //!
-//! This is the only part of `ca` that does IO, and only through [`net`](crate::net). It must
-//! never send a join token's secret before the served root CA was pinned against the token.
+//! `ca` itself is sans-IO and lies below `net` (the transport verifies peers with its TLS
+//! configurations); this module is the CA's IO, above `net`, and does it only through
+//! [`net`](crate::net). It must never send a join token's secret before the served root CA
+//! was pinned against the token.
+
+pub mod renewal;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::{
+use crate::ca::{
     CaService, CertError, IssueError, JoinError, JoinToken, NodeIdentity, PeerIdentity,
     PendingIdentity, Role, RootCert, SharedCa, TokenError, TokenParseError, tls,
     verify_root_for_token,
@@ -173,7 +178,7 @@ pub enum JoinClusterError {
 /// Joins the cluster of `token` through the manager at `manager` (`host:port`): pins the
 /// served root CA by the token's digest, then exchanges the token and a fresh CSR for a node
 /// certificate. Returns the new identity and the root; save them with
-/// [`save_node_files`](super::save_node_files).
+/// [`save_node_files`](crate::ca::save_node_files).
 ///
 /// A manager that does not hold the CA key yet is asked again until `timeout` has passed.
 ///
