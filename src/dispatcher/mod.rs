@@ -16,7 +16,7 @@
 //!   the stream when the heartbeat expires (and marks the node DOWN), when this manager
 //!   stops leading (`Unavailable` with the reason [`NOT_LEADER`]), or at shutdown.
 //! - A follower refuses every call with `FailedPrecondition` and the reason
-//!   [`NOT_LEADER`]; the agent tries the leader next (the message names it).
+//!   [`NOT_LEADER`]; the agent tries the leader next (the status's `leader_addr` names it).
 //!
 //! Must never change the store except through a proposed transaction, let a node touch
 //! another node's tasks, or move a task's observed state backwards.
@@ -52,8 +52,9 @@ pub const SESSION: &str = "dispatcher.Session";
 pub const HEARTBEAT: &str = "dispatcher.Heartbeat";
 /// Reports task status changes.
 pub const UPDATE_TASK_STATUS: &str = "dispatcher.UpdateTaskStatus";
-/// The status reason of a refusal by a manager that is not the leader.
-pub const NOT_LEADER: &str = "NOT_LEADER";
+/// The status reason of a refusal by a manager that is not the leader (the status names the
+/// leader in its details when it is known).
+pub const NOT_LEADER: crate::wire::Reason = crate::wire::Reason::NotLeader;
 /// Sessions one leader serves at once (one thread each).
 pub const SESSIONS_MAX: usize = 1024;
 /// Status updates per `UpdateTaskStatus` call (one transaction's worth).
@@ -209,16 +210,17 @@ impl Dispatcher {
         if self.node.leader() == Some(self.node.id()) {
             return Ok(());
         }
-        let leader = self
-            .node
-            .leader()
-            .and_then(|id| self.node.directory().addr(id))
+        let leader_id = self.node.leader();
+        let leader_addr = leader_id.and_then(|id| self.node.directory().addr(id));
+        let leader = leader_addr
+            .as_deref()
             .map_or_else(|| "not known yet".to_string(), |addr| format!("at {addr}"));
-        Err(Status::new(
+        Err(Status::not_leader(
             Code::FailedPrecondition,
             format!("this manager does not lead; the leader is {leader}"),
-        )
-        .with_reason(NOT_LEADER))
+            leader_id,
+            leader_addr,
+        ))
     }
 
     fn heartbeat_period(&self) -> Result<Duration, Status> {
@@ -425,9 +427,10 @@ impl Dispatcher {
         if self.stopping.load(Ordering::SeqCst) {
             return Some(Status::unavailable("the manager is shutting down"));
         }
-        self.require_leader()
-            .err()
-            .map(|status| Status::unavailable(status.message).with_reason(NOT_LEADER))
+        self.require_leader().err().map(|mut status| {
+            status.code = Code::Unavailable;
+            status
+        })
     }
 
     /// Whether `session_id` is still `node_id`'s session and heard from; an expired one is

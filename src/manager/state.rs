@@ -133,7 +133,7 @@ impl StateMachine for ManagerState {
 ///
 /// # Errors
 /// The transaction's own refusal (conflict → `Aborted`, limits → `ResourceExhausted`, …), or
-/// the node's ([`NodeError::to_status`]: not leader with a `leader_addr=` hint, timeout, …).
+/// the node's ([`NodeError::to_status`]: not leader, naming the leader; timeout, …).
 pub fn propose_transaction(
     node: &NodeHandle,
     txn: &Transaction,
