@@ -417,6 +417,7 @@ fn a_cluster_object_without_the_ca_key_gets_it_from_the_founder_and_replies_neve
     let txn = Transaction {
         changes: vec![flotilla::store::update_expecting(legacy, version)],
         timestamp_ms: 1,
+        request_id: None,
     };
     let manager = fixture.manager.as_ref().unwrap();
     flotilla::manager::state::propose_transaction(manager.raft(), &txn, CALL).unwrap();

@@ -91,6 +91,7 @@ fn propose(api: &ControlApi, changes: Vec<Change>) -> Result<u64, Status> {
     let txn = Transaction {
         changes,
         timestamp_ms: now_ms(),
+        request_id: None,
     };
     propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT)
 }

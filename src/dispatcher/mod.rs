@@ -564,6 +564,7 @@ impl Dispatcher {
             let txn = Transaction {
                 changes,
                 timestamp_ms: now_ms(),
+                request_id: None,
             };
             match propose_transaction(&self.node, &txn, PROPOSE_TIMEOUT) {
                 Ok(_) => return Ok(()),
@@ -738,6 +739,7 @@ mod tests {
         let txn = Transaction {
             changes: tasks.into_iter().map(crate::store::create).collect(),
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         store
@@ -750,6 +752,7 @@ mod tests {
                 &Transaction {
                     changes,
                     timestamp_ms: 2,
+                    request_id: None,
                 },
             )
             .unwrap();

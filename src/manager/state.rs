@@ -274,6 +274,7 @@ mod tests {
         let txn = Transaction {
             changes: vec![create(node("n1"))],
             timestamp_ms: 1,
+            request_id: None,
         };
         let mut entry = vec![TAG_STORE];
         entry.extend(txn.encode_to_vec());
