@@ -41,6 +41,7 @@ fn main() {
                 &Transaction {
                     changes,
                     timestamp_ms: 1,
+                    request_id: None,
                 },
             )
             .expect("the bench's own objects are valid");

@@ -96,6 +96,7 @@ fn update_load(channel: &Channel, clients: usize, seconds: f64, round: usize) ->
                                 reference: service.id.clone(),
                                 version: service.meta.as_ref().unwrap().version,
                                 spec: Some(spec(&name, replicas)),
+                                request_id: None,
                             },
                             CallOptions::timeout(CALL),
                         )

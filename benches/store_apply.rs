@@ -134,6 +134,7 @@ fn update_log(mut versions: Vec<u64>, first_index: u64, count: u64) -> Vec<Trans
             Transaction {
                 changes: vec![change],
                 timestamp_ms: 1_700_000_000_000 + i as i64,
+                request_id: None,
             }
         })
         .collect()

@@ -13,7 +13,7 @@ use flotilla::control::{self as api, ISSUE_ADMIN_CERTIFICATE, LIST_MANAGERS};
 use flotilla::manager::{self, Manager, Settings, StateDir};
 use flotilla::net::{CallOptions, Transport, TransportConfig};
 use flotilla::proto::control as pb;
-use flotilla::proto::objects::{ServiceMode, ServiceSpec, TaskSpec};
+use flotilla::proto::objects::{RequestId, ServiceMode, ServiceSpec, TaskSpec};
 use flotilla::raft::node::Bootstrap;
 use flotilla::wire::{Code, Status};
 
@@ -183,6 +183,7 @@ fn create(
         &pb::CreateServiceRequest {
             spec: Some(spec),
             id: id.into(),
+            request_id: None,
         },
     )
 }
@@ -236,12 +237,81 @@ fn a_retried_create_answers_with_the_service_its_first_attempt_made() {
                 reference: id.clone(),
                 version: service.meta.unwrap().version,
                 spec: Some(spec("web", 5)),
+                request_id: None,
             },
         )
         .unwrap();
     let stale = create(&fixture, &tls, &id, spec("web", 3)).unwrap_err();
     assert_eq!(stale.code, Code::AlreadyExists, "{stale}");
     assert_eq!(fixture.list_services(&tls).unwrap(), 1);
+}
+
+fn request_id(client: u8, seq: u64) -> Option<RequestId> {
+    Some(RequestId {
+        client_id: vec![client; 16].into(),
+        seq,
+    })
+}
+
+#[test]
+fn a_retried_write_gets_its_first_answer_never_a_conflict_with_itself() {
+    let fixture = Fixture::start();
+    let tls = fixture.manager_tls();
+    let id = api::new_object_id();
+    let created = create(&fixture, &tls, &id, spec("web", 1)).unwrap();
+    let read = created.service.unwrap().meta.unwrap().version;
+    let update = |client: u8, seq: u64, replicas: u64| {
+        fixture.call::<_, pb::ServiceResponse>(
+            &tls,
+            api::UPDATE_SERVICE,
+            &pb::UpdateServiceRequest {
+                reference: id.clone(),
+                version: read,
+                spec: Some(spec("web", replicas)),
+                request_id: request_id(client, seq),
+            },
+        )
+    };
+
+    // `update --if-version N`: the first attempt commits, its reply is "lost", the client
+    // sends the very same request again: the first answer, not a version conflict.
+    let first = update(1, 1, 5).unwrap().service.unwrap();
+    let again = update(1, 1, 5).unwrap().service.unwrap();
+    assert_eq!(
+        again, first,
+        "the retry answers with the object the first attempt wrote"
+    );
+    assert_ne!(first.meta.as_ref().unwrap().version, read);
+
+    // Another client with the same stale version: a real conflict.
+    let conflict = update(2, 1, 7).unwrap_err();
+    assert_eq!(conflict.code, Code::Aborted, "{conflict}");
+    // Retried, that refusal stays a refusal (it is the answer the request got).
+    let conflict_again = update(2, 1, 7).unwrap_err();
+    assert_eq!(conflict_again.code, Code::Aborted, "{conflict_again}");
+    // The first client's next request is a new write, checked as such.
+    let stale = update(1, 2, 9).unwrap_err();
+    assert_eq!(stale.code, Code::Aborted, "{stale}");
+
+    // A removal retried after it committed answers with the id it removed, though the
+    // name no longer resolves.
+    let remove = || {
+        fixture.call::<_, pb::RemoveResponse>(
+            &tls,
+            api::REMOVE_SERVICE,
+            &pb::RemoveServiceRequest {
+                reference: "web".into(),
+                request_id: request_id(3, 1),
+            },
+        )
+    };
+    assert_eq!(remove().unwrap().id, id);
+    assert_eq!(
+        remove().unwrap().id,
+        id,
+        "not NotFound: it was this request"
+    );
+    assert_eq!(fixture.list_services(&tls).unwrap(), 0);
 }
 
 fn assert_denied<T: std::fmt::Debug>(what: &str, result: Result<T, Status>) {
@@ -416,6 +486,7 @@ fn a_cluster_object_without_the_ca_key_gets_it_from_the_founder_and_replies_neve
     let txn = Transaction {
         changes: vec![flotilla::store::update_expecting(legacy, version)],
         timestamp_ms: 1,
+        request_id: None,
     };
     let manager = fixture.manager.as_ref().unwrap();
     flotilla::manager::state::propose_transaction(manager.raft(), &txn, CALL).unwrap();

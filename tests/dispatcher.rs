@@ -83,6 +83,12 @@ fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
         refused.message.contains(&cluster.managers[leader].addr),
         "{refused}"
     );
+    // The leader is named in the structured details, which callers follow.
+    assert_eq!(
+        refused.leader_hint(),
+        Some(cluster.managers[leader].addr.as_str()),
+        "{refused:?}"
+    );
 
     // The agent tries the follower first, and settles on the leader.
     let managers = vec![

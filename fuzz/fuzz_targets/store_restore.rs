@@ -37,6 +37,7 @@ fuzz_target!(|data: &[u8]| {
             &Transaction {
                 changes: vec![create(seed)],
                 timestamp_ms: 0,
+                request_id: None,
             },
         )
         .expect("seeding an empty store succeeds");

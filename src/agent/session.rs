@@ -186,6 +186,7 @@ fn run_sessions(
     let mut next_manager = 0usize;
     while !stopping.load(Ordering::SeqCst) {
         let managers = (config.managers)();
+        let mut redirect = None;
         if let Some(addr) = managers.get(next_manager % managers.len().max(1)).cloned() {
             let outcome = session(transport, config, &addr, sink, stopping, current);
             if let Some(session) = current.lock().take() {
@@ -196,9 +197,13 @@ fn run_sessions(
             }
             if let Err(status) = outcome {
                 log::debug!("agent: session with {addr}: {status}");
+                // A follower names the leader: go there next if it is one of ours.
+                redirect = status
+                    .leader_hint()
+                    .and_then(|leader| managers.iter().position(|m| m == leader));
             }
         }
-        next_manager = next_manager.wrapping_add(1);
+        next_manager = redirect.unwrap_or(next_manager.wrapping_add(1));
         sleep_unless_stopping(backoff, stopping);
         backoff = (backoff * 2).min(backoff_max);
     }

@@ -60,7 +60,7 @@ pub use service::{CaService, SharedCa};
 /// The reason ([`crate::wire::Status::reason`]) of the `PermissionDenied` a manager answers
 /// a revoked certificate with: a Raft peer that sees it knows (from the committed,
 /// replicated revocation list) that it was removed from the cluster.
-pub const CERTIFICATE_REVOKED: &str = "CERTIFICATE_REVOKED";
+pub const CERTIFICATE_REVOKED: crate::wire::Reason = crate::wire::Reason::CertificateRevoked;
 pub use token::{
     JoinToken, JoinTokens, TOKEN_CHARS_MAX, TOKEN_DIGEST_BYTES, TOKEN_PREFIX, TOKEN_SECRET_BYTES,
     TOKEN_VERSION, TokenError, TokenParseError,

@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 
+use super::CommandError;
 use super::control::{Client, Format, parse_duration_ms};
 use super::json::Json;
 use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
@@ -66,17 +67,21 @@ fn seconds_since_epoch(time: SystemTime) -> u64 {
 ///
 /// # Errors
 /// A message for stderr, with a hint.
-pub(crate) fn run(client: &Client, command: AdminCertCommand) -> Result<(), String> {
+pub(crate) fn run(client: &Client, command: AdminCertCommand) -> Result<(), CommandError> {
     match command {
         AdminCertCommand::Issue {
             out,
             name,
             validity,
-        } => issue(client, out, name, &validity),
+        } => Ok(issue(client, out, name, &validity)?),
         AdminCertCommand::Revoke { id } => {
-            let _: pb::RevokeAdminCertificateResponse = client.unary(
+            let _: pb::RevokeAdminCertificateResponse = client.write(
                 REVOKE_ADMIN_CERTIFICATE,
-                &pb::RevokeAdminCertificateRequest { id: id.clone() },
+                &pb::RevokeAdminCertificateRequest {
+                    id: id.clone(),
+                    request_id: client.next_request(),
+                },
+                "flotilla cluster inspect",
             )?;
             println!("admin certificate {id} revoked on every manager");
             Ok(())

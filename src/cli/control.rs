@@ -2,8 +2,15 @@
 //! over mutual TLS with the node identity in the state directory. Writes may go to any
 //! manager (a follower forwards them to the leader); reads are linearizable anywhere.
 //!
+//! Writes are exactly-once ([`Client::write`]): each carries this invocation's client id and
+//! a request number, the same on every retry, so a retry after an unknown outcome gets the
+//! first attempt's answer. A write whose outcome stays unknown after the retries is
+//! reported as such ([`CommandError::OutcomeUnknown`], exit code
+//! [`super::EXIT_OUTCOME_UNKNOWN`]), never as failed or as a conflict.
+//!
 //! Must never change cluster state except through `control.*` calls.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +18,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 
+use super::CommandError;
 use super::json::{self, Json};
 use crate::ca::{NodeIdentity, RootCert, load_node_files, tls};
 use crate::control as api;
@@ -18,11 +26,11 @@ use crate::manager::StateDir;
 use crate::net::{CallOptions, Transport, TransportConfig};
 use crate::proto::control as pb;
 use crate::proto::objects::{
-    NodeAvailability, NodeRole, Placement, ResourceRequirements, Resources, RestartCondition,
-    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, TaskState, UpdateConfig,
+    NodeAvailability, NodeRole, Placement, RequestId, ResourceRequirements, Resources,
+    RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, TaskState, UpdateConfig,
     UpdateFailureAction, UpdateOrder,
 };
-use crate::wire::{Code, Status};
+use crate::wire::{Code, Status, WriteFate};
 
 /// Deadline of one control call.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -33,9 +41,38 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const RETRY_SOON_ATTEMPTS_MAX: u32 = 40;
 /// Wait before each retry of a [`crate::wire::RETRY_SOON`] refusal.
 pub const RETRY_SOON_WAIT: Duration = Duration::from_millis(250);
-/// Extra attempts of an idempotent call whose outcome is unknown (`Unavailable`,
-/// `DeadlineExceeded`): few, since each may wait a whole [`CALL_TIMEOUT`].
+/// Extra attempts of a write whose outcome is unknown (`Unavailable`, `DeadlineExceeded`,
+/// a forward whose leader died) or that could not be sent: few, since each may wait a whole
+/// [`CALL_TIMEOUT`]. Safe, because every write carries its request id.
 pub const UNKNOWN_OUTCOME_RETRIES_MAX: u32 = 3;
+
+/// Bytes of a client id (random, one per CLI invocation).
+pub const CLIENT_ID_BYTES: usize = 16;
+
+/// The request ids of one client: a random client id, and a number per write.
+pub(crate) struct RequestIds {
+    client_id: [u8; CLIENT_ID_BYTES],
+    last_seq: Cell<u64>,
+}
+
+impl RequestIds {
+    /// A new client: random id, no request yet.
+    pub(crate) fn new() -> Self {
+        Self {
+            client_id: rand::random(),
+            last_seq: Cell::new(0),
+        }
+    }
+
+    /// The id of this client's next write (to be sent on every attempt of it).
+    pub(crate) fn next(&self) -> RequestId {
+        self.last_seq.set(self.last_seq.get() + 1);
+        RequestId {
+            client_id: bytes::Bytes::copy_from_slice(&self.client_id),
+            seq: self.last_seq.get(),
+        }
+    }
+}
 
 /// How results are printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -311,6 +348,8 @@ pub(crate) struct Client {
     /// The identity's root certificate (public): handed on to admin certificates.
     pub(crate) root: RootCert,
     pub(crate) format: Format,
+    /// This invocation's request ids (every write carries one).
+    pub(crate) requests: RequestIds,
 }
 
 fn describe(addr: &str, status: &Status) -> String {
@@ -384,6 +423,7 @@ impl Client {
             addr,
             root,
             format: connection.format,
+            requests: RequestIds::new(),
         })
     }
 
@@ -399,19 +439,70 @@ impl Client {
         self.unary_retrying(method, request, 0)
     }
 
-    /// As [`Self::unary`], for a request that is safe to repeat (a create carrying its
-    /// object id): also retried, up to [`UNKNOWN_OUTCOME_RETRIES_MAX`] times, when the
-    /// outcome is unknown (a forward or proposal that timed out, a leader that died after
-    /// receiving it).
+    /// Sends the write `request`, which carries a request id from [`Self::next_request`],
+    /// and retries it with the same id: after a refusal that did nothing
+    /// ([`WriteFate::NotDone`]: an election, a transfer; up to [`RETRY_SOON_ATTEMPTS_MAX`]
+    /// times) and after an unknown outcome or a failure to send (up to
+    /// [`UNKNOWN_OUTCOME_RETRIES_MAX`] times). A retry of a write that did happen gets its
+    /// first answer from the managers' table of answers, so a definitive answer after an
+    /// unknown outcome is the true one. `check` is the command that shows the object, for
+    /// the message when the outcome stays unknown.
     ///
     /// # Errors
-    /// The manager's refusal, described with a hint.
-    pub(crate) fn unary_idempotent<Req: prost::Message, Resp: prost::Message + Default>(
+    /// [`CommandError::Failed`] with the manager's refusal (the write did not happen);
+    /// [`CommandError::OutcomeUnknown`] when an attempt may have taken effect and the
+    /// retries ran out before an answer.
+    pub(crate) fn write<Req: prost::Message, Resp: prost::Message + Default>(
         &self,
         method: &str,
         request: &Req,
-    ) -> Result<Resp, String> {
-        self.unary_retrying(method, request, UNKNOWN_OUTCOME_RETRIES_MAX)
+        check: &str,
+    ) -> Result<Resp, CommandError> {
+        let channel = self.transport.channel(&self.addr, &self.tls);
+        let (mut waits, mut unknown_outcomes) = (0, 0);
+        let mut uncertain = false;
+        loop {
+            let status = match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
+                Err(status) => status,
+                Ok(reply) => return Ok(reply),
+            };
+            let fate = status.write_fate();
+            uncertain |= fate == WriteFate::Unknown;
+            let retry = match fate {
+                WriteFate::Refused => false,
+                WriteFate::NotDone if status.reason == crate::wire::Reason::NotSent => {
+                    unknown_outcomes += 1;
+                    unknown_outcomes <= UNKNOWN_OUTCOME_RETRIES_MAX
+                }
+                WriteFate::NotDone => {
+                    waits += 1;
+                    waits <= RETRY_SOON_ATTEMPTS_MAX
+                }
+                WriteFate::Unknown => {
+                    unknown_outcomes += 1;
+                    unknown_outcomes <= UNKNOWN_OUTCOME_RETRIES_MAX
+                }
+            };
+            if !retry {
+                return Err(if uncertain && fate != WriteFate::Refused {
+                    CommandError::OutcomeUnknown(format!(
+                        "outcome unknown: {}\nthe write may or may not have been applied: a \
+                         manager received it and its answer was lost, and the retries could not \
+                         learn it; check with `{check}`",
+                        describe(&self.addr, &status)
+                    ))
+                } else {
+                    CommandError::Failed(describe(&self.addr, &status))
+                });
+            }
+            log::debug!("{method}: {status}; retrying");
+            std::thread::sleep(status.retry_after().unwrap_or(RETRY_SOON_WAIT));
+        }
+    }
+
+    /// The request id of this invocation's next write.
+    pub(crate) fn next_request(&self) -> Option<RequestId> {
+        Some(self.requests.next())
     }
 
     fn unary_retrying<Req: prost::Message, Resp: prost::Message + Default>(
@@ -722,22 +813,24 @@ fn update_service(
     reference: &str,
     if_version: Option<u64>,
     change: impl FnOnce(&mut ServiceSpec) -> Result<(), String>,
-) -> Result<crate::proto::objects::Service, String> {
+) -> Result<crate::proto::objects::Service, CommandError> {
     let current = get_service(client, reference)?;
     let mut spec = current.spec.clone().unwrap_or_default();
     change(&mut spec)?;
     let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
-    let reply: pb::ServiceResponse = client.unary(
+    let reply: pb::ServiceResponse = client.write(
         api::UPDATE_SERVICE,
         &pb::UpdateServiceRequest {
             reference: current.id.clone(),
             version,
             spec: Some(spec),
+            request_id: client.next_request(),
         },
+        &format!("flotilla service inspect {}", current.id),
     )?;
-    reply
+    Ok(reply
         .service
-        .ok_or_else(|| "the manager sent an empty reply".to_string())
+        .ok_or_else(|| "the manager sent an empty reply".to_string())?)
 }
 
 fn replicas_text(spec: &ServiceSpec) -> String {
@@ -815,7 +908,7 @@ fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
     }
 }
 
-fn service_command(client: &Client, command: ServiceCommand) -> Result<(), String> {
+fn service_command(client: &Client, command: ServiceCommand) -> Result<(), CommandError> {
     match command {
         ServiceCommand::Create {
             name,
@@ -836,12 +929,15 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
             apply_flags(&mut spec, &flags)?;
             // The id is chosen here, once: every retry sends the same request, so a retry
             // after an unknown outcome answers with the service the first attempt made.
-            let reply: pb::ServiceResponse = client.unary_idempotent(
+            let id = api::new_object_id();
+            let reply: pb::ServiceResponse = client.write(
                 api::CREATE_SERVICE,
                 &pb::CreateServiceRequest {
                     spec: Some(spec),
-                    id: api::new_object_id(),
+                    id: id.clone(),
+                    request_id: client.next_request(),
                 },
+                &format!("flotilla service inspect {id}"),
             )?;
             let service = reply.service.unwrap_or_default();
             match client.format {
@@ -919,8 +1015,15 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
         }
         ServiceCommand::Rm { services } => {
             for reference in services {
-                let reply: pb::RemoveResponse =
-                    client.unary(api::REMOVE_SERVICE, &pb::RemoveServiceRequest { reference })?;
+                let check = format!("flotilla service inspect {reference}");
+                let reply: pb::RemoveResponse = client.write(
+                    api::REMOVE_SERVICE,
+                    &pb::RemoveServiceRequest {
+                        reference,
+                        request_id: client.next_request(),
+                    },
+                    &check,
+                )?;
                 println!("{}", reply.id);
             }
         }
@@ -945,22 +1048,24 @@ fn update_node(
     reference: &str,
     if_version: Option<u64>,
     change: impl FnOnce(&mut crate::proto::objects::NodeSpec) -> Result<(), String>,
-) -> Result<crate::proto::objects::Node, String> {
+) -> Result<crate::proto::objects::Node, CommandError> {
     let current = get_node(client, reference)?;
     let mut spec = current.spec.clone().unwrap_or_default();
     change(&mut spec)?;
     let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
-    let reply: pb::NodeResponse = client.unary(
+    let reply: pb::NodeResponse = client.write(
         api::UPDATE_NODE,
         &pb::UpdateNodeRequest {
             reference: current.id.clone(),
             version,
             spec: Some(spec),
+            request_id: client.next_request(),
         },
+        &format!("flotilla node inspect {}", current.id),
     )?;
-    reply
+    Ok(reply
         .node
-        .ok_or_else(|| "the manager sent an empty reply".to_string())
+        .ok_or_else(|| "the manager sent an empty reply".to_string())?)
 }
 
 fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
@@ -989,8 +1094,8 @@ fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
     }
 }
 
-fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
-    let set_role = |node: &str, role: NodeRole| -> Result<(), String> {
+fn node_command(client: &Client, command: NodeCommand) -> Result<(), CommandError> {
+    let set_role = |node: &str, role: NodeRole| -> Result<(), CommandError> {
         let updated = update_node(client, node, None, |spec| {
             spec.desired_role = role as i32;
             Ok(())
@@ -1045,12 +1150,15 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), String> {
             }
         }
         NodeCommand::Rm { node, force } => {
-            let reply: pb::RemoveResponse = client.unary(
+            let check = format!("flotilla node inspect {node}");
+            let reply: pb::RemoveResponse = client.write(
                 api::REMOVE_NODE,
                 &pb::RemoveNodeRequest {
                     reference: node,
                     force,
+                    request_id: client.next_request(),
                 },
+                &check,
             )?;
             println!("{}", reply.id);
         }
@@ -1101,7 +1209,7 @@ fn task_command(client: &Client, command: TaskCommand) -> Result<(), String> {
     Ok(())
 }
 
-fn cluster_command(client: &Client, command: ClusterCommand) -> Result<(), String> {
+fn cluster_command(client: &Client, command: ClusterCommand) -> Result<(), CommandError> {
     let reply: pb::ClusterResponse = client.unary(api::GET_CLUSTER, &pb::GetClusterRequest {})?;
     let current = reply.cluster.unwrap_or_default();
     match command {
@@ -1136,12 +1244,14 @@ fn cluster_command(client: &Client, command: ClusterCommand) -> Result<(), Strin
             }
             let version =
                 if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
-            let reply: pb::ClusterResponse = client.unary(
+            let reply: pb::ClusterResponse = client.write(
                 api::UPDATE_CLUSTER,
                 &pb::UpdateClusterRequest {
                     version,
                     spec: Some(spec),
+                    request_id: client.next_request(),
                 },
+                "flotilla cluster inspect",
             )?;
             let updated = reply.cluster.unwrap_or_default();
             match client.format {
@@ -1157,15 +1267,19 @@ fn cluster_command(client: &Client, command: ClusterCommand) -> Result<(), Strin
     Ok(())
 }
 
-fn join_token_command(client: &Client, role: TokenRole, rotate: bool) -> Result<(), String> {
+fn join_token_command(client: &Client, role: TokenRole, rotate: bool) -> Result<(), CommandError> {
     let reply: pb::JoinTokensResponse = if rotate {
         let role = match role {
             TokenRole::Worker => NodeRole::Worker,
             TokenRole::Manager => NodeRole::Manager,
         };
-        client.unary(
+        client.write(
             api::ROTATE_JOIN_TOKEN,
-            &pb::RotateJoinTokenRequest { role: role as i32 },
+            &pb::RotateJoinTokenRequest {
+                role: role as i32,
+                request_id: client.next_request(),
+            },
+            "flotilla join-token worker; flotilla join-token manager",
         )?
     } else {
         client.unary(api::GET_JOIN_TOKENS, &pb::GetJoinTokensRequest {})?
@@ -1212,17 +1326,19 @@ pub enum ControlCommand {
 ///
 /// # Errors
 /// A message for stderr, with a hint.
-pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), String> {
+pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), CommandError> {
     let client = Client::connect(connection)?;
     let result = match command {
         ControlCommand::Service(command) => service_command(&client, *command),
         ControlCommand::Node(command) => node_command(&client, command),
-        ControlCommand::Task(command) => task_command(&client, command),
+        ControlCommand::Task(command) => task_command(&client, command).map_err(Into::into),
         ControlCommand::Cluster(command) => cluster_command(&client, command),
         ControlCommand::JoinToken { role, rotate } => join_token_command(&client, role, rotate),
-        ControlCommand::Manager(command) => super::managers::run(&client, command),
+        ControlCommand::Manager(command) => {
+            super::managers::run(&client, command).map_err(Into::into)
+        }
         ControlCommand::AdminCert(command) => super::admin::run(&client, command),
-        ControlCommand::Watch(args) => super::watch::run(&client, &args),
+        ControlCommand::Watch(args) => super::watch::run(&client, &args).map_err(Into::into),
     };
     client.transport.shutdown();
     result
@@ -1296,6 +1412,7 @@ mod tests {
                 addr: addr.to_string(),
                 root: ca.root().clone(),
                 format: Format::Table,
+                requests: RequestIds::new(),
             };
             Flaky {
                 client,
@@ -1353,6 +1470,69 @@ mod tests {
         let error = reply.expect_err("never answers");
         assert!(error.contains("hint:"), "{error}");
         assert_eq!(flaky.stop(), RETRY_SOON_ATTEMPTS_MAX + 1);
+    }
+
+    #[test]
+    fn a_write_whose_outcome_stays_unknown_says_so_and_one_never_sent_failed() {
+        let write = |flaky: &Flaky| -> Result<pb::ClusterResponse, CommandError> {
+            flaky
+                .client
+                .write("test.Flaky", &pb::GetClusterRequest {}, "flotilla check")
+        };
+        // The leader a write was forwarded to died: unknown, retried with the same request
+        // id, and answered on the retry.
+        let lost = Status::outcome_unknown(Code::Unavailable, "the leader did not answer");
+        let flaky = Flaky::start(1, lost.clone());
+        assert!(write(&flaky).is_ok());
+        assert_eq!(flaky.stop(), 2);
+
+        // Never answered: "outcome unknown", never "failed".
+        let flaky = Flaky::start(u32::MAX, lost);
+        match write(&flaky) {
+            Err(CommandError::OutcomeUnknown(message)) => {
+                assert!(message.starts_with("outcome unknown"), "{message}");
+                assert!(message.contains("flotilla check"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(flaky.stop(), UNKNOWN_OUTCOME_RETRIES_MAX + 1);
+
+        // A definitive refusal is reported at once, as a failure.
+        let flaky = Flaky::start(u32::MAX, Status::new(Code::Aborted, "version conflict"));
+        assert!(matches!(write(&flaky), Err(CommandError::Failed(_))));
+        assert_eq!(flaky.stop(), 1);
+
+        // Nothing listens: the write was never sent, so it failed.
+        let flaky = Flaky::start(0, Status::internal("unused"));
+        let client = Client {
+            transport: Transport::start(TransportConfig::default()).expect("transport"),
+            tls: flaky.client.tls.clone(),
+            addr: {
+                let probe = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+                probe.local_addr().expect("addr").to_string()
+            },
+            root: flaky.client.root.clone(),
+            format: Format::Table,
+            requests: RequestIds::new(),
+        };
+        let never_sent: Result<pb::ClusterResponse, CommandError> =
+            client.write("test.Flaky", &pb::GetClusterRequest {}, "flotilla check");
+        assert!(
+            matches!(never_sent, Err(CommandError::Failed(_))),
+            "{never_sent:?}"
+        );
+        client.transport.shutdown();
+        flaky.stop();
+    }
+
+    #[test]
+    fn each_write_of_an_invocation_has_its_own_number_under_one_client_id() {
+        let ids = RequestIds::new();
+        let (first, second) = (ids.next(), ids.next());
+        assert_eq!(first.client_id, second.client_id);
+        assert_eq!(first.client_id.len(), CLIENT_ID_BYTES);
+        assert_eq!((first.seq, second.seq), (1, 2));
+        assert_ne!(RequestIds::new().next().client_id, first.client_id);
     }
 
     #[test]

@@ -29,6 +29,40 @@ pub const UP_STATE_DIR_DEFAULT: &str = "./flotilla-state";
 /// State directory of `flotilla agent`.
 pub const AGENT_STATE_DIR_DEFAULT: &str = "./flotilla-agent";
 
+/// Exit code of a command that failed (a write it reports as failed did not happen).
+pub const EXIT_FAILED: u8 = 1;
+/// Exit code of a command whose write may or may not have happened: an attempt was sent and
+/// its answer lost (a manager died, a deadline passed), and the retries that followed could
+/// not learn the outcome. (2 is a usage error, from the argument parser.)
+pub const EXIT_OUTCOME_UNKNOWN: u8 = 3;
+
+/// Why a command failed; it decides the exit code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommandError {
+    /// It failed; a write it reports did not happen ([`EXIT_FAILED`]).
+    #[error("{0}")]
+    Failed(String),
+    /// A write may or may not have happened ([`EXIT_OUTCOME_UNKNOWN`]).
+    #[error("{0}")]
+    OutcomeUnknown(String),
+}
+
+impl From<String> for CommandError {
+    fn from(message: String) -> Self {
+        CommandError::Failed(message)
+    }
+}
+
+impl CommandError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            CommandError::Failed(_) => EXIT_FAILED,
+            CommandError::OutcomeUnknown(_) => EXIT_OUTCOME_UNKNOWN,
+        })
+    }
+}
+
 /// flotilla: a small, fast, secure cluster orchestrator (the control plane of Docker swarm
 /// mode, rebuilt for constrained hosts).
 #[derive(Parser, Debug)]
@@ -229,20 +263,20 @@ pub enum ManagerCommand {
 pub fn run(cli: Cli) -> ExitCode {
     match execute(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("error: {message}");
-            ExitCode::FAILURE
+        Err(error) => {
+            eprintln!("error: {error}");
+            error.exit_code()
         }
     }
 }
 
-fn execute(command: Command) -> Result<(), String> {
+fn execute(command: Command) -> Result<(), CommandError> {
     match command {
         Command::Up { state_dir, listen } => {
             let dir = StateDir::new(state_dir.clone());
             if dir.is_initialized() {
                 refuse_other_listen(&dir, listen.as_deref())?;
-                return serve(&dir);
+                return Ok(serve(&dir)?);
             }
             let node = NewManagerArgs {
                 state_dir,
@@ -250,11 +284,11 @@ fn execute(command: Command) -> Result<(), String> {
                 advertise: None,
                 snapshot_interval_entries: None,
             };
-            init_and_serve(&dir, &node.settings(None))
+            Ok(init_and_serve(&dir, &node.settings(None))?)
         }
         Command::Init { node } => {
             let dir = StateDir::new(node.state_dir.clone());
-            init_and_serve(&dir, &node.settings(None))
+            Ok(init_and_serve(&dir, &node.settings(None))?)
         }
         Command::Join {
             node,
@@ -270,9 +304,9 @@ fn execute(command: Command) -> Result<(), String> {
             let joined = manager::join(&dir, &settings, &transport, &token, &manager);
             transport.shutdown();
             joined.map_err(|e| e.to_string())?;
-            serve(&dir)
+            Ok(serve(&dir)?)
         }
-        Command::Run { state_dir } => serve(&StateDir::new(state_dir)),
+        Command::Run { state_dir } => Ok(serve(&StateDir::new(state_dir))?),
         Command::Rejoin {
             state_dir,
             token,
@@ -294,25 +328,25 @@ fn execute(command: Command) -> Result<(), String> {
                 "rejoining as Raft member {:x}; catching up from the other managers",
                 rejoined.settings.raft_id
             );
-            serve(&dir)
+            Ok(serve(&dir)?)
         }
         Command::Repair {
             state_dir,
             accept_loss,
-        } => repair(&StateDir::new(state_dir), accept_loss),
+        } => Ok(repair(&StateDir::new(state_dir), accept_loss)?),
         Command::Agent {
             state_dir,
             token,
             managers,
             listen,
             advertise,
-        } => run_agent(agent::AgentArgs {
+        } => Ok(run_agent(agent::AgentArgs {
             state_dir,
             token,
             managers,
             listen,
             advertise,
-        }),
+        })?),
         Command::Manager {
             connection,
             command,

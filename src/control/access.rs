@@ -218,6 +218,7 @@ mod tests {
                 create(node("kept", NodeRole::Manager)),
             ],
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         let access = AccessList::new();
@@ -296,6 +297,7 @@ mod tests {
                 1,
             )],
             timestamp_ms: 2,
+            request_id: None,
         };
         let outcome = store.apply(2, &promote).unwrap();
         incremental.apply_events(&outcome.events);
@@ -308,6 +310,7 @@ mod tests {
         let remove = Transaction {
             changes: vec![crate::store::delete(crate::store::Kind::Cluster, "c", 0)],
             timestamp_ms: 3,
+            request_id: None,
         };
         incremental.apply_events(&store.apply(3, &remove).unwrap().events);
         assert!(!incremental.is_revoked("gone"));

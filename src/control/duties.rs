@@ -202,6 +202,7 @@ fn create_cluster(api: &ControlApi, me: &SelfReport) {
     let txn = Transaction {
         changes: vec![create(cluster)],
         timestamp_ms: super::handlers::now_ms(),
+        request_id: None,
     };
     match propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT) {
         Ok(version) => log::info!("created the cluster object at version {version}"),

@@ -1,6 +1,13 @@
 //! The leader's side of every control write: read the local store, build one transaction,
 //! propose it, answer with the object as written.
 //!
+//! Exactly once ([`once`]): a write that carries a request id is answered from the store's
+//! table of answers when that request was answered before (its first attempt committed,
+//! and the client retried after losing the reply), before any of the write's own checks;
+//! and a refusal by those checks is given only once the local store has caught up with the
+//! log and still shows no answer for the request. A retried `update --if-version N` thus
+//! gets its first attempt's success, never a conflict with its own write.
+//!
 //! Runs only on the leader (the caller checked). Must never write the store directly.
 
 use std::sync::Arc;
@@ -15,11 +22,12 @@ use crate::proto::control::forward_response::Reply;
 use crate::proto::control::rpc::forward;
 use crate::proto::objects::{
     Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
-    NodeStatus, Service, ServiceSpec, Transaction,
+    NodeStatus, RequestId, Service, ServiceSpec, Transaction,
 };
+use crate::store::answers::{Answer, Lookup, Recorded};
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
 use crate::store::{Kind, create, delete, update_expecting};
-use crate::wire::{Code, Status};
+use crate::wire::{Code, Status, WriteFate};
 
 /// Characters of a generated object id.
 pub const OBJECT_ID_CHARS: usize = 25;
@@ -51,18 +59,34 @@ pub(super) fn execute(api: &ControlApi, caller: &Caller, call: Call) -> Result<R
         None => log::debug!("{method} by node {} ({:?})", caller.node_id, caller.role),
     }
     match call {
-        Call::CreateService(r) => create_service(api, r).map(Reply::CreateService),
-        Call::UpdateService(r) => update_service(api, r).map(Reply::UpdateService),
-        Call::RemoveService(r) => remove_service(api, r).map(Reply::RemoveService),
-        Call::UpdateNode(r) => update_node(api, r).map(Reply::UpdateNode),
-        Call::RemoveNode(r) => remove_node(api, r).map(Reply::RemoveNode),
+        Call::CreateService(r) => {
+            once(api, r, service_reply, create_service).map(Reply::CreateService)
+        }
+        Call::UpdateService(r) => {
+            once(api, r, service_reply, update_service).map(Reply::UpdateService)
+        }
+        Call::RemoveService(r) => {
+            once(api, r, removal_reply, remove_service).map(Reply::RemoveService)
+        }
+        Call::UpdateNode(r) => once(api, r, node_reply, update_node).map(Reply::UpdateNode),
+        Call::RemoveNode(r) => once(api, r, removal_reply, remove_node).map(Reply::RemoveNode),
         Call::ReportManager(r) => report_manager(api, caller, r).map(Reply::ReportManager),
-        Call::UpdateCluster(r) => update_cluster(api, r).map(Reply::UpdateCluster),
-        Call::RotateJoinToken(r) => rotate_join_token(api, r).map(Reply::RotateJoinToken),
+        Call::UpdateCluster(r) => {
+            once(api, r, cluster_reply, update_cluster).map(Reply::UpdateCluster)
+        }
+        Call::RotateJoinToken(r) => {
+            once(api, r, tokens_reply, rotate_join_token).map(Reply::RotateJoinToken)
+        }
         Call::IssueAdminCertificate(r) => {
             super::admin::issue_here(api, caller, r).map(Reply::IssueAdminCertificate)
         }
-        Call::RevokeAdminCertificate(r) => revoke_admin(api, r).map(Reply::RevokeAdminCertificate),
+        Call::RevokeAdminCertificate(r) => once(
+            api,
+            r,
+            |_, _| Ok(pb::RevokeAdminCertificateResponse {}),
+            revoke_admin,
+        )
+        .map(Reply::RevokeAdminCertificate),
         Call::PublishRootCa(r) => publish_root_ca(api, caller, r).map(Reply::PublishRootCa),
         Call::RevokeRemovedManager(r) => {
             revoke_removed_manager(api, r).map(Reply::RevokeRemovedManager)
@@ -70,10 +94,157 @@ pub(super) fn execute(api: &ControlApi, caller: &Caller, call: Call) -> Result<R
     }
 }
 
-fn propose(api: &ControlApi, changes: Vec<Change>) -> Result<u64, Status> {
+/// A control write that may carry a request id (see [`once`]).
+trait Requested: Clone {
+    fn request_id(&self) -> Option<&RequestId>;
+}
+
+macro_rules! requested {
+    ($($request:ty),*) => {$(
+        impl Requested for $request {
+            fn request_id(&self) -> Option<&RequestId> {
+                self.request_id.as_ref()
+            }
+        }
+    )*};
+}
+
+requested!(
+    pb::CreateServiceRequest,
+    pb::UpdateServiceRequest,
+    pb::RemoveServiceRequest,
+    pb::UpdateNodeRequest,
+    pb::RemoveNodeRequest,
+    pb::UpdateClusterRequest,
+    pb::RotateJoinTokenRequest,
+    pb::RevokeAdminCertificateRequest
+);
+
+/// What the table of answers holds for `id`, read from the local store.
+///
+/// # Errors
+/// `Unknown` with [`crate::wire::Reason::OutcomeUnknown`] when the client has sent a later
+/// request since (this one's answer is no longer kept).
+fn recorded_answer(api: &ControlApi, id: &RequestId) -> Result<Option<Recorded>, Status> {
+    api.store
+        .view(|view| match view.answer(&id.client_id, id.seq) {
+            Lookup::New => Ok(None),
+            Lookup::Repeat(recorded) => Ok(Some(recorded.clone())),
+            Lookup::Superseded { latest_seq } => Err(Status::outcome_unknown(
+                Code::Unknown,
+                format!(
+                    "request {} was followed by request {latest_seq} of the same client; its \
+                     answer is no longer kept: read the object to see whether it took effect",
+                    id.seq
+                ),
+            )),
+        })
+}
+
+/// The answer recorded for a request, as the reply its first attempt got.
+fn replay<Resp>(
+    api: &ControlApi,
+    recorded: &Recorded,
+    reply: impl Fn(&ControlApi, &Recorded) -> Result<Resp, Status>,
+) -> Result<Resp, Status> {
+    log::info!(
+        "answering a repeated request (seq {}) with its first answer from log index {}",
+        recorded.seq,
+        recorded.index
+    );
+    match &recorded.answer {
+        Answer::Written { .. } => reply(api, recorded),
+        Answer::Refused { code, message } => Err(Status::new(*code, message.clone())),
+    }
+}
+
+/// Runs the write `handler` exactly once per request id: a request answered before gets
+/// that answer (`reply` rebuilds it from the store); a refusal is given only after the
+/// local store caught up with the log (a read barrier) and still holds no answer for the
+/// request, and the write's checks, run again on it, refuse again. (The local store may lag
+/// the log on a new leader, or apply the request's first attempt between the answer lookup
+/// and the checks.) Without a request id, `handler` runs as is.
+fn once<Req: Requested, Resp>(
+    api: &ControlApi,
+    request: Req,
+    reply: impl Fn(&ControlApi, &Recorded) -> Result<Resp, Status>,
+    handler: impl Fn(&ControlApi, Req) -> Result<Resp, Status>,
+) -> Result<Resp, Status> {
+    let Some(id) = request.request_id().cloned() else {
+        return handler(api, request);
+    };
+    if let Some(recorded) = recorded_answer(api, &id)? {
+        return replay(api, &recorded, reply);
+    }
+    match handler(api, request.clone()) {
+        Err(refusal) if refusal.write_fate() == WriteFate::Refused => {
+            api.read_barrier()?;
+            if let Some(recorded) = recorded_answer(api, &id)? {
+                return replay(api, &recorded, reply);
+            }
+            handler(api, request)
+        }
+        other => other,
+    }
+}
+
+/// The reply to a service write: the service as it is now.
+fn service_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::ServiceResponse, Status> {
+    Ok(pb::ServiceResponse {
+        service: Some(
+            written::<Service>(api, &recorded.object_id)?
+                .as_ref()
+                .clone(),
+        ),
+    })
+}
+
+/// The reply to a node update: the node as it is now.
+fn node_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::NodeResponse, Status> {
+    Ok(pb::NodeResponse {
+        node: Some(written::<Node>(api, &recorded.object_id)?.as_ref().clone()),
+    })
+}
+
+/// The reply to a removal: the id removed.
+fn removal_reply(_: &ControlApi, recorded: &Recorded) -> Result<pb::RemoveResponse, Status> {
+    Ok(pb::RemoveResponse {
+        id: recorded.object_id.clone(),
+    })
+}
+
+/// The reply to a cluster update: the cluster as it is now, without its key.
+fn cluster_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::ClusterResponse, Status> {
+    let mut cluster = written::<Cluster>(api, &recorded.object_id)?
+        .as_ref()
+        .clone();
+    super::redact_cluster(&mut cluster);
+    Ok(pb::ClusterResponse {
+        cluster: Some(cluster),
+    })
+}
+
+/// The reply to a token rotation: the cluster's tokens now (also synced here, as the first
+/// attempt's leader did before it answered).
+fn tokens_reply(api: &ControlApi, _: &Recorded) -> Result<pb::JoinTokensResponse, Status> {
+    let tokens = cluster_tokens(api.store.view(the_cluster)?.as_ref())?;
+    super::duties::sync_tokens(api, &tokens);
+    Ok(pb::JoinTokensResponse {
+        tokens: Some(tokens_to_proto(&tokens)),
+    })
+}
+
+/// Proposes `changes` as one transaction on behalf of the request `request_id` (if the
+/// client sent one): the store records its answer, and answers a repeat with it.
+fn propose(
+    api: &ControlApi,
+    request_id: Option<&RequestId>,
+    changes: Vec<Change>,
+) -> Result<u64, Status> {
     let txn = Transaction {
         changes,
         timestamp_ms: now_ms(),
+        request_id: request_id.cloned(),
     };
     propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT)
 }
@@ -159,7 +330,7 @@ fn create_service(
         spec: Some(spec.clone()),
         ..Default::default()
     };
-    match propose(api, vec![create(service)]) {
+    match propose(api, request.request_id.as_ref(), vec![create(service)]) {
         Ok(_) => {}
         // A concurrent attempt of the same request (a retry racing its first attempt)
         // committed first: answer as that attempt would.
@@ -193,7 +364,11 @@ fn update_service(
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let mut service = current.as_ref().clone();
     service.previous_spec = service.spec.replace(spec);
-    propose(api, vec![update_expecting(service, request.version)])?;
+    propose(
+        api,
+        request.request_id.as_ref(),
+        vec![update_expecting(service, request.version)],
+    )?;
     Ok(pb::ServiceResponse {
         service: Some(written::<Service>(api, &current.id)?.as_ref().clone()),
     })
@@ -208,7 +383,11 @@ fn remove_service(
         .view(|view| resolve_service(view, &request.reference))?;
     // The service's tasks stay: the orchestrator asks them to be removed (desired REMOVE,
     // so their agents stop them) and the reaper deletes them once finished.
-    propose(api, vec![delete(Kind::Service, current.id.clone(), 0)])?;
+    propose(
+        api,
+        request.request_id.as_ref(),
+        vec![delete(Kind::Service, current.id.clone(), 0)],
+    )?;
     Ok(pb::RemoveResponse {
         id: current.id.clone(),
     })
@@ -238,7 +417,11 @@ fn update_node(
     }
     let mut node = current.as_ref().clone();
     node.spec = Some(spec);
-    propose(api, vec![update_expecting(node, request.version)])?;
+    propose(
+        api,
+        request.request_id.as_ref(),
+        vec![update_expecting(node, request.version)],
+    )?;
     Ok(pb::NodeResponse {
         node: Some(written::<Node>(api, &current.id)?.as_ref().clone()),
     })
@@ -338,7 +521,7 @@ fn remove_node(
         REASON_NODE_REMOVED,
         node_cert_lifetime(),
     )?);
-    propose(api, changes)?;
+    propose(api, request.request_id.as_ref(), changes)?;
     Ok(pb::RemoveResponse {
         id: current.id.clone(),
     })
@@ -423,7 +606,7 @@ fn revoke_admin(
     }
     let lifetime = super::admin::ADMIN_CERT_VALIDITY_MAX + crate::ca::CERT_BACKDATE;
     if let Some(change) = revocation(api, &request.id, REASON_ADMIN_REVOKED, lifetime)? {
-        propose(api, vec![change])?;
+        propose(api, request.request_id.as_ref(), vec![change])?;
     }
     Ok(pb::RevokeAdminCertificateResponse {})
 }
@@ -466,7 +649,7 @@ fn revoke_removed_manager(
         return Ok(pb::ManagersResponse::default());
     };
     if let Some(change) = revocation(api, &node.id, REASON_MANAGER_REMOVED, node_cert_lifetime())? {
-        propose(api, vec![change])?;
+        propose(api, None, vec![change])?;
     }
     Ok(pb::ManagersResponse::default())
 }
@@ -504,7 +687,7 @@ fn publish_root_ca(
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     let mut cluster = current.as_ref().clone();
     cluster.root_ca = Some(material);
-    propose(api, vec![update_expecting(cluster, version)])?;
+    propose(api, None, vec![update_expecting(cluster, version)])?;
     log::info!(
         "the cluster CA key from node {} is now replicated to every manager",
         caller.node_id
@@ -573,7 +756,7 @@ fn report_manager(
             update_expecting(node, version)
         }
     };
-    propose(api, vec![change])?;
+    propose(api, None, vec![change])?;
     Ok(pb::ReportManagerResponse {})
 }
 
@@ -592,7 +775,11 @@ fn update_cluster(
     validate_cluster_spec(&spec).map_err(|e| spec_error(&e))?;
     let mut cluster = current.as_ref().clone();
     cluster.spec = Some(spec);
-    propose(api, vec![update_expecting(cluster, request.version)])?;
+    propose(
+        api,
+        request.request_id.as_ref(),
+        vec![update_expecting(cluster, request.version)],
+    )?;
     let mut written = written::<Cluster>(api, &current.id)?.as_ref().clone();
     super::redact_cluster(&mut written);
     Ok(pb::ClusterResponse {
@@ -639,7 +826,11 @@ fn rotate_join_token(
     tokens.rotate(role);
     let mut cluster = current.as_ref().clone();
     cluster.join_tokens = Some(tokens_to_proto(&tokens));
-    propose(api, vec![update_expecting(cluster, version)])?;
+    propose(
+        api,
+        request.request_id.as_ref(),
+        vec![update_expecting(cluster, version)],
+    )?;
     // The duties thread syncs every manager; the leader does it now so that the old
     // token is refused from the moment the caller hears of the new one.
     super::duties::sync_tokens(api, &tokens);

@@ -65,7 +65,7 @@ use crate::proto::objects::NodeRole;
 use crate::raft::node::NodeHandle;
 use crate::state_dir::StateDir;
 use crate::store::Store;
-use crate::wire::{Code, Status};
+use crate::wire::{Code, Reason, Status, WriteFate};
 
 /// The wire names of the control methods (`control::CREATE_SERVICE` is
 /// `"control.CreateService"`), generated from `proto/flotilla/control.proto`; their typed
@@ -212,8 +212,9 @@ impl ControlApi {
     /// leads, else forwarded to the leader.
     ///
     /// # Errors
-    /// The write's own refusal, or `Unavailable` / `FailedPrecondition` (with a
-    /// `leader_addr=` hint) when no leader can take it.
+    /// The write's own refusal; [`Reason::RetrySoon`] when no leader can take it (nothing
+    /// was done); [`Reason::OutcomeUnknown`] when the forward reached the leader but its
+    /// answer was lost (the leader died): the write may or may not have happened.
     pub fn write<Req, Resp>(
         &self,
         caller: &Caller,
@@ -260,19 +261,7 @@ impl ControlApi {
                 &request,
                 CallOptions::timeout(PROPOSE_TIMEOUT),
             )
-            .map_err(|status| match status.code {
-                // Most often the leader just died and the election is not over: the caller
-                // may retry (a write whose reply was lost may have happened; a create that
-                // carries its id answers the retry with what the first attempt made).
-                Code::Unavailable => Status::retry_soon(
-                    Code::Unavailable,
-                    format!(
-                        "leader {leader_addr} is unreachable ({}); retry in a moment",
-                        status.message
-                    ),
-                ),
-                _ => status,
-            })?;
+            .map_err(|status| forward_failure(&leader_addr, status))?;
         response
             .reply
             .ok_or_else(|| Status::internal("the leader's forward reply carries no reply"))
@@ -282,6 +271,33 @@ impl ControlApi {
     pub fn shutdown(&self) {
         let threads = std::mem::take(&mut *self.watches.lock());
         threads.stop_and_join();
+    }
+}
+
+/// What the caller of a forwarded write learns when the forward failed.
+fn forward_failure(leader_addr: &str, status: Status) -> Status {
+    match (status.write_fate(), status.reason) {
+        // Never sent: most often the leader just died and the election is not over.
+        (WriteFate::NotDone, Reason::NotSent) => Status::retry_soon(
+            Code::Unavailable,
+            format!(
+                "leader {leader_addr} is unreachable ({}); retry in a moment",
+                status.message
+            ),
+        ),
+        // The leader's own answer (a refusal, or an outcome it does not know itself).
+        (WriteFate::NotDone | WriteFate::Refused, _) | (_, Reason::OutcomeUnknown) => status,
+        // Sent, and the answer lost on the way back (the leader died, the deadline passed):
+        // a write carrying a request id may be repeated; its repeat gets the first
+        // attempt's answer.
+        (WriteFate::Unknown, _) => Status::outcome_unknown(
+            status.code,
+            format!(
+                "the write was handed to leader {leader_addr}, which did not answer ({}); it \
+                 may or may not have happened",
+                status.message
+            ),
+        ),
     }
 }
 

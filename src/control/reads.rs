@@ -322,6 +322,7 @@ mod tests {
                 create(service("xyz333", "abc111x")),
             ],
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         store.view(|view| {

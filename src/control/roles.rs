@@ -278,6 +278,7 @@ fn record_worker(api: &ControlApi, node: &Node) -> Step {
     let txn = Transaction {
         changes: vec![update_expecting(updated, version)],
         timestamp_ms: super::handlers::now_ms(),
+        request_id: None,
     };
     match propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT) {
         Ok(_) => {
@@ -365,6 +366,7 @@ mod tests {
                 crate::store::create(node("c", NodeRole::Worker, NodeRole::Worker, 12)),
             ],
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         assert_eq!(demoting_raft_ids(&store), vec![10]);

@@ -16,7 +16,7 @@
 //!   the stream when the heartbeat expires (and marks the node DOWN), when this manager
 //!   stops leading (`Unavailable` with the reason [`NOT_LEADER`]), or at shutdown.
 //! - A follower refuses every call with `FailedPrecondition` and the reason
-//!   [`NOT_LEADER`]; the agent tries the leader next (the message names it).
+//!   [`NOT_LEADER`]; the agent tries the leader next (the status's `leader_addr` names it).
 //!
 //! Must never change the store except through a proposed transaction, let a node touch
 //! another node's tasks, or move a task's observed state backwards.
@@ -45,8 +45,9 @@ use crate::store::{
 use crate::util::clock::unix_now_ms as now_ms;
 use crate::wire::{Code, Status};
 
-/// The status reason of a refusal by a manager that is not the leader.
-pub const NOT_LEADER: &str = "NOT_LEADER";
+/// The status reason of a refusal by a manager that is not the leader (the status names the
+/// leader in its details when it is known).
+pub const NOT_LEADER: crate::wire::Reason = crate::wire::Reason::NotLeader;
 /// Sessions one leader serves at once (one thread each).
 pub const SESSIONS_MAX: usize = 1024;
 /// Status updates per `UpdateTaskStatus` call (one transaction's worth).
@@ -200,16 +201,17 @@ impl Dispatcher {
         if self.node.leader() == Some(self.node.id()) {
             return Ok(());
         }
-        let leader = self
-            .node
-            .leader()
-            .and_then(|id| self.node.directory().addr(id))
+        let leader_id = self.node.leader();
+        let leader_addr = leader_id.and_then(|id| self.node.directory().addr(id));
+        let leader = leader_addr
+            .as_deref()
             .map_or_else(|| "not known yet".to_string(), |addr| format!("at {addr}"));
-        Err(Status::new(
+        Err(Status::not_leader(
             Code::FailedPrecondition,
             format!("this manager does not lead; the leader is {leader}"),
-        )
-        .with_reason(NOT_LEADER))
+            leader_id,
+            leader_addr,
+        ))
     }
 
     fn heartbeat_period(&self) -> Result<Duration, Status> {
@@ -416,9 +418,10 @@ impl Dispatcher {
         if self.stopping.load(Ordering::SeqCst) {
             return Some(Status::unavailable("the manager is shutting down"));
         }
-        self.require_leader()
-            .err()
-            .map(|status| Status::unavailable(status.message).with_reason(NOT_LEADER))
+        self.require_leader().err().map(|mut status| {
+            status.code = Code::Unavailable;
+            status
+        })
     }
 
     /// Whether `session_id` is still `node_id`'s session and heard from; an expired one is
@@ -552,6 +555,7 @@ impl Dispatcher {
             let txn = Transaction {
                 changes,
                 timestamp_ms: now_ms(),
+                request_id: None,
             };
             match propose_transaction(&self.node, &txn, PROPOSE_TIMEOUT) {
                 Ok(_) => return Ok(()),
@@ -726,6 +730,7 @@ mod tests {
         let txn = Transaction {
             changes: tasks.into_iter().map(crate::store::create).collect(),
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         store
@@ -738,6 +743,7 @@ mod tests {
                 &Transaction {
                     changes,
                     timestamp_ms: 2,
+                    request_id: None,
                 },
             )
             .unwrap();

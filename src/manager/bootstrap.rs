@@ -377,8 +377,8 @@ fn remove_old_member(
         match result {
             Ok(_) => return Ok(Some(raft_id)),
             Err(status) if status.code == Code::NotFound => return Ok(None),
-            Err(status) => match super::register::leader_addr(&status.message) {
-                Some(leader) => channel = checked.transport.channel(&leader, &checked.tls),
+            Err(status) => match status.leader_hint() {
+                Some(leader) => channel = checked.transport.channel(leader, &checked.tls),
                 None => {
                     return Err(BootstrapError::Rejoin(format!(
                         "the cluster did not remove this manager's old Raft member {raft_id:x}: \

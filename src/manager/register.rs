@@ -1,5 +1,5 @@
 //! The `manager-register` thread: a manager that joined asks the leader to add it to the
-//! Raft group (`raft.Join`), following `leader_addr=` redirects, until it is a member.
+//! Raft group (`raft.Join`), following the leader a NotLeader refusal names, until it is a member.
 //!
 //! Owns nothing but its retry loop. Must never propose anything itself: the leader decides.
 
@@ -105,21 +105,11 @@ fn ask(
                 }
                 return Ok(());
             }
-            Err(status) => match leader_addr(&status.message) {
-                Some(leader) if leader != target => target = leader,
+            Err(status) => match status.leader_hint() {
+                Some(leader) if leader != target => target = leader.to_string(),
                 _ => return Err(format!("{target}: {status}")),
             },
         }
     }
     Err("too many redirects".into())
-}
-
-/// The `leader_addr=` hint of a NotLeader error, if it names an address.
-pub fn leader_addr(message: &str) -> Option<String> {
-    let rest = message.split("leader_addr=").nth(1)?;
-    let addr = rest
-        .split_whitespace()
-        .next()?
-        .trim_end_matches([',', ';', ')']);
-    (addr != "unknown" && !addr.is_empty()).then(|| addr.to_string())
 }

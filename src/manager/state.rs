@@ -137,7 +137,7 @@ impl StateMachine for ManagerState {
 ///
 /// # Errors
 /// The transaction's own refusal (conflict → `Aborted`, limits → `ResourceExhausted`, …), or
-/// the node's ([`NodeError::to_status`]: not leader with a `leader_addr=` hint, timeout, …).
+/// the node's ([`NodeError::to_status`]: not leader, naming the leader; timeout, …).
 pub fn propose_transaction(
     node: &NodeHandle,
     txn: &Transaction,
@@ -278,6 +278,7 @@ mod tests {
         let txn = Transaction {
             changes: vec![create(node("n1"))],
             timestamp_ms: 1,
+            request_id: None,
         };
         let mut entry = vec![TAG_STORE];
         entry.extend(txn.encode_to_vec());

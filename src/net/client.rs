@@ -23,7 +23,7 @@ use super::socket::DialAddr;
 use super::stream::{INBOUND_CAPACITY, Inbound, StreamCtl, StreamReader, StreamWriter};
 use crate::ca::PeerIdentity;
 use crate::proto::wire::FrameKind;
-use crate::wire::Status;
+use crate::wire::{Reason, Status};
 
 /// Per-call settings.
 #[derive(Clone, Copy, Debug, Default)]
@@ -259,7 +259,20 @@ impl Channel {
         }
     }
 
+    /// Opens a call: sends its REQUEST frame. A failure here means the request never left
+    /// this process; its status carries [`Reason::NotSent`] so that a caller knows nothing
+    /// was done.
     fn open(&self, method: &str, payload: Bytes, options: CallOptions) -> Result<Call, Status> {
+        self.open_or_unsent(method, payload, options)
+            .map_err(|status| status.with_reason(Reason::NotSent))
+    }
+
+    fn open_or_unsent(
+        &self,
+        method: &str,
+        payload: Bytes,
+        options: CallOptions,
+    ) -> Result<Call, Status> {
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let conn = self.inner.connection(deadline)?;
         let stream_id = conn.allocate_stream_id();

@@ -218,6 +218,7 @@ fn pack(units: Vec<Unit>, timestamp_ms: i64) -> Vec<Transaction> {
             transactions.push(Transaction {
                 changes: std::mem::take(&mut current),
                 timestamp_ms,
+                request_id: None,
             });
             current_bytes = 0;
         }
@@ -228,6 +229,7 @@ fn pack(units: Vec<Unit>, timestamp_ms: i64) -> Vec<Transaction> {
         transactions.push(Transaction {
             changes: current,
             timestamp_ms,
+            request_id: None,
         });
     }
     transactions

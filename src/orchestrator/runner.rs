@@ -247,6 +247,7 @@ mod tests {
         Transaction {
             changes,
             timestamp_ms: 1,
+            request_id: None,
         }
     }
 

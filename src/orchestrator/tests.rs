@@ -34,6 +34,7 @@ impl Harness {
         let txn = Transaction {
             changes,
             timestamp_ms: now_ms,
+            request_id: None,
         };
         self.store.apply(self.index, &txn).unwrap();
     }

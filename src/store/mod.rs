@@ -26,6 +26,7 @@
 //! This module must never propose anything, talk to the network, read a clock or block on a
 //! watcher; and `apply` must stay a pure function of (store, index, transaction).
 
+pub mod answers;
 mod object;
 pub mod settings;
 mod snapshot;
@@ -44,7 +45,8 @@ use crate::proto::objects::Transaction;
 
 pub use object::{Kind, Object, Record};
 pub use snapshot::{
-    SNAPSHOT_FORMAT_VERSION, SNAPSHOT_RECORD_BYTES_MAX, SnapshotError, SnapshotInfo, SnapshotStream,
+    SNAPSHOT_FORMAT_VERSION, SNAPSHOT_FORMAT_VERSION_OLDEST, SNAPSHOT_RECORD_BYTES_MAX,
+    SnapshotError, SnapshotInfo, SnapshotStream,
 };
 pub use table::{Table, Tables};
 pub use txn::{
@@ -58,6 +60,7 @@ pub use watch::{
     WatchFilter, WatchOptions, Watcher,
 };
 
+use answers::{Answer, AnswerTable, Lookup, Recorded};
 use watch::Hub;
 
 /// Tunables of a store.
@@ -87,6 +90,8 @@ struct State {
     applied_index: u64,
     /// The index of the last transaction that succeeded (or the restored version).
     version: u64,
+    /// The latest answer per client (exactly-once writes).
+    answers: AnswerTable,
 }
 
 impl State {
@@ -95,6 +100,7 @@ impl State {
             tables: &self.tables,
             version: self.version,
             applied_index: self.applied_index,
+            answers: &self.answers,
         }
     }
 }
@@ -123,6 +129,7 @@ impl Store {
                 tables: Tables::default(),
                 applied_index: 0,
                 version: 0,
+                answers: AnswerTable::default(),
             })),
             hub: Arc::new(Mutex::new(Hub::new(
                 config.watch_history_events_max,
@@ -138,9 +145,14 @@ impl Store {
     /// manager. `index` becomes the version of every object written. A refused transaction
     /// still counts as applied (the index advances), so the next entry is accepted.
     ///
+    /// A transaction carrying a request id is answered at most once ([`answers`]): its
+    /// outcome is recorded with its effects, and a repeat of the request gets that outcome
+    /// again (a success with [`ApplyOutcome::repeated`] set, or the first refusal) without
+    /// being applied.
+    ///
     /// # Errors
-    /// A [`TxnError`] that says which change failed and why; the store is unchanged.
-    /// [`TxnError::OutOfOrder`] if `index` is not after the last applied index.
+    /// A [`TxnError`] that says which change failed and why; the store's objects are
+    /// unchanged. [`TxnError::OutOfOrder`] if `index` is not after the last applied index.
     pub fn apply(&self, index: u64, txn: &Transaction) -> Result<ApplyOutcome, TxnError> {
         // Encoding size is the costly check; it needs no lock.
         let txn_bytes = txn::checked_size(txn);
@@ -152,8 +164,39 @@ impl Store {
             });
         }
         state.applied_index = index;
-        let txn_bytes = txn_bytes?;
-        let events = txn::apply_changes(&mut state.tables, index, txn)?;
+        state.answers.expire(txn.timestamp_ms);
+        let request = answers::checked_request(txn)?;
+        if let Some(request) = request {
+            match state.answers.lookup(request) {
+                Lookup::New => {}
+                Lookup::Repeat(recorded) => {
+                    return recorded.replay().map(|version| ApplyOutcome {
+                        version,
+                        events: Vec::new(),
+                        repeated: true,
+                    });
+                }
+                Lookup::Superseded { latest_seq } => {
+                    return Err(TxnError::Superseded {
+                        seq: request.seq,
+                        latest_seq,
+                    });
+                }
+            }
+        }
+        let outcome = txn_bytes
+            .and_then(|bytes| Ok((bytes, txn::apply_changes(&mut state.tables, index, txn)?)));
+        if let Some(request) = request {
+            let recorded = Recorded {
+                seq: request.seq,
+                index,
+                timestamp_ms: txn.timestamp_ms,
+                answer: Answer::of(&outcome, index),
+                object_id: answers::first_object_id(txn),
+            };
+            state.answers.record(request.client_id, recorded);
+        }
+        let (txn_bytes, events) = outcome?;
         state.version = index;
         // Take the hub before letting readers in, so that a watcher registered by a reader
         // who saw this transaction cannot also be sent it.
@@ -164,6 +207,7 @@ impl Store {
         Ok(ApplyOutcome {
             version: index,
             events,
+            repeated: false,
         })
     }
 
@@ -283,7 +327,12 @@ impl Store {
     /// objects; the store keeps applying while the stream is read.
     pub fn snapshot(&self) -> SnapshotStream {
         let state = self.state.read();
-        SnapshotStream::new(&state.tables, state.applied_index, state.version)
+        SnapshotStream::new(
+            &state.tables,
+            &state.answers,
+            state.applied_index,
+            state.version,
+        )
     }
 
     /// Writes a snapshot of the whole store to `writer` (see [`Self::snapshot`]).
@@ -308,6 +357,7 @@ impl Store {
         let loaded = snapshot::load(reader)?;
         let mut state = self.state.write();
         let old_tables = std::mem::replace(&mut state.tables, loaded.tables);
+        state.answers = loaded.answers;
         state.applied_index = loaded.info.applied_index;
         state.version = loaded.info.version;
         let mut hub = self.hub.lock();

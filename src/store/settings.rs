@@ -102,6 +102,7 @@ mod tests {
                 ..Default::default()
             })],
             timestamp_ms: 1,
+            request_id: None,
         };
         store.apply(1, &txn).unwrap();
         let settings = ClusterSettings::current(&store);

@@ -3,7 +3,8 @@
 //!
 //! Stream layout: `SnapshotHeader`, `object_count` × `StoreObject` (kinds in
 //! [`Kind::ALL`](super::Kind::ALL) order, ids ascending, so every manager writes the same bytes
-//! for the same state), `SnapshotTrailer` (SHA-256 of everything before it). Each record is a
+//! for the same state), `answer_count` × `RecordedAnswer` (the table of answers, oldest
+//! first; format 2 on), `SnapshotTrailer` (SHA-256 of everything before it). Each record is a
 //! varint length followed by the message.
 //!
 //! Owns the format. Must never touch the live store: decoding builds new tables, which the
@@ -14,15 +15,20 @@ use std::io::{self, BufRead, BufReader, Read};
 use prost::Message;
 use ring::digest;
 
-use crate::proto::objects::{SnapshotHeader, SnapshotTrailer, StoreObject};
+use crate::proto::objects::{RecordedAnswer, SnapshotHeader, SnapshotTrailer, StoreObject};
 use crate::wire::Code;
 
+use super::answers::AnswerTable;
 use super::object::{Object, Record};
 use super::table::Tables;
 use super::txn::TXN_BYTES_MAX;
 
-/// The format this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+/// The format this build writes (2: with the table of answers).
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+
+/// The oldest format this build reads (1: without the table of answers, which then starts
+/// empty).
+pub const SNAPSHOT_FORMAT_VERSION_OLDEST: u32 = 1;
 
 /// The largest record accepted when reading. An object entered the store inside a transaction
 /// of at most [`TXN_BYTES_MAX`], so no honest record is larger; a corrupt length cannot make
@@ -43,7 +49,8 @@ pub enum SnapshotError {
     Corrupt(String),
     /// Written by a newer build.
     #[error(
-        "snapshot format {found} is not supported (this build reads {SNAPSHOT_FORMAT_VERSION}); \
+        "snapshot format {found} is not supported (this build reads \
+         {SNAPSHOT_FORMAT_VERSION_OLDEST} to {SNAPSHOT_FORMAT_VERSION}); \
          upgrade this manager"
     )]
     UnsupportedFormat {
@@ -72,11 +79,14 @@ pub struct SnapshotInfo {
     pub version: u64,
     /// Objects in it.
     pub object_count: u64,
+    /// Entries of the table of answers in it.
+    pub answer_count: u64,
 }
 
 enum Stage {
     Header,
     Objects,
+    Answers,
     Trailer,
     Done,
 }
@@ -86,6 +96,7 @@ enum Stage {
 pub struct SnapshotStream {
     info: SnapshotInfo,
     objects: std::vec::IntoIter<Object>,
+    answers: std::vec::IntoIter<RecordedAnswer>,
     stage: Stage,
     /// The encoded record being read out, and how much of it was read.
     record: Vec<u8>,
@@ -94,20 +105,28 @@ pub struct SnapshotStream {
 }
 
 impl SnapshotStream {
-    pub(crate) fn new(tables: &Tables, applied_index: u64, version: u64) -> Self {
+    pub(crate) fn new(
+        tables: &Tables,
+        answers: &AnswerTable,
+        applied_index: u64,
+        version: u64,
+    ) -> Self {
         let mut objects = Vec::with_capacity(tables.object_count());
         collect::<crate::proto::objects::Node>(tables, &mut objects);
         collect::<crate::proto::objects::Service>(tables, &mut objects);
         collect::<crate::proto::objects::Task>(tables, &mut objects);
         collect::<crate::proto::objects::Network>(tables, &mut objects);
         collect::<crate::proto::objects::Cluster>(tables, &mut objects);
+        let answers = answers.to_records();
         Self {
             info: SnapshotInfo {
                 applied_index,
                 version,
                 object_count: objects.len() as u64,
+                answer_count: answers.len() as u64,
             },
             objects: objects.into_iter(),
+            answers: answers.into_iter(),
             stage: Stage::Header,
             record: Vec::new(),
             record_offset: 0,
@@ -131,6 +150,7 @@ impl SnapshotStream {
                     applied_index: self.info.applied_index,
                     version: self.info.version,
                     object_count: self.info.object_count,
+                    answer_count: self.info.answer_count,
                 };
                 header
                     .encode_length_delimited(&mut self.record)
@@ -142,6 +162,18 @@ impl SnapshotStream {
                 Some(object) => {
                     prost::encoding::encode_varint(object.encoded_len() as u64, &mut self.record);
                     object.encode_store_object(&mut self.record);
+                    self.hasher.update(&self.record);
+                }
+                None => {
+                    self.stage = Stage::Answers;
+                    return self.next_record();
+                }
+            },
+            Stage::Answers => match self.answers.next() {
+                Some(answer) => {
+                    answer
+                        .encode_length_delimited(&mut self.record)
+                        .expect("a Vec grows as needed");
                     self.hasher.update(&self.record);
                 }
                 None => {
@@ -194,6 +226,7 @@ fn collect<T: Record>(tables: &Tables, out: &mut Vec<Object>) {
 /// A decoded snapshot, not yet installed.
 pub(crate) struct Loaded {
     pub(crate) tables: Tables,
+    pub(crate) answers: AnswerTable,
     pub(crate) info: SnapshotInfo,
 }
 
@@ -202,6 +235,7 @@ pub(crate) struct Loaded {
 enum Part {
     Header,
     Object { index: u64, count: u64 },
+    Answer { index: u64, count: u64 },
     Trailer,
 }
 
@@ -210,6 +244,7 @@ impl std::fmt::Display for Part {
         match self {
             Self::Header => f.write_str("the header"),
             Self::Object { index, count } => write!(f, "object {index} of {count}"),
+            Self::Answer { index, count } => write!(f, "answer {index} of {count}"),
             Self::Trailer => f.write_str("the trailer"),
         }
     }
@@ -316,10 +351,14 @@ pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
         return Err(corrupt("the stream is empty"));
     }
     let header: SnapshotHeader = reader.next_message(Part::Header, true)?;
-    if header.format_version != SNAPSHOT_FORMAT_VERSION {
+    if !(SNAPSHOT_FORMAT_VERSION_OLDEST..=SNAPSHOT_FORMAT_VERSION).contains(&header.format_version)
+    {
         return Err(SnapshotError::UnsupportedFormat {
             found: header.format_version,
         });
+    }
+    if header.format_version < 2 && header.answer_count != 0 {
+        return Err(corrupt("a format 1 snapshot holds no answers"));
     }
     if header.version > header.applied_index {
         // Versions are log indexes of applied entries, so this cannot come from a store; and
@@ -340,6 +379,17 @@ pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
         insert(&mut tables, object, header.version)
             .map_err(|reason| corrupt(format!("{part}: {reason}")))?;
     }
+    let mut answers = AnswerTable::default();
+    for index in 0..header.answer_count {
+        let part = Part::Answer {
+            index,
+            count: header.answer_count,
+        };
+        let record = reader.next_message::<RecordedAnswer>(part, true)?;
+        answers
+            .load(record, header.applied_index)
+            .map_err(|reason| corrupt(format!("{part}: {reason}")))?;
+    }
     let digest = reader.hasher.clone().finish();
     let trailer: SnapshotTrailer = reader.next_message(Part::Trailer, false)?;
     if trailer.sha256.as_ref() != digest.as_ref() {
@@ -350,10 +400,12 @@ pub(crate) fn load(reader: impl Read) -> Result<Loaded, SnapshotError> {
     }
     Ok(Loaded {
         tables,
+        answers,
         info: SnapshotInfo {
             applied_index: header.applied_index,
             version: header.version,
             object_count: header.object_count,
+            answer_count: header.answer_count,
         },
     })
 }

@@ -78,6 +78,7 @@ fn txn(changes: Vec<Change>) -> Transaction {
     Transaction {
         changes,
         timestamp_ms: TS,
+        request_id: None,
     }
 }
 
@@ -85,6 +86,7 @@ fn txn_at(changes: Vec<Change>, timestamp_ms: i64) -> Transaction {
     Transaction {
         changes,
         timestamp_ms,
+        request_id: None,
     }
 }
 
@@ -1770,6 +1772,7 @@ fn well_checksummed_but_inconsistent_snapshots_are_refused() {
         applied_index,
         version,
         object_count,
+        ..Default::default()
     };
     let versioned = |id: &str, name: &str, version| {
         let mut s = service(id, name);
@@ -1877,4 +1880,219 @@ fn refusals_a_caller_can_meet_speak_in_user_terms() {
     for refusal in &refusals {
         assert_user_terms(refusal);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exactly-once writes: the table of answers
+
+fn requested(changes: Vec<Change>, client_id: &[u8], seq: u64, timestamp_ms: i64) -> Transaction {
+    Transaction {
+        changes,
+        timestamp_ms,
+        request_id: Some(crate::proto::objects::RequestId {
+            client_id: bytes::Bytes::copy_from_slice(client_id),
+            seq,
+        }),
+    }
+}
+
+#[test]
+fn a_repeated_request_gets_its_first_answer_and_changes_nothing() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &requested(vec![create(service("s", "web"))], b"alice", 1, TS),
+        )
+        .unwrap();
+    let mut changed = get_service(&store, "s").unwrap();
+    changed.spec.as_mut().unwrap().replicas = 5;
+    let update = requested(vec![update_expecting(changed.clone(), 1)], b"alice", 2, TS);
+    let first = store.apply(2, &update).unwrap();
+    assert_eq!((first.version, first.repeated), (2, false));
+    let watcher = store.watch(WatchOptions::default());
+
+    // The same request again (a retry whose first attempt committed): the first answer, not
+    // a conflict with its own write.
+    let again = store.apply(3, &update).unwrap();
+    assert_eq!((again.version, again.repeated), (2, true));
+    assert!(again.events.is_empty());
+    assert_eq!(store.version(), 2, "a repeat writes nothing");
+    assert_eq!(get_service(&store, "s").unwrap().meta.unwrap().version, 2);
+    assert!(
+        matches!(watcher.try_recv(), Ok(None)),
+        "watchers see no event for a repeat"
+    );
+
+    // Someone else with the same stale version: a real conflict, recorded as its answer.
+    let bob = requested(vec![update_expecting(changed, 1)], b"bob", 1, TS);
+    let refused = store.apply(4, &bob).unwrap_err();
+    assert_eq!(refused.code(), Code::Aborted, "{refused}");
+    let refused_again = store.apply(5, &bob).unwrap_err();
+    assert_eq!(refused_again.code(), Code::Aborted);
+    assert_eq!(refused_again.to_string(), refused.to_string());
+
+    // The answer lives in the view, with the objects it wrote.
+    store.view(|view| {
+        assert!(matches!(
+            view.answer(b"alice", 2),
+            answers::Lookup::Repeat(recorded) if recorded.answer == answers::Answer::Written { version: 2 }
+        ));
+        assert_eq!(view.answer(b"alice", 3), answers::Lookup::New);
+        assert_eq!(
+            view.answer(b"alice", 1),
+            answers::Lookup::Superseded { latest_seq: 2 }
+        );
+    });
+    // An earlier request of a client that moved on cannot be told: neither applied nor
+    // called a conflict.
+    let stale = store
+        .apply(
+            6,
+            &requested(vec![delete(Kind::Service, "s", 0)], b"alice", 1, TS),
+        )
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::Unknown, "{stale}");
+    assert!(get_service(&store, "s").is_some());
+}
+
+#[test]
+fn a_malformed_request_id_is_refused_alike_everywhere() {
+    let store = Store::default();
+    for (client_id, seq) in [(&b""[..], 1), (&[7u8; 33][..], 1), (&b"c"[..], 0)] {
+        let error = store
+            .apply(
+                store.applied_index() + 1,
+                &requested(vec![create(service("s", "web"))], client_id, seq, TS),
+            )
+            .unwrap_err();
+        assert_eq!(error.code(), Code::InvalidArgument, "{error}");
+    }
+    assert!(get_service(&store, "s").is_none());
+}
+
+#[test]
+fn answers_leave_in_log_time_and_the_table_stays_bounded() {
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &requested(vec![create(service("a", "a"))], b"old", 1, TS),
+        )
+        .unwrap();
+    // An hour later by the log's clock (any transaction, with or without a request), the
+    // answer has left: a repeat is applied as new (and here refused: the service exists).
+    store
+        .apply(
+            2,
+            &txn_at(
+                vec![create(service("b", "b"))],
+                TS + answers::ANSWER_TTL_MS + 1,
+            ),
+        )
+        .unwrap();
+    store.view(|view| assert_eq!(view.answer(b"old", 1), answers::Lookup::New));
+    let fresh = store
+        .apply(
+            3,
+            &requested(vec![create(service("a", "a"))], b"old", 1, TS),
+        )
+        .unwrap_err();
+    assert_eq!(fresh.code(), Code::AlreadyExists);
+
+    let store = Store::default();
+    let clients = answers::ANSWERS_CLIENTS_MAX as u64 + 5;
+    for n in 1..=clients {
+        let mut object = node(&format!("n{n}"), "h", NodeRole::Worker);
+        object.id = format!("n{n}");
+        store
+            .apply(n, &requested(vec![create(object)], &n.to_be_bytes(), 1, TS))
+            .unwrap();
+    }
+    let info = store.snapshot().info();
+    assert_eq!(info.answer_count, answers::ANSWERS_CLIENTS_MAX as u64);
+    store.view(|view| {
+        assert_eq!(view.answer(&1u64.to_be_bytes(), 1), answers::Lookup::New);
+        assert!(matches!(
+            view.answer(&clients.to_be_bytes(), 1),
+            answers::Lookup::Repeat(_)
+        ));
+    });
+}
+
+#[test]
+fn the_table_of_answers_travels_in_snapshots_and_every_manager_keeps_the_same() {
+    let log: Vec<Transaction> = vec![
+        requested(vec![create(service("s", "web"))], b"alice", 1, TS),
+        requested(vec![create(service("t", "web"))], b"bob", 1, TS + 1),
+        txn_at(vec![create(service("u", "other"))], TS + 2),
+        requested(vec![delete(Kind::Service, "s", 0)], b"alice", 2, TS + 3),
+    ];
+    let replay = || {
+        let store = Store::default();
+        for (i, txn) in log.iter().enumerate() {
+            let _ = store.apply(i as u64 + 1, txn);
+        }
+        store
+    };
+    let (one, two) = (replay(), replay());
+    let image = snapshot_bytes(&one);
+    assert_eq!(image, snapshot_bytes(&two), "same log, same bytes");
+    assert_eq!(one.snapshot().info().answer_count, 2);
+
+    let restored = Store::default();
+    restored
+        .apply(1, &txn(vec![create(service("x", "x"))]))
+        .unwrap();
+    restored.restore(image.as_slice()).unwrap();
+    assert_eq!(snapshot_bytes(&restored), image);
+    // alice's removal, retried after the restore: its first answer, with the removed id.
+    let again = restored.apply(5, &log[3]).unwrap();
+    assert!(again.repeated);
+    restored.view(|view| match view.answer(b"alice", 2) {
+        answers::Lookup::Repeat(recorded) => assert_eq!(recorded.object_id, "s"),
+        other => panic!("{other:?}"),
+    });
+    // bob's refused create (the name was taken) is refused the same way again.
+    let bob = restored.apply(6, &log[1]).unwrap_err();
+    assert_eq!(bob.code(), Code::AlreadyExists, "{bob}");
+
+    // A damaged table leaves the store as it was.
+    let mut damaged = image.clone();
+    let at = damaged.len() - 40;
+    damaged[at] ^= 0xff;
+    assert!(restored.restore(damaged.as_slice()).is_err());
+    assert_eq!(restored.applied_index(), 6);
+}
+
+#[test]
+fn a_format_1_snapshot_restores_with_an_empty_table_of_answers() {
+    let header = crate::proto::objects::SnapshotHeader {
+        format_version: SNAPSHOT_FORMAT_VERSION_OLDEST,
+        applied_index: 3,
+        version: 3,
+        object_count: 0,
+        ..Default::default()
+    };
+    let store = Store::default();
+    store
+        .apply(
+            1,
+            &requested(vec![create(service("s", "web"))], b"c", 1, TS),
+        )
+        .unwrap();
+    let info = store
+        .restore(forged_snapshot(header, &[]).as_slice())
+        .unwrap();
+    assert_eq!((info.applied_index, info.answer_count), (3, 0));
+    store.view(|view| assert_eq!(view.answer(b"c", 1), answers::Lookup::New));
+    let claims_answers = crate::proto::objects::SnapshotHeader {
+        answer_count: 1,
+        ..header
+    };
+    assert!(
+        store
+            .restore(forged_snapshot(claims_answers, &[]).as_slice())
+            .is_err()
+    );
 }

@@ -59,8 +59,11 @@ pub struct Event {
 pub struct ApplyOutcome {
     /// The version the transaction wrote (its log index).
     pub version: u64,
-    /// One event per change, in the transaction's order.
+    /// One event per change, in the transaction's order (none for a repeat).
     pub events: Vec<Arc<Event>>,
+    /// True if this was a repeat of a request applied before ([`super::answers`]): nothing
+    /// was applied now, and `version` is what the first attempt wrote.
+    pub repeated: bool,
 }
 
 /// Why a transaction was refused. A refused transaction changed nothing.
@@ -170,6 +173,33 @@ pub enum TxnError {
         /// The decoder's complaint.
         reason: String,
     },
+    /// The transaction's request id is malformed.
+    #[error("request id: {reason}; send 1 to 32 bytes of client id and a seq from 1")]
+    InvalidRequestId {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A repeat of a request the store refused before: the same refusal again.
+    #[error("{message}")]
+    Repeated {
+        /// The first refusal's code.
+        code: Code,
+        /// The first refusal's message.
+        message: String,
+    },
+    /// An earlier request of a client that has sent a later one since: its answer is no
+    /// longer kept, so its outcome cannot be told.
+    #[error(
+        "request {seq} of this client was followed by its request {latest_seq}; the answer to \
+         request {seq} is no longer kept, so whether it took effect is unknown here: read the \
+         object to find out"
+    )]
+    Superseded {
+        /// The request's number.
+        seq: u64,
+        /// The client's latest request number.
+        latest_seq: u64,
+    },
     /// The log index does not come after the last one applied: the caller replayed or
     /// reordered the log.
     #[error(
@@ -188,9 +218,13 @@ impl TxnError {
     /// The status code a caller should see for this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::Empty | Self::InvalidChange { .. } | Self::Undecodable { .. } => {
-                Code::InvalidArgument
-            }
+            Self::Empty
+            | Self::InvalidChange { .. }
+            | Self::Undecodable { .. }
+            | Self::InvalidRequestId { .. } => Code::InvalidArgument,
+            Self::Repeated { code, .. } => *code,
+            // The code of an outcome nobody can tell any more.
+            Self::Superseded { .. } => Code::Unknown,
             Self::TooManyChanges { .. } | Self::TooLarge { .. } | Self::ChangeTooLarge { .. } => {
                 Code::ResourceExhausted
             }
@@ -289,6 +323,7 @@ pub fn split_into_transactions(
     let mut current = Transaction {
         changes: Vec::new(),
         timestamp_ms,
+        request_id: None,
     };
     let mut current_bytes = TXN_HEADER_BYTES_MAX;
     for (position, change) in changes.into_iter().enumerate() {
@@ -308,6 +343,7 @@ pub fn split_into_transactions(
                 Transaction {
                     changes: Vec::new(),
                     timestamp_ms,
+                    request_id: None,
                 },
             ));
             current_bytes = TXN_HEADER_BYTES_MAX;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crate::proto::objects::{Node, NodeRole, Task, TaskState};
 
+use super::answers::{AnswerTable, Lookup, Request};
 use super::object::Record;
 use super::table::{IndexKey, Tables};
 
@@ -17,9 +18,16 @@ pub struct ReadView<'a> {
     pub(crate) tables: &'a Tables,
     pub(crate) version: u64,
     pub(crate) applied_index: u64,
+    pub(crate) answers: &'a AnswerTable,
 }
 
 impl<'a> ReadView<'a> {
+    /// What the table of answers holds for the request `client_id`/`seq` (see
+    /// [`super::answers`]): consistent with the objects of this view.
+    pub fn answer(&self, client_id: &[u8], seq: u64) -> Lookup<'a> {
+        self.answers.lookup(Request { client_id, seq })
+    }
+
     /// The version of the last transaction this view includes.
     pub fn version(&self) -> u64 {
         self.version

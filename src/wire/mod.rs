@@ -31,7 +31,7 @@ pub use codec::{
     DecodeError, FRAME_BYTES_MAX_DEFAULT, FRAME_HEADER_BYTES, FrameDecoder, FrameTooLarge,
     decode_envelope, encode_frame,
 };
-pub use status::{Code, RETRY_SOON, Status};
+pub use status::{Code, RETRY_AFTER_MAX, RETRY_SOON, Reason, Status, WriteFate};
 
 /// Stream messages a receiver accepts before it has returned any credit. Both sides assume
 /// this value; it is part of the protocol.

@@ -283,7 +283,7 @@ pub struct Client {
 pub const CALL: Duration = Duration::from_secs(5);
 
 fn leader_hint(status: &Status) -> Option<String> {
-    flotilla::manager::register::leader_addr(&status.message)
+    status.leader_hint().map(str::to_string)
 }
 
 impl Client {

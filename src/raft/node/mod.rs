@@ -175,7 +175,7 @@ pub type SnapshotWriter = Box<dyn FnOnce(&mut dyn Write) -> std::io::Result<()> 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NodeError {
     /// This member is not the leader; retry on `leader_addr` if known.
-    #[error("not the leader; leader_addr={}", leader_addr.as_deref().unwrap_or("unknown"))]
+    #[error("this manager is not the leader (the leader is {})", leader_addr.as_deref().unwrap_or("not known yet"))]
     NotLeader {
         /// The leader's id, if known.
         leader: Option<NodeId>,
@@ -223,20 +223,30 @@ impl NodeError {
         }
     }
 
-    /// The transport status for this error: `leader_addr=` in the message lets clients
-    /// follow a redirect; refusals that an election or a moment's wait fixes carry the
-    /// reason [`crate::wire::RETRY_SOON`].
+    /// The transport status for this error: a NotLeader refusal names the leader in its
+    /// details ([`crate::wire::Reason::NotLeader`]) so that clients can follow it; refusals
+    /// that an election or a moment's wait fixes carry the reason
+    /// [`crate::wire::RETRY_SOON`]; a proposal whose outcome is unknown (a timeout, a node
+    /// that stopped while it waited) carries [`crate::wire::Reason::OutcomeUnknown`].
     pub fn to_status(&self) -> crate::wire::Status {
         use crate::wire::{Code, Status};
         match self {
-            NodeError::NotLeader { .. } => {
-                Status::retry_soon(Code::FailedPrecondition, self.to_string())
-            }
+            NodeError::NotLeader {
+                leader,
+                leader_addr,
+            } => Status::not_leader(
+                Code::FailedPrecondition,
+                self.to_string(),
+                *leader,
+                leader_addr.clone(),
+            ),
             NodeError::Refused(_) => Status::new(Code::FailedPrecondition, self.to_string()),
             NodeError::RetrySoon(_) => Status::retry_soon(Code::Unavailable, self.to_string()),
+            // The entry was replaced by a new leader's: it never took effect.
             NodeError::Lost => Status::retry_soon(Code::Aborted, self.to_string()),
-            NodeError::Timeout => Status::deadline_exceeded(self.to_string()),
-            NodeError::ShuttingDown => Status::unavailable(self.to_string()),
+            NodeError::Timeout => Status::outcome_unknown(Code::DeadlineExceeded, self.to_string()),
+            // A proposal waiting when the node stopped may still commit elsewhere.
+            NodeError::ShuttingDown => Status::outcome_unknown(Code::Unavailable, self.to_string()),
             NodeError::Storage(_) => Status::new(Code::Internal, self.to_string()),
         }
     }
