@@ -840,7 +840,7 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Strin
                 api::CREATE_SERVICE,
                 &pb::CreateServiceRequest {
                     spec: Some(spec),
-                    id: api::new_object_id(),
+                    id: crate::util::id::random_id(),
                 },
             )?;
             let service = reply.service.unwrap_or_default();

@@ -44,7 +44,6 @@ pub mod roles;
 pub mod watch;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -60,7 +59,8 @@ use crate::raft::node::NodeHandle;
 use crate::store::Store;
 use crate::wire::{Code, Status};
 
-pub use handlers::new_object_id;
+/// A new object id: [`crate::util::id::random_id`] under the name callers know.
+pub use crate::util::id::random_id as new_object_id;
 
 /// Runs a write on the leader as the caller named inside (managers only).
 pub const FORWARD: &str = "control.Forward";
@@ -143,8 +143,7 @@ pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
     cluster.root_ca = None;
 }
 
-/// Deadline of a write's proposal, and of a forward to the leader.
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::manager::state::PROPOSE_TIMEOUT;
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
 pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 /// Threads serving control calls (writes block on their proposal).
