@@ -501,31 +501,32 @@ impl Client {
 // ---------------------------------------------------------------------------------------------
 // Parsing of flag values
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (or plain seconds) into milliseconds.
+/// Parses a duration into milliseconds: jiff's friendly format with units up to hours
+/// (`250ms`, `5s`, `1.5s`, `2m`, `2h30m`, `2160h`, `3 mins`), ISO 8601 (`PT5S`), or a plain
+/// number of seconds (`3`, `0.5`). Days and longer are refused (their length is not fixed),
+/// and so are negative durations.
 ///
 /// # Errors
 /// A message naming the flag.
 pub fn parse_duration_ms(flag: &str, text: &str) -> Result<i64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m"))?;
-    let scale = match unit {
-        "ms" => 1.0,
-        "" | "s" => 1000.0,
-        "m" => 60_000.0,
-        "h" => 3_600_000.0,
-        _ => {
-            return Err(format!(
-                "--{flag} {text:?}: unknown unit {unit:?} (ms, s, m, h)"
-            ));
-        }
+    let invalid = |why: String| {
+        format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m or 1h ({why})")
     };
-    Ok((value * scale).round() as i64)
+    let is_plain_number = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let duration = if is_plain_number {
+        let seconds: f64 = text.parse().map_err(|e| invalid(format!("{e}")))?;
+        jiff::SignedDuration::try_from_secs_f64(seconds).map_err(|e| invalid(e.to_string()))?
+    } else {
+        text.parse::<jiff::SignedDuration>()
+            .map_err(|e| invalid(e.to_string()))?
+    };
+    if duration.is_negative() {
+        return Err(invalid("it is negative".into()));
+    }
+    // Rounded to the nearest millisecond.
+    let ms = (duration.as_nanos() + 500_000) / 1_000_000;
+    i64::try_from(ms).map_err(|_| invalid("too long".into()))
 }
 
 /// Parses `512`, `64k`, `64M`, `1G` (binary multiples) into bytes.
@@ -1362,6 +1363,15 @@ mod tests {
         assert_eq!(parse_duration_ms("d", "2m"), Ok(120_000));
         assert_eq!(parse_duration_ms("d", "3"), Ok(3000));
         assert!(parse_duration_ms("d", "5 weeks").is_err());
+        assert_eq!(parse_duration_ms("d", "1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("d", "0.5"), Ok(500));
+        assert_eq!(parse_duration_ms("d", " 2h30m "), Ok(9_000_000));
+        assert_eq!(parse_duration_ms("d", "2160h"), Ok(7_776_000_000));
+        assert_eq!(parse_duration_ms("d", "3 mins"), Ok(180_000));
+        for bad in ["-5s", "", "1d", "inf", "5x", "1..2s"] {
+            let error = parse_duration_ms("d", bad).expect_err(bad);
+            assert!(error.starts_with("--d "), "{error}");
+        }
         assert_eq!(parse_bytes("m", "64M"), Ok(64 << 20));
         assert_eq!(parse_bytes("m", "512"), Ok(512));
         assert!(parse_bytes("m", "lots").is_err());
