@@ -586,9 +586,11 @@ impl Settings {
 }
 
 /// The first lines of `manager.conf`.
-const SETTINGS_HEADER: &str = "# flotilla manager settings (TOML). Written by `init`/`join`; the optional keys \
-                               (log_memtable_mib, tasks_running_max, snapshot_interval_entries) \
-                               may be edited while the manager is stopped.\n";
+const SETTINGS_HEADER: &str = "\
+# flotilla manager settings (TOML), written by `init` and `join`. The optional keys
+# log_memtable_mib, tasks_running_max and snapshot_interval_entries may be set while the
+# manager is stopped (README.md describes them); an unknown key stops the manager.
+";
 
 /// True for the format of earlier versions: it quotes nothing, while every TOML
 /// `manager.conf` quotes its addresses (strings, and required).
@@ -824,6 +826,19 @@ mod tests {
         let missing = text.replace("advertise_addr", "# advertise_addr");
         let error = Settings::from_text(&missing).unwrap_err();
         assert!(error.contains("advertise_addr"), "{error}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_manager_conf() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README.md shows a manager.conf");
+        let settings = Settings::from_text(example).unwrap();
+        assert_eq!(settings.raft_id, 0xee35_1b6b_18da_02e4);
+        assert_eq!(settings.tasks_running_max, Some(64));
     }
 
     #[test]
