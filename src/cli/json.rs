@@ -160,7 +160,7 @@ mod tests {
             "\"condition\": \"any\"",
             "\"delay_ms\": 5000",
             "\"constraints\": [\n      \"node.role==manager\"\n    ]",
-            "\"reservations\": {\n          \"nano_cpus\": 0,",
+            "\"reservations\": {\n        \"nano_cpus\": 0,",
         ] {
             assert!(text.contains(expected), "{expected} missing:\n{text}");
         }
