@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod fsutil;
+pub mod id;
 pub mod memory;
 #[cfg(test)]
 pub(crate) mod user_text;
