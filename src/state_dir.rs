@@ -7,7 +7,8 @@
 //! - `ca/`: the root CA key bundle (the founder only; other managers hold the key only in
 //!   the replicated store, under `raft/`);
 //! - `join-tokens`: the current manager and worker tokens, one per line;
-//! - `manager.conf`: [`Settings`] (`key = value` lines);
+//! - `manager.conf`: [`Settings`] (TOML; the `key = value` lines of earlier versions are
+//!   read too, and rewritten as TOML when a manager starts);
 //! - `raft/`: the Raft log, hard state and snapshots;
 //! - `demoted`: present once the cluster demoted this manager to worker (it left the Raft
 //!   group): the node runs as a worker (its agent) until the cluster promotes it again.
@@ -53,6 +54,17 @@ pub enum StateDirError {
         .0.join(LOCK_FILE_NAME).display()
     )]
     InUse(PathBuf),
+    /// `manager.conf` holds an unknown key or a bad value (the reason names its line).
+    #[error(
+        "{path}: {reason}\nfix that line (README.md describes every key), or restore the file \
+         from a backup"
+    )]
+    Settings {
+        /// The settings file.
+        path: PathBuf,
+        /// What is wrong, and where.
+        reason: String,
+    },
     /// A file exists but does not parse.
     #[error("{path} is corrupt: {reason}; restore it from a backup or start a new state dir")]
     Corrupt {
@@ -368,11 +380,31 @@ impl StateDir {
     ///
     /// # Errors
     /// [`StateDirError::Io`] (including "not found" for an uninitialized directory) or
-    /// [`StateDirError::Corrupt`].
+    /// [`StateDirError::Settings`].
     pub fn load_settings(&self) -> Result<Settings, StateDirError> {
         let path = self.settings_file();
         let text = read_small(&path)?;
-        Settings::from_text(&text).map_err(|reason| StateDirError::Corrupt { path, reason })
+        Settings::from_text(&text).map_err(|reason| StateDirError::Settings { path, reason })
+    }
+
+    /// Loads the manager's settings and, if the file is still in the format of earlier
+    /// versions (`key = value` lines), rewrites it as TOML (atomically). Only the process
+    /// holding the directory's lock does this: other readers read either format.
+    ///
+    /// # Errors
+    /// As [`StateDir::load_settings`], or [`StateDirError::Io`] if the rewrite fails.
+    pub fn load_settings_upgrading(&self, _lock: &StateDirLock) -> Result<Settings, StateDirError> {
+        let path = self.settings_file();
+        let text = read_small(&path)?;
+        let settings = Settings::from_text(&text).map_err(|reason| StateDirError::Settings {
+            path: path.clone(),
+            reason,
+        })?;
+        if is_legacy_text(&text) {
+            self.save_settings(&settings)?;
+            log::info!("{}: rewritten as TOML", path.display());
+        }
+        Ok(settings)
     }
 }
 
@@ -427,33 +459,50 @@ pub const LOG_MEMTABLE_MIB_MAX: u64 = 1024;
 pub const TASKS_RUNNING_MAX_CONF_MAX: u64 = 4096;
 
 impl Settings {
+    /// The file's text: TOML, after a comment saying what it is.
     fn to_text(&self) -> String {
-        let mut text = format!(
-            "raft_id = {}\nlisten_addr = {}\nadvertise_addr = {}\nbootstrap = {}\n",
-            self.raft_id,
-            self.listen_addr,
-            self.advertise_addr,
-            match self.bootstrap {
-                Bootstrap::NewCluster => "new-cluster",
-                Bootstrap::Join => "join",
-            }
-        );
-        if let Some(addr) = &self.join_addr {
-            text.push_str(&format!("join_addr = {addr}\n"));
-        }
-        if let Some(entries) = self.snapshot_interval_entries {
-            text.push_str(&format!("snapshot_interval_entries = {entries}\n"));
-        }
-        if let Some(mib) = self.log_memtable_mib {
-            text.push_str(&format!("log_memtable_mib = {mib}\n"));
-        }
-        if let Some(tasks) = self.tasks_running_max {
-            text.push_str(&format!("tasks_running_max = {tasks}\n"));
-        }
-        text
+        let file = SettingsFile {
+            raft_id: RaftIdHex(self.raft_id),
+            listen_addr: self.listen_addr.clone(),
+            advertise_addr: self.advertise_addr.clone(),
+            bootstrap: match self.bootstrap {
+                Bootstrap::NewCluster => BootstrapFile::NewCluster,
+                Bootstrap::Join => BootstrapFile::Join,
+            },
+            join_addr: self.join_addr.clone(),
+            snapshot_interval_entries: self.snapshot_interval_entries,
+            log_memtable_mib: self.log_memtable_mib,
+            tasks_running_max: self.tasks_running_max,
+        };
+        let body = toml::to_string(&file).expect("settings are strings and small integers");
+        format!("{SETTINGS_HEADER}{body}")
     }
 
+    /// Reads the file's text: TOML, or the `key = value` lines of earlier versions (see
+    /// [`is_legacy_text`]).
     fn from_text(text: &str) -> Result<Self, String> {
+        if is_legacy_text(text) {
+            return Self::from_legacy_text(text);
+        }
+        let file: SettingsFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        Ok(Self {
+            raft_id: file.raft_id.0,
+            listen_addr: file.listen_addr,
+            advertise_addr: file.advertise_addr,
+            bootstrap: match file.bootstrap {
+                BootstrapFile::NewCluster => Bootstrap::NewCluster,
+                BootstrapFile::Join => Bootstrap::Join,
+            },
+            join_addr: file.join_addr,
+            snapshot_interval_entries: file.snapshot_interval_entries,
+            log_memtable_mib: file.log_memtable_mib,
+            tasks_running_max: file.tasks_running_max,
+        })
+    }
+
+    /// Reads the format of earlier versions: `key = value` lines, values unquoted, the
+    /// Raft id in decimal.
+    fn from_legacy_text(text: &str) -> Result<Self, String> {
         let mut raft_id = None;
         let mut listen_addr = None;
         let mut advertise_addr = None;
@@ -521,8 +570,7 @@ impl Settings {
                         })?;
                     tasks_running_max = Some(tasks);
                 }
-                // Unknown keys come from newer versions; keep going.
-                other => log::warn!("manager.conf: ignoring unknown key {other:?}"),
+                other => return Err(format!("unknown key {other:?}")),
             }
         }
         Ok(Self {
@@ -536,6 +584,138 @@ impl Settings {
             tasks_running_max,
         })
     }
+}
+
+/// The first lines of `manager.conf`.
+const SETTINGS_HEADER: &str = "\
+# flotilla manager settings (TOML), written by `init` and `join`. The optional keys
+# log_memtable_mib, tasks_running_max and snapshot_interval_entries may be set while the
+# manager is stopped (README.md describes them); an unknown key stops the manager.
+";
+
+/// True for the format of earlier versions: it quotes nothing, while every TOML
+/// `manager.conf` quotes its addresses (strings, and required).
+fn is_legacy_text(text: &str) -> bool {
+    !text.contains(['"', '\''])
+}
+
+/// `manager.conf` as TOML: every key known (an unknown one is an error naming its line), every
+/// value checked while it is read (so the error names the line too).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SettingsFile {
+    raft_id: RaftIdHex,
+    listen_addr: String,
+    advertise_addr: String,
+    bootstrap: BootstrapFile,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    join_addr: Option<String>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "snapshot_interval_entries"
+    )]
+    snapshot_interval_entries: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "log_memtable_mib"
+    )]
+    log_memtable_mib: Option<u64>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "tasks_running_max"
+    )]
+    tasks_running_max: Option<u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum BootstrapFile {
+    NewCluster,
+    Join,
+}
+
+/// A Raft id in hex, as the CLI prints and takes them (a TOML integer is signed 64-bit,
+/// and half of the random ids do not fit one).
+struct RaftIdHex(NodeId);
+
+impl serde::Serialize for RaftIdHex {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&format!("{:x}", self.0))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RaftIdHex {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let id = NodeId::from_str_radix(&text, 16)
+            .ok()
+            .filter(|&id| id != crate::raft::types::NO_NODE)
+            .ok_or_else(|| {
+                serde::de::Error::custom(format!(
+                    "raft_id {text:?} is not a non-zero Raft id in hex (`flotilla manager ls` \
+                     shows them)"
+                ))
+            })?;
+        Ok(Self(id))
+    }
+}
+
+/// An optional number from `min` to `max`, refused with `what` (`a number of MiB`).
+fn number_in<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+    key: &str,
+    what: &str,
+    range: std::ops::RangeInclusive<u64>,
+) -> Result<Option<u64>, D::Error> {
+    use serde::Deserialize;
+    let value = i64::deserialize(deserializer)?;
+    u64::try_from(value)
+        .ok()
+        .filter(|n| range.contains(n))
+        .map(Some)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "{key} {value} is not {what} from {} to {}",
+                range.start(),
+                range.end()
+            ))
+        })
+}
+
+fn snapshot_interval_entries<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    number_in(
+        deserializer,
+        "snapshot_interval_entries",
+        "a number of entries",
+        1..=u64::MAX,
+    )
+}
+
+fn log_memtable_mib<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    number_in(
+        deserializer,
+        "log_memtable_mib",
+        "a number of MiB",
+        1..=LOG_MEMTABLE_MIB_MAX,
+    )
+}
+
+fn tasks_running_max<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    number_in(
+        deserializer,
+        "tasks_running_max",
+        "a number of tasks",
+        1..=TASKS_RUNNING_MAX_CONF_MAX,
+    )
 }
 
 #[cfg(test)]
@@ -575,6 +755,122 @@ mod tests {
         let err =
             Settings::from_text("raft_id = 3\nlisten_addr = a\nbootstrap = join\n").unwrap_err();
         assert!(err.contains("advertise_addr"), "{err}");
+    }
+
+    fn sample_settings() -> Settings {
+        Settings {
+            raft_id: u64::MAX - 7,
+            listen_addr: "127.0.0.1:4242".into(),
+            advertise_addr: "10.0.0.1:4242".into(),
+            bootstrap: Bootstrap::NewCluster,
+            join_addr: None,
+            snapshot_interval_entries: None,
+            log_memtable_mib: Some(16),
+            tasks_running_max: None,
+        }
+    }
+
+    #[test]
+    fn settings_are_toml_and_every_mistake_names_its_line() {
+        let text = sample_settings().to_text();
+        assert!(text.contains("raft_id = \"fffffffffffffff8\"\n"), "{text}");
+        assert!(text.contains("bootstrap = \"new-cluster\"\n"), "{text}");
+        assert!(!text.contains("join_addr"), "{text}");
+        assert!(!is_legacy_text(&text));
+        assert_eq!(Settings::from_text(&text).unwrap(), sample_settings());
+
+        let line_of = |key: &str| {
+            1 + text
+                .lines()
+                .position(|l| l.starts_with(key))
+                .unwrap_or_else(|| panic!("{key} in {text}"))
+        };
+        let mistakes = [
+            (
+                format!("{text}colour = \"blue\"\n"),
+                text.lines().count() + 1,
+                "colour",
+            ),
+            (
+                text.replace("log_memtable_mib = 16", "log_memtable_mib = 0"),
+                line_of("log_memtable_mib"),
+                "1 to 1024",
+            ),
+            (
+                text.replace("log_memtable_mib = 16", "log_memtable_mib = \"lots\""),
+                line_of("log_memtable_mib"),
+                "log_memtable_mib",
+            ),
+            (
+                text.replace("\"fffffffffffffff8\"", "\"0\""),
+                line_of("raft_id"),
+                "raft_id",
+            ),
+            (
+                text.replace("\"new-cluster\"", "\"found\""),
+                line_of("bootstrap"),
+                "found",
+            ),
+            (
+                format!("{text}tasks_running_max = 5000\n"),
+                text.lines().count() + 1,
+                "1 to 4096",
+            ),
+        ];
+        for (bad, line, words) in mistakes {
+            let error = Settings::from_text(&bad).expect_err(&bad);
+            assert!(
+                error.contains(&format!("line {line}")) && error.contains(words),
+                "line {line}, {words}: {error}"
+            );
+        }
+        let missing = text.replace("advertise_addr", "# advertise_addr");
+        let error = Settings::from_text(&missing).unwrap_err();
+        assert!(error.contains("advertise_addr"), "{error}");
+    }
+
+    #[test]
+    fn the_readme_example_is_a_valid_manager_conf() {
+        let readme = include_str!("../README.md");
+        let example = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("README.md shows a manager.conf");
+        let settings = Settings::from_text(example).unwrap();
+        assert_eq!(settings.raft_id, 0xee35_1b6b_18da_02e4);
+        assert_eq!(settings.tasks_running_max, Some(64));
+    }
+
+    #[test]
+    fn a_settings_file_of_an_earlier_version_is_read_and_rewritten_as_toml() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = StateDir::new(tmp.path().join("state"));
+        dir.create().unwrap();
+        let legacy = format!(
+            "raft_id = {}\nlisten_addr = 127.0.0.1:4242\nadvertise_addr = 10.0.0.1:4242\n\
+             bootstrap = new-cluster\nlog_memtable_mib = 16\n",
+            u64::MAX - 7
+        );
+        fs::write(dir.settings_file(), &legacy).unwrap();
+        assert_eq!(dir.load_settings().unwrap(), sample_settings());
+        assert_eq!(
+            fs::read_to_string(dir.settings_file()).unwrap(),
+            legacy,
+            "a plain read leaves the file alone"
+        );
+        let lock = dir.lock().unwrap();
+        assert_eq!(
+            dir.load_settings_upgrading(&lock).unwrap(),
+            sample_settings()
+        );
+        let upgraded = fs::read_to_string(dir.settings_file()).unwrap();
+        assert_eq!(upgraded, sample_settings().to_text());
+        assert_eq!(dir.load_settings().unwrap(), sample_settings());
+        let legacy_unknown = format!("{legacy}colour = blue\n");
+        fs::write(dir.settings_file(), legacy_unknown).unwrap();
+        let error = dir.load_settings().unwrap_err().to_string();
+        assert!(error.contains("colour"), "{error}");
     }
 
     #[test]

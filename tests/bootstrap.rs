@@ -243,7 +243,10 @@ fn a_failed_first_start_leaves_nothing_and_up_never_ignores_listen() {
         assert!(output.contains(expected), "{expected} missing:\n{output}");
     }
     let conf = std::fs::read_to_string(dir.join("manager.conf")).unwrap();
-    assert!(conf.contains(&format!("listen_addr = {addr}")), "{conf}");
+    assert!(
+        conf.contains(&format!("listen_addr = \"{addr}\"")),
+        "{conf}"
+    );
 
     // Without --listen (or with the same one) it resumes where it was.
     for args in [
@@ -255,4 +258,64 @@ fn a_failed_first_start_leaves_nothing_and_up_never_ignores_listen() {
         again.signal(15);
         assert!(again.wait_exit(START).success());
     }
+}
+
+/// The `key = value` lines earlier versions wrote for `manager.conf`, with the same values
+/// as the TOML `text` (the Raft id in decimal there, in hex here).
+fn legacy_settings(text: &str) -> String {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .map(|line| {
+            let (key, value) = line.split_once(" = ").unwrap();
+            let value = value.trim_matches('"');
+            let value = if key == "raft_id" {
+                u64::from_str_radix(value, 16).unwrap().to_string()
+            } else {
+                value.to_string()
+            };
+            format!("{key} = {value}\n")
+        })
+        .collect()
+}
+
+#[test]
+fn a_state_directory_of_an_earlier_version_starts_and_its_settings_become_toml() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m1");
+    let dir_arg = dir.to_str().unwrap();
+    let addr = free_addr();
+    let mut first = Proc::start("m1", &["init", "--state-dir", dir_arg, "--listen", &addr]);
+    first.wait_for("flotilla manager listening on", START);
+    first.signal(15);
+    assert!(first.wait_exit(START).success());
+    let conf_path = dir.join("manager.conf");
+    let toml = std::fs::read_to_string(&conf_path).unwrap();
+    assert!(
+        toml.contains(&format!("listen_addr = \"{addr}\"")),
+        "{toml}"
+    );
+
+    // Written as an earlier version would have: the manager starts from it, and leaves
+    // the same settings as TOML.
+    let legacy = legacy_settings(&toml);
+    assert!(
+        legacy.contains(&format!("listen_addr = {addr}\n")),
+        "{legacy}"
+    );
+    std::fs::write(&conf_path, &legacy).unwrap();
+    let mut resumed = Proc::start("m1-again", &["run", "--state-dir", dir_arg]);
+    resumed.wait_for(&format!("listening on {addr}"), START);
+    assert_eq!(std::fs::read_to_string(&conf_path).unwrap(), toml);
+    resumed.signal(15);
+    assert!(resumed.wait_exit(START).success());
+
+    // An unknown key is refused, naming its line.
+    let line = toml.lines().count() + 1;
+    std::fs::write(&conf_path, format!("{toml}log_memtable_mb = 16\n")).unwrap();
+    let (status, output) = run_to_end(&["run", "--state-dir", dir_arg], START);
+    assert!(!status.success());
+    assert!(
+        output.contains(&format!("line {line}")) && output.contains("log_memtable_mb"),
+        "{output}"
+    );
 }

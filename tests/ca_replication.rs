@@ -38,10 +38,6 @@ fn node_id_of(manager: &mut ManagerProc) -> String {
     rest.split_whitespace().next().unwrap().to_string()
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Whether `needle` occurs in `haystack`.
 fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle)
@@ -243,7 +239,7 @@ fn the_ca_outlives_its_founder_and_revocations_reach_every_manager() {
         }
     }
     let inspect = ok(&m2, &["cluster", "inspect"]);
-    assert!(!inspect.contains(&hex(&key_der)), "{inspect}");
+    assert!(!inspect.contains(&hex::encode(&key_der)), "{inspect}");
     assert!(
         inspect.contains("\"task_history_retention\": 7"),
         "{inspect}"

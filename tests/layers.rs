@@ -37,6 +37,10 @@ const KNOWN_UPWARD: &[(&str, &str)] = &[
     ("control", "manager::state::propose_transaction"),
     ("dispatcher", "manager::state::propose_transaction"),
     ("orchestrator", "manager::state::propose_transaction"),
+    // How long a proposal waits (`control` re-exports it).
+    ("control", "manager::state::PROPOSE_TIMEOUT"),
+    ("dispatcher", "manager::state::PROPOSE_TIMEOUT"),
+    ("orchestrator", "manager::state::PROPOSE_TIMEOUT"),
     ("control", "kv::linearizable_read_index"),
 ];
 

@@ -295,7 +295,7 @@ fn manager_ls_transfer_and_rm_through_the_cli() {
         .to_string();
     std::fs::write(
         &conf_path,
-        conf.replace(&listen_line, "listen_addr = 127.0.0.1:1"),
+        conf.replace(&listen_line, "listen_addr = \"127.0.0.1:1\""),
     )
     .unwrap();
     let (ok, via_socket) = manager_cli(&dir, &["ls"]);

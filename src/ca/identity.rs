@@ -8,13 +8,13 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rand::Rng;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::prelude::FromDer;
 use x509_parser::x509::X509Name;
 
-/// Length of node and cluster ids: 128 random bits written in base 36 (like swarmkit's ids).
-pub const ID_CHARS: usize = 25;
+/// Length of node and cluster ids ([`crate::util::id`]: 128 random bits in base 36, like
+/// swarmkit's ids).
+pub use crate::util::id::{ID_CHARS, random_id};
 
 /// Longest id accepted when reading a certificate. Ids we mint are exactly [`ID_CHARS`]
 /// long; the bound is looser so a future id format does not lock out old nodes, and tight
@@ -196,25 +196,6 @@ pub enum CertError {
     },
 }
 
-/// Mints a random id: 128 bits from a CSPRNG, base 36, zero-padded to [`ID_CHARS`].
-pub fn random_id() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    base36_padded(u128::from_be_bytes(bytes))
-}
-
-fn base36_padded(mut value: u128) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = [b'0'; ID_CHARS];
-    for slot in out.iter_mut().rev() {
-        *slot = DIGITS[(value % 36) as usize];
-        value /= 36;
-    }
-    // 36^25 > 2^128, so every u128 fits in ID_CHARS digits.
-    assert_eq!(value, 0, "a u128 always fits in {ID_CHARS} base-36 digits");
-    String::from_utf8(out.to_vec()).expect("base-36 digits are ASCII")
-}
-
 /// True when `s` looks like an id: 1..=[`ID_CHARS_MAX`] lowercase ASCII letters or digits.
 pub fn is_valid_id(s: &str) -> bool {
     !s.is_empty()
@@ -348,23 +329,19 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_fixed_length_base36_and_distinct() {
-        let a = random_id();
-        let b = random_id();
-        assert_eq!(a.len(), ID_CHARS);
-        assert!(is_valid_id(&a));
-        assert_ne!(a, b);
-        assert_eq!(base36_padded(0), "0".repeat(ID_CHARS));
-        assert_eq!(base36_padded(u128::MAX).len(), ID_CHARS);
-        assert_eq!(base36_padded(35), format!("{}z", "0".repeat(ID_CHARS - 1)));
-    }
-
-    #[test]
     fn id_validation_refuses_odd_strings() {
         assert!(!is_valid_id(""));
         assert!(!is_valid_id("ABC"));
         assert!(!is_valid_id("a-b"));
         assert!(!is_valid_id(&"a".repeat(ID_CHARS_MAX + 1)));
         assert!(is_valid_id(&"a".repeat(ID_CHARS_MAX)));
+    }
+
+    #[test]
+    fn random_ids_are_valid_ids() {
+        for _ in 0..100 {
+            let id = crate::util::id::random_id();
+            assert!(is_valid_id(&id), "{id}");
+        }
     }
 }

@@ -15,7 +15,7 @@
 
 use super::files::{PEM_CERTIFICATE, der_from_der_or_pem};
 use super::identity::CertError;
-use super::root::{RootCert, hex, sha256};
+use super::root::{RootCert, sha256};
 use super::token::JoinToken;
 
 /// Why a joining node refused the root CA a manager served.
@@ -56,7 +56,7 @@ pub fn verify_root_for_token(token: &JoinToken, served_root: &[u8]) -> Result<Ro
     if served != token.root_digest() {
         return Err(JoinError::RootMismatch {
             pinned: token.root_digest_hex(),
-            served: hex(&served),
+            served: hex::encode(served),
         });
     }
     let root = RootCert::from_bytes(&der)?;

@@ -96,7 +96,7 @@ impl RootCert {
 
     /// [`Self::digest`] in lowercase hex, as written in join tokens.
     pub fn digest_hex(&self) -> String {
-        hex(&self.digest)
+        hex::encode(self.digest)
     }
 
     /// Writes the root certificate to `path` (0600, atomic).
@@ -158,15 +158,4 @@ pub(crate) fn sha256(bytes: &[u8]) -> [u8; 32] {
         .as_ref()
         .try_into()
         .expect("SHA-256 digests are 32 bytes")
-}
-
-/// Lowercase hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            write!(s, "{b:02x}").expect("writing to a String cannot fail");
-            s
-        })
 }

@@ -12,7 +12,7 @@ use rand::Rng;
 use subtle::{Choice, ConstantTimeEq};
 
 use super::identity::{Role, truncate_for_message};
-use super::root::{RootCert, hex};
+use super::root::RootCert;
 
 /// First field of every token.
 pub const TOKEN_PREFIX: &str = "FLT";
@@ -162,7 +162,7 @@ impl JoinToken {
 
     /// [`Self::root_digest`] in lowercase hex.
     pub fn root_digest_hex(&self) -> String {
-        hex(&self.root_digest)
+        hex::encode(self.root_digest)
     }
 
     /// True when this token pins `root`.
@@ -185,8 +185,8 @@ impl fmt::Display for JoinToken {
         write!(
             f,
             "{TOKEN_PREFIX}-{TOKEN_VERSION}-{}-{}",
-            hex(&self.root_digest),
-            hex(&self.secret)
+            hex::encode(self.root_digest),
+            hex::encode(self.secret)
         )
     }
 }
@@ -196,22 +196,14 @@ impl fmt::Debug for JoinToken {
         write!(
             f,
             "JoinToken({TOKEN_PREFIX}-{TOKEN_VERSION}-{}-<secret>)",
-            hex(&self.root_digest)
+            hex::encode(self.root_digest)
         )
     }
 }
 
 fn decode_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
-    let bytes = s.as_bytes();
-    if bytes.len() != N * 2 {
-        return None;
-    }
     let mut out = [0u8; N];
-    for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-        let high = char::from(pair[0]).to_digit(16)?;
-        let low = char::from(pair[1]).to_digit(16)?;
-        *slot = u8::try_from(high * 16 + low).expect("two hex digits fit in a byte");
-    }
+    hex::decode_to_slice(s, &mut out).ok()?;
     Some(out)
 }
 
@@ -226,7 +218,7 @@ pub struct JoinTokens {
 impl fmt::Debug for JoinTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JoinTokens")
-            .field("root_digest", &hex(&self.root_digest))
+            .field("root_digest", &hex::encode(self.root_digest))
             .finish_non_exhaustive()
     }
 }

@@ -13,7 +13,6 @@ use clap::Subcommand;
 
 use super::CommandError;
 use super::control::{Client, Format, parse_duration_ms};
-use super::json::Json;
 use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
 use crate::control::{ISSUE_ADMIN_CERTIFICATE, REVOKE_ADMIN_CERTIFICATE};
 use crate::proto::control as pb;
@@ -56,6 +55,15 @@ fn parse_validity_ms(text: &str) -> Result<i64, String> {
             .ok_or_else(|| format!("--validity {text:?}: expected a duration such as 30d or 12h")),
         None => parse_duration_ms("validity", text),
     }
+}
+
+/// `admin-cert issue --format json`.
+#[derive(serde::Serialize)]
+struct IssuedShown<'a> {
+    id: &'a str,
+    role: String,
+    dir: String,
+    not_after_unix_s: u64,
 }
 
 fn seconds_since_epoch(time: SystemTime) -> u64 {
@@ -124,12 +132,12 @@ fn issue(client: &Client, out: PathBuf, name: String, validity: &str) -> Result<
     save_node_files(&out, &identity, &root).map_err(|e| e.to_string())?;
     let expires = seconds_since_epoch(identity.not_after());
     match client.format {
-        Format::Json => client.print_json(&Json::Obj(vec![
-            ("id".into(), Json::Str(identity.node_id().to_string())),
-            ("role".into(), Json::Str(identity.role().to_string())),
-            ("dir".into(), Json::Str(out.display().to_string())),
-            ("not_after_unix_s".into(), Json::Int(i128::from(expires))),
-        ])),
+        Format::Json => client.print_json(&IssuedShown {
+            id: identity.node_id(),
+            role: identity.role().to_string(),
+            dir: out.display().to_string(),
+            not_after_unix_s: expires,
+        }),
         Format::Table => {
             let days =
                 Duration::from_millis(u64::try_from(validity_ms).unwrap_or(0)).as_secs() / 86_400;

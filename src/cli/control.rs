@@ -19,16 +19,17 @@ use std::time::Duration;
 use clap::{Args, Subcommand, ValueEnum};
 
 use super::CommandError;
-use super::json::{self, Json};
+use super::json;
 use crate::ca::{NodeIdentity, RootCert, load_node_files, tls};
 use crate::control as api;
 use crate::manager::StateDir;
 use crate::net::{CallOptions, Transport, TransportConfig};
 use crate::proto::control as pb;
+use crate::proto::json::{ProtoEnum, choices_text, label, parse_label};
 use crate::proto::objects::{
-    NodeAvailability, NodeRole, Placement, RequestId, ResourceRequirements, Resources,
-    RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, TaskState, UpdateConfig,
-    UpdateFailureAction, UpdateOrder,
+    ManagerStatus, NodeAvailability, NodeRole, NodeState, Placement, RaftReachability, RequestId,
+    ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec,
+    TaskSpec, TaskState, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::{Code, Status, WriteFate};
 
@@ -584,39 +585,40 @@ impl Client {
         Ok(all)
     }
 
-    pub(crate) fn print_json(&self, value: &Json) {
-        println!("{value}");
+    pub(crate) fn print_json(&self, value: &impl serde::Serialize) {
+        println!("{}", json::pretty(value));
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Parsing of flag values
 
-/// Parses `250ms`, `5s`, `2m`, `1h` (or plain seconds) into milliseconds.
+/// Parses a duration into milliseconds: jiff's friendly format with units up to hours
+/// (`250ms`, `5s`, `1.5s`, `2m`, `2h30m`, `2160h`, `3 mins`), ISO 8601 (`PT5S`), or a plain
+/// number of seconds (`3`, `0.5`). Days and longer are refused (their length is not fixed),
+/// and so are negative durations.
 ///
 /// # Errors
 /// A message naming the flag.
 pub fn parse_duration_ms(flag: &str, text: &str) -> Result<i64, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m"))?;
-    let scale = match unit {
-        "ms" => 1.0,
-        "" | "s" => 1000.0,
-        "m" => 60_000.0,
-        "h" => 3_600_000.0,
-        _ => {
-            return Err(format!(
-                "--{flag} {text:?}: unknown unit {unit:?} (ms, s, m, h)"
-            ));
-        }
+    let invalid = |why: String| {
+        format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m or 1h ({why})")
     };
-    Ok((value * scale).round() as i64)
+    let is_plain_number = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let duration = if is_plain_number {
+        let seconds: f64 = text.parse().map_err(|e| invalid(format!("{e}")))?;
+        jiff::SignedDuration::try_from_secs_f64(seconds).map_err(|e| invalid(e.to_string()))?
+    } else {
+        text.parse::<jiff::SignedDuration>()
+            .map_err(|e| invalid(e.to_string()))?
+    };
+    if duration.is_negative() {
+        return Err(invalid("it is negative".into()));
+    }
+    // Rounded to the nearest millisecond.
+    let ms = (duration.as_nanos() + 500_000) / 1_000_000;
+    i64::try_from(ms).map_err(|_| invalid("too long".into()))
 }
 
 /// Parses `512`, `64k`, `64M`, `1G` (binary multiples) into bytes.
@@ -660,44 +662,12 @@ fn parse_pairs(flag: &str, pairs: &[String]) -> Result<BTreeMap<String, String>,
         .collect()
 }
 
-fn parse_mode(text: &str) -> Result<ServiceMode, String> {
-    match text {
-        "replicated" => Ok(ServiceMode::Replicated),
-        "global" => Ok(ServiceMode::Global),
-        _ => Err(format!("--mode {text:?}: expected replicated or global")),
-    }
-}
-
-fn parse_restart_condition(text: &str) -> Result<RestartCondition, String> {
-    match text {
-        "none" => Ok(RestartCondition::None),
-        "on-failure" => Ok(RestartCondition::OnFailure),
-        "any" => Ok(RestartCondition::Any),
-        _ => Err(format!(
-            "--restart-condition {text:?}: expected none, on-failure or any"
-        )),
-    }
-}
-
-fn parse_failure_action(text: &str) -> Result<UpdateFailureAction, String> {
-    match text {
-        "pause" => Ok(UpdateFailureAction::Pause),
-        "continue" => Ok(UpdateFailureAction::Continue),
-        "rollback" => Ok(UpdateFailureAction::Rollback),
-        _ => Err(format!(
-            "--update-failure-action {text:?}: expected pause, continue or rollback"
-        )),
-    }
-}
-
-fn parse_order(text: &str) -> Result<UpdateOrder, String> {
-    match text {
-        "stop-first" => Ok(UpdateOrder::StopFirst),
-        "start-first" => Ok(UpdateOrder::StartFirst),
-        _ => Err(format!(
-            "--update-order {text:?}: expected stop-first or start-first"
-        )),
-    }
+/// The value of enum `E` whose label is `text` (`on-failure`, `start-first`, …).
+///
+/// # Errors
+/// A message naming the flag and listing the labels it takes.
+fn parse_choice<E: ProtoEnum>(flag: &str, text: &str) -> Result<E, String> {
+    parse_label(text).ok_or_else(|| format!("--{flag} {text:?}: expected {}", choices_text::<E>()))
 }
 
 fn env_entries(flags: &SpecFlags) -> Result<Option<Vec<String>>, String> {
@@ -718,7 +688,7 @@ fn env_entries(flags: &SpecFlags) -> Result<Option<Vec<String>>, String> {
 /// Applies the flags given to `spec` (a new one or the current one being updated).
 fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> {
     if let Some(mode) = &flags.mode {
-        spec.mode = parse_mode(mode)? as i32;
+        spec.mode = parse_choice::<ServiceMode>("mode", mode)? as i32;
         if spec.mode == ServiceMode::Global as i32 {
             spec.replicas = 0;
         }
@@ -738,7 +708,8 @@ fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> 
     }
     let restart = task.restart.get_or_insert_with(RestartPolicy::default);
     if let Some(condition) = &flags.restart_condition {
-        restart.condition = parse_restart_condition(condition)? as i32;
+        restart.condition =
+            parse_choice::<RestartCondition>("restart-condition", condition)? as i32;
     }
     if let Some(delay) = &flags.restart_delay {
         restart.delay_ms = Some(parse_duration_ms("restart-delay", delay)?);
@@ -781,10 +752,11 @@ fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> 
         update.delay_ms = parse_duration_ms("update-delay", delay)?;
     }
     if let Some(action) = &flags.update_failure_action {
-        update.failure_action = parse_failure_action(action)? as i32;
+        update.failure_action =
+            parse_choice::<UpdateFailureAction>("update-failure-action", action)? as i32;
     }
     if let Some(order) = &flags.update_order {
-        update.order = parse_order(order)? as i32;
+        update.order = parse_choice::<UpdateOrder>("update-order", order)? as i32;
     }
     Ok(())
 }
@@ -843,7 +815,7 @@ fn replicas_text(spec: &ServiceSpec) -> String {
 
 fn print_services(client: &Client, services: &[crate::proto::objects::Service]) {
     if client.format == Format::Json {
-        client.print_json(&Json::Arr(services.iter().map(json::service).collect()));
+        client.print_json(&services.iter().map(json::service).collect::<Vec<_>>());
         return;
     }
     println!(
@@ -857,7 +829,7 @@ fn print_services(client: &Client, services: &[crate::proto::objects::Service]) 
             "{:<12}  {:<24}  {:<10}  {:>8}  {:>8}  {} {}",
             short(&service.id),
             spec.name,
-            json::mode_name(spec.mode),
+            label::<ServiceMode>(spec.mode),
             replicas_text(&spec),
             service.meta.as_ref().map_or(0, |m| m.version),
             task.command,
@@ -883,7 +855,7 @@ fn task_problem(task: &crate::proto::objects::Task) -> &str {
 
 fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
     if client.format == Format::Json {
-        client.print_json(&Json::Arr(tasks.iter().map(json::task).collect()));
+        client.print_json(&tasks.iter().map(json::task).collect::<Vec<_>>());
         return;
     }
     println!(
@@ -901,8 +873,8 @@ fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
             } else {
                 short(&task.node_id)
             },
-            json::task_state_name(task.desired_state),
-            json::task_state_name(task.status.as_ref().map_or(0, |s| s.state)),
+            label::<TaskState>(task.desired_state),
+            label::<TaskState>(task.status.as_ref().map_or(0, |s| s.state)),
             task_problem(task),
         );
     }
@@ -929,7 +901,7 @@ fn service_command(client: &Client, command: ServiceCommand) -> Result<(), Comma
             apply_flags(&mut spec, &flags)?;
             // The id is chosen here, once: every retry sends the same request, so a retry
             // after an unknown outcome answers with the service the first attempt made.
-            let id = api::new_object_id();
+            let id = crate::util::id::random_id();
             let reply: pb::ServiceResponse = client.write(
                 api::CREATE_SERVICE,
                 &pb::CreateServiceRequest {
@@ -1068,9 +1040,19 @@ fn update_node(
         .ok_or_else(|| "the manager sent an empty reply".to_string())?)
 }
 
+/// `node ls`'s MANAGER STATUS (docker's): `leader`, else the manager's reachability as the
+/// leader sees it (as `manager ls` shows it).
+fn manager_status_label(status: &ManagerStatus) -> String {
+    if status.leader {
+        "leader".to_string()
+    } else {
+        label::<RaftReachability>(status.reachability)
+    }
+}
+
 fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
     if client.format == Format::Json {
-        client.print_json(&Json::Arr(nodes.iter().map(json::node).collect()));
+        client.print_json(&nodes.iter().map(json::node).collect::<Vec<_>>());
         return;
     }
     println!(
@@ -1082,14 +1064,14 @@ fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
         let manager = node
             .manager_status
             .as_ref()
-            .map_or("", json::manager_status_name);
+            .map_or_else(String::new, manager_status_label);
         println!(
             "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  {manager}",
             node.id,
             spec.hostname,
-            json::node_state_name(node.status.as_ref().map_or(0, |s| s.state)),
-            json::availability_name(spec.availability),
-            json::role_name(node.role),
+            label::<NodeState>(node.status.as_ref().map_or(0, |s| s.state)),
+            label::<NodeAvailability>(spec.availability),
+            label::<NodeRole>(node.role),
         );
     }
 }
@@ -1103,7 +1085,7 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), CommandErro
         println!(
             "node {} desired role is now {}",
             updated.id,
-            json::role_name(role as i32)
+            label::<NodeRole>(role as i32)
         );
         print_role_hint(&updated, role);
         Ok(())
@@ -1127,16 +1109,8 @@ fn node_command(client: &Client, command: NodeCommand) -> Result<(), CommandErro
         } => {
             let updated = update_node(client, &node, if_version, |spec| {
                 if let Some(availability) = availability {
-                    spec.availability = match availability.as_str() {
-                        "active" => NodeAvailability::Active,
-                        "pause" => NodeAvailability::Pause,
-                        "drain" => NodeAvailability::Drain,
-                        other => {
-                            return Err(format!(
-                                "--availability {other:?}: expected active, pause or drain"
-                            ));
-                        }
-                    } as i32;
+                    spec.availability =
+                        parse_choice::<NodeAvailability>("availability", &availability)? as i32;
                 }
                 spec.labels.extend(parse_pairs("label-add", &label_add)?);
                 for key in &label_rm {
@@ -1290,7 +1264,7 @@ fn join_token_command(client: &Client, role: TokenRole, rotate: bool) -> Result<
         TokenRole::Manager => tokens.manager,
     };
     match client.format {
-        Format::Json => client.print_json(&Json::Obj(vec![("token".into(), Json::Str(token))])),
+        Format::Json => client.print_json(&serde_json::json!({ "token": token })),
         Format::Table => println!("{token}"),
     }
     Ok(())
@@ -1542,6 +1516,15 @@ mod tests {
         assert_eq!(parse_duration_ms("d", "2m"), Ok(120_000));
         assert_eq!(parse_duration_ms("d", "3"), Ok(3000));
         assert!(parse_duration_ms("d", "5 weeks").is_err());
+        assert_eq!(parse_duration_ms("d", "1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("d", "0.5"), Ok(500));
+        assert_eq!(parse_duration_ms("d", " 2h30m "), Ok(9_000_000));
+        assert_eq!(parse_duration_ms("d", "2160h"), Ok(7_776_000_000));
+        assert_eq!(parse_duration_ms("d", "3 mins"), Ok(180_000));
+        for bad in ["-5s", "", "1d", "inf", "5x", "1..2s"] {
+            let error = parse_duration_ms("d", bad).expect_err(bad);
+            assert!(error.starts_with("--d "), "{error}");
+        }
         assert_eq!(parse_bytes("m", "64M"), Ok(64 << 20));
         assert_eq!(parse_bytes("m", "512"), Ok(512));
         assert!(parse_bytes("m", "lots").is_err());

@@ -7,7 +7,6 @@
 
 use super::ManagerCommand;
 use super::control::{Client, Format};
-use super::json::Json;
 use crate::control::{LIST_MANAGERS, REMOVE_MANAGER, TRANSFER_LEADERSHIP};
 use crate::proto::control as pb;
 use crate::proto::raft::StatusResponse;
@@ -58,30 +57,47 @@ pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), String
     Ok(())
 }
 
-/// The group as JSON: ids in hex, as the table prints them and `rm`/`transfer` take them.
-fn managers_json(status: &StatusResponse) -> Json {
-    let int = |v: u64| Json::Int(i128::from(v));
-    let members = status
-        .members
-        .iter()
-        .map(|m| {
-            Json::Obj(vec![
-                ("id".into(), Json::Str(format!("{:x}", m.raft_id))),
-                ("addr".into(), Json::Str(m.addr.clone())),
-                ("role".into(), Json::Str(m.role.clone())),
-                ("reachable".into(), Json::Bool(m.reachable)),
-                ("last_contact_ms".into(), int(m.last_contact_ms)),
-                ("match_index".into(), int(m.match_index)),
-                ("problem".into(), Json::Str(m.problem.clone())),
-            ])
-        })
-        .collect();
-    Json::Obj(vec![
-        ("leader".into(), Json::Str(format!("{:x}", status.leader))),
-        ("term".into(), int(status.term)),
-        ("commit".into(), int(status.commit)),
-        ("members".into(), Json::Arr(members)),
-    ])
+/// One member in `manager ls --format json`: ids in hex, as the table prints them and
+/// `rm`/`transfer` take them.
+#[derive(serde::Serialize)]
+struct MemberShown<'a> {
+    id: String,
+    addr: &'a str,
+    role: &'a str,
+    reachable: bool,
+    last_contact_ms: u64,
+    match_index: u64,
+    problem: &'a str,
+}
+
+/// The group in `manager ls --format json`.
+#[derive(serde::Serialize)]
+struct GroupShown<'a> {
+    leader: String,
+    term: u64,
+    commit: u64,
+    members: Vec<MemberShown<'a>>,
+}
+
+fn managers_json(status: &StatusResponse) -> GroupShown<'_> {
+    GroupShown {
+        leader: format!("{:x}", status.leader),
+        term: status.term,
+        commit: status.commit,
+        members: status
+            .members
+            .iter()
+            .map(|m| MemberShown {
+                id: format!("{:x}", m.raft_id),
+                addr: &m.addr,
+                role: &m.role,
+                reachable: m.reachable,
+                last_contact_ms: m.last_contact_ms,
+                match_index: m.match_index,
+                problem: &m.problem,
+            })
+            .collect(),
+    }
 }
 
 fn print_managers(client: &Client, status: &StatusResponse) {

@@ -13,10 +13,11 @@
 use clap::{Args, ValueEnum};
 
 use super::control::{Client, Format, RETRY_SOON_WAIT};
-use super::json::{self, Json};
+use super::json;
 use crate::control::{LIST_MANAGERS, WATCH};
 use crate::net::{CallOptions, ResponseStream};
 use crate::proto::control as pb;
+use crate::proto::json::label;
 use crate::proto::objects::{ObjectKind, StoreObject, store_object::Object};
 use crate::wire::{Code, Status};
 
@@ -169,19 +170,32 @@ fn subscribe(
     }
 }
 
-fn action_name(action: i32) -> &'static str {
-    match pb::WatchAction::try_from(action) {
-        Ok(pb::WatchAction::Create) => "create",
-        Ok(pb::WatchAction::Update) => "update",
-        Ok(pb::WatchAction::Delete) => "delete",
-        Ok(pb::WatchAction::Start) => "start",
-        Ok(pb::WatchAction::Commit) => "commit",
-        Err(_) => "unknown",
-    }
+/// A stored object as printed in a JSON event line (`null` for a kind this build does not
+/// know).
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Shown {
+    Service(Box<crate::proto::objects::Service>),
+    Node(crate::proto::objects::Node),
+    Task(crate::proto::objects::Task),
+    Cluster(crate::proto::objects::Cluster),
+    Network(crate::proto::objects::Network),
+    Unknown,
+}
+
+/// One event as a JSON line.
+#[derive(serde::Serialize)]
+struct EventLine<'a> {
+    version: u64,
+    action: &'a str,
+    kind: &'a str,
+    id: String,
+    name: String,
+    object: Shown,
 }
 
 /// Kind, id, a human name, and the JSON form of a stored object.
-fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, String, Json) {
+fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, String, Shown) {
     match object.and_then(|o| o.object.as_ref()) {
         Some(Object::Service(s)) => {
             let name = s.spec.as_ref().map(|spec| spec.name.clone());
@@ -189,7 +203,7 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
                 "service",
                 s.id.clone(),
                 name.unwrap_or_default(),
-                json::service(s),
+                Shown::Service(Box::new(json::service(s))),
             )
         }
         Some(Object::Node(n)) => {
@@ -198,12 +212,12 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
                 "node",
                 n.id.clone(),
                 name.unwrap_or_default(),
-                json::node(n),
+                Shown::Node(json::node(n)),
             )
         }
         Some(Object::Task(t)) => {
             let name = format!("{}.{}", t.service_id, t.slot);
-            ("task", t.id.clone(), name, json::task(t))
+            ("task", t.id.clone(), name, Shown::Task(json::task(t)))
         }
         Some(Object::Cluster(c)) => {
             let name = c.spec.as_ref().map(|spec| spec.name.clone());
@@ -211,7 +225,7 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
                 "cluster",
                 c.id.clone(),
                 name.unwrap_or_default(),
-                json::cluster(c),
+                Shown::Cluster(json::cluster(c)),
             )
         }
         Some(Object::Network(n)) => {
@@ -220,27 +234,27 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
                 "network",
                 n.id.clone(),
                 name.unwrap_or_default(),
-                json::network(n),
+                Shown::Network(json::network(n)),
             )
         }
-        None => ("unknown", String::new(), String::new(), Json::Null),
+        None => ("unknown", String::new(), String::new(), Shown::Unknown),
     }
 }
 
 fn print_event(format: Format, message: &pb::WatchMessage) {
     let (kind, id, name, object) = describe_object(message.object.as_ref());
-    let action = action_name(message.action);
+    let action = label::<pb::WatchAction>(message.action);
     match format {
         Format::Json => {
-            let line = Json::Obj(vec![
-                ("version".into(), Json::Int(i128::from(message.version))),
-                ("action".into(), Json::Str(action.into())),
-                ("kind".into(), Json::Str(kind.into())),
-                ("id".into(), Json::Str(id)),
-                ("name".into(), Json::Str(name)),
-                ("object".into(), object),
-            ]);
-            println!("{}", line.to_line());
+            let line = EventLine {
+                version: message.version,
+                action: &action,
+                kind,
+                id,
+                name,
+                object,
+            };
+            println!("{}", json::line(&line));
         }
         Format::Table => println!(
             "{:>10}  {action:<7} {kind:<8} {id:<25}  {name}",

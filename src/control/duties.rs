@@ -189,7 +189,7 @@ fn create_cluster(api: &ControlApi, me: &SelfReport) {
             entries.min(crate::store::spec::SNAPSHOT_INTERVAL_ENTRIES_MAX);
     }
     let cluster = Cluster {
-        id: super::new_object_id(),
+        id: crate::util::id::random_id(),
         spec: Some(spec),
         root_ca_digest: tokens
             .as_ref()

@@ -29,16 +29,8 @@ use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_ser
 use crate::store::{Kind, create, delete, update_expecting};
 use crate::wire::{Code, Status, WriteFate};
 
-/// Characters of a generated object id.
-pub const OBJECT_ID_CHARS: usize = 25;
-
-/// A new random object id: 25 lowercase letters and digits, like swarmkit's.
-pub fn new_object_id() -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    (0..OBJECT_ID_CHARS)
-        .map(|_| char::from(ALPHABET[rand::random_range(0..ALPHABET.len())]))
-        .collect()
-}
+/// Characters of a generated object id ([`crate::util::id`], like swarmkit's).
+pub const OBJECT_ID_CHARS: usize = crate::util::id::ID_CHARS;
 
 pub(super) use crate::util::clock::unix_now_ms as now_ms;
 
@@ -312,7 +304,7 @@ fn create_service(
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let id = if request.id.is_empty() {
-        new_object_id()
+        crate::util::id::random_id()
     } else if is_object_id(&request.id) {
         request.id
     } else {
@@ -837,21 +829,4 @@ fn rotate_join_token(
     Ok(pb::JoinTokensResponse {
         tokens: Some(tokens_to_proto(&tokens)),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn object_ids_are_25_lowercase_alphanumerics_and_differ() {
-        let a = new_object_id();
-        let b = new_object_id();
-        assert_eq!(a.len(), OBJECT_ID_CHARS);
-        assert!(
-            a.chars()
-                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
-        );
-        assert_ne!(a, b);
-    }
 }

@@ -50,7 +50,6 @@ pub mod roles;
 pub mod watch;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -71,7 +70,8 @@ use crate::wire::{Code, Reason, Status, WriteFate};
 /// `"control.CreateService"`), generated from `proto/flotilla/control.proto`; their typed
 /// descriptors and policies are in [`crate::proto::control::rpc`].
 pub use crate::proto::control::rpc::name::*;
-pub use handlers::new_object_id;
+/// A new object id: [`crate::util::id::random_id`] under the name callers know.
+pub use crate::util::id::random_id as new_object_id;
 
 /// Removes the CA key from a Cluster object before it leaves this manager (a reply, a watch
 /// event). Every path that hands a Cluster to a caller goes through here.
@@ -79,8 +79,7 @@ pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
     cluster.root_ca = None;
 }
 
-/// Deadline of a write's proposal, and of a forward to the leader.
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+pub use crate::manager::state::PROPOSE_TIMEOUT;
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
 pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 /// Threads serving control calls (writes block on their proposal).

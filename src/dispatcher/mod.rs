@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::ca::PeerIdentity;
-use crate::manager::state::propose_transaction;
+use crate::manager::state::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::net::{CallContext, Router, ServerStream, ServicePool};
 use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc;
@@ -58,8 +58,6 @@ pub const HEARTBEAT_MISSES_MAX: u32 = 3;
 pub use crate::proto::dispatcher::ASSIGNMENTS_BYTES_MAX;
 /// How often a session thread with nothing to send checks its heartbeat and leadership.
 const SESSION_POLL_INTERVAL: Duration = Duration::from_millis(200);
-/// How long a dispatcher write waits for its proposal.
-const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts of a write that met a concurrent change (`Aborted`) before giving up.
 const WRITE_ATTEMPTS_MAX: u32 = 3;
 
@@ -247,7 +245,7 @@ impl Dispatcher {
         }
         // The session exists before the node is recorded ready, so that the monitor never
         // takes a node in the middle of opening one for a silent node.
-        let session_id = crate::control::new_object_id();
+        let session_id = crate::util::id::random_id();
         self.sessions.lock().insert(
             caller.node_id.clone(),
             SessionEntry {

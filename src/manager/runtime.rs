@@ -263,7 +263,7 @@ impl Manager {
             }
             return Err(StartError::NotInitialized(dir.root().display().to_string()));
         }
-        let settings = dir.load_settings()?;
+        let settings = dir.load_settings_upgrading(&lock)?;
         let (identity, root) =
             load_node_files(&dir.node_dir()).map_err(|source| StartError::IdentityDamaged {
                 dir: dir.root().display().to_string(),

@@ -133,6 +133,10 @@ impl StateMachine for ManagerState {
     }
 }
 
+/// Deadline of a write's proposal (every component's: control, dispatcher, orchestrator,
+/// duties), and of a control write's forward to the leader.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Proposes a store transaction and waits for its outcome: the version it wrote.
 ///
 /// # Errors

@@ -77,7 +77,7 @@ pub const NODE_DOWN_GRACE_MS: i64 = 10_000;
 pub const DEFAULT_RESTART_DELAY_MS: i64 = 5_000;
 
 /// The length of a task id: the same as the ids the control API gives services.
-pub const TASK_ID_CHARS: usize = 25;
+pub const TASK_ID_CHARS: usize = crate::util::id::ID_CHARS;
 
 /// What one pass reads besides the tasks.
 pub(crate) struct Context {
@@ -331,17 +331,5 @@ pub(crate) fn age_key(task: &Task) -> (i64, &str) {
 /// The id of a new task for `service_id` in slot `slot_key` following task `predecessor`
 /// (or, in an empty slot, the service version): the same inputs always give the same id.
 pub(crate) fn derive_task_id(service_id: &str, slot_key: &str, predecessor: &str) -> String {
-    const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in ["flotilla-task", service_id, slot_key, predecessor] {
-        hasher.update(&(part.len() as u64).to_be_bytes());
-        hasher.update(part.as_bytes());
-    }
-    let digest = hasher.finish();
-    digest
-        .as_ref()
-        .iter()
-        .take(TASK_ID_CHARS)
-        .map(|byte| char::from(ALPHABET[usize::from(*byte) % ALPHABET.len()]))
-        .collect()
+    crate::util::id::derived_id(&["flotilla-task", service_id, slot_key, predecessor])
 }

@@ -22,8 +22,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 
-use crate::control::PROPOSE_TIMEOUT;
-use crate::manager::state::propose_transaction;
+use crate::manager::state::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::proto::objects::{Task, Transaction, change, store_object};
 use crate::raft::node::NodeHandle;
 use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};

@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod fsutil;
+pub mod id;
 pub mod memory;
 #[cfg(any(test, feature = "sim"))]
 pub mod rng;
