@@ -31,7 +31,7 @@ impl Client {
     }
 }
 
-pub(super) fn short(id: &str) -> &str {
+fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
