@@ -9,11 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-mod admin;
 pub mod control;
 pub mod json;
-mod managers;
-pub mod watch;
+
+pub use control::{ManagerCommand, watch};
 
 use crate::agent::runtime as agent;
 use crate::ca::{JoinTokens, Role};
@@ -225,7 +224,7 @@ pub enum Command {
         connection: control::Connection,
         /// What to do.
         #[command(subcommand)]
-        command: admin::AdminCertCommand,
+        command: control::AdminCertCommand,
     },
     /// Stream changes to the cluster's objects until interrupted (Ctrl-C), following
     /// leader changes and manager failures without a gap or a duplicate.
@@ -236,26 +235,6 @@ pub enum Command {
         /// Which changes.
         #[command(flatten)]
         filter: watch::WatchArgs,
-    },
-}
-
-/// `flotilla manager …`
-#[derive(Subcommand, Debug)]
-pub enum ManagerCommand {
-    /// List the managers: id, address, role, reachability, replication progress.
-    Ls,
-    /// Remove a manager from the group (refused if the rest would lack a quorum).
-    Rm {
-        /// The manager's Raft id (hex, as `manager ls` prints it).
-        id: String,
-        /// Remove it even if the remaining managers cannot form a quorum.
-        #[arg(long)]
-        force: bool,
-    },
-    /// Hand leadership to another manager.
-    Transfer {
-        /// The manager's Raft id (hex, as `manager ls` prints it).
-        id: String,
     },
 }
 

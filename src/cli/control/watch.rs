@@ -12,8 +12,9 @@
 
 use clap::{Args, ValueEnum};
 
-use super::control::{Client, Format, RETRY_SOON_WAIT};
-use super::json;
+use super::client::{Client, RETRY_SOON_WAIT};
+use super::output::Format;
+use crate::cli::json;
 use crate::control::{LIST_MANAGERS, WATCH};
 use crate::net::{CallOptions, ResponseStream};
 use crate::proto::control as pb;

@@ -3,7 +3,8 @@
 //! cluster-wide. The key pair is generated here and only the
 //! CSR goes to the manager; the private key is written to DIR (0600) and nowhere else.
 //!
-//! Must never send or print a private key, nor overwrite an identity already in DIR.
+//! Must never send or print a private key, nor overwrite an identity already in DIR; must
+//! never talk to the transport except through [`Client`].
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
@@ -11,9 +12,11 @@ use std::time::{Duration, SystemTime};
 
 use clap::Subcommand;
 
-use super::CommandError;
-use super::control::{Client, Format, parse_duration_ms};
+use super::client::Client;
+use super::flags::parse_duration_ms;
+use super::output::Format;
 use crate::ca::{NODE_IDENTITY_FILE, PendingIdentity, RootCert, save_node_files};
+use crate::cli::CommandError;
 use crate::control::{ISSUE_ADMIN_CERTIFICATE, REVOKE_ADMIN_CERTIFICATE};
 use crate::proto::control as pb;
 

@@ -1,0 +1,301 @@
+//! Flag values and the service spec flags: durations, sizes, CPU counts, `KEY=VALUE` pairs
+//! and enum labels parsed from the command line, and [`SpecFlags`], the flags `service
+//! create` and `service update` share, applied to a spec by [`apply_flags`].
+//!
+//! Must never call a manager or print: it turns text into values, or into an error message
+//! naming the flag.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::proto::json::{ProtoEnum, choices_text, parse_label};
+use crate::proto::objects::{
+    Placement, ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode,
+    ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+};
+
+/// Service spec flags, shared by `service create` and `service update` (on update, only
+/// the flags given change the spec).
+#[derive(Args, Debug, Clone, Default)]
+pub struct SpecFlags {
+    /// Number of tasks (replicated mode).
+    #[arg(long)]
+    pub replicas: Option<u64>,
+    /// `replicated` or `global` (one task per eligible node).
+    #[arg(long)]
+    pub mode: Option<String>,
+    /// Environment variable KEY=VALUE (repeatable; on update, replaces the list).
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// A file of KEY=VALUE lines, added to --env.
+    #[arg(long)]
+    pub env_file: Option<PathBuf>,
+    /// Working directory of the task.
+    #[arg(long)]
+    pub workdir: Option<String>,
+    /// Label KEY=VALUE on the service (repeatable; on update, replaces the labels).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
+    /// Restart condition: `none`, `on-failure` or `any`.
+    #[arg(long)]
+    pub restart_condition: Option<String>,
+    /// Wait before a restart (e.g. `5s`, `250ms`).
+    #[arg(long)]
+    pub restart_delay: Option<String>,
+    /// Restarts allowed within the window (0: unlimited).
+    #[arg(long)]
+    pub restart_max_attempts: Option<u64>,
+    /// Window over which restarts are counted (e.g. `1m`).
+    #[arg(long)]
+    pub restart_window: Option<String>,
+    /// CPUs set aside per task (e.g. `0.5`).
+    #[arg(long)]
+    pub reserve_cpu: Option<String>,
+    /// Memory set aside per task (e.g. `64M`).
+    #[arg(long)]
+    pub reserve_memory: Option<String>,
+    /// CPU limit per task.
+    #[arg(long)]
+    pub limit_cpu: Option<String>,
+    /// Memory limit per task.
+    #[arg(long)]
+    pub limit_memory: Option<String>,
+    /// Placement constraint, e.g. `node.labels.zone==a` (repeatable; on update, replaces).
+    #[arg(long = "constraint")]
+    pub constraints: Vec<String>,
+    /// Tasks updated at once (0: all).
+    #[arg(long)]
+    pub update_parallelism: Option<u64>,
+    /// Wait between update batches.
+    #[arg(long)]
+    pub update_delay: Option<String>,
+    /// On a failed update: `pause`, `continue` or `rollback`.
+    #[arg(long)]
+    pub update_failure_action: Option<String>,
+    /// `stop-first` or `start-first`.
+    #[arg(long)]
+    pub update_order: Option<String>,
+}
+
+/// Parses a duration into milliseconds: jiff's friendly format with units up to hours
+/// (`250ms`, `5s`, `1.5s`, `2m`, `2h30m`, `2160h`, `3 mins`), ISO 8601 (`PT5S`), or a plain
+/// number of seconds (`3`, `0.5`). Days and longer are refused (their length is not fixed),
+/// and so are negative durations.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_duration_ms(flag: &str, text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let invalid = |why: String| {
+        format!("--{flag} {text:?}: expected a duration such as 500ms, 5s, 2m or 1h ({why})")
+    };
+    let is_plain_number = !text.is_empty() && text.chars().all(|c| c.is_ascii_digit() || c == '.');
+    let duration = if is_plain_number {
+        let seconds: f64 = text.parse().map_err(|e| invalid(format!("{e}")))?;
+        jiff::SignedDuration::try_from_secs_f64(seconds).map_err(|e| invalid(e.to_string()))?
+    } else {
+        text.parse::<jiff::SignedDuration>()
+            .map_err(|e| invalid(e.to_string()))?
+    };
+    if duration.is_negative() {
+        return Err(invalid("it is negative".into()));
+    }
+    // Rounded to the nearest millisecond.
+    let ms = (duration.as_nanos() + 500_000) / 1_000_000;
+    i64::try_from(ms).map_err(|_| invalid("too long".into()))
+}
+
+/// Parses `512`, `64k`, `64M`, `1G` (binary multiples) into bytes.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_bytes(flag: &str, text: &str) -> Result<i64, String> {
+    let text = text.trim();
+    let (number, scale) = match text.chars().last().map(|c| c.to_ascii_lowercase()) {
+        Some('k') => (&text[..text.len() - 1], 1i64 << 10),
+        Some('m') => (&text[..text.len() - 1], 1 << 20),
+        Some('g') => (&text[..text.len() - 1], 1 << 30),
+        _ => (text, 1),
+    };
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("--{flag} {text:?}: expected a size such as 64M or 1G"))?;
+    Ok((value * scale as f64).round() as i64)
+}
+
+/// Parses a CPU count such as `0.5` into nano-CPUs.
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_nano_cpus(flag: &str, text: &str) -> Result<i64, String> {
+    let value: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("--{flag} {text:?}: expected a number of CPUs such as 0.5"))?;
+    Ok((value * 1e9).round() as i64)
+}
+
+pub(super) fn parse_pairs(
+    flag: &str,
+    pairs: &[String],
+) -> Result<BTreeMap<String, String>, String> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| format!("--{flag} {pair:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+/// The value of enum `E` whose label is `text` (`on-failure`, `start-first`, …).
+///
+/// # Errors
+/// A message naming the flag and listing the labels it takes.
+pub(super) fn parse_choice<E: ProtoEnum>(flag: &str, text: &str) -> Result<E, String> {
+    parse_label(text).ok_or_else(|| format!("--{flag} {text:?}: expected {}", choices_text::<E>()))
+}
+
+fn env_entries(flags: &SpecFlags) -> Result<Option<Vec<String>>, String> {
+    let mut env = flags.env.clone();
+    if let Some(path) = &flags.env_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("--env-file {}: {e}", path.display()))?;
+        env.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string),
+        );
+    }
+    Ok((!env.is_empty() || flags.env_file.is_some()).then_some(env))
+}
+
+/// Applies the flags given to `spec` (a new one or the current one being updated).
+pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> {
+    if let Some(mode) = &flags.mode {
+        spec.mode = parse_choice::<ServiceMode>("mode", mode)? as i32;
+        if spec.mode == ServiceMode::Global as i32 {
+            spec.replicas = 0;
+        }
+    }
+    if let Some(replicas) = flags.replicas {
+        spec.replicas = replicas;
+    }
+    if !flags.labels.is_empty() {
+        spec.labels = parse_pairs("label", &flags.labels)?;
+    }
+    let task = spec.task.get_or_insert_with(TaskSpec::default);
+    if let Some(env) = env_entries(flags)? {
+        task.env = env;
+    }
+    if let Some(workdir) = &flags.workdir {
+        task.working_dir = workdir.clone();
+    }
+    let restart = task.restart.get_or_insert_with(RestartPolicy::default);
+    if let Some(condition) = &flags.restart_condition {
+        restart.condition =
+            parse_choice::<RestartCondition>("restart-condition", condition)? as i32;
+    }
+    if let Some(delay) = &flags.restart_delay {
+        restart.delay_ms = Some(parse_duration_ms("restart-delay", delay)?);
+    }
+    if let Some(attempts) = flags.restart_max_attempts {
+        restart.max_attempts = attempts;
+    }
+    if let Some(window) = &flags.restart_window {
+        restart.window_ms = parse_duration_ms("restart-window", window)?;
+    }
+    let resources = task
+        .resources
+        .get_or_insert_with(ResourceRequirements::default);
+    let reservations = resources
+        .reservations
+        .get_or_insert_with(Resources::default);
+    if let Some(cpu) = &flags.reserve_cpu {
+        reservations.nano_cpus = parse_nano_cpus("reserve-cpu", cpu)?;
+    }
+    if let Some(memory) = &flags.reserve_memory {
+        reservations.memory_bytes = parse_bytes("reserve-memory", memory)?;
+    }
+    let limits = resources.limits.get_or_insert_with(Resources::default);
+    if let Some(cpu) = &flags.limit_cpu {
+        limits.nano_cpus = parse_nano_cpus("limit-cpu", cpu)?;
+    }
+    if let Some(memory) = &flags.limit_memory {
+        limits.memory_bytes = parse_bytes("limit-memory", memory)?;
+    }
+    if !flags.constraints.is_empty() {
+        task.placement = Some(Placement {
+            constraints: flags.constraints.clone(),
+        });
+    }
+    let update = spec.update.get_or_insert_with(UpdateConfig::default);
+    if let Some(parallelism) = flags.update_parallelism {
+        update.parallelism = parallelism;
+    }
+    if let Some(delay) = &flags.update_delay {
+        update.delay_ms = parse_duration_ms("update-delay", delay)?;
+    }
+    if let Some(action) = &flags.update_failure_action {
+        update.failure_action =
+            parse_choice::<UpdateFailureAction>("update-failure-action", action)? as i32;
+    }
+    if let Some(order) = &flags.update_order {
+        update.order = parse_choice::<UpdateOrder>("update-order", order)? as i32;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_values_parse_with_units_and_refuse_garbage() {
+        assert_eq!(parse_duration_ms("d", "250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("d", "5s"), Ok(5000));
+        assert_eq!(parse_duration_ms("d", "2m"), Ok(120_000));
+        assert_eq!(parse_duration_ms("d", "3"), Ok(3000));
+        assert!(parse_duration_ms("d", "5 weeks").is_err());
+        assert_eq!(parse_duration_ms("d", "1.5s"), Ok(1500));
+        assert_eq!(parse_duration_ms("d", "0.5"), Ok(500));
+        assert_eq!(parse_duration_ms("d", " 2h30m "), Ok(9_000_000));
+        assert_eq!(parse_duration_ms("d", "2160h"), Ok(7_776_000_000));
+        assert_eq!(parse_duration_ms("d", "3 mins"), Ok(180_000));
+        for bad in ["-5s", "", "1d", "inf", "5x", "1..2s"] {
+            let error = parse_duration_ms("d", bad).expect_err(bad);
+            assert!(error.starts_with("--d "), "{error}");
+        }
+        assert_eq!(parse_bytes("m", "64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("m", "512"), Ok(512));
+        assert!(parse_bytes("m", "lots").is_err());
+        assert_eq!(parse_nano_cpus("c", "0.5"), Ok(500_000_000));
+    }
+
+    #[test]
+    fn update_flags_change_only_what_is_given() {
+        let mut spec = ServiceSpec {
+            name: "web".into(),
+            replicas: 3,
+            task: Some(TaskSpec {
+                command: "sleep".into(),
+                env: vec!["A=1".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let flags = SpecFlags {
+            workdir: Some("/srv".into()),
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &flags).unwrap();
+        let task = spec.task.unwrap();
+        assert_eq!(spec.replicas, 3);
+        assert_eq!(task.env, vec!["A=1".to_string()]);
+        assert_eq!(task.working_dir, "/srv");
+    }
+}
