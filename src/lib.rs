@@ -16,6 +16,7 @@ pub mod net;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;
+pub mod replication;
 pub mod store;
 pub mod util;
 pub mod wire;

@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use super::state::{ManagerState, TAG_KV};
+use super::state::ManagerState;
 use super::state_dir::{Settings, StateDir, StateDirError};
 use crate::agent::{Agent, AgentError, RunnerConfig};
 use crate::ca::renewal::{Renewer, RenewerConfig, RenewerSetup};
@@ -325,7 +325,6 @@ impl Manager {
         crate::kv::register(
             &mut router,
             &kv_pool,
-            TAG_KV,
             raft.handle(),
             &machine.kv,
             &transport,
@@ -361,7 +360,7 @@ impl Manager {
                 ca: ca_service,
                 access: machine.access.clone(),
                 root: root.clone(),
-                dir: dir.clone(),
+                tokens_file: Arc::new(dir.clone()),
             },
         );
         control::register(&mut router, &control_pool, &control);

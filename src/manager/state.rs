@@ -1,29 +1,21 @@
 //! The manager's replicated state machine: the object store (cluster state) and the
 //! key-value map, side by side in one Raft log.
 //!
-//! Every application entry starts with a one-byte tag saying whose it is ([`TAG_KV`],
-//! [`TAG_STORE`]). A snapshot holds both, each as a framed section (so neither needs to know
+//! Entries are read as [`crate::replication::entry`] defines them. A snapshot holds both, each as a framed section (so neither needs to know
 //! its size in advance). Must never apply an entry out of log order or to the wrong part.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message;
 
 use crate::control::access::AccessList;
 use crate::kv::KvStateMachine;
-use crate::proto::objects::Transaction;
-use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
+use crate::raft::node::{SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
-use crate::store::{Store, TxnError, check_limits};
-use crate::wire::{Code, Status};
+use crate::replication::entry::{TAG_KV, TAG_STORE, encode_store_reply};
+use crate::store::Store;
 
-/// Entries for the key-value map.
-pub const TAG_KV: u8 = 1;
-/// Entries for the object store (encoded [`Transaction`]s).
-pub const TAG_STORE: u8 = 2;
 /// Bytes per frame of a snapshot section.
 pub const SECTION_FRAME_BYTES_MAX: usize = 64 * 1024;
 
@@ -54,40 +46,7 @@ impl ManagerState {
         if let Ok(outcome) = &result {
             self.access.apply_events(&outcome.events);
         }
-        encode_store_result(result.map(|o| o.version))
-    }
-}
-
-/// The reply to a store entry: the version it wrote, or why it was refused.
-fn encode_store_result(result: Result<u64, TxnError>) -> Bytes {
-    let mut out = Vec::with_capacity(16);
-    match result {
-        Ok(version) => {
-            out.push(0);
-            out.extend_from_slice(&version.to_be_bytes());
-        }
-        Err(error) => {
-            out.push(1);
-            out.push(error.code() as u8);
-            out.extend_from_slice(error.to_string().as_bytes());
-        }
-    }
-    Bytes::from(out)
-}
-
-fn decode_store_result(reply: &[u8]) -> Result<u64, Status> {
-    match reply.split_first() {
-        Some((0, version)) if version.len() == 8 => Ok(u64::from_be_bytes(
-            version.try_into().expect("checked length"),
-        )),
-        Some((1, rest)) if !rest.is_empty() => {
-            let code = Code::from_u32(u32::from(rest[0]));
-            Err(Status::new(
-                code,
-                String::from_utf8_lossy(&rest[1..]).into_owned(),
-            ))
-        }
-        _ => Err(Status::internal("undecodable store reply")),
+        encode_store_reply(result.map(|o| o.version))
     }
 }
 
@@ -131,30 +90,6 @@ impl StateMachine for ManagerState {
         self.access.refresh(&self.store);
         Ok(())
     }
-}
-
-/// Deadline of a write's proposal (every component's: control, dispatcher, orchestrator,
-/// duties), and of a control write's forward to the leader.
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Proposes a store transaction and waits for its outcome: the version it wrote.
-///
-/// # Errors
-/// The transaction's own refusal (conflict → `Aborted`, limits → `ResourceExhausted`, …), or
-/// the node's ([`NodeError::to_status`]: not leader, naming the leader; timeout, …).
-pub fn propose_transaction(
-    node: &NodeHandle,
-    txn: &Transaction,
-    timeout: Duration,
-) -> Result<u64, Status> {
-    check_limits(txn).map_err(|e| Status::new(e.code(), e.to_string()))?;
-    let mut data = Vec::with_capacity(txn.encoded_len() + 1);
-    data.push(TAG_STORE);
-    txn.encode(&mut data).expect("a Vec grows as needed");
-    let reply = node
-        .propose(&data, timeout)
-        .map_err(|e: NodeError| e.to_status())?;
-    decode_store_result(&reply)
 }
 
 /// Splits everything written to it into frames `u32 length, bytes`, ended by a zero length.
@@ -253,8 +188,11 @@ impl Read for FramedReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::objects::{Node, NodeSpec};
+    use crate::proto::objects::{Node, NodeSpec, Transaction};
+    use crate::replication::entry::decode_store_reply;
     use crate::store::{StoreConfig, create};
+    use crate::wire::Code;
+    use prost::Message;
 
     fn node(id: &str) -> Node {
         Node {
@@ -286,9 +224,9 @@ mod tests {
         };
         let mut entry = vec![TAG_STORE];
         entry.extend(txn.encode_to_vec());
-        assert_eq!(decode_store_result(&state.apply(2, &entry)), Ok(2));
+        assert_eq!(decode_store_reply(&state.apply(2, &entry)), Ok(2));
         // The same create again is refused with AlreadyExists, deterministically.
-        let refused = decode_store_result(&state.apply(3, &entry)).unwrap_err();
+        let refused = decode_store_reply(&state.apply(3, &entry)).unwrap_err();
         assert_eq!(refused.code, Code::AlreadyExists, "{refused}");
 
         let mut image = Vec::new();

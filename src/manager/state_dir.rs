@@ -30,6 +30,17 @@ use crate::raft::node::Bootstrap;
 use crate::raft::types::NodeId;
 use crate::util::fsutil::{MODE_PRIVATE, write_atomic};
 
+/// The control duties keep the join tokens file in step with the replicated Cluster object.
+impl crate::control::TokensFile for StateDir {
+    fn load_tokens(&self) -> Result<JoinTokens, crate::control::TokensFileError> {
+        Ok(StateDir::load_tokens(self)?)
+    }
+
+    fn save_tokens(&self, tokens: &JoinTokens) -> Result<(), crate::control::TokensFileError> {
+        Ok(StateDir::save_tokens(self, tokens)?)
+    }
+}
+
 /// Longest settings or token file accepted: they are a few hundred bytes; anything larger is
 /// not ours.
 pub const SMALL_FILE_BYTES_MAX: u64 = 16 * 1024;
