@@ -62,6 +62,12 @@ impl KvStateMachine {
         self.map.read().is_empty()
     }
 
+    /// Applies a decoded `command` at `index` (an entry of the manager state machine) and
+    /// returns the encoded [`pb::ApplyResult`], as [`StateMachine::apply`] does.
+    pub fn apply_command(&self, index: LogIndex, command: pb::Command) -> Bytes {
+        Bytes::from(self.execute(index, command).encode_to_vec())
+    }
+
     fn execute(&self, index: LogIndex, command: pb::Command) -> pb::ApplyResult {
         let mut map = self.map.write();
         let mut result = pb::ApplyResult {

@@ -13,7 +13,7 @@ use crate::control::access::AccessList;
 use crate::kv::KvStateMachine;
 use crate::raft::node::{SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
-use crate::replication::entry::{TAG_KV, TAG_STORE, encode_store_reply};
+use crate::replication::entry::{self, Decoded, encode_store_reply};
 use crate::store::Store;
 
 /// Bytes per frame of a snapshot section.
@@ -41,22 +41,27 @@ impl ManagerState {
         }
     }
 
-    fn apply_store(&self, index: LogIndex, txn: &[u8]) -> Bytes {
-        let result = self.store.apply_encoded(index, txn);
+    /// Applies a store transaction's outcome to the access list and encodes its reply.
+    fn answer_store(
+        &self,
+        result: Result<crate::store::ApplyOutcome, crate::store::TxnError>,
+    ) -> Bytes {
         if let Ok(outcome) = &result {
             self.access.apply_events(&outcome.events);
         }
-        encode_store_reply(result.map(|o| o.version))
+        encode_store_reply(&result)
     }
 }
 
 impl StateMachine for ManagerState {
     fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
-        match data.split_first() {
-            Some((&TAG_KV, command)) => self.kv.apply(index, command),
-            Some((&TAG_STORE, txn)) => self.apply_store(index, txn),
+        match entry::decode(data) {
+            Decoded::Store(txn) => self.answer_store(self.store.apply(index, &txn)),
+            Decoded::Kv(command) => self.kv.apply_command(index, command),
+            Decoded::LegacyStore(txn) => self.answer_store(self.store.apply_encoded(index, txn)),
+            Decoded::LegacyKv(command) => self.kv.apply(index, command),
             // Written by a newer version: ignored alike on every manager.
-            _ => Bytes::new(),
+            Decoded::Unknown => Bytes::new(),
         }
     }
 
@@ -189,7 +194,9 @@ impl Read for FramedReader<'_> {
 mod tests {
     use super::*;
     use crate::proto::objects::{Node, NodeSpec, Transaction};
-    use crate::replication::entry::decode_store_reply;
+    use crate::replication::entry::{
+        LEGACY_TAG_KV, LEGACY_TAG_STORE, decode_store_reply, encode_kv, encode_store,
+    };
     use crate::store::{StoreConfig, create};
     use crate::wire::Code;
     use prost::Message;
@@ -205,6 +212,55 @@ mod tests {
         }
     }
 
+    fn image(state: &mut ManagerState) -> Vec<u8> {
+        let mut image = Vec::new();
+        (state.snapshot())(&mut image).unwrap();
+        image
+    }
+
+    /// An earlier build's log (tag byte + bare payload) and this build's (typed entries)
+    /// apply to the same state, with the same replies.
+    #[test]
+    fn legacy_entries_apply_as_typed_ones_do() {
+        let put = crate::proto::kv::Command {
+            op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
+                key: "k".into(),
+                value: Bytes::from_static(b"v"),
+            })),
+        };
+        let txn = Transaction {
+            changes: vec![create(node("n1"))],
+            timestamp_ms: 1,
+            request_id: None,
+        };
+        let legacy = |tag: u8, payload: Vec<u8>| [vec![tag], payload].concat();
+        let legacy_log = [
+            legacy(LEGACY_TAG_KV, put.encode_to_vec()),
+            legacy(LEGACY_TAG_STORE, txn.encode_to_vec()),
+            legacy(LEGACY_TAG_STORE, txn.encode_to_vec()),
+        ];
+        let typed_log = [encode_kv(&put), encode_store(&txn), encode_store(&txn)];
+        let mut old = ManagerState::new(StoreConfig::default());
+        let mut new = ManagerState::new(StoreConfig::default());
+        for (i, (legacy_entry, typed_entry)) in legacy_log.iter().zip(&typed_log).enumerate() {
+            let index = i as u64 + 1;
+            assert_eq!(
+                old.apply(index, legacy_entry),
+                new.apply(index, typed_entry)
+            );
+        }
+        assert_eq!(old.kv.get("k"), Some(Bytes::from_static(b"v")));
+        assert!(old.store.get::<Node>("n1").is_some());
+        assert_eq!(image(&mut old), image(&mut new));
+
+        // An earlier build's store entry that does not decode is refused, and counts as
+        // applied: the next index must come after it.
+        let refused = decode_store_reply(&old.apply(4, &[LEGACY_TAG_STORE, 0xff])).unwrap_err();
+        assert_eq!(refused.code, Code::InvalidArgument, "{refused}");
+        let again = decode_store_reply(&old.apply(4, &encode_store(&txn))).unwrap_err();
+        assert_eq!(again.code, Code::FailedPrecondition, "{again}");
+    }
+
     #[test]
     fn entries_reach_their_part_and_snapshots_carry_both() {
         let mut state = ManagerState::new(StoreConfig::default());
@@ -214,7 +270,7 @@ mod tests {
                 value: Bytes::from(vec![7u8; 200_000]),
             })),
         };
-        let mut entry = vec![TAG_KV];
+        let mut entry = vec![LEGACY_TAG_KV];
         entry.extend(put.encode_to_vec());
         state.apply(1, &entry);
         let txn = Transaction {
@@ -222,7 +278,7 @@ mod tests {
             timestamp_ms: 1,
             request_id: None,
         };
-        let mut entry = vec![TAG_STORE];
+        let mut entry = vec![LEGACY_TAG_STORE];
         entry.extend(txn.encode_to_vec());
         assert_eq!(decode_store_reply(&state.apply(2, &entry)), Ok(2));
         // The same create again is refused with AlreadyExists, deterministically.
