@@ -46,6 +46,8 @@ impl Fixture {
             snapshot_interval_entries: None,
             log_memtable_mib: None,
             tasks_running_max: None,
+            // Served, so that the test sees an admin refused the kv fixture's methods.
+            kv_enabled: true,
         };
         manager::init(&dir, &settings).unwrap();
         let manager = Manager::start(&dir).unwrap();

@@ -46,7 +46,7 @@ fn a_proposal_with_a_callback_gets_the_outcome_the_blocking_one_returns() {
     let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
     let config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
     let dir = tempfile::tempdir().unwrap();
-    let machine = ManagerState::new(StoreConfig::default());
+    let machine = ManagerState::new(StoreConfig::default(), false);
     let node = RaftNode::start(
         config,
         dir.path(),

@@ -1,8 +1,18 @@
-//! The manager's replicated state machine: the object store (cluster state) and the
-//! key-value map, side by side in one Raft log.
+//! The manager's replicated state machine: the object store (cluster state) and, when
+//! `manager.conf` turns it on (`kv_enabled`, for tests and benchmarks), the key-value map,
+//! side by side in one Raft log.
 //!
-//! Entries are read as [`crate::replication::entry`] defines them. A snapshot holds both, each as a framed section (so neither needs to know
-//! its size in advance). Must never apply an entry out of log order or to the wrong part.
+//! Entries are read as [`crate::replication::entry`] defines them; without the map, its
+//! entries are no-ops. A snapshot holds each part as a framed section (so neither needs to
+//! know its size in advance), in one of two layouts told apart by the first byte:
+//! - with the map (and every snapshot of earlier builds): the map's section, then the
+//!   store's; it starts with a frame length, at most [`SECTION_FRAME_BYTES_MAX`], whose
+//!   first (big-endian) byte is 0;
+//! - without the map: the byte [`SNAPSHOT_STORE_ONLY`], then the store's section.
+//!
+//! Either restores with the map on or off (a map section is skipped when the map is off;
+//! the map is empty after a store-only snapshot). Must never apply an entry out of log
+//! order or to the wrong part.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -18,12 +28,14 @@ use crate::store::Store;
 
 /// Bytes per frame of a snapshot section.
 pub const SECTION_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// First byte of a snapshot without the key-value map's section.
+pub const SNAPSHOT_STORE_ONLY: u8 = 1;
 
 /// The key-value map and the object store as one state machine.
 #[derive(Clone)]
 pub struct ManagerState {
-    /// The key-value map.
-    pub kv: KvStateMachine,
+    /// The key-value map, if `manager.conf` turns it on (tests and benchmarks).
+    pub kv: Option<KvStateMachine>,
     /// The object store.
     pub store: Arc<Store>,
     /// Revocations derived from the store, kept in step here from each transaction's
@@ -32,10 +44,10 @@ pub struct ManagerState {
 }
 
 impl ManagerState {
-    /// An empty state: no entries applied.
-    pub fn new(store_config: crate::store::StoreConfig) -> ManagerState {
+    /// An empty state: no entries applied; with the key-value map if `kv_enabled`.
+    pub fn new(store_config: crate::store::StoreConfig, kv_enabled: bool) -> ManagerState {
         ManagerState {
-            kv: KvStateMachine::new(),
+            kv: kv_enabled.then(KvStateMachine::new),
             store: Arc::new(Store::new(store_config)),
             access: AccessList::new(),
         }
@@ -57,21 +69,32 @@ impl StateMachine for ManagerState {
     fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
         match entry::decode(data) {
             Decoded::Store(txn) => self.answer_store(self.store.apply(index, &txn)),
-            Decoded::Kv(command) => self.kv.apply_command(index, command),
+            Decoded::Kv(command) => match &self.kv {
+                Some(kv) => kv.apply_command(index, command),
+                None => Bytes::new(),
+            },
             Decoded::LegacyStore(txn) => self.answer_store(self.store.apply_encoded(index, txn)),
-            Decoded::LegacyKv(command) => self.kv.apply(index, command),
+            Decoded::LegacyKv(command) => match &mut self.kv {
+                Some(kv) => kv.apply(index, command),
+                None => Bytes::new(),
+            },
             // Written by a newer version: ignored alike on every manager.
             Decoded::Unknown => Bytes::new(),
         }
     }
 
     fn snapshot(&mut self) -> SnapshotWriter {
-        let kv = self.kv.snapshot();
+        let kv = self.kv.as_mut().map(|kv| kv.snapshot());
         let mut store = self.store.snapshot();
         Box::new(move |out| {
-            let mut section = FramedWriter::new(&mut *out);
-            kv(&mut section)?;
-            section.finish()?;
+            match kv {
+                Some(kv) => {
+                    let mut section = FramedWriter::new(&mut *out);
+                    kv(&mut section)?;
+                    section.finish()?;
+                }
+                None => out.write_all(&[SNAPSHOT_STORE_ONLY])?,
+            }
             let mut section = FramedWriter::new(&mut *out);
             std::io::copy(&mut store, &mut section)?;
             section.finish()
@@ -83,15 +106,47 @@ impl StateMachine for ManagerState {
     }
 
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
-        // The map restores aside and swaps; so does the store. If the store's section is
-        // damaged after the map was swapped, the node stops (the apply thread reports it)
-        // and the snapshot is never counted as installed.
+        // The map restores aside and swaps after the store restored; the store restores
+        // aside and swaps too. A damaged section changes neither.
+        let mut first = [0u8; 1];
+        input.read_exact(&mut first)?;
         let mut kv = KvStateMachine::new();
-        kv.restore(&mut FramedReader::new(&mut *input))?;
+        match first[0] {
+            SNAPSHOT_STORE_ONLY => {}
+            0 => {
+                // A frame length's first byte: the map's section comes first.
+                let mut input = std::io::Cursor::new(first).chain(&mut *input);
+                let mut section = FramedReader::new(&mut input);
+                if self.kv.is_some() {
+                    kv.restore(&mut section)?;
+                } else {
+                    std::io::copy(&mut section, &mut std::io::sink())?;
+                }
+                return self.restore_store_then_kv(&mut input, &kv);
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("snapshot starts with the unknown byte {other}"),
+                ));
+            }
+        }
+        self.restore_store_then_kv(input, &kv)
+    }
+}
+
+impl ManagerState {
+    fn restore_store_then_kv(
+        &mut self,
+        input: &mut dyn Read,
+        kv: &KvStateMachine,
+    ) -> std::io::Result<()> {
         self.store
-            .restore(FramedReader::new(&mut *input))
+            .restore(FramedReader::new(input))
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        self.kv.replace_with(&kv);
+        if let Some(map) = &self.kv {
+            map.replace_with(kv);
+        }
         self.access.refresh(&self.store);
         Ok(())
     }
@@ -240,8 +295,8 @@ mod tests {
             legacy(LEGACY_TAG_STORE, txn.encode_to_vec()),
         ];
         let typed_log = [encode_kv(&put), encode_store(&txn), encode_store(&txn)];
-        let mut old = ManagerState::new(StoreConfig::default());
-        let mut new = ManagerState::new(StoreConfig::default());
+        let mut old = ManagerState::new(StoreConfig::default(), true);
+        let mut new = ManagerState::new(StoreConfig::default(), true);
         for (i, (legacy_entry, typed_entry)) in legacy_log.iter().zip(&typed_log).enumerate() {
             let index = i as u64 + 1;
             assert_eq!(
@@ -249,7 +304,10 @@ mod tests {
                 new.apply(index, typed_entry)
             );
         }
-        assert_eq!(old.kv.get("k"), Some(Bytes::from_static(b"v")));
+        assert_eq!(
+            old.kv.as_ref().unwrap().get("k"),
+            Some(Bytes::from_static(b"v"))
+        );
         assert!(old.store.get::<Node>("n1").is_some());
         assert_eq!(image(&mut old), image(&mut new));
 
@@ -263,7 +321,7 @@ mod tests {
 
     #[test]
     fn entries_reach_their_part_and_snapshots_carry_both() {
-        let mut state = ManagerState::new(StoreConfig::default());
+        let mut state = ManagerState::new(StoreConfig::default(), true);
         let put = crate::proto::kv::Command {
             op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
                 key: "k".into(),
@@ -287,13 +345,54 @@ mod tests {
 
         let mut image = Vec::new();
         (state.snapshot())(&mut image).unwrap();
-        let mut copy = ManagerState::new(StoreConfig::default());
+        let mut copy = ManagerState::new(StoreConfig::default(), true);
         copy.restore(&mut image.as_slice()).unwrap();
-        assert_eq!(copy.kv.get("k").unwrap().len(), 200_000);
+        assert_eq!(copy.kv.as_ref().unwrap().get("k").unwrap().len(), 200_000);
         assert!(copy.store.get::<Node>("n1").is_some());
 
-        let mut damaged = ManagerState::new(StoreConfig::default());
+        let mut damaged = ManagerState::new(StoreConfig::default(), true);
         assert!(damaged.restore(&mut &image[..image.len() / 2]).is_err());
-        assert!(damaged.kv.is_empty());
+        assert!(damaged.kv.as_ref().unwrap().is_empty());
+    }
+
+    /// A production manager (no map) restores an earlier build's snapshot (always with a
+    /// map section), applies kv entries as no-ops and writes no map section; a manager
+    /// with the map restores a snapshot without one.
+    #[test]
+    fn without_the_map_kv_is_skipped_and_both_snapshot_layouts_restore() {
+        let put = crate::proto::kv::Command {
+            op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
+                key: "k".into(),
+                value: Bytes::from(vec![7u8; 100_000]),
+            })),
+        };
+        let txn = Transaction {
+            changes: vec![create(node("n1"))],
+            timestamp_ms: 1,
+            request_id: None,
+        };
+        let mut with_map = ManagerState::new(StoreConfig::default(), true);
+        with_map.apply(1, &encode_kv(&put));
+        with_map.apply(2, &encode_store(&txn));
+        let with_map_image = image(&mut with_map);
+        assert_eq!(with_map_image[0], 0, "the earlier builds' layout");
+
+        let mut production = ManagerState::new(StoreConfig::default(), false);
+        production.restore(&mut with_map_image.as_slice()).unwrap();
+        assert!(production.kv.is_none());
+        assert!(production.store.get::<Node>("n1").is_some());
+        assert!(production.apply(3, &encode_kv(&put)).is_empty());
+        let production_image = image(&mut production);
+        assert_eq!(production_image[0], SNAPSHOT_STORE_ONLY);
+        assert!(production_image.len() < with_map_image.len() - 100_000);
+
+        let mut again = ManagerState::new(StoreConfig::default(), true);
+        again.restore(&mut production_image.as_slice()).unwrap();
+        assert!(again.store.get::<Node>("n1").is_some());
+        assert!(again.kv.as_ref().unwrap().is_empty());
+        let mut damaged = ManagerState::new(StoreConfig::default(), false);
+        let cut = &production_image[..production_image.len() / 2];
+        assert!(damaged.restore(&mut &cut[..]).is_err());
+        assert!(damaged.store.get::<Node>("n1").is_none());
     }
 }
