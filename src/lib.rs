@@ -18,6 +18,7 @@ pub mod net;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;
+pub mod replication;
 pub mod state_dir;
 pub mod store;
 pub mod util;

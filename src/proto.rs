@@ -36,6 +36,11 @@ pub mod kv {
     include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
 }
 
+/// The manager state machine's log entries and replies (`proto/flotilla/replication.proto`).
+pub mod replication {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.replication.rs"));
+}
+
 /// The replicated cluster objects and store transactions (`proto/flotilla/objects.proto`).
 pub mod objects {
     include!(concat!(env!("OUT_DIR"), "/flotilla.objects.rs"));

@@ -449,6 +449,9 @@ pub struct Settings {
     /// 1 to [`TASKS_RUNNING_MAX_CONF_MAX`]); reported to the scheduler, which assigns no
     /// more. `None`: the agent's default (256).
     pub tasks_running_max: Option<u64>,
+    /// Serve, apply and snapshot the replicated key-value map (`kv_enabled = true`): the
+    /// fixture of tests and benchmarks (`kv.Apply`, `kv.Get`). Off in production.
+    pub kv_enabled: bool,
 }
 
 /// Largest `log_memtable_mib` accepted in `manager.conf`.
@@ -473,6 +476,7 @@ impl Settings {
             snapshot_interval_entries: self.snapshot_interval_entries,
             log_memtable_mib: self.log_memtable_mib,
             tasks_running_max: self.tasks_running_max,
+            kv_enabled: self.kv_enabled,
         };
         let body = toml::to_string(&file).expect("settings are strings and small integers");
         format!("{SETTINGS_HEADER}{body}")
@@ -497,6 +501,7 @@ impl Settings {
             snapshot_interval_entries: file.snapshot_interval_entries,
             log_memtable_mib: file.log_memtable_mib,
             tasks_running_max: file.tasks_running_max,
+            kv_enabled: file.kv_enabled,
         })
     }
 
@@ -582,6 +587,7 @@ impl Settings {
             snapshot_interval_entries,
             log_memtable_mib,
             tasks_running_max,
+            kv_enabled: false,
         })
     }
 }
@@ -628,6 +634,12 @@ struct SettingsFile {
         deserialize_with = "tasks_running_max"
     )]
     tasks_running_max: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    kv_enabled: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !value
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -733,6 +745,7 @@ mod tests {
             snapshot_interval_entries: Some(500),
             log_memtable_mib: Some(16),
             tasks_running_max: Some(3),
+            kv_enabled: true,
         };
         assert_eq!(Settings::from_text(&settings.to_text()).unwrap(), settings);
         let base = "raft_id = 3\nlisten_addr = a\nadvertise_addr = a\nbootstrap = join\n";
@@ -767,6 +780,7 @@ mod tests {
             snapshot_interval_entries: None,
             log_memtable_mib: Some(16),
             tasks_running_max: None,
+            kv_enabled: false,
         }
     }
 
@@ -776,6 +790,7 @@ mod tests {
         assert!(text.contains("raft_id = \"fffffffffffffff8\"\n"), "{text}");
         assert!(text.contains("bootstrap = \"new-cluster\"\n"), "{text}");
         assert!(!text.contains("join_addr"), "{text}");
+        assert!(!text.contains("kv_enabled"), "{text}");
         assert!(!is_legacy_text(&text));
         assert_eq!(Settings::from_text(&text).unwrap(), sample_settings());
 

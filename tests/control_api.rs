@@ -46,6 +46,8 @@ impl Fixture {
             snapshot_interval_entries: None,
             log_memtable_mib: None,
             tasks_running_max: None,
+            // Served, so that the test sees an admin refused the kv fixture's methods.
+            kv_enabled: true,
         };
         manager::init(&dir, &settings).unwrap();
         let manager = Manager::start(&dir).unwrap();
@@ -489,7 +491,7 @@ fn a_cluster_object_without_the_ca_key_gets_it_from_the_founder_and_replies_neve
         request_id: None,
     };
     let manager = fixture.manager.as_ref().unwrap();
-    flotilla::manager::state::propose_transaction(manager.raft(), &txn, CALL).unwrap();
+    flotilla::replication::propose_transaction(manager.raft(), &txn, CALL).unwrap();
     let deadline = Instant::now() + CALL;
     let republished = loop {
         let cluster: Arc<Cluster> = applied_cluster(&fixture);

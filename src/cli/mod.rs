@@ -262,6 +262,7 @@ fn execute(command: Command) -> Result<(), CommandError> {
                 listen: listen.unwrap_or_else(|| LISTEN_ADDR_DEFAULT.to_string()),
                 advertise: None,
                 snapshot_interval_entries: None,
+                kv_enabled: false,
             };
             Ok(init_and_serve(&dir, &node.settings(None))?)
         }
@@ -380,6 +381,10 @@ pub struct NewManagerArgs {
     /// the new cluster's setting); without it, `cluster update --snapshot-interval` applies.
     #[arg(long)]
     snapshot_interval_entries: Option<u64>,
+    /// Serve the replicated key-value map (`kv.*`), the fixture of tests and benchmarks
+    /// (`kv_enabled = true` in manager.conf).
+    #[arg(long, hide = true)]
+    kv_enabled: bool,
 }
 
 impl NewManagerArgs {
@@ -402,6 +407,7 @@ impl NewManagerArgs {
             snapshot_interval_entries: self.snapshot_interval_entries,
             log_memtable_mib: None,
             tasks_running_max: None,
+            kv_enabled: self.kv_enabled,
         }
     }
 }

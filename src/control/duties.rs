@@ -25,12 +25,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use crossbeam_channel::{Sender, bounded};
 
-use super::{Caller, ControlApi, PROPOSE_TIMEOUT};
+use super::{Caller, ControlApi};
 use crate::ca::{CaPolicy, CaService, ClusterCa, FailureLimits, JoinTokens, Role};
-use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
 use crate::proto::control::rpc::forward;
 use crate::proto::objects::{Cluster, Node, RootCaKey, Transaction};
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::store::create;
 use crate::store::settings::ClusterSettings;
 use crate::store::spec::default_cluster_spec;
@@ -175,7 +175,7 @@ fn apply_snapshot_interval(api: &ControlApi, me: &SelfReport, ignored: &mut Opti
 }
 
 fn create_cluster(api: &ControlApi, me: &SelfReport) {
-    let tokens = match api.dir.load_tokens() {
+    let tokens = match api.tokens_file.load_tokens() {
         Ok(tokens) => Some(tokens),
         Err(error) => {
             log::warn!("creating the cluster object without join tokens: {error}");
@@ -293,9 +293,9 @@ pub(super) fn sync_tokens(api: &ControlApi, tokens: &JoinTokens) {
             Err(error) => log::error!("the replicated join tokens do not fit this CA: {error}"),
         }
     }
-    let on_disk = api.dir.load_tokens().ok();
+    let on_disk = api.tokens_file.load_tokens().ok();
     if on_disk.as_ref() != Some(tokens)
-        && let Err(error) = api.dir.save_tokens(tokens)
+        && let Err(error) = api.tokens_file.save_tokens(tokens)
     {
         log::error!("cannot save the rotated join tokens: {error}");
     }

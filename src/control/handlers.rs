@@ -13,9 +13,8 @@
 use std::sync::Arc;
 
 use super::reads::{resolve_node, resolve_service, the_cluster};
-use super::{Caller, ControlApi, PROPOSE_TIMEOUT};
+use super::{Caller, ControlApi};
 use crate::ca::{JoinToken, JoinTokens, Role};
-use crate::manager::state::propose_transaction;
 use crate::proto::control as pb;
 use crate::proto::control::forward_request::Call;
 use crate::proto::control::forward_response::Reply;
@@ -24,6 +23,7 @@ use crate::proto::objects::{
     Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
     NodeStatus, RequestId, Service, ServiceSpec, Transaction,
 };
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::store::answers::{Answer, Lookup, Recorded};
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
 use crate::store::{Kind, create, delete, update_expecting};

@@ -7,13 +7,14 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{ControlApi, PROPOSE_TIMEOUT};
+use super::ControlApi;
 use crate::net::{CallOptions, Router, ServicePool, UnaryMethod};
 use crate::proto::control as pb;
 use crate::proto::control::rpc::{self, forward};
 use crate::proto::raft as raftpb;
 use crate::proto::raft::rpc::{REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
 use crate::raft::node::service::ADMIN_CALL_TIMEOUT;
+use crate::replication::PROPOSE_TIMEOUT;
 use crate::wire::{Code, Status};
 
 impl ControlApi {

@@ -54,7 +54,6 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::ca::{PeerIdentity, Role, RootCert, SharedCa};
-use crate::kv::linearizable_read_index;
 use crate::net::{CallContext, CallOptions, Router, ServicePool, Transport};
 use crate::proto::control as pb;
 use crate::proto::control::forward_request::Call;
@@ -62,7 +61,7 @@ use crate::proto::control::forward_response::Reply;
 use crate::proto::control::rpc::{self, forward};
 use crate::proto::objects::NodeRole;
 use crate::raft::node::NodeHandle;
-use crate::state_dir::StateDir;
+use crate::replication::{PROPOSE_TIMEOUT, linearizable_read_index};
 use crate::store::Store;
 use crate::wire::{Code, Reason, Status, WriteFate};
 
@@ -79,7 +78,6 @@ pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
     cluster.root_ca = None;
 }
 
-pub use crate::manager::state::PROPOSE_TIMEOUT;
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
 pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
 /// Threads serving control calls (writes block on their proposal).
@@ -149,7 +147,7 @@ pub struct ControlApi {
     ca: Arc<SharedCa>,
     access: Arc<access::AccessList>,
     root: RootCert,
-    dir: StateDir,
+    tokens_file: Arc<dyn TokensFile>,
     watches: Mutex<watch::WatchThreads>,
 }
 
@@ -165,12 +163,31 @@ pub struct ControlDeps {
     pub access: Arc<access::AccessList>,
     /// This node's root certificate (the replicated key must belong to it).
     pub root: RootCert,
-    /// The state directory (join tokens file).
-    pub dir: StateDir,
+    /// The join tokens file of the state directory.
+    pub tokens_file: Arc<dyn TokensFile>,
+}
+
+/// Why the join tokens file could not be read or written (the implementation's error).
+pub type TokensFileError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where this manager keeps the current join tokens on disk (the state directory's
+/// `join-tokens` file): the duties keep it in step with the replicated Cluster object.
+pub trait TokensFile: Send + Sync {
+    /// The tokens saved last.
+    ///
+    /// # Errors
+    /// The file is missing, unreadable or corrupt.
+    fn load_tokens(&self) -> Result<crate::ca::JoinTokens, TokensFileError>;
+
+    /// Replaces the saved tokens.
+    ///
+    /// # Errors
+    /// The file could not be written.
+    fn save_tokens(&self, tokens: &crate::ca::JoinTokens) -> Result<(), TokensFileError>;
 }
 
 impl ControlApi {
-    /// The API over `node` and its applied `store`; `deps.ca` and `deps.dir` receive
+    /// The API over `node` and its applied `store`; `deps.ca` and `deps.tokens_file` receive
     /// rotated tokens.
     pub fn new(node: NodeHandle, store: Arc<Store>, deps: ControlDeps) -> Arc<ControlApi> {
         Arc::new(ControlApi {
@@ -181,7 +198,7 @@ impl ControlApi {
             ca: deps.ca,
             access: deps.access,
             root: deps.root,
-            dir: deps.dir,
+            tokens_file: deps.tokens_file,
             watches: Mutex::new(watch::WatchThreads::default()),
         })
     }

@@ -27,12 +27,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{ControlApi, PROPOSE_TIMEOUT};
-use crate::manager::state::propose_transaction;
+use super::ControlApi;
 use crate::proto::objects::{Node, NodeRole, NodeState, Transaction};
 use crate::raft::core::MembershipChange;
 use crate::raft::node::service::removal_keeps_quorum;
 use crate::raft::node::{NodeError, NodeStatus};
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::store::{Store, update_expecting};
 
 /// How long the leader waits for the Raft status or a leadership transfer in one pass.

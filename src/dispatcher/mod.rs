@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::ca::PeerIdentity;
-use crate::manager::state::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::net::{CallContext, Router, ServerStream, ServicePool};
 use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc;
@@ -38,6 +37,7 @@ use crate::proto::objects::{
     Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
 };
 use crate::raft::node::NodeHandle;
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::store::settings::ClusterSettings;
 use crate::store::{
     Action, Kind, Object, Store, WatchError, WatchEvent, WatchFilter, WatchOptions,

@@ -8,27 +8,24 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
 use prost::Message;
 
-use crate::net::{CallOptions, Router, ServicePool, Transport};
+use crate::net::{Router, ServicePool, Transport};
 use crate::proto::kv as pb;
 use crate::proto::kv::rpc;
-use crate::proto::raft::rpc::READ_INDEX;
-use crate::proto::raft::{ReadIndexRequest, ReadIndexResponse};
-use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
+use crate::raft::node::{NodeHandle, SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
+use crate::replication::entry::encode_kv;
+use crate::replication::linearizable_read_index;
 use crate::wire::Status;
 
 /// Longest key accepted.
 pub const KEY_BYTES_MAX: usize = 1024;
 /// Longest record accepted while restoring a snapshot (a value is at most one proposal).
 pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 4 << 20;
-/// Deadline of a read's wait for the leader's read index and local application.
-pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Map = Arc<RwLock<BTreeMap<String, Bytes>>>;
 
@@ -63,6 +60,12 @@ impl KvStateMachine {
     /// True if the map is empty.
     pub fn is_empty(&self) -> bool {
         self.map.read().is_empty()
+    }
+
+    /// Applies a decoded `command` at `index` (an entry of the manager state machine) and
+    /// returns the encoded [`pb::ApplyResult`], as [`StateMachine::apply`] does.
+    pub fn apply_command(&self, index: LogIndex, command: pb::Command) -> Bytes {
+        Bytes::from(self.execute(index, command).encode_to_vec())
     }
 
     fn execute(&self, index: LogIndex, command: pb::Command) -> pb::ApplyResult {
@@ -196,12 +199,11 @@ fn validate(command: &pb::Command) -> Result<(), Status> {
     Ok(())
 }
 
-/// Serves `kv.Apply` and `kv.Get` for `machine` on `node`.
-/// Proposals carry `tag` as their first byte (the manager's state machine routes by it).
+/// Serves `kv.Apply` and `kv.Get` for `machine` on `node`: proposals are the manager state
+/// machine's kv entries ([`encode_kv`]).
 pub fn register(
     router: &mut Router,
     pool: &ServicePool,
-    tag: u8,
     node: &NodeHandle,
     machine: &KvStateMachine,
     transport: &Arc<Transport>,
@@ -215,11 +217,7 @@ pub fn register(
             responder.respond(Err(status));
             return;
         }
-        let mut proposal = Vec::with_capacity(command.encoded_len() + 1);
-        proposal.push(tag);
-        command
-            .encode(&mut proposal)
-            .expect("a Vec grows as needed");
+        let proposal = encode_kv(&command);
         n.propose_with(
             &proposal,
             Box::new(move |result| {
@@ -244,43 +242,6 @@ pub fn register(
             index,
         })
     });
-}
-
-/// Waits until this member may serve a linearizable read and returns the read index: the
-/// leader confirms its leadership; a follower asks the leader for its commit index and
-/// waits to apply it.
-///
-/// # Errors
-/// [`NodeError`]: no leader, timeout, shutting down.
-pub fn linearizable_read_index(
-    node: &NodeHandle,
-    transport: &Transport,
-    tls: &Arc<rustls::ClientConfig>,
-) -> Result<LogIndex, NodeError> {
-    let deadline = Instant::now() + READ_TIMEOUT;
-    let leader = node.leader();
-    if leader == Some(node.id()) {
-        return node.read_barrier_local(READ_TIMEOUT);
-    }
-    let leader_addr =
-        leader
-            .and_then(|id| node.directory().addr(id))
-            .ok_or(NodeError::NotLeader {
-                leader,
-                leader_addr: None,
-            })?;
-    let response: ReadIndexResponse = transport
-        .channel(&leader_addr, tls)
-        .call(
-            READ_INDEX,
-            &ReadIndexRequest {},
-            CallOptions::timeout(READ_TIMEOUT),
-        )
-        // A read changes nothing: whatever kept the leader from answering (it died, lost
-        // the lead, is busy), a retry in a moment is safe.
-        .map_err(|status| NodeError::RetrySoon(format!("leader {leader_addr}: {status}")))?;
-    node.wait_applied(response.index, deadline)?;
-    Ok(response.index)
 }
 
 #[cfg(test)]

@@ -200,6 +200,7 @@ pub fn become_manager(
         snapshot_interval_entries: old.as_ref().and_then(|s| s.snapshot_interval_entries),
         log_memtable_mib: old.as_ref().and_then(|s| s.log_memtable_mib),
         tasks_running_max: old.as_ref().and_then(|s| s.tasks_running_max),
+        kv_enabled: old.as_ref().is_some_and(|s| s.kv_enabled),
     };
     create_watermark(dir, settings.raft_id)?;
     dir.save_settings(&settings)?;

@@ -19,3 +19,19 @@ pub use bootstrap::{
     BootstrapError, Rejoined, become_manager, init, join, random_raft_id, rejoin_damaged,
 };
 pub use runtime::{Manager, StartError, Stopped};
+
+/// The control duties keep the join tokens file in step with the replicated Cluster object.
+/// (Implemented here, where the manager wires `control` to its directory: `state_dir` lies
+/// below `control` and must not import it.)
+impl crate::control::TokensFile for StateDir {
+    fn load_tokens(&self) -> Result<crate::ca::JoinTokens, crate::control::TokensFileError> {
+        Ok(StateDir::load_tokens(self)?)
+    }
+
+    fn save_tokens(
+        &self,
+        tokens: &crate::ca::JoinTokens,
+    ) -> Result<(), crate::control::TokensFileError> {
+        Ok(StateDir::save_tokens(self, tokens)?)
+    }
+}

@@ -8,7 +8,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-use super::state::{ManagerState, TAG_KV};
+use super::state::ManagerState;
 use crate::agent::session::AgentConfig;
 use crate::agent::{Agent, AgentError, RunnerConfig};
 use crate::ca::{
@@ -289,7 +289,7 @@ impl Manager {
         // Renewed certificates go in here and are presented from the next handshake on.
         let live = tls::LiveIdentity::new(&identity, &root)?;
         let client_tls = Arc::new(tls::client_config_live(live.clone(), &root)?);
-        let machine = ManagerState::new(StoreConfig::default());
+        let machine = ManagerState::new(StoreConfig::default(), settings.kv_enabled);
         let mut node_config = NodeConfig::new(
             settings.raft_id,
             settings.advertise_addr.clone(),
@@ -313,8 +313,6 @@ impl Manager {
         )
         .map_err(|e| raft_start_error(dir, e))?;
         let raft_pools = RaftPools::start().map_err(io_error("cannot start the raft threads"))?;
-        let kv_pool = ServicePool::new("kv", KV_POOL_THREADS, KV_POOL_QUEUE_LEN_MAX)
-            .map_err(io_error("cannot start the kv service threads"))?;
         let mut router = Router::new();
         crate::raft::node::service::register(
             &mut router,
@@ -322,15 +320,24 @@ impl Manager {
             raft.handle(),
             &raft.store(),
         );
-        crate::kv::register(
-            &mut router,
-            &kv_pool,
-            TAG_KV,
-            raft.handle(),
-            &machine.kv,
-            &transport,
-            &client_tls,
-        );
+        // The key-value map is a fixture of tests and benchmarks: served only when
+        // manager.conf turns it on.
+        let kv_pool = match &machine.kv {
+            Some(kv) => {
+                let pool = ServicePool::new("kv", KV_POOL_THREADS, KV_POOL_QUEUE_LEN_MAX)
+                    .map_err(io_error("cannot start the kv service threads"))?;
+                crate::kv::register(
+                    &mut router,
+                    &pool,
+                    raft.handle(),
+                    kv,
+                    &transport,
+                    &client_tls,
+                );
+                Some(pool)
+            }
+            None => None,
+        };
         // The founder holds the CA key on disk; every other manager receives it with the
         // replicated Cluster object (control duties install it into this slot).
         let ca_service = Arc::new(founder_ca(dir));
@@ -361,7 +368,7 @@ impl Manager {
                 ca: ca_service,
                 access: machine.access.clone(),
                 root: root.clone(),
-                dir: dir.clone(),
+                tokens_file: Arc::new(dir.clone()),
             },
         );
         control::register(&mut router, &control_pool, &control);
@@ -438,7 +445,15 @@ impl Manager {
             register,
             raft: Some(raft),
             raft_pools: Some(raft_pools),
-            pools: vec![ca_pool, kv_pool, control_pool, dispatcher_pool],
+            pools: [
+                Some(ca_pool),
+                kv_pool,
+                Some(control_pool),
+                Some(dispatcher_pool),
+            ]
+            .into_iter()
+            .flatten()
+            .collect(),
             state: machine,
             control,
             dispatcher,

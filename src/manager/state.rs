@@ -1,37 +1,41 @@
-//! The manager's replicated state machine: the object store (cluster state) and the
-//! key-value map, side by side in one Raft log.
+//! The manager's replicated state machine: the object store (cluster state) and, when
+//! `manager.conf` turns it on (`kv_enabled`, for tests and benchmarks), the key-value map,
+//! side by side in one Raft log.
 //!
-//! Every application entry starts with a one-byte tag saying whose it is ([`TAG_KV`],
-//! [`TAG_STORE`]). A snapshot holds both, each as a framed section (so neither needs to know
-//! its size in advance). Must never apply an entry out of log order or to the wrong part.
+//! Entries are read as [`crate::replication::entry`] defines them; without the map, its
+//! entries are no-ops. A snapshot holds each part as a framed section (so neither needs to
+//! know its size in advance), in one of two layouts told apart by the first byte:
+//! - with the map (and every snapshot of earlier builds): the map's section, then the
+//!   store's; it starts with a frame length, at most [`SECTION_FRAME_BYTES_MAX`], whose
+//!   first (big-endian) byte is 0;
+//! - without the map: the byte [`SNAPSHOT_STORE_ONLY`], then the store's section.
+//!
+//! Either restores with the map on or off (a map section is skipped when the map is off;
+//! the map is empty after a store-only snapshot). Must never apply an entry out of log
+//! order or to the wrong part.
 
 use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
-use prost::Message;
 
 use crate::control::access::AccessList;
 use crate::kv::KvStateMachine;
-use crate::proto::objects::Transaction;
-use crate::raft::node::{NodeError, NodeHandle, SnapshotWriter, StateMachine};
+use crate::raft::node::{SnapshotWriter, StateMachine};
 use crate::raft::types::LogIndex;
-use crate::store::{Store, TxnError, check_limits};
-use crate::wire::{Code, Status};
+use crate::replication::entry::{self, Decoded, encode_store_reply};
+use crate::store::Store;
 
-/// Entries for the key-value map.
-pub const TAG_KV: u8 = 1;
-/// Entries for the object store (encoded [`Transaction`]s).
-pub const TAG_STORE: u8 = 2;
 /// Bytes per frame of a snapshot section.
 pub const SECTION_FRAME_BYTES_MAX: usize = 64 * 1024;
+/// First byte of a snapshot without the key-value map's section.
+pub const SNAPSHOT_STORE_ONLY: u8 = 1;
 
 /// The key-value map and the object store as one state machine.
 #[derive(Clone)]
 pub struct ManagerState {
-    /// The key-value map.
-    pub kv: KvStateMachine,
+    /// The key-value map, if `manager.conf` turns it on (tests and benchmarks).
+    pub kv: Option<KvStateMachine>,
     /// The object store.
     pub store: Arc<Store>,
     /// Revocations derived from the store, kept in step here from each transaction's
@@ -40,74 +44,57 @@ pub struct ManagerState {
 }
 
 impl ManagerState {
-    /// An empty state: no entries applied.
-    pub fn new(store_config: crate::store::StoreConfig) -> ManagerState {
+    /// An empty state: no entries applied; with the key-value map if `kv_enabled`.
+    pub fn new(store_config: crate::store::StoreConfig, kv_enabled: bool) -> ManagerState {
         ManagerState {
-            kv: KvStateMachine::new(),
+            kv: kv_enabled.then(KvStateMachine::new),
             store: Arc::new(Store::new(store_config)),
             access: AccessList::new(),
         }
     }
 
-    fn apply_store(&self, index: LogIndex, txn: &[u8]) -> Bytes {
-        let result = self.store.apply_encoded(index, txn);
+    /// Applies a store transaction's outcome to the access list and encodes its reply.
+    fn answer_store(
+        &self,
+        result: Result<crate::store::ApplyOutcome, crate::store::TxnError>,
+    ) -> Bytes {
         if let Ok(outcome) = &result {
             self.access.apply_events(&outcome.events);
         }
-        encode_store_result(result.map(|o| o.version))
-    }
-}
-
-/// The reply to a store entry: the version it wrote, or why it was refused.
-fn encode_store_result(result: Result<u64, TxnError>) -> Bytes {
-    let mut out = Vec::with_capacity(16);
-    match result {
-        Ok(version) => {
-            out.push(0);
-            out.extend_from_slice(&version.to_be_bytes());
-        }
-        Err(error) => {
-            out.push(1);
-            out.push(error.code() as u8);
-            out.extend_from_slice(error.to_string().as_bytes());
-        }
-    }
-    Bytes::from(out)
-}
-
-fn decode_store_result(reply: &[u8]) -> Result<u64, Status> {
-    match reply.split_first() {
-        Some((0, version)) if version.len() == 8 => Ok(u64::from_be_bytes(
-            version.try_into().expect("checked length"),
-        )),
-        Some((1, rest)) if !rest.is_empty() => {
-            let code = Code::from_u32(u32::from(rest[0]));
-            Err(Status::new(
-                code,
-                String::from_utf8_lossy(&rest[1..]).into_owned(),
-            ))
-        }
-        _ => Err(Status::internal("undecodable store reply")),
+        encode_store_reply(&result)
     }
 }
 
 impl StateMachine for ManagerState {
     fn apply(&mut self, index: LogIndex, data: &[u8]) -> Bytes {
-        match data.split_first() {
-            Some((&TAG_KV, command)) => self.kv.apply(index, command),
-            Some((&TAG_STORE, txn)) => self.apply_store(index, txn),
+        match entry::decode(data) {
+            Decoded::Store(txn) => self.answer_store(self.store.apply(index, &txn)),
+            Decoded::Kv(command) => match &self.kv {
+                Some(kv) => kv.apply_command(index, command),
+                None => Bytes::new(),
+            },
+            Decoded::LegacyStore(txn) => self.answer_store(self.store.apply_encoded(index, txn)),
+            Decoded::LegacyKv(command) => match &mut self.kv {
+                Some(kv) => kv.apply(index, command),
+                None => Bytes::new(),
+            },
             // Written by a newer version: ignored alike on every manager.
-            _ => Bytes::new(),
+            Decoded::Unknown => Bytes::new(),
         }
     }
 
     fn snapshot(&mut self) -> SnapshotWriter {
-        let kv = self.kv.snapshot();
+        let kv = self.kv.as_mut().map(|kv| kv.snapshot());
         let mut store = self.store.snapshot();
         Box::new(move |out| {
-            let mut section = FramedWriter::new(&mut *out);
-            kv(&mut section)?;
-            section.finish()?;
+            match kv {
+                Some(kv) => {
+                    let mut section = FramedWriter::new(&mut *out);
+                    kv(&mut section)?;
+                    section.finish()?;
+                }
+                None => out.write_all(&[SNAPSHOT_STORE_ONLY])?,
+            }
             let mut section = FramedWriter::new(&mut *out);
             std::io::copy(&mut store, &mut section)?;
             section.finish()
@@ -119,42 +106,50 @@ impl StateMachine for ManagerState {
     }
 
     fn restore(&mut self, input: &mut dyn Read) -> std::io::Result<()> {
-        // The map restores aside and swaps; so does the store. If the store's section is
-        // damaged after the map was swapped, the node stops (the apply thread reports it)
-        // and the snapshot is never counted as installed.
+        // The map restores aside and swaps after the store restored; the store restores
+        // aside and swaps too. A damaged section changes neither.
+        let mut first = [0u8; 1];
+        input.read_exact(&mut first)?;
         let mut kv = KvStateMachine::new();
-        kv.restore(&mut FramedReader::new(&mut *input))?;
-        self.store
-            .restore(FramedReader::new(&mut *input))
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
-        self.kv.replace_with(&kv);
-        self.access.refresh(&self.store);
-        Ok(())
+        match first[0] {
+            SNAPSHOT_STORE_ONLY => {}
+            0 => {
+                // A frame length's first byte: the map's section comes first.
+                let mut input = std::io::Cursor::new(first).chain(&mut *input);
+                let mut section = FramedReader::new(&mut input);
+                if self.kv.is_some() {
+                    kv.restore(&mut section)?;
+                } else {
+                    std::io::copy(&mut section, &mut std::io::sink())?;
+                }
+                return self.restore_store_then_kv(&mut input, &kv);
+            }
+            other => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("snapshot starts with the unknown byte {other}"),
+                ));
+            }
+        }
+        self.restore_store_then_kv(input, &kv)
     }
 }
 
-/// Deadline of a write's proposal (every component's: control, dispatcher, orchestrator,
-/// duties), and of a control write's forward to the leader.
-pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Proposes a store transaction and waits for its outcome: the version it wrote.
-///
-/// # Errors
-/// The transaction's own refusal (conflict → `Aborted`, limits → `ResourceExhausted`, …), or
-/// the node's ([`NodeError::to_status`]: not leader, naming the leader; timeout, …).
-pub fn propose_transaction(
-    node: &NodeHandle,
-    txn: &Transaction,
-    timeout: Duration,
-) -> Result<u64, Status> {
-    check_limits(txn).map_err(|e| Status::new(e.code(), e.to_string()))?;
-    let mut data = Vec::with_capacity(txn.encoded_len() + 1);
-    data.push(TAG_STORE);
-    txn.encode(&mut data).expect("a Vec grows as needed");
-    let reply = node
-        .propose(&data, timeout)
-        .map_err(|e: NodeError| e.to_status())?;
-    decode_store_result(&reply)
+impl ManagerState {
+    fn restore_store_then_kv(
+        &mut self,
+        input: &mut dyn Read,
+        kv: &KvStateMachine,
+    ) -> std::io::Result<()> {
+        self.store
+            .restore(FramedReader::new(input))
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+        if let Some(map) = &self.kv {
+            map.replace_with(kv);
+        }
+        self.access.refresh(&self.store);
+        Ok(())
+    }
 }
 
 /// Splits everything written to it into frames `u32 length, bytes`, ended by a zero length.
@@ -253,8 +248,13 @@ impl Read for FramedReader<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::objects::{Node, NodeSpec};
+    use crate::proto::objects::{Node, NodeSpec, Transaction};
+    use crate::replication::entry::{
+        LEGACY_TAG_KV, LEGACY_TAG_STORE, decode_store_reply, encode_kv, encode_store,
+    };
     use crate::store::{StoreConfig, create};
+    use crate::wire::Code;
+    use prost::Message;
 
     fn node(id: &str) -> Node {
         Node {
@@ -267,16 +267,68 @@ mod tests {
         }
     }
 
+    fn image(state: &mut ManagerState) -> Vec<u8> {
+        let mut image = Vec::new();
+        (state.snapshot())(&mut image).unwrap();
+        image
+    }
+
+    /// An earlier build's log (tag byte + bare payload) and this build's (typed entries)
+    /// apply to the same state, with the same replies.
+    #[test]
+    fn legacy_entries_apply_as_typed_ones_do() {
+        let put = crate::proto::kv::Command {
+            op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
+                key: "k".into(),
+                value: Bytes::from_static(b"v"),
+            })),
+        };
+        let txn = Transaction {
+            changes: vec![create(node("n1"))],
+            timestamp_ms: 1,
+            request_id: None,
+        };
+        let legacy = |tag: u8, payload: Vec<u8>| [vec![tag], payload].concat();
+        let legacy_log = [
+            legacy(LEGACY_TAG_KV, put.encode_to_vec()),
+            legacy(LEGACY_TAG_STORE, txn.encode_to_vec()),
+            legacy(LEGACY_TAG_STORE, txn.encode_to_vec()),
+        ];
+        let typed_log = [encode_kv(&put), encode_store(&txn), encode_store(&txn)];
+        let mut old = ManagerState::new(StoreConfig::default(), true);
+        let mut new = ManagerState::new(StoreConfig::default(), true);
+        for (i, (legacy_entry, typed_entry)) in legacy_log.iter().zip(&typed_log).enumerate() {
+            let index = i as u64 + 1;
+            assert_eq!(
+                old.apply(index, legacy_entry),
+                new.apply(index, typed_entry)
+            );
+        }
+        assert_eq!(
+            old.kv.as_ref().unwrap().get("k"),
+            Some(Bytes::from_static(b"v"))
+        );
+        assert!(old.store.get::<Node>("n1").is_some());
+        assert_eq!(image(&mut old), image(&mut new));
+
+        // An earlier build's store entry that does not decode is refused, and counts as
+        // applied: the next index must come after it.
+        let refused = decode_store_reply(&old.apply(4, &[LEGACY_TAG_STORE, 0xff])).unwrap_err();
+        assert_eq!(refused.code, Code::InvalidArgument, "{refused}");
+        let again = decode_store_reply(&old.apply(4, &encode_store(&txn))).unwrap_err();
+        assert_eq!(again.code, Code::FailedPrecondition, "{again}");
+    }
+
     #[test]
     fn entries_reach_their_part_and_snapshots_carry_both() {
-        let mut state = ManagerState::new(StoreConfig::default());
+        let mut state = ManagerState::new(StoreConfig::default(), true);
         let put = crate::proto::kv::Command {
             op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
                 key: "k".into(),
                 value: Bytes::from(vec![7u8; 200_000]),
             })),
         };
-        let mut entry = vec![TAG_KV];
+        let mut entry = vec![LEGACY_TAG_KV];
         entry.extend(put.encode_to_vec());
         state.apply(1, &entry);
         let txn = Transaction {
@@ -284,22 +336,63 @@ mod tests {
             timestamp_ms: 1,
             request_id: None,
         };
-        let mut entry = vec![TAG_STORE];
+        let mut entry = vec![LEGACY_TAG_STORE];
         entry.extend(txn.encode_to_vec());
-        assert_eq!(decode_store_result(&state.apply(2, &entry)), Ok(2));
+        assert_eq!(decode_store_reply(&state.apply(2, &entry)), Ok(2));
         // The same create again is refused with AlreadyExists, deterministically.
-        let refused = decode_store_result(&state.apply(3, &entry)).unwrap_err();
+        let refused = decode_store_reply(&state.apply(3, &entry)).unwrap_err();
         assert_eq!(refused.code, Code::AlreadyExists, "{refused}");
 
         let mut image = Vec::new();
         (state.snapshot())(&mut image).unwrap();
-        let mut copy = ManagerState::new(StoreConfig::default());
+        let mut copy = ManagerState::new(StoreConfig::default(), true);
         copy.restore(&mut image.as_slice()).unwrap();
-        assert_eq!(copy.kv.get("k").unwrap().len(), 200_000);
+        assert_eq!(copy.kv.as_ref().unwrap().get("k").unwrap().len(), 200_000);
         assert!(copy.store.get::<Node>("n1").is_some());
 
-        let mut damaged = ManagerState::new(StoreConfig::default());
+        let mut damaged = ManagerState::new(StoreConfig::default(), true);
         assert!(damaged.restore(&mut &image[..image.len() / 2]).is_err());
-        assert!(damaged.kv.is_empty());
+        assert!(damaged.kv.as_ref().unwrap().is_empty());
+    }
+
+    /// A production manager (no map) restores an earlier build's snapshot (always with a
+    /// map section), applies kv entries as no-ops and writes no map section; a manager
+    /// with the map restores a snapshot without one.
+    #[test]
+    fn without_the_map_kv_is_skipped_and_both_snapshot_layouts_restore() {
+        let put = crate::proto::kv::Command {
+            op: Some(crate::proto::kv::command::Op::Put(crate::proto::kv::Put {
+                key: "k".into(),
+                value: Bytes::from(vec![7u8; 100_000]),
+            })),
+        };
+        let txn = Transaction {
+            changes: vec![create(node("n1"))],
+            timestamp_ms: 1,
+            request_id: None,
+        };
+        let mut with_map = ManagerState::new(StoreConfig::default(), true);
+        with_map.apply(1, &encode_kv(&put));
+        with_map.apply(2, &encode_store(&txn));
+        let with_map_image = image(&mut with_map);
+        assert_eq!(with_map_image[0], 0, "the earlier builds' layout");
+
+        let mut production = ManagerState::new(StoreConfig::default(), false);
+        production.restore(&mut with_map_image.as_slice()).unwrap();
+        assert!(production.kv.is_none());
+        assert!(production.store.get::<Node>("n1").is_some());
+        assert!(production.apply(3, &encode_kv(&put)).is_empty());
+        let production_image = image(&mut production);
+        assert_eq!(production_image[0], SNAPSHOT_STORE_ONLY);
+        assert!(production_image.len() < with_map_image.len() - 100_000);
+
+        let mut again = ManagerState::new(StoreConfig::default(), true);
+        again.restore(&mut production_image.as_slice()).unwrap();
+        assert!(again.store.get::<Node>("n1").is_some());
+        assert!(again.kv.as_ref().unwrap().is_empty());
+        let mut damaged = ManagerState::new(StoreConfig::default(), false);
+        let cut = &production_image[..production_image.len() / 2];
+        assert!(damaged.restore(&mut &cut[..]).is_err());
+        assert!(damaged.store.get::<Node>("n1").is_none());
     }
 }

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
 
-use crate::manager::state::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::proto::objects::{Task, Transaction, change, store_object};
 use crate::raft::node::NodeHandle;
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
 use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
 use crate::util::clock::unix_now_ms as now_ms;
 

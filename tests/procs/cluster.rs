@@ -149,6 +149,8 @@ impl Cluster {
             addr.clone(),
         ];
         args.extend(self.interval_args());
+        // The key-value map is these tests' and benchmarks' fixture (`put_at`, `get_at`).
+        args.push("--kv-enabled".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proc = spawn(&name, &wrapper, &args);
         self.token = token_from(&proc.wait_for("flotilla join", START));
@@ -189,6 +191,7 @@ impl Cluster {
             self.token.clone(),
         ];
         args.extend(self.interval_args());
+        args.push("--kv-enabled".into());
         args.push(via);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proc = spawn(&name, &wrapper, &args);
