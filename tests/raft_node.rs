@@ -8,7 +8,6 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -58,13 +57,7 @@ struct Member {
     _dir: tempfile::TempDir,
 }
 
-fn free_addr() -> String {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string()
-}
+use common::free_addr;
 
 fn start_member(ca: &TestCa, id: u64, bootstrap: Bootstrap) -> Member {
     let addr = free_addr();
@@ -204,25 +197,13 @@ fn newest_snapshot_index(dir: &std::path::Path) -> u64 {
 
 #[test]
 fn snapshots_wait_until_the_log_holds_a_quarter_of_the_last_one() {
-    let ca = TestCa::new();
-    let identity = ca.identity(Role::Manager);
-    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
     let mut config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
     config.snapshot_interval_entries = 10;
-    let dir = tempfile::tempdir().unwrap();
-    let node = RaftNode::start(
-        config,
-        dir.path(),
-        Box::new(Hoarder::default()),
-        transport.clone(),
-        ca.client_tls_for(&identity),
-    )
-    .unwrap();
-    wait_until("leadership", || {
-        node.handle()
-            .status(Duration::from_secs(1))
-            .is_ok_and(|s| s.is_leader)
-    });
+    let common::SoloLeader {
+        node,
+        transport,
+        dir,
+    } = common::start_solo_leader(config, Box::new(Hoarder::default()));
     let propose = |bytes: usize, count: usize| {
         for _ in 0..count {
             node.handle()
@@ -280,26 +261,14 @@ impl StateMachine for Counter {
 #[test]
 fn a_log_of_large_entries_is_snapshotted_by_bytes_and_an_idle_one_is_too() {
     use flotilla::raft::node::apply::{SNAPSHOT_IDLE_LOG_BYTES_MIN, SNAPSHOT_LOG_BYTES_MAX};
-    let ca = TestCa::new();
-    let identity = ca.identity(Role::Manager);
-    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
     let mut config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
     // Far more entries than this test writes: only bytes or idleness can trigger.
     config.snapshot_interval_entries = 1_000_000;
-    let dir = tempfile::tempdir().unwrap();
-    let node = RaftNode::start(
-        config,
-        dir.path(),
-        Box::new(Counter::default()),
-        transport.clone(),
-        ca.client_tls_for(&identity),
-    )
-    .unwrap();
-    wait_until("leadership", || {
-        node.handle()
-            .status(Duration::from_secs(1))
-            .is_ok_and(|s| s.is_leader)
-    });
+    let common::SoloLeader {
+        node,
+        transport,
+        dir,
+    } = common::start_solo_leader(config, Box::new(Counter::default()));
     let propose = |bytes: usize, count: u64| {
         for _ in 0..count {
             node.handle()

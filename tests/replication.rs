@@ -5,24 +5,13 @@
 
 mod common;
 
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use common::Cluster as TestCa;
-use flotilla::ca::Role;
+use common::free_addr;
 use flotilla::manager::state::ManagerState;
-use flotilla::net::{Transport, TransportConfig};
 use flotilla::proto::objects::{Node, NodeSpec, Transaction};
-use flotilla::raft::node::{Bootstrap, NodeConfig, RaftNode};
+use flotilla::raft::node::{Bootstrap, NodeConfig};
 use flotilla::replication::{PROPOSE_TIMEOUT, propose_transaction, propose_transaction_with};
 use flotilla::store::{StoreConfig, TXN_CHANGES_MAX, create};
 use flotilla::wire::{Code, Status};
-
-fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
 
 fn create_node(id: &str) -> Transaction {
     Transaction {
@@ -41,29 +30,13 @@ fn create_node(id: &str) -> Transaction {
 
 #[test]
 fn a_proposal_with_a_callback_gets_the_outcome_the_blocking_one_returns() {
-    let ca = TestCa::new();
-    let identity = ca.identity(Role::Manager);
-    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
     let config = NodeConfig::new(1, free_addr(), Bootstrap::NewCluster);
-    let dir = tempfile::tempdir().unwrap();
     let machine = ManagerState::new(StoreConfig::default(), false);
-    let node = RaftNode::start(
-        config,
-        dir.path(),
-        Box::new(machine.clone()),
-        transport.clone(),
-        ca.client_tls_for(&identity),
-    )
-    .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !node
-        .handle()
-        .status(Duration::from_secs(1))
-        .is_ok_and(|s| s.is_leader)
-    {
-        assert!(Instant::now() < deadline, "no leadership");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let common::SoloLeader {
+        node,
+        transport,
+        dir: _dir,
+    } = common::start_solo_leader(config, Box::new(machine.clone()));
 
     let propose = |txn: &Transaction| -> Result<u64, Status> {
         let (sender, outcome) = crossbeam_channel::bounded(1);
@@ -98,4 +71,5 @@ fn a_proposal_with_a_callback_gets_the_outcome_the_blocking_one_returns() {
     assert_eq!(refused.code, Code::ResourceExhausted, "{refused}");
     assert!(machine.store.get::<Node>("n2").is_none());
     node.shutdown();
+    transport.shutdown();
 }

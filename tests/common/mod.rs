@@ -255,3 +255,53 @@ fn test_router(pool: &ServicePool, events: Sender<Event>) -> Router {
     });
     router
 }
+
+/// A loopback address no one listens on yet.
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string()
+}
+
+/// A one-member Raft group that has become its own leader, with what must outlive it.
+pub struct SoloLeader {
+    pub node: flotilla::raft::node::RaftNode,
+    pub transport: Arc<Transport>,
+    pub dir: tempfile::TempDir,
+}
+
+/// Starts `machine` as the only member of a new group (`config` names it) and waits up to
+/// 20 s until it leads.
+pub fn start_solo_leader(
+    config: flotilla::raft::node::NodeConfig,
+    machine: Box<dyn flotilla::raft::node::StateMachine>,
+) -> SoloLeader {
+    let ca = Cluster::new();
+    let identity = ca.identity(Role::Manager);
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let node = flotilla::raft::node::RaftNode::start(
+        config,
+        dir.path(),
+        machine,
+        transport.clone(),
+        ca.client_tls_for(&identity),
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !node
+        .handle()
+        .status(Duration::from_secs(1))
+        .is_ok_and(|s| s.is_leader)
+    {
+        assert!(std::time::Instant::now() < deadline, "no leadership");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    SoloLeader {
+        node,
+        transport,
+        dir,
+    }
+}
