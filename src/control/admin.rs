@@ -94,17 +94,27 @@ pub(super) fn issue_here(
 pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     super::register_write(router, pool, api, forward::REVOKE_ADMIN_CERTIFICATE);
     let a = api.clone();
-    router.serve_unary(
+    router.serve_unary_deferred(
         forward::ISSUE_ADMIN_CERTIFICATE.method,
         pool,
-        move |ctx, request| {
-            let caller = Caller::from_peer(ctx.peer())?;
+        move |ctx, request, responder| {
+            let caller = match Caller::from_peer(ctx.peer()) {
+                Ok(caller) => caller,
+                Err(refusal) => return responder.respond(Err(refusal)),
+            };
             // Checked here too, so a bad request fails before any forward.
-            check_request(&request)?;
+            if let Err(refusal) = check_request(&request) {
+                return responder.respond(Err(refusal));
+            }
             if a.ca.is_present() {
-                issue_here(&a, &caller, request)
+                responder.respond(issue_here(&a, &caller, request));
             } else {
-                a.write(&caller, forward::ISSUE_ADMIN_CERTIFICATE, request)
+                a.write_with(
+                    &caller,
+                    forward::ISSUE_ADMIN_CERTIFICATE,
+                    request,
+                    Box::new(move |reply| responder.respond(reply)),
+                );
             }
         },
     );

@@ -102,7 +102,7 @@ impl Duties {
 }
 
 fn run_once(
-    api: &ControlApi,
+    api: &Arc<ControlApi>,
     me: &SelfReport,
     synced: &mut Option<crate::proto::objects::JoinTokens>,
 ) {
@@ -223,7 +223,7 @@ fn root_ca_material(ca: &ClusterCa) -> RootCaKey {
 /// publishes it when the Cluster object lacks it (clusters created before the key was
 /// replicated); a manager without a CA installs it from the Cluster object, checked
 /// against its own root certificate, with the replicated join tokens.
-fn sync_ca(api: &ControlApi, me: &SelfReport) {
+fn sync_ca(api: &Arc<ControlApi>, me: &SelfReport) {
     let Some(cluster) = api.store.list::<Cluster>().into_iter().next() else {
         return;
     };
@@ -234,7 +234,7 @@ fn sync_ca(api: &ControlApi, me: &SelfReport) {
     }
 }
 
-fn publish_ca(api: &ControlApi, me: &SelfReport, ca: &ClusterCa) {
+fn publish_ca(api: &Arc<ControlApi>, me: &SelfReport, ca: &ClusterCa) {
     if api.node.leader().is_none() {
         return;
     }

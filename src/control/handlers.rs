@@ -1,17 +1,27 @@
 //! The leader's side of every control write: read the local store, build one transaction,
 //! propose it, answer with the object as written.
 //!
+//! No thread waits for a write to commit. A write runs in steps, each on a control pool
+//! thread: its checks read the local store and decide ([`Prepared`]); the transaction is
+//! proposed with a completion callback ([`propose_transaction_with`]); when it is applied
+//! here, the Raft thread hands the rest back to the pool ([`crate::net::Continuations`]),
+//! which builds the reply from the outcome and answers ([`Done`]).
+//!
 //! Exactly once ([`once`]): a write that carries a request id is answered from the store's
 //! table of answers when that request was answered before (its first attempt committed,
 //! and the client retried after losing the reply), before any of the write's own checks;
 //! and a refusal by those checks is given only once the local store has caught up with the
-//! log and still shows no answer for the request. A retried `update --if-version N` thus
-//! gets its first attempt's success, never a conflict with its own write.
+//! log (a read barrier, waited for without a thread) and still shows no answer for the
+//! request, and the write's checks, run again on it, refuse again. A retried
+//! `update --if-version N` thus gets its first attempt's success, never a conflict with its
+//! own write.
 //!
-//! Runs only on the leader (the caller checked). Must never write the store directly.
+//! Runs only on the leader (the caller checked). Must never write the store directly, nor
+//! block a thread on a proposal or a read barrier.
 
 use std::sync::Arc;
 
+use super::answer::Done;
 use super::reads::{resolve_node, resolve_service, the_cluster};
 use super::{Caller, ControlApi};
 use crate::ca::{JoinToken, JoinTokens, Role};
@@ -20,13 +30,13 @@ use crate::proto::control::forward_request::Call;
 use crate::proto::control::forward_response::Reply;
 use crate::proto::control::rpc::forward;
 use crate::proto::objects::{
-    Change, Cluster, ManagerStatus, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
+    Change, Cluster, ManagerStatus, Meta, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
     NodeStatus, RequestId, Service, ServiceSpec, Transaction,
 };
-use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
+use crate::replication::{PROPOSE_TIMEOUT, propose_transaction_with};
 use crate::store::answers::{Answer, Lookup, Recorded};
 use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
-use crate::store::{Kind, create, delete, update_expecting};
+use crate::store::{Kind, Record, create, delete, update_expecting};
 use crate::wire::{Code, Status, WriteFate};
 
 /// Characters of a generated object id ([`crate::util::id`], like swarmkit's).
@@ -34,13 +44,73 @@ pub const OBJECT_ID_CHARS: usize = crate::util::id::ID_CHARS;
 
 pub(super) use crate::util::clock::unix_now_ms as now_ms;
 
-/// Runs the forwarded or local write `call` as `caller`. The caller made sure this manager
-/// leads. The match is exhaustive: every forwardable write has its handler.
+/// `done` for a reply of type `A`, given as the [`Reply`] variant `wrap`.
+fn wrapped<A: 'static>(done: Done<Reply>, wrap: fn(A) -> Reply) -> Done<A> {
+    Box::new(move |result| done(result.map(wrap)))
+}
+
+/// What a committed transaction wrote: the version (its log index) and the timestamp it
+/// carried, from which the store stamped every object it wrote ([`as_written`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Applied {
+    version: u64,
+    timestamp_ms: i64,
+}
+
+/// Builds the reply once the transaction was applied here, from its outcome.
+type AnswerFn<Resp> =
+    Box<dyn FnOnce(&ControlApi, Result<Applied, Status>) -> Result<Resp, Status> + Send>;
+
+/// What a write's checks decided.
+pub(super) enum Prepared<Resp> {
+    /// Nothing to write: the answer is known (the same request again, a revocation already
+    /// in place).
+    Answered(Resp),
+    /// Propose `changes` as one transaction; `answer` builds the reply from its outcome.
+    Propose {
+        changes: Vec<Change>,
+        answer: AnswerFn<Resp>,
+    },
+}
+
+impl<Resp: 'static> Prepared<Resp> {
+    /// Proposes `changes`; once applied, answers with `reply(applied)`; a refusal is the
+    /// answer as it is.
+    fn then(
+        changes: Vec<Change>,
+        reply: impl FnOnce(Applied) -> Resp + Send + 'static,
+    ) -> Prepared<Resp> {
+        Prepared::Propose {
+            changes,
+            answer: Box::new(move |_, applied| applied.map(reply)),
+        }
+    }
+}
+
+/// `object` as the store wrote it in the transaction `applied` (what it holds right after
+/// that transaction, stamped as [`crate::store`] stamps every write): `created_at_ms` is
+/// the stored object's for an update, the transaction's time for a create.
+fn as_written<T: Record>(mut object: T, applied: Applied, created_at_ms: Option<i64>) -> T {
+    object.set_meta(Meta {
+        version: applied.version,
+        created_at_ms: created_at_ms.unwrap_or(applied.timestamp_ms),
+        updated_at_ms: applied.timestamp_ms,
+    });
+    object
+}
+
+/// The creation time of `object` as stored, for [`as_written`] after an update of it.
+fn created_at_ms<T: Record>(object: &T) -> Option<i64> {
+    object.meta().map(|meta| meta.created_at_ms)
+}
+
+/// Runs the forwarded or local write `call` as `caller`; `done` gets the reply. The caller
+/// made sure this manager leads. The match is exhaustive: every forwardable write has its
+/// handler.
 ///
-/// # Errors
-/// The write's refusal: invalid spec (`InvalidArgument`, naming the field), unknown id
-/// (`NotFound`), stale version (`Aborted`), or the proposal's failure.
-pub(super) fn execute(api: &ControlApi, caller: &Caller, call: Call) -> Result<Reply, Status> {
+/// The write's refusal goes to `done`: invalid spec (`InvalidArgument`, naming the field),
+/// unknown id (`NotFound`), stale version (`Aborted`), or the proposal's failure.
+pub(super) fn execute(api: &Arc<ControlApi>, caller: &Caller, call: Call, done: Done<Reply>) {
     let method = forward::method_of(&call).name;
     match &caller.forwarded_by {
         Some(forwarder) => log::info!(
@@ -51,39 +121,124 @@ pub(super) fn execute(api: &ControlApi, caller: &Caller, call: Call) -> Result<R
         None => log::debug!("{method} by node {} ({:?})", caller.node_id, caller.role),
     }
     match call {
-        Call::CreateService(r) => {
-            once(api, r, service_reply, create_service).map(Reply::CreateService)
-        }
-        Call::UpdateService(r) => {
-            once(api, r, service_reply, update_service).map(Reply::UpdateService)
-        }
-        Call::RemoveService(r) => {
-            once(api, r, removal_reply, remove_service).map(Reply::RemoveService)
-        }
-        Call::UpdateNode(r) => once(api, r, node_reply, update_node).map(Reply::UpdateNode),
-        Call::RemoveNode(r) => once(api, r, removal_reply, remove_node).map(Reply::RemoveNode),
-        Call::ReportManager(r) => report_manager(api, caller, r).map(Reply::ReportManager),
-        Call::UpdateCluster(r) => {
-            once(api, r, cluster_reply, update_cluster).map(Reply::UpdateCluster)
-        }
-        Call::RotateJoinToken(r) => {
-            once(api, r, tokens_reply, rotate_join_token).map(Reply::RotateJoinToken)
-        }
+        Call::CreateService(r) => once(
+            api,
+            r,
+            service_reply,
+            create_service,
+            wrapped(done, Reply::CreateService),
+        ),
+        Call::UpdateService(r) => once(
+            api,
+            r,
+            service_reply,
+            update_service,
+            wrapped(done, Reply::UpdateService),
+        ),
+        Call::RemoveService(r) => once(
+            api,
+            r,
+            removal_reply,
+            remove_service,
+            wrapped(done, Reply::RemoveService),
+        ),
+        Call::UpdateNode(r) => once(
+            api,
+            r,
+            node_reply,
+            update_node,
+            wrapped(done, Reply::UpdateNode),
+        ),
+        Call::RemoveNode(r) => once(
+            api,
+            r,
+            removal_reply,
+            remove_node,
+            wrapped(done, Reply::RemoveNode),
+        ),
+        Call::ReportManager(r) => run(
+            api,
+            None,
+            report_manager(api, caller, r),
+            wrapped(done, Reply::ReportManager),
+        ),
+        Call::UpdateCluster(r) => once(
+            api,
+            r,
+            cluster_reply,
+            update_cluster,
+            wrapped(done, Reply::UpdateCluster),
+        ),
+        Call::RotateJoinToken(r) => once(
+            api,
+            r,
+            tokens_reply,
+            rotate_join_token,
+            wrapped(done, Reply::RotateJoinToken),
+        ),
         Call::IssueAdminCertificate(r) => {
-            super::admin::issue_here(api, caller, r).map(Reply::IssueAdminCertificate)
+            done(super::admin::issue_here(api, caller, r).map(Reply::IssueAdminCertificate));
         }
         Call::RevokeAdminCertificate(r) => once(
             api,
             r,
             |_, _| Ok(pb::RevokeAdminCertificateResponse {}),
             revoke_admin,
-        )
-        .map(Reply::RevokeAdminCertificate),
-        Call::PublishRootCa(r) => publish_root_ca(api, caller, r).map(Reply::PublishRootCa),
-        Call::RevokeRemovedManager(r) => {
-            revoke_removed_manager(api, r).map(Reply::RevokeRemovedManager)
-        }
+            wrapped(done, Reply::RevokeAdminCertificate),
+        ),
+        Call::PublishRootCa(r) => run(
+            api,
+            None,
+            publish_root_ca(api, caller, r),
+            wrapped(done, Reply::PublishRootCa),
+        ),
+        Call::RevokeRemovedManager(r) => run(
+            api,
+            None,
+            revoke_removed_manager(api, &r),
+            wrapped(done, Reply::RevokeRemovedManager),
+        ),
     }
+}
+
+/// Carries out what a write's checks decided: answers at once, or proposes the
+/// transaction (on behalf of `request_id`, if the client sent one: the store records its
+/// answer and answers a repeat with it) and answers once it is applied here. No thread
+/// waits meanwhile: the reply is built on the control pool.
+fn run<Resp: Send + 'static>(
+    api: &Arc<ControlApi>,
+    request_id: Option<RequestId>,
+    prepared: Result<Prepared<Resp>, Status>,
+    done: Done<Resp>,
+) {
+    let (changes, answer) = match prepared {
+        Err(refusal) => return done(Err(refusal)),
+        Ok(Prepared::Answered(reply)) => return done(Ok(reply)),
+        Ok(Prepared::Propose { changes, answer }) => (changes, answer),
+    };
+    let txn = Transaction {
+        changes,
+        timestamp_ms: now_ms(),
+        request_id,
+    };
+    let timestamp_ms = txn.timestamp_ms;
+    let api_after = Arc::clone(api);
+    propose_transaction_with(
+        &api.node,
+        &txn,
+        Box::new(move |outcome| {
+            // On the Raft or apply thread (or here, refused at once): the reply is built on
+            // the pool, never there.
+            let continuations = api_after.continuations.clone();
+            continuations.run(move || {
+                let applied = outcome.map(|version| Applied {
+                    version,
+                    timestamp_ms,
+                });
+                done(answer(&api_after, applied));
+            });
+        }),
+    );
 }
 
 /// A control write that may carry a request id (see [`once`]).
@@ -126,18 +281,24 @@ fn recorded_answer(api: &ControlApi, id: &RequestId) -> Result<Option<Recorded>,
                 Code::Unknown,
                 format!(
                     "request {} was followed by request {latest_seq} of the same client; its \
-                     answer is no longer kept: read the object to see whether it took effect",
+                    answer is no longer kept: read the object to see whether it took effect",
                     id.seq
                 ),
             )),
         })
 }
 
+/// Rebuilds the reply a recorded request got from the store (`Recorded` holds the object's
+/// id, not the object).
+type ReplyFn<Resp> = fn(&ControlApi, &Recorded) -> Result<Resp, Status>;
+/// A write's checks: what to propose, or the refusal.
+type PrepareFn<Req, Resp> = fn(&ControlApi, Req) -> Result<Prepared<Resp>, Status>;
+
 /// The answer recorded for a request, as the reply its first attempt got.
 fn replay<Resp>(
     api: &ControlApi,
     recorded: &Recorded,
-    reply: impl Fn(&ControlApi, &Recorded) -> Result<Resp, Status>,
+    reply: ReplyFn<Resp>,
 ) -> Result<Resp, Status> {
     log::info!(
         "answering a repeated request (seq {}) with its first answer from log index {}",
@@ -150,74 +311,119 @@ fn replay<Resp>(
     }
 }
 
-/// Runs the write `handler` exactly once per request id: a request answered before gets
+/// Runs the write `prepare` exactly once per request id: a request answered before gets
 /// that answer (`reply` rebuilds it from the store); a refusal is given only after the
 /// local store caught up with the log (a read barrier) and still holds no answer for the
 /// request, and the write's checks, run again on it, refuse again. (The local store may lag
 /// the log on a new leader, or apply the request's first attempt between the answer lookup
-/// and the checks.) Without a request id, `handler` runs as is.
-fn once<Req: Requested, Resp>(
-    api: &ControlApi,
+/// and the checks.) Without a request id, the write runs as is.
+fn once<Req, Resp>(
+    api: &Arc<ControlApi>,
     request: Req,
-    reply: impl Fn(&ControlApi, &Recorded) -> Result<Resp, Status>,
-    handler: impl Fn(&ControlApi, Req) -> Result<Resp, Status>,
-) -> Result<Resp, Status> {
+    reply: ReplyFn<Resp>,
+    prepare: PrepareFn<Req, Resp>,
+    done: Done<Resp>,
+) where
+    Req: Requested + Send + 'static,
+    Resp: Send + 'static,
+{
     let Some(id) = request.request_id().cloned() else {
-        return handler(api, request);
+        return run(api, None, prepare(api, request), done);
     };
-    if let Some(recorded) = recorded_answer(api, &id)? {
-        return replay(api, &recorded, reply);
+    match recorded_answer(api, &id) {
+        Err(status) => return done(Err(status)),
+        Ok(Some(recorded)) => return done(replay(api, &recorded, reply)),
+        Ok(None) => {}
     }
-    match handler(api, request.clone()) {
+    let first = prepare(api, request.clone());
+    let proposed_for = Some(id.clone());
+    let api_after = Arc::clone(api);
+    let first_done: Done<Resp> = Box::new(move |result| match result {
         Err(refusal) if refusal.write_fate() == WriteFate::Refused => {
-            api.read_barrier()?;
-            if let Some(recorded) = recorded_answer(api, &id)? {
-                return replay(api, &recorded, reply);
-            }
-            handler(api, request)
+            recheck(&api_after, id, request, reply, prepare, done);
         }
-        other => other,
-    }
+        other => done(other),
+    });
+    run(api, proposed_for, first, first_done);
 }
 
-/// The reply to a service write: the service as it is now.
+/// The second look at a refused request `id`: once the local store has applied everything
+/// the leader committed before now (the read barrier, continued on the pool), its recorded
+/// answer if it has one, else the checks again, whose outcome is final.
+fn recheck<Req, Resp>(
+    api: &Arc<ControlApi>,
+    id: RequestId,
+    request: Req,
+    reply: ReplyFn<Resp>,
+    prepare: PrepareFn<Req, Resp>,
+    done: Done<Resp>,
+) where
+    Req: Requested + Send + 'static,
+    Resp: Send + 'static,
+{
+    let api_after = Arc::clone(api);
+    api.node.read_barrier_local_with(Box::new(move |barrier| {
+        let continuations = api_after.continuations.clone();
+        continuations.run(move || {
+            if let Err(error) = barrier {
+                return done(Err(error.to_status()));
+            }
+            match recorded_answer(&api_after, &id) {
+                Err(status) => done(Err(status)),
+                Ok(Some(recorded)) => done(replay(&api_after, &recorded, reply)),
+                Ok(None) => {
+                    let again = prepare(&api_after, request);
+                    run(&api_after, Some(id), again, done);
+                }
+            }
+        });
+    }));
+}
+
+/// The reply to a repeated service write: the service as it is now.
 fn service_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::ServiceResponse, Status> {
+    let stub = |id| Service {
+        id,
+        ..Default::default()
+    };
     Ok(pb::ServiceResponse {
-        service: Some(
-            written::<Service>(api, &recorded.object_id)?
-                .as_ref()
-                .clone(),
-        ),
+        service: Some(recorded_object(api, recorded, stub)),
     })
 }
 
-/// The reply to a node update: the node as it is now.
+/// The reply to a repeated node update: the node as it is now.
 fn node_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::NodeResponse, Status> {
+    let stub = |id| Node {
+        id,
+        ..Default::default()
+    };
     Ok(pb::NodeResponse {
-        node: Some(written::<Node>(api, &recorded.object_id)?.as_ref().clone()),
+        node: Some(recorded_object(api, recorded, stub)),
     })
 }
 
-/// The reply to a removal: the id removed.
+/// The reply to a repeated removal: the id removed.
 fn removal_reply(_: &ControlApi, recorded: &Recorded) -> Result<pb::RemoveResponse, Status> {
     Ok(pb::RemoveResponse {
         id: recorded.object_id.clone(),
     })
 }
 
-/// The reply to a cluster update: the cluster as it is now, without its key.
+/// The reply to a repeated cluster update: the cluster as it is now, without its key.
 fn cluster_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::ClusterResponse, Status> {
-    let mut cluster = written::<Cluster>(api, &recorded.object_id)?
-        .as_ref()
-        .clone();
+    let stub = |id| Cluster {
+        id,
+        ..Default::default()
+    };
+    let mut cluster = recorded_object(api, recorded, stub);
     super::redact_cluster(&mut cluster);
     Ok(pb::ClusterResponse {
         cluster: Some(cluster),
     })
 }
 
-/// The reply to a token rotation: the cluster's tokens now (also synced here, as the first
-/// attempt's leader did before it answered).
+/// The reply to a repeated token rotation: the cluster's tokens now (also synced here, as
+/// the first attempt's leader did before it answered).
 fn tokens_reply(api: &ControlApi, _: &Recorded) -> Result<pb::JoinTokensResponse, Status> {
     let tokens = cluster_tokens(api.store.view(the_cluster)?.as_ref())?;
     super::duties::sync_tokens(api, &tokens);
@@ -226,19 +432,23 @@ fn tokens_reply(api: &ControlApi, _: &Recorded) -> Result<pb::JoinTokensResponse
     })
 }
 
-/// Proposes `changes` as one transaction on behalf of the request `request_id` (if the
-/// client sent one): the store records its answer, and answers a repeat with it.
-fn propose(
-    api: &ControlApi,
-    request_id: Option<&RequestId>,
-    changes: Vec<Change>,
-) -> Result<u64, Status> {
-    let txn = Transaction {
-        changes,
-        timestamp_ms: now_ms(),
-        request_id: request_id.cloned(),
+/// The object a recorded request wrote, as it is now; if it was removed since, `stub(id)`
+/// stamped with the version the request wrote (the request did happen: the reply must not
+/// say otherwise).
+fn recorded_object<T: Record>(api: &ControlApi, recorded: &Recorded, stub: fn(String) -> T) -> T {
+    if let Some(object) = api.store.get::<T>(&recorded.object_id) {
+        return object.as_ref().clone();
+    }
+    log::info!(
+        "{} written by request {} was removed since; answering with its id",
+        recorded.object_id,
+        recorded.seq
+    );
+    let applied = Applied {
+        version: recorded.index,
+        timestamp_ms: recorded.timestamp_ms,
     };
-    propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT)
+    as_written(stub(recorded.object_id.clone()), applied, None)
 }
 
 fn spec_error(error: &crate::store::spec::SpecError) -> Status {
@@ -253,12 +463,6 @@ fn stale(kind: &str, id: &str, read: u64, now: u64) -> Status {
              again and retry"
         ),
     )
-}
-
-fn written<T: crate::store::Record>(api: &ControlApi, id: &str) -> Result<Arc<T>, Status> {
-    api.store
-        .get::<T>(id)
-        .ok_or_else(|| Status::not_found(format!("{id} was removed right after it was written")))
 }
 
 /// Whether `id` has the form of the ids this module generates (a client may choose one).
@@ -298,7 +502,7 @@ fn create_again(existing: &Service, spec: &ServiceSpec) -> Result<pb::ServiceRes
 fn create_service(
     api: &ControlApi,
     request: pb::CreateServiceRequest,
-) -> Result<pb::ServiceResponse, Status> {
+) -> Result<Prepared<pb::ServiceResponse>, Status> {
     let spec = request
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
@@ -315,34 +519,36 @@ fn create_service(
         )));
     };
     if let Some(existing) = api.store.get::<Service>(&id) {
-        return create_again(&existing, &spec);
+        return create_again(&existing, &spec).map(Prepared::Answered);
     }
     let service = Service {
         id: id.clone(),
         spec: Some(spec.clone()),
         ..Default::default()
     };
-    match propose(api, request.request_id.as_ref(), vec![create(service)]) {
-        Ok(_) => {}
-        // A concurrent attempt of the same request (a retry racing its first attempt)
-        // committed first: answer as that attempt would.
-        Err(status) if status.code == Code::AlreadyExists => {
-            return match api.store.get::<Service>(&id) {
-                Some(existing) => create_again(&existing, &spec),
-                None => Err(status),
-            };
-        }
-        Err(status) => return Err(status),
-    }
-    Ok(pb::ServiceResponse {
-        service: Some(written::<Service>(api, &id)?.as_ref().clone()),
+    Ok(Prepared::Propose {
+        changes: vec![create(service.clone())],
+        answer: Box::new(move |api, applied| match applied {
+            Ok(applied) => Ok(pb::ServiceResponse {
+                service: Some(as_written(service, applied, None)),
+            }),
+            // A concurrent attempt of the same request (a retry racing its first attempt)
+            // committed first: answer as that attempt would.
+            Err(status) if status.code == Code::AlreadyExists => {
+                match api.store.get::<Service>(&id) {
+                    Some(existing) => create_again(&existing, &spec),
+                    None => Err(status),
+                }
+            }
+            Err(status) => Err(status),
+        }),
     })
 }
 
 fn update_service(
     api: &ControlApi,
     request: pb::UpdateServiceRequest,
-) -> Result<pb::ServiceResponse, Status> {
+) -> Result<Prepared<pb::ServiceResponse>, Status> {
     let current = api
         .store
         .view(|view| resolve_service(view, &request.reference))?;
@@ -356,39 +562,35 @@ fn update_service(
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let mut service = current.as_ref().clone();
     service.previous_spec = service.spec.replace(spec);
-    propose(
-        api,
-        request.request_id.as_ref(),
-        vec![update_expecting(service, request.version)],
-    )?;
-    Ok(pb::ServiceResponse {
-        service: Some(written::<Service>(api, &current.id)?.as_ref().clone()),
-    })
+    let created = created_at_ms(current.as_ref());
+    Ok(Prepared::then(
+        vec![update_expecting(service.clone(), request.version)],
+        move |applied| pb::ServiceResponse {
+            service: Some(as_written(service, applied, created)),
+        },
+    ))
 }
 
 fn remove_service(
     api: &ControlApi,
     request: pb::RemoveServiceRequest,
-) -> Result<pb::RemoveResponse, Status> {
+) -> Result<Prepared<pb::RemoveResponse>, Status> {
     let current = api
         .store
         .view(|view| resolve_service(view, &request.reference))?;
     // The service's tasks stay: the orchestrator asks them to be removed (desired REMOVE,
     // so their agents stop them) and the reaper deletes them once finished.
-    propose(
-        api,
-        request.request_id.as_ref(),
-        vec![delete(Kind::Service, current.id.clone(), 0)],
-    )?;
-    Ok(pb::RemoveResponse {
-        id: current.id.clone(),
-    })
+    let id = current.id.clone();
+    Ok(Prepared::then(
+        vec![delete(Kind::Service, id.clone(), 0)],
+        move |_| pb::RemoveResponse { id },
+    ))
 }
 
 fn update_node(
     api: &ControlApi,
     request: pb::UpdateNodeRequest,
-) -> Result<pb::NodeResponse, Status> {
+) -> Result<Prepared<pb::NodeResponse>, Status> {
     let current = api
         .store
         .view(|view| resolve_node(view, &request.reference))?;
@@ -409,14 +611,13 @@ fn update_node(
     }
     let mut node = current.as_ref().clone();
     node.spec = Some(spec);
-    propose(
-        api,
-        request.request_id.as_ref(),
-        vec![update_expecting(node, request.version)],
-    )?;
-    Ok(pb::NodeResponse {
-        node: Some(written::<Node>(api, &current.id)?.as_ref().clone()),
-    })
+    let created = created_at_ms(current.as_ref());
+    Ok(Prepared::then(
+        vec![update_expecting(node.clone(), request.version)],
+        move |applied| pb::NodeResponse {
+            node: Some(as_written(node, applied, created)),
+        },
+    ))
 }
 
 /// A demotion that would cost the managers their quorum (or their last member) is refused
@@ -463,7 +664,7 @@ fn refuse_unsafe_demotion(api: &ControlApi, node: &Node) -> Result<(), Status> {
 fn remove_node(
     api: &ControlApi,
     request: pb::RemoveNodeRequest,
-) -> Result<pb::RemoveResponse, Status> {
+) -> Result<Prepared<pb::RemoveResponse>, Status> {
     let current = api
         .store
         .view(|view| resolve_node(view, &request.reference))?;
@@ -513,10 +714,8 @@ fn remove_node(
         REASON_NODE_REMOVED,
         node_cert_lifetime(),
     )?);
-    propose(api, request.request_id.as_ref(), changes)?;
-    Ok(pb::RemoveResponse {
-        id: current.id.clone(),
-    })
+    let id = current.id.clone();
+    Ok(Prepared::then(changes, move |_| pb::RemoveResponse { id }))
 }
 
 /// Why a node's certificate was revoked by `node rm`.
@@ -583,7 +782,7 @@ fn revocation(
 fn revoke_admin(
     api: &ControlApi,
     request: pb::RevokeAdminCertificateRequest,
-) -> Result<pb::RevokeAdminCertificateResponse, Status> {
+) -> Result<Prepared<pb::RevokeAdminCertificateResponse>, Status> {
     if !crate::ca::is_valid_id(&request.id) {
         return Err(Status::invalid_argument(format!(
             "id: {:?} is not a certificate id (the id `admin-cert issue` printed)",
@@ -597,18 +796,20 @@ fn revoke_admin(
         )));
     }
     let lifetime = super::admin::ADMIN_CERT_VALIDITY_MAX + crate::ca::CERT_BACKDATE;
-    if let Some(change) = revocation(api, &request.id, REASON_ADMIN_REVOKED, lifetime)? {
-        propose(api, request.request_id.as_ref(), vec![change])?;
-    }
-    Ok(pb::RevokeAdminCertificateResponse {})
+    Ok(
+        match revocation(api, &request.id, REASON_ADMIN_REVOKED, lifetime)? {
+            Some(change) => Prepared::then(vec![change], |_| pb::RevokeAdminCertificateResponse {}),
+            None => Prepared::Answered(pb::RevokeAdminCertificateResponse {}),
+        },
+    )
 }
 
 /// Records the node of a manager just removed from the Raft group as revoked (run by the
 /// leader on behalf of whichever manager served `control.RemoveManager`).
 fn revoke_removed_manager(
     api: &ControlApi,
-    request: pb::RemoveManagerRequest,
-) -> Result<pb::ManagersResponse, Status> {
+    request: &pb::RemoveManagerRequest,
+) -> Result<Prepared<pb::ManagersResponse>, Status> {
     let members = api
         .node
         .status(PROPOSE_TIMEOUT)
@@ -638,12 +839,14 @@ fn revoke_removed_manager(
              be revoked by id",
             request.raft_id
         );
-        return Ok(pb::ManagersResponse::default());
+        return Ok(Prepared::Answered(pb::ManagersResponse::default()));
     };
-    if let Some(change) = revocation(api, &node.id, REASON_MANAGER_REMOVED, node_cert_lifetime())? {
-        propose(api, None, vec![change])?;
-    }
-    Ok(pb::ManagersResponse::default())
+    Ok(
+        match revocation(api, &node.id, REASON_MANAGER_REMOVED, node_cert_lifetime())? {
+            Some(change) => Prepared::then(vec![change], |_| pb::ManagersResponse::default()),
+            None => Prepared::Answered(pb::ManagersResponse::default()),
+        },
+    )
 }
 
 /// `control.PublishRootCa`: the CA key of a cluster created before it was replicated, sent
@@ -652,7 +855,7 @@ fn publish_root_ca(
     api: &ControlApi,
     caller: &Caller,
     request: pb::PublishRootCaRequest,
-) -> Result<pb::PublishRootCaResponse, Status> {
+) -> Result<Prepared<pb::PublishRootCaResponse>, Status> {
     if caller.role != Role::Manager {
         return Err(Status::permission_denied(
             "only a manager publishes the CA key",
@@ -674,24 +877,28 @@ fn publish_root_ca(
     }
     let current = api.store.view(the_cluster)?;
     if current.root_ca.is_some() {
-        return Ok(pb::PublishRootCaResponse {});
+        return Ok(Prepared::Answered(pb::PublishRootCaResponse {}));
     }
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     let mut cluster = current.as_ref().clone();
     cluster.root_ca = Some(material);
-    propose(api, None, vec![update_expecting(cluster, version)])?;
-    log::info!(
-        "the cluster CA key from node {} is now replicated to every manager",
-        caller.node_id
-    );
-    Ok(pb::PublishRootCaResponse {})
+    let publisher = caller.node_id.clone();
+    Ok(Prepared::then(
+        vec![update_expecting(cluster, version)],
+        move |_| {
+            log::info!(
+                "the cluster CA key from node {publisher} is now replicated to every manager"
+            );
+            pb::PublishRootCaResponse {}
+        },
+    ))
 }
 
 fn report_manager(
     api: &ControlApi,
     caller: &Caller,
     request: pb::ReportManagerRequest,
-) -> Result<pb::ReportManagerResponse, Status> {
+) -> Result<Prepared<pb::ReportManagerResponse>, Status> {
     if caller.role != Role::Manager {
         return Err(Status::permission_denied("only a manager reports itself"));
     }
@@ -748,14 +955,15 @@ fn report_manager(
             update_expecting(node, version)
         }
     };
-    propose(api, None, vec![change])?;
-    Ok(pb::ReportManagerResponse {})
+    Ok(Prepared::then(vec![change], |_| {
+        pb::ReportManagerResponse {}
+    }))
 }
 
 fn update_cluster(
     api: &ControlApi,
     request: pb::UpdateClusterRequest,
-) -> Result<pb::ClusterResponse, Status> {
+) -> Result<Prepared<pb::ClusterResponse>, Status> {
     let current = api.store.view(the_cluster)?;
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     if request.version != version {
@@ -767,16 +975,17 @@ fn update_cluster(
     validate_cluster_spec(&spec).map_err(|e| spec_error(&e))?;
     let mut cluster = current.as_ref().clone();
     cluster.spec = Some(spec);
-    propose(
-        api,
-        request.request_id.as_ref(),
-        vec![update_expecting(cluster, request.version)],
-    )?;
-    let mut written = written::<Cluster>(api, &current.id)?.as_ref().clone();
-    super::redact_cluster(&mut written);
-    Ok(pb::ClusterResponse {
-        cluster: Some(written),
-    })
+    let created = created_at_ms(current.as_ref());
+    Ok(Prepared::then(
+        vec![update_expecting(cluster.clone(), request.version)],
+        move |applied| {
+            let mut written = as_written(cluster, applied, created);
+            super::redact_cluster(&mut written);
+            pb::ClusterResponse {
+                cluster: Some(written),
+            }
+        },
+    ))
 }
 
 /// The join tokens held by `cluster`, parsed.
@@ -807,7 +1016,7 @@ pub(super) fn tokens_to_proto(tokens: &JoinTokens) -> crate::proto::objects::Joi
 fn rotate_join_token(
     api: &ControlApi,
     request: pb::RotateJoinTokenRequest,
-) -> Result<pb::JoinTokensResponse, Status> {
+) -> Result<Prepared<pb::JoinTokensResponse>, Status> {
     let current = api.store.view(the_cluster)?;
     let version = current.meta.as_ref().map_or(0, |m| m.version);
     let mut tokens = cluster_tokens(&current)?;
@@ -818,15 +1027,16 @@ fn rotate_join_token(
     tokens.rotate(role);
     let mut cluster = current.as_ref().clone();
     cluster.join_tokens = Some(tokens_to_proto(&tokens));
-    propose(
-        api,
-        request.request_id.as_ref(),
-        vec![update_expecting(cluster, version)],
-    )?;
-    // The duties thread syncs every manager; the leader does it now so that the old
-    // token is refused from the moment the caller hears of the new one.
-    super::duties::sync_tokens(api, &tokens);
-    Ok(pb::JoinTokensResponse {
-        tokens: Some(tokens_to_proto(&tokens)),
+    Ok(Prepared::Propose {
+        changes: vec![update_expecting(cluster, version)],
+        answer: Box::new(move |api, applied| {
+            applied?;
+            // The duties thread syncs every manager; the leader does it now so that the old
+            // token is refused from the moment the caller hears of the new one.
+            super::duties::sync_tokens(api, &tokens);
+            Ok(pb::JoinTokensResponse {
+                tokens: Some(tokens_to_proto(&tokens)),
+            })
+        }),
     })
 }

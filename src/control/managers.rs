@@ -15,7 +15,7 @@ use crate::proto::raft as raftpb;
 use crate::proto::raft::rpc::{REMOVE_MEMBER, STATUS, TRANSFER_LEADERSHIP};
 use crate::raft::node::service::ADMIN_CALL_TIMEOUT;
 use crate::replication::PROPOSE_TIMEOUT;
-use crate::wire::{Code, Status};
+use crate::wire::Status;
 
 impl ControlApi {
     /// Calls the leader's raft `method` (this manager's own address when it leads).
@@ -24,18 +24,7 @@ impl ControlApi {
         method: UnaryMethod<Req, Resp>,
         request: &Req,
     ) -> Result<Resp, Status> {
-        let leader = self.node.leader().ok_or_else(|| {
-            Status::retry_soon(
-                Code::Unavailable,
-                "no leader is known right now (an election); retry in a moment",
-            )
-        })?;
-        let addr = self.node.directory().addr(leader).ok_or_else(|| {
-            Status::retry_soon(
-                Code::Unavailable,
-                format!("the address of leader {leader:x} is not known yet; retry in a moment"),
-            )
-        })?;
+        let addr = self.leader_addr()?;
         self.transport.channel(&addr, &self.client_tls).call(
             method,
             request,
@@ -87,33 +76,50 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
     let a = api.clone();
     router.serve_unary(rpc::LIST_MANAGERS, pool, move |_, _| leader_status(&a));
     let a = api.clone();
-    router.serve_unary(
+    router.serve_unary_deferred(
         rpc::REMOVE_MANAGER,
         pool,
-        move |ctx, request: pb::RemoveManagerRequest| {
-            let caller = super::Caller::from_peer(ctx.peer())?;
-            let _: raftpb::RemoveMemberResponse = a.call_leader(
-                REMOVE_MEMBER,
-                &raftpb::RemoveMemberRequest {
-                    raft_id: request.raft_id,
-                    force: request.force,
-                },
-            )?;
+        move |ctx, request: pb::RemoveManagerRequest, responder| {
+            let removed = super::Caller::from_peer(ctx.peer()).and_then(|caller| {
+                let _: raftpb::RemoveMemberResponse = a.call_leader(
+                    REMOVE_MEMBER,
+                    &raftpb::RemoveMemberRequest {
+                        raft_id: request.raft_id,
+                        force: request.force,
+                    },
+                )?;
+                Ok(caller)
+            });
+            let caller = match removed {
+                Ok(caller) => caller,
+                Err(refusal) => return responder.respond(Err(refusal)),
+            };
             // The removed manager's certificate is revoked cluster-wide (it must not come
             // back through raft.Join or reach the control API). Removed from Raft but not
             // yet revoked (this call failed): `manager rm` again, or `node rm`, finishes it.
-            a.write(&caller, forward::REVOKE_REMOVED_MANAGER, request)
-                .map_err(|status| {
-                    Status::new(
-                        status.code,
-                        format!(
-                            "the manager left the Raft group, but revoking its certificate \
-                             failed ({}); run `flotilla manager rm` again",
-                            status.message
-                        ),
-                    )
-                })?;
-            leader_status(&a)
+            let after = a.clone();
+            a.write_with(
+                &caller,
+                forward::REVOKE_REMOVED_MANAGER,
+                request,
+                Box::new(move |revoked| {
+                    responder.respond(
+                        revoked
+                            .map_err(|status| {
+                                Status::new(
+                                    status.code,
+                                    format!(
+                                        "the manager left the Raft group, but revoking its \
+                                         certificate failed ({}); run `flotilla manager rm` \
+                                         again",
+                                        status.message
+                                    ),
+                                )
+                            })
+                            .and_then(|_| leader_status(&after)),
+                    );
+                }),
+            );
         },
     );
     let a = api.clone();

@@ -42,6 +42,7 @@
 
 pub mod access;
 pub mod admin;
+mod answer;
 pub mod duties;
 mod handlers;
 pub mod managers;
@@ -50,11 +51,15 @@ pub mod roles;
 pub mod watch;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
 use crate::ca::{PeerIdentity, Role, RootCert, SharedCa};
-use crate::net::{CallContext, CallOptions, Router, ServicePool, Transport};
+use crate::net::{
+    CallContext, CallOptions, Continuations, Responder, Router, ServicePool, Transport,
+};
 use crate::proto::control as pb;
 use crate::proto::control::forward_request::Call;
 use crate::proto::control::forward_response::Reply;
@@ -65,10 +70,22 @@ use crate::replication::{PROPOSE_TIMEOUT, linearizable_read_index};
 use crate::store::Store;
 use crate::wire::{Code, Reason, Status, WriteFate};
 
+use answer::AnswerOnce;
+
 /// The wire names of the control methods (`control::CREATE_SERVICE` is
 /// `"control.CreateService"`), generated from `proto/flotilla/control.proto`; their typed
 /// descriptors and policies are in [`crate::proto::control::rpc`].
 pub use crate::proto::control::rpc::name::*;
+/// Counts one control write in flight while it lives (see [`CONTROL_WRITES_IN_FLIGHT_MAX`]).
+struct WriteInFlight(Arc<AtomicUsize>);
+
+impl Drop for WriteInFlight {
+    fn drop(&mut self) {
+        let before = self.0.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "a write in flight was counted out twice");
+    }
+}
+
 /// A new object id: [`crate::util::id::random_id`] under the name callers know.
 pub use crate::util::id::random_id as new_object_id;
 
@@ -80,10 +97,17 @@ pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
 
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
 pub const LIST_CHUNK_BYTES_MAX: usize = 1024 * 1024;
-/// Threads serving control calls (writes block on their proposal).
+/// Threads serving control calls. Writes do not hold one while they commit; reads hold
+/// one while they wait for the read barrier, listings while they stream.
 pub const CONTROL_POOL_THREADS: usize = 16;
 /// Queued control calls before new ones are refused with `ResourceExhausted`.
 pub const CONTROL_POOL_QUEUE_LEN_MAX: usize = 4096;
+/// Control writes this manager has started and not yet answered (proposing, or forwarded to
+/// the leader); past it a write is refused with "retry soon" before anything is done. It
+/// bounds the closures waiting in the Raft node and the pool's continuation queue.
+pub const CONTROL_WRITES_IN_FLIGHT_MAX: usize = 1024;
+/// How long a write refused for [`CONTROL_WRITES_IN_FLIGHT_MAX`] is told to wait.
+pub const CONTROL_WRITES_BUSY_RETRY_AFTER: Duration = Duration::from_millis(200);
 
 /// Who made a call: from the caller's certificate, or from a manager's forward.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -149,6 +173,10 @@ pub struct ControlApi {
     root: RootCert,
     tokens_file: Arc<dyn TokensFile>,
     watches: Mutex<watch::WatchThreads>,
+    /// Runs the rest of a write on the control pool once its proposal or forward is over.
+    continuations: Continuations,
+    /// Writes started and not yet answered (see [`CONTROL_WRITES_IN_FLIGHT_MAX`]).
+    writes_in_flight: Arc<AtomicUsize>,
 }
 
 /// What the control API needs besides the Raft node and the store.
@@ -165,6 +193,9 @@ pub struct ControlDeps {
     pub root: RootCert,
     /// The join tokens file of the state directory.
     pub tokens_file: Arc<dyn TokensFile>,
+    /// The control pool's continuations: where a write continues once its proposal or its
+    /// forward is over.
+    pub continuations: Continuations,
 }
 
 /// Why the join tokens file could not be read or written (the implementation's error).
@@ -200,6 +231,8 @@ impl ControlApi {
             root: deps.root,
             tokens_file: deps.tokens_file,
             watches: Mutex::new(watch::WatchThreads::default()),
+            continuations: deps.continuations,
+            writes_in_flight: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -224,63 +257,170 @@ impl ControlApi {
             .map_err(|e| e.to_status())
     }
 
-    /// Runs the forwardable write `write` with `request` as `caller`: here if this manager
-    /// leads, else forwarded to the leader.
+    /// Runs the forwardable write `write` with `request` as `caller`, here if this manager
+    /// leads, else forwarded to the leader, and waits for the answer. For threads of their
+    /// own (the duties): a control pool thread uses [`ControlApi::write_with`], since the
+    /// answer may need a pool thread to be built.
     ///
     /// # Errors
-    /// The write's own refusal; [`Reason::RetrySoon`] when no leader can take it (nothing
-    /// was done); [`Reason::OutcomeUnknown`] when the forward reached the leader but its
-    /// answer was lost (the leader died): the write may or may not have happened.
+    /// As [`ControlApi::write_with`] gives them.
     pub fn write<Req, Resp>(
-        &self,
+        self: &Arc<Self>,
         caller: &Caller,
         write: forward::Write<Req, Resp>,
         request: Req,
-    ) -> Result<Resp, Status> {
-        let reply = self.write_call(caller, (write.wrap)(request))?;
-        (write.unwrap)(reply).ok_or_else(|| {
-            Status::internal(format!(
-                "the leader answered {} with another method's reply",
-                write.method.name()
-            ))
-        })
+    ) -> Result<Resp, Status>
+    where
+        Resp: Send + 'static,
+    {
+        let (answer, answered) = crossbeam_channel::bounded(1);
+        self.write_with(
+            caller,
+            write,
+            request,
+            Box::new(move |result| {
+                let _ = answer.send(result);
+            }),
+        );
+        match answered.recv_timeout(PROPOSE_TIMEOUT) {
+            Ok(answer) => answer,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => Err(Status::outcome_unknown(
+                Code::DeadlineExceeded,
+                format!(
+                    "no answer within {PROPOSE_TIMEOUT:?}; the write may or may not have happened"
+                ),
+            )),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Status::outcome_unknown(
+                Code::Unavailable,
+                "this manager stopped before the write was answered; it may or may not have \
+                 happened",
+            )),
+        }
     }
 
-    /// Runs the write `call` as `caller`, here or on the leader.
-    fn write_call(&self, caller: &Caller, call: Call) -> Result<Reply, Status> {
-        if self.is_leader() {
-            return handlers::execute(self, caller, call);
+    /// Runs the forwardable write `write` with `request` as `caller`: here if this manager
+    /// leads, else forwarded to the leader. No thread waits for the outcome: `done` runs
+    /// once with it, on a control pool thread (or on this thread, when the write is refused
+    /// at once).
+    ///
+    /// The refusals `done` may get: the write's own; [`Reason::RetrySoon`] when no leader can
+    /// take it or too many writes are in flight (nothing was done); [`Reason::OutcomeUnknown`]
+    /// when the forward reached the leader but its answer was lost (the leader died): the
+    /// write may or may not have happened.
+    pub fn write_with<Req, Resp>(
+        self: &Arc<Self>,
+        caller: &Caller,
+        write: forward::Write<Req, Resp>,
+        request: Req,
+        done: answer::Done<Resp>,
+    ) where
+        Resp: Send + 'static,
+    {
+        let in_flight = match self.admit_write() {
+            Ok(in_flight) => in_flight,
+            Err(busy) => return done(Err(busy)),
+        };
+        let method = write.method.name();
+        let unwrap = write.unwrap;
+        self.write_call(
+            caller,
+            (write.wrap)(request),
+            Box::new(move |reply| {
+                drop(in_flight);
+                done(reply.and_then(|reply| {
+                    unwrap(reply).ok_or_else(|| {
+                        Status::internal(format!(
+                            "the leader answered {method} with another method's reply"
+                        ))
+                    })
+                }));
+            }),
+        );
+    }
+
+    /// Counts a write in flight until the returned guard drops, or refuses it when
+    /// [`CONTROL_WRITES_IN_FLIGHT_MAX`] are.
+    fn admit_write(&self) -> Result<WriteInFlight, Status> {
+        let before = self.writes_in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = WriteInFlight(Arc::clone(&self.writes_in_flight));
+        if before >= CONTROL_WRITES_IN_FLIGHT_MAX {
+            return Err(Status::retry_soon(
+                Code::ResourceExhausted,
+                format!(
+                    "this manager has {CONTROL_WRITES_IN_FLIGHT_MAX} control writes in flight; \
+                    retry in a moment"
+                ),
+            )
+            .with_retry_after(CONTROL_WRITES_BUSY_RETRY_AFTER));
         }
+        Ok(guard)
+    }
+
+    /// Runs the write `call` as `caller`, here or on the leader; `done` gets the reply.
+    fn write_call(self: &Arc<Self>, caller: &Caller, call: Call, done: answer::Done<Reply>) {
+        if self.is_leader() {
+            return handlers::execute(self, caller, call, done);
+        }
+        match self.leader_addr() {
+            Ok(leader_addr) => self.forward(&leader_addr, caller, call, done),
+            Err(no_leader) => done(Err(no_leader)),
+        }
+    }
+
+    /// The leader's address, or why it is not known (an election: retry soon).
+    pub(crate) fn leader_addr(&self) -> Result<String, Status> {
         let leader = self.node.leader().ok_or_else(|| {
             Status::retry_soon(
                 Code::Unavailable,
                 "no leader is known right now (an election); retry in a moment",
             )
         })?;
-        let leader_addr = self.node.directory().addr(leader).ok_or_else(|| {
+        self.node.directory().addr(leader).ok_or_else(|| {
             Status::retry_soon(
                 Code::Unavailable,
                 format!("the address of leader {leader:x} is not known yet; retry in a moment"),
             )
-        })?;
+        })
+    }
+
+    /// Forwards the write `call` to the leader at `leader_addr`, without waiting for its
+    /// answer: the reactor hands the answer to the pool, which gives it to `done`.
+    fn forward(
+        self: &Arc<Self>,
+        leader_addr: &str,
+        caller: &Caller,
+        call: Call,
+        done: answer::Done<Reply>,
+    ) {
         let request = pb::ForwardRequest {
             call: Some(call),
             caller_node_id: caller.node_id.clone(),
             caller_role: role_to_proto(caller.role) as i32,
             caller_role_name: caller.role.as_str().to_string(),
         };
-        let response: pb::ForwardResponse = self
+        let payload = bytes::Bytes::from(prost::Message::encode_to_vec(&request));
+        let answer = AnswerOnce::new(done);
+        let continuations = self.continuations.clone();
+        let on_reply_answer = answer.clone();
+        let on_reply_addr = leader_addr.to_string();
+        let on_reply: crate::net::ReplyCallback = Box::new(move |reply| {
+            // On the reactor thread: decoding and answering happen on the pool.
+            continuations.run(move || {
+                on_reply_answer.answer(forward_reply(&on_reply_addr, reply));
+            });
+        });
+        let sent = self
             .transport
-            .channel(&leader_addr, &self.client_tls)
-            .call(
-                rpc::FORWARD,
-                &request,
+            .channel(leader_addr, &self.client_tls)
+            .unary_with(
+                rpc::FORWARD.name(),
+                payload,
                 CallOptions::timeout(PROPOSE_TIMEOUT),
-            )
-            .map_err(|status| forward_failure(&leader_addr, status))?;
-        response
-            .reply
-            .ok_or_else(|| Status::internal("the leader's forward reply carries no reply"))
+                on_reply,
+            );
+        if let Err(unsent) = sent {
+            answer.answer(Err(forward_failure(leader_addr, unsent)));
+        }
     }
 
     /// Stops every watch thread and waits for them.
@@ -288,6 +428,20 @@ impl ControlApi {
         let threads = std::mem::take(&mut *self.watches.lock());
         threads.stop_and_join();
     }
+}
+
+/// The leader's answer to a forwarded write, as the write's caller learns it.
+fn forward_reply(leader_addr: &str, reply: Result<bytes::Bytes, Status>) -> Result<Reply, Status> {
+    let payload = reply.map_err(|status| forward_failure(leader_addr, status))?;
+    let response: pb::ForwardResponse = prost::Message::decode(payload).map_err(|e| {
+        Status::outcome_unknown(
+            Code::Internal,
+            format!("the leader's answer to a forwarded write does not decode ({e}); it may or may not have happened"),
+        )
+    })?;
+    response
+        .reply
+        .ok_or_else(|| Status::internal("the leader's forward reply carries no reply"))
 }
 
 /// What the caller of a forwarded write learns when the forward failed.
@@ -318,12 +472,40 @@ fn forward_failure(leader_addr: &str, status: Status) -> Status {
 }
 
 /// The leader's side of `control.Forward`: runs the write as the caller named in the
-/// envelope, if the write's policy admits the caller.
+/// envelope, if the write's policy admits the caller; the write answers `responder` once it
+/// is over, no thread waiting meanwhile.
 fn serve_forward(
+    api: &Arc<ControlApi>,
+    ctx: &CallContext,
+    request: pb::ForwardRequest,
+    responder: Responder<pb::ForwardResponse>,
+) {
+    let (caller, call) = match forwarded_call(api, ctx, request) {
+        Ok(forwarded) => forwarded,
+        Err(refusal) => return responder.respond(Err(refusal)),
+    };
+    let in_flight = match api.admit_write() {
+        Ok(in_flight) => in_flight,
+        Err(busy) => return responder.respond(Err(busy)),
+    };
+    handlers::execute(
+        api,
+        &caller,
+        call,
+        Box::new(move |reply| {
+            drop(in_flight);
+            responder.respond(reply.map(|reply| pb::ForwardResponse { reply: Some(reply) }));
+        }),
+    );
+}
+
+/// The caller and the write of a forward, once checked: the forwarder is a manager, this
+/// manager leads, and the caller's role and standing admit the write.
+fn forwarded_call(
     api: &ControlApi,
     ctx: &CallContext,
     mut request: pb::ForwardRequest,
-) -> Result<pb::ForwardResponse, Status> {
+) -> Result<(Caller, Call), Status> {
     let forwarder = Caller::from_peer(ctx.peer())?;
     if forwarder.role != Role::Manager {
         return Err(Status::permission_denied(
@@ -369,7 +551,7 @@ fn serve_forward(
     // refused even if the follower let it through.
     api.access
         .check_caller(&method, &caller.node_id, caller.role)?;
-    handlers::execute(api, &caller, call).map(|reply| pb::ForwardResponse { reply: Some(reply) })
+    Ok((caller, call))
 }
 
 /// Serves the forwardable write `write`: run on the leader, forwarded by a follower with the
@@ -384,17 +566,25 @@ pub(super) fn register_write<Req, Resp>(
     Resp: prost::Message + Default + 'static,
 {
     let api = api.clone();
-    router.serve_unary(write.method, pool, move |ctx, request| {
-        let caller = Caller::from_peer(ctx.peer())?;
-        api.write(&caller, write, request)
+    router.serve_unary_deferred(write.method, pool, move |ctx, request, responder| {
+        let caller = match Caller::from_peer(ctx.peer()) {
+            Ok(caller) => caller,
+            Err(refusal) => return responder.respond(Err(refusal)),
+        };
+        api.write_with(
+            &caller,
+            write,
+            request,
+            Box::new(move |reply| responder.respond(reply)),
+        );
     });
 }
 
 /// Serves every `control.*` method of `api` on `pool`.
 pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
     let a = api.clone();
-    router.serve_unary(rpc::FORWARD, pool, move |ctx, request| {
-        serve_forward(&a, ctx, request)
+    router.serve_unary_deferred(rpc::FORWARD, pool, move |ctx, request, responder| {
+        serve_forward(&a, ctx, request, responder);
     });
     register_write(router, pool, api, forward::CREATE_SERVICE);
     register_write(router, pool, api, forward::UPDATE_SERVICE);

@@ -369,6 +369,7 @@ impl Manager {
                 access: machine.access.clone(),
                 root: root.clone(),
                 tokens_file: Arc::new(dir.clone()),
+                continuations: control_pool.continuations(),
             },
         );
         control::register(&mut router, &control_pool, &control);

@@ -426,6 +426,60 @@ impl Channel {
         })
     }
 
+    /// Sends a unary call and returns once it is sent, without waiting for the reply:
+    /// `on_reply` runs once, on the reactor thread, with the reply or the failure
+    /// (connection lost, transport stopped); it must not block. Unlike
+    /// [`Channel::unary_nowait`] it dials when no connection is up, waiting for that (and
+    /// for room in the send buffer) until the call's deadline; the reactor does not time the
+    /// reply out: a caller that must answer by a deadline keeps its own timer.
+    ///
+    /// # Errors
+    /// The call was not sent (its status carries [`Reason::NotSent`]); `on_reply` is then
+    /// dropped without being run.
+    pub fn unary_with(
+        &self,
+        method: &str,
+        payload: Bytes,
+        options: CallOptions,
+        on_reply: ReplyCallback,
+    ) -> Result<(), Status> {
+        self.unary_with_or_unsent(method, payload, options, on_reply)
+            .map_err(|status| status.with_reason(Reason::NotSent))
+    }
+
+    fn unary_with_or_unsent(
+        &self,
+        method: &str,
+        payload: Bytes,
+        options: CallOptions,
+        on_reply: ReplyCallback,
+    ) -> Result<(), Status> {
+        let deadline = options.timeout.map(|t| Instant::now() + t);
+        let conn = self.inner.connection(deadline)?;
+        let stream_id = conn.allocate_stream_id();
+        let mut env = envelope(stream_id, FrameKind::Request);
+        env.method = method.to_string();
+        env.payload = payload;
+        if let Some(deadline) = deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            env.timeout_us = u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1);
+        }
+        let frame = conn.encode(&env)?;
+        let route = Route {
+            inbound: None,
+            ctl: Arc::new(StreamCtl::new()),
+            on_reply: Some(ReplyHook(on_reply)),
+        };
+        conn.push(
+            Outbound::Open {
+                stream_id,
+                route,
+                frame,
+            },
+            deadline,
+        )
+    }
+
     /// Sends a one-way call: like [`Channel::unary_nowait`] (never dials, never blocks,
     /// calls on a channel go out in order), but the callee sends nothing back, not even an
     /// error; it must serve `method` inline (`Router::unary_inline`). For messages whose

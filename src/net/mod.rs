@@ -55,7 +55,8 @@ pub use client::{CallOptions, Channel, RequestStream, ResponseStream};
 pub use conn::ReplyCallback;
 pub use method::{ClientStreamMethod, Method, Policy, ServerStreamMethod, UnaryMethod};
 pub use server::{
-    Allow, Authorizer, CallContext, ClientStream, Responder, Router, ServerStream, ServicePool,
+    Allow, Authorizer, CallContext, ClientStream, Continuations, Responder, Router, ServerStream,
+    ServicePool,
 };
 
 use client::{Backoff, ChannelInner};

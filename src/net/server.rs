@@ -910,12 +910,36 @@ fn reply_with(writer: &StreamWriter, result: Result<Bytes, Status>, wait: Wait) 
     }
 }
 
-/// Threads that run one service's handlers, fed by a bounded queue.
+/// Threads that run one service's handlers, fed by a bounded queue of calls, and the
+/// continuations of calls they started ([`Continuations`]).
 pub struct ServicePool {
     name: String,
     jobs: Sender<Job>,
+    continuations: Sender<Job>,
     stop: Option<Sender<()>>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// Hands the rest of a call back to its pool's threads from a thread that must not block
+/// or run it (the Raft thread or apply thread completing a proposal, the reactor delivering
+/// a reply): the pool's threads run it beside the queued calls.
+///
+/// The queue is not bounded by itself: each call may have at most one continuation
+/// outstanding at a time, so the user's bound on calls in flight bounds it (the control
+/// API's is `CONTROL_WRITES_IN_FLIGHT_MAX`). A continuation sent after the pool stopped is
+/// dropped, not run: what it owns (a [`Responder`]) then answers the caller `Unavailable`.
+#[derive(Clone)]
+pub struct Continuations {
+    jobs: Sender<Job>,
+}
+
+impl Continuations {
+    /// Queues `job` for the pool's threads. Never blocks.
+    pub fn run(&self, job: impl FnOnce() + Send + 'static) {
+        if self.jobs.send(Box::new(job)).is_err() {
+            log::debug!("a continuation arrived after its service pool stopped; dropped");
+        }
+    }
 }
 
 impl ServicePool {
@@ -930,23 +954,35 @@ impl ServicePool {
             "a pool without threads would never serve a call"
         );
         let (jobs, job_rx) = crossbeam_channel::bounded::<Job>(queue_len_max);
+        let (continuations, continuation_rx) = crossbeam_channel::unbounded::<Job>();
         let (stop, stop_rx) = crossbeam_channel::bounded::<()>(0);
         let mut handles = Vec::with_capacity(threads);
         for i in 0..threads {
-            let job_rx = job_rx.clone();
-            let stop_rx = stop_rx.clone();
+            let queues = PoolQueues {
+                jobs: job_rx.clone(),
+                continuations: continuation_rx.clone(),
+                stop: stop_rx.clone(),
+            };
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("rpc-{name}-{i}"))
-                    .spawn(move || serve_jobs(&job_rx, &stop_rx))?,
+                    .spawn(move || serve_jobs(&queues))?,
             );
         }
         Ok(Self {
             name: name.to_string(),
             jobs,
+            continuations,
             stop: Some(stop),
             threads: handles,
         })
+    }
+
+    /// A handle that queues continuations on this pool (see [`Continuations`]).
+    pub fn continuations(&self) -> Continuations {
+        Continuations {
+            jobs: self.continuations.clone(),
+        }
     }
 
     /// Stops the pool: every thread finishes its current call and the queued ones, then
@@ -971,18 +1007,36 @@ impl Drop for ServicePool {
     }
 }
 
-fn serve_jobs(jobs: &Receiver<Job>, stop: &Receiver<()>) {
+/// What a pool thread receives.
+struct PoolQueues {
+    jobs: Receiver<Job>,
+    continuations: Receiver<Job>,
+    stop: Receiver<()>,
+}
+
+fn serve_jobs(queues: &PoolQueues) {
     loop {
         crossbeam_channel::select! {
-            recv(jobs) -> job => match job {
+            recv(queues.continuations) -> job => {
+                if let Ok(job) = job {
+                    job();
+                }
+            },
+            recv(queues.jobs) -> job => match job {
                 Ok(job) => job(),
                 Err(_) => return,
             },
-            recv(stop) -> _ => {
-                while let Ok(job) = jobs.try_recv() {
-                    job();
+            recv(queues.stop) -> _ => {
+                // The queued calls, and what they continue with meanwhile; continuations
+                // that come later are dropped with the queue (their callers are answered
+                // `Unavailable`).
+                loop {
+                    let job = queues.continuations.try_recv().or_else(|_| queues.jobs.try_recv());
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return,
+                    }
                 }
-                return;
             }
         }
     }

@@ -439,14 +439,27 @@ impl NodeHandle {
     /// Proposes application `data`; `done` runs (on the apply or raft thread) with the state
     /// machine's reply once the entry is applied here, or with an error. It must not block.
     pub fn propose_with(&self, data: &[u8], done: ProposalCallback) {
-        let input = Input::Propose {
+        self.send_or_fail(Input::Propose {
             data: directory::encode_app(data),
             done,
-        };
-        if let Err(Input::Propose { done, .. }) =
-            self.inputs.try_send(input).map_err(|e| e.into_inner())
-        {
-            done(Err(NodeError::ShuttingDown));
+        });
+    }
+
+    /// Queues `input` for the raft thread without waiting; when it cannot be queued, its
+    /// callback runs here: a full queue is a refusal to retry in a moment (nothing was
+    /// done), a closed one means the node stopped.
+    fn send_or_fail(&self, input: Input) {
+        match self.inputs.try_send(input) {
+            Ok(()) => {}
+            Err(crossbeam_channel::TrySendError::Full(input)) => raft_loop::fail_input_with(
+                input,
+                &NodeError::RetrySoon(format!(
+                    "this manager's Raft thread has {RAFT_INPUT_QUEUE_LEN_MAX} inputs queued"
+                )),
+            ),
+            Err(crossbeam_channel::TrySendError::Disconnected(input)) => {
+                raft_loop::fail_input_with(input, &NodeError::ShuttingDown);
+            }
         }
     }
 
@@ -508,6 +521,14 @@ impl NodeHandle {
     /// As [`NodeHandle::read_index`].
     pub fn read_barrier_local(&self, timeout: Duration) -> Result<LogIndex, NodeError> {
         self.read(true, timeout)
+    }
+
+    /// Leader only: [`NodeHandle::read_barrier_local`] without waiting: `done` runs once,
+    /// on the raft or apply thread (so it must not block), when a linearizable read may be
+    /// served from local state, or with the failure (not leader, lost the lead, shutting
+    /// down). No deadline: a leader that cannot reach a quorum steps down, which fails it.
+    pub fn read_barrier_local_with(&self, done: ReadCallback) {
+        self.send_or_fail(Input::ReadIndex { apply: true, done });
     }
 
     fn read(&self, apply: bool, timeout: Duration) -> Result<LogIndex, NodeError> {

@@ -743,12 +743,17 @@ impl RaftLoop {
 }
 
 fn fail_input(input: Input) {
+    fail_input_with(input, &NodeError::ShuttingDown);
+}
+
+/// Answers `input`'s callback, if it has one, with `error`.
+pub(super) fn fail_input_with(input: Input, error: &NodeError) {
     match input {
         Input::Propose { done, .. } | Input::ProposeMembership { done, .. } => {
-            done(Err(NodeError::ShuttingDown));
+            done(Err(error.clone()));
         }
-        Input::ReadIndex { done, .. } => done(Err(NodeError::ShuttingDown)),
-        Input::Transfer { done, .. } => done(Err(NodeError::ShuttingDown)),
+        Input::ReadIndex { done, .. } => done(Err(error.clone())),
+        Input::Transfer { done, .. } => done(Err(error.clone())),
         Input::Step(_) | Input::Status { .. } | Input::Removed => {}
     }
 }
