@@ -109,7 +109,9 @@ fn issue(client: &Client, out: PathBuf, name: String, validity: &str) -> Result<
         ));
     }
     let pending = PendingIdentity::generate().map_err(|e| format!("cannot make a key: {e}"))?;
-    let reply: pb::IssueAdminCertificateResponse = client.unary(
+    // Repeated after an unknown outcome: a certificate issued and lost on the way is held
+    // by no one (the key never left this process), and issuing changes no cluster state.
+    let reply: pb::IssueAdminCertificateResponse = client.unary_safe_to_repeat(
         ISSUE_ADMIN_CERTIFICATE,
         &pb::IssueAdminCertificateRequest {
             csr_der: pending.csr_der().to_vec().into(),

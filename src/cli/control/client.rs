@@ -203,8 +203,36 @@ impl Client {
         request: &Req,
         check: &str,
     ) -> Result<Resp, CommandError> {
+        self.write_retrying(method, request, check, UNKNOWN_OUTCOME_RETRIES_MAX)
+    }
+
+    /// Sends a write that carries no request id (the Raft group's membership and
+    /// leadership, whose answers the managers do not record): retried like
+    /// [`Self::write`] while nothing was done (an election, a failure to send), but never
+    /// after an unknown outcome, since a repeat could not get the first attempt's answer
+    /// (a repeated `manager rm` would be refused as "not a member"). `check` is the command
+    /// that shows whether it happened.
+    ///
+    /// # Errors
+    /// As [`Self::write`]; [`CommandError::OutcomeUnknown`] after the first unknown outcome.
+    pub(crate) fn write_without_request_id<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+        check: &str,
+    ) -> Result<Resp, CommandError> {
+        self.write_retrying(method, request, check, 0)
+    }
+
+    fn write_retrying<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+        check: &str,
+        unknown_outcome_retries_max: u32,
+    ) -> Result<Resp, CommandError> {
         let channel = self.transport.channel(&self.addr, &self.tls);
-        let (mut waits, mut unknown_outcomes) = (0, 0);
+        let (mut waits, mut unsent, mut unknown_outcomes) = (0, 0, 0);
         let mut uncertain = false;
         loop {
             let status = match channel.unary(method, request, CallOptions::timeout(CALL_TIMEOUT)) {
@@ -216,8 +244,8 @@ impl Client {
             let retry = match fate {
                 WriteFate::Refused => false,
                 WriteFate::NotDone if status.reason == crate::wire::Reason::NotSent => {
-                    unknown_outcomes += 1;
-                    unknown_outcomes <= UNKNOWN_OUTCOME_RETRIES_MAX
+                    unsent += 1;
+                    unsent <= UNKNOWN_OUTCOME_RETRIES_MAX
                 }
                 WriteFate::NotDone => {
                     waits += 1;
@@ -225,7 +253,7 @@ impl Client {
                 }
                 WriteFate::Unknown => {
                     unknown_outcomes += 1;
-                    unknown_outcomes <= UNKNOWN_OUTCOME_RETRIES_MAX
+                    unknown_outcomes <= unknown_outcome_retries_max
                 }
             };
             if !retry {
@@ -248,6 +276,21 @@ impl Client {
     /// The request id of this invocation's next write.
     pub(crate) fn next_request(&self) -> Option<RequestId> {
         Some(self.requests.next())
+    }
+
+    /// A call that changes no replicated state, so repeating it after an unknown outcome is
+    /// safe (issuing a certificate: one lost on the way is held by no one): retried like
+    /// [`Self::unary`], and after an unknown outcome up to [`UNKNOWN_OUTCOME_RETRIES_MAX`]
+    /// times.
+    ///
+    /// # Errors
+    /// The manager's refusal, described with a hint.
+    pub(crate) fn unary_safe_to_repeat<Req: prost::Message, Resp: prost::Message + Default>(
+        &self,
+        method: &str,
+        request: &Req,
+    ) -> Result<Resp, String> {
+        self.unary_retrying(method, request, UNKNOWN_OUTCOME_RETRIES_MAX)
     }
 
     fn unary_retrying<Req: prost::Message, Resp: prost::Message + Default>(
@@ -510,6 +553,33 @@ mod tests {
         );
         client.transport.shutdown();
         flaky.stop();
+    }
+
+    /// A write without a request id (`manager rm`) is repeated while nothing was done,
+    /// never after an unknown outcome, which it reports as such.
+    #[test]
+    fn a_write_without_a_request_id_is_never_repeated_after_an_unknown_outcome() {
+        let write = |flaky: &Flaky| -> Result<pb::ClusterResponse, CommandError> {
+            flaky.client.write_without_request_id(
+                "test.Flaky",
+                &pb::GetClusterRequest {},
+                "flotilla manager ls",
+            )
+        };
+        let lost = Status::outcome_unknown(Code::Unavailable, "the leader did not answer");
+        let flaky = Flaky::start(1, lost);
+        match write(&flaky) {
+            Err(CommandError::OutcomeUnknown(message)) => {
+                assert!(message.contains("flotilla manager ls"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(flaky.stop(), 1, "an unknown outcome was repeated");
+
+        let soon = Status::retry_soon(Code::Unavailable, "an election; retry in a moment");
+        let flaky = Flaky::start(2, soon);
+        assert!(write(&flaky).is_ok());
+        assert_eq!(flaky.stop(), 3, "a refusal that did nothing is retried");
     }
 
     #[test]

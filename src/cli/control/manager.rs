@@ -11,6 +11,7 @@ use clap::Subcommand;
 
 use super::client::Client;
 use super::output::{Format, print_managers};
+use crate::cli::CommandError;
 use crate::control::{LIST_MANAGERS, REMOVE_MANAGER, TRANSFER_LEADERSHIP};
 use crate::proto::control as pb;
 use crate::proto::raft::StatusResponse;
@@ -49,8 +50,9 @@ fn status_of(reply: pb::ManagersResponse) -> Result<StatusResponse, String> {
 /// Runs one `manager` subcommand through `client`.
 ///
 /// # Errors
-/// A message for stderr, with a hint.
-pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), String> {
+/// A message for stderr, with a hint; [`CommandError::OutcomeUnknown`] when `rm` or
+/// `transfer` may or may not have happened.
+pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), CommandError> {
     match command {
         ManagerCommand::Ls => {
             let reply: pb::ManagersResponse =
@@ -59,8 +61,11 @@ pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), String
         }
         ManagerCommand::Rm { id, force } => {
             let raft_id = parse_id(&id)?;
-            let reply: pb::ManagersResponse =
-                client.unary(REMOVE_MANAGER, &pb::RemoveManagerRequest { raft_id, force })?;
+            let reply: pb::ManagersResponse = client.write_without_request_id(
+                REMOVE_MANAGER,
+                &pb::RemoveManagerRequest { raft_id, force },
+                "flotilla manager ls",
+            )?;
             match client.format {
                 Format::Json => print_managers(client, &status_of(reply)?),
                 Format::Table => println!("removed manager {raft_id:x}"),
@@ -68,9 +73,10 @@ pub(crate) fn run(client: &Client, command: ManagerCommand) -> Result<(), String
         }
         ManagerCommand::Transfer { id } => {
             let raft_id = parse_id(&id)?;
-            let reply: pb::ManagersResponse = client.unary(
+            let reply: pb::ManagersResponse = client.write_without_request_id(
                 TRANSFER_LEADERSHIP,
                 &pb::TransferLeadershipRequest { raft_id },
+                "flotilla manager ls",
             )?;
             match client.format {
                 Format::Json => print_managers(client, &status_of(reply)?),

@@ -87,7 +87,7 @@ pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), Comma
         ControlCommand::Task(command) => task::run(&client, command).map_err(Into::into),
         ControlCommand::Cluster(command) => cluster::run(&client, command),
         ControlCommand::JoinToken { role, rotate } => join_token::run(&client, role, rotate),
-        ControlCommand::Manager(command) => manager::run(&client, command).map_err(Into::into),
+        ControlCommand::Manager(command) => manager::run(&client, command),
         ControlCommand::AdminCert(command) => admin_cert::run(&client, command),
         ControlCommand::Watch(args) => watch::run(&client, &args).map_err(Into::into),
     };
