@@ -153,7 +153,11 @@ fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) ->
             .into_iter()
             .filter(|other| other.id != task.id)
             .collect();
-        match restart::decide(&task, &history, context.now_ms) {
+        let (decision, changes_at_ms) = restart::decide(&task, &history, context.now_ms);
+        if let Some(at_ms) = changes_at_ms {
+            working.wake_at(&task.service_id, at_ms);
+        }
+        match decision {
             Decision::Keep => {}
             Decision::Wait => outcome = Decision::Wait,
             Decision::Restart => working.retire(&task.id, TaskState::Shutdown),
