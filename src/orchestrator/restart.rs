@@ -21,9 +21,9 @@
 //!
 //! The delay is honoured without an intermediate state: the finished occupant stays in its
 //! slot (desired `RUNNING`) until `now ≥ end + delay`; the pass that sees that retires it and
-//! creates the replacement in one transaction. A replacement is therefore late by at most
-//! [`super::ORCHESTRATOR_IDLE_RECHECK`] (1 s: how long an idle pass result stands while the
-//! store does not change).
+//! creates the replacement in one transaction. The pass that waits names the end of the
+//! delay (and an exhausted window the moment its oldest attempt leaves it), and the thread
+//! wakes the service's pass then: no pass runs for the clock otherwise.
 //!
 //! Must never change anything itself: it only decides.
 

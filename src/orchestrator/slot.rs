@@ -79,7 +79,10 @@ pub(super) fn template(service: &Service) -> Option<&TaskSpec> {
 }
 
 fn is_current(task: &Task, service: &Service) -> bool {
-    task.spec.as_ref() == template(service)
+    // A task made at the service's current version carries that version's template (tasks
+    // are created from it and their spec never changes): no need to compare the specs.
+    let version = service_version(service);
+    (version > 0 && task.service_version == version) || task.spec.as_ref() == template(service)
 }
 
 fn tasks<'w>(working: &'w Working, ids: &[String]) -> Vec<&'w Task> {
