@@ -40,12 +40,13 @@ mod restart;
 mod runner;
 mod scheduler;
 mod slot;
+mod tracker;
 mod working;
 
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use prost::Message;
@@ -59,9 +60,10 @@ use crate::store::{ReadView, TXN_BYTES_MAX, TXN_CHANGES_MAX};
 
 pub use restart::{RESTART_BACKOFF_MAX_MS, RESTART_BACKOFF_MIN_MS, RESTART_QUICK_END_MS};
 pub use runner::{
-    ORCHESTRATOR_IDLE_RECHECK, ORCHESTRATOR_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX,
-    Orchestrator,
+    ORCHESTRATOR_FULL_PASS_INTERVAL, ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX, Orchestrator, Proposer,
+    run_with,
 };
+pub use tracker::{Capture, Tracker};
 
 use working::{Unit, Working};
 
@@ -89,6 +91,30 @@ pub(crate) struct Context {
     pub services: BTreeMap<String, Arc<Service>>,
     /// Finished tasks kept per slot.
     pub task_history_retention: u64,
+    /// What the tasks outside the pass load each node with (empty for a full pass).
+    pub base_load: HashMap<String, NodeLoad>,
+}
+
+/// What tasks load one node with: those not finished (they hold room) and, of them, the
+/// occupants (they count for spreading).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeLoad {
+    /// Unfinished tasks on the node, whatever their desired state.
+    pub busy: u64,
+    /// Unfinished occupants (wanted running) on the node.
+    pub active: u64,
+}
+
+impl NodeLoad {
+    /// The load `task` puts on its node, and that node; `None` for a task on no node or
+    /// finished.
+    pub(crate) fn of(task: &Task) -> Option<(&str, NodeLoad)> {
+        if task.node_id.is_empty() || is_terminal(observed(task)) {
+            return None;
+        }
+        let active = u64::from(is_occupant(task));
+        Some((task.node_id.as_str(), NodeLoad { busy: 1, active }))
+    }
 }
 
 impl Context {
@@ -111,30 +137,50 @@ impl Context {
                 .map(|service| (service.id.clone(), Arc::clone(service)))
                 .collect(),
             task_history_retention: settings.task_history_retention,
+            base_load: snapshot.base_load.clone(),
         }
     }
 }
 
-/// What a pass reads: shared pointers to every task, node and service and to the cluster
-/// object, taken under the store's read lock (pointer copies only), so that the pass runs
-/// without holding it (the apply thread waits for that lock).
+/// What a pass reads: shared pointers to the tasks and services it reconciles (every one,
+/// or those of some services: [`Tracker`]), every node and the cluster object, taken under
+/// the store's read lock (pointer copies only), so that the pass runs without holding it
+/// (the apply thread waits for that lock).
 pub struct Snapshot {
     tasks: Vec<Arc<Task>>,
     nodes: Vec<Arc<Node>>,
     services: Vec<Arc<Service>>,
     cluster: Option<Arc<Cluster>>,
+    /// The load of the tasks left out of `tasks` (a scoped pass), per node id.
+    base_load: HashMap<String, NodeLoad>,
 }
 
 impl Snapshot {
-    /// Captures what a pass needs from `view`.
+    /// Captures what a full pass needs from `view`.
     pub fn capture(view: &ReadView<'_>) -> Self {
         Self {
             tasks: view.list::<Task>().cloned().collect(),
             nodes: view.list::<Node>().cloned().collect(),
             services: view.list::<Service>().cloned().collect(),
             cluster: view.list::<Cluster>().next().cloned(),
+            base_load: HashMap::new(),
         }
     }
+
+    /// The number of tasks the pass reads.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+}
+
+/// What one pass decided.
+#[derive(Debug, Default)]
+pub struct PassOutcome {
+    /// The changes, as transactions to propose in this order.
+    pub transactions: Vec<Transaction>,
+    /// Services whose reconcile changes by the clock alone (a restart delay ends, a restart
+    /// window lets an attempt go), and the earliest such time, Unix milliseconds.
+    pub wakeups_ms: BTreeMap<String, i64>,
 }
 
 /// Computes the changes that bring the tasks in `view` in line with the services and nodes,
@@ -146,6 +192,11 @@ pub fn reconcile(view: &ReadView<'_>, now_ms: i64) -> Vec<Transaction> {
 
 /// [`reconcile`] on a captured [`Snapshot`] (what the thread runs, outside the store's lock).
 pub fn reconcile_snapshot(snapshot: &Snapshot, now_ms: i64) -> Vec<Transaction> {
+    reconcile_pass(snapshot, now_ms).transactions
+}
+
+/// [`reconcile_snapshot`], with the times at which its services need another look.
+pub fn reconcile_pass(snapshot: &Snapshot, now_ms: i64) -> PassOutcome {
     let context = Context::load(snapshot, now_ms);
     let mut working = Working::from_tasks(snapshot.tasks.iter().cloned());
     for service in context.services.values() {
@@ -157,7 +208,11 @@ pub fn reconcile_snapshot(snapshot: &Snapshot, now_ms: i64) -> Vec<Transaction> 
     remove_tasks_of_deleted_services(&mut working, &context);
     scheduler::schedule(&mut working, &context);
     reaper::reap(&mut working, &context);
-    pack(working.into_units(), now_ms)
+    let wakeups_ms = working.take_wakeups();
+    PassOutcome {
+        transactions: pack(working.into_units(), now_ms),
+        wakeups_ms,
+    }
 }
 
 fn service_mode(service: &Service) -> ServiceMode {

@@ -21,9 +21,9 @@
 //!
 //! The delay is honoured without an intermediate state: the finished occupant stays in its
 //! slot (desired `RUNNING`) until `now ≥ end + delay`; the pass that sees that retires it and
-//! creates the replacement in one transaction. A replacement is therefore late by at most
-//! [`super::ORCHESTRATOR_IDLE_RECHECK`] (1 s: how long an idle pass result stands while the
-//! store does not change).
+//! creates the replacement in one transaction. The pass that waits names the end of the
+//! delay (and an exhausted window the moment its oldest attempt leaves it), and the thread
+//! wakes the service's pass then: no pass runs for the clock otherwise.
 //!
 //! Must never change anything itself: it only decides.
 
@@ -55,8 +55,10 @@ pub(super) enum Decision {
     Restart,
 }
 
-/// Decides for `task` (a finished occupant) given the other tasks of its slot, at `now_ms`.
-pub(super) fn decide(task: &Task, slot_history: &[&Task], now_ms: i64) -> Decision {
+/// Decides for `task` (a finished occupant) given the other tasks of its slot, at `now_ms`;
+/// with it, the time after which the clock alone may change the decision (the end of the
+/// delay, or the moment the window lets go of its oldest attempt), if there is one.
+pub(super) fn decide(task: &Task, slot_history: &[&Task], now_ms: i64) -> (Decision, Option<i64>) {
     let state = observed(task);
     assert!(is_terminal(state), "only a finished occupant is restarted");
     let policy = task.spec.as_ref().and_then(|spec| spec.restart);
@@ -69,18 +71,22 @@ pub(super) fn decide(task: &Task, slot_history: &[&Task], now_ms: i64) -> Decisi
         RestartCondition::OnFailure => state != TaskState::Complete as i32,
         RestartCondition::Any | RestartCondition::Unspecified => true,
     };
-    if !wanted || attempts_exhausted(policy.as_ref(), slot_history, now_ms) {
-        return Decision::Keep;
+    if !wanted {
+        return (Decision::Keep, None);
+    }
+    if let Some(reopens_ms) = attempts_exhausted(policy.as_ref(), slot_history, now_ms) {
+        return (Decision::Keep, reopens_ms);
     }
     let configured_ms = policy
         .as_ref()
         .and_then(|policy| policy.delay_ms)
         .map_or(DEFAULT_RESTART_DELAY_MS, |delay_ms| delay_ms.max(0));
     let delay_ms = backoff_delay_ms(configured_ms, quick_end_streak(task));
-    if now_ms < status_time_ms(task).saturating_add(delay_ms) {
-        Decision::Wait
+    let due_ms = status_time_ms(task).saturating_add(delay_ms);
+    if now_ms < due_ms {
+        (Decision::Wait, Some(due_ms))
     } else {
-        Decision::Restart
+        (Decision::Restart, None)
     }
 }
 
@@ -116,21 +122,33 @@ pub(super) fn backoff_delay_ms(configured_ms: i64, streak: u32) -> i64 {
     base_ms.saturating_mul(1_i64 << doublings).min(cap_ms)
 }
 
-/// True if the slot already used its `max_attempts` restarts within `window_ms`.
-fn attempts_exhausted(policy: Option<&RestartPolicy>, slot_history: &[&Task], now_ms: i64) -> bool {
-    let Some(policy) = policy.filter(|policy| policy.max_attempts > 0) else {
-        return false;
-    };
+/// `Some` if the slot already used its `max_attempts` restarts within `window_ms`: with the
+/// time at which the oldest of them leaves the window (`None` without a window: never).
+fn attempts_exhausted(
+    policy: Option<&RestartPolicy>,
+    slot_history: &[&Task],
+    now_ms: i64,
+) -> Option<Option<i64>> {
+    let policy = policy.filter(|policy| policy.max_attempts > 0)?;
     let window_start_ms = if policy.window_ms > 0 {
         now_ms.saturating_sub(policy.window_ms)
     } else {
         i64::MIN
     };
-    let attempts = slot_history
+    let counted: Vec<i64> = slot_history
         .iter()
-        .filter(|task| ended_on_its_own(task) && status_time_ms(task) >= window_start_ms)
-        .count();
-    attempts as u64 >= policy.max_attempts
+        .filter(|task| ended_on_its_own(task))
+        .map(|task| status_time_ms(task))
+        .filter(|ended_ms| *ended_ms >= window_start_ms)
+        .collect();
+    if (counted.len() as u64) < policy.max_attempts {
+        return None;
+    }
+    let reopens_ms = (policy.window_ms > 0)
+        .then(|| counted.iter().min().copied())
+        .flatten()
+        .map(|oldest_ms| oldest_ms.saturating_add(policy.window_ms).saturating_add(1));
+    Some(reopens_ms)
 }
 
 /// True if `task` is history that ended by itself (each such task was restarted once).

@@ -1,60 +1,86 @@
 //! The `flotilla-orchestrator` thread, one per manager: runs [`reconcile`](super::reconcile)
 //! on the Raft leader and proposes what it returns.
 //!
-//! A pass runs every [`ORCHESTRATOR_PASS_INTERVAL`] (but at most every
-//! [`ORCHESTRATOR_IDLE_RECHECK`] while the store stays as it was when a pass last found
-//! nothing to do) and soon after the store reports a change to nodes, services, tasks or
-//! the cluster (a watch with a queue of
-//! [`ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX`] events; a dropped watch is simply renewed, as the
-//! next pass reads everything anyway). Passes take at most half of the thread's time (the
-//! next waits at least as long as the last one computed) and an idle pass result stands at
-//! least ten times as long as it took, so a huge store costs a bounded share of a core. On
-//! a follower a pass does nothing. A new leader first
-//! waits for a read barrier (it has applied everything committed before its term), so it
-//! does not act on a view its predecessor had already moved past.
+//! Event-driven: the thread waits for the store's watch events (nodes, services, tasks, the
+//! cluster), and a pass reconciles only the services they touch ([`Tracker`]), so its work
+//! grows with the change, not with the cluster. A full pass (every task) runs on becoming
+//! leader, after the watch lost events (it fell behind, or a snapshot was restored), and
+//! every [`ORCHESTRATOR_FULL_PASS_INTERVAL`] as a safety net. The clock makes work only
+//! where a pass said it would (a restart delay or window ends, a node's down grace ends):
+//! the thread sleeps until the earliest of those. At rest it wakes every
+//! [`LEADERSHIP_POLL`] to look at the leader (an atomic load) and nothing else.
+//!
+//! A burst of events is gathered for [`CHANGE_COALESCE`] (or as long as the last pass took,
+//! so passes take at most half of the thread's time) before the pass. On a follower the
+//! thread holds no watch and does nothing. A new leader first waits for a read barrier (it
+//! has applied everything committed before its term), so it does not act on a view its
+//! predecessor had already moved past.
 //!
 //! A proposal that fails (`Aborted` because a task changed since the pass read it, a lost
-//! leadership, a timeout) ends the pass; the next pass reads the store again. Must never
-//! hold the store's lock while proposing, nor propose on a follower.
+//! leadership, a timeout) ends the pass, and its services are reconciled again at the next
+//! one. Must never hold the store's lock while proposing, nor propose on a follower.
 
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, select};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TryRecvError, bounded, never, select};
 
 use crate::proto::objects::{Task, Transaction, change, store_object};
 use crate::raft::node::NodeHandle;
 use crate::replication::{PROPOSE_TIMEOUT, propose_transaction};
-use crate::store::{Kind, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
+use crate::store::{Kind, Store};
 use crate::util::clock::unix_now_ms as now_ms;
 
-/// The longest wait between two passes when the store changes.
-pub const ORCHESTRATOR_PASS_INTERVAL: Duration = Duration::from_millis(200);
+use super::tracker::{Capture, Tracker};
 
-/// How long a pass that found nothing to do stands while the store does not change (an
-/// idle pass over 10,000 tasks costs about 20 ms). Only the clock can make work appear
-/// then (a restart delay or window, a node's down grace), so this bounds how late those
-/// decisions are.
-pub const ORCHESTRATOR_IDLE_RECHECK: Duration = Duration::from_secs(1);
+/// How often the leader reconciles every task even though no event asked for it: a safety
+/// net against a missed dependency, not a mechanism anything relies on (a full pass over
+/// 100,000 tasks costs about half a second: under 0.5 % of a core at this interval).
+pub const ORCHESTRATOR_FULL_PASS_INTERVAL: Duration = Duration::from_secs(120);
 
-/// The orchestrator's watch queue bound; a burst beyond it drops the watch, which is renewed
-/// (a full pass follows either way).
-pub const ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX: usize = 1024;
+/// The orchestrator's watch queue bound; a burst beyond it drops the watch, and a full
+/// pass follows. The thread empties the queue after every proposal, so its own passes
+/// (at most 200 changes a transaction) never fill it.
+pub const ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX: usize = 8192;
+
+/// How often the thread looks at who leads while nothing else wakes it.
+const LEADERSHIP_POLL: Duration = Duration::from_millis(200);
 
 /// How long after a change the pass waits, so one pass covers a burst of transactions.
 const CHANGE_COALESCE: Duration = Duration::from_millis(10);
 
-/// The most of its time the thread spends in passes: after a pass that took `d`, the next
-/// one waits at least `d` (half a core at most, however large the store and however often
-/// it changes), and a pass that found nothing to do stands for at least 10 `d` (a tenth).
-/// A pass over 100,000 tasks takes a few hundred milliseconds; without this, a service
-/// that large kept a core busy while status reports streamed in.
-const PASS_SHARE_BUSY_INV: u32 = 2;
-/// See [`PASS_SHARE_BUSY_INV`]: the share of an idle pass is a tenth.
-const PASS_SHARE_IDLE_INV: u32 = 10;
-
 /// How long a new leader waits for its read barrier before the next attempt.
 const READ_BARRIER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the thread needs from the Raft node: whether it leads, the read barrier, and the
+/// proposal of a transaction (a trait so that a benchmark can run the thread on a store
+/// without Raft).
+pub trait Proposer {
+    /// True if this manager is the Raft leader now.
+    fn is_leader(&self) -> bool;
+    /// Waits until this leader has applied everything committed before its term; false if
+    /// that did not happen within the barrier's timeout.
+    fn catch_up(&self) -> bool;
+    /// Proposes `txn` and waits for it to be applied.
+    ///
+    /// # Errors
+    /// Why it was not committed (refused, aborted, lost leadership, timed out).
+    fn propose(&self, txn: &Transaction) -> Result<u64, String>;
+}
+
+impl Proposer for NodeHandle {
+    fn is_leader(&self) -> bool {
+        self.leader() == Some(self.id())
+    }
+
+    fn catch_up(&self) -> bool {
+        self.read_barrier_local(READ_BARRIER_TIMEOUT).is_ok()
+    }
+
+    fn propose(&self, txn: &Transaction) -> Result<u64, String> {
+        propose_transaction(self, txn, PROPOSE_TIMEOUT).map_err(|status| status.to_string())
+    }
+}
 
 /// The running orchestrator thread. Stop it with [`Orchestrator::stop`].
 pub struct Orchestrator {
@@ -71,7 +97,7 @@ impl Orchestrator {
         let (stop, stopped) = bounded::<()>(1);
         let thread = std::thread::Builder::new()
             .name("flotilla-orchestrator".into())
-            .spawn(move || run(&node, &store, &stopped))?;
+            .spawn(move || run_with(&node, &store, &stopped))?;
         Ok(Orchestrator { stop, thread })
     }
 
@@ -85,72 +111,59 @@ impl Orchestrator {
     }
 }
 
-fn subscribe(store: &Store) -> Watcher {
-    let filters = [Kind::Node, Kind::Service, Kind::Task, Kind::Cluster]
-        .into_iter()
-        .map(WatchFilter::kind)
-        .collect();
-    store.watch(WatchOptions {
-        filters,
-        include_commits: false,
-        queue_events_max: Some(ORCHESTRATOR_WATCH_QUEUE_EVENTS_MAX),
-    })
-}
-
-fn run(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) {
-    let mut watcher = subscribe(store);
+/// The thread's loop, until `stopped` fires or its sender is dropped: passes on `store`
+/// while `proposer` leads (see the module doc).
+pub fn run_with(proposer: &impl Proposer, store: &Store, stopped: &Receiver<()>) {
+    let mut tracker = Tracker::new();
     let mut caught_up = false;
-    // The store version at which a pass last found nothing to do, and when.
-    let mut idle_since: Option<(u64, Instant)> = None;
-    // When the last pass ended and how long it took (see `PASS_SHARE_BUSY_INV`).
-    let mut last_pass = (Instant::now(), Duration::ZERO);
+    let mut last_full = Instant::now();
+    // How long the last pass computed (see `CHANGE_COALESCE`).
+    let mut last_took = Duration::ZERO;
     loop {
-        if node.leader() == Some(node.id()) {
-            if !caught_up {
-                caught_up = node.read_barrier_local(READ_BARRIER_TIMEOUT).is_ok();
-            }
-            let version = store.version();
-            let (ended, took) = last_pass;
-            let idle_recheck = ORCHESTRATOR_IDLE_RECHECK.max(took * PASS_SHARE_IDLE_INV);
-            let still_idle = idle_since.is_some_and(|(idle_version, at)| {
-                idle_version == version && at.elapsed() < idle_recheck
-            });
-            let rested = ended.elapsed() >= took * (PASS_SHARE_BUSY_INV - 1);
-            if caught_up && !still_idle && rested {
-                let (proposed, took) = run_pass(node, store, stopped);
-                last_pass = (Instant::now(), took);
-                idle_since = (proposed == 0).then(|| (version, Instant::now()));
-            }
-        } else {
+        if !proposer.is_leader() {
             caught_up = false;
-            idle_since = None;
+            // A follower holds no watch: a new lead starts with a full pass.
+            tracker = Tracker::new();
+        } else {
+            if !caught_up {
+                caught_up = proposer.catch_up();
+                tracker = Tracker::new();
+            }
         }
+        if caught_up {
+            if last_full.elapsed() >= ORCHESTRATOR_FULL_PASS_INTERVAL {
+                tracker.require_full();
+            }
+            let started = Instant::now();
+            let capture = tracker.capture(store, now_ms());
+            if matches!(capture, Capture::Full(_)) {
+                last_full = started;
+            }
+            if !matches!(capture, Capture::Nothing) {
+                last_took = run_pass(proposer, store, &mut tracker, &capture, stopped);
+            }
+        }
+        let wait = if caught_up {
+            let until_wakeup = tracker.next_wakeup_ms().map_or(LEADERSHIP_POLL, |at_ms| {
+                Duration::from_millis(u64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(0))
+            });
+            let until_full = ORCHESTRATOR_FULL_PASS_INTERVAL.saturating_sub(last_full.elapsed());
+            LEADERSHIP_POLL.min(until_wakeup).min(until_full)
+        } else {
+            LEADERSHIP_POLL
+        };
+        let events = tracker.receiver().cloned().unwrap_or_else(never);
         select! {
             recv(stopped) -> _ => return,
-            recv(watcher.receiver()) -> event => {
-                if !matches!(event, Ok(WatchEvent::Change(_) | WatchEvent::Commit { .. })) {
-                    watcher = subscribe(store);
-                }
+            recv(events) -> event => {
+                tracker.take(event.ok());
                 // Gather the rest of a burst; a stop (the sender dropped) ends the wait too.
-                if !matches!(stopped.recv_timeout(CHANGE_COALESCE), Err(RecvTimeoutError::Timeout)) {
+                let gather = CHANGE_COALESCE.max(last_took);
+                if !matches!(stopped.recv_timeout(gather), Err(RecvTimeoutError::Timeout)) {
                     return;
                 }
-                if !drain(&watcher) {
-                    watcher = subscribe(store);
-                }
             }
-            default(ORCHESTRATOR_PASS_INTERVAL) => {}
-        }
-    }
-}
-
-/// Empties the watcher's queue; false if the watch was dropped.
-fn drain(watcher: &Watcher) -> bool {
-    loop {
-        match watcher.try_recv() {
-            Ok(Some(_)) => {}
-            Ok(None) => return true,
-            Err(_) => return false,
+            default(wait) => {}
         }
     }
 }
@@ -197,36 +210,49 @@ fn still_applies(store: &Store, txn: &Transaction) -> bool {
     })
 }
 
-/// Reconciles once and proposes the result, transaction by transaction; stops early when
-/// a proposal fails or the thread is asked to stop (the rest is recomputed next pass).
-/// Returns the number of transactions the pass wanted to propose, and how long it took to
-/// compute them (the waits for proposals excluded: they cost no CPU here).
-fn run_pass(node: &NodeHandle, store: &Store, stopped: &Receiver<()>) -> (usize, Duration) {
+/// Reconciles `capture` and proposes the result, transaction by transaction; stops early
+/// when a proposal fails or the thread is asked to stop (the tracker then has the pass's
+/// services looked at again). Returns how long the pass took to compute (the waits for
+/// proposals excluded: they cost no CPU here).
+fn run_pass(
+    proposer: &impl Proposer,
+    store: &Store,
+    tracker: &mut Tracker,
+    capture: &Capture,
+    stopped: &Receiver<()>,
+) -> Duration {
     let started = Instant::now();
-    let now = now_ms();
-    let snapshot = store.view(super::Snapshot::capture);
-    let transactions = super::reconcile_snapshot(&snapshot, now);
+    let snapshot = match capture {
+        Capture::Full(snapshot) | Capture::Scoped { snapshot, .. } => snapshot,
+        Capture::Nothing => return Duration::ZERO,
+    };
+    let outcome = super::reconcile_pass(snapshot, now_ms());
     let took = started.elapsed();
-    for txn in &transactions {
+    tracker.record_wakeups(outcome.wakeups_ms);
+    for txn in &outcome.transactions {
         if !matches!(stopped.try_recv(), Err(TryRecvError::Empty)) {
+            tracker.pass_incomplete(capture);
             break;
         }
         if !still_applies(store, txn) {
             log::debug!("orchestrator: the store moved on since the pass read it; next pass");
+            tracker.pass_incomplete(capture);
             break;
         }
-        match propose_transaction(node, txn, PROPOSE_TIMEOUT) {
+        match proposer.propose(txn) {
             Ok(version) => log::debug!(
                 "orchestrator: {} task changes committed at version {version}",
                 txn.changes.len()
             ),
             Err(status) => {
                 log::debug!("orchestrator: proposal refused, retrying next pass: {status}");
+                tracker.pass_incomplete(capture);
                 break;
             }
         }
+        tracker.drain();
     }
-    (transactions.len(), took)
+    took
 }
 
 #[cfg(test)]

@@ -48,7 +48,10 @@ struct Load {
 }
 
 impl Load {
+    /// The load of the tasks outside the pass (`Context::base_load`); the pass's own tasks
+    /// are added by [`schedule`].
     fn new(context: &Context) -> Self {
+        let base = |id: &String| context.base_load.get(id).copied().unwrap_or_default();
         Self {
             node_index: context
                 .nodes
@@ -56,9 +59,9 @@ impl Load {
                 .enumerate()
                 .map(|(index, id)| (id.clone(), index))
                 .collect(),
-            total: vec![0; context.nodes.len()],
+            total: context.nodes.keys().map(|id| base(id).active).collect(),
             per_service: HashMap::new(),
-            busy: vec![0; context.nodes.len()],
+            busy: context.nodes.keys().map(|id| base(id).busy).collect(),
             room: context.nodes.values().map(|node| node_room(node)).collect(),
         }
     }

@@ -79,7 +79,10 @@ pub(super) fn template(service: &Service) -> Option<&TaskSpec> {
 }
 
 fn is_current(task: &Task, service: &Service) -> bool {
-    task.spec.as_ref() == template(service)
+    // A task made at the service's current version carries that version's template (tasks
+    // are created from it and their spec never changes): no need to compare the specs.
+    let version = service_version(service);
+    (version > 0 && task.service_version == version) || task.spec.as_ref() == template(service)
 }
 
 fn tasks<'w>(working: &'w Working, ids: &[String]) -> Vec<&'w Task> {
@@ -153,7 +156,11 @@ fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) ->
             .into_iter()
             .filter(|other| other.id != task.id)
             .collect();
-        match restart::decide(&task, &history, context.now_ms) {
+        let (decision, changes_at_ms) = restart::decide(&task, &history, context.now_ms);
+        if let Some(at_ms) = changes_at_ms {
+            working.wake_at(&task.service_id, at_ms);
+        }
+        match decision {
             Decision::Keep => {}
             Decision::Wait => outcome = Decision::Wait,
             Decision::Restart => working.retire(&task.id, TaskState::Shutdown),

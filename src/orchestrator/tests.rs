@@ -12,11 +12,13 @@ use crate::proto::objects::{
 use crate::store::spec::default_cluster_spec;
 use crate::store::{Kind, Store, create, delete, update};
 
-use super::{NODE_DOWN_GRACE_MS, reconcile};
+use super::{Capture, NODE_DOWN_GRACE_MS, Tracker, reconcile, reconcile_pass};
 
 struct Harness {
     store: Store,
     index: u64,
+    /// The event-driven passes, checked against the full ones at every step.
+    tracker: Tracker,
 }
 
 const RUNNING: i32 = TaskState::Running as i32;
@@ -26,6 +28,7 @@ impl Harness {
         Self {
             store: Store::default(),
             index: 0,
+            tracker: Tracker::new(),
         }
     }
 
@@ -99,6 +102,7 @@ impl Harness {
     /// One pass, applied; the number of changes it made.
     fn step(&mut self, now_ms: i64) -> usize {
         let transactions = self.store.view(|view| reconcile(view, now_ms));
+        self.check_event_driven_pass(now_ms, &transactions);
         let mut changes = 0;
         for txn in transactions {
             changes += txn.changes.len();
@@ -106,6 +110,33 @@ impl Harness {
             self.store.apply(self.index, &txn).unwrap();
         }
         changes
+    }
+
+    /// The pass of the event-driven orchestrator (only what changed since its last pass)
+    /// decides exactly what the full pass decides.
+    fn check_event_driven_pass(&mut self, now_ms: i64, full: &[Transaction]) {
+        let capture = self.tracker.capture(&self.store, now_ms);
+        let outcome = match &capture {
+            Capture::Full(snapshot) | Capture::Scoped { snapshot, .. } => {
+                reconcile_pass(snapshot, now_ms)
+            }
+            Capture::Nothing => super::PassOutcome::default(),
+        };
+        self.tracker.record_wakeups(outcome.wakeups_ms);
+        let changes = |transactions: &[Transaction]| {
+            let mut encoded: Vec<Vec<u8>> = transactions
+                .iter()
+                .flat_map(|txn| txn.changes.iter().map(prost::Message::encode_to_vec))
+                .collect();
+            encoded.sort();
+            encoded
+        };
+        assert!(
+            changes(&outcome.transactions) == changes(full),
+            "the event-driven pass at {now_ms} decided {} changes, the full pass {}",
+            changes(&outcome.transactions).len(),
+            changes(full).len()
+        );
     }
 
     /// Passes until nothing changes; the total number of changes.

@@ -33,6 +33,8 @@ pub(super) struct Working {
     index: HashMap<String, usize>,
     /// Service id → ids of its tasks (created ones included), in id order of loading.
     by_service: BTreeMap<String, Vec<String>>,
+    /// Service id → the earliest time its reconcile changes by the clock alone.
+    wakeups_ms: BTreeMap<String, i64>,
 }
 
 /// The store's changes for one slot: kept in one transaction so that a slot is never left
@@ -143,6 +145,20 @@ impl Working {
                 task.desired_state = state as i32;
             }
         });
+    }
+
+    /// Notes that `service_id` needs another pass at `at_ms` even if nothing changes.
+    pub(super) fn wake_at(&mut self, service_id: &str, at_ms: i64) {
+        let earliest = self
+            .wakeups_ms
+            .entry(service_id.to_string())
+            .or_insert(at_ms);
+        *earliest = (*earliest).min(at_ms);
+    }
+
+    /// The wake-up times noted so far, taken out.
+    pub(super) fn take_wakeups(&mut self) -> BTreeMap<String, i64> {
+        std::mem::take(&mut self.wakeups_ms)
     }
 
     /// Deletes task `id` (the reaper).
