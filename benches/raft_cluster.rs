@@ -3,10 +3,17 @@
 //!
 //! Usage: `cargo bench --bench raft_cluster -- [--seconds D] [--clients 1,16,64,256]
 //! [--snapshot-mib N]` (`--snapshot-mib 0` skips the snapshot part).
-//! Prints, for each client count C: `writes_per_s_c<C>`, `write_p50_us_c<C>`,
-//! `write_p99_us_c<C>`; then `snapshot_stream_MBps` and `snapshot_rss_growth_MiB`.
+//! Prints first the floors, measured before the clusters start: `fsync_p50_us` (append +
+//! `fdatasync` in the directory the managers' state goes to) and `loopback_rtt_p50_us`;
+//! then, for each client count C: `writes_per_s_c<C>`, `write_p50_us_c<C>`,
+//! `write_p99_us_c<C>`, and after C = 1 `c1_p50_over_floor` (write_p50_us_c1 over
+//! fsync_p50_us + loopback_rtt_p50_us: a replicated write cannot beat one fsync and one
+//! round trip; issue 16's target is ≤ 2.0); then `snapshot_stream_MBps` and
+//! `snapshot_rss_growth_MiB`.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "common/floor.rs"]
+mod floor;
 #[path = "../tests/procs/mod.rs"]
 mod procs;
 
@@ -53,7 +60,8 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
-fn writes(cluster: &Cluster, clients: usize, seconds: f64) {
+/// Runs `clients` closed-loop writers for `seconds`, prints the figures; returns the p50 in µs.
+fn writes(cluster: &Cluster, clients: usize, seconds: f64) -> f64 {
     let probe = cluster.client();
     let leader = cluster.managers[cluster.leader_index(&probe).expect("a leader")]
         .addr
@@ -97,16 +105,15 @@ fn writes(cluster: &Cluster, clients: usize, seconds: f64) {
         "BENCH writes_per_s_c{clients} {:.0} ops/s",
         all.len() as f64 / elapsed
     );
-    println!(
-        "BENCH write_p50_us_c{clients} {:.0} us",
-        percentile(&all, 0.50)
-    );
+    let p50_us = percentile(&all, 0.50);
+    println!("BENCH write_p50_us_c{clients} {p50_us:.0} us");
     println!(
         "BENCH write_p99_us_c{clients} {:.0} us",
         percentile(&all, 0.99)
     );
     drop(client);
     probe.transport.shutdown();
+    p50_us
 }
 
 fn snapshot(mib: usize) {
@@ -162,10 +169,16 @@ fn snapshot(mib: usize) {
 
 fn main() {
     let args = parse_args();
+    // The managers' state directories are made under the system's temporary directory
+    // (`Cluster::start`): the disk floor is measured there, before any manager runs.
+    let floors = floor::measure_and_print(&std::env::temp_dir());
     {
         let cluster = Cluster::start(3, ClusterOptions::default());
         for &clients in &args.clients {
-            writes(&cluster, clients, args.seconds);
+            let p50_us = writes(&cluster, clients, args.seconds);
+            if clients == 1 {
+                floor::print_ratio("c1_p50_over_floor", p50_us, floors.commit_floor_us());
+            }
         }
     }
     if args.snapshot_mib > 0 {

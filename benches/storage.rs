@@ -22,8 +22,10 @@
 //! disk cannot skew. The per-repeat figures go to stderr.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+#[path = "common/floor.rs"]
+mod floor;
+
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -142,7 +144,8 @@ impl AppendBench {
     }
 }
 
-/// One raw batch: copy the payloads into one buffer, append it, fdatasync.
+/// One raw batch: copy the payloads into one buffer, append it, fdatasync (the floor's own
+/// append, [`floor::append_and_sync`]).
 fn raw_batch(
     file: &mut std::fs::File,
     buffer: &mut Vec<u8>,
@@ -154,9 +157,8 @@ fn raw_batch(
     for i in 0..batch {
         buffer.extend_from_slice(&payloads[i % payloads.len()]);
     }
-    file.write_all(buffer).unwrap();
-    file.sync_data().unwrap();
-    start.elapsed()
+    let copied = start.elapsed();
+    copied + floor::append_and_sync(file, buffer)
 }
 
 /// Alternates one raw batch and one append batch for `duration`, so that both see the

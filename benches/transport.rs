@@ -2,9 +2,13 @@
 //!
 //! Usage: `cargo bench --bench transport -- [--calls N] [--seconds S]`
 //! Prints `BENCH <name> <value> <unit>` lines:
+//! - `loopback_rtt_p50_us`: the floor, a plain blocking TCP ping-pong of 64 bytes over
+//!   127.0.0.1 (`TCP_NODELAY`), measured first in the same run;
 //! - `rpc_unary_p50_us`, `rpc_unary_p99_us`: 64-byte unary calls, one caller, handler on a
 //!   service pool; `rpc_unary_inline_p50_us`, `rpc_unary_inline_p99_us`: the same with the
 //!   handler inline on the reactor (how `raft.Step` and `kv.Apply` are served);
+//!   `unary_p50_over_rtt` and `unary_inline_p50_over_rtt`: those p50s over the floor
+//!   (issue 16's target for the pool one: ≤ 1.6);
 //! - `rpc_unary_per_s_c64`: 64-byte unary calls, 64 concurrent callers on one connection;
 //! - `rpc_1MiB_MBps`: 1 MiB messages streamed by one caller (client-streaming, pipelined);
 //! - `rpc_unary_1MiB_MBps`: 1 MiB unary requests, one caller (no pipelining).
@@ -12,6 +16,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/floor.rs"]
+mod floor;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -58,7 +64,8 @@ fn payload(bytes: usize) -> Bytes {
 
 /// `method` on the server's pool (`test.Discard`) or inline on its reactor
 /// (`test.InlineEcho`, how `raft.Step` and `kv.Apply` are served); `label` names the figures.
-fn unary_latency(channel: &Channel, calls: usize, method: &str, label: &str) {
+/// Returns the p50 in µs.
+fn unary_latency(channel: &Channel, calls: usize, method: &str, label: &str) -> f64 {
     let request = payload(64);
     for _ in 0..1000 {
         channel.unary_raw(method, encode(&request), opts()).unwrap();
@@ -72,14 +79,13 @@ fn unary_latency(channel: &Channel, calls: usize, method: &str, label: &str) {
     samples_ns.sort_unstable();
     let percentile =
         |p: f64| samples_ns[((samples_ns.len() as f64 * p) as usize).min(samples_ns.len() - 1)];
-    println!(
-        "BENCH rpc_unary{label}_p50_us {:.1} us",
-        percentile(0.50) as f64 / 1000.0
-    );
+    let p50_us = percentile(0.50) as f64 / 1000.0;
+    println!("BENCH rpc_unary{label}_p50_us {p50_us:.1} us");
     println!(
         "BENCH rpc_unary{label}_p99_us {:.1} us",
         percentile(0.99) as f64 / 1000.0
     );
+    p50_us
 }
 
 fn encode(request: &Bytes) -> bytes::Bytes {
@@ -151,12 +157,16 @@ fn unary_throughput(channel: &Channel, seconds: f64) {
 
 fn main() {
     let args = parse_args();
+    let rtt_us = floor::loopback_rtt_p50_us(floor::RTT_ROUND_TRIPS_DEFAULT);
+    println!("BENCH loopback_rtt_p50_us {rtt_us:.1} us");
     let cluster = Cluster::new();
     let server = TestServer::start(&cluster, TransportConfig::default());
     let client = Transport::start(TransportConfig::default()).unwrap();
     let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
-    unary_latency(&channel, args.calls, "test.Discard", "");
-    unary_latency(&channel, args.calls, "test.InlineEcho", "_inline");
+    let pool_p50_us = unary_latency(&channel, args.calls, "test.Discard", "");
+    floor::print_ratio("unary_p50_over_rtt", pool_p50_us, rtt_us);
+    let inline_p50_us = unary_latency(&channel, args.calls, "test.InlineEcho", "_inline");
+    floor::print_ratio("unary_inline_p50_over_rtt", inline_p50_us, rtt_us);
     unary_concurrent(&channel, 64, args.seconds);
     streamed_throughput(&channel, args.seconds);
     unary_throughput(&channel, args.seconds);

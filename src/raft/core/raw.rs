@@ -761,6 +761,9 @@ impl RaftCore {
     }
 
     fn tick_election(&mut self) {
+        if self.campaign_if_sole_voter() {
+            return;
+        }
         self.election_elapsed_ticks = self.election_elapsed_ticks.saturating_add(1);
         if self.election_elapsed_ticks >= self.randomized_election_ticks {
             if self.promotable() {
@@ -773,6 +776,29 @@ impl RaftCore {
                 self.leader = NO_NODE;
             }
         }
+    }
+
+    /// Starts an election at once, without waiting out an election timeout, when this
+    /// member is a follower with no leader and the only voter of both its latest and its
+    /// committed membership (a single-manager cluster starting or restarting); returns
+    /// whether it did. Its own vote is a quorum, so the pre-vote and the election complete
+    /// as soon as its vote is durable. Safe: the timeout exists so that members do not
+    /// disrupt a leader they have not heard from yet, and no other member can lead a
+    /// membership whose only voter is this one; requiring the committed membership too
+    /// keeps a member that merely appended a change leaving it alone from unseating a
+    /// leader that may still hold a lease in the committed membership. The raft thread calls
+    /// it once when it starts; [`RaftCore::tick`] calls it before counting the timeout.
+    pub fn campaign_if_sole_voter(&mut self) -> bool {
+        let alone = self.role == Role::Follower
+            && self.leader == NO_NODE
+            && self.promotable()
+            && is_only_voter(self.membership(), self.config.id)
+            && is_only_voter(self.membership_at(self.log.commit()), self.config.id);
+        if alone {
+            self.election_elapsed_ticks = 0;
+            self.campaign(self.config.pre_vote, false);
+        }
+        alone
     }
 
     /// May campaign: a voter of the latest membership, or of the committed one while a change
@@ -1622,4 +1648,9 @@ fn entry_bytes_of(payload_bytes: u64) -> u64 {
 
 fn decode_membership(entry: &Entry) -> Membership {
     membership::decode(&entry.data).expect("membership entries are written by the core itself")
+}
+
+/// True if `id` is the one and only voter of `membership` (learners aside: they never vote).
+fn is_only_voter(membership: &Membership, id: NodeId) -> bool {
+    membership.voters.len() == 1 && membership.voters.contains(&id)
 }

@@ -57,6 +57,45 @@ fn single_voter_commits_only_what_its_disk_made_durable() {
 }
 
 #[test]
+fn a_sole_voter_leads_on_its_first_tick_without_an_election_timeout() {
+    let mut h = Harness::new(&[1], &[], |_| {});
+    assert!(h.core(1).config().election_timeout_ticks > 1);
+    h.tick(1, 1);
+    assert_eq!(h.core(1).role(), Role::Leader, "one tick, no timeout");
+    assert_eq!(h.core(1).term(), 1);
+    let proposed = h.propose(1, b"a").unwrap();
+    assert_eq!(h.core(1).commit_index(), proposed.index);
+
+    // The same without waiting for a tick, as the raft thread does when it starts; the own
+    // vote still counts only once durable.
+    let mut h = Harness::new(&[1], &[], |_| {});
+    h.node(1).auto_persist = false;
+    assert!(h.node(1).core.campaign_if_sole_voter());
+    h.process(1);
+    assert_eq!(h.core(1).role(), Role::Candidate);
+    h.persist(1);
+    assert_eq!(h.core(1).role(), Role::Leader);
+    assert!(
+        !h.node(1).core.campaign_if_sole_voter(),
+        "a leader does not campaign again"
+    );
+}
+
+#[test]
+fn a_member_with_other_voters_still_waits_for_its_election_timeout() {
+    let mut h = Harness::new(&[1, 2, 3], &[], |_| {});
+    assert!(!h.node(1).core.campaign_if_sole_voter());
+    h.tick(1, 1);
+    assert_eq!(h.core(1).role(), Role::Follower);
+    assert_eq!(h.core(1).term(), 0);
+    // A learner is not a voter: a voter with learners only is still alone.
+    let mut h = Harness::new(&[1], &[2], |_| {});
+    h.tick(1, 1);
+    assert_eq!(h.core(1).role(), Role::Leader);
+    assert_eq!(h.core(2).role(), Role::Follower);
+}
+
+#[test]
 fn refusals_are_typed() {
     let mut h = Harness::new(&[1, 2, 3], &[], |c| c.proposal_bytes_max = 4);
     h.campaign(1);

@@ -207,6 +207,11 @@ impl RaftLoop {
             self.core.last_index(),
             self.core.membership()
         );
+        // A single manager needs nobody's vote: it leads as soon as its vote is durable,
+        // instead of after an election timeout (a cold start's first write waits for it).
+        if self.core.campaign_if_sole_voter() {
+            self.process_ready();
+        }
         while self.fatal.is_none() {
             select! {
                 recv(self.stop) -> _ => break,
