@@ -168,10 +168,12 @@ impl<T> TimerWheel<T> {
                 (Some((at_ms, level, index)), overflow)
                     if at_ms <= now_ms && overflow.is_none_or(|o| at_ms <= o) =>
                 {
+                    debug_assert!(at_ms > self.now_ms, "time never goes back");
                     self.now_ms = at_ms;
                     self.expire_slot(level, index, fired);
                 }
                 (_, Some(at_ms)) if at_ms <= now_ms => {
+                    debug_assert!(at_ms >= self.now_ms, "time never goes back");
                     self.now_ms = at_ms;
                     self.recheck_overflow();
                 }
@@ -301,10 +303,20 @@ impl<T> TimerWheel<T> {
     fn place(&mut self, index: u32) {
         let deadline_ms = self.entries[index as usize].deadline_ms;
         let list = self.list_for(deadline_ms);
+        // A bound left by cancelled timers is dropped once their list is empty.
+        let first = self.heads[usize::from(list)] == NIL;
         if list == DUE {
-            self.due_earliest_ms = self.due_earliest_ms.min(deadline_ms);
+            self.due_earliest_ms = if first {
+                deadline_ms
+            } else {
+                self.due_earliest_ms.min(deadline_ms)
+            };
         } else if list == OVERFLOW {
-            self.overflow_earliest_ms = self.overflow_earliest_ms.min(deadline_ms);
+            self.overflow_earliest_ms = if first {
+                deadline_ms
+            } else {
+                self.overflow_earliest_ms.min(deadline_ms)
+            };
         }
         self.link(index, list);
     }
@@ -391,13 +403,14 @@ impl<T> TimerWheel<T> {
         }
     }
 
-    /// When the wheel's time first lets the earliest overflow timer into the top level.
+    /// When the wheel's time first lets the earliest overflow timer into the top level (never
+    /// before the wheel's time: a bound left by a cancelled timer may say so).
     fn overflow_recheck_ms(&self) -> Option<u64> {
         if self.heads[usize::from(OVERFLOW)] == NIL {
             return None;
         }
         let top_slot = (self.overflow_earliest_ms >> TOP_SHIFT).saturating_sub(SLOTS as u64 - 1);
-        Some(top_slot << TOP_SHIFT)
+        Some((top_slot << TOP_SHIFT).max(self.now_ms))
     }
 
     /// Moves every overflow timer now within reach into the wheel. O(overflow timers), done
@@ -642,6 +655,26 @@ mod tests {
             }
         }
         assert_eq!(fired, deadlines);
+    }
+
+    #[test]
+    fn a_cancelled_timer_leaves_no_stale_bound_behind() {
+        let mut wheel = TimerWheel::new(0);
+        let far = wheel.insert(100 * WHEEL_RANGE_MS, 1);
+        let past = wheel.insert(0, 2);
+        assert_eq!(wheel.cancel(far), Some(1));
+        assert_eq!(wheel.cancel(past), Some(2));
+        let now = 200 * WHEEL_RANGE_MS;
+        assert!(advance(&mut wheel, now).is_empty());
+        // New timers in the emptied lists: the bounds are theirs, not the cancelled ones'
+        // (a bound in the past would make a driver spin).
+        wheel.insert(now + 2 * WHEEL_RANGE_MS, 3);
+        assert_eq!(wheel.next_deadline_ms(), Some(now + 2 * WHEEL_RANGE_MS));
+        assert!(wheel.overflow_recheck_ms().is_some_and(|at| at > now));
+        wheel.insert(now - 5, 4);
+        assert_eq!(wheel.next_deadline_ms(), Some(now - 5));
+        assert_eq!(advance(&mut wheel, now + 1), vec![4]);
+        assert_eq!(advance(&mut wheel, now + 2 * WHEEL_RANGE_MS), vec![3]);
     }
 
     #[test]
