@@ -21,5 +21,6 @@ pub mod raft;
 pub mod replication;
 pub mod state_dir;
 pub mod store;
+pub mod timer;
 pub mod util;
 pub mod wire;
