@@ -1,8 +1,9 @@
-//! A control write holds no thread while it waits for its commit. With both followers of a
-//! 3-manager cluster stopped (SIGSTOP), nothing can commit; the leader is sent twice as many
-//! writes as it has control pool threads, and must still answer another control call while
-//! every one of them is pending. Once the followers resume, every write gets an answer from
-//! the managers (never the client's own deadline).
+//! A control write holds no thread while it waits for its commit, and is answered by its
+//! deadline at the latest. With both followers of a 3-manager cluster stopped (SIGSTOP),
+//! nothing can commit; the leader is sent twice as many writes as it has control pool
+//! threads, and must still answer another control call while every one of them is pending.
+//! Then every write gets the managers' answer, "outcome unknown", at their deadline (never
+//! the client's own, which is far later).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 mod procs;
@@ -59,7 +60,7 @@ fn unanswered(status: &Status) -> bool {
 }
 
 #[test]
-fn pending_writes_leave_the_control_pool_free_and_all_get_answers() {
+fn pending_writes_leave_the_control_pool_free_and_are_answered_at_their_deadline() {
     let cluster = Cluster::start(3, ClusterOptions::default());
     let leader = cluster.leader_index(&cluster.client()).expect("a leader");
     let (identity, root) =
@@ -122,12 +123,12 @@ fn pending_writes_leave_the_control_pool_free_and_all_get_answers() {
         "the other call was answered only after writes finished: writes held the pool's threads"
     );
 
-    drop(resumes);
     for writer in writers {
         let reply = writer.join().expect("the writer thread");
-        if let Err(status) = reply {
-            assert!(!unanswered(&status), "a write was never answered: {status}");
-        }
+        let status = reply.expect_err("nothing can commit while the followers are stopped");
+        assert!(!unanswered(&status), "a write was never answered: {status}");
+        assert_eq!(status.reason, Reason::OutcomeUnknown, "{status}");
     }
+    drop(resumes);
     transport.shutdown();
 }

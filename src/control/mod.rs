@@ -68,6 +68,7 @@ use crate::proto::objects::NodeRole;
 use crate::raft::node::NodeHandle;
 use crate::replication::{PROPOSE_TIMEOUT, linearizable_read_index};
 use crate::store::Store;
+use crate::timer::Timers;
 use crate::wire::{Code, Reason, Status, WriteFate};
 
 use answer::AnswerOnce;
@@ -177,6 +178,8 @@ pub struct ControlApi {
     continuations: Continuations,
     /// Writes started and not yet answered (see [`CONTROL_WRITES_IN_FLIGHT_MAX`]).
     writes_in_flight: Arc<AtomicUsize>,
+    /// Deadlines of writes in flight.
+    timers: Timers,
 }
 
 /// What the control API needs besides the Raft node and the store.
@@ -196,6 +199,8 @@ pub struct ControlDeps {
     /// The control pool's continuations: where a write continues once its proposal or its
     /// forward is over.
     pub continuations: Continuations,
+    /// The timer thread that answers a write still in flight at its deadline.
+    pub timers: Timers,
 }
 
 /// Why the join tokens file could not be read or written (the implementation's error).
@@ -233,6 +238,7 @@ impl ControlApi {
             watches: Mutex::new(watch::WatchThreads::default()),
             continuations: deps.continuations,
             writes_in_flight: Arc::new(AtomicUsize::new(0)),
+            timers: deps.timers,
         })
     }
 
@@ -322,20 +328,56 @@ impl ControlApi {
         };
         let method = write.method.name();
         let unwrap = write.unwrap;
-        self.write_call(
-            caller,
-            (write.wrap)(request),
-            Box::new(move |reply| {
-                drop(in_flight);
-                done(reply.and_then(|reply| {
-                    unwrap(reply).ok_or_else(|| {
-                        Status::internal(format!(
-                            "the leader answered {method} with another method's reply"
-                        ))
-                    })
-                }));
+        let done = self.within_deadline(Box::new(move |reply: Result<Reply, Status>| {
+            drop(in_flight);
+            done(reply.and_then(|reply| {
+                unwrap(reply).ok_or_else(|| {
+                    Status::internal(format!(
+                        "the leader answered {method} with another method's reply"
+                    ))
+                })
+            }));
+        }));
+        self.write_call(caller, (write.wrap)(request), done);
+    }
+
+    /// `done`, answered by whichever comes first: the write's outcome, or
+    /// [`PROPOSE_TIMEOUT`] passing, which answers "outcome unknown" (the write may still
+    /// commit; its late outcome is dropped). Without a deadline (the timer thread is
+    /// stopped or far behind) the write is answered by its outcome alone.
+    fn within_deadline<T: Send + 'static>(&self, done: answer::Done<T>) -> answer::Done<T> {
+        let answer = AnswerOnce::new(done);
+        let on_deadline = answer.clone();
+        let continuations = self.continuations.clone();
+        let armed = self.timers.after(
+            PROPOSE_TIMEOUT,
+            Box::new(move || {
+                // On the timer thread: the answer is given on the pool.
+                continuations.run(move || {
+                    on_deadline.answer(Err(Status::outcome_unknown(
+                        Code::DeadlineExceeded,
+                        format!(
+                            "no answer within {PROPOSE_TIMEOUT:?}; the write may or may not \
+                             have happened"
+                        ),
+                    )));
+                });
             }),
         );
+        let deadline = match armed {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                log::warn!("a control write goes without its deadline: {error}");
+                None
+            }
+        };
+        let timers = self.timers.clone();
+        Box::new(move |result| {
+            if let Some(handle) = deadline {
+                timers.cancel(handle);
+            }
+            answer.answer(result);
+        })
     }
 
     /// Counts a write in flight until the returned guard drops, or refuses it when
@@ -488,15 +530,11 @@ fn serve_forward(
         Ok(in_flight) => in_flight,
         Err(busy) => return responder.respond(Err(busy)),
     };
-    handlers::execute(
-        api,
-        &caller,
-        call,
-        Box::new(move |reply| {
-            drop(in_flight);
-            responder.respond(reply.map(|reply| pb::ForwardResponse { reply: Some(reply) }));
-        }),
-    );
+    let done = api.within_deadline(Box::new(move |reply: Result<Reply, Status>| {
+        drop(in_flight);
+        responder.respond(reply.map(|reply| pb::ForwardResponse { reply: Some(reply) }));
+    }));
+    handlers::execute(api, &caller, call, done);
 }
 
 /// The caller and the write of a forward, once checked: the forwarder is a manager, this

@@ -28,6 +28,7 @@ use crate::raft::node::{Bootstrap, NodeConfig, NodeHandle, NodeStartError, RaftN
 use crate::raft::storage::StorageError as StorageFailure;
 use crate::state_dir::{Settings, StateDir, StateDirError};
 use crate::store::StoreConfig;
+use crate::timer::Timers;
 
 /// Threads serving the CA's methods (joins and renewals are rare and cheap).
 pub const CA_POOL_THREADS: usize = 2;
@@ -235,6 +236,8 @@ pub struct Manager {
     duties: Option<Duties>,
     orchestrator: Option<Orchestrator>,
     agent: Option<Agent>,
+    /// The `flotilla-timers` thread: deadlines of control writes.
+    timers: Timers,
     /// The state directory's process lock, held while the manager runs (dropped last).
     _lock: crate::state_dir::StateDirLock,
 }
@@ -359,6 +362,7 @@ impl Manager {
             control::CONTROL_POOL_QUEUE_LEN_MAX,
         )
         .map_err(io_error("cannot start the control service threads"))?;
+        let timers = Timers::start("timers").map_err(io_error("cannot start the timer thread"))?;
         let control = ControlApi::new(
             raft.handle().clone(),
             machine.store.clone(),
@@ -370,6 +374,7 @@ impl Manager {
                 root: root.clone(),
                 tokens_file: Arc::new(dir.clone()),
                 continuations: control_pool.continuations(),
+                timers: timers.clone(),
             },
         );
         control::register(&mut router, &control_pool, &control);
@@ -461,6 +466,7 @@ impl Manager {
             duties: Some(duties),
             orchestrator: Some(orchestrator),
             agent: Some(agent),
+            timers,
             _lock: lock,
         })
     }
@@ -611,6 +617,9 @@ impl Manager {
         for pool in self.pools.drain(..) {
             pool.shutdown();
         }
+        // Last: every write was answered or dropped with its pool; a deadline left is
+        // dropped unrun.
+        self.timers.stop();
         log::info!("manager {} stopped", self.identity.node_id());
     }
 }
