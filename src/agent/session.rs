@@ -145,12 +145,19 @@ pub struct AgentSession {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// The session the reporter uses: its id, its manager, its heartbeat period.
+/// How many heartbeat periods without a successful heartbeat make the agent give a session
+/// up and open a new one (the manager gives up after 3: the new session comes before the
+/// node is marked down when the manager is reachable again).
+const HEARTBEAT_FAILURE_PERIODS_MAX: u32 = 2;
+
+/// The session the reporter uses: its id, its manager, its heartbeat period, and whether
+/// the reporter found it dead (the manager no longer knows it, or heartbeats keep failing).
 #[derive(Clone)]
 struct Current {
     session_id: String,
     addr: String,
     period: Duration,
+    broken: Arc<AtomicBool>,
 }
 
 impl AgentSession {
@@ -301,6 +308,16 @@ fn session(
     // The previous message was a part of a complete set with more parts to come.
     let mut in_set = false;
     while !stopping.load(Ordering::SeqCst) {
+        if current
+            .lock()
+            .as_ref()
+            .is_some_and(|session| session.broken.load(Ordering::SeqCst))
+        {
+            stream.cancel();
+            return Err(Status::unavailable(
+                "the session's heartbeats failed; opening a new one",
+            ));
+        }
         let message = match stream.recv_timeout(STOP_CHECK_INTERVAL) {
             Ok(Some(message)) => message,
             Ok(None) => return Ok(()),
@@ -316,7 +333,9 @@ fn session(
                     addr: addr.to_string(),
                     period: Duration::from_millis(
                         u64::try_from(started.heartbeat_period_ms).unwrap_or(1000),
-                    ),
+                    )
+                    .max(Duration::from_millis(10)),
+                    broken: Arc::new(AtomicBool::new(false)),
                 });
             }
             Some(pb::session_message::Message::Assignments(assignments))
@@ -349,6 +368,8 @@ impl Reporter<'_> {
         // Latest unsent status per task, in task id order.
         let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
         let mut last_beat = std::time::Instant::now();
+        // The session heartbeated and when it last succeeded (or began).
+        let mut beating: Option<(String, std::time::Instant)> = None;
         // The runner closed its end (it stopped): deliver what is pending, then end.
         let mut closed = false;
         while !self.stopping.load(Ordering::SeqCst) {
@@ -376,19 +397,38 @@ impl Reporter<'_> {
             if !pending.is_empty() {
                 send_reports(&channel, &session, &mut pending);
             }
+            if beating
+                .as_ref()
+                .is_none_or(|(id, _)| *id != session.session_id)
+            {
+                beating = Some((session.session_id.clone(), std::time::Instant::now()));
+            }
             if last_beat.elapsed() >= session.period / 2 {
                 last_beat = std::time::Instant::now();
-                self.heartbeat(&channel, &session);
+                let last_ok = &mut beating.as_mut().expect("set above").1;
+                self.heartbeat(&channel, &session, last_ok);
             }
         }
     }
 
-    fn heartbeat(&self, channel: &crate::net::Channel, session: &Current) {
+    /// Heartbeats `session`; marks it broken when the manager does not know it, or when no
+    /// heartbeat succeeded since `last_ok` for [`HEARTBEAT_FAILURE_PERIODS_MAX`] periods (a
+    /// link cut: the session thread then opens a new one, whose complete set and repeated
+    /// reports bring both sides back in step; nothing is stopped meanwhile).
+    fn heartbeat(
+        &self,
+        channel: &crate::net::Channel,
+        session: &Current,
+        last_ok: &mut std::time::Instant,
+    ) {
         let request = pb::HeartbeatRequest {
             session_id: session.session_id.clone(),
         };
-        match channel.call(HEARTBEAT, &request, CallOptions::timeout(CALL_TIMEOUT)) {
+        // A heartbeat slower than a period is as good as lost.
+        let timeout = session.period.min(CALL_TIMEOUT);
+        match channel.call(HEARTBEAT, &request, CallOptions::timeout(timeout)) {
             Ok(response) => {
+                *last_ok = std::time::Instant::now();
                 let role = response.certificate_role.map(|r| {
                     if r == NodeRole::Manager as i32 {
                         Role::Manager
@@ -400,7 +440,19 @@ impl Reporter<'_> {
                     *self.certificate_role.lock() = role;
                 }
             }
-            Err(status) => log::debug!("agent: heartbeat: {status}"),
+            Err(status) => {
+                log::debug!("agent: heartbeat: {status}");
+                let unknown = status.code == Code::NotFound;
+                if unknown || last_ok.elapsed() >= session.period * HEARTBEAT_FAILURE_PERIODS_MAX {
+                    log::info!(
+                        "agent: lost session {} with {} ({status}); opening a new one, tasks \
+                         keep running",
+                        session.session_id,
+                        session.addr
+                    );
+                    session.broken.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
 }
