@@ -429,6 +429,18 @@ impl Reporter<'_> {
         match channel.call(HEARTBEAT, &request, CallOptions::timeout(timeout)) {
             Ok(response) => {
                 *last_ok = std::time::Instant::now();
+                // The manager may change the period (cluster settings, per-agent jitter).
+                if let Ok(period_ms) = u64::try_from(response.heartbeat_period_ms)
+                    && period_ms > 0
+                    && let Some(current) = self
+                        .current
+                        .lock()
+                        .as_mut()
+                        .filter(|current| current.session_id == session.session_id)
+                {
+                    current.period =
+                        Duration::from_millis(period_ms).max(Duration::from_millis(10));
+                }
                 let role = response.certificate_role.map(|r| {
                     if r == NodeRole::Manager as i32 {
                         Role::Manager
