@@ -9,6 +9,7 @@ mod procs;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use procs::cli_ok;
 use procs::cluster::{Cluster, ClusterOptions, START};
 use procs::netns::Hosts;
 
@@ -77,4 +78,138 @@ fn partitioned_follower_catches_up_without_disturbing_the_leader() {
     for manager in &mut cluster.managers {
         manager.stop();
     }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| stat.split_whitespace().nth(2).is_none_or(|s| s != "Z"))
+}
+
+/// `(task id, desired, current)` of the service's tasks, from `service ps`.
+fn tasks_of(dir: &std::path::Path, service: &str) -> Vec<(String, String, String)> {
+    cli_ok(dir, &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 6).then(|| (f[0].to_string(), f[4].to_string(), f[5].to_string()))
+        })
+        .collect()
+}
+
+fn worker_line(dir: &std::path::Path) -> String {
+    cli_ok(dir, &["node", "ls"])
+        .lines()
+        .find(|line| line.contains(" worker "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A worker's link to its manager is cut for longer than its session survives (the agent
+/// gives the session up after 2 heartbeat periods, the manager after 3) but shorter than
+/// the grace after which the orchestrator replaces a down node's tasks: nothing restarts.
+/// The task's process runs through the cut (same pid), no replacement task is created, the
+/// agent opens a new session and reports its task again.
+#[test]
+fn a_link_cut_shorter_than_the_node_down_grace_restarts_nothing() {
+    let hosts = Hosts::create(2);
+    let options = ClusterOptions {
+        addrs: vec![format!("{}:4242", hosts.addr(0))],
+        wrappers: vec![hosts.wrapper(0)],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, options);
+    let dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let worker_dir = cluster.tmp.path().join("worker");
+    let mut args: Vec<&str> = vec!["netns", "exec"];
+    let ns = hosts.ns(1);
+    args.push(&ns);
+    args.extend([
+        procs::flotilla_bin(),
+        "agent",
+        "--state-dir",
+        worker_dir.to_str().unwrap(),
+        "--token",
+        &token,
+        "--manager",
+        &manager_addr,
+    ]);
+    let mut agent = procs::Proc::start_program("worker", "ip", &args);
+    agent.wait_for("running the tasks assigned", START);
+    procs::eventually("the worker ready", START, || {
+        worker_line(&dir).contains("ready")
+    });
+    let worker_id = worker_line(&dir)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let inspect = cli_ok(&dir, &["node", "inspect", &worker_id]);
+    assert!(inspect.contains("\"memory_bytes\""), "{inspect}");
+    assert!(inspect.contains("\"nano_cpus\""), "{inspect}");
+    assert!(
+        inspect.contains(&format!("\"addr\": \"{}\"", hosts.addr(1))),
+        "the node reports its address: {inspect}"
+    );
+
+    let pid_file = cluster.tmp.path().join("pids");
+    let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "steady",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    procs::eventually("the task running on the worker", START, || {
+        tasks_of(&dir, "steady")
+            .iter()
+            .any(|(_, desired, current)| desired == "running" && current == "running")
+    });
+    let pids = || -> Vec<u32> {
+        std::fs::read_to_string(&pid_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let started = pids();
+    assert_eq!(started.len(), 1, "{started:?}");
+    let before = tasks_of(&dir, "steady");
+
+    let mark = agent.mark();
+    hosts.cut(1);
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(alive(started[0]), "the task died during the cut");
+    hosts.heal(1);
+
+    // The agent gave the cut session up and opened a new one.
+    let (lost, _) = agent.wait_for_after(mark, "opening a new one, tasks keep running", START);
+    agent.wait_for_after(lost + 1, "agent: session", START);
+    procs::eventually("the worker ready again", START, || {
+        worker_line(&dir).contains("ready")
+    });
+    // Past the orchestrator's grace for a node down since the cut began: a replacement
+    // would exist by now if the node had stayed down.
+    std::thread::sleep(Duration::from_secs(12));
+    let after = tasks_of(&dir, "steady");
+    assert_eq!(after, before, "a task was replaced or changed state");
+    assert_eq!(pids(), started, "the task was started again");
+    assert!(alive(started[0]), "the task's process is not the same");
+    assert!(worker_line(&dir).contains("ready"));
+
+    agent.signal(15);
+    assert!(agent.wait_exit(START).success());
+    assert!(!alive(started[0]));
 }

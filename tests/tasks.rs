@@ -320,6 +320,13 @@ fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
     agent.signal(15);
     assert!(agent.wait_exit(TIMEOUT).success());
     assert!(started.iter().all(|&pid| !alive(pid)), "{started:?}");
+    // Their final status reached the managers before the agent exited: none shows running.
+    let states = task_states(&dir, "onworker");
+    assert_eq!(count(&states, "running", "shutdown"), 2, "{states:?}");
+    assert!(
+        states.iter().all(|(_, current)| current != "running"),
+        "{states:?}"
+    );
     eventually("the worker, down", || worker_line().contains("down"));
 
     // A later run needs no token: same node, ready again.
@@ -331,4 +338,106 @@ fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
     });
     again.signal(15);
     assert!(again.wait_exit(TIMEOUT).success());
+}
+
+/// Kills the listed processes when dropped (tasks an agent killed by the test left behind,
+/// should the test fail before their agent stops them).
+struct KillOnDrop(Vec<u32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .output();
+        }
+    }
+}
+
+/// `(task id, current state)` of the service's tasks, from `service ps`.
+fn task_ids(dir: &Path, service: &str) -> Vec<(String, String)> {
+    cli_ok(dir, &["service", "ps", service])
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 6).then(|| (fields[0].to_string(), fields[5].to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn a_restarted_worker_agent_adopts_its_running_tasks_instead_of_failing_them() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "2s"]);
+    let worker_dir = cluster.tmp.path().join("worker");
+    let worker_dir_arg = worker_dir.to_str().unwrap();
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let mut agent = procs::Proc::start(
+        "worker",
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir_arg,
+            "--token",
+            &token,
+            "--manager",
+            &manager_addr,
+        ],
+    );
+    agent.wait_for("running the tasks assigned", TIMEOUT);
+    let pid_file = cluster.tmp.path().join("kept-pids");
+    let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "kept",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("the task running on the worker", || {
+        count(&task_states(&dir, "kept"), "running", "running") == 1
+    });
+    let started = pids(&pid_file);
+    assert_eq!(started.len(), 1, "{started:?}");
+    let _cleanup = KillOnDrop(started.clone());
+    let tasks_before = task_ids(&dir, "kept");
+
+    // The agent dies without stopping anything; its task runs on, nobody's child now.
+    agent.kill();
+    assert!(alive(started[0]));
+    let mut again = procs::Proc::start("worker-again", &["agent", "--state-dir", worker_dir_arg]);
+    again.wait_for("adopted 1 task processes", TIMEOUT);
+    again.wait_for("running the tasks assigned", TIMEOUT);
+    eventually("the worker ready again", || {
+        cli_ok(&dir, &["node", "ls"])
+            .lines()
+            .any(|line| line.contains(" worker ") && line.contains("ready"))
+    });
+    // Several heartbeat periods: time for a wrong FAILED report or a replacement to show.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        task_ids(&dir, "kept"),
+        tasks_before,
+        "the task was replaced"
+    );
+    assert!(alive(started[0]), "the adopted process was killed");
+    assert_eq!(pids(&pid_file), started, "the task was started again");
+
+    // The adopted process is stopped like any other when its agent stops.
+    again.signal(15);
+    assert!(again.wait_exit(TIMEOUT).success());
+    eventually("the adopted process stopped", || !alive(started[0]));
+    let states = task_states(&dir, "kept");
+    assert_eq!(count(&states, "running", "shutdown"), 1, "{states:?}");
 }

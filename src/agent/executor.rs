@@ -19,8 +19,14 @@
 //! periodically, moves a file larger than its cap to `<name>.1` and empties it, so a stream
 //! uses at most twice its cap plus what the task writes between two calls; bytes written while
 //! the file is copied may be lost. **Restart.** The `pid` file (`<pid> <start time>`) lets a
-//! restarted agent kill the groups its previous run left behind ([`kill_leftovers`]); the agent
-//! never adopts them (it could not wait for a process it did not spawn).
+//! restarted agent adopt the groups its previous run left running ([`adopt_leftovers`]): a
+//! leader whose pid still has the recorded start time is the same process. It is no longer the
+//! agent's child (its parent died; init or a subreaper reaps it), so `waitid` cannot see it:
+//! it is watched through a pidfd (`pidfd_open`, Linux 5.3+; readable once it exited, immune
+//! to pid reuse), or, on an older kernel, through `/proc/<pid>/stat` (gone, a zombie, or
+//! another start time: exited). Its exit status went to its new parent: an adopted task's
+//! end is [`ExitOutcome::Unknown`]. Its output keeps going to the same log files (the child
+//! holds them open in append mode) and they are still rotated.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -163,6 +169,9 @@ pub enum ExitOutcome {
     Exited(i32),
     /// A signal ended it.
     Signaled(i32),
+    /// It was adopted from a previous run of the agent and has ended; its exit status went
+    /// to its parent (init or a subreaper), not to this agent.
+    Unknown,
 }
 
 impl ExitOutcome {
@@ -175,11 +184,13 @@ impl ExitOutcome {
         }
     }
 
-    /// The exit code a shell would show: the status, or 128 + the signal.
-    pub fn exit_code(self) -> i32 {
+    /// The exit code a shell would show: the status, or 128 + the signal; `None` when
+    /// unknown.
+    pub fn exit_code(self) -> Option<i32> {
         match self {
-            ExitOutcome::Exited(code) => code,
-            ExitOutcome::Signaled(signal) => 128 + signal,
+            ExitOutcome::Exited(code) => Some(code),
+            ExitOutcome::Signaled(signal) => Some(128 + signal),
+            ExitOutcome::Unknown => None,
         }
     }
 
@@ -194,6 +205,11 @@ impl fmt::Display for ExitOutcome {
         match self {
             ExitOutcome::Exited(code) => write!(f, "exited with status {code}"),
             ExitOutcome::Signaled(signal) => write!(f, "killed by signal {signal}"),
+            ExitOutcome::Unknown => write!(
+                f,
+                "ended with an unknown exit status (it was started by a previous run of the \
+                 agent, so its exit status went to its new parent process)"
+            ),
         }
     }
 }
@@ -205,10 +221,25 @@ struct Stop {
     killed: bool,
 }
 
-/// One task's child process, leader of its own process group.
+/// The leader of a task's process group, and how its exit is seen.
+#[derive(Debug)]
+enum Leader {
+    /// Spawned by this run of the agent: seen with `waitid(WNOWAIT)`, then reaped.
+    Child(Child),
+    /// Left running by a previous run and adopted: not our child, never reaped by us.
+    Adopted {
+        /// Readable once the process exited; `None` on a kernel without `pidfd_open`.
+        pidfd: Option<std::os::fd::OwnedFd>,
+        /// Its start time (`/proc/<pid>/stat` field 22), which tells a reused pid apart.
+        start_time: u64,
+    },
+}
+
+/// One task's process (spawned, or adopted from a previous run of the agent), leader of its
+/// own process group.
 #[derive(Debug)]
 pub struct TaskProcess {
-    child: Child,
+    leader: Leader,
     pid: u32,
     task_dir: PathBuf,
     stop: Option<Stop>,
@@ -284,7 +315,7 @@ pub fn spawn(work_dir: &Path, task_id: &str, spec: &TaskSpec) -> Result<TaskProc
     let pid = child.id();
     assert!(pid > 1, "a spawned child is neither init nor the idle task");
     let process = TaskProcess {
-        child,
+        leader: Leader::Child(child),
         pid,
         task_dir,
         stop: None,
@@ -395,23 +426,10 @@ impl TaskProcess {
     /// dropped [`TaskProcess`] will not try.
     pub fn poll(&mut self, now: Instant) -> io::Result<Option<ExitOutcome>> {
         assert!(!self.reaped, "poll after the exit was returned");
-        let exited = sys::exited_unreaped(self.pid).inspect_err(|error| {
-            if error.raw_os_error() == Some(libc::ECHILD) {
-                self.reaped = true;
-            }
-        })?;
-        if exited {
-            // The leader's zombie still holds the group id: survivors are ours to kill.
-            if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
-                log::warn!(
-                    "cannot kill the rest of process group {}: {error}",
-                    self.pid
-                );
-            }
-            let status = self.child.wait()?;
+        if let Some(outcome) = self.poll_exit()? {
             self.reaped = true;
             self.remove_pid_file();
-            return Ok(Some(ExitOutcome::from_status(status)));
+            return Ok(Some(outcome));
         }
         if let Some(stop) = &mut self.stop
             && !stop.killed
@@ -423,6 +441,51 @@ impl TaskProcess {
             }
         }
         Ok(None)
+    }
+
+    /// The leader's exit, if it happened: the survivors of its group are killed and a child
+    /// is reaped.
+    fn poll_exit(&mut self) -> io::Result<Option<ExitOutcome>> {
+        match &mut self.leader {
+            Leader::Child(child) => {
+                let exited = sys::exited_unreaped(self.pid).inspect_err(|error| {
+                    if error.raw_os_error() == Some(libc::ECHILD) {
+                        self.reaped = true;
+                    }
+                })?;
+                if !exited {
+                    return Ok(None);
+                }
+                // The leader's zombie still holds the group id: survivors are ours to kill.
+                kill_rest_of_group(self.pid);
+                let status = child.wait()?;
+                Ok(Some(ExitOutcome::from_status(status)))
+            }
+            Leader::Adopted { pidfd, start_time } => {
+                let exited = match pidfd {
+                    Some(pidfd) => sys::pidfd_exited(std::os::fd::AsFd::as_fd(pidfd))?,
+                    None => !process_alive_since(self.pid, *start_time),
+                };
+                if !exited {
+                    return Ok(None);
+                }
+                // Its new parent may have reaped it already, and then the group id is free
+                // once the last survivor is gone; a group id is reused only by a process
+                // with that pid, so it is still the task's group unless that pid now names
+                // another process (a different start time).
+                let group_still_the_tasks =
+                    process_start_time(self.pid).map_or(true, |now| now == *start_time);
+                if group_still_the_tasks {
+                    kill_rest_of_group(self.pid);
+                }
+                Ok(Some(ExitOutcome::Unknown))
+            }
+        }
+    }
+
+    /// Whether this process was adopted from a previous run of the agent.
+    pub fn is_adopted(&self) -> bool {
+        matches!(self.leader, Leader::Adopted { .. })
     }
 
     /// Rotates a log file larger than `file_bytes_max`: its content moves to `<name>.1`
@@ -471,6 +534,13 @@ impl Drop for TaskProcess {
         if self.reaped {
             return;
         }
+        if let Leader::Adopted { start_time, .. } = self.leader
+            && !process_alive_since(self.pid, start_time)
+        {
+            // Gone already (its group may now be someone else's): nothing to kill.
+            self.remove_pid_file();
+            return;
+        }
         if let Err(error) = sys::signal_group(self.pid, sys::SIGKILL) {
             log::error!(
                 "cannot kill process group {}, left running: {error}",
@@ -478,11 +548,31 @@ impl Drop for TaskProcess {
             );
             return;
         }
-        if let Err(error) = self.child.wait() {
+        // An adopted process is reaped by its own parent.
+        if let Leader::Child(child) = &mut self.leader
+            && let Err(error) = child.wait()
+        {
             log::warn!("cannot reap process {}: {error}", self.pid);
         }
         self.remove_pid_file();
     }
+}
+
+fn kill_rest_of_group(pgid: u32) {
+    if let Err(error) = sys::signal_group(pgid, sys::SIGKILL) {
+        log::warn!("cannot kill the rest of process group {pgid}: {error}");
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie) started at `start_time`.
+fn process_alive_since(pid: u32, start_time: u64) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z" | "X")) && process_start_time(pid).is_ok_and(|now| now == start_time)
 }
 
 /// The start time of process `pid` in clock ticks since boot (`/proc/<pid>/stat`, field 22):
@@ -502,45 +592,81 @@ fn process_start_time(pid: u32) -> io::Result<u64> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no start time in stat"))
 }
 
-/// Kills the process groups a previous run of the agent left in `work_dir` (those with a
-/// `pid` file) and removes their `pid` files; returns how many groups still had processes.
-///
-/// A group is signalled unless its leader's pid now belongs to another process (different
-/// start time): the kernel never reuses a pid still in use as a group id, so a reused pid means
-/// the old group is gone.
+/// A process a previous run of the agent left running, adopted: the task it runs and its
+/// process, watched from now on like one this run spawned.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The task (its directory's name).
+    pub task_id: String,
+    /// Its process group's leader.
+    pub process: TaskProcess,
+}
+
+/// Adopts the process groups a previous run of the agent left running in `work_dir` (task
+/// directories with a `pid` file whose leader is alive with the recorded start time); removes
+/// the `pid` files of the others (their process is gone, or their pid now names another
+/// process: never signalled).
 ///
 /// # Errors
 ///
 /// The OS error of listing `work_dir` (a missing `work_dir` is not an error).
-pub fn kill_leftovers(work_dir: &Path) -> io::Result<usize> {
+pub fn adopt_leftovers(work_dir: &Path) -> io::Result<Vec<Adopted>> {
     let entries = match fs::read_dir(work_dir) {
         Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(error) => return Err(error),
     };
-    let mut signalled = 0;
+    let mut adopted = Vec::new();
     for entry in entries {
-        let pid_file = entry?.path().join(PID_FILE);
+        let task_dir = entry?.path();
+        let pid_file = task_dir.join(PID_FILE);
         let Ok(content) = fs::read_to_string(&pid_file) else {
             continue;
         };
-        if let Some((pid, start_time)) = parse_pid_file(&content)
+        let task_id = task_dir
+            .file_name()
+            .and_then(|name| name.to_str())
+            .filter(|name| validate_task_id(name).is_ok());
+        if let (Some(task_id), Some((pid, start_time))) = (task_id, parse_pid_file(&content))
             && pid > 1
-            && process_start_time(pid)
-                .ok()
-                .is_none_or(|now| now == start_time)
+            && let Some(process) = adopt(task_dir.clone(), pid, start_time)
         {
-            match sys::signal_group(pid, sys::SIGKILL) {
-                Ok(true) => signalled += 1,
-                Ok(false) => {}
-                Err(error) => log::warn!("cannot kill leftover process group {pid}: {error}"),
-            }
+            adopted.push(Adopted {
+                task_id: task_id.to_owned(),
+                process,
+            });
+            continue;
         }
         if let Err(error) = fs::remove_file(&pid_file) {
             log::warn!("cannot remove {pid_file:?}: {error}");
         }
     }
-    Ok(signalled)
+    Ok(adopted)
+}
+
+/// The process `pid` if it is still the one started at `start_time`.
+fn adopt(task_dir: PathBuf, pid: u32, start_time: u64) -> Option<TaskProcess> {
+    // Open the pidfd first: if the process behind the pid is alive with the recorded start
+    // time afterwards, it existed before the open, so the pidfd names it (a pid names one
+    // process at a time).
+    let pidfd = match sys::pidfd_open(pid) {
+        Ok(pidfd) => Some(pidfd),
+        Err(error) if error.raw_os_error() == Some(libc::ESRCH) => return None,
+        Err(error) => {
+            log::debug!("pidfd_open({pid}): {error}; watching it through /proc instead");
+            None
+        }
+    };
+    if !process_alive_since(pid, start_time) {
+        return None;
+    }
+    Some(TaskProcess {
+        leader: Leader::Adopted { pidfd, start_time },
+        pid,
+        task_dir,
+        stop: None,
+        reaped: false,
+    })
 }
 
 fn parse_pid_file(content: &str) -> Option<(u32, u64)> {
@@ -551,7 +677,7 @@ fn parse_pid_file(content: &str) -> Option<(u32, u64)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Bound on any wait for a process in these tests (a hang fails instead of blocking).
@@ -604,7 +730,7 @@ mod tests {
         let outcome = wait_exit(&mut three);
         assert_eq!(outcome, ExitOutcome::Exited(3));
         assert_eq!(outcome.to_string(), "exited with status 3");
-        assert_eq!(outcome.exit_code(), 3);
+        assert_eq!(outcome.exit_code(), Some(3));
         assert!(!dir.path().join("t-three").join(PID_FILE).exists());
     }
 
@@ -835,30 +961,84 @@ mod tests {
         wait_exit(&mut process);
     }
 
+    /// Starts `sleep 300` as the leader of its own group whose parent exits at once (as
+    /// if the agent that started it had died), with a pid file as `spawn` writes it; returns
+    /// its pid.
+    pub(crate) fn orphan_task(work_dir: &Path, task_id: &str) -> u32 {
+        let task_dir = task_dir(work_dir, task_id);
+        fs::create_dir_all(&task_dir).expect("task dir");
+        let pid_path = work_dir.join(format!("{task_id}.pid"));
+        let script = format!(
+            "setsid sh -c 'echo $$ > {}; exec sleep 300' >/dev/null 2>&1 &",
+            pid_path.display()
+        );
+        let status = Command::new("sh")
+            .args(["-c", &script])
+            .status()
+            .expect("sh");
+        assert!(status.success());
+        let pid = read_pid(&pid_path);
+        // The pid file is written once the leader runs `sleep` (same process, same start time).
+        let start_time = process_start_time(pid).expect("start time");
+        fs::write(task_dir.join(PID_FILE), format!("{pid} {start_time}\n")).expect("pid file");
+        pid
+    }
+
     #[test]
-    fn leftovers_of_a_previous_run_are_killed_unless_their_pid_was_reused() {
+    fn leftovers_of_a_previous_run_are_adopted_unless_their_pid_was_reused() {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut reused = spawn(dir.path(), "t-reused", &spec("sleep", &["30"])).expect("spawn");
-        let pid_file = task_dir(dir.path(), "t-reused").join(PID_FILE);
+        let reused_pid_file = task_dir(dir.path(), "t-reused").join(PID_FILE);
         // A start time that is not this process's: its pid was reused since.
-        fs::write(&pid_file, format!("{} 1\n", reused.pid())).expect("write");
-        assert_eq!(kill_leftovers(dir.path()).expect("scan"), 0);
-        assert!(!pid_file.exists());
+        fs::write(&reused_pid_file, format!("{} 1\n", reused.pid())).expect("write");
+        let gone_dir = task_dir(dir.path(), "t-gone");
+        fs::create_dir_all(&gone_dir).expect("dir");
+        fs::write(gone_dir.join(PID_FILE), "999999999 5\n").expect("write");
+        let orphan = orphan_task(dir.path(), "t-orphan");
+
+        let mut adopted = adopt_leftovers(dir.path()).expect("scan");
+        assert_eq!(adopted.len(), 1, "{adopted:?}");
+        let Adopted {
+            task_id,
+            mut process,
+        } = adopted.pop().expect("one");
+        assert_eq!(task_id, "t-orphan");
+        assert_eq!(process.pid(), orphan);
+        assert!(process.is_adopted());
+        assert!(!reused_pid_file.exists());
+        assert!(!gone_dir.join(PID_FILE).exists());
         assert!(
             reused.poll(Instant::now()).expect("poll").is_none(),
-            "a reused pid was killed"
+            "a reused pid was touched"
         );
+        assert!(
+            process.poll(Instant::now()).expect("poll").is_none(),
+            "the adopted process runs"
+        );
+        assert!(!sys::process_dead(orphan));
 
-        let mut leftover = spawn(dir.path(), "t-left", &spec("sleep", &["30"])).expect("spawn");
-        assert_eq!(kill_leftovers(dir.path()).expect("scan"), 1);
-        assert_eq!(
-            wait_exit(&mut leftover),
-            ExitOutcome::Signaled(sys::SIGKILL)
-        );
+        // Stopped like any task; its end is seen although it is not our child.
+        process
+            .begin_stop(Instant::now(), Duration::from_secs(20))
+            .expect("stop");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Unknown);
+        assert!(sys::wait_dead(orphan, WAIT_LIMIT));
+        assert!(!task_dir(dir.path(), "t-orphan").join(PID_FILE).exists());
         reused
             .begin_stop(Instant::now(), Duration::from_secs(20))
             .expect("stop");
         wait_exit(&mut reused);
+    }
+
+    #[test]
+    fn an_adopted_process_that_exits_on_its_own_is_seen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let orphan = orphan_task(dir.path(), "t-ends");
+        let mut adopted = adopt_leftovers(dir.path()).expect("scan");
+        let mut process = adopted.pop().expect("adopted").process;
+        sys::signal_group(orphan, sys::SIGKILL).expect("kill");
+        assert_eq!(wait_exit(&mut process), ExitOutcome::Unknown);
+        assert!(!process.was_killed());
     }
 
     #[test]

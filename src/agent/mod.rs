@@ -12,6 +12,7 @@
 //! messages) lives in `proto::dispatcher`.
 
 pub mod executor;
+pub mod host;
 pub mod node;
 pub mod runtime;
 pub mod session;

@@ -55,12 +55,14 @@ impl TaskSink for RunnerSink {
         }
     }
 
-    fn description(&self) -> NodeDescription {
-        NodeDescription {
-            tasks_max: u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX),
-            agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            ..Default::default()
+    fn session_started(&self) {
+        if let Err(error) = self.0.resync_reports() {
+            log::debug!("agent: cannot report the tasks again: {error}");
         }
+    }
+
+    fn description(&self) -> NodeDescription {
+        super::host::describe(u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX))
     }
 }
 

@@ -1,11 +1,14 @@
 //! The agent's side of the dispatcher: keeps one session with the leader, hands the
 //! assignments it streams to a [`TaskSink`], heartbeats, and reports task status.
 //!
-//! Two threads: `agent-session` opens the session (trying each manager in turn, with
-//! backoff) and reads its stream; `agent-reporter` heartbeats the current session every
+//! Two threads: `agent-session` opens the session (a manager picked at random, the leader a
+//! follower named first; swarmkit's backoff with jitter between attempts, [`SessionBackoff`])
+//! and reads its stream; `agent-reporter` heartbeats the current session every
 //! half period and sends the status reports it receives, in batches of at most
 //! [`STATUS_UPDATES_MAX`]. A report that cannot be sent is kept
-//! (the latest per task) and sent on the next session. Must never block the task runner:
+//! (the latest per task) and retried until delivered; each new session also asks the
+//! [`TaskSink`] to report every task's latest status again ([`TaskSink::session_started`]),
+//! so a manager that missed one learns it. Must never block the task runner:
 //! reports arrive on a channel the runner only `try_send`s to.
 
 use std::collections::BTreeMap;
@@ -16,6 +19,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
+use rand::RngExt;
 
 use super::TaskStatusReport;
 use crate::ca::Role;
@@ -25,10 +29,11 @@ use crate::proto::dispatcher::{self as pb, STATUS_UPDATES_MAX};
 use crate::proto::objects::{NodeDescription, NodeRole, Task, TaskStatus};
 use crate::wire::{Code, Status};
 
-/// First wait before reopening a failed session; doubles up to [`SESSION_BACKOFF_MAX`].
+/// What each failed attempt adds to the backoff before doubling the previous one
+/// (swarmkit's `initialSessionFailureBackoff`): `min(100 ms + 2 · previous, max)`.
 pub const SESSION_BACKOFF_INITIAL: Duration = Duration::from_millis(100);
-/// Longest wait between session attempts.
-pub const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest backoff between session attempts (swarmkit's `maxSessionFailureBackoff`).
+pub const SESSION_BACKOFF_MAX: Duration = Duration::from_secs(8);
 /// How long a heartbeat or status call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the reporter wakes with nothing to report (to check for stop).
@@ -49,6 +54,77 @@ pub trait TaskSink: Send + Sync {
     fn description(&self) -> NodeDescription {
         NodeDescription::default()
     }
+    /// A new session began: report every task's latest status again (its manager may have
+    /// missed some). Nothing by default.
+    fn session_started(&self) {}
+}
+
+/// The wait between session attempts: `min(100 ms + 2 · previous, cap)` after each failure,
+/// back to zero once a session was up; each wait drawn uniformly from the upper half of the
+/// backoff (jitter, so that agents cut off together do not come back together, while a
+/// failing manager still sees at least half the backoff between attempts).
+#[derive(Clone, Debug)]
+pub struct SessionBackoff {
+    previous: Duration,
+    cap: Duration,
+}
+
+impl SessionBackoff {
+    /// No failure yet; backoff up to [`SESSION_BACKOFF_MAX`].
+    pub fn new() -> Self {
+        SessionBackoff {
+            previous: Duration::ZERO,
+            cap: SESSION_BACKOFF_MAX,
+        }
+    }
+
+    /// The backoff after one more failure, `min(100 ms + 2 · previous, cap)`, and the
+    /// jittered wait to sleep, in `[backoff / 2, backoff]`.
+    pub fn next_wait(&mut self) -> (Duration, Duration) {
+        let backoff = (SESSION_BACKOFF_INITIAL + self.previous * 2).min(self.cap);
+        self.previous = backoff;
+        let half = backoff / 2;
+        let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+        let wait = half + Duration::from_millis(rand::rng().random_range(0..=jitter_ms));
+        (backoff, wait)
+    }
+
+    /// A session was up with heartbeat `period`: start over, and keep every later wait
+    /// within half a period, so the agent is back well within the 3 periods a leader waits
+    /// before it marks the node down (a shorter cap than swarmkit's 8 s when the period is
+    /// under 16 s).
+    pub fn session_was_up(&mut self, period: Duration) {
+        self.previous = Duration::ZERO;
+        self.cap = (period / 2).clamp(SESSION_BACKOFF_INITIAL, SESSION_BACKOFF_MAX);
+    }
+}
+
+impl Default for SessionBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The manager to try next: the leader a follower named, if it is one of `managers`;
+/// otherwise one picked at random, other than `last` when there is a choice (all weigh the
+/// same: the session messages carry no weights yet).
+fn pick_manager(
+    managers: &[String],
+    last: Option<&str>,
+    leader_hint: Option<&str>,
+) -> Option<String> {
+    if let Some(leader) = leader_hint.filter(|leader| managers.iter().any(|m| m == leader)) {
+        return Some(leader.to_string());
+    }
+    let choices: Vec<&String> = managers
+        .iter()
+        .filter(|m| managers.len() == 1 || Some(m.as_str()) != last)
+        .collect();
+    if choices.is_empty() {
+        return None;
+    }
+    let index = rand::rng().random_range(0..choices.len());
+    Some(choices[index].clone())
 }
 
 /// How to reach the managers.
@@ -69,12 +145,19 @@ pub struct AgentSession {
     threads: Vec<JoinHandle<()>>,
 }
 
-/// The session the reporter uses: its id, its manager, its heartbeat period.
+/// How many heartbeat periods without a successful heartbeat make the agent give a session
+/// up and open a new one (the manager gives up after 3: the new session comes before the
+/// node is marked down when the manager is reachable again).
+const HEARTBEAT_FAILURE_PERIODS_MAX: u32 = 2;
+
+/// The session the reporter uses: its id, its manager, its heartbeat period, and whether
+/// the reporter found it dead (the manager no longer knows it, or heartbeats keep failing).
 #[derive(Clone)]
 struct Current {
     session_id: String,
     addr: String,
     period: Duration,
+    broken: Arc<AtomicBool>,
 }
 
 impl AgentSession {
@@ -179,33 +262,26 @@ fn run_sessions(
     stopping: &AtomicBool,
     current: &Mutex<Option<Current>>,
 ) {
-    let mut backoff = SESSION_BACKOFF_INITIAL;
-    // Retries stay well within the time a leader waits before it declares this node down
-    // (three heartbeat periods): at most half a period apart once a period is known.
-    let mut backoff_max = SESSION_BACKOFF_MAX;
-    let mut next_manager = 0usize;
+    let mut backoff = SessionBackoff::new();
+    let mut last: Option<String> = None;
+    let mut leader_hint: Option<String> = None;
     while !stopping.load(Ordering::SeqCst) {
         let managers = (config.managers)();
-        let mut redirect = None;
-        if let Some(addr) = managers.get(next_manager % managers.len().max(1)).cloned() {
+        if let Some(addr) = pick_manager(&managers, last.as_deref(), leader_hint.as_deref()) {
+            leader_hint = None;
             let outcome = session(transport, config, &addr, sink, stopping, current);
             if let Some(session) = current.lock().take() {
-                // It was up: the next attempt starts over quickly.
-                backoff = SESSION_BACKOFF_INITIAL;
-                backoff_max =
-                    (session.period / 2).clamp(SESSION_BACKOFF_INITIAL, SESSION_BACKOFF_MAX);
+                backoff.session_was_up(session.period);
             }
             if let Err(status) = outcome {
                 log::debug!("agent: session with {addr}: {status}");
                 // A follower names the leader: go there next if it is one of ours.
-                redirect = status
-                    .leader_hint()
-                    .and_then(|leader| managers.iter().position(|m| m == leader));
+                leader_hint = status.leader_hint().map(str::to_string);
             }
+            last = Some(addr);
         }
-        next_manager = redirect.unwrap_or(next_manager.wrapping_add(1));
-        sleep_unless_stopping(backoff, stopping);
-        backoff = (backoff * 2).min(backoff_max);
+        let (_, wait) = backoff.next_wait();
+        sleep_unless_stopping(wait, stopping);
     }
 }
 
@@ -219,15 +295,29 @@ fn session(
     current: &Mutex<Option<Current>>,
 ) -> Result<(), Status> {
     let channel = transport.channel(addr, &config.tls);
+    let mut description = sink.description();
+    if description.addr.is_empty() {
+        description.addr = super::host::local_addr_towards(addr).unwrap_or_default();
+    }
     let request = pb::SessionRequest {
         hostname: config.hostname.clone(),
-        description: Some(sink.description()),
+        description: Some(description),
     };
     let mut stream =
         channel.call_server_stream(SESSION, &request, CallOptions { timeout: None })?;
     // The previous message was a part of a complete set with more parts to come.
     let mut in_set = false;
     while !stopping.load(Ordering::SeqCst) {
+        if current
+            .lock()
+            .as_ref()
+            .is_some_and(|session| session.broken.load(Ordering::SeqCst))
+        {
+            stream.cancel();
+            return Err(Status::unavailable(
+                "the session's heartbeats failed; opening a new one",
+            ));
+        }
         let message = match stream.recv_timeout(STOP_CHECK_INTERVAL) {
             Ok(Some(message)) => message,
             Ok(None) => return Ok(()),
@@ -237,12 +327,15 @@ fn session(
         match message.message {
             Some(pb::session_message::Message::Started(started)) => {
                 log::info!("agent: session {} with {addr}", started.session_id);
+                sink.session_started();
                 *current.lock() = Some(Current {
                     session_id: started.session_id,
                     addr: addr.to_string(),
                     period: Duration::from_millis(
                         u64::try_from(started.heartbeat_period_ms).unwrap_or(1000),
-                    ),
+                    )
+                    .max(Duration::from_millis(10)),
+                    broken: Arc::new(AtomicBool::new(false)),
                 });
             }
             Some(pb::session_message::Message::Assignments(assignments))
@@ -275,6 +368,8 @@ impl Reporter<'_> {
         // Latest unsent status per task, in task id order.
         let mut pending: BTreeMap<String, TaskStatus> = BTreeMap::new();
         let mut last_beat = std::time::Instant::now();
+        // The session heartbeated and when it last succeeded (or began).
+        let mut beating: Option<(String, std::time::Instant)> = None;
         // The runner closed its end (it stopped): deliver what is pending, then end.
         let mut closed = false;
         while !self.stopping.load(Ordering::SeqCst) {
@@ -302,19 +397,50 @@ impl Reporter<'_> {
             if !pending.is_empty() {
                 send_reports(&channel, &session, &mut pending);
             }
+            if beating
+                .as_ref()
+                .is_none_or(|(id, _)| *id != session.session_id)
+            {
+                beating = Some((session.session_id.clone(), std::time::Instant::now()));
+            }
             if last_beat.elapsed() >= session.period / 2 {
                 last_beat = std::time::Instant::now();
-                self.heartbeat(&channel, &session);
+                let last_ok = &mut beating.as_mut().expect("set above").1;
+                self.heartbeat(&channel, &session, last_ok);
             }
         }
     }
 
-    fn heartbeat(&self, channel: &crate::net::Channel, session: &Current) {
+    /// Heartbeats `session`; marks it broken when the manager does not know it, or when no
+    /// heartbeat succeeded since `last_ok` for [`HEARTBEAT_FAILURE_PERIODS_MAX`] periods (a
+    /// link cut: the session thread then opens a new one, whose complete set and repeated
+    /// reports bring both sides back in step; nothing is stopped meanwhile).
+    fn heartbeat(
+        &self,
+        channel: &crate::net::Channel,
+        session: &Current,
+        last_ok: &mut std::time::Instant,
+    ) {
         let request = pb::HeartbeatRequest {
             session_id: session.session_id.clone(),
         };
-        match channel.call(HEARTBEAT, &request, CallOptions::timeout(CALL_TIMEOUT)) {
+        // A heartbeat slower than a period is as good as lost.
+        let timeout = session.period.min(CALL_TIMEOUT);
+        match channel.call(HEARTBEAT, &request, CallOptions::timeout(timeout)) {
             Ok(response) => {
+                *last_ok = std::time::Instant::now();
+                // The manager may change the period (cluster settings, per-agent jitter).
+                if let Ok(period_ms) = u64::try_from(response.heartbeat_period_ms)
+                    && period_ms > 0
+                    && let Some(current) = self
+                        .current
+                        .lock()
+                        .as_mut()
+                        .filter(|current| current.session_id == session.session_id)
+                {
+                    current.period =
+                        Duration::from_millis(period_ms).max(Duration::from_millis(10));
+                }
                 let role = response.certificate_role.map(|r| {
                     if r == NodeRole::Manager as i32 {
                         Role::Manager
@@ -326,7 +452,19 @@ impl Reporter<'_> {
                     *self.certificate_role.lock() = role;
                 }
             }
-            Err(status) => log::debug!("agent: heartbeat: {status}"),
+            Err(status) => {
+                log::debug!("agent: heartbeat: {status}");
+                let unknown = status.code == Code::NotFound;
+                if unknown || last_ok.elapsed() >= session.period * HEARTBEAT_FAILURE_PERIODS_MAX {
+                    log::info!(
+                        "agent: lost session {} with {} ({status}); opening a new one, tasks \
+                         keep running",
+                        session.session_id,
+                        session.addr
+                    );
+                    session.broken.store(true, Ordering::SeqCst);
+                }
+            }
         }
     }
 }
@@ -377,5 +515,74 @@ fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
     while waited < wait && !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(step);
         waited += step;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_follows_100ms_plus_twice_the_previous_up_to_8s_with_jitter() {
+        let mut backoff = SessionBackoff::new();
+        let mut expected = Duration::ZERO;
+        for _ in 0..20 {
+            expected = (Duration::from_millis(100) + expected * 2).min(Duration::from_secs(8));
+            let (bound, wait) = backoff.next_wait();
+            assert_eq!(bound, expected);
+            assert!(
+                wait >= bound / 2 && wait <= bound,
+                "{wait:?} outside {bound:?}"
+            );
+        }
+        assert_eq!(expected, Duration::from_secs(8));
+        let firsts: Vec<u64> = {
+            let mut b = SessionBackoff::new();
+            (0..7)
+                .map(|_| u64::try_from(b.next_wait().0.as_millis()).unwrap())
+                .collect()
+        };
+        assert_eq!(firsts, [100, 300, 700, 1500, 3100, 6300, 8000]);
+    }
+
+    #[test]
+    fn a_session_that_was_up_starts_the_backoff_over_within_half_a_period() {
+        let mut backoff = SessionBackoff::new();
+        for _ in 0..10 {
+            backoff.next_wait();
+        }
+        backoff.session_was_up(Duration::from_secs(2));
+        assert_eq!(backoff.next_wait().0, Duration::from_millis(100));
+        for _ in 0..10 {
+            let (bound, wait) = backoff.next_wait();
+            assert!(bound <= Duration::from_secs(1), "{bound:?}");
+            assert!(wait <= Duration::from_secs(1));
+        }
+        // A long period keeps swarmkit's cap.
+        backoff.session_was_up(Duration::from_secs(60));
+        let last = (0..20).map(|_| backoff.next_wait().0).last().unwrap();
+        assert_eq!(last, SESSION_BACKOFF_MAX);
+    }
+
+    #[test]
+    fn managers_are_picked_at_random_the_named_leader_first() {
+        let managers: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
+        assert_eq!(
+            pick_manager(&managers, Some("a:1"), Some("c:1")).as_deref(),
+            Some("c:1")
+        );
+        // A leader we do not know is not followed.
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let picked = pick_manager(&managers, Some("a:1"), Some("z:9")).unwrap();
+            assert_ne!(picked, "a:1", "the manager just tried is not picked again");
+            seen.insert(picked);
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(
+            pick_manager(&managers[..1], Some("a:1"), None).as_deref(),
+            Some("a:1")
+        );
+        assert_eq!(pick_manager(&[], None, None), None);
     }
 }

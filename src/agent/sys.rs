@@ -1,5 +1,6 @@
 //! The few system calls the agent needs that `std` does not offer: signalling a whole process
-//! group and seeing that a child exited without reaping it.
+//! group, seeing that a child exited without reaping it, and watching a process that is not
+//! its child (one a previous run of the agent started) through a pidfd.
 //!
 //! Owns nothing. This is the only place in the agent allowed `unsafe`; each call is a plain
 //! libc wrapper whose arguments are checked first. It must never signal a process group id of
@@ -7,6 +8,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// `SIGTERM`: asks the processes of a task to stop.
 pub const SIGTERM: i32 = libc::SIGTERM;
@@ -63,6 +65,51 @@ pub fn exited_unreaped(pid: u32) -> io::Result<bool> {
     // With WNOHANG and no state change the kernel leaves si_pid at 0 (we zeroed it).
     // SAFETY: reading si_pid of a siginfo_t filled by waitid (or zeroed) is always valid.
     Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// A pidfd for process `pid` (`pidfd_open(2)`, Linux 5.3+): it names that process and no
+/// other, even after its pid is reused, and becomes readable once it has exited, whoever its
+/// parent is.
+///
+/// # Errors
+///
+/// The OS error: `ESRCH` (no such process), `ENOSYS` (a kernel older than 5.3: the caller
+/// falls back to `/proc`).
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let pid = libc::pid_t::try_from(pid).expect("a pid fits pid_t: it came from the kernel");
+    // SAFETY: pidfd_open takes a pid and flags and touches no memory of ours.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(rc).expect("a file descriptor fits an int");
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind `pidfd` has exited (a zombie counts); never blocks (`poll`
+/// with a zero timeout).
+///
+/// # Errors
+///
+/// The OS error of `poll(2)` other than `EINTR` (retried).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut entry = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `entry` is a valid pollfd that outlives the call; one entry is passed.
+        let rc = unsafe { libc::poll(&raw mut entry, 1, 0) };
+        if rc >= 0 {
+            return Ok(rc > 0 && entry.revents & libc::POLLIN != 0);
+        }
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINTR) {
+            return Err(error);
+        }
+    }
 }
 
 /// Whether a process `pid` exists (`kill(pid, 0)`): zombies count as existing, and `EPERM`

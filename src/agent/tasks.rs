@@ -29,10 +29,15 @@
 //!   process group, SIGKILL after `stop_grace`) → SHUTDOWN;
 //! - desired past RUNNING, never started, status not terminal → SHUTDOWN (without starting);
 //! - status already terminal, or already finished here → nothing;
-//! - desired RUNNING, never started in this run, but its status says it started, or its task
-//!   directory exists (a previous run of the agent started it) → FAILED: the agent restarted,
-//!   its processes were killed at start ([`executor::kill_leftovers`]), and a process the
-//!   agent did not spawn cannot be waited for, so it is never adopted;
+//! - started by a previous run of the agent whose process still runs (its `pid` file names a
+//!   live process with the recorded start time) → adopted at start
+//!   ([`executor::adopt_leftovers`]): it stays RUNNING (reported again, with its pid) and is
+//!   watched and stopped like the others; if the first complete set does not name it, it is
+//!   stopped; if its assigned status is already terminal, it is stopped (the managers count
+//!   it finished and may have replaced it);
+//! - desired RUNNING, never started in this run, not adopted, but its status says it
+//!   started, or its task directory exists (a previous run of the agent started it and its
+//!   process is gone) → FAILED: it ended while no agent watched it;
 //! - absent from a full set, or removed → stopped if running, then forgotten: its task
 //!   directory (logs included) is deleted and its id is remembered
 //!   ([`FORGOTTEN_IDS_MAX`] most recent) so that it is never started again.
@@ -41,6 +46,11 @@
 //! thread asks the kernel about each live leader without blocking (`waitid` `WNOHANG`); with
 //! at most `tasks_running_max` (256) processes this costs little, needs no thread per task and
 //! no process-wide SIGCHLD handler, and bounds the delay of an exit report by the period.
+//!
+//! **Resync.** [`TaskRunner::resync_reports`] (called by the session on each new session)
+//! has the thread report again the latest status of every task it holds, so a manager that
+//! missed a report (a previous leader, a lost session) learns it; the dispatcher ignores a
+//! status equal to or behind the recorded one, so a repeat never moves a task backwards.
 //!
 //! **Reports** go to the caller's bounded channel with `try_send`. When it is full, the report
 //! waits in a map keeping only the latest status per task (a task's terminal status is always
@@ -225,6 +235,8 @@ struct Mailbox {
     set_open: bool,
     /// Changes (`Some`) and removals (`None`) on top of what the thread holds.
     changes: BTreeMap<String, Option<Task>>,
+    /// Report every held task's latest status again (a new session began).
+    resync: bool,
     shutdown: bool,
 }
 
@@ -355,16 +367,24 @@ impl TaskRunner {
             path: config.work_dir.clone(),
             source,
         })?;
-        match executor::kill_leftovers(&config.work_dir) {
-            Ok(0) => {}
-            Ok(groups) => log::warn!("killed {groups} process groups left by a previous agent"),
-            Err(error) => log::warn!("cannot look for processes left by a previous agent: {error}"),
+        let adopted = executor::adopt_leftovers(&config.work_dir).unwrap_or_else(|error| {
+            log::warn!("cannot look for processes left by a previous agent: {error}");
+            Vec::new()
+        });
+        if !adopted.is_empty() {
+            log::info!(
+                "adopted {} task processes a previous run of the agent left running",
+                adopted.len()
+            );
         }
         let tasks_running_max = config.tasks_running_max;
         let mailbox = Arc::new(Shared::default());
         // One slot: a wake-up pending is all the thread needs to know.
         let (wake, woken) = crossbeam_channel::bounded(1);
-        let worker = Worker::new(config, Arc::clone(&mailbox), Reporter::new(reports));
+        let mut worker = Worker::new(config, Arc::clone(&mailbox), Reporter::new(reports));
+        for leftover in adopted {
+            worker.adopt(leftover);
+        }
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.to_owned())
             .spawn(move || worker.run(&woken))
@@ -425,6 +445,23 @@ impl TaskRunner {
         self.mailbox
             .lock_with_room(changed.len() + removed.len(), false)?
             .update(changed, removed);
+        self.wake_thread()
+    }
+
+    /// Has the thread report the latest status of every task it holds again (a new session
+    /// began: its manager may have missed reports).
+    ///
+    /// # Errors
+    ///
+    /// [`AssignError::Stopped`].
+    pub fn resync_reports(&self) -> Result<(), AssignError> {
+        {
+            let mut mailbox = self.mailbox.mailbox.lock();
+            if mailbox.shutdown {
+                return Err(AssignError::Stopped);
+            }
+            mailbox.resync = true;
+        }
         self.wake_thread()
     }
 
@@ -554,6 +591,8 @@ struct Entry {
     phase: Phase,
     /// Removed from the assignment: forget it once its process is reaped.
     forget: bool,
+    /// The latest status reported for it (reported again on a resync).
+    reported: Option<TaskStatus>,
 }
 
 /// The state of the `agent-tasks` thread.
@@ -590,19 +629,70 @@ impl Worker {
         while let Ok(()) | Err(RecvTimeoutError::Timeout) =
             woken.recv_timeout(self.wait_period(Instant::now()))
         {
-            let (delivery, shutdown) = {
+            let (delivery, resync, shutdown) = {
                 let mut mailbox = self.mailbox.mailbox.lock();
-                (mailbox.take(), mailbox.shutdown)
+                let resync = std::mem::take(&mut mailbox.resync);
+                (mailbox.take(), resync, mailbox.shutdown)
             };
             self.mailbox.taken.notify_all();
             if shutdown {
                 break;
+            }
+            if resync {
+                self.report_all_again();
             }
             self.apply_delivery(delivery);
             self.turn(Instant::now());
         }
         self.stop_all();
         self.reporter.into_waiting()
+    }
+
+    /// Holds a process a previous run of the agent left running, under a placeholder task
+    /// (desired RUNNING) until an assignment names it, and reports it RUNNING.
+    fn adopt(&mut self, leftover: executor::Adopted) {
+        let executor::Adopted { task_id, process } = leftover;
+        let message = format!(
+            "running as pid {} (adopted: started by a previous run of the agent)",
+            process.pid()
+        );
+        let task = Task {
+            id: task_id.clone(),
+            desired_state: TaskState::Running as i32,
+            ..Task::default()
+        };
+        let entry = Entry {
+            task,
+            phase: Phase::Live(process),
+            forget: false,
+            reported: None,
+        };
+        self.entries.insert(task_id.clone(), entry);
+        self.live += 1;
+        self.report(&task_id, new_status(TaskState::Running, &message));
+    }
+
+    /// Reports `status` for task `id`, remembered as its latest (if held).
+    fn report(&mut self, id: &str, status: TaskStatus) {
+        if let Some(entry) = self.entries.get_mut(id) {
+            entry.reported = Some(status.clone());
+        }
+        self.reporter.report(id, status);
+    }
+
+    /// Reports every held task's latest status again (a new session).
+    fn report_all_again(&mut self) {
+        let latest: Vec<(String, TaskStatus)> = self
+            .entries
+            .iter()
+            .filter_map(|(id, entry)| Some((id.clone(), entry.reported.clone()?)))
+            .collect();
+        for (id, status) in latest {
+            // Only if nothing newer waits: a waiting report is the latest already.
+            if !self.reporter.waiting.contains_key(&id) {
+                self.reporter.report(&id, status);
+            }
+        }
     }
 
     /// How long to sleep: short while processes live or reports wait.
@@ -702,14 +792,14 @@ impl Worker {
                 "this node already holds {TASKS_TRACKED_MAX} tasks (TASKS_TRACKED_MAX); the \
                  managers must remove finished tasks from its assignment"
             );
-            self.reporter
-                .report(&id, refusal_status(TaskState::Rejected, &why));
+            self.report(&id, refusal_status(TaskState::Rejected, &why));
             return;
         } else {
             let entry = Entry {
                 task,
                 phase: Phase::Idle,
                 forget: false,
+                reported: None,
             };
             self.entries.insert(id.clone(), entry);
         }
@@ -770,7 +860,8 @@ impl Worker {
         match &mut entry.phase {
             Phase::Done => {}
             Phase::Live(process) => {
-                if desired > TaskState::Running as i32
+                // Terminal when assigned: an adopted process the managers count finished.
+                if (desired > TaskState::Running as i32 || is_terminal(assigned_state))
                     && !process.is_stopping()
                     && let Err(error) = process.begin_stop(Instant::now(), self.config.stop_grace)
                 {
@@ -781,7 +872,7 @@ impl Worker {
             Phase::Idle if desired > TaskState::Running as i32 => {
                 entry.phase = Phase::Done;
                 let status = new_status(TaskState::Shutdown, "shut down before it started");
-                self.reporter.report(id, status);
+                self.report(id, status);
             }
             Phase::Idle if desired == TaskState::Running as i32 => {
                 self.start(id, assigned_state);
@@ -798,9 +889,9 @@ impl Worker {
         let refusal = if already_started {
             Some(refusal_status(
                 TaskState::Failed,
-                "the agent restarted after starting this task; its processes were killed \
-                 (a process the agent did not spawn cannot be watched); the orchestrator \
-                 replaces the task",
+                "the agent restarted after starting this task, and its process had ended \
+                 meanwhile (how is unknown: no agent watched it); the orchestrator replaces \
+                 the task",
             ))
         } else if self.live >= self.config.tasks_running_max {
             Some(refusal_status(
@@ -817,27 +908,28 @@ impl Worker {
         let entry = self.entries.get_mut(id).expect("start a known task");
         if let Some(status) = refusal {
             entry.phase = Phase::Done;
-            self.reporter.report(id, status);
+            self.report(id, status);
             return;
         }
         let spec = entry.task.spec.clone().unwrap_or_default();
         let starting = new_status(TaskState::Starting, &format!("starting {:?}", spec.command));
-        self.reporter.report(id, starting);
-        match executor::spawn(&self.config.work_dir, id, &spec) {
+        self.report(id, starting);
+        let (phase, status) = match executor::spawn(&self.config.work_dir, id, &spec) {
             Ok(process) => {
-                let pid = process.pid();
-                entry.phase = Phase::Live(process);
+                let message = format!("running as pid {} (its own process group)", process.pid());
                 self.live += 1;
-                let message = format!("running as pid {pid} (its own process group)");
-                self.reporter
-                    .report(id, new_status(TaskState::Running, &message));
+                (
+                    Phase::Live(process),
+                    new_status(TaskState::Running, &message),
+                )
             }
-            Err(error) => {
-                entry.phase = Phase::Done;
-                let status = refusal_status(TaskState::Rejected, &error.to_string());
-                self.reporter.report(id, status);
-            }
-        }
+            Err(error) => (
+                Phase::Done,
+                refusal_status(TaskState::Rejected, &error.to_string()),
+            ),
+        };
+        self.entries.get_mut(id).expect("start a known task").phase = phase;
+        self.report(id, status);
     }
 
     fn poll_processes(&mut self, now: Instant) {
@@ -864,7 +956,7 @@ impl Worker {
             if forget {
                 self.forget(&id);
             }
-            self.reporter.report(&id, status);
+            self.report(&id, status);
         }
     }
 
@@ -916,7 +1008,7 @@ fn exit_status(process: &TaskProcess, outcome: ExitOutcome) -> TaskStatus {
     } else {
         refusal_status(TaskState::Failed, &outcome.to_string())
     };
-    status.exit_code = outcome.exit_code();
+    status.exit_code = outcome.exit_code().unwrap_or_default();
     status
 }
 
@@ -992,7 +1084,19 @@ mod tests {
 
     impl Node {
         fn start(configure: impl FnOnce(&mut RunnerConfig), reports_len: usize) -> Node {
-            let dir = tempfile::tempdir().expect("tempdir");
+            Node::start_in(
+                tempfile::tempdir().expect("tempdir"),
+                configure,
+                reports_len,
+            )
+        }
+
+        /// A runner whose work directory is `<dir>/tasks`.
+        fn start_in(
+            dir: tempfile::TempDir,
+            configure: impl FnOnce(&mut RunnerConfig),
+            reports_len: usize,
+        ) -> Node {
             let mut config = RunnerConfig::new(dir.path().join("tasks"));
             config.stop_grace = Duration::from_secs(5);
             configure(&mut config);
@@ -1283,6 +1387,50 @@ mod tests {
         assert!(old.err.contains("agent restarted"), "{old:?}");
         node.expect("t-seen", TaskState::Failed);
         node.shutdown();
+    }
+
+    #[test]
+    fn a_restarted_runner_adopts_the_processes_left_running_instead_of_failing_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work_dir = dir.path().join("tasks");
+        let kept = executor::tests::orphan_task(&work_dir, "t-kept");
+        let dropped = executor::tests::orphan_task(&work_dir, "t-dropped");
+        let unwanted = executor::tests::orphan_task(&work_dir, "t-unwanted");
+        let mut node = Node::start_in(dir, |_| {}, REPORTS_QUEUE_LEN_DEFAULT);
+        for (id, pid) in [
+            ("t-kept", kept),
+            ("t-dropped", dropped),
+            ("t-unwanted", unwanted),
+        ] {
+            let running = node.expect(id, TaskState::Running);
+            assert!(running.message.contains("adopted"), "{running:?}");
+            assert_eq!(pid_in(&running.message), pid);
+        }
+        let mut kept_task = task("t-kept", TaskState::Running, "sleep", &["300"]);
+        kept_task.status.as_mut().expect("status").state = TaskState::Running as i32;
+        let mut unwanted_task = with_desired(kept_task.clone(), TaskState::Shutdown);
+        unwanted_task.id = "t-unwanted".into();
+        node.runner()
+            .assign(vec![kept_task, unwanted_task])
+            .expect("assign");
+        node.expect("t-unwanted", TaskState::Shutdown);
+        node.expect("t-dropped", TaskState::Shutdown);
+        assert!(sys::wait_dead(unwanted, WAIT_LIMIT));
+        assert!(sys::wait_dead(dropped, WAIT_LIMIT));
+        // Adopted, not started again nor failed: the same process runs on.
+        assert!(!sys::process_dead(kept));
+        node.assert_nothing_for("t-kept");
+
+        // A new session: the latest status of every held task is reported again.
+        node.runner().resync_reports().expect("resync");
+        let again = node.expect("t-kept", TaskState::Running);
+        assert_eq!(pid_in(&again.message), kept);
+
+        // Its end is seen although it is not the runner's child; its status is unknown.
+        sys::signal_group(kept, sys::SIGKILL).expect("kill");
+        let failed = node.expect("t-kept", TaskState::Failed);
+        assert!(failed.err.contains("unknown exit status"), "{failed:?}");
+        assert!(node.shutdown().is_empty());
     }
 
     #[test]

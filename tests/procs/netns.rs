@@ -25,7 +25,10 @@ pub struct Hosts {
 impl Hosts {
     /// Creates the bridge and `n` namespaces with addresses `10.231.<s>.<i+1>`.
     pub fn create(n: usize) -> Hosts {
-        let tag = std::process::id() % 100_000;
+        // Tests of one binary run in parallel in one process: each set gets its own tag.
+        static CREATED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let serial = CREATED.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 10;
+        let tag = (std::process::id() % 10_000) * 10 + serial;
         let hosts = Hosts {
             tag,
             subnet: tag % 250,
