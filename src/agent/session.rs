@@ -187,6 +187,7 @@ fn run_sessions(
     while !stopping.load(Ordering::SeqCst) {
         let managers = (config.managers)();
         let mut redirect = None;
+        let mut retry_after = None;
         if let Some(addr) = managers.get(next_manager % managers.len().max(1)).cloned() {
             let outcome = session(transport, config, &addr, sink, stopping, current);
             if let Some(session) = current.lock().take() {
@@ -197,6 +198,9 @@ fn run_sessions(
             }
             if let Err(status) = outcome {
                 log::debug!("agent: session with {addr}: {status}");
+                // A manager that refuses for a while (the registration rate limit) says
+                // how long: no attempt before that.
+                retry_after = status.retry_after();
                 // A follower names the leader: go there next if it is one of ours.
                 redirect = status
                     .leader_hint()
@@ -204,7 +208,7 @@ fn run_sessions(
             }
         }
         next_manager = redirect.unwrap_or(next_manager.wrapping_add(1));
-        sleep_unless_stopping(backoff, stopping);
+        sleep_unless_stopping(backoff.max(retry_after.unwrap_or_default()), stopping);
         backoff = (backoff * 2).min(backoff_max);
     }
 }
