@@ -1260,6 +1260,55 @@ mod tests {
     }
 
     #[test]
+    fn each_agent_gets_the_period_within_ten_percent() {
+        let period = Duration::from_secs(5);
+        let given: Vec<Duration> = (0..200).map(|_| jittered(period)).collect();
+        assert!(
+            given
+                .iter()
+                .all(|p| *p >= Duration::from_millis(4500) && *p <= Duration::from_millis(5500))
+        );
+        assert!(
+            given.iter().any(|p| *p != given[0]),
+            "spread, not one value"
+        );
+    }
+
+    #[test]
+    fn a_down_node_is_not_made_disconnected_or_unknown_and_no_state_is_written_twice() {
+        let store = Store::new(StoreConfig::default());
+        let node = |id: &str, state: NodeState| Node {
+            id: id.into(),
+            status: Some(NodeStatus {
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let txn = Transaction {
+            changes: vec![
+                crate::store::create(node("down", NodeState::Down)),
+                crate::store::create(node("ready", NodeState::Ready)),
+            ],
+            timestamp_ms: 1,
+            request_id: None,
+        };
+        store.apply(1, &txn).unwrap();
+        let write = |id: &str, state: NodeState| NodeWrite {
+            node_id: id.into(),
+            state,
+            message: "m".into(),
+            guard: Guard::NoSession,
+        };
+        assert!(node_state_change(&store, &write("down", NodeState::Disconnected)).is_none());
+        assert!(node_state_change(&store, &write("down", NodeState::Unknown)).is_none());
+        assert!(node_state_change(&store, &write("down", NodeState::Down)).is_none());
+        assert!(node_state_change(&store, &write("gone", NodeState::Down)).is_none());
+        assert!(node_state_change(&store, &write("ready", NodeState::Disconnected)).is_some());
+        assert!(node_state_change(&store, &write("ready", NodeState::Ready)).is_none());
+    }
+
+    #[test]
     fn a_node_cannot_report_for_another_nodes_task() {
         let store = store_with(vec![task("a", "n1", TaskState::Assigned)]);
         let refused = status_changes(&store, "n2", &[update("a", TaskState::Running)]).unwrap_err();
