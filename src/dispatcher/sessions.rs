@@ -17,9 +17,11 @@ use crate::proto::dispatcher as pb;
 use crate::proto::objects::Task;
 use crate::wire::Status;
 
-/// Sessions one leader serves at once. A session costs memory only: its entry (about
-/// 300 bytes with its ids and stream handle, plus its assignments not yet sent) and the
-/// connection it came on (the reactor's buffers), so 20,000 cost the table about 6 MiB.
+/// Sessions one leader serves at once. A session costs memory only, about 650 bytes
+/// in the dispatcher: its table entry (~300: node and session ids, times, empty queues),
+/// its stream handle and flow-control state (~200), its pending heartbeat deadline on the
+/// timer (~150), plus the assignments it holds back; 20,000 sessions ≈ 13 MiB. The
+/// connection it came on (TLS session, reactor buffers) is `net`'s and not counted here.
 pub const SESSIONS_MAX: usize = 20_000;
 /// Distinct changed tasks a session may hold back while its agent does not grant credit;
 /// past it the session ends (the agent opens a new one and receives a complete set).
