@@ -127,3 +127,86 @@ fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
     });
     transport.shutdown();
 }
+
+/// The leader's threads, by name, from `/proc/<pid>/task`.
+fn thread_names(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|entry| std::fs::read_to_string(entry.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
+#[test]
+fn fifty_agent_sessions_add_no_thread_to_the_leader() {
+    const AGENTS: usize = 50;
+    let mut cluster = Cluster::start(1, ClusterOptions::default());
+    cluster.wait_voters(1, TIMEOUT);
+    let dir = cluster.managers[0].dir.clone();
+    let addr = cluster.managers[0].addr.clone();
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let identities: Vec<_> = (0..AGENTS)
+        .map(|_| join_cluster(&transport, &addr, &token, TIMEOUT).unwrap())
+        .collect();
+    eventually("the manager's own node, ready", || {
+        cli_ok(&dir, &["node", "ls"]).contains("ready")
+    });
+    let pid = cluster.managers[0].proc().pid();
+    let before = thread_names(pid);
+
+    let mut sessions = Vec::new();
+    let mut reports = Vec::new();
+    for (i, (identity, root)) in identities.iter().enumerate() {
+        let tls = Arc::new(tls::client_config(identity, root).unwrap());
+        let managers = vec![addr.clone()];
+        let (reports_tx, reports_rx) = crossbeam_channel::bounded(16);
+        reports.push(reports_tx);
+        sessions.push(
+            AgentSession::start(
+                transport.clone(),
+                AgentConfig {
+                    managers: Box::new(move || managers.clone()),
+                    tls,
+                    hostname: format!("many-{i}"),
+                },
+                Arc::new(Recorder::default()),
+                reports_rx,
+            )
+            .unwrap(),
+        );
+    }
+    eventually("every agent with a session", || {
+        sessions.iter().all(|s| s.session_id().is_some())
+    });
+    eventually("every agent's node, ready", || {
+        let listing = cli_ok(&dir, &["node", "ls"]);
+        (0..AGENTS).all(|i| {
+            listing
+                .lines()
+                .any(|l| l.contains(&format!("many-{i} ")) && l.contains("ready"))
+        })
+    });
+    let after = thread_names(pid);
+    eprintln!(
+        "leader threads: {} before, {} with {AGENTS} agents",
+        before.len(),
+        after.len()
+    );
+    assert!(
+        // (`comm` keeps 15 bytes of a name: `flotilla-session` reads `flotilla-sessio`.)
+        !after.iter().any(|name| name.starts_with("flotilla-sessio")),
+        "no thread per session: {after:?}"
+    );
+    // A few threads may come and go (snapshots, renewal); one per agent would be 50.
+    assert!(
+        after.len() <= before.len() + 4,
+        "the leader went from {} to {} threads with {AGENTS} agents: {before:?} → {after:?}",
+        before.len(),
+        after.len()
+    );
+    for session in sessions {
+        session.stop();
+    }
+    transport.shutdown();
+}

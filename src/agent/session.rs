@@ -267,6 +267,7 @@ fn run_sessions(
     let mut leader_hint: Option<String> = None;
     while !stopping.load(Ordering::SeqCst) {
         let managers = (config.managers)();
+        let mut retry_after = None;
         if let Some(addr) = pick_manager(&managers, last.as_deref(), leader_hint.as_deref()) {
             leader_hint = None;
             let outcome = session(transport, config, &addr, sink, stopping, current);
@@ -275,13 +276,16 @@ fn run_sessions(
             }
             if let Err(status) = outcome {
                 log::debug!("agent: session with {addr}: {status}");
+                // A manager that refuses for a while (the registration rate limit) says
+                // how long: no attempt before that.
+                retry_after = status.retry_after();
                 // A follower names the leader: go there next if it is one of ours.
                 leader_hint = status.leader_hint().map(str::to_string);
             }
             last = Some(addr);
         }
         let (_, wait) = backoff.next_wait();
-        sleep_unless_stopping(wait, stopping);
+        sleep_unless_stopping(wait.max(retry_after.unwrap_or_default()), stopping);
     }
 }
 

@@ -38,8 +38,9 @@ pub const CA_POOL_QUEUE_LEN_MAX: usize = 256;
 pub const KV_POOL_THREADS: usize = 4;
 /// Queued `kv.*` calls before new ones are refused with `ResourceExhausted`.
 pub const KV_POOL_QUEUE_LEN_MAX: usize = 4096;
-/// Threads serving dispatcher calls (a status report blocks its thread on its proposal;
-/// sessions move to their own threads once opened).
+/// Threads serving dispatcher calls (a session opening blocks its thread on recording the
+/// node ready; status reports are batched and answered later, without a waiting thread;
+/// an opened session is state in the dispatcher's table, served by its one thread).
 pub const DISPATCHER_POOL_THREADS: usize = 4;
 /// Queued dispatcher calls before new ones are refused with `ResourceExhausted`.
 pub const DISPATCHER_POOL_QUEUE_LEN_MAX: usize = 1024;
@@ -387,8 +388,8 @@ impl Manager {
         let dispatcher = Dispatcher::new(raft.handle().clone(), machine.store.clone());
         dispatcher.register(&mut router, &dispatcher_pool);
         dispatcher
-            .start_monitor()
-            .map_err(io_error("cannot start the dispatcher monitor thread"))?;
+            .start()
+            .map_err(io_error("cannot start the dispatcher threads"))?;
         let store = machine.store.clone();
         raft.handle().set_join_gate(Arc::new(move |node_id| {
             control::roles::join_allowed(&store, node_id)
@@ -584,8 +585,8 @@ impl Manager {
     /// processes), the orchestrator thread, the control duties thread, the registrar and the
     /// renewer (they call through the transport), the Raft node (its own barrier: peers,
     /// apply, log writer), the transport (in-flight calls fail `Unavailable`, connections
-    /// close, the reactor is joined), the control watch threads and the dispatcher's session
-    /// threads, then the service pools (queued calls drain, threads are joined).
+    /// close, the reactor is joined), the control watch threads and the dispatcher's thread
+    /// and timers, then the service pools (queued calls drain, threads are joined).
     pub fn shutdown(mut self) {
         if let Some(agent) = self.agent.take() {
             agent.stop();
@@ -609,7 +610,7 @@ impl Manager {
         // After the transport: a watch thread blocked sending to a caller that stopped
         // reading is released by the transport's shutdown, never waited for before it.
         self.control.shutdown();
-        // Likewise for the dispatcher's session threads.
+        // Then the dispatcher's thread and timers (it never waits on a stream).
         self.dispatcher.shutdown();
         if let Some(pools) = self.raft_pools.take() {
             pools.shutdown();

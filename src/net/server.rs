@@ -203,6 +203,18 @@ impl<T: Message> ServerStream<T> {
             .send_message(Bytes::from(message.encode_to_vec()))
     }
 
+    /// Sends one message if the caller has flow-control credit left and the connection's
+    /// send buffer has room, never blocking: `Ok(false)` when not (nothing was sent; try
+    /// again later). For senders that serve many streams from one thread.
+    ///
+    /// # Errors
+    /// `Cancelled` if the caller gave up, or the connection's close reason.
+    pub fn try_send(&self, message: &T) -> Result<bool, Status> {
+        self.sink
+            .writer
+            .try_send_message(Bytes::from(message.encode_to_vec()))
+    }
+
     /// Ends the stream normally.
     pub fn finish(self) {
         drop(self);

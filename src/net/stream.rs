@@ -108,6 +108,20 @@ impl StreamCtl {
         }
     }
 
+    /// Takes one message of credit if the peer granted some, never waiting: `Ok(false)`
+    /// when there is none.
+    pub(crate) fn try_acquire_credit(&self) -> Result<bool, Status> {
+        let mut state = self.state.lock();
+        if let Some(status) = &state.ended {
+            return Err(status.clone());
+        }
+        if state.send_credit == 0 {
+            return Ok(false);
+        }
+        state.send_credit -= 1;
+        Ok(true)
+    }
+
     /// Adds credit granted by the peer.
     pub(crate) fn add_credit(&self, credit: u32) {
         let mut state = self.state.lock();
@@ -157,6 +171,28 @@ impl StreamWriter {
         env.payload = payload;
         let frame = self.conn.encode(&env)?;
         self.conn.push(Outbound::Frame(frame), deadline)
+    }
+
+    /// Sends one STREAM_MESSAGE if the peer has credit left and the send buffer has room,
+    /// never waiting: `Ok(false)` when it has not (nothing was sent, no credit is taken).
+    ///
+    /// # Errors
+    /// The stream's end reason or the connection's close reason.
+    pub(crate) fn try_send_message(&self, payload: Bytes) -> Result<bool, Status> {
+        if !self.ctl.try_acquire_credit()? {
+            return Ok(false);
+        }
+        let mut env = envelope(self.stream_id, FrameKind::StreamMessage);
+        env.payload = payload;
+        let frame = self.conn.encode(&env)?;
+        match self.conn.push_nowait(Outbound::Frame(frame)) {
+            Ok(()) => Ok(true),
+            Err(status) if status.code == crate::wire::Code::ResourceExhausted => {
+                self.ctl.add_credit(1);
+                Ok(false)
+            }
+            Err(status) => Err(status),
+        }
     }
 
     /// The earlier of the stream's deadline and `now + timeout`.
