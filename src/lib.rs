@@ -10,6 +10,7 @@ pub mod ca_rpc;
 pub mod cli;
 pub mod control;
 pub mod dispatcher;
+pub mod gossip;
 pub mod kv;
 #[cfg(any(test, feature = "sim"))]
 pub mod lincheck;

@@ -31,6 +31,11 @@ pub mod raft {
     include!(concat!(env!("OUT_DIR"), "/flotilla.raft.rs"));
 }
 
+/// The gossip layer's packets and bulk-sync chunks (`proto/flotilla/gossip.proto`).
+pub mod gossip {
+    include!(concat!(env!("OUT_DIR"), "/flotilla.gossip.rs"));
+}
+
 /// The replicated key-value map used by tests and benchmarks (`proto/flotilla/kv.proto`).
 pub mod kv {
     include!(concat!(env!("OUT_DIR"), "/flotilla.kv.rs"));
