@@ -937,7 +937,9 @@ impl Dispatcher {
     }
 
     /// Records the caller's node READY (creating a worker's Node object on its first
-    /// session).
+    /// session). A manager's Node object is made by its own report (`control.ReportManager`,
+    /// with its Raft id): until then its agent is asked to retry, so that no manager's Node
+    /// ever lacks the Raft id that a demotion needs to remove it from the group.
     fn record_ready(
         &self,
         caller: &PeerIdentity,
@@ -945,6 +947,16 @@ impl Dispatcher {
     ) -> Result<(), Status> {
         self.write_with_retries(|store| {
             let change = match store.get::<Node>(&caller.node_id) {
+                None if caller.role == crate::ca::Role::Manager => {
+                    return Err(Status::retry_soon(
+                        Code::Unavailable,
+                        format!(
+                            "manager {} has not recorded itself as a node yet (it does within \
+                             a second of joining); retry in a moment",
+                            caller.node_id
+                        ),
+                    ));
+                }
                 None => crate::store::create(new_node(caller, request)),
                 Some(node) => {
                     let mut node = node.as_ref().clone();
@@ -1038,7 +1050,7 @@ fn millis(period: Duration) -> u64 {
     u64::try_from(period.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// A worker's (or a manager's, if it has none yet) Node object at its first session.
+/// A worker's Node object at its first session.
 fn new_node(caller: &PeerIdentity, request: &pb::SessionRequest) -> Node {
     let role = crate::control::role_to_proto(caller.role);
     Node {
