@@ -51,6 +51,28 @@ fn pids(file: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Starts a worker agent in `worker_dir` that joins through `manager_addr` with the worker
+/// token of the manager whose state is in `manager_dir`, and waits until it runs tasks.
+fn join_worker(manager_dir: &Path, worker_dir: &str, manager_addr: &str) -> procs::Proc {
+    let token = cli_ok(manager_dir, &["join-token", "worker"])
+        .trim()
+        .to_string();
+    let mut agent = procs::Proc::start(
+        "worker",
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir,
+            "--token",
+            &token,
+            "--manager",
+            manager_addr,
+        ],
+    );
+    agent.wait_for("running the tasks assigned", TIMEOUT);
+    agent
+}
+
 #[test]
 fn a_replicated_service_runs_as_processes_and_scaling_down_stops_them() {
     let cluster = Cluster::start(1, ClusterOptions::default());
@@ -259,20 +281,7 @@ fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
     assert!(!status.success());
     assert!(output.contains("worker token"), "{output}");
 
-    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
-    let mut agent = procs::Proc::start(
-        "worker",
-        &[
-            "agent",
-            "--state-dir",
-            worker_dir_arg,
-            "--token",
-            &token,
-            "--manager",
-            &manager_addr,
-        ],
-    );
-    agent.wait_for("running the tasks assigned", TIMEOUT);
+    let mut agent = join_worker(&dir, worker_dir_arg, &manager_addr);
     let worker_line = || {
         cli_ok(&dir, &["node", "ls"])
             .lines()
@@ -374,20 +383,7 @@ fn a_restarted_worker_agent_adopts_its_running_tasks_instead_of_failing_them() {
     cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "2s"]);
     let worker_dir = cluster.tmp.path().join("worker");
     let worker_dir_arg = worker_dir.to_str().unwrap();
-    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
-    let mut agent = procs::Proc::start(
-        "worker",
-        &[
-            "agent",
-            "--state-dir",
-            worker_dir_arg,
-            "--token",
-            &token,
-            "--manager",
-            &manager_addr,
-        ],
-    );
-    agent.wait_for("running the tasks assigned", TIMEOUT);
+    let mut agent = join_worker(&dir, worker_dir_arg, &manager_addr);
     let pid_file = cluster.tmp.path().join("kept-pids");
     let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
     cli_ok(

@@ -275,17 +275,9 @@ impl Channel {
     ) -> Result<Call, Status> {
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let conn = self.inner.connection(deadline)?;
-        let stream_id = conn.allocate_stream_id();
+        let (stream_id, frame) = request_frame(&conn, method, payload, deadline)?;
         let (tx, rx) = crossbeam_channel::bounded(INBOUND_CAPACITY);
         let ctl = Arc::new(StreamCtl::new());
-        let mut env = envelope(stream_id, FrameKind::Request);
-        env.method = method.to_string();
-        env.payload = payload;
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            env.timeout_us = u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1);
-        }
-        let frame = conn.encode(&env)?;
         let route = Route {
             inbound: Some(tx),
             ctl: ctl.clone(),
@@ -456,15 +448,7 @@ impl Channel {
     ) -> Result<(), Status> {
         let deadline = options.timeout.map(|t| Instant::now() + t);
         let conn = self.inner.connection(deadline)?;
-        let stream_id = conn.allocate_stream_id();
-        let mut env = envelope(stream_id, FrameKind::Request);
-        env.method = method.to_string();
-        env.payload = payload;
-        if let Some(deadline) = deadline {
-            let left = deadline.saturating_duration_since(Instant::now());
-            env.timeout_us = u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1);
-        }
-        let frame = conn.encode(&env)?;
+        let (stream_id, frame) = request_frame(&conn, method, payload, deadline)?;
         let route = Route {
             inbound: None,
             ctl: Arc::new(StreamCtl::new()),
@@ -544,6 +528,25 @@ struct Call {
     writer: StreamWriter,
     reader: StreamReader,
     done: bool,
+}
+
+/// A new stream on `conn` and its encoded REQUEST frame for `method`, carrying what is left
+/// of `deadline` (at least 1 µs) so the callee can stop when the caller has given up.
+fn request_frame(
+    conn: &ConnShared,
+    method: &str,
+    payload: Bytes,
+    deadline: Option<Instant>,
+) -> Result<(u64, Bytes), Status> {
+    let stream_id = conn.allocate_stream_id();
+    let mut env = envelope(stream_id, FrameKind::Request);
+    env.method = method.to_string();
+    env.payload = payload;
+    if let Some(deadline) = deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        env.timeout_us = u64::try_from(left.as_micros()).unwrap_or(u64::MAX).max(1);
+    }
+    Ok((stream_id, conn.encode(&env)?))
 }
 
 impl Call {
