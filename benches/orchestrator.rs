@@ -3,13 +3,14 @@
 //! `cargo bench --bench orchestrator -- [NODES] [SERVICES] [REPLICAS]` (defaults 100 100
 //! 100: 10,000 tasks): builds the store, then prints
 //! - `BENCH orchestrator_first_pass_ms`: the first (full) pass, every task created and
-//!   scheduled;
+//!   scheduled, and `orchestrator_first_pass_cpu_ms`, the CPU its thread used meanwhile
+//!   (what a loaded machine does not inflate: it counts no time spent waiting for a core);
 //! - `BENCH orchestrator_idle_pass_ms`: a full pass with nothing to change (what the leader
 //!   pays at its safety-net interval, `ORCHESTRATOR_FULL_PASS_INTERVAL`), and
 //!   `BENCH orchestrator_lock_held_ms`, how long of it the store's read lock is held;
 //! - `BENCH orchestrator_change_pass_ms`: the event-driven pass after one task's status
 //!   change (a task `FAILED`: from the store's event to its replacement decided), the median
-//!   of several;
+//!   of several, and `orchestrator_change_pass_cpu_ms`, the median CPU of the same passes;
 //! - `BENCH orchestrator_idle_cpu_pct`: the CPU the real orchestrator loop
 //!   (`orchestrator::run_with`, proposing straight into the store) uses at rest on the
 //!   settled store, in percent of one core, over a few seconds after it settled;
@@ -87,6 +88,19 @@ fn tracked_pass(tracker: &mut Tracker, store: &Store, now_ms: i64) -> usize {
     let count = outcome.transactions.len();
     apply_all(store, outcome.transactions);
     count
+}
+
+/// The CPU time the calling thread has used, in nanoseconds precision (the first field of
+/// `/proc/thread-self/schedstat`).
+fn own_cpu() -> Duration {
+    let schedstat = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .expect("Linux /proc has the thread's schedstat");
+    let ns: u64 = schedstat
+        .split_whitespace()
+        .next()
+        .and_then(|field| field.parse().ok())
+        .expect("schedstat starts with the CPU time in ns");
+    Duration::from_nanos(ns)
 }
 
 /// The CPU time this thread `tid` has used, from `/proc/self/task/<tid>/stat`.
@@ -212,12 +226,13 @@ fn main() {
         apply(vec![create(service)], &store);
     }
     let mut tracker = Tracker::new();
-    let started = Instant::now();
+    let (started, cpu_started) = (Instant::now(), own_cpu());
     let Capture::Full(snapshot) = tracker.capture(&store, 1_000) else {
         panic!("the first capture is a full one");
     };
     let first = reconcile_pass(&snapshot, 1_000);
     let first_ms = started.elapsed().as_secs_f64() * 1e3;
+    let first_cpu_ms = (own_cpu() - cpu_started).as_secs_f64() * 1e3;
     drop(snapshot);
     apply_all(&store, first.transactions);
     // The pass over the services the first one wrote to finds nothing to do.
@@ -238,11 +253,13 @@ fn main() {
     }
     let capture_ms = capture_s * 1e3 / f64::from(IDLE_PASSES);
     let idle_ms = idle_s * 1e3 / f64::from(IDLE_PASSES);
-    let change_ms = change_pass_ms(&store, &mut tracker);
+    let (change_ms, change_cpu_ms) = change_pass_ms(&store, &mut tracker);
     println!("BENCH orchestrator_first_pass_ms {first_ms:.1} ms");
+    println!("BENCH orchestrator_first_pass_cpu_ms {first_cpu_ms:.1} ms");
     println!("BENCH orchestrator_idle_pass_ms {idle_ms:.1} ms");
     println!("BENCH orchestrator_lock_held_ms {capture_ms:.2} ms");
     println!("BENCH orchestrator_change_pass_ms {change_ms:.3} ms");
+    println!("BENCH orchestrator_change_pass_cpu_ms {change_cpu_ms:.3} ms");
     println!(
         "BENCH orchestrator_idle_cpu_pct {:.2} %",
         idle_cpu_pct(&store)
@@ -254,10 +271,12 @@ fn main() {
 }
 
 /// The median time from one task's `FAILED` report (applied to the store) to the pass that
-/// retires it and creates and schedules its replacement, each in another service.
-fn change_pass_ms(store: &Store, tracker: &mut Tracker) -> f64 {
+/// retires it and creates and schedules its replacement, each in another service; with the
+/// median CPU time of the same passes.
+fn change_pass_ms(store: &Store, tracker: &mut Tracker) -> (f64, f64) {
     let services = store.list::<Service>();
     let mut times_ms = Vec::new();
+    let mut cpu_ms = Vec::new();
     for (round, service) in services.iter().cycle().take(CHANGE_PASSES).enumerate() {
         let victim = store.view(|view| {
             view.tasks_by_service(&service.id)
@@ -282,12 +301,13 @@ fn change_pass_ms(store: &Store, tracker: &mut Tracker) -> f64 {
             )
             .expect("a status report applies");
         let now_ms = ended_ms + 60_000;
-        let started = Instant::now();
+        let (started, cpu_started) = (Instant::now(), own_cpu());
         let outcome = match tracker.capture(store, now_ms) {
             Capture::Scoped { snapshot, .. } => reconcile_pass(&snapshot, now_ms),
             _ => panic!("one status change makes a scoped pass"),
         };
         times_ms.push(started.elapsed().as_secs_f64() * 1e3);
+        cpu_ms.push((own_cpu() - cpu_started).as_secs_f64() * 1e3);
         assert_eq!(outcome.transactions.len(), 1, "one slot's restart");
         assert_eq!(
             outcome.transactions[0].changes.len(),
@@ -302,6 +322,9 @@ fn change_pass_ms(store: &Store, tracker: &mut Tracker) -> f64 {
             "the restart settled"
         );
     }
-    times_ms.sort_by(f64::total_cmp);
-    times_ms[times_ms.len() / 2]
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    (median(times_ms), median(cpu_ms))
 }

@@ -12,7 +12,7 @@ use crate::proto::objects::{Service, TaskState};
 use crate::store::spec::{Constraint, matches_all, parse_constraints};
 
 use super::slot::{self, SlotRef, UpdateBudget};
-use super::working::Working;
+use super::working::{TaskIx, Working};
 use super::{Context, is_occupant, node_lost, node_takes_tasks};
 
 /// The parsed placement constraints of `service`'s template; `None` if they do not parse
@@ -30,12 +30,11 @@ pub(super) fn constraints_of(
 /// Reconciles the node slots of the global `service`.
 pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Service) {
     let constraints = constraints_of(slot::template(service));
-    let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for task in working.tasks_of_service(&service.id) {
-        by_node
-            .entry(task.node_id.clone())
-            .or_default()
-            .push(task.id.clone());
+    let mut by_node: BTreeMap<String, Vec<TaskIx>> = BTreeMap::new();
+    for &ix in working.tasks_of_service(&service.id) {
+        if let Some(task) = working.get(ix) {
+            by_node.entry(task.node_id.clone()).or_default().push(ix);
+        }
     }
     let updating = by_node
         .values()
@@ -43,7 +42,8 @@ pub(super) fn reconcile_service(working: &mut Working, context: &Context, servic
         .count() as u64;
     let mut budget = UpdateBudget::new(service, updating);
     let empty = Vec::new();
-    for (node_id, node) in &context.nodes {
+    for node in &context.nodes {
+        let node_id = node.id.as_str();
         let fits = constraints
             .as_deref()
             .is_some_and(|constraints| matches_all(constraints, node));
@@ -61,16 +61,16 @@ pub(super) fn reconcile_service(working: &mut Working, context: &Context, servic
         slot::reconcile(working, context, &slot_ref, ids, &mut budget);
     }
     for (node_id, ids) in &by_node {
-        if !context.nodes.contains_key(node_id) {
+        if context.node(node_id).is_none() {
             retire_all(working, ids);
         }
     }
 }
 
-fn retire_all(working: &mut Working, ids: &[String]) {
-    for id in ids {
-        if working.get(id).is_some_and(is_occupant) {
-            working.retire(id, TaskState::Shutdown);
+fn retire_all(working: &mut Working, ids: &[TaskIx]) {
+    for &ix in ids {
+        if working.get(ix).is_some_and(is_occupant) {
+            working.retire(ix, TaskState::Shutdown);
         }
     }
 }

@@ -65,7 +65,7 @@ pub use runner::{
 };
 pub use tracker::{Capture, Tracker};
 
-use working::{Unit, Working};
+use working::{FastHash, Unit, Working};
 
 /// How long a node must have been `DOWN` before the tasks on it are replaced elsewhere
 /// (replicated) or retired (global). Measured from the node's last update, which for a
@@ -85,8 +85,10 @@ pub const TASK_ID_CHARS: usize = crate::util::id::ID_CHARS;
 pub(crate) struct Context {
     /// The time of the pass, Unix milliseconds.
     pub now_ms: i64,
-    /// Every node, by id.
-    pub nodes: BTreeMap<String, Arc<Node>>,
+    /// Every node, in id order (the scheduler's tie-break: a node's position).
+    pub nodes: Vec<Arc<Node>>,
+    /// Node id → its position in `nodes`.
+    pub node_index: HashMap<String, usize, FastHash>,
     /// Every service, by id.
     pub services: BTreeMap<String, Arc<Service>>,
     /// Finished tasks kept per slot.
@@ -118,19 +120,28 @@ impl NodeLoad {
 }
 
 impl Context {
+    /// The node `id`, if it exists.
+    pub(crate) fn node(&self, id: &str) -> Option<&Arc<Node>> {
+        self.node_index.get(id).map(|position| &self.nodes[*position])
+    }
+
     fn load(snapshot: &Snapshot, now_ms: i64) -> Self {
         let settings = snapshot
             .cluster
             .as_ref()
             .and_then(|cluster| cluster.spec.as_ref().map(ClusterSettings::from_spec))
             .unwrap_or_default();
+        let mut nodes = snapshot.nodes.clone();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let node_index = nodes
+            .iter()
+            .enumerate()
+            .map(|(position, node)| (node.id.clone(), position))
+            .collect();
         Self {
             now_ms,
-            nodes: snapshot
-                .nodes
-                .iter()
-                .map(|node| (node.id.clone(), Arc::clone(node)))
-                .collect(),
+            nodes,
+            node_index,
             services: snapshot
                 .services
                 .iter()
@@ -198,7 +209,7 @@ pub fn reconcile_snapshot(snapshot: &Snapshot, now_ms: i64) -> Vec<Transaction> 
 /// [`reconcile_snapshot`], with the times at which its services need another look.
 pub fn reconcile_pass(snapshot: &Snapshot, now_ms: i64) -> PassOutcome {
     let context = Context::load(snapshot, now_ms);
-    let mut working = Working::from_tasks(snapshot.tasks.iter().cloned());
+    let mut working = Working::from_tasks(snapshot.tasks.iter());
     for service in context.services.values() {
         match service_mode(service) {
             ServiceMode::Global => global::reconcile_service(&mut working, &context, service),
@@ -230,14 +241,9 @@ fn remove_tasks_of_deleted_services(working: &mut Working, context: &Context) {
         if context.services.contains_key(&service_id) {
             continue;
         }
-        let ids: Vec<String> = working
-            .tasks_of_service(&service_id)
-            .iter()
-            .filter(|task| task.desired_state < TaskState::Remove as i32)
-            .map(|task| task.id.clone())
-            .collect();
-        for id in ids {
-            working.retire(&id, TaskState::Remove);
+        let tasks = working.tasks_of_service(&service_id).to_vec();
+        for ix in tasks {
+            working.retire(ix, TaskState::Remove);
         }
     }
 }
@@ -315,7 +321,7 @@ pub(crate) fn node_state(node: &Node) -> NodeState {
 /// Why the tasks on node `node_id` must leave it, if they must: the node is deleted,
 /// drained, or down for longer than [`NODE_DOWN_GRACE_MS`].
 pub(crate) fn node_lost(context: &Context, node_id: &str) -> Option<String> {
-    let Some(node) = context.nodes.get(node_id) else {
+    let Some(node) = context.node(node_id) else {
         return Some(format!("node {node_id} was removed"));
     };
     if node_availability(node) == NodeAvailability::Drain {
@@ -339,8 +345,7 @@ fn down_past_grace(context: &Context, node: &Node) -> bool {
 /// gone: its agent stops its tasks and reports them.
 pub(crate) fn node_gone(context: &Context, node_id: &str) -> bool {
     context
-        .nodes
-        .get(node_id)
+        .node(node_id)
         .is_none_or(|node| down_past_grace(context, node))
 }
 

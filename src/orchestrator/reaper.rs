@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 use crate::proto::objects::{Task, TaskState};
 
-use super::working::Working;
+use super::working::{TaskIx, Working};
 use super::{Context, age_key, is_finished, is_occupant, node_gone, observed};
 
 /// Deletes what is beyond retention.
@@ -28,29 +28,34 @@ pub(super) fn reap(working: &mut Working, context: &Context) {
     let retention = usize::try_from(context.task_history_retention).unwrap_or(usize::MAX);
     for service_id in working.service_ids() {
         let service_exists = context.services.contains_key(&service_id);
-        let mut by_slot: BTreeMap<(u64, String), Vec<(i64, String)>> = BTreeMap::new();
-        for task in working.tasks_of_service(&service_id) {
+        let mut by_slot: BTreeMap<(u64, &str), Vec<(i64, &str, TaskIx)>> = BTreeMap::new();
+        for &ix in working.tasks_of_service(&service_id) {
+            let Some(task) = working.get(ix) else {
+                continue;
+            };
             if !reapable(task, context, service_exists) {
                 continue;
             }
             let node_key = if task.slot == 0 {
-                task.node_id.clone()
+                task.node_id.as_str()
             } else {
-                String::new()
+                ""
             };
             let (created_ms, id) = age_key(task);
             by_slot
                 .entry((task.slot, node_key))
                 .or_default()
-                .push((created_ms, id.to_string()));
+                .push((created_ms, id, ix));
         }
+        let keep = if service_exists { retention } else { 0 };
+        let mut doomed: Vec<TaskIx> = Vec::new();
         for mut finished in by_slot.into_values() {
-            finished.sort();
-            let keep = if service_exists { retention } else { 0 };
+            finished.sort_unstable();
             let excess = finished.len().saturating_sub(keep);
-            for (_, id) in finished.into_iter().take(excess) {
-                working.delete(&id);
-            }
+            doomed.extend(finished.into_iter().take(excess).map(|(_, _, ix)| ix));
+        }
+        for ix in doomed {
+            working.delete(ix);
         }
     }
 }

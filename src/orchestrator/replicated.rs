@@ -11,15 +11,17 @@ use std::collections::BTreeMap;
 use crate::proto::objects::{Service, TaskState};
 
 use super::slot::{self, SlotRef, UpdateBudget};
-use super::working::Working;
+use super::working::{TaskIx, Working};
 use super::{Context, is_occupant};
 
 /// Reconciles every slot of the replicated `service`.
 pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Service) {
     let replicas = service.spec.as_ref().map_or(0, |spec| spec.replicas);
-    let mut by_slot: BTreeMap<u64, Vec<String>> = BTreeMap::new();
-    for task in working.tasks_of_service(&service.id) {
-        by_slot.entry(task.slot).or_default().push(task.id.clone());
+    let mut by_slot: BTreeMap<u64, Vec<TaskIx>> = BTreeMap::new();
+    for &ix in working.tasks_of_service(&service.id) {
+        if let Some(task) = working.get(ix) {
+            by_slot.entry(task.slot).or_default().push(ix);
+        }
     }
     let updating = (1..=replicas)
         .filter(|number| {
@@ -44,9 +46,9 @@ pub(super) fn reconcile_service(working: &mut Working, context: &Context, servic
         if *number >= 1 && *number <= replicas {
             continue;
         }
-        for id in ids {
-            if working.get(id).is_some_and(is_occupant) {
-                working.retire(id, TaskState::Shutdown);
+        for &ix in ids {
+            if working.get(ix).is_some_and(is_occupant) {
+                working.retire(ix, TaskState::Shutdown);
             }
         }
     }

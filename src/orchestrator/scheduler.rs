@@ -23,23 +23,21 @@
 //! are not held back by room (the agent refuses what it cannot run). Must never assign a
 //! task to a node that does not take tasks, fails a constraint or has no room.
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 
 use crate::agent::TASKS_RUNNING_MAX_DEFAULT;
 use crate::proto::objects::{Node, Task, TaskState};
 use crate::store::spec::{Constraint, matches_all};
 
 use super::global::constraints_of;
-use super::working::Working;
+use super::working::{TaskIx, Working};
 use super::{Context, is_occupant, is_terminal, node_takes_tasks, observed};
 
-/// Active tasks (wanted running, not finished) per node and per (service, node), and
-/// unfinished tasks per node against its room, indexed by the node's position in
-/// `Context::nodes` (id order).
+/// Active tasks (wanted running, not finished) per node, and unfinished tasks per node
+/// against its room, indexed by the node's position in `Context::nodes` (id order).
 struct Load {
-    node_index: BTreeMap<String, usize>,
     total: Vec<u64>,
-    per_service: HashMap<String, Vec<u64>>,
     /// Tasks on the node that have not finished (any desired state): what its agent runs
     /// or is about to run or stop.
     busy: Vec<u64>,
@@ -51,50 +49,26 @@ impl Load {
     /// The load of the tasks outside the pass (`Context::base_load`); the pass's own tasks
     /// are added by [`schedule`].
     fn new(context: &Context) -> Self {
-        let base = |id: &String| context.base_load.get(id).copied().unwrap_or_default();
+        let base = |node: &Node| context.base_load.get(&node.id).copied().unwrap_or_default();
         Self {
-            node_index: context
-                .nodes
-                .keys()
-                .enumerate()
-                .map(|(index, id)| (id.clone(), index))
-                .collect(),
-            total: context.nodes.keys().map(|id| base(id).active).collect(),
-            per_service: HashMap::new(),
-            busy: context.nodes.keys().map(|id| base(id).busy).collect(),
-            room: context.nodes.values().map(|node| node_room(node)).collect(),
+            total: context.nodes.iter().map(|node| base(node).active).collect(),
+            busy: context.nodes.iter().map(|node| base(node).busy).collect(),
+            room: context.nodes.iter().map(|node| node_room(node)).collect(),
         }
     }
 
-    /// Counts an unfinished task on `node_id` against its room.
-    fn add_busy(&mut self, node_id: &str) {
-        if let Some(&index) = self.node_index.get(node_id) {
-            self.busy[index] += 1;
-        }
+    fn has_room(&self, node: usize) -> bool {
+        self.busy[node] < self.room[node]
     }
+}
 
-    fn has_room(&self, index: usize) -> bool {
-        self.busy[index] < self.room[index]
-    }
-
-    /// Counts an active task of `service_id` on `node_id` for spreading.
-    fn add(&mut self, service_id: &str, node_id: &str) {
-        // A task on a node that no longer exists loads no node.
-        let Some(&index) = self.node_index.get(node_id) else {
-            return;
-        };
-        self.total[index] += 1;
-        let nodes = self.total.len();
-        if !self.per_service.contains_key(service_id) {
-            self.per_service
-                .insert(service_id.to_string(), vec![0; nodes]);
-        }
-        let per_node = self
-            .per_service
-            .get_mut(service_id)
-            .expect("inserted above if missing");
-        per_node[index] += 1;
-    }
+/// One service's tasks as the scheduler sees them.
+#[derive(Default)]
+struct ServiceLoad {
+    /// Positions of the nodes its active tasks run on (one entry per task).
+    active_on: Vec<usize>,
+    /// Its unassigned runnable tasks.
+    waiting: Vec<TaskIx>,
 }
 
 /// The most tasks `node` runs at once: what its agent reported, else the agent default.
@@ -105,89 +79,162 @@ pub(crate) fn node_room(node: &Node) -> u64 {
     }
 }
 
-/// Assigns every unassigned runnable task it can.
+/// Assigns every unassigned runnable task it can: services in id order, each one's tasks
+/// in (slot, id) order.
 pub(super) fn schedule(working: &mut Working, context: &Context) {
     let mut load = Load::new(context);
-    let mut waiting: Vec<Task> = Vec::new();
-    for id in working.ids() {
-        let task = working.get(&id).expect("ids() lists live tasks");
-        if is_terminal(observed(task)) {
-            continue;
+    let mut services: Vec<(String, ServiceLoad)> = Vec::new();
+    for service_id in working.service_ids() {
+        let mut service = ServiceLoad::default();
+        for &ix in working.tasks_of_service(&service_id) {
+            let Some(task) = working.get(ix) else {
+                continue;
+            };
+            if is_terminal(observed(task)) {
+                continue;
+            }
+            if !task.node_id.is_empty() {
+                // A task on a node that no longer exists loads no node.
+                if let Some(&node) = context.node_index.get(&task.node_id) {
+                    load.busy[node] += 1;
+                    if is_occupant(task) {
+                        load.total[node] += 1;
+                        service.active_on.push(node);
+                    }
+                }
+            } else if is_occupant(task) && observed(task) < TaskState::Assigned as i32 {
+                service.waiting.push(ix);
+            }
         }
-        if !task.node_id.is_empty() {
-            load.add_busy(&task.node_id);
-        }
-        if !is_occupant(task) {
-            continue;
-        }
-        if !task.node_id.is_empty() {
-            load.add(&task.service_id, &task.node_id);
-        } else if observed(task) < TaskState::Assigned as i32 {
-            waiting.push(task.clone());
+        if !service.waiting.is_empty() {
+            services.push((service_id, service));
         }
     }
-    waiting.sort_by(|a, b| (&a.service_id, a.slot, &a.id).cmp(&(&b.service_id, b.slot, &b.id)));
-    for task in waiting {
-        match pick_node(context, &load, &task) {
-            Ok(node_id) => {
-                load.add(&task.service_id, &node_id);
-                load.add_busy(&node_id);
-                let message = format!("assigned to node {node_id} by the scheduler");
-                working.modify(&task.id, |task| {
-                    task.node_id = node_id;
-                    let status = task.status.get_or_insert_with(Default::default);
-                    status.state = TaskState::Assigned as i32;
-                    status.message = message;
-                    status.timestamp_ms = context.now_ms;
-                });
-            }
-            Err(reason) => {
-                let unchanged = observed(&task) == TaskState::Pending as i32
-                    && task.status.as_ref().is_some_and(|s| s.message == reason);
-                if !unchanged {
-                    working.modify(&task.id, |task| {
-                        let status = task.status.get_or_insert_with(Default::default);
-                        status.state = TaskState::Pending as i32;
-                        status.message = reason;
-                        status.timestamp_ms = context.now_ms;
-                    });
-                }
-            }
-        }
+    for (_, service) in services {
+        schedule_service(working, context, &mut load, service);
     }
 }
 
-/// The node for `task`, or why there is none.
-fn pick_node(context: &Context, load: &Load, task: &Task) -> Result<String, String> {
-    let Some(constraints) = constraints_of(task.spec.as_ref()) else {
-        return Err("the task's placement constraints do not parse".to_string());
+/// Places the waiting tasks of one service, in runs of tasks with the same constraints.
+fn schedule_service(
+    working: &mut Working,
+    context: &Context,
+    load: &mut Load,
+    mut service: ServiceLoad,
+) {
+    let slot_and_id = |ix: &TaskIx| {
+        let task = working.get(*ix).expect("waiting tasks are live");
+        (task.slot, task.id.as_str())
     };
-    let per_service = load.per_service.get(&task.service_id);
-    let eligible = || {
-        context
-            .nodes
-            .values()
-            .enumerate()
-            .filter(|(_, node)| node_takes_tasks(node) && matches_all(&constraints, node))
+    service
+        .waiting
+        .sort_by(|a, b| slot_and_id(a).cmp(&slot_and_id(b)));
+    let mut per_node = vec![0_u64; context.nodes.len()];
+    for node in service.active_on {
+        per_node[node] += 1;
+    }
+    let mut start = 0;
+    while start < service.waiting.len() {
+        let constraints_text = |ix: TaskIx| {
+            working
+                .get(ix)
+                .and_then(|task| task.spec.as_ref())
+                .and_then(|spec| spec.placement.as_ref())
+                .map(|placement| placement.constraints.clone())
+                .unwrap_or_default()
+        };
+        let first = constraints_text(service.waiting[start]);
+        let run_len = service.waiting[start..]
+            .iter()
+            .take_while(|ix| constraints_text(**ix) == first)
+            .count();
+        let run: Vec<TaskIx> = service.waiting[start..start + run_len].to_vec();
+        start += run_len;
+        place_run(working, context, load, &mut per_node, &run);
+    }
+}
+
+/// Places `run`, tasks of one service with the same constraints: each on the eligible node
+/// with room that has the fewest tasks of the service, then the fewest active tasks, then
+/// the smallest id (position). Only the chosen node's counts change between two tasks, so a
+/// heap of the eligible nodes gives each choice in O(log nodes) instead of a scan of every
+/// node per task.
+fn place_run(
+    working: &mut Working,
+    context: &Context,
+    load: &mut Load,
+    per_node: &mut [u64],
+    run: &[TaskIx],
+) {
+    let spec = working.get(run[0]).and_then(|task| task.spec.clone());
+    let Some(constraints) = constraints_of(spec.as_ref()) else {
+        let reason = "the task's placement constraints do not parse".to_string();
+        for &ix in run {
+            leave_pending(working, context, ix, &reason);
+        }
+        return;
     };
-    eligible()
-        .filter(|(index, _)| load.has_room(*index))
-        .min_by_key(|(index, node)| {
-            (
-                per_service.map_or(0, |counts| counts[*index]),
-                load.total[*index],
-                node.id.as_str(),
-            )
-        })
-        .map(|(_, node)| node.id.clone())
-        .ok_or_else(|| {
-            let full: Vec<u64> = eligible().map(|(index, _)| load.room[index]).collect();
-            if full.is_empty() {
-                no_node_reason(context, &constraints)
-            } else {
-                no_room_reason(&full)
-            }
-        })
+    let eligible: Vec<usize> = context
+        .nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, node)| node_takes_tasks(node) && matches_all(&constraints, node))
+        .map(|(position, _)| position)
+        .collect();
+    let key = |load: &Load, node: usize| Reverse((per_node[node], load.total[node], node));
+    let mut heap: BinaryHeap<Reverse<(u64, u64, usize)>> = eligible
+        .iter()
+        .filter(|node| load.has_room(**node))
+        .map(|node| key(load, *node))
+        .collect();
+    let mut reason: Option<String> = None;
+    for &ix in run {
+        let Some(Reverse((_, _, node))) = heap.pop() else {
+            let reason = reason.get_or_insert_with(|| {
+                if eligible.is_empty() {
+                    no_node_reason(context, &constraints)
+                } else {
+                    let rooms: Vec<u64> = eligible.iter().map(|node| load.room[*node]).collect();
+                    no_room_reason(&rooms)
+                }
+            });
+            leave_pending(working, context, ix, reason);
+            continue;
+        };
+        per_node[node] += 1;
+        load.total[node] += 1;
+        load.busy[node] += 1;
+        if load.has_room(node) {
+            heap.push(Reverse((per_node[node], load.total[node], node)));
+        }
+        assign(working, context, ix, &context.nodes[node].id);
+    }
+}
+
+fn assign(working: &mut Working, context: &Context, ix: TaskIx, node_id: &str) {
+    let message = format!("assigned to node {node_id} by the scheduler");
+    working.modify(ix, |task| {
+        task.node_id = node_id.to_string();
+        let status = task.status.get_or_insert_with(Default::default);
+        status.state = TaskState::Assigned as i32;
+        status.message = message;
+        status.timestamp_ms = context.now_ms;
+    });
+}
+
+/// Leaves task `ix` `PENDING` with `reason`, written only when the reason changes.
+fn leave_pending(working: &mut Working, context: &Context, ix: TaskIx, reason: &str) {
+    let task: &Task = working.get(ix).expect("waiting tasks are live");
+    let unchanged = observed(task) == TaskState::Pending as i32
+        && task.status.as_ref().is_some_and(|s| s.message == reason);
+    if !unchanged {
+        working.modify(ix, |task| {
+            let status = task.status.get_or_insert_with(Default::default);
+            status.state = TaskState::Pending as i32;
+            status.message = reason.to_string();
+            status.timestamp_ms = context.now_ms;
+        });
+    }
 }
 
 /// Why a task waits when every eligible node is full; `rooms` holds each one's maximum.
@@ -219,7 +266,7 @@ fn no_node_reason(context: &Context, constraints: &[Constraint]) -> String {
     }
     let ready: Vec<&Node> = context
         .nodes
-        .values()
+        .iter()
         .filter(|node| node_takes_tasks(node))
         .map(AsRef::as_ref)
         .collect();

@@ -19,7 +19,7 @@ use std::sync::Arc;
 use crate::proto::objects::{Service, Task, TaskSpec, TaskState, TaskStatus, UpdateOrder};
 
 use super::restart::{self, Decision};
-use super::working::Working;
+use super::working::{TaskIx, Working};
 use super::{Context, age_key, derive_task_id, is_occupant, is_terminal, node_lost, observed};
 
 /// Which slot, and whether it may get a new task.
@@ -85,21 +85,22 @@ fn is_current(task: &Task, service: &Service) -> bool {
     (version > 0 && task.service_version == version) || task.spec.as_ref() == template(service)
 }
 
-fn tasks<'w>(working: &'w Working, ids: &[String]) -> Vec<&'w Task> {
-    ids.iter().filter_map(|id| working.get(id)).collect()
+fn tasks<'w>(working: &'w Working, ids: &[TaskIx]) -> impl Iterator<Item = &'w Task> {
+    ids.iter().filter_map(|ix| working.get(*ix))
 }
 
-fn occupants(working: &Working, ids: &[String]) -> Vec<Arc<Task>> {
+/// The slot's occupants, with their positions (shared: the caller changes the set).
+fn occupants(working: &Working, ids: &[TaskIx]) -> Vec<(TaskIx, Arc<Task>)> {
     ids.iter()
-        .filter_map(|id| working.get_shared(id))
-        .filter(|task| is_occupant(task))
-        .cloned()
+        .filter_map(|ix| working.get_shared(*ix).map(|task| (*ix, task)))
+        .filter(|(_, task)| is_occupant(task))
+        .map(|(ix, task)| (ix, Arc::clone(task)))
         .collect()
 }
 
 /// True if the slot is in the middle of an update: an old-template task was retired or a
 /// new one started beside it, and no current task runs yet.
-pub(super) fn is_updating(working: &Working, service: &Service, ids: &[String]) -> bool {
+pub(super) fn is_updating(working: &Working, service: &Service, ids: &[TaskIx]) -> bool {
     let (mut current_runs, mut old_retired, mut old_occupant, mut new_occupant) =
         (false, false, false, false);
     for task in tasks(working, ids) {
@@ -123,7 +124,7 @@ pub(super) fn reconcile(
     working: &mut Working,
     context: &Context,
     slot: &SlotRef<'_>,
-    ids: &[String],
+    ids: &[TaskIx],
     budget: &mut UpdateBudget,
 ) {
     retire_on_lost_nodes(working, context, ids);
@@ -137,23 +138,22 @@ pub(super) fn reconcile(
     fill(working, context, slot, ids);
 }
 
-fn retire_on_lost_nodes(working: &mut Working, context: &Context, ids: &[String]) {
-    for task in occupants(working, ids) {
+fn retire_on_lost_nodes(working: &mut Working, context: &Context, ids: &[TaskIx]) {
+    for (ix, task) in occupants(working, ids) {
         if !task.node_id.is_empty() && node_lost(context, &task.node_id).is_some() {
-            working.retire(&task.id, TaskState::Shutdown);
+            working.retire(ix, TaskState::Shutdown);
         }
     }
 }
 
 /// Applies the restart rule to every finished occupant; `Wait` if one waits for its delay.
-fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) -> Decision {
+fn restart_finished(working: &mut Working, context: &Context, ids: &[TaskIx]) -> Decision {
     let mut outcome = Decision::Keep;
-    for task in occupants(working, ids) {
+    for (ix, task) in occupants(working, ids) {
         if !is_terminal(observed(&task)) {
             continue;
         }
         let history: Vec<&Task> = tasks(working, ids)
-            .into_iter()
             .filter(|other| other.id != task.id)
             .collect();
         let (decision, changes_at_ms) = restart::decide(&task, &history, context.now_ms);
@@ -163,7 +163,7 @@ fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) ->
         match decision {
             Decision::Keep => {}
             Decision::Wait => outcome = Decision::Wait,
-            Decision::Restart => working.retire(&task.id, TaskState::Shutdown),
+            Decision::Restart => working.retire(ix, TaskState::Shutdown),
         }
     }
     outcome
@@ -171,11 +171,12 @@ fn restart_finished(working: &mut Working, context: &Context, ids: &[String]) ->
 
 /// Cuts several occupants down to one. False while a start-first replacement has not started
 /// running yet (both stay).
-fn keep_one_occupant(working: &mut Working, service: &Service, ids: &[String]) -> bool {
+fn keep_one_occupant(working: &mut Working, service: &Service, ids: &[TaskIx]) -> bool {
     let occupants = occupants(working, ids);
     if occupants.len() <= 1 {
         return true;
     }
+    let (positions, occupants): (Vec<TaskIx>, Vec<Arc<Task>>) = occupants.into_iter().unzip();
     let running = |task: &Task| observed(task) == TaskState::Running as i32;
     let new_running = occupants
         .iter()
@@ -185,9 +186,10 @@ fn keep_one_occupant(working: &mut Working, service: &Service, ids: &[String]) -
     if old_and_new && !new_running {
         return false;
     }
-    let keep = occupants
+    let keep = positions
         .iter()
-        .max_by_key(|task| {
+        .zip(&occupants)
+        .max_by_key(|(_, task)| {
             (
                 is_current(task, service),
                 running(task),
@@ -195,11 +197,10 @@ fn keep_one_occupant(working: &mut Working, service: &Service, ids: &[String]) -
                 age_key(task),
             )
         })
-        .expect("there are several occupants")
-        .id
-        .clone();
-    for task in occupants.iter().filter(|task| task.id != keep) {
-        working.retire(&task.id, TaskState::Shutdown);
+        .map(|(ix, _)| *ix)
+        .expect("there are several occupants");
+    for ix in positions.into_iter().filter(|ix| *ix != keep) {
+        working.retire(ix, TaskState::Shutdown);
     }
     true
 }
@@ -208,11 +209,11 @@ fn update_old_occupant(
     working: &mut Working,
     context: &Context,
     slot: &SlotRef<'_>,
-    ids: &[String],
+    ids: &[TaskIx],
     budget: &mut UpdateBudget,
 ) {
     let occupants = occupants(working, ids);
-    let [occupant] = occupants.as_slice() else {
+    let [(ix, occupant)] = occupants.as_slice() else {
         return;
     };
     if is_current(occupant, slot.service) || !slot.may_create || !budget.take() {
@@ -228,17 +229,17 @@ fn update_old_occupant(
     if order == UpdateOrder::StartFirst && !is_terminal(observed(occupant)) {
         create_task(working, context, slot, &occupant.id, 0);
     } else {
-        working.retire(&occupant.id, TaskState::Shutdown);
+        working.retire(*ix, TaskState::Shutdown);
     }
 }
 
 /// Gives an empty slot a new task, unless an old-template task retired by a stop-first
 /// update is still stopping on a live node.
-fn fill(working: &mut Working, context: &Context, slot: &SlotRef<'_>, ids: &[String]) {
-    if !slot.may_create || !occupants(working, ids).is_empty() {
+fn fill(working: &mut Working, context: &Context, slot: &SlotRef<'_>, ids: &[TaskIx]) {
+    if !slot.may_create || tasks(working, ids).any(is_occupant) {
         return;
     }
-    let all = tasks(working, ids);
+    let all: Vec<&Task> = tasks(working, ids).collect();
     let old_stopping = all.iter().any(|task| {
         !is_current(task, slot.service)
             && observed(task) >= TaskState::Assigned as i32
