@@ -277,7 +277,12 @@ fn change_pass_ms(store: &Store, tracker: &mut Tracker) -> (f64, f64) {
     let services = store.list::<Service>();
     let mut times_ms = Vec::new();
     let mut cpu_ms = Vec::new();
-    for (round, service) in services.iter().cycle().take(CHANGE_PASSES).enumerate() {
+    // `ORCHESTRATOR_BENCH_CHANGE_PASSES` overrides the count (to profile these passes).
+    let passes = std::env::var("ORCHESTRATOR_BENCH_CHANGE_PASSES")
+        .ok()
+        .and_then(|passes| passes.parse().ok())
+        .unwrap_or(CHANGE_PASSES);
+    for (round, service) in services.iter().cycle().take(passes).enumerate() {
         let victim = store.view(|view| {
             view.tasks_by_service(&service.id)
                 .find(|task| task.desired_state == TaskState::Running as i32)

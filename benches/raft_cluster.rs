@@ -107,23 +107,26 @@ fn writes(cluster: &Cluster, clients: usize, seconds: f64) -> Phase {
         .map(|c| {
             let (client, stop, leader, value) =
                 (client.clone(), stop.clone(), leader.clone(), value.clone());
-            std::thread::Builder::new().name("bench-client".into()).spawn(move || {
-                let mut latencies = Vec::new();
-                let mut seq = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    let started = Instant::now();
-                    client
-                        .put_at(
-                            &leader,
-                            &format!("c{clients}-{c}-{}", seq % 1000),
-                            value.clone(),
-                        )
-                        .unwrap();
-                    latencies.push(started.elapsed());
-                    seq += 1;
-                }
-                latencies
-            }).unwrap()
+            std::thread::Builder::new()
+                .name("bench-client".into())
+                .spawn(move || {
+                    let mut latencies = Vec::new();
+                    let mut seq = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        let started = Instant::now();
+                        client
+                            .put_at(
+                                &leader,
+                                &format!("c{clients}-{c}-{}", seq % 1000),
+                                value.clone(),
+                            )
+                            .unwrap();
+                        latencies.push(started.elapsed());
+                        seq += 1;
+                    }
+                    latencies
+                })
+                .unwrap()
         })
         .collect();
     let started = Instant::now();
@@ -235,8 +238,14 @@ fn etcd_c256(etcd_load: &std::path::Path, seconds: f64) -> f64 {
         "BENCH etcd_writes_per_s_c{ETCD_CLIENTS} {:.0} ops/s",
         load.ops_per_s
     );
-    println!("BENCH etcd_write_p50_us_c{ETCD_CLIENTS} {:.0} us", load.p50_us);
-    println!("BENCH etcd_write_p99_us_c{ETCD_CLIENTS} {:.0} us", load.p99_us);
+    println!(
+        "BENCH etcd_write_p50_us_c{ETCD_CLIENTS} {:.0} us",
+        load.p50_us
+    );
+    println!(
+        "BENCH etcd_write_p99_us_c{ETCD_CLIENTS} {:.0} us",
+        load.p99_us
+    );
     let (leader_us, followers_us) = managers_cpu_us(
         &before,
         &after,

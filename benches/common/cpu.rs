@@ -1,4 +1,5 @@
-//! CPU time per thread of a process, from `/proc/<pid>/task/*/stat`, sampled before and
+//! CPU time per thread of a process, from `/proc/<pid>/task/*/schedstat` (nanoseconds on
+//! a CPU; `stat`'s 10 ms ticks round a short-lived pool thread down to nothing), sampled before and
 //! after a load phase: what each thread of each process spent per operation. Included by
 //! the benchmarks with `#[path = "common/cpu.rs"] mod cpu;`.
 //!
@@ -8,53 +9,55 @@
 
 use std::collections::BTreeMap;
 
-/// `/proc` counts CPU time in USER_HZ, 100 a second on every Linux architecture.
-const TICKS_PER_SECOND: u64 = 100;
-
-/// CPU ticks (user + system) per thread name of one process at one moment; threads that
-/// ended since the start are lost, so sample processes whose threads live through the phase.
+/// CPU nanoseconds (user + system) per thread name of one process at one moment; threads
+/// that ended since the start are lost, so sample while the phase's threads still exist.
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
-    ticks_by_thread: BTreeMap<String, u64>,
+    ns_by_thread: BTreeMap<String, u64>,
 }
 
 /// Reads the CPU of every thread of `pid` now (empty if the process is gone).
 pub fn sample(pid: u32) -> Sample {
-    let mut ticks_by_thread = BTreeMap::new();
+    let mut ns_by_thread = BTreeMap::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Sample::default();
     };
     for task in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+        let (Ok(comm), Ok(schedstat)) = (
+            std::fs::read_to_string(task.path().join("comm")),
+            std::fs::read_to_string(task.path().join("schedstat")),
+        ) else {
             continue;
         };
-        let Some((head, rest)) = stat.rsplit_once(')') else {
+        // The first field: time spent on a CPU, in nanoseconds.
+        let Some(ns) = schedstat
+            .split_whitespace()
+            .next()
+            .and_then(|field| field.parse::<u64>().ok())
+        else {
             continue;
         };
-        let name = head.split_once('(').map_or("?", |(_, name)| name).to_string();
-        // The fields after the command: state is field 0, utime 11, stime 12.
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-        *ticks_by_thread.entry(name).or_insert(0) += ticks;
+        *ns_by_thread.entry(comm.trim_end().to_string()).or_insert(0) += ns;
     }
-    Sample { ticks_by_thread }
+    Sample { ns_by_thread }
 }
 
 /// Microseconds of CPU per operation between two samples of one process: per thread name
-/// (largest first) and in total.
+/// (largest first, those of 0.05 us or more) and in total.
 pub fn per_op_us(before: &Sample, after: &Sample, ops: u64) -> (Vec<(String, f64)>, f64) {
-    let us = |ticks: u64| ticks as f64 * 1e6 / TICKS_PER_SECOND as f64 / ops.max(1) as f64;
+    let us = |ns: u64| ns as f64 / 1e3 / ops.max(1) as f64;
     let mut threads: Vec<(String, f64)> = after
-        .ticks_by_thread
+        .ns_by_thread
         .iter()
-        .map(|(name, ticks)| {
-            let was = before.ticks_by_thread.get(name).copied().unwrap_or(0);
-            (name.clone(), us(ticks.saturating_sub(was)))
+        .map(|(name, ns)| {
+            let was = before.ns_by_thread.get(name).copied().unwrap_or(0);
+            (name.clone(), us(ns.saturating_sub(was)))
         })
-        .filter(|(_, us)| *us > 0.0)
         .collect();
-    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     let total = threads.iter().map(|(_, us)| us).sum();
+    // Named in the detail: threads of at least 0.05 us per operation (all count in the total).
+    threads.retain(|(_, us)| *us >= 0.05);
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     (threads, total)
 }
 

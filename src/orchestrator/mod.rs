@@ -122,7 +122,9 @@ impl NodeLoad {
 impl Context {
     /// The node `id`, if it exists.
     pub(crate) fn node(&self, id: &str) -> Option<&Arc<Node>> {
-        self.node_index.get(id).map(|position| &self.nodes[*position])
+        self.node_index
+            .get(id)
+            .map(|position| &self.nodes[*position])
     }
 
     fn load(snapshot: &Snapshot, now_ms: i64) -> Self {

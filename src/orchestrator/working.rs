@@ -191,7 +191,11 @@ impl Working {
         }
         let unit_key = |ix: &TaskIx| {
             let task = &self.entries[*ix].task;
-            let node_key = if task.slot == 0 { task.node_id.as_str() } else { "" };
+            let node_key = if task.slot == 0 {
+                task.node_id.as_str()
+            } else {
+                ""
+            };
             (task.service_id.as_str(), task.slot, node_key)
         };
         // Stable: a unit keeps its changes in the order of the working set.
