@@ -14,11 +14,32 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, Default)]
 pub struct Sample {
     ns_by_thread: BTreeMap<String, u64>,
+    /// The whole process (`/proc/<pid>/stat`, in 10 ms ticks): it keeps the CPU of threads
+    /// that ended (a snapshot writer, say), which the per-thread figures lose.
+    process_ns: u64,
+}
+
+/// `/proc/<pid>/stat` counts in USER_HZ, 100 ticks a second on every Linux architecture.
+const NS_PER_TICK: u64 = 10_000_000;
+
+/// User + system CPU of the whole process `pid`, threads that ended included.
+fn process_ns(pid: u32) -> u64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0;
+    };
+    // After the command: state is field 0, utime 11, stime 12.
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    ticks * NS_PER_TICK
 }
 
 /// Reads the CPU of every thread of `pid` now (empty if the process is gone).
 pub fn sample(pid: u32) -> Sample {
     let mut ns_by_thread = BTreeMap::new();
+    let process_ns = process_ns(pid);
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Sample::default();
     };
@@ -39,7 +60,10 @@ pub fn sample(pid: u32) -> Sample {
         };
         *ns_by_thread.entry(comm.trim_end().to_string()).or_insert(0) += ns;
     }
-    Sample { ns_by_thread }
+    Sample {
+        ns_by_thread,
+        process_ns,
+    }
 }
 
 /// Microseconds of CPU per operation between two samples of one process: per thread name
@@ -54,7 +78,14 @@ pub fn per_op_us(before: &Sample, after: &Sample, ops: u64) -> (Vec<(String, f64
             (name.clone(), us(ns.saturating_sub(was)))
         })
         .collect();
-    let total = threads.iter().map(|(_, us)| us).sum();
+    let threads_total: f64 = threads.iter().map(|(_, us)| us).sum();
+    // Threads that ended during the phase are only in the process's own count.
+    let process_total = us(after.process_ns.saturating_sub(before.process_ns));
+    let ended = process_total - threads_total;
+    if ended > 0.05 * threads_total.max(1.0) {
+        threads.push(("(threads that ended)".to_string(), ended));
+    }
+    let total = threads_total.max(process_total);
     // Named in the detail: threads of at least 0.05 us per operation (all count in the total).
     threads.retain(|(_, us)| *us >= 0.05);
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));

@@ -23,12 +23,15 @@ use crate::proto::objects::{Task, TaskState};
 use super::working::{TaskIx, Working};
 use super::{Context, age_key, is_finished, is_occupant, node_gone, observed};
 
+/// A reapable task of a slot: (creation time, id, position), oldest first when sorted.
+type Finished<'a> = (i64, &'a str, TaskIx);
+
 /// Deletes what is beyond retention.
 pub(super) fn reap(working: &mut Working, context: &Context) {
     let retention = usize::try_from(context.task_history_retention).unwrap_or(usize::MAX);
     for service_id in working.service_ids() {
         let service_exists = context.services.contains_key(&service_id);
-        let mut by_slot: BTreeMap<(u64, &str), Vec<(i64, &str, TaskIx)>> = BTreeMap::new();
+        let mut by_slot: BTreeMap<(u64, &str), Vec<Finished<'_>>> = BTreeMap::new();
         for &ix in working.tasks_of_service(&service_id) {
             let Some(task) = working.get(ix) else {
                 continue;
