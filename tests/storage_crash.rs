@@ -40,9 +40,11 @@ const SNAPSHOT_LOG_ENTRIES_MIN: u64 = 1500;
 
 fn config() -> StorageConfig {
     StorageConfig {
-        // Small tables and rounds so that flushes, journal rotation and compaction all
-        // happen within a few rounds.
+        // Small tables and rounds so that flushes, journal rotation, compaction and
+        // switches to a new generation of the log database all happen within a few rounds.
         memtable_bytes_max: 1 << 20,
+        log_idle_after_ms: 0,
+        generation_switch_bytes_min: 256 << 10,
         compaction_round_entries_max: 200,
         trailing_entries_kept: 300,
         request_queue_len_max: 16,
@@ -442,9 +444,15 @@ fn acknowledged_writes_survive_sigkill() {
         let (_, _, snaps) = parse(&lines);
         snapshots.extend(snaps);
     }
+    // The log database's generation number counts the switches that completed.
+    let generation = std::fs::read_to_string(dir.path().join("log.current"))
+        .ok()
+        .and_then(|name| name.trim().strip_prefix("log.gen-")?.parse::<u64>().ok())
+        .unwrap_or(0);
     eprintln!(
         "crash harness: {rounds} rounds, {acked_total} acknowledged requests, {truncations} \
-         truncations, {installs} installed snapshots, {} snapshots, final log length {}",
+         truncations, {installs} installed snapshots, {} snapshots, final log length {}, \
+         log database generation {generation}",
         snapshots.len(),
         model.terms.len()
     );
@@ -453,4 +461,8 @@ fn acknowledged_writes_survive_sigkill() {
         "the children acknowledged nothing: the harness tested nothing"
     );
     assert!(truncations > 0, "no truncation was exercised");
+    assert!(
+        generation > 0,
+        "no switch to a new log generation was exercised"
+    );
 }

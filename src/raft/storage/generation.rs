@@ -105,7 +105,10 @@ impl Drop for RemoveOnDrop {
         };
         // A failure leaves a leftover that the next start deletes.
         match fs::remove_dir_all(&dir) {
-            Ok(()) => log::info!("raft storage: deleted the old log generation {}", dir.display()),
+            Ok(()) => log::info!(
+                "raft storage: deleted the old log generation {}",
+                dir.display()
+            ),
             Err(e) => log::warn!(
                 "raft storage: cannot delete the old log generation {} ({e}); the next start \
                  deletes it",
@@ -243,7 +246,10 @@ fn remove_leftovers(storage_dir: &Path, current: u64) -> Result<(), StorageError
     let pointer_temp_prefix = pointer_temp
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
-        .and_then(|n| n.rsplit_once('.').map(|(prefix, _pid)| format!("{prefix}.")))
+        .and_then(|n| {
+            n.rsplit_once('.')
+                .map(|(prefix, _pid)| format!("{prefix}."))
+        })
         .unwrap_or_default();
     let mut removed = false;
     for entry in entries {
@@ -453,7 +459,13 @@ mod tests {
         assert_eq!(number_of("log"), Some(0));
         assert_eq!(number_of("log.gen-7"), Some(7));
         assert_eq!(dir_name(7), "log.gen-7");
-        for other in ["log.gen-", "log.gen-0", "log.gen-x1", "log.damaged-17", "logs"] {
+        for other in [
+            "log.gen-",
+            "log.gen-0",
+            "log.gen-x1",
+            "log.damaged-17",
+            "logs",
+        ] {
             assert_eq!(number_of(other), None, "{other}");
         }
     }
@@ -463,7 +475,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(current_number(dir.path()).unwrap(), 0);
         let pointer = dir.path().join(POINTER_FILE);
-        for bad in [&b""[..], b"log.gen-3", b"log\n", b"log.gen-\n", &[b'x'; 100][..]] {
+        for bad in [
+            &b""[..],
+            b"log.gen-3",
+            b"log\n",
+            b"log.gen-\n",
+            &[b'x'; 100][..],
+        ] {
             fs::write(&pointer, bad).unwrap();
             assert!(
                 matches!(current_number(dir.path()), Err(StorageError::CorruptLog(_))),
@@ -474,7 +492,10 @@ mod tests {
         assert_eq!(current_number(dir.path()).unwrap(), 3);
         let config = StorageConfig::default();
         assert!(
-            matches!(open_current(dir.path(), &config), Err(StorageError::CorruptLog(_))),
+            matches!(
+                open_current(dir.path(), &config),
+                Err(StorageError::CorruptLog(_))
+            ),
             "the named directory is missing: never start an empty log instead"
         );
         assert!(!dir.path().join("log").exists() && !dir.path().join("log.gen-3").exists());

@@ -390,7 +390,10 @@ impl LogStore {
     /// Reads the boundary and walks every live key once: checks there is no gap and every
     /// value decodes, and finds the last index and term.
     fn scan_log(&self, view: &View) -> Result<LogBounds, StorageError> {
-        let (first_index, prev_term) = match view.snapshot.get(&view.generation.meta, META_KEY_LOG_START)? {
+        let (first_index, prev_term) = match view
+            .snapshot
+            .get(&view.generation.meta, META_KEY_LOG_START)?
+        {
             Some(v) => decode_log_start(&v)?,
             None => (1, 0),
         };
@@ -583,7 +586,10 @@ impl LogStore {
     /// IO errors listing or deleting snapshot files or measuring the database; fjall errors
     /// rotating a memtable or building a generation; a failed write of the generation
     /// pointer (fatal: which generation is current is settled by the next start).
-    pub(crate) fn release_compacted(&self) -> Result<(), StorageError> {
+    pub(crate) fn release_compacted(
+        &self,
+        snapshot_index: LogIndex,
+    ) -> Result<Option<LogIndex>, StorageError> {
         let removed = self.inner.snapshots.remove_unjoinable(self.first_index())?;
         if removed > 0 {
             log::info!(
@@ -595,15 +601,49 @@ impl LogStore {
             .millis_since_open()
             .saturating_sub(self.inner.last_write_ms.load(Ordering::Relaxed));
         if idle_ms < self.inner.config.log_idle_after_ms {
-            return Ok(());
+            return Ok(None);
+        }
+        let up_to = self.idle_compaction_target(snapshot_index)?;
+        if up_to >= self.first_index() {
+            return Ok(Some(up_to));
         }
         if self.switch_generation_if_worth_it()? {
-            return Ok(());
+            return Ok(None);
         }
         let generation = self.generation();
         generation.log.rotate_memtable()?;
         generation.meta.rotate_memtable()?;
-        Ok(())
+        Ok(None)
+    }
+
+    /// How far an idle log may be compacted: the trailing entries kept below the snapshot
+    /// at `snapshot_index` (for followers a little behind) are cut to
+    /// [`StorageConfig::idle_trailing_bytes_max`]. After a burst of large entries, 500 of
+    /// them can hold many megabytes; an idle leader's live followers have long caught up,
+    /// and one that comes back later is sent the snapshot. Returns an index below the first
+    /// one when there is nothing to cut. Counts whole segments.
+    fn idle_compaction_target(&self, snapshot_index: LogIndex) -> Result<LogIndex, StorageError> {
+        let bounds = self.bounds();
+        let nothing = bounds.first_index.saturating_sub(1);
+        if snapshot_index < bounds.first_index {
+            return Ok(nothing);
+        }
+        let view = self.view();
+        let bytes_max = self.inner.config.idle_trailing_bytes_max;
+        let mut bytes = 0u64;
+        for guard in view
+            .snapshot
+            .range(&view.generation.log, ..=log_key(snapshot_index))
+            .rev()
+        {
+            let (key, value) = guard.into_inner()?;
+            bytes += value.len() as u64;
+            if bytes > bytes_max {
+                let segment = Segment::decode(index_of_key(&key)?, value)?;
+                return Ok(segment.last().min(snapshot_index));
+            }
+        }
+        Ok(nothing)
     }
 
     /// Moves the live log to a new generation when the current one is far larger on disk
@@ -612,8 +652,8 @@ impl LogStore {
     fn switch_generation_if_worth_it(&self) -> Result<bool, StorageError> {
         let config = &self.inner.config;
         let old = self.generation();
-        let disk_bytes =
-            generation::tree_bytes(&old.dir).map_err(|e| StorageError::io("measure", &old.dir, e))?;
+        let disk_bytes = generation::tree_bytes(&old.dir)
+            .map_err(|e| StorageError::io("measure", &old.dir, e))?;
         if disk_bytes < config.generation_switch_bytes_min {
             return Ok(false);
         }
@@ -715,11 +755,7 @@ impl LogStore {
 
     /// The key of the first live segment (the one holding the first index), or the first
     /// index when the log is empty.
-    fn live_start(
-        &self,
-        view: &View,
-        bounds: &LogBounds,
-    ) -> Result<LogIndex, StorageError> {
+    fn live_start(&self, view: &View, bounds: &LogBounds) -> Result<LogIndex, StorageError> {
         if bounds.first_index > bounds.last_index {
             return Ok(bounds.first_index);
         }
@@ -931,5 +967,135 @@ mod tests {
             store.term(6),
             Err(StorageError::Unavailable { .. })
         ));
+    }
+
+    fn big_entries(range: std::ops::RangeInclusive<LogIndex>, term: Term) -> Vec<Entry> {
+        range
+            .map(|index| Entry {
+                term,
+                index,
+                kind: EntryKind::Normal,
+                data: Bytes::from(vec![(index % 251) as u8; 1024]),
+            })
+            .collect()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("log"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_idle_compacted_log_moves_to_a_new_generation_and_the_old_one_goes_when_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            log_idle_after_ms: 0,
+            generation_switch_bytes_min: 1 << 20,
+            ..StorageConfig::default()
+        };
+        let (store, _) = LogStore::open(dir.path(), &config).unwrap();
+        for k in 0..50 {
+            let batch = big_entries(k * 100 + 1..=k * 100 + 100, 2);
+            let hs = HardState {
+                term: 2,
+                vote: 1,
+                commit: k * 100 + 100,
+            };
+            store
+                .write_group(&batch, (k * 100 + 100, 2), Some(&hs))
+                .unwrap();
+        }
+        store.persist().unwrap();
+        let meta = SnapshotMeta {
+            index: 4990,
+            term: 2,
+            membership: Default::default(),
+        };
+        let mut builder = store.snapshots().create(meta).unwrap();
+        builder.write_chunk(0, b"state").unwrap();
+        builder.finish().unwrap();
+        while store.compact_round(4950, 10_000).unwrap() {}
+        let before = generation::tree_bytes(&dir.path().join("log")).unwrap();
+        assert!(before > 4 << 20, "5 MB of entries were written: {before}");
+        // A reader in the middle of a read when the switch comes keeps its generation.
+        let reader = store.view();
+        assert_eq!(store.release_compacted(4990).unwrap(), None);
+        assert_eq!(store.log_dir(), dir.path().join("log.gen-1"));
+        assert_eq!(names(dir.path()), ["log", "log.current", "log.gen-1"]);
+        assert_eq!(
+            store
+                .segment_containing(&reader, 4960)
+                .unwrap()
+                .unwrap()
+                .term(4960),
+            2
+        );
+        drop(reader);
+        assert_eq!(
+            names(dir.path()),
+            ["log.current", "log.gen-1"],
+            "unread, so deleted"
+        );
+        let after = generation::tree_bytes(&dir.path().join("log.gen-1")).unwrap();
+        assert!(after < before / 4, "{after} bytes left of {before}");
+        assert_eq!(
+            store.entries(4951..5001, u64::MAX).unwrap(),
+            big_entries(4951..=5000, 2)
+        );
+        // Writes go to the new generation, and a reopen finds them and the hard state.
+        let hs = HardState {
+            term: 3,
+            vote: 2,
+            commit: 5000,
+        };
+        store
+            .write_group(&big_entries(5001..=5010, 3), (5010, 3), Some(&hs))
+            .unwrap();
+        store.persist().unwrap();
+        drop(store);
+        let (store, recovered) = LogStore::open(dir.path(), &config).unwrap();
+        assert_eq!(recovered.hard_state, hs);
+        assert_eq!(
+            recovered.bounds,
+            LogBounds {
+                first_index: 4951,
+                prev_term: 2,
+                last_index: 5010,
+                last_term: 3
+            }
+        );
+        assert_eq!(store.entries(4951..5011, u64::MAX).unwrap().len(), 60);
+        // Not worth it again: the database is small now.
+        assert_eq!(store.release_compacted(4990).unwrap(), None);
+        assert_eq!(store.log_dir(), dir.path().join("log.gen-1"));
+    }
+
+    #[test]
+    fn an_idle_log_keeps_trailing_entries_up_to_a_byte_bound_and_never_past_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            idle_trailing_bytes_max: 50_000,
+            ..StorageConfig::default()
+        };
+        let (store, _) = LogStore::open(dir.path(), &config).unwrap();
+        for k in 0..100 {
+            let batch = big_entries(k * 10 + 1..=k * 10 + 10, 1);
+            store.write_group(&batch, (k * 10 + 10, 1), None).unwrap();
+        }
+        // Five segments of ten 1 KiB entries pass 50,000 bytes: keep the four above.
+        assert_eq!(store.idle_compaction_target(900).unwrap(), 860);
+        // A segment larger than the bound alone: cut at the snapshot, not past it.
+        store
+            .write_group(&big_entries(1001..=1100, 1), (1100, 1), None)
+            .unwrap();
+        assert_eq!(store.idle_compaction_target(1050).unwrap(), 1050);
+        while store.compact_round(1050, 10_000).unwrap() {}
+        assert_eq!(store.first_index(), 1051);
+        assert!(store.idle_compaction_target(1050).unwrap() < store.first_index());
     }
 }

@@ -74,6 +74,10 @@ pub struct StorageConfig {
     /// waits behind a table compaction: fjall halts writes (100 ms sleeps) once four sealed
     /// memtables are queued.
     pub fjall_worker_threads: usize,
+    /// Bytes of trailing entries (kept below a snapshot for followers a little behind) an
+    /// idle log keeps ([`IDLE_TRAILING_BYTES_MAX_DEFAULT`]); `trailing_entries_kept` still
+    /// bounds their number.
+    pub idle_trailing_bytes_max: u64,
     /// How long without a write before a finished compaction counts the log as idle and
     /// gives back memory and disk space ([`LOG_IDLE_AFTER_MS_DEFAULT`]).
     pub log_idle_after_ms: u64,
@@ -117,6 +121,8 @@ pub(crate) fn journal_bytes_max(memtable_bytes_max: u64) -> u64 {
 }
 /// Default for [`StorageConfig::fjall_worker_threads`].
 pub const FJALL_WORKER_THREADS_DEFAULT: usize = 2;
+/// Default for [`StorageConfig::idle_trailing_bytes_max`] (1 MiB).
+pub const IDLE_TRAILING_BYTES_MAX_DEFAULT: u64 = 1 << 20;
 /// Default for [`StorageConfig::generation_switch_bytes_min`] (4 MiB: an idle manager's
 /// log database takes about 1 MiB).
 pub const GENERATION_SWITCH_BYTES_MIN_DEFAULT: u64 = 4 << 20;
@@ -135,6 +141,7 @@ impl Default for StorageConfig {
             fjall_worker_threads: FJALL_WORKER_THREADS_DEFAULT,
             memtable_bytes_max: MEMTABLE_BYTES_MAX_DEFAULT,
             log_idle_after_ms: LOG_IDLE_AFTER_MS_DEFAULT,
+            idle_trailing_bytes_max: IDLE_TRAILING_BYTES_MAX_DEFAULT,
             generation_switch_bytes_min: GENERATION_SWITCH_BYTES_MIN_DEFAULT,
             #[cfg(test)]
             fail_sync_at_group: None,
