@@ -64,6 +64,9 @@ fn generation_child_entry_point() {
         return;
     };
     let crash = crash_from_name(&std::env::var(CHILD_CRASH_ENV).unwrap_or_default());
+    let _ = env_logger::builder()
+        .filter_level(log::LevelFilter::Info)
+        .try_init();
     run_child(Path::new(&dir), crash);
 }
 
@@ -139,7 +142,7 @@ fn run(dir: &Path, crash: &str) -> (LogIndex, LogIndex, u64, bool) {
         .env(CHILD_CRASH_ENV, crash)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
     let output = child.wait_with_output().unwrap();

@@ -44,7 +44,9 @@ use std::sync::Arc;
 use fjall::{CompressionType, Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 use parking_lot::Mutex;
 
+use super::codec::{Segment, encode_segment, index_of_key, log_key};
 use super::{StorageConfig, StorageError};
+use crate::raft::types::LogIndex;
 use crate::util::fsutil::{self, MODE_PRIVATE};
 
 /// Directory of generation 0.
@@ -309,11 +311,15 @@ fn open_generation(
     })
 }
 
-/// Bytes of every file under `dir` (the generation's size on disk).
+/// Bytes allocated on disk to the files under `dir` (the generation's size, as `du` counts
+/// it: fjall preallocates its journal, so a file's length says little).
 ///
 /// # Errors
 /// IO errors listing or reading metadata.
 pub(crate) fn tree_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    /// `st_blocks` counts 512-byte units whatever the file system's block size.
+    const STAT_BLOCK_BYTES: u64 = 512;
     let mut total = 0;
     for entry in fs::read_dir(dir)? {
         let entry = entry?;
@@ -321,7 +327,7 @@ pub(crate) fn tree_bytes(dir: &Path) -> io::Result<u64> {
         if kind.is_dir() {
             total += tree_bytes(&entry.path())?;
         } else if kind.is_file() {
-            total += entry.metadata()?.len();
+            total += entry.metadata()?.blocks() * STAT_BLOCK_BYTES;
         }
     }
     Ok(total)
@@ -346,6 +352,9 @@ fn sync_tree(dir: &Path) -> io::Result<()> {
 pub(crate) struct CopyPlan {
     /// The key of the first live segment (the one holding the first live index).
     pub(crate) live_start_key: Vec<u8>,
+    /// The first live index: the first segment is copied from it on (a segment holds up to
+    /// 1,024 entries, and the compacted ones before it are not worth a copy).
+    pub(crate) first_index: LogIndex,
     /// Copying stops (and the switch is abandoned) past this many bytes of segments.
     pub(crate) live_bytes_max: u64,
 }
@@ -383,7 +392,16 @@ pub(crate) fn build_next(
     let mut batch_bytes = 0u64;
     let mut live_bytes = 0u64;
     for guard in view.range(&old.log, plan.live_start_key.as_slice()..) {
-        let (key, value) = guard.into_inner()?;
+        let (mut key, mut value) = guard.into_inner()?;
+        let first = index_of_key(&key)?;
+        if first < plan.first_index {
+            let segment = Segment::decode(first, value)?;
+            let live: Vec<_> = (plan.first_index..=segment.last())
+                .map(|index| segment.entry(index))
+                .collect();
+            key = log_key(plan.first_index).to_vec().into();
+            value = encode_segment(&live);
+        }
         let bytes = (key.len() + value.len()) as u64;
         live_bytes += bytes;
         if live_bytes > plan.live_bytes_max {

@@ -504,9 +504,6 @@ impl LogStore {
         new_last: (LogIndex, Term),
         hard_state: Option<&HardState>,
     ) -> Result<(), StorageError> {
-        self.inner
-            .last_write_ms
-            .store(self.millis_since_open(), Ordering::Relaxed);
         let old = self.bounds();
         let (new_last_index, new_last_term) = new_last;
         let changed_from = entries.first().map_or(new_last_index + 1, |e| e.index);
@@ -515,8 +512,13 @@ impl LogStore {
             "a write never changes entries below the log boundary"
         );
         if entries.is_empty() && changed_from > old.last_index && hard_state.is_none() {
+            // Nothing to write (a group holding only a compaction request): the log stays
+            // idle, so that the compaction this request starts finds it so.
             return Ok(());
         }
+        self.inner
+            .last_write_ms
+            .store(self.millis_since_open(), Ordering::Relaxed);
         let generation = self.generation();
         let mut batch = generation.db.batch().durability(None);
         let mut written = Vec::new();
@@ -661,6 +663,7 @@ impl LogStore {
         let live_start = self.live_start(&View::of(old.clone()), &bounds)?;
         let plan = CopyPlan {
             live_start_key: log_key(live_start).to_vec(),
+            first_index: bounds.first_index,
             live_bytes_max: (disk_bytes / GENERATION_BYTES_PER_LIVE_BYTE_MIN)
                 .min(GENERATION_LIVE_BYTES_MAX),
         };
@@ -1097,5 +1100,46 @@ mod tests {
         while store.compact_round(1050, 10_000).unwrap() {}
         assert_eq!(store.first_index(), 1051);
         assert!(store.idle_compaction_target(1050).unwrap() < store.first_index());
+    }
+
+    #[test]
+    fn a_reopened_generation_moves_again() {
+        let _ = env_logger::builder().is_test(true).try_init();
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig {
+            log_idle_after_ms: 0,
+            generation_switch_bytes_min: 256 << 10,
+            ..StorageConfig::default()
+        };
+        let mut last = 0;
+        for round in 1..=3u64 {
+            let (store, _) = LogStore::open(dir.path(), &config).unwrap();
+            for _ in 0..20 {
+                let batch = big_entries(last + 1..=last + 100, round);
+                last += 100;
+                let hs = HardState {
+                    term: round,
+                    vote: 1,
+                    commit: last,
+                };
+                store.write_group(&batch, (last, round), Some(&hs)).unwrap();
+            }
+            store.persist().unwrap();
+            let meta = SnapshotMeta {
+                index: last - 10,
+                term: round,
+                membership: Default::default(),
+            };
+            let mut builder = store.snapshots().create(meta).unwrap();
+            builder.write_chunk(0, b"state").unwrap();
+            builder.finish().unwrap();
+            while store.compact_round(last - 40, 10_000).unwrap() {}
+            assert_eq!(store.release_compacted(last - 10).unwrap(), None);
+            assert_eq!(
+                store.log_dir(),
+                dir.path().join(format!("log.gen-{round}")),
+                "round {round}"
+            );
+        }
     }
 }
