@@ -431,9 +431,17 @@ fn acknowledged_writes_survive_sigkill() {
     let mut model = Model::default();
     let mut snapshots = Vec::new();
     let (mut acked_total, mut truncations, mut installs) = (0u64, 0usize, 0usize);
+    let mut switch_rounds = 0usize;
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.random_range(0..=KILL_DELAY_MS_MAX));
         let lines = run_round(dir.path(), rng.random(), kill_after);
+        // A new generation's directory, current or left by the kill, before recovery.
+        switch_rounds += usize::from(std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("log.gen-")
+        }));
         let (subs, acked, _) = parse(&lines);
         acked_total += acked;
         truncations += subs.iter().filter(|s| s.truncate_from.is_some()).count();
@@ -452,7 +460,8 @@ fn acknowledged_writes_survive_sigkill() {
     eprintln!(
         "crash harness: {rounds} rounds, {acked_total} acknowledged requests, {truncations} \
          truncations, {installs} installed snapshots, {} snapshots, final log length {}, \
-         log database generation {generation}",
+         log database generation {generation} (rounds that left a new generation's \
+         directory: {switch_rounds})",
         snapshots.len(),
         model.terms.len()
     );
