@@ -195,7 +195,8 @@ impl StateDir {
     /// directory is never "new", whatever else is missing.
     pub fn has_raft_state(&self) -> bool {
         let raft = self.raft_dir();
-        if raft.join("log").exists() {
+        // The log database (generation 0) or the file naming a later generation of it.
+        if raft.join("log").exists() || raft.join("log.current").exists() {
             return true;
         }
         let has_snapshot =

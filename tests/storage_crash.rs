@@ -40,9 +40,11 @@ const SNAPSHOT_LOG_ENTRIES_MIN: u64 = 1500;
 
 fn config() -> StorageConfig {
     StorageConfig {
-        // Small tables and rounds so that flushes, journal rotation and compaction all
-        // happen within a few rounds.
+        // Small tables and rounds so that flushes, journal rotation, compaction and
+        // switches to a new generation of the log database all happen within a few rounds.
         memtable_bytes_max: 1 << 20,
+        log_idle_after_ms: 0,
+        generation_switch_bytes_min: 256 << 10,
         compaction_round_entries_max: 200,
         trailing_entries_kept: 300,
         request_queue_len_max: 16,
@@ -429,9 +431,17 @@ fn acknowledged_writes_survive_sigkill() {
     let mut model = Model::default();
     let mut snapshots = Vec::new();
     let (mut acked_total, mut truncations, mut installs) = (0u64, 0usize, 0usize);
+    let mut switch_rounds = 0usize;
     for round in 0..rounds {
         let kill_after = Duration::from_millis(rng.random_range(0..=KILL_DELAY_MS_MAX));
         let lines = run_round(dir.path(), rng.random(), kill_after);
+        // A new generation's directory, current or left by the kill, before recovery.
+        switch_rounds += usize::from(std::fs::read_dir(dir.path()).unwrap().any(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("log.gen-")
+        }));
         let (subs, acked, _) = parse(&lines);
         acked_total += acked;
         truncations += subs.iter().filter(|s| s.truncate_from.is_some()).count();
@@ -442,9 +452,16 @@ fn acknowledged_writes_survive_sigkill() {
         let (_, _, snaps) = parse(&lines);
         snapshots.extend(snaps);
     }
+    // The log database's generation number counts the switches that completed.
+    let generation = std::fs::read_to_string(dir.path().join("log.current"))
+        .ok()
+        .and_then(|name| name.trim().strip_prefix("log.gen-")?.parse::<u64>().ok())
+        .unwrap_or(0);
     eprintln!(
         "crash harness: {rounds} rounds, {acked_total} acknowledged requests, {truncations} \
-         truncations, {installs} installed snapshots, {} snapshots, final log length {}",
+         truncations, {installs} installed snapshots, {} snapshots, final log length {}, \
+         log database generation {generation} (rounds that left a new generation's \
+         directory: {switch_rounds})",
         snapshots.len(),
         model.terms.len()
     );
@@ -453,4 +470,8 @@ fn acknowledged_writes_survive_sigkill() {
         "the children acknowledged nothing: the harness tested nothing"
     );
     assert!(truncations > 0, "no truncation was exercised");
+    assert!(
+        generation > 0,
+        "no switch to a new log generation was exercised"
+    );
 }

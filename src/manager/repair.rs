@@ -11,7 +11,7 @@
 //! takes the state directory's lock).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::raft::core::membership;
 use crate::raft::storage::watermark::accept_recovered;
@@ -75,7 +75,7 @@ pub fn repair(dir: &StateDir, accept_loss: bool) -> Result<RepairReport, RepairE
         Err(error) => {
             findings.push(format!(
                 "the Raft log in {} cannot be read: {error}",
-                raft_dir.join("log").display()
+                log_dir_name(&raft_dir)
             ));
             if !accept_loss {
                 findings.push(
@@ -90,10 +90,7 @@ pub fn repair(dir: &StateDir, accept_loss: bool) -> Result<RepairReport, RepairE
                 });
             }
             let aside = set_log_aside(&raft_dir)?;
-            findings.push(format!(
-                "set the unreadable log aside as {}",
-                aside.display()
-            ));
+            findings.push(format!("set the unreadable log aside as {aside}"));
             LogStore::open(&raft_dir, &StorageConfig::default())?
         }
     };
@@ -235,18 +232,27 @@ fn last_known_voters(
     Ok(voters)
 }
 
-/// Moves `<raft>/log` aside as `log.damaged-<unix seconds>`.
-fn set_log_aside(raft_dir: &Path) -> Result<PathBuf, StateDirError> {
-    let log = raft_dir.join("log");
+/// The log database's directory, for messages (`log.current` names it once the log moved
+/// to a new generation; if that file is unreadable, the directory holding it).
+fn log_dir_name(raft_dir: &Path) -> String {
+    crate::raft::storage::current_log_dir(raft_dir)
+        .unwrap_or_else(|_| raft_dir.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// Moves the log database aside as `log.damaged-<unix seconds>` (every generation of it,
+/// and the file naming the current one: see `raft::storage::generation`).
+fn set_log_aside(raft_dir: &Path) -> Result<String, StateDirError> {
     let seconds = crate::util::clock::unix_now_ms() / 1000;
-    let aside = raft_dir.join(format!("log.damaged-{seconds}"));
-    std::fs::rename(&log, &aside).map_err(|source| StateDirError::Io {
-        path: log.clone(),
-        source,
-    })?;
-    crate::util::fsutil::fsync_dir(raft_dir).map_err(|source| StateDirError::Io {
-        path: raft_dir.to_path_buf(),
-        source,
-    })?;
+    let aside = crate::raft::storage::generation::set_aside_all(raft_dir, &seconds.to_string())
+        .map_err(|source| StateDirError::Io {
+            path: raft_dir.to_path_buf(),
+            source,
+        })?
+        .iter()
+        .map(|path| path.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     Ok(aside)
 }

@@ -180,7 +180,9 @@ fn raft_start_error(dir: &StateDir, error: NodeStartError) -> StartError {
             dir,
             format!(
                 "the Raft log's database in {} cannot be opened (fjall: {e})",
-                dir.raft_dir().join("log").display()
+                crate::raft::storage::current_log_dir(&dir.raft_dir())
+                    .unwrap_or_else(|_| dir.raft_dir())
+                    .display()
             ),
         ),
         NodeStartError::Storage(StorageFailure::CorruptLog(reason)) => {

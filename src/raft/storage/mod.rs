@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! <dir>/log/        one fjall database: keyspace "log" (u64 BE index -> term, kind, data)
-//!                   and keyspace "meta" (hard state, log boundary)
+//!                   and keyspace "meta" (hard state, log boundary); after the log was
+//!                   moved to a new generation, <dir>/log.gen-<n>/ named by
+//!                   <dir>/log.current instead (see [`generation`])
 //! <dir>/snapshots/  <index>-<term>.snap files (see [`snapshot`])
 //! <dir>/watermark   what this member made durable, outside fjall (see [`watermark`])
 //! ```
@@ -21,6 +23,7 @@
 //! [`WriterEvent::Fatal`] (the node must then stop). Must never know what entries mean.
 
 mod codec;
+pub mod generation;
 mod log;
 pub mod snapshot;
 pub mod watermark;
@@ -31,7 +34,11 @@ use std::path::PathBuf;
 
 use crate::raft::types::LogIndex;
 
-pub use self::log::{LogBounds, LogStore, Recovered};
+pub use self::generation::{current_log_dir, reset_to_generation_zero};
+pub use self::log::{
+    GENERATION_BYTES_PER_LIVE_BYTE_MIN, GENERATION_LIVE_BYTES_MAX, LOG_IDLE_AFTER_MS_DEFAULT,
+    LogBounds, LogStore, Recovered,
+};
 pub use self::watermark::{Shortfall, Watermark, WatermarkError, WatermarkRecord};
 pub use self::writer::{
     AppendRequest, Durable, LogHandle, WRITER_EVENTS_LEN_MAX, WRITER_THREAD_NAME, WriterEvent,
@@ -67,9 +74,22 @@ pub struct StorageConfig {
     /// waits behind a table compaction: fjall halts writes (100 ms sleeps) once four sealed
     /// memtables are queued.
     pub fjall_worker_threads: usize,
+    /// Bytes of trailing entries (kept below a snapshot for followers a little behind) an
+    /// idle log keeps ([`IDLE_TRAILING_BYTES_MAX_DEFAULT`]); `trailing_entries_kept` still
+    /// bounds their number.
+    pub idle_trailing_bytes_max: u64,
+    /// How long without a write before a finished compaction counts the log as idle and
+    /// gives back memory and disk space ([`LOG_IDLE_AFTER_MS_DEFAULT`]).
+    pub log_idle_after_ms: u64,
+    /// The log database's size on disk below which it is never moved to a new generation
+    /// ([`GENERATION_SWITCH_BYTES_MIN_DEFAULT`]): an idle log takes about this much at most.
+    pub generation_switch_bytes_min: u64,
     /// Test-only fault: the writer reports this group's fsync as failed.
     #[cfg(test)]
     pub(crate) fail_sync_at_group: Option<u64>,
+    /// Crash tests only: abort the process at this step of a generation switch.
+    #[cfg(feature = "sim")]
+    pub crash_in_switch: Option<generation::SwitchCrash>,
 }
 
 /// Default for [`StorageConfig::trailing_entries_kept`].
@@ -101,6 +121,11 @@ pub(crate) fn journal_bytes_max(memtable_bytes_max: u64) -> u64 {
 }
 /// Default for [`StorageConfig::fjall_worker_threads`].
 pub const FJALL_WORKER_THREADS_DEFAULT: usize = 2;
+/// Default for [`StorageConfig::idle_trailing_bytes_max`] (1 MiB).
+pub const IDLE_TRAILING_BYTES_MAX_DEFAULT: u64 = 1 << 20;
+/// Default for [`StorageConfig::generation_switch_bytes_min`] (4 MiB: an idle manager's
+/// log database takes about 1 MiB).
+pub const GENERATION_SWITCH_BYTES_MIN_DEFAULT: u64 = 4 << 20;
 /// Default for [`StorageConfig::cache_bytes`] (32 MiB).
 pub const CACHE_BYTES_DEFAULT: u64 = 32 << 20;
 
@@ -115,8 +140,13 @@ impl Default for StorageConfig {
             cache_bytes: CACHE_BYTES_DEFAULT,
             fjall_worker_threads: FJALL_WORKER_THREADS_DEFAULT,
             memtable_bytes_max: MEMTABLE_BYTES_MAX_DEFAULT,
+            log_idle_after_ms: LOG_IDLE_AFTER_MS_DEFAULT,
+            idle_trailing_bytes_max: IDLE_TRAILING_BYTES_MAX_DEFAULT,
+            generation_switch_bytes_min: GENERATION_SWITCH_BYTES_MIN_DEFAULT,
             #[cfg(test)]
             fail_sync_at_group: None,
+            #[cfg(feature = "sim")]
+            crash_in_switch: None,
         }
     }
 }

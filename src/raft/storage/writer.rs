@@ -97,6 +97,7 @@ enum Request {
     },
     Compact {
         up_to: LogIndex,
+        snapshot_index: LogIndex,
     },
 }
 
@@ -236,6 +237,7 @@ impl LogHandle {
             pending_event: None,
             write_lock: write_lock.clone(),
             compact_up_to: 0,
+            snapshot_index: 0,
             garbage_from: store.find_garbage()?,
             config: config.clone(),
         };
@@ -430,7 +432,10 @@ impl LogHandle {
         }
         let sender = self.requests.as_ref().ok_or(StorageError::WriterStopped)?;
         sender
-            .send(Request::Compact { up_to })
+            .send(Request::Compact {
+                up_to,
+                snapshot_index,
+            })
             .map_err(|_| StorageError::WriterStopped)
     }
 
@@ -680,6 +685,9 @@ struct Writer {
     write_lock: WriteLock,
     /// Compaction target: the first live index should become `compact_up_to + 1`.
     compact_up_to: LogIndex,
+    /// The newest snapshot's index a compaction was asked for: an idle log may be
+    /// compacted further, never past it.
+    snapshot_index: LogIndex,
     /// The lowest index below the boundary that may still hold a stale key.
     garbage_from: Option<LogIndex>,
     config: StorageConfig,
@@ -838,7 +846,13 @@ impl Writer {
                 group.last_term = bounds.last_term;
                 group.seq = seq;
             }
-            Request::Compact { up_to } => self.compact_up_to = self.compact_up_to.max(up_to),
+            Request::Compact {
+                up_to,
+                snapshot_index,
+            } => {
+                self.compact_up_to = self.compact_up_to.max(up_to);
+                self.snapshot_index = self.snapshot_index.max(snapshot_index);
+            }
         }
         Ok(())
     }
@@ -895,9 +909,12 @@ impl Writer {
         }
         let more = self.store.compact_round(self.compact_up_to, round_max)?;
         if !more {
-            // Reached (or clamped at the end of the log): nothing left to do for now.
+            // Reached (or clamped at the end of the log): nothing left to do for now, unless
+            // the log is idle and its trailing entries are worth dropping too.
             self.compact_up_to = self.store.first_index().saturating_sub(1);
-            self.store.release_compacted()?;
+            if let Some(up_to) = self.store.release_compacted(self.snapshot_index)? {
+                self.compact_up_to = up_to;
+            }
         }
         Ok(())
     }
