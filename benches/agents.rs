@@ -79,7 +79,11 @@ const ISSUERS_DEFAULT: usize = 16;
 /// Timeout of one heartbeat or status call (the product agent's RPC timeout).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often an agent thread polls its agents' session streams for messages.
-const STREAM_POLL: Duration = Duration::from_millis(20);
+const STREAM_POLL: Duration = Duration::from_millis(50);
+/// Heartbeat periods without a successful heartbeat after which an agent gives its session
+/// up and opens a new one (the product agent's `HEARTBEAT_FAILURE_PERIODS_MAX`); a failed
+/// heartbeat before that is tried again after half a period, as the product agent does.
+const HEARTBEAT_FAILURE_PERIODS_MAX: u32 = 2;
 /// How long each phase may take before the benchmark gives up (a broken build or a
 /// machine far too slow, not a figure).
 const PHASE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -89,9 +93,12 @@ const FAILOVER_TIMEOUT: Duration = Duration::from_secs(180);
 const NODE_LISTING_PERIOD: Duration = Duration::from_secs(1);
 /// Heartbeat periods the Node listings go on after every agent is back.
 const LISTING_PERIODS_AFTER: u32 = 2;
-/// File descriptors per agent in the load process: its session's connection, and one to
-/// each follower it asked before finding the leader (closed by the follower when idle).
-const FDS_PER_AGENT: u64 = 3;
+/// File descriptors per agent the load process needs at least: its session's connection.
+const FDS_PER_AGENT_MIN: u64 = 1;
+/// File descriptors per agent it may use at a peak: an agent that asked a follower first
+/// keeps that connection until the follower closes it (idle for 60 s). Below this, a dial
+/// may fail with EMFILE; the agent then backs off and tries again, as a real one would.
+const FDS_PER_AGENT_PEAK: u64 = 2;
 /// Descriptors kept for everything else (the cluster's pipes, the listing client).
 const FDS_RESERVE: u64 = 512;
 
@@ -328,6 +335,8 @@ struct Session {
     /// Increases with every session of this agent; replies for an older one are stale.
     generation: u64,
     started: Option<(String, Duration)>,
+    /// When a heartbeat last succeeded (or the session started).
+    last_beat_ok: Instant,
 }
 
 /// Where a reported task stands.
@@ -488,6 +497,7 @@ impl Shard {
                     manager,
                     generation: agent.generation,
                     started: None,
+                    last_beat_ok: Instant::now(),
                 });
             }
             Err(status) => self.session_failed(index, &status),
@@ -556,6 +566,7 @@ impl Shard {
         let agent = &mut self.agents[index];
         let session = agent.session.as_mut().expect("a message came on it");
         session.started = Some((started.session_id, period));
+        session.last_beat_ok = Instant::now();
         let manager = session.manager;
         self.shared.connected.fetch_add(1, Ordering::Relaxed);
         self.shared.period_ms.store(
@@ -717,8 +728,25 @@ impl Shard {
             }),
         );
         if let Err(status) = sent {
-            self.session_failed(index, &status);
+            self.heartbeat_failed(index, &status);
         }
+    }
+
+    /// As the product agent: a session the manager no longer knows (`NotFound`) is given up
+    /// at once; other failures (a full queue, a lost connection) only after
+    /// [`HEARTBEAT_FAILURE_PERIODS_MAX`] periods without success, heartbeats being tried
+    /// again every half period meanwhile (a lost connection usually ends the stream first).
+    fn heartbeat_failed(&mut self, agent: usize, status: &Status) {
+        let session = self.agents[agent].session.as_ref().expect("current");
+        let period = session.started.as_ref().map_or(Duration::ZERO, |(_, p)| *p);
+        if status.code == Code::NotFound
+            || session.last_beat_ok.elapsed() >= period * HEARTBEAT_FAILURE_PERIODS_MAX
+        {
+            self.session_failed(agent, status);
+            return;
+        }
+        let wait = (period / 2).max(status.retry_after().unwrap_or_default());
+        self.schedule(agent, Instant::now() + wait, DueKind::Heartbeat);
     }
 
     fn on_reply(&mut self, reply: Reply) {
@@ -739,11 +767,11 @@ impl Shard {
                     Ok(response) => {
                         let period_ms = u64::try_from(response.heartbeat_period_ms).unwrap_or(0);
                         let period = Duration::from_millis(period_ms.max(10));
+                        let session = self.agents[agent].session.as_mut().expect("current");
+                        session.last_beat_ok = Instant::now();
                         self.schedule(agent, Instant::now() + period, DueKind::Heartbeat);
                     }
-                    // The manager no longer knows the session, or cannot be reached: a new
-                    // session (the stream usually says so first).
-                    Err(status) => self.session_failed(agent, &status),
+                    Err(status) => self.heartbeat_failed(agent, &status),
                 }
             }
             Reply::Statuses {
@@ -843,15 +871,23 @@ fn main() {
     };
     let n = args.agents;
     // This process holds a socket per agent and manager it talks to.
-    let wanted_fds = n as u64 * FDS_PER_AGENT + FDS_RESERVE;
-    let limit = flotilla::util::fdlimit::raise_open_files_limit(wanted_fds).unwrap();
-    if limit.soft < wanted_fds {
+    let needed_fds = n as u64 * FDS_PER_AGENT_MIN + FDS_RESERVE;
+    let peak_fds = n as u64 * FDS_PER_AGENT_PEAK + FDS_RESERVE;
+    let limit = flotilla::util::fdlimit::raise_open_files_limit(peak_fds).unwrap();
+    if limit.soft < needed_fds {
         eprintln!(
-            "agents: {n} agents need {wanted_fds} open files in this process; the hard limit \
-             is {} (raise it: `ulimit -Hn {wanted_fds}` as root), or run fewer agents",
+            "agents: {n} agents need {needed_fds} open files in this process; the hard limit \
+             is {} (raise it: `ulimit -Hn {peak_fds}` as root), or run fewer agents",
             limit.hard
         );
         std::process::exit(2);
+    }
+    if limit.soft < peak_fds {
+        eprintln!(
+            "agents: the open-files limit is {} (hard), under the {peak_fds} this run may \
+             use at a peak: some dials may fail (EMFILE) and be retried after a backoff",
+            limit.hard
+        );
     }
     let uptime = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("load average before the run: {}", uptime.trim());
@@ -877,7 +913,7 @@ fn main() {
     // 2. Certificates.
     let transport = Arc::new(
         Transport::start(TransportConfig {
-            connections_max: usize::try_from(wanted_fds).unwrap(),
+            connections_max: usize::try_from(limit.soft).unwrap(),
             ..TransportConfig::default()
         })
         .unwrap(),
