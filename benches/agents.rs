@@ -188,6 +188,18 @@ fn proc_status(pid: u32) -> (u64, u64) {
     (field("Threads:"), field("VmRSS:") * 1024)
 }
 
+/// CPU time (user + system) process `pid` used so far (`/proc/<pid>/stat`, in clock
+/// ticks of `CLK_TCK`, 100 per second on Linux).
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 after the name.
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
 // ---------------------------------------------------------------------------------------
 // Certificates
 
@@ -1008,9 +1020,12 @@ fn main() {
 
     // 5. Steady state.
     shared.latencies_us.lock().clear();
+    let (leader_cpu_before, load_cpu_before) = (proc_cpu(leader_pid), proc_cpu(std::process::id()));
     shared.recording.store(true, Ordering::SeqCst);
     std::thread::sleep(Duration::from_secs_f64(args.seconds));
     shared.recording.store(false, Ordering::SeqCst);
+    let leader_cpu = proc_cpu(leader_pid).saturating_sub(leader_cpu_before);
+    let load_cpu = proc_cpu(std::process::id()).saturating_sub(load_cpu_before);
     let mut latencies = std::mem::take(&mut *shared.latencies_us.lock());
     latencies.sort_unstable();
     let (threads, rss) = proc_status(leader_pid);
@@ -1039,6 +1054,12 @@ fn main() {
             percentile_ms(&latencies, 0.99)
         );
     }
+    // Shares of one core over the steady state: where the machine's CPU went.
+    println!(
+        "BENCH leader_cpu_percent {:.0} % (of one core; the load process: {:.0} %)",
+        leader_cpu.as_secs_f64() * 100.0 / args.seconds,
+        load_cpu.as_secs_f64() * 100.0 / args.seconds
+    );
     println!("BENCH leader_threads {threads} threads (target <= {TARGET_LEADER_THREADS})");
     println!(
         "BENCH leader_rss_growth_MiB {:.1} MiB (target <= {TARGET_RSS_GROWTH_MIB})",
