@@ -539,10 +539,7 @@ impl Shard {
 
     fn poll_streams(&mut self) {
         for index in 0..self.agents.len() {
-            loop {
-                let Some(session) = self.agents[index].session.as_mut() else {
-                    break;
-                };
+            while let Some(session) = self.agents[index].session.as_mut() {
                 match session.stream.recv_timeout(Duration::ZERO) {
                     Ok(Some(message)) => self.on_message(index, message),
                     Ok(None) => {
@@ -616,7 +613,10 @@ impl Shard {
             if runs && state < TaskState::Running as i32 {
                 agent.tasks.entry(task.id.clone()).or_insert(Report::Due);
             } else if runs {
-                agent.tasks.entry(task.id.clone()).or_insert(Report::Delivered);
+                agent
+                    .tasks
+                    .entry(task.id.clone())
+                    .or_insert(Report::Delivered);
             }
         }
         self.send_statuses(index);

@@ -337,8 +337,7 @@ impl Manager {
         }
         restrict_raft_dir(dir)?;
         let transport = Arc::new(
-            Transport::start(transport_config())
-                .map_err(io_error("cannot start the transport"))?,
+            Transport::start(transport_config()).map_err(io_error("cannot start the transport"))?,
         );
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
