@@ -759,3 +759,20 @@ fn start_renewer(
     })
     .map_err(io_error("cannot start the certificate renewer"))
 }
+
+#[cfg(test)]
+mod connection_cap_tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_the_reserve_to_storage_and_stays_in_bounds() {
+        // A common hard limit: what is left after the reserve.
+        assert_eq!(connections_cap(20_000), 20_000 - OPEN_FILES_RESERVE);
+        // Enough for every session the dispatcher serves: the cap, no more.
+        assert_eq!(connections_cap(u64::MAX), CONNECTIONS_MAX);
+        assert!(CONNECTIONS_MAX > crate::dispatcher::SESSIONS_MAX);
+        // A tiny limit (1,024, the usual soft default) still lets peers and operators in.
+        assert_eq!(connections_cap(1024), CONNECTIONS_MIN);
+        assert_eq!(connections_cap(0), CONNECTIONS_MIN);
+    }
+}
