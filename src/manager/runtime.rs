@@ -44,6 +44,17 @@ pub const KV_POOL_QUEUE_LEN_MAX: usize = 4096;
 pub const DISPATCHER_POOL_THREADS: usize = 4;
 /// Queued dispatcher calls before new ones are refused with `ResourceExhausted`.
 pub const DISPATCHER_POOL_QUEUE_LEN_MAX: usize = 1024;
+/// Connections a manager holds at most (accepted and dialed): one per agent session it can
+/// serve ([`crate::dispatcher::SESSIONS_MAX`]) plus room for peers, forwarded calls and
+/// operators. The transport's own default (4,096) would refuse the 4,097th agent.
+pub const CONNECTIONS_MAX: usize = crate::dispatcher::SESSIONS_MAX + 1024;
+/// Fewest connections a manager accepts whatever its open-files limit (peers, operators and
+/// a few agents); below this the limit is a misconfiguration, reported at start.
+pub const CONNECTIONS_MIN: usize = 256;
+/// File descriptors kept out of the connection cap for everything else a manager opens:
+/// its storage (fjall's journal and tables, snapshots), pipes and its own agent's tasks.
+/// A socket must never take the descriptor a storage write needs.
+pub const OPEN_FILES_RESERVE: usize = 1024;
 
 /// Why a manager could not start.
 #[derive(Debug, thiserror::Error)]
@@ -199,6 +210,47 @@ fn raft_start_error(dir: &StateDir, error: NodeStartError) -> StartError {
     }
 }
 
+/// The manager's transport settings: the connection cap sized on the open-files limit,
+/// which is raised first (soft limit up to the hard one) so that a manager can hold
+/// [`CONNECTIONS_MAX`] sockets where the system allows it.
+fn transport_config() -> TransportConfig {
+    let wanted = (CONNECTIONS_MAX + OPEN_FILES_RESERVE) as u64;
+    let soft = match crate::util::fdlimit::raise_open_files_limit(wanted) {
+        Ok(limit) => {
+            if limit.soft < wanted {
+                log::warn!(
+                    "the open-files limit is {} (hard limit {}): this manager accepts at most \
+                     {} connections, so fewer agents than its {} sessions; raise the hard \
+                     limit to {wanted} (`LimitNOFILE={wanted}` in a systemd unit, \
+                     `ulimit -Hn {wanted}` as root)",
+                    limit.soft,
+                    limit.hard,
+                    connections_cap(limit.soft),
+                    crate::dispatcher::SESSIONS_MAX
+                );
+            }
+            limit.soft
+        }
+        Err(e) => {
+            log::warn!("cannot read or raise the open-files limit: {e}");
+            crate::util::fdlimit::open_files_limit().map_or(1024, |limit| limit.soft)
+        }
+    };
+    TransportConfig {
+        connections_max: connections_cap(soft),
+        ..TransportConfig::default()
+    }
+}
+
+/// Connections allowed under an open-files limit of `open_files`: what the limit leaves
+/// after [`OPEN_FILES_RESERVE`], within [`CONNECTIONS_MIN`]..=[`CONNECTIONS_MAX`].
+fn connections_cap(open_files: u64) -> usize {
+    usize::try_from(open_files)
+        .unwrap_or(usize::MAX)
+        .saturating_sub(OPEN_FILES_RESERVE)
+        .clamp(CONNECTIONS_MIN, CONNECTIONS_MAX)
+}
+
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> StartError {
     let what = what.into();
     move |source| StartError::Io { what, source }
@@ -287,8 +339,7 @@ impl Manager {
         }
         restrict_raft_dir(dir)?;
         let transport = Arc::new(
-            Transport::start(TransportConfig::default())
-                .map_err(io_error("cannot start the transport"))?,
+            Transport::start(transport_config()).map_err(io_error("cannot start the transport"))?,
         );
         let ca_pool = ServicePool::new("ca", CA_POOL_THREADS, CA_POOL_QUEUE_LEN_MAX)
             .map_err(io_error("cannot start the CA service threads"))?;
@@ -709,4 +760,20 @@ fn start_renewer(
         }
     })
     .map_err(io_error("cannot start the certificate renewer"))
+}
+
+#[cfg(test)]
+mod connection_cap_tests {
+    use super::*;
+
+    #[test]
+    fn the_connection_cap_leaves_the_reserve_to_storage_and_stays_in_bounds() {
+        // A common hard limit: what is left after the reserve.
+        assert_eq!(connections_cap(20_000), 20_000 - OPEN_FILES_RESERVE);
+        // Enough for every session the dispatcher serves: the cap, no more.
+        assert_eq!(connections_cap(u64::MAX), CONNECTIONS_MAX);
+        // A tiny limit (1,024, the usual soft default) still lets peers and operators in.
+        assert_eq!(connections_cap(1024), CONNECTIONS_MIN);
+        assert_eq!(connections_cap(0), CONNECTIONS_MIN);
+    }
 }

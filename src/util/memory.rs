@@ -2,8 +2,9 @@
 //! memory back to the system.
 //!
 //! [`rss_kib`] must never be used for decisions, only for reports: it is a sample, and
-//! other threads allocate at the same time. [`release_free_memory`] is the crate's one
-//! `unsafe` outside `agent::sys`: a plain call of glibc's `malloc_trim`.
+//! other threads allocate at the same time. [`release_free_memory`] is one of the crate's
+//! few `unsafe` blocks outside `agent::sys` (the others: `util::fdlimit`): a plain call of
+//! glibc's `malloc_trim`.
 
 /// The resident set size in KiB, or `None` where `/proc` is unavailable.
 pub fn rss_kib() -> Option<u64> {

@@ -4,6 +4,7 @@
 //! two or more modules need exactly the same thing.
 
 pub mod clock;
+pub mod fdlimit;
 pub mod fsutil;
 pub mod id;
 pub mod memory;
