@@ -266,6 +266,7 @@ impl Dispatcher {
         let never = crossbeam_channel::never();
         while !self.stopping.load(Ordering::SeqCst) {
             let watch_rx = watch.as_ref().map_or(&never, Watcher::receiver);
+            let wait = self.until_next_batch().min(TICK);
             crossbeam_channel::select! {
                 recv(self.events_rx) -> event => {
                     if let Ok(event) = event {
@@ -277,8 +278,9 @@ impl Dispatcher {
                         watch = Some(self.resubscribe());
                     }
                 }
-                default(TICK) => {}
+                default(wait) => {}
             }
+            self.flush_due_batches();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick(&mut watch, &mut generation);
@@ -286,6 +288,24 @@ impl Dispatcher {
         }
         drop(watch);
         self.table.lock().set_watching(false);
+    }
+
+    /// How long until the next session's assignment batch may be due (zero: now).
+    fn until_next_batch(&self) -> Duration {
+        let Some(due_ms) = self.table.lock().next_batch_due_ms() else {
+            return TICK;
+        };
+        // At least 1 ms: a lower bound at the wheel's time must not spin the thread.
+        Duration::from_millis(due_ms.saturating_sub(self.now_ms()).max(1))
+    }
+
+    /// Sends the assignment batches whose time came (on the dispatcher thread).
+    fn flush_due_batches(&self) {
+        let now = self.now_ms();
+        let ended = self.table.lock().flush_due(now);
+        if !ended.is_empty() {
+            self.fail_ended(ended);
+        }
     }
 
     /// Leadership changes, streams the agents closed, assignments held back for credit.
@@ -313,7 +333,7 @@ impl Dispatcher {
         let (ended, closed) = {
             let mut table = self.table.lock();
             table.prune_attempts(now);
-            (table.flush_pending(), table.take_closed())
+            (table.flush_pending(now), table.take_closed())
         };
         let mut writes = Vec::new();
         for (node_id, session_id, stream, status) in ended {
@@ -369,6 +389,7 @@ impl Dispatcher {
     /// set from the same view.
     fn resubscribe(&self) -> Watcher {
         log::warn!("dispatcher: the store watch fell behind; sending every agent a complete set");
+        let now = self.now_ms();
         let mut table = self.table.lock();
         let (resync, watcher) = self.store.view_and_watch(
             WatchOptions {
@@ -378,7 +399,7 @@ impl Dispatcher {
             },
             |view| {
                 let version = view.version();
-                table.resync_all(version, |node_id| {
+                table.resync_all(version, now, |node_id| {
                     view.tasks_by_node(node_id)
                         .map(|t| t.as_ref().clone())
                         .collect()
@@ -401,6 +422,7 @@ impl Dispatcher {
         let mut ended = Vec::new();
         let mut next = first;
         let mut handled = 0;
+        let now = self.now_ms();
         let mut table = self.table.lock();
         loop {
             match next {
@@ -413,7 +435,7 @@ impl Dispatcher {
                         }
                     }
                 }
-                Some(WatchEvent::Commit { version }) => ended.extend(table.commit(version)),
+                Some(WatchEvent::Commit { version }) => ended.extend(table.commit(version, now)),
                 Some(WatchEvent::Dropped(_)) | None => {
                     drop(table);
                     self.fail_ended(ended);
@@ -800,15 +822,26 @@ impl Dispatcher {
     ) -> Result<String, Status> {
         self.require_leader()?;
         let caller = caller(ctx)?;
-        self.table
-            .lock()
-            .touch(&caller.node_id, &request.session_id, self.now_ms())?;
         if request.updates.len() > STATUS_UPDATES_MAX {
             return Err(Status::invalid_argument(format!(
                 "{} status updates in one call; send at most {STATUS_UPDATES_MAX}",
                 request.updates.len()
             )));
         }
+        let mut table = self.table.lock();
+        table.touch(&caller.node_id, &request.session_id, self.now_ms())?;
+        // The agent knows what it reports: the store's echo of it is not sent back.
+        for update in &request.updates {
+            if let Some(status) = &update.status {
+                table.note_reported(
+                    &caller.node_id,
+                    &request.session_id,
+                    &update.task_id,
+                    status.state,
+                );
+            }
+        }
+        drop(table);
         Ok(caller.node_id)
     }
 
@@ -1112,36 +1145,56 @@ fn status_changes(
 
 /// One assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first of a
 /// complete set says `complete`, and every part but the last says `more` (the agent
-/// removes what a complete set does not name only once its last part arrived).
+/// removes what a complete set does not name only once its last part arrived). Changes
+/// (`complete` false) go [`sessions::ASSIGNMENT_CHANGES_PER_MESSAGE_MAX`] changed or
+/// removed tasks per message at most, each message standing alone (no `more`). The chain
+/// fields are left empty: they are set as each message is sent.
 fn assignment_parts(
     complete: bool,
     tasks: Vec<Task>,
     removed: Vec<String>,
     version: u64,
 ) -> Vec<pb::Assignments> {
-    let mut chunks: Vec<Vec<Task>> = vec![Vec::new()];
+    let count_max = if complete {
+        usize::MAX
+    } else {
+        sessions::ASSIGNMENT_CHANGES_PER_MESSAGE_MAX
+    };
+    let mut chunks: Vec<(Vec<Task>, Vec<String>)> = vec![(Vec::new(), Vec::new())];
     let mut bytes = 0;
     for task in tasks {
         let len = prost::Message::encoded_len(&task);
-        let last = chunks.last_mut().expect("one chunk at least");
-        if bytes + len > ASSIGNMENTS_BYTES_MAX && !last.is_empty() {
-            chunks.push(Vec::new());
+        let last = &chunks.last().expect("one chunk at least").0;
+        if !last.is_empty() && (bytes + len > ASSIGNMENTS_BYTES_MAX || last.len() >= count_max) {
+            chunks.push((Vec::new(), Vec::new()));
             bytes = 0;
         }
         bytes += len;
-        chunks.last_mut().expect("one chunk at least").push(task);
+        chunks.last_mut().expect("one chunk at least").0.push(task);
     }
-    let mut removed = Some(removed);
+    for task_id in removed {
+        let last = chunks.last().expect("one chunk at least");
+        if last.0.len() + last.1.len() >= count_max {
+            chunks.push((Vec::new(), Vec::new()));
+        }
+        chunks
+            .last_mut()
+            .expect("one chunk at least")
+            .1
+            .push(task_id);
+    }
     let parts = chunks.len();
     chunks
         .into_iter()
         .enumerate()
-        .map(|(i, tasks)| pb::Assignments {
+        .map(|(i, (tasks, removed))| pb::Assignments {
             complete: complete && i == 0,
             tasks,
-            removed: removed.take().unwrap_or_default(),
+            removed,
             version,
-            more: i + 1 < parts,
+            more: complete && i + 1 < parts,
+            applies_to: String::new(),
+            results_in: String::new(),
         })
         .collect()
 }
