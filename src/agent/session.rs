@@ -309,8 +309,8 @@ fn session(
     };
     let mut stream =
         channel.call_server_stream(SESSION, &request, CallOptions { timeout: None })?;
-    // The previous message was a part of a complete set with more parts to come.
-    let mut in_set = false;
+    // The assignments chain of this session (a gap: a new session, for a complete set).
+    let mut chain = super::chain::Chain::new();
     while !stopping.load(Ordering::SeqCst) {
         if current
             .lock()
@@ -342,19 +342,52 @@ fn session(
                     broken: Arc::new(AtomicBool::new(false)),
                 });
             }
-            Some(pb::session_message::Message::Assignments(assignments))
-                if assignments.complete || in_set =>
-            {
-                sink.assign_part(assignments.tasks, assignments.complete, !assignments.more);
-                in_set = assignments.more;
-            }
             Some(pb::session_message::Message::Assignments(assignments)) => {
-                sink.update(assignments.tasks, assignments.removed);
+                if let Err(status) = apply_assignments(&mut chain, assignments, sink) {
+                    stream.cancel();
+                    return Err(status);
+                }
             }
             None => {}
         }
     }
     stream.cancel();
+    Ok(())
+}
+
+/// Hands one assignments message to `sink` if it applies to what the agent holds.
+///
+/// # Errors
+/// A gap in the chain: the caller ends the session and opens a new one at once (no
+/// backoff: the session was up), whose complete set brings the agent back in step.
+fn apply_assignments(
+    chain: &mut super::chain::Chain,
+    assignments: pb::Assignments,
+    sink: &dyn TaskSink,
+) -> Result<(), Status> {
+    let step = chain.accept(&assignments);
+    log::debug!(
+        "agent: assignments #{} {step:?} ({} tasks, {} removed, results in {:?})",
+        chain.applied(),
+        assignments.tasks.len(),
+        assignments.removed.len(),
+        assignments.results_in
+    );
+    match step {
+        super::chain::Step::Part { first, last } => {
+            sink.assign_part(assignments.tasks, first, last)
+        }
+        super::chain::Step::Update => sink.update(assignments.tasks, assignments.removed),
+        super::chain::Step::Gap { held, applies_to } => {
+            log::warn!(
+                "agent: assignments applying to {applies_to:?} while this agent holds \
+                 {held:?} (a gap); opening a new session for a complete set"
+            );
+            return Err(Status::unavailable(
+                "a gap in the assignments chain; opening a new session for a complete set",
+            ));
+        }
+    }
     Ok(())
 }
 

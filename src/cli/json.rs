@@ -60,7 +60,11 @@ pub fn node(node: &Node) -> Node {
 pub fn cluster(cluster: &Cluster) -> Cluster {
     let mut shown = cluster.clone();
     shown.meta.get_or_insert_default();
-    shown.spec.get_or_insert_default();
+    let spec = shown.spec.get_or_insert_default();
+    // The value in force where an older cluster object leaves it unset.
+    if spec.orphan_after_ms == 0 {
+        spec.orphan_after_ms = crate::store::spec::ORPHAN_AFTER_MS_DEFAULT;
+    }
     shown
 }
 

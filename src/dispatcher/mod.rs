@@ -18,9 +18,17 @@
 //!   (`flotilla-dispatch-timers`, [`crate::timer::Timers`]), whose callbacks only post to
 //!   the dispatcher thread. The RPC handlers run on the `dispatcher` pool.
 //! - A session starts by recording the node READY (a worker's Node object is created
-//!   then). One session per node: a new one replaces the old, whose stream ends. A node
-//!   may open [`sessions::REGISTRATION_ATTEMPTS_MAX`] sessions per
-//!   [`sessions::REGISTRATION_WINDOW`]; past that it is refused with `retry_after`.
+//!   then) in the next node batch: node writes (READY, DOWN, DISCONNECTED, UNKNOWN) are
+//!   queued, flushed every [`NODE_BATCH_DELAY`] or at [`NODE_BATCH_ITEMS_MAX`], packed into
+//!   few transactions and proposed without waiting; the session's stream starts from the
+//!   proposal's callback, so no pool thread waits. One session per node: a new one
+//!   replaces the old, whose stream ends. A node may open
+//!   [`sessions::REGISTRATION_ATTEMPTS_MAX`] sessions per [`sessions::REGISTRATION_WINDOW`];
+//!   past that it is refused with `retry_after`.
+//! - Assignments: the complete set, then batched, chained incremental messages of what the
+//!   agent acts on ([`sessions`]).
+//! - Tasks that may still run (ASSIGNED to RUNNING) on a node DOWN for the cluster's
+//!   `orphan_after` (24 h by default) become ORPHANED.
 //! - An agent that closes its stream leaves its node DISCONNECTED; silent for
 //!   [`HEARTBEAT_MISSES_MAX`] periods, the node is DOWN. A manager that takes the lead
 //!   marks the nodes it has no session with UNKNOWN and gives them twice that grace
@@ -47,10 +55,11 @@ use crate::net::{CallContext, Responder, Router, ServerStream, ServicePool};
 use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc;
 use crate::proto::objects::{
-    Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
+    Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, TaskState, TaskStatus,
+    Transaction,
 };
 use crate::raft::node::NodeHandle;
-use crate::replication::{PROPOSE_TIMEOUT, propose_transaction, propose_transaction_with};
+use crate::replication::propose_transaction_with;
 use crate::store::TXN_CHANGES_MAX;
 use crate::store::settings::ClusterSettings;
 use crate::store::{Action, Kind, Object, Store, WatchEvent, WatchFilter, WatchOptions, Watcher};
@@ -94,8 +103,16 @@ pub const STATUS_BATCH_UPDATES_MAX: usize = 10_000;
 const STATUS_QUEUED_UPDATES_MAX: usize = 4 * STATUS_BATCH_UPDATES_MAX;
 /// Encoded bytes of changes per status transaction (under the store's 1.5 MiB).
 const STATUS_TXN_BYTES_MAX: usize = 1024 * 1024;
-/// Node state changes per transaction the dispatcher thread proposes.
-const NODE_WRITES_PER_TXN_MAX: usize = 100;
+/// How long a node write (a session's READY, DOWN, DISCONNECTED, UNKNOWN) waits for others
+/// to share its transaction (seed: 100 ms).
+pub const NODE_BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Node writes that make a batch due at once (seed: 10,000).
+pub const NODE_BATCH_ITEMS_MAX: usize = 10_000;
+/// Shortest interval between two looks for tasks to orphan (the interval is a tenth of the
+/// cluster's `orphan_after`, within this and [`ORPHAN_CHECK_PERIOD_MAX`]).
+const ORPHAN_CHECK_PERIOD_MIN: Duration = Duration::from_secs(1);
+/// Longest interval between two looks for tasks to orphan.
+const ORPHAN_CHECK_PERIOD_MAX: Duration = Duration::from_secs(60);
 
 /// What the dispatcher thread is told (timer callbacks and proposal callbacks post here;
 /// unbounded, but at most one deadline per session, one grace per leadership and one
@@ -105,15 +122,20 @@ enum Event {
     Deadline { node_id: String, session_id: String },
     /// The grace after taking the lead (of lead `generation`) is over.
     LeaderGrace { generation: u64, until: Instant },
-    /// Node state writes to build again (a concurrent change aborted them).
-    Write {
-        writes: Vec<NodeWrite>,
-        attempt: u32,
+    /// The node batch is due (its delay passed, or it is full).
+    FlushNodes,
+    /// A node batch's transaction ended.
+    NodesWritten {
+        items: Vec<PendingNode>,
+        outcome: Result<(), Status>,
     },
+
     /// The status batch is due (its delay passed, or it is full).
     FlushStatuses,
     /// Status reports to build again (a concurrent change aborted their transaction).
     Statuses(Vec<StatusRequest>),
+    /// The orphaning transaction in flight ended; `more`: it was full, look again now.
+    Orphaned { more: bool },
 }
 
 /// One `UpdateTaskStatus` call waiting for its batch.
@@ -122,6 +144,15 @@ struct StatusRequest {
     updates: Vec<pb::TaskStatusUpdate>,
     responder: Responder<pb::UpdateTaskStatusResponse>,
     attempt: u32,
+}
+
+/// The dispatcher thread's look for tasks to orphan.
+#[derive(Default)]
+struct OrphanCheck {
+    /// When it last looked (`None`: not since it took the lead).
+    last: Option<Instant>,
+    /// Its transaction is in flight.
+    in_flight: bool,
 }
 
 /// The status reports waiting for the next batch.
@@ -141,6 +172,57 @@ struct StatusPack {
     changes: Vec<crate::proto::objects::Change>,
     bytes: usize,
     task_ids: std::collections::HashSet<String>,
+}
+
+/// A node write waiting for the next node batch.
+struct PendingNode {
+    kind: PendingKind,
+    /// 1 for the first proposal; more after a concurrent change aborted it.
+    attempt: u32,
+}
+
+enum PendingKind {
+    /// A state change (DOWN, DISCONNECTED, UNKNOWN), if its guard holds.
+    State(NodeWrite),
+    /// A session opening: the node is recorded READY, then its stream starts.
+    Ready(Box<ReadyOpen>),
+}
+
+impl PendingNode {
+    fn node_id(&self) -> &str {
+        match &self.kind {
+            PendingKind::State(write) => &write.node_id,
+            PendingKind::Ready(open) => &open.caller.node_id,
+        }
+    }
+}
+
+/// A session whose node is being recorded READY; its stream starts once that committed.
+struct ReadyOpen {
+    caller: PeerIdentity,
+    request: pb::SessionRequest,
+    session_id: String,
+    /// The heartbeat period given to the agent (jittered).
+    period_ms: u64,
+    stream: ServerStream<pb::SessionMessage>,
+}
+
+/// The node writes waiting for the next batch (at most one state write per node and
+/// session in the table plus one opening per session: bounded by [`SESSIONS_MAX`] and the
+/// nodes).
+#[derive(Default)]
+struct NodeBatch {
+    items: Vec<PendingNode>,
+    /// Whether a flush is due (a timer or an event is on its way).
+    armed: bool,
+}
+
+/// The writes of one node transaction.
+#[derive(Default)]
+struct NodePack {
+    items: Vec<PendingNode>,
+    changes: Vec<crate::proto::objects::Change>,
+    bytes: usize,
 }
 
 /// A node state change the dispatcher thread proposes, if its guard still holds when the
@@ -173,8 +255,13 @@ pub struct Dispatcher {
     timers: Mutex<Option<Timers>>,
     /// Status reports waiting for their batch.
     statuses: Mutex<StatusBatch>,
+    /// Node writes waiting for their batch.
+    nodes: Mutex<NodeBatch>,
     /// Timed events the timer could not take, posted at the next tick.
     deferred: Mutex<Vec<Event>>,
+    /// When the dispatcher thread last looked for tasks to orphan, and whether its
+    /// transaction is in flight (one at a time).
+    orphans: Mutex<OrphanCheck>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -192,7 +279,9 @@ impl Dispatcher {
             events_rx,
             timers: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            orphans: Mutex::new(OrphanCheck::default()),
             statuses: Mutex::new(StatusBatch::default()),
+            nodes: Mutex::new(NodeBatch::default()),
             thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
         })
@@ -245,7 +334,14 @@ impl Dispatcher {
         if let Some(timers) = self.timers.lock().take() {
             timers.stop();
         }
-        self.end_all(&Status::unavailable("the manager is shutting down"));
+        let status = Status::unavailable("the manager is shutting down");
+        // Sessions whose READY was still waiting for its batch.
+        for item in std::mem::take(&mut self.nodes.lock().items) {
+            if let PendingKind::Ready(open) = item.kind {
+                open.stream.fail(status.clone());
+            }
+        }
+        self.end_all(&status);
     }
 
     /// Sessions in the table (opening, streaming or lingering).
@@ -266,6 +362,7 @@ impl Dispatcher {
         let never = crossbeam_channel::never();
         while !self.stopping.load(Ordering::SeqCst) {
             let watch_rx = watch.as_ref().map_or(&never, Watcher::receiver);
+            let wait = self.until_next_batch().min(TICK);
             crossbeam_channel::select! {
                 recv(self.events_rx) -> event => {
                     if let Ok(event) = event {
@@ -277,8 +374,9 @@ impl Dispatcher {
                         watch = Some(self.resubscribe());
                     }
                 }
-                default(TICK) => {}
+                default(wait) => {}
             }
+            self.flush_due_batches();
             if last_tick.elapsed() >= TICK {
                 last_tick = Instant::now();
                 self.tick(&mut watch, &mut generation);
@@ -286,6 +384,24 @@ impl Dispatcher {
         }
         drop(watch);
         self.table.lock().set_watching(false);
+    }
+
+    /// How long until the next session's assignment batch may be due (zero: now).
+    fn until_next_batch(&self) -> Duration {
+        let Some(due_ms) = self.table.lock().next_batch_due_ms() else {
+            return TICK;
+        };
+        // At least 1 ms: a lower bound at the wheel's time must not spin the thread.
+        Duration::from_millis(due_ms.saturating_sub(self.now_ms()).max(1))
+    }
+
+    /// Sends the assignment batches whose time came (on the dispatcher thread).
+    fn flush_due_batches(&self) {
+        let now = self.now_ms();
+        let ended = self.table.lock().flush_due(now);
+        if !ended.is_empty() {
+            self.fail_ended(ended);
+        }
     }
 
     /// Leadership changes, streams the agents closed, assignments held back for credit.
@@ -307,13 +423,15 @@ impl Dispatcher {
             self.end_all(&status);
         }
         if watch.is_none() {
+            self.orphans.lock().last = None;
             return;
         }
+        self.orphan_tasks_when_due();
         let now = self.now_ms();
         let (ended, closed) = {
             let mut table = self.table.lock();
             table.prune_attempts(now);
-            (table.flush_pending(), table.take_closed())
+            (table.flush_pending(now), table.take_closed())
         };
         let mut writes = Vec::new();
         for (node_id, session_id, stream, status) in ended {
@@ -369,6 +487,7 @@ impl Dispatcher {
     /// set from the same view.
     fn resubscribe(&self) -> Watcher {
         log::warn!("dispatcher: the store watch fell behind; sending every agent a complete set");
+        let now = self.now_ms();
         let mut table = self.table.lock();
         let (resync, watcher) = self.store.view_and_watch(
             WatchOptions {
@@ -378,7 +497,7 @@ impl Dispatcher {
             },
             |view| {
                 let version = view.version();
-                table.resync_all(version, |node_id| {
+                table.resync_all(version, now, |node_id| {
                     view.tasks_by_node(node_id)
                         .map(|t| t.as_ref().clone())
                         .collect()
@@ -401,6 +520,7 @@ impl Dispatcher {
         let mut ended = Vec::new();
         let mut next = first;
         let mut handled = 0;
+        let now = self.now_ms();
         let mut table = self.table.lock();
         loop {
             match next {
@@ -413,7 +533,7 @@ impl Dispatcher {
                         }
                     }
                 }
-                Some(WatchEvent::Commit { version }) => ended.extend(table.commit(version)),
+                Some(WatchEvent::Commit { version }) => ended.extend(table.commit(version, now)),
                 Some(WatchEvent::Dropped(_)) | None => {
                     drop(table);
                     self.fail_ended(ended);
@@ -474,9 +594,17 @@ impl Dispatcher {
                     self.leader_grace_over();
                 }
             }
-            Event::Write { writes, attempt } => self.write_node_states(writes, attempt),
+            Event::FlushNodes => self.flush_node_writes(),
+            Event::NodesWritten { items, outcome } => self.node_writes_done(items, outcome),
+
             Event::FlushStatuses => self.flush_statuses(),
             Event::Statuses(requests) => self.propose_statuses(requests),
+            Event::Orphaned { more } => {
+                self.orphans.lock().in_flight = false;
+                if more {
+                    self.orphan_tasks();
+                }
+            }
         }
     }
 
@@ -508,6 +636,78 @@ impl Dispatcher {
                 );
             }
         }
+    }
+
+    /// Looks for tasks to orphan if the interval since the last look passed (a tenth of
+    /// `orphan_after`, within [1 s, 60 s]).
+    fn orphan_tasks_when_due(&self) {
+        let after = self.settings().unwrap_or_default().orphan_after;
+        let period = (after / 10).clamp(ORPHAN_CHECK_PERIOD_MIN, ORPHAN_CHECK_PERIOD_MAX);
+        let due = self
+            .orphans
+            .lock()
+            .last
+            .is_none_or(|last| last.elapsed() >= period);
+        if due {
+            self.orphan_tasks();
+        }
+    }
+
+    /// Marks ORPHANED the tasks that may have been running (ASSIGNED to RUNNING) on nodes
+    /// DOWN for `orphan_after` (swarmkit's `moveTasksToOrphaned`: nobody knows whether
+    /// they still run; the orchestrator counts them ended). One transaction in flight at a
+    /// time, proposed without waiting; a full one is followed by another at once.
+    fn orphan_tasks(&self) {
+        {
+            let mut check = self.orphans.lock();
+            if check.in_flight {
+                return;
+            }
+            check.last = Some(Instant::now());
+        }
+        let after = self.settings().unwrap_or_default().orphan_after;
+        let now = now_ms();
+        let changes = {
+            let table = self.table.lock();
+            self.store.view(|view| {
+                orphan_changes(
+                    view,
+                    now,
+                    after,
+                    |node_id| table.has(node_id),
+                    TXN_CHANGES_MAX,
+                )
+            })
+        };
+        if changes.is_empty() {
+            return;
+        }
+        let more = changes.len() >= TXN_CHANGES_MAX;
+        log::warn!(
+            "dispatcher: {} tasks on nodes down for {} s or more are now orphaned",
+            changes.len(),
+            after.as_secs()
+        );
+        self.orphans.lock().in_flight = true;
+        let txn = Transaction {
+            changes,
+            timestamp_ms: now,
+            request_id: None,
+        };
+        let events = self.events.clone();
+        propose_transaction_with(
+            &self.node,
+            &txn,
+            Box::new(move |outcome| {
+                if let Err(status) = &outcome {
+                    // Built again at the next look (a concurrent change, a lost lead).
+                    log::debug!("dispatcher: orphaning tasks: {status}");
+                }
+                let _ = events.send(Event::Orphaned {
+                    more: more && outcome.is_ok(),
+                });
+            }),
+        );
     }
 
     fn leader_grace_over(&self) {
@@ -551,45 +751,248 @@ impl Dispatcher {
         nodes.into_iter().filter(|id| !table.has(id)).collect()
     }
 
-    /// Proposes `writes` (whose guards still hold), [`NODE_WRITES_PER_TXN_MAX`] per
-    /// transaction, without waiting: an aborted batch is built again by this thread.
+    /// Queues node state `writes` for the next node batch (built when it is flushed, if
+    /// their guards still hold then).
     fn write_node_states(&self, writes: Vec<NodeWrite>, attempt: u32) {
-        for batch in writes.chunks(NODE_WRITES_PER_TXN_MAX) {
-            let changes = {
-                let table = self.table.lock();
-                batch
-                    .iter()
-                    .filter(|w| match &w.guard {
-                        Guard::NoSession => !table.has(&w.node_id),
-                        Guard::Lingering(session_id) => table.is_lingering(&w.node_id, session_id),
-                    })
-                    .filter_map(|w| node_state_change(&self.store, w))
-                    .collect::<Vec<_>>()
-            };
-            if changes.is_empty() {
+        self.queue_node_writes(
+            writes
+                .into_iter()
+                .map(|write| PendingNode {
+                    kind: PendingKind::State(write),
+                    attempt,
+                })
+                .collect(),
+        );
+    }
+
+    /// Queues node writes (state changes, session openings) for the next node batch: the
+    /// first arms a [`NODE_BATCH_DELAY`] timer, [`NODE_BATCH_ITEMS_MAX`] make it due at
+    /// once. Never waits (any thread).
+    fn queue_node_writes(&self, items: Vec<PendingNode>) {
+        if items.is_empty() {
+            return;
+        }
+        let mut batch = self.nodes.lock();
+        batch.items.extend(items);
+        if batch.items.len() >= NODE_BATCH_ITEMS_MAX {
+            batch.armed = true;
+            drop(batch);
+            let _ = self.events.send(Event::FlushNodes);
+        } else if !batch.armed {
+            batch.armed = true;
+            drop(batch);
+            self.post_after(NODE_BATCH_DELAY, Event::FlushNodes);
+        }
+    }
+
+    /// Builds the waiting node writes from the current store and proposes them in as few
+    /// transactions as the store's limits allow (on the dispatcher thread), without
+    /// waiting: the sessions opened are started from the proposal's callback once their
+    /// READY committed. A node named twice waits for the next batch (built after the first
+    /// write, in order).
+    fn flush_node_writes(&self) {
+        let items = {
+            let mut batch = self.nodes.lock();
+            batch.armed = false;
+            std::mem::take(&mut batch.items)
+        };
+        let mut pack = NodePack::default();
+        let mut later = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for item in items {
+            if !seen.insert(item.node_id().to_string()) {
+                later.push(item);
                 continue;
             }
-            let txn = Transaction {
-                changes,
-                timestamp_ms: now_ms(),
-                request_id: None,
-            };
-            let events = self.events.clone();
-            let batch = batch.to_vec();
-            propose_transaction_with(
-                &self.node,
-                &txn,
-                Box::new(move |outcome| match outcome {
-                    Ok(_) => {}
-                    Err(status) if status.code == Code::Aborted && attempt < WRITE_ATTEMPTS_MAX => {
-                        let _ = events.send(Event::Write {
-                            writes: batch,
-                            attempt: attempt + 1,
-                        });
+            let change = match self.node_write_change(&item) {
+                Ok(Some(change)) => change,
+                Ok(None) => continue,
+                Err(status) => {
+                    if let PendingKind::Ready(open) = item.kind {
+                        self.end_opening(
+                            &open.caller.node_id,
+                            &open.session_id,
+                            Some(open.stream),
+                            status,
+                        );
                     }
-                    Err(status) => log::warn!("dispatcher: cannot record node states: {status}"),
-                }),
-            );
+                    continue;
+                }
+            };
+            let bytes = prost::Message::encoded_len(&change);
+            if !pack.items.is_empty()
+                && (pack.changes.len() >= TXN_CHANGES_MAX
+                    || pack.bytes + bytes > STATUS_TXN_BYTES_MAX)
+            {
+                self.propose_node_pack(std::mem::take(&mut pack));
+            }
+            pack.changes.push(change);
+            pack.bytes += bytes;
+            pack.items.push(item);
+        }
+        if !pack.items.is_empty() {
+            self.propose_node_pack(pack);
+        }
+        self.queue_node_writes(later);
+    }
+
+    /// The change `item` makes now, if any: a state write whose guard holds and that
+    /// changes the node; a session's READY while it is still the node's session.
+    ///
+    /// # Errors
+    /// The READY of an opening session is refused (a manager's Node not recorded yet).
+    fn node_write_change(
+        &self,
+        item: &PendingNode,
+    ) -> Result<Option<crate::proto::objects::Change>, Status> {
+        match &item.kind {
+            PendingKind::State(write) => {
+                let table = self.table.lock();
+                let holds = match &write.guard {
+                    Guard::NoSession => !table.has(&write.node_id),
+                    Guard::Lingering(session_id) => table.is_lingering(&write.node_id, session_id),
+                };
+                drop(table);
+                Ok(holds
+                    .then(|| node_state_change(&self.store, write))
+                    .flatten())
+            }
+            PendingKind::Ready(open) => {
+                if !self
+                    .table
+                    .lock()
+                    .is_current(&open.caller.node_id, &open.session_id)
+                {
+                    // Replaced meanwhile (the replacement ended nothing: this stream was not
+                    // in the table yet): end it here.
+                    return Err(Status::cancelled(
+                        "a newer session of this node replaced this one",
+                    ));
+                }
+                ready_change(&self.store, &open.caller, &open.request).map(Some)
+            }
+        }
+    }
+
+    fn propose_node_pack(&self, pack: NodePack) {
+        let txn = Transaction {
+            changes: pack.changes,
+            timestamp_ms: now_ms(),
+            request_id: None,
+        };
+        let items = pack.items;
+        let events = self.events.clone();
+        propose_transaction_with(
+            &self.node,
+            &txn,
+            Box::new(move |outcome| {
+                let _ = events.send(Event::NodesWritten {
+                    items,
+                    outcome: outcome.map(|_| ()),
+                });
+            }),
+        );
+    }
+
+    /// A node batch's transaction ended (on the dispatcher thread): committed, the sessions
+    /// it opened get their `SessionStarted` and complete set; aborted by a concurrent
+    /// change, its writes are built again (at most [`WRITE_ATTEMPTS_MAX`] times); refused,
+    /// the sessions end with the reason.
+    fn node_writes_done(&self, items: Vec<PendingNode>, outcome: Result<(), Status>) {
+        let mut again = Vec::new();
+        for item in items {
+            match (&outcome, item.kind) {
+                (Ok(()), PendingKind::State(_)) => {}
+                (Ok(()), PendingKind::Ready(open)) => self.start_stream(*open),
+                (Err(status), kind)
+                    if status.code == Code::Aborted && item.attempt < WRITE_ATTEMPTS_MAX =>
+                {
+                    again.push(PendingNode {
+                        kind,
+                        attempt: item.attempt + 1,
+                    });
+                }
+                (Err(status), PendingKind::State(write)) => log::warn!(
+                    "dispatcher: cannot record node {} {:?}: {status}",
+                    write.node_id,
+                    write.state
+                ),
+                (Err(status), PendingKind::Ready(open)) => {
+                    self.end_opening(
+                        &open.caller.node_id,
+                        &open.session_id,
+                        Some(open.stream),
+                        status.clone(),
+                    );
+                }
+            }
+        }
+        self.queue_node_writes(again);
+    }
+
+    /// Ends an opening session whose READY could not be recorded.
+    fn end_opening(
+        &self,
+        node_id: &str,
+        session_id: &str,
+        stream: Option<ServerStream<pb::SessionMessage>>,
+        status: Status,
+    ) {
+        log::debug!("dispatcher: session {session_id} of {node_id} not opened: {status}");
+        drop(self.table.lock().remove(node_id, session_id));
+        if let Some(stream) = stream {
+            stream.fail(status);
+        }
+    }
+
+    /// The node of an opening session is recorded READY: sends `SessionStarted`, then hands
+    /// the session its stream with the node's complete set (on the dispatcher thread, never
+    /// blocking: the first message goes on the stream's initial credit).
+    fn start_stream(&self, open: ReadyOpen) {
+        let ReadyOpen {
+            caller,
+            session_id,
+            period_ms,
+            stream,
+            ..
+        } = open;
+        let node_id = caller.node_id;
+        if !self.table.lock().is_current(&node_id, &session_id) {
+            stream.fail(Status::cancelled(
+                "a newer session of this node replaced this one",
+            ));
+            return;
+        }
+        match stream.try_send(&session_started(&session_id, period_ms)) {
+            Ok(true) => {}
+            Ok(false) => {
+                let status = Status::unavailable(
+                    "the session stream had no room for its first message; open a new session",
+                );
+                self.end_opening(&node_id, &session_id, Some(stream), status);
+                return;
+            }
+            Err(status) => {
+                self.end_opening(&node_id, &session_id, Some(stream), status);
+                return;
+            }
+        }
+        log::info!("dispatcher: session {session_id} for node {node_id}");
+        // The complete set is read under the table's lock, so that this thread hands the
+        // session exactly the changes after it.
+        let mut table = self.table.lock();
+        let (version, tasks) = self.store.view(|view| {
+            let tasks: Vec<Task> = view
+                .tasks_by_node(&node_id)
+                .map(|t| t.as_ref().clone())
+                .collect();
+            (view.version(), tasks)
+        });
+        let attached = table.attach(&node_id, &session_id, stream, tasks, version);
+        drop(table);
+        if let Err((stream, status)) = attached {
+            log::debug!("dispatcher: session {session_id} of {node_id} ends: {status}");
+            stream.fail(status);
         }
     }
 
@@ -719,36 +1122,19 @@ impl Dispatcher {
                 "a newer session of this node replaced this one",
             ));
         }
-        self.arm_deadline(node_id.clone(), session_id.clone(), grace);
-        let started = self.record_ready(&caller, &request).and_then(|()| {
-            stream.send(&pb::SessionMessage {
-                message: Some(pb::session_message::Message::Started(pb::SessionStarted {
-                    session_id: session_id.clone(),
-                    heartbeat_period_ms: i64::try_from(millis(period)).unwrap_or(i64::MAX),
-                })),
-            })
-        });
-        if let Err(status) = started {
-            drop(self.table.lock().remove(&node_id, &session_id));
-            return Err(status);
-        }
-        log::info!("dispatcher: session {session_id} for node {node_id}");
-        // The complete set is read under the table's lock, so that the dispatcher thread
-        // hands this session exactly the changes after it.
-        let mut table = self.table.lock();
-        let (version, tasks) = self.store.view(|view| {
-            let tasks: Vec<Task> = view
-                .tasks_by_node(&node_id)
-                .map(|t| t.as_ref().clone())
-                .collect();
-            (view.version(), tasks)
-        });
-        let attached = table.attach(&node_id, &session_id, stream, tasks, version);
-        drop(table);
-        if let Err((stream, status)) = attached {
-            log::debug!("dispatcher: session {session_id} of {node_id} ends: {status}");
-            stream.fail(status);
-        }
+        self.arm_deadline(node_id, session_id.clone(), grace);
+        // Recorded READY in the next node batch, without holding this thread; the stream
+        // starts from the batch's callback once that committed.
+        self.queue_node_writes(vec![PendingNode {
+            kind: PendingKind::Ready(Box::new(ReadyOpen {
+                caller,
+                request,
+                session_id,
+                period_ms: millis(period),
+                stream,
+            })),
+            attempt: 1,
+        }]);
         Ok(())
     }
 
@@ -800,15 +1186,26 @@ impl Dispatcher {
     ) -> Result<String, Status> {
         self.require_leader()?;
         let caller = caller(ctx)?;
-        self.table
-            .lock()
-            .touch(&caller.node_id, &request.session_id, self.now_ms())?;
         if request.updates.len() > STATUS_UPDATES_MAX {
             return Err(Status::invalid_argument(format!(
                 "{} status updates in one call; send at most {STATUS_UPDATES_MAX}",
                 request.updates.len()
             )));
         }
+        let mut table = self.table.lock();
+        table.touch(&caller.node_id, &request.session_id, self.now_ms())?;
+        // The agent knows what it reports: the store's echo of it is not sent back.
+        for update in &request.updates {
+            if let Some(status) = &update.status {
+                table.note_reported(
+                    &caller.node_id,
+                    &request.session_id,
+                    &update.task_id,
+                    status.state,
+                );
+            }
+        }
+        drop(table);
         Ok(caller.node_id)
     }
 
@@ -935,70 +1332,52 @@ impl Dispatcher {
             }),
         );
     }
+}
 
-    /// Records the caller's node READY (creating a worker's Node object on its first
-    /// session). A manager's Node object is made by its own report (`control.ReportManager`,
-    /// with its Raft id): until then its agent is asked to retry, so that no manager's Node
-    /// ever lacks the Raft id that a demotion needs to remove it from the group.
-    fn record_ready(
-        &self,
-        caller: &PeerIdentity,
-        request: &pb::SessionRequest,
-    ) -> Result<(), Status> {
-        self.write_with_retries(|store| {
-            let change = match store.get::<Node>(&caller.node_id) {
-                None if caller.role == crate::ca::Role::Manager => {
-                    return Err(Status::retry_soon(
-                        Code::Unavailable,
-                        format!(
-                            "manager {} has not recorded itself as a node yet (it does within \
-                             a second of joining); retry in a moment",
-                            caller.node_id
-                        ),
-                    ));
-                }
-                None => crate::store::create(new_node(caller, request)),
-                Some(node) => {
-                    let mut node = node.as_ref().clone();
-                    let version = node.meta.as_ref().map_or(0, |m| m.version);
-                    node.description = request.description.clone().or(node.description);
-                    let status = node.status.get_or_insert_with(NodeStatus::default);
-                    status.state = NodeState::Ready as i32;
-                    status.message.clear();
-                    crate::store::update_expecting(node, version)
-                }
-            };
-            Ok(vec![change])
-        })
-    }
-
-    /// Builds changes from the current store and proposes them, again after a concurrent
-    /// change (`Aborted`), at most [`WRITE_ATTEMPTS_MAX`] times.
-    fn write_with_retries(
-        &self,
-        build: impl Fn(&Store) -> Result<Vec<crate::proto::objects::Change>, Status>,
-    ) -> Result<(), Status> {
-        let mut attempt = 1;
-        loop {
-            let changes = build(&self.store)?;
-            if changes.is_empty() {
-                return Ok(());
-            }
-            // The store stamps objects with the transaction's time: the orchestrator's
-            // node-down grace counts from it.
-            let txn = Transaction {
-                changes,
-                timestamp_ms: now_ms(),
-                request_id: None,
-            };
-            match propose_transaction(&self.node, &txn, PROPOSE_TIMEOUT) {
-                Ok(_) => return Ok(()),
-                Err(status) if status.code == Code::Aborted && attempt < WRITE_ATTEMPTS_MAX => {
-                    attempt += 1;
-                }
-                Err(status) => return Err(status),
-            }
+/// The change recording the caller's node READY (creating a worker's Node object on its
+/// first session). A manager's Node object is made by its own report
+/// (`control.ReportManager`, with its Raft id): until then its agent is asked to retry, so
+/// that no manager's Node ever lacks the Raft id that a demotion needs to remove it from the
+/// group.
+///
+/// # Errors
+/// `RETRY_SOON` for a manager whose Node object does not exist yet.
+fn ready_change(
+    store: &Store,
+    caller: &PeerIdentity,
+    request: &pb::SessionRequest,
+) -> Result<crate::proto::objects::Change, Status> {
+    Ok(match store.get::<Node>(&caller.node_id) {
+        None if caller.role == crate::ca::Role::Manager => {
+            return Err(Status::retry_soon(
+                Code::Unavailable,
+                format!(
+                    "manager {} has not recorded itself as a node yet (it does within a second \
+                     of joining); retry in a moment",
+                    caller.node_id
+                ),
+            ));
         }
+        None => crate::store::create(new_node(caller, request)),
+        Some(node) => {
+            let mut node = node.as_ref().clone();
+            let version = node.meta.as_ref().map_or(0, |m| m.version);
+            node.description = request.description.clone().or(node.description);
+            let status = node.status.get_or_insert_with(NodeStatus::default);
+            status.state = NodeState::Ready as i32;
+            status.message.clear();
+            crate::store::update_expecting(node, version)
+        }
+    })
+}
+
+/// The first message of a session.
+fn session_started(session_id: &str, period_ms: u64) -> pb::SessionMessage {
+    pb::SessionMessage {
+        message: Some(pb::session_message::Message::Started(pb::SessionStarted {
+            session_id: session_id.to_string(),
+            heartbeat_period_ms: i64::try_from(period_ms).unwrap_or(i64::MAX),
+        })),
     }
 }
 
@@ -1028,6 +1407,55 @@ fn node_state_change(store: &Store, write: &NodeWrite) -> Option<crate::proto::o
     status.state = write.state as i32;
     status.message.clone_from(&write.message);
     Some(crate::store::update_expecting(node, version))
+}
+
+/// The changes marking ORPHANED, at most `changes_max`, the tasks in states ASSIGNED to
+/// RUNNING of the nodes DOWN for `after` or more at `now_ms` (down since the node object's
+/// last update, the DOWN write's time: a later change of the node, such as an operator's
+/// update, only postpones this) and without a session (`has_session`).
+fn orphan_changes(
+    view: &crate::store::ReadView<'_>,
+    now_ms: i64,
+    after: Duration,
+    has_session: impl Fn(&str) -> bool,
+    changes_max: usize,
+) -> Vec<crate::proto::objects::Change> {
+    let after_ms = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+    let mut changes = Vec::new();
+    let down_long = view.list::<Node>().filter(|node| {
+        let down_since_ms = node.meta.as_ref().map_or(0, |m| m.updated_at_ms);
+        node.status
+            .as_ref()
+            .is_some_and(|s| s.state == NodeState::Down as i32)
+            && now_ms.saturating_sub(down_since_ms) >= after_ms
+            && !has_session(&node.id)
+    });
+    for node in down_long {
+        for task in view.tasks_by_node(&node.id) {
+            let state = task.status.as_ref().map_or(0, |s| s.state);
+            if !(TaskState::Assigned as i32..=TaskState::Running as i32).contains(&state) {
+                continue;
+            }
+            if changes.len() >= changes_max {
+                return changes;
+            }
+            let mut task = task.as_ref().clone();
+            let version = task.meta.as_ref().map_or(0, |m| m.version);
+            task.status = Some(TaskStatus {
+                state: TaskState::Orphaned as i32,
+                message: format!(
+                    "node {} has been down for {} s or more: whether the task still runs is \
+                     unknown",
+                    node.id,
+                    after.as_secs()
+                ),
+                timestamp_ms: now_ms,
+                ..Default::default()
+            });
+            changes.push(crate::store::update_expecting(task, version));
+        }
+    }
+    changes
 }
 
 /// `period` within ± [`HEARTBEAT_JITTER_PERCENT`].
@@ -1112,36 +1540,56 @@ fn status_changes(
 
 /// One assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first of a
 /// complete set says `complete`, and every part but the last says `more` (the agent
-/// removes what a complete set does not name only once its last part arrived).
+/// removes what a complete set does not name only once its last part arrived). Changes
+/// (`complete` false) go [`sessions::ASSIGNMENT_CHANGES_PER_MESSAGE_MAX`] changed or
+/// removed tasks per message at most, each message standing alone (no `more`). The chain
+/// fields are left empty: they are set as each message is sent.
 fn assignment_parts(
     complete: bool,
     tasks: Vec<Task>,
     removed: Vec<String>,
     version: u64,
 ) -> Vec<pb::Assignments> {
-    let mut chunks: Vec<Vec<Task>> = vec![Vec::new()];
+    let count_max = if complete {
+        usize::MAX
+    } else {
+        sessions::ASSIGNMENT_CHANGES_PER_MESSAGE_MAX
+    };
+    let mut chunks: Vec<(Vec<Task>, Vec<String>)> = vec![(Vec::new(), Vec::new())];
     let mut bytes = 0;
     for task in tasks {
         let len = prost::Message::encoded_len(&task);
-        let last = chunks.last_mut().expect("one chunk at least");
-        if bytes + len > ASSIGNMENTS_BYTES_MAX && !last.is_empty() {
-            chunks.push(Vec::new());
+        let last = &chunks.last().expect("one chunk at least").0;
+        if !last.is_empty() && (bytes + len > ASSIGNMENTS_BYTES_MAX || last.len() >= count_max) {
+            chunks.push((Vec::new(), Vec::new()));
             bytes = 0;
         }
         bytes += len;
-        chunks.last_mut().expect("one chunk at least").push(task);
+        chunks.last_mut().expect("one chunk at least").0.push(task);
     }
-    let mut removed = Some(removed);
+    for task_id in removed {
+        let last = chunks.last().expect("one chunk at least");
+        if last.0.len() + last.1.len() >= count_max {
+            chunks.push((Vec::new(), Vec::new()));
+        }
+        chunks
+            .last_mut()
+            .expect("one chunk at least")
+            .1
+            .push(task_id);
+    }
     let parts = chunks.len();
     chunks
         .into_iter()
         .enumerate()
-        .map(|(i, tasks)| pb::Assignments {
+        .map(|(i, (tasks, removed))| pb::Assignments {
             complete: complete && i == 0,
             tasks,
-            removed: removed.take().unwrap_or_default(),
+            removed,
             version,
-            more: i + 1 < parts,
+            more: complete && i + 1 < parts,
+            applies_to: String::new(),
+            results_in: String::new(),
         })
         .collect()
 }
@@ -1318,6 +1766,81 @@ mod tests {
         assert!(node_state_change(&store, &write("gone", NodeState::Down)).is_none());
         assert!(node_state_change(&store, &write("ready", NodeState::Disconnected)).is_some());
         assert!(node_state_change(&store, &write("ready", NodeState::Ready)).is_none());
+    }
+
+    #[test]
+    fn tasks_that_may_run_on_a_node_down_long_enough_are_orphaned() {
+        let store = Store::new(StoreConfig::default());
+        let node = |id: &str, state: NodeState| {
+            crate::store::create(Node {
+                id: id.into(),
+                status: Some(NodeStatus {
+                    state: state as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+        };
+        // Nodes written at 1,000 ms (their DOWN time), tasks in every state on them.
+        let mut changes = vec![
+            node("down", NodeState::Down),
+            node("down-back", NodeState::Down),
+            node("ready", NodeState::Ready),
+        ];
+        let states = [
+            (TaskState::Pending, "pending"),
+            (TaskState::Assigned, "assigned"),
+            (TaskState::Starting, "starting"),
+            (TaskState::Running, "running"),
+            (TaskState::Complete, "complete"),
+            (TaskState::Failed, "failed"),
+        ];
+        for node_id in ["down", "down-back", "ready"] {
+            for (state, name) in states {
+                changes.push(crate::store::create(task(
+                    &format!("{node_id}-{name}"),
+                    node_id,
+                    state,
+                )));
+            }
+        }
+        let txn = Transaction {
+            changes,
+            timestamp_ms: 1_000,
+            request_id: None,
+        };
+        store.apply(1, &txn).unwrap();
+        let after = Duration::from_secs(10);
+        let has_session = |node_id: &str| node_id == "down-back";
+        let orphaned = |now_ms: i64, max: usize| {
+            store.view(|view| orphan_changes(view, now_ms, after, has_session, max))
+        };
+        assert!(orphaned(10_999, 100).is_empty(), "down for less than 10 s");
+        assert_eq!(orphaned(11_000, 2).len(), 2, "bounded per transaction");
+        let changes = orphaned(11_000, 100);
+        store
+            .apply(
+                2,
+                &Transaction {
+                    changes,
+                    timestamp_ms: 11_000,
+                    request_id: None,
+                },
+            )
+            .unwrap();
+        let mut ids: Vec<String> = store
+            .list::<Task>()
+            .iter()
+            .filter(|t| t.status.as_ref().unwrap().state == TaskState::Orphaned as i32)
+            .map(|t| t.id.clone())
+            .collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            ["down-assigned", "down-running", "down-starting"],
+            "ASSIGNED to RUNNING on the node down without a session; not PENDING nor ended"
+        );
+        assert!(orphaned(20_000, 100).is_empty(), "done once");
     }
 
     #[test]

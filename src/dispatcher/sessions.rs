@@ -4,6 +4,16 @@
 //! latest of each task), and the version its agent is up to; the fan-out of the one store
 //! watch's task changes to sessions by node id; the registration rate limit.
 //!
+//! Assignments (swarmkit's): the first message of a session is the complete set, then
+//! incremental messages, every one chained (`applies_to` = the previous message's
+//! `results_in`, a new sequence id in `results_in`; parts of a large set too). Changes are
+//! batched per session: held until [`ASSIGNMENT_BATCH_DELAY`] passed without another
+//! change, or [`ASSIGNMENT_BATCH_WAIT_MAX`] after the first one held, or until
+//! [`ASSIGNMENT_CHANGES_PER_MESSAGE_MAX`] are held; the batch deadlines sit on a
+//! [`TimerWheel`] the dispatcher thread advances ([`SessionTable::flush_due`]). A change
+//! the agent does not act on is dropped before it is held ([`AgentView`]): the table
+//! remembers, per task the agent holds, a digest of what it acts on.
+//!
 //! Pure: no clock (callers pass `now_ms` from one monotonic origin), no thread, no store.
 //! Must never block: a stream is only written with `try_send`, and a session whose agent
 //! does not read falls behind only up to [`PENDING_TASKS_MAX`] before it is ended (its
@@ -14,7 +24,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::proto::dispatcher as pb;
-use crate::proto::objects::Task;
+use crate::proto::objects::{Task, TaskState};
+use crate::timer::{TimerId, TimerWheel};
 use crate::wire::Status;
 
 /// Sessions one leader serves at once. A session costs memory only, about 650 bytes
@@ -33,6 +44,59 @@ pub const OUTBOX_MESSAGES_MAX: usize = 32;
 pub const REGISTRATION_ATTEMPTS_MAX: usize = 3;
 /// The window of the registration rate limit.
 pub const REGISTRATION_WINDOW: Duration = Duration::from_secs(8);
+/// Held assignment changes go this long after the last one came (seed: 100 ms; its
+/// `batchingWaitTime`).
+pub const ASSIGNMENT_BATCH_DELAY: Duration = Duration::from_millis(100);
+/// Held assignment changes go at the latest this long after the first one was held, even
+/// while changes keep coming (a bound the seed lacks: its wait could reach 10 s).
+pub const ASSIGNMENT_BATCH_WAIT_MAX: Duration = Duration::from_secs(1);
+/// Changed or removed tasks per incremental message (seed: 100, `modificationBatchLimit`);
+/// this many held make the batch due at once.
+pub const ASSIGNMENT_CHANGES_PER_MESSAGE_MAX: usize = 100;
+
+/// What the agent acts on in a task (`agent::tasks`' reconcile rule): its desired state,
+/// its spec, and of its status only the class of its state (not started yet, started,
+/// ended). Everything else (`meta` and its version, the status's message, timestamps and
+/// exit code, the orchestrator's bookkeeping) changes nothing on the node. Kept per task
+/// the agent holds, 17 bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentView {
+    /// SHA-256 (first 16 bytes) of the encoded desired state and spec.
+    digest: [u8; 16],
+    /// [`status_class`] of the task's state.
+    class: u8,
+}
+
+impl AgentView {
+    /// The view of `task`.
+    pub fn of(task: &Task) -> AgentView {
+        let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+        hasher.update(&task.desired_state.to_le_bytes());
+        if let Some(spec) = &task.spec {
+            hasher.update(&prost::Message::encode_to_vec(spec));
+        }
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&hasher.finish().as_ref()[..16]);
+        AgentView {
+            digest,
+            class: status_class(task.status.as_ref().map_or(0, |s| s.state)),
+        }
+    }
+}
+
+/// The class of a task state, as the agent acts on it: 0 before STARTING (it may start
+/// the task), 1 STARTING or RUNNING (it started: a task it did not start itself failed
+/// meanwhile), 2 ended (nothing to start; a process still running is stopped). States only
+/// move forward, so a class only grows.
+pub fn status_class(state: i32) -> u8 {
+    if state >= TaskState::Complete as i32 {
+        2
+    } else if state >= TaskState::Starting as i32 {
+        1
+    } else {
+        0
+    }
+}
 
 /// Where a session's assignments go: the agent's stream.
 pub trait SessionSink: Send {
@@ -86,11 +150,69 @@ pub struct Session<S> {
     removed: BTreeSet<String>,
     /// The store version the agent's assignments are up to (sent or queued).
     version: u64,
+    /// What the agent holds (or will, once the held changes are sent), per task id.
+    known: HashMap<String, AgentView>,
+    /// The sequence number of the last message sent (its `results_in`); 0 before the first.
+    sequence: u64,
+    /// When the first held change came (ms), while changes are held.
+    held_since_ms: Option<u64>,
+    /// When the last held change came (ms).
+    last_change_ms: u64,
+    /// The batch deadline on the table's wheel, while changes are held.
+    batch_timer: Option<TimerId>,
 }
 
 impl<S> Session<S> {
-    fn pending(&self) -> bool {
-        !self.outbox.is_empty() || !self.changed.is_empty() || !self.removed.is_empty()
+    /// Changed and removed tasks held.
+    fn held(&self) -> usize {
+        self.changed.len() + self.removed.len()
+    }
+
+    /// When the held changes are due (ms): [`ASSIGNMENT_BATCH_DELAY`] after the last,
+    /// at most [`ASSIGNMENT_BATCH_WAIT_MAX`] after the first; at once when a message's
+    /// worth is held.
+    fn batch_due_ms(&self) -> Option<u64> {
+        let since = self.held_since_ms?;
+        if self.held() >= ASSIGNMENT_CHANGES_PER_MESSAGE_MAX {
+            return Some(since);
+        }
+        Some(
+            (self.last_change_ms + millis(ASSIGNMENT_BATCH_DELAY))
+                .min(since + millis(ASSIGNMENT_BATCH_WAIT_MAX)),
+        )
+    }
+
+    /// Sets the held changes' baseline: the complete set `tasks` (sent or queued).
+    fn know_set(&mut self, tasks: &[Task]) {
+        self.known = tasks
+            .iter()
+            .map(|t| (t.id.clone(), AgentView::of(t)))
+            .collect();
+        self.changed.clear();
+        self.removed.clear();
+        self.held_since_ms = None;
+    }
+
+    /// Holds `task`'s change unless the agent would not act on it. True if held.
+    fn hold_upsert(&mut self, task: &Task) -> bool {
+        let view = AgentView::of(task);
+        if self.known.get(&task.id) == Some(&view) {
+            return false;
+        }
+        self.known.insert(task.id.clone(), view);
+        self.removed.remove(&task.id);
+        self.changed.insert(task.id.clone(), task.clone());
+        true
+    }
+
+    /// Holds the removal of `task_id` unless the agent never had it. True if held.
+    fn hold_delete(&mut self, task_id: &str) -> bool {
+        if self.known.remove(task_id).is_none() {
+            return false;
+        }
+        self.changed.remove(task_id);
+        self.removed.insert(task_id.to_string());
+        true
     }
 }
 
@@ -115,6 +237,8 @@ pub struct SessionTable<S> {
     /// Whether the store watch runs (sessions may open only then: otherwise changes made
     /// between a session's complete set and the watch's start would be lost).
     watching: bool,
+    /// Batch deadlines of the sessions holding changes (node ids; at most one per session).
+    batch_timers: TimerWheel<String>,
 }
 
 /// One staged task change.
@@ -137,6 +261,7 @@ impl<S: SessionSink> SessionTable<S> {
             staged: Vec::new(),
             attempts: HashMap::new(),
             watching: false,
+            batch_timers: TimerWheel::new(0),
         }
     }
 
@@ -245,8 +370,16 @@ impl<S: SessionSink> SessionTable<S> {
                 changed: BTreeMap::new(),
                 removed: BTreeSet::new(),
                 version: 0,
+                known: HashMap::new(),
+                sequence: 0,
+                held_since_ms: None,
+                last_change_ms: 0,
+                batch_timer: None,
             },
         );
+        if let Some(timer) = previous.as_ref().and_then(|s| s.batch_timer) {
+            self.batch_timers.cancel(timer);
+        }
         Ok(previous.and_then(|s| s.stream))
     }
 
@@ -274,11 +407,12 @@ impl<S: SessionSink> SessionTable<S> {
                 Status::cancelled("a newer session replaced this one"),
             ));
         };
+        session.know_set(&tasks);
         session.outbox = super::assignment_parts(true, tasks, Vec::new(), version).into();
         session.outbox_complete = true;
         session.version = version;
         session.stream = Some(stream);
-        match flush(session) {
+        match flush(session, 0) {
             Ok(()) => Ok(()),
             Err(status) => {
                 let stream = session.stream.take().expect("attached just now");
@@ -323,65 +457,124 @@ impl<S: SessionSink> SessionTable<S> {
     }
 
     /// The transaction at `version` is complete: hands its staged changes to their nodes'
-    /// streaming sessions (those whose complete set predates it) and sends what each agent
-    /// has room for. Returns the sessions that ended (stream ended, or fell too far
-    /// behind): their node ids and streams.
-    pub fn commit(&mut self, version: u64) -> Vec<Ended<S>> {
+    /// streaming sessions (those whose complete set predates it), dropping those the agent
+    /// would not act on, and holds them for the session's batch (sent at once when a
+    /// message's worth is held). Returns the sessions that ended (stream ended, or fell too
+    /// far behind): their node ids and streams.
+    pub fn commit(&mut self, version: u64, now_ms: u64) -> Vec<Ended<S>> {
         let mut touched: Vec<String> = Vec::new();
-        for (node_id, change) in self.staged.drain(..) {
+        for (node_id, change) in std::mem::take(&mut self.staged) {
             let Some(session) = self.sessions.get_mut(&node_id) else {
                 continue;
             };
             if session.stream.is_none() || session.version >= version {
                 continue; // opening, lingering, or its complete set already holds it
             }
-            match change {
-                StagedChange::Upsert(task) => {
-                    session.removed.remove(&task.id);
-                    session
-                        .changed
-                        .insert(task.id.clone(), task.as_ref().clone());
+            let held = match change {
+                StagedChange::Upsert(task) => session.hold_upsert(&task),
+                StagedChange::Delete(task_id) => session.hold_delete(&task_id),
+            };
+            if held {
+                session.held_since_ms.get_or_insert(now_ms);
+                session.last_change_ms = now_ms;
+                if touched.last() != Some(&node_id) {
+                    touched.push(node_id);
                 }
-                StagedChange::Delete(task_id) => {
-                    session.changed.remove(&task_id);
-                    session.removed.insert(task_id);
-                }
-            }
-            if touched.last() != Some(&node_id) {
-                touched.push(node_id);
             }
         }
-        for node_id in &touched {
-            if let Some(session) = self.sessions.get_mut(node_id) {
-                session.version = version;
-            }
-        }
+        touched.sort_unstable();
         touched.dedup();
-        self.flush_nodes(touched)
+        let mut due_now = Vec::new();
+        for node_id in touched {
+            let Some(session) = self.sessions.get_mut(&node_id) else {
+                continue;
+            };
+            session.version = version;
+            if session.held() >= ASSIGNMENT_CHANGES_PER_MESSAGE_MAX {
+                due_now.push(node_id);
+            } else {
+                arm_batch(&mut self.batch_timers, &node_id, session);
+            }
+        }
+        self.flush_nodes(due_now, now_ms)
+    }
+
+    /// The agent of `node_id` reported `state` for `task_id` on `session_id`: it knows that
+    /// state, so the store's echo of it is not sent back.
+    pub fn note_reported(&mut self, node_id: &str, session_id: &str, task_id: &str, state: i32) {
+        if let Some(view) = self
+            .sessions
+            .get_mut(node_id)
+            .filter(|s| s.id == session_id)
+            .and_then(|s| s.known.get_mut(task_id))
+        {
+            view.class = view.class.max(status_class(state));
+        }
+    }
+
+    /// When the table next needs [`SessionTable::flush_due`] (ms, a lower bound), if a
+    /// session holds changes.
+    pub fn next_batch_due_ms(&self) -> Option<u64> {
+        self.batch_timers.next_deadline_ms()
+    }
+
+    /// Sends the batches whose time came. Returns the sessions that ended, as
+    /// [`SessionTable::commit`] does.
+    pub fn flush_due(&mut self, now_ms: u64) -> Vec<Ended<S>> {
+        let mut fired = Vec::new();
+        self.batch_timers.advance(now_ms, &mut fired);
+        let mut due = Vec::new();
+        for node_id in fired {
+            let Some(session) = self.sessions.get_mut(&node_id) else {
+                continue; // ended meanwhile
+            };
+            session.batch_timer = None;
+            match session.batch_due_ms() {
+                Some(at_ms) if at_ms <= now_ms => due.push(node_id),
+                Some(_) => arm_batch(&mut self.batch_timers, &node_id, session),
+                None => {}
+            }
+        }
+        self.flush_nodes(due, now_ms)
     }
 
     /// Sends what every session holding back assignments has room for now (credit came
-    /// back). Returns the sessions that ended, as [`SessionTable::commit`] does.
-    pub fn flush_pending(&mut self) -> Vec<Ended<S>> {
+    /// back, a batch is due). Returns the sessions that ended, as [`SessionTable::commit`]
+    /// does.
+    pub fn flush_pending(&mut self, now_ms: u64) -> Vec<Ended<S>> {
         let waiting: Vec<String> = self
             .sessions
             .iter()
-            .filter(|(_, s)| s.stream.is_some() && s.pending())
+            .filter(|(_, s)| {
+                s.stream.is_some()
+                    && (!s.outbox.is_empty() || s.batch_due_ms().is_some_and(|at| at <= now_ms))
+            })
             .map(|(node_id, _)| node_id.clone())
             .collect();
-        self.flush_nodes(waiting)
+        self.flush_nodes(waiting, now_ms)
     }
 
-    fn flush_nodes(&mut self, node_ids: Vec<String>) -> Vec<Ended<S>> {
+    fn flush_nodes(&mut self, node_ids: Vec<String>, now_ms: u64) -> Vec<Ended<S>> {
         let mut ended = Vec::new();
         for node_id in node_ids {
             let Some(session) = self.sessions.get_mut(&node_id) else {
                 continue;
             };
-            if let Err(status) = flush(session) {
-                let stream = session.stream.take();
-                linger(session);
-                ended.push((node_id, session.id.clone(), stream, status));
+            let outcome = flush(session, now_ms);
+            if let Some(timer) = session.batch_timer.take() {
+                self.batch_timers.cancel(timer);
+            }
+            match outcome {
+                Ok(()) => {
+                    if session.held_since_ms.is_some() {
+                        arm_batch(&mut self.batch_timers, &node_id, session);
+                    }
+                }
+                Err(status) => {
+                    let stream = session.stream.take();
+                    linger(session);
+                    ended.push((node_id, session.id.clone(), stream, status));
+                }
             }
         }
         ended
@@ -393,22 +586,22 @@ impl<S: SessionSink> SessionTable<S> {
     pub fn resync_all(
         &mut self,
         version: u64,
+        now_ms: u64,
         mut tasks_of: impl FnMut(&str) -> Vec<Task>,
     ) -> Vec<Ended<S>> {
         self.staged.clear();
         let mut streaming = Vec::new();
         for (node_id, session) in &mut self.sessions {
             if session.stream.is_some() {
-                session.changed.clear();
-                session.removed.clear();
-                session.outbox =
-                    super::assignment_parts(true, tasks_of(node_id), Vec::new(), version).into();
+                let tasks = tasks_of(node_id);
+                session.know_set(&tasks);
+                session.outbox = super::assignment_parts(true, tasks, Vec::new(), version).into();
                 session.outbox_complete = true;
                 session.version = version;
                 streaming.push(node_id.clone());
             }
         }
-        self.flush_nodes(streaming)
+        self.flush_nodes(streaming, now_ms)
     }
 
     /// Streams the agents closed since the last call: the sessions linger (they end when
@@ -452,21 +645,31 @@ impl<S: SessionSink> SessionTable<S> {
         if silent_ms < session.grace_ms {
             return (Deadline::Wait(session.grace_ms - silent_ms), None);
         }
-        let stream = self.sessions.remove(node_id).and_then(|s| s.stream);
+        let stream = self.forget(node_id);
         (Deadline::Expired(silent_ms), stream)
     }
 
     /// Forgets `session_id` if it is still `node_id`'s session; returns its stream.
     pub fn remove(&mut self, node_id: &str, session_id: &str) -> Option<S> {
         if self.is_current(node_id, session_id) {
-            return self.sessions.remove(node_id).and_then(|s| s.stream);
+            return self.forget(node_id);
         }
         None
+    }
+
+    /// Drops `node_id`'s session and its batch deadline; returns its stream.
+    fn forget(&mut self, node_id: &str) -> Option<S> {
+        let session = self.sessions.remove(node_id)?;
+        if let Some(timer) = session.batch_timer {
+            self.batch_timers.cancel(timer);
+        }
+        session.stream
     }
 
     /// Ends every session (this manager stops leading or shuts down): their streams.
     pub fn clear(&mut self) -> Vec<S> {
         self.staged.clear();
+        self.batch_timers = TimerWheel::new(self.batch_timers.now_ms());
         self.sessions
             .drain()
             .filter_map(|(_, s)| s.stream)
@@ -499,15 +702,31 @@ fn linger<S>(session: &mut Session<S>) {
     session.outbox_complete = false;
     session.changed.clear();
     session.removed.clear();
+    session.known.clear();
+    session.held_since_ms = None;
 }
 
-/// Sends the session's outbox, then its coalesced changes, while the agent has room.
-fn flush<S: SessionSink>(session: &mut Session<S>) -> Result<(), Status> {
+/// Puts the session's batch deadline on the wheel (in place of its previous one).
+fn arm_batch<S>(wheel: &mut TimerWheel<String>, node_id: &str, session: &mut Session<S>) {
+    if let Some(timer) = session.batch_timer.take() {
+        wheel.cancel(timer);
+    }
+    if let Some(at_ms) = session.batch_due_ms() {
+        session.batch_timer = Some(wheel.insert(at_ms, node_id.to_string()));
+    }
+}
+
+/// Sends the session's outbox, then, if their batch is due at `now_ms`, its held changes
+/// ([`ASSIGNMENT_CHANGES_PER_MESSAGE_MAX`] per message), while the agent has room. Each
+/// message sent is chained to the previous one.
+fn flush<S: SessionSink>(session: &mut Session<S>, now_ms: u64) -> Result<(), Status> {
     let Some(stream) = session.stream.as_ref() else {
         return Ok(());
     };
     loop {
-        if session.outbox.is_empty() && (!session.changed.is_empty() || !session.removed.is_empty())
+        if session.outbox.is_empty()
+            && session.held() > 0
+            && session.batch_due_ms().is_some_and(|at_ms| at_ms <= now_ms)
         {
             let changed: Vec<Task> = std::mem::take(&mut session.changed).into_values().collect();
             let removed: Vec<String> = std::mem::take(&mut session.removed).into_iter().collect();
@@ -515,33 +734,43 @@ fn flush<S: SessionSink>(session: &mut Session<S>) -> Result<(), Status> {
                 super::assignment_parts(false, changed, removed, session.version).into();
         }
         let Some(part) = session.outbox.front() else {
-            return Ok(());
+            break;
         };
+        let mut part = part.clone();
+        part.applies_to = sequence_id(session.sequence);
+        part.results_in = sequence_id(session.sequence + 1);
         let message = pb::SessionMessage {
-            message: Some(pb::session_message::Message::Assignments(part.clone())),
+            message: Some(pb::session_message::Message::Assignments(part)),
         };
         if !stream.try_send(&message)? {
             break;
         }
+        session.sequence += 1;
         session.outbox.pop_front();
         if session.outbox.is_empty() {
             session.outbox_complete = false;
         }
     }
     if !session.outbox_complete {
-        // Changes built into messages that could not go yet: back to the pending ones, so
+        // Changes built into messages that could not go yet: back to the held ones, so
         // that later changes of the same tasks coalesce with them.
         unbuild(session);
     }
-    if session.changed.len() + session.removed.len() > PENDING_TASKS_MAX
-        || session.outbox.len() > OUTBOX_MESSAGES_MAX
-    {
+    if session.held() == 0 {
+        session.held_since_ms = None;
+    }
+    if session.held() > PENDING_TASKS_MAX || session.outbox.len() > OUTBOX_MESSAGES_MAX {
         return Err(Status::unavailable(
             "the agent did not read its assignments fast enough; open a new session for a \
              complete set",
         ));
     }
     Ok(())
+}
+
+/// The chain's sequence id of message number `n` of a session (`""` before the first).
+fn sequence_id(n: u64) -> String {
+    if n == 0 { String::new() } else { n.to_string() }
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -633,7 +862,9 @@ mod tests {
         table.stage_upsert(task("t3", "a"));
         table.stage_upsert(task("t4", "nobody"));
         table.stage_delete("b", "t0");
-        assert!(table.commit(2).is_empty());
+        assert!(table.commit(2, 0).is_empty());
+        assert_eq!(a.sent.lock().len(), 1, "held for the batch");
+        assert!(table.flush_due(100).is_empty());
         let a_sent = a.sent.lock().clone();
         let b_sent = b.sent.lock().clone();
         assert!(
@@ -644,7 +875,10 @@ mod tests {
         assert_eq!(ids(&a_sent[1]), ["t1", "t3"]);
         assert!(a_sent[1].removed.is_empty() && !a_sent[1].complete);
         assert_eq!(ids(&b_sent[1]), ["t2"]);
-        assert_eq!(b_sent[1].removed, ["t0"]);
+        assert!(
+            b_sent[1].removed.is_empty(),
+            "b never held t0: nothing to remove"
+        );
         assert_eq!((a_sent[1].version, b_sent[1].version), (2, 2));
     }
 
@@ -653,7 +887,8 @@ mod tests {
         let mut table = watching_table();
         let a = streaming(&mut table, "a", 5);
         table.stage_upsert(task("t1", "a"));
-        assert!(table.commit(5).is_empty());
+        assert!(table.commit(5, 0).is_empty());
+        assert!(table.flush_due(1000).is_empty());
         assert_eq!(a.sent.lock().len(), 1, "only the complete set");
     }
 
@@ -669,26 +904,27 @@ mod tests {
         );
         for version in 2..5 {
             let mut t = task("t1", "a");
-            Arc::make_mut(&mut t).slot = version;
+            Arc::make_mut(&mut t).desired_state = i32::try_from(version).unwrap();
             table.stage_upsert(t);
-            assert!(table.commit(version).is_empty());
+            assert!(table.commit(version, 0).is_empty());
         }
+        assert!(table.flush_due(200).is_empty());
         assert_eq!(stream.sent.lock().len(), 1, "no credit: held back");
         *stream.room.lock() = 10;
-        assert!(table.flush_pending().is_empty());
+        assert!(table.flush_pending(200).is_empty());
         let sent = stream.sent.lock().clone();
         assert_eq!(
             sent.len(),
             2,
             "three changes of one task coalesced into one message"
         );
-        assert_eq!(sent[1].tasks[0].slot, 4, "the latest");
+        assert_eq!(sent[1].tasks[0].desired_state, 4, "the latest");
         // Without credit for good, the session ends past the bound.
         *stream.room.lock() = 0;
         for i in 0..=PENDING_TASKS_MAX {
             table.stage_upsert(task(&format!("x{i}"), "a"));
         }
-        let ended = table.commit(10);
+        let ended = table.commit(10, 300);
         assert_eq!(ended.len(), 1);
         assert!(
             table.is_lingering("a", "s"),
@@ -755,7 +991,236 @@ mod tests {
         assert!(table.is_lingering("a", "s-a"));
         assert!(table.take_closed().is_empty(), "reported once");
         table.stage_upsert(task("t", "a"));
-        assert!(table.commit(2).is_empty());
+        assert!(table.commit(2, 0).is_empty());
+        assert!(table.flush_due(2000).is_empty());
         assert_eq!(a.sent.lock().len(), 1, "nothing sent to a closed stream");
+    }
+
+    fn with_desired(id: &str, node: &str, desired: i32) -> Arc<Task> {
+        let mut t = task(id, node);
+        Arc::make_mut(&mut t).desired_state = desired;
+        t
+    }
+
+    #[test]
+    fn changes_go_100_ms_after_the_last_one_and_at_most_1_s_after_the_first() {
+        let mut table = watching_table();
+        let a = streaming(&mut table, "a", 1);
+        table.stage_upsert(with_desired("t", "a", 1));
+        assert!(table.commit(2, 0).is_empty());
+        assert!(
+            table.next_batch_due_ms().is_some_and(|at| at <= 100),
+            "a lower bound of the deadline"
+        );
+        assert!(table.flush_due(99).is_empty());
+        assert_eq!(a.sent.lock().len(), 1, "held until 100 ms passed");
+        assert!(table.flush_due(100).is_empty());
+        assert_eq!(a.sent.lock().len(), 2);
+
+        // A change every 50 ms postpones the batch, but not past 1 s after the first.
+        let mut version = 3;
+        let mut now = 1000;
+        let first = now;
+        while now < first + 1000 {
+            table.stage_upsert(with_desired("t", "a", i32::try_from(version).unwrap()));
+            assert!(table.commit(version, now).is_empty());
+            version += 1;
+            now += 50;
+            assert!(table.flush_due(now - 1).is_empty());
+            if now < first + 1000 {
+                assert_eq!(a.sent.lock().len(), 2, "still held at {now} ms");
+            }
+        }
+        assert!(table.flush_due(first + 1000).is_empty());
+        let sent = a.sent.lock().clone();
+        assert_eq!(sent.len(), 3, "one message 1 s after the first change");
+        assert_eq!(
+            sent[2].tasks.len(),
+            1,
+            "twenty changes of one task, coalesced"
+        );
+        assert_eq!(
+            sent[2].tasks[0].desired_state,
+            i32::try_from(version - 1).unwrap()
+        );
+    }
+
+    #[test]
+    fn a_hundred_changes_go_at_once_and_larger_batches_in_chained_messages_of_100() {
+        let mut table = watching_table();
+        let a = streaming(&mut table, "a", 1);
+        for i in 0..99 {
+            table.stage_upsert(task(&format!("t{i:03}"), "a"));
+        }
+        assert!(table.commit(2, 0).is_empty());
+        assert_eq!(a.sent.lock().len(), 1, "99 held");
+        table.stage_upsert(task("t099", "a"));
+        assert!(table.commit(3, 0).is_empty());
+        assert_eq!(a.sent.lock().len(), 2, "the 100th makes the batch due");
+        for i in 100..350 {
+            table.stage_upsert(task(&format!("t{i:03}"), "a"));
+        }
+        assert!(table.commit(4, 10).is_empty());
+        let sent = a.sent.lock().clone();
+        let sizes: Vec<usize> = sent[2..].iter().map(|m| m.tasks.len()).collect();
+        assert_eq!(sizes, [100, 100, 50]);
+        // Every message is chained to the one before it, from the complete set on.
+        assert_eq!(sent[0].applies_to, "");
+        for pair in sent.windows(2) {
+            assert_eq!(pair[1].applies_to, pair[0].results_in);
+            assert_ne!(pair[1].results_in, pair[0].results_in);
+        }
+        assert!(sent[1..].iter().all(|m| !m.complete && !m.more));
+    }
+
+    #[test]
+    fn the_chain_has_no_gap_when_messages_wait_for_credit() {
+        let mut table = watching_table();
+        let stream = FakeStream::with_room(1);
+        table.open("a", "s", 1000, 3000, 0).unwrap();
+        assert!(
+            table
+                .attach("a", "s", stream.clone(), Vec::new(), 1)
+                .is_ok()
+        );
+        for i in 0..250 {
+            table.stage_upsert(task(&format!("t{i:03}"), "a"));
+        }
+        assert!(table.commit(2, 0).is_empty(), "built, but no credit");
+        table.stage_upsert(with_desired("t000", "a", 5));
+        assert!(table.commit(3, 50).is_empty());
+        *stream.room.lock() = 1;
+        assert!(table.flush_pending(200).is_empty());
+        *stream.room.lock() = 10;
+        assert!(table.flush_pending(300).is_empty());
+        let sent = stream.sent.lock().clone();
+        for pair in sent.windows(2) {
+            assert_eq!(pair[1].applies_to, pair[0].results_in);
+        }
+        let mut delivered: BTreeMap<String, i32> = BTreeMap::new();
+        for message in &sent[1..] {
+            for t in &message.tasks {
+                delivered.insert(t.id.clone(), t.desired_state);
+            }
+        }
+        assert_eq!(
+            delivered.len(),
+            250,
+            "every change delivered once the agent reads"
+        );
+        assert_eq!(
+            delivered["t000"], 5,
+            "the latest of a task waiting for credit"
+        );
+    }
+
+    fn with_status(t: &Arc<Task>, state: TaskState, version: u64) -> Arc<Task> {
+        let mut t = t.as_ref().clone();
+        t.meta = Some(crate::proto::objects::Meta {
+            version,
+            ..Default::default()
+        });
+        t.status = Some(crate::proto::objects::TaskStatus {
+            state: state as i32,
+            message: format!("at {version}"),
+            timestamp_ms: i64::try_from(version).unwrap(),
+            ..Default::default()
+        });
+        Arc::new(t)
+    }
+
+    #[test]
+    fn changes_the_agent_does_not_act_on_are_not_sent() {
+        let mut table = watching_table();
+        let stream = FakeStream::with_room(100);
+        table.open("a", "s", 1000, 3000, 0).unwrap();
+        let assigned = with_status(
+            &with_desired("t", "a", TaskState::Running as i32),
+            TaskState::Assigned,
+            1,
+        );
+        let other = with_status(
+            &with_desired("u", "a", TaskState::Running as i32),
+            TaskState::Assigned,
+            1,
+        );
+        assert!(
+            table
+                .attach(
+                    "a",
+                    "s",
+                    stream.clone(),
+                    vec![assigned.as_ref().clone(), other.as_ref().clone()],
+                    1
+                )
+                .is_ok()
+        );
+        let mut now = 0;
+        let mut step =
+            |table: &mut SessionTable<FakeStream>, change: Option<Arc<Task>>, version: u64| {
+                match change {
+                    Some(t) => table.stage_upsert(t),
+                    None => table.stage_delete("a", "gone"),
+                }
+                assert!(table.commit(version, now).is_empty());
+                now += 2000;
+                assert!(table.flush_due(now).is_empty());
+                stream.sent.lock().len()
+            };
+        // The agent reports STARTING, RUNNING, then COMPLETE: the store's echoes of its own
+        // reports (new meta, status message, timestamps) are not sent back.
+        for (version, state) in [
+            (2, TaskState::Starting),
+            (3, TaskState::Running),
+            (4, TaskState::Complete),
+        ] {
+            table.note_reported("a", "s", "t", state as i32);
+            assert_eq!(
+                step(
+                    &mut table,
+                    Some(with_status(&assigned, state, version)),
+                    version
+                ),
+                1
+            );
+        }
+        // A meta version bump alone: not sent.
+        assert_eq!(
+            step(
+                &mut table,
+                Some(with_status(&assigned, TaskState::Complete, 5)),
+                5
+            ),
+            1
+        );
+        // A report on a stale session id teaches nothing: the manager's own terminal state
+        // (ORPHANED, say) for a task the agent saw RUNNING at most is sent.
+        table.note_reported("a", "stale", "u", TaskState::Complete as i32);
+        assert_eq!(
+            step(
+                &mut table,
+                Some(with_status(&other, TaskState::Orphaned, 6)),
+                6
+            ),
+            2
+        );
+        // A desired state change is sent.
+        let retired = with_desired("u", "a", TaskState::Shutdown as i32);
+        assert_eq!(
+            step(
+                &mut table,
+                Some(with_status(&retired, TaskState::Orphaned, 7)),
+                7
+            ),
+            3
+        );
+        // The deletion of a task the agent never held: not sent; of one it holds: sent.
+        assert_eq!(step(&mut table, None, 8), 3);
+        table.stage_delete("a", "u");
+        assert!(table.commit(9, now).is_empty());
+        assert!(table.flush_due(now + 2000).is_empty());
+        let sent = stream.sent.lock().clone();
+        assert_eq!(sent.len(), 4);
+        assert_eq!(sent[3].removed, ["u"]);
     }
 }

@@ -13,8 +13,9 @@ use std::time::Duration;
 
 use super::Store;
 use super::spec::{
-    HEARTBEAT_PERIOD_MS_MAX, HEARTBEAT_PERIOD_MS_MIN, SNAPSHOT_INTERVAL_ENTRIES_MAX,
-    TASK_HISTORY_RETENTION_MAX, default_cluster_spec,
+    HEARTBEAT_PERIOD_MS_MAX, HEARTBEAT_PERIOD_MS_MIN, ORPHAN_AFTER_MS_DEFAULT, ORPHAN_AFTER_MS_MAX,
+    ORPHAN_AFTER_MS_MIN, SNAPSHOT_INTERVAL_ENTRIES_MAX, TASK_HISTORY_RETENTION_MAX,
+    default_cluster_spec,
 };
 use crate::proto::objects::{Cluster, ClusterSpec};
 
@@ -28,6 +29,9 @@ pub struct ClusterSettings {
     pub snapshot_interval_entries: u64,
     /// Finished tasks kept per slot by the task reaper. Within [0, 1,000].
     pub task_history_retention: u64,
+    /// How long a node is DOWN before the dispatcher marks its tasks ORPHANED (24 h unless
+    /// set). Within [1 s, 1 year].
+    pub orphan_after: Duration,
 }
 
 impl ClusterSettings {
@@ -48,6 +52,13 @@ impl ClusterSettings {
                     .clamp(0, TASK_HISTORY_RETENTION_MAX),
             )
             .expect("clamped to a non-negative range"),
+            orphan_after: Duration::from_millis(
+                u64::try_from(match spec.orphan_after_ms {
+                    0 => ORPHAN_AFTER_MS_DEFAULT,
+                    set => set.clamp(ORPHAN_AFTER_MS_MIN, ORPHAN_AFTER_MS_MAX),
+                })
+                .expect("clamped to a positive range"),
+            ),
         }
     }
 
@@ -78,11 +89,20 @@ mod tests {
         assert_eq!(defaults.heartbeat_period, Duration::from_secs(5));
         assert_eq!(defaults.snapshot_interval_entries, 10_000);
         assert_eq!(defaults.task_history_retention, 5);
+        assert_eq!(defaults.orphan_after, Duration::from_secs(24 * 60 * 60));
         let mut spec = default_cluster_spec("default");
         spec.heartbeat_period_ms = -1;
         spec.snapshot_interval_entries = 0;
         spec.task_history_retention = i64::MAX;
+        spec.orphan_after_ms = 5;
         let clamped = ClusterSettings::from_spec(&spec);
+        assert_eq!(clamped.orphan_after, Duration::from_secs(1));
+        spec.orphan_after_ms = 0;
+        assert_eq!(
+            ClusterSettings::from_spec(&spec).orphan_after,
+            Duration::from_secs(24 * 60 * 60),
+            "an older cluster object without the setting: the default"
+        );
         assert_eq!(clamped.heartbeat_period, Duration::from_secs(1));
         assert_eq!(clamped.snapshot_interval_entries, 1);
         assert_eq!(clamped.task_history_retention, 1_000);

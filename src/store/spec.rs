@@ -60,6 +60,14 @@ pub const CONSTRAINT_BYTES_MAX: usize = 1024;
 
 /// The shortest non-zero node certificate lifetime (one hour).
 pub const NODE_CERT_EXPIRY_MS_MIN: i64 = 60 * 60 * 1000;
+/// How long a node is DOWN before its tasks are ORPHANED, by default (swarmkit's
+/// `maxDownTime`, 24 h); a cluster spec's 0 means this.
+pub const ORPHAN_AFTER_MS_DEFAULT: i64 = 24 * 60 * 60 * 1000;
+/// The shortest `orphan_after_ms` (shorter would orphan the tasks of a node that is only
+/// restarting; tests use a few seconds).
+pub const ORPHAN_AFTER_MS_MIN: i64 = 1_000;
+/// The longest `orphan_after_ms` (a year: a value past it is a typo).
+pub const ORPHAN_AFTER_MS_MAX: i64 = 365 * 24 * 60 * 60 * 1000;
 
 /// The shortest agent heartbeat period (swarmkit refuses anything shorter than a second:
 /// heartbeats from thousands of nodes would swamp the dispatcher).
@@ -580,6 +588,7 @@ pub fn default_cluster_spec(name: &str) -> ClusterSpec {
         keep_old_snapshots: 0,
         task_history_retention: 5,
         node_cert_expiry_ms: 90 * 24 * 60 * 60 * 1000,
+        orphan_after_ms: ORPHAN_AFTER_MS_DEFAULT,
     }
 }
 
@@ -626,6 +635,18 @@ pub fn validate_cluster_spec(spec: &ClusterSpec) -> Checked {
                 "{} is below the minimum of {NODE_CERT_EXPIRY_MS_MIN} (one hour); 0 keeps the \
                  default",
                 spec.node_cert_expiry_ms
+            ),
+        ));
+    }
+    if spec.orphan_after_ms != 0
+        && !(ORPHAN_AFTER_MS_MIN..=ORPHAN_AFTER_MS_MAX).contains(&spec.orphan_after_ms)
+    {
+        return Err(SpecError::new(
+            "orphan_after_ms",
+            format!(
+                "{} ms is outside [{ORPHAN_AFTER_MS_MIN} ms, {ORPHAN_AFTER_MS_MAX} ms] (1s to a \
+                 year); 0 keeps the default of 24h",
+                spec.orphan_after_ms
             ),
         ));
     }

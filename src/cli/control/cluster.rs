@@ -38,6 +38,10 @@ pub enum ClusterCommand {
         /// Lifetime of node certificates (e.g. `2160h`).
         #[arg(long)]
         cert_expiry: Option<String>,
+        /// How long a node stays down before its tasks are marked orphaned, 1s to a year
+        /// (default 24h); for the dispatcher.
+        #[arg(long)]
+        orphan_after: Option<String>,
         /// Refuse the update unless the cluster is still at this version.
         #[arg(long)]
         if_version: Option<u64>,
@@ -56,6 +60,7 @@ pub(super) fn run(client: &Client, command: ClusterCommand) -> Result<(), Comman
             keep_old_snapshots,
             task_history_retention,
             cert_expiry,
+            orphan_after,
             if_version,
         } => {
             let mut spec = current.spec.clone().unwrap_or_default();
@@ -76,6 +81,9 @@ pub(super) fn run(client: &Client, command: ClusterCommand) -> Result<(), Comman
             }
             if let Some(expiry) = cert_expiry {
                 spec.node_cert_expiry_ms = parse_duration_ms("cert-expiry", &expiry)?;
+            }
+            if let Some(after) = orphan_after {
+                spec.orphan_after_ms = parse_duration_ms("orphan-after", &after)?;
             }
             let version =
                 if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
