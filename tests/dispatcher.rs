@@ -101,6 +101,7 @@ fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
         transport.clone(),
         AgentConfig {
             managers: Box::new(move || managers.clone()),
+            remember_managers: None,
             tls: worker_tls,
             hostname: "worker-one".into(),
         },
@@ -167,6 +168,7 @@ fn fifty_agent_sessions_add_no_thread_to_the_leader() {
                 transport.clone(),
                 AgentConfig {
                     managers: Box::new(move || managers.clone()),
+                    remember_managers: None,
                     tls,
                     hostname: format!("many-{i}"),
                 },

@@ -27,6 +27,15 @@
 //!   before marking them DOWN (no storm of DOWN after a leader change).
 //! - A follower refuses every call with `FailedPrecondition` and the reason
 //!   [`NOT_LEADER`]; the agent tries the leader next (the status's `leader_addr` names it).
+//! - Every session learns the managers: `SessionStarted.managers`, then a
+//!   `ManagersChanged` on every open session whenever the managers reachable from the
+//!   leader change (one joined, was removed, became unreachable or reachable again; the
+//!   leader looks every [`MANAGERS_REFRESH`], asking its Raft node without waiting). Each
+//!   has the weight [`pb::MANAGER_WEIGHT_DEFAULT`]; an agent with no room for the list is
+//!   offered it again at each tick. Each heartbeat answer says how long after it the
+//!   managers may give the node's tasks to other nodes (`tasks_reassigned_after_ms`: the
+//!   node-down grace plus the orchestrator's [`NODE_DOWN_GRACE_MS`]), which the agent's
+//!   self-fencing counts from.
 //!
 //! Must never change the store except through a proposed transaction, let a node touch
 //! another node's tasks, move a task's observed state backwards, or block its thread on a
@@ -34,6 +43,7 @@
 
 pub mod sessions;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -49,7 +59,8 @@ use crate::proto::dispatcher::rpc;
 use crate::proto::objects::{
     Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
 };
-use crate::raft::node::NodeHandle;
+use crate::orchestrator::NODE_DOWN_GRACE_MS;
+use crate::raft::node::{NodeHandle, NodeStatus as GroupStatus};
 use crate::replication::{PROPOSE_TIMEOUT, propose_transaction, propose_transaction_with};
 use crate::store::TXN_CHANGES_MAX;
 use crate::store::settings::ClusterSettings;
@@ -96,6 +107,9 @@ const STATUS_QUEUED_UPDATES_MAX: usize = 4 * STATUS_BATCH_UPDATES_MAX;
 const STATUS_TXN_BYTES_MAX: usize = 1024 * 1024;
 /// Node state changes per transaction the dispatcher thread proposes.
 const NODE_WRITES_PER_TXN_MAX: usize = 100;
+/// How often the leader looks at the group's members and their reachability for the
+/// agents' manager list.
+pub const MANAGERS_REFRESH: Duration = Duration::from_secs(1);
 
 /// What the dispatcher thread is told (timer callbacks and proposal callbacks post here;
 /// unbounded, but at most one deadline per session, one grace per leadership and one
@@ -114,6 +128,21 @@ enum Event {
     FlushStatuses,
     /// Status reports to build again (a concurrent change aborted their transaction).
     Statuses(Vec<StatusRequest>),
+    /// The Raft node's view of the group (for the agents' manager list).
+    Group(GroupStatus),
+}
+
+/// The managers the sessions are told about, and the sessions still owed the latest list.
+#[derive(Default)]
+struct ManagerList {
+    /// Bumped at each change of `peers`.
+    version: u64,
+    /// Reachable managers, by address.
+    peers: Vec<pb::WeightedPeer>,
+    /// Sessions (node id, session id) whose agent had no room for the latest list.
+    owed: HashSet<(String, String)>,
+    /// When the Raft node was last asked for its view of the group.
+    asked_at: Option<Instant>,
 }
 
 /// One `UpdateTaskStatus` call waiting for its batch.
@@ -175,6 +204,8 @@ pub struct Dispatcher {
     statuses: Mutex<StatusBatch>,
     /// Timed events the timer could not take, posted at the next tick.
     deferred: Mutex<Vec<Event>>,
+    /// The managers agents are told about (lock order: `table` before `managers`).
+    managers: Mutex<ManagerList>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -192,6 +223,7 @@ impl Dispatcher {
             events_rx,
             timers: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            managers: Mutex::new(ManagerList::default()),
             statuses: Mutex::new(StatusBatch::default()),
             thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -305,10 +337,12 @@ impl Dispatcher {
             });
             status.code = Code::Unavailable;
             self.end_all(&status);
+            *self.managers.lock() = ManagerList::default();
         }
         if watch.is_none() {
             return;
         }
+        self.refresh_managers();
         let now = self.now_ms();
         let (ended, closed) = {
             let mut table = self.table.lock();
@@ -477,7 +511,85 @@ impl Dispatcher {
             Event::Write { writes, attempt } => self.write_node_states(writes, attempt),
             Event::FlushStatuses => self.flush_statuses(),
             Event::Statuses(requests) => self.propose_statuses(requests),
+            Event::Group(status) => self.managers_seen(&status),
         }
+    }
+
+    // ---- the agents' manager list ----
+
+    /// Asks the Raft node for its view of the group when [`MANAGERS_REFRESH`] passed (the
+    /// answer comes back as [`Event::Group`]), and offers the latest list again to the
+    /// sessions that had no room for it.
+    fn refresh_managers(&self) {
+        let due = self
+            .managers
+            .lock()
+            .asked_at
+            .is_none_or(|at| at.elapsed() >= MANAGERS_REFRESH);
+        if due {
+            self.managers.lock().asked_at = Some(Instant::now());
+            let events = self.events.clone();
+            let asked = self.node.status_with(Box::new(move |status| {
+                let _ = events.send(Event::Group(status));
+            }));
+            if let Err(error) = asked {
+                log::debug!("dispatcher: cannot ask for the group's view: {error}");
+            }
+        }
+        let table = self.table.lock();
+        let mut managers = self.managers.lock();
+        if managers.owed.is_empty() {
+            return;
+        }
+        let message = managers_changed(&managers.peers);
+        managers
+            .owed
+            .retain(|(node_id, session_id)| !table.offer(node_id, session_id, &message));
+    }
+
+    /// The group as the Raft node sees it: if the reachable managers changed, every session
+    /// is sent the new list.
+    fn managers_seen(&self, status: &GroupStatus) {
+        if !status.is_leader {
+            return;
+        }
+        let peers = self.reachable_managers(status);
+        let table = self.table.lock();
+        let mut managers = self.managers.lock();
+        if managers.peers == peers {
+            return;
+        }
+        let addrs: Vec<&str> = peers.iter().map(|p| p.addr.as_str()).collect();
+        log::info!("dispatcher: the managers agents may call: {}", addrs.join(", "));
+        managers.version += 1;
+        managers.peers = peers;
+        let message = managers_changed(&managers.peers);
+        managers.owed = table.offer_all(&message).into_iter().collect();
+    }
+
+    /// The managers the leader hears from (itself included), by address, each with the
+    /// default weight and its node id (empty until its Node object records its Raft id).
+    fn reachable_managers(&self, status: &GroupStatus) -> Vec<pb::WeightedPeer> {
+        let node_ids: HashMap<u64, String> = self.store.view(|view| {
+            view.list::<Node>()
+                .filter_map(|node| Some((node.manager_status.as_ref()?.raft_id, node.id.clone())))
+                .collect()
+        });
+        let mut peers: Vec<pb::WeightedPeer> = status
+            .members
+            .iter()
+            .filter(|member| member.reachable)
+            .filter_map(|member| {
+                Some(pb::WeightedPeer {
+                    node_id: node_ids.get(&member.id).cloned().unwrap_or_default(),
+                    addr: member.addr.clone().filter(|addr| !addr.is_empty())?,
+                    weight: pb::MANAGER_WEIGHT_DEFAULT,
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a.addr.cmp(&b.addr));
+        peers.truncate(pb::MANAGERS_MAX);
+        peers
     }
 
     fn deadline(self: &Arc<Self>, node_id: String, session_id: String) {
@@ -707,6 +819,10 @@ impl Dispatcher {
         // The session exists before the node is recorded ready, so that a DOWN or UNKNOWN
         // write built meanwhile sees it and is not proposed.
         let session_id = crate::util::id::random_id();
+        let (managers_version, managers) = {
+            let managers = self.managers.lock();
+            (managers.version, managers.peers.clone())
+        };
         let replaced = self.table.lock().open(
             &node_id,
             &session_id,
@@ -725,6 +841,7 @@ impl Dispatcher {
                 message: Some(pb::session_message::Message::Started(pb::SessionStarted {
                     session_id: session_id.clone(),
                     heartbeat_period_ms: i64::try_from(millis(period)).unwrap_or(i64::MAX),
+                    managers,
                 })),
             })
         });
@@ -745,6 +862,12 @@ impl Dispatcher {
         });
         let attached = table.attach(&node_id, &session_id, stream, tasks, version);
         drop(table);
+        // The list changed after this session was given it: it is owed the new one.
+        let mut managers = self.managers.lock();
+        if managers.version != managers_version {
+            managers.owed.insert((node_id.clone(), session_id.clone()));
+        }
+        drop(managers);
         if let Err((stream, status)) = attached {
             log::debug!("dispatcher: session {session_id} of {node_id} ends: {status}");
             stream.fail(status);
@@ -768,9 +891,15 @@ impl Dispatcher {
             .get::<Node>(&caller.node_id)
             .and_then(|node| crate::control::roles::certificate_role(&node).ok())
             .map(|role| crate::control::role_to_proto(role) as i32);
+        // The session's own grace is 3 periods of the cluster's at its opening, at least
+        // 3 of the jittered period it was given: the smaller bound is the safe one to tell.
+        let grace_ms = millis(self.grace()).min(period_ms.saturating_mul(u64::from(HEARTBEAT_MISSES_MAX)));
+        let reassigned_after_ms =
+            grace_ms.saturating_add(u64::try_from(NODE_DOWN_GRACE_MS).unwrap_or(0));
         Ok(pb::HeartbeatResponse {
             heartbeat_period_ms: i64::try_from(period_ms).unwrap_or(i64::MAX),
             certificate_role,
+            tasks_reassigned_after_ms: i64::try_from(reassigned_after_ms).unwrap_or(i64::MAX),
         })
     }
 
@@ -1028,6 +1157,17 @@ fn node_state_change(store: &Store, write: &NodeWrite) -> Option<crate::proto::o
     status.state = write.state as i32;
     status.message.clone_from(&write.message);
     Some(crate::store::update_expecting(node, version))
+}
+
+/// The session message carrying the manager list `peers`.
+fn managers_changed(peers: &[pb::WeightedPeer]) -> pb::SessionMessage {
+    pb::SessionMessage {
+        message: Some(pb::session_message::Message::ManagersChanged(
+            pb::ManagersChanged {
+                managers: peers.to_vec(),
+            },
+        )),
+    }
 }
 
 /// `period` within ± [`HEARTBEAT_JITTER_PERCENT`].
