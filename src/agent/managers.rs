@@ -168,7 +168,10 @@ mod tests {
             let picked = pick_manager(&managers, Some("a:1"), None).unwrap();
             *counts.entry(picked).or_insert(0u32) += 1;
         }
-        assert!(!counts.contains_key("a:1"), "the manager just tried: {counts:?}");
+        assert!(
+            !counts.contains_key("a:1"),
+            "the manager just tried: {counts:?}"
+        );
         let (b, c) = (counts["b:1"], counts["c:1"]);
         // 3 to 1 expected; far from 1 to 1 whatever the draw.
         assert!(b > 2 * c, "{counts:?}");

@@ -43,8 +43,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use rand::RngExt;
 
-use super::managers::{Managers, RememberManagers};
 use super::TaskStatusReport;
+use super::managers::{Managers, RememberManagers};
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher::rpc::{HEARTBEAT, SESSION, UPDATE_TASK_STATUS};
@@ -185,7 +185,10 @@ impl Setup {
             }
             *known
         };
-        sink.fence_deadline(sent_at + after.saturating_sub(FENCE_MARGIN), fence_reason(after));
+        sink.fence_deadline(
+            sent_at + after.saturating_sub(FENCE_MARGIN),
+            fence_reason(after),
+        );
     }
 }
 
@@ -347,13 +350,23 @@ fn run_sessions(
     let mut attempts = AttemptLog::default();
     while !stopping.load(Ordering::SeqCst) {
         let mut retry_after = None;
-        let Some(addr) = config.managers.pick(last.as_deref(), leader_hint.take().as_deref())
+        let Some(addr) = config
+            .managers
+            .pick(last.as_deref(), leader_hint.take().as_deref())
         else {
             attempts.no_manager();
             sleep_unless_stopping(backoff.next_wait().1, stopping);
             continue;
         };
-        let outcome = session(transport, config, &addr, sink, stopping, current, &mut attempts);
+        let outcome = session(
+            transport,
+            config,
+            &addr,
+            sink,
+            stopping,
+            current,
+            &mut attempts,
+        );
         let was_up = current.lock().take();
         if let Some(session) = &was_up {
             backoff.session_was_up(session.period);
@@ -368,11 +381,11 @@ fn run_sessions(
         }
         match &outcome {
             Err(status) if was_up.is_some() => {
-                log::info!("agent: session with {addr} ended ({status}); opening a new one");
+                log::info!("agent: the session with {addr} ended ({status}); opening a new one");
             }
             Err(status) => attempts.failed(&addr, status, leader_hint.as_deref()),
             Ok(()) if was_up.is_some() => {
-                log::info!("agent: session with {addr} ended; opening a new one");
+                log::info!("agent: the session with {addr} ended; opening a new one");
             }
             Ok(()) => {}
         }
@@ -427,7 +440,7 @@ impl AttemptLog {
     fn succeeded(&mut self, addr: &str) {
         if let Some(since) = self.since.take() {
             log::info!(
-                "agent: session with {addr} after {} failed attempts over {:.1} s",
+                "agent: reached {addr} after {} failed attempts over {:.1} s",
                 self.failures,
                 since.elapsed().as_secs_f64()
             );

@@ -1321,22 +1321,30 @@ mod tests {
     fn a_fence_stops_every_task_as_failed_and_starts_nothing_until_it_is_lifted() {
         let mut node = Node::new();
         // Ignores SIGTERM: the fence's short grace, not the 5 s stop grace, ends it.
-        let stubborn = task("t-stubborn", TaskState::Running, "sh", &["-c", "trap '' TERM; sleep 30"]);
-        node.runner().assign(vec![stubborn.clone()]).expect("assign");
+        let stubborn = task(
+            "t-stubborn",
+            TaskState::Running,
+            "sh",
+            &["-c", "trap '' TERM; sleep 30"],
+        );
+        node.runner()
+            .assign(vec![stubborn.clone()])
+            .expect("assign");
         let pid = node.expect_running("t-stubborn");
         node.runner()
             .set_fence_deadline(Instant::now(), "out of contact".into())
             .expect("fence");
         let failed = node.expect("t-stubborn", TaskState::Failed);
         assert!(failed.err.contains("out of contact"), "{failed:?}");
-        assert!(failed.message.contains("stopped by its agent"), "{failed:?}");
+        assert!(
+            failed.message.contains("stopped by its agent"),
+            "{failed:?}"
+        );
         assert!(sys::process_dead(pid), "pid {pid} survived the fence");
 
         // Assigned while fenced: it waits, idle.
         let later = task("t-later", TaskState::Running, "sleep", &["30"]);
-        node.runner()
-            .assign(vec![stubborn, later])
-            .expect("assign");
+        node.runner().assign(vec![stubborn, later]).expect("assign");
         std::thread::sleep(Duration::from_millis(300));
         node.assert_nothing_for("t-later");
         node.assert_nothing_for("t-stubborn");

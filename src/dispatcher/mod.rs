@@ -54,12 +54,12 @@ use parking_lot::Mutex;
 
 use crate::ca::PeerIdentity;
 use crate::net::{CallContext, Responder, Router, ServerStream, ServicePool};
+use crate::orchestrator::NODE_DOWN_GRACE_MS;
 use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc;
 use crate::proto::objects::{
     Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, Transaction,
 };
-use crate::orchestrator::NODE_DOWN_GRACE_MS;
 use crate::raft::node::{NodeHandle, NodeStatus as GroupStatus};
 use crate::replication::{PROPOSE_TIMEOUT, propose_transaction, propose_transaction_with};
 use crate::store::TXN_CHANGES_MAX;
@@ -560,7 +560,10 @@ impl Dispatcher {
             return;
         }
         let addrs: Vec<&str> = peers.iter().map(|p| p.addr.as_str()).collect();
-        log::info!("dispatcher: the managers agents may call: {}", addrs.join(", "));
+        log::info!(
+            "dispatcher: the managers agents may call: {}",
+            addrs.join(", ")
+        );
         managers.version += 1;
         managers.peers = peers;
         let message = managers_changed(&managers.peers);
@@ -893,7 +896,8 @@ impl Dispatcher {
             .map(|role| crate::control::role_to_proto(role) as i32);
         // The session's own grace is 3 periods of the cluster's at its opening, at least
         // 3 of the jittered period it was given: the smaller bound is the safe one to tell.
-        let grace_ms = millis(self.grace()).min(period_ms.saturating_mul(u64::from(HEARTBEAT_MISSES_MAX)));
+        let grace_ms =
+            millis(self.grace()).min(period_ms.saturating_mul(u64::from(HEARTBEAT_MISSES_MAX)));
         let reassigned_after_ms =
             grace_ms.saturating_add(u64::try_from(NODE_DOWN_GRACE_MS).unwrap_or(0));
         Ok(pb::HeartbeatResponse {

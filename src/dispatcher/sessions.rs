@@ -673,8 +673,14 @@ mod tests {
         *b.room.lock() = 1;
         assert!(table.offer("b", "s-b", &message));
         assert_eq!(*b.room.lock(), 0, "b was sent the list");
-        assert!(!table.offer("c", "s-c", &message), "opening: offered again later");
-        assert!(table.offer("gone", "s-gone", &message), "no session: nothing to do");
+        assert!(
+            !table.offer("c", "s-c", &message),
+            "opening: offered again later"
+        );
+        assert!(
+            table.offer("gone", "s-gone", &message),
+            "no session: nothing to do"
+        );
         assert!(table.offer("a", "old-session", &message));
     }
 
