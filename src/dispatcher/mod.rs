@@ -110,6 +110,11 @@ const NODE_WRITES_PER_TXN_MAX: usize = 100;
 /// How often the leader looks at the group's members and their reachability for the
 /// agents' manager list.
 pub const MANAGERS_REFRESH: Duration = Duration::from_secs(1);
+/// A manager the leader has not heard from for this long leaves the agents' manager list
+/// (its Raft heartbeat answers come every 100 ms). Counted from its last message rather
+/// than from the Raft core's `recent_active` flag, which check-quorum clears every election
+/// timeout and a new leader starts without: the list would flap.
+pub const MANAGER_SILENCE_MAX_MS: u64 = 3_000;
 
 /// What the dispatcher thread is told (timer callbacks and proposal callbacks post here;
 /// unbounded, but at most one deadline per session, one grace per leadership and one
@@ -570,8 +575,9 @@ impl Dispatcher {
         managers.owed = table.offer_all(&message).into_iter().collect();
     }
 
-    /// The managers the leader hears from (itself included), by address, each with the
-    /// default weight and its node id (empty until its Node object records its Raft id).
+    /// The managers the leader heard from within [`MANAGER_SILENCE_MAX_MS`] (itself
+    /// included), by address, each with the default weight and its node id (empty until its
+    /// Node object records its Raft id).
     fn reachable_managers(&self, status: &GroupStatus) -> Vec<pb::WeightedPeer> {
         let node_ids: HashMap<u64, String> = self.store.view(|view| {
             view.list::<Node>()
@@ -581,7 +587,9 @@ impl Dispatcher {
         let mut peers: Vec<pb::WeightedPeer> = status
             .members
             .iter()
-            .filter(|member| member.reachable)
+            .filter(|member| {
+                member.id == status.id || member.last_contact_ms <= MANAGER_SILENCE_MAX_MS
+            })
             .filter_map(|member| {
                 Some(pb::WeightedPeer {
                     node_id: node_ids.get(&member.id).cloned().unwrap_or_default(),
