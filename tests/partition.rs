@@ -302,7 +302,7 @@ fn a_link_cut_longer_than_the_grace_stops_the_old_task_before_its_replacement_st
     });
     let old = pids()[0];
     // The second worker, where the replacement goes.
-    let _other = start_agent_on(&hosts, 2, &tmp.join("w2"), &token, &manager_addr);
+    let mut other = start_agent_on(&hosts, 2, &tmp.join("w2"), &token, &manager_addr);
 
     let mark = cut_agent.mark();
     let cut_at = Instant::now();
@@ -360,4 +360,7 @@ fn a_link_cut_longer_than_the_grace_stops_the_old_task_before_its_replacement_st
     assert!(!overlaps.exists());
     cut_agent.signal(15);
     assert!(cut_agent.wait_exit(START).success());
+    other.signal(15);
+    assert!(other.wait_exit(START).success());
+    assert!(!alive(new), "the replacement outlived its agent");
 }

@@ -508,7 +508,14 @@ fn a_worker_naming_one_manager_follows_the_leader_after_it_restarts_as_a_followe
 
     let w1_dir = tmp.join("w1");
     let (mut w1, w1_id) = start_worker("w1", &w1_dir, &token, &addr_a);
-    w1.wait_for("agent: the managers are", TIMEOUT);
+    // Its session tells it the three managers (kept in its state directory).
+    eventually("the worker knows the three managers", || {
+        std::fs::read_to_string(w1_dir.join("managers"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 3
+    });
     let (pid_file, overlaps) = (tmp.join("once-pids"), tmp.join("once-overlaps"));
     let script = overlap_checking_script(&pid_file, &overlaps);
     cli_ok(
