@@ -75,4 +75,12 @@ pub mod dispatcher {
     pub const STATUS_UPDATES_MAX: usize = 200;
     /// Encoded task bytes per assignments message; a bigger set is sent in several.
     pub const ASSIGNMENTS_BYTES_MAX: usize = 1 << 20;
+    /// Managers in a session's manager list (`SessionStarted.managers`, `ManagersChanged`):
+    /// the leader sends at most this many, an agent keeps at most this many.
+    pub const MANAGERS_MAX: usize = 64;
+    /// The weight the leader gives each reachable manager (swarmkit's default observation
+    /// weight).
+    pub const MANAGER_WEIGHT_DEFAULT: i32 = 10;
+    /// Longest manager address an agent accepts from a manager list.
+    pub const MANAGER_ADDR_BYTES_MAX: usize = 256;
 }

@@ -1,13 +1,15 @@
 //! The dispatcher against real manager processes: a worker's agent session (its Node is
 //! created READY, it receives its complete set of assignments), the followers' refusal
-//! naming the leader, and a node that stops heartbeating marked DOWN.
+//! naming the leader, a node that stops heartbeating marked DOWN, and the manager list the
+//! sessions carry (an agent given only a follower reaches the leader and learns managers that
+//! join or stop).
 #![allow(clippy::unwrap_used, missing_docs)]
 
 #[path = "procs/mod.rs"]
 mod procs;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flotilla::agent::session::{AgentConfig, AgentSession, TaskSink};
 use flotilla::ca::tls;
@@ -26,6 +28,7 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 #[derive(Default)]
 struct Recorder {
     complete_sets: Mutex<Vec<Vec<Task>>>,
+    fence_deadlines: Mutex<Vec<Instant>>,
 }
 
 impl TaskSink for Recorder {
@@ -38,6 +41,10 @@ impl TaskSink for Recorder {
     }
 
     fn update(&self, _changed: Vec<Task>, _removed: Vec<String>) {}
+
+    fn fence_deadline(&self, deadline: Instant, _why: String) {
+        self.fence_deadlines.lock().push(deadline);
+    }
 }
 
 fn eventually(what: &str, check: impl Fn() -> bool) {
@@ -101,6 +108,7 @@ fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
         transport.clone(),
         AgentConfig {
             managers: Box::new(move || managers.clone()),
+            remember_managers: None,
             tls: worker_tls,
             hostname: "worker-one".into(),
         },
@@ -167,6 +175,7 @@ fn fifty_agent_sessions_add_no_thread_to_the_leader() {
                 transport.clone(),
                 AgentConfig {
                     managers: Box::new(move || managers.clone()),
+                    remember_managers: None,
                     tls,
                     hostname: format!("many-{i}"),
                 },
@@ -209,4 +218,83 @@ fn fifty_agent_sessions_add_no_thread_to_the_leader() {
         session.stop();
     }
     transport.shutdown();
+}
+
+/// An agent that was given only a follower's address, and never reached the leader, follows
+/// the leader the follower names in its refusal; each session tells it the managers, so it
+/// learns one that joins later and forgets one that stopped (unreachable from the leader),
+/// and keeps each list (the callback a worker writes `<state-dir>/managers` with). Each
+/// acknowledged heartbeat moves its fence deadline forward.
+#[test]
+fn an_agent_given_only_a_follower_reaches_the_leader_and_learns_the_managers() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let leader = cluster.leader_index(&cluster.client()).unwrap();
+    let follower = (leader + 1) % 3;
+    let other = (leader + 2) % 3;
+    let dir = cluster.managers[leader].dir.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let transport = Arc::new(Transport::start(TransportConfig::default()).unwrap());
+    let (identity, root) =
+        join_cluster(&transport, &cluster.managers[leader].addr, &token, TIMEOUT).unwrap();
+    let worker_tls = Arc::new(tls::client_config(&identity, &root).unwrap());
+
+    let remembered: Arc<Mutex<Vec<Vec<String>>>> = Arc::default();
+    let keep = remembered.clone();
+    let only_follower = vec![cluster.managers[follower].addr.clone()];
+    let sink = Arc::new(Recorder::default());
+    let (_reports_tx, reports_rx) = crossbeam_channel::bounded(16);
+    let session = AgentSession::start(
+        transport.clone(),
+        AgentConfig {
+            managers: Box::new(move || only_follower.clone()),
+            remember_managers: Some(Box::new(move |addrs: &[String]| {
+                keep.lock().push(addrs.to_vec());
+            })),
+            tls: worker_tls,
+            hostname: "worker-via-follower".into(),
+        },
+        sink.clone(),
+        reports_rx,
+    )
+    .unwrap();
+    let leader_addr = cluster.managers[leader].addr.clone();
+    eventually("a session with the leader", || {
+        session.manager_addr().as_deref() == Some(leader_addr.as_str())
+    });
+    eventually("the worker's node, ready", || {
+        node_line(&dir, "worker-via-follower").contains("ready")
+    });
+    let sorted = |mut addrs: Vec<String>| {
+        addrs.sort();
+        addrs
+    };
+    let mut all = sorted(cluster.managers.iter().map(|m| m.addr.clone()).collect());
+    eventually("every manager learned", || {
+        remembered.lock().last() == Some(&all)
+    });
+
+    // A manager that joins later is learned without a new session.
+    let session_id = session.session_id();
+    let joined = cluster.add_joiner();
+    cluster.wait_voters(4, TIMEOUT);
+    all = sorted([all, vec![cluster.managers[joined].addr.clone()]].concat());
+    eventually("the manager that joined, learned", || {
+        remembered.lock().last() == Some(&all)
+    });
+
+    // One that stops is forgotten once the leader no longer hears from it.
+    let stopped = cluster.managers[other].addr.clone();
+    cluster.managers[other].kill();
+    all.retain(|addr| *addr != stopped);
+    eventually("the stopped manager, forgotten", || {
+        remembered.lock().last() == Some(&all)
+    });
+    assert_eq!(session.session_id(), session_id, "one session all along");
+    let deadlines = sink.fence_deadlines.lock().clone();
+    assert!(
+        deadlines.len() >= 3 && deadlines.last() > deadlines.get(1),
+        "heartbeats move the fence deadline forward: {deadlines:?}"
+    );
+    session.stop();
 }

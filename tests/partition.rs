@@ -213,3 +213,154 @@ fn a_link_cut_shorter_than_the_node_down_grace_restarts_nothing() {
     assert!(agent.wait_exit(START).success());
     assert!(!alive(started[0]));
 }
+
+/// Starts `flotilla agent` on host `host` of `hosts`, joining through `manager_addr`.
+fn start_agent_on(
+    hosts: &Hosts,
+    host: usize,
+    dir: &std::path::Path,
+    token: &str,
+    manager_addr: &str,
+) -> procs::Proc {
+    let ns = hosts.ns(host);
+    let args: Vec<&str> = vec![
+        "netns",
+        "exec",
+        &ns,
+        procs::flotilla_bin(),
+        "agent",
+        "--state-dir",
+        dir.to_str().unwrap(),
+        "--token",
+        token,
+        "--manager",
+        manager_addr,
+    ];
+    let mut agent = procs::Proc::start_program(&format!("worker{host}"), "ip", &args);
+    agent.wait_for("running the tasks assigned", START);
+    agent
+}
+
+/// A worker's link is cut for longer than the managers wait before they give its task to
+/// another worker. The cut-off agent stops its task itself (self-fencing) before then, so
+/// that the replacement never runs beside it: the replacement, at its own start, finds the
+/// old process gone (its script records any pid it finds alive), and so does this test
+/// when the replacement's pid first shows. Once the link is back, the agent reports the
+/// stopped task FAILED and one process runs, the replacement. The order of events is
+/// printed, not asserted as timings.
+#[test]
+fn a_link_cut_longer_than_the_grace_stops_the_old_task_before_its_replacement_starts() {
+    let hosts = Hosts::create(3);
+    let options = ClusterOptions {
+        addrs: vec![format!("{}:4242", hosts.addr(0))],
+        wrappers: vec![hosts.wrapper(0)],
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, options);
+    let dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let token = cli_ok(&dir, &["join-token", "worker"]).trim().to_string();
+    let tmp = cluster.tmp.path().to_path_buf();
+    let mut cut_agent = start_agent_on(&hosts, 1, &tmp.join("w1"), &token, &manager_addr);
+    procs::eventually("the worker ready", START, || {
+        worker_line(&dir).contains("ready")
+    });
+
+    let (pid_file, overlaps) = (tmp.join("pids"), tmp.join("overlaps"));
+    let script = format!(
+        "for p in $(cat {pids} 2>/dev/null); do \
+           if [ -e /proc/$p ] && ! grep -q ') Z' /proc/$p/stat; then echo $p >> {overlaps}; fi; \
+         done; echo $$ >> {pids}; exec sleep 300",
+        pids = pid_file.display(),
+        overlaps = overlaps.display()
+    );
+    cli_ok(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "fenced",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    let pids = || -> Vec<u32> {
+        std::fs::read_to_string(&pid_file)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    procs::eventually("the task running on the first worker", START, || {
+        pids().len() == 1
+    });
+    let old = pids()[0];
+    // The second worker, where the replacement goes.
+    let mut other = start_agent_on(&hosts, 2, &tmp.join("w2"), &token, &manager_addr);
+
+    let mark = cut_agent.mark();
+    let cut_at = Instant::now();
+    hosts.cut(1);
+    let mut old_gone_at = None;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let new = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no replacement within 90 s of the cut"
+        );
+        if old_gone_at.is_none() && !alive(old) {
+            old_gone_at = Some(cut_at.elapsed());
+        }
+        if let Some(&new) = pids().get(1) {
+            assert!(
+                !alive(old),
+                "the replacement {new} started while the old task {old} still ran"
+            );
+            break new;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let replaced_at = cut_at.elapsed();
+    eprintln!(
+        "link cut: old task {old} gone after {:?}, replacement {new} seen after {replaced_at:?}",
+        old_gone_at.unwrap_or(replaced_at)
+    );
+    assert!(
+        !overlaps.exists(),
+        "the replacement found the old task alive at its start"
+    );
+    let (_, fenced) = cut_agent.wait_for_after(mark, "stopping its 1 running tasks", START);
+    assert!(fenced.contains("WARN"), "{fenced}");
+
+    hosts.heal(1);
+    procs::eventually("the cut worker back", START, || {
+        cli_ok(&dir, &["node", "ls"])
+            .lines()
+            .filter(|line| line.contains(" worker ") && line.contains("ready"))
+            .count()
+            == 2
+    });
+    // The old task is reported FAILED, or already reaped (retired on a node down past the
+    // grace): either way it no longer shows running.
+    procs::eventually("one task running: the replacement", START, || {
+        tasks_of(&dir, "fenced")
+            .iter()
+            .filter(|(_, _, current)| current == "running")
+            .count()
+            == 1
+    });
+    assert!(alive(new) && !alive(old));
+    assert_eq!(pids(), vec![old, new], "no third start");
+    assert!(!overlaps.exists());
+    cut_agent.signal(15);
+    assert!(cut_agent.wait_exit(START).success());
+    other.signal(15);
+    assert!(other.wait_exit(START).success());
+    assert!(!alive(new), "the replacement outlived its agent");
+}

@@ -437,3 +437,162 @@ fn a_restarted_worker_agent_adopts_its_running_tasks_instead_of_failing_them() {
     let states = task_states(&dir, "kept");
     assert_eq!(count(&states, "running", "shutdown"), 1, "{states:?}");
 }
+
+/// A task script that records its pid in `pids` and, first, every pid already recorded
+/// there whose process still lives in `overlaps`: a replacement started beside the task it
+/// replaces leaves a line there (checked by the replacement itself, at its own start).
+fn overlap_checking_script(pids: &Path, overlaps: &Path) -> String {
+    format!(
+        "for p in $(cat {pids} 2>/dev/null); do \
+           if [ -e /proc/$p ] && ! grep -q ') Z' /proc/$p/stat; then echo $p >> {overlaps}; fi; \
+         done; echo $$ >> {pids}; exec sleep 300",
+        pids = pids.display(),
+        overlaps = overlaps.display()
+    )
+}
+
+/// Starts `flotilla agent` in `worker_dir` given only `manager_addr` (joining with `token`
+/// on its first run); returns it and its node id once it runs tasks.
+fn start_worker(
+    name: &str,
+    worker_dir: &Path,
+    token: &str,
+    manager_addr: &str,
+) -> (procs::Proc, String) {
+    let mut agent = procs::Proc::start(
+        name,
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir.to_str().unwrap(),
+            "--token",
+            token,
+            "--manager",
+            manager_addr,
+        ],
+    );
+    let line = agent.wait_for("running the tasks assigned", TIMEOUT);
+    let node_id = line
+        .split_whitespace()
+        .skip_while(|word| *word != "agent")
+        .nth(1)
+        .unwrap()
+        .to_string();
+    (agent, node_id)
+}
+
+fn node_ready(dir: &Path, node_id: &str) -> bool {
+    cli_ok(dir, &["node", "ls"])
+        .lines()
+        .any(|line| line.starts_with(node_id) && line.contains(" ready "))
+}
+
+/// The issue's scenario, as a new user met it: a worker started with `--manager` naming one
+/// manager, which is then killed and restarted as a follower. The worker learned the other
+/// managers from its session and reaches the new leader; restarted (SIGKILL, so its task
+/// runs on) with only that manager named again, it follows the leader the follower names,
+/// says so at the default log level, and adopts its task. Past the time the managers would
+/// have given the task to the second worker had the node stayed down, nothing was replaced
+/// and the task never ran twice: one process, on one node.
+#[test]
+fn a_worker_naming_one_manager_follows_the_leader_after_it_restarts_as_a_follower() {
+    let mut cluster = Cluster::start(3, ClusterOptions::default());
+    let client = cluster.client();
+    let a = cluster.leader_index(&client).unwrap();
+    let b = (a + 1) % 3;
+    let dir_b = cluster.managers[b].dir.clone();
+    let addr_a = cluster.managers[a].addr.clone();
+    cli_ok(&dir_b, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let token = cli_ok(&dir_b, &["join-token", "worker"]).trim().to_string();
+    let tmp = cluster.tmp.path().to_path_buf();
+
+    let w1_dir = tmp.join("w1");
+    let (mut w1, w1_id) = start_worker("w1", &w1_dir, &token, &addr_a);
+    // Its session tells it the three managers (kept in its state directory).
+    eventually("the worker knows the three managers", || {
+        std::fs::read_to_string(w1_dir.join("managers"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+            == 3
+    });
+    let (pid_file, overlaps) = (tmp.join("once-pids"), tmp.join("once-overlaps"));
+    let script = overlap_checking_script(&pid_file, &overlaps);
+    cli_ok(
+        &dir_b,
+        &[
+            "service",
+            "create",
+            "--name",
+            "once",
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ],
+    );
+    eventually("the task running on the first worker", || {
+        count(&task_states(&dir_b, "once"), "running", "running") == 1
+    });
+    let started = pids(&pid_file);
+    assert_eq!(started.len(), 1, "{started:?}");
+    let _cleanup = KillOnDrop(started.clone());
+    let tasks_before = task_ids(&dir_b, "once");
+    // A second worker, where a replacement would go.
+    let (_w2, _) = start_worker("w2", &tmp.join("w2"), &token, &cluster.managers[b].addr);
+
+    // A dies: the worker reaches the new leader through the managers it learned.
+    let mark = w1.mark();
+    cluster.managers[a].kill();
+    w1.wait_for_after(mark, "agent: session", TIMEOUT);
+    cluster.managers[a].restart();
+    eventually("A back, as a follower", || {
+        cluster
+            .leader_index(&client)
+            .is_some_and(|leader| leader != a)
+    });
+
+    // Restarted naming only A (the remembered list is replaced): A names the leader.
+    w1.kill();
+    assert!(alive(started[0]), "the task died with its agent");
+    let mut w1 = procs::Proc::start(
+        "w1-again",
+        &[
+            "agent",
+            "--state-dir",
+            w1_dir.to_str().unwrap(),
+            "--manager",
+            &addr_a,
+        ],
+    );
+    w1.wait_for("adopted 1 task processes", TIMEOUT);
+    let (_, said) = w1.wait_for_after(0, "trying the leader it names", TIMEOUT);
+    assert!(said.contains(&addr_a) && said.contains("WARN"), "{said}");
+    w1.wait_for("agent: session", TIMEOUT);
+    eventually("the first worker ready", || node_ready(&dir_b, &w1_id));
+    eventually("the managers it learned, remembered", || {
+        std::fs::read_to_string(w1_dir.join("managers"))
+            .unwrap()
+            .lines()
+            .count()
+            == 3
+    });
+
+    // Past the node-down grace (3.3 s) and the orchestrator's 10 s: a replacement would
+    // exist by now had the node been down since A died.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(
+        task_ids(&dir_b, "once"),
+        tasks_before,
+        "the task was replaced"
+    );
+    assert_eq!(pids(&pid_file), started, "the task was started again");
+    assert!(
+        alive(started[0]),
+        "the task's process is not the one that started"
+    );
+    assert!(!overlaps.exists(), "a task ran twice");
+    assert!(node_ready(&dir_b, &w1_id));
+}

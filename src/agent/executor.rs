@@ -395,14 +395,17 @@ impl TaskProcess {
     }
 
     /// Sends SIGTERM to the process group; [`TaskProcess::poll`] sends SIGKILL once `grace` has
-    /// passed. A second call does nothing (the first deadline holds).
+    /// passed. A second call sends nothing and only brings the SIGKILL forward if its grace
+    /// ends sooner.
     ///
     /// # Errors
     ///
     /// The OS error of `kill(2)` (`EPERM`: no process of the group may be signalled).
     pub fn begin_stop(&mut self, now: Instant, grace: Duration) -> io::Result<()> {
         assert!(!self.reaped, "a reaped process is never stopped");
-        if self.stop.is_some() {
+        if let Some(stop) = &mut self.stop {
+            // A stop under way ends no later than this one would (a fence hastens it).
+            stop.kill_at = stop.kill_at.min(now + grace);
             return Ok(());
         }
         self.stop = Some(Stop {

@@ -7,6 +7,11 @@
 //! [`node::Agent`] wires the dispatcher session ([`session`]), which hands assignments to
 //! [`tasks::TaskRunner`] and carries its [`tasks::TaskStatusReport`]s to the managers.
 //! [`runtime`] runs a worker node: its identity, its renewer, its transport and its agent.
+//! [`managers`] holds the managers a worker calls, as given and as its sessions tell it.
+//!
+//! A task never runs twice because of a lost link: the agent stops its tasks itself
+//! (self-fencing) before the managers may give them to other nodes, counting from the send
+//! time of its last acknowledged heartbeat (rule and margin: [`session`]'s module doc).
 //!
 //! Must never import `dispatcher` (the managers' side): what both sides agree on (limits,
 //! messages) lives in `proto::dispatcher`.
@@ -14,6 +19,7 @@
 pub mod chain;
 pub mod executor;
 pub mod host;
+pub mod managers;
 pub mod node;
 pub mod runtime;
 pub mod session;

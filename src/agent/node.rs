@@ -61,6 +61,12 @@ impl TaskSink for RunnerSink {
         }
     }
 
+    fn fence_deadline(&self, deadline: std::time::Instant, why: String) {
+        if let Err(error) = self.0.set_fence_deadline(deadline, why) {
+            log::debug!("agent: cannot set the fence deadline: {error}");
+        }
+    }
+
     fn description(&self) -> NodeDescription {
         super::host::describe(u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX))
     }

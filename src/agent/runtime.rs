@@ -1,6 +1,7 @@
 //! `flotilla agent`: runs this machine as a worker node. The first run joins the cluster
 //! with a worker join token (the node's identity then lives in `<state-dir>/node`, the
-//! managers to call in `<state-dir>/managers`); every run then keeps a dispatcher session
+//! managers to call in `<state-dir>/managers`, rewritten whenever a session names the
+//! managers of the day); every run then keeps a dispatcher session
 //! with the leader and runs the tasks assigned here until SIGINT or SIGTERM, which stops
 //! them.
 //!
@@ -147,8 +148,16 @@ fn run_with(
     .map_err(|e| format!("cannot start the certificate renewer: {e}"))?;
     let listed = managers.join(", ");
     let join_addr = managers[0].clone();
+    let dir = crate::state_dir::StateDir::new(&args.state_dir);
     let session = AgentConfig {
         managers: Box::new(move || managers.clone()),
+        // The managers each session names replace those given, here and in the file a
+        // restarted agent reads.
+        remember_managers: Some(Box::new(move |addrs: &[String]| {
+            if let Err(error) = dir.save_managers(addrs) {
+                log::warn!("agent: cannot remember the managers: {error}");
+            }
+        })),
         tls: client_tls,
         hostname: crate::util::hostname(),
     };

@@ -1,27 +1,50 @@
 //! The agent's side of the dispatcher: keeps one session with the leader, hands the
 //! assignments it streams to a [`TaskSink`], heartbeats, and reports task status.
 //!
-//! Two threads: `agent-session` opens the session (a manager picked at random, the leader a
-//! follower named first; swarmkit's backoff with jitter between attempts, [`SessionBackoff`])
-//! and reads its stream; `agent-reporter` heartbeats the current session every
-//! half period and sends the status reports it receives, in batches of at most
-//! [`STATUS_UPDATES_MAX`]. A report that cannot be sent is kept
-//! (the latest per task) and retried until delivered; each new session also asks the
-//! [`TaskSink`] to report every task's latest status again ([`TaskSink::session_started`]),
-//! so a manager that missed one learns it. Must never block the task runner:
-//! reports arrive on a channel the runner only `try_send`s to.
+//! Two threads: `agent-session` opens the session (a manager picked at random in proportion
+//! to its weight, the leader a follower named first, known or not: [`super::managers`];
+//! swarmkit's backoff with jitter between attempts, [`SessionBackoff`]; a redirect to a named
+//! leader goes at once, up to [`REDIRECTS_MAX`] in a row) and reads its stream, taking the
+//! manager list each session sends (`SessionStarted.managers`, `ManagersChanged`);
+//! `agent-reporter` heartbeats the current session every half period and sends the status
+//! reports it receives, in batches of at most [`STATUS_UPDATES_MAX`]. A report that cannot
+//! be sent is kept (the latest per task) and retried until delivered; each new session also
+//! asks the [`TaskSink`] to report every task's latest status again
+//! ([`TaskSink::session_started`]), so a manager that missed one learns it. Must never block
+//! the task runner: reports arrive on a channel the runner only `try_send`s to.
+//!
+//! **Self-fencing.** The managers may give this node's tasks to other nodes once it has been
+//! silent for `tasks_reassigned_after_ms` (each heartbeat answer says: the node-down grace,
+//! 3 heartbeat periods, then the orchestrator's wait for a down node; until an answer says,
+//! [`REASSIGNED_AFTER_FLOOR`], the least any manager uses), counted on the leader from when
+//! it last heard from the node, which is after the agent sent that call. So the agent counts
+//! from the send time of its last acknowledged contact (a heartbeat answered, or a session
+//! request answered by `SessionStarted`) and hands the task runner the deadline `sent +
+//! reassigned_after − FENCE_MARGIN` ([`TaskSink::fence_deadline`]); past it the runner stops
+//! every task itself (SIGKILL after `FENCE_KILL_GRACE`, 1 s) and reports them FAILED, and
+//! starts none until the next contact. [`FENCE_MARGIN`] (2 s) covers that kill grace, the
+//! runner's 50 ms poll and clock-rate differences; the replacement then still has to be
+//! scheduled, sent and started elsewhere. A link cut shorter than that stops nothing: the
+//! next session moves the deadline forward. At start (adopted processes of a previous run),
+//! the deadline counts from the start with the floor.
+//!
+//! **Logging.** A session that ends is logged at INFO once; while no session opens, each
+//! distinct (manager, outcome) is logged once at WARN (a follower naming the leader, an
+//! unreachable manager, a refusal), every retry only at DEBUG; the session that finally opens
+//! says how many attempts failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use parking_lot::Mutex;
 use rand::RngExt;
 
 use super::TaskStatusReport;
+use super::managers::{Managers, RememberManagers};
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
 use crate::proto::dispatcher::rpc::{HEARTBEAT, SESSION, UPDATE_TASK_STATUS};
@@ -40,6 +63,21 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const REPORTER_POLL: Duration = Duration::from_millis(100);
 /// How often the session thread, waiting for assignments, checks for stop.
 const STOP_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// How long before the managers may give its tasks to other nodes the agent stops them
+/// (see the module doc: covers the fence's kill grace, 1 s, and the runner's poll).
+pub const FENCE_MARGIN: Duration = Duration::from_secs(2);
+/// Until a heartbeat answer says otherwise, the silence after which the managers may give
+/// the node's tasks to other nodes: the least a manager of this build uses (3 heartbeat
+/// periods of at least 1 s, then the orchestrator's 10 s for a down node).
+pub const REASSIGNED_AFTER_FLOOR: Duration = Duration::from_secs(13);
+/// Redirects to a leader a follower named that are followed at once, in a row; past it the
+/// backoff applies (two managers naming each other must not make the agent spin).
+pub const REDIRECTS_MAX: u32 = 3;
+/// The pause before following a redirect.
+const REDIRECT_WAIT: Duration = Duration::from_millis(20);
+/// Distinct (manager, outcome) pairs logged while no session opens (a bound on the memory
+/// of what was said; the rest go to DEBUG).
+const ATTEMPT_OUTCOMES_LOGGED_MAX: usize = 64;
 
 /// Where the session delivers the node's assignments.
 pub trait TaskSink: Send + Sync {
@@ -57,6 +95,12 @@ pub trait TaskSink: Send + Sync {
     /// A new session began: report every task's latest status again (its manager may have
     /// missed some). Nothing by default.
     fn session_started(&self) {}
+    /// The managers heard from the agent: unless this is called again with a later
+    /// deadline first, stop every task at `deadline` (saying `why`) and start none until
+    /// then (see the module doc's self-fencing). Nothing by default.
+    fn fence_deadline(&self, deadline: Instant, why: String) {
+        let _ = (deadline, why);
+    }
 }
 
 /// The wait between session attempts: `min(100 ms + 2 · previous, cap)` after each failure,
@@ -105,36 +149,58 @@ impl Default for SessionBackoff {
     }
 }
 
-/// The manager to try next: the leader a follower named, if it is one of `managers`;
-/// otherwise one picked at random, other than `last` when there is a choice (all weigh the
-/// same: the session messages carry no weights yet).
-fn pick_manager(
-    managers: &[String],
-    last: Option<&str>,
-    leader_hint: Option<&str>,
-) -> Option<String> {
-    if let Some(leader) = leader_hint.filter(|leader| managers.iter().any(|m| m == leader)) {
-        return Some(leader.to_string());
-    }
-    let choices: Vec<&String> = managers
-        .iter()
-        .filter(|m| managers.len() == 1 || Some(m.as_str()) != last)
-        .collect();
-    if choices.is_empty() {
-        return None;
-    }
-    let index = rand::rng().random_range(0..choices.len());
-    Some(choices[index].clone())
-}
-
 /// How to reach the managers.
 pub struct AgentConfig {
-    /// Manager addresses to try, in order (the leader serves; others name it).
+    /// Manager addresses to try (the leader serves; others name it), until a session sends
+    /// the list of managers (when `remember_managers` is set).
     pub managers: Box<dyn Fn() -> Vec<String> + Send + Sync>,
+    /// `Some`: take the manager lists sessions send instead of `managers`, and keep each
+    /// with this callback (a worker's `<state-dir>/managers`). `None`: always `managers` (a
+    /// manager's own agent, which follows its Raft node's view of the leader).
+    pub remember_managers: Option<RememberManagers>,
     /// This node's client TLS configuration (its certificate is its identity).
     pub tls: Arc<rustls::ClientConfig>,
     /// Recorded in a new worker's Node object.
     pub hostname: String,
+}
+
+/// What both threads use to reach the managers.
+struct Setup {
+    managers: Managers,
+    tls: Arc<rustls::ClientConfig>,
+    hostname: String,
+    /// The latest `tasks_reassigned_after_ms` a heartbeat answer gave.
+    reassigned_after: Mutex<Duration>,
+}
+
+impl Setup {
+    /// The leader acknowledged a call sent at `sent_at` (a heartbeat, or the session
+    /// request): the task runner's fence deadline moves to `sent_at + reassigned_after −
+    /// FENCE_MARGIN`, with `reassigned_after` as the answer says (if it does).
+    fn contact(&self, sink: &dyn TaskSink, sent_at: Instant, reassigned_after: Option<Duration>) {
+        let after = {
+            let mut known = self.reassigned_after.lock();
+            if let Some(after) = reassigned_after {
+                *known = after;
+            }
+            *known
+        };
+        sink.fence_deadline(
+            sent_at + after.saturating_sub(FENCE_MARGIN),
+            fence_reason(after),
+        );
+    }
+}
+
+/// Why the tasks stop when the fence deadline passes.
+fn fence_reason(reassigned_after: Duration) -> String {
+    format!(
+        "no heartbeat acknowledged by the managers for {} s; they may give this node's tasks \
+         to other nodes {} s after the last one, so the agent stops them first (a task must \
+         not run twice); they are replaced by the orchestrator",
+        reassigned_after.saturating_sub(FENCE_MARGIN).as_secs(),
+        reassigned_after.as_secs()
+    )
 }
 
 /// The running session and reporter threads. Stop with [`AgentSession::stop`].
@@ -174,13 +240,27 @@ impl AgentSession {
         let stopping = Arc::new(AtomicBool::new(false));
         let current = Arc::new(Mutex::new(None));
         let certificate_role = Arc::new(Mutex::new(None));
-        let config = Arc::new(config);
+        let AgentConfig {
+            managers,
+            remember_managers,
+            tls,
+            hostname,
+        } = config;
+        let config = Arc::new(Setup {
+            managers: Managers::new(managers, remember_managers),
+            tls,
+            hostname,
+            reassigned_after: Mutex::new(REASSIGNED_AFTER_FLOOR),
+        });
+        // Processes adopted from a previous run: no contact yet in this one.
+        config.contact(&*sink, Instant::now(), None);
         let session = {
-            let (transport, config, stopping, current) = (
+            let (transport, config, stopping, current, sink) = (
                 transport.clone(),
                 config.clone(),
                 stopping.clone(),
                 current.clone(),
+                sink.clone(),
             );
             std::thread::Builder::new()
                 .name("agent-session".into())
@@ -195,6 +275,7 @@ impl AgentSession {
                     let reporter = Reporter {
                         transport: &transport,
                         config: &config,
+                        sink: &*sink,
                         stopping: &stopping,
                         current: &current,
                         certificate_role: &role,
@@ -257,7 +338,7 @@ impl AgentSession {
 
 fn run_sessions(
     transport: &Transport,
-    config: &AgentConfig,
+    config: &Setup,
     sink: &dyn TaskSink,
     stopping: &AtomicBool,
     current: &Mutex<Option<Current>>,
@@ -265,38 +346,118 @@ fn run_sessions(
     let mut backoff = SessionBackoff::new();
     let mut last: Option<String> = None;
     let mut leader_hint: Option<String> = None;
+    let mut redirects = 0;
+    let mut attempts = AttemptLog::default();
     while !stopping.load(Ordering::SeqCst) {
-        let managers = (config.managers)();
         let mut retry_after = None;
-        if let Some(addr) = pick_manager(&managers, last.as_deref(), leader_hint.as_deref()) {
-            leader_hint = None;
-            let outcome = session(transport, config, &addr, sink, stopping, current);
-            if let Some(session) = current.lock().take() {
-                backoff.session_was_up(session.period);
-            }
-            if let Err(status) = outcome {
-                log::debug!("agent: session with {addr}: {status}");
-                // A manager that refuses for a while (the registration rate limit) says
-                // how long: no attempt before that.
-                retry_after = status.retry_after();
-                // A follower names the leader: go there next if it is one of ours.
-                leader_hint = status.leader_hint().map(str::to_string);
-            }
-            last = Some(addr);
+        let Some(addr) = config
+            .managers
+            .pick(last.as_deref(), leader_hint.take().as_deref())
+        else {
+            attempts.no_manager();
+            sleep_unless_stopping(backoff.next_wait().1, stopping);
+            continue;
+        };
+        let outcome = session(
+            transport,
+            config,
+            &addr,
+            sink,
+            stopping,
+            current,
+            &mut attempts,
+        );
+        let was_up = current.lock().take();
+        if let Some(session) = &was_up {
+            backoff.session_was_up(session.period);
         }
+        if let Err(status) = &outcome {
+            // A manager that refuses for a while (the registration rate limit) says how
+            // long: no attempt before that.
+            retry_after = status.retry_after();
+            // A follower (or a leader that stepped down) names the leader: go there next,
+            // known or not.
+            leader_hint = status.leader_hint().map(str::to_string);
+        }
+        match &outcome {
+            Err(status) if was_up.is_some() => {
+                log::info!("agent: the session with {addr} ended ({status}); opening a new one");
+            }
+            Err(status) => attempts.failed(&addr, status, leader_hint.as_deref()),
+            Ok(()) if was_up.is_some() => {
+                log::info!("agent: the session with {addr} ended; opening a new one");
+            }
+            Ok(()) => {}
+        }
+        last = Some(addr);
+        if leader_hint.is_some() && redirects < REDIRECTS_MAX && retry_after.is_none() {
+            redirects += 1;
+            sleep_unless_stopping(REDIRECT_WAIT, stopping);
+            continue;
+        }
+        redirects = 0;
         let (_, wait) = backoff.next_wait();
         sleep_unless_stopping(wait.max(retry_after.unwrap_or_default()), stopping);
+    }
+}
+
+/// What the agent said about its failed session attempts since its last session: each
+/// distinct (manager, outcome) once at WARN, every retry at DEBUG only.
+#[derive(Default)]
+struct AttemptLog {
+    said: HashSet<String>,
+    failures: u32,
+    since: Option<Instant>,
+}
+
+impl AttemptLog {
+    fn failed(&mut self, addr: &str, status: &Status, leader: Option<&str>) {
+        self.failures += 1;
+        self.since.get_or_insert_with(Instant::now);
+        let outcome = format!(
+            "{addr} {:?} {:?} {}",
+            status.code,
+            status.reason,
+            leader.unwrap_or_default()
+        );
+        let next = match leader {
+            Some(leader) => format!("trying the leader it names, {leader}"),
+            None => "trying the managers it knows, with backoff".to_string(),
+        };
+        if self.said.len() < ATTEMPT_OUTCOMES_LOGGED_MAX && self.said.insert(outcome) {
+            log::warn!("agent: no session with {addr}: {status}; {next}");
+        } else {
+            log::debug!("agent: no session with {addr}: {status}; {next}");
+        }
+    }
+
+    fn no_manager(&mut self) {
+        if self.said.insert("no manager".into()) {
+            log::warn!("agent: no manager to call; name one with --manager HOST:PORT");
+        }
+    }
+
+    fn succeeded(&mut self, addr: &str) {
+        if let Some(since) = self.since.take() {
+            log::info!(
+                "agent: reached {addr} after {} failed attempts over {:.1} s",
+                self.failures,
+                since.elapsed().as_secs_f64()
+            );
+        }
+        *self = AttemptLog::default();
     }
 }
 
 /// One session with `addr`, until its stream ends or the agent stops.
 fn session(
     transport: &Transport,
-    config: &AgentConfig,
+    config: &Setup,
     addr: &str,
     sink: &dyn TaskSink,
     stopping: &AtomicBool,
     current: &Mutex<Option<Current>>,
+    attempts: &mut AttemptLog,
 ) -> Result<(), Status> {
     let channel = transport.channel(addr, &config.tls);
     let mut description = sink.description();
@@ -307,6 +468,7 @@ fn session(
         hostname: config.hostname.clone(),
         description: Some(description),
     };
+    let sent_at = Instant::now();
     let mut stream =
         channel.call_server_stream(SESSION, &request, CallOptions { timeout: None })?;
     // The assignments chain of this session (a gap: a new session, for a complete set).
@@ -331,6 +493,9 @@ fn session(
         match message.message {
             Some(pb::session_message::Message::Started(started)) => {
                 log::info!("agent: session {} with {addr}", started.session_id);
+                attempts.succeeded(addr);
+                config.contact(sink, sent_at, None);
+                learn_managers(config, &started.managers);
                 sink.session_started();
                 *current.lock() = Some(Current {
                     session_id: started.session_id,
@@ -347,6 +512,9 @@ fn session(
                     stream.cancel();
                     return Err(status);
                 }
+            }
+            Some(pb::session_message::Message::ManagersChanged(changed)) => {
+                learn_managers(config, &changed.managers);
             }
             None => {}
         }
@@ -391,10 +559,18 @@ fn apply_assignments(
     Ok(())
 }
 
+/// Takes a manager list a session sent (when this agent learns them).
+fn learn_managers(config: &Setup, peers: &[pb::WeightedPeer]) {
+    if let Some(addrs) = config.managers.learn(peers) {
+        log::info!("agent: the managers are {}", addrs.join(", "));
+    }
+}
+
 /// The `agent-reporter` thread's view of the session.
 struct Reporter<'a> {
     transport: &'a Transport,
-    config: &'a AgentConfig,
+    config: &'a Setup,
+    sink: &'a dyn TaskSink,
     stopping: &'a AtomicBool,
     current: &'a Mutex<Option<Current>>,
     certificate_role: &'a Mutex<Option<Role>>,
@@ -463,9 +639,15 @@ impl Reporter<'_> {
         };
         // A heartbeat slower than a period is as good as lost.
         let timeout = session.period.min(CALL_TIMEOUT);
+        let sent_at = Instant::now();
         match channel.call(HEARTBEAT, &request, CallOptions::timeout(timeout)) {
             Ok(response) => {
                 *last_ok = std::time::Instant::now();
+                let reassigned_after = u64::try_from(response.tasks_reassigned_after_ms)
+                    .ok()
+                    .filter(|&ms| ms > 0)
+                    .map(Duration::from_millis);
+                self.config.contact(self.sink, sent_at, reassigned_after);
                 // The manager may change the period (cluster settings, per-agent jitter).
                 if let Ok(period_ms) = u64::try_from(response.heartbeat_period_ms)
                     && period_ms > 0
@@ -599,27 +781,5 @@ mod tests {
         backoff.session_was_up(Duration::from_secs(60));
         let last = (0..20).map(|_| backoff.next_wait().0).last().unwrap();
         assert_eq!(last, SESSION_BACKOFF_MAX);
-    }
-
-    #[test]
-    fn managers_are_picked_at_random_the_named_leader_first() {
-        let managers: Vec<String> = ["a:1", "b:1", "c:1"].map(String::from).to_vec();
-        assert_eq!(
-            pick_manager(&managers, Some("a:1"), Some("c:1")).as_deref(),
-            Some("c:1")
-        );
-        // A leader we do not know is not followed.
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..200 {
-            let picked = pick_manager(&managers, Some("a:1"), Some("z:9")).unwrap();
-            assert_ne!(picked, "a:1", "the manager just tried is not picked again");
-            seen.insert(picked);
-        }
-        assert_eq!(seen.len(), 2, "{seen:?}");
-        assert_eq!(
-            pick_manager(&managers[..1], Some("a:1"), None).as_deref(),
-            Some("a:1")
-        );
-        assert_eq!(pick_manager(&[], None, None), None);
     }
 }

@@ -42,6 +42,15 @@
 //!   directory (logs included) is deleted and its id is remembered
 //!   ([`FORGOTTEN_IDS_MAX`] most recent) so that it is never started again.
 //!
+//! **Fencing.** The session gives the runner a deadline ([`TaskRunner::set_fence_deadline`],
+//! moved forward at each contact with the managers; see `agent::session` for the rule). The
+//! thread checks it at every turn (every `exit_poll_period` while a process lives: it never
+//! waits on the network, unlike the session's threads); once it passed, it stops every live
+//! process (SIGTERM, SIGKILL after [`FENCE_KILL_GRACE`]) and reports each FAILED with the
+//! reason; while fenced no task starts (a task assigned meanwhile waits, idle). A later
+//! deadline lifts the fence: tasks still wanted running and never started here start then;
+//! a fenced task is never started again (its id ran once).
+//!
 //! **Exits** are found by polling: every `exit_poll_period` (50 ms) while a process lives, the
 //! thread asks the kernel about each live leader without blocking (`waitid` `WNOHANG`); with
 //! at most `tasks_running_max` (256) processes this costs little, needs no thread per task and
@@ -130,6 +139,9 @@ pub const REPORTS_QUEUE_LEN_DEFAULT: usize = 2 * TASKS_RUNNING_MAX_DEFAULT;
 
 /// The thread's name.
 pub const THREAD_NAME: &str = "agent-tasks";
+/// Time between SIGTERM and SIGKILL for a task stopped by a fence (at most its stop grace):
+/// short, so that it is gone well within the fence's margin.
+pub const FENCE_KILL_GRACE: Duration = Duration::from_secs(1);
 
 /// The runner's settings.
 #[derive(Clone, Debug)]
@@ -237,6 +249,8 @@ struct Mailbox {
     changes: BTreeMap<String, Option<Task>>,
     /// Report every held task's latest status again (a new session began).
     resync: bool,
+    /// A new fence deadline, and why the tasks stop if it passes.
+    fence_deadline: Option<(Instant, String)>,
     shutdown: bool,
 }
 
@@ -448,6 +462,26 @@ impl TaskRunner {
         self.wake_thread()
     }
 
+    /// Unless a later deadline comes first, every running task is stopped at `deadline`
+    /// (SIGTERM, SIGKILL after [`FENCE_KILL_GRACE`]) and reported FAILED saying `why`, and
+    /// none starts until a later deadline is set (which lifts the fence). For an agent out
+    /// of contact with the managers for so long that they may give its tasks to other
+    /// nodes: a task must not run twice. No deadline until the first call.
+    ///
+    /// # Errors
+    ///
+    /// [`AssignError::Stopped`].
+    pub fn set_fence_deadline(&self, deadline: Instant, why: String) -> Result<(), AssignError> {
+        {
+            let mut mailbox = self.mailbox.mailbox.lock();
+            if mailbox.shutdown {
+                return Err(AssignError::Stopped);
+            }
+            mailbox.fence_deadline = Some((deadline, why));
+        }
+        self.wake_thread()
+    }
+
     /// Has the thread report the latest status of every task it holds again (a new session
     /// began: its manager may have missed reports).
     ///
@@ -593,6 +627,8 @@ struct Entry {
     forget: bool,
     /// The latest status reported for it (reported again on a resync).
     reported: Option<TaskStatus>,
+    /// Stopped by a fence: why (its exit is reported FAILED with it).
+    fenced: Option<String>,
 }
 
 /// The state of the `agent-tasks` thread.
@@ -607,6 +643,10 @@ struct Worker {
     forgotten: HashSet<String>,
     live: usize,
     next_log_check: Instant,
+    /// Fenced: why. No task starts meanwhile.
+    fenced: Option<String>,
+    /// When to fence, and why.
+    fence_deadline: Option<(Instant, String)>,
 }
 
 impl Worker {
@@ -621,6 +661,8 @@ impl Worker {
             forgotten: HashSet::new(),
             live: 0,
             next_log_check: Instant::now() + LOG_CHECK_PERIOD,
+            fenced: None,
+            fence_deadline: None,
         }
     }
 
@@ -629,14 +671,21 @@ impl Worker {
         while let Ok(()) | Err(RecvTimeoutError::Timeout) =
             woken.recv_timeout(self.wait_period(Instant::now()))
         {
-            let (delivery, resync, shutdown) = {
+            let (delivery, resync, fence, shutdown) = {
                 let mut mailbox = self.mailbox.mailbox.lock();
                 let resync = std::mem::take(&mut mailbox.resync);
-                (mailbox.take(), resync, mailbox.shutdown)
+                let fence = mailbox.fence_deadline.take();
+                (mailbox.take(), resync, fence, mailbox.shutdown)
             };
             self.mailbox.taken.notify_all();
             if shutdown {
                 break;
+            }
+            if let Some((deadline, why)) = fence {
+                if deadline > Instant::now() {
+                    self.lift_fence();
+                }
+                self.fence_deadline = Some((deadline, why));
             }
             if resync {
                 self.report_all_again();
@@ -666,6 +715,7 @@ impl Worker {
             phase: Phase::Live(process),
             forget: false,
             reported: None,
+            fenced: None,
         };
         self.entries.insert(task_id.clone(), entry);
         self.live += 1;
@@ -719,8 +769,16 @@ impl Worker {
             })
     }
 
-    /// Polls live processes, caps their logs when due, retries waiting reports.
+    /// Fences when its deadline passed, polls live processes, caps their logs when due,
+    /// retries waiting reports.
     fn turn(&mut self, now: Instant) {
+        if self.fenced.is_none()
+            && let Some((deadline, why)) = &self.fence_deadline
+            && now >= *deadline
+        {
+            let why = why.clone();
+            self.fence(why, FENCE_KILL_GRACE);
+        }
         self.poll_processes(now);
         if now >= self.next_log_check {
             self.next_log_check = now + LOG_CHECK_PERIOD;
@@ -800,6 +858,7 @@ impl Worker {
                 phase: Phase::Idle,
                 forget: false,
                 reported: None,
+                fenced: None,
             };
             self.entries.insert(id.clone(), entry);
         }
@@ -852,8 +911,51 @@ impl Worker {
         }
     }
 
+    /// Stops every live process (at most `kill_grace` between SIGTERM and SIGKILL); their
+    /// exits are reported FAILED with `why`. Nothing starts until the fence is lifted.
+    fn fence(&mut self, why: String, kill_grace: Duration) {
+        let now = Instant::now();
+        let grace = kill_grace.min(self.config.stop_grace);
+        let mut stopped = 0;
+        for (id, entry) in &mut self.entries {
+            let Phase::Live(process) = &mut entry.phase else {
+                continue;
+            };
+            // One already stopping (not wanted any more) ends as SHUTDOWN, only sooner.
+            if !process.is_stopping() {
+                entry.fenced = Some(why.clone());
+                stopped += 1;
+            }
+            if let Err(error) = process.begin_stop(now, grace) {
+                log::warn!("task {id}: cannot signal its processes: {error}");
+            }
+        }
+        if stopped > 0 {
+            log::warn!("agent: stopping its {stopped} running tasks: {why}");
+        }
+        self.fenced = Some(why);
+    }
+
+    /// Ends the fence: tasks wanted running that never started here start now.
+    fn lift_fence(&mut self) {
+        if self.fenced.take().is_none() {
+            return;
+        }
+        log::info!("agent: in contact with the managers again; tasks may start");
+        let idle: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, entry)| matches!(entry.phase, Phase::Idle))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle {
+            self.reconcile(&id);
+        }
+    }
+
     /// Applies the reconcile rule (module doc) to one known task.
     fn reconcile(&mut self, id: &str) {
+        let fenced = self.fenced.is_some();
         let entry = self.entries.get_mut(id).expect("reconcile a known task");
         let desired = entry.task.desired_state;
         let assigned_state = entry.task.status.as_ref().map_or(0, |status| status.state);
@@ -874,6 +976,8 @@ impl Worker {
                 let status = new_status(TaskState::Shutdown, "shut down before it started");
                 self.report(id, status);
             }
+            // Fenced: it waits (the fence's lift reconciles it again).
+            Phase::Idle if desired == TaskState::Running as i32 && fenced => {}
             Phase::Idle if desired == TaskState::Running as i32 => {
                 self.start(id, assigned_state);
             }
@@ -940,7 +1044,17 @@ impl Worker {
             };
             let status = match process.poll(now) {
                 Ok(None) => continue,
-                Ok(Some(outcome)) => exit_status(process, outcome),
+                Ok(Some(outcome)) => match &entry.fenced {
+                    Some(why) => {
+                        let mut status = refusal_status(
+                            TaskState::Failed,
+                            &format!("stopped by its agent ({outcome}): {why}"),
+                        );
+                        status.exit_code = outcome.exit_code().unwrap_or_default();
+                        status
+                    }
+                    None => exit_status(process, outcome),
+                },
                 Err(error) => {
                     // Dropping the process kills its group and reaps it.
                     let err = format!("cannot watch its process: {error}");
@@ -1201,6 +1315,47 @@ mod tests {
         assert!(status.message.contains("on SIGTERM"), "{status:?}");
         assert!(sys::process_dead(pid), "pid {pid} survived its stop");
         assert!(node.shutdown().is_empty());
+    }
+
+    #[test]
+    fn a_fence_stops_every_task_as_failed_and_starts_nothing_until_it_is_lifted() {
+        let mut node = Node::new();
+        // Ignores SIGTERM: the fence's short grace, not the 5 s stop grace, ends it.
+        let stubborn = task(
+            "t-stubborn",
+            TaskState::Running,
+            "sh",
+            &["-c", "trap '' TERM; sleep 30"],
+        );
+        node.runner()
+            .assign(vec![stubborn.clone()])
+            .expect("assign");
+        let pid = node.expect_running("t-stubborn");
+        node.runner()
+            .set_fence_deadline(Instant::now(), "out of contact".into())
+            .expect("fence");
+        let failed = node.expect("t-stubborn", TaskState::Failed);
+        assert!(failed.err.contains("out of contact"), "{failed:?}");
+        assert!(
+            failed.message.contains("stopped by its agent"),
+            "{failed:?}"
+        );
+        assert!(sys::process_dead(pid), "pid {pid} survived the fence");
+
+        // Assigned while fenced: it waits, idle.
+        let later = task("t-later", TaskState::Running, "sleep", &["30"]);
+        node.runner().assign(vec![stubborn, later]).expect("assign");
+        std::thread::sleep(Duration::from_millis(300));
+        node.assert_nothing_for("t-later");
+        node.assert_nothing_for("t-stubborn");
+        node.runner()
+            .set_fence_deadline(Instant::now() + WAIT_LIMIT * 3, "out of contact".into())
+            .expect("lift");
+        let pid = node.expect_running("t-later");
+        assert!(!sys::process_dead(pid));
+        // The fenced task ran once: it does not start again.
+        node.assert_nothing_for("t-stubborn");
+        node.shutdown();
     }
 
     #[test]

@@ -35,6 +35,15 @@
 //!   before marking them DOWN (no storm of DOWN after a leader change).
 //! - A follower refuses every call with `FailedPrecondition` and the reason
 //!   [`NOT_LEADER`]; the agent tries the leader next (the status's `leader_addr` names it).
+//! - Every session learns the managers: `SessionStarted.managers`, then a
+//!   `ManagersChanged` on every open session whenever the managers reachable from the
+//!   leader change (one joined, was removed, became unreachable or reachable again; the
+//!   leader looks every [`MANAGERS_REFRESH`], asking its Raft node without waiting). Each
+//!   has the weight [`pb::MANAGER_WEIGHT_DEFAULT`]; an agent with no room for the list is
+//!   offered it again at each tick. Each heartbeat answer says how long after it the
+//!   managers may give the node's tasks to other nodes (`tasks_reassigned_after_ms`: the
+//!   node-down grace plus the orchestrator's [`NODE_DOWN_GRACE_MS`]), which the agent's
+//!   self-fencing counts from.
 //!
 //! Must never change the store except through a proposed transaction, let a node touch
 //! another node's tasks, move a task's observed state backwards, or block its thread on a
@@ -42,6 +51,7 @@
 
 pub mod sessions;
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -52,13 +62,14 @@ use parking_lot::Mutex;
 
 use crate::ca::PeerIdentity;
 use crate::net::{CallContext, Responder, Router, ServerStream, ServicePool};
+use crate::orchestrator::NODE_DOWN_GRACE_MS;
 use crate::proto::dispatcher as pb;
 use crate::proto::dispatcher::rpc;
 use crate::proto::objects::{
     Cluster, Node, NodeAvailability, NodeSpec, NodeState, NodeStatus, Task, TaskState, TaskStatus,
     Transaction,
 };
-use crate::raft::node::NodeHandle;
+use crate::raft::node::{NodeHandle, NodeStatus as GroupStatus};
 use crate::replication::propose_transaction_with;
 use crate::store::TXN_CHANGES_MAX;
 use crate::store::settings::ClusterSettings;
@@ -113,6 +124,14 @@ pub const NODE_BATCH_ITEMS_MAX: usize = 10_000;
 const ORPHAN_CHECK_PERIOD_MIN: Duration = Duration::from_secs(1);
 /// Longest interval between two looks for tasks to orphan.
 const ORPHAN_CHECK_PERIOD_MAX: Duration = Duration::from_secs(60);
+/// How often the leader looks at the group's members and their reachability for the
+/// agents' manager list.
+pub const MANAGERS_REFRESH: Duration = Duration::from_secs(1);
+/// A manager the leader has not heard from for this long leaves the agents' manager list
+/// (its Raft heartbeat answers come every 100 ms). Counted from its last message rather
+/// than from the Raft core's `recent_active` flag, which check-quorum clears every election
+/// timeout and a new leader starts without: the list would flap.
+pub const MANAGER_SILENCE_MAX_MS: u64 = 3_000;
 
 /// What the dispatcher thread is told (timer callbacks and proposal callbacks post here;
 /// unbounded, but at most one deadline per session, one grace per leadership and one
@@ -136,6 +155,21 @@ enum Event {
     Statuses(Vec<StatusRequest>),
     /// The orphaning transaction in flight ended; `more`: it was full, look again now.
     Orphaned { more: bool },
+    /// The Raft node's view of the group (for the agents' manager list).
+    Group(GroupStatus),
+}
+
+/// The managers the sessions are told about, and the sessions still owed the latest list.
+#[derive(Default)]
+struct ManagerList {
+    /// Bumped at each change of `peers`.
+    version: u64,
+    /// Reachable managers, by address.
+    peers: Vec<pb::WeightedPeer>,
+    /// Sessions (node id, session id) whose agent had no room for the latest list.
+    owed: HashSet<(String, String)>,
+    /// When the Raft node was last asked for its view of the group.
+    asked_at: Option<Instant>,
 }
 
 /// One `UpdateTaskStatus` call waiting for its batch.
@@ -262,6 +296,8 @@ pub struct Dispatcher {
     /// When the dispatcher thread last looked for tasks to orphan, and whether its
     /// transaction is in flight (one at a time).
     orphans: Mutex<OrphanCheck>,
+    /// The managers agents are told about (lock order: `table` before `managers`).
+    managers: Mutex<ManagerList>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -280,6 +316,7 @@ impl Dispatcher {
             timers: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
             orphans: Mutex::new(OrphanCheck::default()),
+            managers: Mutex::new(ManagerList::default()),
             statuses: Mutex::new(StatusBatch::default()),
             nodes: Mutex::new(NodeBatch::default()),
             thread: Mutex::new(None),
@@ -421,12 +458,14 @@ impl Dispatcher {
             });
             status.code = Code::Unavailable;
             self.end_all(&status);
+            *self.managers.lock() = ManagerList::default();
         }
         if watch.is_none() {
             self.orphans.lock().last = None;
             return;
         }
         self.orphan_tasks_when_due();
+        self.refresh_managers();
         let now = self.now_ms();
         let (ended, closed) = {
             let mut table = self.table.lock();
@@ -605,7 +644,91 @@ impl Dispatcher {
                     self.orphan_tasks();
                 }
             }
+            Event::Group(status) => self.managers_seen(&status),
         }
+    }
+
+    // ---- the agents' manager list ----
+
+    /// Asks the Raft node for its view of the group when [`MANAGERS_REFRESH`] passed (the
+    /// answer comes back as [`Event::Group`]), and offers the latest list again to the
+    /// sessions that had no room for it.
+    fn refresh_managers(&self) {
+        let due = self
+            .managers
+            .lock()
+            .asked_at
+            .is_none_or(|at| at.elapsed() >= MANAGERS_REFRESH);
+        if due {
+            self.managers.lock().asked_at = Some(Instant::now());
+            let events = self.events.clone();
+            let asked = self.node.status_with(Box::new(move |status| {
+                let _ = events.send(Event::Group(status));
+            }));
+            if let Err(error) = asked {
+                log::debug!("dispatcher: cannot ask for the group's view: {error}");
+            }
+        }
+        let table = self.table.lock();
+        let mut managers = self.managers.lock();
+        if managers.owed.is_empty() {
+            return;
+        }
+        let message = managers_changed(&managers.peers);
+        managers
+            .owed
+            .retain(|(node_id, session_id)| !table.offer(node_id, session_id, &message));
+    }
+
+    /// The group as the Raft node sees it: if the reachable managers changed, every session
+    /// is sent the new list.
+    fn managers_seen(&self, status: &GroupStatus) {
+        if !status.is_leader {
+            return;
+        }
+        let peers = self.reachable_managers(status);
+        let table = self.table.lock();
+        let mut managers = self.managers.lock();
+        if managers.peers == peers {
+            return;
+        }
+        let addrs: Vec<&str> = peers.iter().map(|p| p.addr.as_str()).collect();
+        log::info!(
+            "dispatcher: the managers agents may call: {}",
+            addrs.join(", ")
+        );
+        managers.version += 1;
+        managers.peers = peers;
+        let message = managers_changed(&managers.peers);
+        managers.owed = table.offer_all(&message).into_iter().collect();
+    }
+
+    /// The managers the leader heard from within [`MANAGER_SILENCE_MAX_MS`] (itself
+    /// included), by address, each with the default weight and its node id (empty until its
+    /// Node object records its Raft id).
+    fn reachable_managers(&self, status: &GroupStatus) -> Vec<pb::WeightedPeer> {
+        let node_ids: HashMap<u64, String> = self.store.view(|view| {
+            view.list::<Node>()
+                .filter_map(|node| Some((node.manager_status.as_ref()?.raft_id, node.id.clone())))
+                .collect()
+        });
+        let mut peers: Vec<pb::WeightedPeer> = status
+            .members
+            .iter()
+            .filter(|member| {
+                member.id == status.id || member.last_contact_ms <= MANAGER_SILENCE_MAX_MS
+            })
+            .filter_map(|member| {
+                Some(pb::WeightedPeer {
+                    node_id: node_ids.get(&member.id).cloned().unwrap_or_default(),
+                    addr: member.addr.clone().filter(|addr| !addr.is_empty())?,
+                    weight: pb::MANAGER_WEIGHT_DEFAULT,
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a.addr.cmp(&b.addr));
+        peers.truncate(pb::MANAGERS_MAX);
+        peers
     }
 
     fn deadline(self: &Arc<Self>, node_id: String, session_id: String) {
@@ -963,7 +1086,11 @@ impl Dispatcher {
             ));
             return;
         }
-        match stream.try_send(&session_started(&session_id, period_ms)) {
+        let (managers_version, managers) = {
+            let managers = self.managers.lock();
+            (managers.version, managers.peers.clone())
+        };
+        match stream.try_send(&session_started(&session_id, period_ms, managers)) {
             Ok(true) => {}
             Ok(false) => {
                 let status = Status::unavailable(
@@ -990,6 +1117,12 @@ impl Dispatcher {
         });
         let attached = table.attach(&node_id, &session_id, stream, tasks, version);
         drop(table);
+        // The list changed after this session was given it: it is owed the new one.
+        let mut managers = self.managers.lock();
+        if managers.version != managers_version {
+            managers.owed.insert((node_id.clone(), session_id.clone()));
+        }
+        drop(managers);
         if let Err((stream, status)) = attached {
             log::debug!("dispatcher: session {session_id} of {node_id} ends: {status}");
             stream.fail(status);
@@ -1154,9 +1287,16 @@ impl Dispatcher {
             .get::<Node>(&caller.node_id)
             .and_then(|node| crate::control::roles::certificate_role(&node).ok())
             .map(|role| crate::control::role_to_proto(role) as i32);
+        // The session's own grace is 3 periods of the cluster's at its opening, at least
+        // 3 of the jittered period it was given: the smaller bound is the safe one to tell.
+        let grace_ms =
+            millis(self.grace()).min(period_ms.saturating_mul(u64::from(HEARTBEAT_MISSES_MAX)));
+        let reassigned_after_ms =
+            grace_ms.saturating_add(u64::try_from(NODE_DOWN_GRACE_MS).unwrap_or(0));
         Ok(pb::HeartbeatResponse {
             heartbeat_period_ms: i64::try_from(period_ms).unwrap_or(i64::MAX),
             certificate_role,
+            tasks_reassigned_after_ms: i64::try_from(reassigned_after_ms).unwrap_or(i64::MAX),
         })
     }
 
@@ -1371,12 +1511,17 @@ fn ready_change(
     })
 }
 
-/// The first message of a session.
-fn session_started(session_id: &str, period_ms: u64) -> pb::SessionMessage {
+/// The first message of a session: its id, its heartbeat period, the managers.
+fn session_started(
+    session_id: &str,
+    period_ms: u64,
+    managers: Vec<pb::WeightedPeer>,
+) -> pb::SessionMessage {
     pb::SessionMessage {
         message: Some(pb::session_message::Message::Started(pb::SessionStarted {
             session_id: session_id.to_string(),
             heartbeat_period_ms: i64::try_from(period_ms).unwrap_or(i64::MAX),
+            managers,
         })),
     }
 }
@@ -1456,6 +1601,17 @@ fn orphan_changes(
         }
     }
     changes
+}
+
+/// The session message carrying the manager list `peers`.
+fn managers_changed(peers: &[pb::WeightedPeer]) -> pb::SessionMessage {
+    pb::SessionMessage {
+        message: Some(pb::session_message::Message::ManagersChanged(
+            pb::ManagersChanged {
+                managers: peers.to_vec(),
+            },
+        )),
+    }
 }
 
 /// `period` within ± [`HEARTBEAT_JITTER_PERCENT`].

@@ -666,6 +666,36 @@ impl<S: SessionSink> SessionTable<S> {
         session.stream
     }
 
+    /// Offers `message` (the manager list: not an assignment, so it goes beside the
+    /// outbox) to every session with a stream, never blocking. Returns the sessions (node
+    /// id, session id) whose agent had no room: the caller offers them the list again later
+    /// ([`SessionTable::offer`]). A stream that failed is left to the usual paths.
+    pub fn offer_all(&self, message: &pb::SessionMessage) -> Vec<(String, String)> {
+        self.sessions
+            .iter()
+            .filter(|(_, session)| {
+                session
+                    .stream
+                    .as_ref()
+                    .is_some_and(|stream| matches!(stream.try_send(message), Ok(false)))
+            })
+            .map(|(node_id, session)| (node_id.clone(), session.id.clone()))
+            .collect()
+    }
+
+    /// Offers `message` to `session_id` of `node_id`; false if it should be offered again
+    /// (the agent had no room, or the session is still opening); true once sent or when
+    /// there is no one left to send it to.
+    pub fn offer(&self, node_id: &str, session_id: &str, message: &pb::SessionMessage) -> bool {
+        let Some(session) = self.sessions.get(node_id).filter(|s| s.id == session_id) else {
+            return true;
+        };
+        match &session.stream {
+            Some(stream) => !matches!(stream.try_send(message), Ok(false)),
+            None => session.closed,
+        }
+    }
+
     /// Ends every session (this manager stops leading or shuts down): their streams.
     pub fn clear(&mut self) -> Vec<S> {
         self.staged.clear();
@@ -850,6 +880,37 @@ mod tests {
                 .is_ok()
         );
         stream
+    }
+
+    #[test]
+    fn the_manager_list_reaches_every_stream_and_waits_for_room_where_there_is_none() {
+        let mut table = watching_table();
+        let a = streaming(&mut table, "a", 1);
+        let b = streaming(&mut table, "b", 1);
+        *b.room.lock() = 0;
+        table.open("c", "s-c", 1000, 3000, 0).unwrap();
+        let message = pb::SessionMessage {
+            message: Some(pb::session_message::Message::ManagersChanged(
+                pb::ManagersChanged::default(),
+            )),
+        };
+        let room_a = *a.room.lock();
+        let waiting = table.offer_all(&message);
+        assert_eq!(waiting, vec![("b".to_string(), "s-b".to_string())]);
+        assert_eq!(*a.room.lock(), room_a - 1, "a was sent the list");
+        assert!(!table.offer("b", "s-b", &message), "still no room");
+        *b.room.lock() = 1;
+        assert!(table.offer("b", "s-b", &message));
+        assert_eq!(*b.room.lock(), 0, "b was sent the list");
+        assert!(
+            !table.offer("c", "s-c", &message),
+            "opening: offered again later"
+        );
+        assert!(
+            table.offer("gone", "s-gone", &message),
+            "no session: nothing to do"
+        );
+        assert!(table.offer("a", "old-session", &message));
     }
 
     #[test]

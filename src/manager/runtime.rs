@@ -725,6 +725,8 @@ fn start_agent(
     });
     let session = AgentConfig {
         managers,
+        // Its Raft node knows the leader better than any list.
+        remember_managers: None,
         tls: client_tls.clone(),
         hostname: crate::util::hostname(),
     };

@@ -576,6 +576,24 @@ impl NodeHandle {
         self.call(|done| Input::Status { done }, timeout)
     }
 
+    /// The node's view of the group, handed to `done` by the raft thread (which must not be
+    /// blocked by it): nobody waits, and a full input queue refuses at once.
+    ///
+    /// # Errors
+    /// [`NodeError::RetrySoon`] when the input queue is full, [`NodeError::ShuttingDown`].
+    pub fn status_with(&self, done: Box<dyn FnOnce(NodeStatus) + Send>) -> Result<(), NodeError> {
+        if self.shared.stopped.load(Ordering::Acquire) {
+            return Err(NodeError::ShuttingDown);
+        }
+        match self.inputs.try_send(Input::Status { done }) {
+            Ok(()) => Ok(()),
+            Err(crossbeam_channel::TrySendError::Full(_)) => Err(NodeError::RetrySoon(
+                "the raft thread's input queue is full".into(),
+            )),
+            Err(crossbeam_channel::TrySendError::Disconnected(_)) => Err(NodeError::ShuttingDown),
+        }
+    }
+
     /// Sends the input `make` builds around a one-shot callback, and waits until `timeout`
     /// for the value the callback receives.
     fn call<T: Send + 'static>(
