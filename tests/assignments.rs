@@ -185,6 +185,7 @@ fn fake_worker(cluster: &Cluster, hostname: &str) -> (Arc<Transport>, AgentSessi
             managers: Box::new(move || vec![addr.clone()]),
             tls: worker_tls,
             hostname: hostname.into(),
+            remember_managers: None,
         },
         node.clone(),
         reports_rx,
