@@ -996,6 +996,7 @@ fn main() {
             &[
                 "service",
                 "create",
+                "--detach",
                 "--name",
                 "load",
                 "--replicas",

@@ -98,6 +98,7 @@ fn flotilla_once(base: &Path, bin: &str) -> Duration {
             &[
                 "service",
                 "create",
+                "--detach",
                 "--state-dir",
                 state_dir,
                 "--name",

@@ -208,6 +208,7 @@ fn scaling_up_and_down_converges_over_one_sessions_chained_changes() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "chain",
             "--replicas",
@@ -280,6 +281,7 @@ fn the_tasks_of_a_node_down_past_orphan_after_are_orphaned() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "lost",
             "--replicas",

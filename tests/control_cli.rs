@@ -85,6 +85,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "web",
             "--replicas",
@@ -143,6 +144,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         &[
             "service",
             "update",
+            "--detach",
             "web",
             "--env",
             "B=2",
@@ -176,6 +178,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
                 let args = [
                     "service",
                     "update",
+                    "--detach",
                     "web",
                     "--replicas",
                     replicas,
@@ -207,7 +210,9 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     let out = refused(
         &dir,
         None,
-        &["service", "create", "--name", "bad name", "true"],
+        &[
+            "service", "create", "--detach", "--name", "bad name", "true",
+        ],
     );
     assert!(
         out.contains("InvalidArgument") && out.contains("name:"),
@@ -219,6 +224,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "c",
             "--constraint",
@@ -227,7 +233,11 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         ],
     );
     assert!(out.contains("constraints[0]"), "{out}");
-    let out = refused(&dir, None, &["service", "create", "--name", "web", "true"]);
+    let out = refused(
+        &dir,
+        None,
+        &["service", "create", "--detach", "--name", "web", "true"],
+    );
     assert!(out.contains("AlreadyExists"), "{out}");
     let out = refused(&dir, None, &["service", "inspect", "nosuch"]);
     assert!(
@@ -248,6 +258,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "big",
             "--env-file",
@@ -271,6 +282,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "nowhere",
             "--constraint",
@@ -281,7 +293,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     let reason = "no node satisfies node.labels.zone==mars";
     let ps = wait_for_output(&dir, None, &["service", "ps", "nowhere"], reason);
     let line = ps.lines().find(|l| l.contains(reason)).unwrap();
-    assert!(line.contains("pending"), "{ps}");
+    assert!(line.contains("Pending"), "{ps}");
     assert!(ps.lines().next().unwrap().contains("ERROR"), "{ps}");
     let tasks = ok(&dir, None, &["task", "ls", "--service", "nowhere"]);
     assert!(tasks.contains(reason), "{tasks}");
@@ -298,7 +310,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
             &dir,
             None,
             &[
-                "service", "create", "--name", "limited", flags[0], flags[1], "true",
+                "service", "create", "--detach", "--name", "limited", flags[0], flags[1], "true",
             ],
         );
         assert!(
@@ -382,7 +394,11 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
         json.trim_start().starts_with('[') && json.contains(&id),
         "{json}"
     );
-    ok(&dir, None, &["service", "create", "--name", "gone", "true"]);
+    ok(
+        &dir,
+        None,
+        &["service", "create", "--detach", "--name", "gone", "true"],
+    );
     ok(&dir, None, &["service", "rm", "gone"]);
     refused(&dir, None, &["service", "inspect", "gone"]);
     let before = ok(&dir, None, &["service", "inspect", "web"]);
@@ -414,7 +430,7 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     ok(
         &dir,
         None,
-        &["service", "create", "--name", "after", "true"],
+        &["service", "create", "--detach", "--name", "after", "true"],
     );
     watch.wait_for("\"name\":\"after\"", START);
 }
@@ -509,7 +525,7 @@ fn three_managers_forward_read_watch_and_restart() {
     ok(
         &other_dir,
         Some(&follower_addr),
-        &["service", "create", "--name", "s1", "true"],
+        &["service", "create", "--detach", "--name", "s1", "true"],
     );
     let line = cluster.managers[leader]
         .proc()
@@ -527,7 +543,7 @@ fn three_managers_forward_read_watch_and_restart() {
         ok(
             &other_dir,
             Some(&leader_addr),
-            &["service", "create", "--name", &name, "true"],
+            &["service", "create", "--detach", "--name", &name, "true"],
         );
         let seen = ok(
             &other_dir,
@@ -555,7 +571,7 @@ fn three_managers_forward_read_watch_and_restart() {
         ok(
             &other_dir,
             Some(&follower_addr),
-            &["service", "create", "--name", &name, "true"],
+            &["service", "create", "--detach", "--name", &name, "true"],
         );
     }
     while seen.len() < 7 {
@@ -724,7 +740,7 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
     admin_ok(
         &admin_dir,
         &follower_addr,
-        &["service", "create", "--name", "s1", "true"],
+        &["service", "create", "--detach", "--name", "s1", "true"],
     );
     let line = cluster.managers[leader]
         .proc()
@@ -815,7 +831,7 @@ fn admin_certificate_from_afar_and_cli_watch_across_a_leader_change() {
             admin_ok(
                 &admin_dir,
                 &follower_addr,
-                &["service", "create", "--name", &name, "true"],
+                &["service", "create", "--detach", "--name", &name, "true"],
             );
         }
     };

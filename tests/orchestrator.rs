@@ -46,34 +46,14 @@ fn ok_eventually(dir: &Path, args: &[&str]) -> String {
     panic!("flotilla {args:?} never succeeded; last:\n{last}");
 }
 
-/// One row of `task ls`.
-#[derive(Debug)]
-struct Row {
-    slot: u64,
-    node: String,
-    desired: String,
-    current: String,
-}
-
-/// Parses the `task ls` table (fixed columns: the node column may be empty).
-fn task_rows(output: &str) -> Vec<Row> {
-    output
-        .lines()
-        .filter(|line| line.len() >= 61 && !line.starts_with("ID "))
-        .map(|line| Row {
-            slot: line[28..33].trim().parse().unwrap(),
-            node: line[35..47].trim().to_string(),
-            desired: line[49..59].trim().to_string(),
-            current: line[61..].trim().to_string(),
-        })
-        .collect()
-}
+/// One task of `task ls`.
+type Row = procs::TaskRow;
 
 /// Polls `task ls` until `done` accepts its rows; returns them.
 fn wait_for_tasks(dir: &Path, what: &str, done: impl Fn(&[Row]) -> bool) -> Vec<Row> {
     let mut rows = Vec::new();
     for _ in 0..POLLS_MAX {
-        rows = task_rows(&ok(dir, &["task", "ls"]));
+        rows = procs::task_rows(dir, &["task", "ls"]);
         if done(&rows) {
             return rows;
         }
@@ -99,6 +79,7 @@ fn three_managers_create_scale_and_remove_a_service() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "web",
             "--replicas",
@@ -129,7 +110,7 @@ fn three_managers_create_scale_and_remove_a_service() {
         .lines()
         .find(|line| line.trim_end().ends_with("leader"))
         .and_then(|line| line.split_whitespace().next())
-        .map(|id| id[..12].to_string())
+        .map(str::to_string)
         .unwrap();
     cluster.managers[leader].stop();
     let dir = cluster.managers[(leader + 1) % 3].dir.clone();

@@ -46,19 +46,9 @@ fn cluster_with_room(tasks_running_max: Option<u32>) -> Cluster {
 
 /// One row of `service ps`: `(desired, current, error)`.
 fn ps_rows(dir: &Path, service: &str) -> Vec<(String, String, String)> {
-    cli_ok(dir, &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 6).then(|| {
-                (
-                    fields[4].to_string(),
-                    fields[5].to_string(),
-                    fields[6..].join(" "),
-                )
-            })
-        })
+    procs::task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.desired, row.current, row.problem))
         .collect()
 }
 
@@ -120,6 +110,7 @@ fn a_service_larger_than_the_node_runs_what_fits_and_the_rest_waits_with_the_rea
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "wide",
             "--replicas",
@@ -155,7 +146,9 @@ fn a_service_larger_than_the_node_runs_what_fits_and_the_rest_waits_with_the_rea
     // Another service waits too; once room frees up, its task takes it.
     cli_ok(
         &dir,
-        &["service", "create", "--name", "late", "--", "sleep", "302"],
+        &[
+            "service", "create", "--detach", "--name", "late", "--", "sleep", "302",
+        ],
     );
     eventually("the late task pending", || {
         count(&ps_rows(&dir, "late"), "running", "pending") == 1
@@ -179,7 +172,9 @@ fn a_task_that_ends_at_once_restarts_no_faster_than_the_default_delay() {
     let created = Instant::now();
     cli_ok(
         &dir,
-        &["service", "create", "--name", "storm", "--", "true"],
+        &[
+            "service", "create", "--detach", "--name", "storm", "--", "true",
+        ],
     );
     eventually("a restart", || ps_rows(&dir, "storm").len() >= 2);
     std::thread::sleep(Duration::from_secs(12).saturating_sub(created.elapsed()));
@@ -207,6 +202,7 @@ fn a_large_service_is_created_and_removed_and_the_log_shrinks_back() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "huge",
             "--replicas",
@@ -264,6 +260,7 @@ fn no_task_stays_running_for_a_process_that_is_gone() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "live",
             "--replicas",
@@ -336,6 +333,7 @@ fn a_complete_set_in_several_parts_keeps_every_running_task() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "parts",
             "--replicas",

@@ -87,13 +87,9 @@ fn alive(pid: u32) -> bool {
 
 /// `(task id, desired, current)` of the service's tasks, from `service ps`.
 fn tasks_of(dir: &std::path::Path, service: &str) -> Vec<(String, String, String)> {
-    cli_ok(dir, &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (f.len() >= 6).then(|| (f[0].to_string(), f[4].to_string(), f[5].to_string()))
-        })
+    procs::task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.id, row.desired, row.current))
         .collect()
 }
 
@@ -162,6 +158,7 @@ fn a_link_cut_shorter_than_the_node_down_grace_restarts_nothing() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "steady",
             "--constraint",
@@ -280,6 +277,7 @@ fn a_link_cut_longer_than_the_grace_stops_the_old_task_before_its_replacement_st
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "fenced",
             "--constraint",

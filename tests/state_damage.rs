@@ -135,6 +135,7 @@ fn create_services(dir: &Path, names: &[String]) {
             &[
                 "service",
                 "create",
+                "--detach",
                 "--name",
                 name,
                 "--replicas",
@@ -323,6 +324,7 @@ fn a_crash_is_never_mistaken_for_damage() {
                         &[
                             "service",
                             "create",
+                            "--detach",
                             "--name",
                             &name,
                             "--replicas",

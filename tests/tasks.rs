@@ -20,13 +20,9 @@ fn eventually(what: &str, check: impl Fn() -> bool) {
 
 /// `(desired, current)` state names of the service's tasks, from `service ps`.
 fn task_states(dir: &Path, service: &str) -> Vec<(String, String)> {
-    cli_ok(dir, &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 6).then(|| (fields[4].to_string(), fields[5].to_string()))
-        })
+    procs::task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.desired, row.current))
         .collect()
 }
 
@@ -84,6 +80,7 @@ fn a_replicated_service_runs_as_processes_and_scaling_down_stops_them() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "web",
             "--replicas",
@@ -124,6 +121,7 @@ fn a_failing_task_reports_its_exit_code_and_is_restarted_up_to_its_limit() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "bad",
             "--restart-condition",
@@ -172,6 +170,7 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "spread",
             "--replicas",
@@ -186,12 +185,9 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
     });
     // `(slot, node, desired, current)` of every task, from one `service ps` snapshot.
     let rows = |dir: &Path| -> Vec<(String, String, String, String)> {
-        cli_ok(dir, &["service", "ps", "spread"])
-            .lines()
-            .skip(1)
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .filter(|fields| fields.len() >= 6)
-            .map(|f| (f[2].into(), f[3].into(), f[4].into(), f[5].into()))
+        procs::task_rows(dir, &["service", "ps", "spread"])
+            .into_iter()
+            .map(|row| (row.slot.to_string(), row.node, row.desired, row.current))
             .collect()
     };
     let nodes_of = |rows: &[(String, String, String, String)]| {
@@ -207,7 +203,7 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
         .lines()
         .find(|line| line.trim_end().ends_with("leader"))
         .and_then(|line| line.split_whitespace().next())
-        .map(|id| id[..12].to_string())
+        .map(str::to_string)
         .unwrap();
     cluster.managers[leader].stop();
     let survivor = cluster.managers[(leader + 1) % 3].dir.clone();
@@ -221,7 +217,7 @@ fn the_tasks_of_a_stopped_leader_are_rescheduled_on_the_remaining_managers() {
         let down = nodes
             .lines()
             .filter(|line| line.contains(" down "))
-            .map(|line| line[..12].to_string())
+            .filter_map(|line| line.split_whitespace().next().map(str::to_string))
             .collect::<Vec<_>>();
         if down == [stopped_node.clone()]
             && wanted.len() == 3
@@ -299,6 +295,7 @@ fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "onworker",
             "--replicas",
@@ -315,8 +312,9 @@ fn a_worker_agent_joins_runs_its_tasks_and_stops_them_when_it_stops() {
         count(&task_states(&dir, "onworker"), "running", "running") == 2
     });
     assert!(
-        cli_ok(&dir, &["service", "ps", "onworker"])
-            .matches(&worker_id[..12])
+        procs::task_rows(&dir, &["service", "ps", "onworker"])
+            .iter()
+            .filter(|row| row.node == worker_id)
             .count()
             == 2,
         "both tasks on the worker"
@@ -365,13 +363,9 @@ impl Drop for KillOnDrop {
 
 /// `(task id, current state)` of the service's tasks, from `service ps`.
 fn task_ids(dir: &Path, service: &str) -> Vec<(String, String)> {
-    cli_ok(dir, &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 6).then(|| (fields[0].to_string(), fields[5].to_string()))
-        })
+    procs::task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.id, row.current))
         .collect()
 }
 
@@ -391,6 +385,7 @@ fn a_restarted_worker_agent_adopts_its_running_tasks_instead_of_failing_them() {
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "kept",
             "--constraint",
@@ -523,6 +518,7 @@ fn a_worker_naming_one_manager_follows_the_leader_after_it_restarts_as_a_followe
         &[
             "service",
             "create",
+            "--detach",
             "--name",
             "once",
             "--constraint",
@@ -595,4 +591,96 @@ fn a_worker_naming_one_manager_follows_the_leader_after_it_restarts_as_a_followe
     );
     assert!(!overlaps.exists(), "a task ran twice");
     assert!(node_ready(&dir_b, &w1_id));
+}
+
+/// `service create` and `service update` without `--detach` wait, showing progress, until
+/// every task runs the service's spec and kept running for the monitor period; a service
+/// whose tasks keep failing ends the wait with the reason and a failed exit.
+#[test]
+fn create_and_update_wait_until_the_service_converges_or_fails() {
+    let cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+
+    let (ok, output) = procs::cli_in(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--",
+            "sleep",
+            "301",
+        ],
+    );
+    assert!(ok, "{output}");
+    assert!(output.contains("web.1: running"), "{output}");
+    assert!(output.contains("web.2: running"), "{output}");
+    assert!(
+        output.contains("web: converged, 2 task(s) running"),
+        "{output}"
+    );
+    // Converged means running now, not just once.
+    assert_eq!(count(&task_states(&dir, "web"), "running", "running"), 2);
+
+    let (ok, output) = procs::cli_in(&dir, &["service", "update", "web", "--", "sleep", "302"]);
+    assert!(ok, "{output}");
+    assert!(
+        output.contains("web: converged, 2 task(s) running"),
+        "{output}"
+    );
+    let running = procs::task_rows(&dir, &["service", "ps", "web"])
+        .into_iter()
+        .filter(|row| row.desired == "running" && row.current == "running")
+        .count();
+    assert_eq!(running, 2);
+    let json = cli_ok(
+        &dir,
+        &["task", "ls", "--service", "web", "--format", "json"],
+    );
+    // Every task still wanted runs the new command: the wait ended after the update did.
+    let tasks: Vec<serde_json::Value> =
+        serde_json::from_str(&json[json.find('[').unwrap()..]).unwrap();
+    for task in tasks.iter().filter(|t| t["desired_state"] == "running") {
+        assert_eq!(task["spec"]["args"][0], "302", "{task:#}");
+    }
+
+    let (ok, output) = procs::cli_in(
+        &dir,
+        &[
+            "service",
+            "create",
+            "--name",
+            "broken",
+            "--restart-delay",
+            "100ms",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ],
+    );
+    assert!(
+        !ok,
+        "a service that never runs must fail the command:\n{output}"
+    );
+    assert!(
+        output.contains("broken did not converge: broken.1 failed 3 times")
+            && output.contains("exited with status 3"),
+        "{output}"
+    );
+    // The service stays, as written: the user fixes or removes it.
+    cli_ok(&dir, &["service", "inspect", "broken"]);
+
+    // --detach returns at once, before anything runs.
+    let (ok, output) = procs::cli_in(
+        &dir,
+        &[
+            "service", "create", "--detach", "--name", "quick", "--", "sleep", "303",
+        ],
+    );
+    assert!(ok, "{output}");
+    assert!(!output.contains("converged"), "{output}");
 }

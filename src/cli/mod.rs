@@ -684,7 +684,7 @@ mod tests {
 
     #[test]
     fn an_unknown_option_is_refused_never_taken_for_the_command() {
-        for bogus in ["--publish", "--detach", "--bogus"] {
+        for bogus in ["--publish", "--bogus", "--detached"] {
             let create = ["service", "create", "--name", "p1", bogus, "80:80", "nginx"];
             let error = parse(&create).expect_err(bogus);
             assert_eq!(
@@ -703,6 +703,7 @@ mod tests {
             name,
             command,
             spec,
+            ..
         } = service(&[
             "service",
             "create",

@@ -310,3 +310,49 @@ pub fn raft_id_of(listing: &str, addr: &str) -> String {
     }
     panic!("{addr} not listed:\n{listing}");
 }
+
+/// One task as `task ls` and `service ps` print it with `--format json` (the tables are for
+/// people: their columns change; tests read the JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    pub id: String,
+    pub slot: u64,
+    /// Empty until the task is assigned.
+    pub node: String,
+    pub desired: String,
+    pub current: String,
+    /// What the tables' ERROR column shows: why it failed, or why it is still pending.
+    pub problem: String,
+}
+
+/// Runs `flotilla ARGS --format json` (a task listing) in `dir` and parses its tasks.
+pub fn task_rows(dir: &Path, args: &[&str]) -> Vec<TaskRow> {
+    let mut args = args.to_vec();
+    args.extend(["--format", "json"]);
+    let output = cli_ok(dir, &args);
+    // Only the JSON array: a log line on stderr may come before it.
+    let json = &output[output.find('[').unwrap_or(0)..];
+    let tasks: Vec<serde_json::Value> = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("flotilla {args:?} printed no task list ({e}):\n{output}"));
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    tasks
+        .iter()
+        .map(|t| {
+            let status = &t["status"];
+            let current = text(&status["state"]);
+            let problem = match text(&status["err"]) {
+                err if !err.is_empty() => err,
+                _ if current == "pending" => text(&status["message"]),
+                _ => String::new(),
+            };
+            TaskRow {
+                id: text(&t["id"]),
+                slot: t["slot"].as_u64().unwrap_or_default(),
+                node: text(&t["node_id"]),
+                desired: text(&t["desired_state"]),
+                current,
+                problem,
+            }
+        })
+        .collect()
+}

@@ -94,7 +94,7 @@ pub(crate) fn run(client: &Client, command: AdminCertCommand) -> Result<(), Comm
                 },
                 "flotilla cluster inspect",
             )?;
-            println!("admin certificate {id} revoked on every manager");
+            out!("admin certificate {id} revoked on every manager");
             Ok(())
         }
     }
@@ -146,12 +146,12 @@ fn issue(client: &Client, out: PathBuf, name: String, validity: &str) -> Result<
         Format::Table => {
             let days =
                 Duration::from_millis(u64::try_from(validity_ms).unwrap_or(0)).as_secs() / 86_400;
-            println!(
+            out!(
                 "admin certificate {} (valid {days} days) written to {}",
                 identity.node_id(),
                 out.display()
             );
-            println!(
+            out!(
                 "use it from any host: flotilla service ls --cert-dir {} --manager MANAGER_ADDR",
                 out.display()
             );

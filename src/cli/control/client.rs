@@ -95,6 +95,9 @@ pub(crate) struct Client {
     pub(crate) format: Format,
     /// This invocation's request ids (every write carries one).
     pub(crate) requests: RequestIds,
+    /// The node whose state directory the call uses (`node ls` marks it with `*`, as
+    /// `docker node ls` marks the node it talks to); `None` with an admin certificate.
+    pub(crate) self_node_id: Option<String>,
 }
 
 fn describe(addr: &str, status: &Status) -> String {
@@ -159,6 +162,10 @@ impl Client {
     /// A message for stderr, with a hint.
     pub(crate) fn connect(connection: &Connection) -> Result<Self, String> {
         let (identity, root, addr) = Self::identity_and_target(connection)?;
+        let self_node_id = connection
+            .cert_dir
+            .is_none()
+            .then(|| identity.node_id().to_string());
         let tls = Arc::new(tls::client_config(&identity, &root).map_err(|e| e.to_string())?);
         let transport = Transport::start(TransportConfig::default())
             .map_err(|e| format!("cannot start the transport: {e}"))?;
@@ -169,6 +176,7 @@ impl Client {
             root,
             format: connection.format,
             requests: RequestIds::new(),
+            self_node_id,
         })
     }
 
@@ -443,6 +451,7 @@ mod tests {
                 root: ca.root().clone(),
                 format: Format::Table,
                 requests: RequestIds::new(),
+                self_node_id: None,
             };
             Flaky {
                 client,
@@ -544,6 +553,7 @@ mod tests {
             root: flaky.client.root.clone(),
             format: Format::Table,
             requests: RequestIds::new(),
+            self_node_id: None,
         };
         let never_sent: Result<pb::ClusterResponse, CommandError> =
             client.write("test.Flaky", &pb::GetClusterRequest {}, "flotilla check");

@@ -99,7 +99,7 @@ pub(super) fn run(client: &Client, command: ClusterCommand) -> Result<(), Comman
             let updated = reply.cluster.unwrap_or_default();
             match client.format {
                 Format::Json => client.print_json(&json::cluster(&updated)),
-                Format::Table => println!(
+                Format::Table => out!(
                     "cluster {} updated to version {}",
                     updated.id,
                     updated.meta.as_ref().map_or(0, |m| m.version)

@@ -46,7 +46,7 @@ pub(super) fn run(client: &Client, role: TokenRole, rotate: bool) -> Result<(), 
     };
     match client.format {
         Format::Json => client.print_json(&serde_json::json!({ "token": token })),
-        Format::Table => println!("{token}"),
+        Format::Table => out!("{token}"),
     }
     Ok(())
 }

@@ -19,6 +19,35 @@
 //! client's transport and TLS configuration, to the manager it picks), nor print a table
 //! itself.
 
+/// `println!` for command output: a reader that goes away (`flotilla task ls | head`) ends
+/// the command quietly instead of panicking. SIGPIPE stays ignored (Rust's default), since
+/// the same process writes to a manager's socket, where a broken pipe is an error to retry.
+macro_rules! out {
+    () => {
+        $crate::cli::control::print_line(format_args!(""))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::control::print_line(format_args!($($arg)*))
+    };
+}
+
+/// Writes one line of command output; exits quietly (status 0) once stdout is closed.
+pub(crate) fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    let written = stdout
+        .write_fmt(line)
+        .and_then(|()| stdout.write_all(b"\n"));
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("error: cannot write the output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 mod admin_cert;
 mod client;
 mod cluster;
@@ -27,6 +56,7 @@ mod join_token;
 mod manager;
 mod node;
 mod output;
+mod progress;
 mod service;
 mod task;
 pub mod watch;

@@ -108,7 +108,7 @@ pub(super) fn run(client: &Client, command: NodeCommand) -> Result<(), CommandEr
             spec.desired_role = role as i32;
             Ok(())
         })?;
-        println!(
+        out!(
             "node {} desired role is now {}",
             updated.id,
             label::<NodeRole>(role as i32)
@@ -146,7 +146,7 @@ pub(super) fn run(client: &Client, command: NodeCommand) -> Result<(), CommandEr
             })?;
             match client.format {
                 Format::Json => client.print_json(&json::node(&updated)),
-                Format::Table => println!("{}", updated.id),
+                Format::Table => out!("{}", updated.id),
             }
         }
         NodeCommand::Rm { node, force } => {
@@ -160,7 +160,7 @@ pub(super) fn run(client: &Client, command: NodeCommand) -> Result<(), CommandEr
                 },
                 &check,
             )?;
-            println!("{}", reply.id);
+            out!("{}", reply.id);
         }
         NodeCommand::Promote { node } => set_role(&node, NodeRole::Manager)?,
         NodeCommand::Demote { node } => set_role(&node, NodeRole::Worker)?,
@@ -173,12 +173,12 @@ pub(super) fn run(client: &Client, command: NodeCommand) -> Result<(), CommandEr
 fn print_role_hint(node: &crate::proto::objects::Node, role: NodeRole) {
     let is_manager = node.role == NodeRole::Manager as i32;
     match role {
-        NodeRole::Worker if is_manager => println!(
+        NodeRole::Worker if is_manager => out!(
             "the leader removes it from the managers as soon as that keeps a quorum; it then \
              goes on as a worker (`flotilla manager ls` shows the managers, `flotilla node ls` \
              its role)"
         ),
-        NodeRole::Manager if !is_manager => println!(
+        NodeRole::Manager if !is_manager => out!(
             "the node becomes a manager in place: within a heartbeat its agent renews its \
              certificate as a manager's and joins the managers (a worker started without \
              `--listen` says it needs one). `flotilla manager ls` shows it once it has joined"

@@ -4,14 +4,16 @@
 //!
 //! Must never call a manager or decide what to ask: commands hand it what they received.
 
+use std::collections::HashMap;
+
 use clap::ValueEnum;
 
 use super::client::Client;
 use crate::cli::json;
 use crate::proto::json::label;
 use crate::proto::objects::{
-    ManagerStatus, NodeAvailability, NodeRole, NodeState, RaftReachability, ServiceMode,
-    ServiceSpec, TaskState,
+    ManagerStatus, Node, NodeAvailability, NodeRole, NodeState, RaftReachability, Service,
+    ServiceMode, ServiceSpec, Task, TaskState,
 };
 use crate::proto::raft::StatusResponse;
 
@@ -27,7 +29,7 @@ pub enum Format {
 
 impl Client {
     pub(crate) fn print_json(&self, value: &impl serde::Serialize) {
-        println!("{}", json::pretty(value));
+        out!("{}", json::pretty(value));
     }
 }
 
@@ -35,32 +37,110 @@ fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-fn replicas_text(spec: &ServiceSpec) -> String {
-    if spec.mode == ServiceMode::Global as i32 {
-        "global".to_string()
-    } else {
-        spec.replicas.to_string()
+/// What the task tables show instead of ids: node hostnames and service names, as
+/// `docker service ps` does. An id the maps lack (a node or service removed since) is shown
+/// shortened.
+pub(super) struct Names {
+    hostnames: HashMap<String, String>,
+    services: HashMap<String, String>,
+}
+
+impl Names {
+    /// The names of `nodes` and `services`.
+    pub(super) fn new(nodes: &[Node], services: &[Service]) -> Self {
+        let hostname = |node: &Node| node.spec.as_ref().map(|s| s.hostname.clone());
+        let name = |service: &Service| service.spec.as_ref().map(|s| s.name.clone());
+        Self {
+            hostnames: nodes
+                .iter()
+                .filter_map(|node| Some((node.id.clone(), hostname(node)?)))
+                .filter(|(_, hostname)| !hostname.is_empty())
+                .collect(),
+            services: services
+                .iter()
+                .filter_map(|service| Some((service.id.clone(), name(service)?)))
+                .collect(),
+        }
+    }
+
+    fn node<'a>(&'a self, node_id: &'a str) -> &'a str {
+        match self.hostnames.get(node_id) {
+            Some(hostname) => hostname,
+            None if node_id.is_empty() => "-",
+            None => short(node_id),
+        }
+    }
+
+    /// `<service>.<slot>` for a replicated task, `<service>.<node id>` for a global one
+    /// (slot 0), as docker names them.
+    fn service<'a>(&'a self, service_id: &'a str) -> &'a str {
+        self.services
+            .get(service_id)
+            .map_or_else(|| short(service_id), String::as_str)
+    }
+
+    fn task(&self, task: &Task) -> String {
+        let service = self.service(&task.service_id);
+        if task.slot == 0 {
+            format!("{service}.{}", short(&task.node_id))
+        } else {
+            format!("{service}.{}", task.slot)
+        }
     }
 }
 
-pub(super) fn print_services(client: &Client, services: &[crate::proto::objects::Service]) {
+/// `3/5`: tasks running out of those wanted running (docker's REPLICAS). A global service
+/// wants one per eligible node, which is the number of its tasks desired running.
+fn replicas_text(spec: &ServiceSpec, tasks: &[&Task]) -> String {
+    let wanted = tasks
+        .iter()
+        .filter(|t| t.desired_state == TaskState::Running as i32)
+        .count();
+    let running = tasks
+        .iter()
+        .filter(|t| t.desired_state == TaskState::Running as i32)
+        .filter(|t| {
+            t.status
+                .as_ref()
+                .is_some_and(|s| s.state == TaskState::Running as i32)
+        })
+        .count();
+    if spec.mode == ServiceMode::Global as i32 {
+        format!("{running}/{wanted}")
+    } else {
+        format!("{running}/{}", spec.replicas)
+    }
+}
+
+pub(super) fn print_services(client: &Client, services: &[Service], tasks: &[Task]) {
     if client.format == Format::Json {
         client.print_json(&services.iter().map(json::service).collect::<Vec<_>>());
         return;
     }
-    println!(
-        "{:<12}  {:<24}  {:<10}  {:>8}  {:>8}  COMMAND",
-        "ID", "NAME", "MODE", "REPLICAS", "VERSION"
+    let mut by_service: HashMap<&str, Vec<&Task>> = HashMap::new();
+    for task in tasks {
+        by_service.entry(&task.service_id).or_default().push(task);
+    }
+    out!(
+        "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  COMMAND",
+        "ID",
+        "NAME",
+        "MODE",
+        "REPLICAS",
+        "VERSION"
     );
     for service in services {
         let spec = service.spec.clone().unwrap_or_default();
         let task = spec.task.clone().unwrap_or_default();
-        println!(
-            "{:<12}  {:<24}  {:<10}  {:>8}  {:>8}  {} {}",
+        let tasks = by_service
+            .get(service.id.as_str())
+            .map_or(&[][..], Vec::as_slice);
+        out!(
+            "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  {} {}",
             short(&service.id),
             spec.name,
             label::<ServiceMode>(spec.mode),
-            replicas_text(&spec),
+            replicas_text(&spec, tasks),
             service.meta.as_ref().map_or(0, |m| m.version),
             task.command,
             task.args.join(" ")
@@ -70,7 +150,7 @@ pub(super) fn print_services(client: &Client, services: &[crate::proto::objects:
 
 /// What `service ps` and `task ls` show in their ERROR column (docker's): why the task
 /// failed, or why it is still pending (no node fits, none ready, …); empty otherwise.
-fn task_problem(task: &crate::proto::objects::Task) -> &str {
+fn task_problem(task: &Task) -> &str {
     let Some(status) = task.status.as_ref() else {
         return "";
     };
@@ -83,28 +163,103 @@ fn task_problem(task: &crate::proto::objects::Task) -> &str {
     }
 }
 
-pub(super) fn print_tasks(client: &Client, tasks: &[crate::proto::objects::Task]) {
+/// A duration as docker prints ages: `less than a second`, `5 seconds`, `1 minute`,
+/// `3 hours`, `2 days`.
+pub(super) fn human_duration(ms: i64) -> String {
+    let plural = |n: i64, unit: &str| {
+        if n == 1 {
+            format!("1 {unit}")
+        } else {
+            format!("{n} {unit}s")
+        }
+    };
+    let seconds = ms.max(0) / 1000;
+    match seconds {
+        0 => "less than a second".to_string(),
+        1..60 => plural(seconds, "second"),
+        60..3_600 => plural(seconds / 60, "minute"),
+        3_600..172_800 => plural(seconds / 3_600, "hour"),
+        _ => plural(seconds / 86_400, "day"),
+    }
+}
+
+/// `Running 5 minutes ago`: the task's observed state and how long ago it was reported.
+fn current_state_text(task: &Task, now_ms: i64) -> String {
+    let status = task.status.clone().unwrap_or_default();
+    let mut state = label::<TaskState>(status.state);
+    if let Some(first) = state.get_mut(..1) {
+        first.make_ascii_uppercase();
+    }
+    if status.timestamp_ms <= 0 {
+        return state;
+    }
+    format!(
+        "{state} {} ago",
+        human_duration(now_ms - status.timestamp_ms)
+    )
+}
+
+/// The tasks in docker's order: by name (service, then slot or node), the newest of each
+/// slot first and its predecessors under it, marked `\_`.
+fn in_slot_order<'a>(tasks: &'a [Task], names: &Names) -> Vec<(bool, String, &'a Task)> {
+    // Slots sort as numbers (`web.2` before `web.10`); a global task's slot is its node.
+    let key = |t: &'a Task| {
+        let node = if t.slot == 0 { t.node_id.as_str() } else { "" };
+        let created_ms = t.meta.as_ref().map_or(0, |m| m.created_at_ms);
+        let service = names.service(&t.service_id).to_string();
+        (
+            service,
+            t.slot,
+            node,
+            std::cmp::Reverse(created_ms),
+            t.id.as_str(),
+        )
+    };
+    let mut sorted: Vec<&Task> = tasks.iter().collect();
+    sorted.sort_by_cached_key(|t| key(t));
+    let mut previous: Option<String> = None;
+    sorted
+        .into_iter()
+        .map(|task| {
+            let name = names.task(task);
+            let history = previous.as_deref() == Some(name.as_str());
+            previous = Some(name.clone());
+            (history, name, task)
+        })
+        .collect()
+}
+
+pub(super) fn print_tasks(client: &Client, tasks: &[Task], names: &Names) {
     if client.format == Format::Json {
         client.print_json(&tasks.iter().map(json::task).collect::<Vec<_>>());
         return;
     }
-    println!(
-        "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  ERROR",
-        "ID", "SERVICE", "SLOT", "NODE", "DESIRED", "CURRENT"
+    let now_ms = crate::util::clock::unix_now_ms();
+    out!(
+        "{:<12}  {:<28}  {:<20}  {:<13}  {:<30}  ERROR",
+        "ID",
+        "NAME",
+        "NODE",
+        "DESIRED STATE",
+        "CURRENT STATE"
     );
-    for task in tasks {
-        println!(
-            "{:<12}  {:<12}  {:>5}  {:<12}  {:<10}  {:<10}  {}",
+    for (history, name, task) in in_slot_order(tasks, names) {
+        let name = if history {
+            format!(" \\_ {name}")
+        } else {
+            name
+        };
+        let mut desired = label::<TaskState>(task.desired_state);
+        if let Some(first) = desired.get_mut(..1) {
+            first.make_ascii_uppercase();
+        }
+        out!(
+            "{:<12}  {:<28}  {:<20}  {:<13}  {:<30}  {}",
             short(&task.id),
-            short(&task.service_id),
-            task.slot,
-            if task.node_id.is_empty() {
-                "-"
-            } else {
-                short(&task.node_id)
-            },
-            label::<TaskState>(task.desired_state),
-            label::<TaskState>(task.status.as_ref().map_or(0, |s| s.state)),
+            name,
+            names.node(&task.node_id),
+            desired,
+            current_state_text(task, now_ms),
             task_problem(task),
         );
     }
@@ -120,14 +275,18 @@ fn manager_status_label(status: &ManagerStatus) -> String {
     }
 }
 
-pub(super) fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]) {
+pub(super) fn print_nodes(client: &Client, nodes: &[Node]) {
     if client.format == Format::Json {
         client.print_json(&nodes.iter().map(json::node).collect::<Vec<_>>());
         return;
     }
-    println!(
-        "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  MANAGER STATUS",
-        "ID", "HOSTNAME", "STATUS", "AVAILABILITY", "ROLE"
+    out!(
+        "{:<27}  {:<20}  {:<8}  {:<12}  {:<8}  MANAGER STATUS",
+        "ID",
+        "HOSTNAME",
+        "STATUS",
+        "AVAILABILITY",
+        "ROLE"
     );
     for node in nodes {
         let spec = node.spec.clone().unwrap_or_default();
@@ -135,9 +294,15 @@ pub(super) fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]
             .manager_status
             .as_ref()
             .map_or_else(String::new, manager_status_label);
-        println!(
-            "{:<25}  {:<20}  {:<8}  {:<12}  {:<8}  {manager}",
-            node.id,
+        // The node this command speaks for is marked, as `docker node ls` marks its own.
+        let is_self = client.self_node_id.as_deref() == Some(node.id.as_str());
+        out!(
+            "{:<27}  {:<20}  {:<8}  {:<12}  {:<8}  {manager}",
+            if is_self {
+                format!("{} *", node.id)
+            } else {
+                node.id.clone()
+            },
             spec.hostname,
             label::<NodeState>(node.status.as_ref().map_or(0, |s| s.state)),
             label::<NodeAvailability>(spec.availability),
@@ -150,6 +315,9 @@ pub(super) fn print_nodes(client: &Client, nodes: &[crate::proto::objects::Node]
 /// `rm`/`transfer` take them.
 #[derive(serde::Serialize)]
 struct MemberShown<'a> {
+    /// The node id, as every other command names the node (empty: no Node object records
+    /// this Raft member, e.g. one being removed).
+    node_id: &'a str,
     id: String,
     addr: &'a str,
     role: &'a str,
@@ -168,7 +336,7 @@ struct GroupShown<'a> {
     members: Vec<MemberShown<'a>>,
 }
 
-fn managers_json(status: &StatusResponse) -> GroupShown<'_> {
+fn managers_json<'a>(status: &'a StatusResponse, nodes: &'a RaftNodes) -> GroupShown<'a> {
     GroupShown {
         leader: format!("{:x}", status.leader),
         term: status.term,
@@ -177,6 +345,7 @@ fn managers_json(status: &StatusResponse) -> GroupShown<'_> {
             .members
             .iter()
             .map(|m| MemberShown {
+                node_id: nodes.node_of(m.raft_id).unwrap_or_default(),
                 id: format!("{:x}", m.raft_id),
                 addr: &m.addr,
                 role: &m.role,
@@ -189,14 +358,42 @@ fn managers_json(status: &StatusResponse) -> GroupShown<'_> {
     }
 }
 
-pub(super) fn print_managers(client: &Client, status: &StatusResponse) {
+/// Which node each Raft member is (from the Node objects' manager status): `manager ls`
+/// names managers by node id, like every other command, with the Raft id beside.
+pub(super) struct RaftNodes(HashMap<u64, String>);
+
+impl RaftNodes {
+    /// The Raft ids `nodes` record.
+    pub(super) fn new(nodes: &[Node]) -> Self {
+        Self(
+            nodes
+                .iter()
+                .filter_map(|n| Some((n.manager_status.as_ref()?.raft_id, n.id.clone())))
+                .filter(|(raft_id, _)| *raft_id != 0)
+                .collect(),
+        )
+    }
+
+    /// The node id of Raft member `raft_id`, if a Node object records it.
+    pub(super) fn node_of(&self, raft_id: u64) -> Option<&str> {
+        self.0.get(&raft_id).map(String::as_str)
+    }
+}
+
+pub(super) fn print_managers(client: &Client, status: &StatusResponse, nodes: &RaftNodes) {
     if client.format == Format::Json {
-        client.print_json(&managers_json(status));
+        client.print_json(&managers_json(status, nodes));
         return;
     }
-    println!(
-        "{:<18} {:<22} {:<9} {:<10} {:>13} {:>12}  PROBLEM",
-        "ID", "ADDRESS", "ROLE", "REACHABLE", "LAST CONTACT", "MATCH INDEX"
+    out!(
+        "{:<27} {:<16} {:<22} {:<9} {:<10} {:>13} {:>12}  PROBLEM",
+        "NODE",
+        "RAFT ID",
+        "ADDRESS",
+        "ROLE",
+        "REACHABLE",
+        "LAST CONTACT",
+        "MATCH INDEX"
     );
     for m in &status.members {
         let contact = match m.last_contact_ms {
@@ -204,8 +401,15 @@ pub(super) fn print_managers(client: &Client, status: &StatusResponse) {
             u64::MAX => "never".to_string(),
             ms => format!("{ms} ms ago"),
         };
-        println!(
-            "{:<18} {:<22} {:<9} {:<10} {:>13} {:>12}  {}",
+        let node = nodes.node_of(m.raft_id).unwrap_or("?");
+        let is_self = client.self_node_id.as_deref() == Some(node);
+        out!(
+            "{:<27} {:<16} {:<22} {:<9} {:<10} {:>13} {:>12}  {}",
+            if is_self {
+                format!("{node} *")
+            } else {
+                node.to_string()
+            },
             format!("{:x}", m.raft_id),
             if m.addr.is_empty() { "?" } else { &m.addr },
             m.role,
@@ -215,8 +419,13 @@ pub(super) fn print_managers(client: &Client, status: &StatusResponse) {
             m.problem
         );
     }
-    println!(
-        "leader {:x}, term {}, commit index {}",
-        status.leader, status.term, status.commit
+    let leader = nodes.node_of(status.leader).map_or_else(
+        || format!("{:x}", status.leader),
+        |node| format!("{node} (raft id {:x})", status.leader),
+    );
+    out!(
+        "leader {leader}, term {}, commit index {}",
+        status.term,
+        status.commit
     );
 }

@@ -4,15 +4,18 @@
 //! Must never talk to the transport except through [`Client`], nor print a table itself
 //! (tables are in [`super::output`]).
 
+use std::collections::HashSet;
+
 use clap::Subcommand;
 
 use super::client::Client;
 use super::flags::{SpecFlags, apply_flags};
-use super::output::{Format, print_services, print_tasks};
+use super::output::{Format, Names, print_services, print_tasks};
+use super::progress;
 use crate::cli::{CommandError, json};
 use crate::control as api;
 use crate::proto::control as pb;
-use crate::proto::objects::{ServiceMode, ServiceSpec, TaskSpec};
+use crate::proto::objects::{Node, Service, ServiceMode, ServiceSpec, Task, TaskSpec};
 
 /// `flotilla service …`
 #[derive(Subcommand, Debug)]
@@ -27,6 +30,10 @@ pub enum ServiceCommand {
         /// The spec.
         #[command(flatten)]
         spec: SpecFlags,
+        /// Return at once instead of waiting, with progress on stderr, until every task
+        /// runs (and has kept running for the monitor period).
+        #[arg(long, short = 'd')]
+        detach: bool,
         /// The program and its arguments (everything from here on is the task's).
         // No `allow_hyphen_values`: a mistyped or unsupported option (`--publish`) must be
         // refused, not become the program. `--` still passes a leading `-` through.
@@ -66,6 +73,10 @@ pub enum ServiceCommand {
         /// Refuse the update unless the service is still at this version (from `inspect`).
         #[arg(long)]
         if_version: Option<u64>,
+        /// Return at once instead of waiting, with progress on stderr, until every task
+        /// runs the new spec (and has kept running for the monitor period).
+        #[arg(long, short = 'd')]
+        detach: bool,
         /// New program and arguments (everything from here on is the task's).
         #[arg(trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -78,7 +89,7 @@ pub enum ServiceCommand {
     },
 }
 
-fn get_service(client: &Client, reference: &str) -> Result<crate::proto::objects::Service, String> {
+fn get_service(client: &Client, reference: &str) -> Result<Service, String> {
     let reply: pb::ServiceResponse = client.unary(
         api::GET_SERVICE,
         &pb::GetServiceRequest {
@@ -90,12 +101,41 @@ fn get_service(client: &Client, reference: &str) -> Result<crate::proto::objects
         .ok_or_else(|| "the manager sent an empty reply".to_string())
 }
 
+fn list_tasks(client: &Client, service: &str) -> Result<Vec<Task>, String> {
+    client.list(
+        api::LIST_TASKS,
+        &pb::ListTasksRequest {
+            service_id: service.to_string(),
+            node_id: String::new(),
+        },
+        |c: pb::TaskChunk| c.tasks,
+    )
+}
+
+fn list_nodes(client: &Client) -> Result<Vec<Node>, String> {
+    client.list(
+        api::LIST_NODES,
+        &pb::ListNodesRequest {},
+        |c: pb::NodeChunk| c.nodes,
+    )
+}
+
+/// The name a command reports it acted on: the service's name, or its id if it has none.
+fn service_name(service: &Service) -> &str {
+    service
+        .spec
+        .as_ref()
+        .map(|s| s.name.as_str())
+        .filter(|name| !name.is_empty())
+        .unwrap_or(&service.id)
+}
+
 fn update_service(
     client: &Client,
     reference: &str,
     if_version: Option<u64>,
     change: impl FnOnce(&mut ServiceSpec) -> Result<(), String>,
-) -> Result<crate::proto::objects::Service, CommandError> {
+) -> Result<Service, CommandError> {
     let current = get_service(client, reference)?;
     let mut spec = current.spec.clone().unwrap_or_default();
     change(&mut spec)?;
@@ -120,6 +160,7 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
         ServiceCommand::Create {
             name,
             spec: flags,
+            detach,
             command,
         } => {
             let mut spec = ServiceSpec {
@@ -149,7 +190,10 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
             let service = reply.service.unwrap_or_default();
             match client.format {
                 Format::Json => client.print_json(&json::service(&service)),
-                Format::Table => println!("{}", service.id),
+                Format::Table => out!("{}", service.id),
+            }
+            if !detach {
+                progress::wait_converged(client, &service, HashSet::new())?;
             }
         }
         ServiceCommand::Ls => {
@@ -158,21 +202,21 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                 &pb::ListServicesRequest {},
                 |c: pb::ServiceChunk| c.services,
             )?;
-            print_services(client, &services);
+            // REPLICAS counts running tasks; JSON prints the services alone.
+            let tasks = match client.format {
+                Format::Table => list_tasks(client, "")?,
+                Format::Json => Vec::new(),
+            };
+            print_services(client, &services, &tasks);
         }
         ServiceCommand::Inspect { service } => {
             client.print_json(&json::service(&get_service(client, &service)?));
         }
         ServiceCommand::Ps { service } => {
-            let tasks = client.list(
-                api::LIST_TASKS,
-                &pb::ListTasksRequest {
-                    service_id: service,
-                    node_id: String::new(),
-                },
-                |c: pb::TaskChunk| c.tasks,
-            )?;
-            print_tasks(client, &tasks);
+            let service = get_service(client, &service)?;
+            let tasks = list_tasks(client, &service.id)?;
+            let names = Names::new(&list_nodes(client)?, std::slice::from_ref(&service));
+            print_tasks(client, &tasks, &names);
         }
         ServiceCommand::Scale { pairs } => {
             for pair in pairs {
@@ -190,7 +234,7 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                     spec.replicas = replicas;
                     Ok(())
                 })?;
-                println!("{} scaled to {replicas}", service.id);
+                out!("{} scaled to {replicas}", service_name(&service));
             }
         }
         ServiceCommand::Update {
@@ -199,7 +243,14 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
             rename,
             command,
             if_version,
+            detach,
         } => {
+            // The tasks before the update: only the failures of those it makes count.
+            let before = if detach {
+                HashSet::new()
+            } else {
+                progress::task_ids(client, &service)?
+            };
             let updated = update_service(client, &service, if_version, |spec| {
                 if let Some(name) = rename {
                     spec.name = name;
@@ -213,17 +264,22 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
             })?;
             match client.format {
                 Format::Json => client.print_json(&json::service(&updated)),
-                Format::Table => println!(
+                Format::Table => out!(
                     "{} updated to version {}",
-                    updated.id,
+                    service_name(&updated),
                     updated.meta.as_ref().map_or(0, |m| m.version)
                 ),
+            }
+            if !detach {
+                progress::wait_converged(client, &updated, before)?;
             }
         }
         ServiceCommand::Rm { services } => {
             for reference in services {
+                // Reported as the user named it, as docker does.
+                let named = reference.clone();
                 let check = format!("flotilla service inspect {reference}");
-                let reply: pb::RemoveResponse = client.write(
+                let _: pb::RemoveResponse = client.write(
                     api::REMOVE_SERVICE,
                     &pb::RemoveServiceRequest {
                         reference,
@@ -231,7 +287,7 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                     },
                     &check,
                 )?;
-                println!("{}", reply.id);
+                out!("{named}");
             }
         }
     }

@@ -6,7 +6,7 @@
 use clap::Subcommand;
 
 use super::client::Client;
-use super::output::print_tasks;
+use super::output::{Format, Names, print_tasks};
 use crate::cli::json;
 use crate::control as api;
 use crate::proto::control as pb;
@@ -41,7 +41,23 @@ pub(super) fn run(client: &Client, command: TaskCommand) -> Result<(), String> {
                 },
                 |c: pb::TaskChunk| c.tasks,
             )?;
-            print_tasks(client, &tasks);
+            // The table names tasks and nodes as `service ps` does; JSON prints ids.
+            let names = match client.format {
+                Format::Table => Names::new(
+                    &client.list(
+                        api::LIST_NODES,
+                        &pb::ListNodesRequest {},
+                        |c: pb::NodeChunk| c.nodes,
+                    )?,
+                    &client.list(
+                        api::LIST_SERVICES,
+                        &pb::ListServicesRequest {},
+                        |c: pb::ServiceChunk| c.services,
+                    )?,
+                ),
+                Format::Json => Names::new(&[], &[]),
+            };
+            print_tasks(client, &tasks, &names);
         }
         TaskCommand::Inspect { task } => {
             let reply: pb::TaskResponse =

@@ -255,9 +255,9 @@ fn print_event(format: Format, message: &pb::WatchMessage) {
                 name,
                 object,
             };
-            println!("{}", json::line(&line));
+            out!("{}", json::line(&line));
         }
-        Format::Table => println!(
+        Format::Table => out!(
             "{:>10}  {action:<7} {kind:<8} {id:<25}  {name}",
             message.version
         ),
@@ -318,9 +318,12 @@ pub(crate) fn run(client: &Client, args: &WatchArgs) -> Result<(), String> {
     let filters = filters(&resolve_names(client, args));
     let addrs = candidates(client);
     if client.format == Format::Table {
-        println!(
+        out!(
             "{:>10}  {:<7} {:<8} {:<25}  NAME",
-            "VERSION", "ACTION", "KIND", "ID"
+            "VERSION",
+            "ACTION",
+            "KIND",
+            "ID"
         );
     }
     let mut last: Option<u64> = None;
