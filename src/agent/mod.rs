@@ -11,6 +11,7 @@
 //! Must never import `dispatcher` (the managers' side): what both sides agree on (limits,
 //! messages) lives in `proto::dispatcher`.
 
+pub mod endpoints;
 pub mod executor;
 pub mod host;
 pub mod node;
