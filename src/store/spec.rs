@@ -967,6 +967,12 @@ mod tests {
                         " node.labels.zone != eu-west ".into(),
                     ],
                 }),
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: PORT_PROTOCOL_TCP.into(),
+                }],
+                ..Default::default()
             }),
             update: Some(UpdateConfig {
                 parallelism: 2,
