@@ -1189,12 +1189,12 @@ mod tests {
                 "twice",
             ),
             (
-                refused(|s| task(s).ports.push(port("http", 0))),
+                refused(|s| task(s).ports = vec![port("http", 0)]),
                 "task.ports[0].port",
                 "outside",
             ),
             (
-                refused(|s| task(s).ports.push(port("a.b", 80))),
+                refused(|s| task(s).ports = vec![port("a.b", 80)]),
                 "task.ports[0].name",
                 "contains",
             ),
@@ -1207,13 +1207,13 @@ mod tests {
                 refused(|s| {
                     let mut udp = port("dns", 53);
                     udp.protocol = "udp".into();
-                    task(s).ports.push(udp);
+                    task(s).ports = vec![udp];
                 }),
                 "task.ports[0].protocol",
                 "tcp",
             ),
             (
-                refused(|s| task(s).ports.push(port("averyveryverylongname", 80))),
+                refused(|s| task(s).ports = vec![port("averyveryverylongname", 80)]),
                 "task.ports[0].name",
                 "more than 15",
             ),
