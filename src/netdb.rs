@@ -67,8 +67,7 @@ pub trait NetworkTables: Send + Sync {
     ///
     /// # Errors
     /// Not attached, a field over its limit, or full.
-    fn put(&self, network: &str, table: &str, key: &str, value: Bytes)
-    -> Result<(), TablesError>;
+    fn put(&self, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), TablesError>;
 
     /// Deletes `key` from `table` of `network`.
     ///
@@ -146,13 +145,7 @@ impl NetworkTables for LocalTables {
         }
     }
 
-    fn put(
-        &self,
-        network: &str,
-        table: &str,
-        key: &str,
-        value: Bytes,
-    ) -> Result<(), TablesError> {
+    fn put(&self, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), TablesError> {
         check_name("table name", table, TABLE_NAME_BYTES_MAX)?;
         check_name("key", key, KEY_BYTES_MAX)?;
         if value.len() > ENDPOINT_BYTES_MAX {
@@ -279,7 +272,11 @@ mod tests {
             })
             .collect();
         let bytes = encode_endpoint(&largest).unwrap();
-        assert!(bytes.len() < ENDPOINT_BYTES_MAX / 2, "{} bytes", bytes.len());
+        assert!(
+            bytes.len() < ENDPOINT_BYTES_MAX / 2,
+            "{} bytes",
+            bytes.len()
+        );
     }
 
     #[test]
@@ -310,7 +307,9 @@ mod tests {
         );
         tables.join_network("n1").unwrap();
         let before = tables.generation();
-        tables.put("n1", ENDPOINTS_TABLE, "k", value.clone()).unwrap();
+        tables
+            .put("n1", ENDPOINTS_TABLE, "k", value.clone())
+            .unwrap();
         assert!(tables.generation() > before);
         assert_eq!(
             tables.entries("n1", ENDPOINTS_TABLE),

@@ -73,7 +73,10 @@ fn dig(dns: &str, name: &str, rtype: &str) -> (String, Vec<String>) {
         .output()
         .expect("dig (package bind9-dnsutils) must be installed");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "dig {name} {rtype} failed:\n{text}");
+    assert!(
+        output.status.success(),
+        "dig {name} {rtype} failed:\n{text}"
+    );
     let status = text
         .lines()
         .find_map(|l| l.split("status: ").nth(1))
@@ -116,7 +119,10 @@ fn networks_are_created_listed_inspected_and_removed_with_clear_refusals() {
     assert!(driver.contains("only driver"), "{driver}");
 
     let table = cli_ok(&dir, &["network", "ls"]);
-    assert!(table.contains("backend") && table.contains("overlay"), "{table}");
+    assert!(
+        table.contains("backend") && table.contains("overlay"),
+        "{table}"
+    );
     let json = cli_ok(&dir, &["network", "ls", "--format", "json"]);
     assert!(json.contains(&format!("\"id\": \"{id}\"")), "{json}");
     let inspected = cli_ok(&dir, &["network", "inspect", "backend"]);
@@ -131,7 +137,16 @@ fn networks_are_created_listed_inspected_and_removed_with_clear_refusals() {
 
     let unknown = refused(
         &dir,
-        &["service", "create", "--name", "api", "--network", "nowhere", "sleep", "300"],
+        &[
+            "service",
+            "create",
+            "--name",
+            "api",
+            "--network",
+            "nowhere",
+            "sleep",
+            "300",
+        ],
     );
     assert!(
         unknown.contains("--network nowhere") && unknown.contains("network create"),
@@ -139,15 +154,32 @@ fn networks_are_created_listed_inspected_and_removed_with_clear_refusals() {
     );
     let bad_port = refused(
         &dir,
-        &["service", "create", "--name", "api", "--port", "http:99999/tcp", "sleep", "1"],
+        &[
+            "service",
+            "create",
+            "--name",
+            "api",
+            "--port",
+            "http:99999/tcp",
+            "sleep",
+            "1",
+        ],
     );
     assert!(bad_port.contains("--port"), "{bad_port}");
 
     cli_ok(
         &dir,
         &[
-            "service", "create", "--name", "api", "--network", "backend", "--port",
-            "http:8080/tcp", "sleep", "300",
+            "service",
+            "create",
+            "--name",
+            "api",
+            "--network",
+            "backend",
+            "--port",
+            "http:8080/tcp",
+            "sleep",
+            "300",
         ],
     );
     let service = cli_ok(&dir, &["service", "inspect", "api"]);
@@ -189,12 +221,29 @@ fn dig_resolves_a_running_service_and_forgets_it_once_its_tasks_stop() {
     let _manager = up(&dir, &dns);
     cli_ok(&dir, &["network", "create", "backend"]);
     let env_file: PathBuf = tmp.path().join("env");
-    let script = format!("echo \"$FLOTILLA_DNS\" > {}; exec sleep 300", env_file.display());
+    let script = format!(
+        "echo \"$FLOTILLA_DNS\" > {}; exec sleep 300",
+        env_file.display()
+    );
     cli_ok(
         &dir,
         &[
-            "service", "create", "--name", "web", "--replicas", "2", "--network", "backend",
-            "--port", "http:8080/tcp", "--port", "admin:9090", "--", "sh", "-c", &script,
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--network",
+            "backend",
+            "--port",
+            "http:8080/tcp",
+            "--port",
+            "admin:9090",
+            "--",
+            "sh",
+            "-c",
+            &script,
         ],
     );
     procs::eventually("two running tasks", TIMEOUT, || {
@@ -286,7 +335,13 @@ fn an_explicit_dns_address_in_use_stops_the_node_with_a_clear_error() {
         "{output}"
     );
     let (status, output) = procs::run_to_end(
-        &["up", "--state-dir", dir.to_str().unwrap(), "--dns-listen", "localhost"],
+        &[
+            "up",
+            "--state-dir",
+            dir.to_str().unwrap(),
+            "--dns-listen",
+            "localhost",
+        ],
         TIMEOUT,
     );
     assert!(!status.success());

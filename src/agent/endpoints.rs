@@ -174,7 +174,12 @@ impl NodeNetworking {
 
     /// Sets up `runner` to publish the endpoints of node `node_id`'s tasks at `addr` and
     /// to give its tasks the resolver's address.
-    pub fn configure(&self, runner: &mut super::RunnerConfig, node_id: &str, addr: std::net::IpAddr) {
+    pub fn configure(
+        &self,
+        runner: &mut super::RunnerConfig,
+        node_id: &str,
+        addr: std::net::IpAddr,
+    ) {
         runner.endpoints = Some(Arc::new(EndpointPublisher::new(
             Arc::clone(&self.tables),
             node_id,
@@ -259,7 +264,10 @@ mod tests {
         publisher.task_running(&task("t1", &["a", "b"]));
         publisher.task_running(&task("t2", &["a"]));
         publisher.task_running(&task("t3", &[]));
-        assert_eq!(tables.networks(), vec!["id-a".to_string(), "id-b".to_string()]);
+        assert_eq!(
+            tables.networks(),
+            vec!["id-a".to_string(), "id-b".to_string()]
+        );
         let in_a = tables.entries("id-a", ENDPOINTS_TABLE);
         assert_eq!(in_a.len(), 2);
         let endpoint = decode_endpoint(&in_a[0].1).unwrap();

@@ -157,7 +157,11 @@ fn run_with(
     let mut runner = RunnerConfig::new(args.state_dir.join("tasks"));
     // Its tasks are reached at the address other nodes know it by: the one it advertises,
     // else the one it reaches the managers from.
-    let reached_at = args.advertise.as_ref().or(args.listen.as_ref()).unwrap_or(&join_addr);
+    let reached_at = args
+        .advertise
+        .as_ref()
+        .or(args.listen.as_ref())
+        .unwrap_or(&join_addr);
     args.networking.configure(
         &mut runner,
         identity.node_id(),

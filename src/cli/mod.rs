@@ -16,8 +16,8 @@ pub use control::{ManagerCommand, watch};
 
 use crate::agent::endpoints::NodeNetworking;
 use crate::agent::runtime as agent;
-use crate::dns::server::DnsServer;
 use crate::ca::{JoinTokens, Role};
+use crate::dns::server::DnsServer;
 use crate::manager::first_start::Untouched;
 use crate::manager::{self, Manager, Settings, StateDir};
 use crate::net::{Transport, TransportConfig};

@@ -633,7 +633,9 @@ fn with_attachments(api: &ControlApi, mut spec: ServiceSpec) -> Result<ServiceSp
             .collect::<Result<_, Status>>()
     })?;
     spec.networks = networks.iter().map(|n| n.id.clone()).collect();
-    if let Some(index) = (1..spec.networks.len()).find(|i| spec.networks[..*i].contains(&spec.networks[*i])) {
+    if let Some(index) =
+        (1..spec.networks.len()).find(|i| spec.networks[..*i].contains(&spec.networks[*i]))
+    {
         return Err(Status::invalid_argument(format!(
             "invalid spec: networks[{index}]: network {} is named twice",
             spec.networks[index]
@@ -702,7 +704,10 @@ fn create_network(
             format!("network {id} already exists with another spec; create with a new id"),
         ));
     }
-    if let Some(holder) = api.store.view(|view| view.get_by_name::<Network>(&spec.name).cloned()) {
+    if let Some(holder) = api
+        .store
+        .view(|view| view.get_by_name::<Network>(&spec.name).cloned())
+    {
         return Err(Status::new(
             Code::AlreadyExists,
             format!(
@@ -735,8 +740,16 @@ fn remove_network(
         let current = resolve_network(view, &request.reference)?;
         let users: Vec<String> = view
             .list::<Service>()
-            .filter(|s| s.spec.as_ref().is_some_and(|spec| spec.networks.contains(&current.id)))
-            .map(|s| s.spec.as_ref().map_or_else(|| s.id.clone(), |spec| spec.name.clone()))
+            .filter(|s| {
+                s.spec
+                    .as_ref()
+                    .is_some_and(|spec| spec.networks.contains(&current.id))
+            })
+            .map(|s| {
+                s.spec
+                    .as_ref()
+                    .map_or_else(|| s.id.clone(), |spec| spec.name.clone())
+            })
             .collect();
         let attached_tasks = view
             .list::<Task>()

@@ -189,9 +189,7 @@ fn local_endpoints(api: &ControlApi, network: Network) -> pb::ListEndpointsRespo
             }
         })
         .collect();
-    endpoints.sort_by(|a, b| {
-        (&a.service_name, &a.task_id).cmp(&(&b.service_name, &b.task_id))
-    });
+    endpoints.sort_by(|a, b| (&a.service_name, &a.task_id).cmp(&(&b.service_name, &b.task_id)));
     pb::ListEndpointsResponse {
         network: Some(network),
         attached,

@@ -93,7 +93,9 @@ impl Directory {
                 let ports = endpoint
                     .ports
                     .iter()
-                    .filter_map(|p| Some((p.name.to_ascii_lowercase(), u16::try_from(p.port).ok()?)))
+                    .filter_map(|p| {
+                        Some((p.name.to_ascii_lowercase(), u16::try_from(p.port).ok()?))
+                    })
                     .collect();
                 let record = TaskRecord {
                     task_id: endpoint.task_id.to_ascii_lowercase(),
@@ -342,9 +344,14 @@ fn service_answer(
 pub fn respond(datagram: &[u8], directory: &Directory) -> Option<Vec<u8>> {
     match message::parse_query(datagram) {
         Ok(query) => {
-            let bytes_max = query.edns_udp_bytes.map_or(message::UDP_ANSWER_BYTES_DEFAULT, |b| {
-                usize::from(b).clamp(message::UDP_ANSWER_BYTES_DEFAULT, message::UDP_ANSWER_BYTES_MAX)
-            });
+            let bytes_max = query
+                .edns_udp_bytes
+                .map_or(message::UDP_ANSWER_BYTES_DEFAULT, |b| {
+                    usize::from(b).clamp(
+                        message::UDP_ANSWER_BYTES_DEFAULT,
+                        message::UDP_ANSWER_BYTES_MAX,
+                    )
+                });
             Some(message::write_answer(
                 &query,
                 &answer(&query, directory),

@@ -86,7 +86,14 @@ impl DnsServer {
         let (thread_stop, thread_stats) = (Arc::clone(&stop), Arc::clone(&stats));
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.to_string())
-            .spawn(move || serve(&socket, LiveDirectory::new(tables), &thread_stop, &thread_stats))
+            .spawn(move || {
+                serve(
+                    &socket,
+                    LiveDirectory::new(tables),
+                    &thread_stop,
+                    &thread_stats,
+                )
+            })
             .map_err(DnsError::Thread)?;
         log::info!("answering DNS queries on {bound} (udp)");
         Ok(DnsServer {

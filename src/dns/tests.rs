@@ -51,10 +51,22 @@ fn task(id: &str, addr: IpAddr, ports: &[(&str, u16)]) -> TaskRecord {
 /// on an IPv6 node.
 fn directory() -> Directory {
     let mut d = Directory::default();
-    d.insert("web", "backend", task("t1", v4(1), &[("http", 8080), ("admin", 9090)]));
-    d.insert("web", "backend", task("t2", v4(2), &[("http", 8080), ("admin", 9090)]));
+    d.insert(
+        "web",
+        "backend",
+        task("t1", v4(1), &[("http", 8080), ("admin", 9090)]),
+    );
+    d.insert(
+        "web",
+        "backend",
+        task("t2", v4(2), &[("http", 8080), ("admin", 9090)]),
+    );
     d.insert("web", "backend", task("t3", v4(1), &[("http", 8081)]));
-    d.insert("db", "backend", task("t4", IpAddr::V6(Ipv6Addr::LOCALHOST), &[]));
+    d.insert(
+        "db",
+        "backend",
+        task("t4", IpAddr::V6(Ipv6Addr::LOCALHOST), &[]),
+    );
     d
 }
 
@@ -256,7 +268,11 @@ fn header(reply: &[u8]) -> (u8, bool, u16, u16) {
 fn answers_fit_the_clients_size_and_say_when_cut() {
     let mut d = Directory::default();
     for i in 0..100u8 {
-        d.insert("big", "net", task(&format!("task{i:03}"), v4(i), &[("http", 80)]));
+        d.insert(
+            "big",
+            "net",
+            task(&format!("task{i:03}"), v4(i), &[("http", 80)]),
+        );
     }
     let reply = respond(&query(1, "big.net", TYPE_A, None), &d).unwrap();
     let (rcode, truncated, answers, _) = header(&reply);
@@ -340,7 +356,10 @@ fn the_directory_follows_the_tables_and_skips_bad_entries() {
         first.tasks("web", "backend").map(<[TaskRecord]>::len),
         Some(1)
     );
-    assert!(Arc::ptr_eq(&first, &live.current()), "unchanged: not rebuilt");
+    assert!(
+        Arc::ptr_eq(&first, &live.current()),
+        "unchanged: not rebuilt"
+    );
     tables
         .delete("netid", crate::netdb::ENDPOINTS_TABLE, "t1")
         .unwrap();
@@ -374,14 +393,19 @@ fn the_server_answers_over_udp_and_stops() {
     assert_eq!(&reply[..2], &77u16.to_be_bytes());
     assert_eq!(header(reply), (0, false, 1, 0));
     assert_eq!(&reply[len - 4..], &[10, 1, 2, 3]);
+    client.send_to(&[1, 2, 3], server.local_addr()).unwrap();
     client
-        .send_to(&[1, 2, 3], server.local_addr())
-        .unwrap();
-    client
-        .send_to(&query(78, "nope.backend", TYPE_A, None), server.local_addr())
+        .send_to(
+            &query(78, "nope.backend", TYPE_A, None),
+            server.local_addr(),
+        )
         .unwrap();
     let len = client.recv(&mut buffer).unwrap();
-    assert_eq!(&buffer[..2], &78u16.to_be_bytes(), "the short datagram got nothing");
+    assert_eq!(
+        &buffer[..2],
+        &78u16.to_be_bytes(),
+        "the short datagram got nothing"
+    );
     assert_eq!(buffer[3] & 0x0F, Rcode::NxDomain as u8);
     let _ = len;
     server.stop();

@@ -12,8 +12,8 @@ use clap::Args;
 
 use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
-    Placement, PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+    Placement, PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy,
+    ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 
 /// Service spec flags, shared by `service create` and `service update` (on update, only
@@ -98,7 +98,8 @@ pub struct SpecFlags {
 /// # Errors
 /// What is wrong, naming `--port`.
 pub fn parse_port(text: &str) -> Result<PortSpec, String> {
-    let bad = |why: &str| format!("--port {text:?}: {why}; expected NAME:PORT/tcp, e.g. http:8080/tcp");
+    let bad =
+        |why: &str| format!("--port {text:?}: {why}; expected NAME:PORT/tcp, e.g. http:8080/tcp");
     let (name, rest) = text.split_once(':').ok_or_else(|| bad("no ':'"))?;
     let (number, protocol) = rest.split_once('/').unwrap_or((rest, "tcp"));
     if name.is_empty() {

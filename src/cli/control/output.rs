@@ -73,7 +73,10 @@ pub(super) fn print_networks(client: &Client, networks: &[crate::proto::objects:
         client.print_json(&networks.iter().map(json::network).collect::<Vec<_>>());
         return;
     }
-    println!("{:<12}  {:<24}  {:<10}  {:>8}", "ID", "NAME", "DRIVER", "VERSION");
+    println!(
+        "{:<12}  {:<24}  {:<10}  {:>8}",
+        "ID", "NAME", "DRIVER", "VERSION"
+    );
     for network in networks {
         let spec = network.spec.clone().unwrap_or_default();
         println!(
