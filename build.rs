@@ -579,6 +579,7 @@ const JSON_ROOTS: &[&str] = &[
     ".flotilla.objects.Service",
     ".flotilla.objects.Task",
     ".flotilla.objects.Network",
+    ".flotilla.objects.Endpoint",
     ".flotilla.objects.Cluster",
 ];
 

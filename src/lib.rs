@@ -10,12 +10,14 @@ pub mod ca_rpc;
 pub mod cli;
 pub mod control;
 pub mod dispatcher;
+pub mod dns;
 pub mod gossip;
 pub mod kv;
 #[cfg(any(test, feature = "sim"))]
 pub mod lincheck;
 pub mod manager;
 pub mod net;
+pub mod netdb;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;

@@ -152,13 +152,9 @@ impl TaskSink for Node {
 
 /// `(desired, current)` state names of the service's tasks, from `service ps`.
 fn task_states(dir: &std::path::Path, service: &str) -> Vec<(String, String)> {
-    cli_ok(dir, &["service", "ps", service])
-        .lines()
-        .skip(1)
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 6).then(|| (fields[4].to_string(), fields[5].to_string()))
-        })
+    procs::task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.desired, row.current))
         .collect()
 }
 

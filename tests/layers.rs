@@ -19,11 +19,11 @@ const LAYERS: &[&[&str]] = &[
     // Nothing of the crate above them; pure (no IO, no threads) but for `timer::service`,
     // the one thread that imports nothing of the product.
     &["util", "proto", "lincheck", "timer"],
-    &["wire", "gossip"],
+    &["wire", "gossip", "netdb"],
     &["ca"],
     &["net"],
     &["raft", "store"],
-    &["replication", "kv", "ca_rpc", "state_dir"],
+    &["replication", "kv", "ca_rpc", "state_dir", "dns"],
     &["control", "dispatcher", "orchestrator", "agent"],
     &["manager"],
     &["cli"],

@@ -17,6 +17,7 @@
 //! messages) lives in `proto::dispatcher`.
 
 pub mod chain;
+pub mod endpoints;
 pub mod executor;
 pub mod host;
 pub mod managers;

@@ -54,6 +54,8 @@ pub struct AgentArgs {
     pub listen: Option<String>,
     /// The address other managers dial once promoted (default: `listen`).
     pub advertise: Option<String>,
+    /// The node's network tables and DNS responder (they live as long as the process).
+    pub networking: super::endpoints::NodeNetworking,
 }
 
 /// How an agent run ended.
@@ -161,12 +163,20 @@ fn run_with(
         tls: client_tls,
         hostname: crate::util::hostname(),
     };
-    let agent = Agent::start(
-        transport.clone(),
-        session,
-        RunnerConfig::new(args.state_dir.join("tasks")),
-    )
-    .map_err(|e| e.to_string())?;
+    let mut runner = RunnerConfig::new(args.state_dir.join("tasks"));
+    // Its tasks are reached at the address other nodes know it by: the one it advertises,
+    // else the one it reaches the managers from.
+    let reached_at = args
+        .advertise
+        .as_ref()
+        .or(args.listen.as_ref())
+        .unwrap_or(&join_addr);
+    args.networking.configure(
+        &mut runner,
+        identity.node_id(),
+        super::endpoints::endpoint_ip(reached_at),
+    );
+    let agent = Agent::start(transport.clone(), session, runner).map_err(|e| e.to_string())?;
     println!(
         "flotilla agent {} running the tasks assigned to it (managers: {listed})",
         identity.node_id()

@@ -95,6 +95,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::{Condvar, Mutex};
 
+use crate::agent::endpoints::EndpointPublisher;
 use crate::agent::executor::{self, ExitOutcome, TaskProcess};
 use crate::proto::objects::{Task, TaskState, TaskStatus};
 
@@ -156,6 +157,12 @@ pub struct RunnerConfig {
     pub log_file_bytes_max: u64,
     /// How often live processes are checked for an exit.
     pub exit_poll_period: Duration,
+    /// Publishes the endpoints of running tasks attached to networks (none: nothing is
+    /// published).
+    pub endpoints: Option<Arc<EndpointPublisher>>,
+    /// `KEY=VALUE` entries added to every task's environment unless its spec sets the key
+    /// (the node's resolver, `FLOTILLA_DNS`).
+    pub task_env: Vec<String>,
 }
 
 impl RunnerConfig {
@@ -167,6 +174,8 @@ impl RunnerConfig {
             tasks_running_max: TASKS_RUNNING_MAX_DEFAULT,
             log_file_bytes_max: executor::LOG_FILE_BYTES_MAX_DEFAULT,
             exit_poll_period: EXIT_POLL_PERIOD_DEFAULT,
+            endpoints: None,
+            task_env: Vec::new(),
         }
     }
 }
@@ -722,10 +731,21 @@ impl Worker {
         self.report(&task_id, new_status(TaskState::Running, &message));
     }
 
-    /// Reports `status` for task `id`, remembered as its latest (if held).
+    /// Reports `status` for task `id`, remembered as its latest (if held); a task that runs
+    /// gets its endpoints published, one that ended has them withdrawn.
     fn report(&mut self, id: &str, status: TaskStatus) {
         if let Some(entry) = self.entries.get_mut(id) {
             entry.reported = Some(status.clone());
+            if let Some(endpoints) = &self.config.endpoints
+                && status.state == TaskState::Running as i32
+            {
+                endpoints.task_running(&entry.task);
+            }
+        }
+        if let Some(endpoints) = &self.config.endpoints
+            && is_terminal(status.state)
+        {
+            endpoints.task_stopped(id);
         }
         self.reporter.report(id, status);
     }
@@ -843,6 +863,13 @@ impl Worker {
         }
         let tracked = self.entries.len();
         if let Some(entry) = self.entries.get_mut(&id) {
+            // An adopted process was held under a placeholder: its endpoints are published
+            // once its assignment (with its networks) arrives.
+            if let (Phase::Live(process), Some(endpoints)) = (&entry.phase, &self.config.endpoints)
+                && !process.is_stopping()
+            {
+                endpoints.task_running(&task);
+            }
             entry.task = task;
             entry.forget = false;
         } else if tracked >= TASKS_TRACKED_MAX {
@@ -883,6 +910,9 @@ impl Worker {
     /// Drops a task whose process (if any) was reaped: its directory goes, its id is
     /// remembered so that it never starts again.
     fn forget(&mut self, id: &str) {
+        if let Some(endpoints) = &self.config.endpoints {
+            endpoints.task_stopped(id);
+        }
         let entry = self
             .entries
             .remove(id)
@@ -1015,7 +1045,8 @@ impl Worker {
             self.report(id, status);
             return;
         }
-        let spec = entry.task.spec.clone().unwrap_or_default();
+        let mut spec = entry.task.spec.clone().unwrap_or_default();
+        add_env(&mut spec.env, &self.config.task_env);
         let starting = new_status(TaskState::Starting, &format!("starting {:?}", spec.command));
         self.report(id, starting);
         let (phase, status) = match executor::spawn(&self.config.work_dir, id, &spec) {
@@ -1104,6 +1135,20 @@ impl Worker {
         while !self.reporter.waiting.is_empty() && Instant::now() < give_up {
             std::thread::sleep(self.config.exit_poll_period);
             self.reporter.flush();
+        }
+    }
+}
+
+/// Adds each `KEY=VALUE` of `extra` to `env` unless `env` sets that key already (the
+/// task's own value wins).
+fn add_env(env: &mut Vec<String>, extra: &[String]) {
+    for entry in extra {
+        let key = entry.split_once('=').map_or(entry.as_str(), |(key, _)| key);
+        let set = env
+            .iter()
+            .any(|e| e.split_once('=').map_or(e.as_str(), |(k, _)| k) == key);
+        if !set {
+            env.push(entry.clone());
         }
     }
 }

@@ -14,8 +14,10 @@ pub mod json;
 
 pub use control::{ManagerCommand, watch};
 
+use crate::agent::endpoints::NodeNetworking;
 use crate::agent::runtime as agent;
 use crate::ca::{JoinTokens, Role};
+use crate::dns::server::DnsServer;
 use crate::manager::first_start::Untouched;
 use crate::manager::{self, Manager, Settings, StateDir};
 use crate::net::{Transport, TransportConfig};
@@ -87,6 +89,9 @@ pub enum Command {
         /// manager.conf): a different --listen is refused, with how to move it.
         #[arg(long)]
         listen: Option<String>,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Create a new cluster with this node as its first manager, print the join tokens and
     /// run it.
@@ -94,6 +99,9 @@ pub enum Command {
         /// The new manager's state directory and addresses.
         #[command(flatten)]
         node: NewManagerArgs,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Join an existing cluster as a manager, using a manager join token, and run.
     Join {
@@ -105,6 +113,9 @@ pub enum Command {
         token: String,
         /// Address of any manager of the cluster (host:port).
         manager: String,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Run this machine as a worker node: join with a worker token on the first run, then
     /// run the tasks the cluster assigns here until interrupted (which stops them).
@@ -126,6 +137,9 @@ pub enum Command {
         /// The address other managers dial once it is a manager (default: --listen).
         #[arg(long)]
         advertise: Option<String>,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Resume the node whose state is in the state directory: a manager, or a demoted one
     /// as a worker (which becomes a manager again, in place, once promoted).
@@ -133,6 +147,9 @@ pub enum Command {
         /// The node's state directory.
         #[arg(long)]
         state_dir: PathBuf,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Bring back a manager whose Raft state is damaged or lost, from the other managers:
     /// it leaves the Raft group and joins it again with an empty log (same node id and
@@ -148,6 +165,9 @@ pub enum Command {
         token: String,
         /// Address of a running manager of the cluster (host:port).
         manager: String,
+        /// The node's DNS responder.
+        #[command(flatten)]
+        dns: DnsArgs,
     },
     /// Say what is left of a manager's damaged Raft state; with `--accept-loss`, make the
     /// manager start from it. Only for a cluster's single manager: a manager with peers
@@ -186,6 +206,16 @@ pub enum Command {
         /// What to do.
         #[command(subcommand)]
         command: control::NodeCommand,
+    },
+    /// Create, list, inspect and remove networks (service discovery: `<service>.<network>`
+    /// resolves on the nodes running its tasks).
+    Network {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::NetworkCommand,
     },
     /// List and inspect tasks.
     Task {
@@ -251,11 +281,16 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn execute(command: Command) -> Result<(), CommandError> {
     match command {
-        Command::Up { state_dir, listen } => {
+        Command::Up {
+            state_dir,
+            listen,
+            dns,
+        } => {
             let dir = StateDir::new(state_dir.clone());
             if dir.is_initialized() {
                 refuse_other_listen(&dir, listen.as_deref())?;
-                return Ok(serve(&dir)?);
+                let net = dns.start()?;
+                return Ok(serve(&dir, &net.networking)?);
             }
             let node = NewManagerArgs {
                 state_dir,
@@ -264,16 +299,19 @@ fn execute(command: Command) -> Result<(), CommandError> {
                 snapshot_interval_entries: None,
                 kv_enabled: false,
             };
-            Ok(init_and_serve(&dir, &node.settings(None))?)
+            let net = dns.start()?;
+            Ok(init_and_serve(&dir, &node.settings(None), &net.networking)?)
         }
-        Command::Init { node } => {
+        Command::Init { node, dns } => {
             let dir = StateDir::new(node.state_dir.clone());
-            Ok(init_and_serve(&dir, &node.settings(None))?)
+            let net = dns.start()?;
+            Ok(init_and_serve(&dir, &node.settings(None), &net.networking)?)
         }
         Command::Join {
             node,
             token,
             manager,
+            dns,
         } => {
             let dir = StateDir::new(node.state_dir.clone());
             let settings = node.settings(Some(&manager));
@@ -284,13 +322,18 @@ fn execute(command: Command) -> Result<(), CommandError> {
             let joined = manager::join(&dir, &settings, &transport, &token, &manager);
             transport.shutdown();
             joined.map_err(|e| e.to_string())?;
-            Ok(serve(&dir)?)
+            let net = dns.start()?;
+            Ok(serve(&dir, &net.networking)?)
         }
-        Command::Run { state_dir } => Ok(serve(&StateDir::new(state_dir))?),
+        Command::Run { state_dir, dns } => {
+            let net = dns.start()?;
+            Ok(serve(&StateDir::new(state_dir), &net.networking)?)
+        }
         Command::Rejoin {
             state_dir,
             token,
             manager,
+            dns,
         } => {
             let dir = StateDir::new(state_dir);
             let transport = Transport::start(TransportConfig::default())
@@ -308,7 +351,8 @@ fn execute(command: Command) -> Result<(), CommandError> {
                 "rejoining as Raft member {:x}; catching up from the other managers",
                 rejoined.settings.raft_id
             );
-            Ok(serve(&dir)?)
+            let net = dns.start()?;
+            Ok(serve(&dir, &net.networking)?)
         }
         Command::Repair {
             state_dir,
@@ -320,13 +364,18 @@ fn execute(command: Command) -> Result<(), CommandError> {
             managers,
             listen,
             advertise,
-        } => Ok(run_agent(agent::AgentArgs {
-            state_dir,
-            token,
-            managers,
-            listen,
-            advertise,
-        })?),
+            dns,
+        } => {
+            let net = dns.start()?;
+            Ok(run_agent(agent::AgentArgs {
+                state_dir,
+                token,
+                managers,
+                listen,
+                advertise,
+                networking: net.networking.clone(),
+            })?)
+        }
         Command::Manager {
             connection,
             command,
@@ -343,6 +392,10 @@ fn execute(command: Command) -> Result<(), CommandError> {
             connection,
             command,
         } => control::run(&connection, control::ControlCommand::Task(command)),
+        Command::Network {
+            connection,
+            command,
+        } => control::run(&connection, control::ControlCommand::Network(command)),
         Command::Cluster {
             connection,
             command,
@@ -362,6 +415,57 @@ fn execute(command: Command) -> Result<(), CommandError> {
         Command::Watch { connection, filter } => {
             control::run(&connection, control::ControlCommand::Watch(filter))
         }
+    }
+}
+
+/// `--dns-listen`: where the node's DNS responder answers (every command that runs a node).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DnsArgs {
+    /// Where the node's DNS responder answers (UDP, IP:PORT), or `none` for no responder.
+    /// Given explicitly, an address in use stops the node; the default, taken by another
+    /// node on this host, is skipped with a warning.
+    #[arg(long, value_name = "IP:PORT")]
+    pub dns_listen: Option<String>,
+}
+
+/// The node's networking for the process's lifetime: its tables and, if it runs, its DNS
+/// responder (stopped when this is dropped).
+pub struct NodeNet {
+    /// The tables and the resolver's address, handed to the node.
+    pub networking: NodeNetworking,
+    /// The responder's thread.
+    pub dns: Option<DnsServer>,
+}
+
+impl DnsArgs {
+    /// The process's tables and DNS responder.
+    ///
+    /// # Errors
+    /// A bad `--dns-listen`, or an explicit address that cannot be bound.
+    pub fn start(&self) -> Result<NodeNet, String> {
+        let mut networking = NodeNetworking::local_only();
+        let (text, explicit) = match self.dns_listen.as_deref() {
+            Some("none") => {
+                return Ok(NodeNet {
+                    networking,
+                    dns: None,
+                });
+            }
+            Some(text) => (text, true),
+            None => (crate::dns::DNS_LISTEN_DEFAULT, false),
+        };
+        let addr = crate::dns::server::parse_listen(text).map_err(|e| e.to_string())?;
+        let dns = match DnsServer::start(addr, std::sync::Arc::clone(&networking.tables)) {
+            Ok(server) => Some(server),
+            Err(error) if !explicit => {
+                log::warn!("{error}; this node runs without a DNS responder");
+                eprintln!("flotilla: warning: {error}; this node runs without a DNS responder");
+                None
+            }
+            Err(error) => return Err(error.to_string()),
+        };
+        networking.dns_addr = dns.as_ref().map(DnsServer::local_addr);
+        Ok(NodeNet { networking, dns })
     }
 }
 
@@ -447,7 +551,7 @@ fn repair(dir: &StateDir, accept_loss: bool) -> Result<(), String> {
 /// Runs the node in `dir` until SIGINT or SIGTERM, in whatever role the cluster gives it:
 /// a manager (then stopped through its barrier); demoted, a worker (its agent, in this
 /// process); promoted again, a manager in place.
-fn serve(dir: &StateDir) -> Result<(), String> {
+fn serve(dir: &StateDir, networking: &NodeNetworking) -> Result<(), String> {
     loop {
         if dir.is_demoted() {
             let args = agent::AgentArgs {
@@ -456,13 +560,14 @@ fn serve(dir: &StateDir) -> Result<(), String> {
                 managers: Vec::new(),
                 listen: None,
                 advertise: None,
+                networking: networking.clone(),
             };
             match agent::run(args)? {
                 agent::AgentExit::Stopped => return Ok(()),
                 agent::AgentExit::Promoted(addrs) => become_manager(dir, &addrs)?,
             }
         }
-        match serve_manager(dir)? {
+        match serve_manager(dir, networking)? {
             Served::Stopped => return Ok(()),
             Served::Demoted => {}
         }
@@ -472,11 +577,12 @@ fn serve(dir: &StateDir) -> Result<(), String> {
 /// `flotilla agent`: a worker until stopped, or promoted (then a manager in place).
 fn run_agent(args: agent::AgentArgs) -> Result<(), String> {
     let dir = StateDir::new(args.state_dir.clone());
+    let networking = args.networking.clone();
     match agent::run(args)? {
         agent::AgentExit::Stopped => Ok(()),
         agent::AgentExit::Promoted(addrs) => {
             become_manager(&dir, &addrs)?;
-            serve(&dir)
+            serve(&dir, &networking)
         }
     }
 }
@@ -505,7 +611,11 @@ enum Served {
 /// prints the join tokens once it runs. A first start that fails leaves the directory as
 /// it found it ([`Untouched`]): nothing half-made shapes the next attempt, which takes the
 /// flags it is given (another `--listen`, say).
-fn init_and_serve(dir: &StateDir, settings: &Settings) -> Result<(), String> {
+fn init_and_serve(
+    dir: &StateDir,
+    settings: &Settings,
+    networking: &NodeNetworking,
+) -> Result<(), String> {
     if dir.is_initialized() || dir.has_raft_state() {
         // `init` refuses it, untouched, and says how to resume it (or, with Raft state but
         // no settings, that the directory is damaged): nothing to undo.
@@ -517,14 +627,14 @@ fn init_and_serve(dir: &StateDir, settings: &Settings) -> Result<(), String> {
     let untouched = Untouched::record(dir).map_err(|e| e.to_string())?;
     let started = manager::init(dir, settings)
         .map_err(|e| e.to_string())
-        .and_then(|tokens| Ok((start(dir)?, tokens)));
+        .and_then(|tokens| Ok((start(dir, networking)?, tokens)));
     match started {
         Ok((running, tokens)) => {
             print_tokens(&tokens);
             match wait(running)? {
                 Served::Stopped => Ok(()),
                 // Demoted: the node goes on as a worker.
-                Served::Demoted => serve(dir),
+                Served::Demoted => serve(dir, networking),
             }
         }
         Err(error) => Err(undo_first_start(dir, &untouched, error)),
@@ -609,12 +719,12 @@ struct Running {
 }
 
 /// Starts the manager in `dir`, and says where it listens.
-fn start(dir: &StateDir) -> Result<Running, String> {
+fn start(dir: &StateDir, networking: &NodeNetworking) -> Result<Running, String> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     // Registered before anything starts, so an early signal is not lost.
     let signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    let manager = Manager::start(dir).map_err(|e| e.to_string())?;
+    let manager = Manager::start_with(dir, networking.clone()).map_err(|e| e.to_string())?;
     println!(
         "flotilla manager listening on {} (commands on this machine use {})",
         manager.listen_addr(),
@@ -625,8 +735,8 @@ fn start(dir: &StateDir) -> Result<Running, String> {
 
 /// Runs the manager in `dir` until SIGINT or SIGTERM (or until it is demoted), then stops it
 /// through its barrier.
-fn serve_manager(dir: &StateDir) -> Result<Served, String> {
-    wait(start(dir)?)
+fn serve_manager(dir: &StateDir, networking: &NodeNetworking) -> Result<Served, String> {
+    wait(start(dir, networking)?)
 }
 
 /// Waits for SIGINT, SIGTERM or the manager's fatal stop (a demotion among them), then

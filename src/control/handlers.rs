@@ -22,7 +22,7 @@
 use std::sync::Arc;
 
 use super::answer::Done;
-use super::reads::{resolve_node, resolve_service, the_cluster};
+use super::reads::{resolve_network, resolve_node, resolve_service, the_cluster};
 use super::{Caller, ControlApi};
 use crate::ca::{JoinToken, JoinTokens, Role};
 use crate::proto::control as pb;
@@ -30,12 +30,15 @@ use crate::proto::control::forward_request::Call;
 use crate::proto::control::forward_response::Reply;
 use crate::proto::control::rpc::forward;
 use crate::proto::objects::{
-    Change, Cluster, ManagerStatus, Meta, Node, NodeAvailability, NodeRole, NodeSpec, NodeState,
-    NodeStatus, RequestId, Service, ServiceSpec, Transaction,
+    Change, Cluster, ManagerStatus, Meta, Network, NetworkAttachment, Node, NodeAvailability,
+    NodeRole, NodeSpec, NodeState, NodeStatus, RequestId, Service, ServiceSpec, Task, TaskState,
+    Transaction,
 };
 use crate::replication::{PROPOSE_TIMEOUT, propose_transaction_with};
 use crate::store::answers::{Answer, Lookup, Recorded};
-use crate::store::spec::{validate_cluster_spec, validate_node_spec, validate_service_spec};
+use crate::store::spec::{
+    validate_cluster_spec, validate_network_spec, validate_node_spec, validate_service_spec,
+};
 use crate::store::{Kind, Record, create, delete, update_expecting};
 use crate::wire::{Code, Status, WriteFate};
 
@@ -198,6 +201,20 @@ pub(super) fn execute(api: &Arc<ControlApi>, caller: &Caller, call: Call, done: 
             revoke_removed_manager(api, &r),
             wrapped(done, Reply::RevokeRemovedManager),
         ),
+        Call::CreateNetwork(r) => once(
+            api,
+            r,
+            network_reply,
+            create_network,
+            wrapped(done, Reply::CreateNetwork),
+        ),
+        Call::RemoveNetwork(r) => once(
+            api,
+            r,
+            removal_reply,
+            remove_network,
+            wrapped(done, Reply::RemoveNetwork),
+        ),
     }
 }
 
@@ -264,7 +281,9 @@ requested!(
     pb::RemoveNodeRequest,
     pb::UpdateClusterRequest,
     pb::RotateJoinTokenRequest,
-    pb::RevokeAdminCertificateRequest
+    pb::RevokeAdminCertificateRequest,
+    pb::CreateNetworkRequest,
+    pb::RemoveNetworkRequest
 );
 
 /// What the table of answers holds for `id`, read from the local store.
@@ -507,6 +526,7 @@ fn create_service(
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+    let spec = with_attachments(api, spec)?;
     let id = if request.id.is_empty() {
         crate::util::id::random_id()
     } else if is_object_id(&request.id) {
@@ -560,6 +580,7 @@ fn update_service(
         .spec
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+    let spec = with_attachments(api, spec)?;
     let mut service = current.as_ref().clone();
     service.previous_spec = service.spec.replace(spec);
     let created = created_at_ms(current.as_ref());
@@ -585,6 +606,197 @@ fn remove_service(
         vec![delete(Kind::Service, id.clone(), 0)],
         move |_| pb::RemoveResponse { id },
     ))
+}
+
+/// `spec` with its networks resolved (each reference, an id, a name or a unique id prefix,
+/// becomes the network's id) and its task template told which networks its tasks attach to
+/// and the service's name (what their endpoints carry).
+///
+/// # Errors
+/// `NotFound` naming the unknown network and how to list or create networks.
+fn with_attachments(api: &ControlApi, mut spec: ServiceSpec) -> Result<ServiceSpec, Status> {
+    let networks: Vec<std::sync::Arc<Network>> = api.store.view(|view| {
+        spec.networks
+            .iter()
+            .map(|reference| {
+                resolve_network(view, reference).map_err(|refusal| {
+                    Status::new(
+                        refusal.code,
+                        format!(
+                            "--network {reference}: {}; create it with `flotilla network \
+                             create {reference}`",
+                            refusal.message
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<_, Status>>()
+    })?;
+    spec.networks = networks.iter().map(|n| n.id.clone()).collect();
+    if let Some(index) =
+        (1..spec.networks.len()).find(|i| spec.networks[..*i].contains(&spec.networks[*i]))
+    {
+        return Err(Status::invalid_argument(format!(
+            "invalid spec: networks[{index}]: network {} is named twice",
+            spec.networks[index]
+        )));
+    }
+    let name = spec.name.clone();
+    let task = spec.task.get_or_insert_with(Default::default);
+    task.networks = networks
+        .iter()
+        .map(|n| NetworkAttachment {
+            id: n.id.clone(),
+            name: n.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+        })
+        .collect();
+    task.service_name = if task.networks.is_empty() {
+        String::new()
+    } else {
+        name
+    };
+    Ok(spec)
+}
+
+/// The reply to a repeated network create: the network as it is now.
+fn network_reply(api: &ControlApi, recorded: &Recorded) -> Result<pb::NetworkResponse, Status> {
+    let stub = |id| Network {
+        id,
+        ..Default::default()
+    };
+    Ok(pb::NetworkResponse {
+        network: Some(recorded_object(api, recorded, stub)),
+    })
+}
+
+/// Creates a network. Idempotent per request as [`create_service`]: a retry of a create
+/// whose first attempt committed answers with the network it made.
+fn create_network(
+    api: &ControlApi,
+    request: pb::CreateNetworkRequest,
+) -> Result<Prepared<pb::NetworkResponse>, Status> {
+    let mut spec = request
+        .spec
+        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+    if spec.driver.is_empty() {
+        spec.driver = crate::store::spec::NETWORK_DRIVER_DEFAULT.to_string();
+    }
+    validate_network_spec(&spec).map_err(|e| spec_error(&e))?;
+    let id = if request.id.is_empty() {
+        crate::util::id::random_id()
+    } else if is_object_id(&request.id) {
+        request.id
+    } else {
+        return Err(Status::invalid_argument(format!(
+            "id: {:?} is not an object id ({OBJECT_ID_CHARS} lowercase letters and digits); \
+             leave it empty to have one chosen",
+            request.id
+        )));
+    };
+    if let Some(existing) = api.store.get::<Network>(&id) {
+        if existing.spec.as_ref() == Some(&spec) {
+            return Ok(Prepared::Answered(pb::NetworkResponse {
+                network: Some(existing.as_ref().clone()),
+            }));
+        }
+        return Err(Status::new(
+            Code::AlreadyExists,
+            format!("network {id} already exists with another spec; create with a new id"),
+        ));
+    }
+    if let Some(holder) = api
+        .store
+        .view(|view| view.get_by_name::<Network>(&spec.name).cloned())
+    {
+        return Err(Status::new(
+            Code::AlreadyExists,
+            format!(
+                "network name {:?} is taken by network {}; choose another name, or remove it \
+                 first (`flotilla network rm {}`)",
+                spec.name, holder.id, spec.name
+            ),
+        ));
+    }
+    let network = Network {
+        id,
+        spec: Some(spec),
+        ..Default::default()
+    };
+    Ok(Prepared::then(
+        vec![create(network.clone())],
+        move |applied| pb::NetworkResponse {
+            network: Some(as_written(network, applied, None)),
+        },
+    ))
+}
+
+/// Removes a network, refused while a service names it or a task attached to it has not
+/// finished (its endpoints would dangle).
+fn remove_network(
+    api: &ControlApi,
+    request: pb::RemoveNetworkRequest,
+) -> Result<Prepared<pb::RemoveResponse>, Status> {
+    let (current, users, attached_tasks) = api.store.view(|view| {
+        let current = resolve_network(view, &request.reference)?;
+        let users: Vec<String> = view
+            .list::<Service>()
+            .filter(|s| {
+                s.spec
+                    .as_ref()
+                    .is_some_and(|spec| spec.networks.contains(&current.id))
+            })
+            .map(|s| {
+                s.spec
+                    .as_ref()
+                    .map_or_else(|| s.id.clone(), |spec| spec.name.clone())
+            })
+            .collect();
+        let attached_tasks = view
+            .list::<Task>()
+            .filter(|t| task_uses_network(t, &current.id))
+            .count();
+        Ok::<_, Status>((current, users, attached_tasks))
+    })?;
+    let name = current.spec.as_ref().map_or("", |s| s.name.as_str());
+    if !users.is_empty() {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "network {name} is in use by service(s) {}; remove them, or give them \
+                 other networks first (`flotilla service update SERVICE --network OTHER`, or \
+                 `--no-networks`)",
+                users.join(", ")
+            ),
+        ));
+    }
+    if attached_tasks > 0 {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "network {name} still has {attached_tasks} task(s) attached that have not \
+                 finished; retry once they stopped (`flotilla task ls`)"
+            ),
+        ));
+    }
+    let id = current.id.clone();
+    Ok(Prepared::then(
+        vec![delete(Kind::Network, id.clone(), 0)],
+        move |_| pb::RemoveResponse { id },
+    ))
+}
+
+/// True if `task` is attached to network `id` and has not finished.
+fn task_uses_network(task: &Task, id: &str) -> bool {
+    let observed = task.status.as_ref().map_or(0, |s| s.state);
+    // Finished, or asked to stop before any node took it (it never runs).
+    let finished = observed >= TaskState::Complete as i32
+        || (task.desired_state > TaskState::Running as i32
+            && observed < TaskState::Assigned as i32);
+    !finished
+        && task
+            .spec
+            .as_ref()
+            .is_some_and(|spec| spec.networks.iter().any(|n| n.id == id))
 }
 
 fn update_node(

@@ -180,6 +180,8 @@ pub struct ControlApi {
     writes_in_flight: Arc<AtomicUsize>,
     /// Deadlines of writes in flight.
     timers: Timers,
+    /// This manager's node's network tables (`control.ListEndpoints` reads them).
+    tables: Arc<dyn crate::netdb::NetworkTables>,
 }
 
 /// What the control API needs besides the Raft node and the store.
@@ -201,6 +203,8 @@ pub struct ControlDeps {
     pub continuations: Continuations,
     /// The timer thread that answers a write still in flight at its deadline.
     pub timers: Timers,
+    /// This manager's node's network tables, shared with its agent and DNS responder.
+    pub tables: Arc<dyn crate::netdb::NetworkTables>,
 }
 
 /// Why the join tokens file could not be read or written (the implementation's error).
@@ -239,6 +243,7 @@ impl ControlApi {
             continuations: deps.continuations,
             writes_in_flight: Arc::new(AtomicUsize::new(0)),
             timers: deps.timers,
+            tables: deps.tables,
         })
     }
 
@@ -632,6 +637,8 @@ pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) 
     register_write(router, pool, api, forward::REPORT_MANAGER);
     register_write(router, pool, api, forward::UPDATE_CLUSTER);
     register_write(router, pool, api, forward::ROTATE_JOIN_TOKEN);
+    register_write(router, pool, api, forward::CREATE_NETWORK);
+    register_write(router, pool, api, forward::REMOVE_NETWORK);
     reads::register(router, pool, api);
     watch::register(router, pool, api);
     managers::register(router, pool, api);
@@ -650,7 +657,7 @@ mod tests {
         rpc::METHODS.into_iter()
     }
 
-    /// The writes a follower forwards: today's eight writes, the admin certificate calls,
+    /// The writes a follower forwards: the service, node, cluster, token and network writes, the admin certificate calls,
     /// and the two internal ones.
     #[test]
     fn the_forwarded_writes_are_those_of_before() {
@@ -673,6 +680,8 @@ mod tests {
                 REVOKE_ADMIN_CERTIFICATE,
                 PUBLISH_ROOT_CA,
                 REVOKE_REMOVED_MANAGER,
+                CREATE_NETWORK,
+                REMOVE_NETWORK,
             ])
         );
         let internal: BTreeSet<&str> = control_methods()

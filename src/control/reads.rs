@@ -12,7 +12,7 @@ use super::{ControlApi, LIST_CHUNK_BYTES_MAX};
 use crate::net::{Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
 use crate::proto::control::rpc;
-use crate::proto::objects::{Cluster, Node, RaftReachability, Service, Task};
+use crate::proto::objects::{Cluster, Network, Node, RaftReachability, Service, Task};
 use crate::store::{ReadView, Record};
 use crate::wire::{Code, Status};
 
@@ -82,6 +82,23 @@ pub(super) fn resolve_node(view: &ReadView<'_>, reference: &str) -> Result<Arc<N
         )));
     }
     resolve(view, reference, |_| by_hostname.pop(), "node", "node")
+}
+
+/// The network with id, name or unique id prefix `reference`.
+///
+/// # Errors
+/// As [`resolve_service`].
+pub(super) fn resolve_network(
+    view: &ReadView<'_>,
+    reference: &str,
+) -> Result<Arc<Network>, Status> {
+    resolve(
+        view,
+        reference,
+        |v| v.get_by_name::<Network>(reference).cloned(),
+        "network",
+        "network",
+    )
 }
 
 /// The task with id or unique id prefix `reference`.
@@ -154,6 +171,30 @@ fn with_manager_view(api: &ControlApi, view: Option<&GroupView>, node: &Node) ->
         }
     }
     node
+}
+
+/// The endpoints of `network` as this manager's node sees them (its own tables: the gossip
+/// view, not the replicated state), sorted by service and task.
+fn local_endpoints(api: &ControlApi, network: Network) -> pb::ListEndpointsResponse {
+    let tables = &api.tables;
+    let attached = tables.networks().contains(&network.id);
+    let mut endpoints: Vec<crate::proto::objects::Endpoint> = tables
+        .entries(&network.id, crate::netdb::ENDPOINTS_TABLE)
+        .into_iter()
+        .filter_map(|(key, value)| match crate::netdb::decode_endpoint(&value) {
+            Ok(endpoint) => Some(endpoint),
+            Err(error) => {
+                log::debug!("endpoint {key} of network {}: {error}", network.id);
+                None
+            }
+        })
+        .collect();
+    endpoints.sort_by(|a, b| (&a.service_name, &a.task_id).cmp(&(&b.service_name, &b.task_id)));
+    pb::ListEndpointsResponse {
+        network: Some(network),
+        attached,
+        endpoints,
+    }
 }
 
 /// Serves the read methods.
@@ -278,6 +319,42 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             Ok(pb::ClusterResponse {
                 cluster: Some(cluster),
             })
+        },
+    );
+    let a = api.clone();
+    router.serve_unary(
+        rpc::GET_NETWORK,
+        pool,
+        move |_, request: pb::GetNetworkRequest| {
+            a.read_barrier()?;
+            let network = a
+                .store
+                .view(|view| resolve_network(view, &request.reference))?;
+            Ok(pb::NetworkResponse {
+                network: Some(network.as_ref().clone()),
+            })
+        },
+    );
+    let a = api.clone();
+    router.serve_server_stream(
+        rpc::LIST_NETWORKS,
+        pool,
+        move |_, _: pb::ListNetworksRequest, stream| {
+            a.read_barrier()?;
+            let networks = a.store.list::<Network>();
+            stream_chunks(&networks, &stream, |networks| pb::NetworkChunk { networks })
+        },
+    );
+    let a = api.clone();
+    router.serve_unary(
+        rpc::LIST_ENDPOINTS,
+        pool,
+        move |_, request: pb::ListEndpointsRequest| {
+            a.read_barrier()?;
+            let network = a
+                .store
+                .view(|view| resolve_network(view, &request.reference))?;
+            Ok(local_endpoints(&a, network.as_ref().clone()))
         },
     );
     let a = api.clone();

@@ -9,6 +9,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use super::state::ManagerState;
+use crate::agent::endpoints::{NodeNetworking, endpoint_ip};
 use crate::agent::session::AgentConfig;
 use crate::agent::{Agent, AgentError, RunnerConfig};
 use crate::ca::{
@@ -303,6 +304,15 @@ impl Manager {
     /// # Errors
     /// [`StartError`]: an uninitialized or unreadable directory, an address in use, …
     pub fn start(dir: &StateDir) -> Result<Manager, StartError> {
+        Self::start_with(dir, NodeNetworking::local_only())
+    }
+
+    /// Starts the manager whose state is in `dir`, its node publishing endpoints in
+    /// `networking`'s tables (the process's, shared with its DNS responder).
+    ///
+    /// # Errors
+    /// As [`Manager::start`].
+    pub fn start_with(dir: &StateDir, networking: NodeNetworking) -> Result<Manager, StartError> {
         if !dir.root().exists() {
             // Not even created: nothing to lock (locking would create it).
             return Err(StartError::NotInitialized(dir.root().display().to_string()));
@@ -429,6 +439,7 @@ impl Manager {
                 tokens_file: Arc::new(dir.clone()),
                 continuations: control_pool.continuations(),
                 timers: timers.clone(),
+                tables: Arc::clone(&networking.tables),
             },
         );
         control::register(&mut router, &control_pool, &control);
@@ -493,7 +504,14 @@ impl Manager {
             ),
             _ => None,
         };
-        let agent = start_agent(dir, &settings, &transport, &client_tls, raft.handle())?;
+        let agent = start_agent(
+            dir,
+            &settings,
+            &transport,
+            &client_tls,
+            raft.handle(),
+            (&networking, identity.node_id()),
+        )?;
         Ok(Manager {
             dir: dir.clone(),
             settings,
@@ -712,6 +730,7 @@ fn start_agent(
     transport: &Arc<Transport>,
     client_tls: &Arc<rustls::ClientConfig>,
     raft: &NodeHandle,
+    (networking, node_id): (&NodeNetworking, &str),
 ) -> Result<Agent, StartError> {
     let raft = raft.clone();
     let own_addr = settings.advertise_addr.clone();
@@ -734,6 +753,7 @@ fn start_agent(
     if let Some(tasks) = settings.tasks_running_max {
         runner.tasks_running_max = usize::try_from(tasks).unwrap_or(usize::MAX);
     }
+    networking.configure(&mut runner, node_id, endpoint_ip(&settings.advertise_addr));
     Ok(Agent::start(transport.clone(), session, runner)?)
 }
 

@@ -10,14 +10,26 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::proto::objects::{
-    ClusterSpec, Node, NodeAvailability, NodeRole, NodeSpec, ResourceRequirements, Resources,
-    RestartCondition, RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig,
-    UpdateFailureAction, UpdateOrder,
+    ClusterSpec, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec, PortSpec,
+    ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec,
+    TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::Code;
 
 /// The longest service, network or cluster name (a DNS label).
 pub const NAME_BYTES_MAX: usize = 63;
+
+/// The most networks one service attaches to (a node joins at most 24 gossip networks).
+pub const SERVICE_NETWORKS_MAX: usize = 8;
+/// The most ports one task template declares: with [`PORT_NAME_BYTES_MAX`], an endpoint
+/// entry stays far below the gossip value limit (1 KiB).
+pub const PORTS_MAX: usize = 8;
+/// The longest port name (an IANA service name is at most 15 characters).
+pub const PORT_NAME_BYTES_MAX: usize = 15;
+/// The only port protocol today.
+pub const PORT_PROTOCOL_TCP: &str = "tcp";
+/// The network driver `network create` records unless told otherwise.
+pub const NETWORK_DRIVER_DEFAULT: &str = "overlay";
 
 /// The most replicas one replicated service may ask for.
 pub const REPLICAS_MAX: u64 = 100_000;
@@ -126,11 +138,95 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Checked {
     if let Some(update) = &spec.update {
         validate_update_config("update", update)?;
     }
+    if spec.networks.len() > SERVICE_NETWORKS_MAX {
+        return Err(SpecError::new(
+            "networks",
+            format!(
+                "{} networks, more than {SERVICE_NETWORKS_MAX}",
+                spec.networks.len()
+            ),
+        ));
+    }
     for (index, network) in spec.networks.iter().enumerate() {
         if network.is_empty() {
             return Err(SpecError::new(
                 format!("networks[{index}]"),
                 "network id must not be empty",
+            ));
+        }
+        if spec.networks[..index].contains(network) {
+            return Err(SpecError::new(
+                format!("networks[{index}]"),
+                format!("{network:?} is named twice"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a network spec: its name is a DNS label (`<service>.<network>` resolves), its
+/// driver `overlay` (the only one), no subnet (nothing allocates addresses yet).
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_network_spec(spec: &NetworkSpec) -> Checked {
+    validate_name("name", &spec.name)?;
+    validate_labels("labels", &spec.labels)?;
+    if spec.driver != NETWORK_DRIVER_DEFAULT {
+        return Err(SpecError::new(
+            "driver",
+            format!(
+                "{:?} is not supported; the only driver is {NETWORK_DRIVER_DEFAULT:?}",
+                spec.driver
+            ),
+        ));
+    }
+    if !spec.subnet.is_empty() {
+        return Err(SpecError::new(
+            "subnet",
+            "is not supported yet: tasks use their node's address",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the ports of a task template: at most [`PORTS_MAX`], each named by a DNS label of
+/// at most [`PORT_NAME_BYTES_MAX`] bytes, unique, a port from 1 to 65535, protocol `tcp`.
+fn validate_ports(field: &str, ports: &[PortSpec]) -> Checked {
+    if ports.len() > PORTS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!("{} ports, more than {PORTS_MAX}", ports.len()),
+        ));
+    }
+    for (index, port) in ports.iter().enumerate() {
+        let at = format!("{field}[{index}]");
+        validate_name(&format!("{at}.name"), &port.name)?;
+        if port.name.len() > PORT_NAME_BYTES_MAX {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!(
+                    "is {} bytes, more than {PORT_NAME_BYTES_MAX}",
+                    port.name.len()
+                ),
+            ));
+        }
+        if ports[..index].iter().any(|p| p.name == port.name) {
+            return Err(SpecError::new(
+                format!("{at}.name"),
+                format!("{:?} is named twice", port.name),
+            ));
+        }
+        if !(1..=u32::from(u16::MAX)).contains(&port.port) {
+            return Err(SpecError::new(
+                format!("{at}.port"),
+                format!("{} is outside [1, 65535]", port.port),
+            ));
+        }
+        if port.protocol != PORT_PROTOCOL_TCP {
+            return Err(SpecError::new(
+                format!("{at}.protocol"),
+                format!("{:?} is not supported; use \"tcp\"", port.protocol),
             ));
         }
     }
@@ -345,6 +441,7 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
             &placement.constraints,
         )?;
     }
+    validate_ports(&format!("{field}.ports"), &task.ports)?;
     Ok(())
 }
 
@@ -891,6 +988,12 @@ mod tests {
                         " node.labels.zone != eu-west ".into(),
                     ],
                 }),
+                ports: vec![PortSpec {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: PORT_PROTOCOL_TCP.into(),
+                }],
+                ..Default::default()
             }),
             update: Some(UpdateConfig {
                 parallelism: 2,
@@ -904,6 +1007,38 @@ mod tests {
     }
 
     /// Applies `change` to a valid spec and returns the error's field and reason.
+    fn port(name: &str, port: u32) -> crate::proto::objects::PortSpec {
+        crate::proto::objects::PortSpec {
+            name: name.into(),
+            port,
+            protocol: PORT_PROTOCOL_TCP.into(),
+        }
+    }
+
+    #[test]
+    fn network_specs_need_a_dns_name_and_the_overlay_driver() {
+        let good = NetworkSpec {
+            name: "backend".into(),
+            driver: NETWORK_DRIVER_DEFAULT.into(),
+            ..Default::default()
+        };
+        assert!(validate_network_spec(&good).is_ok());
+        let mut dotted = good.clone();
+        dotted.name = "back.end".into();
+        assert_eq!(validate_network_spec(&dotted).unwrap_err().field, "name");
+        let mut bridge = good.clone();
+        bridge.driver = "bridge".into();
+        assert!(
+            validate_network_spec(&bridge)
+                .unwrap_err()
+                .reason
+                .contains("only driver")
+        );
+        let mut subnet = good;
+        subnet.subnet = "10.0.0.0/24".into();
+        assert_eq!(validate_network_spec(&subnet).unwrap_err().field, "subnet");
+    }
+
     fn refused(change: impl FnOnce(&mut ServiceSpec)) -> SpecError {
         let mut spec = valid();
         change(&mut spec);
@@ -1068,6 +1203,40 @@ mod tests {
                 refused(|s| s.networks.push(String::new())),
                 "networks[0]",
                 "empty",
+            ),
+            (
+                refused(|s| s.networks = vec!["n1".into(), "n1".into()]),
+                "networks[1]",
+                "twice",
+            ),
+            (
+                refused(|s| task(s).ports = vec![port("http", 0)]),
+                "task.ports[0].port",
+                "outside",
+            ),
+            (
+                refused(|s| task(s).ports = vec![port("a.b", 80)]),
+                "task.ports[0].name",
+                "contains",
+            ),
+            (
+                refused(|s| task(s).ports = vec![port("web", 80), port("web", 81)]),
+                "task.ports[1].name",
+                "twice",
+            ),
+            (
+                refused(|s| {
+                    let mut udp = port("dns", 53);
+                    udp.protocol = "udp".into();
+                    task(s).ports = vec![udp];
+                }),
+                "task.ports[0].protocol",
+                "tcp",
+            ),
+            (
+                refused(|s| task(s).ports = vec![port("averyveryverylongname", 80)]),
+                "task.ports[0].name",
+                "more than 15",
             ),
             (
                 refused(|s| {

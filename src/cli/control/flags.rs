@@ -12,8 +12,8 @@ use clap::Args;
 
 use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
-    Placement, ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+    Placement, PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy,
+    ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 
 /// Service spec flags, shared by `service create` and `service update` (on update, only
@@ -77,6 +77,47 @@ pub struct SpecFlags {
     /// `stop-first` or `start-first`.
     #[arg(long)]
     pub update_order: Option<String>,
+    /// A network the tasks attach to, by name or id (repeatable; on update, replaces the
+    /// list). The tasks' endpoints are published there: `<service>.<network>` resolves.
+    #[arg(long = "network")]
+    pub networks: Vec<String>,
+    /// On update: attach the tasks to no network.
+    #[arg(long, conflicts_with = "networks")]
+    pub no_networks: bool,
+    /// A port the tasks listen on, `NAME:PORT/tcp` (repeatable; on update, replaces the
+    /// list): `_NAME._tcp.<service>.<network>` resolves to it (SRV).
+    #[arg(long = "port", value_name = "NAME:PORT/tcp")]
+    pub ports: Vec<String>,
+    /// On update: declare no port.
+    #[arg(long, conflicts_with = "ports")]
+    pub no_ports: bool,
+}
+
+/// Parses `NAME:PORT/tcp` (`/tcp` may be left out).
+///
+/// # Errors
+/// What is wrong, naming `--port`.
+pub fn parse_port(text: &str) -> Result<PortSpec, String> {
+    let bad =
+        |why: &str| format!("--port {text:?}: {why}; expected NAME:PORT/tcp, e.g. http:8080/tcp");
+    let (name, rest) = text.split_once(':').ok_or_else(|| bad("no ':'"))?;
+    let (number, protocol) = rest.split_once('/').unwrap_or((rest, "tcp"));
+    if name.is_empty() {
+        return Err(bad("the name is empty"));
+    }
+    let port = number
+        .parse::<u16>()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| bad("the port is not a number from 1 to 65535"))?;
+    if protocol != "tcp" {
+        return Err(bad("only tcp is supported"));
+    }
+    Ok(PortSpec {
+        name: name.to_string(),
+        port: u32::from(port),
+        protocol: protocol.to_string(),
+    })
 }
 
 /// Parses a duration into milliseconds: jiff's friendly format with units up to hours
@@ -228,6 +269,17 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
     if let Some(memory) = &flags.limit_memory {
         limits.memory_bytes = parse_bytes("limit-memory", memory)?;
     }
+    if !flags.ports.is_empty() || flags.no_ports {
+        task.ports = flags
+            .ports
+            .iter()
+            .map(|p| parse_port(p))
+            .collect::<Result<_, _>>()?;
+    }
+    if !flags.networks.is_empty() || flags.no_networks {
+        spec.networks = flags.networks.clone();
+    }
+    let task = spec.task.get_or_insert_with(TaskSpec::default);
     if !flags.constraints.is_empty() {
         task.placement = Some(Placement {
             constraints: flags.constraints.clone(),

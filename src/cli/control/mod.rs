@@ -1,4 +1,4 @@
-//! `flotilla service|node|task|cluster|join-token|manager|admin-cert|watch …`: control API
+//! `flotilla service|node|network|task|cluster|join-token|manager|admin-cert|watch …`: control API
 //! calls through a manager, over mutual TLS with the node identity in the state directory.
 //! Writes may go to any manager (a follower forwards them to the leader); reads are
 //! linearizable anywhere.
@@ -10,7 +10,7 @@
 //! [`super::EXIT_OUTCOME_UNKNOWN`]), never as failed or as a conflict.
 //!
 //! One module per noun, each with its clap definitions and its commands ([`service`],
-//! [`node`], [`task`], [`cluster`], [`join_token`], [`manager`], [`admin_cert`], [`watch`]),
+//! [`node`], [`network`], [`task`], [`cluster`], [`join_token`], [`manager`], [`admin_cert`], [`watch`]),
 //! all calling through one [`Client`] ([`client`]: connection, retries, exactly-once
 //! writes) and printing through [`output`] (tables, JSON); [`flags`] parses flag values.
 //!
@@ -54,6 +54,7 @@ mod cluster;
 mod flags;
 mod join_token;
 mod manager;
+mod network;
 mod node;
 mod output;
 mod progress;
@@ -71,6 +72,7 @@ pub use cluster::ClusterCommand;
 pub use flags::{SpecFlags, parse_bytes, parse_duration_ms, parse_nano_cpus};
 pub use join_token::TokenRole;
 pub use manager::ManagerCommand;
+pub use network::NetworkCommand;
 pub use node::NodeCommand;
 pub use output::Format;
 pub use service::ServiceCommand;
@@ -86,6 +88,8 @@ pub enum ControlCommand {
     Service(Box<ServiceCommand>),
     /// `node …`
     Node(NodeCommand),
+    /// `network …`
+    Network(NetworkCommand),
     /// `task …`
     Task(TaskCommand),
     /// `cluster …`
@@ -114,6 +118,7 @@ pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), Comma
     let result = match command {
         ControlCommand::Service(command) => service::run(&client, *command),
         ControlCommand::Node(command) => node::run(&client, command),
+        ControlCommand::Network(command) => network::run(&client, command),
         ControlCommand::Task(command) => task::run(&client, command).map_err(Into::into),
         ControlCommand::Cluster(command) => cluster::run(&client, command),
         ControlCommand::JoinToken { role, rotate } => join_token::run(&client, role, rotate),

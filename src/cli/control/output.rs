@@ -148,6 +148,27 @@ pub(super) fn print_services(client: &Client, services: &[Service], tasks: &[Tas
     }
 }
 
+pub(super) fn print_networks(client: &Client, networks: &[crate::proto::objects::Network]) {
+    if client.format == Format::Json {
+        client.print_json(&networks.iter().map(json::network).collect::<Vec<_>>());
+        return;
+    }
+    println!(
+        "{:<12}  {:<24}  {:<10}  {:>8}",
+        "ID", "NAME", "DRIVER", "VERSION"
+    );
+    for network in networks {
+        let spec = network.spec.clone().unwrap_or_default();
+        println!(
+            "{:<12}  {:<24}  {:<10}  {:>8}",
+            short(&network.id),
+            spec.name,
+            spec.driver,
+            network.meta.as_ref().map_or(0, |m| m.version),
+        );
+    }
+}
+
 /// What `service ps` and `task ls` show in their ERROR column (docker's): why the task
 /// failed, or why it is still pending (no node fits, none ready, …); empty otherwise.
 fn task_problem(task: &Task) -> &str {
