@@ -16,6 +16,7 @@ pub mod kv;
 pub mod lincheck;
 pub mod manager;
 pub mod net;
+pub mod networkdb;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;

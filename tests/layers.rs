@@ -23,7 +23,7 @@ const LAYERS: &[&[&str]] = &[
     &["ca"],
     &["net"],
     &["raft", "store"],
-    &["replication", "kv", "ca_rpc", "state_dir"],
+    &["replication", "kv", "ca_rpc", "state_dir", "networkdb"],
     &["control", "dispatcher", "orchestrator", "agent"],
     &["manager"],
     &["cli"],

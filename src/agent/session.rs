@@ -135,7 +135,15 @@ pub struct AgentConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// Recorded in a new worker's Node object.
     pub hostname: String,
+    /// Called with the cluster's network bootstrap keys (gossip encryption, oldest first)
+    /// each time a session starts or the leader sends new ones; `None`: not wanted.
+    pub network_keys: Option<NetworkKeysCallback>,
 }
+
+/// Receives the cluster's network bootstrap keys (see [`AgentConfig::network_keys`]). It
+/// runs on the session thread: it must return at once.
+pub type NetworkKeysCallback =
+    Arc<dyn Fn(Vec<crate::proto::objects::EncryptionKey>) + Send + Sync>;
 
 /// The running session and reporter threads. Stop with [`AgentSession::stop`].
 pub struct AgentSession {
@@ -331,6 +339,9 @@ fn session(
         match message.message {
             Some(pb::session_message::Message::Started(started)) => {
                 log::info!("agent: session {} with {addr}", started.session_id);
+                if let Some(deliver) = &config.network_keys {
+                    deliver(started.network_keys.clone());
+                }
                 sink.session_started();
                 *current.lock() = Some(Current {
                     session_id: started.session_id,
@@ -350,6 +361,11 @@ fn session(
             }
             Some(pb::session_message::Message::Assignments(assignments)) => {
                 sink.update(assignments.tasks, assignments.removed);
+            }
+            Some(pb::session_message::Message::NetworkKeys(keys)) => {
+                if let Some(deliver) = &config.network_keys {
+                    deliver(keys.keys);
+                }
             }
             None => {}
         }

@@ -126,6 +126,10 @@ pub enum Command {
         /// The address other managers dial once it is a manager (default: --listen).
         #[arg(long)]
         advertise: Option<String>,
+        /// Where networkdb's gossip binds (UDP, and TCP for bulk sync; host:port).
+        /// Default: the --listen port + 1, else a port the OS picks.
+        #[arg(long)]
+        gossip_listen: Option<String>,
     },
     /// Resume the node whose state is in the state directory: a manager, or a demoted one
     /// as a worker (which becomes a manager again, in place, once promoted).
@@ -320,12 +324,14 @@ fn execute(command: Command) -> Result<(), CommandError> {
             managers,
             listen,
             advertise,
+            gossip_listen,
         } => Ok(run_agent(agent::AgentArgs {
             state_dir,
             token,
             managers,
             listen,
             advertise,
+            gossip_listen,
         })?),
         Command::Manager {
             connection,
@@ -456,6 +462,7 @@ fn serve(dir: &StateDir) -> Result<(), String> {
                 managers: Vec::new(),
                 listen: None,
                 advertise: None,
+                gossip_listen: None,
             };
             match agent::run(args)? {
                 agent::AgentExit::Stopped => return Ok(()),

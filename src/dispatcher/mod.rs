@@ -725,6 +725,7 @@ impl Dispatcher {
                 message: Some(pb::session_message::Message::Started(pb::SessionStarted {
                     session_id: session_id.clone(),
                     heartbeat_period_ms: i64::try_from(millis(period)).unwrap_or(i64::MAX),
+                    network_keys: self.network_keys(),
                 })),
             })
         });
@@ -750,6 +751,18 @@ impl Dispatcher {
             stream.fail(status);
         }
         Ok(())
+    }
+
+    /// The cluster's network bootstrap keys (gossip encryption), oldest first.
+    fn network_keys(&self) -> Vec<crate::proto::objects::EncryptionKey> {
+        let mut keys = self
+            .store
+            .list::<crate::proto::objects::Cluster>()
+            .first()
+            .map(|c| c.network_bootstrap_keys.clone())
+            .unwrap_or_default();
+        keys.sort_by_key(|k| k.lamport_time);
+        keys
     }
 
     fn heartbeat(

@@ -28,6 +28,7 @@
 pub mod broadcast;
 mod bulk;
 pub mod codec;
+pub mod keyring;
 mod members;
 mod probe;
 mod random;
@@ -261,6 +262,18 @@ impl Gossip {
     /// This node's name.
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Where this node's packets reach it.
+    pub fn addr(&self) -> &NodeAddr {
+        &self.config.addr
+    }
+
+    /// Opens a bulk-sync session to member `peer` now (the periodic one, on demand): the
+    /// tables of the networks both are attached to. Nothing if they share none or a
+    /// session to it is open.
+    pub fn sync_with(&mut self, peer: &str) {
+        self.start_bulk_sync(peer, true);
     }
 
     /// This node's incarnation number.

@@ -237,6 +237,8 @@ pub struct Manager {
     duties: Option<Duties>,
     orchestrator: Option<Orchestrator>,
     agent: Option<Agent>,
+    /// networkdb (gossip), when its socket could be bound.
+    networkdb: Option<Arc<crate::networkdb::NetworkDb>>,
     /// The `flotilla-timers` thread: deadlines of control writes.
     timers: Timers,
     /// The state directory's process lock, held while the manager runs (dropped last).
@@ -414,6 +416,7 @@ impl Manager {
             identity.node_id(),
             settings.raft_id
         );
+        let networkdb = start_networkdb(&settings, &identity, &root, &live, &transport, &raft);
         let renewer = start_renewer(dir, &settings, &transport, &identity, &root, live)?;
         let duties = Duties::start(
             control.clone(),
@@ -440,7 +443,14 @@ impl Manager {
             ),
             _ => None,
         };
-        let agent = start_agent(dir, &settings, &transport, &client_tls, raft.handle())?;
+        let agent = start_agent(
+            dir,
+            &settings,
+            &transport,
+            &client_tls,
+            raft.handle(),
+            networkdb.as_ref(),
+        )?;
         Ok(Manager {
             dir: dir.clone(),
             settings,
@@ -467,6 +477,7 @@ impl Manager {
             duties: Some(duties),
             orchestrator: Some(orchestrator),
             agent: Some(agent),
+            networkdb,
             timers,
             _lock: lock,
         })
@@ -591,6 +602,9 @@ impl Manager {
         if let Some(agent) = self.agent.take() {
             agent.stop();
         }
+        if let Some(networkdb) = self.networkdb.take() {
+            networkdb.shutdown();
+        }
         if let Some(orchestrator) = self.orchestrator.take() {
             orchestrator.stop();
         }
@@ -659,6 +673,7 @@ fn start_agent(
     transport: &Arc<Transport>,
     client_tls: &Arc<rustls::ClientConfig>,
     raft: &NodeHandle,
+    networkdb: Option<&Arc<crate::networkdb::NetworkDb>>,
 ) -> Result<Agent, StartError> {
     let raft = raft.clone();
     let own_addr = settings.advertise_addr.clone();
@@ -674,12 +689,46 @@ fn start_agent(
         managers,
         tls: client_tls.clone(),
         hostname: crate::util::hostname(),
+        network_keys: networkdb.map(crate::agent::runtime::keys_into),
     };
     let mut runner = RunnerConfig::new(dir.tasks_dir());
     if let Some(tasks) = settings.tasks_running_max {
         runner.tasks_running_max = usize::try_from(tasks).unwrap_or(usize::MAX);
     }
     Ok(Agent::start(transport.clone(), session, runner)?)
+}
+
+/// networkdb on the listen address's IP, port + 1 (advertised on the advertise address's
+/// IP); the seeds are the Raft group's members (their gossip addresses, port + 1). A port
+/// taken is logged and the manager runs without gossip.
+fn start_networkdb(
+    settings: &Settings,
+    identity: &NodeIdentity,
+    root: &RootCert,
+    live: &Arc<tls::LiveIdentity>,
+    transport: &Arc<Transport>,
+    raft: &RaftNode,
+) -> Option<Arc<crate::networkdb::NetworkDb>> {
+    let bind = crate::networkdb::default_gossip_addr(&settings.listen_addr)?;
+    let advertise_ip = crate::networkdb::default_gossip_addr(&settings.advertise_addr)
+        .map_or(bind.ip(), |a| a.ip());
+    let handle = raft.handle().clone();
+    crate::networkdb::start_for_node(crate::networkdb::NodeGossip {
+        node_id: identity.node_id(),
+        bind: Some(bind),
+        advertise_ip,
+        managers: Box::new(move || {
+            handle
+                .directory()
+                .all()
+                .into_iter()
+                .map(|(_, addr)| addr)
+                .collect()
+        }),
+        transport,
+        live: live.clone(),
+        root,
+    })
 }
 
 fn start_renewer(
