@@ -175,6 +175,9 @@ pub struct Dispatcher {
     statuses: Mutex<StatusBatch>,
     /// Timed events the timer could not take, posted at the next tick.
     deferred: Mutex<Vec<Event>>,
+    /// The Lamport times of the network keys last handed to the sessions (`None`: not
+    /// looked yet).
+    keys_sent: Mutex<Option<Vec<u64>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -192,6 +195,7 @@ impl Dispatcher {
             events_rx,
             timers: Mutex::new(None),
             deferred: Mutex::new(Vec::new()),
+            keys_sent: Mutex::new(None),
             statuses: Mutex::new(StatusBatch::default()),
             thread: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -309,6 +313,7 @@ impl Dispatcher {
         if watch.is_none() {
             return;
         }
+        self.push_rotated_keys();
         let now = self.now_ms();
         let (ended, closed) = {
             let mut table = self.table.lock();
@@ -751,6 +756,32 @@ impl Dispatcher {
             stream.fail(status);
         }
         Ok(())
+    }
+
+    /// The leader rotated the network keys: every streaming session gets them at once
+    /// (a session with no room gets them with its next session: the previous keys stay
+    /// valid for two rotations).
+    fn push_rotated_keys(&self) {
+        let keys = self.network_keys();
+        let stamp: Vec<u64> = keys.iter().map(|k| k.lamport_time).collect();
+        let mut sent = self.keys_sent.lock();
+        if sent.as_ref() == Some(&stamp) {
+            return;
+        }
+        // The first look: sessions got these keys in their SessionStarted.
+        let first = sent.is_none();
+        *sent = Some(stamp);
+        drop(sent);
+        if first {
+            return;
+        }
+        let message = pb::SessionMessage {
+            message: Some(pb::session_message::Message::NetworkKeys(pb::NetworkKeys {
+                keys,
+            })),
+        };
+        let missed = self.table.lock().send_to_streaming(&message);
+        log::info!("dispatcher: network keys rotated; sent to the sessions ({missed} had no room)");
     }
 
     /// The cluster's network bootstrap keys (gossip encryption), oldest first.
