@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use flotilla::ca::{Role, tls};
-use flotilla::networkdb::{NetworkDb, NetworkDbConfig};
 use flotilla::net::{Transport, TransportConfig};
+use flotilla::networkdb::{NetworkDb, NetworkDbConfig};
 use flotilla::proto::objects::EncryptionKey;
 
 const NETWORK: &str = "blue";
@@ -206,14 +206,17 @@ fn a_node_under_another_key_is_never_heard_and_rotation_keeps_the_cluster_togeth
     let nodes = start_cluster(&cluster, 3);
     let seed = nodes[0].db.local_addr();
     let stranger = start_node(&cluster, "stranger", vec![seed], vec![key(9, 1)]);
-    eventually("the stranger's datagrams dropped as under an unknown key", || {
-        nodes[0]
-            .db
-            .stats()
-            .unknown_key
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    });
+    eventually(
+        "the stranger's datagrams dropped as under an unknown key",
+        || {
+            nodes[0]
+                .db
+                .stats()
+                .unknown_key
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        },
+    );
     assert!(stranger.db.live_members().is_empty());
     assert!(nodes.iter().all(|n| n.db.live_members().len() == 2));
     stranger.stop();
@@ -231,7 +234,9 @@ fn a_node_under_another_key_is_never_heard_and_rotation_keeps_the_cluster_togeth
         .put(NETWORK, TABLE, "after-rotation", Bytes::from_static(b"r"))
         .unwrap();
     eventually("an entry written after the rotation everywhere", || {
-        nodes.iter().all(|n| value_at(n, "after-rotation").is_some())
+        nodes
+            .iter()
+            .all(|n| value_at(n, "after-rotation").is_some())
     });
     for node in nodes {
         node.stop();

@@ -241,15 +241,17 @@ fn start_networkdb(
         .and_then(|ip| ip.parse().ok())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let seeds = managers.to_vec();
-    Ok(crate::networkdb::start_for_node(crate::networkdb::NodeGossip {
-        node_id: identity.node_id(),
-        bind,
-        advertise_ip,
-        managers: Box::new(move || seeds.clone()),
-        transport,
-        live: live.clone(),
-        root,
-    }))
+    Ok(crate::networkdb::start_for_node(
+        crate::networkdb::NodeGossip {
+            node_id: identity.node_id(),
+            bind,
+            advertise_ip,
+            managers: Box::new(move || seeds.clone()),
+            transport,
+            live: live.clone(),
+            root,
+        },
+    ))
 }
 
 /// Follows the role the cluster gives the node: renews when the certificate's differs, and

@@ -142,8 +142,7 @@ pub struct AgentConfig {
 
 /// Receives the cluster's network bootstrap keys (see [`AgentConfig::network_keys`]). It
 /// runs on the session thread: it must return at once.
-pub type NetworkKeysCallback =
-    Arc<dyn Fn(Vec<crate::proto::objects::EncryptionKey>) + Send + Sync>;
+pub type NetworkKeysCallback = Arc<dyn Fn(Vec<crate::proto::objects::EncryptionKey>) + Send + Sync>;
 
 /// The running session and reporter threads. Stop with [`AgentSession::stop`].
 pub struct AgentSession {

@@ -393,7 +393,10 @@ mod tests {
             assert_eq!(keys.last().map(|k| k.key[0]), Some(byte));
             assert_eq!(keys.last().map(|k| k.created_at_ms), Some(now));
             assert!(keys.len() <= NETWORK_KEYS_KEPT);
-            assert!(keys.windows(2).all(|w| w[0].lamport_time < w[1].lamport_time));
+            assert!(
+                keys.windows(2)
+                    .all(|w| w[0].lamport_time < w[1].lamport_time)
+            );
             cluster.network_bootstrap_keys = keys;
         }
         assert_eq!(cluster.network_bootstrap_keys.len(), NETWORK_KEYS_KEPT);

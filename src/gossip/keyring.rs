@@ -289,7 +289,10 @@ mod tests {
         let from_old = old.seal(Kind::Packet, [1; 12], b"x").unwrap();
         assert_eq!(ring.open(Kind::Packet, &from_old).unwrap(), b"x");
         let from_new = ring.seal(Kind::Packet, [2; 12], b"y").unwrap();
-        assert_eq!(old.open(Kind::Packet, &from_new), Err(OpenError::UnknownKey));
+        assert_eq!(
+            old.open(Kind::Packet, &from_new),
+            Err(OpenError::UnknownKey)
+        );
         assert_eq!(ring.remove(&B), Err(KeyError::Primary));
         ring.remove(&A).unwrap();
         assert_eq!(
@@ -325,10 +328,7 @@ mod tests {
     fn bad_keys_and_an_empty_ring_are_refused() {
         let mut ring = Keyring::new();
         assert_eq!(ring.add(&[0; 16]), Err(KeyError::BadLength(16)));
-        assert_eq!(
-            ring.seal(Kind::Chunk, [0; 12], b"x"),
-            Err(SealError::NoKey)
-        );
+        assert_eq!(ring.seal(Kind::Chunk, [0; 12], b"x"), Err(SealError::NoKey));
         assert_eq!(ring.use_primary(&A), Err(KeyError::Unknown));
         for i in 0..KEYS_MAX {
             ring.add(&[i as u8 + 10; 32]).unwrap();

@@ -299,14 +299,25 @@ impl Sim {
     }
 
     fn trace_key(&mut self) {
-        let Ok(spec) = std::env::var("GOSSIP_SIM_TRACE") else { return };
+        let Ok(spec) = std::env::var("GOSSIP_SIM_TRACE") else {
+            return;
+        };
         let mut parts = spec.split(',');
-        let (Some(network), Some(key)) = (parts.next(), parts.next()) else { return };
+        let (Some(network), Some(key)) = (parts.next(), parts.next()) else {
+            return;
+        };
         let k = (network.to_string(), TABLE.to_string(), key.to_string());
         let now: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("{:?} {:?} own={:?}", n.run, n.gossip.tables.get(&k), n.own.get(&(network.to_string(), key.to_string()))))
+            .map(|n| {
+                format!(
+                    "{:?} {:?} own={:?}",
+                    n.run,
+                    n.gossip.tables.get(&k),
+                    n.own.get(&(network.to_string(), key.to_string()))
+                )
+            })
             .collect();
         if now != self.trace_last {
             for (i, line) in now.iter().enumerate() {

@@ -269,7 +269,8 @@ fn entries_of_unattached_networks_or_unknown_owners_are_refused() {
     );
     // A tombstone only deletes: taken from an unknown owner too (one that departed before
     // this node joined), and it beats an older live version.
-    a.put("t", "n", "k", Bytes::from_static(b"v")).expect("attached");
+    a.put("t", "n", "k", Bytes::from_static(b"v"))
+        .expect("attached");
     let mut tombstone = event("n", "gone");
     tombstone.ltime = 10;
     tombstone.deleting = true;

@@ -717,14 +717,7 @@ fn start_networkdb(
         node_id: identity.node_id(),
         bind: Some(bind),
         advertise_ip,
-        managers: Box::new(move || {
-            handle
-                .directory()
-                .all()
-                .into_iter()
-                .map(|(_, addr)| addr)
-                .collect()
-        }),
+        managers: Box::new(move || handle.directory().all().into_values().collect()),
         transport,
         live: live.clone(),
         root,

@@ -37,10 +37,10 @@ use parking_lot::{Mutex, RwLock};
 use crate::gossip::keyring::{self, Keyring};
 use crate::gossip::{self, Gossip, GossipConfig, NodeAddr, UpdateError};
 use crate::net::{CallOptions, Router, ServicePool, Transport};
-use crate::wire::Status;
 use crate::proto::gossip as pb;
 use crate::proto::gossip::rpc;
 use crate::proto::objects::EncryptionKey;
+use crate::wire::Status;
 
 /// The gossip thread wakes at least this often (the core's clock resolution).
 pub const TICK_MS: u64 = 20;
@@ -90,7 +90,9 @@ pub struct NetworkDbConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The port is taken: pick another with `--gossip-listen`.
-    #[error("cannot bind the gossip socket on {addr}: {source} (choose another with --gossip-listen)")]
+    #[error(
+        "cannot bind the gossip socket on {addr}: {source} (choose another with --gossip-listen)"
+    )]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -622,11 +624,10 @@ pub fn start_for_node(node: NodeGossip<'_>) -> Option<Arc<NetworkDb>> {
     let bind = node
         .bind
         .unwrap_or_else(|| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
-    let tls = crate::ca::tls::server_config_live(node.live.clone(), node.root)
-        .and_then(|server| {
-            crate::ca::tls::peer_client_config_live(node.live.clone(), node.root)
-                .map(|client| (server, client))
-        });
+    let tls = crate::ca::tls::server_config_live(node.live.clone(), node.root).and_then(|server| {
+        crate::ca::tls::peer_client_config_live(node.live.clone(), node.root)
+            .map(|client| (server, client))
+    });
     let (server_tls, peer_tls) = match tls {
         Ok(configs) => configs,
         Err(error) => {
