@@ -36,7 +36,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.btree_map([".flotilla.objects"]);
     // The CA key must never reach a log through `{:?}`: its Debug is written by hand
     // (src/proto.rs) and prints no key bytes.
-    config.skip_debug([".flotilla.objects.RootCaKey"]);
+    config.skip_debug([
+        ".flotilla.objects.RootCaKey",
+        ".flotilla.objects.EncryptionKey",
+    ]);
     add_json_attributes(&mut config, &descriptors);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("proto_enums.rs"), enum_impls(&descriptors))?;

@@ -565,7 +565,12 @@ impl Shard {
             Some(pb::session_message::Message::Assignments(assignments)) => {
                 self.on_assignments(index, assignments);
             }
-            None => {}
+            // The load agents keep the managers they were given and run no gossip.
+            Some(
+                pb::session_message::Message::ManagersChanged(_)
+                | pb::session_message::Message::NetworkKeys(_),
+            )
+            | None => {}
         }
     }
 

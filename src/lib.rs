@@ -18,6 +18,7 @@ pub mod lincheck;
 pub mod manager;
 pub mod net;
 pub mod netdb;
+pub mod networkdb;
 pub mod orchestrator;
 pub mod proto;
 pub mod raft;

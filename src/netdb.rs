@@ -230,6 +230,83 @@ pub fn decode_endpoint(value: &[u8]) -> Result<Endpoint, EndpointError> {
     Endpoint::decode(value).map_err(|e| EndpointError::Malformed(e.to_string()))
 }
 
+/// The node's tables behind one handle whose implementation can be switched: a node starts
+/// with [`LocalTables`] (its DNS responder and endpoint publisher need tables before the
+/// gossip driver, which needs the node's identity and transport, can run) and switches to
+/// the driver's handle once it runs. The generation moves on at each switch, so caches
+/// built on the previous tables are rebuilt.
+pub struct TablesSlot {
+    current: parking_lot::RwLock<std::sync::Arc<dyn NetworkTables>>,
+    /// Switches so far (folded into [`NetworkTables::generation`]).
+    switches: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for TablesSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TablesSlot")
+            .field("switches", &self.switches)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How far a switch moves the generation: past anything the tables it replaces reached
+/// (2^40 changes).
+const TABLES_SWITCH_GENERATION_STEP: u64 = 1 << 40;
+
+impl TablesSlot {
+    /// A slot holding `tables`.
+    pub fn new(tables: std::sync::Arc<dyn NetworkTables>) -> Self {
+        Self {
+            current: parking_lot::RwLock::new(tables),
+            switches: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Uses `tables` from now on.
+    pub fn replace(&self, tables: std::sync::Arc<dyn NetworkTables>) {
+        *self.current.write() = tables;
+        self.switches
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> std::sync::Arc<dyn NetworkTables> {
+        self.current.read().clone()
+    }
+}
+
+impl NetworkTables for TablesSlot {
+    fn join_network(&self, network: &str) -> Result<(), TablesError> {
+        self.get().join_network(network)
+    }
+
+    fn leave_network(&self, network: &str) {
+        self.get().leave_network(network);
+    }
+
+    fn put(&self, network: &str, table: &str, key: &str, value: Bytes) -> Result<(), TablesError> {
+        self.get().put(network, table, key, value)
+    }
+
+    fn delete(&self, network: &str, table: &str, key: &str) -> Result<(), TablesError> {
+        self.get().delete(network, table, key)
+    }
+
+    fn networks(&self) -> Vec<String> {
+        self.get().networks()
+    }
+
+    fn entries(&self, network: &str, table: &str) -> Vec<(String, Bytes)> {
+        self.get().entries(network, table)
+    }
+
+    fn generation(&self) -> u64 {
+        let switches = self.switches.load(std::sync::atomic::Ordering::Relaxed);
+        self.get()
+            .generation()
+            .wrapping_add(switches.wrapping_mul(TABLES_SWITCH_GENERATION_STEP))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

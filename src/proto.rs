@@ -59,6 +59,18 @@ pub mod objects {
                 .finish()
         }
     }
+
+    /// Never the key (gossip encryption keys are secrets).
+    impl std::fmt::Debug for EncryptionKey {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("EncryptionKey")
+                .field("subsystem", &self.subsystem)
+                .field("key", &"<redacted>")
+                .field("lamport_time", &self.lamport_time)
+                .field("created_at_ms", &self.created_at_ms)
+                .finish()
+        }
+    }
 }
 
 /// The control API (`proto/flotilla/control.proto`).

@@ -180,6 +180,7 @@ fn fake_worker(cluster: &Cluster, hostname: &str) -> (Arc<Transport>, AgentSessi
         AgentConfig {
             managers: Box::new(move || vec![addr.clone()]),
             tls: worker_tls,
+            network_keys: None,
             hostname: hostname.into(),
             remember_managers: None,
         },

@@ -20,8 +20,11 @@ use crate::proto::objects::{Endpoint, Task};
 /// resolver is.
 #[derive(Clone)]
 pub struct NodeNetworking {
-    /// The node's network tables (networkdb), shared with its DNS responder.
+    /// The node's network tables (networkdb), shared with its DNS responder: a
+    /// [`crate::netdb::TablesSlot`] that holds this node's own tables until the gossip
+    /// driver runs ([`NodeNetworking::use_tables`]).
     pub tables: Arc<dyn NetworkTables>,
+    slot: Arc<crate::netdb::TablesSlot>,
     /// The address of the node's DNS responder, if it runs (given to tasks as
     /// `FLOTILLA_DNS`).
     pub dns_addr: Option<std::net::SocketAddr>,
@@ -166,10 +169,21 @@ impl NodeNetworking {
     /// Networking for a node on its own: in-memory tables ([`crate::netdb::LocalTables`]),
     /// no DNS responder.
     pub fn local_only() -> Self {
+        let slot = Arc::new(crate::netdb::TablesSlot::new(Arc::new(
+            crate::netdb::LocalTables::new(),
+        )));
         NodeNetworking {
-            tables: Arc::new(crate::netdb::LocalTables::new()),
+            tables: slot.clone(),
+            slot,
             dns_addr: None,
         }
+    }
+
+    /// From now on the endpoints go to, and the DNS responder answers from, `tables` (the
+    /// gossip driver's handle, once the node runs it). Called before the node runs tasks:
+    /// what the previous tables held is not carried over.
+    pub fn use_tables(&self, tables: Arc<dyn NetworkTables>) {
+        self.slot.replace(tables);
     }
 
     /// Sets up `runner` to publish the endpoints of node `node_id`'s tasks at `addr` and

@@ -56,6 +56,9 @@ pub struct AgentArgs {
     pub advertise: Option<String>,
     /// The node's network tables and DNS responder (they live as long as the process).
     pub networking: super::endpoints::NodeNetworking,
+    /// Where networkdb's gossip (UDP and bulk-sync TCP) binds: default the `listen` port
+    /// + 1 when `listen` is known, else a port the OS picks (advertised in the gossip).
+    pub gossip_listen: Option<String>,
 }
 
 /// How an agent run ended.
@@ -121,6 +124,7 @@ fn run_with(
     let (identity, root) = identity(args, &node_dir, &managers, transport)?;
     remember_managers(&args.state_dir, &managers)?;
     let live = tls::LiveIdentity::new(&identity, &root).map_err(|e| e.to_string())?;
+    let networkdb = start_networkdb(args, &identity, &root, &live, &managers, transport)?;
     let client_tls =
         Arc::new(tls::client_config_live(live.clone(), &root).map_err(|e| e.to_string())?);
     // The role of the certificate presented now (the renewer's callback updates it).
@@ -162,6 +166,7 @@ fn run_with(
         })),
         tls: client_tls,
         hostname: crate::util::hostname(),
+        network_keys: networkdb.as_ref().map(keys_into),
     };
     let mut runner = RunnerConfig::new(args.state_dir.join("tasks"));
     // Its tasks are reached at the address other nodes know it by: the one it advertises,
@@ -171,6 +176,10 @@ fn run_with(
         .as_ref()
         .or(args.listen.as_ref())
         .unwrap_or(&join_addr);
+    // Endpoints and the DNS responder read the gossiped tables once networkdb runs.
+    if let Some(db) = &networkdb {
+        args.networking.use_tables(db.clone());
+    }
     args.networking.configure(
         &mut runner,
         identity.node_id(),
@@ -208,8 +217,64 @@ fn run_with(
         std::thread::sleep(AGENT_POLL);
     };
     agent.stop();
+    if let Some(networkdb) = &networkdb {
+        networkdb.shutdown();
+    }
     renewer.stop();
     Ok(exit)
+}
+
+/// The session hands the cluster's gossip keys to networkdb.
+pub(crate) fn keys_into(
+    networkdb: &Arc<crate::networkdb::NetworkDb>,
+) -> super::session::NetworkKeysCallback {
+    let networkdb = networkdb.clone();
+    Arc::new(move |keys| networkdb.set_network_keys(keys))
+}
+
+/// Where the gossip binds: `--gossip-listen`, else the `listen` port + 1, else port 0.
+fn gossip_bind(args: &AgentArgs) -> Result<Option<std::net::SocketAddr>, String> {
+    use std::net::ToSocketAddrs;
+    if let Some(addr) = &args.gossip_listen {
+        let resolved = addr
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("--gossip-listen {addr}: not an address (HOST:PORT)"))?;
+        return Ok(Some(resolved));
+    }
+    Ok(args
+        .listen
+        .as_deref()
+        .and_then(crate::networkdb::default_gossip_addr))
+}
+
+fn start_networkdb(
+    args: &AgentArgs,
+    identity: &crate::ca::NodeIdentity,
+    root: &crate::ca::RootCert,
+    live: &Arc<tls::LiveIdentity>,
+    managers: &[String],
+    transport: &Arc<Transport>,
+) -> Result<Option<Arc<crate::networkdb::NetworkDb>>, String> {
+    let bind = gossip_bind(args)?;
+    let advertise_ip = managers
+        .first()
+        .and_then(|m| super::host::local_addr_towards(m))
+        .and_then(|ip| ip.parse().ok())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let seeds = managers.to_vec();
+    Ok(crate::networkdb::start_for_node(
+        crate::networkdb::NodeGossip {
+            node_id: identity.node_id(),
+            bind,
+            advertise_ip,
+            managers: Box::new(move || seeds.clone()),
+            transport,
+            live: live.clone(),
+            root,
+        },
+    ))
 }
 
 /// Follows the role the cluster gives the node: renews when the certificate's differs, and

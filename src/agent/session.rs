@@ -162,6 +162,9 @@ pub struct AgentConfig {
     pub tls: Arc<rustls::ClientConfig>,
     /// Recorded in a new worker's Node object.
     pub hostname: String,
+    /// Called with the cluster's network bootstrap keys (gossip encryption, oldest first)
+    /// each time a session starts or the leader sends new ones; `None`: not wanted.
+    pub network_keys: Option<NetworkKeysCallback>,
 }
 
 /// What both threads use to reach the managers.
@@ -171,6 +174,8 @@ struct Setup {
     hostname: String,
     /// The latest `tasks_reassigned_after_ms` a heartbeat answer gave.
     reassigned_after: Mutex<Duration>,
+    /// Where the cluster's network bootstrap keys go (the node's gossip keyring).
+    network_keys: Option<NetworkKeysCallback>,
 }
 
 impl Setup {
@@ -202,6 +207,10 @@ fn fence_reason(reassigned_after: Duration) -> String {
         reassigned_after.as_secs()
     )
 }
+
+/// Receives the cluster's network bootstrap keys (see [`AgentConfig::network_keys`]). It
+/// runs on the session thread: it must return at once.
+pub type NetworkKeysCallback = Arc<dyn Fn(Vec<crate::proto::objects::EncryptionKey>) + Send + Sync>;
 
 /// The running session and reporter threads. Stop with [`AgentSession::stop`].
 pub struct AgentSession {
@@ -245,12 +254,14 @@ impl AgentSession {
             remember_managers,
             tls,
             hostname,
+            network_keys,
         } = config;
         let config = Arc::new(Setup {
             managers: Managers::new(managers, remember_managers),
             tls,
             hostname,
             reassigned_after: Mutex::new(REASSIGNED_AFTER_FLOOR),
+            network_keys,
         });
         // Processes adopted from a previous run: no contact yet in this one.
         config.contact(&*sink, Instant::now(), None);
@@ -496,6 +507,9 @@ fn session(
                 attempts.succeeded(addr);
                 config.contact(sink, sent_at, None);
                 learn_managers(config, &started.managers);
+                if let Some(deliver) = &config.network_keys {
+                    deliver(started.network_keys.clone());
+                }
                 sink.session_started();
                 *current.lock() = Some(Current {
                     session_id: started.session_id,
@@ -515,6 +529,11 @@ fn session(
             }
             Some(pb::session_message::Message::ManagersChanged(changed)) => {
                 learn_managers(config, &changed.managers);
+            }
+            Some(pb::session_message::Message::NetworkKeys(keys)) => {
+                if let Some(deliver) = &config.network_keys {
+                    deliver(keys.keys);
+                }
             }
             None => {}
         }

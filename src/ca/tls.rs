@@ -151,6 +151,22 @@ pub fn client_config_live(
     Ok(without_resumption(config))
 }
 
+/// [`client_config_live`] for node-to-node calls (gossip bulk sync): the server may be any
+/// node of the cluster, worker or manager (its certificate still chains to `root` and names
+/// our cluster).
+///
+/// # Errors
+/// [`TlsError`] if rustls refuses the configuration.
+pub fn peer_client_config_live(
+    live: Arc<LiveIdentity>,
+    root: &RootCert,
+) -> Result<ClientConfig, TlsError> {
+    let mut verifier = ClusterServerVerifier::new(root)?;
+    verifier.role = None;
+    let config = client_builder(Arc::new(verifier))?.with_client_cert_resolver(live);
+    Ok(without_resumption(config))
+}
+
 /// This node's certificate and key as its handshakes present them, replaceable while the
 /// node runs: a renewed certificate goes in with [`LiveIdentity::set`] and is presented from
 /// the next handshake on, by every config built on it (connections already up keep theirs).
@@ -432,6 +448,8 @@ struct ClusterServerVerifier {
     roots: Arc<RootCertStore>,
     cluster_id: String,
     algorithms: WebPkiSupportedAlgorithms,
+    /// The role the server must have (`None`: any node of the cluster).
+    role: Option<Role>,
 }
 
 impl ClusterServerVerifier {
@@ -440,6 +458,7 @@ impl ClusterServerVerifier {
             roots: root_store(root)?,
             cluster_id: root.cluster_id().to_owned(),
             algorithms: provider().signature_verification_algorithms,
+            role: Some(Role::Manager),
         })
     }
 }
@@ -470,7 +489,7 @@ impl ServerCertVerifier for ClusterServerVerifier {
             self.algorithms.all,
         )?;
         // The name check a browser would do is replaced by this (module documentation).
-        check_member(end_entity, &self.cluster_id, Some(Role::Manager))?;
+        check_member(end_entity, &self.cluster_id, self.role)?;
         Ok(ServerCertVerified::assertion())
     }
 

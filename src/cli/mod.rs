@@ -140,6 +140,10 @@ pub enum Command {
         /// The node's DNS responder.
         #[command(flatten)]
         dns: DnsArgs,
+        /// Where networkdb's gossip binds (UDP, and TCP for bulk sync; host:port).
+        /// Default: the --listen port + 1, else a port the OS picks.
+        #[arg(long)]
+        gossip_listen: Option<String>,
     },
     /// Resume the node whose state is in the state directory: a manager, or a demoted one
     /// as a worker (which becomes a manager again, in place, once promoted).
@@ -365,6 +369,7 @@ fn execute(command: Command) -> Result<(), CommandError> {
             listen,
             advertise,
             dns,
+            gossip_listen,
         } => {
             let net = dns.start()?;
             Ok(run_agent(agent::AgentArgs {
@@ -374,6 +379,7 @@ fn execute(command: Command) -> Result<(), CommandError> {
                 listen,
                 advertise,
                 networking: net.networking.clone(),
+                gossip_listen,
             })?)
         }
         Command::Manager {
@@ -561,6 +567,7 @@ fn serve(dir: &StateDir, networking: &NodeNetworking) -> Result<(), String> {
                 listen: None,
                 advertise: None,
                 networking: networking.clone(),
+                gossip_listen: None,
             };
             match agent::run(args)? {
                 agent::AgentExit::Stopped => return Ok(()),

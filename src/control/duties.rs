@@ -112,6 +112,9 @@ fn run_once(
     if api.is_leader() && api.store.list::<Cluster>().is_empty() {
         create_cluster(api, me);
     }
+    if api.is_leader() {
+        rotate_network_keys(api, u64::try_from(super::handlers::now_ms()).unwrap_or(0));
+    }
     let recorded = api.store.get::<Node>(&me.node_id).is_some_and(|node| {
         node.manager_status
             .as_ref()
@@ -210,6 +213,71 @@ fn create_cluster(api: &ControlApi, me: &SelfReport) {
     }
 }
 
+/// A network bootstrap key is rotated this long after it was made (swarmkit's 12 h).
+pub const NETWORK_KEY_ROTATION_MS: u64 = 12 * 3_600_000;
+/// Network bootstrap keys kept: the newest, the one sealing (second newest) and the one
+/// before, so that nodes that missed a rotation still open what others seal.
+pub const NETWORK_KEYS_KEPT: usize = 3;
+/// The subsystem of the gossip keys (swarmkit's name).
+pub const NETWORK_KEY_SUBSYSTEM: &str = "networking:gossip";
+/// Bytes of a network bootstrap key (AES-256).
+pub const NETWORK_KEY_BYTES: usize = 32;
+
+/// The keys `cluster` should hold at `now_ms`: a first key if none, a new one once the
+/// newest is [`NETWORK_KEY_ROTATION_MS`] old (the oldest dropped past
+/// [`NETWORK_KEYS_KEPT`]); `None` when nothing is due. `fresh` makes a new key's bytes.
+pub fn network_keys_due(
+    cluster: &Cluster,
+    now_ms: u64,
+    fresh: impl FnOnce() -> Option<[u8; NETWORK_KEY_BYTES]>,
+) -> Option<Vec<crate::proto::objects::EncryptionKey>> {
+    let mut keys = cluster.network_bootstrap_keys.clone();
+    keys.sort_by_key(|k| k.lamport_time);
+    let due = keys
+        .last()
+        .is_none_or(|newest| newest.created_at_ms + NETWORK_KEY_ROTATION_MS <= now_ms);
+    if !due {
+        return None;
+    }
+    let lamport_time = keys.last().map_or(1, |k| k.lamport_time + 1);
+    keys.push(crate::proto::objects::EncryptionKey {
+        subsystem: NETWORK_KEY_SUBSYSTEM.to_string(),
+        key: Bytes::copy_from_slice(&fresh()?),
+        lamport_time,
+        created_at_ms: now_ms,
+    });
+    let excess = keys.len().saturating_sub(NETWORK_KEYS_KEPT);
+    keys.drain(..excess);
+    Some(keys)
+}
+
+/// On the leader: the cluster's network bootstrap keys (gossip encryption), made at first
+/// and rotated every 12 h (the dispatcher delivers them to every node).
+fn rotate_network_keys(api: &ControlApi, now_ms: u64) {
+    let Some(cluster) = api.store.list::<Cluster>().into_iter().next() else {
+        return;
+    };
+    let fresh = || {
+        let mut key = [0u8; NETWORK_KEY_BYTES];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).ok()?;
+        Some(key)
+    };
+    let Some(keys) = network_keys_due(&cluster, now_ms, fresh) else {
+        return;
+    };
+    let mut updated = cluster.as_ref().clone();
+    updated.network_bootstrap_keys = keys;
+    let txn = Transaction {
+        changes: vec![crate::store::update(updated)],
+        timestamp_ms: super::handlers::now_ms(),
+        request_id: None,
+    };
+    match propose_transaction(&api.node, &txn, PROPOSE_TIMEOUT) {
+        Ok(version) => log::info!("network bootstrap keys rotated at version {version}"),
+        Err(status) => log::debug!("cannot rotate the network bootstrap keys yet: {status}"),
+    }
+}
+
 /// The replicated form of `ca`'s signing material (secret: see [`super::redact_cluster`]).
 fn root_ca_material(ca: &ClusterCa) -> RootCaKey {
     let (cert_der, key_der) = ca.to_der_parts();
@@ -298,5 +366,57 @@ pub(super) fn sync_tokens(api: &ControlApi, tokens: &JoinTokens) {
         && let Err(error) = api.tokens_file.save_tokens(tokens)
     {
         log::error!("cannot save the rotated join tokens: {error}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fresh(byte: u8) -> impl FnOnce() -> Option<[u8; NETWORK_KEY_BYTES]> {
+        move || Some([byte; NETWORK_KEY_BYTES])
+    }
+
+    #[test]
+    fn a_first_key_is_made_then_rotated_every_12_hours_keeping_three() {
+        let mut cluster = Cluster::default();
+        let keys = network_keys_due(&cluster, 1_000, fresh(1)).expect("a first key");
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].lamport_time, 1);
+        assert_eq!(keys[0].subsystem, NETWORK_KEY_SUBSYSTEM);
+        cluster.network_bootstrap_keys = keys;
+        let before_due = 1_000 + NETWORK_KEY_ROTATION_MS - 1;
+        assert!(network_keys_due(&cluster, before_due, fresh(2)).is_none());
+        for (round, byte) in (1..=4u64).zip(2u8..) {
+            let now = 1_000 + round * NETWORK_KEY_ROTATION_MS;
+            let keys = network_keys_due(&cluster, now, fresh(byte)).expect("rotation due");
+            assert_eq!(keys.last().map(|k| k.key[0]), Some(byte));
+            assert_eq!(keys.last().map(|k| k.created_at_ms), Some(now));
+            assert!(keys.len() <= NETWORK_KEYS_KEPT);
+            assert!(
+                keys.windows(2)
+                    .all(|w| w[0].lamport_time < w[1].lamport_time)
+            );
+            cluster.network_bootstrap_keys = keys;
+        }
+        assert_eq!(cluster.network_bootstrap_keys.len(), NETWORK_KEYS_KEPT);
+        assert_eq!(cluster.network_bootstrap_keys[0].lamport_time, 3);
+    }
+
+    #[test]
+    fn no_randomness_no_key() {
+        assert!(network_keys_due(&Cluster::default(), 0, || None).is_none());
+    }
+
+    #[test]
+    fn keys_never_print() {
+        let mut cluster = Cluster::default();
+        cluster.network_bootstrap_keys =
+            network_keys_due(&cluster, 0, fresh(0xab)).expect("a first key");
+        let printed = format!("{cluster:?}");
+        assert!(!printed.contains("\\xab"), "{printed}");
+        assert!(printed.contains("redacted"));
+        super::super::redact_cluster(&mut cluster);
+        assert!(cluster.network_bootstrap_keys.is_empty());
     }
 }

@@ -94,6 +94,7 @@ pub use crate::util::id::random_id as new_object_id;
 /// event). Every path that hands a Cluster to a caller goes through here.
 pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
     cluster.root_ca = None;
+    cluster.network_bootstrap_keys.clear();
 }
 
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).

@@ -298,6 +298,9 @@ pub struct Dispatcher {
     orphans: Mutex<OrphanCheck>,
     /// The managers agents are told about (lock order: `table` before `managers`).
     managers: Mutex<ManagerList>,
+    /// The Lamport times of the network keys last handed to the sessions (`None`: not
+    /// looked yet).
+    keys_sent: Mutex<Option<Vec<u64>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -317,6 +320,7 @@ impl Dispatcher {
             deferred: Mutex::new(Vec::new()),
             orphans: Mutex::new(OrphanCheck::default()),
             managers: Mutex::new(ManagerList::default()),
+            keys_sent: Mutex::new(None),
             statuses: Mutex::new(StatusBatch::default()),
             nodes: Mutex::new(NodeBatch::default()),
             thread: Mutex::new(None),
@@ -466,6 +470,7 @@ impl Dispatcher {
         }
         self.orphan_tasks_when_due();
         self.refresh_managers();
+        self.push_rotated_keys();
         let now = self.now_ms();
         let (ended, closed) = {
             let mut table = self.table.lock();
@@ -1090,7 +1095,8 @@ impl Dispatcher {
             let managers = self.managers.lock();
             (managers.version, managers.peers.clone())
         };
-        match stream.try_send(&session_started(&session_id, period_ms, managers)) {
+        let started = session_started(&session_id, period_ms, managers, self.network_keys());
+        match stream.try_send(&started) {
             Ok(true) => {}
             Ok(false) => {
                 let status = Status::unavailable(
@@ -1269,6 +1275,44 @@ impl Dispatcher {
             attempt: 1,
         }]);
         Ok(())
+    }
+
+    /// The leader rotated the network keys: every streaming session gets them at once
+    /// (a session with no room gets them with its next session: the previous keys stay
+    /// valid for two rotations).
+    fn push_rotated_keys(&self) {
+        let keys = self.network_keys();
+        let stamp: Vec<u64> = keys.iter().map(|k| k.lamport_time).collect();
+        let mut sent = self.keys_sent.lock();
+        if sent.as_ref() == Some(&stamp) {
+            return;
+        }
+        // The first look: sessions got these keys in their SessionStarted.
+        let first = sent.is_none();
+        *sent = Some(stamp);
+        drop(sent);
+        if first {
+            return;
+        }
+        let message = pb::SessionMessage {
+            message: Some(pb::session_message::Message::NetworkKeys(pb::NetworkKeys {
+                keys,
+            })),
+        };
+        let missed = self.table.lock().send_to_streaming(&message);
+        log::info!("dispatcher: network keys rotated; sent to the sessions ({missed} had no room)");
+    }
+
+    /// The cluster's network bootstrap keys (gossip encryption), oldest first.
+    fn network_keys(&self) -> Vec<crate::proto::objects::EncryptionKey> {
+        let mut keys = self
+            .store
+            .list::<crate::proto::objects::Cluster>()
+            .first()
+            .map(|c| c.network_bootstrap_keys.clone())
+            .unwrap_or_default();
+        keys.sort_by_key(|k| k.lamport_time);
+        keys
     }
 
     fn heartbeat(
@@ -1516,12 +1560,14 @@ fn session_started(
     session_id: &str,
     period_ms: u64,
     managers: Vec<pb::WeightedPeer>,
+    network_keys: Vec<crate::proto::objects::EncryptionKey>,
 ) -> pb::SessionMessage {
     pb::SessionMessage {
         message: Some(pb::session_message::Message::Started(pb::SessionStarted {
             session_id: session_id.to_string(),
             heartbeat_period_ms: i64::try_from(period_ms).unwrap_or(i64::MAX),
             managers,
+            network_keys,
         })),
     }
 }

@@ -254,6 +254,16 @@ impl<S: SessionSink> Default for SessionTable<S> {
 }
 
 impl<S: SessionSink> SessionTable<S> {
+    /// Sends `message` (not an assignment: the network keys) to every streaming session
+    /// that has room now; returns how many had none (they get it with their next session).
+    pub fn send_to_streaming(&self, message: &pb::SessionMessage) -> usize {
+        self.sessions
+            .values()
+            .filter_map(|s| s.stream.as_ref())
+            .filter(|stream| !matches!(stream.try_send(message), Ok(true)))
+            .count()
+    }
+
     /// An empty table, not watching.
     pub fn new() -> Self {
         SessionTable {

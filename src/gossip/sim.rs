@@ -5,6 +5,13 @@
 //! lost, entries republished), graceful leaves and rejoins, network joins and leaves, and
 //! puts and deletes (own keys, and shared keys written by several nodes: Lamport ties). Then
 //! everything heals and, after [`HEAL_MS`], the invariants must hold:
+//!
+//! Every packet and chunk travels sealed with the real keyring (AES-256-GCM), as the driver
+//! sends them, and a mangled one is dropped when it fails to authenticate. Mangling plain
+//! protobuf made well-formed but false messages that no real node can receive (seed 1136:
+//! one flipped byte turned node-0's tombstone of `node-0/k2` into one of `node-3/k2`, which
+//! buried node-3's live entry everywhere); the decoders' robustness against garbage is the
+//! fuzz targets' job (`fuzz/`).
 //! - every live node sees every other live node alive (no live, reachable node stays failed);
 //! - every live node attached to a network holds the same visible table;
 //! - each node's own keys there are exactly what it last wrote (nothing deleted comes back,
@@ -18,6 +25,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use bytes::Bytes;
 
+use super::keyring::{Keyring, Kind};
 use super::{Gossip, GossipConfig, MemberStatus, NodeAddr, codec};
 use crate::util::rng::SimRng;
 
@@ -84,6 +92,11 @@ struct Sim {
     faults: Faults,
     written: u64,
     chunk_bytes_max: usize,
+    trace_last: Vec<String>,
+    /// The cluster key every packet and chunk is sealed under (as the driver does).
+    keyring: Keyring,
+    /// Packets and chunks dropped because they did not authenticate (the mangled ones).
+    unauthenticated: u64,
 }
 
 impl Sim {
@@ -108,7 +121,13 @@ impl Sim {
             faults,
             written: 0,
             chunk_bytes_max: 0,
+            trace_last: Vec::new(),
+            keyring: Keyring::new(),
+            unauthenticated: 0,
         };
+        sim.keyring
+            .add(&[0x5a; super::keyring::KEY_BYTES])
+            .expect("a 32-byte key");
         for i in 0..count {
             let name = format!("node-{i}");
             let addr = NodeAddr(format!("10.0.0.{i}:7946"));
@@ -182,6 +201,8 @@ impl Sim {
         } else {
             1
         };
+        // Sealed like the driver seals it: a mangled copy then fails authentication.
+        let packet = self.seal(Kind::Packet, &packet);
         for _ in 0..copies {
             let delay = self.rng.range(1, self.faults.delay_ms_max);
             self.enqueue(from, to, Payload::Packet(packet.clone()), delay);
@@ -190,6 +211,18 @@ impl Sim {
             let garbage = self.garbage(&packet);
             self.enqueue(from, to, Payload::Packet(garbage), 1);
         }
+    }
+
+    /// `plain` sealed under the cluster key, with a nonce from the seed.
+    fn seal(&mut self, kind: Kind, plain: &[u8]) -> Bytes {
+        let mut nonce = [0u8; 12];
+        nonce[..8].copy_from_slice(&self.rng.next_u64().to_le_bytes());
+        nonce[8..].copy_from_slice(&(self.rng.next_u64() as u32).to_le_bytes());
+        Bytes::from(
+            self.keyring
+                .seal(kind, nonce, plain)
+                .expect("the simulator's keyring holds a key"),
+        )
     }
 
     /// A mangled copy: random bytes over a random part, or a truncation.
@@ -214,6 +247,7 @@ impl Sim {
             assert!(chunk.len() <= codec::BULK_CHUNK_BYTES_MAX);
             match to {
                 Some(to) if !self.cut(from, to) => {
+                    let chunk = self.seal(Kind::Chunk, &chunk);
                     self.enqueue(from, to, Payload::Chunk(chunk), delay)
                 }
                 _ => {
@@ -246,15 +280,57 @@ impl Sim {
             }
             let from_addr = self.nodes[from].addr.clone();
             let now = self.now_ms;
-            match message.payload {
-                Payload::Packet(p) => self.nodes[to].gossip.receive(&from_addr, &p, now),
-                Payload::Chunk(c) => self.nodes[to].gossip.receive_chunk(&from_addr, &c, now),
+            let (kind, sealed) = match &message.payload {
+                Payload::Packet(p) => (Kind::Packet, p),
+                Payload::Chunk(c) => (Kind::Chunk, c),
+            };
+            // What the driver does: a datagram or chunk that does not authenticate is
+            // dropped before the core sees it.
+            let Ok(plain) = self.keyring.open(kind, sealed) else {
+                self.unauthenticated += 1;
+                continue;
+            };
+            match kind {
+                Kind::Packet => self.nodes[to].gossip.receive(&from_addr, &plain, now),
+                Kind::Chunk => self.nodes[to].gossip.receive_chunk(&from_addr, &plain, now),
             }
             self.drain(to);
         }
     }
 
+    fn trace_key(&mut self) {
+        let Ok(spec) = std::env::var("GOSSIP_SIM_TRACE") else {
+            return;
+        };
+        let mut parts = spec.split(',');
+        let (Some(network), Some(key)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let k = (network.to_string(), TABLE.to_string(), key.to_string());
+        let now: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{:?} {:?} own={:?}",
+                    n.run,
+                    n.gossip.tables.get(&k),
+                    n.own.get(&(network.to_string(), key.to_string()))
+                )
+            })
+            .collect();
+        if now != self.trace_last {
+            for (i, line) in now.iter().enumerate() {
+                if self.trace_last.get(i) != Some(line) {
+                    eprintln!("t={} node-{i}: {line}", self.now_ms);
+                }
+            }
+            self.trace_last = now;
+        }
+    }
+
     fn step(&mut self) {
+        self.trace_key();
         self.now_ms += STEP_MS;
         self.deliver_due();
         for i in 0..self.nodes.len() {

@@ -267,4 +267,15 @@ fn entries_of_unattached_networks_or_unknown_owners_are_refused() {
         a.put("t", "other", "k", Bytes::new()),
         Err(UpdateError::NotAttached("other".into()))
     );
+    // A tombstone only deletes: taken from an unknown owner too (one that departed before
+    // this node joined), and it beats an older live version.
+    a.put("t", "n", "k", Bytes::from_static(b"v"))
+        .expect("attached");
+    let mut tombstone = event("n", "gone");
+    tombstone.ltime = 10;
+    tombstone.deleting = true;
+    tombstone.residual_reap_s = 60;
+    a.on_table_event(tombstone, true);
+    assert!(a.get("n", "t", "k").is_none());
+    assert_eq!(a.entries_held(), 1);
 }

@@ -292,6 +292,8 @@ pub struct Manager {
     duties: Option<Duties>,
     orchestrator: Option<Orchestrator>,
     agent: Option<Agent>,
+    /// networkdb (gossip), when its socket could be bound.
+    networkdb: Option<Arc<crate::networkdb::NetworkDb>>,
     /// The `flotilla-timers` thread: deadlines of control writes.
     timers: Timers,
     /// The state directory's process lock, held while the manager runs (dropped last).
@@ -478,6 +480,7 @@ impl Manager {
             identity.node_id(),
             settings.raft_id
         );
+        let networkdb = start_networkdb(&settings, &identity, &root, &live, &transport, &raft);
         let renewer = start_renewer(dir, &settings, &transport, &identity, &root, live)?;
         let duties = Duties::start(
             control.clone(),
@@ -504,6 +507,10 @@ impl Manager {
             ),
             _ => None,
         };
+        // Endpoints and the DNS responder read the gossiped tables once networkdb runs.
+        if let Some(db) = &networkdb {
+            networking.use_tables(db.clone());
+        }
         let agent = start_agent(
             dir,
             &settings,
@@ -511,6 +518,7 @@ impl Manager {
             &client_tls,
             raft.handle(),
             (&networking, identity.node_id()),
+            networkdb.as_ref(),
         )?;
         Ok(Manager {
             dir: dir.clone(),
@@ -538,6 +546,7 @@ impl Manager {
             duties: Some(duties),
             orchestrator: Some(orchestrator),
             agent: Some(agent),
+            networkdb,
             timers,
             _lock: lock,
         })
@@ -662,6 +671,9 @@ impl Manager {
         if let Some(agent) = self.agent.take() {
             agent.stop();
         }
+        if let Some(networkdb) = self.networkdb.take() {
+            networkdb.shutdown();
+        }
         if let Some(orchestrator) = self.orchestrator.take() {
             orchestrator.stop();
         }
@@ -731,6 +743,7 @@ fn start_agent(
     client_tls: &Arc<rustls::ClientConfig>,
     raft: &NodeHandle,
     (networking, node_id): (&NodeNetworking, &str),
+    networkdb: Option<&Arc<crate::networkdb::NetworkDb>>,
 ) -> Result<Agent, StartError> {
     let raft = raft.clone();
     let own_addr = settings.advertise_addr.clone();
@@ -748,6 +761,7 @@ fn start_agent(
         remember_managers: None,
         tls: client_tls.clone(),
         hostname: crate::util::hostname(),
+        network_keys: networkdb.map(crate::agent::runtime::keys_into),
     };
     let mut runner = RunnerConfig::new(dir.tasks_dir());
     if let Some(tasks) = settings.tasks_running_max {
@@ -755,6 +769,32 @@ fn start_agent(
     }
     networking.configure(&mut runner, node_id, endpoint_ip(&settings.advertise_addr));
     Ok(Agent::start(transport.clone(), session, runner)?)
+}
+
+/// networkdb on the listen address's IP, port + 1 (advertised on the advertise address's
+/// IP); the seeds are the Raft group's members (their gossip addresses, port + 1). A port
+/// taken is logged and the manager runs without gossip.
+fn start_networkdb(
+    settings: &Settings,
+    identity: &NodeIdentity,
+    root: &RootCert,
+    live: &Arc<tls::LiveIdentity>,
+    transport: &Arc<Transport>,
+    raft: &RaftNode,
+) -> Option<Arc<crate::networkdb::NetworkDb>> {
+    let bind = crate::networkdb::default_gossip_addr(&settings.listen_addr)?;
+    let advertise_ip = crate::networkdb::default_gossip_addr(&settings.advertise_addr)
+        .map_or(bind.ip(), |a| a.ip());
+    let handle = raft.handle().clone();
+    crate::networkdb::start_for_node(crate::networkdb::NodeGossip {
+        node_id: identity.node_id(),
+        bind: Some(bind),
+        advertise_ip,
+        managers: Box::new(move || handle.directory().all().into_values().collect()),
+        transport,
+        live: live.clone(),
+        root,
+    })
 }
 
 fn start_renewer(
