@@ -27,7 +27,11 @@ fn free_udp_addr() -> String {
 /// `flotilla up` in a fresh directory with its DNS responder on `dns`; waits until it
 /// serves commands.
 fn up(dir: &Path, dns: &str) -> Proc {
-    let listen = free_addr();
+    up_listening(dir, dns, &free_addr())
+}
+
+/// As [`up`], listening on `listen` (other nodes join there; gossip binds its port + 1).
+fn up_listening(dir: &Path, dns: &str, listen: &str) -> Proc {
     let mut proc = Proc::start(
         "up",
         &[
@@ -35,7 +39,7 @@ fn up(dir: &Path, dns: &str) -> Proc {
             "--state-dir",
             dir.to_str().unwrap(),
             "--listen",
-            &listen,
+            listen,
             "--dns-listen",
             dns,
         ],
@@ -353,4 +357,93 @@ fn an_explicit_dns_address_in_use_stops_the_node_with_a_clear_error() {
     );
     assert!(!status.success());
     assert!(output.contains("expected IP:PORT"), "{output}");
+}
+
+/// The SRV answers for `web.front` on the responder at `dns`.
+fn srv_answers(dns: &str) -> Vec<String> {
+    dig(dns, "web.front", "SRV").1
+}
+
+/// Service discovery across nodes: a manager and a worker each run one task of a service on
+/// a network. Each node publishes its own task's endpoint in the network's table; gossip
+/// (networkdb over UDP, encrypted with the leader's keys) carries it to the other, so each
+/// node's DNS responder, asked locally, names both tasks. A node killed without a word is
+/// declared failed by gossip and its endpoint stops being answered elsewhere.
+#[test]
+fn each_nodes_dns_answers_for_the_tasks_of_every_node_through_gossip() {
+    let tmp = tmp();
+    let (dns_manager, dns_worker) = (free_udp_addr(), free_udp_addr());
+    let manager_dir = tmp.path().join("m1");
+    let manager_listen = free_addr();
+    let _manager = up_listening(&manager_dir, &dns_manager, &manager_listen);
+    let token = cli_ok(&manager_dir, &["join-token", "worker"])
+        .trim()
+        .to_string();
+    let worker_dir = tmp.path().join("w1");
+    let worker_listen = free_addr();
+    let mut worker = Proc::start(
+        "agent",
+        &[
+            "agent",
+            "--state-dir",
+            worker_dir.to_str().unwrap(),
+            "--token",
+            &token,
+            "--manager",
+            &manager_listen,
+            "--listen",
+            &worker_listen,
+            "--dns-listen",
+            &dns_worker,
+        ],
+    );
+    worker.wait_for("running the tasks assigned", START);
+    // Both nodes ready before the service, so that the scheduler spreads its two tasks.
+    procs::eventually("two nodes ready", START, || {
+        cli_ok(&manager_dir, &["node", "ls"])
+            .matches(" ready ")
+            .count()
+            == 2
+    });
+
+    cli_ok(&manager_dir, &["network", "create", "front"]);
+    cli_ok(
+        &manager_dir,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            "web",
+            "--replicas",
+            "2",
+            "--network",
+            "front",
+            "--port",
+            "http:8080/tcp",
+            "sleep",
+            "300",
+        ],
+    );
+    // One task per node (the scheduler spreads a service's tasks), each published by its
+    // own node: both responders answer for both only if gossip carried them across.
+    procs::eventually("both nodes answer for both tasks", TIMEOUT, || {
+        srv_answers(&dns_manager).len() == 2 && srv_answers(&dns_worker).len() == 2
+    });
+    let answers = srv_answers(&dns_manager);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.contains(" SRV ") && a.contains(" 8080 ")),
+        "{answers:?}"
+    );
+
+    // The worker dies without a word: gossip declares it failed and its endpoint goes from
+    // the manager's answers (before the managers, much later, replace its task).
+    worker.kill();
+    procs::eventually(
+        "the dead worker's endpoint no longer answered",
+        TIMEOUT,
+        || srv_answers(&dns_manager).len() == 1,
+    );
 }

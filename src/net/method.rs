@@ -206,7 +206,7 @@ mod tests {
             .collect();
         assert_eq!(
             services,
-            BTreeSet::from(["ca", "control", "dispatcher", "kv", "raft"])
+            BTreeSet::from(["ca", "control", "dispatcher", "gossip", "kv", "raft"])
         );
     }
 
@@ -221,6 +221,8 @@ mod tests {
                 }
                 name if name.starts_with("control.") => Allow::OPERATORS,
                 name if name.starts_with("dispatcher.") => Allow::NODES,
+                // Every node gossips, a worker too.
+                name if name.starts_with("gossip.") => Allow::NODES,
                 name if name.starts_with("raft.") || name.starts_with("kv.") => Allow::MANAGERS,
                 other => panic!("{other}: a method this test does not know"),
             };
@@ -231,7 +233,10 @@ mod tests {
     #[test]
     fn a_demoted_manager_reaches_raft_the_dispatcher_its_node_and_renewal_only() {
         let demoted = names(|m| m.policy.demoted);
-        let mut expected = names(|m| in_service(m, "raft") || in_service(m, "dispatcher"));
+        // It goes on running tasks as a worker, so it gossips too.
+        let mut expected = names(|m| {
+            in_service(m, "raft") || in_service(m, "dispatcher") || in_service(m, "gossip")
+        });
         expected.extend(["control.GetNode", "ca.RenewNodeCertificate"]);
         assert_eq!(demoted, expected);
     }
@@ -241,6 +246,7 @@ mod tests {
         assert_eq!(
             names(|m| m.shape == Shape::ServerStream),
             BTreeSet::from([
+                "control.ListNetworks",
                 "control.ListNodes",
                 "control.ListServices",
                 "control.ListTasks",
@@ -250,7 +256,7 @@ mod tests {
         );
         assert_eq!(
             names(|m| m.shape == Shape::ClientStream),
-            BTreeSet::from(["raft.InstallSnapshot"])
+            BTreeSet::from(["gossip.BulkSync", "raft.InstallSnapshot"])
         );
     }
 

@@ -422,7 +422,10 @@ pub(super) fn print_managers(client: &Client, status: &StatusResponse, nodes: &R
             u64::MAX => "never".to_string(),
             ms => format!("{ms} ms ago"),
         };
-        let node = nodes.node_of(m.raft_id).unwrap_or("?");
+        // A member no Node object records yet (it has not reported itself) is named by its
+        // Raft id, which `manager rm|transfer` take as well.
+        let raft_id = format!("{:x}", m.raft_id);
+        let node = nodes.node_of(m.raft_id).unwrap_or(&raft_id);
         let is_self = client.self_node_id.as_deref() == Some(node);
         out!(
             "{:<27} {:<16} {:<22} {:<9} {:<10} {:>13} {:>12}  {}",
@@ -431,7 +434,7 @@ pub(super) fn print_managers(client: &Client, status: &StatusResponse, nodes: &R
             } else {
                 node.to_string()
             },
-            format!("{:x}", m.raft_id),
+            raft_id,
             if m.addr.is_empty() { "?" } else { &m.addr },
             m.role,
             if m.reachable { "yes" } else { "no" },

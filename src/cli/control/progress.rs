@@ -23,8 +23,13 @@ use crate::proto::control as pb;
 use crate::proto::json::label;
 use crate::proto::objects::{Service, ServiceMode, Task, TaskState};
 
-/// How often the wait reads the service and its tasks.
+/// How often the wait reads the service and its tasks, for a small service.
 pub const POLL_PERIOD: Duration = Duration::from_millis(500);
+/// Extra wait between reads per 1,000 tasks of the service: each read lists them all, so a
+/// large service is read less often (100,000 tasks: every 5.5 s).
+pub const POLL_PERIOD_PER_1000_TASKS: Duration = Duration::from_millis(50);
+/// The longest wait between two reads.
+pub const POLL_PERIOD_MAX: Duration = Duration::from_secs(10);
 /// How long each task must stay running before the service counts as converged, when its
 /// update config sets no monitor period (docker's default).
 pub const MONITOR_DEFAULT: Duration = Duration::from_secs(5);
@@ -84,8 +89,13 @@ impl Watch {
         };
         let wants_running = |t: &Task| t.desired_state == TaskState::Running as i32;
 
+        let running: HashSet<&str> = tasks
+            .iter()
+            .filter(|t| is_running(t))
+            .map(|t| t.id.as_str())
+            .collect();
         self.running_since
-            .retain(|id, _| tasks.iter().any(|t| &t.id == id && is_running(t)));
+            .retain(|id, _| running.contains(id.as_str()));
         for task in tasks.iter().filter(|t| is_running(t)) {
             self.running_since.entry(task.id.clone()).or_insert(now);
         }
@@ -297,8 +307,16 @@ pub(super) fn wait_converged(
                 }
             }
         }
-        std::thread::sleep(POLL_PERIOD);
+        std::thread::sleep(poll_period(tasks.len()));
     }
+}
+
+/// The wait before the next read of a service with `tasks` tasks.
+fn poll_period(tasks: usize) -> Duration {
+    let thousands = u32::try_from(tasks / 1000).unwrap_or(u32::MAX);
+    POLL_PERIOD
+        .saturating_add(POLL_PERIOD_PER_1000_TASKS.saturating_mul(thousands))
+        .min(POLL_PERIOD_MAX)
 }
 
 #[cfg(test)]
@@ -350,6 +368,13 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn large_services_are_read_less_often() {
+        assert_eq!(poll_period(10), POLL_PERIOD);
+        assert_eq!(poll_period(100_000), Duration::from_millis(5_500));
+        assert_eq!(poll_period(10_000_000), POLL_PERIOD_MAX);
     }
 
     #[test]
