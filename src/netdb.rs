@@ -236,15 +236,22 @@ pub fn decode_endpoint(value: &[u8]) -> Result<Endpoint, EndpointError> {
 /// the driver's handle once it runs. The generation moves on at each switch, so caches
 /// built on the previous tables are rebuilt.
 pub struct TablesSlot {
-    current: parking_lot::RwLock<std::sync::Arc<dyn NetworkTables>>,
+    /// The tables in use and how many switches came before them, read together so that a
+    /// generation is never computed from one with the other's count.
+    current: parking_lot::RwLock<InUse>,
+}
+
+/// What a [`TablesSlot`] holds.
+struct InUse {
+    tables: std::sync::Arc<dyn NetworkTables>,
     /// Switches so far (folded into [`NetworkTables::generation`]).
-    switches: std::sync::atomic::AtomicU64,
+    switches: u64,
 }
 
 impl std::fmt::Debug for TablesSlot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TablesSlot")
-            .field("switches", &self.switches)
+            .field("switches", &self.current.read().switches)
             .finish_non_exhaustive()
     }
 }
@@ -257,20 +264,22 @@ impl TablesSlot {
     /// A slot holding `tables`.
     pub fn new(tables: std::sync::Arc<dyn NetworkTables>) -> Self {
         Self {
-            current: parking_lot::RwLock::new(tables),
-            switches: std::sync::atomic::AtomicU64::new(0),
+            current: parking_lot::RwLock::new(InUse {
+                tables,
+                switches: 0,
+            }),
         }
     }
 
     /// Uses `tables` from now on.
     pub fn replace(&self, tables: std::sync::Arc<dyn NetworkTables>) {
-        *self.current.write() = tables;
-        self.switches
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let mut current = self.current.write();
+        current.tables = tables;
+        current.switches += 1;
     }
 
     fn get(&self) -> std::sync::Arc<dyn NetworkTables> {
-        self.current.read().clone()
+        self.current.read().tables.clone()
     }
 }
 
@@ -300,10 +309,11 @@ impl NetworkTables for TablesSlot {
     }
 
     fn generation(&self) -> u64 {
-        let switches = self.switches.load(std::sync::atomic::Ordering::Relaxed);
-        self.get()
+        let current = self.current.read();
+        current
+            .tables
             .generation()
-            .wrapping_add(switches.wrapping_mul(TABLES_SWITCH_GENERATION_STEP))
+            .wrapping_add(current.switches.wrapping_mul(TABLES_SWITCH_GENERATION_STEP))
     }
 }
 
@@ -311,6 +321,24 @@ impl NetworkTables for TablesSlot {
 mod tests {
     use super::*;
     use crate::proto::objects::PortSpec;
+
+    #[test]
+    fn a_slot_switches_its_tables_and_moves_its_generation() {
+        let slot = TablesSlot::new(std::sync::Arc::new(LocalTables::new()));
+        slot.join_network("n1").unwrap();
+        slot.put("n1", "endpoints", "k", Bytes::from_static(b"v"))
+            .unwrap();
+        assert_eq!(slot.entries("n1", "endpoints").len(), 1);
+        let before = slot.generation();
+        slot.replace(std::sync::Arc::new(LocalTables::new()));
+        // The new tables answer from now on (what the old ones held is not carried over).
+        assert!(slot.entries("n1", "endpoints").is_empty());
+        assert!(slot.networks().is_empty());
+        assert!(
+            slot.generation() > before,
+            "a cache built before must rebuild"
+        );
+    }
 
     fn endpoint() -> Endpoint {
         Endpoint {
