@@ -20,8 +20,8 @@ use flotilla::ca_rpc::join_cluster;
 use flotilla::net::{Transport, TransportConfig};
 use flotilla::proto::objects::{Task, TaskState, TaskStatus};
 use parking_lot::Mutex;
-use procs::cli_ok;
 use procs::cluster::{Cluster, ClusterOptions};
+use procs::{cli_ok, count, task_states};
 
 const TIMEOUT: Duration = Duration::from_secs(40);
 
@@ -148,21 +148,6 @@ impl TaskSink for Node {
             tasks.remove(&id);
         }
     }
-}
-
-/// `(desired, current)` state names of the service's tasks, from `service ps`.
-fn task_states(dir: &std::path::Path, service: &str) -> Vec<(String, String)> {
-    procs::task_rows(dir, &["service", "ps", service])
-        .into_iter()
-        .map(|row| (row.desired, row.current))
-        .collect()
-}
-
-fn count(states: &[(String, String)], desired: &str, current: &str) -> usize {
-    states
-        .iter()
-        .filter(|(d, c)| d == desired && c == current)
-        .count()
 }
 
 /// A worker joined to the cluster's leader, with an in-process agent session on `node`.

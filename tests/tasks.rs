@@ -9,8 +9,8 @@ mod procs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use procs::cli_ok;
 use procs::cluster::{Cluster, ClusterOptions};
+use procs::{cli_ok, count, task_states};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -18,19 +18,31 @@ fn eventually(what: &str, check: impl Fn() -> bool) {
     procs::eventually(what, TIMEOUT, check);
 }
 
-/// `(desired, current)` state names of the service's tasks, from `service ps`.
-fn task_states(dir: &Path, service: &str) -> Vec<(String, String)> {
-    procs::task_rows(dir, &["service", "ps", service])
-        .into_iter()
-        .map(|row| (row.desired, row.current))
-        .collect()
-}
-
-fn count(states: &[(String, String)], desired: &str, current: &str) -> usize {
-    states
-        .iter()
-        .filter(|(d, c)| d == desired && c == current)
-        .count()
+/// Creates service `name` of one task running `script` (which appends its pid to
+/// `pid_file`) on a worker; returns the pid once it runs.
+fn one_task_on_a_worker(dir: &Path, name: &str, script: &str, pid_file: &Path) -> Vec<u32> {
+    cli_ok(
+        dir,
+        &[
+            "service",
+            "create",
+            "--detach",
+            "--name",
+            name,
+            "--constraint",
+            "node.role==worker",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    );
+    eventually("the task running on a worker", || {
+        count(&task_states(dir, name), "running", "running") == 1
+    });
+    let started = pids(pid_file);
+    assert_eq!(started.len(), 1, "{started:?}");
+    started
 }
 
 fn alive(pid: u32) -> bool {
@@ -380,27 +392,7 @@ fn a_restarted_worker_agent_adopts_its_running_tasks_instead_of_failing_them() {
     let mut agent = join_worker(&dir, worker_dir_arg, &manager_addr);
     let pid_file = cluster.tmp.path().join("kept-pids");
     let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
-    cli_ok(
-        &dir,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "kept",
-            "--constraint",
-            "node.role==worker",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    eventually("the task running on the worker", || {
-        count(&task_states(&dir, "kept"), "running", "running") == 1
-    });
-    let started = pids(&pid_file);
-    assert_eq!(started.len(), 1, "{started:?}");
+    let started = one_task_on_a_worker(&dir, "kept", &script, &pid_file);
     let _cleanup = KillOnDrop(started.clone());
     let tasks_before = task_ids(&dir, "kept");
 
@@ -513,27 +505,7 @@ fn a_worker_naming_one_manager_follows_the_leader_after_it_restarts_as_a_followe
     });
     let (pid_file, overlaps) = (tmp.join("once-pids"), tmp.join("once-overlaps"));
     let script = overlap_checking_script(&pid_file, &overlaps);
-    cli_ok(
-        &dir_b,
-        &[
-            "service",
-            "create",
-            "--detach",
-            "--name",
-            "once",
-            "--constraint",
-            "node.role==worker",
-            "--",
-            "sh",
-            "-c",
-            &script,
-        ],
-    );
-    eventually("the task running on the first worker", || {
-        count(&task_states(&dir_b, "once"), "running", "running") == 1
-    });
-    let started = pids(&pid_file);
-    assert_eq!(started.len(), 1, "{started:?}");
+    let started = one_task_on_a_worker(&dir_b, "once", &script, &pid_file);
     let _cleanup = KillOnDrop(started.clone());
     let tasks_before = task_ids(&dir_b, "once");
     // A second worker, where a replacement would go.

@@ -527,17 +527,7 @@ fn create_service(
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let spec = with_attachments(api, spec)?;
-    let id = if request.id.is_empty() {
-        crate::util::id::random_id()
-    } else if is_object_id(&request.id) {
-        request.id
-    } else {
-        return Err(Status::invalid_argument(format!(
-            "id: {:?} is not an object id ({OBJECT_ID_CHARS} lowercase letters and digits); \
-             leave it empty to have one chosen",
-            request.id
-        )));
-    };
+    let id = chosen_or_new_id(request.id)?;
     if let Some(existing) = api.store.get::<Service>(&id) {
         return create_again(&existing, &spec).map(Prepared::Answered);
     }
@@ -682,17 +672,7 @@ fn create_network(
         spec.driver = crate::store::spec::NETWORK_DRIVER_DEFAULT.to_string();
     }
     validate_network_spec(&spec).map_err(|e| spec_error(&e))?;
-    let id = if request.id.is_empty() {
-        crate::util::id::random_id()
-    } else if is_object_id(&request.id) {
-        request.id
-    } else {
-        return Err(Status::invalid_argument(format!(
-            "id: {:?} is not an object id ({OBJECT_ID_CHARS} lowercase letters and digits); \
-             leave it empty to have one chosen",
-            request.id
-        )));
-    };
+    let id = chosen_or_new_id(request.id)?;
     if let Some(existing) = api.store.get::<Network>(&id) {
         if existing.spec.as_ref() == Some(&spec) {
             return Ok(Prepared::Answered(pb::NetworkResponse {
@@ -1251,4 +1231,22 @@ fn rotate_join_token(
             })
         }),
     })
+}
+
+/// The id a create request chose (checked), or a new one when it chose none. A client
+/// chooses it so that every retry of the create names the same object.
+///
+/// # Errors
+/// `InvalidArgument` when `id` is not an object id.
+fn chosen_or_new_id(id: String) -> Result<String, Status> {
+    if id.is_empty() {
+        Ok(crate::util::id::random_id())
+    } else if is_object_id(&id) {
+        Ok(id)
+    } else {
+        Err(Status::invalid_argument(format!(
+            "id: {id:?} is not an object id ({OBJECT_ID_CHARS} lowercase letters and digits); \
+             leave it empty to have one chosen"
+        )))
+    }
 }

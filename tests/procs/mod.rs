@@ -356,3 +356,19 @@ pub fn task_rows(dir: &Path, args: &[&str]) -> Vec<TaskRow> {
         })
         .collect()
 }
+
+/// `(desired, current)` state names of `service`'s tasks, from `service ps`.
+pub fn task_states(dir: &Path, service: &str) -> Vec<(String, String)> {
+    task_rows(dir, &["service", "ps", service])
+        .into_iter()
+        .map(|row| (row.desired, row.current))
+        .collect()
+}
+
+/// How many of `states` are `(desired, current)`.
+pub fn count(states: &[(String, String)], desired: &str, current: &str) -> usize {
+    states
+        .iter()
+        .filter(|(d, c)| d == desired && c == current)
+        .count()
+}
