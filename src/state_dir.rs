@@ -13,6 +13,8 @@
 //! - `demoted`: present once the cluster demoted this manager to worker (it left the Raft
 //!   group): the node runs as a worker (its agent) until the cluster promotes it again.
 //! - `managers`: the managers a worker's agent calls (a demoted manager's former peers).
+//! - `last-contact`: when the managers last acknowledged this node's agent
+//!   ([`crate::agent::last_contact`]; replaced by a rename, not fsynced: see there).
 //! - `agent.conf`: where a worker listens once promoted (`flotilla agent --listen`).
 //! - `flotilla.lock`: locked (`flock`) by the one process that uses the directory, so that
 //!   a second one is refused with a clear error instead of failing inside the storage.

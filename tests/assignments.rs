@@ -168,6 +168,7 @@ fn fake_worker(cluster: &Cluster, hostname: &str) -> (Arc<Transport>, AgentSessi
             network_keys: None,
             hostname: hostname.into(),
             remember_managers: None,
+            last_contact: None,
         },
         node.clone(),
         reports_rx,

@@ -109,6 +109,7 @@ fn a_worker_session_records_its_node_ready_and_a_silent_node_goes_down() {
         AgentConfig {
             managers: Box::new(move || managers.clone()),
             remember_managers: None,
+            last_contact: None,
             tls: worker_tls,
             hostname: "worker-one".into(),
             network_keys: None,
@@ -177,6 +178,7 @@ fn fifty_agent_sessions_add_no_thread_to_the_leader() {
                 AgentConfig {
                     managers: Box::new(move || managers.clone()),
                     remember_managers: None,
+                    last_contact: None,
                     tls,
                     hostname: format!("many-{i}"),
                     network_keys: None,
@@ -256,6 +258,7 @@ fn an_agent_given_only_a_follower_reaches_the_leader_and_learns_the_managers() {
             tls: worker_tls,
             hostname: "worker-via-follower".into(),
             network_keys: None,
+            last_contact: None,
         },
         sink.clone(),
         reports_rx,

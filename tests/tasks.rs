@@ -656,3 +656,51 @@ fn create_and_update_wait_until_the_service_converges_or_fails() {
     assert!(ok, "{output}");
     assert!(!output.contains("converged"), "{output}");
 }
+
+#[test]
+fn a_restarted_agent_fences_its_adopted_tasks_from_its_last_contact_not_from_its_start() {
+    let mut cluster = Cluster::start(1, ClusterOptions::default());
+    let dir = cluster.managers[0].dir.clone();
+    let manager_addr = cluster.managers[0].addr.clone();
+    // Reassigned after 3 periods + the orchestrator's 10 s: 13 s; the agent fences 2 s
+    // before, 11 s after its last acknowledged heartbeat.
+    cli_ok(&dir, &["cluster", "update", "--heartbeat-period", "1s"]);
+    let worker_dir = cluster.tmp.path().join("worker");
+    let worker_dir_arg = worker_dir.to_str().unwrap();
+    let mut agent = join_worker(&dir, worker_dir_arg, &manager_addr);
+    let pid_file = cluster.tmp.path().join("fenced-pids");
+    let script = format!("echo $$ >> {}; exec sleep 300", pid_file.display());
+    let started = one_task_on_a_worker(&dir, "fenced", &script, &pid_file);
+    let _cleanup = KillOnDrop(started.clone());
+    // A heartbeat answer with the 1 s period's allowance has been recorded by now.
+    std::thread::sleep(Duration::from_secs(3));
+
+    // The manager stops answering, and the agent dies with its task left running.
+    cluster.managers[0].proc().signal(19);
+    agent.kill();
+    let killed_at = Instant::now();
+    assert!(alive(started[0]));
+    // Past the agent's allowance, counted from its last contact (≤ now).
+    std::thread::sleep(Duration::from_secs(12));
+
+    let mut again = procs::Proc::start("worker-again", &["agent", "--state-dir", worker_dir_arg]);
+    let line = again.wait_for("the managers last acknowledged this node", TIMEOUT);
+    assert!(line.contains("stop in 0 s"), "{line}");
+    // Counted from the start instead, it would run 11 s more; the managers may give it to
+    // another node 13 s after the last contact.
+    procs::eventually("the adopted process fenced", Duration::from_secs(5), || {
+        !alive(started[0])
+    });
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(13) + Duration::from_secs(10),
+        "the test itself ran too slowly to tell"
+    );
+    cluster.managers[0].proc().signal(18);
+    eventually("the fenced task reported failed", || {
+        procs::task_rows(&dir, &["service", "ps", "fenced"])
+            .iter()
+            .any(|row| row.problem.contains("no heartbeat acknowledged"))
+    });
+    again.signal(15);
+    assert!(again.wait_exit(TIMEOUT).success());
+}

@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::last_contact::LastContact;
 use super::session::AgentConfig;
 use super::{Agent, RunnerConfig};
 use crate::ca::{Role, load_node_files, save_node_files, tls};
@@ -167,6 +168,7 @@ fn run_with(
         tls: client_tls,
         hostname: crate::util::hostname(),
         network_keys: networkdb.as_ref().map(keys_into),
+        last_contact: Some(LastContact::in_dir(&args.state_dir)),
     };
     let mut runner = RunnerConfig::new(args.state_dir.join("tasks"));
     // Its tasks are reached at the address other nodes know it by: the one it advertises,

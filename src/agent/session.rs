@@ -26,7 +26,8 @@
 //! runner's 50 ms poll and clock-rate differences; the replacement then still has to be
 //! scheduled, sent and started elsewhere. A link cut shorter than that stops nothing: the
 //! next session moves the deadline forward. At start (adopted processes of a previous run),
-//! the deadline counts from the start with the floor.
+//! the deadline counts from the last contact the previous run recorded
+//! ([`super::last_contact`]), or from the start with the floor when there is no record.
 //!
 //! **Logging.** A session that ends is logged at INFO once; while no session opens, each
 //! distinct (manager, outcome) is logged once at WARN (a follower naming the leader, an
@@ -44,6 +45,7 @@ use parking_lot::Mutex;
 use rand::RngExt;
 
 use super::TaskStatusReport;
+use super::last_contact::{Contact, LastContact, deadline_at_start};
 use super::managers::{Managers, RememberManagers};
 use crate::ca::Role;
 use crate::net::{CallOptions, Transport};
@@ -165,6 +167,10 @@ pub struct AgentConfig {
     /// Called with the cluster's network bootstrap keys (gossip encryption, oldest first)
     /// each time a session starts or the leader sends new ones; `None`: not wanted.
     pub network_keys: Option<NetworkKeysCallback>,
+    /// Where acknowledged contacts are recorded and read back at start (see
+    /// [`super::last_contact`]); `None`: the adopted processes' deadline counts from the
+    /// start with the floor.
+    pub last_contact: Option<LastContact>,
 }
 
 /// What both threads use to reach the managers.
@@ -174,6 +180,8 @@ struct Setup {
     hostname: String,
     /// The latest `tasks_reassigned_after_ms` a heartbeat answer gave.
     reassigned_after: Mutex<Duration>,
+    /// Where each acknowledged contact is recorded for a restarted agent.
+    last_contact: Option<LastContact>,
     /// Where the cluster's network bootstrap keys go (the node's gossip keyring).
     network_keys: Option<NetworkKeysCallback>,
 }
@@ -190,11 +198,44 @@ impl Setup {
             }
             *known
         };
+        if let Some(record) = &self.last_contact {
+            let ago_ms = i64::try_from(sent_at.elapsed().as_millis()).unwrap_or(i64::MAX);
+            let contact = Contact {
+                sent_at_unix_ms: crate::util::clock::unix_now_ms().saturating_sub(ago_ms),
+                reassigned_after: after,
+            };
+            if let Err(error) = record.save(contact) {
+                log::debug!("agent: cannot record the last contact: {error}");
+            }
+        }
         sink.fence_deadline(
             sent_at + after.saturating_sub(FENCE_MARGIN),
             fence_reason(after),
         );
     }
+}
+
+/// Processes adopted from a previous run: no contact yet in this one, so their deadline
+/// counts from the previous run's last contact, if recorded.
+fn fence_adopted_processes(sink: &dyn TaskSink, recorded: Option<Contact>, after: Duration) {
+    let now = Instant::now();
+    let now_unix_ms = crate::util::clock::unix_now_ms();
+    let deadline = deadline_at_start(
+        recorded,
+        now,
+        now_unix_ms,
+        REASSIGNED_AFTER_FLOOR,
+        FENCE_MARGIN,
+    );
+    if let Some(contact) = recorded {
+        log::info!(
+            "agent: the managers last acknowledged this node {} s ago; processes a previous \
+             run left stop in {} s unless a manager answers first",
+            now_unix_ms.saturating_sub(contact.sent_at_unix_ms).max(0) / 1000,
+            deadline.saturating_duration_since(now).as_secs()
+        );
+    }
+    sink.fence_deadline(deadline, fence_reason(after));
 }
 
 /// Why the tasks stop when the fence deadline passes.
@@ -255,16 +296,20 @@ impl AgentSession {
             tls,
             hostname,
             network_keys,
+            last_contact,
         } = config;
+        let recorded = last_contact.as_ref().and_then(LastContact::load);
         let config = Arc::new(Setup {
             managers: Managers::new(managers, remember_managers),
             tls,
             hostname,
-            reassigned_after: Mutex::new(REASSIGNED_AFTER_FLOOR),
+            reassigned_after: Mutex::new(
+                recorded.map_or(REASSIGNED_AFTER_FLOOR, |c| c.reassigned_after),
+            ),
             network_keys,
+            last_contact,
         });
-        // Processes adopted from a previous run: no contact yet in this one.
-        config.contact(&*sink, Instant::now(), None);
+        fence_adopted_processes(&*sink, recorded, *config.reassigned_after.lock());
         let session = {
             let (transport, config, stopping, current, sink) = (
                 transport.clone(),

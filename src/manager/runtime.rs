@@ -762,6 +762,7 @@ fn start_agent(
         tls: client_tls.clone(),
         hostname: crate::util::hostname(),
         network_keys: networkdb.map(crate::agent::runtime::keys_into),
+        last_contact: Some(crate::agent::last_contact::LastContact::in_dir(dir.root())),
     };
     let mut runner = RunnerConfig::new(dir.tasks_dir());
     if let Some(tasks) = settings.tasks_running_max {

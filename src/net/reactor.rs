@@ -541,6 +541,7 @@ impl Reactor {
         if completed || !conn.decoder.is_mid_frame() {
             conn.frame_started = None;
         }
+        conn.decoder.release_idle_buffer();
         if conn.decoder.is_mid_frame() && conn.frame_started.is_none() {
             conn.frame_started = Some(now);
         }
