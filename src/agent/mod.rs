@@ -20,6 +20,7 @@ pub mod chain;
 pub mod endpoints;
 pub mod executor;
 pub mod host;
+pub mod limits;
 pub mod managers;
 pub mod node;
 pub mod runtime;
