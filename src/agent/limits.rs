@@ -123,7 +123,7 @@ impl Limiter {
         let limits = spec
             .resources
             .as_ref()
-            .and_then(|resources| resources.limits.clone())
+            .and_then(|resources| resources.limits)
             .unwrap_or_default();
         let memory_bytes = u64::try_from(limits.memory_bytes).unwrap_or(0);
         let nano_cpus = u64::try_from(limits.nano_cpus).unwrap_or(0);
