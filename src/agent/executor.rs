@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::agent::limits::Prepared;
 use crate::agent::sys;
 use crate::proto::objects::TaskSpec;
 
@@ -279,6 +280,21 @@ pub fn validate_task_id(task_id: &str) -> Result<(), StartError> {
 ///
 /// A [`StartError`]: the task cannot run on this node as given.
 pub fn spawn(work_dir: &Path, task_id: &str, spec: &TaskSpec) -> Result<TaskProcess, StartError> {
+    spawn_limited(work_dir, task_id, spec, Prepared::default())
+}
+
+/// [`spawn`], the child joining the cgroup and taking the rlimit of `limits` before it
+/// executes its program (see [`super::limits`]).
+///
+/// # Errors
+///
+/// A [`StartError`]: the task cannot run on this node as given.
+pub fn spawn_limited(
+    work_dir: &Path,
+    task_id: &str,
+    spec: &TaskSpec,
+    limits: Prepared,
+) -> Result<TaskProcess, StartError> {
     validate_task_id(task_id)?;
     if spec.command.is_empty() {
         return Err(StartError::NoCommand);
@@ -307,6 +323,7 @@ pub fn spawn(work_dir: &Path, task_id: &str, spec: &TaskSpec) -> Result<TaskProc
     {
         command.env("PATH", path);
     }
+    super::limits::apply(&mut command, limits);
     let child = command.spawn().map_err(|source| StartError::Spawn {
         command: spec.command.clone(),
         source,

@@ -21,6 +21,7 @@ pub mod endpoints;
 pub mod executor;
 pub mod host;
 pub mod last_contact;
+pub mod limits;
 pub mod managers;
 pub mod node;
 pub mod runtime;

@@ -1,6 +1,7 @@
 //! The few system calls the agent needs that `std` does not offer: signalling a whole process
-//! group, seeing that a child exited without reaping it, and watching a process that is not
-//! its child (one a previous run of the agent started) through a pidfd.
+//! group, seeing that a child exited without reaping it, watching a process that is not
+//! its child (one a previous run of the agent started) through a pidfd, and limiting a
+//! child between `fork` and `exec` (joining its cgroup, its address-space rlimit).
 //!
 //! Owns nothing. This is the only place in the agent allowed `unsafe`; each call is a plain
 //! libc wrapper whose arguments are checked first. It must never signal a process group id of
@@ -42,6 +43,47 @@ pub fn signal_group(pgid: u32, signal: i32) -> io::Result<bool> {
         return Ok(false);
     }
     Err(error)
+}
+
+/// Makes the child `command` spawns join the cgroup whose `cgroup.procs` is `cgroup_procs`
+/// and take `address_space_bytes` as its `RLIMIT_AS`, both before it executes its program:
+/// it never runs a moment outside its limits. A failure fails the spawn.
+pub fn limit_child(
+    command: &mut std::process::Command,
+    cgroup_procs: Option<OwnedFd>,
+    address_space_bytes: Option<u64>,
+) {
+    use std::os::unix::process::CommandExt;
+    if cgroup_procs.is_none() && address_space_bytes.is_none() {
+        return;
+    }
+    let join_cgroup = move || -> io::Result<()> {
+        if let Some(procs) = &cgroup_procs {
+            // "0" moves the writing process: the child itself, after fork.
+            let pid_zero = b"0";
+            // SAFETY: write(2) reads one byte of a static buffer; async-signal-safe.
+            let rc = unsafe { libc::write(procs.as_raw_fd(), pid_zero.as_ptr().cast(), 1) };
+            if rc < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        if let Some(bytes) = address_space_bytes {
+            let limit = libc::rlimit {
+                rlim_cur: bytes,
+                rlim_max: bytes,
+            };
+            // SAFETY: setrlimit(2) reads a valid rlimit; async-signal-safe.
+            if unsafe { libc::setrlimit(libc::RLIMIT_AS, &raw const limit) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure makes only async-signal-safe system calls and allocates nothing
+    // (an OS error is a plain integer), as code between fork and exec must.
+    unsafe {
+        command.pre_exec(join_cgroup);
+    }
 }
 
 /// Whether the child `pid` has exited, leaving it unreaped (`waitid` with `WNOWAIT`).

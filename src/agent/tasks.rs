@@ -97,6 +97,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::agent::endpoints::EndpointPublisher;
 use crate::agent::executor::{self, ExitOutcome, TaskProcess};
+use crate::agent::limits::Limiter;
 use crate::proto::objects::{Task, TaskState, TaskStatus};
 
 /// How many task processes run at once on a node unless configured otherwise; a task that
@@ -638,6 +639,9 @@ struct Entry {
     reported: Option<TaskStatus>,
     /// Stopped by a fence: why (its exit is reported FAILED with it).
     fenced: Option<String>,
+    /// The limits of its spec this node does not enforce, and why (in every status
+    /// reported once it started).
+    limits_note: String,
 }
 
 /// The state of the `agent-tasks` thread.
@@ -656,6 +660,8 @@ struct Worker {
     fenced: Option<String>,
     /// When to fence, and why.
     fence_deadline: Option<(Instant, String)>,
+    /// How this node enforces the tasks' resource limits.
+    limiter: Limiter,
 }
 
 impl Worker {
@@ -672,6 +678,7 @@ impl Worker {
             next_log_check: Instant::now() + LOG_CHECK_PERIOD,
             fenced: None,
             fence_deadline: None,
+            limiter: Limiter::detect(),
         }
     }
 
@@ -725,6 +732,7 @@ impl Worker {
             forget: false,
             reported: None,
             fenced: None,
+            limits_note: String::new(),
         };
         self.entries.insert(task_id.clone(), entry);
         self.live += 1;
@@ -733,8 +741,9 @@ impl Worker {
 
     /// Reports `status` for task `id`, remembered as its latest (if held); a task that runs
     /// gets its endpoints published, one that ended has them withdrawn.
-    fn report(&mut self, id: &str, status: TaskStatus) {
+    fn report(&mut self, id: &str, mut status: TaskStatus) {
         if let Some(entry) = self.entries.get_mut(id) {
+            status.limits_note.clone_from(&entry.limits_note);
             entry.reported = Some(status.clone());
             if let Some(endpoints) = &self.config.endpoints
                 && status.state == TaskState::Running as i32
@@ -886,6 +895,7 @@ impl Worker {
                 forget: false,
                 reported: None,
                 fenced: None,
+                limits_note: String::new(),
             };
             self.entries.insert(id.clone(), entry);
         }
@@ -1049,20 +1059,33 @@ impl Worker {
         add_env(&mut spec.env, &self.config.task_env);
         let starting = new_status(TaskState::Starting, &format!("starting {:?}", spec.command));
         self.report(id, starting);
-        let (phase, status) = match executor::spawn(&self.config.work_dir, id, &spec) {
-            Ok(process) => {
-                let message = format!("running as pid {} (its own process group)", process.pid());
-                self.live += 1;
-                (
-                    Phase::Live(process),
-                    new_status(TaskState::Running, &message),
-                )
-            }
-            Err(error) => (
-                Phase::Done,
-                refusal_status(TaskState::Rejected, &error.to_string()),
-            ),
-        };
+        let limits = self.limiter.prepare(id, &spec);
+        if !limits.note.is_empty() {
+            log::info!("task {id}: {}", limits.note);
+        }
+        self.entries
+            .get_mut(id)
+            .expect("start a known task")
+            .limits_note = limits.note.clone();
+        let (phase, status) =
+            match executor::spawn_limited(&self.config.work_dir, id, &spec, limits) {
+                Ok(process) => {
+                    let message =
+                        format!("running as pid {} (its own process group)", process.pid());
+                    self.live += 1;
+                    (
+                        Phase::Live(process),
+                        new_status(TaskState::Running, &message),
+                    )
+                }
+                Err(error) => {
+                    self.limiter.release(id);
+                    (
+                        Phase::Done,
+                        refusal_status(TaskState::Rejected, &error.to_string()),
+                    )
+                }
+            };
         self.entries.get_mut(id).expect("start a known task").phase = phase;
         self.report(id, status);
     }
@@ -1097,6 +1120,7 @@ impl Worker {
         }
         for (id, status, forget) in ended {
             self.live -= 1;
+            self.limiter.release(&id);
             // Forgotten first: whoever sees the report finds the directory gone.
             if forget {
                 self.forget(&id);
@@ -1185,6 +1209,7 @@ fn new_status(state: TaskState, message: &str) -> TaskStatus {
         timestamp_ms: now_unix_ms(),
         err: String::new(),
         exit_code: 0,
+        limits_note: String::new(),
     }
 }
 

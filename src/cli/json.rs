@@ -150,6 +150,7 @@ mod tests {
                 restart: Some(RestartPolicy::default()),
                 placement: Some(Placement {
                     constraints: vec!["node.role==manager".into()],
+                    preferences: Vec::new(),
                 }),
                 ..Default::default()
             }),

@@ -97,14 +97,76 @@ pub(crate) struct Context {
     pub base_load: HashMap<String, NodeLoad>,
 }
 
-/// What tasks load one node with: those not finished (they hold room) and, of them, the
-/// occupants (they count for spreading).
+/// What tasks load one node with: those not finished (they hold room and their
+/// reservations) and, of them, the occupants (they count for spreading).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeLoad {
     /// Unfinished tasks on the node, whatever their desired state.
     pub busy: u64,
     /// Unfinished occupants (wanted running) on the node.
     pub active: u64,
+    /// What the unfinished tasks reserve (a task being stopped still holds its share).
+    pub reserved: Reservation,
+}
+
+/// The CPU and memory a task reserves (`TaskSpec.resources.reservations`), or a sum of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reservation {
+    /// CPUs, in units of 1e-9 CPUs.
+    pub nano_cpus: u64,
+    /// Memory, bytes.
+    pub memory_bytes: u64,
+}
+
+impl Reservation {
+    /// What `spec` reserves (negative amounts, refused by validation, count as 0).
+    pub(crate) fn of_spec(spec: Option<&crate::proto::objects::TaskSpec>) -> Self {
+        let reservations = spec
+            .and_then(|spec| spec.resources.as_ref())
+            .and_then(|resources| resources.reservations.as_ref());
+        reservations.map_or_else(Self::default, |r| Self {
+            nano_cpus: u64::try_from(r.nano_cpus).unwrap_or(0),
+            memory_bytes: u64::try_from(r.memory_bytes).unwrap_or(0),
+        })
+    }
+
+    /// What `node` has to reserve from, as its agent reported it (nothing if unreported).
+    pub(crate) fn capacity_of(node: &Node) -> Self {
+        let resources = node
+            .description
+            .as_ref()
+            .and_then(|description| description.resources.as_ref());
+        resources.map_or_else(Self::default, |r| Self {
+            nano_cpus: u64::try_from(r.nano_cpus).unwrap_or(0),
+            memory_bytes: u64::try_from(r.memory_bytes).unwrap_or(0),
+        })
+    }
+
+    /// True if nothing is reserved.
+    pub(crate) fn is_zero(self) -> bool {
+        self == Self::default()
+    }
+
+    pub(crate) fn plus(self, other: Self) -> Self {
+        Self {
+            nano_cpus: self.nano_cpus.saturating_add(other.nano_cpus),
+            memory_bytes: self.memory_bytes.saturating_add(other.memory_bytes),
+        }
+    }
+
+    pub(crate) fn minus(self, other: Self) -> Self {
+        Self {
+            nano_cpus: self.nano_cpus.saturating_sub(other.nano_cpus),
+            memory_bytes: self.memory_bytes.saturating_sub(other.memory_bytes),
+        }
+    }
+
+    /// True if `self` fits within `capacity`, one resource at a time (a resource not
+    /// reserved fits whatever the node reported).
+    pub(crate) fn fits_in(self, capacity: Self) -> bool {
+        (self.nano_cpus == 0 || self.nano_cpus <= capacity.nano_cpus)
+            && (self.memory_bytes == 0 || self.memory_bytes <= capacity.memory_bytes)
+    }
 }
 
 impl NodeLoad {
@@ -115,7 +177,32 @@ impl NodeLoad {
             return None;
         }
         let active = u64::from(is_occupant(task));
-        Some((task.node_id.as_str(), NodeLoad { busy: 1, active }))
+        let reserved = Reservation::of_spec(task.spec.as_ref());
+        Some((
+            task.node_id.as_str(),
+            NodeLoad {
+                busy: 1,
+                active,
+                reserved,
+            },
+        ))
+    }
+
+    /// `self` with `other` added (`add`) or taken away, saturating.
+    pub(crate) fn with(self, other: NodeLoad, add: bool) -> Self {
+        if add {
+            Self {
+                busy: self.busy.saturating_add(other.busy),
+                active: self.active.saturating_add(other.active),
+                reserved: self.reserved.plus(other.reserved),
+            }
+        } else {
+            Self {
+                busy: self.busy.saturating_sub(other.busy),
+                active: self.active.saturating_sub(other.active),
+                reserved: self.reserved.minus(other.reserved),
+            }
+        }
     }
 }
 

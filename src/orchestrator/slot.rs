@@ -12,12 +12,18 @@
 //! rollback (`UpdateConfig.delay_ms`, `monitor_ms`, `failure_action`); a task counts as
 //! updated once it runs.
 //!
+//! An occupant whose node no longer satisfies the task's placement constraints is retired
+//! like one on a lost node (swarmkit's constraint enforcer), so a label change moves it.
+//!
 //! Must never leave two occupants in a slot except during a start-first replacement.
 
 use std::sync::Arc;
 
 use crate::proto::objects::{Service, Task, TaskSpec, TaskState, TaskStatus, UpdateOrder};
 
+use crate::store::spec::matches_all;
+
+use super::global::constraints_of;
 use super::restart::{self, Decision};
 use super::working::{TaskIx, Working};
 use super::{Context, age_key, derive_task_id, is_occupant, is_terminal, node_lost, observed};
@@ -138,12 +144,36 @@ pub(super) fn reconcile(
     fill(working, context, slot, ids);
 }
 
+/// Retires the occupants on lost nodes, and (swarmkit's constraint enforcer) those whose
+/// node no longer satisfies their placement constraints: its labels changed, or its role.
+/// A replicated slot is then refilled on a node that does; a global slot is retired by
+/// [`super::global`] before it gets here.
 fn retire_on_lost_nodes(working: &mut Working, context: &Context, ids: &[TaskIx]) {
     for (ix, task) in occupants(working, ids) {
-        if !task.node_id.is_empty() && node_lost(context, &task.node_id).is_some() {
+        if task.node_id.is_empty() {
+            continue;
+        }
+        if node_lost(context, &task.node_id).is_some() || !constraints_hold(context, &task) {
             working.retire(ix, TaskState::Shutdown);
         }
     }
+}
+
+/// True if `task`'s node satisfies its placement constraints (or they do not parse: a store
+/// written by something else; the task is left alone rather than moved in a loop).
+fn constraints_hold(context: &Context, task: &Task) -> bool {
+    let has_constraints = task
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.placement.as_ref())
+        .is_some_and(|placement| !placement.constraints.is_empty());
+    if !has_constraints {
+        return true;
+    }
+    let Some(node) = context.node(&task.node_id) else {
+        return true;
+    };
+    constraints_of(task.spec.as_ref()).is_none_or(|constraints| matches_all(&constraints, node))
 }
 
 /// Applies the restart rule to every finished occupant; `Wait` if one waits for its delay.

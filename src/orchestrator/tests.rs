@@ -14,6 +14,10 @@ use crate::store::{Kind, Store, create, delete, update};
 
 use super::{Capture, NODE_DOWN_GRACE_MS, Tracker, reconcile, reconcile_pass};
 
+/// Reservations, spreading over labels and the constraint enforcer.
+#[path = "placement_tests.rs"]
+mod placement;
+
 struct Harness {
     store: Store,
     index: u64,
@@ -364,6 +368,7 @@ fn global_service_follows_eligible_nodes() {
     h.change_service("mon", |spec| {
         spec.task.as_mut().unwrap().placement = Some(Placement {
             constraints: vec!["node.labels.zone==x".into()],
+            ..Default::default()
         });
     });
     // The template changed too: a stop-first update retires d's task and replaces it once
@@ -657,10 +662,12 @@ fn scheduler_spreads_honours_constraints_and_explains_pending() {
     let mut zoned = template(&["1"]);
     zoned.placement = Some(Placement {
         constraints: vec!["node.labels.zone==a".into()],
+        ..Default::default()
     });
     h.add_service("za", ServiceMode::Replicated, 2, zoned.clone());
     zoned.placement = Some(Placement {
         constraints: vec!["node.labels.zone==b".into()],
+        ..Default::default()
     });
     h.add_service("zb", ServiceMode::Replicated, 1, zoned);
     h.settle(2_000);

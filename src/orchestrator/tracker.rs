@@ -287,8 +287,7 @@ impl Tracker {
         };
         if let Some((node_id, share)) = NodeLoad::of(task) {
             let load = self.load.entry(node_id.to_string()).or_default();
-            apply(&mut load.busy, share.busy);
-            apply(&mut load.active, share.active);
+            *load = load.with(share, add);
             if *load == NodeLoad::default() {
                 self.load.remove(node_id);
             }
@@ -338,8 +337,7 @@ impl Tracker {
         for task in &tasks {
             if let Some((node_id, share)) = NodeLoad::of(task) {
                 let load = base_load.entry(node_id.to_string()).or_default();
-                load.busy = load.busy.saturating_sub(share.busy);
-                load.active = load.active.saturating_sub(share.active);
+                *load = load.with(share, false);
             }
         }
         let snapshot = Snapshot {

@@ -10,9 +10,9 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::proto::objects::{
-    ClusterSpec, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec, PortSpec,
-    ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode, ServiceSpec,
-    TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+    ClusterSpec, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec, PlacementPreference,
+    PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode,
+    ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::Code;
 
@@ -69,6 +69,16 @@ pub const ENV_VARS_MAX: usize = 4 * 1024;
 pub const WORKING_DIR_BYTES_MAX: usize = 4 * 1024;
 /// The longest placement constraint.
 pub const CONSTRAINT_BYTES_MAX: usize = 1024;
+
+/// The most placement preferences one task template may carry (levels of nested spreading).
+pub const PREFERENCES_MAX: usize = 8;
+
+/// The prefix of a spread descriptor: only node labels are spread over.
+pub const SPREAD_LABEL_PREFIX: &str = "node.labels.";
+
+/// The smallest memory limit accepted: below it no process starts (the dynamic loader and
+/// libc alone map more address space).
+pub const TASK_MEMORY_LIMIT_BYTES_MIN: i64 = 4 << 20;
 
 /// The shortest non-zero node certificate lifetime (one hour).
 pub const NODE_CERT_EXPIRY_MS_MIN: i64 = 60 * 60 * 1000;
@@ -440,6 +450,10 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
             &format!("{field}.placement.constraints"),
             &placement.constraints,
         )?;
+        parse_preferences(
+            &format!("{field}.placement.preferences"),
+            &placement.preferences,
+        )?;
     }
     validate_ports(&format!("{field}.ports"), &task.ports)?;
     Ok(())
@@ -579,10 +593,11 @@ fn validate_restart(field: &str, restart: &RestartPolicy) -> Checked {
     not_negative(format!("{field}.window_ms"), restart.window_ms)
 }
 
-/// Resources are parsed and stored but not acted on yet: the executor sets no limit (no
-/// cgroup, no rlimit) and the scheduler counts tasks, not reserved CPU or memory. Accepting
-/// them would promise what does not happen (a task with `--limit-memory 10M` would grow
-/// unchecked), so any non-zero value is refused until they are enforced.
+/// Reservations are counted by the scheduler (a task is placed only where they fit) and
+/// limits are enforced by the agent on the task's processes (cgroup v2 where the node has
+/// it, else an address-space rlimit for memory; a CPU limit the node cannot enforce is said
+/// in the task's `status.limits_note`), so any non-negative amount is accepted; a limit
+/// below the reservation is refused, as a task could never use what it reserves.
 fn validate_resources(field: &str, resources: &ResourceRequirements) -> Checked {
     let zero = Resources::default();
     let reservations = resources.reservations.as_ref().unwrap_or(&zero);
@@ -591,36 +606,34 @@ fn validate_resources(field: &str, resources: &ResourceRequirements) -> Checked 
         not_negative(format!("{field}.{name}.nano_cpus"), values.nano_cpus)?;
         not_negative(format!("{field}.{name}.memory_bytes"), values.memory_bytes)?;
     }
-    let not_yet = |name: &str, what: &str| {
-        SpecError::new(
-            format!("{field}.{name}"),
+    if limits.memory_bytes > 0 && limits.memory_bytes < TASK_MEMORY_LIMIT_BYTES_MIN {
+        return Err(SpecError::new(
+            format!("{field}.limits.memory_bytes"),
             format!(
-                "{what} is not enforced yet (flotilla runs tasks as plain processes without \
-                 resource controls, and its scheduler counts tasks, not CPU or memory); \
-                 leave it unset (0) rather than rely on it"
+                "{} is too small for a process to start; give at least {}",
+                limits.memory_bytes,
+                bytes_limit(usize::try_from(TASK_MEMORY_LIMIT_BYTES_MIN).unwrap_or(usize::MAX))
             ),
-        )
-    };
-    if limits.memory_bytes > 0 {
-        return Err(not_yet(
-            "limits.memory_bytes",
-            "a memory limit (--limit-memory)",
         ));
     }
-    if limits.nano_cpus > 0 {
-        return Err(not_yet("limits.nano_cpus", "a CPU limit (--limit-cpu)"));
-    }
-    if reservations.memory_bytes > 0 {
-        return Err(not_yet(
-            "reservations.memory_bytes",
-            "a memory reservation (--reserve-memory)",
-        ));
-    }
-    if reservations.nano_cpus > 0 {
-        return Err(not_yet(
-            "reservations.nano_cpus",
-            "a CPU reservation (--reserve-cpu)",
-        ));
+    for (name, reserved, limit, flag) in [
+        ("nano_cpus", reservations.nano_cpus, limits.nano_cpus, "cpu"),
+        (
+            "memory_bytes",
+            reservations.memory_bytes,
+            limits.memory_bytes,
+            "memory",
+        ),
+    ] {
+        if limit > 0 && reserved > limit {
+            return Err(SpecError::new(
+                format!("{field}.reservations.{name}"),
+                format!(
+                    "{reserved} is more than the limit ({limit}): a task could never use what \
+                     it reserves; lower --reserve-{flag} or raise --limit-{flag}"
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -950,6 +963,52 @@ pub fn parse_constraints(
         .collect()
 }
 
+/// Parses every spread preference of a task template into the label keys to spread over,
+/// outermost first; errors name `field[index]`.
+///
+/// # Errors
+/// Too many preferences, or one that is not `node.labels.<key>` with a valid key.
+pub fn parse_preferences(
+    field: &str,
+    preferences: &[PlacementPreference],
+) -> Result<Vec<String>, SpecError> {
+    if preferences.len() > PREFERENCES_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{} placement preferences, more than the limit of {PREFERENCES_MAX}",
+                preferences.len()
+            ),
+        ));
+    }
+    preferences
+        .iter()
+        .enumerate()
+        .map(|(index, preference)| {
+            spread_label(&preference.spread_descriptor).ok_or_else(|| {
+                SpecError::new(
+                    format!("{field}[{index}].spread_descriptor"),
+                    format!(
+                        "{:?} is not a spread descriptor; use node.labels.<key> (e.g. \
+                         --placement-pref spread=node.labels.zone), a key of at most \
+                         {LABEL_KEY_BYTES_MAX} bytes",
+                        preference.spread_descriptor
+                    ),
+                )
+            })
+        })
+        .collect()
+}
+
+/// The label key of a spread descriptor `node.labels.<key>` (spaces around it allowed).
+fn spread_label(descriptor: &str) -> Option<String> {
+    let key = descriptor.trim().strip_prefix(SPREAD_LABEL_PREFIX)?.trim();
+    let valid = !key.is_empty()
+        && key.len() <= LABEL_KEY_BYTES_MAX
+        && !key.chars().any(|c| c.is_whitespace() || c.is_control());
+    valid.then(|| key.to_string())
+}
+
 /// True if `node` satisfies every constraint.
 pub fn matches_all(constraints: &[Constraint], node: &Node) -> bool {
     constraints
@@ -978,15 +1037,25 @@ mod tests {
                     max_attempts: 3,
                     window_ms: 60_000,
                 }),
+                // Reservations are counted and limits enforced: both are accepted.
                 resources: Some(ResourceRequirements {
-                    reservations: Some(Resources::default()),
-                    limits: Some(Resources::default()),
+                    reservations: Some(Resources {
+                        nano_cpus: 500_000_000,
+                        memory_bytes: 64 << 20,
+                    }),
+                    limits: Some(Resources {
+                        nano_cpus: 1_000_000_000,
+                        memory_bytes: 128 << 20,
+                    }),
                 }),
                 placement: Some(Placement {
                     constraints: vec![
                         "node.role==worker".into(),
                         " node.labels.zone != eu-west ".into(),
                     ],
+                    preferences: vec![PlacementPreference {
+                        spread_descriptor: "node.labels.zone".into(),
+                    }],
                 }),
                 ports: vec![PortSpec {
                     name: "http".into(),
@@ -1140,34 +1209,51 @@ mod tests {
             (
                 refused(|s| {
                     let r = task(s).resources.as_mut().unwrap();
-                    r.limits.as_mut().unwrap().memory_bytes = 10 << 20;
+                    r.limits.as_mut().unwrap().memory_bytes = 1 << 20;
                 }),
                 "task.resources.limits.memory_bytes",
-                "memory limit (--limit-memory) is not enforced yet",
+                "too small for a process to start",
+            ),
+            (
+                refused(|s| {
+                    let r = task(s).resources.as_mut().unwrap();
+                    r.limits.as_mut().unwrap().memory_bytes = 64 << 20;
+                    r.reservations.as_mut().unwrap().memory_bytes = 128 << 20;
+                }),
+                "task.resources.reservations.memory_bytes",
+                "raise --limit-memory",
             ),
             (
                 refused(|s| {
                     let r = task(s).resources.as_mut().unwrap();
                     r.limits.as_mut().unwrap().nano_cpus = 1;
-                }),
-                "task.resources.limits.nano_cpus",
-                "not enforced yet",
-            ),
-            (
-                refused(|s| {
-                    let r = task(s).resources.as_mut().unwrap();
-                    r.reservations.as_mut().unwrap().memory_bytes = 1;
-                }),
-                "task.resources.reservations.memory_bytes",
-                "not enforced yet",
-            ),
-            (
-                refused(|s| {
-                    let r = task(s).resources.as_mut().unwrap();
-                    r.reservations.as_mut().unwrap().nano_cpus = 500_000_000;
+                    r.reservations.as_mut().unwrap().nano_cpus = 2;
                 }),
                 "task.resources.reservations.nano_cpus",
                 "--reserve-cpu",
+            ),
+            (
+                refused(|s| {
+                    let placement = task(s).placement.as_mut().unwrap();
+                    placement.preferences = vec![PlacementPreference {
+                        spread_descriptor: "node.zone".into(),
+                    }];
+                }),
+                "task.placement.preferences[0].spread_descriptor",
+                "node.labels.<key>",
+            ),
+            (
+                refused(|s| {
+                    let placement = task(s).placement.as_mut().unwrap();
+                    placement.preferences = vec![
+                        PlacementPreference {
+                            spread_descriptor: "node.labels.zone".into(),
+                        };
+                        PREFERENCES_MAX + 1
+                    ];
+                }),
+                "task.placement.preferences",
+                "more than the limit",
             ),
             (
                 refused(|s| {

@@ -12,8 +12,9 @@ use clap::Args;
 
 use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
-    Placement, PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy,
-    ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+    Placement, PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
+    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
+    UpdateOrder,
 };
 
 /// Service spec flags, shared by `service create` and `service update` (on update, only
@@ -65,6 +66,10 @@ pub struct SpecFlags {
     /// Placement constraint, e.g. `node.labels.zone==a` (repeatable; on update, replaces).
     #[arg(long = "constraint")]
     pub constraints: Vec<String>,
+    /// Placement preference `spread=node.labels.KEY`: tasks spread evenly over the label's
+    /// values (repeatable, nested in order; on update, replaces).
+    #[arg(long = "placement-pref", value_name = "spread=node.labels.KEY")]
+    pub placement_prefs: Vec<String>,
     /// Tasks updated at once (0: all).
     #[arg(long)]
     pub update_parallelism: Option<u64>,
@@ -91,6 +96,23 @@ pub struct SpecFlags {
     /// On update: declare no port.
     #[arg(long, conflicts_with = "ports")]
     pub no_ports: bool,
+}
+
+/// Parses `--placement-pref spread=node.labels.KEY` (docker's form; the descriptor itself is
+/// checked by the control API).
+///
+/// # Errors
+/// What is wrong, naming `--placement-pref`.
+pub fn parse_placement_pref(text: &str) -> Result<PlacementPreference, String> {
+    match text.split_once('=') {
+        Some((strategy, descriptor)) if strategy.trim() == "spread" => Ok(PlacementPreference {
+            spread_descriptor: descriptor.trim().to_string(),
+        }),
+        _ => Err(format!(
+            "--placement-pref {text:?}: expected spread=node.labels.KEY (spread is the only \
+             strategy), e.g. spread=node.labels.zone"
+        )),
+    }
 }
 
 /// Parses `NAME:PORT/tcp` (`/tcp` may be left out).
@@ -281,9 +303,18 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
     }
     let task = spec.task.get_or_insert_with(TaskSpec::default);
     if !flags.constraints.is_empty() {
-        task.placement = Some(Placement {
-            constraints: flags.constraints.clone(),
-        });
+        let placement = task.placement.get_or_insert_with(Placement::default);
+        placement.constraints.clone_from(&flags.constraints);
+    }
+    if !flags.placement_prefs.is_empty() {
+        let preferences = flags
+            .placement_prefs
+            .iter()
+            .map(|text| parse_placement_pref(text))
+            .collect::<Result<_, _>>()?;
+        task.placement
+            .get_or_insert_with(Placement::default)
+            .preferences = preferences;
     }
     let update = spec.update.get_or_insert_with(UpdateConfig::default);
     if let Some(parallelism) = flags.update_parallelism {
@@ -326,6 +357,11 @@ mod tests {
         assert_eq!(parse_bytes("m", "512"), Ok(512));
         assert!(parse_bytes("m", "lots").is_err());
         assert_eq!(parse_nano_cpus("c", "0.5"), Ok(500_000_000));
+        assert_eq!(
+            parse_placement_pref("spread=node.labels.zone").map(|p| p.spread_descriptor),
+            Ok("node.labels.zone".to_string())
+        );
+        assert!(parse_placement_pref("pack=node.labels.zone").is_err());
     }
 
     #[test]

@@ -170,7 +170,8 @@ pub(super) fn print_networks(client: &Client, networks: &[crate::proto::objects:
 }
 
 /// What `service ps` and `task ls` show in their ERROR column (docker's): why the task
-/// failed, or why it is still pending (no node fits, none ready, …); empty otherwise.
+/// failed, or why it is still pending (no node fits, none ready, …), or a resource limit
+/// its node does not enforce; empty otherwise.
 fn task_problem(task: &Task) -> &str {
     let Some(status) = task.status.as_ref() else {
         return "";
@@ -180,7 +181,7 @@ fn task_problem(task: &Task) -> &str {
     } else if status.state == TaskState::Pending as i32 {
         &status.message
     } else {
-        ""
+        &status.limits_note
     }
 }
 
