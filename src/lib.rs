@@ -12,6 +12,7 @@ pub mod control;
 pub mod dispatcher;
 pub mod dns;
 pub mod gossip;
+pub mod health;
 pub mod kv;
 #[cfg(any(test, feature = "sim"))]
 pub mod lincheck;

@@ -38,7 +38,8 @@ use std::time::{Duration, Instant};
 
 use crate::agent::limits::Prepared;
 use crate::agent::sys;
-use crate::proto::objects::TaskSpec;
+use crate::health::HEALTH_OUTPUT_BYTES_MAX;
+use crate::proto::objects::{HealthCheckResult, TaskSpec};
 
 /// How long a stopping task has between SIGTERM and SIGKILL unless configured otherwise
 /// (Docker's default stop timeout).
@@ -696,6 +697,170 @@ fn parse_pid_file(content: &str) -> Option<(u32, u64)> {
     Some((pid, start_time))
 }
 
+/// The file a running health check writes its standard output and error to, in the task
+/// directory (emptied at each check; its first [`HEALTH_OUTPUT_BYTES_MAX`] bytes are kept).
+pub const HEALTH_OUTPUT_FILE: &str = "health.out";
+
+/// The shell a health command runs with (`/bin/sh -c CMD`, docker's `CMD-SHELL`).
+pub const HEALTH_SHELL: &str = "/bin/sh";
+
+/// One run of a task's health check: `/bin/sh -c CMD`, leader of its own process group, in
+/// the task's environment and working directory, its output in [`HEALTH_OUTPUT_FILE`].
+/// Watched like a task (never blocks): [`HealthCheckProcess::poll`] kills its group at the
+/// timeout and reaps it; dropping a running one kills its group and reaps it.
+#[derive(Debug)]
+pub struct HealthCheckProcess {
+    child: Child,
+    pid: u32,
+    output_path: PathBuf,
+    started_at: Instant,
+    started_unix_ms: i64,
+    timeout: Duration,
+    timed_out: bool,
+    reaped: bool,
+}
+
+/// Starts a health check of task `task_id` (whose effective spec is `spec`: its env and
+/// working directory) running `command`, to be killed once `timeout` has passed.
+///
+/// # Errors
+///
+/// A [`StartError`]: the check could not start (the caller counts it as a failed check).
+pub fn spawn_health_check(
+    work_dir: &Path,
+    task_id: &str,
+    spec: &TaskSpec,
+    command: &str,
+    timeout: Duration,
+) -> Result<HealthCheckProcess, StartError> {
+    validate_task_id(task_id)?;
+    let env = parse_env(&spec.env)?;
+    let task_dir = task_dir(work_dir, task_id);
+    let working_dir = prepare_working_dir(&task_dir, &spec.working_dir)?;
+    let output_path = task_dir.join(HEALTH_OUTPUT_FILE);
+    let output = File::create(&output_path).map_err(|source| StartError::TaskDir {
+        path: output_path.clone(),
+        source,
+    })?;
+    let errors = output.try_clone().map_err(|source| StartError::TaskDir {
+        path: output_path.clone(),
+        source,
+    })?;
+    let mut shell = Command::new(HEALTH_SHELL);
+    shell
+        .args(["-c", command])
+        .env_clear()
+        .envs(
+            env.iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
+        .current_dir(&working_dir)
+        .stdin(Stdio::null())
+        .stdout(output)
+        .stderr(errors)
+        .process_group(0);
+    if !env.iter().any(|(key, _)| key == "PATH")
+        && let Some(path) = std::env::var_os("PATH")
+    {
+        shell.env("PATH", path);
+    }
+    let child = shell.spawn().map_err(|source| StartError::Spawn {
+        command: HEALTH_SHELL.to_owned(),
+        source,
+        exec_bytes: command.len() + 4,
+    })?;
+    let pid = child.id();
+    assert!(pid > 1, "a spawned child is neither init nor the idle task");
+    Ok(HealthCheckProcess {
+        child,
+        pid,
+        output_path,
+        started_at: Instant::now(),
+        started_unix_ms: unix_now_ms(),
+        timeout,
+        timed_out: false,
+        reaped: false,
+    })
+}
+
+impl HealthCheckProcess {
+    /// When the check started (agent clock).
+    pub fn started_at(&self) -> Instant {
+        self.started_at
+    }
+
+    /// Checks whether the check ended; kills its group once its timeout passed. Returns the
+    /// result exactly once, when the shell was reaped: its exit status (-1 if it was killed
+    /// at the timeout, 128 + the signal for another signal) and the first
+    /// [`HEALTH_OUTPUT_BYTES_MAX`] bytes of its output. Never blocks.
+    ///
+    /// # Errors
+    ///
+    /// The OS error of `waitid(2)` or `wait(2)`.
+    pub fn poll(&mut self, now: Instant) -> io::Result<Option<HealthCheckResult>> {
+        assert!(!self.reaped, "poll after the result was returned");
+        if !sys::exited_unreaped(self.pid)? {
+            if !self.timed_out && now >= self.started_at + self.timeout {
+                // Its zombie-to-be holds the group id until it is reaped: safe to signal.
+                self.timed_out = true;
+                kill_rest_of_group(self.pid);
+            }
+            return Ok(None);
+        }
+        kill_rest_of_group(self.pid);
+        let status = self.child.wait()?;
+        self.reaped = true;
+        let end_ms = unix_now_ms();
+        let (exit_code, output) = if self.timed_out {
+            let timeout = self.timeout;
+            (-1, format!("Health check exceeded timeout ({timeout:?})"))
+        } else {
+            let code = ExitOutcome::from_status(status).exit_code().unwrap_or(-1);
+            (code, read_head(&self.output_path, HEALTH_OUTPUT_BYTES_MAX))
+        };
+        Ok(Some(HealthCheckResult {
+            start_ms: self.started_unix_ms,
+            end_ms,
+            exit_code,
+            output,
+        }))
+    }
+}
+
+impl Drop for HealthCheckProcess {
+    /// A check nobody waits for any more (its task ended): kill its group and reap it.
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        kill_rest_of_group(self.pid);
+        if let Err(error) = self.child.wait() {
+            log::warn!("cannot reap health check {}: {error}", self.pid);
+        }
+    }
+}
+
+/// The first `bytes_max` bytes of `path` as text (invalid UTF-8 replaced); empty if it
+/// cannot be read.
+fn read_head(path: &Path, bytes_max: usize) -> String {
+    use std::io::Read as _;
+    let mut head = Vec::with_capacity(bytes_max.min(4096));
+    if let Ok(file) = File::open(path) {
+        let limit = u64::try_from(bytes_max).unwrap_or(u64::MAX);
+        if let Err(error) = file.take(limit).read_to_end(&mut head) {
+            log::debug!("cannot read {path:?}: {error}");
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn unix_now_ms() -> i64 {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX)
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -1069,5 +1234,87 @@ pub(crate) mod tests {
         drop(process);
         // Reaped, not a zombie: the pid is gone entirely (unless already reused).
         assert!(sys::process_dead(pid));
+    }
+
+    fn wait_check(check: &mut HealthCheckProcess) -> HealthCheckResult {
+        let give_up = Instant::now() + WAIT_LIMIT;
+        while Instant::now() < give_up {
+            if let Some(result) = check.poll(Instant::now()).expect("poll") {
+                return result;
+            }
+            std::thread::sleep(STEP);
+        }
+        panic!("health check {} did not end", check.pid);
+    }
+
+    #[test]
+    fn a_health_check_runs_in_the_tasks_env_and_dir_and_keeps_its_output_head() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let work = tempfile::tempdir().expect("tempdir");
+        let mut task = spec("true", &[]);
+        task.env = vec!["GREETING=hi".into()];
+        task.working_dir = work.path().to_str().expect("utf-8").to_owned();
+        let command =
+            "echo \"$GREETING from $(pwd)\"; echo oops >&2; head -c 10000 /dev/zero; exit 3";
+        let mut check = spawn_health_check(
+            dir.path(),
+            "t-check",
+            &task,
+            command,
+            Duration::from_secs(20),
+        )
+        .expect("spawn");
+        let result = wait_check(&mut check);
+        assert_eq!(result.exit_code, 3);
+        let canonical = work.path().canonicalize().expect("canonical");
+        assert!(
+            result
+                .output
+                .starts_with(&format!("hi from {}\noops\n", canonical.display()))
+                || result
+                    .output
+                    .starts_with(&format!("hi from {}\noops\n", work.path().display())),
+            "{:?}",
+            &result.output[..64.min(result.output.len())]
+        );
+        assert_eq!(result.output.len(), HEALTH_OUTPUT_BYTES_MAX);
+        assert!(result.end_ms >= result.start_ms);
+
+        let mut passing = spawn_health_check(
+            dir.path(),
+            "t-check",
+            &task,
+            "exit 0",
+            Duration::from_secs(20),
+        )
+        .expect("spawn");
+        assert_eq!(wait_check(&mut passing).exit_code, 0);
+    }
+
+    #[test]
+    fn a_health_check_past_its_timeout_is_killed_with_its_children() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let child_pid_file = dir.path().join("child.pid");
+        let command = format!("sleep 30 & echo $! > {}; wait", child_pid_file.display());
+        let mut check = spawn_health_check(
+            dir.path(),
+            "t-hang",
+            &spec("true", &[]),
+            &command,
+            Duration::from_millis(300),
+        )
+        .expect("spawn");
+        let grandchild = read_pid(&child_pid_file);
+        let result = wait_check(&mut check);
+        assert_eq!(result.exit_code, -1);
+        assert!(
+            result.output.contains("exceeded timeout"),
+            "{}",
+            result.output
+        );
+        assert!(
+            sys::wait_dead(grandchild, WAIT_LIMIT),
+            "the check's child survived"
+        );
     }
 }

@@ -19,6 +19,7 @@
 pub mod chain;
 pub mod endpoints;
 pub mod executor;
+pub mod health;
 pub mod host;
 pub mod last_contact;
 pub mod limits;

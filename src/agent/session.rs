@@ -7,7 +7,7 @@
 //! leader goes at once, up to [`REDIRECTS_MAX`] in a row) and reads its stream, taking the
 //! manager list each session sends (`SessionStarted.managers`, `ManagersChanged`);
 //! `agent-reporter` heartbeats the current session every half period and sends the status
-//! reports it receives, in batches of at most [`STATUS_UPDATES_MAX`]. A report that cannot
+//! reports it receives, in batches of at most [`STATUS_UPDATES_MAX`] and 1 MiB. A report that cannot
 //! be sent is kept (the latest per task) and retried until delivered; each new session also
 //! asks the [`TaskSink`] to report every task's latest status again
 //! ([`TaskSink::session_started`]), so a manager that missed one learns it. Must never block
@@ -759,14 +759,7 @@ fn send_reports(
     pending: &mut BTreeMap<String, TaskStatus>,
 ) {
     while !pending.is_empty() {
-        let batch: Vec<pb::TaskStatusUpdate> = pending
-            .iter()
-            .take(STATUS_UPDATES_MAX)
-            .map(|(task_id, status)| pb::TaskStatusUpdate {
-                task_id: task_id.clone(),
-                status: Some(status.clone()),
-            })
-            .collect();
+        let batch = next_status_batch(pending);
         let request = pb::UpdateTaskStatusRequest {
             session_id: session.session_id.clone(),
             updates: batch,
@@ -792,6 +785,29 @@ fn send_reports(
     }
 }
 
+/// Encoded bytes of status updates sent in one call, at most (a status with a health log
+/// can hold 5 × 4 KiB of check output: [`STATUS_UPDATES_MAX`] of those would not fit in a
+/// frame). A batch holds at least one update.
+const STATUS_BATCH_BYTES_MAX: usize = 1 << 20;
+
+/// The first pending updates, at most [`STATUS_UPDATES_MAX`] and [`STATUS_BATCH_BYTES_MAX`].
+fn next_status_batch(pending: &BTreeMap<String, TaskStatus>) -> Vec<pb::TaskStatusUpdate> {
+    let mut bytes = 0;
+    let mut batch = Vec::new();
+    for (task_id, status) in pending.iter().take(STATUS_UPDATES_MAX) {
+        let update = pb::TaskStatusUpdate {
+            task_id: task_id.clone(),
+            status: Some(status.clone()),
+        };
+        bytes += prost::Message::encoded_len(&update);
+        if !batch.is_empty() && bytes > STATUS_BATCH_BYTES_MAX {
+            break;
+        }
+        batch.push(update);
+    }
+    batch
+}
+
 fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
     let step = Duration::from_millis(50);
     let mut waited = Duration::ZERO;
@@ -804,6 +820,38 @@ fn sleep_unless_stopping(wait: Duration, stopping: &AtomicBool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_batch_stays_within_its_bytes_and_holds_at_least_one() {
+        use crate::proto::objects::{HealthCheckResult, TaskHealth};
+        let big = |n: usize| TaskStatus {
+            health: Some(TaskHealth {
+                log: vec![
+                    HealthCheckResult {
+                        output: "x".repeat(n),
+                        ..HealthCheckResult::default()
+                    };
+                    5
+                ],
+                ..TaskHealth::default()
+            }),
+            ..TaskStatus::default()
+        };
+        let pending: BTreeMap<String, TaskStatus> = (0..STATUS_UPDATES_MAX)
+            .map(|i| (format!("t-{i:03}"), big(4096)))
+            .collect();
+        let batch = next_status_batch(&pending);
+        let bytes: usize = batch.iter().map(prost::Message::encoded_len).sum();
+        assert!(bytes <= STATUS_BATCH_BYTES_MAX, "{bytes}");
+        assert!(batch.len() > 1 && batch.len() < STATUS_UPDATES_MAX);
+        let huge: BTreeMap<String, TaskStatus> =
+            [("t".to_owned(), big(STATUS_BATCH_BYTES_MAX))].into();
+        assert_eq!(next_status_batch(&huge).len(), 1);
+        let small: BTreeMap<String, TaskStatus> = (0..STATUS_UPDATES_MAX + 5)
+            .map(|i| (format!("t-{i:03}"), TaskStatus::default()))
+            .collect();
+        assert_eq!(next_status_batch(&small).len(), STATUS_UPDATES_MAX);
+    }
 
     #[test]
     fn the_backoff_follows_100ms_plus_twice_the_previous_up_to_8s_with_jitter() {

@@ -96,9 +96,13 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use parking_lot::{Condvar, Mutex};
 
 use crate::agent::endpoints::EndpointPublisher;
-use crate::agent::executor::{self, ExitOutcome, TaskProcess};
+use crate::agent::executor::{self, ExitOutcome, HealthCheckProcess, TaskProcess};
+use crate::agent::health::{CheckEnd, HealthMonitor};
 use crate::agent::limits::Limiter;
-use crate::proto::objects::{Task, TaskState, TaskStatus};
+use crate::health::HealthSettings;
+use crate::proto::objects::{
+    HealthCheckResult, HealthStatus, Task, TaskHealth, TaskSpec, TaskState, TaskStatus,
+};
 
 /// How many task processes run at once on a node unless configured otherwise; a task that
 /// would exceed it is REJECTED (the scheduler should have placed it elsewhere).
@@ -642,6 +646,89 @@ struct Entry {
     /// The limits of its spec this node does not enforce, and why (in every status
     /// reported once it started).
     limits_note: String,
+    /// Its health check, while its process lives (none: the spec has no check).
+    health: Option<HealthWatch>,
+    /// Stopped for being unhealthy: why (its exit is reported FAILED with it).
+    unhealthy: Option<String>,
+}
+
+/// A live task's health check: its state machine, the effective spec its checks run with
+/// (the task's env and working directory), and the check running now (one at a time).
+#[derive(Debug)]
+struct HealthWatch {
+    monitor: HealthMonitor,
+    spec: TaskSpec,
+    check: Option<HealthCheckProcess>,
+}
+
+impl HealthWatch {
+    /// The watch of a task whose effective spec is `spec`, started at `started_at`; `None`
+    /// when the spec has no health check.
+    fn new(spec: &TaskSpec, started_at: Instant) -> Option<HealthWatch> {
+        let settings = HealthSettings::from_config(spec.health.as_ref()?)?;
+        Some(HealthWatch {
+            monitor: HealthMonitor::new(settings, started_at),
+            spec: spec.clone(),
+            check: None,
+        })
+    }
+
+    /// Collects the running check if it ended, or starts one if due; returns the new health
+    /// status when a result changed it. Never blocks.
+    fn advance(
+        &mut self,
+        work_dir: &std::path::Path,
+        id: &str,
+        now: Instant,
+    ) -> Option<HealthStatus> {
+        if let Some(check) = &mut self.check {
+            let started_at = check.started_at();
+            let result = match check.poll(now) {
+                Ok(None) => return None,
+                Ok(Some(result)) => result,
+                // Dropping the check kills its group and reaps it.
+                Err(error) => failed_check(format!("cannot watch the health check: {error}")),
+            };
+            self.check = None;
+            return self.monitor.record(CheckEnd {
+                started_at,
+                ended_at: now,
+                result,
+            });
+        }
+        if !self.monitor.check_due(now) {
+            return None;
+        }
+        let settings = self.monitor.settings();
+        match executor::spawn_health_check(
+            work_dir,
+            id,
+            &self.spec,
+            &settings.command,
+            settings.timeout,
+        ) {
+            Ok(check) => {
+                self.check = Some(check);
+                None
+            }
+            Err(error) => self.monitor.record(CheckEnd {
+                started_at: now,
+                ended_at: now,
+                result: failed_check(format!("the health check could not start: {error}")),
+            }),
+        }
+    }
+}
+
+/// The result of a check that could not run or be watched: a failure saying why.
+fn failed_check(why: String) -> HealthCheckResult {
+    let now_ms = now_unix_ms();
+    HealthCheckResult {
+        start_ms: now_ms,
+        end_ms: now_ms,
+        exit_code: -1,
+        output: why,
+    }
 }
 
 /// The state of the `agent-tasks` thread.
@@ -733,6 +820,8 @@ impl Worker {
             reported: None,
             fenced: None,
             limits_note: String::new(),
+            health: None,
+            unhealthy: None,
         };
         self.entries.insert(task_id.clone(), entry);
         self.live += 1;
@@ -748,7 +837,11 @@ impl Worker {
             if let Some(endpoints) = &self.config.endpoints
                 && status.state == TaskState::Running as i32
             {
-                endpoints.task_running(&entry.task);
+                if is_unhealthy(&status) {
+                    endpoints.task_stopped(id);
+                } else {
+                    endpoints.task_running(&entry.task);
+                }
             }
         }
         if let Some(endpoints) = &self.config.endpoints
@@ -809,6 +902,7 @@ impl Worker {
             self.fence(why, FENCE_KILL_GRACE);
         }
         self.poll_processes(now);
+        self.run_health_checks(now);
         if now >= self.next_log_check {
             self.next_log_check = now + LOG_CHECK_PERIOD;
             self.cap_logs();
@@ -881,6 +975,14 @@ impl Worker {
             }
             entry.task = task;
             entry.forget = false;
+            if let Phase::Live(process) = &entry.phase
+                && entry.health.is_none()
+                && !process.is_stopping()
+            {
+                let mut spec = entry.task.spec.clone().unwrap_or_default();
+                add_env(&mut spec.env, &self.config.task_env);
+                entry.health = HealthWatch::new(&spec, Instant::now());
+            }
         } else if tracked >= TASKS_TRACKED_MAX {
             let why = format!(
                 "this node already holds {TASKS_TRACKED_MAX} tasks (TASKS_TRACKED_MAX); the \
@@ -896,6 +998,8 @@ impl Worker {
                 reported: None,
                 fenced: None,
                 limits_note: String::new(),
+                health: None,
+                unhealthy: None,
             };
             self.entries.insert(id.clone(), entry);
         }
@@ -1067,26 +1171,29 @@ impl Worker {
             .get_mut(id)
             .expect("start a known task")
             .limits_note = limits.note.clone();
-        let (phase, status) =
+        let (phase, health, status) =
             match executor::spawn_limited(&self.config.work_dir, id, &spec, limits) {
                 Ok(process) => {
                     let message =
                         format!("running as pid {} (its own process group)", process.pid());
                     self.live += 1;
-                    (
-                        Phase::Live(process),
-                        new_status(TaskState::Running, &message),
-                    )
+                    let health = HealthWatch::new(&spec, Instant::now());
+                    let mut status = new_status(TaskState::Running, &message);
+                    status.health = health.as_ref().map(|watch| watch.monitor.report());
+                    (Phase::Live(process), health, status)
                 }
                 Err(error) => {
                     self.limiter.release(id);
                     (
                         Phase::Done,
+                        None,
                         refusal_status(TaskState::Rejected, &error.to_string()),
                     )
                 }
             };
-        self.entries.get_mut(id).expect("start a known task").phase = phase;
+        let entry = self.entries.get_mut(id).expect("start a known task");
+        entry.phase = phase;
+        entry.health = health;
         self.report(id, status);
     }
 
@@ -1096,10 +1203,10 @@ impl Worker {
             let Phase::Live(process) = &mut entry.phase else {
                 continue;
             };
-            let status = match process.poll(now) {
+            let mut status = match process.poll(now) {
                 Ok(None) => continue,
-                Ok(Some(outcome)) => match &entry.fenced {
-                    Some(why) => {
+                Ok(Some(outcome)) => match (&entry.fenced, &entry.unhealthy) {
+                    (Some(why), _) => {
                         let mut status = refusal_status(
                             TaskState::Failed,
                             &format!("stopped by its agent ({outcome}): {why}"),
@@ -1107,7 +1214,13 @@ impl Worker {
                         status.exit_code = outcome.exit_code().unwrap_or_default();
                         status
                     }
-                    None => exit_status(process, outcome),
+                    (None, Some(why)) => {
+                        let mut status = refusal_status(TaskState::Failed, why);
+                        status.message = format!("stopped by its agent ({outcome}): {why}");
+                        status.exit_code = outcome.exit_code().unwrap_or_default();
+                        status
+                    }
+                    (None, None) => exit_status(process, outcome),
                 },
                 Err(error) => {
                     // Dropping the process kills its group and reaps it.
@@ -1116,6 +1229,8 @@ impl Worker {
                 }
             };
             entry.phase = Phase::Done;
+            // The last health seen stays in the final status; a running check is killed.
+            status.health = entry.health.take().map(|watch| watch.monitor.report());
             ended.push((id.clone(), status, entry.forget));
         }
         for (id, status, forget) in ended {
@@ -1127,6 +1242,59 @@ impl Worker {
             }
             self.report(&id, status);
         }
+    }
+
+    /// Advances the health check of every live task that has one (collects a check that
+    /// ended, starts one that is due); reports each change of health, and stops a task that
+    /// became unhealthy (its exit is reported FAILED). A stopping task's check is killed.
+    fn run_health_checks(&mut self, now: Instant) {
+        let mut changed = Vec::new();
+        for (id, entry) in &mut self.entries {
+            let (Phase::Live(process), Some(watch)) = (&entry.phase, &mut entry.health) else {
+                continue;
+            };
+            if process.is_stopping() {
+                watch.check = None;
+                continue;
+            }
+            if let Some(status) = watch.advance(&self.config.work_dir, id, now) {
+                changed.push((id.clone(), status));
+            }
+        }
+        for (id, status) in changed {
+            self.health_changed(&id, status, now);
+        }
+    }
+
+    /// Reports task `id`'s new health (its RUNNING status, same time, new health); an
+    /// unhealthy task is stopped, to be reported FAILED (swarmkit's "unhealthy container":
+    /// the orchestrator then restarts it per its restart policy).
+    fn health_changed(&mut self, id: &str, health: HealthStatus, now: Instant) {
+        let stop_grace = self.config.stop_grace;
+        let entry = self
+            .entries
+            .get_mut(id)
+            .expect("a live task's health changed");
+        let watch = entry.health.as_ref().expect("a task with a health check");
+        let report = watch.monitor.report();
+        log::debug!("task {id}: health {}", health.as_str_name());
+        if health == HealthStatus::Unhealthy {
+            let reason = watch.monitor.unhealthy_reason();
+            log::info!("task {id}: {reason}; stopping it");
+            if let Phase::Live(process) = &mut entry.phase
+                && let Err(error) = process.begin_stop(now, stop_grace)
+            {
+                log::warn!("task {id}: cannot signal its processes: {error}");
+            }
+            entry.unhealthy = Some(reason);
+        }
+        let mut status = entry
+            .reported
+            .clone()
+            .filter(|status| status.state == TaskState::Running as i32)
+            .unwrap_or_else(|| new_status(TaskState::Running, "running"));
+        status.health = Some(report);
+        self.report(id, status);
     }
 
     fn cap_logs(&self) {
@@ -1144,6 +1312,10 @@ impl Worker {
     fn stop_all(&mut self) {
         let now = Instant::now();
         for (id, entry) in &mut self.entries {
+            if let Some(watch) = &mut entry.health {
+                // Killed and reaped now: no check outlives the runner.
+                watch.check = None;
+            }
             if let Phase::Live(process) = &mut entry.phase
                 && let Err(error) = process.begin_stop(now, self.config.stop_grace)
             {
@@ -1210,7 +1382,16 @@ fn new_status(state: TaskState, message: &str) -> TaskStatus {
         err: String::new(),
         exit_code: 0,
         limits_note: String::new(),
+        health: None,
     }
+}
+
+/// Whether `status` says the task's health check found it unhealthy.
+fn is_unhealthy(status: &TaskStatus) -> bool {
+    status
+        .health
+        .as_ref()
+        .is_some_and(|health: &TaskHealth| health.status == HealthStatus::Unhealthy as i32)
 }
 
 fn now_unix_ms() -> i64 {
@@ -1853,6 +2034,82 @@ mod tests {
         assert!(sys::process_dead(pid_b));
         node.assert_nothing_for("t-a");
         assert!(!sys::process_dead(pid_a), "t-a was named by the set");
+        node.shutdown();
+    }
+
+    fn with_health(mut task: Task, command: &str, retries: u32) -> Task {
+        task.spec.as_mut().expect("spec").health = Some(crate::proto::objects::HealthConfig {
+            command: command.to_owned(),
+            interval_ms: 100,
+            timeout_ms: 300,
+            retries,
+            start_period_ms: 0,
+        });
+        task
+    }
+
+    fn health_of(status: &TaskStatus) -> HealthStatus {
+        let health = status.health.as_ref().expect("a health report");
+        HealthStatus::try_from(health.status).expect("a known status")
+    }
+
+    #[test]
+    fn a_passing_check_reports_the_running_task_healthy_at_the_same_time() {
+        let mut node = Node::new();
+        let sleeper = task("t-ok", TaskState::Running, "sleep", &["30"]);
+        node.runner()
+            .assign(vec![with_health(sleeper, "exit 0", 2)])
+            .expect("assign");
+        node.expect("t-ok", TaskState::Starting);
+        let running = node.expect("t-ok", TaskState::Running);
+        assert_eq!(health_of(&running), HealthStatus::Starting);
+        let healthy = node.expect("t-ok", TaskState::Running);
+        assert_eq!(health_of(&healthy), HealthStatus::Healthy);
+        assert_eq!(healthy.timestamp_ms, running.timestamp_ms);
+        assert_eq!(healthy.message, running.message);
+        assert_eq!(healthy.health.expect("health").log[0].exit_code, 0);
+        node.shutdown();
+    }
+
+    #[test]
+    fn an_unhealthy_task_is_stopped_and_reported_failed_with_the_reason() {
+        let mut node = Node::new();
+        let sleeper = task("t-sick", TaskState::Running, "sleep", &["30"]);
+        let script = "echo not ready; exit 1";
+        node.runner()
+            .assign(vec![with_health(sleeper, script, 2)])
+            .expect("assign");
+        let pid = node.expect_running("t-sick");
+        let unhealthy = node.expect("t-sick", TaskState::Running);
+        assert_eq!(health_of(&unhealthy), HealthStatus::Unhealthy);
+        let failed = node.expect("t-sick", TaskState::Failed);
+        assert!(
+            failed
+                .err
+                .starts_with("unhealthy container: the health check failed 2 times"),
+            "{failed:?}"
+        );
+        assert!(
+            failed.err.contains("exit status 1: not ready"),
+            "{failed:?}"
+        );
+        assert_eq!(health_of(&failed), HealthStatus::Unhealthy);
+        assert_eq!(failed.exit_code, 128 + sys::SIGTERM);
+        assert!(sys::process_dead(pid));
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_check_that_hangs_is_killed_at_its_timeout_and_counts_as_failed() {
+        let mut node = Node::new();
+        let sleeper = task("t-hang", TaskState::Running, "sleep", &["30"]);
+        node.runner()
+            .assign(vec![with_health(sleeper, "sleep 30", 1)])
+            .expect("assign");
+        node.expect_running("t-hang");
+        node.expect("t-hang", TaskState::Running);
+        let failed = node.expect("t-hang", TaskState::Failed);
+        assert!(failed.err.contains("exceeded timeout"), "{failed:?}");
         node.shutdown();
     }
 

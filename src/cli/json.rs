@@ -102,6 +102,16 @@ fn fill_task_spec(spec: &mut TaskSpec) {
     resources.reservations.get_or_insert_default();
     resources.limits.get_or_insert_default();
     spec.placement.get_or_insert_default();
+    // A health check's zero values are docker's defaults: shown as such.
+    if let Some(health) = spec.health.as_mut()
+        && let Some(settings) = crate::health::HealthSettings::from_config(health)
+    {
+        let ms =
+            |duration: std::time::Duration| i64::try_from(duration.as_millis()).unwrap_or(i64::MAX);
+        health.interval_ms = ms(settings.interval);
+        health.timeout_ms = ms(settings.timeout);
+        health.retries = settings.retries;
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,15 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use crate::health::{
+    HEALTH_COMMAND_BYTES_MAX, HEALTH_DURATION_MS_MAX, HEALTH_INTERVAL_MS_MIN, HEALTH_RETRIES_MAX,
+    HEALTH_TIMEOUT_MS_MIN,
+};
 use crate::proto::objects::{
-    ClusterSpec, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec, PlacementPreference,
-    PortSpec, ResourceRequirements, Resources, RestartCondition, RestartPolicy, ServiceMode,
-    ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction, UpdateOrder,
+    ClusterSpec, HealthConfig, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec,
+    PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
+    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
+    UpdateOrder,
 };
 use crate::wire::Code;
 
@@ -456,6 +461,75 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
         )?;
     }
     validate_ports(&format!("{field}.ports"), &task.ports)?;
+    if let Some(health) = &task.health {
+        validate_health(&format!("{field}.health"), health)?;
+    }
+    Ok(())
+}
+
+/// Checks a health check: a command of at most [`HEALTH_COMMAND_BYTES_MAX`] bytes; an
+/// interval of 0 (the default) or [`HEALTH_INTERVAL_MS_MIN`] to [`HEALTH_DURATION_MS_MAX`];
+/// a timeout of 0 or [`HEALTH_TIMEOUT_MS_MIN`] to the same maximum; a start period of 0 to
+/// the maximum; at most [`HEALTH_RETRIES_MAX`] retries.
+fn validate_health(field: &str, health: &HealthConfig) -> Checked {
+    if health.command.is_empty() {
+        return Err(SpecError::new(
+            format!("{field}.command"),
+            "must not be empty: give the check's command (--health-cmd), or remove the \
+             check (--no-healthcheck)",
+        ));
+    }
+    no_nul(&format!("{field}.command"), &health.command)?;
+    if health.command.len() > HEALTH_COMMAND_BYTES_MAX {
+        return Err(SpecError::new(
+            format!("{field}.command"),
+            format!(
+                "is {} bytes, more than {}; run a script instead",
+                thousands(health.command.len()),
+                bytes_limit(HEALTH_COMMAND_BYTES_MAX)
+            ),
+        ));
+    }
+    health_duration(
+        &format!("{field}.interval_ms"),
+        health.interval_ms,
+        HEALTH_INTERVAL_MS_MIN,
+    )?;
+    health_duration(
+        &format!("{field}.timeout_ms"),
+        health.timeout_ms,
+        HEALTH_TIMEOUT_MS_MIN,
+    )?;
+    health_duration(
+        &format!("{field}.start_period_ms"),
+        health.start_period_ms,
+        0,
+    )?;
+    if health.retries > HEALTH_RETRIES_MAX {
+        return Err(SpecError::new(
+            format!("{field}.retries"),
+            format!(
+                "{} is more than {HEALTH_RETRIES_MAX}; 0 means the default ({})",
+                health.retries,
+                crate::health::HEALTH_RETRIES_DEFAULT
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A health duration: 0 (the default) or from `min_ms` to [`HEALTH_DURATION_MS_MAX`].
+fn health_duration(field: &str, value_ms: i64, min_ms: i64) -> Checked {
+    not_negative(field.to_owned(), value_ms)?;
+    if value_ms != 0 && !(min_ms..=HEALTH_DURATION_MS_MAX).contains(&value_ms) {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "{value_ms} ms is outside {min_ms} ms to {HEALTH_DURATION_MS_MAX} ms (one day); \
+                 0 means the default"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -1558,5 +1632,57 @@ mod tests {
             "node_cert_expiry_ms"
         );
         assert_eq!(with(|s| s.name.clear()), "name");
+    }
+
+    #[test]
+    fn health_checks_need_a_command_and_durations_in_range() {
+        let check = |change: fn(&mut HealthConfig)| {
+            let mut health = HealthConfig {
+                command: "curl -f localhost:8080".into(),
+                interval_ms: 1_000,
+                timeout_ms: 500,
+                retries: 2,
+                start_period_ms: 0,
+            };
+            change(&mut health);
+            let mut spec = valid();
+            task(&mut spec).health = Some(health);
+            validate_service_spec(&spec)
+        };
+        check(|_| {}).expect("valid");
+        check(|h| {
+            h.interval_ms = 0;
+            h.timeout_ms = 0;
+            h.retries = 0;
+        })
+        .expect("zero values are the defaults");
+        let error = check(|h| h.command.clear()).unwrap_err();
+        assert_eq!(error.field, "task.health.command");
+        assert!(error.reason.contains("--health-cmd"), "{error}");
+        let error = check(|h| h.interval_ms = 5).unwrap_err();
+        assert_eq!(error.field, "task.health.interval_ms");
+        assert!(error.reason.contains("0 means the default"), "{error}");
+        assert_eq!(
+            check(|h| h.timeout_ms = -1).unwrap_err().field,
+            "task.health.timeout_ms"
+        );
+        assert_eq!(
+            check(|h| h.start_period_ms = HEALTH_DURATION_MS_MAX + 1)
+                .unwrap_err()
+                .field,
+            "task.health.start_period_ms"
+        );
+        assert_eq!(
+            check(|h| h.retries = HEALTH_RETRIES_MAX + 1)
+                .unwrap_err()
+                .field,
+            "task.health.retries"
+        );
+        assert_eq!(
+            check(|h| h.command = "x".repeat(HEALTH_COMMAND_BYTES_MAX + 1))
+                .unwrap_err()
+                .field,
+            "task.health.command"
+        );
     }
 }

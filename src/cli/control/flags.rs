@@ -12,7 +12,8 @@ use clap::Args;
 
 use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
-    Placement, PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
+    HealthConfig, Placement, PlacementPreference, PortSpec, ResourceRequirements, Resources,
+    RestartCondition,
     RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
     UpdateOrder,
 };
@@ -96,6 +97,29 @@ pub struct SpecFlags {
     /// On update: declare no port.
     #[arg(long, conflicts_with = "ports")]
     pub no_ports: bool,
+    /// Health check command, run in the task's environment and working directory with
+    /// `/bin/sh -c` (exit 0: healthy). An unhealthy task is stopped, reported failed and
+    /// restarted per the restart policy.
+    #[arg(long, value_name = "CMD")]
+    pub health_cmd: Option<String>,
+    /// Time between health checks (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_interval: Option<String>,
+    /// A check running longer is killed and fails (default 30s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_timeout: Option<String>,
+    /// Failures in a row that make a task unhealthy (default 3).
+    #[arg(long, value_name = "N")]
+    pub health_retries: Option<u32>,
+    /// Failures within this time of a task's start do not count (default 0s).
+    #[arg(long, value_name = "DURATION")]
+    pub health_start_period: Option<String>,
+    /// Run no health check (on update: remove the service's).
+    #[arg(long, conflicts_with_all = [
+        "health_cmd", "health_interval", "health_timeout", "health_retries",
+        "health_start_period",
+    ])]
+    pub no_healthcheck: bool,
 }
 
 /// Parses `--placement-pref spread=node.labels.KEY` (docker's form; the descriptor itself is
@@ -237,6 +261,49 @@ fn env_entries(flags: &SpecFlags) -> Result<Option<Vec<String>>, String> {
     Ok((!env.is_empty() || flags.env_file.is_some()).then_some(env))
 }
 
+/// Applies the `--health-*` flags given to `task` (`--no-healthcheck` removes its check).
+fn apply_health_flags(task: &mut TaskSpec, flags: &SpecFlags) -> Result<(), String> {
+    if flags.no_healthcheck {
+        task.health = None;
+        return Ok(());
+    }
+    let given = flags.health_cmd.is_some()
+        || flags.health_interval.is_some()
+        || flags.health_timeout.is_some()
+        || flags.health_retries.is_some()
+        || flags.health_start_period.is_some();
+    if !given {
+        return Ok(());
+    }
+    let health = task.health.get_or_insert_with(HealthConfig::default);
+    if let Some(command) = &flags.health_cmd {
+        if command.trim().is_empty() {
+            return Err(
+                "--health-cmd is empty: give the command to run (exit 0 means \
+                        healthy), or --no-healthcheck to run none"
+                    .to_string(),
+            );
+        }
+        health.command = command.clone();
+    }
+    if let Some(interval) = &flags.health_interval {
+        health.interval_ms = parse_duration_ms("health-interval", interval)?;
+    }
+    if let Some(timeout) = &flags.health_timeout {
+        health.timeout_ms = parse_duration_ms("health-timeout", timeout)?;
+    }
+    if let Some(retries) = flags.health_retries {
+        health.retries = retries;
+    }
+    if let Some(period) = &flags.health_start_period {
+        health.start_period_ms = parse_duration_ms("health-start-period", period)?;
+    }
+    if health.command.is_empty() {
+        return Err("the service has no health check to change: add --health-cmd CMD".to_string());
+    }
+    Ok(())
+}
+
 /// Applies the flags given to `spec` (a new one or the current one being updated).
 pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(), String> {
     if let Some(mode) = &flags.mode {
@@ -302,6 +369,7 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
         spec.networks = flags.networks.clone();
     }
     let task = spec.task.get_or_insert_with(TaskSpec::default);
+    apply_health_flags(task, flags)?;
     if !flags.constraints.is_empty() {
         let placement = task.placement.get_or_insert_with(Placement::default);
         placement.constraints.clone_from(&flags.constraints);
@@ -385,5 +453,54 @@ mod tests {
         assert_eq!(spec.replicas, 3);
         assert_eq!(task.env, vec!["A=1".to_string()]);
         assert_eq!(task.working_dir, "/srv");
+    }
+
+    #[test]
+    fn health_flags_set_change_and_remove_the_check() {
+        let mut spec = ServiceSpec {
+            task: Some(TaskSpec {
+                command: "sleep".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let flags = SpecFlags {
+            health_cmd: Some("test -f /tmp/ok".into()),
+            health_interval: Some("1s".into()),
+            health_retries: Some(2),
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &flags).unwrap();
+        let health = spec.task.as_ref().unwrap().health.clone().unwrap();
+        assert_eq!(health.command, "test -f /tmp/ok");
+        assert_eq!(health.interval_ms, 1_000);
+        assert_eq!(health.retries, 2);
+        assert_eq!(health.timeout_ms, 0, "left to the default");
+
+        let timeout = SpecFlags {
+            health_timeout: Some("250ms".into()),
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &timeout).unwrap();
+        let health = spec.task.as_ref().unwrap().health.clone().unwrap();
+        assert_eq!((health.timeout_ms, health.interval_ms), (250, 1_000));
+
+        let remove = SpecFlags {
+            no_healthcheck: true,
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &remove).unwrap();
+        assert!(spec.task.as_ref().unwrap().health.is_none());
+        let error = apply_flags(&mut spec, &timeout).unwrap_err();
+        assert!(error.contains("--health-cmd"), "{error}");
+        let empty = SpecFlags {
+            health_cmd: Some(" ".into()),
+            ..Default::default()
+        };
+        assert!(
+            apply_flags(&mut spec, &empty)
+                .unwrap_err()
+                .contains("empty")
+        );
     }
 }

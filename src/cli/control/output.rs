@@ -12,8 +12,8 @@ use super::client::Client;
 use crate::cli::json;
 use crate::proto::json::label;
 use crate::proto::objects::{
-    ManagerStatus, Node, NodeAvailability, NodeRole, NodeState, RaftReachability, Service,
-    ServiceMode, ServiceSpec, Task, TaskState,
+    HealthStatus, ManagerStatus, Node, NodeAvailability, NodeRole, NodeState, RaftReachability,
+    Service, ServiceMode, ServiceSpec, Task, TaskState,
 };
 use crate::proto::raft::StatusResponse;
 
@@ -205,18 +205,25 @@ pub(super) fn human_duration(ms: i64) -> String {
     }
 }
 
-/// `Running 5 minutes ago`: the task's observed state and how long ago it was reported.
+/// `Running 5 minutes ago`: the task's observed state and how long ago it was reported;
+/// a running task with a health check adds its health (`Running 5 minutes ago (healthy)`).
 fn current_state_text(task: &Task, now_ms: i64) -> String {
     let status = task.status.clone().unwrap_or_default();
     let mut state = label::<TaskState>(status.state);
     if let Some(first) = state.get_mut(..1) {
         first.make_ascii_uppercase();
     }
+    let health = match crate::health::task_health(task) {
+        Some(health) if status.state == TaskState::Running as i32 => {
+            format!(" ({})", label::<HealthStatus>(health as i32))
+        }
+        _ => String::new(),
+    };
     if status.timestamp_ms <= 0 {
-        return state;
+        return format!("{state}{health}");
     }
     format!(
-        "{state} {} ago",
+        "{state} {} ago{health}",
         human_duration(now_ms - status.timestamp_ms)
     )
 }

@@ -178,7 +178,7 @@ fn subscribe(
 enum Shown {
     Service(Box<crate::proto::objects::Service>),
     Node(crate::proto::objects::Node),
-    Task(crate::proto::objects::Task),
+    Task(Box<crate::proto::objects::Task>),
     Cluster(crate::proto::objects::Cluster),
     Network(crate::proto::objects::Network),
     Unknown,
@@ -218,7 +218,12 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
         }
         Some(Object::Task(t)) => {
             let name = format!("{}.{}", t.service_id, t.slot);
-            ("task", t.id.clone(), name, Shown::Task(json::task(t)))
+            (
+                "task",
+                t.id.clone(),
+                name,
+                Shown::Task(Box::new(json::task(t))),
+            )
         }
         Some(Object::Cluster(c)) => {
             let name = c.spec.as_ref().map(|spec| spec.name.clone());
