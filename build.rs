@@ -39,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.skip_debug([
         ".flotilla.objects.RootCaKey",
         ".flotilla.objects.EncryptionKey",
+        ".flotilla.objects.SecretSpec",
     ]);
     add_json_attributes(&mut config, &descriptors);
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
@@ -584,6 +585,8 @@ const JSON_ROOTS: &[&str] = &[
     ".flotilla.objects.Network",
     ".flotilla.objects.Endpoint",
     ".flotilla.objects.Cluster",
+    ".flotilla.objects.Secret",
+    ".flotilla.objects.Config",
 ];
 
 /// Secrets: never `Serialize`, and a field holding one is skipped, so no JSON can carry
@@ -592,6 +595,12 @@ const JSON_SECRETS: &[&str] = &[
     ".flotilla.objects.RootCaKey",
     ".flotilla.objects.JoinTokens",
     ".flotilla.objects.EncryptionKey",
+];
+
+/// Fields never printed as JSON: a secret's value (`secret inspect` shows everything else).
+const JSON_SKIPPED_FIELDS: &[&str] = &[
+    ".flotilla.objects.SecretSpec.data",
+    ".flotilla.objects.Cluster.secrets_key",
 ];
 
 /// Messages whose fields appear in their parent's object (`"version"` beside `"id"`;
@@ -666,6 +675,10 @@ fn add_json_attributes(config: &mut prost_build::Config, descriptors: &FileDescr
         for field in &message.field {
             let path = format!("{name}.{}", field.name());
             let repeated = field.label() == Label::Repeated;
+            if JSON_SKIPPED_FIELDS.contains(&path.as_str()) {
+                config.field_attribute(&path, "#[serde(skip)]");
+                continue;
+            }
             let attribute = match field.r#type() {
                 Type::Message => {
                     let type_name = field.type_name();

@@ -24,6 +24,7 @@ pub mod orchestrator;
 pub mod proto;
 pub mod raft;
 pub mod replication;
+pub mod secrets;
 pub mod state_dir;
 pub mod store;
 pub mod timer;

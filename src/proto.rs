@@ -60,6 +60,19 @@ pub mod objects {
         }
     }
 
+    /// Never the value: a secret's value must not reach a log through `{:?}` (a Secret in
+    /// an assignment, a request, a transaction).
+    impl std::fmt::Debug for SecretSpec {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("SecretSpec")
+                .field("name", &self.name)
+                .field("labels", &self.labels)
+                .field("data_bytes", &self.data.len())
+                .field("data", &"<redacted>")
+                .finish()
+        }
+    }
+
     /// Never the key (gossip encryption keys are secrets).
     impl std::fmt::Debug for EncryptionKey {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

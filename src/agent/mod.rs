@@ -29,6 +29,7 @@ pub mod runtime;
 pub mod session;
 mod sys;
 pub mod tasks;
+pub mod values;
 
 pub use node::{Agent, AgentError};
 pub use tasks::{

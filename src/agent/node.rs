@@ -55,6 +55,14 @@ impl TaskSink for RunnerSink {
         }
     }
 
+    fn values(
+        &self,
+        secrets: Vec<crate::proto::objects::Secret>,
+        configs: Vec<crate::proto::objects::Config>,
+    ) {
+        self.0.receive_values(secrets, configs);
+    }
+
     fn session_started(&self) {
         if let Err(error) = self.0.resync_reports() {
             log::debug!("agent: cannot report the tasks again: {error}");

@@ -89,6 +89,15 @@ pub trait TaskSink: Send + Sync {
     fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool);
     /// `changed` tasks were created or changed; `removed` are no longer assigned.
     fn update(&self, changed: Vec<Task>, removed: Vec<String>);
+    /// The secret and config values the tasks of the message read, handed over before its
+    /// tasks. Dropped by default.
+    fn values(
+        &self,
+        secrets: Vec<crate::proto::objects::Secret>,
+        configs: Vec<crate::proto::objects::Config>,
+    ) {
+        let _ = (secrets, configs);
+    }
     /// What the node running these tasks says about itself in each session request (its
     /// capacity, which the scheduler respects). Nothing by default.
     fn description(&self) -> NodeDescription {
@@ -605,6 +614,11 @@ fn apply_assignments(
         assignments.removed.len(),
         assignments.results_in
     );
+    if !matches!(step, super::chain::Step::Gap { .. })
+        && (!assignments.secrets.is_empty() || !assignments.configs.is_empty())
+    {
+        sink.values(assignments.secrets, assignments.configs);
+    }
     match step {
         super::chain::Step::Part { first, last } => {
             sink.assign_part(assignments.tasks, first, last)

@@ -99,6 +99,7 @@ use crate::agent::endpoints::EndpointPublisher;
 use crate::agent::executor::{self, ExitOutcome, HealthCheckProcess, TaskProcess};
 use crate::agent::health::{CheckEnd, HealthMonitor};
 use crate::agent::limits::Limiter;
+use crate::agent::values::TaskValues;
 use crate::health::HealthSettings;
 use crate::proto::objects::{
     HealthCheckResult, HealthStatus, Task, TaskHealth, TaskSpec, TaskState, TaskStatus,
@@ -168,13 +169,18 @@ pub struct RunnerConfig {
     /// `KEY=VALUE` entries added to every task's environment unless its spec sets the key
     /// (the node's resolver, `FLOTILLA_DNS`).
     pub task_env: Vec<String>,
+    /// The secret and config values the managers sent, written as files for each task that
+    /// reads them (see [`crate::agent::values`]).
+    pub values: Arc<TaskValues>,
 }
 
 impl RunnerConfig {
     /// The defaults, with task directories under `work_dir`.
     pub fn new(work_dir: impl Into<PathBuf>) -> Self {
+        let work_dir = work_dir.into();
         RunnerConfig {
-            work_dir: work_dir.into(),
+            values: Arc::new(TaskValues::for_work_dir(&work_dir)),
+            work_dir,
             stop_grace: executor::STOP_GRACE_DEFAULT,
             tasks_running_max: TASKS_RUNNING_MAX_DEFAULT,
             log_file_bytes_max: executor::LOG_FILE_BYTES_MAX_DEFAULT,
@@ -266,6 +272,17 @@ struct Mailbox {
     /// A new fence deadline, and why the tasks stop if it passes.
     fence_deadline: Option<(Instant, String)>,
     shutdown: bool,
+    /// Values received for tasks not yet handed over (they move to `values` with them).
+    staged_values: Values,
+    /// Values for the tasks waiting here, taken with them.
+    values: Values,
+}
+
+/// Secret and config values (their Debug never shows a secret's value: see `SecretSpec`).
+#[derive(Debug, Default)]
+struct Values {
+    secrets: Vec<crate::proto::objects::Secret>,
+    configs: Vec<crate::proto::objects::Config>,
 }
 
 /// What the thread takes from the mailbox at one turn.
@@ -276,9 +293,17 @@ struct Delivery {
     set_removed: BTreeSet<String>,
     set_ends: bool,
     changes: BTreeMap<String, Option<Task>>,
+    values: Values,
 }
 
 impl Mailbox {
+    /// The staged values go with the tasks being handed over now.
+    fn release_values(&mut self) {
+        let staged = std::mem::take(&mut self.staged_values);
+        self.values.secrets.extend(staged.secrets);
+        self.values.configs.extend(staged.configs);
+    }
+
     fn tasks(&self) -> usize {
         self.set.len() + self.set_removed.len() + self.changes.len()
     }
@@ -292,6 +317,7 @@ impl Mailbox {
     /// A part of a complete set: `first` starts a new one (replacing everything waiting),
     /// `last` ends it. A continuation without a set being received is taken as changes.
     fn assign_part(&mut self, tasks: Vec<Task>, first: bool, last: bool) {
+        self.release_values();
         if first {
             self.set_begins = true;
             self.set.clear();
@@ -314,6 +340,7 @@ impl Mailbox {
 
     /// Changes fold into a set being received (which stays complete), else into the changes.
     fn update(&mut self, changed: Vec<Task>, removed: Vec<String>) {
+        self.release_values();
         if self.set_open {
             for task in changed {
                 self.set_removed.remove(&task.id);
@@ -341,6 +368,7 @@ impl Mailbox {
             set_removed: std::mem::take(&mut self.set_removed),
             set_ends: std::mem::take(&mut self.set_ends),
             changes: std::mem::take(&mut self.changes),
+            values: std::mem::take(&mut self.values),
         }
     }
 }
@@ -406,6 +434,15 @@ impl TaskRunner {
             );
         }
         let tasks_running_max = config.tasks_running_max;
+        let values = Arc::clone(&config.values);
+        if !values.on_tmpfs() {
+            log::warn!(
+                "agent: no tmpfs at {}: secrets are written for their tasks under {:?}, on \
+                 disk, while the tasks run",
+                crate::agent::values::TMPFS_DIR,
+                values.root()
+            );
+        }
         let mailbox = Arc::new(Shared::default());
         // One slot: a wake-up pending is all the thread needs to know.
         let (wake, woken) = crossbeam_channel::bounded(1);
@@ -429,6 +466,20 @@ impl TaskRunner {
     /// scheduler assigns no more).
     pub fn tasks_running_max(&self) -> usize {
         self.tasks_running_max
+    }
+
+    /// Holds the secret and config values the managers sent with tasks until the tasks
+    /// themselves are handed over ([`TaskRunner::assign_part`], [`TaskRunner::update`]): the
+    /// thread takes both at once, so a value is there when its task starts and is never
+    /// forgotten before its task is held.
+    pub fn receive_values(
+        &self,
+        secrets: Vec<crate::proto::objects::Secret>,
+        configs: Vec<crate::proto::objects::Config>,
+    ) {
+        let mut mailbox = self.mailbox.mailbox.lock();
+        mailbox.staged_values.secrets.extend(secrets);
+        mailbox.staged_values.configs.extend(configs);
     }
 
     /// Hands over the complete set of tasks assigned to this node in one part: tasks not in
@@ -793,8 +844,16 @@ impl Worker {
             if resync {
                 self.report_all_again();
             }
+            let mut delivery = delivery;
+            let values = std::mem::take(&mut delivery.values);
+            self.config.values.receive(values.secrets, values.configs);
             self.apply_delivery(delivery);
             self.turn(Instant::now());
+            // Values no held task reads are forgotten (their tasks came with them, so a
+            // value still needed is always named here).
+            self.config
+                .values
+                .retain(self.entries.values().filter_map(|e| e.task.spec.as_ref()));
         }
         self.stop_all();
         self.reporter.into_waiting()
@@ -1036,6 +1095,9 @@ impl Worker {
             "a live task is stopped before it is forgotten"
         );
         if executor::validate_task_id(id).is_ok() {
+            self.config.values.remove_for(id);
+        }
+        if executor::validate_task_id(id).is_ok() {
             let dir = executor::task_dir(&self.config.work_dir, id);
             if let Err(error) = fs::remove_dir_all(&dir)
                 && error.kind() != std::io::ErrorKind::NotFound
@@ -1171,30 +1233,56 @@ impl Worker {
             .get_mut(id)
             .expect("start a known task")
             .limits_note = limits.note.clone();
-        let (phase, health, status) =
-            match executor::spawn_limited(&self.config.work_dir, id, &spec, limits) {
-                Ok(process) => {
-                    let message =
-                        format!("running as pid {} (its own process group)", process.pid());
-                    self.live += 1;
-                    let health = HealthWatch::new(&spec, Instant::now());
-                    let mut status = new_status(TaskState::Running, &message);
-                    status.health = health.as_ref().map(|watch| watch.monitor.report());
-                    (Phase::Live(process), health, status)
-                }
-                Err(error) => {
-                    self.limiter.release(id);
-                    (
-                        Phase::Done,
-                        None,
-                        refusal_status(TaskState::Rejected, &error.to_string()),
-                    )
-                }
-            };
+        let spawned = self.write_values(id, &mut spec).and_then(|()| {
+            executor::spawn_limited(&self.config.work_dir, id, &spec, limits)
+                .map_err(|e| e.to_string())
+        });
+        if spawned.is_err() && executor::validate_task_id(id).is_ok() {
+            self.config.values.remove_for(id);
+        }
+        let (phase, health, status) = match spawned {
+            Ok(process) => {
+                let message = format!("running as pid {} (its own process group)", process.pid());
+                self.live += 1;
+                let health = HealthWatch::new(&spec, Instant::now());
+                let mut status = new_status(TaskState::Running, &message);
+                status.health = health.as_ref().map(|watch| watch.monitor.report());
+                (Phase::Live(process), health, status)
+            }
+            Err(error) => {
+                self.limiter.release(id);
+                (
+                    Phase::Done,
+                    None,
+                    refusal_status(TaskState::Rejected, &error),
+                )
+            }
+        };
         let entry = self.entries.get_mut(id).expect("start a known task");
         entry.phase = phase;
         entry.health = health;
         self.report(id, status);
+    }
+
+    /// Writes the secret and config files of task `id` and names their directories in
+    /// `spec.env` (its own entries win).
+    fn write_values(
+        &self,
+        id: &str,
+        spec: &mut crate::proto::objects::TaskSpec,
+    ) -> Result<(), String> {
+        if spec.secrets.is_empty() && spec.configs.is_empty() {
+            return Ok(());
+        }
+        executor::validate_task_id(id).map_err(|e| e.to_string())?;
+        let env = self.config.values.write_for(id, spec)?;
+        log::info!(
+            "task {id}: {} secret and {} config file(s) written",
+            spec.secrets.len(),
+            spec.configs.len()
+        );
+        add_env(&mut spec.env, &env);
+        Ok(())
     }
 
     fn poll_processes(&mut self, now: Instant) {
@@ -1236,6 +1324,10 @@ impl Worker {
         for (id, status, forget) in ended {
             self.live -= 1;
             self.limiter.release(&id);
+            // Its secrets go as soon as it ended (its directory stays until forgotten).
+            if executor::validate_task_id(&id).is_ok() {
+                self.config.values.remove_for(&id);
+            }
             // Forgotten first: whoever sees the report finds the directory gone.
             if forget {
                 self.forget(&id);

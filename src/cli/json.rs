@@ -10,7 +10,7 @@
 use serde::Serialize;
 
 use crate::proto::objects::{
-    Cluster, Network, Node, RestartCondition, Service, ServiceSpec, Task, TaskSpec,
+    Cluster, Config, Network, Node, RestartCondition, Secret, Service, ServiceSpec, Task, TaskSpec,
     UpdateFailureAction, UpdateOrder,
 };
 
@@ -59,12 +59,30 @@ pub fn node(node: &Node) -> Node {
 /// join-token` shows the tokens).
 pub fn cluster(cluster: &Cluster) -> Cluster {
     let mut shown = cluster.clone();
+    shown.secrets_key = Default::default();
     shown.meta.get_or_insert_default();
     let spec = shown.spec.get_or_insert_default();
     // The value in force where an older cluster object leaves it unset.
     if spec.orphan_after_ms == 0 {
         spec.orphan_after_ms = crate::store::spec::ORPHAN_AFTER_MS_DEFAULT;
     }
+    shown
+}
+
+/// A secret as printed: never its value (the field has no JSON form, and is cleared here
+/// as well).
+pub fn secret(secret: &Secret) -> Secret {
+    let mut shown = secret.clone();
+    shown.meta.get_or_insert_default();
+    shown.spec.get_or_insert_default().data = Default::default();
+    shown
+}
+
+/// A config as printed (its value in hex, as bytes are printed).
+pub fn config(config: &Config) -> Config {
+    let mut shown = config.clone();
+    shown.meta.get_or_insert_default();
+    shown.spec.get_or_insert_default();
     shown
 }
 

@@ -221,6 +221,27 @@ pub enum Command {
         #[command(subcommand)]
         command: control::NetworkCommand,
     },
+    /// Create, list, inspect and remove secrets (files of mode 0400 under
+    /// `$FLOTILLA_SECRETS_DIR` for the tasks of services given `--secret NAME`; a value is
+    /// never shown).
+    Secret {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::ValueCommand,
+    },
+    /// Create, list, inspect and remove configs (files of mode 0444 under
+    /// `$FLOTILLA_CONFIGS_DIR` for the tasks of services given `--config NAME`).
+    Config {
+        /// How to reach a manager.
+        #[command(flatten)]
+        connection: control::Connection,
+        /// What to do.
+        #[command(subcommand)]
+        command: control::ValueCommand,
+    },
     /// List and inspect tasks.
     Task {
         /// How to reach a manager.
@@ -402,6 +423,20 @@ fn execute(command: Command) -> Result<(), CommandError> {
             connection,
             command,
         } => control::run(&connection, control::ControlCommand::Network(command)),
+        Command::Secret {
+            connection,
+            command,
+        } => control::run(
+            &connection,
+            control::ControlCommand::Value(control::ValueKind::Secret, command),
+        ),
+        Command::Config {
+            connection,
+            command,
+        } => control::run(
+            &connection,
+            control::ControlCommand::Value(control::ValueKind::Config, command),
+        ),
         Command::Cluster {
             connection,
             command,

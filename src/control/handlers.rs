@@ -19,6 +19,8 @@
 //! Runs only on the leader (the caller checked). Must never write the store directly, nor
 //! block a thread on a proposal or a read barrier.
 
+mod secret_writes;
+
 use std::sync::Arc;
 
 use super::answer::Done;
@@ -215,6 +217,34 @@ pub(super) fn execute(api: &Arc<ControlApi>, caller: &Caller, call: Call, done: 
             remove_network,
             wrapped(done, Reply::RemoveNetwork),
         ),
+        Call::CreateSecret(r) => once(
+            api,
+            r,
+            secret_writes::secret_reply,
+            secret_writes::create_secret,
+            wrapped(done, Reply::CreateSecret),
+        ),
+        Call::RemoveSecret(r) => once(
+            api,
+            r,
+            removal_reply,
+            secret_writes::remove_secret,
+            wrapped(done, Reply::RemoveSecret),
+        ),
+        Call::CreateConfig(r) => once(
+            api,
+            r,
+            secret_writes::config_reply,
+            secret_writes::create_config,
+            wrapped(done, Reply::CreateConfig),
+        ),
+        Call::RemoveConfig(r) => once(
+            api,
+            r,
+            removal_reply,
+            secret_writes::remove_config,
+            wrapped(done, Reply::RemoveConfig),
+        ),
     }
 }
 
@@ -283,7 +313,11 @@ requested!(
     pb::RotateJoinTokenRequest,
     pb::RevokeAdminCertificateRequest,
     pb::CreateNetworkRequest,
-    pb::RemoveNetworkRequest
+    pb::RemoveNetworkRequest,
+    pb::CreateSecretRequest,
+    pb::RemoveSecretRequest,
+    pb::CreateConfigRequest,
+    pb::RemoveConfigRequest
 );
 
 /// What the table of answers holds for `id`, read from the local store.
@@ -527,6 +561,7 @@ fn create_service(
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let spec = with_attachments(api, spec)?;
+    let spec = secret_writes::with_secrets(api, spec)?;
     let id = chosen_or_new_id(request.id)?;
     if let Some(existing) = api.store.get::<Service>(&id) {
         return create_again(&existing, &spec).map(Prepared::Answered);
@@ -571,6 +606,7 @@ fn update_service(
         .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
     validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
     let spec = with_attachments(api, spec)?;
+    let spec = secret_writes::with_secrets(api, spec)?;
     let mut service = current.as_ref().clone();
     service.previous_spec = service.spec.replace(spec);
     let created = created_at_ms(current.as_ref());

@@ -30,7 +30,8 @@
 //!   certificates) and demoted managers on every manager, for every method (the
 //!   transport's authorizer) and again on the leader for a forwarded caller.
 //! - The CA key travels in the Cluster object (`root_ca`) and nowhere else: every reply and
-//!   watch event that carries a Cluster goes through [`redact_cluster`].
+//!   watch event that carries a Cluster goes through [`redact_cluster`] (which also drops
+//!   the secrets key), every one that carries a Secret through [`redact_secret`].
 //! - [`duties`] runs one thread per manager that records the manager as a Node object,
 //!   creates the Cluster object on a new leader, keeps the CA's join tokens and the
 //!   `join-tokens` file in sync with the replicated Cluster object, applies the cluster's
@@ -95,6 +96,15 @@ pub use crate::util::id::random_id as new_object_id;
 pub fn redact_cluster(cluster: &mut crate::proto::objects::Cluster) {
     cluster.root_ca = None;
     cluster.network_bootstrap_keys.clear();
+    cluster.secrets_key.clear();
+}
+
+/// Removes a secret's value (sealed in the store) before it leaves this manager (a reply, a
+/// watch event), as Docker never returns a secret's data.
+pub fn redact_secret(secret: &mut crate::proto::objects::Secret) {
+    if let Some(spec) = secret.spec.as_mut() {
+        spec.data = Default::default();
+    }
 }
 
 /// Bytes of objects per streamed listing chunk (well under the 4 MiB frame bound).
@@ -640,6 +650,10 @@ pub fn register(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) 
     register_write(router, pool, api, forward::ROTATE_JOIN_TOKEN);
     register_write(router, pool, api, forward::CREATE_NETWORK);
     register_write(router, pool, api, forward::REMOVE_NETWORK);
+    register_write(router, pool, api, forward::CREATE_SECRET);
+    register_write(router, pool, api, forward::REMOVE_SECRET);
+    register_write(router, pool, api, forward::CREATE_CONFIG);
+    register_write(router, pool, api, forward::REMOVE_CONFIG);
     reads::register(router, pool, api);
     watch::register(router, pool, api);
     managers::register(router, pool, api);
@@ -683,6 +697,10 @@ mod tests {
                 REVOKE_REMOVED_MANAGER,
                 CREATE_NETWORK,
                 REMOVE_NETWORK,
+                CREATE_SECRET,
+                REMOVE_SECRET,
+                CREATE_CONFIG,
+                REMOVE_CONFIG,
             ])
         );
         let internal: BTreeSet<&str> = control_methods()

@@ -12,7 +12,9 @@ use super::{ControlApi, LIST_CHUNK_BYTES_MAX};
 use crate::net::{Router, ServerStream, ServicePool};
 use crate::proto::control as pb;
 use crate::proto::control::rpc;
-use crate::proto::objects::{Cluster, Network, Node, RaftReachability, Service, Task};
+use crate::proto::objects::{
+    Cluster, Config, Network, Node, RaftReachability, Secret, Service, Task,
+};
 use crate::store::{ReadView, Record};
 use crate::wire::{Code, Status};
 
@@ -98,6 +100,34 @@ pub(super) fn resolve_network(
         |v| v.get_by_name::<Network>(reference).cloned(),
         "network",
         "network",
+    )
+}
+
+/// The secret with id, name or unique id prefix `reference`.
+///
+/// # Errors
+/// As [`resolve_service`].
+pub(super) fn resolve_secret(view: &ReadView<'_>, reference: &str) -> Result<Arc<Secret>, Status> {
+    resolve(
+        view,
+        reference,
+        |v| v.get_by_name::<Secret>(reference).cloned(),
+        "secret",
+        "secret",
+    )
+}
+
+/// The config with id, name or unique id prefix `reference`.
+///
+/// # Errors
+/// As [`resolve_service`].
+pub(super) fn resolve_config(view: &ReadView<'_>, reference: &str) -> Result<Arc<Config>, Status> {
+    resolve(
+        view,
+        reference,
+        |v| v.get_by_name::<Config>(reference).cloned(),
+        "config",
+        "config",
     )
 }
 
@@ -345,6 +375,7 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             stream_chunks(&networks, &stream, |networks| pb::NetworkChunk { networks })
         },
     );
+    register_secret_reads(router, pool, api);
     let a = api.clone();
     router.serve_unary(
         rpc::LIST_ENDPOINTS,
@@ -368,6 +399,70 @@ pub(super) fn register(router: &mut Router, pool: &ServicePool, api: &Arc<Contro
             Ok(pb::JoinTokensResponse {
                 tokens: Some(super::handlers::tokens_to_proto(&tokens)),
             })
+        },
+    );
+}
+
+/// `control.GetSecret`, `ListSecrets` (never with a value), `GetConfig`, `ListConfigs`.
+fn register_secret_reads(router: &mut Router, pool: &ServicePool, api: &Arc<ControlApi>) {
+    let a = api.clone();
+    router.serve_unary(
+        rpc::GET_SECRET,
+        pool,
+        move |_, request: pb::GetSecretRequest| {
+            a.read_barrier()?;
+            let mut secret = a
+                .store
+                .view(|view| resolve_secret(view, &request.reference))?
+                .as_ref()
+                .clone();
+            super::redact_secret(&mut secret);
+            Ok(pb::SecretResponse {
+                secret: Some(secret),
+            })
+        },
+    );
+    let a = api.clone();
+    router.serve_server_stream(
+        rpc::LIST_SECRETS,
+        pool,
+        move |_, _: pb::ListSecretsRequest, stream| {
+            a.read_barrier()?;
+            let secrets: Vec<Arc<Secret>> = a
+                .store
+                .list::<Secret>()
+                .iter()
+                .map(|s| {
+                    let mut shown = s.as_ref().clone();
+                    super::redact_secret(&mut shown);
+                    Arc::new(shown)
+                })
+                .collect();
+            stream_chunks(&secrets, &stream, |secrets| pb::SecretChunk { secrets })
+        },
+    );
+    let a = api.clone();
+    router.serve_unary(
+        rpc::GET_CONFIG,
+        pool,
+        move |_, request: pb::GetConfigRequest| {
+            a.read_barrier()?;
+            let config = a
+                .store
+                .view(|view| resolve_config(view, &request.reference))?;
+            Ok(pb::ConfigResponse {
+                config: Some(config.as_ref().clone()),
+            })
+        },
+    );
+    let a = api.clone();
+    router.serve_server_stream(
+        rpc::LIST_CONFIGS,
+        pool,
+        move |_, _: pb::ListConfigsRequest, stream| {
+            a.read_barrier()?;
+            let configs = a.store.list::<Config>();
+            stream_chunks(&configs, &stream, |configs| pb::ConfigChunk { configs })
         },
     );
 }

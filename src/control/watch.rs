@@ -75,10 +75,12 @@ fn message_for(event: &crate::store::Event) -> pb::WatchMessage {
     }
 }
 
-/// A watch event never carries the CA key.
+/// A watch event never carries the CA key, the secrets key or a secret's (sealed) value.
 fn redacted(mut object: StoreObject) -> StoreObject {
-    if let Some(store_object::Object::Cluster(cluster)) = object.object.as_mut() {
-        super::redact_cluster(cluster);
+    match object.object.as_mut() {
+        Some(store_object::Object::Cluster(cluster)) => super::redact_cluster(cluster),
+        Some(store_object::Object::Secret(secret)) => super::redact_secret(secret),
+        _ => {}
     }
     object
 }

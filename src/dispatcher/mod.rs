@@ -309,10 +309,15 @@ impl Dispatcher {
     /// The dispatcher over `node` and its applied `store`.
     pub fn new(node: NodeHandle, store: Arc<Store>) -> Arc<Dispatcher> {
         let (events, events_rx) = crossbeam_channel::unbounded();
+        let mut table = SessionTable::new();
+        let values_store = Arc::clone(&store);
+        table.set_attach_values(Arc::new(move |part: &mut pb::Assignments| {
+            attach_values(&values_store, part);
+        }));
         Arc::new(Dispatcher {
             node,
             store,
-            table: Mutex::new(SessionTable::new()),
+            table: Mutex::new(table),
             origin: Instant::now(),
             events,
             events_rx,
@@ -1740,6 +1745,96 @@ fn status_changes(
     Ok(changes)
 }
 
+/// Secret and config values added to one assignments message at most (with the tasks'
+/// [`ASSIGNMENTS_BYTES_MAX`], well under the 4 MiB frame bound). Values past it are not
+/// sent: the agent refuses to start a task whose values it lacks (REJECTED, with the
+/// reason), and the orchestrator's replacement is sent with fewer companions.
+pub const ATTACHED_VALUES_BYTES_MAX: usize = 2 << 20;
+
+/// Whether the agent may still start `task` (so it needs the values it reads): wanted
+/// running, not started yet.
+fn may_start(task: &Task) -> bool {
+    task.desired_state <= TaskState::Running as i32
+        && task.status.as_ref().map_or(0, |s| s.state) < TaskState::Starting as i32
+}
+
+/// Adds to `part` the values of the secrets and configs that its tasks the agent may still
+/// start read: secrets opened with the cluster's secrets key. Only the node assigned such
+/// a task ever gets a value, and only with that task. A value that cannot be found or
+/// opened is left out (logged by id, never by value): the agent rejects the task with the
+/// reason.
+pub fn attach_values(store: &Store, part: &mut pb::Assignments) {
+    use crate::proto::objects::{Config, Secret, SecretSpec};
+    let mut secret_ids = std::collections::BTreeSet::new();
+    let mut config_ids = std::collections::BTreeSet::new();
+    for task in part.tasks.iter().filter(|t| may_start(t)) {
+        if let Some(spec) = &task.spec {
+            secret_ids.extend(spec.secrets.iter().map(|r| r.id.as_str()));
+            config_ids.extend(spec.configs.iter().map(|r| r.id.as_str()));
+        }
+    }
+    if secret_ids.is_empty() && config_ids.is_empty() {
+        return;
+    }
+    let mut bytes = 0usize;
+    let mut fits = |len: usize, kind: &str, id: &str| {
+        bytes += len;
+        let fit = bytes <= ATTACHED_VALUES_BYTES_MAX;
+        if !fit {
+            log::warn!(
+                "dispatcher: {kind} {id} left out of an assignments message: its values pass \
+                 {ATTACHED_VALUES_BYTES_MAX} bytes"
+            );
+        }
+        fit
+    };
+    let (secrets, configs) = store.view(|view| {
+        let key = view
+            .list::<Cluster>()
+            .next()
+            .map(|c| c.secrets_key.clone())
+            .unwrap_or_default();
+        let mut secrets = Vec::new();
+        for id in &secret_ids {
+            let Some(secret) = view.get::<Secret>(id) else {
+                log::warn!("dispatcher: secret {id} named by a task does not exist");
+                continue;
+            };
+            let spec = secret.spec.clone().unwrap_or_default();
+            match crate::secrets::open(&key, id, &spec.data) {
+                Ok(plain) if fits(plain.len(), "secret", id) => secrets.push(Secret {
+                    id: (*id).to_string(),
+                    meta: None,
+                    spec: Some(SecretSpec {
+                        name: spec.name,
+                        labels: Default::default(),
+                        data: plain.into(),
+                    }),
+                }),
+                Ok(_) => {}
+                Err(error) => log::warn!("dispatcher: secret {id}: {error}"),
+            }
+        }
+        let mut configs = Vec::new();
+        for id in &config_ids {
+            match view.get::<Config>(id) {
+                Some(config) => {
+                    let len = config.spec.as_ref().map_or(0, |s| s.data.len());
+                    if fits(len, "config", id) {
+                        let mut config = config.as_ref().clone();
+                        config.meta = None;
+                        configs.push(config);
+                    }
+                }
+                None => log::warn!("dispatcher: config {id} named by a task does not exist"),
+            }
+        }
+        (secrets, configs)
+    });
+    part.secrets = secrets;
+    part.configs = configs;
+}
+
 /// One assignments message per [`ASSIGNMENTS_BYTES_MAX`] of tasks; only the first of a
 /// complete set says `complete`, and every part but the last says `more` (the agent
 /// removes what a complete set does not name only once its last part arrived). Changes
@@ -1792,6 +1887,8 @@ fn assignment_parts(
             more: complete && i + 1 < parts,
             applies_to: String::new(),
             results_in: String::new(),
+            secrets: Vec::new(),
+            configs: Vec::new(),
         })
         .collect()
 }
@@ -1856,6 +1953,67 @@ mod tests {
             .iter()
             .map(|t| t.status.as_ref().map_or(0, |s| s.state))
             .collect()
+    }
+
+    #[test]
+    fn values_go_opened_with_the_tasks_that_may_still_start_only() {
+        use crate::proto::objects::{Secret, SecretReference, SecretSpec};
+        let key = crate::secrets::new_key();
+        let sealed = crate::secrets::seal(&key, "s1", b"hunter2").unwrap();
+        let reads = |mut task: Task| {
+            task.spec = Some(crate::proto::objects::TaskSpec {
+                secrets: vec![SecretReference {
+                    id: "s1".into(),
+                    name: "db".into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+            task
+        };
+        let store = store_with(vec![reads(task("t1", "a", TaskState::Assigned))]);
+        let setup = Transaction {
+            changes: vec![
+                crate::store::create(Cluster {
+                    id: "c".into(),
+                    secrets_key: key.into(),
+                    ..Default::default()
+                }),
+                crate::store::create(Secret {
+                    id: "s1".into(),
+                    meta: None,
+                    spec: Some(SecretSpec {
+                        name: "db".into(),
+                        labels: Default::default(),
+                        data: sealed.into(),
+                    }),
+                }),
+            ],
+            timestamp_ms: 2,
+            request_id: None,
+        };
+        store.apply(2, &setup).unwrap();
+        let mut part = pb::Assignments {
+            tasks: vec![reads(task("t1", "a", TaskState::Assigned))],
+            ..Default::default()
+        };
+        attach_values(&store, &mut part);
+        assert_eq!(part.secrets.len(), 1);
+        assert_eq!(
+            part.secrets[0].spec.as_ref().unwrap().data.as_ref(),
+            b"hunter2"
+        );
+        assert!(!format!("{part:?}").contains("hunter2"), "Debug redacts");
+        // Started or ended already, or without secrets: nothing is sent.
+        let mut part = pb::Assignments {
+            tasks: vec![
+                reads(task("t1", "a", TaskState::Running)),
+                task("t2", "a", TaskState::Assigned),
+            ],
+            ..Default::default()
+        };
+        attach_values(&store, &mut part);
+        assert!(part.secrets.is_empty());
     }
 
     #[test]

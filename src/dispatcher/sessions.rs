@@ -129,6 +129,10 @@ impl SessionSink for crate::net::ServerStream<pb::SessionMessage> {
 /// session id, its stream (to be failed with the status), why. It lingers in the table.
 pub type Ended<S> = (String, String, Option<S>, Status);
 
+/// Adds to an assignments message, as it is sent, the values (secrets, configs) its tasks
+/// read (see [`super::attach_values`]).
+pub type AttachValues = Arc<dyn Fn(&mut pb::Assignments) + Send + Sync>;
+
 /// One node's current session.
 pub struct Session<S> {
     /// The session id the agent heartbeats with.
@@ -239,6 +243,9 @@ pub struct SessionTable<S> {
     watching: bool,
     /// Batch deadlines of the sessions holding changes (node ids; at most one per session).
     batch_timers: TimerWheel<String>,
+    /// Adds the secret and config values to each message as it is sent (none in tests
+    /// that do not set it).
+    attach_values: Option<AttachValues>,
 }
 
 /// One staged task change.
@@ -272,7 +279,13 @@ impl<S: SessionSink> SessionTable<S> {
             attempts: HashMap::new(),
             watching: false,
             batch_timers: TimerWheel::new(0),
+            attach_values: None,
         }
+    }
+
+    /// Sets what adds the secret and config values to each assignments message sent.
+    pub fn set_attach_values(&mut self, attach: AttachValues) {
+        self.attach_values = Some(attach);
     }
 
     /// Sessions in the table (opening, streaming or lingering).
@@ -422,7 +435,7 @@ impl<S: SessionSink> SessionTable<S> {
         session.outbox_complete = true;
         session.version = version;
         session.stream = Some(stream);
-        match flush(session, 0) {
+        match flush(session, 0, self.attach_values.as_ref()) {
             Ok(()) => Ok(()),
             Err(status) => {
                 let stream = session.stream.take().expect("attached just now");
@@ -570,7 +583,7 @@ impl<S: SessionSink> SessionTable<S> {
             let Some(session) = self.sessions.get_mut(&node_id) else {
                 continue;
             };
-            let outcome = flush(session, now_ms);
+            let outcome = flush(session, now_ms, self.attach_values.as_ref());
             if let Some(timer) = session.batch_timer.take() {
                 self.batch_timers.cancel(timer);
             }
@@ -759,7 +772,11 @@ fn arm_batch<S>(wheel: &mut TimerWheel<String>, node_id: &str, session: &mut Ses
 /// Sends the session's outbox, then, if their batch is due at `now_ms`, its held changes
 /// ([`ASSIGNMENT_CHANGES_PER_MESSAGE_MAX`] per message), while the agent has room. Each
 /// message sent is chained to the previous one.
-fn flush<S: SessionSink>(session: &mut Session<S>, now_ms: u64) -> Result<(), Status> {
+fn flush<S: SessionSink>(
+    session: &mut Session<S>,
+    now_ms: u64,
+    attach_values: Option<&AttachValues>,
+) -> Result<(), Status> {
     let Some(stream) = session.stream.as_ref() else {
         return Ok(());
     };
@@ -777,6 +794,11 @@ fn flush<S: SessionSink>(session: &mut Session<S>, now_ms: u64) -> Result<(), St
             break;
         };
         let mut part = part.clone();
+        // Values are added to the copy that goes, never kept in the outbox (whose messages
+        // may be unbuilt and rebuilt): a message waiting holds no secret.
+        if let Some(attach) = attach_values {
+            attach(&mut part);
+        }
         part.applies_to = sequence_id(session.sequence);
         part.results_in = sequence_id(session.sequence + 1);
         let message = pb::SessionMessage {

@@ -246,8 +246,10 @@ mod tests {
         assert_eq!(
             names(|m| m.shape == Shape::ServerStream),
             BTreeSet::from([
+                "control.ListConfigs",
                 "control.ListNetworks",
                 "control.ListNodes",
+                "control.ListSecrets",
                 "control.ListServices",
                 "control.ListTasks",
                 "control.Watch",

@@ -151,6 +151,8 @@ pub fn first_object_id(txn: &Transaction) -> String {
         Some(store_object::Object::Task(o)) => o.id.clone(),
         Some(store_object::Object::Network(o)) => o.id.clone(),
         Some(store_object::Object::Cluster(o)) => o.id.clone(),
+        Some(store_object::Object::Secret(o)) => o.id.clone(),
+        Some(store_object::Object::Config(o)) => o.id.clone(),
         None => String::new(),
     }
 }

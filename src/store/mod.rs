@@ -1,8 +1,8 @@
 //! The replicated object store: the cluster state every manager holds in memory.
 //!
-//! Tables of [`Node`](crate::proto::objects::Node), `Service`, `Task`, `Network` and
-//! `Cluster` objects (defined in `proto/flotilla/objects.proto`), with indexes by id, unique
-//! name (services, networks, cluster), service, node, slot, desired and observed state, role
+//! Tables of [`Node`](crate::proto::objects::Node), `Service`, `Task`, `Network`,
+//! `Cluster`, `Secret` and `Config` objects (defined in `proto/flotilla/objects.proto`), with indexes by id, unique
+//! name (services, networks, cluster, secrets, configs), service, node, slot, desired and observed state, role
 //! and hostname.
 //!
 //! - Reads come from memory: [`Store::view`] runs a closure on a [`ReadView`], consistent

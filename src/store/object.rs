@@ -7,7 +7,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::proto::objects::{
-    Cluster, Meta, Network, Node, ObjectKind, Service, StoreObject, Task, store_object,
+    Cluster, Config, Meta, Network, Node, ObjectKind, Secret, Service, StoreObject, Task,
+    store_object,
 };
 
 use super::table::{IndexKey, Table, Tables};
@@ -25,20 +26,25 @@ pub enum Kind {
     Network,
     /// The cluster-wide settings (one object).
     Cluster,
+    /// A secret (its value sealed with the cluster's secrets key).
+    Secret,
+    /// A config (a value given to tasks as a file).
+    Config,
 }
 
 impl Kind {
     /// Every kind, in snapshot order.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Node,
         Kind::Service,
         Kind::Task,
         Kind::Network,
         Kind::Cluster,
+        Kind::Secret,
+        Kind::Config,
     ];
 
-    /// The kind carried on the wire as `value`, or `None` for unspecified, reserved (secret,
-    /// config) or unknown values.
+    /// The kind carried on the wire as `value`, or `None` for unspecified or unknown values.
     pub fn from_proto(value: i32) -> Option<Self> {
         match ObjectKind::try_from(value).ok()? {
             ObjectKind::Unspecified => None,
@@ -47,6 +53,8 @@ impl Kind {
             ObjectKind::Task => Some(Self::Task),
             ObjectKind::Network => Some(Self::Network),
             ObjectKind::Cluster => Some(Self::Cluster),
+            ObjectKind::Secret => Some(Self::Secret),
+            ObjectKind::Config => Some(Self::Config),
         }
     }
 
@@ -58,6 +66,8 @@ impl Kind {
             Self::Task => ObjectKind::Task,
             Self::Network => ObjectKind::Network,
             Self::Cluster => ObjectKind::Cluster,
+            Self::Secret => ObjectKind::Secret,
+            Self::Config => ObjectKind::Config,
         }
     }
 
@@ -69,6 +79,8 @@ impl Kind {
             Self::Task => "task",
             Self::Network => "network",
             Self::Cluster => "cluster",
+            Self::Secret => "secret",
+            Self::Config => "config",
         }
     }
 }
@@ -86,9 +98,11 @@ mod sealed {
     impl Sealed for crate::proto::objects::Task {}
     impl Sealed for crate::proto::objects::Network {}
     impl Sealed for crate::proto::objects::Cluster {}
+    impl Sealed for crate::proto::objects::Secret {}
+    impl Sealed for crate::proto::objects::Config {}
 }
 
-/// An object type the store keeps in a table. Sealed: implemented for the five kinds only.
+/// An object type the store keeps in a table. Sealed: implemented for the seven kinds only.
 pub trait Record:
     sealed::Sealed + prost::Message + Clone + Default + PartialEq + Send + Sync + 'static
 {
@@ -337,6 +351,78 @@ impl Record for Cluster {
     }
 }
 
+impl Record for Secret {
+    const KIND: Kind = Kind::Secret;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn set_meta(&mut self, meta: Meta) {
+        self.meta = Some(meta);
+    }
+    fn unique_name(&self) -> Option<&str> {
+        self.spec.as_ref().map(|spec| spec.name.as_str())
+    }
+    fn into_object(object: Arc<Self>) -> Object {
+        Object::Secret(object)
+    }
+    fn from_object(object: &Object) -> Option<&Arc<Self>> {
+        match object {
+            Object::Secret(o) => Some(o),
+            _ => None,
+        }
+    }
+    fn into_store_object(self) -> StoreObject {
+        StoreObject {
+            object: Some(store_object::Object::Secret(self)),
+        }
+    }
+    fn table(tables: &Tables) -> &Table<Self> {
+        &tables.secrets
+    }
+    fn table_mut(tables: &mut Tables) -> &mut Table<Self> {
+        &mut tables.secrets
+    }
+}
+
+impl Record for Config {
+    const KIND: Kind = Kind::Config;
+    fn id(&self) -> &str {
+        &self.id
+    }
+    fn meta(&self) -> Option<&Meta> {
+        self.meta.as_ref()
+    }
+    fn set_meta(&mut self, meta: Meta) {
+        self.meta = Some(meta);
+    }
+    fn unique_name(&self) -> Option<&str> {
+        self.spec.as_ref().map(|spec| spec.name.as_str())
+    }
+    fn into_object(object: Arc<Self>) -> Object {
+        Object::Config(object)
+    }
+    fn from_object(object: &Object) -> Option<&Arc<Self>> {
+        match object {
+            Object::Config(o) => Some(o),
+            _ => None,
+        }
+    }
+    fn into_store_object(self) -> StoreObject {
+        StoreObject {
+            object: Some(store_object::Object::Config(self)),
+        }
+    }
+    fn table(tables: &Tables) -> &Table<Self> {
+        &tables.configs
+    }
+    fn table_mut(tables: &mut Tables) -> &mut Table<Self> {
+        &mut tables.configs
+    }
+}
+
 /// A stored object of any kind, shared (cloning copies a pointer, not the object).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Object {
@@ -350,6 +436,10 @@ pub enum Object {
     Network(Arc<Network>),
     /// The cluster object.
     Cluster(Arc<Cluster>),
+    /// A secret.
+    Secret(Arc<Secret>),
+    /// A config.
+    Config(Arc<Config>),
 }
 
 impl Object {
@@ -361,6 +451,8 @@ impl Object {
             Self::Task(_) => Kind::Task,
             Self::Network(_) => Kind::Network,
             Self::Cluster(_) => Kind::Cluster,
+            Self::Secret(_) => Kind::Secret,
+            Self::Config(_) => Kind::Config,
         }
     }
 
@@ -372,6 +464,8 @@ impl Object {
             Self::Task(o) => o.id(),
             Self::Network(o) => o.id(),
             Self::Cluster(o) => o.id(),
+            Self::Secret(o) => o.id(),
+            Self::Config(o) => o.id(),
         }
     }
 
@@ -383,6 +477,8 @@ impl Object {
             Self::Task(o) => o.version(),
             Self::Network(o) => o.version(),
             Self::Cluster(o) => o.version(),
+            Self::Secret(o) => o.version(),
+            Self::Config(o) => o.version(),
         }
     }
 
@@ -394,6 +490,8 @@ impl Object {
             Self::Task(o) => o.as_ref().clone().into_store_object(),
             Self::Network(o) => o.as_ref().clone().into_store_object(),
             Self::Cluster(o) => o.as_ref().clone().into_store_object(),
+            Self::Secret(o) => o.as_ref().clone().into_store_object(),
+            Self::Config(o) => o.as_ref().clone().into_store_object(),
         }
     }
 
@@ -407,6 +505,8 @@ impl Object {
             Self::Task(o) => o.encoded_len(),
             Self::Network(o) => o.encoded_len(),
             Self::Cluster(o) => o.encoded_len(),
+            Self::Secret(o) => o.encoded_len(),
+            Self::Config(o) => o.encoded_len(),
         };
         1 + prost::length_delimiter_len(inner) + inner
     }
@@ -420,6 +520,8 @@ impl Object {
             Self::Task(_) => 3,
             Self::Network(_) => 4,
             Self::Cluster(_) => 5,
+            Self::Secret(_) => 6,
+            Self::Config(_) => 7,
         };
         prost::encoding::encode_key(
             field_number,
@@ -432,6 +534,8 @@ impl Object {
             Self::Task(o) => o.encode_length_delimited(buf),
             Self::Network(o) => o.encode_length_delimited(buf),
             Self::Cluster(o) => o.encode_length_delimited(buf),
+            Self::Secret(o) => o.encode_length_delimited(buf),
+            Self::Config(o) => o.encode_length_delimited(buf),
         }
         .expect("a Vec grows as needed, so encoding cannot run out of space");
     }
@@ -444,6 +548,8 @@ impl Object {
             store_object::Object::Task(o) => Self::Task(Arc::new(o)),
             store_object::Object::Network(o) => Self::Network(Arc::new(o)),
             store_object::Object::Cluster(o) => Self::Cluster(Arc::new(o)),
+            store_object::Object::Secret(o) => Self::Secret(Arc::new(o)),
+            store_object::Object::Config(o) => Self::Config(Arc::new(o)),
         })
     }
 }

@@ -117,6 +117,8 @@ impl SnapshotStream {
         collect::<crate::proto::objects::Task>(tables, &mut objects);
         collect::<crate::proto::objects::Network>(tables, &mut objects);
         collect::<crate::proto::objects::Cluster>(tables, &mut objects);
+        collect::<crate::proto::objects::Secret>(tables, &mut objects);
+        collect::<crate::proto::objects::Config>(tables, &mut objects);
         let answers = answers.to_records();
         Self {
             info: SnapshotInfo {
@@ -426,6 +428,8 @@ fn insert(tables: &mut Tables, object: Object, version_max: u64) -> Result<(), S
         Object::Task(o) => insert_one(tables, o),
         Object::Network(o) => insert_one(tables, o),
         Object::Cluster(o) => insert_one(tables, o),
+        Object::Secret(o) => insert_one(tables, o),
+        Object::Config(o) => insert_one(tables, o),
     }
 }
 

@@ -14,15 +14,24 @@ use crate::health::{
     HEALTH_TIMEOUT_MS_MIN,
 };
 use crate::proto::objects::{
-    ClusterSpec, HealthConfig, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec,
-    PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
-    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
-    UpdateOrder,
+    ClusterSpec, ConfigSpec, HealthConfig, NetworkSpec, Node, NodeAvailability, NodeRole,
+    NodeSpec, PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
+    RestartPolicy, SecretReference, SecretSpec, ServiceMode, ServiceSpec, TaskSpec,
+    UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::Code;
 
 /// The longest service, network or cluster name (a DNS label).
 pub const NAME_BYTES_MAX: usize = 63;
+
+/// The largest secret or config value (Docker's limit).
+pub const SECRET_DATA_BYTES_MAX: usize = 500 * 1024;
+/// The longest secret or config name (Docker's limit).
+pub const SECRET_NAME_BYTES_MAX: usize = 64;
+/// The most secrets (and, separately, configs) one task template reads.
+pub const TASK_SECRETS_MAX: usize = 32;
+/// The longest file name a secret or config is given as in its task's directory.
+pub const SECRET_TARGET_BYTES_MAX: usize = 255;
 
 /// The most networks one service attaches to (a node joins at most 24 gossip networks).
 pub const SERVICE_NETWORKS_MAX: usize = 8;
@@ -203,6 +212,138 @@ pub fn validate_network_spec(spec: &NetworkSpec) -> Checked {
         ));
     }
     Ok(())
+}
+
+/// Checks a secret spec: its name ([`validate_secret_name`]), labels, and a value of 1 to
+/// [`SECRET_DATA_BYTES_MAX`] bytes.
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_secret_spec(spec: &SecretSpec) -> Checked {
+    validate_secret_name("name", &spec.name)?;
+    validate_labels("labels", &spec.labels)?;
+    validate_secret_data("data", spec.data.len())
+}
+
+/// Checks a config spec, as [`validate_secret_spec`].
+///
+/// # Errors
+/// The first field that is not acceptable.
+pub fn validate_config_spec(spec: &ConfigSpec) -> Checked {
+    validate_secret_name("name", &spec.name)?;
+    validate_labels("labels", &spec.labels)?;
+    validate_secret_data("data", spec.data.len())
+}
+
+fn validate_secret_data(field: &str, len: usize) -> Checked {
+    if len == 0 {
+        return Err(SpecError::new(
+            field,
+            "is empty; give a value of 1 byte or more",
+        ));
+    }
+    if len > SECRET_DATA_BYTES_MAX {
+        return Err(SpecError::new(
+            field,
+            format!(
+                "is {len} bytes, more than {SECRET_DATA_BYTES_MAX} (500 KiB); store large \
+                 files elsewhere"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a secret or config name (Docker's rule): 1 to [`SECRET_NAME_BYTES_MAX`] ASCII
+/// letters, digits, `-`, `_` and `.`, starting and ending with a letter or digit.
+///
+/// # Errors
+/// Why the name is not acceptable, under `field`.
+pub fn validate_secret_name(field: &str, name: &str) -> Checked {
+    if name.is_empty() {
+        return Err(SpecError::new(field, "must not be empty"));
+    }
+    if name.len() > SECRET_NAME_BYTES_MAX {
+        return Err(SpecError::new(
+            field,
+            format!("is {} bytes, more than {SECRET_NAME_BYTES_MAX}", name.len()),
+        ));
+    }
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(SpecError::new(
+            field,
+            format!("{name:?} contains {bad:?}; use letters, digits, '-', '_' and '.'"),
+        ));
+    }
+    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !edges_ok(name.chars().next()) || !edges_ok(name.chars().last()) {
+        return Err(SpecError::new(
+            field,
+            format!("{name:?} must start and end with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks the secret (or config) references of a task template: at most
+/// [`TASK_SECRETS_MAX`], each naming a secret, each target one file name (no `/`, not `.`
+/// or `..`), no target twice, a mode of at most 0777.
+fn validate_references(field: &str, references: &[SecretReference]) -> Checked {
+    if references.len() > TASK_SECRETS_MAX {
+        return Err(SpecError::new(
+            field,
+            format!("{} entries, more than {TASK_SECRETS_MAX}", references.len()),
+        ));
+    }
+    for (index, reference) in references.iter().enumerate() {
+        let at = format!("{field}[{index}]");
+        if reference.name.is_empty() && reference.id.is_empty() {
+            return Err(SpecError::new(format!("{at}.name"), "must not be empty"));
+        }
+        let target = reference_target(reference);
+        let bad_target = target.is_empty()
+            || target.len() > SECRET_TARGET_BYTES_MAX
+            || target.contains(['/', '\0'])
+            || target == "."
+            || target == "..";
+        if bad_target {
+            return Err(SpecError::new(
+                format!("{at}.target"),
+                format!(
+                    "{target:?} is not a file name: 1 to {SECRET_TARGET_BYTES_MAX} bytes, no \
+                     '/', not '.' or '..'"
+                ),
+            ));
+        }
+        if references[..index]
+            .iter()
+            .any(|other| reference_target(other) == target)
+        {
+            return Err(SpecError::new(
+                format!("{at}.target"),
+                format!("{target:?} is the target of two entries; give one of them another"),
+            ));
+        }
+        if reference.mode > 0o777 {
+            return Err(SpecError::new(
+                format!("{at}.mode"),
+                format!("{:o} is not a file mode (0 to 0777)", reference.mode),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The file name a referenced secret or config is given as: its target, or its name.
+pub fn reference_target(reference: &SecretReference) -> &str {
+    if reference.target.is_empty() {
+        &reference.name
+    } else {
+        &reference.target
+    }
 }
 
 /// Checks the ports of a task template: at most [`PORTS_MAX`], each named by a DNS label of
@@ -461,6 +602,8 @@ fn validate_task_spec(field: &str, task: &TaskSpec) -> Checked {
         )?;
     }
     validate_ports(&format!("{field}.ports"), &task.ports)?;
+    validate_references(&format!("{field}.secrets"), &task.secrets)?;
+    validate_references(&format!("{field}.configs"), &task.configs)?;
     if let Some(health) = &task.health {
         validate_health(&format!("{field}.health"), health)?;
     }
@@ -1155,6 +1298,56 @@ mod tests {
             name: name.into(),
             port,
             protocol: PORT_PROTOCOL_TCP.into(),
+        }
+    }
+
+    #[test]
+    fn secret_specs_and_references_are_checked() {
+        let good = SecretSpec {
+            name: "db.pass_1".into(),
+            labels: BTreeMap::new(),
+            data: vec![1u8; SECRET_DATA_BYTES_MAX].into(),
+        };
+        assert!(validate_secret_spec(&good).is_ok());
+        let mut large = good.clone();
+        large.data = vec![1u8; SECRET_DATA_BYTES_MAX + 1].into();
+        assert_eq!(validate_secret_spec(&large).unwrap_err().field, "data");
+        let mut empty = good.clone();
+        empty.data = Default::default();
+        assert_eq!(validate_secret_spec(&empty).unwrap_err().field, "data");
+        for name in ["", "a/b", ".hidden", "x".repeat(65).as_str()] {
+            let mut bad = good.clone();
+            bad.name = name.into();
+            assert_eq!(
+                validate_secret_spec(&bad).unwrap_err().field,
+                "name",
+                "{name}"
+            );
+        }
+        let reference = |name: &str, target: &str| SecretReference {
+            name: name.into(),
+            target: target.into(),
+            ..Default::default()
+        };
+        let task = |secrets| TaskSpec {
+            command: "true".into(),
+            secrets,
+            ..Default::default()
+        };
+        assert!(
+            validate_task_spec("task", &task(vec![reference("a", ""), reference("a", "b")]))
+                .is_ok()
+        );
+        let twice =
+            validate_task_spec("task", &task(vec![reference("a", ""), reference("b", "a")]));
+        assert_eq!(twice.unwrap_err().field, "task.secrets[1].target");
+        for target in ["x/y", "..", "."] {
+            let error = validate_task_spec("task", &task(vec![reference("a", target)]));
+            assert_eq!(
+                error.unwrap_err().field,
+                "task.secrets[0].target",
+                "{target}"
+            );
         }
     }
 

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::sync::Arc;
 
-use crate::proto::objects::{Cluster, Network, Node, Service, Task};
+use crate::proto::objects::{Cluster, Config, Network, Node, Secret, Service, Task};
 
 use super::object::{Record, name_key};
 
@@ -212,6 +212,8 @@ pub struct Tables {
     pub(crate) tasks: Table<Task>,
     pub(crate) networks: Table<Network>,
     pub(crate) clusters: Table<Cluster>,
+    pub(crate) secrets: Table<Secret>,
+    pub(crate) configs: Table<Config>,
 }
 
 impl Tables {
@@ -222,6 +224,8 @@ impl Tables {
             + self.tasks.len()
             + self.networks.len()
             + self.clusters.len()
+            + self.secrets.len()
+            + self.configs.len()
     }
 }
 

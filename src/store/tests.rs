@@ -414,10 +414,10 @@ fn malformed_changes_are_invalid_arguments() {
             "no object",
         ),
         (
-            // 6 is reserved for secrets.
+            // No kind has number 99.
             Change {
                 op: Some(change::Op::Delete(Delete {
-                    kind: 6,
+                    kind: 99,
                     id: "x".into(),
                     expected_version: 0,
                 })),

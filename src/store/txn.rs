@@ -451,6 +451,12 @@ fn apply_change(
                 Kind::Cluster => {
                     delete_object::<crate::proto::objects::Cluster>(tables, position, delete)
                 }
+                Kind::Secret => {
+                    delete_object::<crate::proto::objects::Secret>(tables, position, delete)
+                }
+                Kind::Config => {
+                    delete_object::<crate::proto::objects::Config>(tables, position, delete)
+                }
             }
             .map(|old| Event {
                 version: context.version,
@@ -480,6 +486,8 @@ fn dispatch_object(
         store_object::Object::Task(o) => write(tables, context, position, o, expected_version),
         store_object::Object::Network(o) => write(tables, context, position, o, expected_version),
         store_object::Object::Cluster(o) => write(tables, context, position, o, expected_version),
+        store_object::Object::Secret(o) => write(tables, context, position, o, expected_version),
+        store_object::Object::Config(o) => write(tables, context, position, o, expected_version),
     }
 }
 
@@ -606,6 +614,8 @@ fn undo(tables: &mut Tables, events: &[Arc<Event>]) {
             Object::Task(o) => undo_one(tables, event, o),
             Object::Network(o) => undo_one(tables, event, o),
             Object::Cluster(o) => undo_one(tables, event, o),
+            Object::Secret(o) => undo_one(tables, event, o),
+            Object::Config(o) => undo_one(tables, event, o),
         }
     }
 }

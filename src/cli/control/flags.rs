@@ -13,8 +13,8 @@ use clap::Args;
 use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
     HealthConfig, Placement, PlacementPreference, PortSpec, ResourceRequirements, Resources,
-    RestartCondition,
-    RestartPolicy, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig, UpdateFailureAction,
+    RestartCondition, RestartPolicy, SecretReference, ServiceMode, ServiceSpec, TaskSpec,
+    UpdateConfig, UpdateFailureAction,
     UpdateOrder,
 };
 
@@ -120,6 +120,21 @@ pub struct SpecFlags {
         "health_start_period",
     ])]
     pub no_healthcheck: bool,
+    /// A secret the tasks read, `NAME` or `source=NAME,target=FILE,mode=0400` (repeatable;
+    /// on update, replaces the list): the file `$FLOTILLA_SECRETS_DIR/FILE` (FILE defaults
+    /// to NAME).
+    #[arg(long = "secret", value_name = "NAME[,target=FILE]")]
+    pub secrets: Vec<String>,
+    /// On update: read no secret.
+    #[arg(long, conflicts_with = "secrets")]
+    pub no_secrets: bool,
+    /// A config the tasks read, as `--secret` (repeatable; on update, replaces the list):
+    /// the file `$FLOTILLA_CONFIGS_DIR/FILE`, mode 0444 unless given.
+    #[arg(long = "config", value_name = "NAME[,target=FILE]")]
+    pub configs: Vec<String>,
+    /// On update: read no config.
+    #[arg(long, conflicts_with = "configs")]
+    pub no_configs: bool,
 }
 
 /// Parses `--placement-pref spread=node.labels.KEY` (docker's form; the descriptor itself is
@@ -137,6 +152,61 @@ pub fn parse_placement_pref(text: &str) -> Result<PlacementPreference, String> {
              strategy), e.g. spread=node.labels.zone"
         )),
     }
+}
+
+/// Parses `--secret` / `--config` (`flag`): `NAME`, or comma-separated `source=NAME`
+/// (or `src=`), `target=FILE`, `mode=0400` (octal), in Docker's syntax; a bare first item
+/// is the source.
+///
+/// # Errors
+/// What is wrong, naming the flag.
+pub fn parse_reference(flag: &str, text: &str) -> Result<SecretReference, String> {
+    let bad = |why: String| {
+        format!("--{flag} {text:?}: {why}; expected NAME or source=NAME,target=FILE,mode=0400")
+    };
+    let mut reference = SecretReference::default();
+    for (index, item) in text.split(',').enumerate() {
+        match item.split_once('=') {
+            None if index == 0 => reference.name = item.to_string(),
+            None => return Err(bad(format!("{item:?} is not KEY=VALUE"))),
+            Some(("source" | "src", name)) => reference.name = name.to_string(),
+            Some(("target", target)) => reference.target = target.to_string(),
+            Some(("mode", mode)) => {
+                reference.mode = u32::from_str_radix(mode, 8)
+                    .ok()
+                    .filter(|m| *m <= 0o777)
+                    .ok_or_else(|| bad(format!("mode {mode:?} is not an octal file mode")))?;
+            }
+            Some((key, _)) => {
+                return Err(bad(format!(
+                    "unknown key {key:?} (source, target and mode are known)"
+                )));
+            }
+        }
+    }
+    if reference.name.is_empty() {
+        return Err(bad("no name".to_string()));
+    }
+    Ok(reference)
+}
+
+/// Applies `--secret`/`--no-secrets` and `--config`/`--no-configs` to `task`.
+fn apply_references(task: &mut TaskSpec, flags: &SpecFlags) -> Result<(), String> {
+    if !flags.secrets.is_empty() || flags.no_secrets {
+        task.secrets = flags
+            .secrets
+            .iter()
+            .map(|s| parse_reference("secret", s))
+            .collect::<Result<_, _>>()?;
+    }
+    if !flags.configs.is_empty() || flags.no_configs {
+        task.configs = flags
+            .configs
+            .iter()
+            .map(|s| parse_reference("config", s))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(())
 }
 
 /// Parses `NAME:PORT/tcp` (`/tcp` may be left out).
@@ -370,6 +440,7 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
     }
     let task = spec.task.get_or_insert_with(TaskSpec::default);
     apply_health_flags(task, flags)?;
+    apply_references(task, flags)?;
     if !flags.constraints.is_empty() {
         let placement = task.placement.get_or_insert_with(Placement::default);
         placement.constraints.clone_from(&flags.constraints);
@@ -404,6 +475,29 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_references_parse_in_dockers_syntax() {
+        let short = parse_reference("secret", "db").unwrap();
+        assert_eq!(
+            (short.name.as_str(), short.target.as_str(), short.mode),
+            ("db", "", 0)
+        );
+        let long = parse_reference("secret", "source=db,target=pw.txt,mode=0440").unwrap();
+        assert_eq!(
+            (long.name.as_str(), long.target.as_str(), long.mode),
+            ("db", "pw.txt", 0o440)
+        );
+        let mixed = parse_reference("config", "app,target=app.conf").unwrap();
+        assert_eq!(
+            (mixed.name.as_str(), mixed.target.as_str()),
+            ("app", "app.conf")
+        );
+        for bad in ["", "target=x", "db,mode=9", "db,owner=1", "db,x"] {
+            let error = parse_reference("secret", bad).expect_err(bad);
+            assert!(error.starts_with("--secret "), "{error}");
+        }
+    }
 
     #[test]
     fn flag_values_parse_with_units_and_refuse_garbage() {

@@ -58,6 +58,7 @@ mod network;
 mod node;
 mod output;
 mod progress;
+mod secret;
 mod service;
 mod task;
 pub mod watch;
@@ -75,6 +76,7 @@ pub use manager::ManagerCommand;
 pub use network::NetworkCommand;
 pub use node::NodeCommand;
 pub use output::Format;
+pub use secret::{ValueCommand, ValueKind};
 pub use service::ServiceCommand;
 pub use task::TaskCommand;
 pub use watch::WatchArgs;
@@ -90,6 +92,8 @@ pub enum ControlCommand {
     Node(NodeCommand),
     /// `network …`
     Network(NetworkCommand),
+    /// `secret …` or `config …`
+    Value(ValueKind, ValueCommand),
     /// `task …`
     Task(TaskCommand),
     /// `cluster …`
@@ -119,6 +123,7 @@ pub fn run(connection: &Connection, command: ControlCommand) -> Result<(), Comma
         ControlCommand::Service(command) => service::run(&client, *command),
         ControlCommand::Node(command) => node::run(&client, command),
         ControlCommand::Network(command) => network::run(&client, command),
+        ControlCommand::Value(kind, command) => secret::run(&client, kind, command),
         ControlCommand::Task(command) => task::run(&client, command).map_err(Into::into),
         ControlCommand::Cluster(command) => cluster::run(&client, command),
         ControlCommand::JoinToken { role, rotate } => join_token::run(&client, role, rotate),

@@ -42,6 +42,10 @@ pub enum WatchKind {
     Cluster,
     /// Networks.
     Network,
+    /// Secrets (never their values).
+    Secret,
+    /// Configs.
+    Config,
 }
 
 /// What `flotilla watch` selects.
@@ -68,6 +72,8 @@ fn kind_to_proto(kind: WatchKind) -> ObjectKind {
         WatchKind::Task => ObjectKind::Task,
         WatchKind::Cluster => ObjectKind::Cluster,
         WatchKind::Network => ObjectKind::Network,
+        WatchKind::Secret => ObjectKind::Secret,
+        WatchKind::Config => ObjectKind::Config,
     }
 }
 
@@ -181,6 +187,8 @@ enum Shown {
     Task(Box<crate::proto::objects::Task>),
     Cluster(crate::proto::objects::Cluster),
     Network(crate::proto::objects::Network),
+    Secret(crate::proto::objects::Secret),
+    Config(crate::proto::objects::Config),
     Unknown,
 }
 
@@ -241,6 +249,24 @@ fn describe_object(object: Option<&StoreObject>) -> (&'static str, String, Strin
                 n.id.clone(),
                 name.unwrap_or_default(),
                 Shown::Network(json::network(n)),
+            )
+        }
+        Some(Object::Secret(s)) => {
+            let name = s.spec.as_ref().map(|spec| spec.name.clone());
+            (
+                "secret",
+                s.id.clone(),
+                name.unwrap_or_default(),
+                Shown::Secret(json::secret(s)),
+            )
+        }
+        Some(Object::Config(c)) => {
+            let name = c.spec.as_ref().map(|spec| spec.name.clone());
+            (
+                "config",
+                c.id.clone(),
+                name.unwrap_or_default(),
+                Shown::Config(json::config(c)),
             )
         }
         None => ("unknown", String::new(), String::new(), Shown::Unknown),
