@@ -1,6 +1,8 @@
 //! Transport throughput and latency over mutual TLS on loopback.
 //!
-//! Usage: `cargo bench --bench transport -- [--calls N] [--seconds S]`
+//! Usage: `cargo bench --bench transport -- [--calls N] [--seconds S] [--only PHASE]`
+//! (`--only unary|c64|stream|unary_1MiB` runs the loopback floor and that phase alone: for
+//! counting a phase's syscalls or instructions, with `strace -c -f` or callgrind).
 //! Prints `BENCH <name> <value> <unit>` lines:
 //! - `loopback_rtt_p50_us`: the floor, a plain blocking TCP ping-pong of 64 bytes over
 //!   127.0.0.1 (`TCP_NODELAY`), measured first in the same run;
@@ -30,12 +32,23 @@ use flotilla::net::{CallOptions, Channel, Transport, TransportConfig};
 struct Args {
     calls: usize,
     seconds: f64,
+    /// The one phase to run, if not all.
+    only: Option<String>,
 }
+
+impl Args {
+    fn runs(&self, phase: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == phase)
+    }
+}
+
+const PHASES: [&str; 4] = ["unary", "c64", "stream", "unary_1MiB"];
 
 fn parse_args() -> Args {
     let mut args = Args {
         calls: 20_000,
         seconds: 3.0,
+        only: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -44,8 +57,16 @@ fn parse_args() -> Args {
             "--seconds" => {
                 args.seconds = it.next().and_then(|v| v.parse().ok()).expect("--seconds S")
             }
+            "--only" => {
+                let phase = it.next().expect("--only PHASE");
+                assert!(
+                    PHASES.contains(&phase.as_str()),
+                    "--only takes one of {PHASES:?}"
+                );
+                args.only = Some(phase);
+            }
             "--bench" => {}
-            other => panic!("unknown argument {other}; use --calls N --seconds S"),
+            other => panic!("unknown argument {other}; use --calls N --seconds S --only PHASE"),
         }
     }
     args
@@ -163,13 +184,21 @@ fn main() {
     let server = TestServer::start(&cluster, TransportConfig::default());
     let client = Transport::start(TransportConfig::default()).unwrap();
     let channel = client.channel(&server.target(), &cluster.client_tls(Role::Worker));
-    let pool_p50_us = unary_latency(&channel, args.calls, "test.Discard", "");
-    floor::print_ratio("unary_p50_over_rtt", pool_p50_us, rtt_us);
-    let inline_p50_us = unary_latency(&channel, args.calls, "test.InlineEcho", "_inline");
-    floor::print_ratio("unary_inline_p50_over_rtt", inline_p50_us, rtt_us);
-    unary_concurrent(&channel, 64, args.seconds);
-    streamed_throughput(&channel, args.seconds);
-    unary_throughput(&channel, args.seconds);
+    if args.runs("unary") {
+        let pool_p50_us = unary_latency(&channel, args.calls, "test.Discard", "");
+        floor::print_ratio("unary_p50_over_rtt", pool_p50_us, rtt_us);
+        let inline_p50_us = unary_latency(&channel, args.calls, "test.InlineEcho", "_inline");
+        floor::print_ratio("unary_inline_p50_over_rtt", inline_p50_us, rtt_us);
+    }
+    if args.runs("c64") {
+        unary_concurrent(&channel, 64, args.seconds);
+    }
+    if args.runs("stream") {
+        streamed_throughput(&channel, args.seconds);
+    }
+    if args.runs("unary_1MiB") {
+        unary_throughput(&channel, args.seconds);
+    }
     client.shutdown();
     server.stop();
 }

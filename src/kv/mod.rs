@@ -4,6 +4,11 @@
 //!
 //! Owns the map. Must never change it except through the node's applier (the apply thread,
 //! or the raft thread applying a small batch), in log order.
+//!
+//! A snapshot copies the map on the apply thread (so that applying goes on while another
+//! thread writes the copy out), which is why keys are `Arc<str>` and values `Bytes`: the copy
+//! costs a reference count per key and value, not an allocation and a memcpy per key. A
+//! write to a key that exists replaces its value in place and allocates no key.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -26,8 +31,12 @@ use crate::wire::Status;
 pub const KEY_BYTES_MAX: usize = 1024;
 /// Longest record accepted while restoring a snapshot (a value is at most one proposal).
 pub const SNAPSHOT_RECORD_BYTES_MAX: usize = 4 << 20;
+/// Encoded pairs gathered before they are handed to the snapshot's writer (fewer calls
+/// through its `dyn Write`; the writer frames and buffers them again anyway).
+const SNAPSHOT_BATCH_BYTES: usize = 64 << 10;
 
-type Map = Arc<RwLock<BTreeMap<String, Bytes>>>;
+type Pairs = BTreeMap<Arc<str>, Bytes>;
+type Map = Arc<RwLock<Pairs>>;
 
 /// The state machine: applies [`pb::Command`]s to the map.
 #[derive(Clone, Default)]
@@ -81,26 +90,34 @@ impl KvStateMachine {
         };
         match command.op {
             Some(pb::command::Op::Put(put)) => {
-                record_previous(map.insert(put.key, put.value).as_ref());
+                record_previous(set(&mut map, put.key, put.value).as_ref());
             }
             Some(pb::command::Op::Delete(delete)) => {
-                record_previous(map.remove(&delete.key).as_ref());
+                record_previous(map.remove(delete.key.as_str()).as_ref());
             }
             Some(pb::command::Op::Cas(cas)) => {
-                let current = map.get(&cas.key).cloned();
+                let current = map.get(cas.key.as_str()).cloned();
                 record_previous(current.as_ref());
                 let holds = match &current {
                     None => cas.expect_absent,
                     Some(value) => !cas.expect_absent && *value == cas.expected,
                 };
                 if holds {
-                    map.insert(cas.key, cas.value);
+                    set(&mut map, cas.key, cas.value);
                 }
                 result.ok = holds;
             }
             None => result.ok = false,
         }
         result
+    }
+}
+
+/// Sets `key` to `value`, returning the previous value; allocates a key only if it is new.
+fn set(map: &mut Pairs, key: String, value: Bytes) -> Option<Bytes> {
+    match map.get_mut(key.as_str()) {
+        Some(slot) => Some(std::mem::replace(slot, value)),
+        None => map.insert(Arc::from(key), value),
     }
 }
 
@@ -120,7 +137,7 @@ impl StateMachine for KvStateMachine {
     }
 
     fn snapshot(&mut self) -> SnapshotWriter {
-        // Keys are copied, values shared: O(keys), not O(bytes).
+        // Keys and values are shared: O(keys) reference counts, no bytes copied.
         let map = self.map.read().clone();
         Box::new(move |out| write_pairs(&map, out))
     }
@@ -135,27 +152,47 @@ impl StateMachine for KvStateMachine {
             record.resize(len, 0);
             input.read_exact(&mut record)?;
             let pair = pb::Pair::decode(record.as_slice()).map_err(|e| invalid(e.to_string()))?;
-            fresh.insert(pair.key, pair.value);
+            fresh.insert(Arc::from(pair.key), pair.value);
         }
         *self.map.write() = fresh;
         Ok(())
     }
 }
 
-/// Writes `map` as length-delimited [`pb::Pair`]s.
-fn write_pairs(map: &BTreeMap<String, Bytes>, out: &mut dyn Write) -> std::io::Result<()> {
-    let mut buffer = Vec::new();
+/// Writes `map` as length-delimited [`pb::Pair`]s, in batches of about
+/// [`SNAPSHOT_BATCH_BYTES`].
+fn write_pairs(map: &Pairs, out: &mut dyn Write) -> std::io::Result<()> {
+    let mut batch = Vec::with_capacity(SNAPSHOT_BATCH_BYTES);
     for (key, value) in map {
-        buffer.clear();
-        pb::Pair {
-            key: key.clone(),
-            value: value.clone(),
+        encode_pair(key, value, &mut batch);
+        if batch.len() >= SNAPSHOT_BATCH_BYTES {
+            out.write_all(&batch)?;
+            batch.clear();
         }
-        .encode_length_delimited(&mut buffer)
-        .map_err(std::io::Error::other)?;
-        out.write_all(&buffer)?;
     }
-    Ok(())
+    out.write_all(&batch)
+}
+
+/// Appends `key` and `value` as a length-delimited [`pb::Pair`], the bytes prost would
+/// write (proto3: an empty field is left out), without copying them into a message first.
+fn encode_pair(key: &str, value: &[u8], out: &mut Vec<u8>) {
+    use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
+    let field_len = |tag: u32, len: usize| {
+        if len == 0 {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(len as u64) + len
+        }
+    };
+    let body_len = field_len(1, key.len()) + field_len(2, value.len());
+    encode_varint(body_len as u64, out);
+    for (tag, bytes) in [(1, key.as_bytes()), (2, value)] {
+        if !bytes.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(bytes.len() as u64, out);
+            out.extend_from_slice(bytes);
+        }
+    }
 }
 
 fn invalid(reason: String) -> std::io::Error {
@@ -278,6 +315,27 @@ mod tests {
         let result = apply(&mut machine, 3, &cas(b"1", b"2"));
         assert!(result.ok && result.existed && result.index == 3);
         assert_eq!(machine.get("a").unwrap(), Bytes::from_static(b"2"));
+    }
+
+    #[test]
+    fn pairs_are_encoded_as_prost_encodes_them() {
+        for (key, value) in [("k", &b"v"[..]), ("key", b""), ("", b"value"), ("", b"")] {
+            let mut ours = Vec::new();
+            encode_pair(key, value, &mut ours);
+            let pair = pb::Pair {
+                key: key.into(),
+                value: Bytes::copy_from_slice(value),
+            };
+            assert_eq!(ours, pair.encode_length_delimited_to_vec(), "{key:?}");
+        }
+        let long = vec![7u8; 300];
+        let mut ours = Vec::new();
+        encode_pair("a longer key", &long, &mut ours);
+        let pair = pb::Pair {
+            key: "a longer key".into(),
+            value: Bytes::from(long),
+        };
+        assert_eq!(ours, pair.encode_length_delimited_to_vec());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! `io` before `out`, everywhere. Must never block on a socket (they are nonblocking) or
 //! wait for the `io` lock on a sender's thread.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -189,6 +190,30 @@ impl ReactorWaker {
         {
             log::error!("cannot wake the network reactor: {e}");
         }
+    }
+}
+
+thread_local! {
+    /// On the reactor thread, the connection whose turn is running (0: none; connection ids
+    /// start at 1): the turn ends by flushing its queue (see [`ReactorTurn`]).
+    static TURN_OF_CONNECTION: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Marks the reactor's turn on one connection, from its read to its flush; ends on drop.
+pub(crate) struct ReactorTurn;
+
+impl ReactorTurn {
+    /// The reactor starts the turn of connection `conn_id`, which it flushes at the end.
+    pub(crate) fn start(conn_id: u64) -> ReactorTurn {
+        debug_assert_ne!(conn_id, 0, "connection ids start at 1");
+        TURN_OF_CONNECTION.with(|turn| turn.set(conn_id));
+        ReactorTurn
+    }
+}
+
+impl Drop for ReactorTurn {
+    fn drop(&mut self) {
+        TURN_OF_CONNECTION.with(|turn| turn.set(0));
     }
 }
 
@@ -420,6 +445,12 @@ impl ConnShared {
     ) {
         out.queued_bytes += len_bytes;
         out.items.push_back(item);
+        // Queued by the reactor itself during this connection's turn (an inline handler's
+        // reply): the turn ends with a flush, so waking the reactor would only make it poll
+        // once more for nothing.
+        if TURN_OF_CONNECTION.with(Cell::get) == self.id {
+            return;
+        }
         let notify = !out.reactor_notified;
         out.reactor_notified = true;
         drop(out);

@@ -1028,6 +1028,16 @@ struct PoolQueues {
 
 fn serve_jobs(queues: &PoolQueues) {
     loop {
+        // Work already queued is taken without `select!`, which registers with every
+        // queue each time it is used; it runs only when this thread has to wait.
+        if let Ok(job) = queues
+            .continuations
+            .try_recv()
+            .or_else(|_| queues.jobs.try_recv())
+        {
+            job();
+            continue;
+        }
         crossbeam_channel::select! {
             recv(queues.continuations) -> job => {
                 if let Ok(job) = job {

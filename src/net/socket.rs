@@ -101,6 +101,15 @@ impl Write for Socket {
         }
     }
 
+    /// rustls hands over every queued TLS record at once (up to 64): without this, the
+    /// default would send them one record, one syscall at a time.
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        match self {
+            Socket::Tcp(socket) => socket.write_vectored(bufs),
+            Socket::Unix(socket) => socket.write_vectored(bufs),
+        }
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Socket::Tcp(socket) => socket.flush(),

@@ -91,11 +91,11 @@ impl FrameDecoder {
     }
 
     /// Lets go of the buffer's memory when it holds nothing (every frame read was taken):
-    /// an idle connection then costs no read buffer. A heartbeat-only session reads a few
-    /// hundred bytes every few seconds, but each read reserves [`READ_CHUNK_BYTES`]; kept,
-    /// that was 10 of the leader's 18 KB per agent session (heaptrack, 2,000 agents). The
-    /// next read allocates again: one allocation per read, beside a TLS record's decryption.
-    /// Frames already taken keep their bytes alive on their own (shared, reference-counted).
+    /// an idle connection then costs no read buffer. A buffer keeps the capacity of the
+    /// largest batch it held; when each read reserved [`READ_CHUNK_BYTES`], that was 10 of
+    /// the leader's 18 KB per agent session (heaptrack, 2,000 agents). The next read
+    /// allocates again: one allocation per read, beside a TLS record's decryption. Frames
+    /// already taken keep their bytes alive on their own (shared, reference-counted).
     pub fn release_idle_buffer(&mut self) {
         if self.buf.is_empty() && self.buf.capacity() > 0 {
             self.buf = BytesMut::new();
