@@ -97,6 +97,7 @@ fn update_load(channel: &Channel, clients: usize, seconds: f64, round: usize) ->
                                 version: service.meta.as_ref().unwrap().version,
                                 spec: Some(spec(&name, replicas)),
                                 request_id: None,
+                                rollback: false,
                             },
                             CallOptions::timeout(CALL),
                         )

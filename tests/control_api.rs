@@ -240,6 +240,7 @@ fn a_retried_create_answers_with_the_service_its_first_attempt_made() {
                 version: service.meta.unwrap().version,
                 spec: Some(spec("web", 5)),
                 request_id: None,
+                rollback: false,
             },
         )
         .unwrap();
@@ -271,6 +272,7 @@ fn a_retried_write_gets_its_first_answer_never_a_conflict_with_itself() {
                 version: read,
                 spec: Some(spec("web", replicas)),
                 request_id: request_id(client, seq),
+                rollback: false,
             },
         )
     };

@@ -152,6 +152,13 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
             "/tmp",
         ],
     );
+    // The orchestrator records the update's progress on the service (a new version each
+    // time): read the version once the update is complete (5 slots, then the 5 s monitor;
+    // slow on a loaded machine).
+    let update_timeout = std::time::Duration::from_secs(120);
+    procs::eventually("the update completed", update_timeout, || {
+        ok(&dir, None, &["service", "inspect", &id[..8]]).contains("\"state\": \"completed\"")
+    });
     let inspect = ok(&dir, None, &["service", "inspect", &id[..8]]);
     assert!(inspect.contains("\"replicas\": 5") && inspect.contains("\"B=2\""));
     let current_spec = inspect.split("previous_spec").next().unwrap();

@@ -96,13 +96,16 @@ pub fn network(network: &Network) -> Network {
 
 fn fill_service_spec(spec: &mut ServiceSpec) {
     fill_task_spec(spec.task.get_or_insert_default());
-    let update = spec.update.get_or_insert_default();
-    // Unspecified is treated as PAUSE and STOP_FIRST (objects.proto).
-    if update.failure_action == UpdateFailureAction::Unspecified as i32 {
-        update.failure_action = UpdateFailureAction::Pause as i32;
-    }
-    if update.order == UpdateOrder::Unspecified as i32 {
-        update.order = UpdateOrder::StopFirst as i32;
+    // Absent: the defaults the orchestrator uses; unspecified is treated as PAUSE and
+    // STOP_FIRST (objects.proto).
+    for config in [&mut spec.update, &mut spec.rollback] {
+        let config = config.get_or_insert_with(crate::store::spec::default_update_config);
+        if config.failure_action == UpdateFailureAction::Unspecified as i32 {
+            config.failure_action = UpdateFailureAction::Pause as i32;
+        }
+        if config.order == UpdateOrder::Unspecified as i32 {
+            config.order = UpdateOrder::StopFirst as i32;
+        }
     }
 }
 

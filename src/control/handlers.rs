@@ -34,7 +34,7 @@ use crate::proto::control::rpc::forward;
 use crate::proto::objects::{
     Change, Cluster, ManagerStatus, Meta, Network, NetworkAttachment, Node, NodeAvailability,
     NodeRole, NodeSpec, NodeState, NodeStatus, RequestId, Service, ServiceSpec, Task, TaskState,
-    Transaction,
+    Transaction, UpdateState, UpdateStatus,
 };
 use crate::replication::{PROPOSE_TIMEOUT, propose_transaction_with};
 use crate::store::answers::{Answer, Lookup, Recorded};
@@ -601,14 +601,24 @@ fn update_service(
     if request.version != version {
         return Err(stale("service", &current.id, request.version, version));
     }
-    let spec = request
-        .spec
-        .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
-    validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
-    let spec = with_attachments(api, spec)?;
-    let spec = secret_writes::with_secrets(api, spec)?;
     let mut service = current.as_ref().clone();
-    service.previous_spec = service.spec.replace(spec);
+    if request.rollback {
+        roll_back(&mut service, request.spec.is_some())?;
+    } else {
+        let spec = request
+            .spec
+            .ok_or_else(|| Status::invalid_argument("invalid spec: spec: required"))?;
+        validate_service_spec(&spec).map_err(|e| spec_error(&e))?;
+        let spec = with_attachments(api, spec)?;
+        let spec = secret_writes::with_secrets(api, spec)?;
+        // The same spec again (a paused update resumed) keeps the rollback target.
+        if service.spec.as_ref() != Some(&spec) {
+            service.previous_spec = service.spec.replace(spec);
+        }
+        // A new update starts from nothing: the orchestrator's supervisor takes it from here,
+        // and a paused one resumes.
+        service.update_status = None;
+    }
     let created = created_at_ms(current.as_ref());
     Ok(Prepared::then(
         vec![update_expecting(service.clone(), request.version)],
@@ -616,6 +626,38 @@ fn update_service(
             service: Some(as_written(service, applied, created)),
         },
     ))
+}
+
+/// `service rollback`: the previous spec becomes the spec (and the spec the previous one),
+/// and the orchestrator's update supervisor rolls the tasks back with the rollback config.
+///
+/// # Errors
+/// `InvalidArgument` if a spec came with the request, `FailedPrecondition` if the service
+/// has no previous spec.
+fn roll_back(service: &mut Service, spec_given: bool) -> Result<(), Status> {
+    if spec_given {
+        return Err(Status::invalid_argument(
+            "a rollback takes no spec: it returns to the previous one",
+        ));
+    }
+    let Some(previous) = service.previous_spec.take() else {
+        return Err(Status::new(
+            Code::FailedPrecondition,
+            format!(
+                "service {} has no previous spec to roll back to (it was never updated, or an \
+                 automatic rollback already returned to it)",
+                service.id
+            ),
+        ));
+    };
+    service.previous_spec = service.spec.replace(previous);
+    service.update_status = Some(UpdateStatus {
+        state: UpdateState::RollbackStarted as i32,
+        started_at_ms: now_ms(),
+        completed_at_ms: 0,
+        message: "manually requested rollback".into(),
+    });
+    Ok(())
 }
 
 fn remove_service(

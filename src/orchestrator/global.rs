@@ -7,11 +7,13 @@
 //! Must never create a task for a node that does not take tasks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use crate::proto::objects::{Service, TaskState};
+use crate::proto::objects::{Node, Service, TaskState};
 use crate::store::spec::{Constraint, matches_all, parse_constraints};
 
-use super::slot::{self, SlotRef, UpdateBudget};
+use super::slot::{self, SlotRef};
+use super::update::{self, Supervised};
 use super::working::{TaskIx, Working};
 use super::{Context, is_occupant, node_lost, node_takes_tasks};
 
@@ -28,20 +30,35 @@ pub(super) fn constraints_of(
 }
 
 /// Reconciles the node slots of the global `service`.
-pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Service) {
-    let constraints = constraints_of(slot::template(service));
+pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Arc<Service>) {
     let mut by_node: BTreeMap<String, Vec<TaskIx>> = BTreeMap::new();
     for &ix in working.tasks_of_service(&service.id) {
         if let Some(task) = working.get(ix) {
             by_node.entry(task.node_id.clone()).or_default().push(ix);
         }
     }
-    let updating = by_node
-        .values()
-        .filter(|ids| slot::is_updating(working, service, ids))
-        .count() as u64;
-    let mut budget = UpdateBudget::new(service, updating);
     let empty = Vec::new();
+    // The update's slots: the nodes that take a task (one paused or not ready keeps an old
+    // one, and the update does not wait for it).
+    let eligible = |constraints: &Option<Vec<Constraint>>, node: &Node| {
+        constraints
+            .as_deref()
+            .is_some_and(|constraints| matches_all(constraints, node))
+            && node_takes_tasks(node)
+    };
+    let constraints = constraints_of(slot::template(service));
+    let slots: Vec<&[TaskIx]> = context
+        .nodes
+        .iter()
+        .filter(|node| eligible(&constraints, node))
+        .map(|node| by_node.get(&node.id).unwrap_or(&empty).as_slice())
+        .collect();
+    let Supervised {
+        service,
+        mut budget,
+    } = update::supervise(working, context, service, &slots);
+    let service = service.as_ref();
+    let constraints = constraints_of(slot::template(service));
     for node in &context.nodes {
         let node_id = node.id.as_str();
         let fits = constraints

@@ -41,6 +41,7 @@ mod runner;
 mod scheduler;
 mod slot;
 mod tracker;
+mod update;
 mod working;
 
 #[cfg(test)]

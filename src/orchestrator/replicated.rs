@@ -7,31 +7,35 @@
 //! Must never create a task outside `1..=replicas`.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::proto::objects::{Service, TaskState};
 
-use super::slot::{self, SlotRef, UpdateBudget};
+use super::slot::{self, SlotRef};
+use super::update::{self, Supervised};
 use super::working::{TaskIx, Working};
 use super::{Context, is_occupant};
 
 /// Reconciles every slot of the replicated `service`.
-pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Service) {
-    let replicas = service.spec.as_ref().map_or(0, |spec| spec.replicas);
+pub(super) fn reconcile_service(working: &mut Working, context: &Context, service: &Arc<Service>) {
     let mut by_slot: BTreeMap<u64, Vec<TaskIx>> = BTreeMap::new();
     for &ix in working.tasks_of_service(&service.id) {
         if let Some(task) = working.get(ix) {
             by_slot.entry(task.slot).or_default().push(ix);
         }
     }
-    let updating = (1..=replicas)
-        .filter(|number| {
-            by_slot
-                .get(number)
-                .is_some_and(|ids| slot::is_updating(working, service, ids))
-        })
-        .count() as u64;
-    let mut budget = UpdateBudget::new(service, updating);
     let empty = Vec::new();
+    let wanted = |service: &Service| service.spec.as_ref().map_or(0, |spec| spec.replicas);
+    let slots: Vec<&[TaskIx]> = (1..=wanted(service))
+        .map(|number| by_slot.get(&number).unwrap_or(&empty).as_slice())
+        .collect();
+    let Supervised {
+        service,
+        mut budget,
+    } = update::supervise(working, context, service, &slots);
+    // A rollback may have changed the spec (and with it the replicas).
+    let service = service.as_ref();
+    let replicas = wanted(service);
     for number in 1..=replicas {
         let ids = by_slot.get(&number).unwrap_or(&empty);
         let slot_ref = SlotRef {

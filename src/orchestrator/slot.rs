@@ -8,9 +8,9 @@
 //! start-first: the new one created beside it, the old one retired once the new one runs);
 //! an empty slot is filled.
 //!
-//! Out of scope of the updater: the delay between batches, monitoring, failure actions and
-//! rollback (`UpdateConfig.delay_ms`, `monitor_ms`, `failure_action`); a task counts as
-//! updated once it runs.
+//! The [`update`](super::update) supervisor decides how many slots may start their update
+//! (the budget) and in which order; the delay, monitoring, failure actions and rollback are
+//! its own.
 //!
 //! An occupant whose node no longer satisfies the task's placement constraints is retired
 //! like one on a lost node (swarmkit's constraint enforcer), so a label change moves it.
@@ -19,7 +19,9 @@
 
 use std::sync::Arc;
 
-use crate::proto::objects::{Service, Task, TaskSpec, TaskState, TaskStatus, UpdateOrder};
+use crate::proto::objects::{
+    Service, Task, TaskSpec, TaskState, TaskStatus, UpdateConfig, UpdateOrder,
+};
 
 use crate::store::spec::matches_all;
 
@@ -49,21 +51,29 @@ impl SlotRef<'_> {
     }
 }
 
-/// How many more slots of a service may start replacing an old-template task this pass.
+/// How many more slots of a service may start replacing an old-template task this pass,
+/// and in which order (set by the [`update`](super::update) supervisor).
 pub(super) struct UpdateBudget {
+    /// `None`: no limit.
     remaining: Option<u64>,
+    order: UpdateOrder,
 }
 
 impl UpdateBudget {
-    /// The budget of `service`, given the slots already being updated.
-    pub(super) fn new(service: &Service, slots_updating: u64) -> Self {
-        let parallelism = service
-            .spec
-            .as_ref()
-            .and_then(|spec| spec.update.as_ref())
-            .map_or(0, |update| update.parallelism);
+    /// The budget under `config`, given the slots already in flight.
+    pub(super) fn new(config: &UpdateConfig, in_flight: u64) -> Self {
+        let parallelism = config.parallelism;
         Self {
-            remaining: (parallelism > 0).then(|| parallelism.saturating_sub(slots_updating)),
+            remaining: (parallelism > 0).then(|| parallelism.saturating_sub(in_flight)),
+            order: UpdateOrder::try_from(config.order).unwrap_or(UpdateOrder::StopFirst),
+        }
+    }
+
+    /// No slot may start (the update is paused, waits for its delay, or there is none).
+    pub(super) fn none() -> Self {
+        Self {
+            remaining: Some(0),
+            order: UpdateOrder::StopFirst,
         }
     }
 
@@ -84,7 +94,7 @@ pub(super) fn template(service: &Service) -> Option<&TaskSpec> {
     service.spec.as_ref().and_then(|spec| spec.task.as_ref())
 }
 
-fn is_current(task: &Task, service: &Service) -> bool {
+pub(super) fn is_current(task: &Task, service: &Service) -> bool {
     // A task made at the service's current version carries that version's template (tasks
     // are created from it and their spec never changes): no need to compare the specs.
     let version = service_version(service);
@@ -104,27 +114,6 @@ fn occupants(working: &Working, ids: &[TaskIx]) -> Vec<(TaskIx, Arc<Task>)> {
         .collect()
 }
 
-/// True if the slot is in the middle of an update: an old-template task was retired or a
-/// new one started beside it, and no current task runs yet.
-pub(super) fn is_updating(working: &Working, service: &Service, ids: &[TaskIx]) -> bool {
-    let (mut current_runs, mut old_retired, mut old_occupant, mut new_occupant) =
-        (false, false, false, false);
-    for task in tasks(working, ids) {
-        // Compared once per task: template comparisons dominate an idle pass.
-        let current = is_current(task, service);
-        match (is_occupant(task), current) {
-            (true, true) => {
-                new_occupant = true;
-                current_runs |= observed(task) == TaskState::Running as i32;
-            }
-            (true, false) => old_occupant = true,
-            (false, false) => old_retired = true,
-            (false, true) => {}
-        }
-    }
-    !current_runs && (old_retired || (old_occupant && new_occupant))
-}
-
 /// Reconciles one slot whose tasks (occupants and history) are `ids`.
 pub(super) fn reconcile(
     working: &mut Working,
@@ -134,7 +123,7 @@ pub(super) fn reconcile(
     budget: &mut UpdateBudget,
 ) {
     retire_on_lost_nodes(working, context, ids);
-    if restart_finished(working, context, ids) == Decision::Wait {
+    if restart_finished(working, context, slot.service, ids) == Decision::Wait {
         return;
     }
     if !keep_one_occupant(working, slot.service, ids) {
@@ -177,10 +166,22 @@ fn constraints_hold(context: &Context, task: &Task) -> bool {
 }
 
 /// Applies the restart rule to every finished occupant; `Wait` if one waits for its delay.
-fn restart_finished(working: &mut Working, context: &Context, ids: &[TaskIx]) -> Decision {
+/// A finished occupant of an older template is retired at once: its replacement runs the
+/// current template, so there is no restart to delay (an update, or a rollback from a
+/// failed update, replaces it without waiting out the backoff of its failures).
+fn restart_finished(
+    working: &mut Working,
+    context: &Context,
+    service: &Service,
+    ids: &[TaskIx],
+) -> Decision {
     let mut outcome = Decision::Keep;
     for (ix, task) in occupants(working, ids) {
         if !is_terminal(observed(&task)) {
+            continue;
+        }
+        if !is_current(&task, service) {
+            working.retire(ix, TaskState::Shutdown);
             continue;
         }
         let history: Vec<&Task> = tasks(working, ids)
@@ -249,14 +250,7 @@ fn update_old_occupant(
     if is_current(occupant, slot.service) || !slot.may_create || !budget.take() {
         return;
     }
-    let order = slot
-        .service
-        .spec
-        .as_ref()
-        .and_then(|spec| spec.update.as_ref())
-        .and_then(|update| UpdateOrder::try_from(update.order).ok())
-        .unwrap_or(UpdateOrder::StopFirst);
-    if order == UpdateOrder::StartFirst && !is_terminal(observed(occupant)) {
+    if budget.order == UpdateOrder::StartFirst && !is_terminal(observed(occupant)) {
         create_task(working, context, slot, &occupant.id, 0);
     } else {
         working.retire(*ix, TaskState::Shutdown);

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::proto::objects::{
     Change, Cluster, Node, NodeAvailability, NodeRole, NodeSpec, NodeState, NodeStatus, Placement,
     RestartCondition, RestartPolicy, Service, ServiceMode, ServiceSpec, Task, TaskSpec, TaskState,
-    Transaction, UpdateConfig, UpdateOrder,
+    Transaction, UpdateConfig, UpdateFailureAction, UpdateOrder, UpdateState, UpdateStatus,
 };
 use crate::store::spec::default_cluster_spec;
 use crate::store::{Kind, Store, create, delete, update};
@@ -92,6 +92,26 @@ impl Harness {
         let mut service = self.store.get::<Service>(id).unwrap().as_ref().clone();
         change(service.spec.as_mut().unwrap());
         self.apply(vec![update(service)], 1);
+    }
+
+    /// A `service update` as the control API writes it: the spec changes, the old one is
+    /// kept for a rollback, and the update status starts over.
+    fn update_spec(&mut self, id: &str, now_ms: i64, change: impl FnOnce(&mut ServiceSpec)) {
+        let mut service = self.store.get::<Service>(id).unwrap().as_ref().clone();
+        let mut spec = service.spec.clone().unwrap();
+        change(&mut spec);
+        service.previous_spec = service.spec.replace(spec);
+        service.update_status = None;
+        self.apply(vec![update(service)], now_ms);
+    }
+
+    fn service(&self, id: &str) -> Service {
+        self.store.get::<Service>(id).unwrap().as_ref().clone()
+    }
+
+    fn update_state(&self, id: &str) -> UpdateState {
+        let status = self.service(id).update_status.unwrap_or_default();
+        UpdateState::try_from(status.state).unwrap()
     }
 
     /// An agent reporting `state` for task `id` at `now_ms`.
@@ -615,7 +635,11 @@ fn update_with_parallelism_one_replaces_one_slot_at_a_time() {
         h.run_all("web", 2_000);
     }
     assert!(h.occupants("web").iter().all(|t| t.spec == new_spec));
-    assert_eq!(h.settle(3_000), 0);
+    // No monitor period: the update is complete as soon as the last slot runs.
+    assert_eq!(h.update_state("web"), UpdateState::Updating);
+    assert_eq!(h.settle(3_000), 1);
+    assert_eq!(h.update_state("web"), UpdateState::Completed);
+    assert_eq!(h.settle(4_000), 0);
 }
 
 #[test]
@@ -997,4 +1021,228 @@ fn the_only_full_node_is_named_and_a_task_still_stopping_holds_its_room() {
         super::scheduler::node_room(&Node::default()),
         crate::agent::TASKS_RUNNING_MAX_DEFAULT as u64
     );
+}
+
+fn update_config(parallelism: u64, action: UpdateFailureAction, monitor_ms: i64) -> UpdateConfig {
+    UpdateConfig {
+        parallelism,
+        failure_action: action as i32,
+        monitor_ms,
+        ..Default::default()
+    }
+}
+
+/// The occupants of `service` running `args`, by slot.
+fn slots_running(h: &Harness, service: &str, args: &[&str]) -> Vec<u64> {
+    let spec = Some(template(args));
+    let mut found: Vec<u64> = h
+        .occupants(service)
+        .into_iter()
+        .filter(|t| t.spec == spec)
+        .map(|t| t.slot)
+        .collect();
+    found.sort_unstable();
+    found
+}
+
+/// Stop-first: the retired task of `slot` reports stopped at `now_ms`; then a pass makes
+/// its replacement, which is returned.
+fn replace_slot(h: &mut Harness, service: &str, slot: u64, now_ms: i64) -> Task {
+    let retired = h
+        .tasks(service)
+        .into_iter()
+        .find(|t| t.slot == slot && t.desired_state > RUNNING && state_of(t) == RUNNING)
+        .expect("the slot's old task was retired");
+    h.report(&retired.id, TaskState::Shutdown, now_ms);
+    h.settle(now_ms);
+    h.occupants(service)
+        .into_iter()
+        .find(|t| t.slot == slot)
+        .expect("the slot was refilled")
+}
+
+#[test]
+fn a_failing_update_with_rollback_returns_to_the_previous_spec_by_itself() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 2, template(&["1"]));
+    h.update_spec("web", 1, |spec| {
+        spec.update = Some(update_config(1, UpdateFailureAction::Rollback, 5_000));
+    });
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    assert_eq!(
+        h.update_state("web"),
+        UpdateState::Unknown,
+        "a new service has no update"
+    );
+    h.update_spec("web", 2_000, |spec| spec.task = Some(template(&["bad"])));
+    h.settle(2_000);
+    assert_eq!(h.update_state("web"), UpdateState::Updating);
+    assert_eq!(h.service("web").update_status.unwrap().started_at_ms, 2_000);
+    let new = replace_slot(&mut h, "web", 1, 2_100);
+    // A new leader reads everything from the store: a fresh tracker decides the same.
+    h.tracker = Tracker::new();
+    h.report(&new.id, TaskState::Failed, 2_300);
+    h.settle(2_400);
+    let service = h.service("web");
+    let status = service.update_status.clone().unwrap();
+    assert_eq!(h.update_state("web"), UpdateState::RollbackStarted);
+    assert!(
+        status.message.contains("update rolled back due to failure")
+            && status.message.contains(&new.id),
+        "{status:?}"
+    );
+    assert_eq!(service.spec.unwrap().task, Some(template(&["1"])));
+    assert!(service.previous_spec.is_none());
+    // The failed task runs the template rolled back from: replaced at once, without
+    // waiting out its restart delay.
+    assert_eq!(slots_running(&h, "web", &["1"]), [1, 2]);
+    h.run_all("web", 2_500);
+    h.settle(7_400);
+    assert_eq!(
+        h.update_state("web"),
+        UpdateState::RollbackStarted,
+        "monitored 5 s"
+    );
+    h.settle(7_500);
+    assert_eq!(h.update_state("web"), UpdateState::RollbackCompleted);
+    assert_eq!(h.settle(20_000), 0);
+}
+
+#[test]
+fn a_failing_update_pauses_with_a_message_and_resumes_with_the_next_update() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 3, template(&["1"]));
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    // No update config: docker's defaults (one at a time, pause, 5 s monitor).
+    h.update_spec("web", 2_000, |spec| spec.task = Some(template(&["bad"])));
+    h.settle(2_000);
+    let new = replace_slot(&mut h, "web", 1, 2_100);
+    h.report(&new.id, TaskState::Failed, 2_200);
+    h.settle(2_300);
+    assert_eq!(h.update_state("web"), UpdateState::Paused);
+    let message = h.service("web").update_status.unwrap().message;
+    assert!(
+        message.starts_with("update paused due to failure or early termination of task")
+            && message.contains(&new.id),
+        "{message}"
+    );
+    // Paused: the failed slot keeps restarting, no other slot is touched.
+    for now_ms in [10_000, 30_000, 60_000] {
+        h.settle(now_ms);
+        assert_eq!(slots_running(&h, "web", &["1"]), [2, 3]);
+        assert_eq!(h.update_state("web"), UpdateState::Paused);
+    }
+    // The next `service update` (here the same spec) resumes it.
+    h.update_spec("web", 61_000, |_| {});
+    h.run_all("web", 61_000);
+    h.settle(61_000);
+    assert_eq!(h.update_state("web"), UpdateState::Updating);
+    let retired: Vec<u64> = h
+        .tasks("web")
+        .into_iter()
+        .filter(|t| t.desired_state > RUNNING && state_of(t) == RUNNING)
+        .map(|t| t.slot)
+        .collect();
+    assert_eq!(retired, [2], "the next slot, alone");
+}
+
+#[test]
+fn batches_of_the_parallelism_wait_the_delay_and_the_update_completes_after_watching() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 4, template(&["1"]));
+    h.update_spec("web", 1, |spec| {
+        spec.update = Some(UpdateConfig {
+            delay_ms: 10_000,
+            ..update_config(2, UpdateFailureAction::Pause, 1_000)
+        });
+    });
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    h.update_spec("web", 2_000, |spec| spec.task = Some(template(&["2"])));
+    h.settle(2_000);
+    let first: Vec<Task> = [1, 2]
+        .into_iter()
+        .map(|slot| replace_slot(&mut h, "web", slot, 2_500))
+        .collect();
+    for task in &first {
+        h.report(&task.id, TaskState::Running, 3_000);
+    }
+    h.settle(3_000);
+    h.settle(12_999);
+    assert_eq!(
+        slots_running(&h, "web", &["1"]),
+        [3, 4],
+        "the delay holds slots 3, 4"
+    );
+    assert!(
+        h.tasks("web")
+            .iter()
+            .all(|t| t.desired_state <= RUNNING || t.slot <= 2)
+    );
+    h.settle(13_000);
+    let second: Vec<Task> = [3, 4]
+        .into_iter()
+        .map(|slot| replace_slot(&mut h, "web", slot, 13_500))
+        .collect();
+    for task in &second {
+        h.report(&task.id, TaskState::Running, 14_000);
+    }
+    assert_eq!(slots_running(&h, "web", &["2"]), [1, 2, 3, 4]);
+    // The delay is longer than the monitor: watched for the delay and a second.
+    h.settle(24_999);
+    assert_eq!(h.update_state("web"), UpdateState::Updating);
+    h.settle(25_000);
+    assert_eq!(h.update_state("web"), UpdateState::Completed);
+}
+
+#[test]
+fn a_requested_rollback_follows_the_rollback_settings() {
+    let mut h = Harness::new();
+    h.add_node("a", &[]);
+    h.add_service("web", ServiceMode::Replicated, 3, template(&["1"]));
+    h.update_spec("web", 1, |spec| {
+        spec.update = Some(update_config(1, UpdateFailureAction::Pause, 0));
+        spec.rollback = Some(update_config(0, UpdateFailureAction::Pause, 0));
+    });
+    h.settle(1_000);
+    h.run_all("web", 1_000);
+    h.update_spec("web", 2_000, |spec| spec.task = Some(template(&["2"])));
+    h.settle(2_000);
+    let new = replace_slot(&mut h, "web", 1, 2_100);
+    h.report(&new.id, TaskState::Running, 2_200);
+    h.settle(2_200);
+    // `service rollback` as the control API writes it.
+    let mut service = h.service("web");
+    let current = service.spec.take();
+    service.spec = service.previous_spec.take();
+    service.previous_spec = current;
+    service.update_status = Some(UpdateStatus {
+        state: UpdateState::RollbackStarted as i32,
+        started_at_ms: 3_000,
+        completed_at_ms: 0,
+        message: "manually requested rollback".into(),
+    });
+    h.apply(vec![update(service)], 3_000);
+    h.settle(3_000);
+    // Slot 2 was being updated (stop-first); slot 1 runs the new spec: the rollback
+    // (parallelism 0: all at once) retires it, slot 2's new task was never created.
+    let retired: Vec<u64> = h
+        .tasks("web")
+        .into_iter()
+        .filter(|t| t.desired_state > RUNNING && state_of(t) == RUNNING)
+        .map(|t| t.slot)
+        .collect();
+    assert!(retired.contains(&1), "{retired:?}");
+    for slot in retired {
+        let task = replace_slot(&mut h, "web", slot, 3_500);
+        h.report(&task.id, TaskState::Running, 4_000);
+    }
+    h.settle(4_000);
+    assert_eq!(slots_running(&h, "web", &["1"]), [1, 2, 3]);
+    assert_eq!(h.update_state("web"), UpdateState::RollbackCompleted);
 }

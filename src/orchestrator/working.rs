@@ -3,7 +3,8 @@
 //!
 //! Owns the bookkeeping from "decided" to store [`Change`]s: a new task is one create (with
 //! whatever the scheduler added), a changed task is one update carrying the version it was
-//! read at, a deleted task one delete with that version. Must never read the store again
+//! read at, a deleted task one delete with that version; a service whose update state the
+//! supervisor changed is one update carrying the version it was read at. Must never read the store again
 //! after [`Working::load`]: a pass decides on one consistent view.
 //!
 //! Tasks are named by their position in the set ([`TaskIx`]), given once when a task is
@@ -14,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use crate::proto::objects::{Change, Task, TaskState};
+use crate::proto::objects::{Change, Service, Task, TaskState};
 use crate::store::{Kind, create, delete, update_expecting};
 
 /// A task's position in the working set: stable for the whole pass (a deleted task keeps
@@ -47,6 +48,9 @@ pub(super) struct Working {
     by_service: HashMap<String, Vec<TaskIx>, FastHash>,
     /// Service id → the earliest time its reconcile changes by the clock alone.
     wakeups_ms: BTreeMap<String, i64>,
+    /// Services whose update state (or, rolled back, spec) the pass changed, with the
+    /// version each was read at.
+    services: Vec<(Service, u64)>,
 }
 
 /// The store's changes for one slot: kept in one transaction so that a slot is never left
@@ -165,6 +169,16 @@ impl Working {
         std::mem::take(&mut self.wakeups_ms)
     }
 
+    /// Replaces service `service` (its update state, or its spec on a rollback), read at
+    /// `read_version`: the write is refused if the service changed meanwhile.
+    pub(super) fn write_service(&mut self, service: Service, read_version: u64) {
+        assert!(
+            !self.services.iter().any(|(s, _)| s.id == service.id),
+            "a pass writes a service once"
+        );
+        self.services.push((service, read_version));
+    }
+
     /// Deletes task `ix` (the reaper).
     pub(super) fn delete(&mut self, ix: TaskIx) {
         let entry = &mut self.entries[ix];
@@ -175,10 +189,17 @@ impl Working {
         entry.deleted = true;
     }
 
-    /// The decided changes: a slot's creates and updates together (service, slot, and node
-    /// for global tasks), in that key's order; each delete alone (deleting history needs no
-    /// company, and a slot may have up to `task_history_retention` of them at once).
+    /// The decided changes: the services' first, each alone (a rolled-back spec is
+    /// committed before any task made from it, so a refused service write stops the pass);
+    /// a slot's creates and updates together (service, slot, and node for global tasks),
+    /// in that key's order; each delete alone (deleting history needs no company, and a
+    /// slot may have up to `task_history_retention` of them at once).
     pub(super) fn into_units(self) -> Vec<Unit> {
+        let services: Vec<Unit> = self
+            .services
+            .iter()
+            .map(|(service, read_version)| vec![update_expecting(service.clone(), *read_version)])
+            .collect();
         let mut written: Vec<TaskIx> = Vec::new();
         let mut deletes: Vec<Unit> = Vec::new();
         for (ix, entry) in self.entries.iter().enumerate() {
@@ -220,7 +241,7 @@ impl Working {
                 .expect("a unit was pushed above")
                 .push(change);
         }
-        units.into_iter().chain(deletes).collect()
+        services.into_iter().chain(units).chain(deletes).collect()
     }
 }
 

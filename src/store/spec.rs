@@ -162,6 +162,15 @@ pub fn validate_service_spec(spec: &ServiceSpec) -> Checked {
     if let Some(update) = &spec.update {
         validate_update_config("update", update)?;
     }
+    if let Some(rollback) = &spec.rollback {
+        validate_update_config("rollback", rollback)?;
+        if rollback.failure_action == UpdateFailureAction::Rollback as i32 {
+            return Err(SpecError::new(
+                "rollback.failure_action",
+                "a rollback cannot be rolled back; use pause or continue",
+            ));
+        }
+    }
     if spec.networks.len() > SERVICE_NETWORKS_MAX {
         return Err(SpecError::new(
             "networks",
@@ -875,7 +884,17 @@ fn validate_update_config(field: &str, update: &UpdateConfig) -> Checked {
         ));
     }
     not_negative(format!("{field}.delay_ms"), update.delay_ms)?;
-    not_negative(format!("{field}.monitor_ms"), update.monitor_ms)
+    not_negative(format!("{field}.monitor_ms"), update.monitor_ms)?;
+    if !(0.0..=1.0).contains(&update.max_failure_ratio) {
+        return Err(SpecError::new(
+            format!("{field}.max_failure_ratio"),
+            format!(
+                "{} is not a share from 0 to 1 (e.g. 0.2: a fifth of the tasks may fail)",
+                update.max_failure_ratio
+            ),
+        ));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -902,6 +921,23 @@ pub fn validate_node_spec(spec: &NodeSpec) -> Checked {
         ));
     }
     validate_labels("labels", &spec.labels)
+}
+
+/// The update monitor period of a service that sets none (docker's): a new task that ends
+/// within it counts as a failed update.
+pub const UPDATE_MONITOR_DEFAULT_MS: i64 = 5_000;
+
+/// The update (and rollback) settings of a service that sets none, docker's: one task at a
+/// time, no delay, stop-first, a 5 s monitor, pause on the first failure.
+pub fn default_update_config() -> UpdateConfig {
+    UpdateConfig {
+        parallelism: 1,
+        delay_ms: 0,
+        failure_action: UpdateFailureAction::Pause as i32,
+        order: UpdateOrder::StopFirst as i32,
+        monitor_ms: UPDATE_MONITOR_DEFAULT_MS,
+        max_failure_ratio: 0.0,
+    }
 }
 
 /// The cluster settings a new cluster starts with (swarmkit's defaults).
@@ -1287,6 +1323,7 @@ mod tests {
                 failure_action: UpdateFailureAction::Rollback as i32,
                 order: UpdateOrder::StartFirst as i32,
                 monitor_ms: 5000,
+                max_failure_ratio: 0.0,
             }),
             ..Default::default()
         }

@@ -17,6 +17,7 @@ use crate::proto::objects::{
     UpdateConfig, UpdateFailureAction,
     UpdateOrder,
 };
+use crate::store::spec::default_update_config;
 
 /// Service spec flags, shared by `service create` and `service update` (on update, only
 /// the flags given change the spec).
@@ -71,18 +72,43 @@ pub struct SpecFlags {
     /// values (repeatable, nested in order; on update, replaces).
     #[arg(long = "placement-pref", value_name = "spread=node.labels.KEY")]
     pub placement_prefs: Vec<String>,
-    /// Tasks updated at once (0: all).
+    /// Tasks updated at once (0: all; default 1).
     #[arg(long)]
     pub update_parallelism: Option<u64>,
-    /// Wait between update batches.
+    /// Wait between update batches (default 0s).
     #[arg(long)]
     pub update_delay: Option<String>,
-    /// On a failed update: `pause`, `continue` or `rollback`.
+    /// On a failed update: `pause` (default), `continue` or `rollback`.
     #[arg(long)]
     pub update_failure_action: Option<String>,
-    /// `stop-first` or `start-first`.
+    /// `stop-first` (default) or `start-first`.
     #[arg(long)]
     pub update_order: Option<String>,
+    /// How long a new task is watched for failure (default 5s).
+    #[arg(long)]
+    pub update_monitor: Option<String>,
+    /// Share of the tasks that may fail before the failure action (0 to 1; default 0).
+    #[arg(long)]
+    pub update_max_failure_ratio: Option<String>,
+    /// Tasks rolled back at once (0: all; default 1).
+    #[arg(long)]
+    pub rollback_parallelism: Option<u64>,
+    /// Wait between rollback batches (default 0s).
+    #[arg(long)]
+    pub rollback_delay: Option<String>,
+    /// On a failed rollback: `pause` (default) or `continue`.
+    #[arg(long)]
+    pub rollback_failure_action: Option<String>,
+    /// `stop-first` (default) or `start-first`.
+    #[arg(long)]
+    pub rollback_order: Option<String>,
+    /// How long a rolled-back task is watched for failure (default 5s).
+    #[arg(long)]
+    pub rollback_monitor: Option<String>,
+    /// Share of the tasks that may fail during a rollback before its failure action
+    /// (0 to 1; default 0).
+    #[arg(long)]
+    pub rollback_max_failure_ratio: Option<String>,
     /// A network the tasks attach to, by name or id (repeatable; on update, replaces the
     /// list). The tasks' endpoints are published there: `<service>.<network>` resolves.
     #[arg(long = "network")]
@@ -455,21 +481,91 @@ pub(super) fn apply_flags(spec: &mut ServiceSpec, flags: &SpecFlags) -> Result<(
             .get_or_insert_with(Placement::default)
             .preferences = preferences;
     }
-    let update = spec.update.get_or_insert_with(UpdateConfig::default);
-    if let Some(parallelism) = flags.update_parallelism {
-        update.parallelism = parallelism;
+    let update = spec.update.get_or_insert_with(default_update_config);
+    apply_update_flags(update, &update_flags(flags))?;
+    let rollback = spec.rollback.get_or_insert_with(default_update_config);
+    apply_update_flags(rollback, &rollback_flags(flags))?;
+    Ok(())
+}
+
+/// The `--update-*` or `--rollback-*` flags, by the prefix they share.
+struct UpdateFlags<'a> {
+    prefix: &'static str,
+    parallelism: Option<u64>,
+    delay: Option<&'a str>,
+    failure_action: Option<&'a str>,
+    order: Option<&'a str>,
+    monitor: Option<&'a str>,
+    max_failure_ratio: Option<&'a str>,
+}
+
+fn update_flags(flags: &SpecFlags) -> UpdateFlags<'_> {
+    UpdateFlags {
+        prefix: "update",
+        parallelism: flags.update_parallelism,
+        delay: flags.update_delay.as_deref(),
+        failure_action: flags.update_failure_action.as_deref(),
+        order: flags.update_order.as_deref(),
+        monitor: flags.update_monitor.as_deref(),
+        max_failure_ratio: flags.update_max_failure_ratio.as_deref(),
     }
-    if let Some(delay) = &flags.update_delay {
-        update.delay_ms = parse_duration_ms("update-delay", delay)?;
+}
+
+fn rollback_flags(flags: &SpecFlags) -> UpdateFlags<'_> {
+    UpdateFlags {
+        prefix: "rollback",
+        parallelism: flags.rollback_parallelism,
+        delay: flags.rollback_delay.as_deref(),
+        failure_action: flags.rollback_failure_action.as_deref(),
+        order: flags.rollback_order.as_deref(),
+        monitor: flags.rollback_monitor.as_deref(),
+        max_failure_ratio: flags.rollback_max_failure_ratio.as_deref(),
     }
-    if let Some(action) = &flags.update_failure_action {
-        update.failure_action =
-            parse_choice::<UpdateFailureAction>("update-failure-action", action)? as i32;
+}
+
+/// Applies the `--update-*` or `--rollback-*` flags given to `config`.
+fn apply_update_flags(config: &mut UpdateConfig, flags: &UpdateFlags<'_>) -> Result<(), String> {
+    let prefix = flags.prefix;
+    if let Some(parallelism) = flags.parallelism {
+        config.parallelism = parallelism;
     }
-    if let Some(order) = &flags.update_order {
-        update.order = parse_choice::<UpdateOrder>("update-order", order)? as i32;
+    if let Some(delay) = flags.delay {
+        config.delay_ms = parse_duration_ms(&format!("{prefix}-delay"), delay)?;
+    }
+    if let Some(action) = flags.failure_action {
+        let flag = format!("{prefix}-failure-action");
+        let parsed = parse_choice::<UpdateFailureAction>(&flag, action)?;
+        if prefix == "rollback" && parsed == UpdateFailureAction::Rollback {
+            return Err(format!(
+                "--{flag} {action:?}: a rollback cannot be rolled back; use pause or continue"
+            ));
+        }
+        config.failure_action = parsed as i32;
+    }
+    if let Some(order) = flags.order {
+        config.order = parse_choice::<UpdateOrder>(&format!("{prefix}-order"), order)? as i32;
+    }
+    if let Some(monitor) = flags.monitor {
+        config.monitor_ms = parse_duration_ms(&format!("{prefix}-monitor"), monitor)?;
+    }
+    if let Some(ratio) = flags.max_failure_ratio {
+        config.max_failure_ratio = parse_ratio(&format!("{prefix}-max-failure-ratio"), ratio)?;
     }
     Ok(())
+}
+
+/// Parses a share from 0 to 1 (`0.2`).
+///
+/// # Errors
+/// A message naming the flag.
+pub fn parse_ratio(flag: &str, text: &str) -> Result<f32, String> {
+    text.trim()
+        .parse::<f32>()
+        .ok()
+        .filter(|ratio| (0.0..=1.0).contains(ratio))
+        .ok_or_else(|| {
+            format!("--{flag} {text:?}: expected a share from 0 to 1, e.g. 0.2 (a fifth may fail)")
+        })
 }
 
 #[cfg(test)]
@@ -596,5 +692,54 @@ mod tests {
                 .unwrap_err()
                 .contains("empty")
         );
+    }
+
+    #[test]
+    fn update_and_rollback_settings_default_as_docker_and_refuse_bad_values() {
+        let mut spec = ServiceSpec::default();
+        apply_flags(&mut spec, &SpecFlags::default()).unwrap();
+        for config in [spec.update.as_ref(), spec.rollback.as_ref()] {
+            let config = config.unwrap();
+            assert_eq!((config.parallelism, config.monitor_ms), (1, 5_000));
+            assert_eq!(config.failure_action, UpdateFailureAction::Pause as i32);
+            assert_eq!(config.order, UpdateOrder::StopFirst as i32);
+        }
+        let flags = SpecFlags {
+            update_parallelism: Some(2),
+            update_delay: Some("1s".into()),
+            update_failure_action: Some("rollback".into()),
+            update_order: Some("start-first".into()),
+            update_monitor: Some("3s".into()),
+            update_max_failure_ratio: Some("0.25".into()),
+            rollback_failure_action: Some("continue".into()),
+            rollback_monitor: Some("1s".into()),
+            ..Default::default()
+        };
+        apply_flags(&mut spec, &flags).unwrap();
+        let update = spec.update.unwrap();
+        assert_eq!(
+            (update.parallelism, update.delay_ms, update.monitor_ms),
+            (2, 1_000, 3_000)
+        );
+        assert_eq!(update.failure_action, UpdateFailureAction::Rollback as i32);
+        assert_eq!(update.order, UpdateOrder::StartFirst as i32);
+        assert!((update.max_failure_ratio - 0.25).abs() < f32::EPSILON);
+        let rollback = spec.rollback.unwrap();
+        assert_eq!(
+            rollback.failure_action,
+            UpdateFailureAction::Continue as i32
+        );
+        assert_eq!((rollback.parallelism, rollback.monitor_ms), (1, 1_000));
+        let refused = |flags: SpecFlags| apply_flags(&mut spec.clone(), &flags).unwrap_err();
+        let error = refused(SpecFlags {
+            rollback_failure_action: Some("rollback".into()),
+            ..Default::default()
+        });
+        assert!(error.contains("--rollback-failure-action"), "{error}");
+        let error = refused(SpecFlags {
+            update_max_failure_ratio: Some("1.5".into()),
+            ..Default::default()
+        });
+        assert!(error.starts_with("--update-max-failure-ratio"), "{error}");
     }
 }

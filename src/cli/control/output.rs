@@ -13,7 +13,7 @@ use crate::cli::json;
 use crate::proto::json::label;
 use crate::proto::objects::{
     HealthStatus, ManagerStatus, Node, NodeAvailability, NodeRole, NodeState, RaftReachability,
-    Service, ServiceMode, ServiceSpec, Task, TaskState,
+    Service, ServiceMode, ServiceSpec, Task, TaskState, UpdateState,
 };
 use crate::proto::raft::StatusResponse;
 
@@ -112,6 +112,23 @@ fn replicas_text(spec: &ServiceSpec, tasks: &[&Task]) -> String {
     }
 }
 
+/// The update state while one is in progress or paused (`updating`, `paused`,
+/// `rollback-started`, `rollback-paused`), else `-`: `service inspect` has the message.
+fn update_text(service: &Service) -> String {
+    let state = service.update_status.as_ref().map_or(0, |s| s.state);
+    let shown = [
+        UpdateState::Updating,
+        UpdateState::Paused,
+        UpdateState::RollbackStarted,
+        UpdateState::RollbackPaused,
+    ];
+    if shown.iter().any(|s| *s as i32 == state) {
+        label::<UpdateState>(state)
+    } else {
+        "-".to_string()
+    }
+}
+
 pub(super) fn print_services(client: &Client, services: &[Service], tasks: &[Task]) {
     if client.format == Format::Json {
         client.print_json(&services.iter().map(json::service).collect::<Vec<_>>());
@@ -122,12 +139,13 @@ pub(super) fn print_services(client: &Client, services: &[Service], tasks: &[Tas
         by_service.entry(&task.service_id).or_default().push(task);
     }
     out!(
-        "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  COMMAND",
+        "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  {:<16}  COMMAND",
         "ID",
         "NAME",
         "MODE",
         "REPLICAS",
-        "VERSION"
+        "VERSION",
+        "UPDATE"
     );
     for service in services {
         let spec = service.spec.clone().unwrap_or_default();
@@ -136,12 +154,13 @@ pub(super) fn print_services(client: &Client, services: &[Service], tasks: &[Tas
             .get(service.id.as_str())
             .map_or(&[][..], Vec::as_slice);
         out!(
-            "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  {} {}",
+            "{:<12}  {:<24}  {:<10}  {:>9}  {:>8}  {:<16}  {} {}",
             short(&service.id),
             spec.name,
             label::<ServiceMode>(spec.mode),
             replicas_text(&spec, tasks),
             service.meta.as_ref().map_or(0, |m| m.version),
+            update_text(service),
             task.command,
             task.args.join(" ")
         );

@@ -6,8 +6,10 @@
 //! what the command prints for scripts (the id, or the JSON).
 //!
 //! The wait gives up, with the reason and a failed exit, once one slot's new tasks have
-//! failed [`SLOT_FAILURES_MAX`] times: a command that exits at once would otherwise be
-//! waited for forever. A task that stays pending (no node fits) is waited for, saying why,
+//! failed [`SLOT_FAILURES_MAX`] times (a command that exits at once would otherwise be
+//! waited for forever), or when the orchestrator's update supervisor paused the update or
+//! rolled it back (the service's update status and its message; a `service rollback` waits
+//! for the rollback, and fails only if that is paused). A task that stays pending (no node fits) is waited for, saying why,
 //! as docker does: a node may come. Ctrl-C stops the wait, never the service.
 //!
 //! Must never change anything (reads only, through the [`Client`]), nor wait without saying
@@ -21,7 +23,7 @@ use crate::cli::CommandError;
 use crate::control as api;
 use crate::proto::control as pb;
 use crate::proto::json::label;
-use crate::proto::objects::{Service, ServiceMode, Task, TaskState};
+use crate::proto::objects::{Service, ServiceMode, Task, TaskState, UpdateState};
 
 /// How often the wait reads the service and its tasks, for a small service.
 pub const POLL_PERIOD: Duration = Duration::from_millis(500);
@@ -58,6 +60,9 @@ pub(super) struct Watch {
     /// The last state line printed per slot.
     shown: BTreeMap<String, String>,
     monitor: Duration,
+    /// True when the command asked for a rollback: a rollback in progress is then no
+    /// failure.
+    rollback: bool,
 }
 
 impl Watch {
@@ -68,7 +73,14 @@ impl Watch {
             running_since: HashMap::new(),
             shown: BTreeMap::new(),
             monitor,
+            rollback: false,
         }
+    }
+
+    /// The same wait for a rollback the command asked for.
+    pub(super) fn for_rollback(mut self) -> Self {
+        self.rollback = true;
+        self
     }
 
     /// Judges one read of `service` and its `tasks` at `now`; returns the verdict and the
@@ -100,6 +112,9 @@ impl Watch {
             self.running_since.entry(task.id.clone()).or_insert(now);
         }
         let lines = self.progress_lines(&spec.name, tasks);
+        if let Some(reason) = self.stopped_update(service) {
+            return (Verdict::Failed(reason), lines);
+        }
         if let Some(reason) = self.failed_slot(&spec.name, tasks, &is_current) {
             return (Verdict::Failed(reason), lines);
         }
@@ -133,6 +148,22 @@ impl Watch {
             }
         };
         (verdict, lines)
+    }
+
+    /// Why the orchestrator stopped the update the command waits for, if it did: paused,
+    /// or (unless the command asked for it) rolled back.
+    fn stopped_update(&self, service: &Service) -> Option<String> {
+        let status = service.update_status.as_ref()?;
+        let state = UpdateState::try_from(status.state).ok()?;
+        let what = match state {
+            UpdateState::Paused => "the update was paused",
+            UpdateState::RollbackPaused => "the rollback was paused",
+            UpdateState::RollbackStarted | UpdateState::RollbackCompleted if !self.rollback => {
+                "the update was rolled back"
+            }
+            _ => return None,
+        };
+        Some(format!("{what}: {}", status.message))
     }
 
     /// A slot whose new tasks of the current spec failed [`SLOT_FAILURES_MAX`] times, said
@@ -252,26 +283,57 @@ pub(super) fn wait_converged(
     service: &Service,
     before: HashSet<String>,
 ) -> Result<(), CommandError> {
+    wait_with(client, service, Watch::new(before, monitor_of(service)))
+}
+
+/// [`wait_converged`] after `service rollback`: the rollback is what it waits for.
+///
+/// # Errors
+/// As [`wait_converged`]; a paused rollback fails.
+pub(super) fn wait_rolled_back(
+    client: &Client,
+    service: &Service,
+    before: HashSet<String>,
+) -> Result<(), CommandError> {
+    let monitor = monitor_of(service);
+    wait_with(client, service, Watch::new(before, monitor).for_rollback())
+}
+
+/// How long each task must stay running: the monitor period in force.
+fn monitor_of(service: &Service) -> Duration {
+    let rolling_back = service
+        .update_status
+        .as_ref()
+        .is_some_and(|s| s.state == UpdateState::RollbackStarted as i32);
+    service
+        .spec
+        .as_ref()
+        .and_then(|s| {
+            if rolling_back {
+                s.rollback.as_ref()
+            } else {
+                s.update.as_ref()
+            }
+        })
+        .map(|u| u.monitor_ms)
+        .filter(|ms| *ms > 0)
+        .map_or(MONITOR_DEFAULT, |ms| {
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        })
+}
+
+fn wait_with(client: &Client, service: &Service, mut watch: Watch) -> Result<(), CommandError> {
+    let monitor = watch.monitor;
     let name = service
         .spec
         .as_ref()
         .map_or("", |s| s.name.as_str())
         .to_string();
-    let monitor = service
-        .spec
-        .as_ref()
-        .and_then(|s| s.update.as_ref())
-        .map(|u| u.monitor_ms)
-        .filter(|ms| *ms > 0)
-        .map_or(MONITOR_DEFAULT, |ms| {
-            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
-        });
     eprintln!(
         "waiting for {name} to converge (every task running for {} s; Ctrl-C stops the wait, \
          not the service; --detach returns at once)",
         monitor.as_secs_f64()
     );
-    let mut watch = Watch::new(before, monitor);
     let mut last_count = None;
     loop {
         let reply: pb::ServiceResponse = client
@@ -296,8 +358,9 @@ pub(super) fn wait_converged(
             Verdict::Failed(reason) => {
                 return Err(CommandError::Failed(format!(
                     "{name} did not converge: {reason}\nhint: `flotilla service ps {name}` \
-                     shows every attempt; the service stays as it was written (fix it with \
-                     `flotilla service update`, or remove it)"
+                     shows every attempt, `flotilla service inspect {name}` the update status; \
+                     fix it with `flotilla service update` (which also resumes a paused \
+                     update), return with `flotilla service rollback {name}`, or remove it"
                 )));
             }
             Verdict::Waiting { running, wanted } => {
@@ -448,6 +511,45 @@ mod tests {
         assert!(
             lines.is_empty(),
             "the slot's line did not change: {lines:?}"
+        );
+    }
+
+    #[test]
+    fn a_paused_or_rolled_back_update_fails_the_wait_with_its_message() {
+        use crate::proto::objects::UpdateStatus;
+        let with_state = |state: UpdateState| {
+            let mut service = service(1, "sleep");
+            service.update_status = Some(UpdateStatus {
+                state: state as i32,
+                message: "because".into(),
+                ..Default::default()
+            });
+            service
+        };
+        let tasks = [task("a", 1, "sleep", TaskState::Running, 1)];
+        let judge =
+            |watch: &mut Watch, state| watch.judge(&with_state(state), &tasks, Instant::now()).0;
+        let mut update = Watch::new(HashSet::new(), Duration::ZERO);
+        assert_eq!(
+            judge(&mut update, UpdateState::Paused),
+            Verdict::Failed("the update was paused: because".into())
+        );
+        assert_eq!(
+            judge(&mut update, UpdateState::RollbackCompleted),
+            Verdict::Failed("the update was rolled back: because".into())
+        );
+        assert_eq!(
+            judge(&mut update, UpdateState::Updating),
+            Verdict::Converged { running: 1 }
+        );
+        let mut rollback = Watch::new(HashSet::new(), Duration::ZERO).for_rollback();
+        assert_eq!(
+            judge(&mut rollback, UpdateState::RollbackStarted),
+            Verdict::Converged { running: 1 }
+        );
+        assert_eq!(
+            judge(&mut rollback, UpdateState::RollbackPaused),
+            Verdict::Failed("the rollback was paused: because".into())
         );
     }
 

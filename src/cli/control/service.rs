@@ -1,5 +1,5 @@
-//! `flotilla service create|ls|inspect|ps|scale|update|rm`: the service commands and their
-//! arguments.
+//! `flotilla service create|ls|inspect|ps|scale|update|rollback|rm`: the service commands
+//! and their arguments.
 //!
 //! Must never talk to the transport except through [`Client`], nor print a table itself
 //! (tables are in [`super::output`]).
@@ -81,6 +81,16 @@ pub enum ServiceCommand {
         #[arg(trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Return a service to its previous spec (before its last update); its tasks are
+    /// replaced with the rollback settings (`--rollback-*`).
+    Rollback {
+        /// Id, unique id prefix or name.
+        service: String,
+        /// Return at once instead of waiting, with progress on stderr, until every task
+        /// runs the previous spec.
+        #[arg(long, short = 'd')]
+        detach: bool,
+    },
     /// Remove services.
     Rm {
         /// Ids, unique id prefixes or names.
@@ -130,29 +140,69 @@ fn service_name(service: &Service) -> &str {
         .unwrap_or(&service.id)
 }
 
+/// Times `service update` reads the service again after a version conflict with a write it
+/// did not see (the orchestrator records its update status on the service): only when the
+/// user named no `--if-version`.
+const UPDATE_CONFLICT_RETRIES_MAX: u32 = 3;
+
 fn update_service(
     client: &Client,
     reference: &str,
     if_version: Option<u64>,
-    change: impl FnOnce(&mut ServiceSpec) -> Result<(), String>,
+    change: impl Fn(&mut ServiceSpec) -> Result<(), String>,
 ) -> Result<Service, CommandError> {
-    let current = get_service(client, reference)?;
-    let mut spec = current.spec.clone().unwrap_or_default();
-    change(&mut spec)?;
-    let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
-    let reply: pb::ServiceResponse = client.write(
-        api::UPDATE_SERVICE,
-        &pb::UpdateServiceRequest {
+    let mut conflicts = 0;
+    loop {
+        let current = get_service(client, reference)?;
+        let mut spec = current.spec.clone().unwrap_or_default();
+        change(&mut spec)?;
+        let version = if_version.unwrap_or_else(|| current.meta.as_ref().map_or(0, |m| m.version));
+        let request = pb::UpdateServiceRequest {
             reference: current.id.clone(),
             version,
             spec: Some(spec),
             request_id: client.next_request(),
-        },
-        &format!("flotilla service inspect {}", current.id),
+            rollback: false,
+        };
+        match write_service(client, &current.id, &request) {
+            Err(CommandError::Failed(message))
+                if if_version.is_none()
+                    && message.contains("version conflict")
+                    && conflicts < UPDATE_CONFLICT_RETRIES_MAX =>
+            {
+                conflicts += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+fn write_service(
+    client: &Client,
+    id: &str,
+    request: &pb::UpdateServiceRequest,
+) -> Result<Service, CommandError> {
+    let reply: pb::ServiceResponse = client.write(
+        api::UPDATE_SERVICE,
+        request,
+        &format!("flotilla service inspect {id}"),
     )?;
     Ok(reply
         .service
         .ok_or_else(|| "the manager sent an empty reply".to_string())?)
+}
+
+/// `service rollback`: asks for the previous spec back (the manager swaps the specs).
+fn roll_back(client: &Client, reference: &str) -> Result<Service, CommandError> {
+    let current = get_service(client, reference)?;
+    let request = pb::UpdateServiceRequest {
+        reference: current.id.clone(),
+        version: current.meta.as_ref().map_or(0, |m| m.version),
+        spec: None,
+        request_id: client.next_request(),
+        rollback: true,
+    };
+    write_service(client, &current.id, &request)
 }
 
 pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), CommandError> {
@@ -252,8 +302,8 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                 progress::task_ids(client, &service)?
             };
             let updated = update_service(client, &service, if_version, |spec| {
-                if let Some(name) = rename {
-                    spec.name = name;
+                if let Some(name) = &rename {
+                    spec.name.clone_from(name);
                 }
                 if let Some((program, args)) = command.split_first() {
                     let task = spec.task.get_or_insert_with(TaskSpec::default);
@@ -272,6 +322,25 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
             }
             if !detach {
                 progress::wait_converged(client, &updated, before)?;
+            }
+        }
+        ServiceCommand::Rollback { service, detach } => {
+            let before = if detach {
+                HashSet::new()
+            } else {
+                progress::task_ids(client, &service)?
+            };
+            let rolled_back = roll_back(client, &service)?;
+            match client.format {
+                Format::Json => client.print_json(&json::service(&rolled_back)),
+                Format::Table => out!(
+                    "{} rolled back to its previous spec (version {})",
+                    service_name(&rolled_back),
+                    rolled_back.meta.as_ref().map_or(0, |m| m.version)
+                ),
+            }
+            if !detach {
+                progress::wait_rolled_back(client, &rolled_back, before)?;
             }
         }
         ServiceCommand::Rm { services } => {
