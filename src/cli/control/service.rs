@@ -1,4 +1,4 @@
-//! `flotilla service create|ls|inspect|ps|scale|update|rm`: the service commands and their
+//! `flotilla service create|ls|inspect|ps|scale|update|logs|rm`: the service commands and their
 //! arguments.
 //!
 //! Must never talk to the transport except through [`Client`], nor print a table itself
@@ -81,6 +81,10 @@ pub enum ServiceCommand {
         #[arg(trailing_var_arg = true, value_name = "COMMAND")]
         command: Vec<String>,
     },
+    /// Print the tasks' stdout and stderr lines (of one task, given a task id), tagged
+    /// `<service>.<slot>.<task id prefix>@<node>`; warnings (nodes that did not answer,
+    /// lines dropped for a slow reader) go to stderr.
+    Logs(super::logs::LogsArgs),
     /// Remove services.
     Rm {
         /// Ids, unique id prefixes or names.
@@ -274,6 +278,7 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                 progress::wait_converged(client, &updated, before)?;
             }
         }
+        ServiceCommand::Logs(args) => super::logs::run(client, &args)?,
         ServiceCommand::Rm { services } => {
             for reference in services {
                 // Reported as the user named it, as docker does.
