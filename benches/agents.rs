@@ -565,10 +565,12 @@ impl Shard {
             Some(pb::session_message::Message::Assignments(assignments)) => {
                 self.on_assignments(index, assignments);
             }
-            // The load agents keep the managers they were given and run no gossip.
+            // The load agents keep the managers they were given, run no gossip and keep
+            // no task logs.
             Some(
                 pb::session_message::Message::ManagersChanged(_)
-                | pb::session_message::Message::NetworkKeys(_),
+                | pb::session_message::Message::NetworkKeys(_)
+                | pb::session_message::Message::LogSubscription(_),
             )
             | None => {}
         }

@@ -2,8 +2,9 @@
 //! this node's processes match the tasks assigned to it, the agent's side of the dispatcher
 //! protocol, and the worker process (`flotilla agent`).
 //!
-//! Owns child processes of the agent and the `agent-tasks`, `agent-session` and
-//! `agent-reporter` threads. The runner and executor never talk to the network:
+//! Owns child processes of the agent and the `agent-tasks`, `agent-session`,
+//! `agent-reporter` and `agent-logs` ([`logs`]: task output as timestamped lines, served to
+//! the leader's log subscriptions) threads. The runner and executor never talk to the network:
 //! [`node::Agent`] wires the dispatcher session ([`session`]), which hands assignments to
 //! [`tasks::TaskRunner`] and carries its [`tasks::TaskStatusReport`]s to the managers.
 //! [`runtime`] runs a worker node: its identity, its renewer, its transport and its agent.
@@ -23,6 +24,7 @@ pub mod health;
 pub mod host;
 pub mod last_contact;
 pub mod limits;
+pub mod logs;
 pub mod managers;
 pub mod node;
 pub mod runtime;

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use crate::net::Transport;
 use crate::proto::objects::{NodeDescription, Task};
 
+use super::logs::LogService;
 use super::session::{AgentConfig, AgentSession, TaskSink};
 use super::tasks::{REPORTS_QUEUE_LEN_DEFAULT, RunnerConfig, RunnerError, TaskRunner};
 
@@ -37,10 +38,11 @@ pub enum AgentError {
 pub struct Agent {
     session: Option<AgentSession>,
     runner: Arc<TaskRunner>,
+    logs: Arc<LogService>,
 }
 
-/// Hands what the session receives to the runner.
-struct RunnerSink(Arc<TaskRunner>);
+/// Hands what the session receives to the runner (log subscriptions to the log service).
+struct RunnerSink(Arc<TaskRunner>, Arc<LogService>);
 
 impl TaskSink for RunnerSink {
     fn assign_part(&self, tasks: Vec<Task>, first: bool, last: bool) {
@@ -75,6 +77,15 @@ impl TaskSink for RunnerSink {
         }
     }
 
+    fn log_subscription(
+        &self,
+        subscription: crate::proto::dispatcher::LogSubscription,
+        session_id: &str,
+        addr: &str,
+    ) {
+        self.1.subscribe(subscription, session_id, addr);
+    }
+
     fn description(&self) -> NodeDescription {
         super::host::describe(u32::try_from(self.0.tasks_running_max()).unwrap_or(u32::MAX))
     }
@@ -92,13 +103,19 @@ impl Agent {
         runner: RunnerConfig,
     ) -> Result<Agent, AgentError> {
         let (reports_tx, reports_rx) = crossbeam_channel::bounded(REPORTS_QUEUE_LEN_DEFAULT);
+        let work_dir = runner.work_dir.clone();
         let runner = Arc::new(TaskRunner::start(runner, reports_tx)?);
-        let sink = Arc::new(RunnerSink(runner.clone()));
+        let logs = Arc::new(
+            LogService::start(work_dir, transport.clone(), session.tls.clone())
+                .map_err(AgentError::Session)?,
+        );
+        let sink = Arc::new(RunnerSink(runner.clone(), logs.clone()));
         let session = AgentSession::start(transport, session, sink, reports_rx)
             .map_err(AgentError::Session)?;
         Ok(Agent {
             session: Some(session),
             runner,
+            logs,
         })
     }
 
@@ -135,6 +152,11 @@ impl Agent {
                 );
             }
             session.stop();
+        }
+        // The session held the other reference (its sink), and it is joined.
+        match Arc::try_unwrap(self.logs) {
+            Ok(logs) => logs.stop(),
+            Err(_) => log::error!("agent: the log service is still shared at stop"),
         }
     }
 }

@@ -112,6 +112,11 @@ pub trait TaskSink: Send + Sync {
     fn fence_deadline(&self, deadline: Instant, why: String) {
         let _ = (deadline, why);
     }
+    /// The leader asks for task logs (session `session_id` with the manager at `addr`,
+    /// where they are published). Nothing by default.
+    fn log_subscription(&self, subscription: pb::LogSubscription, session_id: &str, addr: &str) {
+        let _ = (subscription, session_id, addr);
+    }
 }
 
 /// The wait between session attempts: `min(100 ms + 2 · previous, cap)` after each failure,
@@ -587,6 +592,12 @@ fn session(
             Some(pb::session_message::Message::NetworkKeys(keys)) => {
                 if let Some(deliver) = &config.network_keys {
                     deliver(keys.keys);
+                }
+            }
+            Some(pb::session_message::Message::LogSubscription(subscription)) => {
+                let session_id = current.lock().as_ref().map(|c| c.session_id.clone());
+                if let Some(session_id) = session_id {
+                    sink.log_subscription(subscription, &session_id, addr);
                 }
             }
             None => {}

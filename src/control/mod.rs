@@ -21,6 +21,8 @@
 //! - Reads wait for [`linearizable_read_index`] and then serve from the local store;
 //!   listings stream in chunks of at most [`LIST_CHUNK_BYTES_MAX`] bytes.
 //! - `control.Watch` streams store events from a thread per watch ([`watch`]).
+//! - `control.ServiceLogs` streams task output the leader gathers from the agents
+//!   ([`logs`]; a follower relays the leader's stream).
 //! - [`managers`] delegates the Raft group's operator calls to the leader's `raft.*`.
 //! - [`admin`] issues admin certificates (OU `admin`) from a CSR.
 //! - Who may call: operators, that is managers and admin certificates
@@ -46,6 +48,7 @@ pub mod admin;
 mod answer;
 pub mod duties;
 mod handlers;
+pub mod logs;
 pub mod managers;
 mod reads;
 pub mod roles;

@@ -23,15 +23,15 @@ pub const WATCHES_MAX: usize = 1024;
 /// How often a watch thread with nothing to send checks whether it should stop.
 pub const WATCH_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
-/// The running watch threads and their stop flag.
+/// The running watch threads (and `control.ServiceLogs` threads) and their stop flag.
 #[derive(Default)]
 pub struct WatchThreads {
-    stopping: Arc<AtomicBool>,
-    threads: Vec<JoinHandle<()>>,
+    pub(super) stopping: Arc<AtomicBool>,
+    pub(super) threads: Vec<JoinHandle<()>>,
 }
 
 impl WatchThreads {
-    fn prune(&mut self) {
+    pub(super) fn prune(&mut self) {
         self.threads.retain(|t| !t.is_finished());
     }
 

@@ -49,6 +49,7 @@
 //! another node's tasks, move a task's observed state backwards, or block its thread on a
 //! stream or a proposal.
 
+pub mod logs;
 pub mod sessions;
 
 use std::collections::{HashMap, HashSet};
@@ -301,6 +302,8 @@ pub struct Dispatcher {
     /// The Lamport times of the network keys last handed to the sessions (`None`: not
     /// looked yet).
     keys_sent: Mutex<Option<Vec<u64>>>,
+    /// The open log subscriptions ([`logs`]).
+    logs: logs::LogBroker,
     thread: Mutex<Option<JoinHandle<()>>>,
     stopping: AtomicBool,
 }
@@ -326,6 +329,7 @@ impl Dispatcher {
             orphans: Mutex::new(OrphanCheck::default()),
             managers: Mutex::new(ManagerList::default()),
             keys_sent: Mutex::new(None),
+            logs: logs::LogBroker::default(),
             statuses: Mutex::new(StatusBatch::default()),
             nodes: Mutex::new(NodeBatch::default()),
             thread: Mutex::new(None),
@@ -367,6 +371,12 @@ impl Dispatcher {
             pool,
             move |ctx, request, responder| d.update_task_status(ctx, request, responder),
         );
+        let d = self.clone();
+        router.serve_unary(rpc::PUBLISH_LOGS, pool, move |ctx, request| {
+            d.require_leader()?;
+            d.logs.publish(&caller(ctx)?.node_id, request)?;
+            Ok(pb::PublishLogsResponse {})
+        });
     }
 
     /// Ends every session stream and joins the dispatcher and timer threads.
@@ -1175,6 +1185,7 @@ impl Dispatcher {
     }
 
     fn end_all(&self, status: &Status) {
+        self.logs.clear();
         let streams = self.table.lock().clear();
         for stream in streams {
             stream.fail(status.clone());
@@ -1670,6 +1681,30 @@ fn jittered(period: Duration) -> Duration {
     let spread = HEARTBEAT_JITTER_PERCENT as f64 / 100.0;
     let factor: f64 = rand::random_range((1.0 - spread)..=(1.0 + spread));
     period.mul_f64(factor)
+}
+
+/// The leader's log subscriptions go out in the sessions this dispatcher holds.
+impl crate::control::logs::LogSource for Dispatcher {
+    fn open_logs(&self) -> crate::control::logs::LogFeed {
+        self.logs.open()
+    }
+
+    fn send_log_subscription(&self, node_id: &str, subscription: &pb::LogSubscription) -> bool {
+        // Noted first: the agent may answer before this returns.
+        if !subscription.close && !self.logs.note_sent(&subscription.id, node_id) {
+            return false;
+        }
+        let message = pb::SessionMessage {
+            message: Some(pb::session_message::Message::LogSubscription(
+                subscription.clone(),
+            )),
+        };
+        self.table.lock().send_to_node(node_id, &message)
+    }
+
+    fn close_logs(&self, id: &str) {
+        self.logs.close(id);
+    }
 }
 
 fn caller(ctx: &CallContext) -> Result<PeerIdentity, Status> {

@@ -719,6 +719,15 @@ impl<S: SessionSink> SessionTable<S> {
         }
     }
 
+    /// Sends `message` (not an assignment: a log subscription) to `node_id`'s session now;
+    /// false if the node has no streaming session or its agent no room.
+    pub fn send_to_node(&self, node_id: &str, message: &pb::SessionMessage) -> bool {
+        self.sessions
+            .get(node_id)
+            .and_then(|session| session.stream.as_ref())
+            .is_some_and(|stream| matches!(stream.try_send(message), Ok(true)))
+    }
+
     /// Ends every session (this manager stops leading or shuts down): their streams.
     pub fn clear(&mut self) -> Vec<S> {
         self.staged.clear();

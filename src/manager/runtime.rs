@@ -453,6 +453,7 @@ impl Manager {
         .map_err(io_error("cannot start the dispatcher service threads"))?;
         let dispatcher = Dispatcher::new(raft.handle().clone(), machine.store.clone());
         dispatcher.register(&mut router, &dispatcher_pool);
+        control::logs::register(&mut router, &control_pool, &control, dispatcher.clone());
         dispatcher
             .start()
             .map_err(io_error("cannot start the dispatcher threads"))?;

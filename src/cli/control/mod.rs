@@ -53,6 +53,7 @@ mod client;
 mod cluster;
 mod flags;
 mod join_token;
+mod logs;
 mod manager;
 mod network;
 mod node;

@@ -1,5 +1,5 @@
-//! `flotilla service create|ls|inspect|ps|scale|update|rollback|rm`: the service commands
-//! and their arguments.
+//! `flotilla service create|ls|inspect|ps|scale|update|rollback|logs|rm`: the service
+//! commands and their arguments.
 //!
 //! Must never talk to the transport except through [`Client`], nor print a table itself
 //! (tables are in [`super::output`]).
@@ -91,6 +91,10 @@ pub enum ServiceCommand {
         #[arg(long, short = 'd')]
         detach: bool,
     },
+    /// Print the tasks' stdout and stderr lines (of one task, given a task id), tagged
+    /// `<service>.<slot>.<task id prefix>@<node>`; warnings (nodes that did not answer,
+    /// lines dropped for a slow reader) go to stderr.
+    Logs(super::logs::LogsArgs),
     /// Remove services.
     Rm {
         /// Ids, unique id prefixes or names.
@@ -343,6 +347,7 @@ pub(super) fn run(client: &Client, command: ServiceCommand) -> Result<(), Comman
                 progress::wait_rolled_back(client, &rolled_back, before)?;
             }
         }
+        ServiceCommand::Logs(args) => super::logs::run(client, &args)?,
         ServiceCommand::Rm { services } => {
             for reference in services {
                 // Reported as the user named it, as docker does.
