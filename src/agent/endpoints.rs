@@ -28,12 +28,16 @@ pub struct NodeNetworking {
     /// The address of the node's DNS responder, if it runs (given to tasks as
     /// `FLOTILLA_DNS`).
     pub dns_addr: Option<std::net::SocketAddr>,
+    /// Where the node's gossip binds (`--gossip-listen`), whatever role it runs in; `None`:
+    /// the role's default (the listen port + 1).
+    pub gossip_listen: Option<std::net::SocketAddr>,
 }
 
 impl std::fmt::Debug for NodeNetworking {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NodeNetworking")
             .field("dns_addr", &self.dns_addr)
+            .field("gossip_listen", &self.gossip_listen)
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +180,7 @@ impl NodeNetworking {
             tables: slot.clone(),
             slot,
             dns_addr: None,
+            gossip_listen: None,
         }
     }
 

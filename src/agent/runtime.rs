@@ -234,16 +234,14 @@ pub(crate) fn keys_into(
     Arc::new(move |keys| networkdb.set_network_keys(keys))
 }
 
-/// Where the gossip binds: `--gossip-listen`, else the `listen` port + 1, else port 0.
+/// Where the gossip binds: `--gossip-listen` (this run's, else the node's), else the
+/// `listen` port + 1, else port 0.
 fn gossip_bind(args: &AgentArgs) -> Result<Option<std::net::SocketAddr>, String> {
-    use std::net::ToSocketAddrs;
     if let Some(addr) = &args.gossip_listen {
-        let resolved = addr
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("--gossip-listen {addr}: not an address (HOST:PORT)"))?;
-        return Ok(Some(resolved));
+        return crate::networkdb::parse_gossip_listen(addr).map(Some);
+    }
+    if let Some(addr) = args.networking.gossip_listen {
+        return Ok(Some(addr));
     }
     Ok(args
         .listen
@@ -266,17 +264,18 @@ fn start_networkdb(
         .and_then(|ip| ip.parse().ok())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
     let seeds = managers.to_vec();
-    Ok(crate::networkdb::start_for_node(
-        crate::networkdb::NodeGossip {
-            node_id: identity.node_id(),
-            bind,
-            advertise_ip,
-            managers: Box::new(move || seeds.clone()),
-            transport,
-            live: live.clone(),
-            root,
-        },
-    ))
+    let explicit = args.gossip_listen.is_some() || args.networking.gossip_listen.is_some();
+    crate::networkdb::start_for_node(crate::networkdb::NodeGossip {
+        node_id: identity.node_id(),
+        bind,
+        explicit,
+        advertise_ip,
+        managers: Box::new(move || seeds.clone()),
+        transport,
+        live: live.clone(),
+        root,
+    })
+    .map_err(|error| error.to_string())
 }
 
 /// Follows the role the cluster gives the node: renews when the certificate's differs, and

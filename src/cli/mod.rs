@@ -89,9 +89,9 @@ pub enum Command {
         /// manager.conf): a different --listen is refused, with how to move it.
         #[arg(long)]
         listen: Option<String>,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
+        dns: NodeNetArgs,
     },
     /// Create a new cluster with this node as its first manager, print the join tokens and
     /// run it.
@@ -99,9 +99,9 @@ pub enum Command {
         /// The new manager's state directory and addresses.
         #[command(flatten)]
         node: NewManagerArgs,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
+        dns: NodeNetArgs,
     },
     /// Join an existing cluster as a manager, using a manager join token, and run.
     Join {
@@ -113,9 +113,9 @@ pub enum Command {
         token: String,
         /// Address of any manager of the cluster (host:port).
         manager: String,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
+        dns: NodeNetArgs,
     },
     /// Run this machine as a worker node: join with a worker token on the first run, then
     /// run the tasks the cluster assigns here until interrupted (which stops them).
@@ -137,13 +137,9 @@ pub enum Command {
         /// The address other managers dial once it is a manager (default: --listen).
         #[arg(long)]
         advertise: Option<String>,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
-        /// Where networkdb's gossip binds (UDP, and TCP for bulk sync; host:port).
-        /// Default: the --listen port + 1, else a port the OS picks.
-        #[arg(long)]
-        gossip_listen: Option<String>,
+        dns: NodeNetArgs,
     },
     /// Resume the node whose state is in the state directory: a manager, or a demoted one
     /// as a worker (which becomes a manager again, in place, once promoted).
@@ -151,9 +147,9 @@ pub enum Command {
         /// The node's state directory.
         #[arg(long)]
         state_dir: PathBuf,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
+        dns: NodeNetArgs,
     },
     /// Bring back a manager whose Raft state is damaged or lost, from the other managers:
     /// it leaves the Raft group and joins it again with an empty log (same node id and
@@ -169,9 +165,9 @@ pub enum Command {
         token: String,
         /// Address of a running manager of the cluster (host:port).
         manager: String,
-        /// The node's DNS responder.
+        /// The node's DNS responder and gossip address.
         #[command(flatten)]
-        dns: DnsArgs,
+        dns: NodeNetArgs,
     },
     /// Say what is left of a manager's damaged Raft state; with `--accept-loss`, make the
     /// manager start from it. Only for a cluster's single manager: a manager with peers
@@ -390,7 +386,6 @@ fn execute(command: Command) -> Result<(), CommandError> {
             listen,
             advertise,
             dns,
-            gossip_listen,
         } => {
             let net = dns.start()?;
             Ok(run_agent(agent::AgentArgs {
@@ -400,7 +395,7 @@ fn execute(command: Command) -> Result<(), CommandError> {
                 listen,
                 advertise,
                 networking: net.networking.clone(),
-                gossip_listen,
+                gossip_listen: dns.gossip_listen.clone(),
             })?)
         }
         Command::Manager {
@@ -459,14 +454,21 @@ fn execute(command: Command) -> Result<(), CommandError> {
     }
 }
 
-/// `--dns-listen`: where the node's DNS responder answers (every command that runs a node).
+/// `--dns-listen` and `--gossip-listen`: where the node's DNS responder answers and where its
+/// gossip binds (every command that runs a node).
 #[derive(clap::Args, Debug, Clone)]
-pub struct DnsArgs {
+pub struct NodeNetArgs {
     /// Where the node's DNS responder answers (UDP, IP:PORT), or `none` for no responder.
     /// Given explicitly, an address in use stops the node; the default, taken by another
     /// node on this host, is skipped with a warning.
     #[arg(long, value_name = "IP:PORT")]
     pub dns_listen: Option<String>,
+    /// Where networkdb's gossip binds (UDP, and TCP for bulk sync; HOST:PORT), not
+    /// remembered: give it at every start. Default: the listen port + 1 (an agent without
+    /// --listen: a port the OS picks). Other nodes look for a manager's gossip at its listen
+    /// port + 1 first; a manager whose gossip binds elsewhere is found through the others.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub gossip_listen: Option<String>,
 }
 
 /// The node's networking for the process's lifetime: its tables and, if it runs, its DNS
@@ -478,13 +480,19 @@ pub struct NodeNet {
     pub dns: Option<DnsServer>,
 }
 
-impl DnsArgs {
+impl NodeNetArgs {
     /// The process's tables and DNS responder.
     ///
     /// # Errors
-    /// A bad `--dns-listen`, or an explicit address that cannot be bound.
+    /// A bad `--dns-listen` or `--gossip-listen`, or an explicit DNS address that cannot be
+    /// bound.
     pub fn start(&self) -> Result<NodeNet, String> {
         let mut networking = NodeNetworking::local_only();
+        networking.gossip_listen = self
+            .gossip_listen
+            .as_deref()
+            .map(crate::networkdb::parse_gossip_listen)
+            .transpose()?;
         let (text, explicit) = match self.dns_listen.as_deref() {
             Some("none") => {
                 return Ok(NodeNet {

@@ -275,27 +275,19 @@ impl Gossip {
         self.rebroadcast(&name, Kind::Dead(dead));
     }
 
-    /// Suspicion timeout for `confirmations`: from `6 · base` down to `base` =
-    /// `4 · ceil(log10(n+1))` probe intervals as confirmations arrive (linearly: integers
-    /// keep the simulator exact on every platform; memberlist shrinks logarithmically).
-    fn suspicion_timeout_ms(&self, confirmations: usize) -> u64 {
-        let n = self.members.values().filter(|m| m.is_live()).count() as u64 + 1;
-        let min_ms = SUSPICION_MULT * ceil_log10(n + 1).max(1) * PROBE_INTERVAL_MS;
-        let max_ms = SUSPICION_MAX_TIMEOUT_MULT * min_ms;
-        let expected = (SUSPICION_MULT - 2).min(n.saturating_sub(2));
-        if expected == 0 {
-            return min_ms;
-        }
-        let c = (confirmations as u64).min(expected);
-        max_ms - (max_ms - min_ms) * c / expected
+    /// Members alive, this node included.
+    fn live_count(&self) -> u64 {
+        self.members.values().filter(|m| m.is_live()).count() as u64 + 1
     }
 
     /// Suspects whose time ran out are declared dead.
     pub(super) fn expire_suspicions(&mut self) {
         let mut expired = Vec::new();
+        // Counted once per scan, not once per suspect (a scan was quadratic).
+        let live = self.live_count();
         for member in self.members.values() {
             if let Some(s) = &member.suspicion {
-                let timeout = self.suspicion_timeout_ms(s.confirmations.len());
+                let timeout = suspicion_timeout_ms(live, s.confirmations.len());
                 if s.start_ms + timeout <= self.now_ms {
                     expired.push((member.name.clone(), member.incarnation));
                 }
@@ -451,4 +443,19 @@ impl Gossip {
             self.send_push_pull(addr, true);
         }
     }
+}
+
+/// Suspicion timeout among `n` live members (this node included) after `confirmations`:
+/// from `6 · base` down to `base` = `4 · ceil(log10(n+1))` probe intervals as confirmations
+/// arrive (linearly: integers keep the simulator exact on every platform; memberlist
+/// shrinks logarithmically).
+fn suspicion_timeout_ms(n: u64, confirmations: usize) -> u64 {
+    let min_ms = SUSPICION_MULT * ceil_log10(n + 1).max(1) * PROBE_INTERVAL_MS;
+    let max_ms = SUSPICION_MAX_TIMEOUT_MULT * min_ms;
+    let expected = (SUSPICION_MULT - 2).min(n.saturating_sub(2));
+    if expected == 0 {
+        return min_ms;
+    }
+    let c = (confirmations as u64).min(expected);
+    max_ms - (max_ms - min_ms) * c / expected
 }

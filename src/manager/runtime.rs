@@ -133,6 +133,9 @@ pub enum StartError {
     /// This node's agent (task runner and dispatcher session) could not start.
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// networkdb could not start on the address given with `--gossip-listen`.
+    #[error(transparent)]
+    Gossip(#[from] crate::networkdb::StartError),
     /// A socket or thread could not be set up.
     #[error("{what}: {source}")]
     Io {
@@ -481,7 +484,14 @@ impl Manager {
             identity.node_id(),
             settings.raft_id
         );
-        let networkdb = start_networkdb(&settings, &identity, &root, &live, &transport, &raft);
+        let networkdb = start_networkdb(
+            (&settings, networking.gossip_listen),
+            &identity,
+            &root,
+            &live,
+            &transport,
+            &raft,
+        )?;
         let renewer = start_renewer(dir, &settings, &transport, &identity, &root, live)?;
         let duties = Duties::start(
             control.clone(),
@@ -773,30 +783,42 @@ fn start_agent(
     Ok(Agent::start(transport.clone(), session, runner)?)
 }
 
-/// networkdb on the listen address's IP, port + 1 (advertised on the advertise address's
-/// IP); the seeds are the Raft group's members (their gossip addresses, port + 1). A port
-/// taken is logged and the manager runs without gossip.
+/// networkdb on `--gossip-listen`, else the listen address's IP, port + 1 (advertised on
+/// the advertise address's IP); the seeds are the Raft group's members (their gossip
+/// addresses, port + 1). A default port taken is logged and the manager runs without gossip;
+/// an explicit one stops it.
 fn start_networkdb(
-    settings: &Settings,
+    (settings, gossip_listen): (&Settings, Option<std::net::SocketAddr>),
     identity: &NodeIdentity,
     root: &RootCert,
     live: &Arc<tls::LiveIdentity>,
     transport: &Arc<Transport>,
     raft: &RaftNode,
-) -> Option<Arc<crate::networkdb::NetworkDb>> {
-    let bind = crate::networkdb::default_gossip_addr(&settings.listen_addr)?;
+) -> Result<Option<Arc<crate::networkdb::NetworkDb>>, StartError> {
+    let Some(bind) =
+        gossip_listen.or_else(|| crate::networkdb::default_gossip_addr(&settings.listen_addr))
+    else {
+        log::warn!(
+            "no gossip port next to {}: this manager runs without gossip",
+            settings.listen_addr
+        );
+        return Ok(None);
+    };
     let advertise_ip = crate::networkdb::default_gossip_addr(&settings.advertise_addr)
         .map_or(bind.ip(), |a| a.ip());
     let handle = raft.handle().clone();
-    crate::networkdb::start_for_node(crate::networkdb::NodeGossip {
-        node_id: identity.node_id(),
-        bind: Some(bind),
-        advertise_ip,
-        managers: Box::new(move || handle.directory().all().into_values().collect()),
-        transport,
-        live: live.clone(),
-        root,
-    })
+    Ok(crate::networkdb::start_for_node(
+        crate::networkdb::NodeGossip {
+            node_id: identity.node_id(),
+            bind: Some(bind),
+            explicit: gossip_listen.is_some(),
+            advertise_ip,
+            managers: Box::new(move || handle.directory().all().into_values().collect()),
+            transport,
+            live: live.clone(),
+            root,
+        },
+    )?)
 }
 
 fn start_renewer(

@@ -600,12 +600,26 @@ pub fn default_gossip_addr(listen: &str) -> Option<SocketAddr> {
     Some(SocketAddr::new(addr.ip(), gossip_port_for(addr.port())?))
 }
 
+/// `--gossip-listen HOST:PORT`, resolved.
+///
+/// # Errors
+/// Text that names no address, in the user's terms.
+pub fn parse_gossip_listen(text: &str) -> Result<SocketAddr, String> {
+    text.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| format!("--gossip-listen {text}: not an address (expected HOST:PORT)"))
+}
+
 /// What a node process needs to run networkdb.
 pub struct NodeGossip<'a> {
     /// This node's id.
     pub node_id: &'a str,
     /// Where to bind (`None`: port 0 on every interface).
     pub bind: Option<SocketAddr>,
+    /// Whether the operator chose `bind` (`--gossip-listen`): then a failure to start stops
+    /// the node instead of leaving it without gossip.
+    pub explicit: bool,
     /// The IP other nodes reach this one at.
     pub advertise_ip: std::net::IpAddr,
     /// The managers' listen addresses (their gossip addresses are the seeds).
@@ -620,7 +634,11 @@ pub struct NodeGossip<'a> {
 
 /// Starts networkdb for a node process. A failure (the port taken, say) is logged and the
 /// node runs without gossip: tasks still run, service discovery sees only this node.
-pub fn start_for_node(node: NodeGossip<'_>) -> Option<Arc<NetworkDb>> {
+///
+/// # Errors
+/// Only when the address was chosen by the operator ([`NodeGossip::explicit`]) and
+/// networkdb could not start there.
+pub fn start_for_node(node: NodeGossip<'_>) -> Result<Option<Arc<NetworkDb>>, StartError> {
     let bind = node
         .bind
         .unwrap_or_else(|| SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0));
@@ -632,7 +650,7 @@ pub fn start_for_node(node: NodeGossip<'_>) -> Option<Arc<NetworkDb>> {
         Ok(configs) => configs,
         Err(error) => {
             log::warn!("networkdb not started: {error}");
-            return None;
+            return Ok(None);
         }
     };
     let managers = node.managers;
@@ -652,10 +670,12 @@ pub fn start_for_node(node: NodeGossip<'_>) -> Option<Arc<NetworkDb>> {
         peer_tls: Arc::new(peer_tls),
     };
     match NetworkDb::start(config) {
-        Ok(db) => Some(db),
+        Ok(db) => Ok(Some(db)),
+        Err(error) if node.explicit => Err(error),
         Err(error) => {
             log::warn!("networkdb not started, this node runs without gossip: {error}");
-            None
+            eprintln!("flotilla: warning: {error}; this node runs without gossip");
+            Ok(None)
         }
     }
 }

@@ -88,6 +88,8 @@ pub struct ClusterOptions {
     pub addrs: Vec<String>,
     /// Command prefixes per manager (network namespaces).
     pub wrappers: Vec<Vec<String>>,
+    /// More arguments for `init`/`join`, per manager (`--dns-listen`, `--gossip-listen`).
+    pub extra_args: Vec<Vec<String>>,
 }
 
 /// Managers started with `init` and `join`.
@@ -139,6 +141,15 @@ impl Cluster {
             .unwrap_or_default()
     }
 
+    /// The next manager's own extra arguments.
+    fn extra_args(&self) -> Vec<String> {
+        self.options
+            .extra_args
+            .get(self.managers.len())
+            .cloned()
+            .unwrap_or_default()
+    }
+
     fn add_founder(&mut self) {
         let (name, dir, addr, wrapper) = self.next_slot();
         let mut args = vec![
@@ -149,6 +160,7 @@ impl Cluster {
             addr.clone(),
         ];
         args.extend(self.interval_args());
+        args.extend(self.extra_args());
         // The key-value map is these tests' and benchmarks' fixture (`put_at`, `get_at`).
         args.push("--kv-enabled".into());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -191,6 +203,7 @@ impl Cluster {
             self.token.clone(),
         ];
         args.extend(self.interval_args());
+        args.extend(self.extra_args());
         args.push("--kv-enabled".into());
         args.push(via);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -18,11 +18,35 @@ pub fn flotilla_bin() -> &'static str {
     env!("CARGO_BIN_EXE_flotilla")
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago, and whose next port (a
+/// node's default gossip port, TCP and UDP) was free too. No two calls in one test process
+/// hand out the same port or each other's neighbour, so nodes started side by side do not
+/// collide on their default gossip ports.
 pub fn free_addr() -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    for _ in 0..FREE_ADDR_TRIES_MAX {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let Some(next) = port.checked_add(1) else {
+            continue;
+        };
+        let next_free = TcpListener::bind(("127.0.0.1", next)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", next)).is_ok();
+        let mut handed_out = HANDED_OUT.lock().unwrap();
+        // Neither this port nor its neighbour is a port or a neighbour handed out before.
+        let taken = handed_out
+            .iter()
+            .any(|&h| h == port || h == next || h.checked_add(1) == Some(port));
+        if next_free && !taken {
+            handed_out.push(port);
+            return format!("127.0.0.1:{port}");
+        }
+    }
+    panic!("no free loopback port with a free neighbour in {FREE_ADDR_TRIES_MAX} tries");
 }
+
+/// Ports [`free_addr`] tries before it gives up.
+const FREE_ADDR_TRIES_MAX: usize = 1000;
 
 /// One running `flotilla` process and everything it printed so far.
 pub struct Proc {
