@@ -14,10 +14,10 @@ use crate::health::{
     HEALTH_TIMEOUT_MS_MIN,
 };
 use crate::proto::objects::{
-    ClusterSpec, ConfigSpec, HealthConfig, NetworkSpec, Node, NodeAvailability, NodeRole,
-    NodeSpec, PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
-    RestartPolicy, SecretReference, SecretSpec, ServiceMode, ServiceSpec, TaskSpec,
-    UpdateConfig, UpdateFailureAction, UpdateOrder,
+    ClusterSpec, ConfigSpec, HealthConfig, NetworkSpec, Node, NodeAvailability, NodeRole, NodeSpec,
+    PlacementPreference, PortSpec, ResourceRequirements, Resources, RestartCondition,
+    RestartPolicy, SecretReference, SecretSpec, ServiceMode, ServiceSpec, TaskSpec, UpdateConfig,
+    UpdateFailureAction, UpdateOrder,
 };
 use crate::wire::Code;
 

@@ -14,8 +14,7 @@ use crate::proto::json::{ProtoEnum, choices_text, parse_label};
 use crate::proto::objects::{
     HealthConfig, Placement, PlacementPreference, PortSpec, ResourceRequirements, Resources,
     RestartCondition, RestartPolicy, SecretReference, ServiceMode, ServiceSpec, TaskSpec,
-    UpdateConfig, UpdateFailureAction,
-    UpdateOrder,
+    UpdateConfig, UpdateFailureAction, UpdateOrder,
 };
 use crate::store::spec::default_update_config;
 
