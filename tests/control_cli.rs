@@ -152,13 +152,30 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
             "/tmp",
         ],
     );
-    // The orchestrator records the update's progress on the service (a new version each
-    // time): read the version once the update is complete (5 slots, then the 5 s monitor;
-    // slow on a loaded machine).
+    // The orchestrator records an update's progress on the service (a new version each
+    // time): read the version once it has settled, no update in progress and no new version
+    // for longer than the 5 s monitor. (When the orchestrator had not yet made the tasks of
+    // the old spec, there is no update to record at all.)
     let update_timeout = std::time::Duration::from_secs(120);
-    procs::eventually("the update completed", update_timeout, || {
-        ok(&dir, None, &["service", "inspect", &id[..8]]).contains("\"state\": \"completed\"")
+    let last_inspect = std::cell::RefCell::new(String::new());
+    let last_change = std::cell::Cell::new((0u64, std::time::Instant::now()));
+    let settled = procs::poll_until(update_timeout, || {
+        let inspect = ok(&dir, None, &["service", "inspect", &id[..8]]);
+        let version = version_in(&inspect);
+        if last_change.get().0 != version {
+            last_change.set((version, std::time::Instant::now()));
+        }
+        let quiet = last_change.get().1.elapsed() >= std::time::Duration::from_secs(6);
+        let updating = inspect.contains("\"state\": \"updating\"");
+        *last_inspect.borrow_mut() = inspect;
+        quiet && !updating
     });
+    assert!(
+        settled,
+        "the update never settled:\n{}\n{}",
+        last_inspect.borrow(),
+        ok(&dir, None, &["service", "ps", &id[..8]])
+    );
     let inspect = ok(&dir, None, &["service", "inspect", &id[..8]]);
     assert!(inspect.contains("\"replicas\": 5") && inspect.contains("\"B=2\""));
     let current_spec = inspect.split("previous_spec").next().unwrap();
@@ -306,22 +323,23 @@ fn one_manager_service_lifecycle_limits_tokens_and_restart() {
     assert!(tasks.contains(reason), "{tasks}");
     ok(&dir, None, &["service", "rm", "nowhere"]);
 
-    // Resource settings that nothing enforces yet are refused, saying so.
-    for flags in [
-        ["--limit-memory", "10M"],
-        ["--limit-cpu", "0.5"],
-        ["--reserve-memory", "64M"],
-        ["--reserve-cpu", "1"],
+    // Resource settings that cannot work are refused, saying why and what to change.
+    for (flags, why) in [
+        (
+            &["--limit-memory", "1M"][..],
+            "too small for a process to start",
+        ),
+        (
+            &["--reserve-memory", "64M", "--limit-memory", "32M"][..],
+            "lower --reserve-memory or raise --limit-memory",
+        ),
     ] {
-        let out = refused(
-            &dir,
-            None,
-            &[
-                "service", "create", "--detach", "--name", "limited", flags[0], flags[1], "true",
-            ],
-        );
+        let mut args = vec!["service", "create", "--detach", "--name", "limited"];
+        args.extend(flags);
+        args.push("true");
+        let out = refused(&dir, None, &args);
         assert!(
-            out.contains("InvalidArgument") && out.contains("not enforced yet"),
+            out.contains("InvalidArgument") && out.contains(why),
             "{flags:?}: {out}"
         );
     }

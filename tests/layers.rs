@@ -19,7 +19,7 @@ const LAYERS: &[&[&str]] = &[
     // Nothing of the crate above them; pure (no IO, no threads) but for `timer::service`,
     // the one thread that imports nothing of the product.
     &["util", "proto", "lincheck", "timer"],
-    &["wire", "gossip", "netdb"],
+    &["wire", "gossip", "netdb", "health", "secrets"],
     &["ca"],
     &["net"],
     &["raft", "store"],

@@ -252,6 +252,7 @@ mod tests {
                 "control.ListSecrets",
                 "control.ListServices",
                 "control.ListTasks",
+                "control.ServiceLogs",
                 "control.Watch",
                 "dispatcher.Session",
             ])

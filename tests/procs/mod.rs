@@ -321,6 +321,21 @@ pub fn eventually(what: &str, timeout: Duration, check: impl Fn() -> bool) {
     }
 }
 
+/// Polls `check` every 100 ms until it holds (true) or `timeout` passed (false): for a
+/// caller that says what it saw when it gives up.
+pub fn poll_until(timeout: Duration, check: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The Raft id (hex) of the manager at `addr` in a `manager ls --format json` listing.
 pub fn raft_id_of(listing: &str, addr: &str) -> String {
     let mut id = None;
