@@ -269,32 +269,13 @@ fn validate_secret_data(field: &str, len: usize) -> Checked {
 /// # Errors
 /// Why the name is not acceptable, under `field`.
 pub fn validate_secret_name(field: &str, name: &str) -> Checked {
-    if name.is_empty() {
-        return Err(SpecError::new(field, "must not be empty"));
-    }
-    if name.len() > SECRET_NAME_BYTES_MAX {
-        return Err(SpecError::new(
-            field,
-            format!("is {} bytes, more than {SECRET_NAME_BYTES_MAX}", name.len()),
-        ));
-    }
-    if let Some(bad) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(SpecError::new(
-            field,
-            format!("{name:?} contains {bad:?}; use letters, digits, '-', '_' and '.'"),
-        ));
-    }
-    let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
-    if !edges_ok(name.chars().next()) || !edges_ok(name.chars().last()) {
-        return Err(SpecError::new(
-            field,
-            format!("{name:?} must start and end with a letter or digit"),
-        ));
-    }
-    Ok(())
+    check_name(
+        field,
+        name,
+        SECRET_NAME_BYTES_MAX,
+        &['-', '_', '.'],
+        "'-', '_' and '.'",
+    )
 }
 
 /// Checks the secret (or config) references of a task template: at most
@@ -404,22 +385,35 @@ fn validate_ports(field: &str, ports: &[PortSpec]) -> Checked {
 /// # Errors
 /// Why the name is not acceptable, under `field`.
 pub fn validate_name(field: &str, name: &str) -> Checked {
+    check_name(field, name, NAME_BYTES_MAX, &['-', '_'], "'-' and '_'")
+}
+
+/// The name rule both kinds of names share: 1 to `bytes_max` ASCII letters, digits and the
+/// `punctuation` allowed (named for the user by `punctuation_text`), starting and ending
+/// with a letter or digit.
+fn check_name(
+    field: &str,
+    name: &str,
+    bytes_max: usize,
+    punctuation: &[char],
+    punctuation_text: &str,
+) -> Checked {
     if name.is_empty() {
         return Err(SpecError::new(field, "must not be empty"));
     }
-    if name.len() > NAME_BYTES_MAX {
+    if name.len() > bytes_max {
         return Err(SpecError::new(
             field,
-            format!("is {} bytes, more than {NAME_BYTES_MAX}", name.len()),
+            format!("is {} bytes, more than {bytes_max}", name.len()),
         ));
     }
     if let Some(bad) = name
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '_'))
+        .find(|c| !(c.is_ascii_alphanumeric() || punctuation.contains(c)))
     {
         return Err(SpecError::new(
             field,
-            format!("{name:?} contains {bad:?}; use letters, digits, '-' and '_'"),
+            format!("{name:?} contains {bad:?}; use letters, digits, {punctuation_text}"),
         ));
     }
     let edges_ok = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
