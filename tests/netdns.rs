@@ -81,23 +81,8 @@ fn dig(dns: &str, name: &str, rtype: &str) -> (String, Vec<String>) {
         output.status.success(),
         "dig {name} {rtype} failed:\n{text}"
     );
-    let status = text
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .and_then(|rest| rest.split(',').next())
-        .unwrap_or_else(|| panic!("no status in:\n{text}"))
-        .to_string();
-    let mut answers = Vec::new();
-    let mut in_answer = false;
-    for line in text.lines() {
-        if line.starts_with(";; ANSWER SECTION") {
-            in_answer = true;
-        } else if line.trim().is_empty() {
-            in_answer = false;
-        } else if in_answer {
-            answers.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
-        }
-    }
+    let status = procs::dig_status(&text).unwrap_or_else(|| panic!("no status in:\n{text}"));
+    let answers = procs::dig_answers(&text);
     (status, answers)
 }
 

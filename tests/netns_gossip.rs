@@ -71,26 +71,12 @@ fn dig(
         .output()
         .expect("dig (package bind9-dnsutils) must be installed");
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
-    let Some(status) = text
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .and_then(|rest| rest.split(',').next())
-    else {
+    let Some(status) = procs::dig_status(&text) else {
         // No answer in time (a loaded machine): not a status.
         return ("NO-ANSWER".into(), Vec::new());
     };
-    let mut answers = Vec::new();
-    let mut in_answer = false;
-    for line in text.lines() {
-        if line.starts_with(";; ANSWER SECTION") {
-            in_answer = true;
-        } else if line.trim().is_empty() {
-            in_answer = false;
-        } else if in_answer {
-            answers.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
-        }
-    }
-    (status.to_string(), answers)
+    let answers = procs::dig_answers(&text);
+    (status, answers)
 }
 
 /// The task ids an SRV answer names (its targets are `<task id>.<service>.<network>.`).

@@ -411,3 +411,28 @@ pub fn count(states: &[(String, String)], desired: &str, current: &str) -> usize
         .filter(|(d, c)| d == desired && c == current)
         .count()
 }
+
+/// The status word of a `dig` reply (`NOERROR`, `NXDOMAIN`, …), `None` when dig printed none
+/// (no answer in time).
+pub fn dig_status(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .map(str::to_string)
+}
+
+/// The lines of a `dig` reply's ANSWER SECTION, whitespace normalised.
+pub fn dig_answers(text: &str) -> Vec<String> {
+    let mut answers = Vec::new();
+    let mut in_answer = false;
+    for line in text.lines() {
+        if line.starts_with(";; ANSWER SECTION") {
+            in_answer = true;
+        } else if line.trim().is_empty() {
+            in_answer = false;
+        } else if in_answer {
+            answers.push(line.split_whitespace().collect::<Vec<_>>().join(" "));
+        }
+    }
+    answers
+}
