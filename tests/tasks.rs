@@ -678,7 +678,6 @@ fn a_restarted_agent_fences_its_adopted_tasks_from_its_last_contact_not_from_its
     // The manager stops answering, and the agent dies with its task left running.
     cluster.managers[0].proc().signal(19);
     agent.kill();
-    let killed_at = Instant::now();
     assert!(alive(started[0]));
     // Past the agent's allowance, counted from its last contact (≤ now).
     std::thread::sleep(Duration::from_secs(12));
@@ -686,15 +685,9 @@ fn a_restarted_agent_fences_its_adopted_tasks_from_its_last_contact_not_from_its
     let mut again = procs::Proc::start("worker-again", &["agent", "--state-dir", worker_dir_arg]);
     let line = again.wait_for("the managers last acknowledged this node", TIMEOUT);
     assert!(line.contains("stop in 0 s"), "{line}");
-    // Counted from the start instead, it would run 11 s more; the managers may give it to
-    // another node 13 s after the last contact.
-    procs::eventually("the adopted process fenced", Duration::from_secs(5), || {
-        !alive(started[0])
-    });
-    assert!(
-        killed_at.elapsed() < Duration::from_secs(13) + Duration::from_secs(10),
-        "the test itself ran too slowly to tell"
-    );
+    // Counted from the start instead, the deadline would be 11 s away ("stop in 11 s"); the
+    // managers may give the task to another node 13 s after the last contact.
+    eventually("the adopted process fenced", || !alive(started[0]));
     cluster.managers[0].proc().signal(18);
     eventually("the fenced task reported failed", || {
         procs::task_rows(&dir, &["service", "ps", "fenced"])
